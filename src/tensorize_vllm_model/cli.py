@@ -1,0 +1,243 @@
+"""The command line, faithful to vLLM's example script ``tensorize_vllm_model.py``.
+
+    python -m tensorize_vllm_model [vLLM engine flags] serialize \
+        --serialized-directory DIR [--suffix S] [--keyfile K] [--serialization-kwargs JSON]
+    python -m tensorize_vllm_model [vLLM engine flags] deserialize \
+        --path-to-tensors URI [--keyfile K] [tensorizer options]
+
+`main(argv)` returns the exit code: 0 on success, 2 for bad input (a one-line
+``error: ...`` on stderr naming the flag, file or key at fault, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from .config import TensorizerArgs, TensorizerConfig
+from .errors import ConfigError, TensorizeError
+from .layout import ParallelLayout, has_rank_template, rank_uri, serialized_dir, tensors_uri
+
+DEFAULT_PROMPT = "Hello, my name is"
+
+DESCRIPTION = (
+    "Serialize and deserialize vLLM models with CoreWeave's tensorizer. Serialized models "
+    "load extremely quickly onto the GPU (or the CPU backend) from a local path, an "
+    "HTTP(S) endpoint or S3. Tensor encryption is supported (libsodium)."
+)
+
+
+def _json_object(flag: str):
+    def parse(text: str) -> dict[str, Any]:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"not valid JSON ({e})") from None
+        if not isinstance(value, dict):
+            raise argparse.ArgumentTypeError(f"must be a JSON object, got {type(value).__name__}")
+        return value
+
+    parse.__name__ = flag
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser: every vLLM engine flag, then the serialize/deserialize subcommands."""
+    from .vllm_adapter import make_parser
+
+    parser = make_parser(prog="python -m tensorize_vllm_model", description=DESCRIPTION)
+    subparsers = parser.add_subparsers(dest="command", metavar="{serialize,deserialize}")
+
+    serialize = subparsers.add_parser(
+        "serialize", help="Serialize a model to --serialized-directory",
+        description="Load --model with vLLM and write its tensors, config and tokenizer to "
+        "DIR/vllm/<model>/<suffix>/.",
+    )
+    serialize.add_argument(
+        "--suffix", type=str, default=None,
+        help="The last directory of the destination, e.g. with --serialized-directory "
+        "s3://my-bucket and --suffix v1 the tensors go to "
+        "s3://my-bucket/vllm/<model>/v1/model.tensors. Default: a random UUID.",
+    )
+    serialize.add_argument(
+        "--serialized-directory", type=str, required=True,
+        help="Where to serialize to (a local directory). Files go to "
+        "DIR/vllm/<model>/<suffix>/: <model> is --model for a Hub id or relative path, and "
+        "the last path component for an absolute local path.",
+    )
+    serialize.add_argument(
+        "--keyfile", type=str, default=None,
+        help="Encrypt the weights with a randomly generated key and save the key at this "
+        "path (mode 0600).",
+    )
+    serialize.add_argument(
+        "--serialization-kwargs", type=_json_object("--serialization-kwargs"), default=None,
+        help="A JSON object of extra arguments for tensorizer's TensorSerializer, e.g. "
+        "'{\"limit_cpu_concurrency\": 2}'.",
+    )
+
+    deserialize = subparsers.add_parser(
+        "deserialize", help="Deserialize a model from --path-to-tensors to verify it can be "
+        "loaded and used",
+        description="Load the tensors into vLLM, generate from a prompt, print the load time.",
+    )
+    deserialize.add_argument(
+        "--path-to-tensors", type=str, default=None,
+        help="The local path or S3/HTTP(S) URI of the tensors (a rank template such as "
+        "model-rank-%%03d.tensors for a sharded model). Same as --tensorizer-uri.",
+    )
+    deserialize.add_argument(
+        "--keyfile", type=str, default=None,
+        help="The key that decrypts the weights, if they were serialized with encryption. "
+        "Same as --encryption-keyfile.",
+    )
+    deserialize.add_argument("--prompt", type=str, default=DEFAULT_PROMPT,
+                             help="The prompt to generate from (default: %(default)r).")
+    deserialize.add_argument("--max-tokens", type=int, default=16,
+                             help="How many tokens to generate (default: %(default)s).")
+    TensorizerArgs.add_cli_args(deserialize)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line with `argv` (default: ``sys.argv[1:]``); return the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.command is None:
+        parser.error("a command is required: serialize or deserialize")
+    try:
+        if args.command == "serialize":
+            return _serialize(args)
+        return _deserialize(args, parser)
+    except TensorizeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _extra_config(args: argparse.Namespace) -> dict[str, Any]:
+    extra = getattr(args, "model_loader_extra_config", None) or {}
+    if isinstance(extra, str):  # older vLLM parsers leave it as text
+        try:
+            extra = json.loads(extra)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--model-loader-extra-config is not valid JSON ({e})") from None
+    if not isinstance(extra, dict):
+        raise ConfigError(
+            f"--model-loader-extra-config must be a JSON object, got {type(extra).__name__}"
+        )
+    extra = dict(extra)
+    extra.pop("tensorizer_config", None)
+    return extra
+
+
+def _serialize(args: argparse.Namespace) -> int:
+    from .serialization import tensorize_vllm_model
+    from .vllm_adapter import engine_args_from_namespace, parallel_sizes
+
+    engine_args = engine_args_from_namespace(args)
+    tp, pp = parallel_sizes(engine_args)
+    extra = _extra_config(args)
+    directory = serialized_dir(args.serialized_directory, args.model, args.suffix or uuid.uuid4().hex)
+    config = TensorizerConfig(
+        tensorizer_uri=tensors_uri(directory, tp * pp),
+        encryption_keyfile=args.keyfile,
+        serialization_kwargs=args.serialization_kwargs or extra.get("serialization_kwargs"),
+        stream_kwargs=extra.get("stream_kwargs"),
+    )
+    engine_args.model_loader_extra_config = {}
+    result = tensorize_vllm_model(engine_args, config)
+    print(
+        f"Serialized {result.tensors} tensors ({result.bytes / 1e6:.1f} MB) in "
+        f"{result.seconds:.1f} s to {result.directory}"
+    )
+    for uri in result.files:
+        print(f"  wrote {uri}")
+    if result.keyfile:
+        print(f"  key saved to {result.keyfile} (mode 0600): keep it to load the model")
+    print(result.directory)
+    return 0
+
+
+def deserialize_config(args: argparse.Namespace) -> TensorizerConfig:
+    """The config of a ``deserialize``: --model-loader-extra-config, then the flags."""
+    uri = args.path_to_tensors or args.tensorizer_uri
+    if not uri:
+        raise ConfigError("deserialize needs --path-to-tensors (or --tensorizer-uri)")
+    if args.path_to_tensors and args.tensorizer_uri and args.path_to_tensors != args.tensorizer_uri:
+        raise ConfigError("--path-to-tensors and --tensorizer-uri name different files; give one")
+    if args.keyfile and args.encryption_keyfile and args.keyfile != args.encryption_keyfile:
+        raise ConfigError("--keyfile and --encryption-keyfile name different files; give one")
+    values = _extra_config(args)
+    values["tensorizer_uri"] = uri
+    for name in ("verify_hash", "num_readers", "s3_access_key_id", "s3_secret_access_key",
+                 "s3_endpoint"):
+        if getattr(args, name, None) is not None:
+            values[name] = getattr(args, name)
+    keyfile = args.keyfile or args.encryption_keyfile
+    if keyfile:
+        values["encryption_keyfile"] = keyfile
+    return TensorizerConfig.from_extra_config(values)
+
+
+def preflight(config: TensorizerConfig, tp: int, pp: int) -> int:
+    """Check every rank's file before any engine starts: that it opens, is a tensorizer
+    file, decrypts with the key given, and was written for this layout. Returns the total
+    tensor bytes."""
+    from .streaming import open_tensors
+
+    uri = config.tensorizer_uri
+    assert uri is not None
+    if tp * pp > 1 and not has_rank_template(uri):
+        rank_uri(uri, ParallelLayout(tp, pp))  # raises, naming the flag's value
+    total = 0
+    for rank in range(tp * pp):
+        layout = ParallelLayout(tp, pp, tp_rank=rank % tp, pp_rank=rank // tp)
+        path = rank_uri(uri, layout)
+        with open_tensors(path, device="cpu", config=config) as reader:
+            if reader.record is not None:
+                reader.record.check_layout(layout, source=path)
+            total += reader.total_tensor_bytes
+    return total
+
+
+def _deserialize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .vllm_adapter import (
+        LOAD_FORMAT,
+        WORKER_EXTENSION,
+        Engine,
+        engine_args_from_namespace,
+        parallel_sizes,
+    )
+
+    config = deserialize_config(args)
+    engine_args = engine_args_from_namespace(args)
+    tp, pp = parallel_sizes(engine_args)
+    preflight(config, tp, pp)
+
+    start = time.perf_counter()
+    with Engine(
+        engine_args,
+        load_format=LOAD_FORMAT,
+        model_loader_extra_config=config.to_serializable(),
+        worker_extension_cls=WORKER_EXTENSION,
+    ) as engine:
+        ready = time.perf_counter() - start
+        stats = [s for s in engine.rpc("tensorize_vllm_model_load_stats") if s]
+        [(text, _)] = engine.generate([args.prompt], max_tokens=args.max_tokens)
+    if stats:
+        nbytes = sum(s["bytes"] for s in stats)
+        seconds = max(s["seconds"] for s in stats)
+        rate = nbytes / seconds / 1e9 if seconds > 0 else float("inf")
+        print(
+            f"Deserialized {nbytes / 1e6:.1f} MB from {config.tensorizer_uri} in "
+            f"{seconds:.2f} s ({rate:.2f} GB/s) on {len(stats)} rank(s); engine ready in "
+            f"{ready:.1f} s"
+        )
+    print(f"Prompt: {args.prompt!r}")
+    print(f"Generated: {text!r}")
+    return 0

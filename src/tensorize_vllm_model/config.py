@@ -1,0 +1,367 @@
+"""`TensorizerConfig` and `TensorizerArgs`: the settings of a serialize or a load.
+
+Same names, fields and meanings as `vllm.model_executor.model_loader.tensorizer`, so code
+written against vLLM's module works by changing the import. The one config object flows
+from the command line or the caller down to the workers (as the plain dict of
+`to_serializable()`), and this module is the only place that reads environment variables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+from collections.abc import Iterator, Mapping, MutableMapping
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+from .errors import ConfigError
+
+__all__ = [
+    "TensorizerConfig",
+    "TensorizerArgs",
+    "DEFAULT_TENSORS_NAME",
+    "SHARDED_TENSORS_NAME",
+    "FORBIDDEN_DESERIALIZATION_KWARGS",
+]
+
+DEFAULT_TENSORS_NAME = "model.tensors"
+SHARDED_TENSORS_NAME = "model-rank-%03d.tensors"
+
+# vLLM decides the device and dtype; the mode is not for users to set.
+FORBIDDEN_DESERIALIZATION_KWARGS = ("device", "dtype", "mode")
+
+# A printf-style integer template such as %d, %03d or %05d: where the rank goes.
+_RANK_TEMPLATE = re.compile(r"%0?\d*d")
+
+_MASK = "***"
+
+
+@dataclass
+class TensorizerConfig(MutableMapping):
+    """Where serialized tensors are and how to read or write them.
+
+    Attributes:
+        tensorizer_uri: the tensors file: a local path, ``s3://bucket/key`` or
+            ``http(s)://``. Sharded models use a rank template such as
+            ``model-rank-%03d.tensors``. Unless `tensorizer_dir` is given, required.
+        tensorizer_dir: a directory holding the tensors and the model's config and tokenizer;
+            the tensors are then ``<dir>/model.tensors`` (or one file per rank,
+            ``<dir>/model-rank-%03d.tensors``, when loaded with tensor or pipeline
+            parallelism). Ignored when `tensorizer_uri` is given.
+        vllm_tensorized: deprecated in vLLM; files are recognised by their contents. Kept
+            for compatibility, it has no effect.
+        verify_hash: check every tensor's stored hash while loading.
+        num_readers: reader threads; None lets the loader choose.
+        encryption_keyfile: path or URI of the 32-byte key that decrypts the tensors.
+        s3_access_key_id, s3_secret_access_key, s3_endpoint: S3 credentials and endpoint;
+            when unset, the ``S3_ACCESS_KEY_ID``, ``S3_SECRET_ACCESS_KEY`` and
+            ``S3_ENDPOINT_URL`` environment variables are used.
+        stream_kwargs: extra keyword arguments for tensorizer's ``open_stream``.
+        serialization_kwargs: extra keyword arguments for ``TensorSerializer``.
+        deserialization_kwargs: extra keyword arguments for ``TensorDeserializer``
+            (``device``, ``dtype`` and ``mode`` are refused: vLLM decides them).
+
+    Example:
+        >>> cfg = TensorizerConfig(tensorizer_dir="/models/opt/v1")
+        >>> cfg.tensorizer_uri
+        '/models/opt/v1/model.tensors'
+    """
+
+    tensorizer_uri: str | None = None
+    tensorizer_dir: str | None = None
+    vllm_tensorized: bool | None = None
+    verify_hash: bool | None = None
+    num_readers: int | None = None
+    encryption_keyfile: str | None = None
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = dataclasses.field(default=None, repr=False)
+    s3_endpoint: str | None = None
+    stream_kwargs: dict[str, Any] | None = None
+    serialization_kwargs: dict[str, Any] | None = None
+    deserialization_kwargs: dict[str, Any] | None = None
+
+    _fields: ClassVar[tuple[str, ...]]
+    _keys: ClassVar[frozenset[str]]
+
+    def __post_init__(self) -> None:
+        if self.tensorizer_uri:
+            # As in vLLM: the URI wins, and the directory is where it lies.
+            self.tensorizer_dir = _parent(self.tensorizer_uri)
+        elif self.tensorizer_dir:
+            self.tensorizer_uri = f"{self.tensorizer_dir.rstrip('/')}/{DEFAULT_TENSORS_NAME}"
+        else:
+            raise ConfigError(
+                "Unable to resolve tensorizer_uri: give tensorizer_uri (the tensors file) "
+                "or tensorizer_dir (the directory holding model.tensors)."
+            )
+        self.serialization_kwargs = dict(self.serialization_kwargs or {})
+        self.deserialization_kwargs = dict(self.deserialization_kwargs or {})
+        self.stream_kwargs = dict(self.stream_kwargs or {})
+        self._validate()
+
+    def _validate(self) -> None:
+        for name in ("stream_kwargs", "serialization_kwargs", "deserialization_kwargs"):
+            value = getattr(self, name)
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{name} must be a JSON object (a dict), got {value!r}")
+        refused = sorted(set(self.deserialization_kwargs) & set(FORBIDDEN_DESERIALIZATION_KWARGS))
+        if refused:
+            raise ConfigError(
+                f"deserialization_kwargs key(s) {', '.join(map(repr, refused))} are not "
+                "allowed: vLLM decides the device and dtype of the weights, and the mode is "
+                "fixed."
+            )
+        if self.num_readers is not None and (
+            isinstance(self.num_readers, bool)
+            or not isinstance(self.num_readers, int)
+            or self.num_readers < 1
+        ):
+            raise ConfigError(f"num_readers must be a positive integer, got {self.num_readers!r}")
+        for name in ("verify_hash", "vllm_tensorized"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise ConfigError(f"{name} must be true or false, got {value!r}")
+        for name in ("tensorizer_uri", "tensorizer_dir", "encryption_keyfile",
+                     "s3_access_key_id", "s3_secret_access_key", "s3_endpoint"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"{name} must be a string, got {type(value).__name__}")
+
+    # -- construction from vLLM's load config -------------------------------------------
+
+    @classmethod
+    def from_extra_config(cls, extra: Mapping[str, Any] | None) -> TensorizerConfig:
+        """Build a config from vLLM's ``model_loader_extra_config``.
+
+        vLLM (`EngineArgs.create_load_config`) hands the loader a dict holding the user's
+        keys and, under ``"tensorizer_config"``, the known keys again plus
+        ``tensorizer_dir`` set to ``--model``. Keys that are not config fields are refused
+        by name.
+        """
+        extra = dict(extra or {})
+        if hasattr(extra, "to_serializable"):  # pragma: no cover - defensive
+            extra = extra.to_serializable()
+        nested = extra.pop("tensorizer_config", None) or {}
+        if not isinstance(nested, Mapping):
+            raise ConfigError("model_loader_extra_config['tensorizer_config'] must be an object")
+        unknown = sorted(set(extra) - cls._keys) + sorted(set(nested) - cls._keys)
+        if unknown:
+            raise ConfigError(
+                "unknown key(s) in model_loader_extra_config: "
+                f"{', '.join(map(repr, unknown))}; known keys: {', '.join(cls._fields)}"
+            )
+        merged = {**nested, **extra}
+        if merged.get("tensorizer_uri"):
+            merged.pop("tensorizer_dir", None)
+        return cls(**merged)
+
+    def to_serializable(self) -> dict[str, Any]:
+        """The config as a plain dict that ``TensorizerConfig(**d)`` accepts again.
+
+        Unset (None) fields are left out, and so is ``tensorizer_dir`` (it follows from
+        ``tensorizer_uri``). Empty kwargs dicts are left out too.
+        """
+        out: dict[str, Any] = {}
+        for name in self._fields:
+            value = getattr(self, name)
+            if value is None or name == "tensorizer_dir" or (isinstance(value, dict) and not value):
+                continue
+            out[name] = value
+        return out
+
+    def _construct_tensorizer_args(self) -> TensorizerArgs:
+        return TensorizerArgs(self)
+
+    # -- derived facts -------------------------------------------------------------------
+
+    @property
+    def is_sharded(self) -> bool:
+        """Whether `tensorizer_uri` holds a rank template such as ``%03d``."""
+        return bool(self.tensorizer_uri and _RANK_TEMPLATE.search(self.tensorizer_uri))
+
+    @property
+    def _is_sharded(self) -> bool:  # vLLM's name
+        return self.is_sharded
+
+    def s3_credentials(self) -> dict[str, str | None]:
+        """Access key, secret and endpoint: the config's values, else the S3_* variables."""
+        env = os.environ
+        return {
+            "s3_access_key_id": _first(self.s3_access_key_id, env.get("S3_ACCESS_KEY_ID")),
+            "s3_secret_access_key": _first(
+                self.s3_secret_access_key, env.get("S3_SECRET_ACCESS_KEY")
+            ),
+            "s3_endpoint": _first(self.s3_endpoint, env.get("S3_ENDPOINT_URL")),
+        }
+
+    def stream_options(self) -> dict[str, Any]:
+        """Keyword arguments for tensorizer's ``open_stream``: credentials, then
+        `stream_kwargs` (which win)."""
+        return {**self.s3_credentials(), **self.stream_kwargs}
+
+    def __repr__(self) -> str:
+        shown = []
+        for name in self._fields:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if name == "s3_secret_access_key":
+                value = _MASK
+            shown.append(f"{name}={value!r}")
+        return f"TensorizerConfig({', '.join(shown)})"
+
+    # -- mapping access, as vLLM's config offers ----------------------------------------
+
+    def keys(self):  # type: ignore[override]
+        return self._keys
+
+    def __len__(self) -> int:
+        return len(self._fields)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._fields)
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._keys:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key not in self._keys:
+            raise KeyError(key)
+        setattr(self, key, value)
+
+    def __delitem__(self, key: str) -> None:
+        if key not in self._keys:
+            raise KeyError(key)
+        setattr(self, key, None)
+
+
+TensorizerConfig._fields = tuple(f.name for f in fields(TensorizerConfig))
+TensorizerConfig._keys = frozenset(TensorizerConfig._fields)
+
+
+class TensorizerArgs:
+    """A config resolved for tensorizer: stream and deserializer keyword arguments.
+
+    Mirrors vLLM's `TensorizerArgs`: built from a `TensorizerConfig`, it resolves the S3
+    credentials from the environment, reads the decryption key (when
+    `encryption_keyfile` is set) and offers `stream_kwargs` for ``open_stream`` and
+    `deserialization_kwargs` for ``TensorDeserializer``. `add_cli_args` adds the
+    "tensorizer options" argument group of vLLM's example script.
+    """
+
+    def __init__(self, tensorizer_config: TensorizerConfig):
+        self.config = tensorizer_config
+        self.tensorizer_uri = tensorizer_config.tensorizer_uri
+        self.tensorizer_dir = tensorizer_config.tensorizer_dir
+        self.encryption_keyfile = tensorizer_config.encryption_keyfile
+        self.file_obj = tensorizer_config.tensorizer_uri
+        credentials = tensorizer_config.s3_credentials()
+        self.s3_access_key_id = credentials["s3_access_key_id"]
+        self.s3_secret_access_key = credentials["s3_secret_access_key"]
+        self.s3_endpoint = credentials["s3_endpoint"]
+        self.stream_kwargs: dict[str, Any] = tensorizer_config.stream_options()
+        self.serialization_kwargs = dict(tensorizer_config.serialization_kwargs)
+        self.deserialization_kwargs: dict[str, Any] = {
+            "verify_hash": bool(tensorizer_config.verify_hash),
+            "num_readers": tensorizer_config.num_readers,
+            **tensorizer_config.deserialization_kwargs,
+        }
+        if self.encryption_keyfile:
+            from .keys import read_decryption_params
+
+            self.deserialization_kwargs["encryption"] = read_decryption_params(
+                self.encryption_keyfile, tensorizer_config
+            )
+
+    def __repr__(self) -> str:
+        return (
+            f"TensorizerArgs(tensorizer_uri={self.tensorizer_uri!r}, "
+            f"encryption_keyfile={self.encryption_keyfile!r})"
+        )
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        """Add the "tensorizer options" group (flags of vLLM's example script)."""
+        group = parser.add_argument_group(
+            "tensorizer options",
+            description=(
+                "How the tensorizer deserializer reads the tensors. The same settings can be "
+                "given as a JSON object to --model-loader-extra-config (vllm serve) or as "
+                "TensorizerConfig fields to model_loader_extra_config (LLM)."
+            ),
+        )
+        group.add_argument(
+            "--tensorizer-uri",
+            type=str,
+            help="Path to serialized model tensors: a local path, or an HTTP(S) or S3 URI. "
+            "The same as --path-to-tensors.",
+        )
+        group.add_argument(
+            "--verify-hash",
+            action="store_true",
+            default=None,
+            help="Check every tensor's stored hash while loading; a mismatch is an error "
+            "naming the tensor.",
+        )
+        group.add_argument(
+            "--encryption-keyfile",
+            type=str,
+            default=None,
+            help="The file (path or S3 URI) holding the binary key that decrypts the "
+            "tensors. The same as --keyfile.",
+        )
+        group.add_argument(
+            "--num-readers",
+            type=int,
+            default=None,
+            help="How many threads read the tensors concurrently (default: chosen by the "
+            "loader).",
+        )
+        group.add_argument(
+            "--s3-access-key-id",
+            type=str,
+            default=None,
+            help="The S3 access key. Can also be set with the S3_ACCESS_KEY_ID environment "
+            "variable.",
+        )
+        group.add_argument(
+            "--s3-secret-access-key",
+            type=str,
+            default=None,
+            help="The S3 secret key. Prefer the S3_SECRET_ACCESS_KEY environment variable: "
+            "command lines are visible to other users of the machine.",
+        )
+        group.add_argument(
+            "--s3-endpoint",
+            type=str,
+            default=None,
+            help="The S3 endpoint URL. Can also be set with the S3_ENDPOINT_URL environment "
+            "variable.",
+        )
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> TensorizerArgs:
+        """Build from parsed flags (those of `add_cli_args`)."""
+        values = {
+            name: getattr(args, name)
+            for name in TensorizerConfig._fields
+            if getattr(args, name, None) is not None
+        }
+        return cls(TensorizerConfig(**values))
+
+
+def _parent(uri: str) -> str:
+    head, _, _ = uri.rstrip("/").rpartition("/")
+    return head or "."
+
+
+def _first(*values: str | None) -> str | None:
+    for value in values:
+        if value is not None:
+            return value
+    return None

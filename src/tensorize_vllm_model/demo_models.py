@@ -1,0 +1,155 @@
+"""Small random-weight Hugging Face models with a locally trained tokenizer, built offline.
+
+The quick-start, the tests and the benchmarks need real model directories (config,
+safetensors weights, tokenizer) that vLLM can start on, without downloading anything from a
+model hub. `build_model` writes one: a Llama-like or OPT-like architecture with random
+weights, and a byte-level BPE tokenizer trained in about a second on a built-in text.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["ARCHITECTURES", "build_model", "build_tokenizer"]
+
+ARCHITECTURES = ("llama", "opt")
+
+# A few hundred words of plain English to train the tokenizer on: enough for a vocabulary
+# of a few hundred tokens and for prompts that do not fall back to single bytes.
+_CORPUS = """
+The quick brown fox jumps over the lazy dog. A model is a set of weights and a program that
+turns text into numbers and numbers into text. The weights of a large language model are
+stored in files, and loading them fast decides how quickly a server can answer its first
+request. Object storage keeps the files safe, a network carries them, and the memory of a
+graphics card holds them while the model runs. Once upon a time there was a small town by
+the sea where people told stories about ships, storms, lighthouses and the stars. The capital
+of France is Paris. The capital of Japan is Tokyo. The largest planet in the solar system is
+Jupiter. Water boils at one hundred degrees at the level of the sea. Hello, my name is Ada and
+I like to read books about history, science, music and mathematics. The future of computing
+is parallel: many cores, many cards and many machines working on one problem together.
+"""
+
+
+def build_tokenizer(path: str | os.PathLike, *, vocab_size: int = 512):
+    """Train a byte-level BPE tokenizer on a built-in text and save it to `path`.
+
+    Args:
+        path: directory to save `tokenizer.json` and its companion files into.
+        vocab_size: target vocabulary size (the trained vocabulary may be smaller).
+
+    Returns:
+        The `transformers.PreTrainedTokenizerFast`, already saved.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+    )
+    fast.save_pretrained(os.fspath(path))
+    return fast
+
+
+def build_model(
+    path: str | os.PathLike,
+    *,
+    architecture: str = "llama",
+    hidden_size: int = 256,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_size: int | None = None,
+    vocab_size: int = 512,
+    max_position_embeddings: int = 512,
+    dtype: str = "bfloat16",
+    seed: int = 0,
+) -> Path:
+    """Write a random-weight model, its config and a tokenizer into directory `path`.
+
+    vLLM's CPU attention needs a head dimension of 64 or more (hidden_size / num_heads).
+
+    Args:
+        path: the directory to create (parents too); existing files are overwritten.
+        architecture: "llama" (LlamaForCausalLM) or "opt" (OPTForCausalLM).
+        hidden_size, num_layers, num_heads, intermediate_size, vocab_size,
+        max_position_embeddings: the architecture's sizes; the vocabulary is padded up to
+            at least the tokenizer's.
+        dtype: the weights' dtype ("bfloat16", "float16" or "float32").
+        seed: the random seed of the weights, so a given call always writes the same model.
+
+    Returns:
+        The directory, as a `Path`.
+
+    Example:
+        >>> build_model("/tmp/tiny-llama")  # doctest: +SKIP
+        PosixPath('/tmp/tiny-llama')
+    """
+    import torch
+    import transformers
+
+    if architecture not in ARCHITECTURES:
+        raise ValueError(
+            f"unknown architecture {architecture!r}; choose one of {', '.join(ARCHITECTURES)}"
+        )
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(path, vocab_size=vocab_size)
+    vocab_size = max(vocab_size, len(tokenizer))
+    intermediate_size = intermediate_size or 2 * hidden_size
+    torch_dtype = getattr(torch, dtype)
+
+    if architecture == "llama":
+        config = transformers.LlamaConfig(
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_heads,
+            vocab_size=vocab_size,
+            max_position_embeddings=max_position_embeddings,
+            tie_word_embeddings=False,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        model_cls = transformers.LlamaForCausalLM
+    else:
+        config = transformers.OPTConfig(
+            hidden_size=hidden_size,
+            ffn_dim=intermediate_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            vocab_size=vocab_size,
+            word_embed_proj_dim=hidden_size,
+            max_position_embeddings=max_position_embeddings,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        model_cls = transformers.OPTForCausalLM
+
+    torch.manual_seed(seed)
+    config.dtype = torch_dtype
+    model = model_cls(config).to(torch_dtype)
+    # Larger than the usual 0.02 so that greedy decoding of random weights varies from
+    # token to token instead of repeating one token.
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 0.2)
+    model.save_pretrained(path)
+    model.generation_config.save_pretrained(path)
+    return path

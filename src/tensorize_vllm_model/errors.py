@@ -1,0 +1,47 @@
+"""The package's exception hierarchy.
+
+Every error the package raises on bad input derives from `TensorizeError`, so callers can
+catch one type, and the command line can turn it into a one-line message and exit code 2
+without a traceback. Messages name the file, key or flag at fault and, where there is one,
+the fix.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "TensorizeError",
+    "ConfigError",
+    "StorageError",
+    "EncryptionError",
+    "FormatError",
+    "ModelMismatchError",
+    "LayoutError",
+]
+
+
+class TensorizeError(Exception):
+    """Base class of every error this package raises on bad input or a failed transfer."""
+
+
+class ConfigError(TensorizeError, ValueError):
+    """An option, flag or configuration value is missing, unknown or out of range."""
+
+
+class StorageError(TensorizeError, OSError):
+    """A file or object could not be read or written (missing, unreachable, refused)."""
+
+
+class EncryptionError(TensorizeError):
+    """A key is missing, malformed or does not decrypt the tensors."""
+
+
+class FormatError(TensorizeError):
+    """A file is not a readable tensorizer file (truncated, corrupt or another format)."""
+
+
+class ModelMismatchError(TensorizeError):
+    """The tensors in a file do not fit the model being loaded."""
+
+
+class LayoutError(TensorizeError):
+    """The files were serialized for another tensor/pipeline-parallel layout."""

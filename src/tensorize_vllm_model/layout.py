@@ -1,0 +1,181 @@
+"""Names and records: where a serialized model's files go and what each file says of itself.
+
+* The serialized directory: ``<serialized-directory>/vllm/<model ref>/<suffix>/`` holding
+  ``model.tensors`` (one rank) or ``model-rank-000.tensors``, ``model-rank-001.tensors``...
+  (one file per rank, numbered by the global rank ``pp_rank * tp_size + tp_rank``), beside
+  the model's config, tokenizer and generation files.
+* The file record: every file this package writes starts with a small uint8 tensor holding
+  JSON (`FileRecord`): the producer, the architecture, the dtype and the parallel layout, so
+  a load can check that a file fits before using it. A tensor named
+  ``.vllm_tensorized_marker`` follows, as vLLM's own serializer writes, so vLLM recognises
+  the file as vLLM-tensorized too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from . import storage
+from .config import DEFAULT_TENSORS_NAME, SHARDED_TENSORS_NAME
+from .errors import ConfigError, FormatError, LayoutError
+
+__all__ = [
+    "RECORD_NAME",
+    "MARKER_NAME",
+    "RESERVED_NAMES",
+    "FileRecord",
+    "ParallelLayout",
+    "model_ref_path",
+    "serialized_dir",
+    "tensors_uri",
+    "rank_uri",
+]
+
+RECORD_NAME = ".tensorize_vllm_model_record"
+MARKER_NAME = ".vllm_tensorized_marker"
+RESERVED_NAMES = frozenset({RECORD_NAME, MARKER_NAME})
+RECORD_FORMAT = "tensorize_vllm_model"
+RECORD_VERSION = 1
+_MAX_RECORD_BYTES = 64 * 1024
+
+_RANK_TEMPLATE = re.compile(r"%0?\d*d")
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """A tensor/pipeline-parallel layout and one rank in it."""
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    tp_rank: int = 0
+    pp_rank: int = 0
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def rank(self) -> int:
+        """The global rank: vLLM numbers TP ranks fastest."""
+        return self.pp_rank * self.tensor_parallel_size + self.tp_rank
+
+    def describe(self) -> str:
+        return f"TP={self.tensor_parallel_size} x PP={self.pipeline_parallel_size}"
+
+
+@dataclass
+class FileRecord:
+    """What a tensors file written by this package records about itself."""
+
+    architecture: str | None = None
+    dtype: str | None = None
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    rank: int = 0
+    encrypted: bool = False
+    producer: str = ""
+    format: str = RECORD_FORMAT
+    version: int = RECORD_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def layout_text(self) -> str:
+        return f"TP={self.tensor_parallel_size} x PP={self.pipeline_parallel_size}"
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, source: str) -> FileRecord:
+        if len(data) > _MAX_RECORD_BYTES:
+            raise FormatError(f"{source}: the file record is {len(data)} bytes, too large")
+        try:
+            raw = json.loads(data.decode())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise FormatError(f"{source}: the file record is not valid JSON ({e})") from None
+        if not isinstance(raw, dict) or raw.get("format") != RECORD_FORMAT:
+            raise FormatError(f"{source}: the file record is not a {RECORD_FORMAT} record")
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+    def check_layout(self, layout: ParallelLayout, *, source: str) -> None:
+        """Raise LayoutError when this file was written for another layout or rank."""
+        if (self.tensor_parallel_size, self.pipeline_parallel_size) != (
+            layout.tensor_parallel_size,
+            layout.pipeline_parallel_size,
+        ):
+            raise LayoutError(
+                f"{source} was serialized for {self.layout_text} but is being loaded with "
+                f"{layout.describe()}; load it with --tensor-parallel-size "
+                f"{self.tensor_parallel_size} --pipeline-parallel-size "
+                f"{self.pipeline_parallel_size}, or serialize the model again for this layout"
+            )
+        if self.rank != layout.rank:
+            raise LayoutError(
+                f"{source} holds the shard of rank {self.rank}, but rank {layout.rank} is "
+                "loading it; check the rank template in tensorizer_uri"
+            )
+
+
+def model_ref_path(model: str) -> str:
+    """The ``<model ref>`` part of the serialized directory for ``--model``.
+
+    A Hub id or relative path (``org/name``) is kept as it is, as in vLLM's example
+    script. An absolute path, or a relative one that climbs with ``..``, becomes its last
+    component (``/models/llama-3`` gives ``llama-3``), so files never land outside the
+    serialized directory.
+    """
+    model = os.fspath(model)
+    segments = [s for s in model.replace("\\", "/").split("/") if s not in ("", ".")]
+    if os.path.isabs(model) or ".." in segments or "://" in model:
+        name = os.path.basename(os.path.normpath(model.split("://", 1)[-1]))
+        segments = [name] if name not in ("", ".", "..", "/") else []
+    if not segments:
+        raise ConfigError(f"cannot derive a directory name from --model {model!r}")
+    return "/".join(segments)
+
+
+def serialized_dir(serialized_directory: str, model: str, suffix: str) -> str:
+    """``<serialized_directory>/vllm/<model ref>/<suffix>``.
+
+    Raises:
+        ConfigError: a suffix that is empty, holds a ``/`` or is ``.``/``..``.
+    """
+    if not suffix or "/" in suffix or "\\" in suffix or suffix in (".", ".."):
+        raise ConfigError(f"--suffix must be a single directory name, got {suffix!r}")
+    base = serialized_directory.rstrip("/") or "/"
+    return storage.join(base, "vllm", model_ref_path(model), suffix)
+
+
+def tensors_uri(directory: str, world_size: int) -> str:
+    """The tensors file (or rank template) in a serialized directory."""
+    name = SHARDED_TENSORS_NAME if world_size > 1 else DEFAULT_TENSORS_NAME
+    return storage.join(directory, name)
+
+
+def has_rank_template(uri: str) -> bool:
+    return bool(_RANK_TEMPLATE.search(uri))
+
+
+def rank_uri(uri: str, layout: ParallelLayout) -> str:
+    """The file of this rank: `uri` formatted with the global rank.
+
+    Raises:
+        ConfigError: more than one rank and no rank template in `uri`.
+    """
+    if not has_rank_template(uri):
+        if layout.world_size > 1:
+            raise ConfigError(
+                f"loading or serializing with {layout.describe()} needs one file per rank, "
+                f"but tensorizer_uri {uri!r} has no rank template; use a name such as "
+                f"'{storage.join(storage.parent(uri), SHARDED_TENSORS_NAME)}'"
+            )
+        return uri
+    try:
+        return uri % layout.rank
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"tensorizer_uri {uri!r} is not a valid rank template: {e}") from None

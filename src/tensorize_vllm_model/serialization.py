@@ -1,0 +1,295 @@
+"""Writing: tensors files, the model's small artifacts, and the whole serialize of a vLLM model.
+
+`write_tensors` writes one file (the record first, then vLLM's marker, then the tensors) to
+a staged temporary name. `tensorize_vllm_model` drives a serialize end to end: it generates
+the key, starts a vLLM engine that loads the checkpoint, has every worker write its rank's
+file through ``collective_rpc``, copies the config/tokenizer files, and publishes everything
+only when all of it has been written.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import shutil
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import __version__, storage
+from .config import TensorizerConfig
+from .errors import ConfigError, StorageError
+from .keys import encryption_params, generate_key, read_key, stage_key
+from .layout import (
+    MARKER_NAME,
+    RECORD_NAME,
+    FileRecord,
+    ParallelLayout,
+    rank_uri,
+)
+
+__all__ = [
+    "StagedTensors",
+    "SerializeResult",
+    "write_tensors",
+    "stage_artifacts",
+    "check_serialization_kwargs",
+    "tensorize_vllm_model",
+]
+
+# Files of a model directory that are not needed beside the tensors: the weights
+# themselves (in whatever format), their indexes, and repository clutter.
+_SKIPPED_SUFFIXES = (
+    ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx",
+    ".tensors", ".index.json", ".md", ".gitattributes", ".lock",
+)
+
+
+@dataclass
+class StagedTensors(storage.StagedWrite):
+    """A staged tensors file, with what it holds."""
+
+    tensors: int = 0
+    bytes: int = 0
+
+
+@dataclass
+class SerializeResult:
+    """What a serialize wrote."""
+
+    directory: str
+    tensors_uri: str
+    files: list[str] = field(default_factory=list)
+    tensors: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    keyfile: str | None = None
+
+
+def check_serialization_kwargs(kwargs: Mapping[str, Any]) -> None:
+    """Refuse, by name, keys that tensorizer's `TensorSerializer` does not take."""
+    from tensorizer import TensorSerializer
+
+    accepted = set(inspect.signature(TensorSerializer.__init__).parameters) - {"self", "file_obj"}
+    refused = {"encryption"}  # set by --keyfile
+    unknown = sorted(set(kwargs) - (accepted - refused))
+    if unknown:
+        raise ConfigError(
+            f"--serialization-kwargs: unknown or reserved key(s) {', '.join(map(repr, unknown))}; "
+            f"TensorSerializer takes {', '.join(sorted(accepted - refused))}"
+        )
+
+
+def write_tensors(
+    uri: str,
+    tensors: Iterable[tuple[str, torch.Tensor, bool]],
+    *,
+    record: FileRecord,
+    key: bytes | None = None,
+    serialization_kwargs: Mapping[str, Any] | None = None,
+) -> StagedTensors:
+    """Write `tensors` to a staged file that `commit()` publishes at `uri`.
+
+    Args:
+        uri: the final location of the file.
+        tensors: (name, tensor, is_buffer) triples, in the order to write them.
+        record: the file record, written first.
+        key: a 32-byte key to encrypt with, or None.
+        serialization_kwargs: extra keyword arguments for `TensorSerializer`.
+
+    Returns:
+        The staged file; nothing is at `uri` until it is committed.
+    """
+    from tensorizer import TensorSerializer
+    from tensorizer.serialization import TensorType
+
+    staged_file = storage.stage_write(uri)
+    staged = StagedTensors(uri=staged_file.uri, path=staged_file.path, mode=staged_file.mode)
+    try:
+        with open(staged.path, "wb+") as f:
+            serializer = TensorSerializer(
+                f,
+                encryption=encryption_params(key) if key is not None else None,
+                **dict(serialization_kwargs or {}),
+            )
+            record_bytes = bytearray(record.to_bytes())
+            serializer.write_tensor(
+                0, RECORD_NAME, TensorType.STATE_DICT, torch.frombuffer(record_bytes, dtype=torch.uint8)
+            )
+            serializer.write_tensor(1, MARKER_NAME, TensorType.PARAM, torch.ones(1, dtype=torch.int64))
+            for index, (name, tensor, is_buffer) in enumerate(tensors, start=2):
+                kind = TensorType.BUFFER if is_buffer else TensorType.PARAM
+                serializer.write_tensor(index, name, kind, tensor)
+                staged.tensors += 1
+                staged.bytes += tensor.numel() * tensor.element_size()
+            serializer.close()
+    except OSError as e:
+        staged.abort()
+        raise StorageError(f"cannot write {uri}: {e.strerror or e}") from e
+    except BaseException:
+        staged.abort()
+        raise
+    return staged
+
+
+def _artifact_files(directory: str) -> list[str]:
+    names = []
+    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+        if not entry.is_file() or entry.name.startswith("."):
+            continue
+        if entry.name.endswith(_SKIPPED_SUFFIXES):
+            continue
+        names.append(entry.path)
+    return names
+
+
+def resolve_model_files(model: str, *, revision: str | None = None,
+                        download_dir: str | None = None) -> str:
+    """A local directory holding `model`'s config and tokenizer files.
+
+    `model` is a local directory, or a Hugging Face Hub id resolved through the local
+    Hugging Face cache (which the vLLM engine has just filled) or the Hub.
+    """
+    if os.path.isdir(model):
+        return model
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(
+            model,
+            revision=revision,
+            cache_dir=download_dir,
+            ignore_patterns=[f"*{s}" for s in _SKIPPED_SUFFIXES],
+        )
+    except Exception as e:  # noqa: BLE001 - the Hub raises many kinds
+        raise StorageError(
+            f"cannot find the config and tokenizer files of --model {model!r}: it is not a "
+            f"local directory and the Hugging Face Hub did not give them ({e})"
+        ) from None
+
+
+def stage_artifacts(sources: Iterable[str], destination: str) -> list[storage.StagedWrite]:
+    """Stage copies of the config, tokenizer and generation files of `sources` into
+    `destination` (the first source wins when two have the same file)."""
+    staged: list[storage.StagedWrite] = []
+    seen: set[str] = set()
+    try:
+        for source in sources:
+            for path in _artifact_files(source):
+                name = os.path.basename(path)
+                if name in seen:
+                    continue
+                seen.add(name)
+                target = storage.stage_write(storage.join(destination, name))
+                staged.append(target)
+                shutil.copyfile(path, target.path)
+    except BaseException:
+        for target in staged:
+            target.abort()
+        raise
+    return staged
+
+
+def tensorize_vllm_model(
+    engine_args: Any,
+    tensorizer_config: TensorizerConfig,
+    generate_keyfile: bool = True,
+) -> SerializeResult:
+    """Load a model with vLLM and serialize it with tensorizer, as vLLM loads it.
+
+    Every worker writes the weights of its own rank (``tensorizer_uri`` formatted with the
+    global rank when the layout has more than one), as they are after loading and before
+    vLLM's backend-specific post-processing. The model's config, tokenizer and generation
+    files are copied beside the tensors, so the directory can be passed to
+    ``LLM(..., load_format="tensorizer")`` or ``vllm serve``. Nothing appears at the final
+    names until everything has been written.
+
+    Args:
+        engine_args: `vllm.EngineArgs` of the model to serialize.
+        tensorizer_config: where to write (``tensorizer_uri``) and how
+            (``encryption_keyfile``, ``serialization_kwargs``).
+        generate_keyfile: with ``encryption_keyfile`` set, generate a random key and write
+            it there (mode 0600); when False, encrypt with the key already in that file.
+
+    Returns:
+        A `SerializeResult` naming what was written.
+
+    Example:
+        >>> from vllm import EngineArgs  # doctest: +SKIP
+        >>> tensorize_vllm_model(EngineArgs(model="/models/opt"),
+        ...                      TensorizerConfig(tensorizer_uri="/out/model.tensors"))
+    """
+    from .vllm_adapter import CAPTURE_LOAD_FORMAT, Engine, parallel_sizes, vllm_version
+
+    start = time.perf_counter()
+    tp, pp = parallel_sizes(engine_args)
+    uri = tensorizer_config.tensorizer_uri
+    assert uri is not None
+    rank_uri(uri, ParallelLayout(tp, pp))  # refuses a missing rank template now
+    check_serialization_kwargs(tensorizer_config.serialization_kwargs)
+    source_format = str(engine_args.load_format or "auto")
+    if source_format in ("tensorizer", CAPTURE_LOAD_FORMAT):
+        raise ConfigError(
+            "--load-format tensorizer cannot be the source of a serialize; serialize from "
+            "the model's own checkpoint"
+        )
+    destination = tensorizer_config.tensorizer_dir or storage.parent(uri)
+
+    staged: list[storage.StagedWrite] = []
+    key = None
+    keyfile = tensorizer_config.encryption_keyfile
+    if keyfile:
+        if generate_keyfile:
+            key = generate_key()
+            staged.append(stage_key(keyfile, key))
+        else:
+            key = read_key(keyfile, tensorizer_config)
+
+    engine = None
+    try:
+        engine = Engine.for_capture(engine_args, source_format)
+        written = engine.rpc(
+            "tensorize_vllm_model_save",
+            request={
+                "tensorizer_uri": uri,
+                "key": key,
+                "serialization_kwargs": dict(tensorizer_config.serialization_kwargs),
+                "producer": f"tensorize_vllm_model {__version__}, vllm {vllm_version()}",
+            },
+        )
+        sources = [resolve_model_files(engine_args.model, revision=engine_args.revision,
+                                       download_dir=engine_args.download_dir)]
+        tokenizer = getattr(engine_args, "tokenizer", None)
+        if tokenizer and tokenizer != engine_args.model:
+            sources.append(resolve_model_files(tokenizer, revision=engine_args.tokenizer_revision,
+                                               download_dir=engine_args.download_dir))
+        staged = stage_artifacts(sources, destination) + staged
+        for item in staged:
+            item.commit()
+        engine.rpc("tensorize_vllm_model_commit")
+    except BaseException:
+        for item in staged:
+            item.abort()
+        if engine is not None and engine.llm is not None:
+            try:
+                engine.rpc("tensorize_vllm_model_abort")
+            except Exception:  # noqa: BLE001 - the original error matters more
+                pass
+        raise
+    finally:
+        if engine is not None:
+            engine.close()
+
+    written = sorted(written, key=lambda w: w["rank"])
+    return SerializeResult(
+        directory=destination,
+        tensors_uri=uri,
+        files=[w["uri"] for w in written] + [s.uri for s in staged],
+        tensors=sum(w["tensors"] for w in written),
+        bytes=sum(w["bytes"] for w in written),
+        seconds=time.perf_counter() - start,
+        keyfile=keyfile,
+    )

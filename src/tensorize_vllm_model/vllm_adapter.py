@@ -1,0 +1,375 @@
+"""Everything that touches vLLM's internals, in one place (a vLLM upgrade changes this file).
+
+* `TensorizerLoader`: the model loader for ``load_format="tensorizer"``. It builds the model
+  with its parameters on the meta device (no memory, no initialisation), streams the tensors
+  onto the worker's device (``cuda:N`` or ``cpu``), then runs vLLM's weight post-processing.
+* `CaptureLoader`: used only while serializing. It loads the checkpoint with vLLM's default
+  loader and keeps the weights as they are *before* post-processing (vLLM's CPU backend
+  repacks linear weights and drops the originals), for the worker extension to write.
+* `WorkerExtension`: methods that ``collective_rpc`` calls in every worker: write this
+  rank's tensors to a staged file, commit or abort, report the last load's figures.
+* `register()`: installs the loaders (the ``vllm.general_plugins`` entry point calls it in
+  every vLLM process, through `tensorize_vllm_model.plugin`).
+* `Engine` and the argument-parser helpers the command line uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from vllm.config import ModelConfig, VllmConfig
+from vllm.config.load import LoadConfig
+from vllm.logger import init_logger
+from vllm.model_executor.model_loader import (
+    BaseModelLoader,
+    DefaultModelLoader,
+    register_model_loader,
+)
+from vllm.model_executor.model_loader.utils import (
+    initialize_model,
+    process_weights_after_loading,
+)
+from vllm.utils.torch_utils import set_default_torch_dtype
+
+from . import layout as layout_mod
+from . import storage
+from .config import TensorizerConfig
+from .errors import ConfigError
+from .layout import FileRecord, ParallelLayout
+from .serialization import StagedTensors, write_tensors
+from .streaming import LoadStats, load_into_module, meta_parameters, open_tensors
+
+logger = init_logger(__name__)
+
+LOAD_FORMAT = "tensorizer"
+CAPTURE_LOAD_FORMAT = "tensorize_vllm_model_capture"
+WORKER_EXTENSION = "tensorize_vllm_model.vllm_adapter.WorkerExtension"
+
+# Per worker process: the weights captured before post-processing (serialize), the staged
+# files not yet committed, and the figures of the last load.
+_captured: dict[str, Any] | None = None
+_pending: list[StagedTensors] = []
+_last_load: LoadStats | None = None
+
+
+def register() -> None:
+    """Install this package's loaders in vLLM's registry (idempotent, cheap)."""
+    from vllm.model_executor.model_loader import _LOAD_FORMAT_TO_MODEL_LOADER
+
+    if _LOAD_FORMAT_TO_MODEL_LOADER.get(LOAD_FORMAT) is not TensorizerLoader:
+        register_model_loader(LOAD_FORMAT)(TensorizerLoader)
+    if _LOAD_FORMAT_TO_MODEL_LOADER.get(CAPTURE_LOAD_FORMAT) is not CaptureLoader:
+        register_model_loader(CAPTURE_LOAD_FORMAT)(CaptureLoader)
+
+
+# -- facts about the running worker ---------------------------------------------------------
+
+
+def current_layout(vllm_config: VllmConfig) -> ParallelLayout:
+    """This worker's place in the tensor/pipeline-parallel layout."""
+    parallel = vllm_config.parallel_config
+    tp_rank = pp_rank = 0
+    if parallel.world_size > 1:
+        from vllm.distributed import get_pp_group, get_tensor_model_parallel_rank
+
+        tp_rank = get_tensor_model_parallel_rank()
+        pp_rank = get_pp_group().rank_in_group
+    return ParallelLayout(
+        tensor_parallel_size=parallel.tensor_parallel_size,
+        pipeline_parallel_size=parallel.pipeline_parallel_size,
+        tp_rank=tp_rank,
+        pp_rank=pp_rank,
+    )
+
+
+def target_device(vllm_config: VllmConfig) -> torch.device:
+    """The device this worker's weights go to, with its index (``cuda:N``, ``cpu``)."""
+    load_device = vllm_config.load_config.device or vllm_config.device_config.device
+    device = torch.device(load_device)
+    if device.type != "cpu" and device.index is None:
+        device = torch.device(device.type, torch.accelerator.current_device_index())
+    return device
+
+
+def _dtype_name(dtype: torch.dtype | str) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# -- the tensorizer loader ------------------------------------------------------------------
+
+
+class TensorizerLoader(BaseModelLoader):
+    """Loads ``load_format="tensorizer"`` models with this package's streaming core."""
+
+    def __init__(self, load_config: LoadConfig):
+        super().__init__(load_config)
+        self._explicit_uri = _has_explicit_uri(load_config.model_loader_extra_config)
+        self.tensorizer_config = TensorizerConfig.from_extra_config(
+            load_config.model_loader_extra_config
+        )
+
+    def rank_uri(self, vllm_config: VllmConfig) -> str:
+        """The file this worker reads."""
+        layout = current_layout(vllm_config)
+        uri = self.tensorizer_config.tensorizer_uri
+        assert uri is not None
+        if not self._explicit_uri:
+            uri = layout_mod.tensors_uri(self.tensorizer_config.tensorizer_dir or ".", layout.world_size)
+        return layout_mod.rank_uri(uri, layout)
+
+    def download_model(self, model_config: ModelConfig) -> None:
+        uri = self.tensorizer_config.tensorizer_uri
+        if storage.is_local(uri) and not storage.exists(uri):
+            raise ConfigError(f"no such tensors file: {uri}")
+
+    def load_model(
+        self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = ""
+    ) -> nn.Module:
+        global _last_load
+        layout = current_layout(vllm_config)
+        device = target_device(vllm_config)
+        uri = self.rank_uri(vllm_config)
+        logger.info("Loading tensors from %s onto %s", uri, device)
+        with open_tensors(uri, device=device, config=self.tensorizer_config) as reader:
+            if reader.record is not None:
+                reader.record.check_layout(layout, source=uri)
+            with set_default_torch_dtype(model_config.dtype):
+                if reader.is_vllm_tensorized:
+                    with torch.device(device), meta_parameters(device):
+                        model = initialize_model(
+                            vllm_config=vllm_config, model_config=model_config, prefix=prefix
+                        )
+                    stats = load_into_module(model, reader)
+                else:
+                    with torch.device(device):
+                        model = initialize_model(
+                            vllm_config=vllm_config, model_config=model_config, prefix=prefix
+                        )
+                    stats = self._load_hf_weights(model, reader)
+        _last_load = stats
+        logger.info(
+            "Deserialized %.3f GB in %.2f s (%.2f GB/s) from %s",
+            stats.bytes / 1e9, stats.seconds, stats.gb_per_s, uri,
+        )
+        gc.collect()
+        process_weights_after_loading(model, model_config, device)
+        return model.eval()
+
+    def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
+        """Reload weights into an already built model (vLLM's in-place reload)."""
+        from vllm.config import get_current_vllm_config
+
+        vllm_config = get_current_vllm_config()
+        uri = self.rank_uri(vllm_config)
+        device = next(model.parameters()).device
+        with open_tensors(uri, device=device, config=self.tensorizer_config) as reader:
+            if reader.is_vllm_tensorized:
+                load_into_module(model, reader)
+            else:
+                self._load_hf_weights(model, reader)
+
+    @staticmethod
+    def _load_hf_weights(model: nn.Module, reader) -> LoadStats:
+        """A file of a Hugging Face model (not vLLM-tensorized): through vLLM's name
+        mapping, leaving out the buffers (such as ``rotary_emb.inv_freq``) vLLM's model
+        does not have."""
+        kinds = reader.tensor_types()
+        count = nbytes = 0
+        start = time.perf_counter()
+
+        def weights() -> Iterator[tuple[str, torch.Tensor]]:
+            nonlocal count, nbytes
+            for name, tensor in reader.items():
+                if kinds.get(name) == "BUFFER":
+                    continue
+                count += 1
+                nbytes += tensor.numel() * tensor.element_size()
+                yield name, tensor
+
+        model.load_weights(weights())
+        return LoadStats(uri=reader.uri, tensors=count, bytes=nbytes,
+                         seconds=time.perf_counter() - start)
+
+
+def _has_explicit_uri(extra: Any) -> bool:
+    extra = dict(extra or {})
+    nested = extra.get("tensorizer_config") or {}
+    return bool(extra.get("tensorizer_uri") or nested.get("tensorizer_uri"))
+
+
+# -- serializing: capture the weights, then write them from each worker ---------------------
+
+
+class CaptureLoader(DefaultModelLoader):
+    """vLLM's default loader that also keeps the loaded weights for serialization.
+
+    The weights are kept as references taken before ``process_weights_after_loading``, so
+    what is written is what the checkpoint gave, in vLLM's own parameter names and shards,
+    whatever the backend does to them afterwards.
+    """
+
+    def __init__(self, load_config: LoadConfig):
+        extra = dict(load_config.model_loader_extra_config or {})
+        source_format = extra.pop("source_load_format", "auto")
+        super().__init__(
+            dataclasses.replace(load_config, load_format=source_format, model_loader_extra_config={})
+        )
+
+    def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
+        global _captured
+        super().load_weights(model, model_config)
+        tensors = [(name, p.detach(), False) for name, p in model.named_parameters()]
+        tensors += [(name, b.detach(), True) for name, b in model.named_buffers()]
+        _captured = {
+            "tensors": tensors,
+            "architecture": type(model).__name__,
+            "dtype": _dtype_name(model_config.dtype),
+        }
+
+
+class WorkerExtension:
+    """Methods vLLM mixes into its worker class, called through ``collective_rpc``."""
+
+    def tensorize_vllm_model_save(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Write this rank's captured weights to a staged file; return what was written."""
+        global _captured
+        if _captured is None:
+            raise RuntimeError(
+                "no captured weights in this worker: the engine was not started with "
+                f"load_format={CAPTURE_LOAD_FORMAT!r}"
+            )
+        layout = current_layout(self.vllm_config)  # type: ignore[attr-defined]
+        uri = layout_mod.rank_uri(request["tensorizer_uri"], layout)
+        key = request.get("key")
+        record = FileRecord(
+            architecture=_captured["architecture"],
+            dtype=_captured["dtype"],
+            tensor_parallel_size=layout.tensor_parallel_size,
+            pipeline_parallel_size=layout.pipeline_parallel_size,
+            rank=layout.rank,
+            encrypted=key is not None,
+            producer=request.get("producer", ""),
+        )
+        staged = write_tensors(
+            uri,
+            _captured["tensors"],
+            record=record,
+            key=key,
+            serialization_kwargs=request.get("serialization_kwargs") or {},
+        )
+        _captured = None
+        _pending.append(staged)
+        return {"rank": layout.rank, "uri": uri, "tensors": staged.tensors, "bytes": staged.bytes}
+
+    def tensorize_vllm_model_commit(self) -> list[str]:
+        """Publish this worker's staged files under their final names."""
+        done = []
+        while _pending:
+            staged = _pending.pop(0)
+            staged.commit()
+            done.append(staged.uri)
+        return done
+
+    def tensorize_vllm_model_abort(self) -> None:
+        """Delete this worker's staged files."""
+        while _pending:
+            _pending.pop(0).abort()
+
+    def tensorize_vllm_model_load_stats(self) -> dict[str, Any] | None:
+        """Figures of the last tensorizer load in this worker."""
+        if _last_load is None:
+            return None
+        return dataclasses.asdict(_last_load)
+
+
+# -- engines and arguments, for the command line --------------------------------------------
+
+
+def make_parser(**kwargs: Any) -> argparse.ArgumentParser:
+    """vLLM's argument parser with every engine flag (``--model``, ``--dtype``...).
+
+    Usage errors print one line, ``<prog>: error: <message>``, and exit with code 2.
+    """
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    class OneLineErrorParser(FlexibleArgumentParser):
+        def error(self, message: str):  # type: ignore[override]
+            self.exit(2, f"{self.prog}: error: {message}\n")
+
+    parser = OneLineErrorParser(**kwargs)
+    return EngineArgs.add_cli_args(parser)
+
+
+def engine_args_from_namespace(args: argparse.Namespace):
+    """The `EngineArgs` given on the command line."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineArgs) if hasattr(args, f.name)}
+    return EngineArgs(**values)
+
+
+def parallel_sizes(engine_args) -> tuple[int, int]:
+    return int(engine_args.tensor_parallel_size or 1), int(engine_args.pipeline_parallel_size or 1)
+
+
+class Engine:
+    """A vLLM engine (`vllm.LLM`) started for one job, shut down by `close()`."""
+
+    def __init__(self, engine_args, **overrides: Any):
+        from vllm import LLM
+
+        values = dict(vars(engine_args))
+        values.update(overrides)
+        self.llm = LLM(**values)
+
+    @classmethod
+    def for_capture(cls, engine_args, source_load_format: str) -> Engine:
+        return cls(
+            engine_args,
+            load_format=CAPTURE_LOAD_FORMAT,
+            model_loader_extra_config={"source_load_format": source_load_format},
+            worker_extension_cls=WORKER_EXTENSION,
+        )
+
+    def rpc(self, method: str, **kwargs: Any) -> list[Any]:
+        return self.llm.collective_rpc(method, kwargs=kwargs)
+
+    def generate(self, prompts: Sequence[str], *, max_tokens: int = 16) -> list[tuple[str, list[int]]]:
+        """Greedy completions of `prompts`: (text, token ids) each."""
+        from vllm import SamplingParams
+
+        outputs = self.llm.generate(
+            list(prompts), SamplingParams(temperature=0.0, max_tokens=max_tokens), use_tqdm=False
+        )
+        return [(o.outputs[0].text, list(o.outputs[0].token_ids)) for o in outputs]
+
+    def close(self) -> None:
+        llm, self.llm = self.llm, None
+        if llm is None:
+            return
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception:  # noqa: BLE001 - best effort; the engine may be half started
+            logger.debug("engine shutdown failed", exc_info=True)
+        del llm
+        gc.collect()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def vllm_version() -> str:
+    import vllm
+
+    return getattr(vllm, "__version__", "unknown")
