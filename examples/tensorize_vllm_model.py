@@ -18,9 +18,15 @@ and ``... deserialize --help`` (the "tensorizer options" group). ``--tensorizer-
                   tensorizer_uri=path_to_tensors, num_readers=3))
 """
 
+import os
 import sys
 
-from tensorize_vllm_model.cli import main
+# This script has the package's name: Python puts the script's directory first on sys.path,
+# where this file would shadow the installed package.
+_here = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
+
+from tensorize_vllm_model.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

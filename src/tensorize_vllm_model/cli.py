@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import uuid
@@ -111,12 +112,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.error("a command is required: serialize or deserialize")
     try:
+        _check_model_path(args.model)
         if args.command == "serialize":
             return _serialize(args)
         return _deserialize(args, parser)
     except TensorizeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _check_model_path(model: str | None) -> None:
+    """A --model that is plainly a local path (absolute, or starting with a dot) must exist;
+    anything else may be a Hub id."""
+    if model and (os.path.isabs(model) or model.startswith(".")) and not os.path.exists(model):
+        raise ConfigError(f"--model {model}: no such directory")
 
 
 def _extra_config(args: argparse.Namespace) -> dict[str, Any]:

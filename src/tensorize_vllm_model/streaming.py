@@ -79,13 +79,15 @@ class TensorReader:
     every tensor onto `device`. Use `open_tensors` to make one.
     """
 
-    def __init__(self, uri: str, deserializer: TensorDeserializer, stream: Any):
+    def __init__(self, uri: str, deserializer: TensorDeserializer, stream: Any,
+                 keyfile: str | None = None):
         self.uri = uri
         self._deserializer = deserializer
         self._stream = stream
+        self._keyfile = keyfile
         self.record: FileRecord | None = None
         if RECORD_NAME in deserializer:
-            with _translate_errors(uri):
+            with _translate_errors(uri, keyfile=keyfile):
                 data = bytes(deserializer[RECORD_NAME].detach().cpu().numpy())
             self.record = FileRecord.from_bytes(data, source=uri)
 
@@ -95,12 +97,13 @@ class TensorReader:
         return self.record is not None or MARKER_NAME in self._deserializer
 
     def names(self) -> list[str]:
-        return [k for k in self._deserializer.keys() if k not in RESERVED_NAMES]
+        return [_module_name(k) for k in self._deserializer.keys() if k not in RESERVED_NAMES]
 
     def tensor_types(self) -> dict[str, str]:
-        """Each tensor's kind as written: PARAM, BUFFER or STATE_DICT."""
+        """Each tensor's kind as written (PARAM, BUFFER or STATE_DICT), by name."""
         return {
-            path[0] if isinstance(path, tuple) and len(path) == 1 else str(path): entry.type.name
+            _module_name(path[0] if isinstance(path, tuple) and len(path) == 1 else str(path)):
+            entry.type.name
             for path, entry in self._deserializer._metadata.items()
         }
 
@@ -110,11 +113,11 @@ class TensorReader:
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Stream every tensor (the reserved record and marker left out), in file order."""
-        with _translate_errors(self.uri):
+        with _translate_errors(self.uri, keyfile=self._keyfile):
             for name, tensor in self._deserializer.items():
                 if name in RESERVED_NAMES:
                     continue
-                yield name, tensor.detach()
+                yield _module_name(name), tensor.detach()
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -172,10 +175,15 @@ def open_tensors(
     try:
         with _translate_errors(uri, keyfile=config.encryption_keyfile):
             deserializer = TensorDeserializer(stream, device=device, **kwargs)
-        return TensorReader(uri, deserializer, stream)
+        return TensorReader(uri, deserializer, stream, keyfile=config.encryption_keyfile)
     except BaseException:
         stream.close()
         raise
+
+
+def _module_name(name: str) -> str:
+    """Tensorizer names tensors of the root module ``.name``; torch calls them ``name``."""
+    return name[1:] if name.startswith(".") else name
 
 
 @contextlib.contextmanager
@@ -254,7 +262,6 @@ def load_into_module(
     reader: TensorReader,
     *,
     strict: bool = True,
-    skip_buffers_computed_at_init: bool = True,
 ) -> LoadStats:
     """Fill `module`'s parameters and buffers with the tensors of `reader`, by name.
 
@@ -267,9 +274,8 @@ def load_into_module(
         module: the module; its parameters may be on meta (see `meta_parameters`).
         reader: an open `TensorReader`.
         strict: refuse a file whose tensors do not match the module (missing, extra or
-            misshapen tensors, all named in one error).
-        skip_buffers_computed_at_init: keep buffers the module computed itself (not on
-            meta) rather than the file's copies.
+            misshapen tensors, all named in one error). A buffer the module computed
+            itself (not on meta) whose shape differs from the file's is kept as computed.
 
     Returns:
         `LoadStats` of the load.
@@ -293,11 +299,14 @@ def load_into_module(
             continue
         current = slot.current()
         if tuple(current.shape) != tuple(tensor.shape):
+            if slot.is_buffer and not current.is_meta:
+                # Derived from the engine's settings at init (e.g. a rotary cache): the
+                # module's own value is right for this engine.
+                loaded.update(slot.aliases)
+                continue
             misshapen.append(f"{name} (file {tuple(tensor.shape)}, model {tuple(current.shape)})")
             continue
         loaded.update(slot.aliases)
-        if slot.is_buffer and skip_buffers_computed_at_init and not current.is_meta:
-            continue
         if tensor.is_floating_point() and current.is_floating_point() and tensor.dtype != current.dtype:
             tensor = tensor.to(current.dtype)
         slot.replace(tensor)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import logging
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -60,13 +61,23 @@ _last_load: LoadStats | None = None
 
 
 def register() -> None:
-    """Install this package's loaders in vLLM's registry (idempotent, cheap)."""
+    """Install this package's loaders in vLLM's registry (idempotent, cheap).
+
+    vLLM warns when a load format is registered over a built-in one; replacing vLLM's own
+    tensorizer loader is the point of this plug-in, so that warning is held back.
+    """
     from vllm.model_executor.model_loader import _LOAD_FORMAT_TO_MODEL_LOADER
 
-    if _LOAD_FORMAT_TO_MODEL_LOADER.get(LOAD_FORMAT) is not TensorizerLoader:
-        register_model_loader(LOAD_FORMAT)(TensorizerLoader)
-    if _LOAD_FORMAT_TO_MODEL_LOADER.get(CAPTURE_LOAD_FORMAT) is not CaptureLoader:
-        register_model_loader(CAPTURE_LOAD_FORMAT)(CaptureLoader)
+    registry_logger = logging.getLogger("vllm.model_executor.model_loader")
+    level = registry_logger.level
+    registry_logger.setLevel(logging.ERROR)
+    try:
+        for name, loader in ((LOAD_FORMAT, TensorizerLoader), (CAPTURE_LOAD_FORMAT, CaptureLoader)):
+            if _LOAD_FORMAT_TO_MODEL_LOADER.get(name) is not loader:
+                register_model_loader(name)(loader)
+    finally:
+        registry_logger.setLevel(level)
+    logger.debug("load_format=%r is served by tensorize_vllm_model", LOAD_FORMAT)
 
 
 # -- facts about the running worker ---------------------------------------------------------

@@ -1,0 +1,50 @@
+"""Runs one vLLM engine for a test, in its own process, and prints what it generated.
+
+The test passes a JSON spec on stdin (never on the command line, so keys and credentials
+stay out of process arguments):
+
+    {"llm": {<LLM keyword arguments>}, "prompts": [...], "max_tokens": 16, "stats": true}
+
+The last line of stdout is ``RESULT {"texts": [...], "tokens": [[...]], "stats": [...]}``.
+
+``"config_object": true`` passes ``model_loader_extra_config`` to `LLM` as a
+`tensorize_vllm_model.TensorizerConfig` instead of a dict. A spec of the form
+``{"serialize": {"engine": {<EngineArgs>}, "config": {<TensorizerConfig>}}}`` serializes
+through the Python API (`tensorize_vllm_model`) instead and prints what was written.
+"""
+
+import json
+import sys
+
+
+def main() -> None:
+    spec = json.load(sys.stdin)
+    from vllm import LLM, EngineArgs, SamplingParams
+
+    from tensorize_vllm_model import TensorizerConfig, tensorize_vllm_model
+
+    if "serialize" in spec:
+        written = tensorize_vllm_model(
+            EngineArgs(**spec["serialize"]["engine"]),
+            TensorizerConfig(**spec["serialize"]["config"]),
+        )
+        print("RESULT " + json.dumps({"files": written.files, "directory": written.directory,
+                                      "tensors": written.tensors, "bytes": written.bytes}))
+        return
+    kwargs = dict(spec["llm"])
+    if spec.get("config_object"):
+        kwargs["model_loader_extra_config"] = TensorizerConfig(**kwargs["model_loader_extra_config"])
+    llm = LLM(**kwargs)
+    result = {}
+    if spec.get("stats"):
+        result["stats"] = llm.collective_rpc("tensorize_vllm_model_load_stats")
+    outputs = llm.generate(
+        spec["prompts"], SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 16))
+    )
+    result["texts"] = [o.outputs[0].text for o in outputs]
+    result["tokens"] = [list(o.outputs[0].token_ids) for o in outputs]
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

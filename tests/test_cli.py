@@ -1,0 +1,118 @@
+"""The command line's refusals: one line naming the flag or file, exit code 2, no
+traceback, and no engine started (these tests take seconds)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from tensorize_vllm_model.cli import main
+
+from conftest import ROOT, subprocess_env
+
+
+def run_main(capsys, *argv):
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse's own usage errors
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.err.strip()
+
+
+@pytest.fixture(scope="module")
+def tensors_file(tmp_path_factory):
+    import torch
+
+    from tensorize_vllm_model.layout import FileRecord
+    from tensorize_vllm_model.serialization import write_tensors
+
+    path = tmp_path_factory.mktemp("cli") / "model.tensors"
+    write_tensors(str(path), [("w", torch.ones(2, 2), False)], record=FileRecord()).commit()
+    return path
+
+
+def test_missing_subcommand(capsys, tiny_llama):
+    code, err = run_main(capsys, "--model", tiny_llama)
+    assert code == 2
+    assert err.endswith("error: a command is required: serialize or deserialize")
+
+
+@pytest.mark.parametrize("extra,expected", [
+    ("{bad", "--model-loader-extra-config is not valid JSON"),
+    ("[1, 2]", "--model-loader-extra-config must be a JSON object, got list"),
+    ('{"num_reader": 2}', "unknown key(s) in model_loader_extra_config: 'num_reader'"),
+    ('{"deserialization_kwargs": {"dtype": "float16"}}', "deserialization_kwargs key(s) 'dtype' are not allowed"),
+])
+def test_bad_extra_config(capsys, tiny_llama, tensors_file, extra, expected):
+    code, err = run_main(capsys, "--model", tiny_llama, "--model-loader-extra-config", extra,
+                         "deserialize", "--path-to-tensors", tensors_file)
+    assert code == 2
+    assert err.splitlines()[-1].startswith("error: ") and expected in err
+
+
+def test_missing_tensors_file(capsys, tiny_llama, tmp_path):
+    code, err = run_main(capsys, "--model", tiny_llama, "deserialize", "--path-to-tensors",
+                         tmp_path / "absent.tensors")
+    assert code == 2
+    assert err.splitlines()[-1] == f"error: no such file: {tmp_path / 'absent.tensors'}"
+
+
+def test_missing_model_directory(capsys, tmp_path):
+    code, err = run_main(capsys, "--model", tmp_path / "no-model", "serialize",
+                         "--serialized-directory", tmp_path / "out")
+    assert code == 2
+    assert err.splitlines()[-1] == f"error: --model {tmp_path / 'no-model'}: no such directory"
+    assert not (tmp_path / "out").exists()
+
+
+def test_deserialize_needs_a_path(capsys, tiny_llama):
+    code, err = run_main(capsys, "--model", tiny_llama, "deserialize")
+    assert code == 2 and "deserialize needs --path-to-tensors (or --tensorizer-uri)" in err
+
+
+def test_tensorizer_uri_is_path_to_tensors(tiny_llama, tensors_file):
+    import argparse
+
+    from tensorize_vllm_model.cli import deserialize_config
+
+    ns = argparse.Namespace(path_to_tensors=None, tensorizer_uri=str(tensors_file), keyfile=None,
+                            encryption_keyfile=None, verify_hash=True, num_readers=2,
+                            s3_access_key_id=None, s3_secret_access_key=None, s3_endpoint=None,
+                            model_loader_extra_config={"deserialization_kwargs": {"num_readers": 1}})
+    config = deserialize_config(ns)
+    assert config.tensorizer_uri == str(tensors_file)
+    assert config.verify_hash is True and config.num_readers == 2
+    assert config.deserialization_kwargs == {"num_readers": 1}
+
+
+@pytest.mark.parametrize("kwargs,expected", [
+    ("{oops", "argument --serialization-kwargs: not valid JSON"),
+    ('"text"', "argument --serialization-kwargs: must be a JSON object, got str"),
+    ('{"limit_cpu_concurency": 2}', "--serialization-kwargs: unknown or reserved key(s) 'limit_cpu_concurency'"),
+    ('{"encryption": null}', "--serialization-kwargs: unknown or reserved key(s) 'encryption'"),
+])
+def test_bad_serialization_kwargs(capsys, tiny_llama, tmp_path, kwargs, expected):
+    code, err = run_main(capsys, "--model", tiny_llama, "serialize", "--serialized-directory",
+                         tmp_path / "out", "--serialization-kwargs", kwargs)
+    assert code == 2 and expected in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_suffix(capsys, tiny_llama, tmp_path):
+    code, err = run_main(capsys, "--model", tiny_llama, "serialize", "--serialized-directory",
+                         tmp_path / "out", "--suffix", "../../escape")
+    assert code == 2 and "--suffix must be a single directory name" in err
+
+
+def test_refusal_in_a_real_process_has_no_traceback(tiny_llama, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "tensorize_vllm_model", "--model", str(tiny_llama),
+         "--model-loader-extra-config", "{bad", "deserialize", "--path-to-tensors",
+         str(tmp_path / "x.tensors")],
+        capture_output=True, text=True, env=subprocess_env(), cwd=ROOT, timeout=300,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "error: --model-loader-extra-config is not valid JSON")

@@ -1,0 +1,77 @@
+"""URI schemes, staged (all-or-nothing) writes and key files."""
+
+import os
+import stat
+
+import pytest
+
+from tensorize_vllm_model import ConfigError, EncryptionError, StorageError
+from tensorize_vllm_model import keys, storage
+
+
+def test_unknown_scheme_lists_supported():
+    with pytest.raises(ConfigError, match=r"'gs'.*s3://.*http://.*https://"):
+        storage.scheme_of("gs://bucket/model.tensors")
+
+
+@pytest.mark.parametrize("uri,scheme", [("/a/b", "file"), ("rel/b", "file"), ("s3://b/k", "s3"),
+                                        ("HTTPS://h/x", "https"), ("http://h/x", "http")])
+def test_schemes(uri, scheme):
+    assert storage.scheme_of(uri) == scheme
+
+
+def test_staged_write_appears_only_on_commit(tmp_path):
+    final = tmp_path / "sub" / "model.tensors"
+    staged = storage.stage_write(str(final))
+    with open(staged.path, "wb") as f:
+        f.write(b"new")
+    assert not final.exists()
+    assert os.path.dirname(staged.path) == str(final.parent)
+    staged.commit()
+    assert final.read_bytes() == b"new"
+    assert not os.path.exists(staged.path)
+
+
+def test_aborted_write_keeps_earlier_file(tmp_path):
+    final = tmp_path / "model.tensors"
+    final.write_bytes(b"good old model")
+    staged = storage.stage_write(str(final))
+    with open(staged.path, "wb") as f:
+        f.write(b"half")
+    staged.abort()
+    assert final.read_bytes() == b"good old model"
+    assert os.listdir(tmp_path) == ["model.tensors"]
+
+
+def test_http_is_read_only():
+    with pytest.raises(ConfigError, match="read-only"):
+        storage.stage_write("https://example.com/model.tensors")
+
+
+def test_missing_file_named(tmp_path):
+    with pytest.raises(StorageError, match=str(tmp_path / "nope")):
+        storage.open_read(str(tmp_path / "nope"))
+
+
+def test_key_file_mode_0600_and_round_trip(tmp_path):
+    key = keys.generate_key()
+    assert len(key) == 32
+    staged = keys.stage_key(str(tmp_path / "model.key"), key)
+    assert stat.S_IMODE(os.stat(staged.path).st_mode) == 0o600
+    staged.commit()
+    path = tmp_path / "model.key"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert keys.read_key(str(path)) == key
+    assert keys.generate_key() != key
+
+
+def test_short_key_file_refused(tmp_path):
+    path = tmp_path / "short.key"
+    path.write_bytes(b"x" * 16)
+    with pytest.raises(EncryptionError, match=rf"{path} holds 16 bytes.*exactly 32"):
+        keys.read_key(str(path))
+
+
+def test_missing_key_file_named(tmp_path):
+    with pytest.raises(EncryptionError, match=str(tmp_path / "missing.key")):
+        keys.read_key(str(tmp_path / "missing.key"))

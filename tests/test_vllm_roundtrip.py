@@ -1,0 +1,234 @@
+"""End to end through the real vLLM (CPU build): serialize, load with
+``load_format="tensorizer"``, and compare greedy tokens with the original model.
+
+Each engine runs in its own subprocess (about 30 s each); the fixtures here are module
+scoped so every model is built, served by the default loader and serialized once.
+"""
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from conftest import (
+    ENGINE_FLAGS,
+    ENGINE_KWARGS,
+    MAX_TOKENS,
+    PROMPTS,
+    ROOT,
+    assert_ok,
+    run_cli,
+    run_engine,
+    run_runner,
+    subprocess_env,
+)
+
+pytestmark = pytest.mark.slow
+
+WORKER_EXTENSION = "tensorize_vllm_model.vllm_adapter.WorkerExtension"
+WRAPPER = str(ROOT / "examples" / "tensorize_vllm_model.py")
+
+
+@pytest.fixture(scope="module")
+def llama_reference(tiny_llama):
+    """Greedy tokens of the original model, loaded by vLLM's default loader."""
+    return run_engine({"model": str(tiny_llama)})
+
+
+@pytest.fixture(scope="module")
+def llama_serialized(tiny_llama, tmp_path_factory):
+    """The tiny Llama serialized with the command line."""
+    out = tmp_path_factory.mktemp("serialized")
+    proc = run_cli("--model", tiny_llama, *ENGINE_FLAGS, "serialize",
+                   "--serialized-directory", out, "--suffix", "v1")
+    assert_ok(proc)
+    directory = out / "vllm" / "tiny-llama" / "v1"
+    return directory, proc.stdout
+
+
+def test_serialize_layout(llama_serialized):
+    directory, stdout = llama_serialized
+    names = sorted(p.name for p in directory.iterdir())
+    assert names == ["config.json", "generation_config.json", "model.tensors",
+                     "tokenizer.json", "tokenizer_config.json"]
+    assert stdout.strip().splitlines()[-1] == str(directory)
+    # nothing beside the final names (no temporary files left)
+    assert not [p for p in directory.parent.rglob("*") if ".tmp-" in p.name]
+
+
+def test_llama_tensorized_matches_original(llama_reference, llama_serialized):
+    directory, _ = llama_serialized
+    result = run_engine({"model": str(directory), "load_format": "tensorizer",
+                         "worker_extension_cls": WORKER_EXTENSION}, stats=True)
+    assert result["tokens"] == llama_reference["tokens"]
+    assert all(len(t) == MAX_TOKENS for t in result["tokens"])
+    [stats] = result["stats"]
+    assert stats["uri"] == str(directory / "model.tensors")
+    assert stats["bytes"] > 3_000_000 and stats["tensors"] > 15
+
+
+def test_cli_deserialize_through_example_script(llama_reference, llama_serialized):
+    directory, _ = llama_serialized
+    proc = run_cli("--model", directory, *ENGINE_FLAGS, "deserialize",
+                   "--path-to-tensors", directory / "model.tensors", "--num-readers", "2",
+                   "--prompt", PROMPTS[0], "--max-tokens", MAX_TOKENS, script=WRAPPER)
+    assert_ok(proc)
+    assert f"Generated: {llama_reference['texts'][0]!r}" in proc.stdout
+    assert "GB/s" in proc.stdout and f"from {directory / 'model.tensors'}" in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def llama_encrypted(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("encrypted")
+    key = out / "keys" / "model.key"
+    proc = run_cli("--model", tiny_llama, *ENGINE_FLAGS, "serialize", "--serialized-directory",
+                   out, "--suffix", "enc", "--keyfile", key)
+    assert_ok(proc)
+    return out / "vllm" / "tiny-llama" / "enc", key
+
+
+def test_encrypted_key_file_and_ciphertext(llama_encrypted, llama_serialized):
+    directory, key = llama_encrypted
+    assert stat.S_IMODE(os.stat(key).st_mode) == 0o600
+    assert len(key.read_bytes()) == 32
+    plain = (llama_serialized[0] / "model.tensors").read_bytes()
+    secret = (directory / "model.tensors").read_bytes()
+    # the largest weights of the plain file do not appear in the encrypted one
+    assert plain[-4096:] not in secret
+    assert key.read_bytes() not in secret
+
+
+def test_encrypted_load_with_key_matches(llama_reference, llama_encrypted):
+    directory, key = llama_encrypted
+    result = run_engine({"model": str(directory), "load_format": "tensorizer",
+                         "model_loader_extra_config": {"encryption_keyfile": str(key)}},
+                        )
+    assert result["tokens"] == llama_reference["tokens"]
+
+
+def test_encrypted_load_with_config_object(llama_reference, llama_encrypted):
+    directory, key = llama_encrypted
+    result = run_engine(
+        {"model": str(directory), "load_format": "tensorizer",
+         "model_loader_extra_config": {"tensorizer_uri": str(directory / "model.tensors"),
+                                       "encryption_keyfile": str(key), "num_readers": 1}},
+        prompts=PROMPTS[:1], config_object=True)
+    assert result["tokens"] == llama_reference["tokens"][:1]
+
+
+def test_encrypted_without_key_cli_refuses_before_engine(llama_encrypted):
+    directory, _ = llama_encrypted
+    start = time.monotonic()
+    proc = run_cli("--model", directory, *ENGINE_FLAGS, "deserialize", "--path-to-tensors",
+                   directory / "model.tensors")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {directory / 'model.tensors'} is encrypted: give the key with --keyfile / "
+        "encryption_keyfile")
+    assert time.monotonic() - start < 25  # refused before any engine started
+
+
+def test_encrypted_with_wrong_key_cli_refuses(llama_encrypted, tmp_path):
+    directory, _ = llama_encrypted
+    wrong = tmp_path / "wrong.key"
+    wrong.write_bytes(os.urandom(32))
+    proc = run_cli("--model", directory, *ENGINE_FLAGS, "deserialize", "--path-to-tensors",
+                   directory / "model.tensors", "--keyfile", wrong)
+    assert proc.returncode == 2
+    assert f"error: cannot decrypt {directory / 'model.tensors'} with the key in {wrong}" in proc.stderr
+
+
+def test_encrypted_without_key_llm_fails_clearly(llama_encrypted):
+    directory, _ = llama_encrypted
+    proc = run_engine({"model": str(directory), "load_format": "tensorizer"}, expect_ok=False)
+    assert proc.returncode != 0
+    assert f"{directory / 'model.tensors'} is encrypted: give the key" in proc.stdout + proc.stderr
+
+
+def test_hugging_face_tensorized_file_loads(llama_reference, tiny_llama, tmp_path):
+    """A file written by plain TensorSerializer.write_module(hf_model) (not vLLM's layout,
+    with buffers such as rotary_emb.inv_freq) loads through the weights-iterator path."""
+    script = (
+        "import sys, torch, transformers\n"
+        "from tensorizer import TensorSerializer\n"
+        "m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)\n"
+        "s = TensorSerializer(sys.argv[2]); s.write_module(m); s.close()\n"
+    )
+    hf_file = tmp_path / "hf.tensors"
+    proc = subprocess.run([sys.executable, "-c", script, str(tiny_llama), str(hf_file)],
+                          capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert_ok(proc)
+    result = run_engine({"model": str(tiny_llama), "load_format": "tensorizer",
+                         "model_loader_extra_config": {"tensorizer_uri": str(hf_file)}})
+    assert result["tokens"] == llama_reference["tokens"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_vllm_serve_answers_completions(llama_reference, llama_serialized):
+    directory, _ = llama_serialized
+    port = _free_port()
+    server = subprocess.Popen(
+        [os.path.join(os.path.dirname(sys.executable), "vllm"), "serve", str(directory),
+         "--load-format", "tensorizer", "--host", "127.0.0.1", "--port", str(port),
+         *ENGINE_FLAGS],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env(),
+        cwd=ROOT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert server.poll() is None, server.stdout.read()[-5000:]
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "vllm serve did not come up in 300 s"
+            time.sleep(1)
+        texts = []
+        for prompt in PROMPTS:
+            body = json.dumps({"model": str(directory), "prompt": prompt,
+                               "max_tokens": MAX_TOKENS, "temperature": 0}).encode()
+            request = urllib.request.Request(f"{base}/v1/completions", data=body,
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=60) as r:
+                texts.append(json.load(r)["choices"][0]["text"])
+        assert texts == llama_reference["texts"]
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+@pytest.fixture(scope="module")
+def opt_reference(tiny_opt):
+    return run_engine({"model": str(tiny_opt)})
+
+
+def test_opt_serialized_with_python_api_matches(opt_reference, tiny_opt, tmp_path):
+    """OPT (tied embeddings), serialized with `tensorize_vllm_model(engine_args, config)`
+    and loaded with `tensorizer_dir` left to default to --model."""
+    target = tmp_path / "opt" / "v1"
+    spec = {"serialize": {"engine": {"model": str(tiny_opt), **ENGINE_KWARGS},
+                          "config": {"tensorizer_uri": str(target / "model.tensors")}}}
+    written = run_runner(spec)
+    assert written["files"][0] == str(target / "model.tensors")
+    assert (target / "config.json").exists() and (target / "tokenizer.json").exists()
+    result = run_engine({"model": str(target), "load_format": "tensorizer"})
+    assert result["tokens"] == opt_reference["tokens"]
+    assert result["tokens"] != []
