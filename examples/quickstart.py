@@ -6,17 +6,25 @@
    ``.demo/serialized/vllm/tiny-llama/v1/``.
 3. Loads that directory with ``LLM(..., load_format="tensorizer")``, generates text and
    prints how long the weights took to load.
+4. Loads the original model with vLLM's default loader and checks that it generates the
+   same tokens (the weights are random, so the text itself is noise).
 
 Run it with ``make demo`` (which installs everything first) or
 ``.venv/bin/python examples/quickstart.py``.
 """
 
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from tensorize_vllm_model.demo_models import build_model
+# examples/ also holds vLLM's example script, named like the package: keep this directory
+# off sys.path so that `import tensorize_vllm_model` finds the installed package.
+_here = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
+
+from tensorize_vllm_model.demo_models import build_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / ".demo"
@@ -36,21 +44,21 @@ def main() -> None:
 
     gpu = not current_platform.is_cpu()
     model_dir = WORK / "tiny-llama"
-    print(f"[1/3] building a small random-weight model in {model_dir}", flush=True)
+    print(f"[1/4] building a small random-weight model in {model_dir}", flush=True)
     build_model(model_dir, architecture="llama", hidden_size=512, num_heads=8, num_layers=4,
                 intermediate_size=1536)
 
-    print("[2/3] serializing it with the command line", flush=True)
+    print("[2/4] serializing it with the command line", flush=True)
     command = [sys.executable, "-m", "tensorize_vllm_model", "--model", str(model_dir),
                *engine_flags(gpu), "serialize",
                "--serialized-directory", str(WORK / "serialized"), "--suffix", "v1"]
-    print("  $ " + " ".join(command[1:]), flush=True)
+    print("  $ python " + " ".join(command[1:]), flush=True)
     completed = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True)
     serialized = completed.stdout.strip().splitlines()[-1]
     print(f"  serialized to {serialized}: "
           + ", ".join(sorted(p.name for p in Path(serialized).iterdir())), flush=True)
 
-    print('[3/3] loading it with LLM(..., load_format="tensorizer")', flush=True)
+    print('[3/4] loading it with LLM(..., load_format="tensorizer")', flush=True)
     start = time.perf_counter()
     llm = LLM(
         model=serialized,
@@ -64,14 +72,26 @@ def main() -> None:
     )
     ready = time.perf_counter() - start
     [stats] = llm.collective_rpc("tensorize_vllm_model_load_stats")
-    outputs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=16))
+    greedy = SamplingParams(temperature=0.0, max_tokens=16)
+    outputs = llm.generate(PROMPTS, greedy)
     print()
     for output in outputs:
         print(f"  {output.prompt!r} -> {output.outputs[0].text!r}")
     print()
     print(f"Weights: {stats['bytes'] / 1e6:.1f} MB streamed by tensorizer in "
           f"{stats['seconds']:.3f} s ({stats['bytes'] / stats['seconds'] / 1e9:.2f} GB/s); "
-          f"engine ready in {ready:.1f} s")
+          f"engine ready in {ready:.1f} s", flush=True)
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+
+    print("[4/4] comparing with the original model (vLLM's default loader)", flush=True)
+    original = LLM(model=str(model_dir), dtype="bfloat16", max_model_len=256, enforce_eager=True,
+                   gpu_memory_utilization=0.9 if gpu else 0.3)
+    expected = original.generate(PROMPTS, greedy)
+    same = [a.outputs[0].token_ids == b.outputs[0].token_ids for a, b in zip(outputs, expected)]
+    print(f"Same tokens as the original model: {sum(same)}/{len(same)} prompts")
+    if not all(same):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -52,8 +52,10 @@ extras=$build
 
 [ -x .venv/bin/python ] || { log "creating .venv"; "$python" -m venv .venv; }
 
-stamp=".venv/.tensorize_vllm_model-$(echo "$extras" | tr ',' '-')-$(sha256sum pyproject.toml | cut -c1-16)"
-if [ -f "$stamp" ]; then
+hash=$(sha256sum pyproject.toml | cut -c1-16)
+stamp=".venv/.tensorize_vllm_model-$build-$want_test-$hash"
+# An install with the test extras also serves a plain one.
+if [ -f "$stamp" ] || { [ $want_test = 0 ] && [ -f ".venv/.tensorize_vllm_model-$build-1-$hash" ]; }; then
     log "already installed ($extras)"
     exit 0
 fi
@@ -98,5 +100,5 @@ import tensorize_vllm_model
 print(f"[install] vllm {vllm.__version__}, tensorizer {tensorizer.__version__}, "
       f"tensorize_vllm_model {tensorize_vllm_model.__version__}")
 PY
-rm -f .venv/.tensorize_vllm_model-*
+find .venv -maxdepth 1 -name '.tensorize_vllm_model-*' ! -name "*-$hash" -delete
 touch "$stamp"
