@@ -67,20 +67,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serialize.add_argument(
         "--serialized-directory", type=str, required=True,
-        help="Where to serialize to (a local directory). Files go to "
+        help="Where to serialize to: a local directory or s3://bucket[/prefix]. Files go to "
         "DIR/vllm/<model>/<suffix>/: <model> is --model for a Hub id or relative path, and "
         "the last path component for an absolute local path.",
     )
     serialize.add_argument(
         "--keyfile", type=str, default=None,
         help="Encrypt the weights with a randomly generated key and save the key at this "
-        "path (mode 0600).",
+        "path (mode 0600) or s3:// URI.",
     )
     serialize.add_argument(
         "--serialization-kwargs", type=_json_object("--serialization-kwargs"), default=None,
         help="A JSON object of extra arguments for tensorizer's TensorSerializer, e.g. "
         "'{\"limit_cpu_concurrency\": 2}'.",
     )
+    credentials = serialize.add_argument_group("remote storage")
+    credentials.add_argument("--s3-access-key-id", type=str, default=None,
+                             help="The S3 access key (else S3_ACCESS_KEY_ID, the AWS chain, "
+                             "~/.s3cfg).")
+    credentials.add_argument("--s3-secret-access-key", type=str, default=None,
+                             help="The S3 secret key. Prefer the S3_SECRET_ACCESS_KEY "
+                             "environment variable: command lines are visible to other users.")
+    credentials.add_argument("--s3-endpoint", type=str, default=None,
+                             help="The S3 endpoint URL (else S3_ENDPOINT_URL).")
+    _add_transport_flags(credentials)
 
     deserialize = subparsers.add_parser(
         "deserialize", help="Deserialize a model from --path-to-tensors to verify it can be "
@@ -101,8 +111,32 @@ def build_parser() -> argparse.ArgumentParser:
                              help="The prompt to generate from (default: %(default)r).")
     deserialize.add_argument("--max-tokens", type=int, default=16,
                              help="How many tokens to generate (default: %(default)s).")
-    TensorizerArgs.add_cli_args(deserialize)
+    group = TensorizerArgs.add_cli_args(deserialize)._action_groups[-1]
+    _add_transport_flags(group)
     return parser
+
+
+def _add_transport_flags(group) -> None:
+    group.add_argument(
+        "--ca-bundle", type=str, default=None,
+        help="A PEM file of CA certificates to trust for HTTPS (an S3 endpoint or an "
+        "https:// URL whose certificate comes from a private CA).",
+    )
+    group.add_argument(
+        "--allow-http", action="store_true", default=None,
+        help="Allow a plain http:// S3 endpoint (credentials and data travel unencrypted). "
+        'The same as {"stream_kwargs": {"force_http": true}}.',
+    )
+
+
+def _transport(args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any]:
+    """Config values for --ca-bundle and --allow-http on top of the extra config."""
+    values: dict[str, Any] = {}
+    if getattr(args, "ca_bundle", None):
+        values["ca_bundle"] = args.ca_bundle
+    if getattr(args, "allow_http", None):
+        values["stream_kwargs"] = {**(extra.get("stream_kwargs") or {}), "force_http": True}
+    return values
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -152,11 +186,19 @@ def _serialize(args: argparse.Namespace) -> int:
     tp, pp = parallel_sizes(engine_args)
     extra = _extra_config(args)
     directory = serialized_dir(args.serialized_directory, args.model, args.suffix or uuid.uuid4().hex)
+    values = {
+        "stream_kwargs": extra.get("stream_kwargs"),
+        "ca_bundle": extra.get("ca_bundle"),
+        **{k: extra[k] for k in ("s3_access_key_id", "s3_secret_access_key", "s3_endpoint") if k in extra},
+        **{k: getattr(args, k) for k in ("s3_access_key_id", "s3_secret_access_key", "s3_endpoint")
+           if getattr(args, k) is not None},
+        **_transport(args, extra),
+    }
     config = TensorizerConfig(
         tensorizer_uri=tensors_uri(directory, tp * pp),
         encryption_keyfile=args.keyfile,
         serialization_kwargs=args.serialization_kwargs or extra.get("serialization_kwargs"),
-        stream_kwargs=extra.get("stream_kwargs"),
+        **values,
     )
     engine_args.model_loader_extra_config = {}
     result = tensorize_vllm_model(engine_args, config)
@@ -184,13 +226,28 @@ def deserialize_config(args: argparse.Namespace) -> TensorizerConfig:
     values = _extra_config(args)
     values["tensorizer_uri"] = uri
     for name in ("verify_hash", "num_readers", "s3_access_key_id", "s3_secret_access_key",
-                 "s3_endpoint"):
+                 "s3_endpoint", "ca_bundle"):
         if getattr(args, name, None) is not None:
             values[name] = getattr(args, name)
     keyfile = args.keyfile or args.encryption_keyfile
     if keyfile:
         values["encryption_keyfile"] = keyfile
+    values.update(_transport(args, values))
     return TensorizerConfig.from_extra_config(values)
+
+
+def _credentials_to_environment(config: TensorizerConfig) -> dict[str, Any]:
+    """The config for the engine, with the S3 keys moved into this process's environment.
+
+    vLLM logs its engine arguments (the loader's extra config among them); the engine's
+    processes inherit the environment instead, so the keys reach them without being logged.
+    """
+    values = config.to_serializable()
+    for field, variable in (("s3_access_key_id", "S3_ACCESS_KEY_ID"),
+                            ("s3_secret_access_key", "S3_SECRET_ACCESS_KEY")):
+        if field in values:
+            os.environ[variable] = values.pop(field)
+    return values
 
 
 def preflight(config: TensorizerConfig, tp: int, pp: int) -> int:
@@ -232,7 +289,7 @@ def _deserialize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     with Engine(
         engine_args,
         load_format=LOAD_FORMAT,
-        model_loader_extra_config=config.to_serializable(),
+        model_loader_extra_config=_credentials_to_environment(config),
         worker_extension_cls=WORKER_EXTENSION,
     ) as engine:
         ready = time.perf_counter() - start

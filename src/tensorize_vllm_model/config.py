@@ -21,6 +21,8 @@ from .errors import ConfigError
 __all__ = [
     "TensorizerConfig",
     "TensorizerArgs",
+    "Environment",
+    "environment",
     "DEFAULT_TENSORS_NAME",
     "SHARDED_TENSORS_NAME",
     "FORBIDDEN_DESERIALIZATION_KWARGS",
@@ -62,6 +64,8 @@ class TensorizerConfig(MutableMapping):
         serialization_kwargs: extra keyword arguments for ``TensorSerializer``.
         deserialization_kwargs: extra keyword arguments for ``TensorDeserializer``
             (``device``, ``dtype`` and ``mode`` are refused: vLLM decides them).
+        ca_bundle: a PEM file of CA certificates to trust for HTTPS (S3 endpoints and
+            https:// URLs), for servers with a private CA. Not in vLLM's config.
 
     Example:
         >>> cfg = TensorizerConfig(tensorizer_dir="/models/opt/v1")
@@ -81,6 +85,7 @@ class TensorizerConfig(MutableMapping):
     stream_kwargs: dict[str, Any] | None = None
     serialization_kwargs: dict[str, Any] | None = None
     deserialization_kwargs: dict[str, Any] | None = None
+    ca_bundle: str | None = None
 
     _fields: ClassVar[tuple[str, ...]]
     _keys: ClassVar[frozenset[str]]
@@ -123,8 +128,11 @@ class TensorizerConfig(MutableMapping):
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
                 raise ConfigError(f"{name} must be true or false, got {value!r}")
+        from .storage.options import StreamOptions
+
+        StreamOptions.from_mapping(self.stream_kwargs)  # names unknown keys now
         for name in ("tensorizer_uri", "tensorizer_dir", "encryption_keyfile",
-                     "s3_access_key_id", "s3_secret_access_key", "s3_endpoint"):
+                     "s3_access_key_id", "s3_secret_access_key", "s3_endpoint", "ca_bundle"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise ConfigError(f"{name} must be a string, got {type(value).__name__}")
@@ -187,19 +195,20 @@ class TensorizerConfig(MutableMapping):
 
     def s3_credentials(self) -> dict[str, str | None]:
         """Access key, secret and endpoint: the config's values, else the S3_* variables."""
-        env = os.environ
+        env = environment()
         return {
-            "s3_access_key_id": _first(self.s3_access_key_id, env.get("S3_ACCESS_KEY_ID")),
-            "s3_secret_access_key": _first(
-                self.s3_secret_access_key, env.get("S3_SECRET_ACCESS_KEY")
-            ),
-            "s3_endpoint": _first(self.s3_endpoint, env.get("S3_ENDPOINT_URL")),
+            "s3_access_key_id": _first(self.s3_access_key_id, env.s3_access_key_id),
+            "s3_secret_access_key": _first(self.s3_secret_access_key, env.s3_secret_access_key),
+            "s3_endpoint": _first(self.s3_endpoint, env.s3_endpoint_url),
         }
 
     def stream_options(self) -> dict[str, Any]:
-        """Keyword arguments for tensorizer's ``open_stream``: credentials, then
-        `stream_kwargs` (which win)."""
-        return {**self.s3_credentials(), **self.stream_kwargs}
+        """How to reach remote storage: credentials, `ca_bundle`, then `stream_kwargs`
+        (which win; same keys as tensorizer's ``open_stream``)."""
+        options: dict[str, Any] = dict(self.s3_credentials())
+        if self.ca_bundle:
+            options["ca_bundle"] = self.ca_bundle
+        return {**options, **self.stream_kwargs}
 
     def __repr__(self) -> str:
         shown = []
@@ -285,7 +294,8 @@ class TensorizerArgs:
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        """Add the "tensorizer options" group (flags of vLLM's example script)."""
+        """Add the "tensorizer options" group (flags of vLLM's example script); it is the
+        parser's last argument group."""
         group = parser.add_argument_group(
             "tensorizer options",
             description=(
@@ -353,6 +363,40 @@ class TensorizerArgs:
             if getattr(args, name, None) is not None
         }
         return cls(TensorizerConfig(**values))
+
+
+@dataclass(frozen=True)
+class Environment:
+    """The environment variables this package honours, read in one place."""
+
+    s3_access_key_id: str | None
+    s3_secret_access_key: str | None = dataclasses.field(repr=False)
+    s3_endpoint_url: str | None
+    aws_endpoint_url: str | None
+    cache_dir: str
+
+
+def environment() -> Environment:
+    """Read the environment now.
+
+    ``S3_ACCESS_KEY_ID``, ``S3_SECRET_ACCESS_KEY``, ``S3_ENDPOINT_URL`` (as in vLLM);
+    ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` (the AWS SDKs' endpoint variables; the
+    AWS credential variables are read by boto3 itself); ``TENSORIZE_VLLM_MODEL_CACHE``, else
+    ``$XDG_CACHE_HOME/tensorize_vllm_model``, else ``~/.cache/tensorize_vllm_model``: where
+    the config and tokenizer files of remote models are kept.
+    """
+    env = os.environ
+    cache = env.get("TENSORIZE_VLLM_MODEL_CACHE") or os.path.join(
+        env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+        "tensorize_vllm_model",
+    )
+    return Environment(
+        s3_access_key_id=env.get("S3_ACCESS_KEY_ID"),
+        s3_secret_access_key=env.get("S3_SECRET_ACCESS_KEY"),
+        s3_endpoint_url=env.get("S3_ENDPOINT_URL"),
+        aws_endpoint_url=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"),
+        cache_dir=cache,
+    )
 
 
 def _parent(uri: str) -> str:

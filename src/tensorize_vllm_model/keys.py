@@ -27,9 +27,10 @@ def generate_key() -> bytes:
     return bytes(EncryptionParams.random().key)
 
 
-def stage_key(uri: str, key: bytes) -> storage.StagedWrite:
-    """Write `key` to a temporary file (mode 0600) that `commit()` moves to `uri`."""
-    staged = storage.stage_write(uri, mode=0o600)
+def stage_key(uri: str, key: bytes, options: storage.Options = None) -> storage.StagedWrite:
+    """Write `key` to a temporary file (mode 0600) that `commit()` publishes at `uri`
+    (a local path or an ``s3://`` URI)."""
+    staged = storage.stage_write(uri, options, mode=0o600)
     try:
         with open(staged.path, "wb") as f:
             f.write(key)

@@ -10,8 +10,6 @@ only when all of it has been written.
 from __future__ import annotations
 
 import inspect
-import os
-import shutil
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -22,6 +20,7 @@ import torch
 from . import __version__, storage
 from .config import TensorizerConfig
 from .errors import ConfigError, StorageError
+from .artifacts import resolve_model_files, stage_artifacts
 from .keys import encryption_params, generate_key, read_key, stage_key
 from .layout import (
     MARKER_NAME,
@@ -35,25 +34,27 @@ __all__ = [
     "StagedTensors",
     "SerializeResult",
     "write_tensors",
-    "stage_artifacts",
     "check_serialization_kwargs",
     "tensorize_vllm_model",
 ]
 
-# Files of a model directory that are not needed beside the tensors: the weights
-# themselves (in whatever format), their indexes, and repository clutter.
-_SKIPPED_SUFFIXES = (
-    ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx",
-    ".tensors", ".index.json", ".md", ".gitattributes", ".lock",
-)
-
-
 @dataclass
-class StagedTensors(storage.StagedWrite):
+class StagedTensors:
     """A staged tensors file, with what it holds."""
 
+    staged: storage.StagedWrite
     tensors: int = 0
     bytes: int = 0
+
+    @property
+    def uri(self) -> str:
+        return self.staged.uri
+
+    def commit(self) -> None:
+        self.staged.commit()
+
+    def abort(self) -> None:
+        self.staged.abort()
 
 
 @dataclass
@@ -90,6 +91,7 @@ def write_tensors(
     record: FileRecord,
     key: bytes | None = None,
     serialization_kwargs: Mapping[str, Any] | None = None,
+    options: storage.Options = None,
 ) -> StagedTensors:
     """Write `tensors` to a staged file that `commit()` publishes at `uri`.
 
@@ -99,6 +101,7 @@ def write_tensors(
         record: the file record, written first.
         key: a 32-byte key to encrypt with, or None.
         serialization_kwargs: extra keyword arguments for `TensorSerializer`.
+        options: how to reach remote storage (for an ``s3://`` URI).
 
     Returns:
         The staged file; nothing is at `uri` until it is committed.
@@ -106,10 +109,9 @@ def write_tensors(
     from tensorizer import TensorSerializer
     from tensorizer.serialization import TensorType
 
-    staged_file = storage.stage_write(uri)
-    staged = StagedTensors(uri=staged_file.uri, path=staged_file.path, mode=staged_file.mode)
+    staged = StagedTensors(storage.stage_write(uri, options))
     try:
-        with open(staged.path, "wb+") as f:
+        with open(staged.staged.path, "wb+") as f:
             serializer = TensorSerializer(
                 f,
                 encryption=encryption_params(key) if key is not None else None,
@@ -131,64 +133,6 @@ def write_tensors(
         raise StorageError(f"cannot write {uri}: {e.strerror or e}") from e
     except BaseException:
         staged.abort()
-        raise
-    return staged
-
-
-def _artifact_files(directory: str) -> list[str]:
-    names = []
-    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
-        if not entry.is_file() or entry.name.startswith("."):
-            continue
-        if entry.name.endswith(_SKIPPED_SUFFIXES):
-            continue
-        names.append(entry.path)
-    return names
-
-
-def resolve_model_files(model: str, *, revision: str | None = None,
-                        download_dir: str | None = None) -> str:
-    """A local directory holding `model`'s config and tokenizer files.
-
-    `model` is a local directory, or a Hugging Face Hub id resolved through the local
-    Hugging Face cache (which the vLLM engine has just filled) or the Hub.
-    """
-    if os.path.isdir(model):
-        return model
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(
-            model,
-            revision=revision,
-            cache_dir=download_dir,
-            ignore_patterns=[f"*{s}" for s in _SKIPPED_SUFFIXES],
-        )
-    except Exception as e:  # noqa: BLE001 - the Hub raises many kinds
-        raise StorageError(
-            f"cannot find the config and tokenizer files of --model {model!r}: it is not a "
-            f"local directory and the Hugging Face Hub did not give them ({e})"
-        ) from None
-
-
-def stage_artifacts(sources: Iterable[str], destination: str) -> list[storage.StagedWrite]:
-    """Stage copies of the config, tokenizer and generation files of `sources` into
-    `destination` (the first source wins when two have the same file)."""
-    staged: list[storage.StagedWrite] = []
-    seen: set[str] = set()
-    try:
-        for source in sources:
-            for path in _artifact_files(source):
-                name = os.path.basename(path)
-                if name in seen:
-                    continue
-                seen.add(name)
-                target = storage.stage_write(storage.join(destination, name))
-                staged.append(target)
-                shutil.copyfile(path, target.path)
-    except BaseException:
-        for target in staged:
-            target.abort()
         raise
     return staged
 
@@ -237,6 +181,7 @@ def tensorize_vllm_model(
             "the model's own checkpoint"
         )
     destination = tensorizer_config.tensorizer_dir or storage.parent(uri)
+    options = tensorizer_config.stream_options()
 
     staged: list[storage.StagedWrite] = []
     key = None
@@ -244,7 +189,7 @@ def tensorize_vllm_model(
     if keyfile:
         if generate_keyfile:
             key = generate_key()
-            staged.append(stage_key(keyfile, key))
+            staged.append(stage_key(keyfile, key, options))
         else:
             key = read_key(keyfile, tensorizer_config)
 
@@ -257,6 +202,7 @@ def tensorize_vllm_model(
                 "tensorizer_uri": uri,
                 "key": key,
                 "serialization_kwargs": dict(tensorizer_config.serialization_kwargs),
+                "stream_options": options,
                 "producer": f"tensorize_vllm_model {__version__}, vllm {vllm_version()}",
             },
         )
@@ -266,7 +212,7 @@ def tensorize_vllm_model(
         if tokenizer and tokenizer != engine_args.model:
             sources.append(resolve_model_files(tokenizer, revision=engine_args.tokenizer_revision,
                                                download_dir=engine_args.download_dir))
-        staged = stage_artifacts(sources, destination) + staged
+        staged = stage_artifacts(sources, destination, options) + staged
         for item in staged:
             item.commit()
         engine.rpc("tensorize_vllm_model_commit")

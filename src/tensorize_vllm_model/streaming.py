@@ -27,6 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import storage
 from .config import TensorizerConfig
+from .storage.ranged import DEFAULT_WORKERS
 from .errors import (
     EncryptionError,
     FormatError,
@@ -64,12 +65,12 @@ class LoadStats:
         return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
 
 
-def default_num_readers(uri: str) -> int | None:
-    """Reader threads when the user sets none: one per core (at most 8) for local files;
-    tensorizer's own choice for remote streams."""
+def default_num_readers(uri: str) -> int:
+    """Reader threads when the user sets none: one per core (at most 8) for local files,
+    the range reader's default for remote ones."""
     if storage.is_local(uri):
         return max(1, min(8, os.cpu_count() or 1))
-    return None
+    return DEFAULT_WORKERS
 
 
 class TensorReader:
@@ -163,19 +164,28 @@ def open_tensors(
         from .keys import read_decryption_params
 
         decryption = read_decryption_params(config.encryption_keyfile, config)
+    readers = config.deserialization_kwargs.get("num_readers", config.num_readers)
     kwargs: dict[str, Any] = {
         "verify_hash": bool(config.verify_hash),
-        "num_readers": config.num_readers or default_num_readers(uri),
         **config.deserialization_kwargs,
         "lazy_load": True,
     }
+    options = config.stream_options()
+    if storage.is_local(uri):
+        kwargs["num_readers"] = readers or default_num_readers(uri)
+    else:
+        # Remote files: our range reader fetches in parallel; tensorizer reads it in order.
+        kwargs["num_readers"] = 1
+        if readers:
+            options["workers"] = readers
     if decryption is not None:
         kwargs["encryption"] = decryption
-    stream = storage.open_read(uri, config.stream_options())
+    name = storage.redact(uri)
+    stream = storage.open_read(uri, options)
     try:
-        with _translate_errors(uri, keyfile=config.encryption_keyfile):
+        with _translate_errors(name, keyfile=config.encryption_keyfile):
             deserializer = TensorDeserializer(stream, device=device, **kwargs)
-        return TensorReader(uri, deserializer, stream, keyfile=config.encryption_keyfile)
+        return TensorReader(name, deserializer, stream, keyfile=config.encryption_keyfile)
     except BaseException:
         stream.close()
         raise

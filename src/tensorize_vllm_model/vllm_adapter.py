@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import logging
 import time
@@ -77,7 +78,63 @@ def register() -> None:
                 register_model_loader(name)(loader)
     finally:
         registry_logger.setLevel(level)
+    _install_remote_model_support()
     logger.debug("load_format=%r is served by tensorize_vllm_model", LOAD_FORMAT)
+
+
+# -- remote model directories ---------------------------------------------------------------
+
+
+def _install_remote_model_support() -> None:
+    """Let ``LLM("s3://bucket/.../v1", load_format="tensorizer")`` and ``vllm serve s3://...``
+    work.
+
+    vLLM 0.32 hands an object-storage model path to Run:ai's streamer to pull its config,
+    then refuses every load format but Run:ai's own. Before vLLM builds its config, this
+    fetches the small files of a remote tensorized model into a local cache (see
+    `artifacts.fetch_model_files`) and points ``--model`` there, while the loader streams
+    the tensors from the remote directory. Only ``load_format="tensorizer"`` with a remote
+    ``--model`` is touched; everything else goes to vLLM unchanged.
+    """
+    from vllm.engine.arg_utils import EngineArgs
+
+    original = EngineArgs.create_engine_config
+    if getattr(original, "_tensorize_vllm_model", False):
+        return
+
+    @functools.wraps(original)
+    def create_engine_config(self, *args: Any, **kwargs: Any):
+        resolve_remote_model(self)
+        return original(self, *args, **kwargs)
+
+    create_engine_config._tensorize_vllm_model = True  # type: ignore[attr-defined]
+    EngineArgs.create_engine_config = create_engine_config  # type: ignore[method-assign]
+
+
+def resolve_remote_model(engine_args: Any) -> None:
+    """For ``load_format="tensorizer"`` with an ``s3://`` or ``http(s)://`` ``--model``:
+    fetch the config/tokenizer files to the local cache, serve the model from there under
+    its remote name, and give the loader the remote directory."""
+    model = str(engine_args.model or "")
+    if engine_args.load_format != LOAD_FORMAT or "://" not in model or storage.is_local(model):
+        return
+    from .artifacts import fetch_model_files
+
+    extra = engine_args.model_loader_extra_config
+    if hasattr(extra, "to_serializable"):
+        extra = extra.to_serializable()
+    extra = dict(extra or {})
+    config = TensorizerConfig.from_extra_config({**extra, "tensorizer_dir": model})
+    local = fetch_model_files(model, config.stream_options())
+    logger.info("Fetched the config and tokenizer of %s into %s", storage.redact(model), local)
+    if not extra.get("tensorizer_uri"):
+        extra["tensorizer_dir"] = model
+    engine_args.model_loader_extra_config = extra
+    if engine_args.tokenizer in (None, "", model):
+        engine_args.tokenizer = local
+    if not engine_args.served_model_name:
+        engine_args.served_model_name = model
+    engine_args.model = local
 
 
 # -- facts about the running worker ---------------------------------------------------------
@@ -274,6 +331,7 @@ class WorkerExtension:
             record=record,
             key=key,
             serialization_kwargs=request.get("serialization_kwargs") or {},
+            options=request.get("stream_options"),
         )
         _captured = None
         _pending.append(staged)

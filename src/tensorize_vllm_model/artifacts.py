@@ -1,0 +1,165 @@
+"""A model's small files (config, tokenizer, generation config): copy them beside the
+tensors when serializing; fetch them into a local cache when loading a remote model.
+
+Only files directly in the model directory whose names look like such files are taken:
+weights, hidden files, sub-directories and anything larger than `MAX_ARTIFACT_BYTES` are
+left out, and a remote object's name can never make a file land outside the cache directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable
+
+from . import storage
+from .config import environment
+from .errors import StorageError
+
+__all__ = [
+    "MAX_ARTIFACT_BYTES",
+    "is_artifact_name",
+    "artifact_files",
+    "resolve_model_files",
+    "stage_artifacts",
+    "fetch_model_files",
+]
+
+MAX_ARTIFACT_BYTES = 64 * 1024 * 1024
+
+# Files beside the weights that vLLM and transformers read; weights and clutter are not.
+_ARTIFACT_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken", ".vocab")
+_SKIPPED_SUFFIXES = (
+    ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx",
+    ".tensors", ".index.json", ".md", ".gitattributes", ".lock", ".key",
+)
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+# What an HTTP server (which cannot list a directory) is asked for.
+_WELL_KNOWN = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
+    "tokenizer.model", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
+)
+
+
+def is_artifact_name(name: str) -> bool:
+    """Whether a file called `name` is a config/tokenizer file to carry with the model."""
+    return bool(
+        _SAFE_NAME.match(name)
+        and name.endswith(_ARTIFACT_SUFFIXES)
+        and not name.endswith(_SKIPPED_SUFFIXES)
+    )
+
+
+def artifact_files(directory: str) -> list[str]:
+    """Paths of the artifact files directly in local `directory`."""
+    return [
+        os.path.join(directory, name)
+        for name in storage.list_names(directory) or []
+        if is_artifact_name(name)
+    ]
+
+
+def resolve_model_files(model: str, *, revision: str | None = None,
+                        download_dir: str | None = None) -> str:
+    """A local directory holding `model`'s config and tokenizer files.
+
+    `model` is a local directory, or a Hugging Face Hub id resolved through the local
+    Hugging Face cache (which the vLLM engine has just filled) or the Hub.
+    """
+    if os.path.isdir(model):
+        return model
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(
+            model, revision=revision, cache_dir=download_dir,
+            allow_patterns=[f"*{s}" for s in _ARTIFACT_SUFFIXES],
+        )
+    except Exception as e:  # noqa: BLE001 - the Hub raises many kinds
+        raise StorageError(
+            f"cannot find the config and tokenizer files of --model {model!r}: it is not a "
+            f"local directory and the Hugging Face Hub did not give them ({e})"
+        ) from None
+
+
+def stage_artifacts(sources: Iterable[str], destination: str,
+                    options: storage.Options = None) -> list[storage.StagedWrite]:
+    """Stage copies of the artifact files of local directories `sources` into
+    `destination` (the first source wins when two have the same file)."""
+    staged: list[storage.StagedWrite] = []
+    seen: set[str] = set()
+    try:
+        for source in sources:
+            for path in artifact_files(source):
+                name = os.path.basename(path)
+                if name in seen:
+                    continue
+                seen.add(name)
+                target = storage.stage_write(storage.join(destination, name), options)
+                staged.append(target)
+                shutil.copyfile(path, target.path)
+    except BaseException:
+        for target in staged:
+            target.abort()
+        raise
+    return staged
+
+
+def fetch_model_files(uri: str, options: storage.Options = None) -> str:
+    """Copy the artifact files of remote model directory `uri` into a local cache directory.
+
+    The files are fetched into a fresh temporary directory first and swapped into place
+    whole, so the cache never holds a half-fetched model.
+
+    Returns:
+        The local directory (``<cache>/models/<hash of uri>``).
+
+    Raises:
+        StorageError: the directory cannot be listed, holds no ``config.json``, or a file
+            cannot be fetched.
+    """
+    uri = uri.rstrip("/")
+    names = storage.list_names(uri, options)
+    if names is None:  # HTTP: ask for the usual names
+        candidates = list(_WELL_KNOWN)
+    else:
+        candidates = [n for n in names if is_artifact_name(n)]
+        if "config.json" not in candidates:
+            raise StorageError(
+                f"{storage.redact(uri)} holds no config.json; is it a serialized model "
+                "directory (DIR/vllm/<model>/<suffix>)?"
+            )
+    root = os.path.join(environment().cache_dir, "models")
+    os.makedirs(root, exist_ok=True)
+    final = os.path.join(root, hashlib.sha256(uri.encode()).hexdigest()[:16])
+    temp = tempfile.mkdtemp(prefix=".fetch-", dir=root)
+    try:
+        for name in candidates:
+            if not is_artifact_name(name):  # never a path: no way out of `temp`
+                continue
+            try:
+                data = storage.read_bytes(storage.join(uri, name), options, limit=MAX_ARTIFACT_BYTES)
+            except StorageError as e:
+                if names is None and ("HTTP 404" in str(e) or "not found" in str(e)):
+                    continue
+                raise
+            with open(os.path.join(temp, name), "wb") as f:
+                f.write(data)
+        if not os.path.exists(os.path.join(temp, "config.json")):
+            raise StorageError(f"{storage.redact(uri)}/config.json was not found")
+        old = None
+        if os.path.exists(final):
+            old = tempfile.mkdtemp(prefix=".old-", dir=root)
+            os.replace(final, os.path.join(old, "model"))
+        os.replace(temp, final)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return final

@@ -1,0 +1,215 @@
+"""Where files live: local paths, ``s3://`` and ``http(s)://`` URIs, behind one interface.
+
+Schemes are resolved in one place (`_BACKENDS`); an unknown scheme is an error listing the
+supported ones. Each backend is a small module (`local`, `s3`, `http`), imported only when a
+URI of its scheme is used. Remote files are read through `RangeStream` (parallel byte
+ranges into memory, never onto local disk).
+
+Every write is staged: it goes to a temporary file and reaches its final name only on
+`StagedWrite.commit()` (an atomic rename locally, a completed upload on S3), so an
+interrupted serialize never leaves a half-written file where a reader would take it for a
+model, and never damages an earlier good one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+from ..errors import ConfigError, StorageError
+from .options import STREAM_KWARGS, StreamOptions
+
+__all__ = [
+    "SUPPORTED_SCHEMES",
+    "STREAM_KWARGS",
+    "StreamOptions",
+    "scheme_of",
+    "is_local",
+    "join",
+    "parent",
+    "basename",
+    "local_path",
+    "redact",
+    "exists",
+    "open_read",
+    "read_bytes",
+    "list_names",
+    "StagedWrite",
+    "stage_write",
+]
+
+SUPPORTED_SCHEMES = ("file", "s3", "http", "https")
+_BACKENDS = {"file": "local", "s3": "s3", "http": "http", "https": "http"}
+_WRITABLE = ("file", "s3")
+
+Options = Mapping[str, Any] | StreamOptions | None
+
+
+def scheme_of(uri: str | os.PathLike) -> str:
+    """The scheme of `uri`: ``file`` for plain paths, else the part before ``://``."""
+    uri = os.fspath(uri)
+    if "://" not in uri:
+        return "file"
+    scheme = uri.split("://", 1)[0].lower()
+    if scheme not in SUPPORTED_SCHEMES:
+        raise ConfigError(
+            f"unsupported URI scheme {scheme!r} in {redact(uri)!r}; supported: local paths, "
+            + ", ".join(f"{s}://" for s in SUPPORTED_SCHEMES)
+        )
+    return scheme
+
+
+def _backend(uri: str):
+    return importlib.import_module(f".{_BACKENDS[scheme_of(uri)]}", __name__)
+
+
+def is_local(uri: str | os.PathLike) -> bool:
+    return scheme_of(uri) == "file"
+
+
+def local_path(uri: str | os.PathLike) -> str:
+    """The filesystem path of a local URI (plain path or ``file://``)."""
+    uri = os.fspath(uri)
+    if scheme_of(uri) != "file":
+        raise ConfigError(f"{redact(uri)!r} is not a local path")
+    return uri[len("file://"):] if uri.startswith("file://") else uri
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path segments onto a path or URI with ``/``."""
+    out = os.fspath(base)
+    for part in parts:
+        out = f"{out.rstrip('/')}/{part.lstrip('/')}" if out else part
+    return out
+
+
+def parent(uri: str) -> str:
+    head, _, _ = uri.rstrip("/").rpartition("/")
+    return head or "."
+
+
+def basename(uri: str) -> str:
+    return uri.rstrip("/").rpartition("/")[2]
+
+
+def redact(uri: str) -> str:
+    """`uri` as it may appear in messages: no query string (signatures), no user info."""
+    if uri.lower().startswith(("http://", "https://")):
+        from .http import redact as redact_url
+
+        return redact_url(uri)
+    return uri
+
+
+def exists(uri: str, options: Options = None) -> bool:
+    """Whether a file or object exists at `uri`."""
+    if is_local(uri):
+        return _backend(uri).exists(uri)
+    return _backend(uri).exists(uri, StreamOptions.from_mapping(options))
+
+
+def open_read(uri: str, options: Options = None) -> BinaryIO:
+    """Open `uri` for binary reading (remote files: parallel ranged reads into memory).
+
+    Raises:
+        StorageError: naming `uri` when it cannot be opened.
+    """
+    backend = _backend(uri)
+    if is_local(uri):
+        return backend.open_read(uri)
+    from .ranged import RangeStream
+
+    opts = StreamOptions.from_mapping(options)
+    return RangeStream(backend.source(uri, opts), chunk_size=opts.chunk_size, workers=opts.workers)
+
+
+def read_bytes(uri: str, options: Options = None, *, limit: int | None = None) -> bytes:
+    """Read a whole (small) file; with `limit`, refuse one larger than that many bytes."""
+    if is_local(uri):
+        with _backend(uri).open_read(uri) as f:
+            data = f.read() if limit is None else f.read(limit + 1)
+        if limit is not None and len(data) > limit:
+            raise StorageError(f"{uri} is larger than the {limit} bytes expected")
+        return data
+    return _backend(uri).read_bytes(uri, StreamOptions.from_mapping(options), limit)
+
+
+def list_names(uri: str, options: Options = None) -> list[str] | None:
+    """Names of the files directly in directory `uri`; None where the scheme cannot list
+    (HTTP)."""
+    scheme = scheme_of(uri)
+    if scheme == "file":
+        return _backend(uri).list_names(uri)
+    if scheme == "s3":
+        return _backend(uri).list_names(uri, StreamOptions.from_mapping(options))
+    return None
+
+
+@dataclass
+class StagedWrite:
+    """A file being written under a temporary name, published by `commit()`.
+
+    Attributes:
+        uri: the final location.
+        path: the local file to write now.
+        mode: the permission bits of the published file (local files).
+    """
+
+    uri: str
+    path: str
+    publish: Callable[[str, str], None]
+    mode: int = 0o644
+    done: bool = False
+
+    def commit(self) -> None:
+        """Publish the written file under its final name (atomically)."""
+        if self.done:
+            return
+        try:
+            os.chmod(self.path, self.mode)
+        except OSError as e:
+            raise StorageError(f"cannot write {self.uri}: {e.strerror or e}") from e
+        self.publish(self.path, self.uri)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)  # left behind by uploads; gone after a local rename
+        self.done = True
+
+    def abort(self) -> None:
+        """Delete the temporary file; the final name is left as it was."""
+        if self.done:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        self.done = True
+
+
+def stage_write(uri: str, options: Options = None, *, mode: int = 0o644) -> StagedWrite:
+    """Prepare to write `uri`: a private (0600) temporary file to write into now.
+
+    Local files are staged beside their final name (so the commit is a rename); S3 objects in
+    the temporary directory, uploaded at commit.
+
+    Raises:
+        ConfigError: for a URI that cannot be written (http(s)://).
+        StorageError: when the temporary file cannot be created.
+    """
+    scheme = scheme_of(uri)
+    if scheme not in _WRITABLE:
+        raise ConfigError(f"cannot write to {redact(uri)}: {scheme}:// URIs are read-only")
+    backend = _backend(uri)
+    if scheme == "file":
+        return StagedWrite(uri=uri, path=backend.make_temp(uri), publish=backend.publish, mode=mode)
+    opts = StreamOptions.from_mapping(options)
+    backend.parse(uri)  # refuses a URI without a bucket now, not at commit
+    try:
+        fd, temp = tempfile.mkstemp(prefix="tensorize-vllm-model-", suffix=".staged")
+        os.close(fd)
+    except OSError as e:
+        raise StorageError(f"cannot create a temporary file for {uri}: {e.strerror or e}") from e
+    return StagedWrite(uri=uri, path=temp,
+                       publish=lambda path, target: backend.upload(path, target, opts), mode=mode)

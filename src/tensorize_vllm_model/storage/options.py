@@ -1,0 +1,62 @@
+"""How to reach remote storage: credentials, endpoint, TLS and read-ahead settings.
+
+`StreamOptions` is built from a `TensorizerConfig` (its S3 fields and ``stream_kwargs``,
+whose keys follow tensorizer's ``open_stream``). Unknown ``stream_kwargs`` keys are refused
+by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from ..errors import ConfigError
+from .ranged import DEFAULT_CHUNK_SIZE, DEFAULT_WORKERS
+
+__all__ = ["StreamOptions", "STREAM_KWARGS"]
+
+# tensorizer's open_stream keywords we honour, plus our own read-ahead knobs. buffer_size
+# is accepted for compatibility and has no effect.
+STREAM_KWARGS = (
+    "s3_access_key_id", "s3_secret_access_key", "s3_endpoint", "s3_config_path",
+    "s3_region_name", "s3_signature_version", "force_http", "ca_bundle", "buffer_size",
+    "workers", "chunk_size", "timeout",
+)
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """Settings of remote reads and writes (hashable: clients are cached per options)."""
+
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = field(default=None, repr=False)
+    s3_endpoint: str | None = None
+    s3_config_path: str | None = None
+    s3_region_name: str | None = None
+    s3_signature_version: str | None = None
+    force_http: bool = False
+    ca_bundle: str | None = None
+    workers: int = DEFAULT_WORKERS
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    timeout: float = 30.0
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any] | StreamOptions | None) -> StreamOptions:
+        if isinstance(values, StreamOptions):
+            return values
+        values = {k: v for k, v in dict(values or {}).items() if v is not None}
+        unknown = sorted(set(values) - set(STREAM_KWARGS))
+        if unknown:
+            raise ConfigError(
+                f"unknown stream_kwargs key(s) {', '.join(map(repr, unknown))}; known: "
+                + ", ".join(STREAM_KWARGS)
+            )
+        values.pop("buffer_size", None)
+        if "force_http" in values and not isinstance(values["force_http"], bool):
+            raise ConfigError(f"stream_kwargs force_http must be true or false, got {values['force_http']!r}")
+        for name in ("workers", "chunk_size"):
+            if name in values and (not isinstance(values[name], int) or values[name] < 1):
+                raise ConfigError(f"stream_kwargs {name} must be a positive integer")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})

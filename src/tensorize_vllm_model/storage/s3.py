@@ -1,0 +1,296 @@
+"""S3 (and S3-compatible stores) through boto3: ranged reads, listings, multipart uploads.
+
+Credentials, first found wins:
+  1. the config / command-line values (``s3_access_key_id``, ``s3_secret_access_key``),
+     else the ``S3_ACCESS_KEY_ID`` / ``S3_SECRET_ACCESS_KEY`` variables;
+  2. boto3's standard chain (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` /
+     ``AWS_SESSION_TOKEN``, ``AWS_PROFILE`` and ``~/.aws``, container and IRSA roles);
+  3. ``~/.s3cfg`` (or ``s3_config_path``), section ``[default]``.
+Both keys given as empty strings mean anonymous access (a public bucket).
+
+The endpoint: ``s3_endpoint``, else ``S3_ENDPOINT_URL``, else ``AWS_ENDPOINT_URL_S3`` /
+``AWS_ENDPOINT_URL``, else ``host_base`` of ``~/.s3cfg``, else AWS. A plain ``http://``
+endpoint is refused unless ``force_http`` allows it.
+
+An upload is published only when it completes: a failed multipart upload is aborted, so no
+object appears at the key.
+"""
+
+from __future__ import annotations
+
+import configparser
+import math
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from ..config import environment
+from ..errors import ConfigError, StorageError
+from .options import StreamOptions
+
+__all__ = ["parse", "S3Source", "source", "read_bytes", "exists", "list_names", "upload"]
+
+_PART_SIZE = 64 * 1024 * 1024
+_MAX_PARTS = 9_000
+_READ_ATTEMPTS = 3
+_clients: dict[StreamOptions, tuple] = {}
+_clients_lock = threading.Lock()
+
+
+def parse(uri: str) -> tuple[str, str]:
+    """``s3://bucket/key`` -> (bucket, key)."""
+    rest = uri.split("://", 1)[1]
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise ConfigError(f"{uri!r} names no bucket")
+    return bucket, key
+
+
+@dataclass
+class _Resolved:
+    endpoint: str | None
+    credentials: str  # how they were found, for messages
+
+
+def _s3cfg(path: str | None) -> dict[str, str]:
+    path = os.path.expanduser(path or "~/.s3cfg")
+    parser = configparser.ConfigParser()
+    try:
+        if not parser.read(path):
+            return {}
+    except configparser.Error as e:
+        raise ConfigError(f"cannot read the S3 config file {path}: {e}") from None
+    return dict(parser["default"]) if parser.has_section("default") else {}
+
+
+def _endpoint_url(endpoint: str | None, force_http: bool) -> str | None:
+    if not endpoint:
+        return None
+    if "://" not in endpoint:
+        endpoint = ("http://" if force_http else "https://") + endpoint
+    if endpoint.startswith("http://") and not force_http:
+        raise ConfigError(
+            f"the S3 endpoint {endpoint} is plain http:// and would send credentials and data "
+            "unencrypted; allow it with --allow-http (command line) or "
+            '{"stream_kwargs": {"force_http": true}} in the tensorizer config'
+        )
+    return endpoint
+
+
+def _client(options: StreamOptions):
+    """A boto3 client for `options` (cached: clients are thread-safe and costly to make)."""
+    with _clients_lock:
+        if options in _clients:
+            return _clients[options]
+        import boto3
+        import botocore
+        from botocore.config import Config
+
+        env = environment()
+        s3cfg: dict[str, str] | None = None
+        key, secret = options.s3_access_key_id, options.s3_secret_access_key
+        kwargs: dict = {}
+        signature = options.s3_signature_version
+        if key == "" and secret == "":
+            signature, how = botocore.UNSIGNED, "anonymous (empty keys given)"
+        elif key and secret:
+            kwargs.update(aws_access_key_id=key, aws_secret_access_key=secret)
+            how = "the configured access key"
+        elif boto3.session.Session().get_credentials() is not None:
+            how = "the AWS credential chain"
+        else:
+            s3cfg = _s3cfg(options.s3_config_path)
+            if s3cfg.get("access_key") and s3cfg.get("secret_key"):
+                kwargs.update(aws_access_key_id=s3cfg["access_key"],
+                              aws_secret_access_key=s3cfg["secret_key"])
+                how = "~/.s3cfg"
+            else:
+                signature, how = botocore.UNSIGNED, (
+                    "anonymous: no credentials found in the config, S3_* variables, the AWS "
+                    "chain or ~/.s3cfg"
+                )
+        endpoint = options.s3_endpoint or env.aws_endpoint_url
+        force_http = options.force_http
+        if not endpoint:
+            s3cfg = s3cfg if s3cfg is not None else _s3cfg(options.s3_config_path)
+            endpoint = s3cfg.get("host_base")
+            force_http = force_http or s3cfg.get("use_https", "").lower() == "false"
+        endpoint = _endpoint_url(endpoint, force_http)
+        config = Config(
+            signature_version=signature,
+            connect_timeout=min(options.timeout, 10.0),
+            read_timeout=options.timeout,
+            retries={"mode": "standard", "max_attempts": 3},
+            max_pool_connections=max(10, options.workers * 2),
+            s3={"addressing_style": "path" if endpoint else "auto"},
+        )
+        client = boto3.session.Session().client(
+            "s3", endpoint_url=endpoint, region_name=options.s3_region_name, config=config,
+            verify=options.ca_bundle if options.ca_bundle else None, **kwargs,
+        )
+        _clients[options] = (client, _Resolved(endpoint=endpoint, credentials=how))
+        return _clients[options]
+
+
+def _error(e: Exception, uri: str, resolved: _Resolved, action: str) -> StorageError:
+    """A StorageError saying what failed, for which object, and what to check."""
+    from botocore.exceptions import (
+        ClientError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        ReadTimeoutError,
+    )
+
+    where = resolved.endpoint or "AWS S3"
+    if isinstance(e, ClientError):
+        error = e.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if status == 403 or code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            return StorageError(
+                f"access denied {action} {uri} (HTTP 403 {code}) at {where}; credentials: "
+                f"{resolved.credentials}. Check the S3 access key and secret"
+            )
+        if status == 404 or code in ("NoSuchKey", "NoSuchBucket", "NotFound", "404"):
+            what = "no such bucket" if code == "NoSuchBucket" else "no such object"
+            return StorageError(f"{what}: {uri} (at {where})")
+        return StorageError(f"S3 refused {action} {uri} at {where}: HTTP {status} {code}")
+    if isinstance(e, (EndpointConnectionError, ConnectTimeoutError)):
+        return StorageError(f"cannot reach the S3 endpoint {where} {action} {uri}: {e}")
+    if isinstance(e, ReadTimeoutError):
+        return StorageError(f"the S3 endpoint {where} timed out {action} {uri}")
+    return StorageError(f"S3 error {action} {uri} at {where}: {type(e).__name__}: {e}")
+
+
+class S3Source:
+    """An S3 object as a `RangeSource`."""
+
+    supports_ranges = True
+
+    def __init__(self, uri: str, options: StreamOptions):
+        self.name = uri
+        self.bucket, self.key = parse(uri)
+        self._client, self._resolved = _client(options)
+        try:
+            head = self._client.head_object(Bucket=self.bucket, Key=self.key)
+        except Exception as e:  # noqa: BLE001 - mapped to a clear StorageError
+            raise self._not_found_or(e, "reading") from None
+        self.size = int(head["ContentLength"])
+
+    def _not_found_or(self, e: Exception, action: str) -> StorageError:
+        error = _error(e, self.name, self._resolved, action)
+        if "no such object" in str(error):
+            try:
+                self._client.head_bucket(Bucket=self.bucket)
+            except Exception as bucket_error:  # noqa: BLE001
+                if "no such" in str(_error(bucket_error, self.name, self._resolved, action)):
+                    return StorageError(f"no such bucket: {self.bucket} (for {self.name})")
+        return error
+
+    def read_range(self, start: int, stop: int) -> bytes:
+        last: Exception | None = None
+        for attempt in range(_READ_ATTEMPTS):
+            try:
+                response = self._client.get_object(
+                    Bucket=self.bucket, Key=self.key, Range=f"bytes={start}-{stop - 1}"
+                )
+                data = response["Body"].read()
+                if len(data) == stop - start:
+                    return data
+                last = StorageError(f"short read: {len(data)} of {stop - start} bytes")
+            except Exception as e:  # noqa: BLE001 - retried, then reported
+                from botocore.exceptions import ClientError
+
+                if isinstance(e, ClientError):
+                    raise _error(e, self.name, self._resolved, "reading") from None
+                last = e
+            time.sleep(0.2 * (attempt + 1))
+        raise StorageError(
+            f"reading {self.name} failed at bytes {start}-{stop - 1} after {_READ_ATTEMPTS} "
+            f"attempts (the connection to {self._resolved.endpoint or 'AWS S3'} dropped or "
+            f"timed out): {last}"
+        )
+
+    def open_sequential(self, start: int):  # pragma: no cover - S3 always serves ranges
+        raise NotImplementedError
+
+
+def source(uri: str, options: StreamOptions) -> S3Source:
+    return S3Source(uri, options)
+
+
+def read_bytes(uri: str, options: StreamOptions, limit: int | None = None) -> bytes:
+    src = S3Source(uri, options)
+    if limit is not None and src.size > limit:
+        raise StorageError(f"{uri} is {src.size} bytes, larger than the {limit} expected")
+    return src.read_range(0, src.size) if src.size else b""
+
+
+def exists(uri: str, options: StreamOptions) -> bool:
+    try:
+        S3Source(uri, options)
+    except StorageError as e:
+        if "no such" in str(e):
+            return False
+        raise
+    return True
+
+
+def list_names(uri: str, options: StreamOptions) -> list[str]:
+    """Names of the objects directly under the prefix ``uri/`` (no deeper levels)."""
+    bucket, prefix = parse(uri.rstrip("/") + "/")
+    client, resolved = _client(options)
+    names: list[str] = []
+    try:
+        paginator = client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
+            for item in page.get("Contents", []):
+                names.append(item["Key"][len(prefix):])
+    except Exception as e:  # noqa: BLE001
+        raise _error(e, uri, resolved, "listing") from None
+    return sorted(n for n in names if n)
+
+
+def upload(path: str, uri: str, options: StreamOptions) -> None:
+    """Upload a local file to `uri`; the object appears only when the upload completes."""
+    bucket, key = parse(uri)
+    client, resolved = _client(options)
+    size = os.path.getsize(path)
+    try:
+        if size <= _PART_SIZE:
+            with open(path, "rb") as f:
+                client.put_object(Bucket=bucket, Key=key, Body=f.read())
+            return
+        part_size = max(_PART_SIZE, math.ceil(size / _MAX_PARTS))
+        upload_id = client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+    except Exception as e:  # noqa: BLE001
+        raise _error(e, uri, resolved, "writing") from None
+    try:
+        def send(number: int) -> dict:
+            with open(path, "rb") as f:
+                f.seek((number - 1) * part_size)
+                body = f.read(part_size)
+            etag = client.upload_part(Bucket=bucket, Key=key, UploadId=upload_id,
+                                      PartNumber=number, Body=body)["ETag"]
+            return {"PartNumber": number, "ETag": etag}
+
+        count = math.ceil(size / part_size)
+        with ThreadPoolExecutor(max(1, min(options.workers, count))) as pool:
+            parts = list(pool.map(send, range(1, count + 1)))
+        client.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id,
+                                         MultipartUpload={"Parts": parts})
+    except BaseException as e:
+        try:
+            client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+            leftover = ""
+        except Exception:  # noqa: BLE001 - the upload's own error is the one to report
+            leftover = (
+                f"; aborting the incomplete multipart upload {upload_id} failed too: no object "
+                "was created, but its parts hold storage until it is aborted (e.g. by a "
+                "bucket lifecycle rule)"
+            )
+        if isinstance(e, Exception):
+            raise StorageError(f"{_error(e, uri, resolved, 'writing')}{leftover}") from None
+        raise

@@ -1,0 +1,277 @@
+"""Real servers on loopback for the storage tests: an S3 API (moto, in its own process), an
+HTTP(S) file server, a private certificate authority, and a TCP proxy that cuts connections.
+
+Nothing here is mocked: the package talks to these servers over real sockets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import http.server
+import json
+import os
+import re
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
+
+
+# -- a private certificate authority ------------------------------------------------------
+
+
+@dataclass
+class TLSFiles:
+    ca: Path      # the CA certificate (what clients must trust)
+    cert: Path    # the server certificate, for 127.0.0.1 and localhost
+    key: Path     # the server's private key
+
+
+def make_tls_files(directory: Path) -> TLSFiles:
+    """A self-made CA and a server certificate it signed (nothing a client trusts by
+    default)."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tensorize-vllm-model test CA")])
+    ca_cert = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName([
+            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    files = TLSFiles(ca=directory / "ca.pem", cert=directory / "server.pem", key=directory / "server.key")
+    files.ca.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    files.key.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    return files
+
+
+# -- S3: moto's server, in a process of its own ---------------------------------------------
+
+
+class MotoServer:
+    """``python -m moto.server`` on a loopback port (optionally HTTPS)."""
+
+    def __init__(self, tls: TLSFiles | None = None):
+        self.port = free_port()
+        scheme = "https" if tls else "http"
+        self.endpoint = f"{scheme}://127.0.0.1:{self.port}"
+        self.tls = tls
+        command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+        if tls:
+            command += ["--ssl-cert", str(tls.cert), "--ssl-key", str(tls.key)]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(self.port)
+
+    def client(self, key_id: str = "testing", secret: str = "testing"):
+        import boto3
+
+        return boto3.client(
+            "s3", endpoint_url=self.endpoint, aws_access_key_id=key_id,
+            aws_secret_access_key=secret, region_name="us-east-1",
+            verify=str(self.tls.ca) if self.tls else None,
+        )
+
+    def enforce_auth(self) -> tuple[str, str]:
+        """Create an IAM user allowed to use S3, then require valid credentials for every
+        request. Returns that user's (access key id, secret)."""
+        import boto3
+
+        iam = boto3.client("iam", endpoint_url=self.endpoint, aws_access_key_id="testing",
+                           aws_secret_access_key="testing", region_name="us-east-1")
+        iam.create_user(UserName="loader")
+        iam.put_user_policy(UserName="loader", PolicyName="s3", PolicyDocument=json.dumps({
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+        key = iam.create_access_key(UserName="loader")["AccessKey"]
+        request = urllib.request.Request(f"{self.endpoint}/moto-api/reset-auth", data=b"0",
+                                         method="POST", headers={"Content-Type": "text/plain"})
+        urllib.request.urlopen(request, timeout=10).read()
+        return key["AccessKeyId"], key["SecretAccessKey"]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=10)
+        if self.process.poll() is None:
+            self.process.kill()
+
+
+# -- HTTP(S): a file server with byte ranges, HTTP/1.1 or HTTP/1.0 ---------------------------
+
+
+class _FileHandler(http.server.SimpleHTTPRequestHandler):
+    ranges = True
+
+    def log_message(self, *args):  # keep test output quiet
+        pass
+
+    def send_head(self):
+        path = self.translate_path(self.path)
+        if not os.path.isfile(path):
+            self.send_error(404)
+            return None
+        size = os.path.getsize(path)
+        start, stop = 0, size
+        match = re.match(r"bytes=(\d+)-(\d*)$", self.headers.get("Range", ""))
+        f = open(path, "rb")
+        if match and self.ranges:
+            start = int(match.group(1))
+            stop = min(size, int(match.group(2)) + 1) if match.group(2) else size
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{stop - 1}/{size}")
+            f.seek(start)
+        else:
+            self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(stop - start))
+        if self.ranges:
+            self.send_header("Accept-Ranges", "bytes")
+        self.end_headers()
+        self._remaining = stop - start
+        return f
+
+    def copyfile(self, source, outputfile):
+        remaining = self._remaining
+        while remaining > 0:
+            chunk = source.read(min(remaining, 1 << 20))
+            if not chunk:
+                break
+            outputfile.write(chunk)
+            remaining -= len(chunk)
+
+
+class HTTPFileServer:
+    """Serves `root` on loopback; HTTP/1.1 with ranges, or HTTP/1.0 without; TLS if given."""
+
+    def __init__(self, root: Path, *, protocol: str = "HTTP/1.1", ranges: bool = True,
+                 tls: TLSFiles | None = None):
+        handler = type("Handler", (_FileHandler,), {
+            "protocol_version": protocol, "ranges": ranges,
+            "__init__": lambda self, *a, **k: _FileHandler.__init__(self, *a, directory=str(root), **k),
+        })
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server.daemon_threads = True
+        if tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(tls.cert, tls.key)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.port = self.server.server_address[1]
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+# -- a TCP proxy that cuts connections ------------------------------------------------------
+
+
+class CuttingProxy:
+    """Forwards loopback connections to `target_port`, but closes each connection once
+    `cut_after` bytes have passed in the chosen direction ("down": server to client, "up":
+    client to server). With cut_after=None it forwards faithfully."""
+
+    def __init__(self, target_port: int, *, cut_after: int | None, direction: str = "down",
+                 for_good: bool = False):
+        """With for_good, the byte count is shared by all connections, and once it is
+        reached every later connection is closed at once (a link that stays down)."""
+        self.target_port = target_port
+        self.cut_after = cut_after
+        self.direction = direction
+        self.for_good = for_good
+        self._shared = {"passed": 0}
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.cuts = 0
+        self._stop = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._stop:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.for_good and self.cuts:
+                client.close()
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            state = self._shared if self.for_good else {"passed": 0}
+            threading.Thread(target=self._pump, args=(client, upstream, "up", state), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, "down", state), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, direction: str, state: dict) -> None:
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                if direction == self.direction and self.cut_after is not None:
+                    room = self.cut_after - state["passed"]
+                    if len(data) >= room:
+                        sink.sendall(data[:max(room, 0)])
+                        self.cuts += 1
+                        break
+                    state["passed"] += len(data)
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                with contextlib.suppress(OSError):
+                    s.close()
+
+    def stop(self) -> None:
+        self._stop = True
+        self.listener.close()

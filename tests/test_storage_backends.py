@@ -1,0 +1,224 @@
+"""One set of storage cases, run against every backend through real servers on loopback:
+local files, S3 (moto) over HTTP and over HTTPS with a private CA, and an HTTP file server
+speaking HTTP/1.1 with byte ranges, HTTP/1.0 without them, and HTTPS."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from tensorize_vllm_model import (
+    StorageError,
+    TensorizerConfig,
+    load_into_module,
+    open_tensors,
+    storage,
+)
+from tensorize_vllm_model.keys import generate_key
+from tensorize_vllm_model.layout import FileRecord
+from tensorize_vllm_model.serialization import write_tensors
+from tensorize_vllm_model.storage import s3 as s3_backend
+from tensorize_vllm_model.streaming import meta_parameters
+
+from servers import HTTPFileServer, MotoServer, make_tls_files
+
+BUCKET = "models"
+
+
+@pytest.fixture(scope="session")
+def tls(tmp_path_factory):
+    return make_tls_files(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="session")
+def moto():
+    server = MotoServer()
+    server.client().create_bucket(Bucket=BUCKET)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def moto_tls(tls):
+    server = MotoServer(tls=tls)
+    server.client().create_bucket(Bucket=BUCKET)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def web_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("www")
+
+
+@pytest.fixture(scope="session")
+def web_servers(web_root, tls):
+    servers = {
+        "http-1.1": HTTPFileServer(web_root),
+        "http-1.0-no-ranges": HTTPFileServer(web_root, protocol="HTTP/1.0", ranges=False),
+        "https": HTTPFileServer(web_root, tls=tls),
+    }
+    yield servers
+    for server in servers.values():
+        server.stop()
+
+
+@pytest.fixture(autouse=True)
+def fresh_s3_clients():
+    s3_backend._clients.clear()
+    yield
+    s3_backend._clients.clear()
+
+
+@dataclass
+class Place:
+    """A backend under test: where files go and how to put one there directly."""
+
+    name: str
+    base: str
+    options: dict
+    put: Callable[[str, bytes], None]
+    writable: bool
+
+    def uri(self, name: str) -> str:
+        return storage.join(self.base, name)
+
+
+BACKENDS = ["local", "s3", "s3-https", "http-1.1", "http-1.0-no-ranges", "https"]
+
+
+@pytest.fixture(params=BACKENDS)
+def place(request, tmp_path, web_root, tls) -> Place:
+    name = request.param
+    prefix = uuid.uuid4().hex
+    if name == "local":
+        def put(rel, data):
+            path = tmp_path / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        return Place(name, str(tmp_path), {}, put, True)
+    if name.startswith("s3"):
+        server = request.getfixturevalue("moto_tls" if name == "s3-https" else "moto")
+        client = server.client()
+        options = {"s3_endpoint": server.endpoint, "s3_access_key_id": "testing",
+                   "s3_secret_access_key": "testing"}
+        options.update({"ca_bundle": str(tls.ca)} if server.tls else {"force_http": True})
+        return Place(name, f"s3://{BUCKET}/{prefix}", options,
+                     lambda rel, data: client.put_object(Bucket=BUCKET, Key=f"{prefix}/{rel}", Body=data),
+                     True)
+    server = request.getfixturevalue("web_servers")[name]
+
+    def put(rel, data):
+        path = web_root / prefix / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    options = {"ca_bundle": str(tls.ca)} if name == "https" else {}
+    return Place(name, f"{server.url}/{prefix}", options, put, False)
+
+
+PAYLOAD = os.urandom(3 * 1024 * 1024 + 12345)
+
+
+def test_read_bytes(place):
+    place.put("blob.bin", PAYLOAD)
+    assert storage.read_bytes(place.uri("blob.bin"), place.options) == PAYLOAD
+
+
+def test_stream_with_seeks_and_small_chunks(place):
+    place.put("blob.bin", PAYLOAD)
+    options = {**place.options, "chunk_size": 64 * 1024, "workers": 3}
+    with storage.open_read(place.uri("blob.bin"), options) as f:
+        assert f.read(10) == PAYLOAD[:10]
+        f.seek(1_000_000)
+        assert f.read(100_000) == PAYLOAD[1_000_000:1_100_000]
+        f.seek(5)
+        assert f.read(70_000) == PAYLOAD[5:70_005]
+        f.seek(-20, os.SEEK_END)
+        assert f.read() == PAYLOAD[-20:]
+        assert f.read(5) == b""
+
+
+def test_missing_file_is_named(place):
+    uri = place.uri("absent.tensors")
+    with pytest.raises(StorageError, match=r"no such|not found") as info:
+        storage.read_bytes(uri, place.options)
+    assert storage.redact(uri) in str(info.value)
+    assert not storage.exists(uri, place.options)
+
+
+class Small(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(256, 512)
+        self.b = torch.nn.Linear(512, 64, bias=False)
+
+
+def _tensors_file(tmp_path: Path, key: bytes | None = None) -> tuple[Small, bytes]:
+    torch.manual_seed(1)
+    model = Small()
+    path = tmp_path / "local-copy.tensors"
+    write_tensors(str(path), [(n, p.detach(), False) for n, p in model.named_parameters()],
+                  record=FileRecord(architecture="Small"), key=key).commit()
+    return model, path.read_bytes()
+
+
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
+def test_tensors_stream_from_backend(place, tmp_path, encrypted):
+    key = generate_key() if encrypted else None
+    source, data = _tensors_file(tmp_path, key)
+    place.put("model.tensors", data)
+    values = {"tensorizer_uri": place.uri("model.tensors"), "stream_kwargs": {}}
+    for name, value in place.options.items():
+        if name.startswith("s3_") or name == "ca_bundle":
+            values[name] = value
+        else:
+            values["stream_kwargs"][name] = value
+    if key:
+        place.put("keys/model.key", key)  # the key lives beside the model, on the same store
+        values["encryption_keyfile"] = place.uri("keys/model.key")
+    config = TensorizerConfig(**values, num_readers=2)
+    with meta_parameters("cpu"):
+        target = Small()
+    with open_tensors(config.tensorizer_uri, config=config) as reader:
+        assert reader.record.architecture == "Small"
+        stats = load_into_module(target, reader)
+    assert stats.tensors == 3
+    for name, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[name], value), name
+
+
+def test_staged_write_published_only_on_commit(place):
+    if not place.writable:
+        with pytest.raises(Exception, match="read-only"):
+            storage.stage_write(place.uri("out.bin"), place.options)
+        return
+    uri = place.uri("sub/out.bin")
+    staged = storage.stage_write(uri, place.options)
+    with open(staged.path, "wb") as f:
+        f.write(PAYLOAD)
+    assert not storage.exists(uri, place.options)
+    staged.commit()
+    assert storage.read_bytes(uri, place.options) == PAYLOAD
+    assert not os.path.exists(staged.path)
+    aborted = storage.stage_write(place.uri("sub/never.bin"), place.options)
+    with open(aborted.path, "wb") as f:
+        f.write(b"half")
+    aborted.abort()
+    assert not storage.exists(place.uri("sub/never.bin"), place.options)
+
+
+def test_listing(place):
+    place.put("dir/config.json", b"{}")
+    place.put("dir/model.tensors", b"x")
+    place.put("dir/deeper/inner.json", b"{}")
+    names = storage.list_names(place.uri("dir"), place.options)
+    if place.name.startswith("http"):
+        assert names is None  # HTTP cannot list a directory
+    else:
+        assert names == ["config.json", "model.tensors"]

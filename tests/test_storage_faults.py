@@ -1,0 +1,298 @@
+"""Remote storage failures give clear errors in bounded time and leave nothing half-written;
+credentials are found in the documented order; the artifact cache is safe."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+
+import pytest
+
+from tensorize_vllm_model import ConfigError, StorageError, TensorizerConfig, storage
+from tensorize_vllm_model.artifacts import fetch_model_files
+from tensorize_vllm_model.storage import s3 as s3_backend
+from tensorize_vllm_model.storage.options import StreamOptions
+
+from servers import CuttingProxy, HTTPFileServer, MotoServer, free_port
+from test_storage_backends import BUCKET, fresh_s3_clients, moto, tls, web_root  # noqa: F401
+
+S3_OPTIONS = {"s3_access_key_id": "testing", "s3_secret_access_key": "testing", "force_http": True}
+
+
+def s3_options(endpoint: str, **extra) -> dict:
+    return {**S3_OPTIONS, "s3_endpoint": endpoint, **extra}
+
+
+def test_unreachable_s3_endpoint_fails_fast():
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    start = time.monotonic()
+    with pytest.raises(StorageError, match=rf"cannot reach the S3 endpoint {endpoint}"):
+        storage.read_bytes(f"s3://{BUCKET}/model.tensors", s3_options(endpoint, timeout=2.0))
+    assert time.monotonic() - start < 30
+
+
+def test_unreachable_http_server_fails_fast():
+    url = f"http://127.0.0.1:{free_port()}/model.tensors"
+    start = time.monotonic()
+    with pytest.raises(StorageError, match=rf"cannot reach {url}"):
+        storage.open_read(url, {"timeout": 2.0})
+    assert time.monotonic() - start < 10
+
+
+def test_wrong_credentials_are_a_clear_403(tmp_path):
+    server = MotoServer()
+    try:
+        server.client().create_bucket(Bucket=BUCKET)
+        server.client().put_object(Bucket=BUCKET, Key="m/model.tensors", Body=b"x" * 100)
+        key_id, secret = server.enforce_auth()
+        uri = f"s3://{BUCKET}/m/model.tensors"
+        good = {"s3_endpoint": server.endpoint, "force_http": True,
+                "s3_access_key_id": key_id, "s3_secret_access_key": secret}
+        assert storage.read_bytes(uri, good) == b"x" * 100
+        bad = {**good, "s3_secret_access_key": "not-the-secret"}
+        with pytest.raises(StorageError, match=r"access denied reading s3://models/m/model.tensors "
+                                               r"\(HTTP 403") as info:
+            storage.read_bytes(uri, bad)
+        assert "not-the-secret" not in str(info.value)
+        assert secret not in str(info.value)
+    finally:
+        server.stop()
+
+
+def test_missing_object_and_bucket(moto):
+    options = s3_options(moto.endpoint)
+    with pytest.raises(StorageError, match=rf"no such object: s3://{BUCKET}/nope/model.tensors"):
+        storage.read_bytes(f"s3://{BUCKET}/nope/model.tensors", options)
+    with pytest.raises(StorageError, match=r"no such bucket: no-such-bucket"):
+        storage.read_bytes("s3://no-such-bucket/model.tensors", options)
+
+
+def test_http_404(web_root):
+    server = HTTPFileServer(web_root)
+    try:
+        with pytest.raises(StorageError, match=r"not found: .*/absent.tensors \(HTTP 404\)"):
+            storage.open_read(f"{server.url}/absent.tensors")
+    finally:
+        server.stop()
+
+
+def test_http_connection_dropped_mid_file(web_root):
+    (web_root / "big.bin").write_bytes(os.urandom(6 * 1024 * 1024))
+    server = HTTPFileServer(web_root)
+    proxy = CuttingProxy(server.port, cut_after=1024 * 1024)  # every connection dies at 1 MiB
+    try:
+        start = time.monotonic()
+        with storage.open_read(f"http://127.0.0.1:{proxy.port}/big.bin",
+                               {"chunk_size": 4 * 1024 * 1024}) as f:
+            with pytest.raises(StorageError, match=r"failed at bytes 0-4194303 after 3 attempts"):
+                f.read()
+        assert time.monotonic() - start < 30
+        assert proxy.cuts >= 3
+    finally:
+        proxy.stop()
+        server.stop()
+
+
+def test_http_1_0_connection_dropped_mid_file(web_root):
+    (web_root / "big10.bin").write_bytes(os.urandom(3 * 1024 * 1024))
+    server = HTTPFileServer(web_root, protocol="HTTP/1.0", ranges=False)
+    proxy = CuttingProxy(server.port, cut_after=1024 * 1024)
+    try:
+        with storage.open_read(f"http://127.0.0.1:{proxy.port}/big10.bin") as f:
+            with pytest.raises(StorageError, match=r"the connection ended at byte"):
+                f.read()
+    finally:
+        proxy.stop()
+        server.stop()
+
+
+def test_s3_connection_dropped_mid_object(moto):
+    key = f"{uuid.uuid4().hex}/big.bin"
+    moto.client().put_object(Bucket=BUCKET, Key=key, Body=os.urandom(5 * 1024 * 1024))
+    proxy = CuttingProxy(moto.port, cut_after=2 * 1024 * 1024)
+    try:
+        start = time.monotonic()
+        with storage.open_read(f"s3://{BUCKET}/{key}",
+                               s3_options(f"http://127.0.0.1:{proxy.port}", timeout=5.0)) as f:
+            with pytest.raises(StorageError, match=rf"reading s3://{BUCKET}/{key} failed at bytes"):
+                f.read()
+        assert time.monotonic() - start < 60
+    finally:
+        proxy.stop()
+
+
+@pytest.mark.parametrize("size", [3 * 1024 * 1024, 12 * 1024 * 1024], ids=["single", "multipart"])
+def test_failed_upload_leaves_no_object(moto, monkeypatch, size):
+    monkeypatch.setattr(s3_backend, "_PART_SIZE", 5 * 1024 * 1024)  # moto's minimum part size
+    key = f"{uuid.uuid4().hex}/model.tensors"
+    proxy = CuttingProxy(moto.port, cut_after=size // 2, direction="up", for_good=True)
+    options = s3_options(f"http://127.0.0.1:{proxy.port}", timeout=5.0)
+    try:
+        staged = storage.stage_write(f"s3://{BUCKET}/{key}", options)
+        with open(staged.path, "wb") as f:
+            f.write(os.urandom(size))
+        with pytest.raises(StorageError, match=rf"s3://{BUCKET}/{key}") as info:
+            staged.commit()
+        staged.abort()
+        assert not os.path.exists(staged.path)
+    finally:
+        proxy.stop()
+    client = moto.client()
+    assert "Contents" not in client.list_objects_v2(Bucket=BUCKET, Prefix=key)
+    pending = [u for u in client.list_multipart_uploads(Bucket=BUCKET).get("Uploads", [])
+               if u["Key"] == key]
+    if size > 5 * 1024 * 1024:
+        # The link stayed down, so the abort could not reach the server either: say so.
+        assert len(pending) == 1
+        assert f"aborting the incomplete multipart upload {pending[0]['UploadId']} failed" in str(info.value)
+        client.abort_multipart_upload(Bucket=BUCKET, Key=key, UploadId=pending[0]["UploadId"])
+
+
+def test_failed_multipart_upload_is_aborted(moto, monkeypatch):
+    """A part fails while the server stays reachable: the upload is aborted, nothing is left.
+
+    Stand-in: a disk I/O error cannot be made to happen here for real, so reading the staged
+    file's third part is made to fail; the S3 server and every request to it are real.
+    """
+    monkeypatch.setattr(s3_backend, "_PART_SIZE", 5 * 1024 * 1024)
+    key = f"{uuid.uuid4().hex}/model.tensors"
+    staged = storage.stage_write(f"s3://{BUCKET}/{key}", s3_options(moto.endpoint))
+    with open(staged.path, "wb") as f:
+        f.write(os.urandom(11 * 1024 * 1024))
+    sent = []
+    real_open = open
+
+    def failing_open(path, *args, **kwargs):  # the third part's read fails (a disk error)
+        if path == staged.path and len(sent) >= 2:
+            raise OSError(5, "Input/output error")
+        sent.append(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", failing_open)
+    with pytest.raises(StorageError, match=rf"s3://{BUCKET}/{key}") as info:
+        staged.commit()
+    monkeypatch.undo()
+    assert "aborting" not in str(info.value)
+    client = moto.client()
+    assert "Contents" not in client.list_objects_v2(Bucket=BUCKET, Prefix=key)
+    assert not [u for u in client.list_multipart_uploads(Bucket=BUCKET).get("Uploads", [])
+                if u["Key"] == key]
+
+
+def test_plain_http_endpoint_refused_unless_allowed(moto):
+    uri = f"s3://{BUCKET}/x"
+    options = {k: v for k, v in s3_options(moto.endpoint).items() if k != "force_http"}
+    with pytest.raises(ConfigError, match=r'plain http://.*--allow-http.*"force_http": true'):
+        storage.read_bytes(uri, options)
+    config = TensorizerConfig(tensorizer_uri=uri, s3_endpoint=moto.endpoint,
+                              stream_kwargs={"force_http": True})
+    assert StreamOptions.from_mapping(config.stream_options()).force_http
+
+
+def test_tls_without_the_private_ca(tls, web_root):
+    (web_root / "tls.bin").write_bytes(b"secret bytes")
+    server = HTTPFileServer(web_root, tls=tls)
+    try:
+        with pytest.raises(StorageError, match=r"TLS failed for https://127.0.0.1:\d+/tls.bin.*--ca-bundle"):
+            storage.read_bytes(f"{server.url}/tls.bin")
+        assert storage.read_bytes(f"{server.url}/tls.bin", {"ca_bundle": str(tls.ca)}) == b"secret bytes"
+    finally:
+        server.stop()
+
+
+def test_signed_url_query_never_in_messages(web_root):
+    server = HTTPFileServer(web_root)
+    try:
+        url = f"{server.url}/absent.tensors?X-Amz-Signature=SECRETSIGNATURE&X-Amz-Credential=AKID"
+        with pytest.raises(StorageError) as info:
+            storage.open_read(url)
+        assert "SECRETSIGNATURE" not in str(info.value) and "AKID" not in str(info.value)
+    finally:
+        server.stop()
+
+
+# -- credentials order -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def clean_env(monkeypatch, tmp_path):
+    for name in list(os.environ):
+        if name.startswith(("AWS_", "S3_")):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    return tmp_path
+
+
+def resolved(config: TensorizerConfig):
+    client, how = s3_backend._client(StreamOptions.from_mapping(config.stream_options()))
+    credentials = client._request_signer._credentials  # botocore's; read for the test only
+    return how, credentials
+
+
+def test_credentials_order(clean_env, monkeypatch):
+    home = clean_env
+    (home / ".s3cfg").write_text("[default]\naccess_key = from-s3cfg\nsecret_key = s3cfg-secret\n"
+                                 "host_base = s3cfg.example.com\n")
+    base = {"tensorizer_uri": "s3://b/k"}
+
+    how, creds = resolved(TensorizerConfig(**base))
+    assert creds.access_key == "from-s3cfg" and how.credentials == "~/.s3cfg"
+    assert how.endpoint == "https://s3cfg.example.com"
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "from-aws-env")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-secret")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "sts-token")
+    s3_backend._clients.clear()
+    how, creds = resolved(TensorizerConfig(**base))
+    assert (creds.access_key, creds.token) == ("from-aws-env", "sts-token")
+    assert how.credentials == "the AWS credential chain"
+
+    monkeypatch.setenv("S3_ACCESS_KEY_ID", "from-s3-env")
+    monkeypatch.setenv("S3_SECRET_ACCESS_KEY", "s3-env-secret")
+    monkeypatch.setenv("S3_ENDPOINT_URL", "https://s3-env.example.com")
+    s3_backend._clients.clear()
+    how, creds = resolved(TensorizerConfig(**base))
+    assert creds.access_key == "from-s3-env" and how.endpoint == "https://s3-env.example.com"
+
+    s3_backend._clients.clear()
+    how, creds = resolved(TensorizerConfig(**base, s3_access_key_id="from-flag",
+                                           s3_secret_access_key="flag-secret"))
+    assert creds.access_key == "from-flag"
+
+    s3_backend._clients.clear()
+    how, creds = resolved(TensorizerConfig(**base, s3_access_key_id="", s3_secret_access_key=""))
+    assert creds is None and how.credentials.startswith("anonymous")
+
+
+# -- the artifact cache --------------------------------------------------------------------------
+
+
+def test_fetch_takes_only_artifacts_and_stays_in_the_cache(moto, tmp_path, monkeypatch):
+    monkeypatch.setenv("TENSORIZE_VLLM_MODEL_CACHE", str(tmp_path / "cache"))
+    prefix = uuid.uuid4().hex
+    client = moto.client()
+    for key, body in {
+        "config.json": b'{"model_type": "llama"}', "tokenizer.json": b"{}",
+        "model.tensors": b"weights", "model.safetensors": b"weights", ".hidden.json": b"{}",
+        "sub/inner.json": b"{}", "../escape.json": b"{}", "..json": b"{}", "a\\..\\b.json": b"{}",
+        "model.key": b"k" * 32,
+    }.items():
+        client.put_object(Bucket=BUCKET, Key=f"{prefix}/{key}", Body=body)
+    local = fetch_model_files(f"s3://{BUCKET}/{prefix}", s3_options(moto.endpoint))
+    assert sorted(os.listdir(local)) == ["config.json", "tokenizer.json"]
+    assert os.path.dirname(local) == str(tmp_path / "cache" / "models")
+    everything = [os.path.join(d, f) for d, _, files in os.walk(tmp_path) for f in files]
+    assert sorted(everything) == sorted(os.path.join(local, n) for n in ("config.json", "tokenizer.json"))
+
+
+def test_fetch_failure_leaves_no_partial_cache(moto, tmp_path, monkeypatch):
+    monkeypatch.setenv("TENSORIZE_VLLM_MODEL_CACHE", str(tmp_path / "cache"))
+    prefix = uuid.uuid4().hex
+    moto.client().put_object(Bucket=BUCKET, Key=f"{prefix}/tokenizer.json", Body=b"{}")
+    with pytest.raises(StorageError, match=r"holds no config.json"):
+        fetch_model_files(f"s3://{BUCKET}/{prefix}", s3_options(moto.endpoint))
+    assert not (tmp_path / "cache" / "models").exists() or not os.listdir(tmp_path / "cache" / "models")
