@@ -10,3 +10,9 @@ demo:
 test:
 	scripts/install.sh --test
 	.venv/bin/python -m pytest
+
+# The S3 workflow against an S3 API server on loopback (no account needed); see README.md.
+.PHONY: s3-demo
+s3-demo:
+	scripts/install.sh --test
+	.venv/bin/python examples/s3_workflow.py

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -36,6 +39,8 @@ ENGINE_FLAGS = [
     "--gpu-memory-utilization", "0.3",
 ]
 ENGINE_TIMEOUT = 600
+BUCKET = "models"
+WORKER_EXTENSION = "tensorize_vllm_model.vllm_adapter.WorkerExtension"
 
 
 def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -98,3 +103,122 @@ def tiny_opt(tmp_path_factory) -> Path:
     from tensorize_vllm_model.demo_models import build_model
 
     return build_model(tmp_path_factory.mktemp("models") / "tiny-opt", architecture="opt")
+
+
+@pytest.fixture(scope="session")
+def llama_reference(tiny_llama):
+    """Greedy tokens of the original tiny Llama, loaded by vLLM's default loader."""
+    return run_engine({"model": str(tiny_llama)})
+
+
+@pytest.fixture(scope="session")
+def llama_serialized(tiny_llama, tmp_path_factory):
+    """The tiny Llama serialized to local disk with the command line: (directory, stdout)."""
+    out = tmp_path_factory.mktemp("serialized")
+    proc = run_cli("--model", tiny_llama, *ENGINE_FLAGS, "serialize",
+                   "--serialized-directory", out, "--suffix", "v1")
+    assert_ok(proc)
+    return out / "vllm" / "tiny-llama" / "v1", proc.stdout
+
+
+def serve_and_complete(serve_args: list[str], model_name: str, *, prompts=PROMPTS,
+                       env: dict[str, str] | None = None) -> list[str]:
+    """Start ``vllm serve SERVE_ARGS`` on a loopback port, send each prompt to
+    /v1/completions (greedy), stop the server, and return the completions."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [os.path.join(os.path.dirname(sys.executable), "vllm"), "serve", *serve_args,
+         "--host", "127.0.0.1", "--port", str(port), *ENGINE_FLAGS],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env(env),
+        cwd=ROOT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert server.poll() is None, server.stdout.read()[-6000:]
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "vllm serve did not come up in 300 s"
+            time.sleep(1)
+        texts = []
+        for prompt in prompts:
+            body = json.dumps({"model": model_name, "prompt": prompt, "max_tokens": MAX_TOKENS,
+                               "temperature": 0}).encode()
+            request = urllib.request.Request(f"{base}/v1/completions", data=body,
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=60) as r:
+                texts.append(json.load(r)["choices"][0]["text"])
+        return texts
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+@pytest.fixture(scope="session")
+def tls(tmp_path_factory):
+    """A private CA and a server certificate for 127.0.0.1 it signed."""
+    from servers import make_tls_files
+
+    return make_tls_files(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="session")
+def moto():
+    """An S3 API server (moto) on loopback, plain HTTP, with bucket BUCKET."""
+    from servers import MotoServer
+
+    server = MotoServer()
+    server.client().create_bucket(Bucket=BUCKET)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def moto_tls(tls):
+    """The same over HTTPS, with a certificate from the private CA."""
+    from servers import MotoServer
+
+    server = MotoServer(tls=tls)
+    server.client().create_bucket(Bucket=BUCKET)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def web_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("www")
+
+
+@pytest.fixture(scope="session")
+def web_servers(web_root, tls):
+    """HTTP file servers on loopback serving web_root."""
+    from servers import HTTPFileServer
+
+    servers = {
+        "http-1.1": HTTPFileServer(web_root),
+        "http-1.0-no-ranges": HTTPFileServer(web_root, protocol="HTTP/1.0", ranges=False),
+        "https": HTTPFileServer(web_root, tls=tls),
+    }
+    yield servers
+    for server in servers.values():
+        server.stop()
+
+
+@pytest.fixture(autouse=True)
+def fresh_s3_clients():
+    """boto3 clients are cached per options; tests that change the environment need new ones."""
+    from tensorize_vllm_model.storage import s3 as s3_backend
+
+    s3_backend._clients.clear()
+    yield
+    s3_backend._clients.clear()

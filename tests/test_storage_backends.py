@@ -23,57 +23,9 @@ from tensorize_vllm_model import (
 from tensorize_vllm_model.keys import generate_key
 from tensorize_vllm_model.layout import FileRecord
 from tensorize_vllm_model.serialization import write_tensors
-from tensorize_vllm_model.storage import s3 as s3_backend
 from tensorize_vllm_model.streaming import meta_parameters
 
-from servers import HTTPFileServer, MotoServer, make_tls_files
-
-BUCKET = "models"
-
-
-@pytest.fixture(scope="session")
-def tls(tmp_path_factory):
-    return make_tls_files(tmp_path_factory.mktemp("tls"))
-
-
-@pytest.fixture(scope="session")
-def moto():
-    server = MotoServer()
-    server.client().create_bucket(Bucket=BUCKET)
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="session")
-def moto_tls(tls):
-    server = MotoServer(tls=tls)
-    server.client().create_bucket(Bucket=BUCKET)
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="session")
-def web_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("www")
-
-
-@pytest.fixture(scope="session")
-def web_servers(web_root, tls):
-    servers = {
-        "http-1.1": HTTPFileServer(web_root),
-        "http-1.0-no-ranges": HTTPFileServer(web_root, protocol="HTTP/1.0", ranges=False),
-        "https": HTTPFileServer(web_root, tls=tls),
-    }
-    yield servers
-    for server in servers.values():
-        server.stop()
-
-
-@pytest.fixture(autouse=True)
-def fresh_s3_clients():
-    s3_backend._clients.clear()
-    yield
-    s3_backend._clients.clear()
+from conftest import BUCKET
 
 
 @dataclass

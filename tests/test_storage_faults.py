@@ -14,8 +14,8 @@ from tensorize_vllm_model.artifacts import fetch_model_files
 from tensorize_vllm_model.storage import s3 as s3_backend
 from tensorize_vllm_model.storage.options import StreamOptions
 
+from conftest import BUCKET
 from servers import CuttingProxy, HTTPFileServer, MotoServer, free_port
-from test_storage_backends import BUCKET, fresh_s3_clients, moto, tls, web_root  # noqa: F401
 
 S3_OPTIONS = {"s3_access_key_id": "testing", "s3_secret_access_key": "testing", "force_http": True}
 

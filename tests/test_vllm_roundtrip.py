@@ -1,18 +1,15 @@
-"""End to end through the real vLLM (CPU build): serialize, load with
+"""End to end through the real vLLM (CPU build), on local disk: serialize, load with
 ``load_format="tensorizer"``, and compare greedy tokens with the original model.
 
-Each engine runs in its own subprocess (about 30 s each); the fixtures here are module
-scoped so every model is built, served by the default loader and serialized once.
+Each engine runs in its own subprocess (about 30 s each); the Llama reference and its
+serialization are session fixtures (conftest.py) shared with the other end-to-end modules.
 """
 
-import json
 import os
-import socket
 import stat
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 
@@ -22,34 +19,18 @@ from conftest import (
     MAX_TOKENS,
     PROMPTS,
     ROOT,
+    WORKER_EXTENSION,
     assert_ok,
     run_cli,
     run_engine,
     run_runner,
+    serve_and_complete,
     subprocess_env,
 )
 
 pytestmark = pytest.mark.slow
 
-WORKER_EXTENSION = "tensorize_vllm_model.vllm_adapter.WorkerExtension"
 WRAPPER = str(ROOT / "examples" / "tensorize_vllm_model.py")
-
-
-@pytest.fixture(scope="module")
-def llama_reference(tiny_llama):
-    """Greedy tokens of the original model, loaded by vLLM's default loader."""
-    return run_engine({"model": str(tiny_llama)})
-
-
-@pytest.fixture(scope="module")
-def llama_serialized(tiny_llama, tmp_path_factory):
-    """The tiny Llama serialized with the command line."""
-    out = tmp_path_factory.mktemp("serialized")
-    proc = run_cli("--model", tiny_llama, *ENGINE_FLAGS, "serialize",
-                   "--serialized-directory", out, "--suffix", "v1")
-    assert_ok(proc)
-    directory = out / "vllm" / "tiny-llama" / "v1"
-    return directory, proc.stdout
 
 
 def test_serialize_layout(llama_serialized):
@@ -169,50 +150,10 @@ def test_hugging_face_tensorized_file_loads(llama_reference, tiny_llama, tmp_pat
     assert result["tokens"] == llama_reference["tokens"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_vllm_serve_answers_completions(llama_reference, llama_serialized):
     directory, _ = llama_serialized
-    port = _free_port()
-    server = subprocess.Popen(
-        [os.path.join(os.path.dirname(sys.executable), "vllm"), "serve", str(directory),
-         "--load-format", "tensorizer", "--host", "127.0.0.1", "--port", str(port),
-         *ENGINE_FLAGS],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env(),
-        cwd=ROOT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert server.poll() is None, server.stdout.read()[-5000:]
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "vllm serve did not come up in 300 s"
-            time.sleep(1)
-        texts = []
-        for prompt in PROMPTS:
-            body = json.dumps({"model": str(directory), "prompt": prompt,
-                               "max_tokens": MAX_TOKENS, "temperature": 0}).encode()
-            request = urllib.request.Request(f"{base}/v1/completions", data=body,
-                                             headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(request, timeout=60) as r:
-                texts.append(json.load(r)["choices"][0]["text"])
-        assert texts == llama_reference["texts"]
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+    texts = serve_and_complete([str(directory), "--load-format", "tensorizer"], str(directory))
+    assert texts == llama_reference["texts"]
 
 
 @pytest.fixture(scope="module")
