@@ -40,6 +40,9 @@ def start_loopback_s3(bucket: str):
     except ImportError:
         sys.exit("the embedded S3 server needs moto: .venv/bin/pip install 'moto[server]' "
                  "(or run `make s3-demo`)")
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

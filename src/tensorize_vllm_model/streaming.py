@@ -81,8 +81,10 @@ class TensorReader:
     """
 
     def __init__(self, uri: str, deserializer: TensorDeserializer, stream: Any,
-                 keyfile: str | None = None):
+                 keyfile: str | None = None, started: float | None = None):
         self.uri = uri
+        # When opening began: load figures count the header and index reads too.
+        self.started = time.perf_counter() if started is None else started
         self._deserializer = deserializer
         self._stream = stream
         self._keyfile = keyfile
@@ -181,11 +183,13 @@ def open_tensors(
     if decryption is not None:
         kwargs["encryption"] = decryption
     name = storage.redact(uri)
+    started = time.perf_counter()
     stream = storage.open_read(uri, options)
     try:
         with _translate_errors(name, keyfile=config.encryption_keyfile):
             deserializer = TensorDeserializer(stream, device=device, **kwargs)
-        return TensorReader(name, deserializer, stream, keyfile=config.encryption_keyfile)
+        return TensorReader(name, deserializer, stream, keyfile=config.encryption_keyfile,
+                            started=started)
     except BaseException:
         stream.close()
         raise
@@ -294,7 +298,6 @@ def load_into_module(
         ModelMismatchError: naming every missing, unexpected or misshapen tensor.
     """
     slots = _tensor_slots(module)
-    start = time.perf_counter()
     loaded: set[str] = set()
     unexpected: list[str] = []
     misshapen: list[str] = []
@@ -320,7 +323,7 @@ def load_into_module(
         if tensor.is_floating_point() and current.is_floating_point() and tensor.dtype != current.dtype:
             tensor = tensor.to(current.dtype)
         slot.replace(tensor)
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - reader.started
 
     still_meta = sorted(
         name for name, slot in slots.items() if slot.current().is_meta and name not in loaded

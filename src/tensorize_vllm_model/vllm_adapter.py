@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import gc
@@ -209,17 +210,17 @@ class TensorizerLoader(BaseModelLoader):
             if reader.record is not None:
                 reader.record.check_layout(layout, source=uri)
             with set_default_torch_dtype(model_config.dtype):
+                building = time.perf_counter()
+                with torch.device(device), contextlib.ExitStack() as stack:
+                    if reader.is_vllm_tensorized:
+                        stack.enter_context(meta_parameters(device))
+                    model = initialize_model(
+                        vllm_config=vllm_config, model_config=model_config, prefix=prefix
+                    )
+                reader.started += time.perf_counter() - building  # time the reading only
                 if reader.is_vllm_tensorized:
-                    with torch.device(device), meta_parameters(device):
-                        model = initialize_model(
-                            vllm_config=vllm_config, model_config=model_config, prefix=prefix
-                        )
                     stats = load_into_module(model, reader)
                 else:
-                    with torch.device(device):
-                        model = initialize_model(
-                            vllm_config=vllm_config, model_config=model_config, prefix=prefix
-                        )
                     stats = self._load_hf_weights(model, reader)
         _last_load = stats
         logger.info(
@@ -250,7 +251,6 @@ class TensorizerLoader(BaseModelLoader):
         does not have."""
         kinds = reader.tensor_types()
         count = nbytes = 0
-        start = time.perf_counter()
 
         def weights() -> Iterator[tuple[str, torch.Tensor]]:
             nonlocal count, nbytes
@@ -263,7 +263,7 @@ class TensorizerLoader(BaseModelLoader):
 
         model.load_weights(weights())
         return LoadStats(uri=reader.uri, tensors=count, bytes=nbytes,
-                         seconds=time.perf_counter() - start)
+                         seconds=time.perf_counter() - reader.started)
 
 
 def _has_explicit_uri(extra: Any) -> bool:
