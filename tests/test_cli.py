@@ -116,3 +116,57 @@ def test_refusal_in_a_real_process_has_no_traceback(tiny_llama, tmp_path):
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(
         "error: --model-loader-extra-config is not valid JSON")
+
+
+def _serialize_args(*argv):
+    from tensorize_vllm_model.cli import build_parser
+
+    return build_parser().parse_args([str(a) for a in argv])
+
+
+def test_stream_kwargs_and_transport_flags_reach_serialize(tiny_llama, tmp_path):
+    from tensorize_vllm_model.cli import serialize_config
+
+    args = _serialize_args("--model", tiny_llama, "--model-loader-extra-config",
+                           '{"stream_kwargs": {"force_http": true, "workers": 3}}', "serialize",
+                           "--serialized-directory", "s3://bucket/models", "--suffix", "v2",
+                           "--s3-endpoint", "http://127.0.0.1:9", "--ca-bundle", "/etc/ca.pem")
+    config = serialize_config(args, 1)
+    assert config.tensorizer_uri == "s3://bucket/models/vllm/tiny-llama/v2/model.tensors"
+    options = config.stream_options()
+    assert options["force_http"] is True and options["workers"] == 3
+    assert options["s3_endpoint"] == "http://127.0.0.1:9" and options["ca_bundle"] == "/etc/ca.pem"
+    flagged = serialize_config(_serialize_args("--model", tiny_llama, "serialize",
+                                               "--serialized-directory", "s3://b", "--allow-http"), 2)
+    assert flagged.stream_options()["force_http"] is True
+    assert flagged.tensorizer_uri.endswith("/model-rank-%03d.tensors")
+
+
+def test_serialize_to_plain_http_endpoint_refused_before_engine(capsys, tiny_llama, moto, monkeypatch):
+    monkeypatch.setenv("S3_ENDPOINT_URL", moto.endpoint)
+    monkeypatch.setenv("S3_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("S3_SECRET_ACCESS_KEY", "testing")
+    code, err = run_main(capsys, "--model", tiny_llama, "serialize", "--serialized-directory",
+                         "s3://models/refused", "--suffix", "v1")
+    assert code == 2
+    assert "plain http://" in err and "--allow-http" in err
+    listing = moto.client().list_objects_v2(Bucket="models", Prefix="refused/")
+    assert "Contents" not in listing
+
+
+def test_serialize_to_missing_bucket_refused_before_engine(capsys, tiny_llama, moto, monkeypatch):
+    monkeypatch.setenv("S3_ENDPOINT_URL", moto.endpoint)
+    monkeypatch.setenv("S3_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("S3_SECRET_ACCESS_KEY", "testing")
+    code, err = run_main(capsys, "--model", tiny_llama, "serialize", "--serialized-directory",
+                         "s3://no-such-bucket/x", "--allow-http")
+    assert code == 2
+    assert err.splitlines()[-1].startswith("error: no such bucket: no-such-bucket")
+
+
+def test_serialize_to_unwritable_directory_refused(capsys, tiny_llama, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    code, err = run_main(capsys, "--model", tiny_llama, "serialize", "--serialized-directory",
+                         blocker / "out")
+    assert code == 2 and f"{blocker} is not a directory" in err

@@ -94,6 +94,37 @@ def test_http_connection_dropped_mid_file(web_root):
         server.stop()
 
 
+def test_connection_dropped_in_the_middle_of_the_tensors(web_root):
+    """A real tensors file over HTTP; the link dies after its header: a StorageError naming
+    the URL, not a decoding error, a hang or a half-loaded module."""
+    import torch
+
+    from tensorize_vllm_model import load_into_module, open_tensors
+    from tensorize_vllm_model.layout import FileRecord
+    from tensorize_vllm_model.serialization import write_tensors
+    from tensorize_vllm_model.streaming import meta_parameters
+
+    model = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(4)])
+    path = web_root / "cut.tensors"
+    write_tensors(str(path), [(n, p.detach(), False) for n, p in model.named_parameters()],
+                  record=FileRecord()).commit()
+    server = HTTPFileServer(web_root)
+    proxy = CuttingProxy(server.port, cut_after=path.stat().st_size // 2, for_good=True)
+    url = f"http://127.0.0.1:{proxy.port}/cut.tensors"
+    try:
+        start = time.monotonic()
+        with meta_parameters("cpu"):
+            target = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(4)])
+        with pytest.raises(StorageError, match=rf"reading {url} failed at bytes"):
+            with open_tensors(url, config=TensorizerConfig(
+                    tensorizer_uri=url, stream_kwargs={"chunk_size": 2 * 1024 * 1024})) as reader:
+                load_into_module(target, reader)
+        assert time.monotonic() - start < 30
+    finally:
+        proxy.stop()
+        server.stop()
+
+
 def test_http_1_0_connection_dropped_mid_file(web_root):
     (web_root / "big10.bin").write_bytes(os.urandom(3 * 1024 * 1024))
     server = HTTPFileServer(web_root, protocol="HTTP/1.0", ranges=False)

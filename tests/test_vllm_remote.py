@@ -117,6 +117,17 @@ def test_llm_loads_s3_directory_without_local_copy(s3_serialized, s3_env, llama_
     assert not any(p.endswith(".tensors") for p in watcher.seen)
 
 
+def test_cli_deserialize_from_s3(s3_serialized, s3_env, llama_reference):
+    directory, _ = s3_serialized
+    proc = run_cli("--model", directory, *ENGINE_FLAGS, "--model-loader-extra-config",
+                   '{"stream_kwargs": {"force_http": true}}', "deserialize", "--path-to-tensors",
+                   f"{directory}/model.tensors", "--prompt", PROMPTS[1], "--max-tokens", MAX_TOKENS,
+                   env=s3_env)
+    assert_ok(proc)
+    assert f"Generated: {llama_reference['texts'][1]!r}" in proc.stdout
+    assert f"from {directory}/model.tensors" in proc.stdout
+
+
 def test_vllm_serve_s3_directory(s3_serialized, s3_env, llama_reference):
     directory, _ = s3_serialized
     texts = serve_and_complete(

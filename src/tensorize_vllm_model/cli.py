@@ -178,12 +178,9 @@ def _extra_config(args: argparse.Namespace) -> dict[str, Any]:
     return extra
 
 
-def _serialize(args: argparse.Namespace) -> int:
-    from .serialization import tensorize_vllm_model
-    from .vllm_adapter import engine_args_from_namespace, parallel_sizes
-
-    engine_args = engine_args_from_namespace(args)
-    tp, pp = parallel_sizes(engine_args)
+def serialize_config(args: argparse.Namespace, world_size: int) -> TensorizerConfig:
+    """The config of a ``serialize``: the destination from --serialized-directory, --model
+    and --suffix; keys and transport from the flags, then --model-loader-extra-config."""
     extra = _extra_config(args)
     directory = serialized_dir(args.serialized_directory, args.model, args.suffix or uuid.uuid4().hex)
     values = {
@@ -191,15 +188,24 @@ def _serialize(args: argparse.Namespace) -> int:
         "ca_bundle": extra.get("ca_bundle"),
         **{k: extra[k] for k in ("s3_access_key_id", "s3_secret_access_key", "s3_endpoint") if k in extra},
         **{k: getattr(args, k) for k in ("s3_access_key_id", "s3_secret_access_key", "s3_endpoint")
-           if getattr(args, k) is not None},
+           if getattr(args, k, None) is not None},
         **_transport(args, extra),
     }
-    config = TensorizerConfig(
-        tensorizer_uri=tensors_uri(directory, tp * pp),
+    return TensorizerConfig(
+        tensorizer_uri=tensors_uri(directory, world_size),
         encryption_keyfile=args.keyfile,
         serialization_kwargs=args.serialization_kwargs or extra.get("serialization_kwargs"),
         **values,
     )
+
+
+def _serialize(args: argparse.Namespace) -> int:
+    from .serialization import tensorize_vllm_model
+    from .vllm_adapter import engine_args_from_namespace, parallel_sizes
+
+    engine_args = engine_args_from_namespace(args)
+    tp, pp = parallel_sizes(engine_args)
+    config = serialize_config(args, tp * pp)
     engine_args.model_loader_extra_config = {}
     result = tensorize_vllm_model(engine_args, config)
     print(

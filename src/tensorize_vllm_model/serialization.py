@@ -182,6 +182,9 @@ def tensorize_vllm_model(
         )
     destination = tensorizer_config.tensorizer_dir or storage.parent(uri)
     options = tensorizer_config.stream_options()
+    storage.check_writable(destination, options)
+    if tensorizer_config.encryption_keyfile and generate_keyfile:
+        storage.check_writable(storage.parent(tensorizer_config.encryption_keyfile), options)
 
     staged: list[storage.StagedWrite] = []
     key = None

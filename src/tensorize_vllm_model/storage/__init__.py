@@ -41,6 +41,7 @@ __all__ = [
     "list_names",
     "StagedWrite",
     "stage_write",
+    "check_writable",
 ]
 
 SUPPORTED_SCHEMES = ("file", "s3", "http", "https")
@@ -213,3 +214,26 @@ def stage_write(uri: str, options: Options = None, *, mode: int = 0o644) -> Stag
         raise StorageError(f"cannot create a temporary file for {uri}: {e.strerror or e}") from e
     return StagedWrite(uri=uri, path=temp,
                        publish=lambda path, target: backend.upload(path, target, opts), mode=mode)
+
+
+def check_writable(directory: str, options: Options = None) -> None:
+    """Fail now, with a clear error, if files cannot be written under `directory`: before
+    a serialize spends minutes loading a model.
+
+    Local: the directory can be created and written. S3: the endpoint is allowed, the
+    bucket exists and the credentials are accepted.
+    """
+    scheme = scheme_of(directory)
+    if scheme not in _WRITABLE:
+        raise ConfigError(f"cannot write to {redact(directory)}: {scheme}:// URIs are read-only")
+    if scheme == "file":
+        path = os.path.abspath(local_path(directory))
+        existing = path
+        while not os.path.exists(existing):  # the nearest ancestor that exists
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise StorageError(f"cannot write under {path}: {existing} is not a directory")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise StorageError(f"cannot write under {path}: {existing} is not writable")
+        return
+    _backend(directory).check_bucket(directory, StreamOptions.from_mapping(options))

@@ -30,7 +30,8 @@ from ..config import environment
 from ..errors import ConfigError, StorageError
 from .options import StreamOptions
 
-__all__ = ["parse", "S3Source", "source", "read_bytes", "exists", "list_names", "upload"]
+__all__ = ["parse", "S3Source", "source", "read_bytes", "exists", "list_names", "upload",
+           "check_bucket"]
 
 _PART_SIZE = 64 * 1024 * 1024
 _MAX_PARTS = 9_000
@@ -251,6 +252,20 @@ def list_names(uri: str, options: StreamOptions) -> list[str]:
     except Exception as e:  # noqa: BLE001
         raise _error(e, uri, resolved, "listing") from None
     return sorted(n for n in names if n)
+
+
+def check_bucket(uri: str, options: StreamOptions) -> None:
+    """Raise a clear StorageError unless the bucket of `uri` exists and accepts our
+    credentials."""
+    bucket, _ = parse(uri)
+    client, resolved = _client(options)
+    try:
+        client.head_bucket(Bucket=bucket)
+    except Exception as e:  # noqa: BLE001
+        error = _error(e, uri, resolved, "writing")
+        if "no such" in str(error):
+            raise StorageError(f"no such bucket: {bucket} (for {uri})") from None
+        raise error from None
 
 
 def upload(path: str, uri: str, options: StreamOptions) -> None:
