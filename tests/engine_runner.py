@@ -38,9 +38,9 @@ def main() -> None:
     result = {}
     if spec.get("stats"):
         result["stats"] = llm.collective_rpc("tensorize_vllm_model_load_stats")
-    outputs = llm.generate(
+    outputs = llm.generate(  # no prompts: only load (see test_vllm_parallel's PP=2 test)
         spec["prompts"], SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 16))
-    )
+    ) if spec["prompts"] else []
     result["texts"] = [o.outputs[0].text for o in outputs]
     result["tokens"] = [list(o.outputs[0].token_ids) for o in outputs]
     print("RESULT " + json.dumps(result), flush=True)

@@ -22,7 +22,7 @@ from typing import Any
 
 from .config import TensorizerArgs, TensorizerConfig
 from .errors import ConfigError, TensorizeError
-from .layout import ParallelLayout, has_rank_template, rank_uri, serialized_dir, tensors_uri
+from .layout import serialized_dir, tensors_uri
 
 DEFAULT_PROMPT = "Hello, my name is"
 
@@ -256,40 +256,18 @@ def _credentials_to_environment(config: TensorizerConfig) -> dict[str, Any]:
     return values
 
 
-def preflight(config: TensorizerConfig, tp: int, pp: int) -> int:
-    """Check every rank's file before any engine starts: that it opens, is a tensorizer
-    file, decrypts with the key given, and was written for this layout. Returns the total
-    tensor bytes."""
-    from .streaming import open_tensors
-
-    uri = config.tensorizer_uri
-    assert uri is not None
-    if tp * pp > 1 and not has_rank_template(uri):
-        rank_uri(uri, ParallelLayout(tp, pp))  # raises, naming the flag's value
-    total = 0
-    for rank in range(tp * pp):
-        layout = ParallelLayout(tp, pp, tp_rank=rank % tp, pp_rank=rank // tp)
-        path = rank_uri(uri, layout)
-        with open_tensors(path, device="cpu", config=config) as reader:
-            if reader.record is not None:
-                reader.record.check_layout(layout, source=path)
-            total += reader.total_tensor_bytes
-    return total
-
-
 def _deserialize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .vllm_adapter import (
         LOAD_FORMAT,
         WORKER_EXTENSION,
         Engine,
         engine_args_from_namespace,
-        parallel_sizes,
     )
 
     config = deserialize_config(args)
     engine_args = engine_args_from_namespace(args)
-    tp, pp = parallel_sizes(engine_args)
-    preflight(config, tp, pp)
+    # Every rank's file is checked before any engine work, by the plug-in's engine hook
+    # (vllm_adapter.check_engine_files), as for any LLM(..., load_format="tensorizer").
 
     start = time.perf_counter()
     with Engine(

@@ -35,7 +35,7 @@ from .errors import (
     StorageError,
     TensorizeError,
 )
-from .layout import MARKER_NAME, RECORD_NAME, RESERVED_NAMES, FileRecord
+from .layout import MARKER_NAME, RECORD_NAME, RESERVED_NAMES, FileRecord, ParallelLayout, rank_uri
 
 if TYPE_CHECKING:
     from tensorizer import TensorDeserializer
@@ -48,6 +48,7 @@ __all__ = [
     "meta_parameters",
     "default_num_readers",
     "is_vllm_tensorized",
+    "check_shards",
 ]
 
 
@@ -112,7 +113,13 @@ class TensorReader:
 
     @property
     def total_tensor_bytes(self) -> int:
-        return int(self._deserializer.total_tensor_bytes)
+        """Bytes of the model's tensors (the file record and marker left out)."""
+        return sum(
+            int(entry.deserialized_length)
+            for path, entry in self._deserializer._metadata.items()
+            if _module_name(path[0] if isinstance(path, tuple) else str(path)) not in
+            {_module_name(n) for n in RESERVED_NAMES}
+        )
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Stream every tensor (the reserved record and marker left out), in file order."""
@@ -408,3 +415,33 @@ def is_vllm_tensorized(tensorizer_config: TensorizerConfig) -> bool:
         uri = uri % 0
     with open_tensors(uri, device="cpu", config=tensorizer_config) as reader:
         return reader.is_vllm_tensorized
+
+
+def check_shards(config: TensorizerConfig, tensor_parallel_size: int = 1,
+                 pipeline_parallel_size: int = 1) -> int:
+    """Check every rank's file before any engine work: it opens, it is a tensorizer file, it
+    decrypts with the key given, and it was written for this layout and rank.
+
+    Only headers (and each file's small record) are read.
+
+    Returns:
+        The total tensor bytes of all ranks.
+
+    Raises:
+        ConfigError: more than one rank and no rank template in ``tensorizer_uri``.
+        StorageError: a shard is missing (named) or unreachable.
+        LayoutError: a shard was written for another layout (both are named).
+        EncryptionError, FormatError: as `open_tensors`.
+    """
+    tp, pp = tensor_parallel_size, pipeline_parallel_size
+    uri = config.tensorizer_uri
+    assert uri is not None
+    rank_uri(uri, ParallelLayout(tp, pp))  # refuses a missing template, naming the URI
+    total = 0
+    for rank in range(tp * pp):
+        layout = ParallelLayout(tp, pp, tp_rank=rank % tp, pp_rank=rank // tp)
+        with open_tensors(rank_uri(uri, layout), device="cpu", config=config) as reader:
+            if reader.record is not None:
+                reader.record.check_layout(layout, source=reader.uri)
+            total += reader.total_tensor_bytes
+    return total

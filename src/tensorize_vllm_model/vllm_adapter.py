@@ -47,7 +47,13 @@ from .config import TensorizerConfig
 from .errors import ConfigError
 from .layout import FileRecord, ParallelLayout
 from .serialization import StagedTensors, write_tensors
-from .streaming import LoadStats, load_into_module, meta_parameters, open_tensors
+from .streaming import (
+    LoadStats,
+    check_shards,
+    load_into_module,
+    meta_parameters,
+    open_tensors,
+)
 
 logger = init_logger(__name__)
 
@@ -79,16 +85,21 @@ def register() -> None:
                 register_model_loader(name)(loader)
     finally:
         registry_logger.setLevel(level)
-    _install_remote_model_support()
+    _install_engine_hook()
     logger.debug("load_format=%r is served by tensorize_vllm_model", LOAD_FORMAT)
 
 
 # -- remote model directories ---------------------------------------------------------------
 
 
-def _install_remote_model_support() -> None:
-    """Let ``LLM("s3://bucket/.../v1", load_format="tensorizer")`` and ``vllm serve s3://...``
-    work.
+def _install_engine_hook() -> None:
+    """Run two steps in the caller's process when an engine with ``load_format="tensorizer"``
+    is configured, before vLLM starts any engine or worker process:
+
+    * `check_engine_files`: every rank's file is checked (exists, decrypts, fits the
+      layout), so a missing shard or a wrong key fails in seconds with a clear message;
+    * `resolve_remote_model`: ``LLM("s3://bucket/.../v1", load_format="tensorizer")`` and
+      ``vllm serve s3://...`` work.
 
     vLLM 0.32 hands an object-storage model path to Run:ai's streamer to pull its config,
     then refuses every load format but Run:ai's own. Before vLLM builds its config, this
@@ -105,11 +116,26 @@ def _install_remote_model_support() -> None:
 
     @functools.wraps(original)
     def create_engine_config(self, *args: Any, **kwargs: Any):
-        resolve_remote_model(self)
+        if self.load_format == LOAD_FORMAT:
+            resolve_remote_model(self)
+            check_engine_files(self)
         return original(self, *args, **kwargs)
 
     create_engine_config._tensorize_vllm_model = True  # type: ignore[attr-defined]
     EngineArgs.create_engine_config = create_engine_config  # type: ignore[method-assign]
+
+
+def check_engine_files(engine_args: Any) -> None:
+    """Check the files an engine will load (see `streaming.check_shards`)."""
+    extra = engine_args.model_loader_extra_config
+    if hasattr(extra, "to_serializable"):
+        extra = extra.to_serializable()
+    extra = dict(extra or {})
+    config = TensorizerConfig.from_extra_config({"tensorizer_dir": str(engine_args.model), **extra})
+    tp, pp = parallel_sizes(engine_args)
+    if not _has_explicit_uri(extra):
+        config.tensorizer_uri = layout_mod.tensors_uri(config.tensorizer_dir or ".", tp * pp)
+    check_shards(config, tp, pp)
 
 
 def resolve_remote_model(engine_args: Any) -> None:

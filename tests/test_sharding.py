@@ -1,0 +1,95 @@
+"""One file per rank: naming, and the refusals that come before any engine work (a missing
+rank template, a missing shard, shards made for another layout). No engine starts here;
+tests/test_vllm_parallel.py runs TP=2 and PP=2 engines."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from tensorize_vllm_model import ConfigError, LayoutError, StorageError, TensorizerConfig
+from tensorize_vllm_model.layout import FileRecord, ParallelLayout, rank_uri
+from tensorize_vllm_model.serialization import write_tensors
+from tensorize_vllm_model.streaming import check_shards
+
+from conftest import run_engine
+
+
+def fake_shards(directory, tp: int, pp: int, *, skip: int | None = None) -> str:
+    """Small tensors files recorded as the shards of a TP x PP layout."""
+    template = str(directory / "model-rank-%03d.tensors")
+    for rank in range(tp * pp):
+        if rank == skip:
+            continue
+        write_tensors(template % rank, [("w", torch.full((2,), float(rank)), False)],
+                      record=FileRecord(tensor_parallel_size=tp, pipeline_parallel_size=pp,
+                                        rank=rank)).commit()
+    return template
+
+
+def test_global_rank_numbering():
+    # vLLM numbers TP ranks fastest: PP stage 1 of TP=2 holds global ranks 2 and 3.
+    names = [rank_uri("d/model-rank-%03d.tensors",
+                      ParallelLayout(tensor_parallel_size=2, pipeline_parallel_size=2,
+                                     tp_rank=tp, pp_rank=pp))
+             for pp in range(2) for tp in range(2)]
+    assert names == [f"d/model-rank-00{i}.tensors" for i in range(4)]
+
+
+def test_check_shards_accepts_the_right_layout(tmp_path):
+    template = fake_shards(tmp_path, 2, 2)
+    total = check_shards(TensorizerConfig(tensorizer_uri=template), 2, 2)
+    assert total == 4 * 8
+
+
+def test_missing_template_refused(tmp_path):
+    fake_shards(tmp_path, 2, 1)
+    with pytest.raises(ConfigError, match=r"TP=2 x PP=1 needs one file per rank.*no rank template"):
+        check_shards(TensorizerConfig(tensorizer_uri=str(tmp_path / "model.tensors")), 2, 1)
+
+
+def test_missing_shard_named(tmp_path):
+    template = fake_shards(tmp_path, 2, 2, skip=3)
+    with pytest.raises(StorageError, match=rf"no such file: {tmp_path / 'model-rank-003.tensors'}"):
+        check_shards(TensorizerConfig(tensorizer_uri=template), 2, 2)
+
+
+def test_other_layout_names_both(tmp_path):
+    template = fake_shards(tmp_path, 2, 1)
+    with pytest.raises(LayoutError, match=r"serialized for TP=2 x PP=1 but is being loaded with "
+                                          r"TP=1 x PP=2"):
+        check_shards(TensorizerConfig(tensorizer_uri=template), 1, 2)
+    with pytest.raises(LayoutError, match=r"serialized for TP=2 x PP=1 but is being loaded with "
+                                          r"TP=1 x PP=1"):
+        check_shards(TensorizerConfig(tensorizer_uri=template % 0), 1, 1)
+
+
+def test_cli_refuses_missing_shard_without_engine(tmp_path, tiny_llama):
+    from conftest import run_cli
+
+    template = fake_shards(tmp_path, 2, 1, skip=1)
+    start = time.monotonic()
+    proc = run_cli("--model", tiny_llama, "--tensor-parallel-size", "2", "deserialize",
+                   "--path-to-tensors", template)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: no such file: {tmp_path / 'model-rank-001.tensors'}")
+    assert time.monotonic() - start < 30
+
+
+@pytest.mark.slow
+def test_llm_refuses_other_layout_before_starting_workers(tmp_path, tiny_llama):
+    """LLM() itself (no command line): the check runs in the caller's process, before vLLM
+    starts its engine and workers."""
+    template = fake_shards(tmp_path, 2, 1)
+    start = time.monotonic()
+    proc = run_engine({"model": str(tiny_llama), "load_format": "tensorizer",
+                       "model_loader_extra_config": {"tensorizer_uri": template % 0}},
+                      expect_ok=False)
+    assert proc.returncode != 0
+    assert (f"{tmp_path / 'model-rank-000.tensors'} was serialized for TP=2 x PP=1 but is being "
+            "loaded with TP=1 x PP=1") in proc.stderr
+    assert "EngineCore" not in proc.stderr  # no engine process was started
+    assert time.monotonic() - start < 60
