@@ -70,10 +70,11 @@ def run_runner(spec: dict, *, env: dict[str, str] | None = None,
 
 def run_engine(llm_kwargs: dict, *, prompts=PROMPTS, max_tokens=MAX_TOKENS, stats=False,
                config_object: bool = False, env: dict[str, str] | None = None,
-               expect_ok: bool = True) -> dict | subprocess.CompletedProcess:
-    """Start `LLM(**ENGINE_KWARGS, **llm_kwargs)` in a subprocess and generate greedily."""
+               expect_ok: bool = True, **lora: dict) -> dict | subprocess.CompletedProcess:
+    """Start `LLM(**ENGINE_KWARGS, **llm_kwargs)` in a subprocess and generate greedily
+    (``lora=...`` or ``tensorized_lora=...``: see engine_runner.py)."""
     spec = {"llm": {**ENGINE_KWARGS, **llm_kwargs}, "prompts": list(prompts),
-            "max_tokens": max_tokens, "stats": stats, "config_object": config_object}
+            "max_tokens": max_tokens, "stats": stats, "config_object": config_object, **lora}
     return run_runner(spec, env=env, expect_ok=expect_ok)
 
 

@@ -7,7 +7,10 @@ stay out of process arguments):
 
 The last line of stdout is ``RESULT {"texts": [...], "tokens": [[...]], "stats": [...]}``.
 
-``"config_object": true`` passes ``model_loader_extra_config`` to `LLM` as a
+``"lora": {"name": N, "path": P}`` generates with a LoRARequest for a PEFT directory;
+``"tensorized_lora": {"model": M, "name": N, "config": {...}}`` with
+`tensorize_vllm_model.tensorized_lora_request` (then ``"base_tokens"`` holds the tokens
+without the adapter too). ``"config_object": true`` passes ``model_loader_extra_config`` to `LLM` as a
 `tensorize_vllm_model.TensorizerConfig` instead of a dict. A spec of the form
 ``{"serialize": {"engine": {<EngineArgs>}, "config": {<TensorizerConfig>}}}`` serializes
 through the Python API (`tensorize_vllm_model`) instead and prints what was written.
@@ -38,9 +41,23 @@ def main() -> None:
     result = {}
     if spec.get("stats"):
         result["stats"] = llm.collective_rpc("tensorize_vllm_model_load_stats")
+    params = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 16))
+    lora_request = None
+    if "lora" in spec:
+        from vllm.lora.request import LoRARequest
+
+        lora_request = LoRARequest(spec["lora"]["name"], 1, spec["lora"]["path"])
+    elif "tensorized_lora" in spec:
+        from tensorize_vllm_model import tensorized_lora_request
+
+        lora = spec["tensorized_lora"]
+        lora_request = tensorized_lora_request(lora["model"], lora["name"],
+                                               tensorizer_config=lora.get("config"))
+    if lora_request is not None:
+        base = llm.generate(spec["prompts"], params)
+        result["base_tokens"] = [list(o.outputs[0].token_ids) for o in base]
     outputs = llm.generate(  # no prompts: only load (see test_vllm_parallel's PP=2 test)
-        spec["prompts"], SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 16))
-    ) if spec["prompts"] else []
+        spec["prompts"], params, lora_request=lora_request) if spec["prompts"] else []
     result["texts"] = [o.outputs[0].text for o in outputs]
     result["tokens"] = [list(o.outputs[0].token_ids) for o in outputs]
     print("RESULT " + json.dumps(result), flush=True)

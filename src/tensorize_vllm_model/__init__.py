@@ -29,6 +29,7 @@ from .errors import (  # noqa: E402
 if TYPE_CHECKING:
     from .serialization import tensorize_vllm_model
     from .streaming import is_vllm_tensorized, load_into_module, open_tensors
+    from .vllm_adapter import tensorized_lora_request
 
 __all__ = [
     "__version__",
@@ -36,6 +37,7 @@ __all__ = [
     "TensorizerArgs",
     "tensorize_vllm_model",
     "is_vllm_tensorized",
+    "tensorized_lora_request",
     "open_tensors",
     "load_into_module",
     "TensorizeError",
@@ -50,6 +52,7 @@ __all__ = [
 _LAZY = {
     "tensorize_vllm_model": "serialization",
     "is_vllm_tensorized": "streaming",
+    "tensorized_lora_request": "vllm_adapter",
     "open_tensors": "streaming",
     "load_into_module": "streaming",
 }

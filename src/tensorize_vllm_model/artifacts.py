@@ -65,7 +65,7 @@ def artifact_files(directory: str) -> list[str]:
 
 
 def resolve_model_files(model: str, *, revision: str | None = None,
-                        download_dir: str | None = None) -> str:
+                        download_dir: str | None = None, weights: bool = False) -> str:
     """A local directory holding `model`'s config and tokenizer files.
 
     `model` is a local directory, or a Hugging Face Hub id resolved through the local
@@ -78,7 +78,7 @@ def resolve_model_files(model: str, *, revision: str | None = None,
 
         return snapshot_download(
             model, revision=revision, cache_dir=download_dir,
-            allow_patterns=[f"*{s}" for s in _ARTIFACT_SUFFIXES],
+            allow_patterns=None if weights else [f"*{s}" for s in _ARTIFACT_SUFFIXES],
         )
     except Exception as e:  # noqa: BLE001 - the Hub raises many kinds
         raise StorageError(

@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .vllm_adapter import make_parser
 
     parser = make_parser(prog="python -m tensorize_vllm_model", description=DESCRIPTION)
+    parser.add_argument(
+        "--lora-path", dest="lora_paths_before", action="append", default=[], metavar="PATH",
+        help="A LoRA adapter to serialize with the model (see serialize --lora-path).")
     subparsers = parser.add_subparsers(dest="command", metavar="{serialize,deserialize}")
 
     serialize = subparsers.add_parser(
@@ -80,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--serialization-kwargs", type=_json_object("--serialization-kwargs"), default=None,
         help="A JSON object of extra arguments for tensorizer's TensorSerializer, e.g. "
         "'{\"limit_cpu_concurrency\": 2}'.",
+    )
+    serialize.add_argument(
+        "--lora-path", dest="lora_paths", action="append", default=[], metavar="PATH",
+        help="A LoRA adapter (a local PEFT directory, or a Hub id where a Hub is reachable) "
+        "to write beside the model, in lora/<name>/ (encrypted with the model's key). May "
+        "be given several times; checked against the model before anything is written.",
     )
     credentials = serialize.add_argument_group("remote storage")
     credentials.add_argument("--s3-access-key-id", type=str, default=None,
@@ -207,7 +216,8 @@ def _serialize(args: argparse.Namespace) -> int:
     tp, pp = parallel_sizes(engine_args)
     config = serialize_config(args, tp * pp)
     engine_args.model_loader_extra_config = {}
-    result = tensorize_vllm_model(engine_args, config)
+    lora_paths = [*args.lora_paths_before, *args.lora_paths]
+    result = tensorize_vllm_model(engine_args, config, lora_paths=lora_paths)
     print(
         f"Serialized {result.tensors} tensors ({result.bytes / 1e6:.1f} MB) in "
         f"{result.seconds:.1f} s to {result.directory}"

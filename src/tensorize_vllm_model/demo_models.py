@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["ARCHITECTURES", "build_model", "build_tokenizer"]
+__all__ = ["ARCHITECTURES", "build_model", "build_tokenizer", "build_lora_adapter"]
 
 ARCHITECTURES = ("llama", "opt")
 
@@ -152,4 +152,57 @@ def build_model(
                 param.normal_(0.0, 0.2)
     model.save_pretrained(path)
     model.generation_config.save_pretrained(path)
+    return path
+
+
+def build_lora_adapter(
+    path: str | os.PathLike,
+    base_model: str | os.PathLike,
+    *,
+    rank: int = 8,
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj"),
+    scale: float = 0.5,
+    seed: int = 1,
+) -> Path:
+    """Write a random LoRA adapter for Llama-like `base_model` as a PEFT directory.
+
+    Both LoRA matrices are random (PEFT starts B at zero, which would change nothing), so
+    the adapter visibly changes what the model generates.
+
+    Returns:
+        The directory (``adapter_config.json`` and ``adapter_model.safetensors``).
+    """
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    config = json.loads((Path(base_model) / "config.json").read_text())
+    hidden = config["hidden_size"]
+    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
+    kv = config.get("num_key_value_heads", config["num_attention_heads"]) * head_dim
+    shapes = {  # (in_features, out_features) of each Llama projection
+        "q_proj": (hidden, hidden), "k_proj": (hidden, kv), "v_proj": (hidden, kv),
+        "o_proj": (hidden, hidden), "gate_proj": (hidden, config["intermediate_size"]),
+        "up_proj": (hidden, config["intermediate_size"]),
+        "down_proj": (config["intermediate_size"], hidden),
+    }
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(config["num_hidden_layers"]):
+        for module in target_modules:
+            block = "mlp" if module in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+            prefix = f"base_model.model.model.layers.{layer}.{block}.{module}"
+            n_in, n_out = shapes[module]
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, n_in, generator=generator) * scale
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(n_out, rank, generator=generator) * scale
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    (path / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
+        "lora_dropout": 0.0, "bias": "none", "target_modules": list(target_modules),
+        "base_model_name_or_path": str(base_model), "fan_in_fan_out": False,
+        "inference_mode": True, "modules_to_save": None,
+    }, indent=2))
     return path

@@ -10,8 +10,9 @@ only when all of it has been written.
 from __future__ import annotations
 
 import inspect
+import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,6 +142,8 @@ def tensorize_vllm_model(
     engine_args: Any,
     tensorizer_config: TensorizerConfig,
     generate_keyfile: bool = True,
+    *,
+    lora_paths: Sequence[str] = (),
 ) -> SerializeResult:
     """Load a model with vLLM and serialize it with tensorizer, as vLLM loads it.
 
@@ -157,6 +160,9 @@ def tensorize_vllm_model(
             (``encryption_keyfile``, ``serialization_kwargs``).
         generate_keyfile: with ``encryption_keyfile`` set, generate a random key and write
             it there (mode 0600); when False, encrypt with the key already in that file.
+        lora_paths: LoRA adapters (local PEFT directories, or Hub ids where a Hub is
+            reachable) to serialize into ``lora/<name>/`` beside the model, encrypted with
+            the same key. Each is checked against the model first.
 
     Returns:
         A `SerializeResult` naming what was written.
@@ -216,6 +222,8 @@ def tensorize_vllm_model(
             sources.append(resolve_model_files(tokenizer, revision=engine_args.tokenizer_revision,
                                                download_dir=engine_args.download_dir))
         staged = stage_artifacts(sources, destination, options) + staged
+        if lora_paths:
+            staged += _stage_adapters(engine, lora_paths, destination, key, options, engine_args)
         for item in staged:
             item.commit()
         engine.rpc("tensorize_vllm_model_commit")
@@ -242,3 +250,29 @@ def tensorize_vllm_model(
         seconds=time.perf_counter() - start,
         keyfile=keyfile,
     )
+
+
+def _stage_adapters(engine, lora_paths, destination, key, options, engine_args):
+    """Check every adapter against the loaded model, then stage them all."""
+    from .lora import adapter_name, check_adapter_fits, read_adapter, stage_adapter
+
+    [fit] = engine.rpc("tensorize_vllm_model_lora_modules")[:1]
+    sources: dict[str, str] = {}
+    for path in lora_paths:
+        name = adapter_name(path)
+        if name in sources:
+            raise ConfigError(f"two --lora-path values are both named {name!r}")
+        local = path if os.path.isdir(path) else resolve_model_files(
+            path, download_dir=engine_args.download_dir, weights=True)
+        config, _ = read_adapter(local)
+        check_adapter_fits(name, config, fit["modules"], fit["max_rank"])
+        sources[name] = local
+    staged: list[storage.StagedWrite] = []
+    try:
+        for name, local in sources.items():
+            staged += stage_adapter(name, local, destination, key=key, options=options)
+    except BaseException:
+        for item in staged:
+            item.abort()
+        raise
+    return staged

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import functools
 import gc
+import hashlib
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -66,6 +67,8 @@ WORKER_EXTENSION = "tensorize_vllm_model.vllm_adapter.WorkerExtension"
 _captured: dict[str, Any] | None = None
 _pending: list[StagedTensors] = []
 _last_load: LoadStats | None = None
+# Per process that configures engines: the tensorizer config of each served model name.
+_served: dict[str, TensorizerConfig] = {}
 
 
 def register() -> None:
@@ -86,6 +89,7 @@ def register() -> None:
     finally:
         registry_logger.setLevel(level)
     _install_engine_hook()
+    _register_lora_resolver()
     logger.debug("load_format=%r is served by tensorize_vllm_model", LOAD_FORMAT)
 
 
@@ -136,6 +140,9 @@ def check_engine_files(engine_args: Any) -> None:
     if not _has_explicit_uri(extra):
         config.tensorizer_uri = layout_mod.tensors_uri(config.tensorizer_dir or ".", tp * pp)
     check_shards(config, tp, pp)
+    names = engine_args.served_model_name or [str(engine_args.model)]
+    for name in [names] if isinstance(names, str) else names:
+        _served[name] = config  # for the LoRA resolver in this (API server) process
 
 
 def resolve_remote_model(engine_args: Any) -> None:
@@ -377,6 +384,24 @@ class WorkerExtension:
         while _pending:
             _pending.pop(0).abort()
 
+    def tensorize_vllm_model_lora_modules(self) -> dict[str, Any]:
+        """The module names a LoRA adapter may target in this model (PEFT's names, packed
+        modules unpacked), and the engine's --max-lora-rank when LoRA is enabled."""
+        from vllm.lora.utils import get_supported_lora_modules
+
+        model = self.get_model()  # type: ignore[attr-defined]
+        packed = getattr(model, "packed_modules_mapping", {}) or {}
+        # With --enable-lora vLLM has already wrapped each layer (".../qkv_proj.base_layer").
+        supported = set(get_supported_lora_modules(model)) - {"base_layer"}
+        supported |= {name.rsplit(".", 2)[-2] for name, _ in model.named_modules()
+                      if name.endswith(".base_layer")}
+        expected: set[str] = set()
+        for module in supported:
+            expected.update(packed.get(module, [module]))
+        lora_config = self.vllm_config.lora_config  # type: ignore[attr-defined]
+        return {"modules": sorted(expected),
+                "max_rank": lora_config.max_lora_rank if lora_config else None}
+
     def tensorize_vllm_model_load_stats(self) -> dict[str, Any] | None:
         """Figures of the last tensorizer load in this worker."""
         if _last_load is None:
@@ -468,3 +493,66 @@ def vllm_version() -> str:
     import vllm
 
     return getattr(vllm, "__version__", "unknown")
+
+
+# -- LoRA adapters --------------------------------------------------------------------------
+
+
+def tensorized_lora_request(model: str, adapter: str, *, lora_int_id: int | None = None,
+                            tensorizer_config: TensorizerConfig | dict | None = None):
+    """A `vllm.lora.request.LoRARequest` for adapter `adapter` of serialized model `model`.
+
+    The adapter (``<model>/lora/<adapter>``, local, S3 or HTTP(S)) is deserialized into CPU
+    memory and handed to vLLM as a PEFT directory in RAM-backed storage (see `lora`).
+
+    Args:
+        model: the serialized model directory (as passed to ``LLM(...)``).
+        adapter: the adapter's name (its ``--lora-path`` directory name when serialized).
+        lora_int_id: vLLM's integer id for the adapter (default: derived from the name).
+        tensorizer_config: how to read it (``encryption_keyfile``, S3 credentials...).
+
+    Example:
+        >>> llm = LLM(model_dir, load_format="tensorizer", enable_lora=True)  # doctest: +SKIP
+        >>> llm.generate(prompts, params,
+        ...              lora_request=tensorized_lora_request(model_dir, "my-adapter"))
+    """
+    from vllm.lora.request import LoRARequest
+
+    from .lora import adapter_uri, materialize_adapter
+
+    if isinstance(tensorizer_config, dict):
+        tensorizer_config = TensorizerConfig.from_extra_config(
+            {"tensorizer_dir": model, **tensorizer_config})
+    path = materialize_adapter(adapter_uri(model, adapter), tensorizer_config, name=adapter)
+    if lora_int_id is None:
+        lora_int_id = 1 + int(hashlib.sha256(adapter.encode()).hexdigest(), 16) % (2**31 - 2)
+    return LoRARequest(lora_name=adapter, lora_int_id=lora_int_id, lora_path=path)
+
+
+def _register_lora_resolver() -> None:
+    from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
+
+    if "tensorize_vllm_model" in LoRAResolverRegistry.get_supported_resolvers():
+        return
+
+    class TensorizedLoRAResolver(LoRAResolver):
+        """Serves ``lora/<name>`` of the tensorized model being served, by name.
+
+        vLLM asks resolvers only when ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``.
+        """
+
+        async def resolve_lora(self, base_model_name: str, lora_name: str):
+            from .lora import adapter_uri
+
+            config = _served.get(base_model_name)
+            model = (config.tensorizer_dir if config else None) or base_model_name
+            options = config.stream_options() if config else None
+            try:
+                uri = adapter_uri(model, lora_name)
+                if not storage.exists(storage.join(uri, "adapter_config.json"), options):
+                    return None
+            except Exception:  # noqa: BLE001 - not ours to resolve
+                return None
+            return tensorized_lora_request(model, lora_name, tensorizer_config=config)
+
+    LoRAResolverRegistry.register_resolver("tensorize_vllm_model", TensorizedLoRAResolver())

@@ -1,0 +1,128 @@
+"""LoRA adapters without an engine: tensorize, materialize (local, S3, HTTP), keys, the
+checks against a base model, and the resolver `vllm serve` uses."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import uuid
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tensorize_vllm_model import ConfigError, EncryptionError, StorageError, TensorizerConfig
+from tensorize_vllm_model.demo_models import build_lora_adapter
+from tensorize_vllm_model.keys import generate_key, stage_key
+from tensorize_vllm_model.lora import (
+    check_adapter_fits,
+    materialize_adapter,
+    read_adapter,
+    stage_adapter,
+)
+
+from conftest import BUCKET
+
+LLAMA_MODULES = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_llama, tmp_path_factory):
+    return build_lora_adapter(tmp_path_factory.mktemp("adapters") / "adapter-a", tiny_llama)
+
+
+def serialized(adapter, destination, key=None, options=None):
+    for item in stage_adapter("adapter-a", str(adapter), str(destination), key=key, options=options):
+        item.commit()
+    return f"{destination}/lora/adapter-a"
+
+
+def test_round_trip_through_ram_backed_directory(adapter, tmp_path):
+    uri = serialized(adapter, tmp_path / "model")
+    assert sorted(os.listdir(uri)) == ["adapter_config.json", "adapter_model.tensors"]
+    path = materialize_adapter(uri)
+    assert path.startswith("/dev/shm/")
+    assert stat.S_IMODE(os.stat(os.path.dirname(os.path.dirname(path))).st_mode) == 0o700
+    original_config, original = read_adapter(str(adapter))
+    config, tensors = read_adapter(path)
+    assert config == original_config
+    assert tensors.keys() == original.keys()
+    for name, value in original.items():
+        assert torch.equal(tensors[name], value), name
+
+
+def test_encrypted_adapter(adapter, tmp_path):
+    key = generate_key()
+    key_path = tmp_path / "k.key"
+    stage_key(str(key_path), key).commit()
+    uri = serialized(adapter, tmp_path / "model", key=key)
+    raw = open(f"{uri}/adapter_model.tensors", "rb").read()
+    assert load_file(str(adapter / "adapter_model.safetensors"))[
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].numpy().tobytes()[:64] not in raw
+    path = materialize_adapter(uri, TensorizerConfig(tensorizer_uri=uri, encryption_keyfile=str(key_path)))
+    assert load_file(f"{path}/adapter_model.safetensors").keys() == \
+        load_file(str(adapter / "adapter_model.safetensors")).keys()
+
+    wrong = tmp_path / "wrong.key"
+    stage_key(str(wrong), generate_key()).commit()
+    with pytest.raises(EncryptionError, match=rf"LoRA adapter 'adapter-a': cannot decrypt .* with the key in {wrong}"):
+        materialize_adapter(uri, TensorizerConfig(tensorizer_uri=uri, encryption_keyfile=str(wrong)))
+    with pytest.raises(EncryptionError, match=r"LoRA adapter 'adapter-a': .* is encrypted"):
+        materialize_adapter(uri)
+
+
+def test_missing_adapter_config_named(tmp_path):
+    (tmp_path / "broken").mkdir()
+    with pytest.raises(ConfigError, match=rf"LoRA adapter {tmp_path / 'broken'}: no adapter_config.json"):
+        read_adapter(str(tmp_path / "broken"))
+
+
+def test_missing_tensorized_adapter_named(tmp_path):
+    with pytest.raises(StorageError, match=r"LoRA adapter 'nope' not found"):
+        materialize_adapter(str(tmp_path / "lora" / "nope"))
+
+
+def test_adapter_that_does_not_fit_is_named():
+    with pytest.raises(ConfigError, match=r"LoRA adapter 'a' targets module\(s\) c_attn that the base "
+                                          r"model does not have"):
+        check_adapter_fits("a", {"r": 8, "target_modules": ["q_proj", "c_attn"]}, LLAMA_MODULES)
+    with pytest.raises(ConfigError, match=r"LoRA adapter 'a' has rank 32, above --max-lora-rank 16"):
+        check_adapter_fits("a", {"r": 32, "target_modules": ["q_proj"]}, LLAMA_MODULES, 16)
+    check_adapter_fits("a", {"r": 8, "target_modules": ["q_proj", "v_proj"]}, LLAMA_MODULES, 16)
+    check_adapter_fits("a", {"r": 8, "target_modules": ".*(q|v)_proj"}, LLAMA_MODULES, 16)
+
+
+def test_adapter_on_s3(adapter, moto):
+    options = {"s3_endpoint": moto.endpoint, "s3_access_key_id": "testing",
+               "s3_secret_access_key": "testing", "force_http": True}
+    model = f"s3://{BUCKET}/{uuid.uuid4().hex}"
+    uri = serialized(adapter, model, options=options)
+    config = TensorizerConfig(tensorizer_uri=f"{uri}/x", s3_endpoint=moto.endpoint,
+                              s3_access_key_id="testing", s3_secret_access_key="testing",
+                              stream_kwargs={"force_http": True})
+    path = materialize_adapter(uri, config)
+    assert load_file(f"{path}/adapter_model.safetensors").keys() == \
+        load_file(str(adapter / "adapter_model.safetensors")).keys()
+
+
+def test_adapter_over_http(adapter, web_root, web_servers):
+    prefix = uuid.uuid4().hex
+    serialized(adapter, web_root / prefix)
+    path = materialize_adapter(f"{web_servers['http-1.1'].url}/{prefix}/lora/adapter-a")
+    assert os.path.exists(f"{path}/adapter_model.safetensors")
+
+
+def test_resolver_serves_adapters_of_the_served_model(adapter, tmp_path):
+    from vllm.lora.resolver import LoRAResolverRegistry
+
+    from tensorize_vllm_model import vllm_adapter
+
+    vllm_adapter.register()
+    serialized(adapter, tmp_path / "served")
+    resolver = LoRAResolverRegistry.get_resolver("tensorize_vllm_model")
+    vllm_adapter._served["my-model"] = TensorizerConfig(tensorizer_dir=str(tmp_path / "served"))
+    request = asyncio.run(resolver.resolve_lora("my-model", "adapter-a"))
+    assert request.lora_name == "adapter-a" and request.lora_int_id > 0
+    assert os.path.exists(f"{request.lora_path}/adapter_model.safetensors")
+    assert asyncio.run(resolver.resolve_lora("my-model", "not-there")) is None
