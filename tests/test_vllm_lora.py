@@ -11,7 +11,7 @@ import pytest
 from tensorize_vllm_model import open_tensors
 from tensorize_vllm_model.demo_models import build_lora_adapter
 
-from conftest import ENGINE_FLAGS, PROMPTS, assert_ok, run_cli, run_engine, serve_and_complete
+from conftest import ENGINE_FLAGS, assert_ok, run_cli, run_engine, serve_and_complete
 
 pytestmark = pytest.mark.slow
 
