@@ -16,3 +16,9 @@ test:
 s3-demo:
 	scripts/install.sh --test
 	.venv/bin/python examples/s3_workflow.py
+
+# The load benchmark (benchmarks/run.py): about 15 minutes on a 2-core machine.
+.PHONY: bench
+bench:
+	scripts/install.sh --test --bench
+	.venv/bin/python benchmarks/run.py

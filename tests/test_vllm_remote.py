@@ -107,7 +107,8 @@ def test_llm_loads_s3_directory_without_local_copy(s3_serialized, s3_env, llama_
     directory, _ = s3_serialized
     with DiskWatcher(s3_env["TENSORIZE_VLLM_MODEL_CACHE"], s3_env["TMPDIR"]) as watcher:
         result = run_engine({"model": directory, "load_format": "tensorizer",
-                             "model_loader_extra_config": ALLOW_HTTP}, env=s3_env)
+                             "model_loader_extra_config": ALLOW_HTTP}, env=s3_env,
+                            separate_processes=True)  # credentials reach the worker
     assert result["tokens"] == llama_reference["tokens"]
     # The tensors (3.4 MB) never touched local disk: only the small files were cached.
     size, path = watcher.largest

@@ -1,0 +1,184 @@
+"""One measurement, in a fresh process: ``python benchmarks/methods.py METHOD JSON-ARGS``.
+
+Prints one JSON line: seconds (the load only: imports and model construction excluded),
+bytes, peak_rss (the process's peak resident memory) and baseline_rss (its resident memory
+just before the load). Every method ends with the data in this process's memory (or on the
+device), so a lazy method (safetensors' mmap views) is charged for touching it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+import psutil
+import torch
+
+
+_baseline = 0
+
+
+def rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def begin() -> float:
+    """Start the clock; the resident memory now is the baseline."""
+    global _baseline
+    _baseline = rss()
+    return time.perf_counter()
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _meta_model(model_dir: str):
+    import transformers
+
+    from tensorize_vllm_model.streaming import meta_parameters
+
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    with meta_parameters("cpu"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    return model
+
+
+def _copy_all(tensors) -> int:
+    total = 0
+    for tensor in tensors:
+        total += tensor.clone().numel() * tensor.element_size()
+    return total
+
+
+# -- local file -> CPU memory ---------------------------------------------------------------
+
+
+def ceiling(path: str, threads: int = 1, **_):
+    """The fresh-memory ceiling: readinto freshly allocated memory, N threads."""
+    size = os.path.getsize(path)
+    buffer = torch.empty(size, dtype=torch.uint8)
+    view = memoryview(buffer.numpy())
+    start = begin()
+
+    def read(begin: int, end: int) -> None:
+        with open(path, "rb", buffering=0) as f:
+            f.seek(begin)
+            position = begin
+            while position < end:
+                position += f.readinto(view[position:min(end, position + (64 << 20))])
+
+    bounds = [size * i // threads for i in range(threads + 1)]
+    workers = [threading.Thread(target=read, args=(bounds[i], bounds[i + 1])) for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return time.perf_counter() - start, size
+
+
+def safetensors_load(path: str, **_):
+    from safetensors.torch import load_file
+
+    start = begin()
+    tensors = load_file(path)
+    total = _copy_all(tensors.values())  # mmap views: copy them out, as a model load does
+    return time.perf_counter() - start, total
+
+
+def torch_load(path: str, **_):
+    start = begin()
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    return time.perf_counter() - start, total
+
+
+def tensorizer_default(path: str, **_):
+    from tensorizer import TensorDeserializer
+
+    start = begin()
+    deserializer = TensorDeserializer(path, device="cpu")
+    total = deserializer.total_tensor_bytes
+    return time.perf_counter() - start, total
+
+
+def ours(path: str, model_dir: str, keyfile: str | None = None, options: dict | None = None,
+         num_readers: int | None = None, **_):
+    from tensorize_vllm_model import TensorizerConfig, load_into_module, open_tensors
+
+    model = _meta_model(model_dir)
+    config = TensorizerConfig(tensorizer_uri=path, encryption_keyfile=keyfile,
+                              num_readers=num_readers, **(options or {}))
+    start = begin()
+    with open_tensors(path, config=config) as reader:
+        stats = load_into_module(model, reader, strict=False)
+    return time.perf_counter() - start, stats.bytes
+
+
+def runai(path: str, **_):
+    from runai_model_streamer import SafetensorsStreamer
+
+    start = begin()
+    total = 0
+    with SafetensorsStreamer() as streamer:
+        streamer.stream_file(path)
+        for _, tensor in streamer.get_tensors():
+            total += tensor.clone().numel() * tensor.element_size()
+    return time.perf_counter() - start, total
+
+
+# -- over the network ------------------------------------------------------------------------
+
+
+def curl(url: str, **_):
+    start = begin()
+    out = subprocess.run(["curl", "-s", "-f", "-o", "/dev/null", "-w", "%{size_download}", url],
+                         check=True, capture_output=True, text=True)
+    return time.perf_counter() - start, int(float(out.stdout))
+
+
+def download_then_load(url: str, **_):
+    """What a user without tensorizer does: download the safetensors file, then load it."""
+    start = begin()
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as directory:
+        local = os.path.join(directory, "model.safetensors")
+        if url.startswith("s3://"):
+            import boto3
+
+            bucket, key = url[5:].split("/", 1)
+            boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT_URL"]).download_file(bucket, key, local)
+        else:
+            with urllib.request.urlopen(url) as response, open(local, "wb") as f:
+                shutil.copyfileobj(response, f, 16 << 20)
+        _, total = safetensors_load(local)
+    return time.perf_counter() - start, total
+
+
+METHODS = {f.__name__: f for f in (ceiling, safetensors_load, torch_load, tensorizer_default, ours,
+                                    runai, curl, download_then_load)}
+
+
+def main() -> None:
+    name, args = sys.argv[1], json.loads(sys.argv[2])
+    # Imports are not part of any load: do them before the clock starts.
+    import safetensors.torch  # noqa: F401
+    import tensorizer  # noqa: F401
+
+    import tensorize_vllm_model.storage.http  # noqa: F401
+    import tensorize_vllm_model.storage.s3  # noqa: F401
+    import tensorize_vllm_model.streaming  # noqa: F401
+    seconds, total = METHODS[name](**args)
+    print(json.dumps({"seconds": seconds, "bytes": total, "peak_rss": peak_rss(),
+                      "baseline_rss": _baseline}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,448 @@
+"""The load benchmark: every scenario on one random-weight model, side by side.
+
+    .venv/bin/python benchmarks/run.py [--size-gb 1.5] [--repeats 3] [--scenarios ...]
+
+(or ``make bench``, which installs nginx, matplotlib and runai-model-streamer first).
+Each load runs in a fresh process; every figure is the median of ``--repeats`` runs with
+min and max, methods alternating run by run. Prints a table and writes
+``benchmarks/results/latest.json`` and ``latest.png``.
+
+Scenarios: local (file -> CPU memory, warm page cache, and cold where the page cache can be
+dropped), http (nginx on loopback), s3 (moto's S3 server on loopback), vllm (LLM(...) end to
+end on vLLM's backend), gpu (file -> cuda:0; skipped without an NVIDIA GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+WORK = HERE / ".work"
+RESULTS = HERE / "results"
+METHODS = HERE / "methods.py"
+SCENARIOS = ("local", "http", "s3", "vllm", "gpu")
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# -- the model ------------------------------------------------------------------------------
+
+
+def model_shape(size_gb: float) -> dict:
+    """Llama-like dimensions giving about `size_gb` GB of bfloat16 weights."""
+    if size_gb < 0.05:
+        return dict(hidden_size=256, num_heads=4, num_layers=2, intermediate_size=512, vocab_size=512)
+    hidden, inter, vocab = 2048, 5632, 32000
+    per_layer = 2 * (4 * hidden * hidden + 3 * hidden * inter)
+    layers = max(1, round((size_gb * 1e9 - 2 * 2 * vocab * hidden) / per_layer))
+    return dict(hidden_size=hidden, num_heads=16, num_layers=layers, intermediate_size=inter,
+                vocab_size=vocab)
+
+
+def prepare(size_gb: float) -> dict[str, str]:
+    """Build (once) the model and every file format the methods read."""
+    import torch
+
+    from tensorize_vllm_model.demo_models import build_model
+    from tensorize_vllm_model.keys import generate_key, stage_key
+    from tensorize_vllm_model.layout import FileRecord
+    from tensorize_vllm_model.serialization import write_tensors
+
+    work = WORK / f"model-{size_gb:g}gb"
+    files = {"model_dir": str(work / "hf"), "safetensors": str(work / "hf" / "model.safetensors"),
+             "pt": str(work / "model.pt"), "tensors": str(work / "model.tensors"),
+             "encrypted": str(work / "model-enc.tensors"), "key": str(work / "model.key"),
+             "vllm_dir": str(work / "vllm"), "work": str(work)}
+    if all(os.path.exists(files[k]) for k in ("safetensors", "pt", "tensors", "encrypted", "key")):
+        for path in (files["safetensors"], files["pt"], files["tensors"]):
+            os.chmod(path, 0o644)
+        return files
+    log(f"building a {size_gb:g} GB random-weight model in {work} (once)")
+    shutil.rmtree(work, ignore_errors=True)
+    build_model(work / "hf", architecture="llama", max_position_embeddings=2048,
+                **model_shape(size_gb))
+    from safetensors.torch import load_file
+
+    state = load_file(files["safetensors"])
+    torch.save(state, files["pt"])
+    tensors = [(name, tensor, False) for name, tensor in state.items()]
+    write_tensors(files["tensors"], tensors, record=FileRecord(architecture="LlamaForCausalLM")).commit()
+    key = generate_key()
+    stage_key(files["key"], key).commit()
+    write_tensors(files["encrypted"], tensors, record=FileRecord(encrypted=True), key=key).commit()
+    for path in (files["safetensors"], files["pt"], files["tensors"]):
+        os.chmod(path, 0o644)  # nginx's worker serves them as an unprivileged user
+    return files
+
+
+# -- running measurements ---------------------------------------------------------------------
+
+
+def can_drop_caches() -> bool:
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def set_cache(state: str, paths: list[str]) -> None:
+    if state == "cold":
+        subprocess.run(["sync"], check=False)
+        can_drop_caches()
+    else:  # warm: read the files now (the page cache may have been paged out meanwhile)
+        for path in paths:
+            if os.path.isfile(path):
+                with open(path, "rb", buffering=0) as f:
+                    while f.read(64 << 20):
+                        pass
+
+
+def measure(method: str, env: dict | None = None, **args) -> dict:
+    out = subprocess.run([sys.executable, str(METHODS), method, json.dumps(args)],
+                         capture_output=True, text=True, env={**os.environ, **(env or {})},
+                         timeout=900)
+    if out.returncode != 0:
+        raise RuntimeError(f"{method} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_cases(scenario: str, cases: list[tuple[str, str, dict]], repeats: int, cache: str,
+              files_to_warm: list[str], results: list[dict]) -> None:
+    """Run every case `repeats` times, alternating cases run by run."""
+    runs: dict[str, list[dict]] = {label: [] for label, _, _ in cases}
+    for repeat in range(repeats):
+        for label, method, args in cases:
+            set_cache(cache, files_to_warm)
+            result = measure(method, **args)
+            runs[label].append(result)
+            log(f"  [{scenario}/{cache}] {label} #{repeat + 1}: {result['seconds']:.2f} s, "
+                f"{result['bytes'] / result['seconds'] / 1e9:.2f} GB/s")
+    for label, method, _ in cases:
+        results.append(summarize(scenario, cache, label, runs[label]))
+
+
+def summarize(scenario: str, cache: str, label: str, runs: list[dict]) -> dict:
+    rates = [r["bytes"] / r["seconds"] / 1e9 for r in runs]
+    seconds = [r["seconds"] for r in runs]
+    extra = [max(0, r["peak_rss"] - r["baseline_rss"]) for r in runs if "peak_rss" in r]
+    entry = {
+        "scenario": scenario, "cache": cache, "method": label, "runs": runs,
+        "bytes": runs[0]["bytes"], "gb_per_s": statistics.median(rates),
+        "gb_per_s_min": min(rates), "gb_per_s_max": max(rates),
+        "seconds": statistics.median(seconds), "seconds_min": min(seconds),
+        "seconds_max": max(seconds),
+    }
+    if extra:
+        entry["peak_rss_over_baseline"] = statistics.median(extra)
+    for key in ("weights_seconds", "worker_peak_rss"):
+        values = [r[key] for r in runs if r.get(key) is not None]
+        if values:
+            entry[key] = statistics.median(values)
+            entry[key + "_min"], entry[key + "_max"] = min(values), max(values)
+    return entry
+
+
+# -- scenarios -------------------------------------------------------------------------------
+
+
+def scenario_local(files, repeats, caches, results):
+    cases = [
+        ("ceiling: readinto fresh memory, 1 thread", "ceiling", {"path": files["tensors"], "threads": 1}),
+        ("ceiling: readinto fresh memory, 2 threads", "ceiling", {"path": files["tensors"], "threads": 2}),
+        ("safetensors.torch.load_file", "safetensors_load", {"path": files["safetensors"]}),
+        ("torch.load", "torch_load", {"path": files["pt"]}),
+        ("tensorizer TensorDeserializer defaults", "tensorizer_default", {"path": files["tensors"]}),
+        ("ours", "ours", {"path": files["tensors"], "model_dir": files["model_dir"]}),
+        ("ours, encrypted", "ours", {"path": files["encrypted"], "model_dir": files["model_dir"],
+                                     "keyfile": files["key"]}),
+    ]
+    try:
+        import runai_model_streamer  # noqa: F401
+
+        cases.append(("runai-model-streamer (safetensors)", "runai", {"path": files["safetensors"]}))
+    except ImportError:
+        log("  runai-model-streamer is not installed: left out")
+    paths = [files[k] for k in ("tensors", "encrypted", "safetensors", "pt")]
+    for cache in caches:
+        run_cases("local", cases, repeats, cache, paths, results)
+
+
+def start_nginx(root: str) -> tuple[subprocess.Popen, str]:
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not os.path.exists(nginx):
+        raise RuntimeError("nginx is not installed (apt-get install nginx; `make bench` does it)")
+    from socket import socket
+
+    with socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    conf_dir = tempfile.mkdtemp(prefix="bench-nginx-")
+    conf = os.path.join(conf_dir, "nginx.conf")
+    Path(conf).write_text(f"""
+daemon off; worker_processes 1; pid {conf_dir}/nginx.pid; error_log {conf_dir}/error.log;
+events {{ worker_connections 64; }}
+http {{
+  access_log off; sendfile on; tcp_nopush on;
+  client_body_temp_path {conf_dir}; proxy_temp_path {conf_dir}; fastcgi_temp_path {conf_dir};
+  uwsgi_temp_path {conf_dir}; scgi_temp_path {conf_dir};
+  server {{ listen 127.0.0.1:{port}; root {root}; }}
+}}""")
+    process = subprocess.Popen([nginx, "-c", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    return process, f"http://127.0.0.1:{port}"
+
+
+def scenario_http(files, repeats, results):
+    process, url = start_nginx(files["work"])
+    try:
+        cases = [
+            ("ceiling: curl -o /dev/null", "curl", {"url": f"{url}/model.tensors"}),
+            ("ours, streaming", "ours", {"path": f"{url}/model.tensors", "model_dir": files["model_dir"]}),
+            ("download, then safetensors load", "download_then_load",
+             {"url": f"{url}/hf/model.safetensors"}),
+        ]
+        run_cases("http", cases, repeats, "warm", [files["tensors"], files["safetensors"]], results)
+    finally:
+        process.terminate()
+
+
+def scenario_s3(files, repeats, results):
+    sys.path.insert(0, str(ROOT / "tests"))
+    from servers import MotoServer
+
+    server = MotoServer()
+    try:
+        client = server.client()
+        client.create_bucket(Bucket="bench")
+        for name, path in (("model.tensors", files["tensors"]), ("model.safetensors", files["safetensors"])):
+            client.upload_file(path, "bench", name)
+        presigned = client.generate_presigned_url("get_object", Params={"Bucket": "bench", "Key": "model.tensors"})
+        env = {"S3_ENDPOINT_URL": server.endpoint, "AWS_ACCESS_KEY_ID": "testing",
+               "AWS_SECRET_ACCESS_KEY": "testing", "S3_ACCESS_KEY_ID": "testing",
+               "S3_SECRET_ACCESS_KEY": "testing"}
+        os.environ.update(env)
+        cases = [
+            ("ceiling: the server's own, curl -o /dev/null", "curl", {"url": presigned}),
+            ("ours, streaming", "ours", {"path": "s3://bench/model.tensors", "model_dir": files["model_dir"],
+                                         "options": {"stream_kwargs": {"force_http": True}}}),
+            ("download (boto3), then safetensors load", "download_then_load",
+             {"url": "s3://bench/model.safetensors"}),
+        ]
+        run_cases("s3", cases, repeats, "warm", [], results)
+    finally:
+        server.stop()
+
+
+VLLM_SCRIPT = r'''
+import json, sys, time
+if __name__ == "__main__":
+    from vllm import LLM
+    kwargs = json.loads(sys.argv[1])
+    start = time.perf_counter()
+    llm = LLM(**kwargs)
+    print("READY", time.perf_counter() - start, flush=True)
+'''
+
+
+def _tree_rss(process) -> dict[int, int]:
+    import psutil
+
+    try:
+        children = psutil.Process(process.pid).children(recursive=True)
+    except psutil.Error:
+        return {}
+    sizes = {}
+    for child in children:
+        try:
+            sizes[child.pid] = child.memory_info().rss
+        except psutil.Error:
+            pass
+    return sizes
+
+
+def vllm_run(kwargs: dict, env: dict | None = None) -> dict:
+    """Start LLM(**kwargs) in a fresh process; seconds to ready, the weights-load seconds
+    vLLM (or this loader) logs, and the largest resident memory of any of its processes."""
+    script = WORK / "vllm_ready.py"
+    script.write_text(VLLM_SCRIPT)
+    process = subprocess.Popen([sys.executable, str(script), json.dumps(kwargs)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+    peak: dict[int, int] = {}
+    lines: list[str] = []
+    import threading
+
+    reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
+    reader.start()
+    while process.poll() is None:
+        for pid, size in _tree_rss(process).items():
+            peak[pid] = max(peak.get(pid, 0), size)
+        time.sleep(0.05)
+    reader.join(5)
+    text = "".join(lines)
+    ready = re.search(r"READY ([\d.]+)", text)
+    if process.returncode != 0 or not ready:
+        raise RuntimeError(f"vLLM run failed: {text[-3000:]}")
+    weights = (re.search(r"Loading weights took ([\d.]+) seconds", text)
+               or re.search(r"Deserialized [\d.]+ GB in ([\d.]+) s", text))
+    return {"seconds": float(ready.group(1)),
+            "weights_seconds": float(weights.group(1)) if weights else None,
+            "worker_peak_rss": max(peak.values()) if peak else None}
+
+
+def scenario_vllm(files, repeats, results, size_gb):
+    from vllm.platforms import current_platform
+
+    cpu = current_platform.is_cpu()
+    engine = {"dtype": "bfloat16", "max_model_len": 256, "enforce_eager": True,
+              "gpu_memory_utilization": 0.3 if cpu else 0.9}
+    vllm_dir = files["vllm_dir"] + "/vllm/hf/v1"
+    if not os.path.exists(vllm_dir + "/model.tensors"):
+        log("  serializing the model for vLLM (once)")
+        subprocess.run([sys.executable, "-m", "tensorize_vllm_model", "--model", files["model_dir"],
+                        "--dtype", "bfloat16", "--max-model-len", "256", "--enforce-eager",
+                        *(["--gpu-memory-utilization", "0.3"] if cpu else []), "serialize",
+                        "--serialized-directory", files["vllm_dir"], "--suffix", "v1"],
+                       check=True, capture_output=True)
+    process, url = start_nginx(files["vllm_dir"])
+    cases = [
+        ("default loader (safetensors)", {"model": files["model_dir"]}),
+        ("tensorizer (this package), local", {"model": vllm_dir, "load_format": "tensorizer"}),
+        ("tensorizer (this package), HTTP", {"model": vllm_dir, "load_format": "tensorizer",
+                                             "model_loader_extra_config": {
+                                                 "tensorizer_uri": f"{url}/vllm/hf/v1/model.tensors"}}),
+    ]
+    try:
+        import runai_model_streamer  # noqa: F401
+
+        cases.insert(1, ("runai_streamer", {"model": files["model_dir"], "load_format": "runai_streamer"}))
+    except ImportError:
+        log("  runai-model-streamer is not installed: left out")
+    try:
+        base = vllm_run({"model": str(WORK / "baseline-model"), **engine}) if (WORK / "baseline-model").exists() else None
+        runs: dict[str, list[dict]] = {label: [] for label, _ in cases}
+        for repeat in range(repeats):
+            for label, kwargs in cases:
+                set_cache("warm", [files["safetensors"], vllm_dir + "/model.tensors"])
+                result = vllm_run({**kwargs, **engine})
+                result["bytes"] = os.path.getsize(files["safetensors"])
+                runs[label].append(result)
+                log(f"  [vllm] {label} #{repeat + 1}: ready {result['seconds']:.1f} s, weights "
+                    f"{result['weights_seconds']} s, worker peak {result['worker_peak_rss'] / 1e9:.2f} GB")
+        for label, _ in cases:
+            entry = summarize("vllm", "warm", label, runs[label])
+            if base:
+                entry["worker_baseline_rss"] = base["worker_peak_rss"]
+            results.append(entry)
+    finally:
+        process.terminate()
+
+
+def scenario_gpu(files, repeats, results):
+    import torch
+
+    if not torch.cuda.is_available():
+        log("gpu: skipped (no NVIDIA GPU on this machine)")
+        return
+    cases = [("ours -> cuda:0", "ours", {"path": files["tensors"], "model_dir": files["model_dir"]})]
+    run_cases("gpu", cases, repeats, "warm", [files["tensors"]], results)
+
+
+# -- report ----------------------------------------------------------------------------------
+
+
+def table(results: list[dict]) -> str:
+    lines = [f"{'scenario':<8} {'cache':<5} {'method':<46} {'GB/s (min-max)':>20} {'s':>7} {'RSS+':>8}"]
+    for r in results:
+        rss = r.get("peak_rss_over_baseline")
+        extra = f"{rss / 1e9:7.2f}G" if rss is not None else ""
+        if r["scenario"] == "vllm":
+            extra = f"weights {r.get('weights_seconds', float('nan')):.2f} s, worker {r.get('worker_peak_rss', 0) / 1e9:.2f} GB"
+        lines.append(f"{r['scenario']:<8} {r['cache']:<5} {r['method']:<46} "
+                     f"{r['gb_per_s']:6.2f} ({r['gb_per_s_min']:.2f}-{r['gb_per_s_max']:.2f})"
+                     f" {r['seconds']:7.2f} {extra}")
+    return "\n".join(lines)
+
+
+def chart(results: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib is not installed: no chart")
+        return
+    rows = [r for r in results if r["scenario"] != "vllm"]
+    labels = [f"{r['scenario']}/{r['cache']}: {r['method']}" for r in rows]
+    values = [r["gb_per_s"] for r in rows]
+    errors = [[v - r["gb_per_s_min"] for v, r in zip(values, rows)],
+              [r["gb_per_s_max"] - v for v, r in zip(values, rows)]]
+    figure, axes = plt.subplots(figsize=(10, 0.42 * len(rows) + 1.5))
+    colours = ["tab:green" if "ours" in label else "tab:gray" if "ceiling" in label else "tab:blue"
+               for label in labels]
+    axes.barh(range(len(rows)), values, xerr=errors, color=colours)
+    axes.set_yticks(range(len(rows)), labels, fontsize=8)
+    axes.invert_yaxis()
+    axes.set_xlabel("GB/s (median of runs, min-max bars)")
+    axes.set_title(f"Loading a {results[0]['bytes'] / 1e9:.2f} GB model ({platform.node()})")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size-gb", type=float, default=1.5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args()
+    scenarios = args.scenarios.split(",")
+    WORK.mkdir(exist_ok=True)
+    started = time.perf_counter()
+    files = prepare(args.size_gb)
+    if "vllm" in scenarios and not (WORK / "baseline-model").exists():
+        from tensorize_vllm_model.demo_models import build_model
+
+        build_model(WORK / "baseline-model")
+    caches = ["warm", "cold"] if can_drop_caches() else ["warm"]
+    results: list[dict] = []
+    if "local" in scenarios:
+        scenario_local(files, args.repeats, caches, results)
+    if "http" in scenarios:
+        scenario_http(files, args.repeats, results)
+    if "s3" in scenarios:
+        scenario_s3(files, args.repeats, results)
+    if "vllm" in scenarios:
+        scenario_vllm(files, args.repeats, results, args.size_gb)
+    if "gpu" in scenarios:
+        scenario_gpu(files, args.repeats, results)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"size_gb": args.size_gb, "repeats": args.repeats, "machine": {
+        "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "caches": caches, "seconds": time.perf_counter() - started, "results": results}
+    (out / "latest.json").write_text(json.dumps(report, indent=1))
+    chart(results, out / "latest.png")
+    print(table(results))
+    print(f"\n{time.perf_counter() - started:.0f} s in all; {out / 'latest.json'}, {out / 'latest.png'}")
+
+
+if __name__ == "__main__":
+    main()
