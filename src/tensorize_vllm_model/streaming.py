@@ -18,7 +18,7 @@ import contextlib
 import os
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -77,64 +77,71 @@ def default_num_readers(uri: str) -> int:
 class TensorReader:
     """A tensors file opened for reading: its record and names now, tensors on demand.
 
-    Only the header and the tensor index are read when it opens; `items()` then streams
-    every tensor onto `device`. Use `open_tensors` to make one.
+    Opening reads only the header, the tensor index and the file's small record (so a load
+    can be refused before any data moves); `items()` then reads every tensor onto the
+    device with tensorizer's parallel readers. Use `open_tensors` to make one.
     """
 
-    def __init__(self, uri: str, deserializer: TensorDeserializer, stream: Any,
+    def __init__(self, uri: str, header: TensorDeserializer, reopen: Callable[[], Any],
+                 kwargs: dict[str, Any], device: str | torch.device,
                  keyfile: str | None = None, started: float | None = None):
         self.uri = uri
+        self._header = header
+        self._reopen = reopen
+        self._kwargs = kwargs
+        self._device = device
+        self._keyfile = keyfile
         # When opening began: load figures count the header and index reads too.
         self.started = time.perf_counter() if started is None else started
-        self._deserializer = deserializer
-        self._stream = stream
-        self._keyfile = keyfile
         self.record: FileRecord | None = None
-        if RECORD_NAME in deserializer:
+        if RECORD_NAME in header:
             with _translate_errors(uri, keyfile=keyfile):
-                data = bytes(deserializer[RECORD_NAME].detach().cpu().numpy())
+                data = bytes(header[RECORD_NAME].detach().cpu().numpy())
             self.record = FileRecord.from_bytes(data, source=uri)
 
     @property
     def is_vllm_tensorized(self) -> bool:
         """Whether the file holds a vLLM model's own parameters (vs. a Hugging Face one)."""
-        return self.record is not None or MARKER_NAME in self._deserializer
+        return self.record is not None or MARKER_NAME in self._header
 
     def names(self) -> list[str]:
-        return [_module_name(k) for k in self._deserializer.keys() if k not in RESERVED_NAMES]
+        return [_module_name(k) for k in self._header.keys() if k not in RESERVED_NAMES]
 
     def tensor_types(self) -> dict[str, str]:
         """Each tensor's kind as written (PARAM, BUFFER or STATE_DICT), by name."""
-        return {
-            _module_name(path[0] if isinstance(path, tuple) and len(path) == 1 else str(path)):
-            entry.type.name
-            for path, entry in self._deserializer._metadata.items()
-        }
+        return {_module_name(_entry_name(path)): entry.type.name
+                for path, entry in self._header._metadata.items()}
 
     @property
     def total_tensor_bytes(self) -> int:
         """Bytes of the model's tensors (the file record and marker left out)."""
-        return sum(
-            int(entry.deserialized_length)
-            for path, entry in self._deserializer._metadata.items()
-            if _module_name(path[0] if isinstance(path, tuple) else str(path)) not in
-            {_module_name(n) for n in RESERVED_NAMES}
-        )
+        return sum(int(entry.deserialized_length)
+                   for path, entry in self._header._metadata.items()
+                   if _entry_name(path) not in RESERVED_NAMES)
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Stream every tensor (the reserved record and marker left out), in file order."""
-        with _translate_errors(self.uri, keyfile=self._keyfile):
-            for name, tensor in self._deserializer.items():
-                if name in RESERVED_NAMES:
-                    continue
+        """Read every tensor (the reserved record and marker left out) onto the device,
+        with parallel readers, and yield them in file order."""
+        from tensorizer import TensorDeserializer
+
+        stream = self._reopen()
+        try:
+            with _translate_errors(self.uri, keyfile=self._keyfile):
+                deserializer = TensorDeserializer(
+                    stream, device=self._device, lazy_load=False,
+                    filter_func=lambda name: name not in RESERVED_NAMES, **self._kwargs)
+                tensors = list(deserializer.items())
+                deserializer.close()
+                del deserializer  # its cache would keep every tensor alive
+            for name, tensor in tensors:
                 yield _module_name(name), tensor.detach()
+        finally:
+            stream.close()
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
-            self._deserializer.close()
-        with contextlib.suppress(Exception):
-            self._stream.close()
-        self._deserializer = None  # type: ignore[assignment]  # free tensorizer's cache
+            self._header.close()
+        self._header = None  # type: ignore[assignment]
 
     def __enter__(self) -> TensorReader:
         return self
@@ -150,7 +157,7 @@ def open_tensors(
     config: TensorizerConfig | None = None,
     decryption: Any = None,
 ) -> TensorReader:
-    """Open a tensors file for streaming onto `device`.
+    """Open a tensors file for streaming onto `device` (only its header is read now).
 
     Args:
         uri: a local path or an ``s3://`` / ``http(s)://`` URI (no rank template).
@@ -174,11 +181,8 @@ def open_tensors(
 
         decryption = read_decryption_params(config.encryption_keyfile, config)
     readers = config.deserialization_kwargs.get("num_readers", config.num_readers)
-    kwargs: dict[str, Any] = {
-        "verify_hash": bool(config.verify_hash),
-        **config.deserialization_kwargs,
-        "lazy_load": True,
-    }
+    kwargs: dict[str, Any] = {"verify_hash": bool(config.verify_hash),
+                              **config.deserialization_kwargs}
     options = config.stream_options()
     if storage.is_local(uri):
         kwargs["num_readers"] = readers or default_num_readers(uri)
@@ -191,15 +195,22 @@ def open_tensors(
         kwargs["encryption"] = decryption
     name = storage.redact(uri)
     started = time.perf_counter()
-    stream = storage.open_read(uri, options)
+    # The header needs no read-ahead: a small window, one worker.
+    stream = storage.open_read(uri, {**options, "chunk_size": 1 << 20, "workers": 1})
     try:
         with _translate_errors(name, keyfile=config.encryption_keyfile):
-            deserializer = TensorDeserializer(stream, device=device, **kwargs)
-        return TensorReader(name, deserializer, stream, keyfile=config.encryption_keyfile,
-                            started=started)
+            header = TensorDeserializer(stream, device="cpu", lazy_load=True,
+                                        **{k: v for k, v in kwargs.items() if k != "num_readers"},
+                                        num_readers=1)
+        return TensorReader(name, header, lambda: storage.open_read(uri, options), kwargs,
+                            device, keyfile=config.encryption_keyfile, started=started)
     except BaseException:
         stream.close()
         raise
+
+
+def _entry_name(path: Any) -> str:
+    return path[0] if isinstance(path, tuple) and len(path) == 1 else str(path)
 
 
 def _module_name(name: str) -> str:

@@ -56,7 +56,8 @@ from .streaming import (
     open_tensors,
 )
 
-logger = init_logger(__name__)
+# Under vLLM's namespace, so that vLLM's logging configuration shows these lines.
+logger = init_logger(f"vllm.{__name__}")
 
 LOAD_FORMAT = "tensorizer"
 CAPTURE_LOAD_FORMAT = "tensorize_vllm_model_capture"
