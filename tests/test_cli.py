@@ -35,7 +35,7 @@ def tensors_file(tmp_path_factory):
 def test_missing_subcommand(capsys, tiny_llama):
     code, err = run_main(capsys, "--model", tiny_llama)
     assert code == 2
-    assert err.endswith("error: a command is required: serialize or deserialize")
+    assert err.endswith("error: a command is required: serialize, deserialize, inspect or verify")
 
 
 @pytest.mark.parametrize("extra,expected", [

@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -55,7 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--lora-path", dest="lora_paths_before", action="append", default=[], metavar="PATH",
         help="A LoRA adapter to serialize with the model (see serialize --lora-path).")
-    subparsers = parser.add_subparsers(dest="command", metavar="{serialize,deserialize}")
+    subparsers = parser.add_subparsers(dest="command",
+                                       metavar="{serialize,deserialize,inspect,verify}")
+    for name, text in FILE_COMMANDS.items():
+        subparsers.add_parser(name, help=text, add_help=False)  # listed; parsed without vLLM
 
     serialize = subparsers.add_parser(
         "serialize", help="Serialize a model to --serialized-directory",
@@ -125,6 +130,99 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+FILE_COMMANDS = {
+    "inspect": "List the tensors, layout and encryption of a tensors file (no vLLM)",
+    "verify": "Read every tensor, check its hash and key; exit 0 only if all are intact",
+}
+
+
+def build_file_parser(command: str) -> argparse.ArgumentParser:
+    """The parser of ``inspect`` and ``verify``: they need neither vLLM nor its flags."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m tensorize_vllm_model {command}", description=FILE_COMMANDS[command])
+    parser.add_argument("uri", help="A local path, s3:// or http(s):// URI, or a rank "
+                        "template such as model-rank-%%03d.tensors (every shard).")
+    parser.add_argument("--keyfile", type=str, default=None,
+                        help="The key of an encrypted file"
+                        + (" (not needed to list it)." if command == "inspect" else "."))
+    if command == "inspect":
+        parser.add_argument("--json", action="store_true",
+                            help="Print one JSON document instead of a table.")
+    else:
+        parser.add_argument("--num-readers", type=int, default=None,
+                            help="Parallel readers (default: chosen for the source).")
+    group = parser.add_argument_group("remote storage")
+    group.add_argument("--s3-access-key-id", type=str, default=None,
+                       help="The S3 access key (else S3_ACCESS_KEY_ID, the AWS chain, ~/.s3cfg).")
+    group.add_argument("--s3-secret-access-key", type=str, default=None,
+                       help="The S3 secret key. Prefer the S3_SECRET_ACCESS_KEY environment "
+                       "variable: command lines are visible to other users.")
+    group.add_argument("--s3-endpoint", type=str, default=None,
+                       help="The S3 endpoint URL (else S3_ENDPOINT_URL).")
+    _add_transport_flags(group)
+    return parser
+
+
+def _file_command(argv: list[str]) -> int:
+    from .inspection import inspect_tensors, verify_tensors
+
+    command, rest = argv[0], argv[1:]
+    args = build_file_parser(command).parse_args(rest)
+    values: dict[str, Any] = {"tensorizer_uri": args.uri}
+    for name in ("s3_access_key_id", "s3_secret_access_key", "s3_endpoint", "ca_bundle",
+                 "num_readers"):
+        if getattr(args, name, None) is not None:
+            values[name] = getattr(args, name)
+    if args.keyfile:
+        values["encryption_keyfile"] = args.keyfile
+    values.update(_transport(args, values))
+    try:
+        config = TensorizerConfig.from_extra_config(values)
+        if command == "inspect":
+            reports = inspect_tensors(args.uri, config)
+            if args.json:
+                print(json.dumps({"files": [r.to_json() for r in reports]}, indent=2))
+            else:
+                for report in reports:
+                    _print_report(report)
+            return 0
+        results = verify_tensors(args.uri, config)
+    except TensorizeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for result in results:
+        if result.intact:
+            print(f"OK {result.uri}: {result.tensors} tensors, {result.bytes / 1e6:.1f} MB, "
+                  f"hashes checked in {result.seconds:.2f} s")
+        else:
+            print(f"BAD {result.uri}: {len(result.bad)} of {result.tensors} tensors corrupt")
+            for name, reason in result.bad:
+                print(f"  {name}: {reason}")
+    return 0 if all(r.intact for r in results) else 1
+
+
+def _print_report(report: Any) -> None:
+    record = report.record or {}
+    layout = (f"TP={record.get('tensor_parallel_size', 1)} x "
+              f"PP={record.get('pipeline_parallel_size', 1)}, rank {record.get('rank', 0)}"
+              if record else "unknown (the file's record is encrypted: give --keyfile)"
+              if report.encrypted and report.vllm_tensorized else "not recorded")
+    print(f"{report.uri}")
+    print(f"  tensorizer format version {report.format_version}; "
+          f"{'encrypted' if report.encrypted else 'not encrypted'}; "
+          f"{'vLLM-tensorized' if report.vllm_tensorized else 'not vLLM-tensorized'}")
+    print(f"  parallel layout: {layout}"
+          + (f"; architecture {record['architecture']}" if record.get("architecture") else "")
+          + (f"; written by {record['producer']}" if record.get("producer") else ""))
+    width = max((len(t.name) for t in report.tensors), default=4)
+    print(f"  {'name':<{width}}  {'dtype':<9} {'shape':<18} {'bytes':>12}")
+    for t in report.tensors:
+        shape = "x".join(str(d) for d in t.shape) or "scalar"
+        print(f"  {t.name:<{width}}  {t.dtype:<9} {shape:<18} {t.bytes:>12}")
+    print(f"  {len(report.tensors)} tensors, {report.tensor_bytes} bytes "
+          f"({report.tensor_bytes / 1e9:.3f} GB) in a {report.size}-byte file")
+
+
 def _add_transport_flags(group) -> None:
     group.add_argument(
         "--ca-bundle", type=str, default=None,
@@ -150,10 +248,14 @@ def _transport(args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with `argv` (default: ``sys.argv[1:]``); return the exit code."""
+    _terminate_cleanly()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in FILE_COMMANDS:
+        return _file_command(argv)
     parser = build_parser()
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(argv)
     if args.command is None:
-        parser.error("a command is required: serialize or deserialize")
+        parser.error("a command is required: serialize, deserialize, inspect or verify")
     try:
         _check_model_path(args.model)
         if args.command == "serialize":
@@ -162,6 +264,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TensorizeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _terminate_cleanly() -> None:
+    """Turn SIGTERM (what `kill` and container runtimes send) into SystemExit, so an
+    interrupted serialize deletes its temporary files as it does on Ctrl-C."""
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
 
 
 def _check_model_path(model: str | None) -> None:

@@ -14,6 +14,7 @@ __all__ = [
     "StorageError",
     "EncryptionError",
     "FormatError",
+    "CorruptTensorError",
     "ModelMismatchError",
     "LayoutError",
 ]
@@ -37,6 +38,14 @@ class EncryptionError(TensorizeError):
 
 class FormatError(TensorizeError):
     """A file is not a readable tensorizer file (truncated, corrupt or another format)."""
+
+
+class CorruptTensorError(FormatError):
+    """A tensor's data does not match the hash stored with it (or does not decrypt)."""
+
+    def __init__(self, message: str, *, tensor: str):
+        super().__init__(message)
+        self.tensor = tensor
 
 
 class ModelMismatchError(TensorizeError):

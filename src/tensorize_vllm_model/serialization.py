@@ -9,6 +9,7 @@ only when all of it has been written.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 import time
@@ -118,6 +119,7 @@ def write_tensors(
                 encryption=encryption_params(key) if key is not None else None,
                 **dict(serialization_kwargs or {}),
             )
+            record = dataclasses.replace(record, encrypted=key is not None)
             record_bytes = bytearray(record.to_bytes())
             serializer.write_tensor(
                 0, RECORD_NAME, TensorType.STATE_DICT, torch.frombuffer(record_bytes, dtype=torch.uint8)

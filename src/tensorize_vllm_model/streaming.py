@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,7 @@ from . import storage
 from .config import TensorizerConfig
 from .storage.ranged import DEFAULT_WORKERS
 from .errors import (
+    CorruptTensorError,
     EncryptionError,
     FormatError,
     ModelMismatchError,
@@ -42,6 +44,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TensorReader",
+    "TensorEntry",
+    "FileFacts",
     "LoadStats",
     "open_tensors",
     "load_into_module",
@@ -66,6 +70,31 @@ class LoadStats:
         return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
 
 
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor as the file's index describes it."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    bytes: int
+    kind: str
+
+
+def _dtype_name(stored: str) -> str:
+    """The torch name of a stored dtype: numpy's name, or the torch name tensorizer keeps
+    after its separator for dtypes numpy lacks (bfloat16...)."""
+    numpy_name, _, torch_name = stored.partition("\0")
+    if torch_name:
+        return torch_name.removeprefix("torch.")
+    try:
+        import numpy
+
+        return numpy.dtype(numpy_name).name
+    except TypeError:
+        return numpy_name
+
+
 def default_num_readers(uri: str) -> int:
     """Reader threads when the user sets none: one per core (at most 8) for local files,
     the range reader's default for remote ones."""
@@ -84,8 +113,11 @@ class TensorReader:
 
     def __init__(self, uri: str, header: TensorDeserializer, reopen: Callable[[], Any],
                  kwargs: dict[str, Any], device: str | torch.device,
-                 keyfile: str | None = None, started: float | None = None):
+                 keyfile: str | None = None, started: float | None = None,
+                 facts: FileFacts | None = None, keyless: bool = False):
         self.uri = uri
+        self.facts = facts
+        self._keyless = keyless
         self._header = header
         self._reopen = reopen
         self._kwargs = kwargs
@@ -94,7 +126,7 @@ class TensorReader:
         # When opening began: load figures count the header and index reads too.
         self.started = time.perf_counter() if started is None else started
         self.record: FileRecord | None = None
-        if RECORD_NAME in header:
+        if RECORD_NAME in header and not keyless:  # encrypted like every tensor
             with _translate_errors(uri, keyfile=keyfile):
                 data = bytes(header[RECORD_NAME].detach().cpu().numpy())
             self.record = FileRecord.from_bytes(data, source=uri)
@@ -103,6 +135,24 @@ class TensorReader:
     def is_vllm_tensorized(self) -> bool:
         """Whether the file holds a vLLM model's own parameters (vs. a Hugging Face one)."""
         return self.record is not None or MARKER_NAME in self._header
+
+    @property
+    def encrypted(self) -> bool:
+        return bool(self.facts and self.facts.encrypted)
+
+    def entries(self) -> list[TensorEntry]:
+        """Every tensor in file order (the reserved record and marker left out), from the
+        index alone: nothing is read or allocated."""
+        found = []
+        for path, entry in self._header._metadata.items():
+            name = _entry_name(path)
+            if name in RESERVED_NAMES:
+                continue
+            found.append(TensorEntry(name=_module_name(name), dtype=_dtype_name(entry.dtype),
+                                     shape=tuple(int(d) for d in entry.shape),
+                                     bytes=int(entry.deserialized_length),
+                                     kind=entry.type.name))
+        return found
 
     def names(self) -> list[str]:
         return [_module_name(k) for k in self._header.keys() if k not in RESERVED_NAMES]
@@ -119,17 +169,21 @@ class TensorReader:
                    for path, entry in self._header._metadata.items()
                    if _entry_name(path) not in RESERVED_NAMES)
 
-    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Read every tensor (the reserved record and marker left out) onto the device,
-        with parallel readers, and yield them in file order."""
+    def items(self, only: Collection[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Read every tensor (the reserved record and marker left out), or those named in
+        `only`, onto the device with parallel readers, and yield them in file order."""
         from tensorizer import TensorDeserializer
 
+        if self._keyless:
+            raise EncryptionError(f"{self.uri} is encrypted: give the key to read its tensors")
         stream = self._reopen()
         try:
             with _translate_errors(self.uri, keyfile=self._keyfile):
                 deserializer = TensorDeserializer(
                     stream, device=self._device, lazy_load=False,
-                    filter_func=lambda name: name not in RESERVED_NAMES, **self._kwargs)
+                    filter_func=lambda name: name not in RESERVED_NAMES and (
+                        only is None or _module_name(name) in only),
+                    **self._kwargs)
                 tensors = list(deserializer.items())
                 deserializer.close()
                 del deserializer  # its cache would keep every tensor alive
@@ -156,6 +210,7 @@ def open_tensors(
     device: str | torch.device = "cpu",
     config: TensorizerConfig | None = None,
     decryption: Any = None,
+    header_only: bool = False,
 ) -> TensorReader:
     """Open a tensors file for streaming onto `device` (only its header is read now).
 
@@ -166,6 +221,8 @@ def open_tensors(
             ``stream_kwargs``, ``deserialization_kwargs``, ``encryption_keyfile``).
         decryption: tensorizer ``DecryptionParams``; read from ``config.encryption_keyfile``
             when not given.
+        header_only: open an encrypted file without its key, to list its tensors (the
+            reader's `items()` must then not be used).
 
     Raises:
         StorageError: the file cannot be opened.
@@ -198,15 +255,109 @@ def open_tensors(
     # The header needs no read-ahead: a small window, one worker.
     stream = storage.open_read(uri, {**options, "chunk_size": 1 << 20, "workers": 1})
     try:
+        facts = read_preamble(stream, name)
+        keyless = False
+        if facts.encrypted and decryption is None and not header_only:
+            raise EncryptionError(
+                f"{name} is encrypted: give the key with --keyfile / encryption_keyfile")
+        if decryption is None and facts.encrypted:
+            # Listing needs no key: the index is not encrypted. A throwaway key gets
+            # tensorizer past its check; no tensor is ever decrypted with it.
+            from tensorizer import DecryptionParams
+
+            kwargs["encryption"] = DecryptionParams.from_key(os.urandom(32))
+            keyless = True
         with _translate_errors(name, keyfile=config.encryption_keyfile):
             header = TensorDeserializer(stream, device="cpu", lazy_load=True,
                                         **{k: v for k, v in kwargs.items() if k != "num_readers"},
                                         num_readers=1)
+        _check_index(header, facts, stream, name, local=storage.is_local(uri))
         return TensorReader(name, header, lambda: storage.open_read(uri, options), kwargs,
-                            device, keyfile=config.encryption_keyfile, started=started)
+                            device, keyfile=config.encryption_keyfile, started=started,
+                            facts=facts, keyless=keyless)
     except BaseException:
         stream.close()
         raise
+
+
+@dataclass(frozen=True)
+class FileFacts:
+    """What the first bytes of a tensorizer file say: its size, format version, and
+    whether its tensors are encrypted."""
+
+    size: int
+    version: int
+    encrypted: bool
+    index_bytes: int
+
+
+_MAGIC = b"|TZR|"
+# magic, data version, feature flags, nominal data size, (unused), tensor count, index size
+_PREAMBLE = struct.Struct("<5sI32sQ8xQQ")
+_FLAG_ENCRYPTED = 1
+_ENCRYPTION_VERSION = 3
+_FLAGGED_VERSION = 4
+
+
+def read_preamble(stream: Any, name: str) -> FileFacts:
+    """Check the start of an open tensors file against its size, before tensorizer reads
+    it: a file that is empty, of another format, or truncated in its index is refused here,
+    and no size read from the file is trusted beyond the file's own length."""
+    size = stream.seek(0, os.SEEK_END)
+    stream.seek(0)
+    if size == 0:
+        raise FormatError(f"{name} is not a tensorizer file (it is empty)")
+    head = stream.read(_PREAMBLE.size)
+    stream.seek(0)
+    if not head.startswith(_MAGIC[: len(head)]) or len(head) < len(_MAGIC):
+        raise FormatError(f"{name} is not a tensorizer file{_guess_format(head)}")
+    if len(head) < _PREAMBLE.size:
+        raise FormatError(f"{name} is truncated: {size} bytes, too short for a header")
+    _, version, flags, _, count, index_bytes = _PREAMBLE.unpack(head)
+    encrypted = version == _ENCRYPTION_VERSION or (
+        version >= _FLAGGED_VERSION and bool(int.from_bytes(flags, "little") & _FLAG_ENCRYPTED))
+    if _PREAMBLE.size + index_bytes > size:
+        raise FormatError(
+            f"{name} is truncated or corrupt: its tensor index claims {index_bytes} bytes, "
+            f"but the file has {size} bytes in all")
+    if count > index_bytes:  # every index entry takes several bytes
+        raise FormatError(f"{name} is corrupt: {count} tensors cannot fit in a "
+                          f"{index_bytes}-byte index")
+    return FileFacts(size=size, version=version, encrypted=encrypted, index_bytes=index_bytes)
+
+
+def _guess_format(head: bytes) -> str:
+    if len(head) >= 9 and head[8:9] == b"{":
+        return " (it looks like a safetensors file: load it with vLLM's default loader)"
+    if head.startswith(b"PK\x03\x04"):
+        return " (it looks like a zip file, e.g. a torch.save checkpoint)"
+    return ""
+
+
+_HEADER_LENGTH = struct.Struct("<Q")
+
+
+def _check_index(header: TensorDeserializer, facts: FileFacts, stream: Any, name: str, *,
+                 local: bool) -> None:
+    """Refuse an index whose entries point outside the file (truncated or forged sizes),
+    so no allocation is ever sized by a number the file's length does not back."""
+    for path, entry in header._metadata.items():
+        tensor = _module_name(_entry_name(path))
+        end = entry.data_offset + entry.data_length
+        if not (0 < entry.offset < entry.data_offset <= end <= facts.size) or \
+                entry.deserialized_length > facts.size:
+            what = ("ends past the end of the file" if end > facts.size
+                    else "has an impossible location or size")
+            raise FormatError(
+                f"{name} is truncated or corrupt: tensor {tensor} {what} (bytes "
+                f"{entry.data_offset}-{end} of a {facts.size}-byte file)")
+        if local:  # cheap here; tensorizer sizes a buffer by this header length
+            raw = os.pread(stream.fileno(), _HEADER_LENGTH.size, entry.offset)
+            length = _HEADER_LENGTH.unpack(raw)[0] if len(raw) == _HEADER_LENGTH.size else -1
+            if not 0 < length <= entry.data_offset - entry.offset:
+                raise FormatError(
+                    f"{name} is corrupt: the header of tensor {tensor} claims {length} bytes "
+                    f"where {entry.data_offset - entry.offset} are available")
 
 
 def _entry_name(path: Any) -> str:
@@ -243,7 +394,11 @@ def _translate_errors(uri: str, *, keyfile: str | None = None) -> Iterator[None]
             + ": wrong key (or corrupted data)"
         ) from None
     except HashMismatchError as e:
-        raise FormatError(f"{uri}: hash check failed: {e}") from None
+        found = re.search(r"Tensor '([^']*)'", str(e))
+        tensor = _module_name(found.group(1)) if found else "?"
+        raise CorruptTensorError(
+            f"{uri}: tensor {tensor} failed its hash check (the data is corrupt)",
+            tensor=tensor) from None
     except (struct.error, EOFError, AssertionError) as e:
         raise FormatError(f"{uri} is truncated or corrupt ({type(e).__name__}: {e})") from None
     except ValueError as e:
@@ -252,9 +407,16 @@ def _translate_errors(uri: str, *, keyfile: str | None = None) -> Iterator[None]
             raise FormatError(f"{uri} is not a tensorizer file") from None
         if "too small" in text or "empty" in text or "Unsupported version" in text:
             raise FormatError(f"{uri} is truncated or corrupt: {text}") from None
-        raise
+        raise FormatError(f"{uri} is corrupt: {text}") from None
     except OSError as e:
         raise StorageError(f"cannot read {uri}: {e}") from None
+    except (KeyError, IndexError, TypeError, UnicodeDecodeError, OverflowError,
+            MemoryError) as e:
+        raise FormatError(f"{uri} is corrupt ({type(e).__name__}: {e})") from None
+    except RuntimeError as e:
+        if "out of memory" in str(e):
+            raise
+        raise FormatError(f"{uri} is corrupt ({type(e).__name__}: {e})") from None
 
 
 class _EmptyOnMeta(TorchDispatchMode):

@@ -1,0 +1,196 @@
+"""Looking inside tensors files without vLLM: list what a file holds, prove it is intact.
+
+`inspect_tensors` reads only headers and indexes (no tensor is read or allocated, and an
+encrypted file can be listed without its key); `verify_tensors` reads every tensor, checks
+its stored hashes (and that it decrypts with the key given) and names each bad one. Both
+take a local path, an ``s3://`` or ``http(s)://`` URI, or a rank template such as
+``model-rank-%03d.tensors`` (every shard is then covered).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import storage
+from .config import TensorizerConfig
+from .errors import CorruptTensorError, EncryptionError
+from .layout import has_rank_template
+from .streaming import TensorEntry, open_tensors
+
+__all__ = ["FileReport", "VerifyReport", "inspect_tensors", "verify_tensors", "shard_uris"]
+
+# Tensors verified per read: bounds the memory a verify holds at once.
+VERIFY_BATCH_BYTES = 512 * 1024 * 1024
+
+
+@dataclass
+class FileReport:
+    """What one tensors file holds, from its header and index."""
+
+    uri: str
+    size: int
+    format_version: int
+    encrypted: bool
+    vllm_tensorized: bool
+    record: dict[str, Any] | None
+    tensors: list[TensorEntry] = field(default_factory=list)
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(t.bytes for t in self.tensors)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "uri": self.uri,
+            "file_bytes": self.size,
+            "tensorizer_format_version": self.format_version,
+            "encrypted": self.encrypted,
+            "vllm_tensorized": self.vllm_tensorized,
+            "record": self.record,
+            "tensor_count": len(self.tensors),
+            "tensor_bytes": self.tensor_bytes,
+            "tensors": [{**dataclasses.asdict(t), "shape": list(t.shape)} for t in self.tensors],
+        }
+
+
+@dataclass
+class VerifyReport:
+    """What a verify of one file found."""
+
+    uri: str
+    tensors: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    bad: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def intact(self) -> bool:
+        return not self.bad
+
+
+def shard_uris(uri: str, config: TensorizerConfig | None = None) -> list[str]:
+    """The files a URI stands for: itself, or every shard of a rank template (as many as
+    rank 0's record says, else as many as exist from rank 0 on)."""
+    if not has_rank_template(uri):
+        return [uri]
+    config = config or TensorizerConfig(tensorizer_uri=uri)
+    first = uri % 0
+    with open_tensors(first, config=config, header_only=True) as reader:
+        record = reader.record
+    if record is not None:
+        world = record.tensor_parallel_size * record.pipeline_parallel_size
+        return [uri % rank for rank in range(world)]
+    found = [first]
+    options = config.stream_options()
+    while storage.exists(uri % len(found), options):
+        found.append(uri % len(found))
+    return found
+
+
+def inspect_tensors(uri: str, config: TensorizerConfig | None = None) -> list[FileReport]:
+    """Describe the file at `uri` (every shard of a rank template) from headers alone.
+
+    Raises:
+        StorageError, FormatError: as `open_tensors`, naming the file.
+        EncryptionError: a key was given for an unencrypted file.
+    """
+    config = config or TensorizerConfig(tensorizer_uri=uri)
+    reports = []
+    for shard in shard_uris(uri, config):
+        with open_tensors(shard, config=config, header_only=True) as reader:
+            assert reader.facts is not None
+            reports.append(FileReport(
+                uri=reader.uri,
+                size=reader.facts.size,
+                format_version=reader.facts.version,
+                encrypted=reader.facts.encrypted,
+                vllm_tensorized=reader.is_vllm_tensorized,
+                record=dataclasses.asdict(reader.record) if reader.record else None,
+                tensors=reader.entries(),
+            ))
+    return reports
+
+
+def verify_tensors(uri: str, config: TensorizerConfig | None = None) -> list[VerifyReport]:
+    """Read every tensor of `uri` (every shard of a rank template), check its hashes and
+    that it decrypts, and report each bad tensor by name.
+
+    Raises:
+        StorageError, FormatError: a file cannot be opened or its index is corrupt.
+        EncryptionError: a file is encrypted and no key was given, or the key is wrong.
+    """
+    config = dataclasses.replace(config or TensorizerConfig(tensorizer_uri=uri), verify_hash=True)
+    return [_verify_file(shard, config) for shard in shard_uris(uri, config)]
+
+
+def _verify_file(uri: str, config: TensorizerConfig) -> VerifyReport:
+    start = time.perf_counter()
+    with open_tensors(uri, config=config) as reader:
+        report = VerifyReport(uri=reader.uri)
+        entries = reader.entries()
+        if reader.encrypted and entries:
+            _check_key(reader, entries[0].name)
+        for batch in _batches(entries):
+            pending = [e.name for e in batch]
+            while pending:
+                try:
+                    for name, tensor in reader.items(only=set(pending)):
+                        report.tensors += 1
+                        report.bytes += tensor.numel() * tensor.element_size()
+                    pending = []
+                except CorruptTensorError as e:
+                    if e.tensor not in pending:
+                        pending = _verify_singly(reader, pending, report)
+                        continue
+                    # The read stopped at the bad tensor: the others are read again.
+                    report.bad.append((e.tensor, "hash mismatch"))
+                    report.tensors += 1
+                    pending.remove(e.tensor)
+                except EncryptionError:
+                    pending = _verify_singly(reader, pending, report)
+    order = {e.name: i for i, e in enumerate(entries)}
+    report.bad.sort(key=lambda bad: order.get(bad[0], len(order)))
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _check_key(reader: Any, first: str) -> None:
+    """Decrypt one tensor first, so a wrong key is one clear error rather than every
+    tensor reported bad."""
+    try:
+        for _ in reader.items(only={first}):
+            pass
+    except CorruptTensorError:
+        pass  # decrypted; its hash is checked (and reported) with the rest
+
+
+def _verify_singly(reader: Any, names: list[str], report: VerifyReport) -> list[str]:
+    """Read `names` one at a time, recording each that fails (a tensor that does not
+    decrypt with a key that decrypts the others is corrupt)."""
+    for name in names:
+        report.tensors += 1
+        try:
+            for _, tensor in reader.items(only={name}):
+                report.bytes += tensor.numel() * tensor.element_size()
+        except CorruptTensorError:
+            report.bad.append((name, "hash mismatch"))
+        except EncryptionError:
+            report.bad.append((name, "does not decrypt (corrupt data or authentication tag)"))
+    return []
+
+
+def _batches(entries: list[TensorEntry]) -> Iterator[list[TensorEntry]]:
+    batch: list[TensorEntry] = []
+    size = 0
+    for entry in entries:
+        if batch and size + entry.bytes > VERIFY_BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+        batch.append(entry)
+        size += entry.bytes
+    if batch:
+        yield batch
