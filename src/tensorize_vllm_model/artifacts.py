@@ -102,7 +102,12 @@ def stage_artifacts(sources: Iterable[str], destination: str,
                 seen.add(name)
                 target = storage.stage_write(storage.join(destination, name), options)
                 staged.append(target)
-                shutil.copyfile(path, target.path)
+                try:
+                    shutil.copyfile(path, target.path)
+                except OSError as e:
+                    raise StorageError(
+                        f"cannot write {target.uri} (copying {path}): {e.strerror or e}"
+                    ) from e
     except BaseException:
         for target in staged:
             target.abort()

@@ -32,6 +32,9 @@ from .layout import (
     rank_uri,
 )
 
+# How long a failed serialize waits for the workers to delete their temporary files.
+ABORT_SECONDS = 15.0
+
 __all__ = [
     "StagedTensors",
     "SerializeResult",
@@ -205,6 +208,7 @@ def tensorize_vllm_model(
             key = read_key(keyfile, tensorizer_config)
 
     engine = None
+    publication = storage.Publication(options)
     try:
         engine = Engine.for_capture(engine_args, source_format)
         written = engine.rpc(
@@ -226,17 +230,19 @@ def tensorize_vllm_model(
         staged = stage_artifacts(sources, destination, options) + staged
         if lora_paths:
             staged += _stage_adapters(engine, lora_paths, destination, key, options, engine_args)
+        # All or nothing: the artifacts and key first, each rank's tensors last (so a
+        # tensors file that exists is complete); any failure puts every name back.
         for item in staged:
-            item.commit()
+            publication.commit(item)
         engine.rpc("tensorize_vllm_model_commit")
+        publication.finish()
     except BaseException:
+        publication.rollback()
         for item in staged:
             item.abort()
         if engine is not None and engine.llm is not None:
-            try:
-                engine.rpc("tensorize_vllm_model_abort")
-            except Exception:  # noqa: BLE001 - the original error matters more
-                pass
+            # The engine may be gone (Ctrl-C reaches its processes too): do not wait long.
+            engine.rpc_within(ABORT_SECONDS, "tensorize_vllm_model_abort")
         raise
     finally:
         if engine is not None:

@@ -16,12 +16,14 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import dataclasses
 import functools
 import gc
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -382,8 +384,16 @@ class WorkerExtension:
 
     def tensorize_vllm_model_abort(self) -> None:
         """Delete this worker's staged files."""
-        while _pending:
-            _pending.pop(0).abort()
+        _abort_pending()
+
+
+def _abort_pending() -> None:
+    while _pending:
+        _pending.pop(0).abort()
+
+
+# A worker that exits with files still staged (its engine interrupted) deletes them.
+atexit.register(_abort_pending)
 
     def tensorize_vllm_model_lora_modules(self) -> dict[str, Any]:
         """The module names a LoRA adapter may target in this model (PEFT's names, packed
@@ -462,6 +472,19 @@ class Engine:
 
     def rpc(self, method: str, **kwargs: Any) -> list[Any]:
         return self.llm.collective_rpc(method, kwargs=kwargs)
+
+    def rpc_within(self, seconds: float, method: str, **kwargs: Any) -> list[Any] | None:
+        """`rpc`, giving up after `seconds` (None then, or on error): for clean-up calls to
+        an engine that may already be shutting down."""
+        result: list[Any] = []
+        thread = threading.Thread(target=lambda: result.append(self.rpc(method, **kwargs)),
+                                  daemon=True)
+        thread.start()
+        thread.join(seconds)
+        if thread.is_alive() or not result:
+            logger.warning("the engine did not answer %s within %.0f s", method, seconds)
+            return None
+        return result[0]
 
     def generate(self, prompts: Sequence[str], *, max_tokens: int = 16) -> list[tuple[str, list[int]]]:
         """Greedy completions of `prompts`: (text, token ids) each."""

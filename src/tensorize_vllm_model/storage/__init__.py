@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import os
+import secrets
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -23,6 +25,8 @@ from typing import Any, BinaryIO
 
 from ..errors import ConfigError, StorageError
 from .options import STREAM_KWARGS, StreamOptions
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "SUPPORTED_SCHEMES",
@@ -187,6 +191,63 @@ class StagedWrite:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
         self.done = True
+
+
+class Publication:
+    """Publishes several staged files as one: all of them, or none.
+
+    A file already at a final name is first kept aside under a hidden name, so
+    `rollback()` can put every name back as it was (or remove a file that did not exist
+    before); `finish()` drops the kept copies once everything is published.
+    """
+
+    def __init__(self, options: Options = None):
+        self._options = options
+        self._published: list[tuple[str, str | None]] = []
+
+    def commit(self, staged: StagedWrite) -> None:
+        backup = None
+        if exists(staged.uri, self._options):
+            backup = _sibling(staged.uri, f".{basename(staged.uri)}.kept-{secrets.token_hex(4)}")
+            self._call("keep_aside", staged.uri, backup)
+        try:
+            staged.commit()
+        except BaseException:
+            if backup is not None:
+                self._call("delete", backup)
+            raise
+        self._published.append((staged.uri, backup))
+
+    def rollback(self) -> None:
+        """Put back every name published so far; errors are logged, not raised."""
+        while self._published:
+            uri, backup = self._published.pop()
+            try:
+                if backup is None:
+                    self._call("delete", uri)
+                else:
+                    self._call("restore", backup, uri)
+            except Exception:  # noqa: BLE001 - the original failure is the one to report
+                logger.warning("could not restore %s after a failed write", redact(uri))
+
+    def finish(self) -> None:
+        """Everything is published: drop the kept copies."""
+        while self._published:
+            _, backup = self._published.pop()
+            if backup is not None:
+                with contextlib.suppress(Exception):
+                    self._call("delete", backup)
+
+    def _call(self, name: str, *uris: str) -> None:
+        backend = _backend(uris[0])
+        if is_local(uris[0]):
+            getattr(backend, name)(*uris)
+        else:
+            getattr(backend, name)(*uris, StreamOptions.from_mapping(self._options))
+
+
+def _sibling(uri: str, name: str) -> str:
+    return join(parent(uri), name)
 
 
 def stage_write(uri: str, options: Options = None, *, mode: int = 0o644) -> StagedWrite:

@@ -10,7 +10,8 @@ from typing import BinaryIO
 
 from ..errors import StorageError
 
-__all__ = ["path_of", "open_read", "exists", "list_names", "make_temp", "publish"]
+__all__ = ["path_of", "open_read", "exists", "list_names", "make_temp", "publish", "keep_aside",
+           "restore", "delete"]
 
 
 def path_of(uri: str) -> str:
@@ -73,3 +74,26 @@ def publish(temp: str, uri: str) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def keep_aside(uri: str, backup: str) -> None:
+    """Keep the file at `uri` under `backup` too (a hard link: the file stays in place)."""
+    final, spare = path_of(uri), path_of(backup)
+    try:
+        try:
+            os.link(final, spare)
+        except OSError:  # a file system without hard links
+            import shutil
+
+            shutil.copy2(final, spare)
+    except OSError as e:
+        raise StorageError(f"cannot keep a copy of {final}: {e.strerror or e}") from e
+
+
+def restore(backup: str, uri: str) -> None:
+    os.replace(path_of(backup), path_of(uri))
+
+
+def delete(uri: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path_of(uri))

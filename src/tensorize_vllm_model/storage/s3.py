@@ -151,7 +151,8 @@ def _error(e: Exception, uri: str, resolved: _Resolved, action: str) -> StorageE
         status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         if status == 403 or code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
             return StorageError(
-                f"access denied {action} {uri} (HTTP 403 {code}) at {where}; credentials: "
+                f"access denied {action} {uri} (HTTP 403{'' if code in ('', '403') else ' ' + code})"
+                f" at {where}; credentials: "
                 f"{resolved.credentials}. Check the S3 access key and secret"
             )
         if status == 404 or code in ("NoSuchKey", "NoSuchBucket", "NotFound", "404"):
@@ -309,3 +310,28 @@ def upload(path: str, uri: str, options: StreamOptions) -> None:
         if isinstance(e, Exception):
             raise StorageError(f"{_error(e, uri, resolved, 'writing')}{leftover}") from None
         raise
+
+
+def keep_aside(uri: str, backup: str, options: StreamOptions) -> None:
+    """Copy the object at `uri` to `backup` (server-side), to restore it if a publish fails."""
+    bucket, key = parse(uri)
+    _, backup_key = parse(backup)
+    client, resolved = _client(options)
+    try:
+        client.copy_object(Bucket=bucket, Key=backup_key, CopySource={"Bucket": bucket, "Key": key})
+    except Exception as e:  # noqa: BLE001
+        raise _error(e, uri, resolved, "keeping a copy of") from None
+
+
+def restore(backup: str, uri: str, options: StreamOptions) -> None:
+    keep_aside(backup, uri, options)
+    delete(backup, options)
+
+
+def delete(uri: str, options: StreamOptions) -> None:
+    bucket, key = parse(uri)
+    client, resolved = _client(options)
+    try:
+        client.delete_object(Bucket=bucket, Key=key)
+    except Exception as e:  # noqa: BLE001
+        raise _error(e, uri, resolved, "deleting") from None
