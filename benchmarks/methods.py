@@ -119,6 +119,8 @@ def ours(path: str, model_dir: str, keyfile: str | None = None, options: dict | 
          num_readers: int | None = None, **_):
     from tensorize_vllm_model import TensorizerConfig, load_into_module, open_tensors
 
+    import tensorizer  # noqa: F401 - imported before the clock, as for tensorizer_default
+
     model = _meta_model(model_dir)
     config = TensorizerConfig(tensorizer_uri=path, encryption_keyfile=keyfile,
                               num_readers=num_readers, **(options or {}))
@@ -159,7 +161,10 @@ def download_then_load(url: str, **_):
             import boto3
 
             bucket, key = url[5:].split("/", 1)
-            boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT_URL"]).download_file(bucket, key, local)
+            from boto3.s3.transfer import TransferConfig
+
+            boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT_URL"]).download_file(
+                bucket, key, local, Config=TransferConfig(multipart_threshold=1 << 40))
         else:
             with urllib.request.urlopen(url) as response, open(local, "wb") as f:
                 shutil.copyfileobj(response, f, 16 << 20)

@@ -174,3 +174,14 @@ def test_listing(place):
         assert names is None  # HTTP cannot list a directory
     else:
         assert names == ["config.json", "model.tensors"]
+
+
+def test_sequential_reads_when_ranges_are_off(place):
+    place.put("blob.bin", PAYLOAD)
+    options = {**place.options, "ranges": False}
+    with storage.open_read(place.uri("blob.bin"), options) as f:
+        assert f.read(10) == PAYLOAD[:10]
+        f.seek(2_000_000)
+        assert f.read(100_000) == PAYLOAD[2_000_000:2_100_000]
+        f.seek(0)
+        assert f.read() == PAYLOAD

@@ -20,6 +20,7 @@ import re
 import struct
 import time
 from collections.abc import Callable, Collection, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -341,6 +342,7 @@ def _check_index(header: TensorDeserializer, facts: FileFacts, stream: Any, name
                  local: bool) -> None:
     """Refuse an index whose entries point outside the file (truncated or forged sizes),
     so no allocation is ever sized by a number the file's length does not back."""
+    entries = []
     for path, entry in header._metadata.items():
         tensor = _module_name(_entry_name(path))
         end = entry.data_offset + entry.data_length
@@ -351,13 +353,22 @@ def _check_index(header: TensorDeserializer, facts: FileFacts, stream: Any, name
             raise FormatError(
                 f"{name} is truncated or corrupt: tensor {tensor} {what} (bytes "
                 f"{entry.data_offset}-{end} of a {facts.size}-byte file)")
-        if local:  # cheap here; tensorizer sizes a buffer by this header length
-            raw = os.pread(stream.fileno(), _HEADER_LENGTH.size, entry.offset)
+        entries.append((tensor, entry))
+    if local:  # cheap here; tensorizer sizes a buffer by each tensor header's length
+        fd = stream.fileno()
+
+        def header_length(item: tuple[str, Any]) -> tuple[str, Any, int]:
+            raw = os.pread(fd, _HEADER_LENGTH.size, item[1].offset)
             length = _HEADER_LENGTH.unpack(raw)[0] if len(raw) == _HEADER_LENGTH.size else -1
-            if not 0 < length <= entry.data_offset - entry.offset:
-                raise FormatError(
-                    f"{name} is corrupt: the header of tensor {tensor} claims {length} bytes "
-                    f"where {entry.data_offset - entry.offset} are available")
+            return item[0], item[1], length
+
+        # Many small reads across the file: in parallel, so a cold disk's latency overlaps.
+        with ThreadPoolExecutor(min(16, max(1, len(entries)))) as pool:
+            for tensor, entry, length in pool.map(header_length, entries):
+                if not 0 < length <= entry.data_offset - entry.offset:
+                    raise FormatError(
+                        f"{name} is corrupt: the header of tensor {tensor} claims {length} "
+                        f"bytes where {entry.data_offset - entry.offset} are available")
 
 
 def _entry_name(path: Any) -> str:

@@ -130,7 +130,8 @@ def open_read(uri: str, options: Options = None) -> BinaryIO:
     from .ranged import RangeStream
 
     opts = StreamOptions.from_mapping(options)
-    return RangeStream(backend.source(uri, opts), chunk_size=opts.chunk_size, workers=opts.workers)
+    return RangeStream(backend.source(uri, opts), chunk_size=opts.chunk_size, workers=opts.workers,
+                       ranges=opts.ranges)
 
 
 def read_bytes(uri: str, options: Options = None, *, limit: int | None = None) -> bytes:

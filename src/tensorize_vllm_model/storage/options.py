@@ -21,7 +21,7 @@ __all__ = ["StreamOptions", "STREAM_KWARGS"]
 STREAM_KWARGS = (
     "s3_access_key_id", "s3_secret_access_key", "s3_endpoint", "s3_config_path",
     "s3_region_name", "s3_signature_version", "force_http", "ca_bundle", "buffer_size",
-    "workers", "chunk_size", "timeout",
+    "workers", "chunk_size", "timeout", "ranges",
 )
 
 
@@ -40,6 +40,9 @@ class StreamOptions:
     workers: int = DEFAULT_WORKERS
     chunk_size: int = DEFAULT_CHUNK_SIZE
     timeout: float = 30.0
+    # False: read a remote file as one sequential response instead of parallel byte ranges
+    # (for servers that serve ranges slowly).
+    ranges: bool = True
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | StreamOptions | None) -> StreamOptions:
@@ -53,8 +56,9 @@ class StreamOptions:
                 + ", ".join(STREAM_KWARGS)
             )
         values.pop("buffer_size", None)
-        if "force_http" in values and not isinstance(values["force_http"], bool):
-            raise ConfigError(f"stream_kwargs force_http must be true or false, got {values['force_http']!r}")
+        for name in ("force_http", "ranges"):
+            if name in values and not isinstance(values[name], bool):
+                raise ConfigError(f"stream_kwargs {name} must be true or false, got {values[name]!r}")
         for name in ("workers", "chunk_size"):
             if name in values and (not isinstance(values[name], int) or values[name] < 1):
                 raise ConfigError(f"stream_kwargs {name} must be a positive integer")

@@ -39,7 +39,7 @@ class RangeStream(io.RawIOBase):
     """A read-only, seekable view of a `RangeSource` with read-ahead."""
 
     def __init__(self, source: RangeSource, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                 workers: int = DEFAULT_WORKERS):
+                 workers: int = DEFAULT_WORKERS, ranges: bool = True):
         super().__init__()
         self.source = source
         self.name = source.name
@@ -52,6 +52,7 @@ class RangeStream(io.RawIOBase):
         self._pool: ThreadPoolExecutor | None = None
         self._sequential: io.RawIOBase | None = None
         self._sequential_pos = 0
+        self._ranges = ranges and source.supports_ranges
 
     # -- io.RawIOBase ----------------------------------------------------------------------
 
@@ -83,7 +84,7 @@ class RangeStream(io.RawIOBase):
         want = min(len(view), self._size - self._pos)
         if want <= 0:
             return 0
-        if not self.source.supports_ranges:
+        if not self._ranges:
             return self._read_sequential(view[:want])
         done = 0
         while done < want:

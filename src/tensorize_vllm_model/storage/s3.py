@@ -19,10 +19,12 @@ object appears at the key.
 from __future__ import annotations
 
 import configparser
+import io
 import math
 import os
 import threading
 import time
+from typing import Any
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -215,8 +217,35 @@ class S3Source:
             f"timed out): {last}"
         )
 
-    def open_sequential(self, start: int):  # pragma: no cover - S3 always serves ranges
-        raise NotImplementedError
+    def open_sequential(self, start: int) -> io.RawIOBase:
+        """One GET from `start` to the end (``stream_kwargs={"ranges": false}``)."""
+        try:
+            response = self._client.get_object(Bucket=self.bucket, Key=self.key,
+                                               Range=f"bytes={start}-")
+        except Exception as e:  # noqa: BLE001
+            raise _error(e, self.name, self._resolved, "reading") from None
+        return _Body(response["Body"])
+
+
+class _Body(io.RawIOBase):
+    """A botocore response body as a raw stream."""
+
+    def __init__(self, body: Any):
+        super().__init__()
+        self._body = body
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        data = self._body.read(len(view))
+        view[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._body.close()
+        super().close()
 
 
 def source(uri: str, options: StreamOptions) -> S3Source:
