@@ -338,6 +338,15 @@ class CaptureLoader(DefaultModelLoader):
         }
 
 
+def _abort_pending() -> None:
+    while _pending:
+        _pending.pop(0).abort()
+
+
+# A worker that exits with files still staged (its engine interrupted) deletes them.
+atexit.register(_abort_pending)
+
+
 class WorkerExtension:
     """Methods vLLM mixes into its worker class, called through ``collective_rpc``."""
 
@@ -386,14 +395,6 @@ class WorkerExtension:
         """Delete this worker's staged files."""
         _abort_pending()
 
-
-def _abort_pending() -> None:
-    while _pending:
-        _pending.pop(0).abort()
-
-
-# A worker that exits with files still staged (its engine interrupted) deletes them.
-atexit.register(_abort_pending)
 
     def tensorize_vllm_model_lora_modules(self) -> dict[str, Any]:
         """The module names a LoRA adapter may target in this model (PEFT's names, packed
