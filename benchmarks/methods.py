@@ -46,13 +46,13 @@ def peak_rss() -> int:
     return 0
 
 
-def _meta_model(model_dir: str):
+def _meta_model(model_dir: str, device: str = "cpu"):
     import transformers
 
     from tensorize_vllm_model.streaming import meta_parameters
 
     config = transformers.AutoConfig.from_pretrained(model_dir)
-    with meta_parameters("cpu"):
+    with torch.device(device), meta_parameters(device):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     return model
 
@@ -116,18 +116,61 @@ def tensorizer_default(path: str, **_):
 
 
 def ours(path: str, model_dir: str, keyfile: str | None = None, options: dict | None = None,
-         num_readers: int | None = None, **_):
+         num_readers: int | None = None, device: str = "cpu", **_):
     from tensorize_vllm_model import TensorizerConfig, load_into_module, open_tensors
 
     import tensorizer  # noqa: F401 - imported before the clock, as for tensorizer_default
 
-    model = _meta_model(model_dir)
+    model = _meta_model(model_dir, device)
     config = TensorizerConfig(tensorizer_uri=path, encryption_keyfile=keyfile,
                               num_readers=num_readers, **(options or {}))
+    _init_device(device)
     start = begin()
-    with open_tensors(path, config=config) as reader:
+    with open_tensors(path, config=config, device=device) as reader:
         stats = load_into_module(model, reader, strict=False)
+    _sync(device)
     return time.perf_counter() - start, stats.bytes
+
+
+# -- local file -> GPU ------------------------------------------------------------------------
+
+
+def _init_device(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.empty(1, device=device)  # the CUDA context: not part of any load
+        torch.cuda.synchronize()
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def h2d_ceiling(path: str, device: str = "cuda:0", **_):
+    """The pinned host-to-device ceiling: the file's bytes, already in pinned host memory,
+    copied to the GPU in 64 MiB pieces."""
+    size = os.path.getsize(path)
+    host = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+    with open(path, "rb", buffering=0) as f:
+        f.readinto(memoryview(host.numpy()))
+    _init_device(device)
+    target = torch.empty(size, dtype=torch.uint8, device=device)
+    start = begin()
+    piece = 64 << 20
+    for offset in range(0, size, piece):
+        target[offset:offset + piece].copy_(host[offset:offset + piece], non_blocking=True)
+    torch.cuda.synchronize()
+    return time.perf_counter() - start, size
+
+
+def safetensors_cuda(path: str, device: str = "cuda:0", **_):
+    from safetensors.torch import load_file
+
+    _init_device(device)
+    start = begin()
+    tensors = load_file(path, device=device)
+    torch.cuda.synchronize()
+    return time.perf_counter() - start, sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def runai(path: str, **_):
@@ -172,7 +215,7 @@ def download_then_load(url: str, **_):
     return time.perf_counter() - start, total
 
 
-METHODS = {f.__name__: f for f in (ceiling, safetensors_load, torch_load, tensorizer_default, ours,
+METHODS = {f.__name__: f for f in (ceiling, h2d_ceiling, safetensors_cuda, safetensors_load, torch_load, tensorizer_default, ours,
                                     runai, curl, download_then_load)}
 
 

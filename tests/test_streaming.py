@@ -202,3 +202,14 @@ def test_staged_tensors_absent_until_commit(tmp_path, source):
     assert not final.exists()
     staged.abort()
     assert not final.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_default_reader_counts(monkeypatch):
+    from tensorize_vllm_model.streaming import default_num_readers
+
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert default_num_readers("/m/model.tensors", "cuda:0") == 2
+    assert default_num_readers("/m/model.tensors", "cpu") == 8
+    assert default_num_readers("s3://b/model.tensors", "cuda:0") == 4
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert default_num_readers("/m/model.tensors") == 2

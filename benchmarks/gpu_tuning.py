@@ -1,0 +1,23 @@
+"""Reader counts for a local file -> cuda:0 (run where an NVIDIA GPU is present, after
+``run.py --scenarios gpu`` built the model): prints one line per setting."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import run  # noqa: E402
+
+files = run.prepare(float(sys.argv[1]) if len(sys.argv) > 1 else 1.5)
+for threads in (1, 4, 8):
+    run.set_cache("warm", [files["tensors"]])
+    r = run.measure("ceiling", path=files["tensors"], threads=threads)
+    print(f"readinto fresh host memory, {threads} threads: {r['bytes'] / r['seconds'] / 1e9:.2f} GB/s", flush=True)
+for readers in (2, 4, 8, 16):
+    rates = []
+    for _ in range(2):
+        run.set_cache("warm", [files["tensors"]])
+        r = run.measure("ours", path=files["tensors"], model_dir=files["model_dir"],
+                        device="cuda:0", num_readers=readers)
+        rates.append(r["bytes"] / r["seconds"] / 1e9)
+    print(f"ours -> cuda:0, num_readers={readers}: {max(rates):.2f} GB/s, host RSS+ "
+          f"{(r['peak_rss'] - r['baseline_rss']) / 1e9:.2f} GB", flush=True)
