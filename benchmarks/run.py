@@ -294,7 +294,10 @@ def vllm_run(kwargs: dict, env: dict | None = None) -> dict:
     script.write_text(VLLM_SCRIPT)
     process = subprocess.Popen([sys.executable, str(script), json.dumps(kwargs)],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+                               # a 1 GiB KV cache (vLLM's CPU default is 4 GiB), so that
+                               # the weights show in the worker's peak memory
+                               env={**os.environ, "HF_HUB_OFFLINE": "1",
+                                    "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})})
     peak: dict[int, int] = {}
     lines: list[str] = []
     import threading

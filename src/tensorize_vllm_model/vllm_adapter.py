@@ -23,6 +23,7 @@ import functools
 import gc
 import hashlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -242,7 +243,8 @@ class TensorizerLoader(BaseModelLoader):
         device = target_device(vllm_config)
         uri = self.rank_uri(vllm_config)
         logger.info("Loading tensors from %s onto %s", uri, device)
-        with open_tensors(uri, device=device, config=self.tensorizer_config) as reader:
+        with _readers_on_every_core(device), \
+                open_tensors(uri, device=device, config=self.tensorizer_config) as reader:
             if reader.record is not None:
                 reader.record.check_layout(layout, source=uri)
             with set_default_torch_dtype(model_config.dtype):
@@ -345,6 +347,31 @@ def _abort_pending() -> None:
 
 # A worker that exits with files still staged (its engine interrupted) deletes them.
 atexit.register(_abort_pending)
+
+
+@contextlib.contextmanager
+def _readers_on_every_core(device: torch.device | str) -> Iterator[None]:
+    """Let the loader's reader threads run on every core while the weights load.
+
+    vLLM's CPU backend binds each worker to its OpenMP cores and reserves the others for its
+    engine processes, which wait idle during the load; on a small machine that leaves the
+    readers one core. Threads inherit the mask of the thread that starts them, so widening
+    this thread's mask for the load (and restoring it after) reaches the readers and nothing
+    else: vLLM's OpenMP threads keep their binding.
+    """
+    if torch.device(device).type != "cpu" or not hasattr(os, "sched_setaffinity"):
+        yield
+        return
+    try:
+        bound = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))
+    except OSError:  # a cpuset that forbids it: keep vLLM's binding
+        yield
+        return
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, bound)
 
 
 class WorkerExtension:
