@@ -95,16 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         "to write beside the model, in lora/<name>/ (encrypted with the model's key). May "
         "be given several times; checked against the model before anything is written.",
     )
-    credentials = serialize.add_argument_group("remote storage")
-    credentials.add_argument("--s3-access-key-id", type=str, default=None,
-                             help="The S3 access key (else S3_ACCESS_KEY_ID, the AWS chain, "
-                             "~/.s3cfg).")
-    credentials.add_argument("--s3-secret-access-key", type=str, default=None,
-                             help="The S3 secret key. Prefer the S3_SECRET_ACCESS_KEY "
-                             "environment variable: command lines are visible to other users.")
-    credentials.add_argument("--s3-endpoint", type=str, default=None,
-                             help="The S3 endpoint URL (else S3_ENDPOINT_URL).")
-    _add_transport_flags(credentials)
+    _add_remote_flags(serialize.add_argument_group("remote storage"))
 
     deserialize = subparsers.add_parser(
         "deserialize", help="Deserialize a model from --path-to-tensors to verify it can be "
@@ -151,7 +142,12 @@ def build_file_parser(command: str) -> argparse.ArgumentParser:
     else:
         parser.add_argument("--num-readers", type=int, default=None,
                             help="Parallel readers (default: chosen for the source).")
-    group = parser.add_argument_group("remote storage")
+    _add_remote_flags(parser.add_argument_group("remote storage"))
+    return parser
+
+
+def _add_remote_flags(group) -> None:
+    """S3 credentials and endpoint, then the transport flags."""
     group.add_argument("--s3-access-key-id", type=str, default=None,
                        help="The S3 access key (else S3_ACCESS_KEY_ID, the AWS chain, ~/.s3cfg).")
     group.add_argument("--s3-secret-access-key", type=str, default=None,
@@ -160,7 +156,6 @@ def build_file_parser(command: str) -> argparse.ArgumentParser:
     group.add_argument("--s3-endpoint", type=str, default=None,
                        help="The S3 endpoint URL (else S3_ENDPOINT_URL).")
     _add_transport_flags(group)
-    return parser
 
 
 def _file_command(argv: list[str]) -> int:
