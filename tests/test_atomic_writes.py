@@ -357,8 +357,12 @@ def test_interrupted_serialize_keeps_the_earlier_model(signum, llama_serialized,
         paused = child.wait_for_line("PAUSED ", timeout=400)
         assert paused == f"PAUSED {directory / 'config.json'}"
 
-        # Everything is written, under temporary names only; nothing renamed yet.
-        staged = sorted(set(os.listdir(directory)) - set(MODEL_FILES))
+        # Everything is written, under temporary names only; nothing renamed yet. The file
+        # about to be replaced is kept aside first (a hidden hard link to the earlier one).
+        hidden = sorted(set(os.listdir(directory)) - set(MODEL_FILES))
+        [kept] = [n for n in hidden if re.fullmatch(r"\.config\.json\.kept-[0-9a-f]{8}", n)]
+        assert os.path.samefile(directory / kept, directory / "config.json")
+        staged = [n for n in hidden if n != kept]
         assert len(staged) == len(MODEL_FILES), staged
         for name, temp in zip(MODEL_FILES, staged):
             assert temp_name_pattern(name).match(temp), (name, temp)
@@ -394,7 +398,7 @@ def test_interrupted_serialize_keeps_the_earlier_model(signum, llama_serialized,
     if signum == signal.SIGKILL:
         # No chance to clean up: the temporaries may stay, but only under hidden names
         # that no reader takes for a model file.
-        assert leftovers == staged
+        assert leftovers == hidden
         assert key_leftovers == [key_temp]
     else:
         assert leftovers == [] and key_leftovers == [], (leftovers, key_leftovers)
