@@ -163,16 +163,8 @@ def _file_command(argv: list[str]) -> int:
 
     command, rest = argv[0], argv[1:]
     args = build_file_parser(command).parse_args(rest)
-    values: dict[str, Any] = {"tensorizer_uri": args.uri}
-    for name in ("s3_access_key_id", "s3_secret_access_key", "s3_endpoint", "ca_bundle",
-                 "num_readers"):
-        if getattr(args, name, None) is not None:
-            values[name] = getattr(args, name)
-    if args.keyfile:
-        values["encryption_keyfile"] = args.keyfile
-    values.update(_transport(args, values))
     try:
-        config = TensorizerConfig.from_extra_config(values)
+        config = _read_config(args, {"tensorizer_uri": args.uri}, args.keyfile)
         if command == "inspect":
             reports = inspect_tensors(args.uri, config)
             if args.json:
@@ -198,10 +190,13 @@ def _file_command(argv: list[str]) -> int:
 
 def _print_report(report: Any) -> None:
     record = report.record or {}
-    layout = (f"TP={record.get('tensor_parallel_size', 1)} x "
-              f"PP={record.get('pipeline_parallel_size', 1)}, rank {record.get('rank', 0)}"
-              if record else "unknown (the file's record is encrypted: give --keyfile)"
-              if report.encrypted and report.vllm_tensorized else "not recorded")
+    if record:
+        layout = (f"TP={record['tensor_parallel_size']} x PP={record['pipeline_parallel_size']}"
+                  f", rank {record['rank']}")
+    elif report.encrypted and report.vllm_tensorized:
+        layout = "unknown (the file's record is encrypted: give --keyfile)"
+    else:
+        layout = "not recorded"
     print(f"{report.uri}")
     print(f"  tensorizer format version {report.format_version}; "
           f"{'encrypted' if report.encrypted else 'not encrypted'}; "
@@ -346,13 +341,18 @@ def deserialize_config(args: argparse.Namespace) -> TensorizerConfig:
         raise ConfigError("--path-to-tensors and --tensorizer-uri name different files; give one")
     if args.keyfile and args.encryption_keyfile and args.keyfile != args.encryption_keyfile:
         raise ConfigError("--keyfile and --encryption-keyfile name different files; give one")
-    values = _extra_config(args)
-    values["tensorizer_uri"] = uri
+    return _read_config(args, {**_extra_config(args), "tensorizer_uri": uri},
+                        args.keyfile or args.encryption_keyfile)
+
+
+def _read_config(args: argparse.Namespace, values: dict[str, Any],
+                 keyfile: str | None) -> TensorizerConfig:
+    """The config of a read: `values`, then the read flags given (each command has some of
+    them), the key, and the transport flags."""
     for name in ("verify_hash", "num_readers", "s3_access_key_id", "s3_secret_access_key",
                  "s3_endpoint", "ca_bundle"):
         if getattr(args, name, None) is not None:
             values[name] = getattr(args, name)
-    keyfile = args.keyfile or args.encryption_keyfile
     if keyfile:
         values["encryption_keyfile"] = keyfile
     values.update(_transport(args, values))

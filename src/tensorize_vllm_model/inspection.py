@@ -102,7 +102,6 @@ def inspect_tensors(uri: str, config: TensorizerConfig | None = None) -> list[Fi
     reports = []
     for shard in shard_uris(uri, config):
         with open_tensors(shard, config=config, header_only=True) as reader:
-            assert reader.facts is not None
             reports.append(FileReport(
                 uri=reader.uri,
                 size=reader.facts.size,
@@ -144,14 +143,15 @@ def _verify_file(uri: str, config: TensorizerConfig) -> VerifyReport:
                     pending = []
                 except CorruptTensorError as e:
                     if e.tensor not in pending:
-                        pending = _verify_singly(reader, pending, report)
-                        continue
+                        _verify_singly(reader, pending, report)
+                        break
                     # The read stopped at the bad tensor: the others are read again.
                     report.bad.append((e.tensor, "hash mismatch"))
                     report.tensors += 1
                     pending.remove(e.tensor)
                 except EncryptionError:
-                    pending = _verify_singly(reader, pending, report)
+                    _verify_singly(reader, pending, report)
+                    break
     order = {e.name: i for i, e in enumerate(entries)}
     report.bad.sort(key=lambda bad: order.get(bad[0], len(order)))
     report.seconds = time.perf_counter() - start
@@ -168,7 +168,7 @@ def _check_key(reader: Any, first: str) -> None:
         pass  # decrypted; its hash is checked (and reported) with the rest
 
 
-def _verify_singly(reader: Any, names: list[str], report: VerifyReport) -> list[str]:
+def _verify_singly(reader: Any, names: list[str], report: VerifyReport) -> None:
     """Read `names` one at a time, recording each that fails (a tensor that does not
     decrypt with a key that decrypts the others is corrupt)."""
     for name in names:
@@ -180,7 +180,6 @@ def _verify_singly(reader: Any, names: list[str], report: VerifyReport) -> list[
             report.bad.append((name, "hash mismatch"))
         except EncryptionError:
             report.bad.append((name, "does not decrypt (corrupt data or authentication tag)"))
-    return []
 
 
 def _batches(entries: list[TensorEntry]) -> Iterator[list[TensorEntry]]:

@@ -116,10 +116,9 @@ class TensorReader:
     device with tensorizer's parallel readers. Use `open_tensors` to make one.
     """
 
-    def __init__(self, uri: str, header: TensorDeserializer, reopen: Callable[[], Any],
-                 kwargs: dict[str, Any], device: str | torch.device,
-                 keyfile: str | None = None, started: float | None = None,
-                 facts: FileFacts | None = None, keyless: bool = False):
+    def __init__(self, uri: str, header: TensorDeserializer, facts: FileFacts,
+                 reopen: Callable[[], Any], kwargs: dict[str, Any], device: str | torch.device,
+                 *, keyfile: str | None, started: float, keyless: bool):
         self.uri = uri
         self.facts = facts
         self._keyless = keyless
@@ -129,7 +128,7 @@ class TensorReader:
         self._device = device
         self._keyfile = keyfile
         # When opening began: load figures count the header and index reads too.
-        self.started = time.perf_counter() if started is None else started
+        self.started = started
         self.record: FileRecord | None = None
         if RECORD_NAME in header and not keyless:  # encrypted like every tensor
             with _translate_errors(uri, keyfile=keyfile):
@@ -143,7 +142,7 @@ class TensorReader:
 
     @property
     def encrypted(self) -> bool:
-        return bool(self.facts and self.facts.encrypted)
+        return self.facts.encrypted
 
     def entries(self) -> list[TensorEntry]:
         """Every tensor in file order (the reserved record and marker left out), from the
@@ -160,19 +159,16 @@ class TensorReader:
         return found
 
     def names(self) -> list[str]:
-        return [_module_name(k) for k in self._header.keys() if k not in RESERVED_NAMES]
+        return [e.name for e in self.entries()]
 
     def tensor_types(self) -> dict[str, str]:
         """Each tensor's kind as written (PARAM, BUFFER or STATE_DICT), by name."""
-        return {_module_name(_entry_name(path)): entry.type.name
-                for path, entry in self._header._metadata.items()}
+        return {e.name: e.kind for e in self.entries()}
 
     @property
     def total_tensor_bytes(self) -> int:
         """Bytes of the model's tensors (the file record and marker left out)."""
-        return sum(int(entry.deserialized_length)
-                   for path, entry in self._header._metadata.items()
-                   if _entry_name(path) not in RESERVED_NAMES)
+        return sum(e.bytes for e in self.entries())
 
     def items(self, only: Collection[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Read every tensor (the reserved record and marker left out), or those named in
@@ -261,25 +257,24 @@ def open_tensors(
     stream = storage.open_read(uri, {**options, "chunk_size": 1 << 20, "workers": 1})
     try:
         facts = read_preamble(stream, name)
-        keyless = False
-        if facts.encrypted and decryption is None and not header_only:
-            raise EncryptionError(
-                f"{name} is encrypted: give the key with --keyfile / encryption_keyfile")
-        if decryption is None and facts.encrypted:
+        keyless = facts.encrypted and decryption is None
+        if keyless:
+            if not header_only:
+                raise EncryptionError(
+                    f"{name} is encrypted: give the key with --keyfile / encryption_keyfile")
             # Listing needs no key: the index is not encrypted. A throwaway key gets
             # tensorizer past its check; no tensor is ever decrypted with it.
             from tensorizer import DecryptionParams
 
             kwargs["encryption"] = DecryptionParams.from_key(os.urandom(32))
-            keyless = True
         with _translate_errors(name, keyfile=config.encryption_keyfile):
             header = TensorDeserializer(stream, device="cpu", lazy_load=True,
                                         **{k: v for k, v in kwargs.items() if k != "num_readers"},
                                         num_readers=1)
         _check_index(header, facts, stream, name, local=storage.is_local(uri))
-        return TensorReader(name, header, lambda: storage.open_read(uri, options), kwargs,
-                            device, keyfile=config.encryption_keyfile, started=started,
-                            facts=facts, keyless=keyless)
+        return TensorReader(name, header, facts, lambda: storage.open_read(uri, options),
+                            kwargs, device, keyfile=config.encryption_keyfile, started=started,
+                            keyless=keyless)
     except BaseException:
         stream.close()
         raise
@@ -416,21 +411,16 @@ def _translate_errors(uri: str, *, keyfile: str | None = None) -> Iterator[None]
             tensor=tensor) from None
     except (struct.error, EOFError, AssertionError) as e:
         raise FormatError(f"{uri} is truncated or corrupt ({type(e).__name__}: {e})") from None
-    except ValueError as e:
+    except ValueError as e:  # read_preamble has refused empty and non-tensorizer files
         text = str(e)
-        if "Not a tensorizer file" in text:
-            raise FormatError(f"{uri} is not a tensorizer file") from None
         if "too small" in text or "empty" in text or "Unsupported version" in text:
             raise FormatError(f"{uri} is truncated or corrupt: {text}") from None
         raise FormatError(f"{uri} is corrupt: {text}") from None
     except OSError as e:
         raise StorageError(f"cannot read {uri}: {e}") from None
-    except (KeyError, IndexError, TypeError, UnicodeDecodeError, OverflowError,
-            MemoryError) as e:
-        raise FormatError(f"{uri} is corrupt ({type(e).__name__}: {e})") from None
-    except RuntimeError as e:
-        if "out of memory" in str(e):
-            raise
+    except (KeyError, IndexError, TypeError, OverflowError, MemoryError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and "out of memory" in str(e):
+            raise  # a device too small, not a bad file
         raise FormatError(f"{uri} is corrupt ({type(e).__name__}: {e})") from None
 
 

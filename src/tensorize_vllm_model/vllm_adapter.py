@@ -422,7 +422,6 @@ class WorkerExtension:
         """Delete this worker's staged files."""
         _abort_pending()
 
-
     def tensorize_vllm_model_lora_modules(self) -> dict[str, Any]:
         """The module names a LoRA adapter may target in this model (PEFT's names, packed
         modules unpacked), and the engine's --max-lora-rank when LoRA is enabled."""

@@ -209,7 +209,8 @@ class Publication:
     def commit(self, staged: StagedWrite) -> None:
         backup = None
         if exists(staged.uri, self._options):
-            backup = _sibling(staged.uri, f".{basename(staged.uri)}.kept-{secrets.token_hex(4)}")
+            backup = join(parent(staged.uri),
+                          f".{basename(staged.uri)}.kept-{secrets.token_hex(4)}")
             self._call("keep_aside", staged.uri, backup)
         try:
             staged.commit()
@@ -245,10 +246,6 @@ class Publication:
             getattr(backend, name)(*uris)
         else:
             getattr(backend, name)(*uris, StreamOptions.from_mapping(self._options))
-
-
-def _sibling(uri: str, name: str) -> str:
-    return join(parent(uri), name)
 
 
 def stage_write(uri: str, options: Options = None, *, mode: int = 0o644) -> StagedWrite:

@@ -24,9 +24,9 @@ import math
 import os
 import threading
 import time
-from typing import Any
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from ..config import environment
 from ..errors import ConfigError, StorageError
