@@ -32,6 +32,7 @@ __all__ = [
     "ADAPTER_TENSORS",
     "adapter_name",
     "read_adapter",
+    "read_adapter_config",
     "check_adapter_fits",
     "stage_adapter",
     "adapter_uri",
@@ -64,6 +65,22 @@ def _rename(error: TensorizeError, name: str) -> TensorizeError:
     return type(error)(f"LoRA adapter {name!r}: {error}")
 
 
+def read_adapter_config(path: str) -> dict[str, Any]:
+    """The ``adapter_config.json`` of a local PEFT adapter directory.
+
+    Raises:
+        ConfigError: there is none, or it is not valid JSON.
+    """
+    config_path = os.path.join(path, ADAPTER_CONFIG)
+    try:
+        with open(config_path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"LoRA adapter {path}: no {ADAPTER_CONFIG} in it") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"LoRA adapter {path}: cannot read {ADAPTER_CONFIG}: {e}") from None
+
+
 def read_adapter(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """The config and weights of a local PEFT adapter directory.
 
@@ -72,14 +89,7 @@ def read_adapter(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """
     import torch
 
-    config_path = os.path.join(path, ADAPTER_CONFIG)
-    try:
-        with open(config_path) as f:
-            config = json.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"LoRA adapter {path}: no {ADAPTER_CONFIG} in it") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"LoRA adapter {path}: cannot read {ADAPTER_CONFIG}: {e}") from None
+    config = read_adapter_config(path)
     safetensors_path = os.path.join(path, "adapter_model.safetensors")
     if os.path.exists(safetensors_path):
         from safetensors.torch import load_file
@@ -132,8 +142,7 @@ def stage_adapter(name: str, source: str, destination: str, *, key: bytes | None
     try:
         with open(staged[0].path, "w") as f:
             json.dump(config, f, indent=2)
-        record = FileRecord(architecture="peft-lora", encrypted=key is not None,
-                            extra={"adapter": name})
+        record = FileRecord(architecture="peft-lora", extra={"adapter": name})
         staged.append(write_tensors(storage.join(target, ADAPTER_TENSORS),
                                     [(k, v, False) for k, v in sorted(tensors.items())],
                                     record=record, key=key, options=options).staged)
@@ -181,10 +190,8 @@ def materialize_adapter(uri: str, config: TensorizerConfig | None = None, *,
         adapter_config = json.loads(
             storage.read_bytes(storage.join(uri, ADAPTER_CONFIG), config.stream_options(),
                                limit=1 << 20))
-        tensors = {}
         with open_tensors(tensors_uri, device="cpu", config=config) as reader:
-            for tensor_name, tensor in reader.items():
-                tensors[tensor_name] = tensor.clone()
+            tensors = dict(reader.items())  # each in its own memory: no copy needed
     except json.JSONDecodeError as e:
         raise ConfigError(f"LoRA adapter {name!r}: {ADAPTER_CONFIG} is not valid JSON ({e})") from None
     except StorageError as e:

@@ -122,6 +122,7 @@ def write_tensors(
                 encryption=encryption_params(key) if key is not None else None,
                 **dict(serialization_kwargs or {}),
             )
+            # The record says whether the file is encrypted: set here, for every writer.
             record = dataclasses.replace(record, encrypted=key is not None)
             record_bytes = bytearray(record.to_bytes())
             serializer.write_tensor(
@@ -262,7 +263,7 @@ def tensorize_vllm_model(
 
 def _stage_adapters(engine, lora_paths, destination, key, options, engine_args):
     """Check every adapter against the loaded model, then stage them all."""
-    from .lora import adapter_name, check_adapter_fits, read_adapter, stage_adapter
+    from .lora import adapter_name, check_adapter_fits, read_adapter_config, stage_adapter
 
     [fit] = engine.rpc("tensorize_vllm_model_lora_modules")[:1]
     sources: dict[str, str] = {}
@@ -272,8 +273,7 @@ def _stage_adapters(engine, lora_paths, destination, key, options, engine_args):
             raise ConfigError(f"two --lora-path values are both named {name!r}")
         local = path if os.path.isdir(path) else resolve_model_files(
             path, download_dir=engine_args.download_dir, weights=True)
-        config, _ = read_adapter(local)
-        check_adapter_fits(name, config, fit["modules"], fit["max_rank"])
+        check_adapter_fits(name, read_adapter_config(local), fit["modules"], fit["max_rank"])
         sources[name] = local
     staged: list[storage.StagedWrite] = []
     try:

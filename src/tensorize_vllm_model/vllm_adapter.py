@@ -394,7 +394,6 @@ class WorkerExtension:
             tensor_parallel_size=layout.tensor_parallel_size,
             pipeline_parallel_size=layout.pipeline_parallel_size,
             rank=layout.rank,
-            encrypted=key is not None,
             producer=request.get("producer", ""),
         )
         staged = write_tensors(
