@@ -17,7 +17,7 @@ s3-demo:
 	scripts/install.sh --test
 	.venv/bin/python examples/s3_workflow.py
 
-# The load benchmark (benchmarks/run.py): about 15 minutes on a 2-core machine.
+# The load benchmark (benchmarks/run.py): about 25 minutes on a 2-core machine (README, Performance).
 .PHONY: bench
 bench:
 	scripts/install.sh --test --bench
