@@ -212,4 +212,4 @@ def test_default_reader_counts(monkeypatch):
     assert default_num_readers("/m/model.tensors", "cpu") == 8
     assert default_num_readers("s3://b/model.tensors", "cuda:0") == 4
     monkeypatch.setattr("os.cpu_count", lambda: 2)
-    assert default_num_readers("/m/model.tensors") == 2
+    assert default_num_readers("/m/model.tensors") == 8
