@@ -68,8 +68,6 @@ def prepare(size_gb: float) -> dict[str, str]:
              "encrypted": str(work / "model-enc.tensors"), "key": str(work / "model.key"),
              "vllm_dir": str(work / "vllm"), "work": str(work)}
     if all(os.path.exists(files[k]) for k in ("safetensors", "pt", "tensors", "encrypted", "key")):
-        for path in (files["safetensors"], files["pt"], files["tensors"]):
-            os.chmod(path, 0o644)
         return files
     log(f"building a {size_gb:g} GB random-weight model in {work} (once)")
     shutil.rmtree(work, ignore_errors=True)
@@ -87,8 +85,6 @@ def prepare(size_gb: float) -> dict[str, str]:
         write_tensors(files["encrypted"], tensors, record=FileRecord(encrypted=True), key=key).commit()
     except Exception as e:  # noqa: BLE001 - e.g. no libsodium on a bare GPU machine
         log(f"  no encrypted copy ({type(e).__name__}: {e}); the encrypted case is left out")
-    for path in (files["safetensors"], files["pt"], files["tensors"]):
-        os.chmod(path, 0o644)  # nginx's worker serves them as an unprivileged user
     return files
 
 
@@ -198,8 +194,11 @@ def start_nginx(root: str) -> tuple[subprocess.Popen, str]:
         port = s.getsockname()[1]
     conf_dir = tempfile.mkdtemp(prefix="bench-nginx-")
     conf = os.path.join(conf_dir, "nginx.conf")
+    # As root, nginx's worker would run as nobody, who may not reach files under a private
+    # directory (mktemp's, a home): it runs as root then, like the rest of the benchmark.
+    user = "user root;" if os.geteuid() == 0 else ""
     Path(conf).write_text(f"""
-daemon off; worker_processes 1; pid {conf_dir}/nginx.pid; error_log {conf_dir}/error.log;
+{user} daemon off; worker_processes 1; pid {conf_dir}/nginx.pid; error_log {conf_dir}/error.log;
 events {{ worker_connections 64; }}
 http {{
   access_log off; sendfile on; tcp_nopush on;

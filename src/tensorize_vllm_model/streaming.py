@@ -6,8 +6,9 @@ torch model alike:
     with open_tensors("/models/opt/v1/model.tensors", device="cpu") as reader:
         stats = load_into_module(model, reader)
 
-Tensors are read by tensorizer's `TensorDeserializer` straight onto the target device and
-become the module's parameters as they are (no second copy). They keep their stored dtype
+Tensors are read by tensorizer's `TensorDeserializer` straight onto the target device (a
+plain local file into CPU memory by `local_read`, which is faster there) and become the
+module's parameters as they are (no second copy). They keep their stored dtype
 unless both they and the parameter they fill are floating point, in which case they are
 cast to the parameter's dtype: integer (quantized) and complex tensors are never cast.
 """
