@@ -1,6 +1,7 @@
 """The command line's refusals: one line naming the flag or file, exit code 2, no
 traceback, and no engine started (these tests take seconds)."""
 
+import signal
 import subprocess
 import sys
 
@@ -170,3 +171,31 @@ def test_serialize_to_unwritable_directory_refused(capsys, tiny_llama, tmp_path)
     code, err = run_main(capsys, "--model", tiny_llama, "serialize", "--serialized-directory",
                          blocker / "out")
     assert code == 2 and f"{blocker} is not a directory" in err
+
+
+HANGING_CLEANUP = """
+import sys, threading, time
+from tensorize_vllm_model import cli
+cli.INTERRUPT_GRACE_SECONDS = 1.0
+cli._terminate_cleanly()
+# A thread that never ends, as an engine that does not shut down: it would hold the
+# interpreter's exit forever.
+threading.Thread(target=time.sleep, args=(3600,)).start()
+print("ready", flush=True)
+time.sleep(3600)
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_hanging_clean_up_ends_after_the_grace_period(signum):
+    proc = subprocess.Popen([sys.executable, "-c", HANGING_CLEANUP], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=subprocess_env({}), cwd=ROOT)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        proc.send_signal(signum)
+        returncode = proc.wait(timeout=30)
+        stderr = proc.stderr.read()
+    finally:
+        proc.kill()
+    assert returncode == 128 + signum, stderr
+    assert f"the clean-up after {signum.name} took over 1 s; exiting" in stderr

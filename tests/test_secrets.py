@@ -248,19 +248,11 @@ def test_deserialize_from_s3_keeps_secrets_out_of_processes_and_logs(encrypted_o
 # -- c: a wrong secret ------------------------------------------------------------------
 
 
-@pytest.fixture
-def restore_sigterm():
-    """The command line installs a SIGTERM handler; put pytest's back."""
-    handler = signal.getsignal(signal.SIGTERM)
-    yield
-    signal.signal(signal.SIGTERM, handler)
-
-
 WRONG = "WRONG-secret-" + uuid.uuid4().hex
 
 
 def test_wrong_secret_serialize_error_names_the_bucket_not_the_secret(
-        auth_s3, tiny_llama, monkeypatch, capsys, caplog, restore_sigterm):
+        auth_s3, tiny_llama, monkeypatch, capsys, caplog):
     """Refused before any engine starts (in this process)."""
     from tensorize_vllm_model.cli import main
 
@@ -284,7 +276,7 @@ def test_wrong_secret_serialize_error_names_the_bucket_not_the_secret(
 
 
 def test_wrong_secret_deserialize_error_names_the_object_not_the_secret(
-        auth_s3, encrypted_on_s3, monkeypatch, capsys, caplog, restore_sigterm):
+        auth_s3, encrypted_on_s3, monkeypatch, capsys, caplog):
     """The files are checked (and refused) before any engine starts, in this process."""
     from tensorize_vllm_model.cli import main
 

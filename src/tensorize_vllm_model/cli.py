@@ -256,14 +256,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+# After Ctrl-C or SIGTERM, the clean-up (staged files deleted, the engine shut down) has this
+# long; then the process ends anyway, so an engine that does not shut down cannot hang it.
+INTERRUPT_GRACE_SECONDS = 60.0
+
+
 def _terminate_cleanly() -> None:
     """Turn SIGTERM (what `kill` and container runtimes send) into SystemExit, so an
-    interrupted serialize deletes its temporary files as it does on Ctrl-C."""
+    interrupted serialize deletes its temporary files as it does on Ctrl-C; after either
+    signal the process ends within `INTERRUPT_GRACE_SECONDS`, cleaned up or not."""
     def handler(signum: int, frame: object) -> None:
+        threading.Thread(target=_end_after_grace, args=(signum,), daemon=True).start()
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
         raise SystemExit(128 + signum)
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+
+def _end_after_grace(signum: int) -> None:
+    time.sleep(INTERRUPT_GRACE_SECONDS)
+    print(f"error: the clean-up after {signal.Signals(signum).name} took over "
+          f"{INTERRUPT_GRACE_SECONDS:.0f} s; exiting", file=sys.stderr, flush=True)
+    os._exit(128 + signum)  # the shell's code for "ended by this signal"
 
 
 def _check_model_path(model: str | None) -> None:
