@@ -4,8 +4,8 @@ pages are made present first.
 A fresh tensor's pages are not yet in memory; a ``read()`` into it takes each page's
 first-touch fault inside the kernel's copy, which is slow on virtual machines. Asking the
 kernel to make a piece's pages present in one call (``MADV_POPULATE_WRITE``), then reading
-into it, was 1.2–1.4× faster than tensorizer's reader and than a bare ``readinto`` of the
-same file (README, Performance). Only plain (unencrypted) files on the local file system,
+into it, beat a bare ``readinto`` of the same file (warm) and tensorizer's reader (cold) in
+alternating measurements (README, Performance). Only plain (unencrypted) files on the local file system,
 read without hash checks, take this path; the index has been checked against the file's
 length (`streaming._check_index`) before anything here runs.
 """
