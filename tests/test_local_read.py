@@ -6,8 +6,7 @@ import pytest
 import torch
 from tensorizer import TensorDeserializer, TensorSerializer
 
-from tensorize_vllm_model import FormatError, TensorizerConfig, open_tensors
-from tensorize_vllm_model import local_read
+from tensorize_vllm_model import FormatError, TensorizerConfig, local_read, open_tensors
 
 
 def tensors() -> dict[str, torch.Tensor]:
@@ -69,8 +68,7 @@ def test_every_dtype_and_shape_as_tensorizer_reads_it(path, readers, monkeypatch
                         lambda *args, **kwargs: calls.append(args[2]) or real(*args, **kwargs))
     assert_same(read_ours(path, num_readers=readers), tensorizer_reads(path))
     assert calls == [readers]  # our reads, not tensorizer's, with the readers asked for
-    assert_same(read_ours(path, num_readers=readers),
-                {k: v for k, v in tensors().items()})
+    assert_same(read_ours(path, num_readers=readers), tensors())
 
 
 def test_only_the_tensors_asked_for(path):
@@ -85,7 +83,7 @@ def test_without_populate_the_bytes_are_the_same(path, monkeypatch):
 
 
 def test_populate_is_available_on_linux():
-    if not os.uname().sysname == "Linux":
+    if os.uname().sysname != "Linux":
         pytest.skip("MADV_POPULATE_WRITE is Linux-only")
     memory = torch.empty(1 << 20, dtype=torch.uint8)
     local_read._populate(memory.data_ptr(), memory.numel())

@@ -5,17 +5,17 @@ A fresh tensor's pages are not yet in memory; a ``read()`` into it takes each pa
 first-touch fault inside the kernel's copy, which is slow on virtual machines. Asking the
 kernel to make a piece's pages present in one call (``MADV_POPULATE_WRITE``), then reading
 into it, beat a bare ``readinto`` of the same file (warm) and tensorizer's reader (cold) in
-alternating measurements (README, Performance). Only plain (unencrypted) files on the local file system,
-read without hash checks, take this path; the index has been checked against the file's
-length (`streaming._check_index`) before anything here runs.
+alternating measurements (README, Performance). Only plain (unencrypted) local files, read
+without hash checks, take this path; the index has been checked against the file's length
+(`streaming._check_index`) before anything here runs.
 """
 
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import sys
-import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -99,24 +99,13 @@ def read_spans(path: str, spans: Sequence[Span], threads: int,
 
 
 def _byte_size(span: Span) -> int:
-    count = 1
-    for dim in span.shape:
-        count *= dim
-    return count * torch.empty((), dtype=span.dtype).element_size()
-
-
-_populate_lock = threading.Lock()
-_madvise = None
+    return math.prod(span.shape) * span.dtype.itemsize
 
 
 def _populate(address: int, length: int) -> None:
     """Make the whole pages of [address, address + length) present and writable, in one
     call; without the call (other systems, old kernels) each page faults in on first write."""
     global _madvise
-    if _madvise is None:
-        with _populate_lock:
-            if _madvise is None:
-                _madvise = _find_madvise()
     if _madvise is False:
         return
     start = -(-address // _PAGE) * _PAGE
@@ -135,3 +124,6 @@ def _find_madvise():
     function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     function.restype = ctypes.c_int
     return function
+
+
+_madvise = _find_madvise()

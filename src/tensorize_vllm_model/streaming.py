@@ -151,16 +151,18 @@ class TensorReader:
     def entries(self) -> list[TensorEntry]:
         """Every tensor in file order (the reserved record and marker left out), from the
         index alone: nothing is read or allocated."""
-        found = []
+        return [TensorEntry(name=name, dtype=_dtype_name(entry.dtype),
+                            shape=tuple(int(d) for d in entry.shape),
+                            bytes=int(entry.deserialized_length), kind=entry.type.name)
+                for name, entry in self._index()]
+
+    def _index(self) -> Iterator[tuple[str, Any]]:
+        """(module name, tensorizer's index entry) of every tensor in file order, the
+        reserved record and marker left out."""
         for path, entry in self._header._metadata.items():
             name = _entry_name(path)
-            if name in RESERVED_NAMES:
-                continue
-            found.append(TensorEntry(name=_module_name(name), dtype=_dtype_name(entry.dtype),
-                                     shape=tuple(int(d) for d in entry.shape),
-                                     bytes=int(entry.deserialized_length),
-                                     kind=entry.type.name))
-        return found
+            if name not in RESERVED_NAMES:
+                yield _module_name(name), entry
 
     def names(self) -> list[str]:
         return [e.name for e in self.entries()]
@@ -212,14 +214,13 @@ class TensorReader:
         from .local_read import Span
 
         spans = []
-        for path, entry in self._header._metadata.items():
-            name = _entry_name(path)
-            if name in RESERVED_NAMES or (only is not None and _module_name(name) not in only):
+        for name, entry in self._index():
+            if only is not None and name not in only:
                 continue
             dtype = getattr(torch, _dtype_name(entry.dtype), None)
             if not isinstance(dtype, torch.dtype):
                 return None
-            spans.append(Span(name=_module_name(name), offset=entry.data_offset,
+            spans.append(Span(name=name, offset=entry.data_offset,
                               length=entry.data_length, dtype=dtype,
                               shape=tuple(int(d) for d in entry.shape)))
         return spans
