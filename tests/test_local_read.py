@@ -130,3 +130,50 @@ def test_hash_checks_and_encrypted_files_stay_with_tensorizer(tmp_path, path, mo
     write_tensors(encrypted, [(n, t, False) for n, t in some.items()], record=FileRecord(),
                   key=key).commit()
     assert_same(read_ours(encrypted, encryption_keyfile=keyfile), some)
+
+
+def read_staged(path, readers, device="cpu", **kwargs) -> dict[str, torch.Tensor]:
+    with open_tensors(path) as reader:
+        spans = reader._spans(None)
+    got = local_read.read_spans(path, spans, readers, device=device, staged=True, **kwargs)
+    return {span.name: tensor for span, tensor in zip(spans, got)}
+
+
+# The staging path serves GPUs: pinned buffers and CUDA streams cannot run on this CPU-only
+# machine, so these tests run its bookkeeping (pieces packed into two buffers per reader,
+# buffers reused, copies out of them) with plain CPU buffers; the CUDA test below runs only
+# where a GPU is present.
+@pytest.mark.parametrize("readers", [1, 3])
+@pytest.mark.parametrize("staging", [4096, 4096 + 512, 1 << 20])
+def test_staged_reads_through_reused_buffers(path, readers, staging, monkeypatch):
+    monkeypatch.setattr(local_read, "STAGING_BYTES", staging)
+    filled = []
+    real = local_read._read_exactly
+    monkeypatch.setattr(local_read, "_read_exactly",
+                        lambda fd, view, *a: filled.append(view.obj) or real(fd, view, *a))
+    assert_same(read_staged(path, readers), tensorizer_reads(path))
+    assert all(len(buffer) <= staging for buffer in filled)
+    buffers = {id(buffer) for buffer in filled}
+    if staging == 4096:  # 51 200 bytes of "w" alone: each reader's two buffers reused
+        assert len(buffers) <= 2 * readers < len(filled)
+
+
+def test_staged_read_of_a_file_cut_short(path, monkeypatch):
+    monkeypatch.setattr(local_read, "STAGING_BYTES", 8192)
+    with open_tensors(path) as reader:
+        spans = reader._spans(None)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 100)
+    with pytest.raises(FormatError, match=r"truncated: tensor later ends past the end"):
+        local_read.read_spans(path, spans, 2, staged=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("readers", [1, 2])
+def test_onto_a_gpu_through_pinned_buffers(path, readers, monkeypatch):
+    monkeypatch.setattr(local_read, "STAGING_BYTES", 8192)
+    config = TensorizerConfig(tensorizer_uri=path, num_readers=readers)
+    with open_tensors(path, config=config, device="cuda:0") as reader:
+        got = dict(reader.items())
+    assert {t.device.type for t in got.values()} == {"cuda"}
+    assert_same({n: t.cpu() for n, t in got.items()}, tensors())

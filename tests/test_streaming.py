@@ -208,7 +208,7 @@ def test_default_reader_counts(monkeypatch):
     from tensorize_vllm_model.streaming import default_num_readers
 
     monkeypatch.setattr("os.cpu_count", lambda: 16)
-    assert default_num_readers("/m/model.tensors", "cuda:0") == 2
+    assert default_num_readers("/m/model.tensors", "cuda:0") == 4
     assert default_num_readers("/m/model.tensors", "cpu") == 8
     assert default_num_readers("s3://b/model.tensors", "cuda:0") == 4
     monkeypatch.setattr("os.cpu_count", lambda: 2)
