@@ -1,4 +1,5 @@
-"""One measurement, in a fresh process: ``python benchmarks/methods.py METHOD JSON-ARGS``.
+"""One measurement, in a fresh process: ``python benchmarks/methods.py METHOD JSON-ARGS``,
+or many, one forked child each: ``python benchmarks/methods.py --serve`` (see `serve`).
 
 Prints one JSON line: seconds (the load only: imports and model construction excluded),
 bytes, peak_rss (the process's peak resident memory) and baseline_rss (its resident memory
@@ -259,18 +260,66 @@ METHODS = {f.__name__: f for f in (ceiling, reused_read_ceiling, h2d_ceiling, sa
                                     runai, curl, download_then_load)}
 
 
-def main() -> None:
-    name, args = sys.argv[1], json.loads(sys.argv[2])
-    # Imports are not part of any load: do them before the clock starts.
+def _preload() -> None:
+    """Imports are not part of any load: they are done before the clock starts."""
     import safetensors.torch  # noqa: F401
     import tensorizer  # noqa: F401
 
+    import tensorize_vllm_model.local_read  # noqa: F401
     import tensorize_vllm_model.storage.http  # noqa: F401
     import tensorize_vllm_model.storage.s3  # noqa: F401
     import tensorize_vllm_model.streaming  # noqa: F401
+
+    for optional in ("transformers", "transformers.models.llama.modeling_llama",
+                     "runai_model_streamer"):
+        try:
+            __import__(optional)
+        except ImportError:
+            pass
+
+
+def _measure(name: str, args: dict) -> dict:
     seconds, total = METHODS[name](**args)
-    print(json.dumps({"seconds": seconds, "bytes": total, "peak_rss": peak_rss(),
-                      "baseline_rss": _baseline}), flush=True)
+    return {"seconds": seconds, "bytes": total, "peak_rss": peak_rss(), "baseline_rss": _baseline}
+
+
+def serve() -> None:
+    """Answer one JSON request per line ({"method": ..., "args": {...}}) with one JSON line
+    ({"ok": result} or {"error": text}). Each request runs in a child forked from this
+    process after its imports: a fresh process for every load (its own memory, no caches
+    of an earlier load) without paying Python's, torch's and transformers' start-up again.
+    This process never touches CUDA, so a child may."""
+    import traceback
+
+    _preload()
+    for line in sys.stdin:
+        request = json.loads(line)
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read)
+            try:
+                reply = {"ok": _measure(request["method"], request["args"])}
+            except BaseException:  # noqa: BLE001 - reported to the parent
+                reply = {"error": traceback.format_exc()[-3000:]}
+            with os.fdopen(write, "w") as out:
+                out.write(json.dumps(reply))
+            os._exit(0)
+        os.close(write)
+        with os.fdopen(read) as answer:
+            text = answer.read()
+        _, status = os.waitpid(pid, 0)
+        print(text or json.dumps({"error": f"the measuring child ended with status {status}"}),
+              flush=True)
+
+
+def main() -> None:
+    if sys.argv[1:] == ["--serve"]:
+        serve()
+        return
+    name, args = sys.argv[1], json.loads(sys.argv[2])
+    _preload()
+    print(json.dumps(_measure(name, args)), flush=True)
 
 
 if __name__ == "__main__":

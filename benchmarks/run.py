@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/run.py [--size-gb 1.5] [--repeats 3] [--scenarios ...]
 
 (or ``make bench``, which installs nginx, matplotlib and runai-model-streamer first).
-Each load runs in a fresh process; every figure is the median of ``--repeats`` runs with
+Each load runs in a fresh process (forked from one that did the imports); every figure is the median of ``--repeats`` runs with
 min and max, methods alternating run by run. Prints a table and writes
 ``benchmarks/results/latest.json`` and ``latest.png``.
 
@@ -15,10 +15,12 @@ end on vLLM's backend), gpu (file -> cuda:0; skipped without an NVIDIA GPU).
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
 import re
+import select
 import shutil
 import statistics
 import subprocess
@@ -114,13 +116,35 @@ def set_cache(state: str, paths: list[str]) -> None:
                         pass
 
 
+_server: subprocess.Popen | None = None
+
+
 def measure(method: str, env: dict | None = None, **args) -> dict:
-    out = subprocess.run([sys.executable, str(METHODS), method, json.dumps(args)],
-                         capture_output=True, text=True, env={**os.environ, **(env or {})},
-                         timeout=900)
-    if out.returncode != 0:
-        raise RuntimeError(f"{method} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    """One load in a fresh process: a child forked by the measuring server (`methods.serve`,
+    started once, its imports done), or a new interpreter where `env` must differ."""
+    global _server
+    if env:
+        out = subprocess.run([sys.executable, str(METHODS), method, json.dumps(args)],
+                             capture_output=True, text=True, env={**os.environ, **env},
+                             timeout=900)
+        if out.returncode != 0:
+            raise RuntimeError(f"{method} failed:\n{out.stderr[-3000:]}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    if _server is None or _server.poll() is not None:
+        _server = subprocess.Popen([sys.executable, str(METHODS), "--serve"], text=True,
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        atexit.register(_server.stdin.close)
+    _server.stdin.write(json.dumps({"method": method, "args": args}) + "\n")
+    _server.stdin.flush()
+    ready, _, _ = select.select([_server.stdout], [], [], 900)
+    line = _server.stdout.readline() if ready else ""
+    if not line:
+        _server.kill()
+        raise RuntimeError(f"{method}: no answer from the measuring process")
+    reply = json.loads(line)
+    if "error" in reply:
+        raise RuntimeError(f"{method} failed:\n{reply['error']}")
+    return reply["ok"]
 
 
 def run_cases(scenario: str, cases: list[tuple[str, str, dict]], repeats: int, cache: str,

@@ -148,11 +148,13 @@ class MotoServer:
 
 class _FileHandler(http.server.SimpleHTTPRequestHandler):
     ranges = True
+    requests: list  # (method, path, Range header) of every request, in order
 
     def log_message(self, *args):  # keep test output quiet
         pass
 
     def send_head(self):
+        self.requests.append((self.command, self.path, self.headers.get("Range")))
         path = self.translate_path(self.path)
         if not os.path.isfile(path):
             self.send_error(404)
@@ -192,8 +194,9 @@ class HTTPFileServer:
 
     def __init__(self, root: Path, *, protocol: str = "HTTP/1.1", ranges: bool = True,
                  tls: TLSFiles | None = None):
+        self.requests: list[tuple[str, str, str | None]] = []
         handler = type("Handler", (_FileHandler,), {
-            "protocol_version": protocol, "ranges": ranges,
+            "protocol_version": protocol, "ranges": ranges, "requests": self.requests,
             "__init__": lambda self, *a, **k: _FileHandler.__init__(self, *a, directory=str(root), **k),
         })
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)

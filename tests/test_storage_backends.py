@@ -185,3 +185,57 @@ def test_sequential_reads_when_ranges_are_off(place):
         assert f.read(100_000) == PAYLOAD[2_000_000:2_100_000]
         f.seek(0)
         assert f.read() == PAYLOAD
+
+
+def test_one_response_reads_keep_the_first_bytes(web_root):
+    from servers import HTTPFileServer
+
+    from tensorize_vllm_model.storage.ranged import KEEP_BYTES
+
+    data = os.urandom(KEEP_BYTES + 2 * 1024 * 1024)
+    (web_root / "kept.bin").write_bytes(data)
+    server = HTTPFileServer(web_root, protocol="HTTP/1.0", ranges=False)
+    try:
+        with storage.open_read(f"{server.url}/kept.bin") as f:
+            # Whole responses (the probe for the size and range support asks for byte 0).
+            gets = lambda: sum(1 for method, _, ask in server.requests  # noqa: E731
+                               if method == "GET" and ask is None)
+            assert f.read(10) == data[:10]
+            f.seek(0)  # a check, then the header from byte 0: the same response
+            assert f.read(100) == data[:100]
+            f.seek(0)
+            assert f.read(KEEP_BYTES + 10) == data[:KEEP_BYTES + 10]
+            f.seek(5)
+            assert f.read(KEEP_BYTES - 5) == data[5:KEEP_BYTES]
+            f.seek(KEEP_BYTES + 1024 * 1024)  # forward: read and dropped
+            assert f.read(10) == data[KEEP_BYTES + 1024 * 1024:][:10]
+            assert gets() == 1
+            f.seek(KEEP_BYTES + 20)  # back past the kept bytes: a new response
+            assert f.read(30) == data[KEEP_BYTES + 20:KEEP_BYTES + 50]
+            assert gets() == 2
+            f.seek(KEEP_BYTES - 4)  # straddles the kept end: the rest from the new response
+            assert f.read(8) == data[KEEP_BYTES - 4:KEEP_BYTES + 4]
+            assert gets() == 3
+    finally:
+        server.stop()
+
+
+def test_a_load_over_one_response_takes_two_requests(web_root):
+    from servers import HTTPFileServer
+
+    tensors = {"w": torch.randn(300, 500), "b": torch.arange(7)}
+    write_tensors(str(web_root / "two.tensors"), [(n, t, False) for n, t in tensors.items()],
+                  record=FileRecord()).commit()
+    server = HTTPFileServer(web_root, protocol="HTTP/1.0", ranges=False)
+    try:
+        with open_tensors(f"{server.url}/two.tensors") as reader:
+            opened = [r for r in server.requests if r[0] == "GET" and r[2] is None]
+            got = dict(reader.items())
+        # The file check, the header and the index: one response (besides the size probe);
+        # then one for the tensors.
+        assert len(opened) == 1
+        assert [r for r in server.requests if r[0] == "GET" and r[2] is None] == [
+            ("GET", "/two.tensors", None)] * 2
+        assert torch.equal(got["w"], tensors["w"]) and torch.equal(got["b"], tensors["b"])
+    finally:
+        server.stop()

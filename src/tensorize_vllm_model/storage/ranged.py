@@ -15,10 +15,14 @@ from typing import Protocol
 
 from ..errors import StorageError
 
-__all__ = ["RangeSource", "RangeStream", "DEFAULT_CHUNK_SIZE", "DEFAULT_WORKERS"]
+__all__ = ["RangeSource", "RangeStream", "DEFAULT_CHUNK_SIZE", "DEFAULT_WORKERS", "KEEP_BYTES"]
 
 DEFAULT_CHUNK_SIZE = 16 * 1024 * 1024
 DEFAULT_WORKERS = 4
+# The first bytes of a one-response read, kept: checking a file's start and then reading its
+# header from byte 0 again costs no second request (tensorizer's header and index of a
+# large model fit).
+KEEP_BYTES = 1 << 20
 
 
 class RangeSource(Protocol):
@@ -52,6 +56,7 @@ class RangeStream(io.RawIOBase):
         self._pool: ThreadPoolExecutor | None = None
         self._sequential: io.RawIOBase | None = None
         self._sequential_pos = 0
+        self._kept = bytearray()
         self._ranges = ranges and source.supports_ranges
 
     # -- io.RawIOBase ----------------------------------------------------------------------
@@ -139,22 +144,28 @@ class RangeStream(io.RawIOBase):
     # -- sequential reading (no range support) ---------------------------------------------
 
     def _read_sequential(self, view: memoryview) -> int:
-        if self._sequential is None or self._pos < self._sequential_pos:
+        done = 0
+        if self._pos < len(self._kept):  # the first bytes again: no new request for them
+            done = min(len(view), len(self._kept) - self._pos)
+            view[:done] = self._kept[self._pos:self._pos + done]
+        start = self._pos + done
+        if done < len(view) and (self._sequential is None or start < self._sequential_pos):
             if self._sequential is not None:
                 self._sequential.close()
             self._sequential = self.source.open_sequential(0)
             self._sequential_pos = 0
         try:
-            while self._sequential_pos < self._pos:  # a forward seek: read and drop
-                skip = self._sequential.read(min(self._pos - self._sequential_pos, 1 << 20))
+            while done < len(view) and self._sequential_pos < start:  # forward: read and drop
+                skip = self._sequential.read(min(start - self._sequential_pos, 1 << 20))
                 if not skip:
                     break
+                self._keep(skip)
                 self._sequential_pos += len(skip)
-            done = 0
             while done < len(view) and self._sequential_pos == self._pos + done:
                 count = self._sequential.readinto(view[done:])
                 if not count:
                     break
+                self._keep(view[done:done + count])
                 done += count
                 self._sequential_pos += count
         except StorageError:
@@ -170,3 +181,8 @@ class RangeStream(io.RawIOBase):
             )
         self._pos += done
         return done
+
+    def _keep(self, data) -> None:
+        """Keep the response's first KEEP_BYTES as they pass (read at `_sequential_pos`)."""
+        if self._sequential_pos == len(self._kept) < KEEP_BYTES:
+            self._kept += data[:KEEP_BYTES - len(self._kept)]
