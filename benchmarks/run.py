@@ -341,9 +341,16 @@ def vllm_run(kwargs: dict, env: dict | None = None) -> dict:
     weights = (re.search(r"Loading weights took ([\d.]+) seconds", text)          # default
                or re.search(r"Deserialized [\d.]+ GB in ([\d.]+) s", text)          # ours
                or re.search(r"Overall time to stream .*?: ([\d.]+)s", text))        # runai
-    return {"seconds": float(ready.group(1)),
-            "weights_seconds": float(weights.group(1)) if weights else None,
-            "worker_peak_rss": max(peak.values()) if peak else None}
+    result = {"seconds": float(ready.group(1)),
+              "weights_seconds": float(weights.group(1)) if weights else None,
+              "worker_peak_rss": max(peak.values()) if peak else None}
+    # Ours logs the worker's memory once the tensors are in and after vLLM's post-processing.
+    memory = re.findall(r"worker memory: resident ([\d.]+) GB, peak ([\d.]+) GB", text)
+    if len(memory) >= 2:
+        result["worker_rss_with_tensors"] = float(memory[0][0]) * 1e9
+        result["worker_peak_with_tensors"] = float(memory[0][1]) * 1e9
+        result["worker_peak_after_postprocessing"] = float(memory[1][1]) * 1e9
+    return result
 
 
 def scenario_vllm(files, repeats, results, size_gb):
@@ -384,7 +391,11 @@ def scenario_vllm(files, repeats, results, size_gb):
                 result["bytes"] = os.path.getsize(files["safetensors"])
                 runs[label].append(result)
                 log(f"  [vllm] {label} #{repeat + 1}: ready {result['seconds']:.1f} s, weights "
-                    f"{result['weights_seconds']} s, worker peak {result['worker_peak_rss'] / 1e9:.2f} GB")
+                    f"{result['weights_seconds']} s, worker peak {result['worker_peak_rss'] / 1e9:.2f} GB"
+                    + (f" (with the tensors in: resident {result['worker_rss_with_tensors'] / 1e9:.2f}, "
+                       f"peak {result['worker_peak_with_tensors'] / 1e9:.2f}; after vLLM's "
+                       f"post-processing: peak {result['worker_peak_after_postprocessing'] / 1e9:.2f})"
+                       if "worker_rss_with_tensors" in result else ""))
         for label, _ in cases:
             for run in runs[label]:  # rate the weights load, not the engine start-up
                 run["ready_seconds"], run["seconds"] = run["seconds"], run["weights_seconds"] or float("nan")

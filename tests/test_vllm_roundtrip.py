@@ -168,3 +168,20 @@ def test_opt_serialized_with_python_api_matches(opt_reference, tiny_opt, tmp_pat
     result = run_engine({"model": str(target), "load_format": "tensorizer"})
     assert result["tokens"] == opt_reference["tokens"]
     assert result["tokens"] != []
+
+
+def test_the_load_log_reports_the_worker_memory():
+    import re
+
+    from tensorize_vllm_model.vllm_adapter import _memory
+
+    before = _memory()
+    kept = b"\x01" * (300 << 20)  # every page written: resident
+    after = _memory()
+    numbers = [re.fullmatch(r"resident (\d+\.\d\d) GB, peak (\d+\.\d\d) GB", text)
+               for text in (before, after)]
+    assert all(numbers), (before, after)
+    (now0, peak0), (now1, peak1) = ((float(m[1]), float(m[2])) for m in numbers)
+    assert peak0 >= now0 and peak1 >= now1
+    assert now1 - now0 >= 0.25 and peak1 >= now1
+    del kept

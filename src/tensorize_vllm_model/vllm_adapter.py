@@ -262,11 +262,12 @@ class TensorizerLoader(BaseModelLoader):
                     stats = self._load_hf_weights(model, reader)
         _last_load = stats
         logger.info(
-            "Deserialized %.3f GB in %.2f s (%.2f GB/s) from %s",
-            stats.bytes / 1e9, stats.seconds, stats.gb_per_s, uri,
+            "Deserialized %.3f GB in %.2f s (%.2f GB/s) from %s (worker memory: %s)",
+            stats.bytes / 1e9, stats.seconds, stats.gb_per_s, uri, _memory(),
         )
         gc.collect()
         process_weights_after_loading(model, model_config, device)
+        logger.info("vLLM's weight post-processing done (worker memory: %s)", _memory())
         return model.eval()
 
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
@@ -606,3 +607,16 @@ def _register_lora_resolver() -> None:
             return tensorized_lora_request(model, lora_name, tensorizer_config=config)
 
     LoRAResolverRegistry.register_resolver("tensorize_vllm_model", TensorizedLoRAResolver())
+
+
+def _memory() -> str:
+    """This process's resident memory now and at its peak (Linux), for the load's log: the
+    peak after vLLM's post-processing against the memory once the tensors are in shows what
+    the post-processing adds."""
+    try:
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        now, peak = (int(fields[k].split()[0]) * 1024 / 1e9 for k in ("VmRSS", "VmHWM"))
+    except (OSError, KeyError, ValueError):
+        return "unknown"
+    return f"resident {now:.2f} GB, peak {peak:.2f} GB"
