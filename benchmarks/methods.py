@@ -298,6 +298,9 @@ def serve() -> None:
         pid = os.fork()
         if pid == 0:
             os.close(read)
+            if "environ" in request:  # the caller's, as a new process would get it
+                os.environ.clear()
+                os.environ.update(request["environ"])
             try:
                 reply = {"ok": _measure(request["method"], request["args"])}
             except BaseException:  # noqa: BLE001 - reported to the parent

@@ -134,7 +134,9 @@ def measure(method: str, env: dict | None = None, **args) -> dict:
         _server = subprocess.Popen([sys.executable, str(METHODS), "--serve"], text=True,
                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         atexit.register(_server.stdin.close)
-    _server.stdin.write(json.dumps({"method": method, "args": args}) + "\n")
+    # The environment of now (a scenario may have set its endpoint after the server started).
+    _server.stdin.write(json.dumps({"method": method, "args": args,
+                                    "environ": dict(os.environ)}) + "\n")
     _server.stdin.flush()
     ready, _, _ = select.select([_server.stdout], [], [], 900)
     line = _server.stdout.readline() if ready else ""
