@@ -62,6 +62,7 @@ def read_spans(path: str, spans: Sequence[Span], threads: int, *, name: str | No
     name = name or path
     device = torch.device(device)
     staged = device.type != "cpu" if staged is None else staged
+    step = min(PIECE_BYTES, STAGING_BYTES) if staged else PIECE_BYTES
     tensors = []
     pieces: list[_Piece] = []
     for span in spans:
@@ -74,7 +75,6 @@ def read_spans(path: str, spans: Sequence[Span], threads: int, *, name: str | No
                               f"bytes where its shape and dtype need {size}")
         memory = torch.empty(size, dtype=torch.uint8, device=device)
         tensors.append(memory.view(span.dtype).reshape(span.shape))
-        step = min(PIECE_BYTES, STAGING_BYTES) if staged else PIECE_BYTES
         for start in range(0, size, step):
             pieces.append((span, memory, start, min(size, start + step)))
     runs = _split(pieces, threads)

@@ -159,15 +159,13 @@ class RangeStream(io.RawIOBase):
                 skip = self._sequential.read(min(start - self._sequential_pos, 1 << 20))
                 if not skip:
                     break
-                self._keep(skip)
-                self._sequential_pos += len(skip)
+                self._passed(skip)
             while done < len(view) and self._sequential_pos == self._pos + done:
                 count = self._sequential.readinto(view[done:])
                 if not count:
                     break
-                self._keep(view[done:done + count])
+                self._passed(view[done:done + count])
                 done += count
-                self._sequential_pos += count
         except StorageError:
             raise
         except Exception as e:  # noqa: BLE001 - the transport's own error, reported below
@@ -182,7 +180,9 @@ class RangeStream(io.RawIOBase):
         self._pos += done
         return done
 
-    def _keep(self, data) -> None:
-        """Keep the response's first KEEP_BYTES as they pass (read at `_sequential_pos`)."""
+    def _passed(self, data) -> None:
+        """`data` was read from the response at `_sequential_pos`: move past it, keeping
+        the response's first KEEP_BYTES."""
         if self._sequential_pos == len(self._kept) < KEEP_BYTES:
             self._kept += data[:KEEP_BYTES - len(self._kept)]
+        self._sequential_pos += len(data)
