@@ -75,6 +75,17 @@ def _copy_all(tensors) -> int:
 # -- local file -> CPU memory ---------------------------------------------------------------
 
 
+def _in_threads(size: int, threads: int, read) -> None:
+    """Run read(index, begin, end) over `threads` equal parts of [0, size), one thread each."""
+    bounds = [size * i // threads for i in range(threads + 1)]
+    workers = [threading.Thread(target=read, args=(i, bounds[i], bounds[i + 1]))
+               for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+
+
 def ceiling(path: str, threads: int = 1, **_):
     """The fresh-memory ceiling: readinto freshly allocated memory, N threads."""
     size = os.path.getsize(path)
@@ -82,19 +93,14 @@ def ceiling(path: str, threads: int = 1, **_):
     view = memoryview(buffer.numpy())
     start = begin()
 
-    def read(begin: int, end: int) -> None:
+    def read(_: int, begin: int, end: int) -> None:
         with open(path, "rb", buffering=0) as f:
             f.seek(begin)
             position = begin
             while position < end:
                 position += f.readinto(view[position:min(end, position + (64 << 20))])
 
-    bounds = [size * i // threads for i in range(threads + 1)]
-    workers = [threading.Thread(target=read, args=(bounds[i], bounds[i + 1])) for i in range(threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
+    _in_threads(size, threads, read)
     return time.perf_counter() - start, size
 
 
@@ -177,13 +183,7 @@ def reused_read_ceiling(path: str, threads: int = 8, **_):
                     break
                 position += count
 
-    bounds = [size * i // threads for i in range(threads + 1)]
-    workers = [threading.Thread(target=read, args=(i, bounds[i], bounds[i + 1]))
-               for i in range(threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
+    _in_threads(size, threads, read)
     return time.perf_counter() - start, size
 
 

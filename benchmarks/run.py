@@ -3,9 +3,9 @@
     .venv/bin/python benchmarks/run.py [--size-gb 1.5] [--repeats 3] [--scenarios ...]
 
 (or ``make bench``, which installs nginx, matplotlib and runai-model-streamer first).
-Each load runs in a fresh process (forked from one that did the imports); every figure is the median of ``--repeats`` runs with
-min and max, methods alternating run by run. Prints a table and writes
-``benchmarks/results/latest.json`` and ``latest.png``.
+Each load runs in a fresh process (forked from one that did the imports); every figure is
+the median of ``--repeats`` runs with min and max, methods alternating run by run. Prints a
+table and writes ``benchmarks/results/latest.json`` and ``latest.png``.
 
 Scenarios: local (file -> CPU memory, warm page cache, and cold where the page cache can be
 dropped), http (nginx on loopback), s3 (moto's S3 server on loopback), vllm (LLM(...) end to
@@ -119,17 +119,10 @@ def set_cache(state: str, paths: list[str]) -> None:
 _server: subprocess.Popen | None = None
 
 
-def measure(method: str, env: dict | None = None, **args) -> dict:
+def measure(method: str, **args) -> dict:
     """One load in a fresh process: a child forked by the measuring server (`methods.serve`,
-    started once, its imports done), or a new interpreter where `env` must differ."""
+    started once, its imports done), with this process's environment of now."""
     global _server
-    if env:
-        out = subprocess.run([sys.executable, str(METHODS), method, json.dumps(args)],
-                             capture_output=True, text=True, env={**os.environ, **env},
-                             timeout=900)
-        if out.returncode != 0:
-            raise RuntimeError(f"{method} failed:\n{out.stderr[-3000:]}")
-        return json.loads(out.stdout.strip().splitlines()[-1])
     if _server is None or _server.poll() is not None:
         _server = subprocess.Popen([sys.executable, str(METHODS), "--serve"], text=True,
                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE)
