@@ -1,4 +1,5 @@
-"""Our own reads of plain local files into CPU memory (local_read), against tensorizer's."""
+"""Our own reads of local files into CPU memory (local_read), plain and encrypted, against
+tensorizer's."""
 
 import os
 
@@ -6,7 +7,14 @@ import pytest
 import torch
 from tensorizer import TensorDeserializer, TensorSerializer
 
-from tensorize_vllm_model import FormatError, TensorizerConfig, local_read, open_tensors
+from tensorize_vllm_model import (
+    EncryptionError,
+    FormatError,
+    TensorizeError,
+    TensorizerConfig,
+    local_read,
+    open_tensors,
+)
 
 
 def tensors() -> dict[str, torch.Tensor]:
@@ -115,21 +123,136 @@ def test_a_span_without_data_reads_as_zeros(path):
     assert got.dtype == torch.bfloat16 and torch.equal(got, torch.zeros(3, 2, dtype=torch.bfloat16))
 
 
-def test_hash_checks_and_encrypted_files_stay_with_tensorizer(tmp_path, path, monkeypatch):
+def test_hash_checks_stay_with_tensorizer(path, monkeypatch):
+    monkeypatch.setattr(local_read, "read_spans", lambda *a, **k: pytest.fail("our reads used"))
+    assert_same(read_ours(path, verify_hash=True), tensors())
+
+
+CHUNK = 2 << 20  # the cipher chunk tensorizer writes
+
+
+def encrypted_tensors() -> dict[str, torch.Tensor]:
+    """Every dtype (tensorizer cannot encrypt a tensor of 0 bytes), and one tensor of
+    three cipher chunks, the last one short."""
+    some = {n: t for n, t in tensors().items() if t.numel()}
+    torch.manual_seed(1)
+    return {**some, "big": torch.randint(-2**31, 2**31 - 1, ((2 * CHUNK + 12) // 4,),
+                                         dtype=torch.int32)}
+
+
+@pytest.fixture(scope="module")
+def encrypted(tmp_path_factory):
     from tensorize_vllm_model.keys import generate_key, stage_key
     from tensorize_vllm_model.layout import FileRecord
     from tensorize_vllm_model.serialization import write_tensors
 
+    folder = tmp_path_factory.mktemp("encrypted")
+    keyfile, other = str(folder / "k.key"), str(folder / "other.key")
+    stage_key(keyfile, generate_key()).commit()
+    stage_key(other, generate_key()).commit()
+    path = str(folder / "e.tensors")
+    with open(keyfile, "rb") as f:
+        key = f.read()
+    write_tensors(path, [(n, t, False) for n, t in encrypted_tensors().items()],
+                  record=FileRecord(), key=key).commit()
+    return path, keyfile, other
+
+
+def record_reads(monkeypatch) -> list[int]:
+    """The length of every read our readers make."""
+    lengths: list[int] = []
+    real = local_read._read_exactly
+    monkeypatch.setattr(local_read, "_read_exactly",
+                        lambda fd, view, *a: lengths.append(len(view)) or real(fd, view, *a))
+    return lengths
+
+
+@pytest.mark.parametrize("readers", [1, 3, 8])
+def test_encrypted_files_are_decrypted_by_our_readers(encrypted, readers, monkeypatch):
+    path, keyfile, _ = encrypted
+    lengths = record_reads(monkeypatch)
+    got = read_ours(path, encryption_keyfile=keyfile, num_readers=readers)
+    assert_same(got, encrypted_tensors())
+    # One cipher chunk per read, each decrypted alone (pieces are 4 KiB in these tests):
+    # the big tensor takes two whole chunks and its last 12 bytes, "w" one read of its own.
+    assert lengths.count(CHUNK) == 2 and 12 in lengths and 51200 in lengths
+    assert max(lengths) == CHUNK and len(lengths) == len(encrypted_tensors()) + 2
+
+
+def test_encrypted_reads_match_tensorizers_reader(encrypted, monkeypatch):
+    from tensorize_vllm_model import tensor_decryption
+
+    path, keyfile, _ = encrypted
+    ours = read_ours(path, encryption_keyfile=keyfile)
+    # A tensor header this module does not expect sends the file to tensorizer's reader.
+    monkeypatch.setattr(tensor_decryption, "ciphers", lambda *a: None)
     monkeypatch.setattr(local_read, "read_spans", lambda *a, **k: pytest.fail("our reads used"))
-    assert_same(read_ours(path, verify_hash=True), tensors())
-    key = generate_key()
-    keyfile = str(tmp_path / "k.key")
-    stage_key(keyfile, key).commit()
-    encrypted = str(tmp_path / "e.tensors")
-    some = {n: t for n, t in tensors().items() if t.numel()}  # tensorizer cannot encrypt 0 bytes
-    write_tensors(encrypted, [(n, t, False) for n, t in some.items()], record=FileRecord(),
-                  key=key).commit()
-    assert_same(read_ours(encrypted, encryption_keyfile=keyfile), some)
+    assert_same(ours, read_ours(path, encryption_keyfile=keyfile))
+
+
+def test_encrypted_staged_reads(encrypted, monkeypatch):
+    path, keyfile, _ = encrypted
+    monkeypatch.setattr(local_read, "STAGING_BYTES", 4096)  # smaller than a chunk
+    config = TensorizerConfig(tensorizer_uri=path, encryption_keyfile=keyfile)
+    with open_tensors(path, config=config) as reader:
+        spans = reader._spans(None)
+    got = local_read.read_spans(path, spans, 2, staged=True)
+    assert_same({span.name: tensor for span, tensor in zip(spans, got)}, encrypted_tensors())
+
+
+def test_a_wrong_key_is_named_with_the_file(encrypted):
+    path, _, other = encrypted
+    with pytest.raises(EncryptionError) as error:
+        read_ours(path, encryption_keyfile=other)
+    assert str(error.value) == f"cannot decrypt {path} with the key in {other}: wrong key " \
+                               f"(or corrupted data)"
+
+
+@pytest.mark.parametrize("where", ["first chunk", "last chunk", "MAC"])
+def test_a_changed_byte_fails_its_check(encrypted, tmp_path, where):
+    from tensorize_vllm_model.streaming import open_tensors as reopen
+
+    path, keyfile, _ = encrypted
+    with reopen(path, config=TensorizerConfig(tensorizer_uri=path,
+                                              encryption_keyfile=keyfile)) as reader:
+        entry = dict(reader._index())["big"]
+    data = bytearray(open(path, "rb").read())
+    at = {"first chunk": entry.data_offset + 5,
+          "last chunk": entry.data_offset + entry.data_length - 1,
+          # The MACs are in the tensor's header, just before its data length and data.
+          "MAC": entry.data_offset - 8 - 3}[where]
+    data[at] ^= 0x40
+    bad = tmp_path / "bad.tensors"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(EncryptionError, match=rf"cannot decrypt {bad} with the key in "
+                       rf"{keyfile}: wrong key \(or corrupted data\)"):
+        read_ours(str(bad), encryption_keyfile=keyfile)
+
+
+def test_changed_bytes_in_encrypted_headers_never_crash(encrypted, tmp_path):
+    """Bit flips in the tensor headers (names, shapes, crypt info with nonces and MACs):
+    the file reads, or one of this package's errors names it."""
+    import random
+
+    path, keyfile, _ = encrypted
+    with open_tensors(path, config=TensorizerConfig(tensorizer_uri=path,
+                                                    encryption_keyfile=keyfile)) as reader:
+        regions = [range(e.offset, e.data_offset) for _, e in reader._index()]
+    data = open(path, "rb").read()
+    rnd = random.Random(11)
+    bad = tmp_path / "flipped.tensors"
+    outcomes = set()
+    for _ in range(60):
+        flipped = bytearray(data)
+        flipped[rnd.choice(rnd.choice(regions))] ^= 1 << rnd.randrange(8)
+        bad.write_bytes(bytes(flipped))
+        try:
+            read_ours(str(bad), encryption_keyfile=keyfile)
+            outcomes.add("read")
+        except TensorizeError as e:
+            assert str(bad) in str(e)
+            outcomes.add(type(e).__name__)
+    assert "EncryptionError" in outcomes
 
 
 def read_staged(path, readers, device="cpu", **kwargs) -> dict[str, torch.Tensor]:

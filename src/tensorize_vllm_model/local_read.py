@@ -1,4 +1,4 @@
-"""Reading a plain local tensors file onto a device: parallel reads into memory whose pages
+"""Reading a local tensors file onto a device: parallel reads into memory whose pages
 are made present first (CPU), or into a few reused pinned buffers copied on (CUDA).
 
 A fresh tensor's pages are not yet in memory; a ``read()`` into it takes each page's
@@ -8,9 +8,11 @@ into it, beat a bare ``readinto`` of the same file (warm) and tensorizer's reade
 alternating measurements (README, Performance). Onto a GPU, each reader thread reads into
 its own two pinned staging buffers in turn and copies each filled buffer to the tensors on its
 own CUDA stream while it reads the next: no page is faulted in after the first buffer, and
-host memory stays at readers x 2 x STAGING_BYTES. Only plain (unencrypted) local files, read
-without hash checks, take this path; the index has been checked against the file's length
-(`streaming._check_index`) before anything here runs.
+host memory stays at readers x 2 x STAGING_BYTES. An encrypted tensor is read one cipher
+chunk at a time, and the reading thread decrypts each chunk right after reading it
+(`tensor_decryption`). Only local files read without hash checks take this path; the index
+has been checked against the file's length (`streaming._check_index`) before anything here
+runs.
 """
 
 from __future__ import annotations
@@ -23,11 +25,14 @@ import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .errors import FormatError, StorageError
+
+if TYPE_CHECKING:
+    from .tensor_decryption import TensorCipher
 
 __all__ = ["Span", "read_spans", "STAGING_BYTES"]
 
@@ -46,6 +51,7 @@ class Span:
     length: int  # 0 for a tensor stored without data (it reads back as zeros)
     dtype: torch.dtype
     shape: tuple[int, ...]
+    cipher: TensorCipher | None = None  # how its bytes are encrypted, if they are
 
 
 def read_spans(path: str, spans: Sequence[Span], threads: int, *, name: str | None = None,
@@ -58,6 +64,7 @@ def read_spans(path: str, spans: Sequence[Span], threads: int, *, name: str | No
     Raises:
         StorageError: the file cannot be read.
         FormatError: it ends before a span does (it changed after its index was checked).
+        tensor_decryption.DecryptionFailed: an encrypted span fails its check.
     """
     name = name or path
     device = torch.device(device)
@@ -75,8 +82,9 @@ def read_spans(path: str, spans: Sequence[Span], threads: int, *, name: str | No
                               f"bytes where its shape and dtype need {size}")
         memory = torch.empty(size, dtype=torch.uint8, device=device)
         tensors.append(memory.view(span.dtype).reshape(span.shape))
-        for start in range(0, size, step):
-            pieces.append((span, memory, start, min(size, start + step)))
+        span_step = span.cipher.piece_bytes if span.cipher else step
+        for start in range(0, size, span_step):
+            pieces.append((span, memory, start, min(size, start + span_step)))
     runs = _split(pieces, threads)
     read = _Staged(path, name, device).read if staged else _Direct(path, name).read
     try:
@@ -128,6 +136,8 @@ class _Direct:
                 _populate(memory.data_ptr() + start, end - start)
                 view = memoryview(memory.numpy())[start:end]
                 _read_exactly(f.fileno(), view, span.offset + start, span, self.name)
+                if span.cipher:
+                    span.cipher.decrypt(view, start)
 
 
 class _Staged:
@@ -141,7 +151,9 @@ class _Staged:
         self.cuda = device.type == "cuda"
 
     def read(self, run: list[_Piece]) -> None:
-        size = min(STAGING_BYTES, sum(end - start for _, _, start, end in run))
+        # An encrypted tensor's piece is one cipher chunk, which may be larger.
+        size = max(min(STAGING_BYTES, sum(end - start for _, _, start, end in run)),
+                   max((end - start for _, _, start, end in run), default=0))
         buffers = [torch.empty(size, dtype=torch.uint8) for _ in range(2)]
         pinned = [_pin(b) for b in buffers] if self.cuda else []
         views = [memoryview(b.numpy()) for b in buffers]
@@ -168,8 +180,10 @@ class _Staged:
                         which, used = 1 - which, 0
                         if done[which] is not None:
                             done[which].synchronize()
-                    _read_exactly(f.fileno(), views[which][used:used + length],
-                                  span.offset + start, span, self.name)
+                    view = views[which][used:used + length]
+                    _read_exactly(f.fileno(), view, span.offset + start, span, self.name)
+                    if span.cipher:
+                        span.cipher.decrypt(view, start)
                     pending.append((memory[start:end], used, length))
                     used += length
                 send()

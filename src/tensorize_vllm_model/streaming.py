@@ -188,8 +188,16 @@ class TensorReader:
         if spans is not None:
             from .local_read import read_spans
 
-            tensors = read_spans(self._own_reads, spans, self._kwargs["num_readers"],
-                                 name=self.uri, device=self._device)
+            from .tensor_decryption import DecryptionFailed
+
+            try:
+                tensors = read_spans(self._own_reads, spans, self._kwargs["num_readers"],
+                                     name=self.uri, device=self._device)
+            except DecryptionFailed:
+                raise EncryptionError(
+                    f"cannot decrypt {self.uri}"
+                    + (f" with the key in {self._keyfile}" if self._keyfile else "")
+                    + ": wrong key (or corrupted data)") from None
             for span, tensor in zip(spans, tensors):
                 yield span.name, tensor
             return
@@ -210,20 +218,29 @@ class TensorReader:
             stream.close()
 
     def _spans(self, only: Collection[str] | None) -> list[Span] | None:
-        """The tensors to read as file spans, for `local_read`; None when a dtype has no
-        torch equivalent (tensorizer's reader then takes the file)."""
+        """The tensors to read as file spans, for `local_read`, each with its cipher in an
+        encrypted file; None when a dtype has no torch equivalent or an encrypted tensor's
+        header is not as expected (tensorizer's reader then takes the file)."""
         from .local_read import Span
 
+        chosen = [(name, entry) for name, entry in self._index()
+                  if only is None or name in only]
+        ciphers: list[Any] = [None] * len(chosen)
+        if self.encrypted:
+            from .tensor_decryption import ciphers as read_ciphers
+
+            found = read_ciphers(self._own_reads, [e for _, e in chosen], self._header)
+            if found is None:
+                return None
+            ciphers = found
         spans = []
-        for name, entry in self._index():
-            if only is not None and name not in only:
-                continue
+        for (name, entry), cipher in zip(chosen, ciphers):
             dtype = getattr(torch, _dtype_name(entry.dtype), None)
             if not isinstance(dtype, torch.dtype):
                 return None
             spans.append(Span(name=name, offset=entry.data_offset,
                               length=entry.data_length, dtype=dtype,
-                              shape=tuple(int(d) for d in entry.shape)))
+                              shape=tuple(int(d) for d in entry.shape), cipher=cipher))
         return spans
 
     def close(self) -> None:
@@ -305,8 +322,8 @@ def open_tensors(
                                         **{k: v for k, v in kwargs.items() if k != "num_readers"},
                                         num_readers=1)
         _check_index(header, facts, stream, name, local=storage.is_local(uri))
-        # Plain local files into CPU or CUDA memory: our own reads (local_read) are faster.
-        own_reads = storage.is_local(uri) and not facts.encrypted and not kwargs["verify_hash"] \
+        # Local files into CPU or CUDA memory: our own reads (local_read) are faster.
+        own_reads = storage.is_local(uri) and not keyless and not kwargs["verify_hash"] \
             and torch.device(device).type in ("cpu", "cuda") \
             and set(config.deserialization_kwargs) <= {"num_readers"}
         return TensorReader(name, header, facts, lambda: storage.open_read(uri, options),

@@ -1,0 +1,123 @@
+"""Decrypting an encrypted file's tensors as our own reader threads read them (`local_read`).
+
+Tensorizer encrypts each tensor with XSalsa20-Poly1305 (libsodium) in chunks of a fixed size
+(2 MiB as it writes them); each chunk has its own nonce (the tensor's first nonce counted up)
+and its own MAC, all kept in the tensor's header. A chunk can therefore be checked and
+decrypted alone, as soon as its bytes are in: the reading thread does it right after the read,
+while the other threads read on. Through tensorizer's reader, which decrypts in a pool after
+its own reads, an encrypted load ran at 42% of a plain one (README, Performance).
+
+The cipher is tensorizer's own (its libsodium bindings); only the chunk bookkeeping is here.
+This is the one module that reads tensorizer's per-tensor headers and crypt info, which are
+not public API: an unexpected layout makes `ciphers` answer None, and tensorizer's reader then
+takes the file, as before.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["TensorCipher", "DecryptionFailed", "ciphers"]
+
+
+class DecryptionFailed(Exception):
+    """A chunk failed its MAC check: a wrong key, or corrupted data."""
+
+
+@dataclass(frozen=True)
+class TensorCipher:
+    """How one tensor's bytes are encrypted: in chunks of `chunk_size` bytes (the last one
+    shorter), chunk i with `nonces[i]` and `macs[i]`."""
+
+    key: bytes
+    chunk_size: int
+    nonces: tuple[bytes, ...]
+    macs: tuple[bytes, ...]
+
+    @property
+    def piece_bytes(self) -> int:
+        """The bytes to read at a time: one chunk, decrypted while its bytes are still in
+        the CPU's cache (on 2 vCPUs, 2 MiB reads of a warm file loaded at 1.16-1.45 GB/s
+        against 1.06-1.36 for 16 MiB reads, in alternating runs)."""
+        return self.chunk_size
+
+    def decrypt(self, view: memoryview, start: int) -> None:
+        """Check and decrypt, in place, the tensor's bytes from `start` held in `view`: they
+        begin on a chunk boundary and end on one or at the tensor's end.
+
+        Raises:
+            DecryptionFailed: a chunk's MAC does not match (wrong key or corrupted data).
+        """
+        from tensorizer import _crypt
+
+        first = start // self.chunk_size
+        for index in range(first, first + math.ceil(len(view) / self.chunk_size)):
+            at = (index - first) * self.chunk_size
+            try:
+                with _crypt.SequentialEncryption(
+                        key=self.key, buffer=view[at:at + self.chunk_size],
+                        nonce=self.nonces[index], mac=self.macs[index],
+                        intent=_crypt.SequentialEncryption.INTENT.DECRYPTION) as chunk:
+                    chunk.decrypt()
+            except _crypt.CryptographyError:
+                raise DecryptionFailed(f"chunk {index} failed its check") from None
+
+
+def ciphers(path: str, entries: Sequence[Any], deserializer: Any
+            ) -> list[TensorCipher | None] | None:
+    """Each entry's cipher (None for a tensor stored without data), read from the tensor
+    headers of the local file at `path`; `entries` are tensorizer's index entries and
+    `deserializer` the `TensorDeserializer` that read them, with the key. None when a header
+    is not as expected (tensorizer's own reader is then used)."""
+    from tensorizer import _crypt, _crypt_info
+    from tensorizer.serialization import _TensorHeaderDeserializer
+
+    long_shapes = getattr(deserializer, "_long_shape_tensors", frozenset())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        def header(entry: Any) -> Any:
+            raw = os.pread(fd, entry.data_offset - entry.offset, entry.offset)
+            return _TensorHeaderDeserializer(bytearray(raw), zero_hashes=False,
+                                             check_crypt_info=True,
+                                             long_shape_tensors=long_shapes)
+
+        # Many small reads across the file: in parallel, so a cold disk's latency overlaps.
+        with ThreadPoolExecutor(min(16, max(1, len(entries)))) as pool:
+            headers = list(pool.map(header, entries))
+    except Exception:  # noqa: BLE001 - an unexpected header: tensorizer's reader decides
+        return None
+    finally:
+        os.close(fd)
+
+    found: list[TensorCipher | None] = []
+    for entry, head in zip(entries, headers):
+        info = head.crypt_info
+        if entry.data_length == 0:
+            found.append(None)
+            continue
+        if info is None or info.num_chunks == 0:
+            return None
+        methods = info.find_chunks((_crypt_info.XSalsa20ParallelChunk,
+                                    _crypt_info.XSalsa20SequentialChunk))
+        if len(methods) != 1:
+            return None
+        method = methods[0]
+        key = bytes(deserializer._derive_encryption_key(info))
+        if isinstance(method, _crypt_info.XSalsa20SequentialChunk) or method.num_macs == 1:
+            macs = (method.mac,) if isinstance(
+                method, _crypt_info.XSalsa20SequentialChunk) else tuple(method.macs)
+            found.append(TensorCipher(key, entry.data_length, (bytes(method.nonce),),
+                                      tuple(bytes(m) for m in macs)))
+            continue
+        if method.num_macs != math.ceil(entry.data_length / method.chunk_size):
+            return None
+        nonces = tuple(bytes(n) for n in _crypt.ChunkedEncryption.sequential_nonces(
+            bytes(method.nonce), method.num_macs))
+        found.append(TensorCipher(key, method.chunk_size, nonces,
+                                  tuple(bytes(m) for m in method.macs)))
+    return found
