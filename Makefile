@@ -17,7 +17,7 @@ s3-demo:
 	scripts/install.sh --test
 	.venv/bin/python examples/s3_workflow.py
 
-# The load benchmark (benchmarks/run.py): about 16 minutes on a 2-core machine, plus 3 to build the model once (README, Performance).
+# The load benchmark (benchmarks/run.py): about 13 minutes on a 2-core machine, plus 3 to build the model once (README, Performance).
 .PHONY: bench
 bench:
 	scripts/install.sh --test --bench

@@ -104,6 +104,32 @@ def ceiling(path: str, threads: int = 1, **_):
     return time.perf_counter() - start, size
 
 
+def decrypt_ceiling(path: str, keyfile: str, threads: int = 2, **_):
+    """The cipher's own ceiling: the encrypted file's tensors are read into memory before
+    the clock; then `threads` threads check and decrypt them in place, chunk by chunk, with
+    the calls our loader makes (tensorizer's libsodium bindings)."""
+    import dataclasses
+
+    from tensorize_vllm_model import TensorizerConfig, local_read, open_tensors
+
+    config = TensorizerConfig(tensorizer_uri=path, encryption_keyfile=keyfile)
+    with open_tensors(path, config=config) as reader:
+        spans = reader._spans(None)
+    tensors = local_read.read_spans(path, [dataclasses.replace(s, cipher=None) for s in spans], 8)
+    chunks = [(memoryview(t.reshape(-1).view(torch.uint8).numpy()), s.cipher, at)
+              for s, t in zip(spans, tensors) if s.cipher
+              for at in range(0, s.length, s.cipher.piece_bytes)]
+    total = sum(s.length for s in spans)
+    start = begin()
+
+    def decrypt(_: int, first: int, end: int) -> None:
+        for view, cipher, at in chunks[first:end]:
+            cipher.decrypt(view[at:at + cipher.piece_bytes], at)
+
+    _in_threads(len(chunks), threads, decrypt)
+    return time.perf_counter() - start, total
+
+
 def safetensors_load(path: str, **_):
     from safetensors.torch import load_file
 
@@ -256,7 +282,7 @@ def download_then_load(url: str, **_):
     return time.perf_counter() - start, total
 
 
-METHODS = {f.__name__: f for f in (ceiling, reused_read_ceiling, h2d_ceiling, safetensors_cuda, safetensors_load, torch_load, tensorizer_default, ours,
+METHODS = {f.__name__: f for f in (ceiling, decrypt_ceiling, reused_read_ceiling, h2d_ceiling, safetensors_cuda, safetensors_load, torch_load, tensorizer_default, ours,
                                     runai, curl, download_then_load)}
 
 

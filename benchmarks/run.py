@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import json
 import os
 import platform
@@ -192,6 +193,8 @@ def scenario_local(files, repeats, caches, results):
         ("ours", "ours", {"path": files["tensors"], "model_dir": files["model_dir"]}),
         ("ours, encrypted", "ours", {"path": files["encrypted"], "model_dir": files["model_dir"],
                                      "keyfile": files["key"]}),
+        ("ceiling: decrypt in memory, 2 threads", "decrypt_ceiling",
+         {"path": files["encrypted"], "keyfile": files["key"], "threads": 2}),
     ]
     try:
         import runai_model_streamer  # noqa: F401
@@ -201,7 +204,9 @@ def scenario_local(files, repeats, caches, results):
         log("  runai-model-streamer is not installed: left out")
     paths = [files[k] for k in ("tensors", "encrypted", "safetensors", "pt")]
     for cache in caches:
-        run_cases("local", cases, repeats, cache, paths, results)
+        # The cipher's speed does not depend on the page cache (its input is read first).
+        run_cases("local", [c for c in cases if cache == "warm" or c[1] != "decrypt_ceiling"],
+                  repeats, cache, paths, results)
 
 
 def start_nginx(root: str) -> tuple[subprocess.Popen, str]:
@@ -281,57 +286,118 @@ def scenario_s3(files, repeats, results):
 
 
 VLLM_SCRIPT = r'''
-import json, sys, time
+"""Starts LLM(**kwargs) for the benchmark: one engine per request line on stdin, each in a
+child forked after vLLM's import (its own process group, output to the file named in the
+request). Answers each request with the child's pid, then "ended" once it is gone."""
+import json, os, sys, time
 if __name__ == "__main__":
     from vllm import LLM
-    kwargs = json.loads(sys.argv[1])
-    start = time.perf_counter()
-    llm = LLM(**kwargs)
-    print("READY", time.perf_counter() - start, flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            os.setsid()
+            log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(log, 1)
+            os.dup2(log, 2)
+            sys.stdout = os.fdopen(1, "w", buffering=1)
+            sys.stderr = os.fdopen(2, "w", buffering=1)
+            start = time.perf_counter()
+            llm = LLM(**request["kwargs"])
+            print("READY", time.perf_counter() - start, flush=True)
+            time.sleep(600)  # until the benchmark kills every process of the engine
+            os._exit(0)
+        print(pid, flush=True)
+        os.waitpid(pid, 0)
+        print("ended", flush=True)
 '''
 
+_vllm_server: subprocess.Popen | None = None
 
-def _tree_rss(process) -> dict[int, int]:
+
+def _vllm_child(kwargs: dict, log: str) -> int:
+    """Start one engine through the vLLM server (started once: vLLM's import, about 10 s,
+    is paid once, not at every start) and return its process's pid."""
+    global _vllm_server
+    if _vllm_server is None or _vllm_server.poll() is not None:
+        script = WORK / "vllm_ready.py"
+        script.write_text(VLLM_SCRIPT)
+        _vllm_server = subprocess.Popen(
+            [sys.executable, str(script)], text=True, stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            # a 1 GiB KV cache (vLLM's CPU default is 4 GiB), so that the weights show in
+            # the worker's peak memory
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"})
+        atexit.register(_vllm_server.kill)
+    _vllm_server.stdin.write(json.dumps({"kwargs": kwargs, "log": log}) + "\n")
+    _vllm_server.stdin.flush()
+    answer = _vllm_server.stdout.readline()
+    if not answer.strip().isdigit():
+        raise RuntimeError(f"the vLLM server did not start an engine: {answer!r}")
+    return int(answer)
+
+
+def _tree(pid: int) -> list:
     import psutil
 
     try:
-        children = psutil.Process(process.pid).children(recursive=True)
+        return psutil.Process(pid).children(recursive=True)
     except psutil.Error:
-        return {}
-    sizes = {}
-    for child in children:
-        try:
-            sizes[child.pid] = child.memory_info().rss
-        except psutil.Error:
-            pass
-    return sizes
+        return []
 
 
-def vllm_run(kwargs: dict, env: dict | None = None) -> dict:
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def vllm_run(kwargs: dict) -> dict:
     """Start LLM(**kwargs) in a fresh process; seconds to ready, the weights-load seconds
-    vLLM (or this loader) logs, and the largest resident memory of any of its processes."""
-    script = WORK / "vllm_ready.py"
-    script.write_text(VLLM_SCRIPT)
-    process = subprocess.Popen([sys.executable, str(script), json.dumps(kwargs)],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               # a 1 GiB KV cache (vLLM's CPU default is 4 GiB), so that
-                               # the weights show in the worker's peak memory
-                               env={**os.environ, "HF_HUB_OFFLINE": "1",
-                                    "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})})
-    peak: dict[int, int] = {}
-    lines: list[str] = []
-    import threading
+    vLLM (or this loader) logs, and the largest resident memory of any of its processes.
 
-    reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
-    reader.start()
-    while process.poll() is None:
-        for pid, size in _tree_rss(process).items():
-            peak[pid] = max(peak.get(pid, 0), size)
-        time.sleep(0.05)
-    reader.join(5)
-    text = "".join(lines)
+    Each engine's first process is a child forked from one that has imported vLLM (vLLM's
+    own engine and worker processes are new interpreters, as always). Once the engine is
+    ready its processes are killed, not shut down: vLLM's shutdown took 5-8 s a start here
+    (its process manager waits 5 s, then kills the engine anyway). The next start begins
+    only once every one of them is gone, and the shared-memory files they leave are
+    removed."""
+    import signal
+
+    import psutil
+
+    shared_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    with tempfile.NamedTemporaryFile("r", suffix=".log") as log:
+        pid = _vllm_child(kwargs, log.name)
+        peak: dict[int, int] = {}
+        tree: dict[int, psutil.Process] = {}
+        text = ""
+        started = time.monotonic()
+        try:
+            while "READY" not in text and _alive(pid) and time.monotonic() - started < 900:
+                for child in _tree(pid):
+                    tree.setdefault(child.pid, child)
+                    with contextlib.suppress(psutil.Error):
+                        peak[child.pid] = max(peak.get(child.pid, 0), child.memory_info().rss)
+                text += log.read()
+                time.sleep(0.05)
+        finally:  # ready, failed or interrupted: no engine outlives its run
+            tree.update((child.pid, child) for child in _tree(pid))
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            psutil.wait_procs(list(tree.values()), timeout=60)
+        if _vllm_server.stdout.readline().strip() != "ended":
+            raise RuntimeError("the vLLM server lost track of its engine")
+        text += log.read()
+    for name in (set(os.listdir("/dev/shm")) - shared_before) if shared_before else ():
+        if name.startswith(("psm_", "vllm", "sem.mp-")):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join("/dev/shm", name))
     ready = re.search(r"READY ([\d.]+)", text)
-    if process.returncode != 0 or not ready:
+    if not ready:
         raise RuntimeError(f"vLLM run failed: {text[-3000:]}")
     weights = (re.search(r"Loading weights took ([\d.]+) seconds", text)          # default
                or re.search(r"Deserialized [\d.]+ GB in ([\d.]+) s", text)          # ours
@@ -381,7 +447,9 @@ def scenario_vllm(files, repeats, results, size_gb):
         runs: dict[str, list[dict]] = {label: [] for label, _ in cases}
         for repeat in range(repeats):
             for label, kwargs in cases:
-                set_cache("warm", [files["safetensors"], vllm_dir + "/model.tensors"])
+                # warm: the file this case reads (vLLM's loaders read the safetensors one)
+                set_cache("warm", [vllm_dir + "/model.tensors" if "tensorizer" in label
+                                   else files["safetensors"]])
                 result = vllm_run({**kwargs, **engine})
                 result["bytes"] = os.path.getsize(files["safetensors"])
                 runs[label].append(result)
