@@ -7,7 +7,7 @@ torch model alike:
         stats = load_into_module(model, reader)
 
 Tensors are read by tensorizer's `TensorDeserializer` straight onto the target device (a
-plain local file into CPU or CUDA memory by `local_read`, which is faster there) and become the
+local file into CPU or CUDA memory by `local_read`, which is faster there) and become the
 module's parameters as they are (no second copy). They keep their stored dtype
 unless both they and the parameter they fill are floating point, in which case they are
 cast to the parameter's dtype: integer (quantized) and complex tensors are never cast.
