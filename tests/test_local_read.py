@@ -198,6 +198,10 @@ def test_encrypted_staged_reads(encrypted, monkeypatch):
         spans = reader._spans(None)
     got = local_read.read_spans(path, spans, 2, staged=True)
     assert_same({span.name: tensor for span, tensor in zip(spans, got)}, encrypted_tensors())
+    with open(keyfile, "rb") as f:
+        key = f.read()
+    shown = repr(spans)
+    assert "TensorCipher(" in shown and "key=" not in shown and repr(key) not in shown
 
 
 def test_a_wrong_key_is_named_with_the_file(encrypted):

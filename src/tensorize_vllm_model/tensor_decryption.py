@@ -19,10 +19,10 @@ import math
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["TensorCipher", "DecryptionFailed", "ciphers"]
+__all__ = ["DecryptionFailed", "TensorCipher", "ciphers"]
 
 
 class DecryptionFailed(Exception):
@@ -34,7 +34,7 @@ class TensorCipher:
     """How one tensor's bytes are encrypted: in chunks of `chunk_size` bytes (the last one
     shorter), chunk i with `nonces[i]` and `macs[i]`."""
 
-    key: bytes
+    key: bytes = field(repr=False)  # never shown, in logs or errors
     chunk_size: int
     nonces: tuple[bytes, ...]
     macs: tuple[bytes, ...]
@@ -74,7 +74,6 @@ def ciphers(path: str, entries: Sequence[Any], deserializer: Any
     headers of the local file at `path`; `entries` are tensorizer's index entries and
     `deserializer` the `TensorDeserializer` that read them, with the key. None when a header
     is not as expected (tensorizer's own reader is then used)."""
-    from tensorizer import _crypt, _crypt_info
     from tensorizer.serialization import _TensorHeaderDeserializer
 
     long_shapes = getattr(deserializer, "_long_shape_tensors", frozenset())
@@ -94,30 +93,38 @@ def ciphers(path: str, entries: Sequence[Any], deserializer: Any
     finally:
         os.close(fd)
 
-    found: list[TensorCipher | None] = []
-    for entry, head in zip(entries, headers):
-        info = head.crypt_info
-        if entry.data_length == 0:
-            found.append(None)
-            continue
-        if info is None or info.num_chunks == 0:
-            return None
-        methods = info.find_chunks((_crypt_info.XSalsa20ParallelChunk,
-                                    _crypt_info.XSalsa20SequentialChunk))
-        if len(methods) != 1:
-            return None
-        method = methods[0]
-        key = bytes(deserializer._derive_encryption_key(info))
-        if isinstance(method, _crypt_info.XSalsa20SequentialChunk) or method.num_macs == 1:
-            macs = (method.mac,) if isinstance(
-                method, _crypt_info.XSalsa20SequentialChunk) else tuple(method.macs)
-            found.append(TensorCipher(key, entry.data_length, (bytes(method.nonce),),
-                                      tuple(bytes(m) for m in macs)))
-            continue
-        if method.num_macs != math.ceil(entry.data_length / method.chunk_size):
-            return None
-        nonces = tuple(bytes(n) for n in _crypt.ChunkedEncryption.sequential_nonces(
-            bytes(method.nonce), method.num_macs))
-        found.append(TensorCipher(key, method.chunk_size, nonces,
-                                  tuple(bytes(m) for m in method.macs)))
-    return found
+    try:
+        return [_cipher(entry, head.crypt_info, deserializer)
+                for entry, head in zip(entries, headers)]
+    except _Unexpected:
+        return None
+
+
+class _Unexpected(Exception):
+    """A tensor header this module does not know how to decrypt by chunks."""
+
+
+def _cipher(entry: Any, info: Any, deserializer: Any) -> TensorCipher | None:
+    from tensorizer import _crypt, _crypt_info
+
+    if entry.data_length == 0:
+        return None
+    if info is None or info.num_chunks == 0:
+        raise _Unexpected
+    methods = info.find_chunks((_crypt_info.XSalsa20ParallelChunk,
+                                _crypt_info.XSalsa20SequentialChunk))
+    if len(methods) != 1:
+        raise _Unexpected
+    method = methods[0]
+    key = bytes(deserializer._derive_encryption_key(info))
+    if isinstance(method, _crypt_info.XSalsa20SequentialChunk):
+        return TensorCipher(key, entry.data_length, (bytes(method.nonce),), (bytes(method.mac),))
+    if method.num_macs == 1:
+        return TensorCipher(key, entry.data_length, (bytes(method.nonce),),
+                            (bytes(method.macs[0]),))
+    if method.num_macs != math.ceil(entry.data_length / method.chunk_size):
+        raise _Unexpected
+    nonces = _crypt.ChunkedEncryption.sequential_nonces(bytes(method.nonce), method.num_macs)
+    return TensorCipher(key, method.chunk_size, tuple(bytes(n) for n in nonces),
+                        tuple(bytes(m) for m in method.macs))
+
