@@ -118,13 +118,13 @@ def decrypt_ceiling(path: str, keyfile: str, threads: int = 2, **_):
     tensors = local_read.read_spans(path, [dataclasses.replace(s, cipher=None) for s in spans], 8)
     chunks = [(memoryview(t.reshape(-1).view(torch.uint8).numpy()), s.cipher, at)
               for s, t in zip(spans, tensors) if s.cipher
-              for at in range(0, s.length, s.cipher.piece_bytes)]
+              for at in range(0, s.length, s.cipher.chunk_size)]
     total = sum(s.length for s in spans)
     start = begin()
 
     def decrypt(_: int, first: int, end: int) -> None:
         for view, cipher, at in chunks[first:end]:
-            cipher.decrypt(view[at:at + cipher.piece_bytes], at)
+            cipher.decrypt(view[at:at + cipher.chunk_size], at)
 
     _in_threads(len(chunks), threads, decrypt)
     return time.perf_counter() - start, total
@@ -295,6 +295,7 @@ def _preload() -> None:
     import tensorize_vllm_model.storage.http  # noqa: F401
     import tensorize_vllm_model.storage.s3  # noqa: F401
     import tensorize_vllm_model.streaming  # noqa: F401
+    import tensorize_vllm_model.tensor_decryption  # noqa: F401
 
     for optional in ("transformers", "transformers.models.llama.modeling_llama",
                      "runai_model_streamer"):

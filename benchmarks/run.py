@@ -129,11 +129,7 @@ def measure(method: str, **args) -> dict:
                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         atexit.register(_server.stdin.close)
     # The environment of now (a scenario may have set its endpoint after the server started).
-    _server.stdin.write(json.dumps({"method": method, "args": args,
-                                    "environ": dict(os.environ)}) + "\n")
-    _server.stdin.flush()
-    ready, _, _ = select.select([_server.stdout], [], [], 900)
-    line = _server.stdout.readline() if ready else ""
+    line = _ask(_server, {"method": method, "args": args, "environ": dict(os.environ)})
     if not line:
         _server.kill()
         raise RuntimeError(f"{method}: no answer from the measuring process")
@@ -141,6 +137,15 @@ def measure(method: str, **args) -> dict:
     if "error" in reply:
         raise RuntimeError(f"{method} failed:\n{reply['error']}")
     return reply["ok"]
+
+
+def _ask(server: subprocess.Popen, request: dict, timeout: float = 900) -> str:
+    """Send one JSON request line to a measuring server; its answer line, or "" when none
+    came within `timeout` seconds."""
+    server.stdin.write(json.dumps(request) + "\n")
+    server.stdin.flush()
+    ready, _, _ = select.select([server.stdout], [], [], timeout)
+    return server.stdout.readline() if ready else ""
 
 
 def run_cases(scenario: str, cases: list[tuple[str, str, dict]], repeats: int, cache: str,
@@ -329,9 +334,7 @@ def _vllm_child(kwargs: dict, log: str) -> int:
             # the worker's peak memory
             env={**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"})
         atexit.register(_vllm_server.kill)
-    _vllm_server.stdin.write(json.dumps({"kwargs": kwargs, "log": log}) + "\n")
-    _vllm_server.stdin.flush()
-    answer = _vllm_server.stdout.readline()
+    answer = _ask(_vllm_server, {"kwargs": kwargs, "log": log}, timeout=60)
     if not answer.strip().isdigit():
         raise RuntimeError(f"the vLLM server did not start an engine: {answer!r}")
     return int(answer)
@@ -344,6 +347,10 @@ def _tree(pid: int) -> list:
         return psutil.Process(pid).children(recursive=True)
     except psutil.Error:
         return []
+
+
+def _shared_memory() -> set[str]:
+    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
 
 
 def _alive(pid: int) -> bool:
@@ -369,7 +376,7 @@ def vllm_run(kwargs: dict) -> dict:
 
     import psutil
 
-    shared_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    shared_before = _shared_memory()
     with tempfile.NamedTemporaryFile("r", suffix=".log") as log:
         pid = _vllm_child(kwargs, log.name)
         peak: dict[int, int] = {}
@@ -392,7 +399,7 @@ def vllm_run(kwargs: dict) -> dict:
         if _vllm_server.stdout.readline().strip() != "ended":
             raise RuntimeError("the vLLM server lost track of its engine")
         text += log.read()
-    for name in (set(os.listdir("/dev/shm")) - shared_before) if shared_before else ():
+    for name in _shared_memory() - shared_before:
         if name.startswith(("psm_", "vllm", "sem.mp-")):
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join("/dev/shm", name))

@@ -34,7 +34,7 @@ from .errors import FormatError, StorageError
 if TYPE_CHECKING:
     from .tensor_decryption import TensorCipher
 
-__all__ = ["Span", "read_spans", "STAGING_BYTES"]
+__all__ = ["Span", "read_spans", "pread_each", "STAGING_BYTES"]
 
 PIECE_BYTES = 16 << 20  # pages made present per call; 16 to 128 MiB measured alike
 STAGING_BYTES = 8 << 20  # one pinned staging buffer (two per reader thread)
@@ -82,7 +82,10 @@ def read_spans(path: str, spans: Sequence[Span], threads: int, *, name: str | No
                               f"bytes where its shape and dtype need {size}")
         memory = torch.empty(size, dtype=torch.uint8, device=device)
         tensors.append(memory.view(span.dtype).reshape(span.shape))
-        span_step = span.cipher.piece_bytes if span.cipher else step
+        # An encrypted tensor is read one cipher chunk at a time, decrypted while its bytes
+        # are still in the CPU's cache (on 2 vCPUs, 2 MiB reads of a warm file loaded at
+        # 1.16-1.45 GB/s against 1.06-1.36 for 16 MiB reads, in alternating runs).
+        span_step = span.cipher.chunk_size if span.cipher else step
         for start in range(0, size, span_step):
             pieces.append((span, memory, start, min(size, start + span_step)))
     runs = _split(pieces, threads)
@@ -94,6 +97,13 @@ def read_spans(path: str, spans: Sequence[Span], threads: int, *, name: str | No
     except OSError as e:
         raise StorageError(f"cannot read {name}: {e}") from None
     return tensors
+
+
+def pread_each(fd: int, places: Sequence[tuple[int, int]]) -> list[bytes]:
+    """The bytes at each (offset, length) of the open file `fd`: many small reads across
+    the file, made in parallel so that a cold disk's latencies overlap."""
+    with ThreadPoolExecutor(min(16, max(1, len(places)))) as pool:
+        return list(pool.map(lambda place: os.pread(fd, place[1], place[0]), places))
 
 
 _Piece = tuple[Span, torch.Tensor, int, int]  # span, its tensor's bytes, [start, end)

@@ -21,7 +21,6 @@ import re
 import struct
 import time
 from collections.abc import Callable, Collection, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -187,17 +186,13 @@ class TensorReader:
         spans = self._spans(only) if self._own_reads else None
         if spans is not None:
             from .local_read import read_spans
-
             from .tensor_decryption import DecryptionFailed
 
             try:
                 tensors = read_spans(self._own_reads, spans, self._kwargs["num_readers"],
                                      name=self.uri, device=self._device)
             except DecryptionFailed:
-                raise EncryptionError(
-                    f"cannot decrypt {self.uri}"
-                    + (f" with the key in {self._keyfile}" if self._keyfile else "")
-                    + ": wrong key (or corrupted data)") from None
+                raise _wrong_key(self.uri, self._keyfile) from None
             for span, tensor in zip(spans, tensors):
                 yield span.name, tensor
             return
@@ -409,20 +404,22 @@ def _check_index(header: TensorDeserializer, facts: FileFacts, stream: Any, name
                 f"{entry.data_offset}-{end} of a {facts.size}-byte file)")
         entries.append((tensor, entry))
     if local:  # cheap here; tensorizer sizes a buffer by each tensor header's length
-        fd = stream.fileno()
+        from .local_read import pread_each
 
-        def header_length(item: tuple[str, Any]) -> tuple[str, Any, int]:
-            raw = os.pread(fd, _HEADER_LENGTH.size, item[1].offset)
+        raws = pread_each(stream.fileno(),
+                          [(entry.offset, _HEADER_LENGTH.size) for _, entry in entries])
+        for (tensor, entry), raw in zip(entries, raws):
             length = _HEADER_LENGTH.unpack(raw)[0] if len(raw) == _HEADER_LENGTH.size else -1
-            return item[0], item[1], length
+            if not 0 < length <= entry.data_offset - entry.offset:
+                raise FormatError(
+                    f"{name} is corrupt: the header of tensor {tensor} claims {length} "
+                    f"bytes where {entry.data_offset - entry.offset} are available")
 
-        # Many small reads across the file: in parallel, so a cold disk's latency overlaps.
-        with ThreadPoolExecutor(min(16, max(1, len(entries)))) as pool:
-            for tensor, entry, length in pool.map(header_length, entries):
-                if not 0 < length <= entry.data_offset - entry.offset:
-                    raise FormatError(
-                        f"{name} is corrupt: the header of tensor {tensor} claims {length} "
-                        f"bytes where {entry.data_offset - entry.offset} are available")
+
+def _wrong_key(uri: str, keyfile: str | None) -> EncryptionError:
+    return EncryptionError(f"cannot decrypt {uri}"
+                           + (f" with the key in {keyfile}" if keyfile else "")
+                           + ": wrong key (or corrupted data)")
 
 
 def _entry_name(path: Any) -> str:
@@ -453,11 +450,7 @@ def _translate_errors(uri: str, *, keyfile: str | None = None) -> Iterator[None]
             raise EncryptionError(
                 f"{uri} is not encrypted, but a key was given ({keyfile}); leave the key out"
             ) from None
-        raise EncryptionError(
-            f"cannot decrypt {uri}"
-            + (f" with the key in {keyfile}" if keyfile else "")
-            + ": wrong key (or corrupted data)"
-        ) from None
+        raise _wrong_key(uri, keyfile) from None
     except HashMismatchError as e:
         found = re.search(r"Tensor '([^']*)'", str(e))
         tensor = _module_name(found.group(1)) if found else "?"
