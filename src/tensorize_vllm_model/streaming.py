@@ -321,13 +321,31 @@ def open_tensors(
         own_reads = storage.is_local(uri) and not keyless and not kwargs["verify_hash"] \
             and torch.device(device).type in ("cpu", "cuda") \
             and set(config.deserialization_kwargs) <= {"num_readers"}
-        return TensorReader(name, header, facts, lambda: storage.open_read(uri, options),
+        return TensorReader(name, header, facts, _reopener(uri, options, stream),
                             kwargs, device, keyfile=config.encryption_keyfile, started=started,
                             keyless=keyless,
                             own_reads=storage.local_path(uri) if own_reads else None)
     except BaseException:
         stream.close()
         raise
+
+
+def _reopener(uri: str, options: dict[str, Any], header_stream: Any) -> Callable[[], Any]:
+    """Opens `uri` again for the tensors. A remote file read as one response hands over
+    the stream its header came from, once: its first bytes are kept and the response goes
+    on from there, so a load makes one request, not two (against the loopback S3 server
+    each request of the 1.5 GB model waited about 1 s for its first byte)."""
+    handed: list[Any] = [header_stream] if getattr(header_stream, "one_response", False) else []
+
+    def reopen() -> Any:
+        while handed:
+            stream = handed.pop()
+            if not stream.closed:
+                stream.seek(0)
+                return stream
+        return storage.open_read(uri, options)
+
+    return reopen
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,11 @@ class RangeStream(io.RawIOBase):
     def tell(self) -> int:
         return self._pos
 
+    @property
+    def one_response(self) -> bool:
+        """Whether the object is read as one sequential response (no byte ranges)."""
+        return not self._ranges
+
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         if whence == io.SEEK_SET:
             pos = offset
