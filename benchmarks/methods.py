@@ -262,6 +262,46 @@ def curl(url: str, **_):
     return time.perf_counter() - start, int(float(out.stdout))
 
 
+def response_ceiling(url: str, **_):
+    """The ceiling of a remote load into memory: one response read into freshly allocated
+    memory, as any loader must land it (curl writes to /dev/null through one reused
+    buffer). HTTP through http.client's `readinto`; S3 through botocore's response body in
+    1 MiB reads, as our loader reads it."""
+    if url.startswith("s3://"):
+        import boto3
+
+        bucket, key = url[5:].split("/", 1)
+        client = boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT_URL"])
+        start = begin()
+        response = client.get_object(Bucket=bucket, Key=key)
+        size = response["ContentLength"]
+        read = lambda view: _copy(response["Body"].read(min(len(view), 1 << 20)), view)  # noqa: E731
+    else:
+        import http.client
+        import urllib.parse
+
+        parts = urllib.parse.urlsplit(url)
+        connection = http.client.HTTPConnection(parts.hostname, parts.port)
+        start = begin()
+        connection.request("GET", parts.path)
+        response = connection.getresponse()
+        size = int(response.getheader("Content-Length"))
+        read = response.readinto
+    view = memoryview(torch.empty(size, dtype=torch.uint8).numpy())
+    done = 0
+    while done < size:
+        count = read(view[done:done + (16 << 20)])
+        if not count:
+            raise RuntimeError(f"{url}: the response ended at byte {done} of {size}")
+        done += count
+    return time.perf_counter() - start, size
+
+
+def _copy(data: bytes, view: memoryview) -> int:
+    view[:len(data)] = data
+    return len(data)
+
+
 def download_then_load(url: str, **_):
     """What a user without tensorizer does: download the safetensors file, then load it."""
     start = begin()
@@ -283,7 +323,7 @@ def download_then_load(url: str, **_):
 
 
 METHODS = {f.__name__: f for f in (ceiling, decrypt_ceiling, reused_read_ceiling, h2d_ceiling, safetensors_cuda, safetensors_load, torch_load, tensorizer_default, ours,
-                                    runai, curl, download_then_load)}
+                                    runai, curl, response_ceiling, download_then_load)}
 
 
 def _preload() -> None:

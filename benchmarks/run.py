@@ -247,6 +247,8 @@ def scenario_http(files, repeats, results):
     try:
         cases = [
             ("ceiling: curl -o /dev/null", "curl", {"url": f"{url}/model.tensors"}),
+            ("ceiling: one response into fresh memory", "response_ceiling",
+             {"url": f"{url}/model.tensors"}),
             ("ours, streaming (default: parallel ranges)", "ours",
              {"path": f"{url}/model.tensors", "model_dir": files["model_dir"]}),
             ("ours, streaming one response (ranges: false)", "ours",
@@ -277,6 +279,8 @@ def scenario_s3(files, repeats, results):
         os.environ.update(env)
         cases = [
             ("ceiling: the server's own, curl -o /dev/null", "curl", {"url": presigned}),
+            ("ceiling: one response into fresh memory (botocore)", "response_ceiling",
+             {"url": "s3://bench/model.tensors"}),
             # moto reads the whole object for every range request (about 1 s per 16 MiB
             # range of this model), so both methods read the object as one response here.
             ("ours, streaming one response (ranges: false)", "ours",
