@@ -268,14 +268,15 @@ def response_ceiling(url: str, **_):
     buffer). HTTP through http.client's `readinto`; S3 through botocore's response body in
     1 MiB reads, as our loader reads it."""
     if url.startswith("s3://"):
-        import boto3
-
-        bucket, key = url[5:].split("/", 1)
-        client = boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT_URL"])
+        client, bucket, key = _s3_object(url)
         start = begin()
         response = client.get_object(Bucket=bucket, Key=key)
         size = response["ContentLength"]
-        read = lambda view: _copy(response["Body"].read(min(len(view), 1 << 20)), view)  # noqa: E731
+
+        def read(view: memoryview) -> int:
+            data = response["Body"].read(min(len(view), 1 << 20))
+            view[:len(data)] = data
+            return len(data)
     else:
         import http.client
         import urllib.parse
@@ -297,9 +298,12 @@ def response_ceiling(url: str, **_):
     return time.perf_counter() - start, size
 
 
-def _copy(data: bytes, view: memoryview) -> int:
-    view[:len(data)] = data
-    return len(data)
+def _s3_object(url: str):
+    """A boto3 client for the benchmark's S3 endpoint, and the bucket and key of `url`."""
+    import boto3
+
+    bucket, key = url[5:].split("/", 1)
+    return boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT_URL"]), bucket, key
 
 
 def download_then_load(url: str, **_):
@@ -308,13 +312,11 @@ def download_then_load(url: str, **_):
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as directory:
         local = os.path.join(directory, "model.safetensors")
         if url.startswith("s3://"):
-            import boto3
-
-            bucket, key = url[5:].split("/", 1)
             from boto3.s3.transfer import TransferConfig
 
-            boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT_URL"]).download_file(
-                bucket, key, local, Config=TransferConfig(multipart_threshold=1 << 40))
+            client, bucket, key = _s3_object(url)
+            client.download_file(bucket, key, local,
+                                 Config=TransferConfig(multipart_threshold=1 << 40))
         else:
             with urllib.request.urlopen(url) as response, open(local, "wb") as f:
                 shutil.copyfileobj(response, f, 16 << 20)

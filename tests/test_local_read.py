@@ -158,6 +158,11 @@ def encrypted(tmp_path_factory):
     return path, keyfile, other
 
 
+def open_encrypted(path: str, keyfile: str):
+    return open_tensors(path, config=TensorizerConfig(tensorizer_uri=path,
+                                                      encryption_keyfile=keyfile))
+
+
 def record_reads(monkeypatch) -> list[int]:
     """The length of every read our readers make."""
     lengths: list[int] = []
@@ -193,8 +198,7 @@ def test_encrypted_reads_match_tensorizers_reader(encrypted, monkeypatch):
 def test_encrypted_staged_reads(encrypted, monkeypatch):
     path, keyfile, _ = encrypted
     monkeypatch.setattr(local_read, "STAGING_BYTES", 4096)  # smaller than a chunk
-    config = TensorizerConfig(tensorizer_uri=path, encryption_keyfile=keyfile)
-    with open_tensors(path, config=config) as reader:
+    with open_encrypted(path, keyfile) as reader:
         spans = reader._spans(None)
     got = local_read.read_spans(path, spans, 2, staged=True)
     assert_same({span.name: tensor for span, tensor in zip(spans, got)}, encrypted_tensors())
@@ -214,11 +218,8 @@ def test_a_wrong_key_is_named_with_the_file(encrypted):
 
 @pytest.mark.parametrize("where", ["first chunk", "last chunk", "MAC"])
 def test_a_changed_byte_fails_its_check(encrypted, tmp_path, where):
-    from tensorize_vllm_model.streaming import open_tensors as reopen
-
     path, keyfile, _ = encrypted
-    with reopen(path, config=TensorizerConfig(tensorizer_uri=path,
-                                              encryption_keyfile=keyfile)) as reader:
+    with open_encrypted(path, keyfile) as reader:
         entry = dict(reader._index())["big"]
     data = bytearray(open(path, "rb").read())
     at = {"first chunk": entry.data_offset + 5,
@@ -239,8 +240,7 @@ def test_changed_bytes_in_encrypted_headers_never_crash(encrypted, tmp_path):
     import random
 
     path, keyfile, _ = encrypted
-    with open_tensors(path, config=TensorizerConfig(tensorizer_uri=path,
-                                                    encryption_keyfile=keyfile)) as reader:
+    with open_encrypted(path, keyfile) as reader:
         regions = [range(e.offset, e.data_offset) for _, e in reader._index()]
     data = open(path, "rb").read()
     rnd = random.Random(11)

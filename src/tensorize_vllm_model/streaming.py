@@ -335,15 +335,15 @@ def _reopener(uri: str, options: dict[str, Any], header_stream: Any) -> Callable
     the stream its header came from, once: its first bytes are kept and the response goes
     on from there, so a load makes one request, not two (against the loopback S3 server
     each request of the 1.5 GB model waited about 1 s for its first byte)."""
-    handed: list[Any] = [header_stream] if getattr(header_stream, "one_response", False) else []
+    handed = header_stream if getattr(header_stream, "one_response", False) else None
 
     def reopen() -> Any:
-        while handed:
-            stream = handed.pop()
-            if not stream.closed:
-                stream.seek(0)
-                return stream
-        return storage.open_read(uri, options)
+        nonlocal handed
+        stream, handed = handed, None
+        if stream is None or stream.closed:
+            return storage.open_read(uri, options)
+        stream.seek(0)
+        return stream
 
     return reopen
 
