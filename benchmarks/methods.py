@@ -9,6 +9,7 @@ device), so a lazy method (safetensors' mmap views) is charged for touching it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -108,7 +109,6 @@ def decrypt_ceiling(path: str, keyfile: str, threads: int = 2, **_):
     """The cipher's own ceiling: the encrypted file's tensors are read into memory before
     the clock; then `threads` threads check and decrypt them in place, chunk by chunk, with
     the calls our loader makes (tensorizer's libsodium bindings)."""
-    import dataclasses
 
     from tensorize_vllm_model import TensorizerConfig, local_read, open_tensors
 
@@ -173,7 +173,10 @@ def ours(path: str, model_dir: str, keyfile: str | None = None, options: dict | 
     with open_tensors(path, config=config, device=device) as reader:
         stats = load_into_module(model, reader, strict=False)
     _sync(device)
-    return time.perf_counter() - start, stats.bytes
+    seconds = time.perf_counter() - start
+    if stats.read_times is None:
+        return seconds, stats.bytes
+    return seconds, stats.bytes, {"read_times": dataclasses.asdict(stats.read_times)}
 
 
 # -- local file -> GPU ------------------------------------------------------------------------
@@ -348,8 +351,9 @@ def _preload() -> None:
 
 
 def _measure(name: str, args: dict) -> dict:
-    seconds, total = METHODS[name](**args)
-    return {"seconds": seconds, "bytes": total, "peak_rss": peak_rss(), "baseline_rss": _baseline}
+    seconds, total, *more = METHODS[name](**args)  # more: figures of the method's own
+    return {"seconds": seconds, "bytes": total, "peak_rss": peak_rss(), "baseline_rss": _baseline,
+            **(more[0] if more else {})}
 
 
 def serve() -> None:

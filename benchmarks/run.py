@@ -159,9 +159,18 @@ def run_cases(scenario: str, cases: list[tuple[str, str, dict]], repeats: int, c
             result = measure(method, **args)
             runs[label].append(result)
             log(f"  [{scenario}/{cache}] {label} #{repeat + 1}: {result['seconds']:.2f} s, "
-                f"{result['bytes'] / result['seconds'] / 1e9:.2f} GB/s")
+                f"{result['bytes'] / result['seconds'] / 1e9:.2f} GB/s{read_times(result)}")
     for label, method, _ in cases:
         results.append(summarize(scenario, cache, label, runs[label]))
+
+
+def read_times(result: dict) -> str:
+    """Where our loader's reader threads spent their time in one run, when it says."""
+    times = result.get("read_times")
+    if not times:
+        return ""
+    return (f" ({times['readers']} readers: making pages present {times['populating']:.2f} s, "
+            f"reading {times['reading']:.2f} s, summed)")
 
 
 def summarize(scenario: str, cache: str, label: str, runs: list[dict]) -> dict:
@@ -177,6 +186,10 @@ def summarize(scenario: str, cache: str, label: str, runs: list[dict]) -> dict:
     }
     if extra:
         entry["peak_rss_over_baseline"] = statistics.median(extra)
+    timed = [r["read_times"] for r in runs if r.get("read_times")]
+    if timed:
+        entry["read_times"] = {key: statistics.median(t[key] for t in timed)
+                               for key in ("readers", "populating", "reading", "decrypting")}
     for key in ("weights_seconds", "worker_peak_rss"):
         values = [r[key] for r in runs if r.get(key) is not None]
         if values:
@@ -417,6 +430,12 @@ def vllm_run(kwargs: dict) -> dict:
               "weights_seconds": float(weights.group(1)) if weights else None,
               "worker_peak_rss": max(peak.values()) if peak else None}
     # Ours logs the worker's memory once the tensors are in and after vLLM's post-processing.
+    times = re.search(r"(\d+) readers: making pages present ([\d.]+) s, reading ([\d.]+) s"
+                      r"(?:, decrypting ([\d.]+) s)?", text)
+    if times:
+        result["read_times"] = {"readers": int(times.group(1)), "populating": float(times.group(2)),
+                                "reading": float(times.group(3)),
+                                "decrypting": float(times.group(4) or 0)}
     memory = re.findall(r"worker memory: resident ([\d.]+) GB, peak ([\d.]+) GB", text)
     if len(memory) >= 2:
         result["worker_rss_with_tensors"] = float(memory[0][0]) * 1e9
@@ -469,7 +488,7 @@ def scenario_vllm(files, repeats, results, size_gb):
                     + (f" (with the tensors in: resident {result['worker_rss_with_tensors'] / 1e9:.2f}, "
                        f"peak {result['worker_peak_with_tensors'] / 1e9:.2f}; after vLLM's "
                        f"post-processing: peak {result['worker_peak_after_postprocessing'] / 1e9:.2f})"
-                       if "worker_rss_with_tensors" in result else ""))
+                       if "worker_rss_with_tensors" in result else "") + read_times(result))
         for label, _ in cases:
             for run in runs[label]:  # rate the weights load, not the engine start-up
                 run["ready_seconds"], run["seconds"] = run["seconds"], run["weights_seconds"] or float("nan")
@@ -523,6 +542,8 @@ def table(results: list[dict]) -> str:
             extra = (f"ready {r['ready_seconds']:.1f} s, worker peak {r.get('worker_peak_rss', 0) / 1e9:.2f} GB"
                      + (f" (tiny-model baseline {r['worker_baseline_rss'] / 1e9:.2f} GB)"
                         if r.get("worker_baseline_rss") else ""))
+        if r.get("read_times"):
+            extra += read_times(r)
         lines.append(f"{r['scenario']:<8} {r['cache']:<5} {r['method']:<46} "
                      f"{r['gb_per_s']:6.2f} ({r['gb_per_s_min']:.2f}-{r['gb_per_s_max']:.2f})"
                      f" {r['seconds']:7.2f} {extra}")

@@ -53,6 +53,8 @@ def test_llama_tensorized_matches_original(llama_reference, llama_serialized):
     [stats] = result["stats"]
     assert stats["uri"] == str(directory / "model.tensors")
     assert stats["bytes"] > 3_000_000 and stats["tensors"] > 15
+    # the worker read the local file itself, and says where its readers spent their time
+    assert stats["read_times"]["readers"] >= 1 and stats["read_times"]["reading"] > 0
 
 
 def test_cli_deserialize_through_example_script(llama_reference, llama_serialized):

@@ -22,6 +22,7 @@ import ctypes
 import math
 import os
 import sys
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from .errors import FormatError, StorageError
 if TYPE_CHECKING:
     from .tensor_decryption import TensorCipher
 
-__all__ = ["Span", "read_spans", "pread_each", "STAGING_BYTES"]
+__all__ = ["Span", "ReadTimes", "read_spans", "pread_each", "STAGING_BYTES"]
 
 PIECE_BYTES = 16 << 20  # pages made present per call; 16 to 128 MiB measured alike
 STAGING_BYTES = 8 << 20  # one pinned staging buffer (two per reader thread)
@@ -54,12 +55,36 @@ class Span:
     cipher: TensorCipher | None = None  # how its bytes are encrypted, if they are
 
 
+@dataclass
+class ReadTimes:
+    """Where the reader threads of one `read_spans` spent their time, in seconds summed
+    over the threads (so up to `readers` times the wall-clock seconds): making fresh pages
+    present, reading the file into them (or into staging buffers), decrypting."""
+
+    readers: int = 0
+    populating: float = 0.0
+    reading: float = 0.0
+    decrypting: float = 0.0
+
+    def add(self, other: ReadTimes) -> None:
+        self.populating += other.populating
+        self.reading += other.reading
+        self.decrypting += other.decrypting
+
+    def __str__(self) -> str:
+        text = (f"{self.readers} readers: making pages present {self.populating:.2f} s, "
+                f"reading {self.reading:.2f} s")
+        if self.decrypting:
+            text += f", decrypting {self.decrypting:.2f} s"
+        return text + " (summed over readers)"
+
+
 def read_spans(path: str, spans: Sequence[Span], threads: int, *, name: str | None = None,
                device: str | torch.device = "cpu", staged: bool | None = None,
-               ) -> list[torch.Tensor]:
+               times: ReadTimes | None = None) -> list[torch.Tensor]:
     """Read every span of the file at `path` into a new tensor on `device`, with `threads`
     readers, through staging buffers when `staged` (by default, on devices other than the
-    CPU).
+    CPU). Where the readers spent their time is added to `times`, when given.
 
     Raises:
         StorageError: the file cannot be read.
@@ -90,10 +115,13 @@ def read_spans(path: str, spans: Sequence[Span], threads: int, *, name: str | No
             pieces.append((span, memory, start, min(size, start + span_step)))
     runs = _split(pieces, threads)
     read = _Staged(path, name, device).read if staged else _Direct(path, name).read
+    if times is not None:
+        times.readers = len(runs)
     try:
         with ThreadPoolExecutor(len(runs)) as pool:
-            for _ in pool.map(read, runs):
-                pass
+            for spent in pool.map(read, runs):
+                if times is not None:
+                    times.add(spent)
     except OSError as e:
         raise StorageError(f"cannot read {name}: {e}") from None
     return tensors
@@ -138,16 +166,25 @@ class _Direct:
     def __init__(self, path: str, name: str):
         self.path, self.name = path, name
 
-    def read(self, run: list[_Piece]) -> None:
+    def read(self, run: list[_Piece]) -> ReadTimes:
         # One descriptor per run, read in order: the kernel's readahead sees a sequential
         # reader (pieces interleaved across threads on one descriptor read cold files slower).
+        spent = ReadTimes()
+        clock = time.perf_counter
         with open(self.path, "rb", buffering=0) as f:
             for span, memory, start, end in run:
+                began = clock()
                 _populate(memory.data_ptr() + start, end - start)
+                populated = clock()
                 view = memoryview(memory.numpy())[start:end]
                 _read_exactly(f.fileno(), view, span.offset + start, span, self.name)
+                read = clock()
+                spent.populating += populated - began
+                spent.reading += read - populated
                 if span.cipher:
                     span.cipher.decrypt(view, start)
+                    spent.decrypting += clock() - read
+        return spent
 
 
 class _Staged:
@@ -160,7 +197,7 @@ class _Staged:
         self.path, self.name, self.device = path, name, device
         self.cuda = device.type == "cuda"
 
-    def read(self, run: list[_Piece]) -> None:
+    def read(self, run: list[_Piece]) -> ReadTimes:
         # An encrypted tensor's piece is one cipher chunk, which may be larger.
         size = max(min(STAGING_BYTES, sum(end - start for _, _, start, end in run)),
                    max((end - start for _, _, start, end in run), default=0))
@@ -171,6 +208,8 @@ class _Staged:
         done: list[Any] = [None, None]  # each buffer's copies, as a CUDA event
         which, used = 0, 0
         pending: list[tuple[torch.Tensor, int, int]] = []
+        spent = ReadTimes()
+        clock = time.perf_counter
 
         def send() -> None:
             with torch.cuda.stream(stream) if stream else contextlib.nullcontext():
@@ -191,12 +230,17 @@ class _Staged:
                         if done[which] is not None:
                             done[which].synchronize()
                     view = views[which][used:used + length]
+                    began = clock()
                     _read_exactly(f.fileno(), view, span.offset + start, span, self.name)
+                    read = clock()
+                    spent.reading += read - began
                     if span.cipher:
                         span.cipher.decrypt(view, start)
+                        spent.decrypting += clock() - read
                     pending.append((memory[start:end], used, length))
                     used += length
                 send()
+            return spent
         finally:
             if stream is not None:
                 stream.synchronize()  # the buffers go back only once nothing reads them

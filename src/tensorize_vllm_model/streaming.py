@@ -43,7 +43,7 @@ from .layout import MARKER_NAME, RECORD_NAME, RESERVED_NAMES, FileRecord, Parall
 if TYPE_CHECKING:
     from tensorizer import TensorDeserializer
 
-    from .local_read import Span
+    from .local_read import ReadTimes, Span
 
 __all__ = [
     "TensorReader",
@@ -67,6 +67,8 @@ class LoadStats:
     tensors: int
     bytes: int
     seconds: float
+    # Where the reader threads spent their time (this package's own reads of a local file).
+    read_times: ReadTimes | None = None
 
     @property
     def gb_per_s(self) -> float:
@@ -133,6 +135,7 @@ class TensorReader:
         self._keyfile = keyfile
         # When opening began: load figures count the header and index reads too.
         self.started = started
+        self.read_times: ReadTimes | None = None  # of the last items(), by our own reads
         self.record: FileRecord | None = None
         if RECORD_NAME in header and not keyless:  # encrypted like every tensor
             with _translate_errors(uri, keyfile=keyfile):
@@ -185,12 +188,13 @@ class TensorReader:
             raise EncryptionError(f"{self.uri} is encrypted: give the key to read its tensors")
         spans = self._spans(only) if self._own_reads else None
         if spans is not None:
-            from .local_read import read_spans
+            from .local_read import ReadTimes, read_spans
             from .tensor_decryption import DecryptionFailed
 
+            self.read_times = ReadTimes()
             try:
                 tensors = read_spans(self._own_reads, spans, self._kwargs["num_readers"],
-                                     name=self.uri, device=self._device)
+                                     name=self.uri, device=self._device, times=self.read_times)
             except DecryptionFailed:
                 raise _wrong_key(self.uri, self._keyfile) from None
             for span, tensor in zip(spans, tensors):
@@ -596,7 +600,8 @@ def load_into_module(
             f"after loading {reader.uri}, these tensors are still on the meta device (not "
             f"loaded): {', '.join(still_meta)}"
         )
-    return LoadStats(uri=reader.uri, tensors=count, bytes=nbytes, seconds=seconds)
+    return LoadStats(uri=reader.uri, tensors=count, bytes=nbytes, seconds=seconds,
+                     read_times=reader.read_times)
 
 
 class _Slot:

@@ -262,8 +262,9 @@ class TensorizerLoader(BaseModelLoader):
                     stats = self._load_hf_weights(model, reader)
         _last_load = stats
         logger.info(
-            "Deserialized %.3f GB in %.2f s (%.2f GB/s) from %s (worker memory: %s)",
-            stats.bytes / 1e9, stats.seconds, stats.gb_per_s, uri, _memory(),
+            "Deserialized %.3f GB in %.2f s (%.2f GB/s) from %s (%sworker memory: %s)",
+            stats.bytes / 1e9, stats.seconds, stats.gb_per_s, uri,
+            f"{stats.read_times}; " if stats.read_times else "", _memory(),
         )
         gc.collect()
         process_weights_after_loading(model, model_config, device)
@@ -302,7 +303,8 @@ class TensorizerLoader(BaseModelLoader):
 
         model.load_weights(weights())
         return LoadStats(uri=reader.uri, tensors=count, bytes=nbytes,
-                         seconds=time.perf_counter() - reader.started)
+                         seconds=time.perf_counter() - reader.started,
+                         read_times=reader.read_times)
 
 
 def _has_explicit_uri(extra: Any) -> bool:
