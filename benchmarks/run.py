@@ -475,7 +475,14 @@ def scenario_vllm(files, repeats, results, size_gb):
     try:
         base = vllm_run({"model": str(WORK / "baseline-model"), **engine}) if (WORK / "baseline-model").exists() else None
         runs: dict[str, list[dict]] = {label: [] for label, _ in cases}
+        beside: list[dict] = []  # our loader outside vLLM, between the engines
         for repeat in range(repeats):
+            # The same load as the local scenario's "ours", at this point of the run: tells
+            # the state of the machine apart from the worker's own.
+            set_cache("warm", [files["tensors"]])
+            beside.append(measure("ours", path=files["tensors"], model_dir=files["model_dir"]))
+            log(f"  [vllm] ours, outside vLLM #{repeat + 1}: {beside[-1]['seconds']:.2f} s, "
+                f"{beside[-1]['bytes'] / beside[-1]['seconds'] / 1e9:.2f} GB/s{read_times(beside[-1])}")
             for label, kwargs in cases:
                 # warm: the file this case reads (vLLM's loaders read the safetensors one)
                 set_cache("warm", [vllm_dir + "/model.tensors" if "tensorizer" in label
@@ -497,6 +504,7 @@ def scenario_vllm(files, repeats, results, size_gb):
             if base:
                 entry["worker_baseline_rss"] = base["worker_peak_rss"]
             results.append(entry)
+        results.append(summarize("local", "warm", "ours, between the vLLM engines", beside))
     finally:
         process.terminate()
 
