@@ -174,9 +174,8 @@ def ours(path: str, model_dir: str, keyfile: str | None = None, options: dict | 
         stats = load_into_module(model, reader, strict=False)
     _sync(device)
     seconds = time.perf_counter() - start
-    if stats.read_times is None:
-        return seconds, stats.bytes
-    return seconds, stats.bytes, {"read_times": dataclasses.asdict(stats.read_times)}
+    times = dataclasses.asdict(stats.read_times) if stats.read_times else None
+    return seconds, stats.bytes, {"read_times": times}
 
 
 # -- local file -> GPU ------------------------------------------------------------------------

@@ -158,19 +158,24 @@ def run_cases(scenario: str, cases: list[tuple[str, str, dict]], repeats: int, c
             set_cache(cache, [args["path"]] if "path" in args else files_to_warm)
             result = measure(method, **args)
             runs[label].append(result)
-            log(f"  [{scenario}/{cache}] {label} #{repeat + 1}: {result['seconds']:.2f} s, "
-                f"{result['bytes'] / result['seconds'] / 1e9:.2f} GB/s{read_times(result)}")
+            log_run(f"{scenario}/{cache}", label, repeat, result)
     for label, method, _ in cases:
         results.append(summarize(scenario, cache, label, runs[label]))
 
 
+def log_run(where: str, label: str, repeat: int, result: dict) -> None:
+    log(f"  [{where}] {label} #{repeat + 1}: {result['seconds']:.2f} s, "
+        f"{result['bytes'] / result['seconds'] / 1e9:.2f} GB/s{read_times(result)}")
+
+
 def read_times(result: dict) -> str:
-    """Where our loader's reader threads spent their time in one run, when it says."""
-    times = result.get("read_times")
-    if not times:
+    """Where our loader's reader threads spent their time in one run, as the loader says
+    it (`local_read.ReadTimes`), when it does."""
+    if not result.get("read_times"):
         return ""
-    return (f" ({times['readers']} readers: making pages present {times['populating']:.2f} s, "
-            f"reading {times['reading']:.2f} s, summed)")
+    from tensorize_vllm_model.local_read import ReadTimes
+
+    return f" ({ReadTimes(**result['read_times'])})"
 
 
 def summarize(scenario: str, cache: str, label: str, runs: list[dict]) -> dict:
@@ -475,14 +480,13 @@ def scenario_vllm(files, repeats, results, size_gb):
     try:
         base = vllm_run({"model": str(WORK / "baseline-model"), **engine}) if (WORK / "baseline-model").exists() else None
         runs: dict[str, list[dict]] = {label: [] for label, _ in cases}
-        beside: list[dict] = []  # our loader outside vLLM, between the engines
+        beside_label, beside = "ours, between the vLLM engines", []
         for repeat in range(repeats):
             # The same load as the local scenario's "ours", at this point of the run: tells
             # the state of the machine apart from the worker's own.
             set_cache("warm", [files["tensors"]])
             beside.append(measure("ours", path=files["tensors"], model_dir=files["model_dir"]))
-            log(f"  [vllm] ours, outside vLLM #{repeat + 1}: {beside[-1]['seconds']:.2f} s, "
-                f"{beside[-1]['bytes'] / beside[-1]['seconds'] / 1e9:.2f} GB/s{read_times(beside[-1])}")
+            log_run("local/warm", beside_label, repeat, beside[-1])
             for label, kwargs in cases:
                 # warm: the file this case reads (vLLM's loaders read the safetensors one)
                 set_cache("warm", [vllm_dir + "/model.tensors" if "tensorizer" in label
@@ -504,7 +508,7 @@ def scenario_vllm(files, repeats, results, size_gb):
             if base:
                 entry["worker_baseline_rss"] = base["worker_peak_rss"]
             results.append(entry)
-        results.append(summarize("local", "warm", "ours, between the vLLM engines", beside))
+        results.append(summarize("local", "warm", beside_label, beside))
     finally:
         process.terminate()
 

@@ -2,6 +2,7 @@
 tensorizer's."""
 
 import os
+import time
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from tensorize_vllm_model import (
     FormatError,
     TensorizeError,
     TensorizerConfig,
+    load_into_module,
     local_read,
     open_tensors,
 )
@@ -307,10 +309,6 @@ def test_onto_a_gpu_through_pinned_buffers(path, readers, monkeypatch):
 
 
 def test_where_the_readers_spent_their_time(path, encrypted):
-    import time
-
-    from tensorize_vllm_model import load_into_module
-
     with open_tensors(path) as reader:
         began = time.perf_counter()
         read = dict(reader.items())
