@@ -224,13 +224,17 @@ class CuttingProxy:
     client to server). With cut_after=None it forwards faithfully."""
 
     def __init__(self, target_port: int, *, cut_after: int | None, direction: str = "down",
-                 for_good: bool = False):
+                 for_good: bool = False, stall: bool = False):
         """With for_good, the byte count is shared by all connections, and once it is
-        reached every later connection is closed at once (a link that stays down)."""
+        reached every later connection is closed at once (a link that stays down). With
+        stall, a connection that reaches the count is not closed but stops forwarding (a
+        server that hangs mid-response) until the proxy stops."""
         self.target_port = target_port
         self.cut_after = cut_after
         self.direction = direction
         self.for_good = for_good
+        self.stall = stall
+        self._stopped = threading.Event()
         self._shared = {"passed": 0}
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
@@ -263,6 +267,8 @@ class CuttingProxy:
                     if len(data) >= room:
                         sink.sendall(data[:max(room, 0)])
                         self.cuts += 1
+                        if self.stall:
+                            self._stopped.wait()
                         break
                     state["passed"] += len(data)
                 sink.sendall(data)
@@ -277,4 +283,5 @@ class CuttingProxy:
 
     def stop(self) -> None:
         self._stop = True
+        self._stopped.set()
         self.listener.close()

@@ -16,6 +16,7 @@ cast to the parameter's dtype: integer (quantized) and complex tensors are never
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import struct
@@ -39,6 +40,7 @@ from .errors import (
     TensorizeError,
 )
 from .layout import MARKER_NAME, RECORD_NAME, RESERVED_NAMES, FileRecord, ParallelLayout, rank_uri
+from .remote_read import HEADER_LENGTH, check_header_length
 
 if TYPE_CHECKING:
     from tensorizer import TensorDeserializer
@@ -123,8 +125,9 @@ class TensorReader:
     def __init__(self, uri: str, header: TensorDeserializer, facts: FileFacts,
                  reopen: Callable[[], Any], kwargs: dict[str, Any], device: str | torch.device,
                  *, keyfile: str | None, started: float, keyless: bool,
-                 own_reads: str | None = None):
+                 own_reads: str | None = None, remote: bool = False):
         self.uri = uri
+        self._remote = remote
         self.facts = facts
         self._keyless = keyless
         self._own_reads = own_reads
@@ -181,11 +184,22 @@ class TensorReader:
 
     def items(self, only: Collection[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Read every tensor (the reserved record and marker left out), or those named in
-        `only`, onto the device with parallel readers, and yield them in file order."""
-        from tensorizer import TensorDeserializer
+        `only`, onto the device, and yield them in file order.
 
+        Raises:
+            ModelMismatchError: the file holds no tensors (and `only` is not given).
+            FormatError, StorageError, EncryptionError: as `open_tensors`, naming the
+                file (and the tensor at fault).
+        """
         if self._keyless:
             raise EncryptionError(f"{self.uri} is encrypted: give the key to read its tensors")
+        if only is None and not self.entries():
+            raise ModelMismatchError(
+                f"{self.uri} holds no tensors (a valid tensorizer file with an empty index): "
+                "there is nothing to load")
+        if self._own_reads == REMOTE:
+            yield from self._remote_items(only)
+            return
         spans = self._spans(only) if self._own_reads else None
         if spans is not None:
             from .local_read import ReadTimes, read_spans
@@ -200,7 +214,20 @@ class TensorReader:
             for span, tensor in zip(spans, tensors):
                 yield span.name, tensor
             return
+        yield from self._tensorizer_items(only)
+
+    def _tensorizer_items(self, only: Collection[str] | None
+                          ) -> Iterator[tuple[str, torch.Tensor]]:
+        """The tensors through tensorizer's reader (hash checks, other devices, settings
+        only it knows); a remote stream's tensor headers are checked as they pass."""
+        from tensorizer import TensorDeserializer
+
+        from .remote_read import HeaderGuard
+
         stream = self._reopen()
+        if self._remote:  # no up-front check of its tensor headers was made
+            stream = HeaderGuard(stream, {entry.offset: (name, entry.data_offset - entry.offset)
+                                          for name, entry in self._index()}, self.uri)
         try:
             with _translate_errors(self.uri, keyfile=self._keyfile):
                 deserializer = TensorDeserializer(
@@ -213,6 +240,30 @@ class TensorReader:
                 del deserializer  # its cache would keep every tensor alive
             for name, tensor in tensors:
                 yield _module_name(name), tensor.detach()
+        finally:
+            stream.close()
+
+    def _remote_items(self, only: Collection[str] | None
+                      ) -> Iterator[tuple[str, torch.Tensor]]:
+        """A remote file's tensors read by `remote_read` into CPU memory."""
+        from .remote_read import RemoteSpan, read_stream
+        from .tensor_decryption import DecryptionFailed
+
+        spans = []
+        for name, entry in self._index():
+            if only is None or name in only:
+                dtype = getattr(torch, _dtype_name(entry.dtype), None)
+                if not isinstance(dtype, torch.dtype):  # numpy-only dtype: tensorizer reads it
+                    yield from self._tensorizer_items(only)
+                    return
+                spans.append(RemoteSpan(name=name, entry=entry, dtype=dtype,
+                                        shape=tuple(int(d) for d in entry.shape)))
+        stream = self._reopen()
+        try:
+            yield from read_stream(stream, spans, uri=self.uri,
+                                   deserializer=self._header if self.encrypted else None)
+        except DecryptionFailed:
+            raise _wrong_key(self.uri, self._keyfile) from None
         finally:
             stream.close()
 
@@ -316,22 +367,46 @@ def open_tensors(
             from tensorizer import DecryptionParams
 
             kwargs["encryption"] = DecryptionParams.from_key(os.urandom(32))
-        with _translate_errors(name, keyfile=config.encryption_keyfile):
-            header = TensorDeserializer(stream, device="cpu", lazy_load=True,
-                                        **{k: v for k, v in kwargs.items() if k != "num_readers"},
-                                        num_readers=1)
-        _check_index(header, facts, stream, name, local=storage.is_local(uri))
-        # Local files into CPU or CUDA memory: our own reads (local_read) are faster.
-        own_reads = storage.is_local(uri) and not keyless and not kwargs["verify_hash"] \
-            and torch.device(device).type in ("cpu", "cuda") \
+        if facts.tensors == 0:  # tensorizer refuses an empty index; the file is valid
+            header: Any = _EmptyIndex()
+        else:
+            with _translate_errors(name, keyfile=config.encryption_keyfile):
+                header = TensorDeserializer(
+                    stream, device="cpu", lazy_load=True, num_readers=1,
+                    **{k: v for k, v in kwargs.items() if k != "num_readers"})
+        _check_index(header, facts, stream, name, local=storage.is_local(uri),
+                     up_front=header_only)
+        # Our own reads (local_read, remote_read) where they apply: faster, and no copies.
+        plain = not keyless and not kwargs["verify_hash"] \
             and set(config.deserialization_kwargs) <= {"num_readers"}
+        own_reads = None
+        if plain and storage.is_local(uri) and torch.device(device).type in ("cpu", "cuda"):
+            own_reads = storage.local_path(uri)
+        elif plain and not storage.is_local(uri) and torch.device(device).type == "cpu":
+            own_reads = REMOTE
         return TensorReader(name, header, facts, _reopener(uri, options, stream),
                             kwargs, device, keyfile=config.encryption_keyfile, started=started,
-                            keyless=keyless,
-                            own_reads=storage.local_path(uri) if own_reads else None)
+                            keyless=keyless, own_reads=own_reads,
+                            remote=not storage.is_local(uri))
     except BaseException:
         stream.close()
         raise
+
+
+REMOTE = "remote"  # TensorReader's own_reads for a remote file (remote_read)
+
+
+class _EmptyIndex:
+    """The index of a valid tensorizer file that holds no tensors (tensorizer's reader
+    refuses to open one: "Tensor index in the file is empty")."""
+
+    _metadata: dict = {}
+
+    def __contains__(self, name: object) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
 
 
 def _reopener(uri: str, options: dict[str, Any], header_stream: Any) -> Callable[[], Any]:
@@ -361,6 +436,7 @@ class FileFacts:
     version: int
     encrypted: bool
     index_bytes: int
+    tensors: int = -1  # as the preamble counts them (the record and marker included)
 
 
 _MAGIC = b"|TZR|"
@@ -395,7 +471,8 @@ def read_preamble(stream: Any, name: str) -> FileFacts:
     if count > index_bytes:  # every index entry takes several bytes
         raise FormatError(f"{name} is corrupt: {count} tensors cannot fit in a "
                           f"{index_bytes}-byte index")
-    return FileFacts(size=size, version=version, encrypted=encrypted, index_bytes=index_bytes)
+    return FileFacts(size=size, version=version, encrypted=encrypted, index_bytes=index_bytes,
+                     tensors=count)
 
 
 def _guess_format(head: bytes) -> str:
@@ -406,13 +483,18 @@ def _guess_format(head: bytes) -> str:
     return ""
 
 
-_HEADER_LENGTH = struct.Struct("<Q")
+def _check_index(header: Any, facts: FileFacts, stream: Any, name: str, *, local: bool,
+                 up_front: bool) -> None:
+    """Refuse an index whose entries point outside the file (truncated or forged sizes) or
+    whose sizes disagree with their shapes and dtypes, and a tensor header whose length field
+    claims more than the index leaves for it: no allocation is ever sized by a number the
+    file's length does not back.
 
-
-def _check_index(header: TensorDeserializer, facts: FileFacts, stream: Any, name: str, *,
-                 local: bool) -> None:
-    """Refuse an index whose entries point outside the file (truncated or forged sizes),
-    so no allocation is ever sized by a number the file's length does not back."""
+    The header length fields are read here for a local file, and for a remote one when
+    `up_front` (listing a file) and it is read by byte ranges (8 bytes per tensor, in
+    parallel); otherwise a remote file's are checked as the stream reaches each one
+    (`remote_read`), before anything is sized by them.
+    """
     entries = []
     for path, entry in header._metadata.items():
         tensor = _module_name(_entry_name(path))
@@ -424,18 +506,52 @@ def _check_index(header: TensorDeserializer, facts: FileFacts, stream: Any, name
             raise FormatError(
                 f"{name} is truncated or corrupt: tensor {tensor} {what} (bytes "
                 f"{entry.data_offset}-{end} of a {facts.size}-byte file)")
+        _check_size(entry, tensor, name)
         entries.append((tensor, entry))
-    if local:  # cheap here; tensorizer sizes a buffer by each tensor header's length
+    fields = _header_fields(stream, [entry for _, entry in entries], local=local,
+                            up_front=up_front)
+    for (tensor, entry), raw in zip(entries, fields or ()):
+        check_header_length(raw, entry.data_offset - entry.offset, tensor, name)
+
+
+def _check_size(entry: Any, tensor: str, name: str) -> None:
+    """The entry's byte counts against its shape and dtype (a dtype unknown to torch and
+    numpy is left to tensorizer)."""
+    dtype = getattr(torch, _dtype_name(entry.dtype), None)
+    if isinstance(dtype, torch.dtype):
+        itemsize = dtype.itemsize
+    else:
+        try:
+            import numpy
+
+            itemsize = numpy.dtype(entry.dtype.partition("\0")[0]).itemsize
+        except TypeError:
+            return
+    shape = tuple(int(d) for d in entry.shape)
+    need = math.prod(shape) * itemsize
+    if entry.deserialized_length != need or entry.data_length not in (0, need):
+        raise FormatError(
+            f"{name} is corrupt: tensor {tensor} holds {entry.data_length} bytes where its "
+            f"shape {shape} and dtype {_dtype_name(entry.dtype)} need {need}")
+
+
+def _header_fields(stream: Any, entries: list[Any], *, local: bool,
+                   up_front: bool) -> list[bytes] | None:
+    """The 8-byte length field of each entry's tensor header, where reading them now is
+    cheap; None where they are checked as the stream passes them."""
+    places = [(entry.offset, HEADER_LENGTH.size) for entry in entries]
+    if local:
         from .local_read import pread_each
 
-        raws = pread_each(stream.fileno(),
-                          [(entry.offset, _HEADER_LENGTH.size) for _, entry in entries])
-        for (tensor, entry), raw in zip(entries, raws):
-            length = _HEADER_LENGTH.unpack(raw)[0] if len(raw) == _HEADER_LENGTH.size else -1
-            if not 0 < length <= entry.data_offset - entry.offset:
-                raise FormatError(
-                    f"{name} is corrupt: the header of tensor {tensor} claims {length} "
-                    f"bytes where {entry.data_offset - entry.offset} are available")
+        return pread_each(stream.fileno(), places)
+    if not up_front or getattr(stream, "one_response", True) or not places:
+        return None
+    from concurrent.futures import ThreadPoolExecutor
+
+    source = stream.source
+    with ThreadPoolExecutor(min(16, len(places))) as pool:
+        return list(pool.map(lambda place: source.read_range(place[0], place[0] + place[1]),
+                             places))
 
 
 def _wrong_key(uri: str, keyfile: str | None) -> EncryptionError:

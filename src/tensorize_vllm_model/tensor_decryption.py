@@ -26,7 +26,7 @@ from tensorizer.serialization import _TensorHeaderDeserializer
 
 from .local_read import pread_each
 
-__all__ = ["DecryptionFailed", "TensorCipher", "ciphers"]
+__all__ = ["DecryptionFailed", "TensorCipher", "ciphers", "cipher_from_header"]
 
 
 class DecryptionFailed(Exception):
@@ -69,19 +69,29 @@ def ciphers(path: str, entries: Sequence[Any], deserializer: Any
     headers of the local file at `path`; `entries` are tensorizer's index entries and
     `deserializer` the `TensorDeserializer` that read them, with the key. None when a header
     is not as expected (tensorizer's own reader is then used)."""
-    long_shapes = getattr(deserializer, "_long_shape_tensors", frozenset())
     try:
         fd = os.open(path, os.O_RDONLY)
         try:
             raws = pread_each(fd, [(e.offset, e.data_offset - e.offset) for e in entries])
         finally:
             os.close(fd)
-        return [_cipher(entry, _TensorHeaderDeserializer(
-                    bytearray(raw), zero_hashes=False, check_crypt_info=True,
-                    long_shape_tensors=long_shapes).crypt_info, deserializer)
+        return [cipher_from_header(entry, raw, deserializer)
                 for entry, raw in zip(entries, raws)]
     except Exception:  # noqa: BLE001 - an unexpected header: tensorizer's reader decides
         return None
+
+
+def cipher_from_header(entry: Any, raw: bytes, deserializer: Any) -> TensorCipher | None:
+    """The cipher of one tensor from its header's bytes `raw` (the file's bytes from
+    ``entry.offset`` to ``entry.data_offset``); None for a tensor stored without data.
+
+    Raises:
+        Exception: the header is not as expected (tensorizer's parser decides which).
+    """
+    header = _TensorHeaderDeserializer(
+        bytearray(raw), zero_hashes=False, check_crypt_info=True,
+        long_shape_tensors=getattr(deserializer, "_long_shape_tensors", frozenset()))
+    return _cipher(entry, header.crypt_info, deserializer)
 
 
 class _Unexpected(Exception):

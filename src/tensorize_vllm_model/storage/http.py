@@ -9,6 +9,7 @@ keep their signatures) never appear in messages.
 from __future__ import annotations
 
 import http.client
+import io
 import re
 import ssl
 import threading
@@ -17,12 +18,17 @@ import urllib.parse
 
 from ..errors import StorageError
 from .options import StreamOptions
+from .ranged import TransferStalled
 
 __all__ = ["redact", "HTTPSource", "source", "read_bytes", "exists"]
 
 _ATTEMPTS = 3
 _MAX_REDIRECTS = 5
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+class _TransportError(StorageError):
+    """The request failed in transit (no connection, no answer): worth another attempt."""
 
 
 def redact(url: str) -> str:
@@ -39,7 +45,7 @@ class HTTPSource:
 
     def __init__(self, url: str, options: StreamOptions):
         self.name = redact(url)
-        self._timeout = options.timeout
+        self.timeout = options.timeout
         self._context: ssl.SSLContext | None = None
         if url.lower().startswith("https://"):
             try:
@@ -82,10 +88,10 @@ class HTTPSource:
             if parts.scheme == "https":
                 context = self._context or ssl.create_default_context()
                 cache[key] = http.client.HTTPSConnection(
-                    parts.hostname, parts.port, timeout=self._timeout, context=context)
+                    parts.hostname, parts.port, timeout=self.timeout, context=context)
             else:
                 cache[key] = http.client.HTTPConnection(
-                    parts.hostname, parts.port, timeout=self._timeout)
+                    parts.hostname, parts.port, timeout=self.timeout)
         return cache[key]
 
     def _drop(self, parts: urllib.parse.SplitResult) -> None:
@@ -112,9 +118,13 @@ class HTTPSource:
                     f"TLS failed for {self.name}: {e.reason or e}; for a private CA give its "
                     "bundle with --ca-bundle / ca_bundle"
                 ) from None
+            except TimeoutError:
+                self._drop(parts)
+                raise _TransportError(
+                    f"{self.name}: no answer within {self.timeout:g} s (timed out)") from None
             except (OSError, http.client.HTTPException) as e:
                 self._drop(parts)
-                raise StorageError(f"cannot reach {self.name}: {e}") from None
+                raise _TransportError(f"cannot reach {self.name}: {e}") from None
             if response.status in (301, 302, 303, 307, 308) and response.getheader("Location"):
                 response.read()
                 url = urllib.parse.urljoin(url, response.getheader("Location"))
@@ -137,6 +147,12 @@ class HTTPSource:
     # -- RangeSource -----------------------------------------------------------------------
 
     def read_range(self, start: int, stop: int) -> bytes:
+        data = bytearray(stop - start)
+        self.read_range_into(start, memoryview(data))
+        return bytes(data)
+
+    def read_range_into(self, start: int, view: memoryview) -> None:
+        stop = start + len(view)
         last: Exception | None = None
         for attempt in range(_ATTEMPTS):
             try:
@@ -144,23 +160,22 @@ class HTTPSource:
                 try:
                     if response.status != 206:
                         raise StorageError(f"{self.name}: the server stopped serving byte ranges")
-                    data = response.read(stop - start)
+                    got = _fill(response, view)
                 finally:
                     response.close()
-                if len(data) == stop - start:
-                    return data
-                last = StorageError(f"short read: {len(data)} of {stop - start} bytes")
-            except (OSError, http.client.HTTPException) as e:
-                last = e
-            except StorageError as e:
-                if "cannot reach" not in str(e):
-                    raise
+                if got == len(view):
+                    return
+                last = StorageError(f"the response ended after {got} of {len(view)} bytes")
+            except TransferStalled as e:
+                last = StorageError(f"the server stalled after sending {e.received} of "
+                                    f"{len(view)} bytes (no data for {self.timeout:g} s)")
+            except (_TransportError, OSError, http.client.HTTPException) as e:
                 last = e
             self._drop(urllib.parse.urlsplit(self.url))
             time.sleep(0.2 * (attempt + 1))
         raise StorageError(
             f"reading {self.name} failed at bytes {start}-{stop - 1} after {_ATTEMPTS} attempts "
-            f"(the connection dropped or timed out): {last}"
+            f"(the connection dropped or timed out); the last: {last}"
         )
 
     def open_sequential(self, start: int):
@@ -168,9 +183,50 @@ class HTTPSource:
         # The response holds its connection until closed: keep it out of the shared cache.
         getattr(self._local, "connections", {}).pop(
             (urllib.parse.urlsplit(self.url).scheme, urllib.parse.urlsplit(self.url).netloc), None)
-        if start:
-            response.read(start)
-        return response
+        body = _Body(response, 0)
+        while body.received < start:  # forward to `start`, in bounded pieces
+            if not body.read(min(start - body.received, 1 << 20)):
+                break
+        return body
+
+
+class _Body(io.RawIOBase):
+    """A response read as one stream: a stall (no data for the timeout) is reported as
+    `TransferStalled` with the bytes received so far."""
+
+    def __init__(self, response: http.client.HTTPResponse, received: int):
+        super().__init__()
+        self._response = response
+        self.received = received
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        try:
+            count = self._response.readinto(buffer)
+        except TimeoutError:
+            raise TransferStalled(self.received) from None
+        self.received += count
+        return count
+
+    def close(self) -> None:
+        self._response.close()
+        super().close()
+
+
+def _fill(response: http.client.HTTPResponse, view: memoryview) -> int:
+    """Read `response` into `view` until it is full or the response ends; the count."""
+    got = 0
+    while got < len(view):
+        try:
+            count = response.readinto(view[got:])
+        except TimeoutError:
+            raise TransferStalled(got) from None
+        if not count:
+            break
+        got += count
+    return got
 
 
 def source(url: str, options: StreamOptions) -> HTTPSource:
@@ -185,7 +241,10 @@ def read_bytes(url: str, options: StreamOptions, limit: int | None = None) -> by
         return src.read_range(0, src.size) if src.size else b""
     response = src.open_sequential(0)
     try:
-        data = response.read()
+        data = response.readall()
+    except TransferStalled as e:
+        raise StorageError(f"reading {src.name}: the server stalled after sending {e.received} "
+                           f"of {src.size} bytes (no data for {src.timeout:g} s)") from None
     finally:
         response.close()
     if len(data) != src.size:

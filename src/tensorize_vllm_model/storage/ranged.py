@@ -2,20 +2,28 @@
 
 `RangeStream` turns any `RangeSource` (an S3 object, an HTTP(S) URL) into a file object that
 tensorizer reads sequentially, while a small pool of threads fetches the next chunks ahead
-of it. Memory is bounded by ``workers × chunk_size``; nothing touches local disk. Sources
-that cannot serve byte ranges (some HTTP servers) are read as one sequential response.
+of it. Nothing touches local disk. Sources that cannot serve byte ranges (some HTTP servers)
+are read as one sequential response, straight into the caller's buffer.
+
+The read-ahead window is ``workers`` buffers of ``chunk_size`` bytes (the chunk being read
+and those fetched ahead), made once per stream and reused: each is an anonymous memory
+mapping of its own, not memory from malloc, so it goes back to the system when the stream
+closes. (Fetched as a new ``bytes`` per chunk in the worker threads, the freed chunks stayed
+in glibc's per-thread arenas: 138-379 MB of a 256 MiB file stayed resident after a load.)
 """
 
 from __future__ import annotations
 
 import io
+import mmap
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
 from ..errors import StorageError
 
-__all__ = ["RangeSource", "RangeStream", "DEFAULT_CHUNK_SIZE", "DEFAULT_WORKERS", "KEEP_BYTES"]
+__all__ = ["RangeSource", "RangeStream", "DEFAULT_CHUNK_SIZE", "DEFAULT_WORKERS", "KEEP_BYTES",
+           "TransferStalled"]
 
 DEFAULT_CHUNK_SIZE = 16 * 1024 * 1024
 DEFAULT_WORKERS = 4
@@ -25,15 +33,28 @@ DEFAULT_WORKERS = 4
 KEEP_BYTES = 1 << 20
 
 
+class TransferStalled(Exception):
+    """No data arrived for the read timeout in the middle of a response; `received` is how
+    many bytes of it had arrived."""
+
+    def __init__(self, received: int):
+        super().__init__(f"stalled after {received} bytes")
+        self.received = received
+
+
 class RangeSource(Protocol):
     """What a remote backend offers `RangeStream`."""
 
     name: str  # for messages; never holds credentials or signatures
     size: int
     supports_ranges: bool
+    timeout: float  # seconds without data before a read gives up
 
     def read_range(self, start: int, stop: int) -> bytes:
         """Exactly the bytes [start, stop), or raise StorageError."""
+
+    def read_range_into(self, start: int, view: memoryview) -> None:
+        """Fill `view` with exactly the bytes from `start` on, or raise StorageError."""
 
     def open_sequential(self, start: int) -> io.RawIOBase:
         """A stream of the bytes from `start` to the end (for sources without ranges)."""
@@ -51,8 +72,10 @@ class RangeStream(io.RawIOBase):
         self._chunk = max(1, chunk_size)
         self._workers = max(1, workers)
         self._pos = 0
-        self._lock = threading.Lock()
-        self._futures: dict[int, Future[bytes]] = {}
+        self._lock = threading.RLock()  # a done fetch's release may run inside it
+        self._futures: dict[int, Future[memoryview]] = {}
+        self._free: list[mmap.mmap] = []  # window buffers not in use
+        self._closing = False
         self._pool: ThreadPoolExecutor | None = None
         self._sequential: io.RawIOBase | None = None
         self._sequential_pos = 0
@@ -113,38 +136,63 @@ class RangeStream(io.RawIOBase):
         if self.closed:
             return
         with self._lock:
-            for future in self._futures.values():
-                future.cancel()
+            self._closing = True
+            futures = list(self._futures.values())
             self._futures.clear()
+        for future in futures:
+            self._drop(future)
         if self._pool is not None:
+            # A fetch under way unmaps its buffer when it ends (see _drop).
             self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            for buffer in self._free:
+                _unmap(buffer)
+            self._free.clear()
         if self._sequential is not None:
             self._sequential.close()
+        self._kept = bytearray()
         super().close()
 
     # -- ranged reading --------------------------------------------------------------------
 
-    def _chunk_data(self, index: int) -> bytes:
+    def _chunk_data(self, index: int) -> memoryview:
         last = (self._size - 1) // self._chunk
         with self._lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="tvm-range")
             for stale in [i for i in self._futures if i < index or i >= index + self._workers]:
-                self._futures.pop(stale).cancel()
+                self._drop(self._futures.pop(stale))
             for ahead in range(index, min(index + self._workers, last + 1)):
                 if ahead not in self._futures:
                     start = ahead * self._chunk
                     stop = min(start + self._chunk, self._size)
-                    self._futures[ahead] = self._pool.submit(self.source.read_range, start, stop)
+                    buffer = self._free.pop() if self._free else mmap.mmap(-1, self._chunk)
+                    future = self._pool.submit(self._fetch, buffer, start, stop)
+                    future.buffer = buffer  # type: ignore[attr-defined]
+                    self._futures[ahead] = future
             future = self._futures[index]
-        data = future.result()
-        expected = min(self._chunk, self._size - index * self._chunk)
-        if len(data) != expected:
-            raise StorageError(
-                f"{self.name}: got {len(data)} bytes for the range at byte "
-                f"{index * self._chunk}, expected {expected}"
-            )
-        return data
+        return future.result()
+
+    def _fetch(self, buffer: mmap.mmap, start: int, stop: int) -> memoryview:
+        view = memoryview(buffer)[:stop - start]
+        self.source.read_range_into(start, view)
+        return view
+
+    def _drop(self, future: Future[memoryview]) -> None:
+        """Give up a chunk: its buffer returns to the window once no fetch writes into it."""
+        future.cancel()
+        buffer: mmap.mmap = future.buffer  # type: ignore[attr-defined]
+
+        def release(done: Future) -> None:
+            if not done.cancelled() and done.exception() is None:
+                done.result().release()
+            with self._lock:
+                if self._closing or len(self._free) >= self._workers:
+                    _unmap(buffer)
+                else:
+                    self._free.append(buffer)
+
+        future.add_done_callback(release)
 
     # -- sequential reading (no range support) ---------------------------------------------
 
@@ -173,6 +221,10 @@ class RangeStream(io.RawIOBase):
                 done += count
         except StorageError:
             raise
+        except TransferStalled:
+            raise StorageError(
+                f"{self.name}: the transfer stalled after {self._sequential_pos} of "
+                f"{self._size} bytes (no data for {self.source.timeout:g} s)") from None
         except Exception as e:  # noqa: BLE001 - the transport's own error, reported below
             raise StorageError(
                 f"{self.name}: the connection ended at byte {self._sequential_pos} of "
@@ -191,3 +243,10 @@ class RangeStream(io.RawIOBase):
         if self._sequential_pos == len(self._kept) < KEEP_BYTES:
             self._kept += data[:KEEP_BYTES - len(self._kept)]
         self._sequential_pos += len(data)
+
+
+def _unmap(buffer: mmap.mmap) -> None:
+    try:
+        buffer.close()
+    except BufferError:  # a view of it is still alive: unmapped when it is collected
+        pass

@@ -31,6 +31,7 @@ from typing import Any
 from ..config import environment
 from ..errors import ConfigError, StorageError
 from .options import StreamOptions
+from .ranged import TransferStalled
 
 __all__ = ["parse", "S3Source", "source", "read_bytes", "exists", "list_names", "upload",
            "check_bucket"]
@@ -175,6 +176,7 @@ class S3Source:
 
     def __init__(self, uri: str, options: StreamOptions):
         self.name = uri
+        self.timeout = options.timeout
         self.bucket, self.key = parse(uri)
         self._client, self._resolved = _client(options)
         try:
@@ -194,16 +196,29 @@ class S3Source:
         return error
 
     def read_range(self, start: int, stop: int) -> bytes:
+        data = bytearray(stop - start)
+        self.read_range_into(start, memoryview(data))
+        return bytes(data)
+
+    def read_range_into(self, start: int, view: memoryview) -> None:
+        stop = start + len(view)
         last: Exception | None = None
         for attempt in range(_READ_ATTEMPTS):
             try:
                 response = self._client.get_object(
                     Bucket=self.bucket, Key=self.key, Range=f"bytes={start}-{stop - 1}"
                 )
-                data = response["Body"].read()
-                if len(data) == stop - start:
-                    return data
-                last = StorageError(f"short read: {len(data)} of {stop - start} bytes")
+                body = _Body(response["Body"])
+                try:
+                    got = _fill(body, view)
+                finally:
+                    body.close()
+                if got == len(view):
+                    return
+                last = StorageError(f"the response ended after {got} of {len(view)} bytes")
+            except TransferStalled as e:
+                last = StorageError(f"the endpoint stalled after sending {e.received} of "
+                                    f"{len(view)} bytes (no data for {self.timeout:g} s)")
             except Exception as e:  # noqa: BLE001 - retried, then reported
                 from botocore.exceptions import ClientError
 
@@ -214,7 +229,7 @@ class S3Source:
         raise StorageError(
             f"reading {self.name} failed at bytes {start}-{stop - 1} after {_READ_ATTEMPTS} "
             f"attempts (the connection to {self._resolved.endpoint or 'AWS S3'} dropped or "
-            f"timed out): {last}"
+            f"timed out); the last: {last}"
         )
 
     def open_sequential(self, start: int) -> io.RawIOBase:
@@ -231,26 +246,44 @@ _BODY_READ = 1 << 20
 
 
 class _Body(io.RawIOBase):
-    """A botocore response body as a raw stream."""
+    """A botocore response body as a raw stream; a stall (no data for the read timeout) is
+    reported as `TransferStalled` with the bytes received so far."""
 
     def __init__(self, body: Any):
         super().__init__()
         self._body = body
+        self.received = 0
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int:
+        from botocore.exceptions import ReadTimeoutError
+
         # Bounded reads: botocore assembles a large read from many small pieces (a 1 MiB
         # cap measured 1.8x faster than 100 MiB reads against a loopback server).
         view = memoryview(buffer).cast("B")[:_BODY_READ]
-        data = self._body.read(len(view))
-        view[:len(data)] = data
-        return len(data)
+        try:
+            count = self._body.readinto(view)
+        except ReadTimeoutError:
+            raise TransferStalled(self.received) from None
+        self.received += count
+        return count
 
     def close(self) -> None:
         self._body.close()
         super().close()
+
+
+def _fill(body: _Body, view: memoryview) -> int:
+    """Read `body` into `view` until it is full or the body ends; the count."""
+    got = 0
+    while got < len(view):
+        count = body.readinto(view[got:])
+        if not count:
+            break
+        got += count
+    return got
 
 
 def source(uri: str, options: StreamOptions) -> S3Source:
