@@ -1,0 +1,52 @@
+"""Run in a fresh process by test_memory.py: load one tensors file and report the process's
+resident memory (Linux /proc) before, at its peak during the load, and after the tensors
+are freed, as one JSON line ``RESULT {...}``.
+
+Input (stdin, JSON): ``uri``, ``warmup_uri`` (a small file on the same storage, loaded
+first so that imports, clients and connection pools exist before the baseline is taken),
+``config`` (TensorizerConfig keyword arguments).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+
+
+def _status(field: str) -> int:
+    """A /proc/self/status figure, in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _load(uri: str, config: dict) -> int:
+    from tensorize_vllm_model import TensorizerConfig, open_tensors
+
+    with open_tensors(uri, config=TensorizerConfig(tensorizer_uri=uri, **config)) as reader:
+        tensors = [tensor for _, tensor in reader.items()]
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    del tensors
+    return nbytes
+
+
+def main() -> None:
+    spec = json.load(sys.stdin)
+    _load(spec["warmup_uri"], spec["config"])
+    gc.collect()
+    before = _status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM, the peak resident set, to the current one
+    nbytes = _load(spec["uri"], spec["config"])
+    peak = _status("VmHWM")
+    gc.collect()
+    after = _status("VmRSS")
+    print("RESULT " + json.dumps({"before": before, "peak": peak, "after": after,
+                                  "tensor_bytes": nbytes}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
