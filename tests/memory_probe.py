@@ -4,7 +4,8 @@ are freed, as one JSON line ``RESULT {...}``.
 
 Input (stdin, JSON): ``uri``, ``warmup_uri`` (a small file on the same storage, loaded
 first so that imports, clients and connection pools exist before the baseline is taken),
-``config`` (TensorizerConfig keyword arguments).
+``config`` (TensorizerConfig keyword arguments), ``expect_error`` (the load of `uri` is
+expected to fail: its error's type and message are reported with the figures).
 """
 
 from __future__ import annotations
@@ -40,12 +41,17 @@ def main() -> None:
     before = _status("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM, the peak resident set, to the current one
-    nbytes = _load(spec["uri"], spec["config"])
-    peak = _status("VmHWM")
+    result = {}
+    try:
+        result["tensor_bytes"] = _load(spec["uri"], spec["config"])
+    except Exception as e:
+        if not spec.get("expect_error"):
+            raise
+        result.update(error=type(e).__name__, message=str(e))
+    result["peak"] = _status("VmHWM")
     gc.collect()
-    after = _status("VmRSS")
-    print("RESULT " + json.dumps({"before": before, "peak": peak, "after": after,
-                                  "tensor_bytes": nbytes}), flush=True)
+    result.update(before=before, after=_status("VmRSS"))
+    print("RESULT " + json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

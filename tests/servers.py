@@ -189,6 +189,14 @@ class _FileHandler(http.server.SimpleHTTPRequestHandler):
             remaining -= len(chunk)
 
 
+class _QuietServer(http.server.ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        """A client that hangs up mid-response (a reader that stops early, a cut or stalled
+        link in a test) is expected; anything else is printed as usual."""
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)
+
+
 class HTTPFileServer:
     """Serves `root` on loopback; HTTP/1.1 with ranges, or HTTP/1.0 without; TLS if given."""
 
@@ -199,7 +207,7 @@ class HTTPFileServer:
             "protocol_version": protocol, "ranges": ranges, "requests": self.requests,
             "__init__": lambda self, *a, **k: _FileHandler.__init__(self, *a, directory=str(root), **k),
         })
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server = _QuietServer(("127.0.0.1", 0), handler)
         self.server.daemon_threads = True
         if tls:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

@@ -4,6 +4,7 @@ hang, an interpreter crash or an allocation sized by a forged number. No vLLM in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import os
@@ -20,11 +21,13 @@ from hypothesis import strategies as st
 
 from tensorize_vllm_model import (
     EncryptionError,
+    ModelMismatchError,
     FormatError,
     TensorizeError,
     TensorizerConfig,
     load_into_module,
     open_tensors,
+    storage,
 )
 from tensorize_vllm_model.cli import main
 from tensorize_vllm_model.errors import CorruptTensorError
@@ -34,6 +37,7 @@ from tensorize_vllm_model.layout import FileRecord
 from tensorize_vllm_model.serialization import write_tensors
 from tensorize_vllm_model.streaming import meta_parameters
 
+from conftest import BUCKET
 from test_storage_backends import Place, place  # noqa: F401 - the backend fixture
 
 
@@ -158,6 +162,135 @@ def test_forged_sizes_refused_without_allocating(good, tmp_path, where):
     with pytest.raises(FormatError, match=rf"{bad} is (truncated or )?corrupt"):
         read_all(bad)
     assert _max_rss_mb() - before < 500
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+@contextlib.contextmanager
+def peak_growth():
+    """How far this process's resident memory rose above where it was, at its peak, within
+    the block (Linux: the peak is reset through /proc/self/clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_bytes("VmRSS")
+    peak: list[int] = []
+    try:
+        yield lambda: peak[0]
+    finally:
+        peak.append(_status_bytes("VmHWM") - before)
+
+
+def forge(data: bytes, path, where: str, huge: int) -> tuple[bytes, str | None]:
+    """`data` with one size forged to `huge` (or, for "dtype", tensor 3's index dtype
+    halved); the tensor at fault, if the fault is one tensor's."""
+    data = bytearray(data)
+    if where == "index size":
+        struct.pack_into("<Q", data, 65, huge)
+        return bytes(data), None
+    if where == "tensor count":
+        struct.pack_into("<Q", data, 57, huge)
+        return bytes(data), None
+    name, offset, data_offset, length = index_of(path)[3]
+    if where == "data length":
+        # The index entry's location triple ends with the data length; find it.
+        at = bytes(data).index(struct.pack("<QQQ", offset, data_offset, length))
+        struct.pack_into("<Q", data, at + 16, huge)
+    elif where == "tensor header length":
+        struct.pack_into("<Q", data, offset, huge)
+    else:  # "dtype": float32 in the index only, float16 there (the header keeps float32)
+        at = bytes(data).index(b"<f4", bytes(data).index(name.lstrip(".").encode(), 0, offset))
+        data[at:at + 3] = b"<f2"
+    return bytes(data), name.lstrip(".")
+
+
+FORGED = ["index size", "tensor count", "data length", "tensor header length", "dtype"]
+
+
+@pytest.mark.parametrize("verify_hash", [False, True], ids=["load", "verify-hash"])
+@pytest.mark.parametrize("ranges", [True, False], ids=["ranges", "one-response"])
+@pytest.mark.parametrize("where", FORGED)
+def test_forged_sizes_refused_alike_on_every_backend(good, tmp_path, place, where,  # noqa: F811
+                                                     ranges, verify_hash):
+    """Every check a local file gets, a remote file gets too, by either read path (ours;
+    tensorizer's, which hash checks take) and either read mode, with the same message naming
+    the file and the tensor, and without allocating from the forged size."""
+    if place.name == "local" and not ranges:
+        pytest.skip("local files have no read modes")
+    path, data = good
+    # 512 MiB, as in the field report: were it allocated, the peak would show it (a larger
+    # size would take the test machine's memory should the check ever regress).
+    forged, tensor = forge(data, path, where, 512 * 1024**2)
+    local = tmp_path / "forged.tensors"
+    local.write_bytes(forged)
+    with pytest.raises(FormatError) as expected:
+        read_all(local)
+    place.put("forged.tensors", forged)
+    uri = place.uri("forged.tensors")
+    values = {**_config_values(place.options), "verify_hash": verify_hash}
+    values.setdefault("stream_kwargs", {})["ranges"] = ranges
+    with peak_growth() as grown, pytest.raises(FormatError) as failure:
+        read_all(uri, **values)
+    assert grown() < 128 * 1024**2
+    assert str(failure.value) == str(expected.value).replace(str(local), storage.redact(uri))
+    if tensor:
+        assert f"tensor {tensor} " in str(failure.value)
+
+
+def test_forged_header_length_over_the_network_allocates_nothing(tmp_path, web_servers,
+                                                                  web_root, moto):
+    """The field report: two Linear(256, 256) written by tensorizer's `write_module`, the
+    first tensor's header length forged to 512 MiB, read over HTTP and S3 (ranges and one
+    response) in a fresh process: refused naming tensor 0.weight, the process's peak
+    resident memory not grown by the forged size."""
+    from tensorizer import TensorSerializer
+
+    from test_memory import probe
+
+    path = tmp_path / "two.tensors"
+    serializer = TensorSerializer(str(path))
+    serializer.write_module(torch.nn.Sequential(torch.nn.Linear(256, 256),
+                                                torch.nn.Linear(256, 256)))
+    serializer.close()
+    data = bytearray(path.read_bytes())
+    with open_tensors(str(path), header_only=True) as reader:
+        first = next(iter(reader._header._metadata.values()))
+    struct.pack_into("<Q", data, first.offset, 512 * 1024 * 1024)
+    (web_root / "forged-two.tensors").write_bytes(bytes(data))
+    (web_root / "small-two.tensors").write_bytes(path.read_bytes())
+    moto.client().put_object(Bucket=BUCKET, Key="forged-two.tensors", Body=bytes(data))
+    moto.client().put_object(Bucket=BUCKET, Key="small-two.tensors", Body=path.read_bytes())
+    s3 = {"s3_endpoint": moto.endpoint, "s3_access_key_id": "testing",
+          "s3_secret_access_key": "testing"}
+    for base, config in ((web_servers["http-1.1"].url, {}), (f"s3://{BUCKET}", s3)):
+        for ranges in (True, False):
+            stream_kwargs = {"ranges": ranges, **({"force_http": True} if config else {})}
+            result = probe(f"{base}/forged-two.tensors", f"{base}/small-two.tensors",
+                           {**config, "stream_kwargs": stream_kwargs}, expect_error=True)
+            assert result["error"] == "FormatError"
+            assert result["message"].endswith(
+                "is corrupt: the header of tensor 0.weight claims 536870912 bytes where "
+                f"{first.data_offset - first.offset} are available")
+            assert result["peak"] - result["before"] < 64 * 1024 * 1024
+
+
+def test_remote_inspect_checks_tensor_headers_when_it_can_read_ranges(good, place):  # noqa: F811
+    """`inspect` reads only headers: a local file's and a ranged remote file's tensor header
+    lengths are checked up front; a file read as one response is checked when loaded."""
+    path, data = good
+    forged, tensor = forge(data, path, "tensor header length", 512 * 1024**2)
+    place.put("forged.tensors", forged)
+    uri = place.uri("forged.tensors")
+    config = TensorizerConfig.from_extra_config({"tensorizer_uri": uri,
+                                                 **_config_values(place.options)})
+    if place.name == "http-1.0-no-ranges":
+        [report] = inspect_tensors(uri, config)
+        assert len(report.tensors) == 6
+        return
+    with pytest.raises(FormatError, match=rf"the header of tensor {tensor} claims"):
+        inspect_tensors(uri, config)
 
 
 def test_bit_flips_in_data_are_caught_by_verify_hash(good, tmp_path):

@@ -49,10 +49,12 @@ def files(tmp_path_factory):
     return root
 
 
-def _probe(uri: str, warmup_uri: str, config: dict) -> dict:
+def probe(uri: str, warmup_uri: str, config: dict, *, expect_error: bool = False) -> dict:
+    """Memory figures of loading `uri` in a fresh process (see memory_probe.py); with
+    `expect_error`, the load's error too."""
     proc = subprocess.run([sys.executable, str(PROBE)], capture_output=True, text=True,
                           input=json.dumps({"uri": uri, "warmup_uri": warmup_uri,
-                                            "config": config}),
+                                            "config": config, "expect_error": expect_error}),
                           env=subprocess_env(), timeout=300)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]
@@ -86,7 +88,7 @@ def test_memory_returns_after_a_load(source, encrypted, files, request, web_root
         config["stream_kwargs"] = {"force_http": True}
     if source.endswith("one-response"):
         config.setdefault("stream_kwargs", {})["ranges"] = False
-    result = _probe(f"{base}/big{suffix}.tensors", f"{base}/small{suffix}.tensors", config)
+    result = probe(f"{base}/big{suffix}.tensors", f"{base}/small{suffix}.tensors", config)
 
     assert result["tensor_bytes"] == TENSOR_BYTES
     kept = result["after"] - result["before"]
