@@ -243,6 +243,7 @@ class CuttingProxy:
         self.for_good = for_good
         self.stall = stall
         self._stopped = threading.Event()
+        self._held: list[socket.socket] = []
         self._shared = {"passed": 0}
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
@@ -257,7 +258,10 @@ class CuttingProxy:
             except OSError:
                 return
             if self.for_good and self.cuts:
-                client.close()
+                if self.stall:  # accepted, never answered
+                    self._held.append(client)
+                else:
+                    client.close()
                 continue
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
             state = self._shared if self.for_good else {"passed": 0}
@@ -293,3 +297,5 @@ class CuttingProxy:
         self._stop = True
         self._stopped.set()
         self.listener.close()
+        for client in self._held:
+            client.close()

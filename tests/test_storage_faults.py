@@ -4,6 +4,7 @@ credentials are found in the documented order; the artifact cache is safe."""
 from __future__ import annotations
 
 import os
+import re
 import time
 import uuid
 
@@ -327,3 +328,43 @@ def test_fetch_failure_leaves_no_partial_cache(moto, tmp_path, monkeypatch):
     with pytest.raises(StorageError, match=r"holds no config.json"):
         fetch_model_files(f"s3://{BUCKET}/{prefix}", s3_options(moto.endpoint))
     assert not (tmp_path / "cache" / "models").exists() or not os.listdir(tmp_path / "cache" / "models")
+
+
+@pytest.mark.parametrize("ranges", [False, True], ids=["one-response", "ranges"])
+@pytest.mark.parametrize("store", ["http", "s3"])
+def test_a_stall_after_data_says_how_many_bytes_arrived(web_root, moto, store, ranges):
+    """A server that stops sending after 2 MiB (and answers nothing after that) is reported
+    as a stall after so many bytes, not as unreachable: HTTP and S3, one response and
+    parallel ranges."""
+    data = os.urandom(6 * 1024 * 1024)
+    name = f"{uuid.uuid4().hex}.bin"
+    server = None
+    if store == "http":
+        (web_root / name).write_bytes(data)
+        server = HTTPFileServer(web_root)
+        proxy = CuttingProxy(server.port, cut_after=2 * 1024 * 1024, for_good=True, stall=True)
+        uri, options = f"http://127.0.0.1:{proxy.port}/{name}", {}
+    else:
+        moto.client().put_object(Bucket=BUCKET, Key=name, Body=data)
+        proxy = CuttingProxy(moto.port, cut_after=2 * 1024 * 1024, for_good=True, stall=True)
+        uri, options = f"s3://{BUCKET}/{name}", s3_options(f"http://127.0.0.1:{proxy.port}")
+    options.update(timeout=1.0, ranges=ranges, chunk_size=4 * 1024 * 1024, workers=1)
+    try:
+        with storage.open_read(uri, options) as f, pytest.raises(StorageError) as failure:
+            f.read()
+    finally:
+        proxy.stop()
+        if server:
+            server.stop()
+    text = str(failure.value)
+    assert "cannot reach" not in text
+    if ranges:
+        # The first 4 MiB range stalls part-way; the retries find no answer.
+        found = re.search(r"failed at bytes 0-4194303 after 3 attempts \(the connection[^)]* "
+                          r"dropped or timed out\): the (server|endpoint) stalled after sending (\d+) of "
+                          r"4194304 bytes \(no data for 1 s\)", text)
+    else:
+        found = re.search(r": the transfer stalled after (\d+) of 6291456 bytes \(no data for "
+                          r"1 s\)", text)
+    assert found, text
+    assert 0 < int(found.groups()[-1]) <= 2 * 1024 * 1024, text

@@ -23,6 +23,8 @@ from .ranged import TransferStalled
 __all__ = ["redact", "HTTPSource", "source", "read_bytes", "exists"]
 
 _ATTEMPTS = 3
+# Bytes per read from a response: what arrived before a stall is counted to within this.
+_PIECE = 256 * 1024
 _MAX_REDIRECTS = 5
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
@@ -153,7 +155,7 @@ class HTTPSource:
 
     def read_range_into(self, start: int, view: memoryview) -> None:
         stop = start + len(view)
-        last: Exception | None = None
+        tried: list[str] = []  # what each attempt ran into
         for attempt in range(_ATTEMPTS):
             try:
                 response = self._get(headers={"Range": f"bytes={start}-{stop - 1}"})
@@ -165,17 +167,17 @@ class HTTPSource:
                     response.close()
                 if got == len(view):
                     return
-                last = StorageError(f"the response ended after {got} of {len(view)} bytes")
+                tried.append(f"the response ended after {got} of {len(view)} bytes")
             except TransferStalled as e:
-                last = StorageError(f"the server stalled after sending {e.received} of "
-                                    f"{len(view)} bytes (no data for {self.timeout:g} s)")
+                tried.append(f"the server stalled after sending {e.received} of {len(view)} "
+                              f"bytes (no data for {self.timeout:g} s)")
             except (_TransportError, OSError, http.client.HTTPException) as e:
-                last = e
+                tried.append(str(e) or type(e).__name__)
             self._drop(urllib.parse.urlsplit(self.url))
             time.sleep(0.2 * (attempt + 1))
         raise StorageError(
             f"reading {self.name} failed at bytes {start}-{stop - 1} after {_ATTEMPTS} attempts "
-            f"(the connection dropped or timed out); the last: {last}"
+            f"(the connection dropped or timed out): {'; '.join(tried)}"
         )
 
     def open_sequential(self, start: int):
@@ -204,7 +206,7 @@ class _Body(io.RawIOBase):
 
     def readinto(self, buffer) -> int:
         try:
-            count = self._response.readinto(buffer)
+            count = self._response.readinto(memoryview(buffer).cast("B")[:_PIECE])
         except TimeoutError:
             raise TransferStalled(self.received) from None
         self.received += count
@@ -220,7 +222,7 @@ def _fill(response: http.client.HTTPResponse, view: memoryview) -> int:
     got = 0
     while got < len(view):
         try:
-            count = response.readinto(view[got:])
+            count = response.readinto(view[got:got + _PIECE])
         except TimeoutError:
             raise TransferStalled(got) from None
         if not count:

@@ -202,7 +202,7 @@ class S3Source:
 
     def read_range_into(self, start: int, view: memoryview) -> None:
         stop = start + len(view)
-        last: Exception | None = None
+        tried: list[str] = []  # what each attempt ran into
         for attempt in range(_READ_ATTEMPTS):
             try:
                 response = self._client.get_object(
@@ -215,21 +215,21 @@ class S3Source:
                     body.close()
                 if got == len(view):
                     return
-                last = StorageError(f"the response ended after {got} of {len(view)} bytes")
+                tried.append(f"the response ended after {got} of {len(view)} bytes")
             except TransferStalled as e:
-                last = StorageError(f"the endpoint stalled after sending {e.received} of "
-                                    f"{len(view)} bytes (no data for {self.timeout:g} s)")
+                tried.append(f"the endpoint stalled after sending {e.received} of {len(view)} "
+                              f"bytes (no data for {self.timeout:g} s)")
             except Exception as e:  # noqa: BLE001 - retried, then reported
                 from botocore.exceptions import ClientError
 
                 if isinstance(e, ClientError):
                     raise _error(e, self.name, self._resolved, "reading") from None
-                last = e
+                tried.append(str(e) or type(e).__name__)
             time.sleep(0.2 * (attempt + 1))
         raise StorageError(
             f"reading {self.name} failed at bytes {start}-{stop - 1} after {_READ_ATTEMPTS} "
             f"attempts (the connection to {self._resolved.endpoint or 'AWS S3'} dropped or "
-            f"timed out); the last: {last}"
+            f"timed out): {'; '.join(tried)}"
         )
 
     def open_sequential(self, start: int) -> io.RawIOBase:
