@@ -516,6 +516,34 @@ def test_verify_encrypted(tmp_path, capsys):
     assert f"  {name.lstrip('.')}: does not decrypt" in capsys.readouterr().out
 
 
+def test_a_file_with_no_tensors(tmp_path, place, capsys):  # noqa: F811
+    """A valid tensorizer file holding no tensors (tensorizer's own `write_module` of a
+    module without parameters) is listed as such and verifies; a load says it holds none."""
+    from tensorizer import TensorSerializer
+
+    path = tmp_path / "empty.tensors"
+    serializer = TensorSerializer(str(path))
+    serializer.write_module(torch.nn.Module())
+    serializer.close()
+    place.put("empty.tensors", path.read_bytes())
+    uri = place.uri("empty.tensors")
+    config = TensorizerConfig.from_extra_config({"tensorizer_uri": uri,
+                                                 **_config_values(place.options)})
+    [report] = inspect_tensors(uri, config)
+    assert (report.tensors, report.size, report.vllm_tensorized) == ([], len(path.read_bytes()),
+                                                                     False)
+    [verified] = verify_tensors(uri, config)
+    assert verified.intact and verified.tensors == 0
+    with open_tensors(uri, config=config) as reader, pytest.raises(
+            ModelMismatchError, match=rf"{re.escape(storage.redact(uri))} holds no tensors"):
+        load_into_module(torch.nn.Linear(2, 2), reader)
+    if place.name == "local":
+        assert main(["inspect", uri]) == 0
+        assert "0 tensors, 0 bytes" in capsys.readouterr().out
+        assert main(["inspect", uri, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["files"][0]["tensor_count"] == 0
+
+
 def test_file_commands_do_not_import_vllm(good):
     path, _ = good
     code = ("import sys; from tensorize_vllm_model.cli import main; "
