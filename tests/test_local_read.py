@@ -17,6 +17,7 @@ from tensorize_vllm_model import (
     local_read,
     open_tensors,
 )
+from tensorize_vllm_model.errors import CorruptTensorError
 
 
 def tensors() -> dict[str, torch.Tensor]:
@@ -125,9 +126,21 @@ def test_a_span_without_data_reads_as_zeros(path):
     assert got.dtype == torch.bfloat16 and torch.equal(got, torch.zeros(3, 2, dtype=torch.bfloat16))
 
 
-def test_hash_checks_stay_with_tensorizer(path, monkeypatch):
-    monkeypatch.setattr(local_read, "read_spans", lambda *a, **k: pytest.fail("our reads used"))
+def test_hash_checks_in_our_reads(path, tmp_path, monkeypatch):
+    """verify_hash reads through our reader too (tensorizer's would allocate the tensors in
+    its own threads), checking every dtype's hashes as tensorizer does, and naming a tensor
+    whose data changed."""
+    monkeypatch.setattr(TensorDeserializer, "items",
+                        lambda *a, **k: pytest.fail("tensorizer's reader used"))
     assert_same(read_ours(path, verify_hash=True), tensors())
+    data = bytearray(open(path, "rb").read())
+    with open_tensors(path, header_only=True) as reader:
+        name, entry = [(n, e) for n, e in reader._index() if e.data_length > 1][-1]
+    data[entry.data_offset + entry.data_length - 1] ^= 0x01
+    bad = tmp_path / "bad.tensors"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(CorruptTensorError, match=rf"{bad}: tensor {name} failed its hash check"):
+        read_ours(str(bad), verify_hash=True)
 
 
 CHUNK = 2 << 20  # the cipher chunk tensorizer writes
@@ -330,6 +343,7 @@ def test_where_the_readers_spent_their_time(path, encrypted):
         dict(reader.items())
         assert reader.read_times.decrypting > 0 and ", decrypting " in str(reader.read_times)
 
-    with open_tensors(path, config=TensorizerConfig(tensorizer_uri=path, verify_hash=True)) as reader:
-        dict(reader.items())  # tensorizer's reader: no figures of ours
+    config = TensorizerConfig(tensorizer_uri=path, deserialization_kwargs={"plaid_mode": False})
+    with open_tensors(path, config=config) as reader:
+        dict(reader.items())  # a setting only tensorizer's reader knows: no figures of ours
         assert reader.read_times is None

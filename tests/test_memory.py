@@ -1,6 +1,6 @@
 """Host memory of a load, measured in a fresh process (tests/memory_probe.py) for every
-source: local disk, HTTP and S3 (moto), by parallel byte ranges and as one response, plain
-and encrypted. After the tensors are freed the process is back within 10% of the tensor
+source: local disk, HTTP and S3 (moto), by parallel byte ranges and as one response, plain,
+encrypted and with hash checks. After the tensors are freed the process is back within 10% of the tensor
 bytes of where it started; during the load it never holds more than the tensors plus the
 read-ahead window (README, Guarantees). Memory figures, not timings."""
 
@@ -61,12 +61,16 @@ def probe(uri: str, warmup_uri: str, config: dict, *, expect_error: bool = False
     return json.loads(lines[-1][len("RESULT "):])
 
 
-@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
-@pytest.mark.parametrize("source", ["local", "http-ranges", "http-one-response", "s3-ranges",
-                                    "s3-one-response"])
-def test_memory_returns_after_a_load(source, encrypted, files, request, web_root):
+SOURCES = ["local", "http-ranges", "http-one-response", "s3-ranges", "s3-one-response"]
+CASES = [(source, kind) for source in SOURCES for kind in ("plain", "encrypted", "verify-hash")]
+
+
+@pytest.mark.parametrize("source, kind", CASES, ids=[f"{s}-{k}" for s, k in CASES])
+def test_memory_returns_after_a_load(source, kind, files, request, web_root):
+    encrypted = kind == "encrypted"
     suffix = "-encrypted" if encrypted else ""
     config: dict = {"encryption_keyfile": str(files / "model.key")} if encrypted else {}
+    config["verify_hash"] = kind == "verify-hash"
     if source == "local":
         base = str(files)
     elif source.startswith("http"):

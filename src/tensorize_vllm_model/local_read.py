@@ -10,9 +10,10 @@ its own two pinned staging buffers in turn and copies each filled buffer to the 
 own CUDA stream while it reads the next: no page is faulted in after the first buffer, and
 host memory stays at readers x 2 x STAGING_BYTES. An encrypted tensor is read one cipher
 chunk at a time, and the reading thread decrypts each chunk right after reading it
-(`tensor_decryption`). Only local files read without hash checks take this path; the index
-has been checked against the file's length (`streaming._check_index`) before anything here
-runs.
+(`tensor_decryption`). Local files into CPU memory (hash checks included: `streaming` checks
+the tensors read here against their stored hashes, `tensor_hashes`) and onto a GPU without
+hash checks take this path; the index has been checked against the file's length
+(`streaming._check_index`) before anything here runs.
 """
 
 from __future__ import annotations

@@ -4,15 +4,17 @@ A remote file is one `RangeStream` (parallel byte ranges, or one response) read 
 order. `read_stream` reads each tensor's header, checks it, then reads the tensor's bytes
 straight into a new CPU tensor allocated by the calling thread (``readinto``: no
 intermediate copy, no buffer from the reader threads' malloc arenas); an encrypted tensor is
-decrypted chunk by chunk as it arrives (`tensor_decryption`). Host memory is therefore the
+decrypted chunk by chunk as it arrives (`tensor_decryption`), and with ``verify_hash`` each
+tensor is checked against its stored hashes (`tensor_hashes`). Host memory is therefore the
 tensors plus the stream's read-ahead window, and after the tensors are freed the process is
 back where it started (README, Guarantees).
 
-Where tensorizer's reader takes a remote file instead (hash checks, GPU targets), its stream
-is wrapped in `HeaderGuard`, which checks each tensor header's length field as it passes:
-tensorizer sizes a buffer by that field before it reads the header, so a forged length is
-refused here, naming the tensor, before anything is allocated from it. A local file gets the
-same check up front (`streaming._check_index`), where reading 8 bytes per tensor is free.
+Where tensorizer's reader takes a remote file instead (GPU targets, settings only it
+knows), its stream is wrapped in `HeaderGuard`, which checks each tensor header's length
+field as it passes: tensorizer sizes a buffer by that field before it reads the header, so
+a forged length is refused here, naming the tensor, before anything is allocated from it.
+A local file gets the same check up front (`streaming._check_index`), where reading 8 bytes
+per tensor is free.
 """
 
 from __future__ import annotations
@@ -109,8 +111,9 @@ class HeaderGuard(io.RawIOBase):
         super().close()
 
 
-def read_stream(stream: Any, spans: Sequence[RemoteSpan], *, uri: str,
-                deserializer: Any = None) -> Iterator[tuple[str, torch.Tensor]]:
+def read_stream(stream: Any, spans: Sequence[RemoteSpan], *, uri: str, index: Any,
+                encrypted: bool = False, verify: bool = False
+                ) -> Iterator[tuple[str, torch.Tensor]]:
     """Read each span's tensor from `stream` onto the CPU, in file order, and yield it.
 
     Args:
@@ -118,26 +121,34 @@ def read_stream(stream: Any, spans: Sequence[RemoteSpan], *, uri: str,
         spans: the tensors to read; their sizes were checked against the file's length and
             their shapes and dtypes (`streaming._check_index`).
         uri: the file's name in messages.
-        deserializer: the `TensorDeserializer` holding the key, for an encrypted file.
+        index: the `TensorDeserializer` that read the file's index (with the key, for an
+            encrypted file).
+        encrypted: decrypt each tensor (its cipher is in its header).
+        verify: check each tensor against the hashes in its header (`tensor_hashes`).
 
     Raises:
         FormatError: a header is forged or corrupt (naming the tensor), or the file ends
             before a tensor does.
+        CorruptTensorError: a tensor fails its hash check (with `verify`).
         StorageError: the transfer fails.
         tensor_decryption.DecryptionFailed: an encrypted tensor fails its check.
     """
     from .local_read import _populate
 
+    whole_header = encrypted or verify
     for span in sorted(spans, key=lambda s: s.entry.offset):
         entry = span.entry
         stream.seek(entry.offset)
-        header = _read(stream, span.room if deserializer else HEADER_LENGTH.size, span, uri)
+        header = _read(stream, span.room if whole_header else HEADER_LENGTH.size, span, uri)
         check_header_length(header[:HEADER_LENGTH.size], span.room, span.name, uri)
+        hashes = _parsed(_stored_hashes, header, index, span, uri) if verify else None
         size = math.prod(span.shape) * span.dtype.itemsize
         if entry.data_length == 0:  # stored without data: reads back as zeros
+            if hashes:
+                hashes.check(b"", tensor=span.name, uri=uri)
             yield span.name, torch.zeros(span.shape, dtype=span.dtype)
             continue
-        cipher = _cipher(entry, header, deserializer, span.name, uri) if deserializer else None
+        cipher = _parsed(_cipher_of, header, index, span, uri) if encrypted else None
         memory = torch.empty(size, dtype=torch.uint8)
         _populate(memory.data_ptr(), size)
         view = memoryview(memory.numpy())
@@ -148,18 +159,31 @@ def read_stream(stream: Any, spans: Sequence[RemoteSpan], *, uri: str,
             _read_into(stream, piece, span, uri)
             if cipher:
                 cipher.decrypt(piece, start)
+        if hashes:
+            hashes.check(view, tensor=span.name, uri=uri)
         del view
         yield span.name, memory.view(span.dtype).reshape(span.shape)
 
 
-def _cipher(entry: Any, header: bytes, deserializer: Any, tensor: str, uri: str) -> Any:
+def _stored_hashes(entry: Any, header: bytes, index: Any) -> Any:
+    from .tensor_hashes import stored_hashes
+
+    return stored_hashes(header, index)
+
+
+def _cipher_of(entry: Any, header: bytes, index: Any) -> Any:
     from .tensor_decryption import cipher_from_header
 
+    return cipher_from_header(entry, header, index)
+
+
+def _parsed(parse: Any, header: bytes, index: Any, span: RemoteSpan, uri: str) -> Any:
+    """What `parse` reads from a tensor's header; a header it cannot read is corrupt."""
     try:
-        return cipher_from_header(entry, header, deserializer)
+        return parse(span.entry, header, index)
     except Exception as e:  # noqa: BLE001 - tensorizer's parser rejects it one way or another
-        raise FormatError(f"{uri} is corrupt: the header of tensor {tensor} cannot be read "
-                          f"({type(e).__name__}: {e})") from None
+        raise FormatError(f"{uri} is corrupt: the header of tensor {span.name} cannot be "
+                          f"read ({type(e).__name__}: {e})") from None
 
 
 def _read(stream: Any, count: int, span: RemoteSpan, uri: str) -> bytes:

@@ -211,10 +211,39 @@ class TensorReader:
                                      name=self.uri, device=self._device, times=self.read_times)
             except DecryptionFailed:
                 raise _wrong_key(self.uri, self._keyfile) from None
+            if self._kwargs["verify_hash"]:
+                self._check_hashes(spans, tensors)
             for span, tensor in zip(spans, tensors):
                 yield span.name, tensor
             return
         yield from self._tensorizer_items(only)
+
+    def _check_hashes(self, spans: list[Span], tensors: list[torch.Tensor]) -> None:
+        """Check tensors read by `local_read` (into CPU memory) against their stored hashes.
+
+        Raises:
+            CorruptTensorError: naming the first tensor that fails.
+        """
+        from .local_read import pread_each
+        from .tensor_hashes import stored_hashes
+
+        entries = dict(self._index())
+        places = [(entries[s.name].offset, entries[s.name].data_offset - entries[s.name].offset)
+                  for s in spans]
+        fd = os.open(self._own_reads, os.O_RDONLY)
+        try:
+            raws = pread_each(fd, places)
+        finally:
+            os.close(fd)
+        for span, tensor, raw in zip(spans, tensors, raws):
+            try:
+                hashes = stored_hashes(raw, self._header)
+            except Exception as e:  # noqa: BLE001 - tensorizer's parser rejects it
+                raise FormatError(f"{self.uri} is corrupt: the header of tensor {span.name} "
+                                  f"cannot be read ({type(e).__name__}: {e})") from None
+            data = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()) if span.length \
+                else b""
+            hashes.check(data, tensor=span.name, uri=self.uri)
 
     def _tensorizer_items(self, only: Collection[str] | None
                           ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -260,8 +289,9 @@ class TensorReader:
                                         shape=tuple(int(d) for d in entry.shape)))
         stream = self._reopen()
         try:
-            yield from read_stream(stream, spans, uri=self.uri,
-                                   deserializer=self._header if self.encrypted else None)
+            yield from read_stream(stream, spans, uri=self.uri, index=self._header,
+                                   encrypted=self.encrypted,
+                                   verify=bool(self._kwargs["verify_hash"]))
         except DecryptionFailed:
             raise _wrong_key(self.uri, self._keyfile) from None
         finally:
@@ -377,12 +407,13 @@ def open_tensors(
         _check_index(header, facts, stream, name, local=storage.is_local(uri),
                      up_front=header_only)
         # Our own reads (local_read, remote_read) where they apply: faster, and no copies.
-        plain = not keyless and not kwargs["verify_hash"] \
-            and set(config.deserialization_kwargs) <= {"num_readers"}
+        plain = not keyless and set(config.deserialization_kwargs) <= {"num_readers"}
+        target = torch.device(device).type
         own_reads = None
-        if plain and storage.is_local(uri) and torch.device(device).type in ("cpu", "cuda"):
+        if plain and storage.is_local(uri) and (target == "cpu" or (
+                target == "cuda" and not kwargs["verify_hash"])):
             own_reads = storage.local_path(uri)
-        elif plain and not storage.is_local(uri) and torch.device(device).type == "cpu":
+        elif plain and not storage.is_local(uri) and target == "cpu":
             own_reads = REMOTE
         return TensorReader(name, header, facts, _reopener(uri, options, stream),
                             kwargs, device, keyfile=config.encryption_keyfile, started=started,
