@@ -247,8 +247,8 @@ class TensorReader:
 
     def _tensorizer_items(self, only: Collection[str] | None
                           ) -> Iterator[tuple[str, torch.Tensor]]:
-        """The tensors through tensorizer's reader (hash checks, other devices, settings
-        only it knows); a remote stream's tensor headers are checked as they pass."""
+        """The tensors through tensorizer's reader (see `_own_reads` for when); a remote
+        stream's tensor headers are checked as they pass (`remote_read.HeaderGuard`)."""
         from tensorizer import TensorDeserializer
 
         from .remote_read import HeaderGuard
@@ -406,15 +406,7 @@ def open_tensors(
                     **{k: v for k, v in kwargs.items() if k != "num_readers"})
         _check_index(header, facts, stream, name, local=storage.is_local(uri),
                      up_front=header_only)
-        # Our own reads (local_read, remote_read) where they apply: faster, and no copies.
-        plain = not keyless and set(config.deserialization_kwargs) <= {"num_readers"}
-        target = torch.device(device).type
-        own_reads = None
-        if plain and storage.is_local(uri) and (target == "cpu" or (
-                target == "cuda" and not kwargs["verify_hash"])):
-            own_reads = storage.local_path(uri)
-        elif plain and not storage.is_local(uri) and target == "cpu":
-            own_reads = REMOTE
+        own_reads = None if keyless else _own_reads(uri, device, config, kwargs["verify_hash"])
         return TensorReader(name, header, facts, _reopener(uri, options, stream),
                             kwargs, device, keyfile=config.encryption_keyfile, started=started,
                             keyless=keyless, own_reads=own_reads,
@@ -425,6 +417,21 @@ def open_tensors(
 
 
 REMOTE = "remote"  # TensorReader's own_reads for a remote file (remote_read)
+
+
+def _own_reads(uri: str, device: str | torch.device, config: TensorizerConfig,
+               verify_hash: bool) -> str | None:
+    """Where our own readers take the file (faster, no copies, tensors allocated by the
+    loading thread): its local path (`local_read`: into CPU memory, or onto a GPU without
+    hash checks), REMOTE (`remote_read`: a remote file into CPU memory), or None
+    (tensorizer's reader: other devices, settings only it knows)."""
+    if not set(config.deserialization_kwargs) <= {"num_readers"}:
+        return None
+    target = torch.device(device).type
+    if storage.is_local(uri):
+        local = target == "cpu" or (target == "cuda" and not verify_hash)
+        return storage.local_path(uri) if local else None
+    return REMOTE if target == "cpu" else None
 
 
 class _EmptyIndex:
