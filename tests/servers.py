@@ -163,6 +163,13 @@ class _FileHandler(http.server.SimpleHTTPRequestHandler):
         start, stop = 0, size
         match = re.match(r"bytes=(\d+)-(\d*)$", self.headers.get("Range", ""))
         f = open(path, "rb")
+        if match and self.ranges and int(match.group(1)) >= size:  # as nginx: no such byte
+            f.close()
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{size}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return None
         if match and self.ranges:
             start = int(match.group(1))
             stop = min(size, int(match.group(2)) + 1) if match.group(2) else size

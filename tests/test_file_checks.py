@@ -99,6 +99,24 @@ def test_truncated_at_many_offsets(good, tmp_path):
     assert len(cuts) > 25
 
 
+def test_truncated_files_refused_alike_on_every_backend(good, place):  # noqa: F811
+    """A sample of the cuts above, on every backend, in both read modes: a remote file's
+    size is what the server says, and the same checks refuse it, naming it."""
+    path, data = good
+    entries = index_of(path)
+    cuts = sorted({0, 5, 64, 70_000} | {o + 4 for _, o, _, _ in entries}
+                  | {d + n // 2 for _, _, d, n in entries})
+    for cut in cuts:
+        place.put("cut.tensors", data[:cut])
+        uri = place.uri("cut.tensors")
+        for ranges in ([True] if place.name == "local" else [True, False]):
+            values = {**_config_values(place.options)}
+            values.setdefault("stream_kwargs", {})["ranges"] = ranges
+            with pytest.raises(FormatError) as failure:
+                read_all(uri, **values)
+            assert storage.redact(uri) in str(failure.value), (cut, failure.value)
+
+
 def test_truncation_in_the_data_names_the_tensor(good, tmp_path):
     path, data = good
     name, _, data_offset, length = index_of(path)[-1]
@@ -324,6 +342,29 @@ def test_bit_flips_in_headers_never_crash(good, tmp_path):
             outcomes.add("read")
         except TensorizeError as e:
             assert str(bad) in str(e)
+            outcomes.add(type(e).__name__)
+    assert "FormatError" in outcomes or "CorruptTensorError" in outcomes
+
+
+@pytest.mark.parametrize("ranges", [True, False], ids=["ranges", "one-response"])
+def test_bit_flips_in_headers_never_crash_over_http(good, web_servers, web_root, ranges):
+    """The same over HTTP, through the remote readers (ours, and tensorizer's with hashes):
+    each flipped file reads, or fails with this package's error naming the URL."""
+    path, data = good
+    rnd = random.Random(11)
+    regions = [range(0, 65)] + [range(o, d) for _, o, d, _ in index_of(path)]
+    url = f"{web_servers['http-1.1'].url}/flipped-{int(ranges)}.tensors"
+    outcomes = set()
+    for attempt in range(60):
+        flipped = bytearray(data)
+        region = rnd.choice(regions)
+        flipped[rnd.choice(region)] ^= 1 << rnd.randrange(8)
+        (web_root / url.rpartition("/")[2]).write_bytes(bytes(flipped))
+        try:
+            read_all(url, verify_hash=bool(attempt % 2), stream_kwargs={"ranges": ranges})
+            outcomes.add("read")
+        except TensorizeError as e:
+            assert url in str(e)
             outcomes.add(type(e).__name__)
     assert "FormatError" in outcomes or "CorruptTensorError" in outcomes
 

@@ -56,9 +56,16 @@ class HTTPSource:
                 raise StorageError(f"cannot use the CA bundle {options.ca_bundle}: {e}") from None
         self._local = threading.local()
         self.url = url
-        response = self._get(headers={"Range": "bytes=0-0"})
+        response = self._get(headers={"Range": "bytes=0-0"}, accept=(200, 206, 416))
         try:
-            if response.status == 206:
+            if response.status == 416:  # RFC 9110: no byte 0, so an empty file ("*/0")
+                match = re.fullmatch(r"bytes \*/0", response.getheader("Content-Range", ""))
+                if not match:
+                    raise StorageError(f"{self.name}: the server refused the range bytes=0-0 "
+                                       "(HTTP 416)")
+                self.size, self.supports_ranges = 0, True
+                response.read()
+            elif response.status == 206:
                 match = _CONTENT_RANGE.match(response.getheader("Content-Range", ""))
                 if not match or match.group(3) == "*":
                     raise StorageError(f"{self.name}: the server gave no usable Content-Range")
@@ -102,8 +109,9 @@ class HTTPSource:
         if connection is not None:
             connection.close()
 
-    def _get(self, headers: dict[str, str]) -> http.client.HTTPResponse:
-        """GET the URL (following redirects); a response with status 200 or 206."""
+    def _get(self, headers: dict[str, str], accept: tuple[int, ...] = (200, 206)
+             ) -> http.client.HTTPResponse:
+        """GET the URL (following redirects); a response with a status in `accept`."""
         url = self.url
         for _ in range(_MAX_REDIRECTS + 1):
             parts = urllib.parse.urlsplit(url)
@@ -131,7 +139,7 @@ class HTTPSource:
                 response.read()
                 url = urllib.parse.urljoin(url, response.getheader("Location"))
                 continue
-            if response.status in (200, 206):
+            if response.status in accept:
                 if response.will_close:
                     # HTTP/1.0 or "Connection: close": the next request needs a new connection.
                     self._local.connections.pop((parts.scheme, parts.netloc), None)
