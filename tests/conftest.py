@@ -214,6 +214,19 @@ def moto_tls(tls):
 
 
 @pytest.fixture(scope="session")
+def seaweed(tmp_path_factory):
+    """SeaweedFS's S3 gateway on loopback (plain HTTP), enforcing its own credentials
+    (``seaweed.access_key_id`` / ``seaweed.secret_access_key``), with bucket BUCKET.
+    Stopped, with every process it started, at the end of the session."""
+    from servers import SeaweedServer
+
+    server = SeaweedServer(tmp_path_factory.mktemp("seaweedfs"))
+    server.client().create_bucket(Bucket=BUCKET)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def web_root(tmp_path_factory):
     return tmp_path_factory.mktemp("www")
 

