@@ -19,6 +19,7 @@ from . import storage
 from .config import TensorizerConfig
 from .errors import CorruptTensorError, EncryptionError
 from .layout import has_rank_template
+from .progress import progress
 from .streaming import TensorEntry, open_tensors
 
 __all__ = ["FileReport", "VerifyReport", "inspect_tensors", "verify_tensors", "shard_uris"]
@@ -128,7 +129,9 @@ def verify_tensors(uri: str, config: TensorizerConfig | None = None) -> list[Ver
 
 def _verify_file(uri: str, config: TensorizerConfig) -> VerifyReport:
     start = time.perf_counter()
-    with open_tensors(uri, config=config) as reader:
+    with open_tensors(uri, config=config) as reader, \
+            progress(f"Verifying {_file_name(reader.uri)}", reader.total_tensor_bytes) \
+            as reader.on_bytes:
         report = VerifyReport(uri=reader.uri)
         entries = reader.entries()
         if reader.encrypted and entries:
@@ -156,6 +159,11 @@ def _verify_file(uri: str, config: TensorizerConfig) -> VerifyReport:
     report.bad.sort(key=lambda bad: order.get(bad[0], len(order)))
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _file_name(uri: str) -> str:
+    """The last part of `uri` (a local path or URL), short enough for a progress bar."""
+    return uri.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0]
 
 
 def _check_key(reader: Any, first: str) -> None:

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -82,10 +83,12 @@ class ReadTimes:
 
 def read_spans(path: str, spans: Sequence[Span], threads: int, *, name: str | None = None,
                device: str | torch.device = "cpu", staged: bool | None = None,
-               times: ReadTimes | None = None) -> list[torch.Tensor]:
+               times: ReadTimes | None = None,
+               on_bytes: Callable[[int], None] | None = None) -> list[torch.Tensor]:
     """Read every span of the file at `path` into a new tensor on `device`, with `threads`
     readers, through staging buffers when `staged` (by default, on devices other than the
-    CPU). Where the readers spent their time is added to `times`, when given.
+    CPU). Where the readers spent their time is added to `times`, when given; `on_bytes` is
+    called (from the reader threads) with the size of each piece once it is read.
 
     Raises:
         StorageError: the file cannot be read.
@@ -115,7 +118,9 @@ def read_spans(path: str, spans: Sequence[Span], threads: int, *, name: str | No
         for start in range(0, size, span_step):
             pieces.append((span, memory, start, min(size, start + span_step)))
     runs = _split(pieces, threads)
-    read = _Staged(path, name, device).read if staged else _Direct(path, name).read
+    read = (_Staged(path, name, device) if staged else _Direct(path, name)).read
+    if on_bytes is not None:
+        read = functools.partial(read, on_bytes=on_bytes)
     if times is not None:
         times.readers = len(runs)
     try:
@@ -167,7 +172,7 @@ class _Direct:
     def __init__(self, path: str, name: str):
         self.path, self.name = path, name
 
-    def read(self, run: list[_Piece]) -> ReadTimes:
+    def read(self, run: list[_Piece], on_bytes: Callable[[int], None] | None = None) -> ReadTimes:
         # One descriptor per run, read in order: the kernel's readahead sees a sequential
         # reader (pieces interleaved across threads on one descriptor read cold files slower).
         spent = ReadTimes()
@@ -185,6 +190,8 @@ class _Direct:
                 if span.cipher:
                     span.cipher.decrypt(view, start)
                     spent.decrypting += clock() - read
+                if on_bytes is not None:
+                    on_bytes(end - start)
         return spent
 
 
@@ -198,7 +205,7 @@ class _Staged:
         self.path, self.name, self.device = path, name, device
         self.cuda = device.type == "cuda"
 
-    def read(self, run: list[_Piece]) -> ReadTimes:
+    def read(self, run: list[_Piece], on_bytes: Callable[[int], None] | None = None) -> ReadTimes:
         # An encrypted tensor's piece is one cipher chunk, which may be larger.
         size = max(min(STAGING_BYTES, sum(end - start for _, _, start, end in run)),
                    max((end - start for _, _, start, end in run), default=0))
@@ -240,6 +247,8 @@ class _Staged:
                         spent.decrypting += clock() - read
                     pending.append((memory[start:end], used, length))
                     used += length
+                    if on_bytes is not None:
+                        on_bytes(length)
                 send()
             return spent
         finally:

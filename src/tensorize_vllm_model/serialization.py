@@ -13,7 +13,7 @@ import dataclasses
 import inspect
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,6 +97,7 @@ def write_tensors(
     key: bytes | None = None,
     serialization_kwargs: Mapping[str, Any] | None = None,
     options: storage.Options = None,
+    on_bytes: Callable[[int], None] | None = None,
 ) -> StagedTensors:
     """Write `tensors` to a staged file that `commit()` publishes at `uri`.
 
@@ -107,6 +108,7 @@ def write_tensors(
         key: a 32-byte key to encrypt with, or None.
         serialization_kwargs: extra keyword arguments for `TensorSerializer`.
         options: how to reach remote storage (for an ``s3://`` URI).
+        on_bytes: called with each tensor's size in bytes once it is written (progress.py).
 
     Returns:
         The staged file; nothing is at `uri` until it is committed.
@@ -134,6 +136,8 @@ def write_tensors(
                 serializer.write_tensor(index, name, kind, tensor)
                 staged.tensors += 1
                 staged.bytes += tensor.numel() * tensor.element_size()
+                if on_bytes is not None:
+                    on_bytes(tensor.numel() * tensor.element_size())
             serializer.close()
     except OSError as e:
         staged.abort()

@@ -139,6 +139,8 @@ class TensorReader:
         # When opening began: load figures count the header and index reads too.
         self.started = started
         self.read_times: ReadTimes | None = None  # of the last items(), by our own reads
+        # Called with the bytes of each piece or tensor items() finishes (see progress.py).
+        self.on_bytes: Callable[[int], None] | None = None
         self.record: FileRecord | None = None
         if RECORD_NAME in header and not keyless:  # encrypted like every tensor
             with _translate_errors(uri, keyfile=keyfile):
@@ -208,7 +210,8 @@ class TensorReader:
             self.read_times = ReadTimes()
             try:
                 tensors = read_spans(self._own_reads, spans, self._kwargs["num_readers"],
-                                     name=self.uri, device=self._device, times=self.read_times)
+                                     name=self.uri, device=self._device, times=self.read_times,
+                                     on_bytes=self.on_bytes)
             except DecryptionFailed:
                 raise _wrong_key(self.uri, self._keyfile) from None
             if self._kwargs["verify_hash"]:
@@ -264,7 +267,11 @@ class TensorReader:
                     filter_func=lambda name: name not in RESERVED_NAMES and (
                         only is None or _module_name(name) in only),
                     **self._kwargs)
-                tensors = list(deserializer.items())
+                tensors = []
+                for name, tensor in deserializer.items():
+                    tensors.append((name, tensor))
+                    if self.on_bytes is not None:
+                        self.on_bytes(tensor.numel() * tensor.element_size())
                 deserializer.close()
                 del deserializer  # its cache would keep every tensor alive
             for name, tensor in tensors:

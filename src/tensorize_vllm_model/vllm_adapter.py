@@ -50,6 +50,7 @@ from . import storage
 from .config import TensorizerConfig
 from .errors import ConfigError
 from .layout import FileRecord, ParallelLayout
+from .progress import progress
 from .serialization import StagedTensors, write_tensors
 from .streaming import (
     LoadStats,
@@ -256,10 +257,12 @@ class TensorizerLoader(BaseModelLoader):
                         vllm_config=vllm_config, model_config=model_config, prefix=prefix
                     )
                 reader.started += time.perf_counter() - building  # time the reading only
-                if reader.is_vllm_tensorized:
-                    stats = load_into_module(model, reader)
-                else:
-                    stats = self._load_hf_weights(model, reader)
+                with progress("Deserializing", reader.total_tensor_bytes, logger=logger,
+                              enabled=layout.rank == 0) as reader.on_bytes:
+                    if reader.is_vllm_tensorized:
+                        stats = load_into_module(model, reader)
+                    else:
+                        stats = self._load_hf_weights(model, reader)
         _last_load = stats
         logger.info(
             "Deserialized %.3f GB in %.2f s (%.2f GB/s) from %s (%sworker memory: %s)",
@@ -399,14 +402,18 @@ class WorkerExtension:
             rank=layout.rank,
             producer=request.get("producer", ""),
         )
-        staged = write_tensors(
-            uri,
-            _captured["tensors"],
-            record=record,
-            key=key,
-            serialization_kwargs=request.get("serialization_kwargs") or {},
-            options=request.get("stream_options"),
-        )
+        tensors = _captured["tensors"]
+        total = sum(t.numel() * t.element_size() for _, t, _ in tensors)
+        with progress("Serializing", total, logger=logger, enabled=layout.rank == 0) as advance:
+            staged = write_tensors(
+                uri,
+                tensors,
+                record=record,
+                key=key,
+                serialization_kwargs=request.get("serialization_kwargs") or {},
+                options=request.get("stream_options"),
+                on_bytes=advance,
+            )
         _captured = None
         _pending.append(staged)
         return {"rank": layout.rank, "uri": uri, "tensors": staged.tensors, "bytes": staged.bytes}
