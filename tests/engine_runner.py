@@ -14,6 +14,8 @@ without the adapter too). ``"config_object": true`` passes ``model_loader_extra_
 `tensorize_vllm_model.TensorizerConfig` instead of a dict. A spec of the form
 ``{"serialize": {"engine": {<EngineArgs>}, "config": {<TensorizerConfig>}}}`` serializes
 through the Python API (`tensorize_vllm_model`) instead and prints what was written.
+``"progress": {"MIN_BYTES": 0, "LOG_EVERY": 0}`` sets those figures of
+`tensorize_vllm_model.progress` first (with the engine in this process, the worker's too).
 """
 
 import json
@@ -22,6 +24,11 @@ import sys
 
 def main() -> None:
     spec = json.load(sys.stdin)
+    if "progress" in spec:
+        from tensorize_vllm_model import progress
+
+        for name, value in spec["progress"].items():
+            setattr(progress, name, value)
     from vllm import LLM, EngineArgs, SamplingParams
 
     from tensorize_vllm_model import TensorizerConfig, tensorize_vllm_model

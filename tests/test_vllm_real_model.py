@@ -11,6 +11,8 @@ has 9 attention heads, so only TP=1 runs here (the TP tests use tiny models).
 from __future__ import annotations
 
 import importlib.util
+import json
+import re
 import uuid
 from pathlib import Path
 
@@ -82,9 +84,18 @@ def test_serialized_directory_keeps_the_chat_template(serialized, smollm2, promp
 
 
 def test_local_load_gives_the_default_loaders_tokens(serialized, prompts, reference):
-    result = run_engine({"model": str(serialized), "load_format": "tensorizer"}, prompts=prompts)
+    """Also shows the plug-in's progress when not on a terminal: log lines (the threshold
+    and interval lowered to 0 for this 270 MB model), then the final figures as before."""
+    proc = run_engine({"model": str(serialized), "load_format": "tensorizer"}, prompts=prompts,
+                      progress={"MIN_BYTES": 0, "LOG_EVERY": 0}, expect_ok=False)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    result = json.loads(proc.stdout.splitlines()[-1][len("RESULT "):])
     assert result["tokens"] == reference["tokens"]
     assert result["texts"][1].lstrip().startswith("Paris")
+    log = proc.stdout + proc.stderr
+    assert "Deserializing: 0.0" in log and " of 0.27 GB (" in log
+    assert "\r" not in log.split("Deserializing:")[1].split("Deserialized")[0]  # no bar
+    assert re.search(r"Deserialized 0\.270 GB in [\d.]+ s \([\d.]+ GB/s\) from ", log)
 
 
 def test_s3_load_gives_the_default_loaders_tokens(serialized, seaweed, prompts, reference,
