@@ -129,12 +129,12 @@ def tensors_file(tmp_path):
     return model, path
 
 
-@pytest.mark.parametrize("readers", ["own", "tensorizer"])
+@pytest.mark.parametrize("readers", ["local", "remote"])
 def test_reader_reports_every_byte(tensors_file, readers, web_servers, web_root):
-    """The hook the progress bar hangs on: our own parallel reads (local files) report each
-    piece from the reader threads, tensorizer's reader (remote files) each tensor."""
+    """The hook the progress bar hangs on: the parallel reads of a local file report each
+    piece from the reader threads, the reads of a remote file each tensor."""
     model, path = tensors_file
-    if readers == "own":
+    if readers == "local":
         uri = str(path)
     else:
         (web_root / "progress.tensors").write_bytes(path.read_bytes())

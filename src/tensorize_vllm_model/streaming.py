@@ -296,9 +296,12 @@ class TensorReader:
                                         shape=tuple(int(d) for d in entry.shape)))
         stream = self._reopen()
         try:
-            yield from read_stream(stream, spans, uri=self.uri, index=self._header,
-                                   encrypted=self.encrypted,
-                                   verify=bool(self._kwargs["verify_hash"]))
+            for name, tensor in read_stream(stream, spans, uri=self.uri, index=self._header,
+                                            encrypted=self.encrypted,
+                                            verify=bool(self._kwargs["verify_hash"])):
+                if self.on_bytes is not None:
+                    self.on_bytes(tensor.numel() * tensor.element_size())
+                yield name, tensor
         except DecryptionFailed:
             raise _wrong_key(self.uri, self._keyfile) from None
         finally:
