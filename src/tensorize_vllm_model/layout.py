@@ -39,6 +39,8 @@ RECORD_NAME = ".tensorize_vllm_model_record"
 MARKER_NAME = ".vllm_tensorized_marker"
 RESERVED_NAMES = frozenset({RECORD_NAME, MARKER_NAME})
 RECORD_FORMAT = "tensorize_vllm_model"
+# FileRecord.extra["form"] of a file written by `convert`: the checkpoint's own tensors.
+CHECKPOINT_FORM = "checkpoint"
 RECORD_VERSION = 1
 _MAX_RECORD_BYTES = 64 * 1024
 
@@ -81,6 +83,18 @@ class FileRecord:
     format: str = RECORD_FORMAT
     version: int = RECORD_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_checkpoint_form(self) -> bool:
+        """Whether the file holds a Hugging Face checkpoint's tensors (written by
+        ``convert``, loadable at any layout) rather than one rank's vLLM parameters."""
+        return self.extra.get("form") == CHECKPOINT_FORM
+
+    @property
+    def transposed(self) -> frozenset[str]:
+        """Names of the tensors a converted file stores transposed (see
+        `convert.placement`)."""
+        return frozenset(self.extra.get("transposed") or ())
 
     @property
     def layout_text(self) -> str:

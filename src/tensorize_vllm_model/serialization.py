@@ -98,6 +98,7 @@ def write_tensors(
     serialization_kwargs: Mapping[str, Any] | None = None,
     options: storage.Options = None,
     on_bytes: Callable[[int], None] | None = None,
+    marker: bool = True,
 ) -> StagedTensors:
     """Write `tensors` to a staged file that `commit()` publishes at `uri`.
 
@@ -109,6 +110,8 @@ def write_tensors(
         serialization_kwargs: extra keyword arguments for `TensorSerializer`.
         options: how to reach remote storage (for an ``s3://`` URI).
         on_bytes: called with each tensor's size in bytes once it is written (progress.py).
+        marker: write vLLM's ``.vllm_tensorized_marker`` (files of vLLM's own parameters);
+            False for a checkpoint-form file (``convert``), which vLLM must not take for one.
 
     Returns:
         The staged file; nothing is at `uri` until it is committed.
@@ -130,7 +133,9 @@ def write_tensors(
             serializer.write_tensor(
                 0, RECORD_NAME, TensorType.STATE_DICT, torch.frombuffer(record_bytes, dtype=torch.uint8)
             )
-            serializer.write_tensor(1, MARKER_NAME, TensorType.PARAM, torch.ones(1, dtype=torch.int64))
+            if marker:
+                serializer.write_tensor(1, MARKER_NAME, TensorType.PARAM,
+                                        torch.ones(1, dtype=torch.int64))
             for index, (name, tensor, is_buffer) in enumerate(tensors, start=2):
                 kind = TensorType.BUFFER if is_buffer else TensorType.PARAM
                 serializer.write_tensor(index, name, kind, tensor)

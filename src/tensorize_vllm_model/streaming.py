@@ -150,7 +150,27 @@ class TensorReader:
     @property
     def is_vllm_tensorized(self) -> bool:
         """Whether the file holds a vLLM model's own parameters (vs. a Hugging Face one)."""
+        if self.checkpoint_form:
+            return False
         return self.record is not None or MARKER_NAME in self._header
+
+    @property
+    def checkpoint_form(self) -> bool:
+        """Whether the file was written by ``convert``: a checkpoint's own tensors, for any
+        parallel layout (see `convert`)."""
+        return self.record is not None and self.record.is_checkpoint_form
+
+    @property
+    def index(self) -> dict[str, Any]:
+        """tensorizer's index entry of every tensor by module name (``data_offset``,
+        ``data_length``, ``offset`` of its header), the reserved record and marker left
+        out."""
+        return dict(self._index())
+
+    @property
+    def header_deserializer(self) -> TensorDeserializer:
+        """The `TensorDeserializer` that read the index (with the key, if any)."""
+        return self._header
 
     @property
     def encrypted(self) -> bool:

@@ -48,13 +48,14 @@ from vllm.utils.torch_utils import set_default_torch_dtype
 from . import layout as layout_mod
 from . import storage
 from .config import TensorizerConfig
-from .errors import ConfigError
+from .errors import ConfigError, ModelMismatchError
 from .layout import FileRecord, ParallelLayout
 from .progress import progress
 from .serialization import StagedTensors, write_tensors
 from .streaming import (
     LoadStats,
     check_shards,
+    default_num_readers,
     load_into_module,
     meta_parameters,
     open_tensors,
@@ -142,12 +143,32 @@ def check_engine_files(engine_args: Any) -> None:
     extra = dict(extra or {})
     config = TensorizerConfig.from_extra_config({"tensorizer_dir": str(engine_args.model), **extra})
     tp, pp = parallel_sizes(engine_args)
+    shared = shared_file(config, _has_explicit_uri(extra), tp * pp)
     if not _has_explicit_uri(extra):
         config.tensorizer_uri = layout_mod.tensors_uri(config.tensorizer_dir or ".", tp * pp)
-    check_shards(config, tp, pp)
+    if shared is not None:
+        _check_converted(shared, config, str(engine_args.model), tp, pp)
+    else:
+        check_shards(config, tp, pp)
     names = engine_args.served_model_name or [str(engine_args.model)]
     for name in [names] if isinstance(names, str) else names:
         _served[name] = config  # for the LoRA resolver in this (API server) process
+
+
+def _check_converted(uri: str, config: TensorizerConfig, model: str, tp: int, pp: int) -> None:
+    """One file for every rank: it must be a converted file, and the model must split at
+    this layout."""
+    import json
+
+    from .convert.fit import check_layout_fits
+
+    with open_tensors(uri, device="cpu", config=config) as reader:
+        if not reader.checkpoint_form:
+            layout_mod.rank_uri(uri, ParallelLayout(tp, pp))  # raises: a template is needed
+    config_path = os.path.join(model, "config.json")
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            check_layout_fits(json.load(f), tp, pp, source=model)
 
 
 def resolve_remote_model(engine_args: Any) -> None:
@@ -223,8 +244,12 @@ class TensorizerLoader(BaseModelLoader):
         )
 
     def rank_uri(self, vllm_config: VllmConfig) -> str:
-        """The file this worker reads."""
+        """The file this worker reads: its rank's file, or the one converted file that
+        every rank shares."""
         layout = current_layout(vllm_config)
+        shared = shared_file(self.tensorizer_config, self._explicit_uri, layout.world_size)
+        if shared is not None:
+            return shared
         uri = self.tensorizer_config.tensorizer_uri
         assert uri is not None
         if not self._explicit_uri:
@@ -246,7 +271,7 @@ class TensorizerLoader(BaseModelLoader):
         logger.info("Loading tensors from %s onto %s", uri, device)
         with _readers_on_every_core(device), \
                 open_tensors(uri, device=device, config=self.tensorizer_config) as reader:
-            if reader.record is not None:
+            if reader.record is not None and not reader.checkpoint_form:
                 reader.record.check_layout(layout, source=uri)
             with set_default_torch_dtype(model_config.dtype):
                 building = time.perf_counter()
@@ -261,6 +286,8 @@ class TensorizerLoader(BaseModelLoader):
                               enabled=layout.rank == 0) as reader.on_bytes:
                     if reader.is_vllm_tensorized:
                         stats = load_into_module(model, reader)
+                    elif reader.checkpoint_form:
+                        stats = self._load_converted(model, reader, uri, device)
                     else:
                         stats = self._load_hf_weights(model, reader)
         _last_load = stats
@@ -284,8 +311,32 @@ class TensorizerLoader(BaseModelLoader):
         with open_tensors(uri, device=device, config=self.tensorizer_config) as reader:
             if reader.is_vllm_tensorized:
                 load_into_module(model, reader)
+            elif reader.checkpoint_form:
+                self._load_converted(model, reader, uri, device)
             else:
                 self._load_hf_weights(model, reader)
+
+    def _load_converted(self, model: nn.Module, reader, uri: str,
+                        device: torch.device) -> LoadStats:
+        """A converted file (checkpoint form): vLLM's ``load_weights`` is first run on meta
+        tensors to learn which bytes of each tensor this rank copies (`convert.regions`),
+        then fed tensors with only those bytes read (`convert.loading`)."""
+        from .convert.loading import ConvertedFile
+        from .convert.partial_read import PartsRead
+        from .convert.regions import CopyWatch
+
+        threads = self.tensorizer_config.num_readers or default_num_readers(uri, "cpu")
+        converted = ConvertedFile(reader, uri, self.tensorizer_config, threads)
+        watch = CopyWatch()
+        with _naming_tensor(reader, watch), watch:
+            loaded = model.load_weights(converted.meta_inputs(watch))
+        _check_all_loaded(model, loaded, reader)
+        parts = converted.parts(watch.needs)
+        read = PartsRead()
+        with _naming_tensor(reader, watch):
+            model.load_weights(converted.tensors(parts, read))
+        return LoadStats(uri=reader.uri, tensors=len(parts), bytes=read.bytes,
+                         seconds=time.perf_counter() - reader.started)
 
     @staticmethod
     def _load_hf_weights(model: nn.Module, reader) -> LoadStats:
@@ -308,6 +359,52 @@ class TensorizerLoader(BaseModelLoader):
         return LoadStats(uri=reader.uri, tensors=count, bytes=nbytes,
                          seconds=time.perf_counter() - reader.started,
                          read_times=reader.read_times)
+
+
+@contextlib.contextmanager
+def _naming_tensor(reader, watch) -> Iterator[None]:
+    """vLLM's ``load_weights`` fails with a bare KeyError or ValueError on a tensor its
+    model does not have: name the tensor, the file and the architecture instead."""
+    try:
+        yield
+    except (KeyError, ValueError, AssertionError, AttributeError) as e:
+        tensor = watch.current.name if watch.current else "?"
+        architecture = reader.record.architecture if reader.record else "?"
+        raise ModelMismatchError(
+            f"vLLM cannot load the checkpoint in {reader.uri} for this model: tensor "
+            f"{tensor} was refused by vLLM's {architecture} ({type(e).__name__}: {e})"
+        ) from None
+
+
+def _check_all_loaded(model: nn.Module, loaded: Any, reader) -> None:
+    """As vLLM's default loader: every parameter must have been filled from the file."""
+    if loaded is None:
+        return
+    missing = sorted(set(dict(model.named_parameters())) - set(loaded))
+    if missing:
+        raise ModelMismatchError(
+            f"{reader.uri} does not hold every weight vLLM's "
+            f"{type(model).__name__} needs; missing: {', '.join(missing)}")
+
+
+def shared_file(config: TensorizerConfig, explicit: bool, world_size: int) -> str | None:
+    """The one file every rank reads, at more than one rank: an explicit
+    ``tensorizer_uri`` without a rank template, or a directory's ``model.tensors`` when it
+    has no rank files. Whether that file is a converted one is checked when it is opened
+    (`check_engine_files`, the loader). None: one file per rank."""
+    if world_size == 1:
+        return None
+    uri = config.tensorizer_uri
+    assert uri is not None
+    if explicit:
+        return None if layout_mod.has_rank_template(uri) else uri
+    directory = config.tensorizer_dir or "."
+    options = config.stream_options()
+    single = layout_mod.tensors_uri(directory, 1)
+    if storage.exists(layout_mod.tensors_uri(directory, world_size) % 0, options) or \
+            not storage.exists(single, options):
+        return None
+    return single
 
 
 def _has_explicit_uri(extra: Any) -> bool:

@@ -41,6 +41,7 @@ __all__ = [
     "redact",
     "exists",
     "open_read",
+    "range_source",
     "read_bytes",
     "list_names",
     "StagedWrite",
@@ -132,6 +133,19 @@ def open_read(uri: str, options: Options = None) -> BinaryIO:
     opts = StreamOptions.from_mapping(options)
     return RangeStream(backend.source(uri, opts), chunk_size=opts.chunk_size, workers=opts.workers,
                        ranges=opts.ranges)
+
+
+def range_source(uri: str, options: Options = None):
+    """A remote file's `ranged.RangeSource`: ``read_range(start, stop)`` makes one ranged
+    request (HTTP ``Range``, S3 ``GetObject`` with ``Range``); ``size`` is its length.
+
+    Raises:
+        ConfigError: for a local path (read those with ``os.pread``).
+        StorageError: naming `uri` when it cannot be reached.
+    """
+    if is_local(uri):
+        raise ConfigError(f"{uri} is a local file: read it directly")
+    return _backend(uri).source(uri, StreamOptions.from_mapping(options))
 
 
 def read_bytes(uri: str, options: Options = None, *, limit: int | None = None) -> bytes:

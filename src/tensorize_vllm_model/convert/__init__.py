@@ -1,0 +1,18 @@
+"""``convert``: one tensorizer artifact from a Hugging Face checkpoint, for every parallel
+layout, made without vLLM or a GPU.
+
+* `checkpoint`: reads the checkpoint's files tensor by tensor.
+* `placement`: how tensors are laid out (row-parallel weights transposed) and the read plan
+  of a rank from names and shapes alone.
+* `writer`: `convert_checkpoint`, the staged, all-or-nothing write.
+* `regions` and `partial_read`: the loading side, used by the vLLM loader: which bytes of
+  each tensor a rank needs, and reading only those.
+
+Nothing here imports vLLM.
+"""
+
+from __future__ import annotations
+
+from .writer import convert_checkpoint
+
+__all__ = ["convert_checkpoint"]

@@ -1,0 +1,151 @@
+"""Reading a Hugging Face checkpoint tensor by tensor, without vLLM: a local directory of
+``*.safetensors`` or ``pytorch_model*.bin`` files (sharded with an index file or not).
+
+Tensors come out one at a time (safetensors memory-maps each file; ``.bin`` files are
+loaded with ``torch.load(mmap=True)``), so reading never holds more than one tensor's copy.
+A sharded checkpoint is checked against its index before anything is read: a shard the
+index names but the directory lacks is an error naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import ConfigError, FormatError, StorageError
+
+__all__ = ["Checkpoint", "open_checkpoint"]
+
+_SAFETENSORS_INDEX = "model.safetensors.index.json"
+_BIN_INDEX = "pytorch_model.bin.index.json"
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint's weight files and what its ``config.json`` says.
+
+    Attributes:
+        directory: the local directory.
+        files: the weight files, in the order their tensors are read.
+        kind: ``"safetensors"`` or ``"bin"``.
+        config: ``config.json`` as a dict.
+    """
+
+    directory: str
+    files: list[str]
+    kind: str
+    config: dict = field(default_factory=dict)
+
+    @property
+    def architecture(self) -> str:
+        return (self.config.get("architectures") or [""])[0]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(os.path.getsize(f) for f in self.files)
+
+    def shapes(self) -> Iterator[tuple[str, tuple[int, ...]]]:
+        """(name, shape) of every weight, in the order of `tensors`, from the files'
+        headers (safetensors) or memory-mapped state dicts (``.bin``): no data is read."""
+        for path in self.files:
+            if self.kind == "safetensors":
+                from safetensors import safe_open
+
+                with safe_open(path, framework="pt") as f:
+                    for name in f.keys():
+                        yield name, tuple(f.get_slice(name).get_shape())
+            else:
+                for name, tensor in _bin_items(path):
+                    yield name, tuple(tensor.shape)
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) of every weight, file by file, each a CPU tensor (a view of the
+        memory-mapped file where the format allows)."""
+        for path in self.files:
+            if self.kind == "safetensors":
+                yield from _safetensors_items(path)
+            else:
+                yield from _bin_items(path)
+
+
+def _safetensors_items(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+    except (OSError, ValueError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and "out of memory" in str(e):
+            raise
+        raise FormatError(f"cannot read the checkpoint file {path}: {e}") from None
+
+
+def _bin_items(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
+        raise FormatError(f"cannot read the checkpoint file {path}: {e}") from None
+    if not isinstance(state, dict):
+        raise FormatError(f"{path} does not hold a state dict (found {type(state).__name__})")
+    for name in list(state):
+        tensor = state.pop(name)
+        if isinstance(tensor, torch.Tensor):
+            yield name, tensor
+
+
+def open_checkpoint(directory: str) -> Checkpoint:
+    """The checkpoint in local `directory`: safetensors preferred over ``.bin``.
+
+    Raises:
+        StorageError: no such directory, no ``config.json``, no weight files, or a shard
+            named by the index file that is missing (named).
+        ConfigError: ``config.json`` names no architecture.
+    """
+    if not os.path.isdir(directory):
+        raise StorageError(f"--model {directory}: no such directory")
+    config_path = os.path.join(directory, "config.json")
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise StorageError(f"{config_path} is missing: is {directory} a Hugging Face "
+                           "checkpoint?") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise FormatError(f"cannot read {config_path}: {e}") from None
+    if not config.get("architectures"):
+        raise ConfigError(f"{config_path} names no architecture ('architectures' is empty): "
+                          "vLLM would not know which model to build")
+    for kind, index, pattern in (("safetensors", _SAFETENSORS_INDEX, ".safetensors"),
+                                 ("bin", _BIN_INDEX, ".bin")):
+        files = _files_of(directory, index, pattern)
+        if files:
+            return Checkpoint(directory=directory, files=files, kind=kind, config=config)
+    raise StorageError(f"{directory} holds no weights (no *.safetensors or pytorch_model*.bin "
+                       "files)")
+
+
+def _files_of(directory: str, index: str, suffix: str) -> list[str]:
+    """The weight files of one format: those the index names (each must exist), else every
+    file with `suffix` in the directory."""
+    index_path = os.path.join(directory, index)
+    if os.path.exists(index_path):
+        try:
+            with open(index_path) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise FormatError(f"cannot read the checkpoint index {index_path}: {e}") from None
+        names = sorted(set(weight_map.values()))
+        missing = [n for n in names if not os.path.isfile(os.path.join(directory, n))]
+        if missing:
+            raise StorageError(
+                f"the checkpoint in {directory} is incomplete: {', '.join(missing)} "
+                f"(named in {index}) missing")
+        return [os.path.join(directory, n) for n in names]
+    return sorted(os.path.join(directory, n) for n in os.listdir(directory)
+                  if n.endswith(suffix) and not n.startswith(".")
+                  and (suffix != ".bin" or n.startswith("pytorch_model")))

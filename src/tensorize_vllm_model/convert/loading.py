@@ -1,0 +1,106 @@
+"""Loading a converted (checkpoint-form) file at any layout: the pieces the vLLM loader
+(`vllm_adapter`) puts around vLLM's own ``model.load_weights``.
+
+1. `ConvertedFile.meta_inputs` hands ``load_weights`` a meta tensor of each checkpoint
+   tensor's shape under `regions.CopyWatch`, which records what this rank copies of each.
+2. `ConvertedFile.parts` turns that into one byte range per needed tensor (tensors of other
+   pipeline stages: none), widened to cipher chunks when encrypted.
+3. `ConvertedFile.tensors` reads only those ranges (`partial_read`) and hands each tensor
+   to ``load_weights`` in its checkpoint shape (a transposed one as a transposed view), so
+   vLLM's weight loaders narrow and copy it into the rank's parameters as from the
+   checkpoint itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .. import storage
+from ..errors import FormatError
+from .partial_read import Part, PartsRead, read_parts
+from .regions import CopyWatch, Need, box_byte_range
+
+if TYPE_CHECKING:
+    from ..config import TensorizerConfig
+    from ..streaming import TensorReader
+
+__all__ = ["ConvertedFile"]
+
+
+class ConvertedFile:
+    """An open converted file, seen as the checkpoint it came from."""
+
+    def __init__(self, reader: TensorReader, uri: str, config: TensorizerConfig,
+                 threads: int):
+        self.reader = reader
+        self.uri = uri  # unredacted: the reads need its query string
+        self.config = config
+        self.threads = threads
+        self.transposed = reader.record.transposed if reader.record else frozenset()
+        self.entries = {e.name: e for e in reader.entries()}
+        self.index = reader.index
+
+    def _dtype(self, name: str) -> torch.dtype:
+        dtype = getattr(torch, self.entries[name].dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            raise FormatError(f"{self.reader.uri}: tensor {name} has dtype "
+                              f"{self.entries[name].dtype}, which torch does not have")
+        return dtype
+
+    def logical_shape(self, name: str) -> tuple[int, ...]:
+        shape = self.entries[name].shape
+        return tuple(reversed(shape)) if name in self.transposed else shape
+
+    def meta_inputs(self, watch: CopyWatch) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, meta tensor of its checkpoint shape) of every tensor, in file order."""
+        for name in self.entries:
+            yield name, watch.meta_input(name, self.logical_shape(name), self._dtype(name))
+
+    def parts(self, needs: dict[str, Need]) -> list[Part]:
+        """One `Part` per tensor this rank needs, in file order."""
+        chosen = [(name, needs[name]) for name in self.entries
+                  if name in needs and needs[name].needed]
+        ciphers = self._ciphers([name for name, _ in chosen])
+        parts = []
+        for (name, need), cipher in zip(chosen, ciphers):
+            entry = self.index[name]
+            if need.whole:
+                start, stop = 0, entry.data_length
+            else:
+                start, stop = box_byte_range(need.boxes, need.shape,
+                                             self._dtype(name).itemsize, name in self.transposed)
+            parts.append(Part(name, entry, start, stop, cipher))
+        return parts
+
+    def _ciphers(self, names: list[str]) -> list[Any]:
+        if not self.reader.encrypted:
+            return [None] * len(names)
+        from ..tensor_decryption import cipher_from_header, ciphers
+
+        entries = [self.index[n] for n in names]
+        if storage.is_local(self.uri):
+            found = ciphers(storage.local_path(self.uri), entries,
+                            self.reader.header_deserializer)
+        else:
+            source = storage.range_source(self.uri, self.config.stream_options())
+            try:
+                found = [cipher_from_header(e, source.read_range(e.offset, e.data_offset),
+                                            self.reader.header_deserializer) for e in entries]
+            except Exception:  # noqa: BLE001 - tensorizer's header parser decides which
+                found = None
+        if found is None:
+            raise FormatError(f"{self.reader.uri}: an encrypted tensor's header is not in "
+                              "the form tensorizer 2.12 writes")
+        return found
+
+    def tensors(self, parts: list[Part], read: PartsRead) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor in its checkpoint shape) of every part, its needed bytes read."""
+        options = self.config.stream_options()
+        for part, buffer in read_parts(self.uri, parts, threads=self.threads,
+                                       options=options, stats=read):
+            stored = self.entries[part.name].shape
+            tensor = buffer.view(self._dtype(part.name)).reshape(stored)
+            yield part.name, (tensor.t() if part.name in self.transposed else tensor)

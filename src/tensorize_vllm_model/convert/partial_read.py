@@ -1,0 +1,146 @@
+"""Reading parts of tensors: given each tensor's needed byte range, read only those bytes
+(local ``pread``, one HTTP/S3 range request each), in parallel and a bounded window ahead.
+
+Each tensor lands in a fresh buffer of its full stored size, filled only over the range
+read: the rest is never touched, so on the CPU its pages are never made resident (the
+loader's weight loaders read nothing outside the range; `regions` checked that). In an
+encrypted file a range is widened to whole cipher chunks, and each chunk is checked and
+decrypted on its own (`tensor_decryption`).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .. import storage
+from ..errors import EncryptionError, FormatError, StorageError
+
+__all__ = ["Part", "PartsRead", "read_parts"]
+
+PIECE_BYTES = 16 << 20  # one read request
+WINDOW_BYTES = 256 << 20  # bytes read ahead of the tensor being handed over
+
+
+@dataclass(frozen=True)
+class Part:
+    """Bytes [start, stop) of one tensor's stored data; `entry` is tensorizer's index entry
+    (its ``data_offset`` and ``data_length``), `cipher` its chunk cipher when encrypted."""
+
+    name: str
+    entry: Any
+    start: int
+    stop: int
+    cipher: Any = None
+
+    @property
+    def span(self) -> tuple[int, int]:
+        """The range actually read: whole cipher chunks when encrypted."""
+        if self.cipher is None:
+            return self.start, self.stop
+        size = self.cipher.chunk_size
+        return (self.start // size * size,
+                min(self.entry.data_length, -(-self.stop // size) * size))
+
+
+@dataclass
+class PartsRead:
+    """What `read_parts` read: bytes and requests."""
+
+    bytes: int = 0
+    requests: int = 0
+
+
+class _Reader:
+    def __init__(self, uri: str, options: storage.Options):
+        self.uri = uri
+        self.local = storage.is_local(uri)
+        if self.local:
+            self.fd = os.open(storage.local_path(uri), os.O_RDONLY)
+        else:
+            self.source = storage.range_source(uri, options)
+
+    def read_into(self, view: memoryview, offset: int) -> None:
+        if not self.local:
+            view[:] = self.source.read_range(offset, offset + len(view))
+            return
+        got = 0
+        while got < len(view):
+            count = os.preadv(self.fd, [view[got:]], offset + got)
+            if count == 0:
+                raise FormatError(f"{self.uri} is truncated: it ends before byte {offset + got}")
+            got += count
+
+    def close(self) -> None:
+        if self.local:
+            os.close(self.fd)
+
+
+def _fill(reader: _Reader, part: Part, buffer: torch.Tensor, lo: int, hi: int) -> None:
+    view = memoryview(buffer.numpy())[lo:hi]
+    reader.read_into(view, part.entry.data_offset + lo)
+    if part.cipher is not None:
+        from ..tensor_decryption import DecryptionFailed
+
+        try:
+            part.cipher.decrypt(view, lo)
+        except DecryptionFailed:
+            raise EncryptionError(f"cannot decrypt {reader.uri}: wrong key (or corrupted "
+                                  f"data) in tensor {part.name}") from None
+
+
+def read_parts(uri: str, parts: Sequence[Part], *, threads: int,
+               options: storage.Options = None, stats: PartsRead | None = None
+               ) -> Iterator[tuple[Part, torch.Tensor]]:
+    """Yield (part, buffer) in the order of `parts`: `buffer` is a uint8 CPU tensor of the
+    tensor's stored length whose bytes [part.span) are read (and decrypted).
+
+    Raises:
+        StorageError: the file cannot be read.
+        FormatError: it ends before a part does.
+        EncryptionError: a chunk fails its check.
+    """
+    stats = stats if stats is not None else PartsRead()
+    reader = _Reader(uri, options)
+    pool = ThreadPoolExecutor(max(1, threads))
+    pending: collections.deque[tuple[Part, torch.Tensor, list[Future]]] = collections.deque()
+    queued = 0
+    todo = iter(parts)
+    try:
+        while True:
+            while queued < WINDOW_BYTES or not pending:
+                part = next(todo, None)
+                if part is None:
+                    break
+                buffer = torch.empty(part.entry.data_length, dtype=torch.uint8)
+                lo, hi = part.span
+                step = PIECE_BYTES
+                if part.cipher is not None:  # pieces of whole chunks
+                    step = max(1, PIECE_BYTES // part.cipher.chunk_size) * part.cipher.chunk_size
+                futures = [pool.submit(_fill, reader, part, buffer, at, min(hi, at + step))
+                           for at in range(lo, hi, step)]
+                pending.append((part, buffer, futures))
+                queued += hi - lo
+                stats.bytes += hi - lo
+                stats.requests += len(futures)
+            if not pending:
+                return
+            part, buffer, futures = pending.popleft()
+            for future in futures:
+                future.result()
+            queued -= part.span[1] - part.span[0]
+            yield part, buffer
+    except OSError as e:
+        raise StorageError(f"cannot read {uri}: {e}") from None
+    finally:
+        for _, _, futures in pending:
+            for future in futures:
+                future.cancel()
+        pool.shutdown(wait=True)
+        reader.close()

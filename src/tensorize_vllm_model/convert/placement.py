@@ -1,0 +1,129 @@
+"""How the converter lays tensors out, and which bytes each rank needs, without vLLM.
+
+Tensor parallelism splits a linear layer's weight (``[out, in]``, row-major) either by
+output rows (column-parallel layers: q/k/v, gate/up, embeddings, lm_head), whose share is
+one contiguous byte range, or by input columns (row-parallel layers: the attention output
+and the MLP down projection), whose share in row-major order would be one short piece per
+row. The converter stores the weights of row-parallel layers transposed (``[in, out]``),
+so each rank's share of those is one contiguous range too; the file records which tensors
+it transposed (`FileRecord.extra["transposed"]`), and every loader undoes it.
+
+`rank_reads` is the plan of one rank from names and shapes alone, following vLLM's
+sharding rules for Llama/Mistral/Qwen/OPT-style names (vLLM 0.32): it is what the benchmark
+reports for layouts no engine here can start (TP=4, TP=8). The engine itself does not use
+these rules: the loader derives each rank's ranges from vLLM's own weight loaders (see
+`regions`), so a name these rules do not know costs bytes, never correctness.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+__all__ = ["ROW_PARALLEL", "COLUMN_PARALLEL", "VOCAB_PADDING", "stores_transposed",
+           "TensorShape", "Read", "rank_reads", "split_dim"]
+
+# Weight names (last two components: "<layer>.weight") split along their input dimension.
+ROW_PARALLEL = ("o_proj", "down_proj", "out_proj", "fc2", "dense_4h_to_h", "w2", "wo")
+# Split along their output dimension (weights and biases).
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "qkv_proj", "gate_proj", "up_proj",
+                   "gate_up_proj", "fc1", "query_key_value", "dense_h_to_4h", "w1", "w3",
+                   "wq", "wk", "wv", "embed_tokens", "lm_head", "wte", "word_embeddings")
+# vLLM pads vocabulary dimensions to a multiple of this before splitting them.
+VOCAB_PADDING = 64
+_VOCAB = ("embed_tokens", "lm_head", "wte", "word_embeddings")
+_KV = ("k_proj", "v_proj", "wk", "wv")
+
+
+def _layer(name: str) -> tuple[str, str]:
+    """(layer name, parameter name) of a weight: ``...self_attn.o_proj.weight`` gives
+    ``("o_proj", "weight")``."""
+    parts = name.split(".")
+    return (parts[-2] if len(parts) > 1 else ""), parts[-1]
+
+
+def stores_transposed(name: str, shape: Sequence[int]) -> bool:
+    """Whether the converter stores this tensor transposed: the 2-D weight of a
+    row-parallel layer."""
+    layer, param = _layer(name)
+    return len(shape) == 2 and param == "weight" and layer in ROW_PARALLEL
+
+
+@dataclass(frozen=True)
+class TensorShape:
+    """One tensor of a converted file: its name, logical shape (as in the checkpoint),
+    element size in bytes, and whether it is stored transposed."""
+
+    name: str
+    shape: tuple[int, ...]
+    itemsize: int
+    transposed: bool = False
+
+    @property
+    def bytes(self) -> int:
+        return math.prod(self.shape) * self.itemsize
+
+
+@dataclass(frozen=True)
+class Read:
+    """The byte range [start, stop) of one tensor's stored data that a rank reads, and the
+    element range of the split dimension it covers (None: the whole tensor)."""
+
+    name: str
+    start: int
+    stop: int
+    elements: tuple[int, int] | None = None
+
+
+def split_dim(name: str, shape: Sequence[int]) -> int | None:
+    """The logical dimension vLLM splits across TP ranks (None: replicated)."""
+    layer, param = _layer(name)
+    if layer in ROW_PARALLEL and param == "weight" and len(shape) == 2:
+        return 1
+    if layer in COLUMN_PARALLEL and param in ("weight", "bias"):
+        return 0
+    return None
+
+
+def _share(name: str, size: int, tp_size: int, tp_rank: int, config: dict) -> tuple[int, int]:
+    """[start, stop) of the split dimension (of logical length `size`) on this rank."""
+    layer, _ = _layer(name)
+    if layer in _VOCAB:
+        padded = -(-size // VOCAB_PADDING) * VOCAB_PADDING
+        per = -(-padded // tp_size)
+        return min(size, tp_rank * per), min(size, (tp_rank + 1) * per)
+    heads = config.get("num_attention_heads") or 1
+    kv_heads = config.get("num_key_value_heads") or heads
+    if layer in _KV and kv_heads < tp_size:  # each KV head replicated on several ranks
+        head_dim = size // kv_heads
+        head = tp_rank // (tp_size // kv_heads)
+        return head * head_dim, (head + 1) * head_dim
+    per = size // tp_size
+    return tp_rank * per, (tp_rank + 1) * per
+
+
+def rank_reads(tensors: Iterable[TensorShape], config: dict, tp_size: int,
+               tp_rank: int) -> list[Read]:
+    """The byte ranges TP rank `tp_rank` of `tp_size` reads of a converted file (PP=1).
+
+    Args:
+        tensors: the file's tensors, as `TensorShape`.
+        config: the model's ``config.json`` (head counts).
+
+    Returns:
+        One `Read` per tensor: a split tensor's share along its split dimension (one
+        contiguous range, as the converter lays them out), a replicated one whole.
+    """
+    reads = []
+    for t in tensors:
+        dim = split_dim(t.name, t.shape) if tp_size > 1 else None
+        if dim is None:
+            reads.append(Read(t.name, 0, t.bytes))
+            continue
+        start, stop = _share(t.name, t.shape[dim], tp_size, tp_rank, config)
+        # Stored row-major with the split dimension first (transposed when dim == 1).
+        row = t.bytes // t.shape[dim]
+        reads.append(Read(t.name, start * row, stop * row, (start, stop)))
+    return reads

@@ -1,0 +1,140 @@
+"""Which bytes of each stored tensor a rank needs, found by watching vLLM's own weight
+loaders work on meta tensors.
+
+A model's ``load_weights`` narrows each checkpoint tensor to this rank's share (tensor
+parallelism, merged q/k/v and gate/up, replicated KV heads, padded vocabularies) and copies
+that view into the rank's parameter; tensors of other pipeline stages are skipped. Fed
+meta tensors of the checkpoint's shapes (no memory, no data), the same code runs unchanged
+under `CopyWatch`, which records the view each copy reads from instead of copying. A view
+of a contiguous tensor is a box (a start and extent per dimension); its stored bytes are
+one range of the file's tensor. When a loader does more than view and copy (a cast, an
+arithmetic op), that tensor is marked as needed whole, so the result is always right and
+only the bytes read can grow.
+
+Plain torch; the loader in `vllm_adapter` drives it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+__all__ = ["Need", "CopyWatch", "view_box", "box_byte_range"]
+
+
+@dataclass
+class Need:
+    """What a rank needs of one tensor: nothing (no copy seen), boxes of its logical
+    shape, or all of it (`whole`)."""
+
+    name: str
+    shape: tuple[int, ...]
+    boxes: list[tuple[tuple[int, int], ...]] = field(default_factory=list)
+    whole: bool = False
+
+    @property
+    def needed(self) -> bool:
+        return self.whole or bool(self.boxes)
+
+
+def view_box(shape: Sequence[int], offset: int, sizes: Sequence[int],
+             strides: Sequence[int]) -> tuple[tuple[int, int], ...] | None:
+    """The box [start, stop) per dimension of a contiguous tensor of `shape` that a view
+    (`offset`, `sizes`, `strides`, in elements) covers; None when the view is not a box
+    of it (merged dimensions, overlapping strides)."""
+    base = [math.prod(shape[i + 1:]) for i in range(len(shape))]
+    starts, rest = [], offset
+    for size, stride in zip(shape, base):
+        starts.append(rest // stride % size if size else 0)
+    if sum(s * b for s, b in zip(starts, base)) != offset:
+        return None
+    extents = [1] * len(shape)
+    for size, stride in zip(sizes, strides):
+        if size == 1:
+            continue
+        dims = [j for j, b in enumerate(base) if shape[j] > 1 and stride % b == 0
+                and stride // b < shape[j]]
+        if not dims or extents[dims[0]] != 1:
+            return None
+        j = dims[0]
+        extents[j] = (size - 1) * (stride // base[j]) + 1
+    box = tuple((s, s + e) for s, e in zip(starts, extents))
+    if any(stop > size for (_, stop), size in zip(box, shape)):
+        return None
+    return box
+
+
+def box_byte_range(boxes: Sequence[tuple[tuple[int, int], ...]], shape: Sequence[int],
+                   itemsize: int, transposed: bool) -> tuple[int, int]:
+    """The one byte range [start, stop) of a tensor stored row-major (its logical `shape`
+    reversed when `transposed`) that holds every box of `boxes`."""
+    if transposed:
+        shape = tuple(reversed(shape))
+        boxes = [tuple(reversed(b)) for b in boxes]
+    base = [math.prod(shape[i + 1:]) for i in range(len(shape))]
+    first = min(sum(lo * b for (lo, _), b in zip(box, base)) for box in boxes)
+    last = max(sum((hi - 1) * b for (_, hi), b in zip(box, base)) for box in boxes)
+    return first * itemsize, (last + 1) * itemsize
+
+
+class CopyWatch(TorchDispatchMode):
+    """While active, copies from meta tensors made by `meta_input` into real tensors are
+    recorded (as boxes of that input) and skipped; any other op mixing a meta input with
+    real tensors marks the input as needed whole and runs on meta."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.needs: dict[str, Need] = {}
+        self._by_storage: dict[int, tuple[Need, torch.Tensor]] = {}
+        self.current: Need | None = None
+
+    def meta_input(self, name: str, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """A meta tensor standing for checkpoint tensor `name`."""
+        tensor = torch.empty(tuple(shape), dtype=dtype, device="meta")
+        need = self.needs.setdefault(name, Need(name, tuple(shape)))
+        self._by_storage[tensor.untyped_storage()._cdata] = (need, tensor)
+        self.current = need
+        return tensor
+
+    def _owner(self, tensor: torch.Tensor) -> Need | None:
+        found = self._by_storage.get(tensor.untyped_storage()._cdata)
+        return found[0] if found else None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        flat, _ = tree_flatten((args, kwargs))
+        tensors = [t for t in flat if isinstance(t, torch.Tensor)]
+        metas = [t for t in tensors if t.is_meta]
+        if not metas or len(metas) == len(tensors):
+            return func(*args, **kwargs)
+        if func is torch.ops.aten.copy_.default and args[1].is_meta and not args[0].is_meta:
+            src = args[1]
+            need = self._owner(src)
+            box = view_box(need.shape, src.storage_offset(), src.shape, src.stride()) \
+                if need is not None else None
+            if need is None or box is None:
+                self._whole(need)
+            else:
+                need.boxes.append(box)
+            return args[0]
+        for t in metas:
+            self._whole(self._owner(t))
+        if func._schema.is_mutable or func.__name__.endswith("_"):
+            return args[0]
+        meta = tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t,
+                        (args, kwargs))
+        return func(*meta[0], **meta[1])
+
+    def _whole(self, need: Need | None) -> None:
+        # A tensor the watch cannot trace back: the one being loaded now is read whole.
+        need = need or self.current
+        if need is not None:
+            need.whole = True
+
+    def results(self) -> Iterator[Need]:
+        return iter(self.needs.values())

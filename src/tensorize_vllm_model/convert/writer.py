@@ -1,0 +1,153 @@
+"""``convert``: write a Hugging Face checkpoint as one tensorizer file that loads at any
+tensor/pipeline-parallel layout, without vLLM, a GPU or an engine.
+
+The result is laid out exactly as ``serialize`` lays out a one-rank model
+(``DIR/vllm/<model ref>/<suffix>/model.tensors`` beside the config, tokenizer and
+generation files), written all-or-nothing through the same staged writes. The tensors keep
+the checkpoint's names; the weights of row-parallel layers are stored transposed
+(`placement`), and the file record says so, marks the file as checkpoint form, and names
+its dtype. vLLM's marker tensor is left out, so no loader takes the file for one rank's
+vLLM parameters.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+
+from .. import __version__, storage
+from ..artifacts import resolve_model_files, stage_artifacts
+from ..config import DEFAULT_TENSORS_NAME, TensorizerConfig
+from ..errors import ConfigError
+from ..keys import generate_key, stage_key
+from ..layout import CHECKPOINT_FORM, FileRecord, serialized_dir
+from ..serialization import SerializeResult, check_serialization_kwargs, write_tensors
+from .checkpoint import Checkpoint, open_checkpoint
+from .placement import stores_transposed
+
+__all__ = ["DTYPES", "convert_checkpoint"]
+
+DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
+_ALIASES = {"half": "float16", "float": "float32"}
+
+
+def _target_dtype(dtype: str, checkpoint: Checkpoint) -> torch.dtype | None:
+    """The dtype floating-point tensors are written in; None keeps each tensor's own."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r} is not supported by convert; choose one of "
+                          f"{', '.join(DTYPES)}")
+    if dtype == "auto":
+        return None
+    return getattr(torch, _ALIASES.get(dtype, dtype))
+
+
+def _recorded_dtype(target: torch.dtype | None, checkpoint: Checkpoint) -> str | None:
+    if target is not None:
+        return str(target).removeprefix("torch.")
+    named = checkpoint.config.get("torch_dtype") or checkpoint.config.get("dtype")
+    return str(named) if named else None
+
+
+def _stream(checkpoint: Checkpoint, target: torch.dtype | None,
+            transposed: list[str]) -> Iterator[tuple[str, torch.Tensor, bool]]:
+    """The tensors to write, cast and laid out; `transposed` collects the names of those
+    stored transposed."""
+    for name, tensor in checkpoint.tensors():
+        if target is not None and tensor.is_floating_point() and tensor.dtype != target:
+            tensor = tensor.to(target)
+        if stores_transposed(name, tensor.shape):
+            tensor = tensor.t().contiguous()
+            transposed.append(name)
+        yield name, tensor.contiguous(), False
+
+
+def convert_checkpoint(
+    model: str,
+    serialized_directory: str,
+    *,
+    suffix: str,
+    dtype: str = "auto",
+    revision: str | None = None,
+    keyfile: str | None = None,
+    serialization_kwargs: Mapping[str, Any] | None = None,
+    config: TensorizerConfig | None = None,
+    download_dir: str | None = None,
+) -> SerializeResult:
+    """Convert checkpoint `model` into ``<serialized_directory>/vllm/<model ref>/<suffix>/``.
+
+    Args:
+        model: a local checkpoint directory (safetensors or ``.bin``), or a Hugging Face
+            Hub id where a Hub is reachable.
+        serialized_directory: a local directory or ``s3://bucket[/prefix]``.
+        suffix: the last directory of the destination.
+        dtype: ``auto`` (keep the checkpoint's) or the dtype to cast floating-point
+            tensors to (``float16``, ``bfloat16``, ``float32``).
+        revision: the Hub revision, for a Hub id.
+        keyfile: encrypt with a freshly generated key saved here (mode 0600), as
+            ``serialize --keyfile`` does.
+        serialization_kwargs: extra arguments for tensorizer's ``TensorSerializer``.
+        config: S3 credentials and transport settings for an ``s3://`` destination.
+
+    Returns:
+        A `SerializeResult`; its `bytes` are the tensor bytes written.
+
+    Raises:
+        StorageError: the checkpoint is missing, incomplete (a shard named) or the
+            destination cannot be written.
+        ConfigError: an unsupported dtype or unknown serialization keyword.
+    """
+    start = time.perf_counter()
+    options = config.stream_options() if config is not None else None
+    local = model if os.path.isdir(model) else resolve_model_files(
+        model, revision=revision, download_dir=download_dir, weights=True)
+    checkpoint = open_checkpoint(local)
+    target = _target_dtype(dtype, checkpoint)
+    check_serialization_kwargs(serialization_kwargs or {})
+    directory = serialized_dir(serialized_directory, model, suffix)
+    storage.check_writable(directory, options)
+    if keyfile:
+        storage.check_writable(storage.parent(keyfile), options)
+    key = generate_key() if keyfile else None
+    staged: list[storage.StagedWrite] = []
+    publication = storage.Publication(options)
+    transposed: list[str] = []
+    record = FileRecord(
+        architecture=checkpoint.architecture, dtype=_recorded_dtype(target, checkpoint),
+        producer=f"tensorize_vllm_model {__version__} (convert)",
+        extra={"form": CHECKPOINT_FORM, "transposed": transposed,
+               "source_format": checkpoint.kind})
+    try:
+        if keyfile:
+            staged.append(stage_key(keyfile, key, options))
+        names = _transposed_names(checkpoint)
+        record.extra["transposed"] = names
+        tensors = write_tensors(storage.join(directory, DEFAULT_TENSORS_NAME),
+                                _stream(checkpoint, target, transposed), record=record,
+                                key=key, serialization_kwargs=serialization_kwargs,
+                                options=options, marker=False)
+        staged.append(tensors.staged)
+        if sorted(transposed) != sorted(names):  # the record must say what was done
+            raise RuntimeError("the transposed tensors differ from the planned ones")
+        staged = stage_artifacts([local], directory, options) + staged
+        for item in staged:  # the tensors last: a tensors file that exists is complete
+            publication.commit(item)
+        publication.finish()
+    except BaseException:
+        publication.rollback()
+        for item in staged:
+            item.abort()
+        raise
+    return SerializeResult(directory=directory, tensors_uri=tensors.uri,
+                           files=[s.uri for s in staged], tensors=tensors.tensors,
+                           bytes=tensors.bytes, seconds=time.perf_counter() - start,
+                           keyfile=keyfile)
+
+
+def _transposed_names(checkpoint: Checkpoint) -> list[str]:
+    """The names `_stream` will transpose, known before any tensor is written (the record
+    comes first in the file)."""
+    return [name for name, shape in checkpoint.shapes() if stores_transposed(name, shape)]
