@@ -4,6 +4,8 @@
         --serialized-directory DIR [--suffix S] [--keyfile K] [--serialization-kwargs JSON]
     python -m tensorize_vllm_model [vLLM engine flags] deserialize \
         --path-to-tensors URI [--keyfile K] [tensorizer options]
+    python -m tensorize_vllm_model --model SRC [--dtype D] [--revision R] convert \
+        --serialized-directory DIR [--suffix S] [--keyfile K] [--serialization-kwargs JSON]
 
 `main(argv)` returns the exit code: 0 on success, 2 for bad input (a one-line
 ``error: ...`` on stderr naming the flag, file or key at fault, no traceback).
@@ -188,9 +190,78 @@ def _file_command(argv: list[str]) -> int:
     return 0 if all(r.intact for r in results) else 1
 
 
+CONVERT_DESCRIPTION = (
+    "Convert a Hugging Face checkpoint (safetensors or .bin) into one tensorizer file that "
+    "loads at any tensor/pipeline-parallel layout, each rank reading only its share. Needs "
+    "neither vLLM nor a GPU. Writes DIR/vllm/<model>/<suffix>/ as serialize does."
+)
+
+
+def build_convert_parser() -> argparse.ArgumentParser:
+    """The parser of ``convert``: a few model flags before the command, no vLLM."""
+    from .convert.writer import DTYPES
+
+    parser = argparse.ArgumentParser(prog="python -m tensorize_vllm_model",
+                                     description=CONVERT_DESCRIPTION)
+    parser.add_argument("--model", type=str, required=True,
+                        help="A local checkpoint directory, or a Hub id where a Hub is reachable.")
+    parser.add_argument("--dtype", type=str, default="auto", choices=DTYPES,
+                        help="Cast floating-point weights to this dtype (default: keep them).")
+    parser.add_argument("--revision", type=str, default=None,
+                        help="The Hub revision (branch, tag or commit) of a Hub id.")
+    parser.add_argument("--download-dir", type=str, default=None,
+                        help="Where the Hub's files are cached.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="{convert}")
+    convert = subparsers.add_parser("convert", help=CONVERT_DESCRIPTION,
+                                    description=CONVERT_DESCRIPTION)
+    convert.add_argument("--serialized-directory", type=str, required=True,
+                         help="A local directory or s3://bucket[/prefix].")
+    convert.add_argument("--suffix", type=str, default=None,
+                         help="The last directory of the destination (default: a random UUID).")
+    convert.add_argument("--keyfile", type=str, default=None,
+                         help="Encrypt with a randomly generated key saved here (mode 0600) "
+                         "or at this s3:// URI.")
+    convert.add_argument("--serialization-kwargs", type=_json_object("--serialization-kwargs"),
+                         default=None, help="A JSON object of extra arguments for "
+                         "tensorizer's TensorSerializer.")
+    _add_remote_flags(convert.add_argument_group("remote storage"))
+    return parser
+
+
+def _convert(argv: list[str]) -> int:
+    from .convert import convert_checkpoint
+
+    args = build_convert_parser().parse_args(argv)
+    try:
+        _check_model_path(args.model)
+        config = _read_config(args, {"tensorizer_uri": "model.tensors"}, None)
+        result = convert_checkpoint(
+            args.model, args.serialized_directory, suffix=args.suffix or uuid.uuid4().hex,
+            dtype=args.dtype, revision=args.revision, keyfile=args.keyfile,
+            serialization_kwargs=args.serialization_kwargs, config=config,
+            download_dir=args.download_dir)
+    except TensorizeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rate = result.bytes / result.seconds / 1e9 if result.seconds > 0 else 0.0
+    print(f"Converted {result.tensors} tensors ({result.bytes / 1e6:.1f} MB) in "
+          f"{result.seconds:.1f} s ({rate:.2f} GB/s) to {result.directory}")
+    for uri in result.files:
+        print(f"  wrote {uri}")
+    if result.keyfile:
+        print(f"  key saved to {result.keyfile} (mode 0600): keep it to load the model")
+    print(result.directory)
+    return 0
+
+
 def _print_report(report: Any) -> None:
     record = report.record or {}
-    if record:
+    extra = record.get("extra") or {}
+    if extra.get("form") == "checkpoint":
+        layout = (f"any (checkpoint form, written by convert; dtype {record.get('dtype')}; "
+                  f"{len(extra.get('transposed') or [])} row-parallel weights stored "
+                  "transposed)")
+    elif record:
         layout = (f"TP={record['tensor_parallel_size']} x PP={record['pipeline_parallel_size']}"
                   f", rank {record['rank']}")
     elif report.encrypted and report.vllm_tensorized:
@@ -242,6 +313,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in FILE_COMMANDS:
         return _file_command(argv)
+    if "convert" in argv:
+        return _convert(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -9,10 +9,12 @@ index names but the directory lacks is an error naming the file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -53,9 +55,7 @@ class Checkpoint:
         headers (safetensors) or memory-mapped state dicts (``.bin``): no data is read."""
         for path in self.files:
             if self.kind == "safetensors":
-                from safetensors import safe_open
-
-                with safe_open(path, framework="pt") as f:
+                with _safe_open(path) as f:
                     for name in f.keys():
                         yield name, tuple(f.get_slice(name).get_shape())
             else:
@@ -72,17 +72,22 @@ class Checkpoint:
                 yield from _bin_items(path)
 
 
-def _safetensors_items(path: str) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import safe_open
+@contextlib.contextmanager
+def _safe_open(path: str) -> Iterator[Any]:
+    """safetensors' `safe_open`, its errors naming the file."""
+    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(path, framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
-    except (OSError, ValueError, RuntimeError) as e:
-        if isinstance(e, RuntimeError) and "out of memory" in str(e):
-            raise
+            yield f
+    except (OSError, ValueError, SafetensorError) as e:
         raise FormatError(f"cannot read the checkpoint file {path}: {e}") from None
+
+
+def _safetensors_items(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    with _safe_open(path) as f:
+        for name in f.keys():
+            yield name, f.get_tensor(name)
 
 
 def _bin_items(path: str) -> Iterator[tuple[str, torch.Tensor]]:

@@ -1,0 +1,262 @@
+"""``convert`` without vLLM: the file it writes, its refusals, the read plan of every rank,
+and the partial reads the loader makes (no engine; seconds)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tensorize_vllm_model import open_tensors
+from tensorize_vllm_model.cli import main
+from tensorize_vllm_model.convert import convert_checkpoint
+from tensorize_vllm_model.convert.fit import check_layout_fits
+from tensorize_vllm_model.convert.partial_read import Part, PartsRead, read_parts
+from tensorize_vllm_model.convert.placement import TensorShape, rank_reads, split_dim
+from tensorize_vllm_model.convert.regions import CopyWatch, box_byte_range, view_box
+from tensorize_vllm_model.errors import LayoutError, StorageError
+from tensorize_vllm_model.layout import MARKER_NAME
+
+from conftest import ROOT, subprocess_env
+
+# Runs the command line with vLLM made unimportable in that process.
+NO_VLLM = ("import sys; sys.modules['vllm'] = None; "
+           "from tensorize_vllm_model.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def convert_without_vllm(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", NO_VLLM, *map(str, args)], capture_output=True,
+                          text=True, env=subprocess_env(), cwd=ROOT, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("converted")
+    proc = convert_without_vllm("--model", tiny_llama, "convert", "--serialized-directory", out,
+                                "--suffix", "v1")
+    assert proc.returncode == 0, proc.stderr
+    return out / "vllm" / "tiny-llama" / "v1"
+
+
+def test_convert_runs_without_vllm_and_lays_out_like_serialize(converted):
+    names = sorted(p.name for p in converted.iterdir())
+    assert names == ["config.json", "generation_config.json", "model.tensors",
+                     "tokenizer.json", "tokenizer_config.json"]
+
+
+def test_converted_file_holds_the_checkpoint(converted, tiny_llama):
+    original = load_file(str(tiny_llama / "model.safetensors"))
+    with open_tensors(str(converted / "model.tensors")) as reader:
+        record = reader.record
+        assert reader.checkpoint_form and not reader.is_vllm_tensorized
+        assert MARKER_NAME not in reader.header_deserializer  # vLLM must not take it for its own
+        tensors = dict(reader.items())
+    assert record.is_checkpoint_form and record.dtype == "bfloat16"
+    assert record.architecture == "LlamaForCausalLM"
+    assert record.transposed == {f"model.layers.{i}.{m}.weight" for i in (0, 1)
+                                 for m in ("self_attn.o_proj", "mlp.down_proj")}
+    assert set(tensors) == set(original)
+    for name, tensor in original.items():
+        stored = tensors[name].t() if name in record.transposed else tensors[name]
+        assert torch.equal(stored, tensor), name
+
+
+def test_inspect_and_verify_read_a_converted_file(converted, capsys):
+    assert main(["verify", str(converted / "model.tensors")]) == 0
+    assert main(["inspect", str(converted / "model.tensors")]) == 0
+    out = capsys.readouterr().out
+    assert "parallel layout: any (checkpoint form" in out and "4 row-parallel" in out
+
+
+def test_bin_checkpoint_and_dtype(tiny_opt, tmp_path):
+    source = tmp_path / "opt-bin"
+    source.mkdir()
+    state = load_file(str(tiny_opt / "model.safetensors"))
+    torch.save(state, source / "pytorch_model.bin")
+    for name in os.listdir(tiny_opt):
+        if not name.endswith(".safetensors"):
+            (source / name).write_bytes((tiny_opt / name).read_bytes())
+    result = convert_checkpoint(str(source), str(tmp_path / "out"), suffix="f32", dtype="float32")
+    with open_tensors(result.tensors_uri) as reader:
+        assert reader.record.dtype == "float32"
+        assert reader.record.extra["source_format"] == "bin"
+        tensors = dict(reader.items())
+    assert set(tensors) == set(state)
+    assert all(t.dtype == torch.float32 for t in tensors.values())
+    name = "model.decoder.layers.0.fc2.weight"
+    assert name in reader.record.transposed
+    assert torch.equal(tensors[name].t(), state[name].float())
+
+
+def test_missing_shard_is_named_and_nothing_is_written(tiny_llama, tmp_path):
+    source = tmp_path / "sharded"
+    source.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        (source / name).write_bytes((tiny_llama / name).read_bytes())
+    (source / "model-00001-of-00002.safetensors").write_bytes(
+        (tiny_llama / "model.safetensors").read_bytes())
+    (source / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(StorageError, match="model-00002-of-00002.safetensors .*missing"):
+        convert_checkpoint(str(source), str(tmp_path / "out"), suffix="v1")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_convert_leaves_the_earlier_one(converted, tiny_llama, tmp_path):
+    source = tmp_path / "broken"
+    source.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        (source / name).write_bytes((tiny_llama / name).read_bytes())
+    (source / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    out = converted.parent.parent.parent
+    before = {p.name: p.read_bytes() for p in converted.iterdir()}
+    os.rename(source, source.parent / "tiny-llama")
+    with pytest.raises(Exception, match="model.safetensors"):
+        convert_checkpoint(str(source.parent / "tiny-llama"), str(out), suffix="v1")
+    assert {p.name: p.read_bytes() for p in converted.iterdir()} == before
+
+
+def test_cli_refusals(capsys, tmp_path):
+    code = main(["--model", str(tmp_path / "absent"), "convert", "--serialized-directory",
+                 str(tmp_path)])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == f"error: --model {tmp_path / 'absent'}: no such directory"
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    assert main(["--model", str(tmp_path / "empty"), "convert", "--serialized-directory",
+                 str(tmp_path / "out")]) == 2
+    assert "holds no weights" in capsys.readouterr().err
+
+
+# -- the read plan without an engine ---------------------------------------------------------
+
+
+def llama_shapes(layers=32, hidden=4096, heads=32, kv_heads=8, inter=14336, vocab=128256):
+    """The tensors of a Llama-3-8B-shaped checkpoint (bfloat16), as the converter stores
+    them."""
+    head_dim = hidden // heads
+    shapes = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes += [(p + "input_layernorm.weight", (hidden,)),
+                   (p + "self_attn.q_proj.weight", (hidden, hidden)),
+                   (p + "self_attn.k_proj.weight", (kv_heads * head_dim, hidden)),
+                   (p + "self_attn.v_proj.weight", (kv_heads * head_dim, hidden)),
+                   (p + "self_attn.o_proj.weight", (hidden, hidden)),
+                   (p + "post_attention_layernorm.weight", (hidden,)),
+                   (p + "mlp.gate_proj.weight", (inter, hidden)),
+                   (p + "mlp.up_proj.weight", (inter, hidden)),
+                   (p + "mlp.down_proj.weight", (hidden, inter))]
+    shapes += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+    from tensorize_vllm_model.convert.placement import stores_transposed
+
+    return [TensorShape(n, s, 2, stores_transposed(n, s)) for n, s in shapes]
+
+
+LLAMA_CONFIG = {"num_attention_heads": 32, "num_key_value_heads": 8}
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4, 8])
+def test_every_rank_covers_each_tensor_exactly_once(tp):
+    tensors = llama_shapes(layers=2)
+    plans = [{r.name: r for r in rank_reads(tensors, LLAMA_CONFIG, tp, rank)} for rank in range(tp)]
+    for t in tensors:
+        dim = split_dim(t.name, t.shape) if tp > 1 else None
+        if dim is None:  # replicated: each rank reads it whole, once
+            assert all((p[t.name].start, p[t.name].stop) == (0, t.bytes) for p in plans)
+            continue
+        pieces = sorted(p[t.name].elements for p in plans)
+        if "k_proj" in t.name or "v_proj" in t.name and tp > 8:
+            pieces = sorted(set(pieces))
+        # the ranks' shares of the split dimension tile it with no gap and no overlap
+        assert pieces[0][0] == 0 and pieces[-1][1] == t.shape[dim], t.name
+        assert all(a[1] == b[0] for a, b in zip(pieces, pieces[1:])), t.name
+        for p in plans:  # and each share is one contiguous byte range of its rows
+            row = t.bytes // t.shape[dim]
+            lo, hi = p[t.name].elements
+            assert (p[t.name].start, p[t.name].stop) == (lo * row, hi * row)
+
+
+@pytest.mark.parametrize("tp,most", [(2, 0.6), (4, 0.35), (8, 0.2)])
+def test_bytes_each_rank_reads_meet_the_targets(tp, most):
+    tensors = llama_shapes()
+    total = sum(t.bytes for t in tensors)
+    for rank in range(tp):
+        read = sum(r.stop - r.start for r in rank_reads(tensors, LLAMA_CONFIG, tp, rank))
+        assert read / total <= most
+        assert read / total >= 1 / tp  # no rank reads less than its share
+
+
+# -- what vLLM's weight loaders copy, and reading only that ----------------------------------
+
+
+def test_view_box_and_byte_range():
+    assert view_box((8, 6), 24, (4, 6), (6, 1)) == ((4, 8), (0, 6))
+    assert view_box((8, 6), 3, (8, 3), (6, 1)) == ((0, 8), (3, 6))
+    assert view_box((8, 6), 0, (48,), (1,)) is None  # a flattened view is no box
+    # columns 3..5 of a [8, 6] weight stored transposed: rows 3..5 of the stored [6, 8]
+    assert box_byte_range([((0, 8), (3, 6))], (8, 6), 2, True) == (3 * 8 * 2, 6 * 8 * 2)
+    assert box_byte_range([((4, 8), (0, 6))], (8, 6), 4, False) == (24 * 4, 48 * 4)
+
+
+def test_copy_watch_records_what_a_weight_loader_copies():
+    row_parallel = torch.empty(8, 3)
+    column_parallel = torch.empty(4, 6)
+    cast = torch.empty(4, 6, dtype=torch.float64)
+    watch = CopyWatch()
+    with watch:
+        row_parallel.copy_(watch.meta_input("o", (8, 6), torch.float32).narrow(1, 3, 3))
+        column_parallel.copy_(watch.meta_input("q", (8, 6), torch.float32).narrow(0, 4, 4))
+        cast.copy_((watch.meta_input("c", (8, 6), torch.float32) * 2).narrow(0, 0, 4))
+        watch.meta_input("other_stage", (8, 6), torch.float32)
+    needs = watch.needs
+    assert needs["o"].boxes == [((0, 8), (3, 6))] and not needs["o"].whole
+    assert needs["q"].boxes == [((4, 8), (0, 6))]
+    assert needs["c"].whole  # not a plain view of the input: read it all
+    assert not needs["other_stage"].needed
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_partial_reads_read_only_the_range(tmp_path, encrypted):
+    from tensorize_vllm_model import TensorizerConfig
+    from tensorize_vllm_model.keys import generate_key, read_decryption_params, stage_key
+    from tensorize_vllm_model.layout import FileRecord
+    from tensorize_vllm_model.serialization import write_tensors
+    from tensorize_vllm_model.tensor_decryption import ciphers
+
+    weight = torch.arange(5 * 2**20 // 4 * 4, dtype=torch.float32).reshape(-1, 1024)  # 20 MiB
+    key = generate_key() if encrypted else None
+    path = str(tmp_path / "model.tensors")
+    write_tensors(path, [("w", weight, False)], record=FileRecord(), key=key).commit()
+    config = TensorizerConfig(tensorizer_uri=path)
+    if key:
+        stage_key(str(tmp_path / "key"), key).commit()
+        config.encryption_keyfile = str(tmp_path / "key")
+    with open_tensors(path, config=config) as reader:
+        entry = reader.index["w"]
+        cipher = ciphers(path, [entry], reader.header_deserializer)[0] if key else None
+    row = 1024 * 4
+    part = Part("w", entry, 1000 * row, 1500 * row, cipher)
+    stats = PartsRead()
+    [(_, buffer)] = list(read_parts(path, [part], threads=2, stats=stats))
+    got = buffer.view(torch.float32).reshape(weight.shape)[1000:1500]
+    assert torch.equal(got, weight[1000:1500])
+    if key:  # whole 2 MiB chunks around the range
+        assert stats.bytes == 4 << 20 and part.span == (2 << 20, 6 << 20)
+    else:
+        assert stats.bytes == 500 * row
+
+
+def test_layout_the_model_does_not_allow():
+    config = {"num_attention_heads": 4, "num_key_value_heads": 4, "num_hidden_layers": 2}
+    check_layout_fits(config, 2, 2, source="m")
+    with pytest.raises(LayoutError, match="4 attention heads are not divisible by "
+                       "--tensor-parallel-size 3"):
+        check_layout_fits(config, 3, 1, source="m")
+    with pytest.raises(LayoutError, match="2 layers cannot fill --pipeline-parallel-size 4"):
+        check_layout_fits(config, 1, 4, source="m")
