@@ -10,7 +10,8 @@ The last line of stdout is ``RESULT {"texts": [...], "tokens": [[...]], "stats":
 ``"lora": {"name": N, "path": P}`` generates with a LoRARequest for a PEFT directory;
 ``"tensorized_lora": {"model": M, "name": N, "config": {...}}`` with
 `tensorize_vllm_model.tensorized_lora_request` (then ``"base_tokens"`` holds the tokens
-without the adapter too). ``"config_object": true`` passes ``model_loader_extra_config`` to `LLM` as a
+without the adapter too). ``"stats": true`` adds each worker's load figures and the byte ranges it read of a
+converted file (``"read_plan"``). ``"config_object": true`` passes ``model_loader_extra_config`` to `LLM` as a
 `tensorize_vllm_model.TensorizerConfig` instead of a dict. A spec of the form
 ``{"serialize": {"engine": {<EngineArgs>}, "config": {<TensorizerConfig>}}}`` serializes
 through the Python API (`tensorize_vllm_model`) instead and prints what was written.
@@ -48,6 +49,7 @@ def main() -> None:
     result = {}
     if spec.get("stats"):
         result["stats"] = llm.collective_rpc("tensorize_vllm_model_load_stats")
+        result["read_plan"] = llm.collective_rpc("tensorize_vllm_model_read_plan")
     params = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 16))
     lora_request = None
     if "lora" in spec:

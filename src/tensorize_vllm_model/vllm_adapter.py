@@ -73,6 +73,8 @@ WORKER_EXTENSION = "tensorize_vllm_model.vllm_adapter.WorkerExtension"
 _captured: dict[str, Any] | None = None
 _pending: list[StagedTensors] = []
 _last_load: LoadStats | None = None
+# Per worker process: the byte ranges the last load of a converted file read.
+_last_parts: list[tuple[str, int, int]] = []
 # Per process that configures engines: the tensorizer config of each served model name.
 _served: dict[str, TensorizerConfig] = {}
 
@@ -332,6 +334,8 @@ class TensorizerLoader(BaseModelLoader):
             loaded = model.load_weights(converted.meta_inputs(watch))
         _check_all_loaded(model, loaded, reader)
         parts = converted.parts(watch.needs)
+        _last_parts[:] = [(p.name, p.entry.data_offset + p.span[0],
+                           p.entry.data_offset + p.span[1]) for p in parts]
         read = PartsRead()
         with _naming_tensor(reader, watch):
             model.load_weights(converted.tensors(parts, read))
@@ -545,6 +549,11 @@ class WorkerExtension:
         lora_config = self.vllm_config.lora_config  # type: ignore[attr-defined]
         return {"modules": sorted(expected),
                 "max_rank": lora_config.max_lora_rank if lora_config else None}
+
+    def tensorize_vllm_model_read_plan(self) -> list[tuple[str, int, int]]:
+        """(tensor, first byte, end byte) in the file of every range the last load of a
+        converted file read on this rank."""
+        return list(_last_parts)
 
     def tensorize_vllm_model_load_stats(self) -> dict[str, Any] | None:
         """Figures of the last tensorizer load in this worker."""

@@ -1,0 +1,173 @@
+"""A converted checkpoint (``convert``, made without vLLM) loaded by the real vLLM (CPU
+build) at several layouts, each rank reading only its share.
+
+* TP=1: the same greedy tokens as vLLM's default loader on the original checkpoint
+  (Llama-like and OPT-like models).
+* TP=2 (float32, where vLLM's own TP=1 and TP=2 agree: see test_vllm_parallel): the same
+  tokens as TP=1 from the same file; each rank reads about half the file, exactly the
+  ranges the name-based read plan (`convert.placement`) predicts.
+* Encrypted, on S3 (moto), at TP=2: the same tokens; each rank reads whole cipher chunks.
+* From HTTP at TP=2: the bytes the server sent for the tensors file are counted by the
+  server and match what the ranks planned to read.
+* PP=2: vLLM 0.32's CPU build cannot generate with PP=2 (FIELD-NOTES), so each worker's
+  read ranges are checked: the first stage reads the embeddings and the first layer, the
+  second the last layer, the final norm and lm_head, and no tensor is read by both.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import uuid
+
+import pytest
+
+from tensorize_vllm_model import open_tensors
+from tensorize_vllm_model.convert.placement import TensorShape, rank_reads
+
+from conftest import (BUCKET, PROMPTS, WORKER_EXTENSION, assert_ok, run_cli, run_engine,
+                      subprocess_env)
+from test_convert import convert_without_vllm
+
+pytestmark = pytest.mark.slow
+
+RANKS_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+TWO_RANKS = {"gpu_memory_utilization": 0.15, "worker_extension_cls": WORKER_EXTENSION}
+
+
+def convert(model, out, *flags, env=None):
+    proc = convert_without_vllm("--model", model, *flags, "convert", "--serialized-directory",
+                                out, "--suffix", "v1") if env is None else run_cli(
+        "--model", model, *flags, "convert", "--serialized-directory", out, "--suffix", "v1",
+        env=env)
+    assert_ok(proc)
+    return proc
+
+
+@pytest.fixture(scope="module")
+def llama_bf16(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("conv-bf16")
+    convert(tiny_llama, out)
+    return out / "vllm" / "tiny-llama" / "v1"
+
+
+@pytest.fixture(scope="module")
+def llama_f32(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("conv-f32")
+    convert(tiny_llama, out, "--dtype", "float32")
+    return out / "vllm" / "tiny-llama" / "v1"
+
+
+@pytest.fixture(scope="module")
+def f32_tp1(llama_f32):
+    return run_engine({"model": str(llama_f32), "load_format": "tensorizer", "dtype": "float32",
+                       "worker_extension_cls": WORKER_EXTENSION}, stats=True)
+
+
+@pytest.fixture(scope="module")
+def f32_tp2(llama_f32):
+    return run_engine({"model": str(llama_f32), "load_format": "tensorizer", "dtype": "float32",
+                       "tensor_parallel_size": 2, **TWO_RANKS}, stats=True, env=RANKS_ENV,
+                      separate_processes=True)
+
+
+def test_tp1_matches_the_default_loader_on_the_checkpoint(llama_bf16, llama_reference):
+    result = run_engine({"model": str(llama_bf16), "load_format": "tensorizer"})
+    assert result["tokens"] == llama_reference["tokens"]
+
+
+def test_opt_tp1_matches_the_default_loader(tiny_opt, tmp_path):
+    convert(tiny_opt, tmp_path)
+    reference = run_engine({"model": str(tiny_opt)}, prompts=PROMPTS[:2])
+    result = run_engine({"model": str(tmp_path / "vllm" / "tiny-opt" / "v1"),
+                         "load_format": "tensorizer"}, prompts=PROMPTS[:2])
+    assert result["tokens"] == reference["tokens"]
+
+
+def file_tensors(path) -> tuple[list[TensorShape], dict, int]:
+    with open_tensors(str(path)) as reader:
+        transposed = reader.record.transposed
+        shapes = [TensorShape(e.name, tuple(reversed(e.shape)) if e.name in transposed else
+                              e.shape, e.bytes // max(1, _numel(e.shape)), e.name in transposed)
+                  for e in reader.entries()]
+        offsets = {name: entry.data_offset for name, entry in reader.index.items()}
+    return shapes, offsets, sum(s.bytes for s in shapes)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def test_tp2_same_tokens_as_tp1_reading_half(llama_f32, f32_tp1, f32_tp2, tiny_llama):
+    import json
+
+    assert f32_tp2["tokens"] == f32_tp1["tokens"]
+    shapes, offsets, total = file_tensors(llama_f32 / "model.tensors")
+    # TP=1 reads every byte of every tensor, once
+    assert f32_tp1["stats"][0]["bytes"] == total
+    config = json.loads((tiny_llama / "config.json").read_text())
+    for rank, (stats, plan) in enumerate(zip(f32_tp2["stats"], f32_tp2["read_plan"])):
+        assert stats["bytes"] <= 0.6 * total
+        expected = {(r.name, offsets[r.name] + r.start, offsets[r.name] + r.stop)
+                    for r in rank_reads(shapes, config, 2, rank)}
+        assert {tuple(p) for p in plan} == expected
+
+
+def test_encrypted_on_s3_at_tp2(tiny_llama, llama_f32, moto, f32_tp1):
+    prefix = f"convert/{uuid.uuid4().hex}"
+    env = {**RANKS_ENV, "S3_ACCESS_KEY_ID": "testing", "S3_SECRET_ACCESS_KEY": "testing",
+           "S3_ENDPOINT_URL": moto.endpoint}
+    key = f"s3://{BUCKET}/{prefix}/model.key"
+    proc = run_cli("--model", tiny_llama, "--dtype", "float32", "convert",
+                   "--serialized-directory", f"s3://{BUCKET}/{prefix}", "--suffix", "enc",
+                   "--keyfile", key, "--allow-http", env=env)
+    assert_ok(proc)
+    result = run_engine({"model": f"s3://{BUCKET}/{prefix}/vllm/tiny-llama/enc",
+                         "load_format": "tensorizer", "dtype": "float32",
+                         "tensor_parallel_size": 2, **TWO_RANKS,
+                         "model_loader_extra_config": {"encryption_keyfile": key,
+                                                       "stream_kwargs": {"force_http": True}}},
+                        stats=True, env=env, separate_processes=True)
+    assert result["tokens"] == f32_tp1["tokens"]
+    # The tiny model's tensors are smaller than one 2 MiB cipher chunk: read whole.
+    assert all(s["bytes"] > 0 for s in result["stats"])
+
+
+def test_http_tp2_bytes_counted_by_the_server(llama_f32, web_root, web_servers, f32_tp1):
+    target = web_root / "converted" / uuid.uuid4().hex
+    shutil.copytree(llama_f32, target)
+    server = web_servers["http-1.1"]
+    del server.requests[:]
+    url = f"{server.url}/{target.relative_to(web_root)}"
+    result = run_engine({"model": url, "load_format": "tensorizer", "dtype": "float32",
+                         "tensor_parallel_size": 2, **TWO_RANKS}, stats=True, env=RANKS_ENV,
+                        separate_processes=True)
+    assert result["tokens"] == f32_tp1["tokens"]
+    size = (target / "model.tensors").stat().st_size
+    served = []
+    for method, path, ranged in server.requests:
+        if method == "GET" and path.endswith("/model.tensors") and ranged:
+            start, stop = map(int, re.match(r"bytes=(\d+)-(\d+)", ranged).groups())
+            served.append((start, stop + 1))
+    planned = [(start, stop) for plan in result["read_plan"] for _, start, stop in plan]
+    # every planned range was served as one request; the rest is the header (1 MiB reads)
+    for piece in planned:
+        assert piece in served
+    others = [s for s in served if s not in planned]
+    assert all(start == 0 or start % (1 << 20) == 0 for start, _ in others)
+    for plan in result["read_plan"]:
+        assert sum(stop - start for _, start, stop in plan) <= 0.6 * size
+
+
+def test_pp2_each_stage_reads_its_layers(llama_bf16):
+    result = run_engine({"model": str(llama_bf16), "load_format": "tensorizer",
+                         "pipeline_parallel_size": 2, **TWO_RANKS}, prompts=[], stats=True,
+                        env=RANKS_ENV, separate_processes=True)
+    first, second = ({name for name, _, _ in plan} for plan in result["read_plan"])
+    assert not first & second
+    assert "model.embed_tokens.weight" in first and "lm_head.weight" in second
+    assert all(".layers.0." in n for n in first - {"model.embed_tokens.weight"})
+    assert all(".layers.1." in n for n in second - {"model.norm.weight", "lm_head.weight"})
