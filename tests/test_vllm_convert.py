@@ -141,10 +141,13 @@ def test_http_tp2_bytes_counted_by_the_server(llama_f32, web_root, web_servers, 
     shutil.copytree(llama_f32, target)
     server = web_servers["http-1.1"]
     del server.requests[:]
-    url = f"{server.url}/{target.relative_to(web_root)}"
-    result = run_engine({"model": url, "load_format": "tensorizer", "dtype": "float32",
-                         "tensor_parallel_size": 2, **TWO_RANKS}, stats=True, env=RANKS_ENV,
-                        separate_processes=True)
+    # vLLM takes no http(s):// --model: the config is local, the one tensors file remote,
+    # named without a rank template (every rank reads it).
+    url = f"{server.url}/{target.relative_to(web_root)}/model.tensors"
+    result = run_engine({"model": str(llama_f32), "load_format": "tensorizer",
+                         "dtype": "float32", "tensor_parallel_size": 2, **TWO_RANKS,
+                         "model_loader_extra_config": {"tensorizer_uri": url}}, stats=True,
+                        env=RANKS_ENV, separate_processes=True)
     assert result["tokens"] == f32_tp1["tokens"]
     size = (target / "model.tensors").stat().st_size
     served = []
