@@ -174,3 +174,32 @@ def test_pp2_each_stage_reads_its_layers(llama_bf16):
     assert "model.embed_tokens.weight" in first and "lm_head.weight" in second
     assert all(".layers.0." in n for n in first - {"model.embed_tokens.weight"})
     assert all(".layers.1." in n for n in second - {"model.norm.weight", "lm_head.weight"})
+
+
+def test_a_layout_the_model_does_not_allow_is_refused_before_the_engine(llama_bf16):
+    from vllm import EngineArgs
+
+    from tensorize_vllm_model.errors import LayoutError
+    from tensorize_vllm_model.vllm_adapter import check_engine_files
+
+    args = EngineArgs(model=str(llama_bf16), load_format="tensorizer", tensor_parallel_size=3)
+    with pytest.raises(LayoutError, match=r"4 attention heads are not divisible by "
+                       r"--tensor-parallel-size 3"):
+        check_engine_files(args)
+
+
+def test_a_checkpoint_vllm_cannot_load_names_the_tensor(tiny_llama, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    source = tmp_path / "odd-llama"
+    shutil.copytree(tiny_llama, source)
+    state = load_file(str(source / "model.safetensors"))
+    state["model.layers.0.mlp.extra_proj.weight"] = state.pop("model.layers.0.mlp.up_proj.weight")
+    save_file(state, str(source / "model.safetensors"), metadata={"format": "pt"})
+    convert(source, tmp_path / "out")
+    proc = run_engine({"model": str(tmp_path / "out" / "vllm" / "odd-llama" / "v1"),
+                       "load_format": "tensorizer"}, prompts=PROMPTS[:1], expect_ok=False)
+    assert proc.returncode != 0
+    assert re.search(r"ModelMismatchError: vLLM cannot load the checkpoint in \S+model.tensors "
+                     r"for this model: tensor model.layers.0.mlp.extra_proj.weight was refused "
+                     r"by vLLM's LlamaForCausalLM", proc.stderr), proc.stderr[-3000:]
