@@ -433,7 +433,11 @@ def vllm_run(kwargs: dict) -> dict:
                or re.search(r"Overall time to stream .*?: ([\d.]+)s", text))        # runai
     result = {"seconds": float(ready.group(1)),
               "weights_seconds": float(weights.group(1)) if weights else None,
-              "worker_peak_rss": max(peak.values()) if peak else None}
+              "worker_peak_rss": max(peak.values()) if peak else None,
+              # every worker's own load line (one per rank): GB read and seconds
+              "rank_loads": [(float(gb), float(s)) for gb, s in
+                             re.findall(r"Deserialized ([\d.]+) GB in ([\d.]+) s", text)],
+              "worker_peak_rss_each": sorted(peak.values())}
     # Ours logs the worker's memory once the tensors are in and after vLLM's post-processing.
     times = re.search(r"(\d+) readers: making pages present ([\d.]+) s, reading ([\d.]+) s"
                       r"(?:, decrypting ([\d.]+) s)?", text)

@@ -24,8 +24,8 @@ from ..errors import EncryptionError, FormatError, StorageError
 
 __all__ = ["Part", "PartsRead", "read_parts"]
 
-PIECE_BYTES = 16 << 20  # one read request
-WINDOW_BYTES = 256 << 20  # bytes read ahead of the tensor being handed over
+PIECE_BYTES = 8 << 20  # one read request
+WINDOW_BYTES = 64 << 20  # bytes read ahead of the tensor being handed over (peak memory)
 
 
 @dataclass(frozen=True)

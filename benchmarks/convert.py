@@ -1,0 +1,156 @@
+"""The ``convert`` benchmark: convert throughput against a plain copy of the same bytes, the
+bytes each rank reads (from the read plan, at TP=2/4/8, no engine), and optionally
+(``--engines``) loads through vLLM at TP=1 and TP=2 against the vLLM-tensorized file and
+runai-model-streamer on the safetensors checkpoint.
+
+    .venv/bin/python benchmarks/convert.py [--size-gb 1.5] [--repeats 3] [--engines]
+
+Uses the model and the vLLM runner of ``run.py`` (same random-weight Llama-shaped model,
+engines started from a process that imported vLLM once). Figures are medians with min-max,
+methods alternating run by run; writes ``benchmarks/results/convert-latest.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+import run
+from run import RESULTS, WORK, log, prepare, set_cache, vllm_run
+
+TARGETS = {"tp2_read": 0.6, "tp4_read": 0.35, "tp8_read": 0.2, "tp1_vs_vllm_file": 0.9,
+           "convert_vs_copy": 0.7, "rss_vs_share": 1.1}
+
+
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def convert_vs_copy(files: dict, repeats: int) -> dict:
+    """Convert the safetensors checkpoint and copy the same file, alternating."""
+    from tensorize_vllm_model.convert import convert_checkpoint
+
+    source = files["safetensors"]
+    nbytes = os.path.getsize(source)
+    out, copy = WORK / "convert-out", WORK / "copy.safetensors"
+    rates: dict[str, list[float]] = {"copy": [], "convert": []}
+    for repeat in range(repeats):
+        for method in ("copy", "convert"):
+            set_cache("warm", [source])
+            shutil.rmtree(out, ignore_errors=True)
+            copy.unlink(missing_ok=True)
+            start = time.perf_counter()
+            if method == "copy":
+                shutil.copyfile(source, copy)
+            else:
+                convert_checkpoint(files["model_dir"], str(out), suffix="v1")
+            rates[method].append(nbytes / (time.perf_counter() - start) / 1e9)
+            log(f"  [convert] {method} #{repeat + 1}: {rates[method][-1]:.2f} GB/s")
+    copy.unlink(missing_ok=True)
+    result = {m: spread(v) for m, v in rates.items()}
+    result["ratio"] = result["convert"]["median"] / result["copy"]["median"]
+    return result
+
+
+def plan_ratios(tensors_path: str, config: dict) -> dict:
+    """The largest share of the file any rank reads, from the read plan, per TP size."""
+    from tensorize_vllm_model import open_tensors
+    from tensorize_vllm_model.convert.placement import TensorShape, rank_reads
+
+    with open_tensors(tensors_path) as reader:
+        t = reader.record.transposed
+        shapes = [TensorShape(e.name, tuple(reversed(e.shape)) if e.name in t else e.shape,
+                              e.bytes // max(1, _numel(e.shape)), e.name in t)
+                  for e in reader.entries()]
+    total = sum(s.bytes for s in shapes)
+    return {f"tp{tp}": max(sum(r.stop - r.start for r in rank_reads(shapes, config, tp, rank))
+                           for rank in range(tp)) / total
+            for tp in (1, 2, 4, 8) if config["num_attention_heads"] % tp == 0}
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def engines(files: dict, converted: str, repeats: int) -> dict:
+    """vLLM loads (weights seconds, per-rank GB and peak memory): the converted file at TP=1
+    and TP=2, the vLLM-tensorized file at TP=1, runai-model-streamer at TP=2."""
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    engine = {"dtype": "bfloat16", "max_model_len": 256, "enforce_eager": True,
+              "gpu_memory_utilization": 0.15}
+    vllm_dir = files["vllm_dir"] + "/vllm/hf/v1"
+    if not os.path.exists(vllm_dir + "/model.tensors"):
+        log("  serializing the model for vLLM (once)")
+        subprocess.run([sys.executable, "-m", "tensorize_vllm_model", "--model",
+                        files["model_dir"], "--dtype", "bfloat16", "--max-model-len", "256",
+                        "--enforce-eager", "--gpu-memory-utilization", "0.3", "serialize",
+                        "--serialized-directory", files["vllm_dir"], "--suffix", "v1"],
+                       check=True, capture_output=True)
+    cases = {
+        "vLLM-tensorized file, TP=1": {"model": vllm_dir, "load_format": "tensorizer"},
+        "converted file, TP=1": {"model": converted, "load_format": "tensorizer"},
+        "converted file, TP=2": {"model": converted, "load_format": "tensorizer",
+                                 "tensor_parallel_size": 2},
+    }
+    try:
+        import runai_model_streamer  # noqa: F401
+
+        cases["runai_streamer (safetensors), TP=2"] = {
+            "model": files["model_dir"], "load_format": "runai_streamer",
+            "tensor_parallel_size": 2}
+    except ImportError:
+        log("  runai-model-streamer is not installed: left out")
+    runs: dict[str, list[dict]] = {label: [] for label in cases}
+    for repeat in range(repeats):
+        for label, kwargs in cases.items():
+            set_cache("warm", [converted + "/model.tensors", vllm_dir + "/model.tensors",
+                               files["safetensors"]])
+            result = vllm_run({**kwargs, **engine})
+            runs[label].append(result)
+            log(f"  [engines] {label} #{repeat + 1}: weights {result['weights_seconds']} s, "
+                f"per rank (GB, s) {result['rank_loads']}, worker peaks "
+                f"{[round(p / 1e9, 2) for p in result['worker_peak_rss_each']]} GB")
+    return {label: {"weights_seconds": spread([r["weights_seconds"] or float("nan")
+                                               for r in rs]),
+                    "rank_loads": rs[-1]["rank_loads"],
+                    "worker_peak_rss_each": rs[-1]["worker_peak_rss_each"]}
+            for label, rs in runs.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-gb", type=float, default=1.5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--engines", action="store_true",
+                        help="Also load through vLLM (several engine start-ups).")
+    args = parser.parse_args()
+    files = prepare(args.size_gb)
+    config = json.loads(open(os.path.join(files["model_dir"], "config.json")).read())
+    results = {"size_gb": args.size_gb, "targets": TARGETS,
+               "convert": convert_vs_copy(files, args.repeats)}
+    converted = str(WORK / "convert-out" / "vllm" / "hf" / "v1")
+    results["read_plan_share"] = plan_ratios(converted + "/model.tensors", config)
+    if args.engines:
+        results["engines"] = engines(files, converted, args.repeats)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "convert-latest.json").write_text(json.dumps(results, indent=2) + "\n")
+    c = results["convert"]
+    print(f"convert {c['convert']['median']:.2f} GB/s vs copy {c['copy']['median']:.2f} GB/s "
+          f"({c['ratio']:.2f}; target >= {TARGETS['convert_vs_copy']})")
+    for tp, share in results["read_plan_share"].items():
+        print(f"read plan {tp}: the busiest rank reads {share:.3f} of the file")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    run.WORK.mkdir(parents=True, exist_ok=True)
+    main()
