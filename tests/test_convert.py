@@ -215,6 +215,9 @@ def test_copy_watch_records_what_a_weight_loader_copies():
     needs = watch.needs
     assert needs["o"].boxes == [((0, 8), (3, 6))] and not needs["o"].whole
     assert needs["q"].boxes == [((4, 8), (0, 6))]
+    # the parameter memory each copy wrote to: where the loader reads straight into
+    [(_, written)] = needs["q"].copies
+    assert written.data_ptr() == column_parallel.data_ptr()
     assert needs["c"].whole  # not a plain view of the input: read it all
     assert not needs["other_stage"].needed
 

@@ -8,7 +8,10 @@
 3. `ConvertedFile.tensors` reads only those ranges (`partial_read`) and hands each tensor
    to ``load_weights`` in its checkpoint shape (a transposed one as a transposed view), so
    vLLM's weight loaders narrow and copy it into the rank's parameters as from the
-   checkpoint itself.
+   checkpoint itself. Where every copy of a tensor was plain bytes into a contiguous
+   parameter (or rows of one) of the same dtype, the bytes are read straight into the
+   parameter instead, and ``load_weights`` does not see that tensor again: everything
+   else its loader did (padding filled, ...) was already done in step 1.
 """
 
 from __future__ import annotations
@@ -72,8 +75,26 @@ class ConvertedFile:
             else:
                 start, stop = box_byte_range(need.boxes, need.shape,
                                              self._dtype(name).itemsize, name in self.transposed)
-            parts.append(Part(name, entry, start, stop, cipher))
+            targets = () if cipher is not None or need.whole else self._direct(name, need)
+            parts.append(Part(name, entry, start, stop, cipher, targets))
         return parts
+
+    def _direct(self, name: str, need: Need) -> tuple[tuple[int, int, torch.Tensor], ...]:
+        """Where every copy of the tensor is stored bytes -> a contiguous CPU tensor of the
+        same dtype and size (a parameter or its rows): read those bytes straight there,
+        with no buffer and no copy. Empty when any copy is not like that (a cast, a
+        transposed tensor, columns of a row-major one)."""
+        dtype = self._dtype(name)
+        targets = []
+        for box, destination in need.copies:
+            if name in self.transposed or destination.dtype != dtype or \
+                    destination.device.type != "cpu" or not destination.is_contiguous():
+                return ()
+            lo, hi = box_byte_range([box], need.shape, dtype.itemsize, False)
+            if hi - lo != destination.numel() * dtype.itemsize:
+                return ()
+            targets.append((lo, hi, destination))
+        return tuple(targets)
 
     def _ciphers(self, names: list[str]) -> list[Any]:
         if not self.reader.encrypted:
@@ -101,6 +122,8 @@ class ConvertedFile:
         options = self.config.stream_options()
         for part, buffer in read_parts(self.uri, parts, threads=self.threads,
                                        options=options, stats=read):
+            if buffer is None:  # read straight into the parameters: vLLM's copy is done
+                continue
             stored = self.entries[part.name].shape
             tensor = buffer.view(self._dtype(part.name)).reshape(stored)
             yield part.name, (tensor.t() if part.name in self.transposed else tensor)

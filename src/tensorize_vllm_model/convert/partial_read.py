@@ -38,6 +38,9 @@ class Part:
     start: int
     stop: int
     cipher: Any = None
+    # (start, stop, tensor): bytes read straight into these CPU tensors (parameters'
+    # memory), instead of into a buffer; only for plain (unencrypted) parts
+    targets: tuple[tuple[int, int, torch.Tensor], ...] = ()
 
     @property
     def span(self) -> tuple[int, int]:
@@ -82,8 +85,14 @@ class _Reader:
             os.close(self.fd)
 
 
-def _fill(reader: _Reader, part: Part, buffer: torch.Tensor, lo: int, hi: int) -> None:
-    view = memoryview(buffer.numpy())[lo:hi]
+def _fill(reader: _Reader, part: Part, memory: torch.Tensor, place: int, lo: int,
+          hi: int) -> None:
+    """Read the tensor's bytes [lo, hi) into the uint8 CPU tensor `memory` at byte `place`
+    (and decrypt them in place when the part is encrypted)."""
+    from ..local_read import _populate
+
+    _populate(memory.data_ptr() + place, hi - lo)  # its pages made present in one call
+    view = memoryview(memory.numpy())[place:place + hi - lo]
     reader.read_into(view, part.entry.data_offset + lo)
     if part.cipher is not None:
         from ..tensor_decryption import DecryptionFailed
@@ -95,11 +104,23 @@ def _fill(reader: _Reader, part: Part, buffer: torch.Tensor, lo: int, hi: int) -
                                   f"data) in tensor {part.name}") from None
 
 
+def _submit_direct(pool: ThreadPoolExecutor, reader: _Reader, part: Part) -> list[Future]:
+    """Read each target's bytes straight into its tensor, in pieces."""
+    futures = []
+    for lo, hi, tensor in part.targets:
+        flat = tensor.view(-1).view(torch.uint8)
+        for at in range(lo, hi, PIECE_BYTES):
+            futures.append(pool.submit(_fill, reader, part, flat, at - lo, at,
+                                       min(hi, at + PIECE_BYTES)))
+    return futures
+
+
 def read_parts(uri: str, parts: Sequence[Part], *, threads: int,
                options: storage.Options = None, stats: PartsRead | None = None
                ) -> Iterator[tuple[Part, torch.Tensor]]:
     """Yield (part, buffer) in the order of `parts`: `buffer` is a uint8 CPU tensor of the
-    tensor's stored length whose bytes [part.span) are read (and decrypted).
+    tensor's stored length whose bytes [part.span) are read (and decrypted); None for a part
+    with `targets`, whose bytes are then already in those tensors.
 
     Raises:
         StorageError: the file cannot be read.
@@ -118,12 +139,19 @@ def read_parts(uri: str, parts: Sequence[Part], *, threads: int,
                 part = next(todo, None)
                 if part is None:
                     break
+                if part.targets:
+                    futures = _submit_direct(pool, reader, part)
+                    pending.append((part, None, futures))
+                    stats.bytes += part.stop - part.start
+                    stats.requests += len(futures)
+                    queued += part.stop - part.start
+                    continue
                 buffer = torch.empty(part.entry.data_length, dtype=torch.uint8)
                 lo, hi = part.span
                 step = PIECE_BYTES
                 if part.cipher is not None:  # pieces of whole chunks
                     step = max(1, PIECE_BYTES // part.cipher.chunk_size) * part.cipher.chunk_size
-                futures = [pool.submit(_fill, reader, part, buffer, at, min(hi, at + step))
+                futures = [pool.submit(_fill, reader, part, buffer, at, at, min(hi, at + step))
                            for at in range(lo, hi, step)]
                 pending.append((part, buffer, futures))
                 queued += hi - lo
@@ -134,7 +162,7 @@ def read_parts(uri: str, parts: Sequence[Part], *, threads: int,
             part, buffer, futures = pending.popleft()
             for future in futures:
                 future.result()
-            queued -= part.span[1] - part.span[0]
+            queued -= (part.stop - part.start) if part.targets else part.span[1] - part.span[0]
             yield part, buffer
     except OSError as e:
         raise StorageError(f"cannot read {uri}: {e}") from None

@@ -36,6 +36,8 @@ class Need:
     shape: tuple[int, ...]
     boxes: list[tuple[tuple[int, int], ...]] = field(default_factory=list)
     whole: bool = False
+    # each recorded copy: the box read and the real tensor (a parameter's view) written
+    copies: list[tuple[tuple[tuple[int, int], ...], torch.Tensor]] = field(default_factory=list)
 
     @property
     def needed(self) -> bool:
@@ -121,6 +123,7 @@ class CopyWatch(TorchDispatchMode):
                 self._whole(need)
             else:
                 need.boxes.append(box)
+                need.copies.append((box, args[0]))
             return args[0]
         for t in metas:
             self._whole(self._owner(t))
