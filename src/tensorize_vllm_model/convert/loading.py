@@ -107,9 +107,10 @@ class ConvertedFile:
                             self.reader.header_deserializer)
         else:
             source = storage.range_source(self.uri, self.config.stream_options())
+            raws = [source.read_range(e.offset, e.data_offset) for e in entries]
             try:
-                found = [cipher_from_header(e, source.read_range(e.offset, e.data_offset),
-                                            self.reader.header_deserializer) for e in entries]
+                found = [cipher_from_header(e, raw, self.reader.header_deserializer)
+                         for e, raw in zip(entries, raws)]
             except Exception:  # noqa: BLE001 - tensorizer's header parser decides which
                 found = None
         if found is None:

@@ -71,7 +71,7 @@ class _Reader:
 
     def read_into(self, view: memoryview, offset: int) -> None:
         if not self.local:
-            view[:] = self.source.read_range(offset, offset + len(view))
+            self.source.read_range_into(offset, view)
             return
         got = 0
         while got < len(view):
