@@ -203,3 +203,22 @@ def test_a_checkpoint_vllm_cannot_load_names_the_tensor(tiny_llama, tmp_path):
     assert re.search(r"ModelMismatchError: vLLM cannot load the checkpoint in \S+model.tensors "
                      r"for this model: tensor model.layers.0.mlp.extra_proj.weight was refused "
                      r"by vLLM's LlamaForCausalLM", proc.stderr), proc.stderr[-3000:]
+
+
+def test_a_one_rank_serialized_file_is_not_shared_between_ranks(llama_bf16, tmp_path):
+    import torch
+    from vllm import EngineArgs
+
+    from tensorize_vllm_model.errors import LayoutError
+    from tensorize_vllm_model.layout import FileRecord
+    from tensorize_vllm_model.serialization import write_tensors
+    from tensorize_vllm_model.vllm_adapter import check_engine_files
+
+    directory = tmp_path / "serialized-tp1"
+    shutil.copytree(llama_bf16, directory)
+    write_tensors(str(directory / "model.tensors"), [("w", torch.ones(2), False)],
+                  record=FileRecord()).commit()  # as `serialize` writes it at TP=1
+    args = EngineArgs(model=str(directory), load_format="tensorizer", tensor_parallel_size=2)
+    with pytest.raises(LayoutError, match=r"serialized for TP=1 x PP=1 but is being loaded "
+                       r"with TP=2 x PP=1"):
+        check_engine_files(args)

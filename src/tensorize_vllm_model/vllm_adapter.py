@@ -164,9 +164,12 @@ def _check_converted(uri: str, config: TensorizerConfig, model: str, tp: int, pp
 
     from .convert.fit import check_layout_fits
 
+    layout = ParallelLayout(tp, pp)
     with open_tensors(uri, device="cpu", config=config) as reader:
-        if not reader.checkpoint_form:
-            layout_mod.rank_uri(uri, ParallelLayout(tp, pp))  # raises: a template is needed
+        if not reader.checkpoint_form:  # one rank's file: refused, naming both layouts
+            if reader.record is not None:
+                reader.record.check_layout(layout, source=reader.uri)
+            layout_mod.rank_uri(uri, layout)  # raises: one file per rank is needed
     config_path = os.path.join(model, "config.json")
     if os.path.exists(config_path):
         with open(config_path) as f:
