@@ -127,7 +127,7 @@ class CopyWatch(TorchDispatchMode):
             return args[0]
         for t in metas:
             self._whole(self._owner(t))
-        if func._schema.is_mutable or func.__name__.endswith("_"):
+        if func._schema.is_mutable:  # in place into a real tensor: skipped
             return args[0]
         meta = tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t,
                         (args, kwargs))
