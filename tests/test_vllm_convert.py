@@ -2,7 +2,7 @@
 build) at several layouts, each rank reading only its share.
 
 * TP=1: the same greedy tokens as vLLM's default loader on the original checkpoint
-  (Llama-like and OPT-like models).
+  (Llama-like and OPT-like models), through ``LLM(...)`` and ``vllm serve``.
 * TP=2 (float32, where vLLM's own TP=1 and TP=2 agree: see test_vllm_parallel): the same
   tokens as TP=1 from the same file; each rank reads about half the file, exactly the
   ranges the name-based read plan (`convert.placement`) predicts.
@@ -222,3 +222,11 @@ def test_a_one_rank_serialized_file_is_not_shared_between_ranks(llama_bf16, tmp_
     with pytest.raises(LayoutError, match=r"serialized for TP=1 x PP=1 but is being loaded "
                        r"with TP=2 x PP=1"):
         check_engine_files(args)
+
+
+def test_vllm_serve_loads_a_converted_file(llama_bf16, llama_reference):
+    from conftest import serve_and_complete
+
+    texts = serve_and_complete([str(llama_bf16), "--load-format", "tensorizer"],
+                               str(llama_bf16), prompts=PROMPTS[:2])
+    assert texts == llama_reference["texts"][:2]
