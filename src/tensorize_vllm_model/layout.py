@@ -4,11 +4,17 @@
   ``model.tensors`` (one rank) or ``model-rank-000.tensors``, ``model-rank-001.tensors``...
   (one file per rank, numbered by the global rank ``pp_rank * tp_size + tp_rank``), beside
   the model's config, tokenizer and generation files.
-* The file record: every file this package writes starts with a small uint8 tensor holding
-  JSON (`FileRecord`): the producer, the architecture, the dtype and the parallel layout, so
-  a load can check that a file fits before using it. A tensor named
-  ``.vllm_tensorized_marker`` follows, as vLLM's own serializer writes, so vLLM recognises
-  the file as vLLM-tensorized too.
+* The file record: every file this package writes starts with vLLM's marker tensor,
+  ``.vllm_tensorized_marker`` (a PARAM of the root module, as vLLM's own serializer writes
+  it), whose bytes are JSON (`FileRecord`, uint8): the producer, the architecture, the dtype
+  and the parallel layout, so a load can check that a file fits before using it. vLLM's
+  built-in loader (0.32, `deserialize_tensorizer_model`) only looks for the marker's name,
+  loads it into the model with tensorizer's ``load_into_module`` and deletes it, so it
+  ignores the record and loads these files too. Files without the marker (checkpoint-form
+  files of ``convert``, which vLLM must not take for its own parameters) and files written
+  by earlier versions of this package keep the record in its own STATE_DICT tensor,
+  ``.tensorize_vllm_model_record`` (`RECORD_NAME`); this package reads both forms, but
+  tensorizer's ``load_into_module`` (hence vLLM's built-in loader) refuses STATE_DICT entries.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ __all__ = [
     "rank_uri",
 ]
 
+# The record's own STATE_DICT tensor: files without the marker, and of earlier versions.
 RECORD_NAME = ".tensorize_vllm_model_record"
 MARKER_NAME = ".vllm_tensorized_marker"
 RESERVED_NAMES = frozenset({RECORD_NAME, MARKER_NAME})

@@ -1,7 +1,7 @@
 """Writing: tensors files, the model's small artifacts, and the whole serialize of a vLLM model.
 
-`write_tensors` writes one file (the record first, then vLLM's marker, then the tensors) to
-a staged temporary name. `tensorize_vllm_model` drives a serialize end to end: it generates
+`write_tensors` writes one file (vLLM's marker holding the file record first, then the
+tensors) to a staged temporary name. `tensorize_vllm_model` drives a serialize end to end: it generates
 the key, starts a vLLM engine that loads the checkpoint, has every worker write its rank's
 file through ``collective_rpc``, copies the config/tokenizer files, and publishes everything
 only when all of it has been written.
@@ -105,7 +105,9 @@ def write_tensors(
     Args:
         uri: the final location of the file.
         tensors: (name, tensor, is_buffer) triples, in the order to write them.
-        record: the file record, written first.
+        record: the file record, written first: as the bytes of vLLM's marker tensor (see
+            `layout`, so that vLLM's built-in loader reads the file too), or, with
+            ``marker=False``, as its own STATE_DICT tensor.
         key: a 32-byte key to encrypt with, or None.
         serialization_kwargs: extra keyword arguments for `TensorSerializer`.
         options: how to reach remote storage (for an ``s3://`` URI).
@@ -129,14 +131,15 @@ def write_tensors(
             )
             # The record says whether the file is encrypted: set here, for every writer.
             record = dataclasses.replace(record, encrypted=key is not None)
-            record_bytes = bytearray(record.to_bytes())
-            serializer.write_tensor(
-                0, RECORD_NAME, TensorType.STATE_DICT, torch.frombuffer(record_bytes, dtype=torch.uint8)
-            )
+            record_tensor = torch.frombuffer(bytearray(record.to_bytes()), dtype=torch.uint8)
             if marker:
-                serializer.write_tensor(1, MARKER_NAME, TensorType.PARAM,
-                                        torch.ones(1, dtype=torch.int64))
-            for index, (name, tensor, is_buffer) in enumerate(tensors, start=2):
+                # vLLM's marker holds the record (see layout): vLLM's built-in loader reads it.
+                serializer.write_tensor(0, MARKER_NAME, TensorType.PARAM, record_tensor)
+            else:
+                # No marker (vLLM must not take the file for its own parameters): the record
+                # keeps its own STATE_DICT tensor, which this package reads.
+                serializer.write_tensor(0, RECORD_NAME, TensorType.STATE_DICT, record_tensor)
+            for index, (name, tensor, is_buffer) in enumerate(tensors, start=1):
                 kind = TensorType.BUFFER if is_buffer else TensorType.PARAM
                 serializer.write_tensor(index, name, kind, tensor)
                 staged.tensors += 1

@@ -39,7 +39,14 @@ from .errors import (
     StorageError,
     TensorizeError,
 )
-from .layout import MARKER_NAME, RECORD_NAME, RESERVED_NAMES, FileRecord, ParallelLayout, rank_uri
+from .layout import (
+    RECORD_NAME,
+    MARKER_NAME,
+    RESERVED_NAMES,
+    FileRecord,
+    ParallelLayout,
+    rank_uri,
+)
 from .remote_read import HEADER_LENGTH, check_header_length
 
 if TYPE_CHECKING:
@@ -141,11 +148,8 @@ class TensorReader:
         self.read_times: ReadTimes | None = None  # of the last items(), by our own reads
         # Called with the bytes of each piece or tensor items() finishes (see progress.py).
         self.on_bytes: Callable[[int], None] | None = None
-        self.record: FileRecord | None = None
-        if RECORD_NAME in header and not keyless:  # encrypted like every tensor
-            with _translate_errors(uri, keyfile=keyfile):
-                data = bytes(header[RECORD_NAME].detach().cpu().numpy())
-            self.record = FileRecord.from_bytes(data, source=uri)
+        # Encrypted like every tensor: without the key, a file's record stays unknown.
+        self.record = None if keyless else _read_record(header, uri, keyfile)
 
     @property
     def is_vllm_tensorized(self) -> bool:
@@ -363,6 +367,25 @@ class TensorReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _read_record(header: TensorDeserializer, uri: str, keyfile: str | None) -> FileRecord | None:
+    """The file's record (see `layout`): the bytes of vLLM's marker when it is a uint8
+    tensor of JSON, or the separate STATE_DICT tensor of files written by earlier
+    versions; None for files of other writers (vLLM's marker is an int64 ``[1]``)."""
+    found = {_entry_name(path): entry for path, entry in header._metadata.items()
+             if _entry_name(path) in RESERVED_NAMES}
+    if RECORD_NAME in found:
+        name = RECORD_NAME
+    elif MARKER_NAME in found and _dtype_name(found[MARKER_NAME].dtype) == "uint8":
+        name = MARKER_NAME
+    else:
+        return None
+    with _translate_errors(uri, keyfile=keyfile):
+        data = bytes(header[name].detach().cpu().numpy())
+    if name == MARKER_NAME and not data.startswith(b"{"):
+        return None  # another writer's uint8 marker: no record
+    return FileRecord.from_bytes(data, source=uri)
 
 
 def open_tensors(
