@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import re
 from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar
+from typing import Any, BinaryIO, ClassVar
 
 from .errors import ConfigError
 
@@ -23,6 +24,8 @@ __all__ = [
     "TensorizerArgs",
     "Environment",
     "environment",
+    "as_tensorizer_config",
+    "parse_bool",
     "DEFAULT_TENSORS_NAME",
     "SHARDED_TENSORS_NAME",
     "FORBIDDEN_DESERIALIZATION_KWARGS",
@@ -38,6 +41,31 @@ FORBIDDEN_DESERIALIZATION_KWARGS = ("device", "dtype", "mode")
 _RANK_TEMPLATE = re.compile(r"%0?\d*d")
 
 _MASK = "***"
+
+# Keys whose values are booleans, in each kwargs dict (tensorizer 2.12's ``open_stream``,
+# ``TensorDeserializer`` and ``TensorSerializer`` signatures, and this package's ``ranges``).
+_BOOLEAN_KWARGS = {
+    "stream_kwargs": ("force_http", "ranges"),
+    "deserialization_kwargs": ("lazy_load", "plaid_mode", "verify_hash"),
+    "serialization_kwargs": ("compress_tensors",),
+}
+# Fields of vLLM's TensorizerConfig that vLLM's loader fills at load time (init=False); they
+# are not settings, and are dropped when a vLLM config object is taken in.
+_VLLM_RUNTIME_FIELDS = ("model_class", "hf_config", "dtype")
+
+
+def parse_bool(value: Any, key: str) -> Any:
+    """`value` as a boolean: a bool or None as it is, the strings "true"/"false" in any
+    case (as older vLLM docs pass them, e.g. ``{"force_http": "False"}``) as what they say.
+
+    Raises:
+        ConfigError: any other value, naming `key`.
+    """
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ConfigError(f"{key} must be true or false, got {value!r}")
 
 
 @dataclass
@@ -101,16 +129,20 @@ class TensorizerConfig(MutableMapping):
                 "Unable to resolve tensorizer_uri: give tensorizer_uri (the tensors file) "
                 "or tensorizer_dir (the directory holding model.tensors)."
             )
-        self.serialization_kwargs = dict(self.serialization_kwargs or {})
-        self.deserialization_kwargs = dict(self.deserialization_kwargs or {})
-        self.stream_kwargs = dict(self.stream_kwargs or {})
         self._validate()
 
     def _validate(self) -> None:
-        for name in ("stream_kwargs", "serialization_kwargs", "deserialization_kwargs"):
+        for name, booleans in _BOOLEAN_KWARGS.items():
             value = getattr(self, name)
+            if value is None:
+                value = {}
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{name} must be a JSON object (a dict), got {value!r}")
+            value = dict(value)
+            for key in booleans:
+                if key in value:
+                    value[key] = parse_bool(value[key], f"{name} {key}")
+            setattr(self, name, value)
         refused = sorted(set(self.deserialization_kwargs) & set(FORBIDDEN_DESERIALIZATION_KWARGS))
         if refused:
             raise ConfigError(
@@ -125,9 +157,7 @@ class TensorizerConfig(MutableMapping):
         ):
             raise ConfigError(f"num_readers must be a positive integer, got {self.num_readers!r}")
         for name in ("verify_hash", "vllm_tensorized"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, bool):
-                raise ConfigError(f"{name} must be true or false, got {value!r}")
+            setattr(self, name, parse_bool(getattr(self, name), name))
         from .storage.options import StreamOptions
 
         StreamOptions.from_mapping(self.stream_kwargs)  # names unknown keys now
@@ -146,11 +176,9 @@ class TensorizerConfig(MutableMapping):
         vLLM (`EngineArgs.create_load_config`) hands the loader a dict holding the user's
         keys and, under ``"tensorizer_config"``, the known keys again plus
         ``tensorizer_dir`` set to ``--model``. Keys that are not config fields are refused
-        by name.
+        by name. `extra` may also be a `TensorizerConfig`, this package's or vLLM's.
         """
-        extra = dict(extra or {})
-        if hasattr(extra, "to_serializable"):  # pragma: no cover - defensive
-            extra = extra.to_serializable()
+        extra = _plain_values(extra)
         nested = extra.pop("tensorizer_config", None) or {}
         if not isinstance(nested, Mapping):
             raise ConfigError("model_loader_extra_config['tensorizer_config'] must be an object")
@@ -181,6 +209,47 @@ class TensorizerConfig(MutableMapping):
 
     def _construct_tensorizer_args(self) -> TensorizerArgs:
         return TensorizerArgs(self)
+
+    # -- vLLM's checks and stream, same signatures (vLLM 0.32's TensorizerConfig) ---------
+
+    def verify_with_parallel_config(self, parallel_config: Any) -> None:
+        """Refuse a layout of more than one rank when `tensorizer_uri` has no rank
+        template (``%03d``), as vLLM's method does for tensor parallelism. Here pipeline
+        parallel ranks count too (one file per rank: see `layout`).
+
+        Args:
+            parallel_config: vLLM's `ParallelConfig` (``tensor_parallel_size``,
+                ``pipeline_parallel_size``).
+
+        Raises:
+            ConfigError: (a ValueError, as vLLM raises) naming the URI and the layout.
+        """
+        from .layout import ParallelLayout, rank_uri
+
+        layout = ParallelLayout(int(getattr(parallel_config, "tensor_parallel_size", 1) or 1),
+                                int(getattr(parallel_config, "pipeline_parallel_size", 1) or 1))
+        rank_uri(self.tensorizer_uri or "", layout)
+
+    def verify_with_model_config(self, model_config: Any) -> None:
+        """Warn, as vLLM does, that loading a quantized model (``model_config.quantization``
+        set) with tensorizer is unstable. Never raises."""
+        if getattr(model_config, "quantization", None) is not None and self.tensorizer_uri:
+            logging.getLogger(__name__).warning(
+                "Loading a model using Tensorizer with quantization on vLLM is unstable and "
+                "may lead to errors.")
+
+    def open_stream(self, tensorizer_args: TensorizerArgs | None = None) -> BinaryIO:
+        """Open `tensorizer_uri` for binary reading (local path, ``s3://`` or
+        ``http(s)://``), with the stream settings of `tensorizer_args` (default: this
+        config's credentials, ``ca_bundle`` and ``stream_kwargs``). A context manager.
+
+        Raises:
+            StorageError: naming the URI when it cannot be opened.
+        """
+        from . import storage
+
+        options = tensorizer_args.stream_kwargs if tensorizer_args else self.stream_options()
+        return storage.open_read(self.tensorizer_uri or "", options)
 
     # -- derived facts -------------------------------------------------------------------
 
@@ -262,7 +331,8 @@ class TensorizerArgs:
     "tensorizer options" argument group of vLLM's example script.
     """
 
-    def __init__(self, tensorizer_config: TensorizerConfig):
+    def __init__(self, tensorizer_config: TensorizerConfig | Mapping[str, Any]):
+        tensorizer_config = as_tensorizer_config(tensorizer_config)
         self.config = tensorizer_config
         self.tensorizer_uri = tensorizer_config.tensorizer_uri
         self.tensorizer_dir = tensorizer_config.tensorizer_dir
@@ -397,6 +467,36 @@ def environment() -> Environment:
         aws_endpoint_url=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"),
         cache_dir=cache,
     )
+
+
+def as_tensorizer_config(config: Any) -> TensorizerConfig:
+    """This package's `TensorizerConfig` from one of its own (returned as it is), vLLM's
+    ``vllm.model_executor.model_loader.tensorizer.TensorizerConfig`` or a dict of either's
+    fields (vLLM's ``model_loader_extra_config`` form included).
+
+    Raises:
+        ConfigError: another type, or unknown or invalid fields (named).
+    """
+    if isinstance(config, TensorizerConfig):
+        return config
+    return TensorizerConfig.from_extra_config(config)
+
+
+def _plain_values(config: Any) -> dict[str, Any]:
+    """The fields of a config given as a dict, this package's config or vLLM's."""
+    if config is None:
+        return {}
+    if isinstance(config, TensorizerConfig):
+        return config.to_serializable()
+    if hasattr(config, "to_serializable"):  # vLLM's TensorizerConfig
+        values = dict(config.to_serializable())
+        for name in _VLLM_RUNTIME_FIELDS:
+            values.pop(name, None)
+        return values
+    if isinstance(config, Mapping):
+        return dict(config)
+    raise ConfigError("a tensorizer config must be a TensorizerConfig (this package's or "
+                      f"vLLM's) or a dict of its fields, got {type(config).__name__}")
 
 
 def _parent(uri: str) -> str:

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from ..config import parse_bool
 from ..errors import ConfigError
 from .ranged import DEFAULT_CHUNK_SIZE, DEFAULT_WORKERS
 
@@ -57,8 +58,8 @@ class StreamOptions:
             )
         values.pop("buffer_size", None)
         for name in ("force_http", "ranges"):
-            if name in values and not isinstance(values[name], bool):
-                raise ConfigError(f"stream_kwargs {name} must be true or false, got {values[name]!r}")
+            if name in values:  # "true"/"false" strings too, as older vLLM docs give them
+                values[name] = parse_bool(values[name], f"stream_kwargs {name}")
         for name in ("workers", "chunk_size"):
             if name in values and (not isinstance(values[name], int) or values[name] < 1):
                 raise ConfigError(f"stream_kwargs {name} must be a positive integer")
