@@ -5,7 +5,9 @@
                          TensorizerConfig(tensorizer_uri="/out/model.tensors"))
     llm = LLM("/out", load_format="tensorizer")
 
-The names mirror ``vllm.model_executor.model_loader.tensorizer``. Heavy modules (torch,
+Every public name of vLLM 0.32's ``vllm.model_executor.model_loader.tensorizer`` is here
+too, with vLLM's signature and meaning (README: "vLLM's tensorizer module, name by name"),
+so code written against vLLM's module works by changing the import. Heavy modules (torch,
 vLLM, tensorizer) load only when a name that needs them is used.
 """
 
@@ -29,7 +31,36 @@ from .errors import (  # noqa: E402
 if TYPE_CHECKING:
     from .serialization import tensorize_vllm_model
     from .streaming import is_vllm_tensorized, load_into_module, open_tensors
-    from .vllm_adapter import tensorized_lora_request
+    from .vllm_adapter import (
+        deserialize_tensorizer_model,
+        init_tensorizer_model,
+        serialize_vllm_model,
+        tensorized_lora_request,
+    )
+    from .vllm_api import (
+        MetaTensorMode,
+        is_valid_deserialization_uri,
+        meta_tensor_mode,
+        serialize_extra_artifacts,
+        tensorizer_kwargs_arg,
+        tensorizer_weights_iterator,
+    )
+
+# vLLM 0.32's tensorizer module: its own names, then those it re-exports from tensorizer.
+_VLLM_NAMES = {
+    "is_valid_deserialization_uri": "vllm_api",
+    "tensorizer_kwargs_arg": "vllm_api",
+    "MetaTensorMode": "vllm_api",
+    "meta_tensor_mode": "vllm_api",
+    "tensorizer_weights_iterator": "vllm_api",
+    "serialize_extra_artifacts": "vllm_api",
+    "init_tensorizer_model": "vllm_adapter",
+    "deserialize_tensorizer_model": "vllm_adapter",
+    "serialize_vllm_model": "vllm_adapter",
+    **dict.fromkeys(("EncryptionParams", "DecryptionParams", "TensorDeserializer",
+                     "TensorSerializer", "open_stream", "convert_bytes", "get_mem_usage",
+                     "no_init_or_tensor"), "vllm_api"),
+}
 
 __all__ = [
     "__version__",
@@ -47,6 +78,7 @@ __all__ = [
     "FormatError",
     "ModelMismatchError",
     "LayoutError",
+    *_VLLM_NAMES,
 ]
 
 _LAZY = {
@@ -55,6 +87,7 @@ _LAZY = {
     "tensorized_lora_request": "vllm_adapter",
     "open_tensors": "streaming",
     "load_into_module": "streaming",
+    **_VLLM_NAMES,
 }
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import storage
-from .config import TensorizerConfig
+from .config import TensorizerConfig, as_tensorizer_config
 from .errors import CorruptTensorError, EncryptionError
 from .layout import has_rank_template
 from .progress import progress
@@ -78,7 +78,7 @@ def shard_uris(uri: str, config: TensorizerConfig | None = None) -> list[str]:
     rank 0's record says, else as many as exist from rank 0 on)."""
     if not has_rank_template(uri):
         return [uri]
-    config = config or TensorizerConfig(tensorizer_uri=uri)
+    config = as_tensorizer_config(config) if config else TensorizerConfig(tensorizer_uri=uri)
     first = uri % 0
     with open_tensors(first, config=config, header_only=True) as reader:
         record = reader.record
@@ -99,7 +99,7 @@ def inspect_tensors(uri: str, config: TensorizerConfig | None = None) -> list[Fi
         StorageError, FormatError: as `open_tensors`, naming the file.
         EncryptionError: a key was given for an unencrypted file.
     """
-    config = config or TensorizerConfig(tensorizer_uri=uri)
+    config = as_tensorizer_config(config) if config else TensorizerConfig(tensorizer_uri=uri)
     reports = []
     for shard in shard_uris(uri, config):
         with open_tensors(shard, config=config, header_only=True) as reader:
@@ -123,7 +123,8 @@ def verify_tensors(uri: str, config: TensorizerConfig | None = None) -> list[Ver
         StorageError, FormatError: a file cannot be opened or its index is corrupt.
         EncryptionError: a file is encrypted and no key was given, or the key is wrong.
     """
-    config = dataclasses.replace(config or TensorizerConfig(tensorizer_uri=uri), verify_hash=True)
+    config = dataclasses.replace(as_tensorizer_config(config) if config else
+                                 TensorizerConfig(tensorizer_uri=uri), verify_hash=True)
     return [_verify_file(shard, config) for shard in shard_uris(uri, config)]
 
 

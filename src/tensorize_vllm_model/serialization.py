@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from . import __version__, storage
-from .config import TensorizerConfig
+from .config import TensorizerConfig, as_tensorizer_config
 from .errors import ConfigError, StorageError
 from .artifacts import resolve_model_files, stage_artifacts
 from .keys import encryption_params, generate_key, read_key, stage_key
@@ -158,7 +158,7 @@ def write_tensors(
 
 def tensorize_vllm_model(
     engine_args: Any,
-    tensorizer_config: TensorizerConfig,
+    tensorizer_config: TensorizerConfig | Mapping[str, Any],
     generate_keyfile: bool = True,
     *,
     lora_paths: Sequence[str] = (),
@@ -175,7 +175,8 @@ def tensorize_vllm_model(
     Args:
         engine_args: `vllm.EngineArgs` of the model to serialize.
         tensorizer_config: where to write (``tensorizer_uri``) and how
-            (``encryption_keyfile``, ``serialization_kwargs``).
+            (``encryption_keyfile``, ``serialization_kwargs``): this package's
+            `TensorizerConfig`, vLLM's, or a dict of its fields.
         generate_keyfile: with ``encryption_keyfile`` set, generate a random key and write
             it there (mode 0600); when False, encrypt with the key already in that file.
         lora_paths: LoRA adapters (local PEFT directories, or Hub ids where a Hub is
@@ -193,6 +194,7 @@ def tensorize_vllm_model(
     from .vllm_adapter import CAPTURE_LOAD_FORMAT, Engine, parallel_sizes, vllm_version
 
     start = time.perf_counter()
+    tensorizer_config = as_tensorizer_config(tensorizer_config)
     tp, pp = parallel_sizes(engine_args)
     uri = tensorizer_config.tensorizer_uri
     assert uri is not None

@@ -21,7 +21,7 @@ import os
 import re
 import struct
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +29,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import storage
-from .config import TensorizerConfig
+from .config import TensorizerConfig, as_tensorizer_config
 from .storage.ranged import DEFAULT_WORKERS
 from .errors import (
     CorruptTensorError,
@@ -392,7 +392,7 @@ def open_tensors(
     uri: str,
     *,
     device: str | torch.device = "cpu",
-    config: TensorizerConfig | None = None,
+    config: TensorizerConfig | Mapping[str, Any] | None = None,
     decryption: Any = None,
     header_only: bool = False,
 ) -> TensorReader:
@@ -402,7 +402,8 @@ def open_tensors(
         uri: a local path or an ``s3://`` / ``http(s)://`` URI (no rank template).
         device: where tensors land (``"cpu"``, ``"cuda:0"``...).
         config: read settings (``verify_hash``, ``num_readers``, S3 credentials,
-            ``stream_kwargs``, ``deserialization_kwargs``, ``encryption_keyfile``).
+            ``stream_kwargs``, ``deserialization_kwargs``, ``encryption_keyfile``): this
+            package's `TensorizerConfig`, vLLM's, or a dict of its fields.
         decryption: tensorizer ``DecryptionParams``; read from ``config.encryption_keyfile``
             when not given.
         header_only: open an encrypted file without its key, to list its tensors (the
@@ -416,7 +417,8 @@ def open_tensors(
     """
     from tensorizer import TensorDeserializer
 
-    config = config or TensorizerConfig(tensorizer_uri=uri)
+    config = as_tensorizer_config(config) if config is not None else \
+        TensorizerConfig(tensorizer_uri=uri)
     if decryption is None and config.encryption_keyfile:
         from .keys import read_decryption_params
 
@@ -856,13 +858,15 @@ def _tensor_slots(module: torch.nn.Module) -> dict[str, _Slot]:
     return slots
 
 
-def is_vllm_tensorized(tensorizer_config: TensorizerConfig) -> bool:
+def is_vllm_tensorized(tensorizer_config: TensorizerConfig | Mapping[str, Any]) -> bool:
     """Whether the file of `tensorizer_config` holds a vLLM model's parameters.
 
     True for files written by this package or by vLLM's own serializer (they carry a
     marker); False for a Hugging Face model written with ``write_module``. Only the header
-    is read. For a rank template, the file of rank 0 is checked.
+    is read. For a rank template, the file of rank 0 is checked. `tensorizer_config` may be
+    this package's `TensorizerConfig`, vLLM's, or a dict of its fields.
     """
+    tensorizer_config = as_tensorizer_config(tensorizer_config)
     if tensorizer_config.vllm_tensorized:
         return True
     uri = tensorizer_config.tensorizer_uri
@@ -873,7 +877,7 @@ def is_vllm_tensorized(tensorizer_config: TensorizerConfig) -> bool:
         return reader.is_vllm_tensorized
 
 
-def check_shards(config: TensorizerConfig, tensor_parallel_size: int = 1,
+def check_shards(config: TensorizerConfig | Mapping[str, Any], tensor_parallel_size: int = 1,
                  pipeline_parallel_size: int = 1) -> int:
     """Check every rank's file before any engine work: it opens, it is a tensorizer file, it
     decrypts with the key given, and it was written for this layout and rank.
@@ -889,6 +893,7 @@ def check_shards(config: TensorizerConfig, tensor_parallel_size: int = 1,
         LayoutError: a shard was written for another layout (both are named).
         EncryptionError, FormatError: as `open_tensors`.
     """
+    config = as_tensorizer_config(config)
     tp, pp = tensor_parallel_size, pipeline_parallel_size
     uri = config.tensorizer_uri
     assert uri is not None
