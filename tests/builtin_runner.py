@@ -11,6 +11,8 @@ stock vLLM 0.32. The JSON spec comes on stdin (keys stay out of process argument
 * ``load``: vLLM's `TensorizerLoader.load_model` (the built-in ``load_format="tensorizer"``)
   of the serialized ``model`` directory, and vLLM's `DefaultModelLoader` on the original
   ``checkpoint``, in this rank; prints how every parameter compares.
+* ``ours``: this package's `serialize_vllm_model`, `init_tensorizer_model` and
+  `deserialize_tensorizer_model` (vLLM's names and signatures) round-trip the checkpoint.
 * ``serialize``: the checkpoint loaded by `DefaultModelLoader` without the backend's weight
   post-processing (what a GPU worker holds: on the CPU backend post-processing empties the
   linear weights, see FIELD-NOTES), then written by vLLM's `serialize_vllm_model`.
@@ -106,9 +108,42 @@ def serialize(spec):
     return {"written": config.tensorizer_uri}
 
 
+def ours(spec):
+    """This package's `serialize_vllm_model`, then its `init_tensorizer_model` and
+    `deserialize_tensorizer_model` (vLLM's signatures), against the default loader."""
+    import torch
+
+    from tensorize_vllm_model import (
+        deserialize_tensorizer_model,
+        init_tensorizer_model,
+        serialize_vllm_model,
+    )
+
+    vllm_config = engine_config(spec, spec["model"])
+    join_ranks(spec, vllm_config)
+    reference = default_loaded(vllm_config)
+    config = dict(spec["tensorizer_config"])
+    returned = serialize_vllm_model(reference, config, vllm_config.model_config)
+    vllm_config.compilation_config.static_forward_context.clear()
+    model = init_tensorizer_model(config, vllm_config)
+    on_meta = sorted(n for n, p in model.named_parameters() if p.device.type == "meta")
+    deserialize_tensorizer_model(model, config)
+    params, expected = dict(model.named_parameters()), dict(reference.named_parameters())
+    return {
+        "returned_model": returned is reference,
+        "on_meta_before": len(on_meta), "parameters": len(expected),
+        "same_names": sorted(params) == sorted(expected),
+        "different": sorted(n for n in expected if n in params
+                            and not torch.equal(params[n].detach(), expected[n].detach())),
+    }
+
+
+MODES = {"load": load, "serialize": serialize, "ours": ours}
+
+
 def main() -> None:
     spec = json.load(sys.stdin)
-    result = load(spec) if spec["mode"] == "load" else serialize(spec)
+    result = MODES[spec["mode"]](spec)
     print("RESULT " + json.dumps(result), flush=True)
 
 

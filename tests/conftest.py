@@ -18,6 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNNER = Path(__file__).resolve().parent / "engine_runner.py"
+BUILTIN_RUNNER = Path(__file__).resolve().parent / "builtin_runner.py"
 
 PROMPTS = [
     "Hello, my name is",
@@ -52,13 +53,18 @@ def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def run_runner(spec: dict, *, env: dict[str, str] | None = None,
-               expect_ok: bool = True) -> dict | subprocess.CompletedProcess:
-    """Run tests/engine_runner.py with `spec`; return its parsed RESULT (or, with
-    expect_ok=False, the completed process)."""
+               expect_ok: bool = True, runner: Path = RUNNER) -> dict | subprocess.CompletedProcess:
+    """Run tests/engine_runner.py (or `runner`) with `spec`; return its parsed RESULT (or,
+    with expect_ok=False, the completed process)."""
     proc = subprocess.run(
-        [sys.executable, str(RUNNER)], input=json.dumps(spec), capture_output=True, text=True,
+        [sys.executable, str(runner)], input=json.dumps(spec), capture_output=True, text=True,
         env=subprocess_env(env), timeout=ENGINE_TIMEOUT, cwd=ROOT,
     )
+    return result_of(proc, expect_ok)
+
+
+def result_of(proc: subprocess.CompletedProcess, expect_ok: bool = True):
+    """The parsed ``RESULT`` line of a runner's output (or, with expect_ok=False, `proc`)."""
     if not expect_ok:
         return proc
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -67,6 +73,21 @@ def run_runner(spec: dict, *, env: dict[str, str] | None = None,
             f"engine run failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
         )
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def run_builtin(*specs: dict) -> list[dict]:
+    """Run tests/builtin_runner.py (vLLM's own tensorizer code, outside an engine) once per
+    spec, all at once (the ranks of one layout meet through one gloo rendezvous), with this
+    package's plug-in off (``VLLM_PLUGINS=""``); return each one's RESULT."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    specs = [{"init_method": f"tcp://127.0.0.1:{port}", **spec} for spec in specs]
+    with ThreadPoolExecutor(len(specs)) as pool:
+        return list(pool.map(lambda spec: run_runner(spec, env={"VLLM_PLUGINS": ""},
+                                                     runner=BUILTIN_RUNNER), specs))
 
 
 def run_engine(llm_kwargs: dict, *, prompts=PROMPTS, max_tokens=MAX_TOKENS, stats=False,
@@ -138,6 +159,17 @@ def llama_serialized(tiny_llama, tmp_path_factory):
                    "--serialized-directory", out, "--suffix", "v1")
     assert_ok(proc)
     return out / "vllm" / "tiny-llama" / "v1", proc.stdout
+
+
+@pytest.fixture(scope="session")
+def llama_encrypted(tiny_llama, tmp_path_factory):
+    """The tiny Llama serialized with a generated key: (directory, key file)."""
+    out = tmp_path_factory.mktemp("encrypted")
+    key = out / "keys" / "model.key"
+    proc = run_cli("--model", tiny_llama, *ENGINE_FLAGS, "serialize", "--serialized-directory",
+                   out, "--suffix", "enc", "--keyfile", key)
+    assert_ok(proc)
+    return out / "vllm" / "tiny-llama" / "enc", key
 
 
 def serve_and_complete(serve_args: list[str], model_name: str, *, prompts=PROMPTS,

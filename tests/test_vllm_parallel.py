@@ -20,7 +20,15 @@ import pytest
 
 from tensorize_vllm_model import TensorizerConfig, open_tensors
 
-from conftest import BUCKET, ENGINE_FLAGS, WORKER_EXTENSION, assert_ok, run_cli, run_engine
+from conftest import (
+    BUCKET,
+    ENGINE_FLAGS,
+    WORKER_EXTENSION,
+    assert_ok,
+    run_builtin,
+    run_cli,
+    run_engine,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -61,6 +69,20 @@ def test_tp2_writes_one_file_per_rank(tp2_serialized):
             names = reader.names()
         # each rank holds half of the attention heads: the same names, half the rows
         assert "model.layers.0.self_attn.qkv_proj.weight" in names
+
+
+def test_stock_vllm_loads_our_tp2_files(tp2_serialized, tiny_llama):
+    """vLLM's built-in loader (plug-in off), in two processes (ranks 0 and 1): each rank's
+    parameters equal what vLLM's default loader gives that rank from the checkpoint."""
+    spec = {"mode": "load", "model": str(tp2_serialized), "checkpoint": str(tiny_llama),
+            "dtype": "float32", "tp": 2,
+            "tensorizer_config": {"tensorizer_uri": str(tp2_serialized / "model-rank-%03d.tensors")}}
+    results = run_builtin({**spec, "rank": 0}, {**spec, "rank": 1})
+    for result in results:
+        assert result["loader"].startswith("vllm.model_executor.model_loader.")
+        assert len(result["compared"]) > 10
+        assert result["missing"] == result["extra"] == result["different"] == []
+        assert not result["has_marker"]
 
 
 def test_tp2_load_matches_unsharded_model(tp2_serialized, float32_reference):

@@ -67,16 +67,6 @@ def test_cli_deserialize_through_example_script(llama_reference, llama_serialize
     assert "GB/s" in proc.stdout and f"from {directory / 'model.tensors'}" in proc.stdout
 
 
-@pytest.fixture(scope="module")
-def llama_encrypted(tiny_llama, tmp_path_factory):
-    out = tmp_path_factory.mktemp("encrypted")
-    key = out / "keys" / "model.key"
-    proc = run_cli("--model", tiny_llama, *ENGINE_FLAGS, "serialize", "--serialized-directory",
-                   out, "--suffix", "enc", "--keyfile", key)
-    assert_ok(proc)
-    return out / "vllm" / "tiny-llama" / "enc", key
-
-
 def test_encrypted_key_file_and_ciphertext(llama_encrypted, llama_serialized):
     directory, key = llama_encrypted
     assert stat.S_IMODE(os.stat(key).st_mode) == 0o600

@@ -3,7 +3,8 @@
     python -m tensorize_vllm_model [vLLM engine flags] serialize \
         --serialized-directory DIR [--suffix S] [--keyfile K] [--serialization-kwargs JSON]
     python -m tensorize_vllm_model [vLLM engine flags] deserialize \
-        --path-to-tensors URI [--keyfile K] [tensorizer options]
+        (--serialized-directory DIR | --path-to-tensors URI) [--keyfile K] \
+        [--deserialization-kwargs JSON] [tensorizer options]
     python -m tensorize_vllm_model --model SRC [--dtype D] [--revision R] convert \
         --serialized-directory DIR [--suffix S] [--keyfile K] [--serialization-kwargs JSON]
 
@@ -108,6 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--path-to-tensors", type=str, default=None,
         help="The local path or S3/HTTP(S) URI of the tensors (a rank template such as "
         "model-rank-%%03d.tensors for a sharded model). Same as --tensorizer-uri.",
+    )
+    deserialize.add_argument(
+        "--serialized-directory", type=str, default=None,
+        help="A model directory written by serialize (local, s3:// or http(s)://): its "
+        "model.tensors (model-rank-%%03d.tensors with several ranks) and, unless --model "
+        "is given, its config and tokenizer. Instead of --path-to-tensors.",
+    )
+    deserialize.add_argument(
+        "--deserialization-kwargs", type=_json_object("--deserialization-kwargs"),
+        default=None,
+        help="A JSON object of extra arguments for tensorizer's TensorDeserializer, e.g. "
+        "'{\"verify_hash\": true}' (device, dtype and mode are vLLM's to decide).",
     )
     deserialize.add_argument(
         "--keyfile", type=str, default=None,
@@ -317,6 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _convert(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.model_given = any(a == "--model" or a.startswith("--model=") for a in argv)
     if args.command is None:
         parser.error("a command is required: serialize, deserialize, inspect or verify")
     try:
@@ -423,16 +437,33 @@ def _serialize(args: argparse.Namespace) -> int:
 
 
 def deserialize_config(args: argparse.Namespace) -> TensorizerConfig:
-    """The config of a ``deserialize``: --model-loader-extra-config, then the flags."""
+    """The config of a ``deserialize``: --model-loader-extra-config, then the flags.
+
+    The tensors are --path-to-tensors (or --tensorizer-uri), or the files of
+    --serialized-directory: ``model.tensors``, or ``model-rank-%03d.tensors`` when the
+    engine has several ranks (as `serialize` names them).
+    """
     uri = args.path_to_tensors or args.tensorizer_uri
-    if not uri:
-        raise ConfigError("deserialize needs --path-to-tensors (or --tensorizer-uri)")
+    directory = getattr(args, "serialized_directory", None)
+    if directory and uri:
+        raise ConfigError("--serialized-directory and --path-to-tensors (or --tensorizer-uri) "
+                          "cannot both be given; give one")
+    if not directory and not uri:
+        raise ConfigError("deserialize needs --serialized-directory or --path-to-tensors "
+                          "(or --tensorizer-uri)")
     if args.path_to_tensors and args.tensorizer_uri and args.path_to_tensors != args.tensorizer_uri:
         raise ConfigError("--path-to-tensors and --tensorizer-uri name different files; give one")
     if args.keyfile and args.encryption_keyfile and args.keyfile != args.encryption_keyfile:
         raise ConfigError("--keyfile and --encryption-keyfile name different files; give one")
-    return _read_config(args, {**_extra_config(args), "tensorizer_uri": uri},
-                        args.keyfile or args.encryption_keyfile)
+    if directory:
+        world = int(getattr(args, "tensor_parallel_size", 1) or 1) * \
+            int(getattr(args, "pipeline_parallel_size", 1) or 1)
+        uri = tensors_uri(directory.rstrip("/") or "/", world)
+    values = {**_extra_config(args), "tensorizer_uri": uri}
+    if getattr(args, "deserialization_kwargs", None) is not None:
+        values["deserialization_kwargs"] = {**(values.get("deserialization_kwargs") or {}),
+                                            **args.deserialization_kwargs}
+    return _read_config(args, values, args.keyfile or args.encryption_keyfile)
 
 
 def _read_config(args: argparse.Namespace, values: dict[str, Any],
@@ -472,6 +503,8 @@ def _deserialize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     )
 
     config = deserialize_config(args)
+    if args.serialized_directory and not getattr(args, "model_given", False):
+        args.model = args.serialized_directory  # its config and tokenizer too
     engine_args = engine_args_from_namespace(args)
     # Every rank's file is checked before any engine work, by the plug-in's engine hook
     # (vllm_adapter.check_engine_files), as for any LLM(..., load_format="tensorizer").

@@ -29,6 +29,7 @@ __all__ = [
     "DEFAULT_TENSORS_NAME",
     "SHARDED_TENSORS_NAME",
     "FORBIDDEN_DESERIALIZATION_KWARGS",
+    "DESERIALIZATION_KWARGS",
 ]
 
 DEFAULT_TENSORS_NAME = "model.tensors"
@@ -36,6 +37,9 @@ SHARDED_TENSORS_NAME = "model-rank-%03d.tensors"
 
 # vLLM decides the device and dtype; the mode is not for users to set.
 FORBIDDEN_DESERIALIZATION_KWARGS = ("device", "dtype", "mode")
+# What deserialization_kwargs may hold: tensorizer 2.12's TensorDeserializer arguments that
+# the loader does not set itself (it sets lazy_load, filter_func and encryption).
+DESERIALIZATION_KWARGS = ("verify_hash", "num_readers", "plaid_mode", "plaid_mode_buffers")
 
 # A printf-style integer template such as %d, %03d or %05d: where the rank goes.
 _RANK_TEMPLATE = re.compile(r"%0?\d*d")
@@ -46,7 +50,7 @@ _MASK = "***"
 # ``TensorDeserializer`` and ``TensorSerializer`` signatures, and this package's ``ranges``).
 _BOOLEAN_KWARGS = {
     "stream_kwargs": ("force_http", "ranges"),
-    "deserialization_kwargs": ("lazy_load", "plaid_mode", "verify_hash"),
+    "deserialization_kwargs": ("plaid_mode", "verify_hash"),
     "serialization_kwargs": ("compress_tensors",),
 }
 # Fields of vLLM's TensorizerConfig that vLLM's loader fills at load time (init=False); they
@@ -149,6 +153,13 @@ class TensorizerConfig(MutableMapping):
                 f"deserialization_kwargs key(s) {', '.join(map(repr, refused))} are not "
                 "allowed: vLLM decides the device and dtype of the weights, and the mode is "
                 "fixed."
+            )
+        unknown = sorted(set(self.deserialization_kwargs) - set(DESERIALIZATION_KWARGS))
+        if unknown:
+            raise ConfigError(
+                f"unknown deserialization_kwargs key(s) {', '.join(map(repr, unknown))}; "
+                f"TensorDeserializer takes {', '.join(DESERIALIZATION_KWARGS)} here (the "
+                "loader sets lazy_load, filter_func and encryption itself)"
             )
         if self.num_readers is not None and (
             isinstance(self.num_readers, bool)
