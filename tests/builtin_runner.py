@@ -27,6 +27,7 @@ Stand-ins, each for something that cannot run here:
 """
 
 import json
+import os
 import sys
 
 
@@ -47,6 +48,8 @@ def join_ranks(spec, vllm_config):
     from vllm.distributed import init_distributed_environment, initialize_model_parallel
 
     rank, tp = spec.get("rank", 0), spec.get("tp", 1)
+    # vLLM's CPU worker names its shared-memory groups after the rendezvous port
+    os.environ["VLLM_DIST_IDENT"] = spec["init_method"].split(":")[-1]
     with set_current_vllm_config(vllm_config):
         init_distributed_environment(world_size=tp, rank=rank, local_rank=rank, backend="gloo",
                                      distributed_init_method=spec["init_method"])
