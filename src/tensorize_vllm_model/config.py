@@ -505,7 +505,13 @@ def _plain_values(config: Any) -> dict[str, Any]:
             values.pop(name, None)
         return values
     if isinstance(config, Mapping):
-        return dict(config)
+        values = dict(config)
+        if "_is_sharded" in values:
+            # Every field of vLLM's config, as vLLM's LoadConfig (pydantic) turns the object
+            # into a dict: its private and load-time fields are not settings.
+            values = {k: v for k, v in values.items()
+                      if not k.startswith("_") and k not in _VLLM_RUNTIME_FIELDS}
+        return values
     raise ConfigError("a tensorizer config must be a TensorizerConfig (this package's or "
                       f"vLLM's) or a dict of its fields, got {type(config).__name__}")
 
