@@ -480,7 +480,7 @@ def _own_reads(uri: str, device: str | torch.device, config: TensorizerConfig,
     loading thread): its local path (`local_read`: into CPU memory, or onto a GPU without
     hash checks), REMOTE (`remote_read`: a remote file into CPU memory), or None
     (tensorizer's reader: other devices, settings only it knows)."""
-    if not set(config.deserialization_kwargs) <= {"num_readers"}:
+    if not set(config.deserialization_kwargs) <= {"num_readers", "verify_hash"}:
         return None
     target = torch.device(device).type
     if storage.is_local(uri):
