@@ -271,19 +271,29 @@ def check_bucket(uri: str, options: StreamOptions) -> None:
         raise error from None
 
 
-def upload(path: str, uri: str, options: StreamOptions) -> None:
-    """Upload a local file to `uri`; the object appears only when the upload completes."""
+def upload(path: str, uri: str, options: StreamOptions, *, replace: bool = True) -> None:
+    """Upload a local file to `uri`; the object appears only when the upload completes.
+
+    With ``replace=False`` the write is conditional (``If-None-Match: *``, S3's conditional
+    writes): an object already at `uri` is left as it is and `StorageError` names it. A
+    server that ignores the condition is caught by a check just before the upload.
+    """
     bucket, key = parse(uri)
     client, resolved = _client(options)
     size = os.path.getsize(path)
+    condition = {} if replace else {"IfNoneMatch": "*"}
+    if not replace and exists(uri, options):
+        raise _exists_error(uri)
     try:
         if size <= _PART_SIZE:
             with open(path, "rb") as f:
-                client.put_object(Bucket=bucket, Key=key, Body=f.read())
+                client.put_object(Bucket=bucket, Key=key, Body=f.read(), **condition)
             return
         part_size = max(_PART_SIZE, math.ceil(size / _MAX_PARTS))
         upload_id = client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
     except Exception as e:  # noqa: BLE001
+        if _precondition_failed(e):
+            raise _exists_error(uri) from None
         raise _error(e, uri, resolved, "writing") from None
     try:
         def send(number: int) -> dict:
@@ -298,7 +308,7 @@ def upload(path: str, uri: str, options: StreamOptions) -> None:
         with ThreadPoolExecutor(max(1, min(options.workers, count))) as pool:
             parts = list(pool.map(send, range(1, count + 1)))
         client.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id,
-                                         MultipartUpload={"Parts": parts})
+                                         MultipartUpload={"Parts": parts}, **condition)
     except BaseException as e:
         try:
             client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
@@ -309,9 +319,23 @@ def upload(path: str, uri: str, options: StreamOptions) -> None:
                 "was created, but its parts hold storage until it is aborted (e.g. by a "
                 "bucket lifecycle rule)"
             )
+        if _precondition_failed(e):
+            raise _exists_error(uri) from None
         if isinstance(e, Exception):
             raise StorageError(f"{_error(e, uri, resolved, 'writing')}{leftover}") from None
         raise
+
+
+def _precondition_failed(e: BaseException) -> bool:
+    from botocore.exceptions import ClientError
+
+    return isinstance(e, ClientError) and (
+        e.response.get("Error", {}).get("Code") == "PreconditionFailed"
+        or e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412)
+
+
+def _exists_error(uri: str) -> StorageError:
+    return StorageError(f"{uri} already exists; it was left as it is (not replaced)")
 
 
 def keep_aside(uri: str, backup: str, options: StreamOptions) -> None:
