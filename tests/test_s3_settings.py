@@ -284,3 +284,10 @@ def test_virtual_hosted_request_carries_the_bucket_in_host(clean_env, monkeypatc
     for request_line, sent_host in seen:
         assert sent_host == host.format(port=port)
         assert f"{host.format(port=port)}{path} HTTP/1.1" in request_line
+
+
+def test_missing_aws_profile_is_named(clean_env, monkeypatch):
+    monkeypatch.setenv("AWS_PROFILE", "nope")
+    with pytest.raises(ConfigError, match=r"The config profile \(nope\) could not be found "
+                                          r"\(AWS_PROFILE names a profile"):
+        settings({**KEYS, "s3_endpoint": "https://minio.example"})

@@ -91,7 +91,21 @@ def read_s3cfg(path: str | None, *, required: bool = False) -> dict[str, str]:
 
 
 def resolve(options: StreamOptions) -> S3Settings:
-    """The settings of a client for `options` (reads the environment and config files)."""
+    """The settings of a client for `options` (reads the environment and config files).
+
+    Raises:
+        ConfigError: a setting is invalid or names something missing (named).
+    """
+    from botocore.exceptions import ProfileNotFound
+
+    try:
+        return _resolve(options)
+    except ProfileNotFound as e:
+        raise ConfigError(f"{e} (AWS_PROFILE names a profile that is not in the AWS config "
+                          "files)") from None
+
+
+def _resolve(options: StreamOptions) -> S3Settings:
     import boto3
     import botocore
 
