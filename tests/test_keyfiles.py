@@ -156,23 +156,44 @@ def test_s3_key_never_replaced(moto):
     assert client.get_object(Bucket=BUCKET, Key=f"{prefix}/other.key")["Body"].read() == prepared.key
 
 
-def test_s3_conditional_write_without_server_support(moto, monkeypatch):
-    """A server that ignores If-None-Match: the check just before the upload still keeps
-    an object that is there."""
+@pytest.mark.parametrize("race", [False, True], ids=["there-before", "appears-after-the-check"])
+def test_s3_upload_that_must_not_replace(moto, monkeypatch, tmp_path, race):
+    """An object at the key is kept: found by the check before the upload, or, when it
+    appears after that check, by S3's conditional write (If-None-Match: *, which moto
+    implements as AWS does)."""
     from tensorize_vllm_model.storage import s3 as s3_backend
 
     client = moto.client()
     prefix = uuid.uuid4().hex
     client.put_object(Bucket=BUCKET, Key=f"{prefix}/k", Body=b"theirs")
+    if race:
+        monkeypatch.setattr(s3_backend, "exists", lambda uri, options: False)
     options = storage.StreamOptions.from_mapping({**S3, "s3_endpoint": moto.endpoint})
-    path = Path(moto_tmp := os.path.join(os.environ.get("TMPDIR", "/tmp"), f"k-{prefix}"))
-    path.write_bytes(b"ours")
-    try:
-        with pytest.raises(StorageError, match="already exists"):
-            s3_backend.upload(str(path), f"s3://{BUCKET}/{prefix}/k", options, replace=False)
-    finally:
-        os.unlink(moto_tmp)
+    ours = tmp_path / "ours"
+    ours.write_bytes(b"ours")
+    with pytest.raises(StorageError, match=f"s3://{BUCKET}/{prefix}/k already exists"):
+        s3_backend.upload(str(ours), f"s3://{BUCKET}/{prefix}/k", options, replace=False)
     assert client.get_object(Bucket=BUCKET, Key=f"{prefix}/k")["Body"].read() == b"theirs"
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_local_publish_that_must_not_replace(tmp_path, monkeypatch, hard_links):
+    """Without hard links (some network file systems) the name is created exclusively."""
+    from tensorize_vllm_model.storage import local
+
+    if not hard_links:
+        def no_link(*args):
+            raise PermissionError(1, "Operation not permitted")
+
+        monkeypatch.setattr(local.os, "link", no_link)
+    key = tmp_path / "new.key"
+    stage_key(str(key), b"k" * 32).commit()
+    assert key.read_bytes() == b"k" * 32 and key.stat().st_mode & 0o777 == 0o600
+    staged = stage_key(str(key), b"z" * 32)
+    with pytest.raises(StorageError, match=f"{key} already exists"):
+        staged.commit()
+    staged.abort()
+    assert key.read_bytes() == b"k" * 32 and os.listdir(tmp_path) == ["new.key"]
 
 
 # -- the command line ----------------------------------------------------------------------

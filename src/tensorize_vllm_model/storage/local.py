@@ -96,8 +96,13 @@ def publish_new(temp: str, uri: str) -> None:
             import shutil
 
             with open(temp, "rb") as source, open(final, "xb") as target:
-                shutil.copyfileobj(source, target)
-            os.chmod(final, os.stat(temp).st_mode & 0o777)
+                try:  # the name is ours from here: a failed copy leaves nothing at it
+                    shutil.copyfileobj(source, target)
+                    os.chmod(final, os.stat(temp).st_mode & 0o777)
+                    os.fsync(target.fileno())
+                except BaseException:
+                    os.unlink(final)
+                    raise
     except FileExistsError:
         raise StorageError(f"{final} already exists; it was left as it is (not replaced)") from None
     except OSError as e:
