@@ -51,6 +51,22 @@ def test_rank_uri_without_template_refused_for_many_ranks():
     with pytest.raises(ConfigError, match=r"TP=2 x PP=1.*no rank template.*model-rank-%03d"):
         rank_uri("/d/model.tensors", ParallelLayout(tensor_parallel_size=2))
     assert rank_uri("/d/model.tensors", ParallelLayout()) == "/d/model.tensors"
+    # A load may share one file between ranks (whether it can is check_shared_file's call).
+    assert rank_uri("/d/model.tensors", ParallelLayout(tensor_parallel_size=2, tp_rank=1),
+                    shared=True) == "/d/model.tensors"
+
+
+def test_check_shared_file():
+    from tensorize_vllm_model.layout import check_shared_file
+
+    tp2 = ParallelLayout(tensor_parallel_size=2)
+    check_shared_file("/d/hf.tensors", tp2, vllm_tensorized=False, record=None)
+    check_shared_file("/d/model.tensors", ParallelLayout(), vllm_tensorized=True, record=FileRecord())
+    check_shared_file("/d/model-rank-%03d.tensors", tp2, vllm_tensorized=True, record=None)
+    with pytest.raises(ConfigError, match=r"TP=2 x PP=1 needs one vLLM-tensorized file per rank"):
+        check_shared_file("/d/model.tensors", tp2, vllm_tensorized=True, record=None)
+    with pytest.raises(LayoutError, match=r"serialized for TP=1 x PP=1 but is being loaded with"):
+        check_shared_file("/d/model.tensors", tp2, vllm_tensorized=True, record=FileRecord())
 
 
 def test_record_round_trip_and_layout_check():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import stat
 import uuid
 
@@ -23,6 +24,8 @@ from tensorize_vllm_model.lora import (
 )
 
 from conftest import BUCKET
+from test_atomic_writes import FakeEngine, engine_args, fake_engine  # noqa: F401 - a fixture
+from test_keyfiles import cli_with_fake_engine  # noqa: F401 - a fixture
 
 LLAMA_MODULES = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 
@@ -126,3 +129,95 @@ def test_resolver_serves_adapters_of_the_served_model(adapter, tmp_path):
     assert request.lora_name == "adapter-a" and request.lora_int_id > 0
     assert os.path.exists(f"{request.lora_path}/adapter_model.safetensors")
     assert asyncio.run(resolver.resolve_lora("my-model", "not-there")) is None
+
+
+# -- adapters are checked before any engine starts (serialize --lora-path) ------------------
+
+
+def _adapter_without(tmp_path, adapter, *, weights: bytes | None = None, name: str = "broken"):
+    """A copy of `adapter` whose weights file is missing (or holds `weights`)."""
+    broken = tmp_path / name
+    broken.mkdir()
+    (broken / "adapter_config.json").write_bytes((adapter / "adapter_config.json").read_bytes())
+    if weights is not None:
+        (broken / "adapter_model.safetensors").write_bytes(weights)
+    return broken
+
+
+def _empty_safetensors() -> bytes:
+    from safetensors.torch import save
+
+    return save({})
+
+
+@pytest.mark.parametrize("weights, message", [
+    (None, r"no adapter_model.safetensors \(or .bin/.pt\) in it"),
+    (b"", r"cannot read adapter_model.safetensors"),
+    (b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all", r"cannot read adapter_model.safetensors"),
+    (_empty_safetensors(), r"adapter_model.safetensors holds no tensors"),
+], ids=["missing", "empty-file", "corrupt", "no-tensors"])
+def test_serialize_refuses_an_adapter_without_usable_weights_before_any_engine(
+        cli_with_fake_engine, tiny_llama, adapter, tmp_path, capsys, weights, message):
+    broken = _adapter_without(tmp_path, adapter, weights=weights)
+    out = tmp_path / "out"
+    code = cli_with_fake_engine(["--model", str(tiny_llama), "serialize", "--serialized-directory",
+                                 str(out), "--suffix", "v1", "--lora-path", str(adapter),
+                                 "--lora-path", str(broken)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert re.search(rf"^error: LoRA adapter {re.escape(str(broken))}: {message}", err), err
+    assert FakeEngine.instances == []  # no engine was started
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("case, message", [
+    ("duplicate", r"two --lora-path values are both named 'adapter-a'"),
+    ("not-a-directory", r"--lora-path {path}: not a directory"),
+    ("no-config", r"LoRA adapter {path}: no adapter_config.json in it"),
+])
+def test_other_adapter_inputs_checked_before_any_engine(fake_engine, tiny_llama, adapter, tmp_path,
+                                                        case, message):
+    from tensorize_vllm_model.serialization import tensorize_vllm_model
+
+    if case == "duplicate":
+        other = tmp_path / "x" / "adapter-a"
+        other.parent.mkdir()
+        import shutil
+
+        shutil.copytree(adapter, other)
+        path = str(other)
+    elif case == "not-a-directory":
+        path = str(tmp_path / "nowhere" / "adapter")
+    else:
+        (tmp_path / "no-config").mkdir()
+        path = str(tmp_path / "no-config")
+    with pytest.raises(ConfigError, match=message.format(path=re.escape(path))):
+        tensorize_vllm_model(engine_args(tiny_llama),
+                             TensorizerConfig(tensorizer_uri=str(tmp_path / "out" / "model.tensors")),
+                             lora_paths=[str(adapter), path])
+    assert fake_engine.instances == []
+
+
+def test_adapter_rank_checked_before_any_engine_when_lora_is_enabled(fake_engine, tiny_llama,
+                                                                     adapter, tmp_path):
+    from tensorize_vllm_model.serialization import tensorize_vllm_model
+
+    args = engine_args(tiny_llama)
+    args.enable_lora, args.max_lora_rank = True, 4
+    with pytest.raises(ConfigError, match=r"LoRA adapter 'adapter-a' has rank 8, above "
+                                          r"--max-lora-rank 4"):
+        tensorize_vllm_model(args, TensorizerConfig(tensorizer_uri=str(tmp_path / "model.tensors")),
+                             lora_paths=[str(adapter)])
+    assert fake_engine.instances == []
+
+
+def test_adapter_weights_in_torch_files_are_accepted(adapter, tmp_path):
+    from tensorize_vllm_model.lora import check_adapter_weights, prepare_adapters
+
+    copy = _adapter_without(tmp_path, adapter, name="as-bin")
+    torch.save(load_file(str(adapter / "adapter_model.safetensors")), copy / "adapter_model.bin")
+    assert check_adapter_weights(str(copy)) == str(copy / "adapter_model.bin")
+    [prepared] = prepare_adapters([str(copy)])
+    assert prepared.name == "as-bin" and prepared.config["r"] == 8
+    config, tensors = read_adapter(str(copy))
+    assert set(tensors) == set(load_file(str(adapter / "adapter_model.safetensors")))

@@ -44,10 +44,77 @@ def test_check_shards_accepts_the_right_layout(tmp_path):
     assert total == 4 * 8
 
 
-def test_missing_template_refused(tmp_path):
-    fake_shards(tmp_path, 2, 1)
-    with pytest.raises(ConfigError, match=r"TP=2 x PP=1 needs one file per rank.*no rank template"):
-        check_shards(TensorizerConfig(tensorizer_uri=str(tmp_path / "model.tensors")), 2, 1)
+def hf_file(path) -> str:
+    """A file as ``TensorSerializer.write_module(hf_model)`` writes it: not vLLM-tensorized."""
+    from tensorizer import TensorSerializer
+
+    module = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    serializer = TensorSerializer(str(path))
+    serializer.write_module(module)
+    serializer.close()
+    return str(path)
+
+
+def vllm_builtin_file(path) -> str:
+    """A file as vLLM's own serializer writes it: vLLM-tensorized (its marker), no record."""
+    from tensorizer import TensorSerializer
+    from tensorizer.serialization import TensorType
+
+    serializer = TensorSerializer(str(path))
+    serializer.write_tensor(0, ".vllm_tensorized_marker", TensorType.PARAM, torch.ones(1))
+    serializer.write_tensor(1, "w", TensorType.PARAM, torch.ones(4))
+    serializer.close()
+    return str(path)
+
+
+@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2), (2, 2), (4, 1)])
+def test_a_file_not_vllm_tensorized_loads_at_any_layout_from_one_uri(tmp_path, tp, pp):
+    """Every rank reads the whole file; vLLM's weight loaders take each rank's part."""
+    uri = hf_file(tmp_path / "hf.tensors")
+    assert check_shards(TensorizerConfig(tensorizer_uri=uri), tp, pp) == (16 + 4 + 8 + 2) * 4
+
+
+def test_vllm_tensorized_file_without_template_refused_for_many_ranks(tmp_path):
+    uri = vllm_builtin_file(tmp_path / "model.tensors")
+    with pytest.raises(ConfigError, match=r"TP=2 x PP=1 needs one vLLM-tensorized file per rank.*"
+                                          r"no rank template; use a name such as "
+                                          r"'.*/model-rank-%03d.tensors'"):
+        check_shards(TensorizerConfig(tensorizer_uri=uri), 2, 1)
+    assert check_shards(TensorizerConfig(tensorizer_uri=uri), 1, 1) == 16
+    # Our own file of rank 0 of TP=2, given as the one URI: the same advice.
+    template = fake_shards(tmp_path, 2, 1)
+    with pytest.raises(ConfigError, match=r"needs one vLLM-tensorized file per rank"):
+        check_shards(TensorizerConfig(tensorizer_uri=template % 0), 2, 1)
+
+
+def test_unsharded_vllm_tensorized_file_at_tp2_names_both_layouts(tmp_path):
+    uri = str(tmp_path / "model.tensors")
+    write_tensors(uri, [("w", torch.ones(2), False)], record=FileRecord()).commit()
+    with pytest.raises(LayoutError, match=r"serialized for TP=1 x PP=1 but is being loaded with "
+                                          r"TP=2 x PP=1"):
+        check_shards(TensorizerConfig(tensorizer_uri=uri), 2, 1)
+
+
+def test_engine_check_uses_the_directory_file(tmp_path, tiny_llama):
+    """No tensorizer_uri, a serialized directory holding model.tensors only: TP=2 reads that
+    file. The check vLLM's engine configuration runs (plug-in hook), with EngineArgs as vLLM
+    builds them; no engine starts."""
+    import shutil
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    from tensorize_vllm_model.vllm_adapter import check_engine_files
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    hf_file(model / "model.tensors")
+    check_engine_files(EngineArgs(model=str(model), load_format="tensorizer",
+                                  tensor_parallel_size=2))
+    (model / "model.tensors").unlink()
+    vllm_builtin_file(model / "model.tensors")
+    with pytest.raises(ConfigError, match="needs one vLLM-tensorized file per rank"):
+        check_engine_files(EngineArgs(model=str(model), load_format="tensorizer",
+                                      tensor_parallel_size=2))
 
 
 def test_missing_shard_named(tmp_path):

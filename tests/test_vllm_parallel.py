@@ -14,6 +14,8 @@ runner), so the shards are checked by what each worker loaded, as reported throu
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import uuid
 
 import pytest
@@ -28,6 +30,7 @@ from conftest import (
     run_builtin,
     run_cli,
     run_engine,
+    subprocess_env,
 )
 
 pytestmark = pytest.mark.slow
@@ -93,6 +96,29 @@ def test_tp2_load_matches_unsharded_model(tp2_serialized, float32_reference):
     assert result["tokens"] == float32_reference["tokens"]
     assert sorted(s["uri"] for s in result["stats"]) == [
         str(tp2_serialized / "model-rank-000.tensors"), str(tp2_serialized / "model-rank-001.tensors")]
+
+
+def test_tp2_loads_a_hugging_face_file_from_one_uri(tiny_llama, float32_reference, tmp_path):
+    """A file of a Hugging Face model (``TensorSerializer.write_module``, not vLLM-tensorized)
+    holds whole weights: at TP=2 both ranks read the one file and vLLM's weight loaders take
+    each rank's half. Same tokens as TP=1."""
+    script = (
+        "import sys, torch, transformers\n"
+        "from tensorizer import TensorSerializer\n"
+        "m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)\n"
+        "s = TensorSerializer(sys.argv[2]); s.write_module(m); s.close()\n"
+    )
+    hf_file = tmp_path / "hf.tensors"
+    proc = subprocess.run([sys.executable, "-c", script, str(tiny_llama), str(hf_file)],
+                          capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert_ok(proc)
+    result = run_engine({"model": str(tiny_llama), "load_format": "tensorizer",
+                         "tensor_parallel_size": 2, "gpu_memory_utilization": 0.15,
+                         "dtype": "float32", "worker_extension_cls": WORKER_EXTENSION,
+                         "model_loader_extra_config": {"tensorizer_uri": str(hf_file)}},
+                        stats=True, env=RANKS_ENV, separate_processes=True)
+    assert result["tokens"] == float32_reference["tokens"]
+    assert [s["uri"] for s in result["stats"]] == [str(hf_file), str(hf_file)]
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+from . import storage
 from .config import TensorizerArgs, TensorizerConfig
 from .errors import ConfigError, TensorizeError
 from .layout import serialized_dir, tensors_uri
@@ -84,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serialize.add_argument(
         "--keyfile", type=str, default=None,
-        help="Encrypt the weights with a randomly generated key and save the key at this "
-        "path (mode 0600) or s3:// URI.",
+        help="Encrypt the weights. A path (or s3:// URI) that holds a key: encrypt with that "
+        "key (the file is never overwritten). A path with no file: generate a random key and "
+        "save it there (mode 0600).",
     )
     serialize.add_argument(
         "--serialization-kwargs", type=_json_object("--serialization-kwargs"), default=None,
@@ -423,6 +425,9 @@ def _serialize(args: argparse.Namespace) -> int:
     config = serialize_config(args, tp * pp)
     engine_args.model_loader_extra_config = {}
     lora_paths = [*args.lora_paths_before, *args.lora_paths]
+    if config.encryption_keyfile and storage.exists(config.encryption_keyfile,
+                                                    config.stream_options()):
+        print(f"encrypting with the existing key in {config.encryption_keyfile}", flush=True)
     result = tensorize_vllm_model(engine_args, config, lora_paths=lora_paths)
     print(
         f"Serialized {result.tensors} tensors ({result.bytes / 1e6:.1f} MB) in "
@@ -430,7 +435,9 @@ def _serialize(args: argparse.Namespace) -> int:
     )
     for uri in result.files:
         print(f"  wrote {uri}")
-    if result.keyfile:
+    if result.keyfile and result.key_existing:
+        print(f"  encrypted with the existing key in {result.keyfile} (left unchanged)")
+    elif result.keyfile:
         print(f"  key saved to {result.keyfile} (mode 0600): keep it to load the model")
     print(result.directory)
     return 0

@@ -1,11 +1,14 @@
 """Encryption keys: generate, write (mode 0600), read and check them.
 
 A tensorizer key is 32 random bytes (XSalsa20-Poly1305 through libsodium). Keys are never
-logged or put in exception messages; errors name the key *file*.
+logged or put in exception messages; errors name the key *file*. A key file is never
+overwritten: a serialize given a key file that exists encrypts with the key it holds, and a
+new key is written only where no file is (see `prepare_key`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from . import storage
@@ -15,7 +18,7 @@ if TYPE_CHECKING:
     from .config import TensorizerConfig
 
 __all__ = ["KEY_BYTES", "generate_key", "stage_key", "read_key", "read_decryption_params",
-           "encryption_params"]
+           "encryption_params", "EncryptionKey", "prepare_key"]
 
 KEY_BYTES = 32
 
@@ -29,8 +32,9 @@ def generate_key() -> bytes:
 
 def stage_key(uri: str, key: bytes, options: storage.Options = None) -> storage.StagedWrite:
     """Write `key` to a temporary file (mode 0600) that `commit()` publishes at `uri`
-    (a local path or an ``s3://`` URI)."""
-    staged = storage.stage_write(uri, options, mode=0o600)
+    (a local path or an ``s3://`` URI). The commit never replaces a file at `uri`: it raises
+    `StorageError` naming it instead."""
+    staged = storage.stage_write(uri, options, mode=0o600, replace=False)
     try:
         with open(staged.path, "wb") as f:
             f.write(key)
@@ -73,3 +77,50 @@ def encryption_params(key: bytes):
     if not isinstance(key, (bytes, bytearray)) or len(key) != KEY_BYTES:
         raise EncryptionError(f"an encryption key must be {KEY_BYTES} bytes")
     return EncryptionParams(key=bytes(key))
+
+
+@dataclass
+class EncryptionKey:
+    """The key a serialize encrypts with, and where it lives.
+
+    Attributes:
+        key: the 32 bytes.
+        uri: the key file.
+        existing: True when the key was already in `uri` (the file is left as it is).
+        staged: for a new key, its file, to publish with the model (None otherwise).
+    """
+
+    key: bytes = field(repr=False)
+    uri: str
+    existing: bool
+    staged: storage.StagedWrite | None = None
+
+
+def prepare_key(uri: str, config: TensorizerConfig, *, generate: bool = True) -> EncryptionKey:
+    """The key for a serialize to `uri`: the one the file holds, else a new random one.
+
+    Args:
+        uri: the key file (a local path or ``s3://`` URI).
+        config: S3 credentials and transport settings (`stream_options()`).
+        generate: whether a missing file may get a new key; when False it must exist.
+
+    Returns:
+        An `EncryptionKey`; a new key is staged (mode 0600) and reaches `uri` only when the
+        caller commits it, and never over a file that appeared meanwhile.
+
+    Raises:
+        EncryptionError: the file exists but is not a 32-byte key, or it is missing and
+            `generate` is False.
+        StorageError: a new key cannot be written where `uri` points.
+    """
+    options = config.stream_options()
+    if storage.exists(uri, options):
+        return EncryptionKey(read_key(uri, config), uri, existing=True)
+    if not generate:
+        raise EncryptionError(
+            f"the key file {uri} does not exist (generate_keyfile=False encrypts with the key "
+            "already in it)"
+        )
+    storage.check_writable(storage.parent(uri), options)
+    key = generate_key()
+    return EncryptionKey(key, uri, existing=False, staged=stage_key(uri, key, options))

@@ -39,6 +39,7 @@ __all__ = [
     "serialized_dir",
     "tensors_uri",
     "rank_uri",
+    "check_shared_file",
 ]
 
 # The record's own STATE_DICT tensor: files without the marker, and of earlier versions.
@@ -182,21 +183,55 @@ def has_rank_template(uri: str) -> bool:
     return bool(_RANK_TEMPLATE.search(uri))
 
 
-def rank_uri(uri: str, layout: ParallelLayout) -> str:
+def rank_uri(uri: str, layout: ParallelLayout, *, shared: bool = False) -> str:
     """The file of this rank: `uri` formatted with the global rank.
 
+    Args:
+        uri: a file, or a rank template such as ``model-rank-%03d.tensors``.
+        layout: the parallel layout and this rank.
+        shared: `uri` may be one file that every rank reads (a load: whether that file may
+            be shared is `check_shared_file`'s question). Writes never share.
+
     Raises:
-        ConfigError: more than one rank and no rank template in `uri`.
+        ConfigError: more than one rank, no rank template in `uri`, and not `shared`.
     """
     if not has_rank_template(uri):
-        if layout.world_size > 1:
-            raise ConfigError(
-                f"loading or serializing with {layout.describe()} needs one file per rank, "
-                f"but tensorizer_uri {uri!r} has no rank template; use a name such as "
-                f"'{storage.join(storage.parent(uri), SHARDED_TENSORS_NAME)}'"
-            )
+        if layout.world_size > 1 and not shared:
+            raise _needs_rank_files(uri, layout)
         return uri
     try:
         return uri % layout.rank
     except (TypeError, ValueError) as e:
         raise ConfigError(f"tensorizer_uri {uri!r} is not a valid rank template: {e}") from None
+
+
+def check_shared_file(uri: str, layout: ParallelLayout, *, vllm_tensorized: bool,
+                      record: FileRecord | None) -> None:
+    """Whether one file (a `uri` without rank template) can be loaded by every rank of
+    `layout`.
+
+    A file that is not vLLM-tensorized (a Hugging Face model written with tensorizer's
+    ``write_module``) holds whole, unsharded weights: every rank reads it and vLLM's weight
+    loaders take each rank's part, at any TP/PP (as vLLM's own tensorizer loader does). A
+    vLLM-tensorized file holds the weights of one rank as vLLM shards them, so more than one
+    rank needs one file per rank.
+
+    Raises:
+        LayoutError: the file records the layout it was written for, and it is another.
+        ConfigError: a vLLM-tensorized file for more than one rank, without rank template.
+    """
+    if layout.world_size == 1 or has_rank_template(uri) or not vllm_tensorized:
+        return
+    if record is not None:
+        record.check_layout(layout, source=uri)
+    raise _needs_rank_files(uri, layout)
+
+
+def _needs_rank_files(uri: str, layout: ParallelLayout) -> ConfigError:
+    return ConfigError(
+        f"{layout.describe()} needs one vLLM-tensorized file per rank, but tensorizer_uri "
+        f"{uri!r} has no rank template; use a name such as "
+        f"'{storage.join(storage.parent(uri), SHARDED_TENSORS_NAME)}' (a file that is not "
+        "vLLM-tensorized, such as a Hugging Face model written with write_module, loads at "
+        "any layout from one URI)"
+    )

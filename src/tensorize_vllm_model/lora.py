@@ -19,8 +19,10 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from . import storage
@@ -28,6 +30,9 @@ from .config import TensorizerConfig, environment
 from .errors import ConfigError, StorageError, TensorizeError
 
 __all__ = [
+    "AdapterSource",
+    "prepare_adapters",
+    "check_adapter_weights",
     "ADAPTERS_DIR",
     "ADAPTER_TENSORS",
     "adapter_name",
@@ -81,36 +86,122 @@ def read_adapter_config(path: str) -> dict[str, Any]:
         raise ConfigError(f"LoRA adapter {path}: cannot read {ADAPTER_CONFIG}: {e}") from None
 
 
+_WEIGHTS_FILES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_model.pt")
+
+
+def _weights_file(path: str) -> str:
+    for name in _WEIGHTS_FILES:
+        if os.path.isfile(os.path.join(path, name)):
+            return os.path.join(path, name)
+    raise ConfigError(f"LoRA adapter {path}: no adapter_model.safetensors (or .bin/.pt) in it")
+
+
+def _load_weights(weights: str, *, lazy: bool = False) -> Mapping[str, Any]:
+    """The tensors of a PEFT weights file (with `lazy`, only what checking them needs:
+    the safetensors header, or a memory-mapped torch file)."""
+    import torch
+
+    if weights.endswith(".safetensors"):
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        if lazy:
+            with safe_open(weights, framework="pt") as f:
+                return dict.fromkeys(f.keys(), True)
+        return load_file(weights)
+    try:
+        return torch.load(weights, map_location="cpu", weights_only=True, mmap=lazy)
+    except RuntimeError:
+        if not lazy:
+            raise
+        # An old (non-zip) torch file cannot be memory-mapped: read it.
+        return torch.load(weights, map_location="cpu", weights_only=True)
+
+
+def check_adapter_weights(path: str) -> str:
+    """Check that local PEFT adapter directory `path` has a weights file that holds tensors
+    (safetensors: its header only; .bin/.pt: memory-mapped). Returns the file.
+
+    Raises:
+        ConfigError: no weights file, or one that cannot be read or holds no tensors.
+    """
+    weights = _weights_file(path)
+    try:
+        tensors = _load_weights(weights, lazy=True)
+    except Exception as e:  # noqa: BLE001 - safetensors and torch raise many kinds
+        raise ConfigError(f"LoRA adapter {path}: cannot read {os.path.basename(weights)} "
+                          f"({type(e).__name__}: {e})") from None
+    if not isinstance(tensors, Mapping) or not tensors:
+        raise ConfigError(f"LoRA adapter {path}: {os.path.basename(weights)} holds no tensors")
+    return weights
+
+
 def read_adapter(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """The config and weights of a local PEFT adapter directory.
 
     Raises:
         ConfigError: no ``adapter_config.json`` (or not valid JSON), or no weights file.
     """
-    import torch
-
     config = read_adapter_config(path)
-    safetensors_path = os.path.join(path, "adapter_model.safetensors")
-    if os.path.exists(safetensors_path):
-        from safetensors.torch import load_file
-
-        tensors = load_file(safetensors_path)
-    else:
-        for name in ("adapter_model.bin", "adapter_model.pt"):
-            if os.path.exists(os.path.join(path, name)):
-                tensors = torch.load(os.path.join(path, name), map_location="cpu", weights_only=True)
-                break
-        else:
-            raise ConfigError(
-                f"LoRA adapter {path}: no adapter_model.safetensors (or .bin/.pt) in it"
-            )
+    tensors = _load_weights(_weights_file(path))
     return config, {k: v.contiguous() for k, v in tensors.items()}
 
 
-def check_adapter_fits(name: str, config: Mapping[str, Any], expected_modules: Iterable[str],
+@dataclass(frozen=True)
+class AdapterSource:
+    """A checked ``--lora-path``: its name in ``lora/<name>/``, its local PEFT directory
+    and its ``adapter_config.json``."""
+
+    name: str
+    path: str
+    config: dict[str, Any]
+
+
+def prepare_adapters(lora_paths: Sequence[str], *, download_dir: str | None = None,
+                     max_rank: int | None = None) -> list[AdapterSource]:
+    """Check every adapter that needs no model before any engine starts: unique names, a
+    local directory (or a Hub id resolved now), a readable ``adapter_config.json``, a
+    weights file that holds tensors, and (when known) a rank within ``--max-lora-rank``.
+    What needs the loaded model (its target modules) is `check_adapter_fits`.
+
+    Raises:
+        ConfigError, StorageError: naming the adapter and what is wrong.
+    """
+    from .artifacts import resolve_model_files
+
+    adapters: list[AdapterSource] = []
+    for path in lora_paths:
+        name = adapter_name(path)
+        if name in [a.name for a in adapters]:
+            raise ConfigError(f"two --lora-path values are both named {name!r}")
+        if os.path.isdir(path):
+            local = path
+        elif os.path.exists(path) or os.path.isabs(path) or path.startswith("."):
+            raise ConfigError(f"--lora-path {path}: not a directory (a PEFT adapter directory "
+                              "holds adapter_config.json and adapter_model.safetensors)")
+        else:
+            local = resolve_model_files(path, download_dir=download_dir, weights=True)
+        config = read_adapter_config(local)
+        check_adapter_weights(local)
+        check_adapter_fits(name, config, None, max_rank)
+        adapters.append(AdapterSource(name, local, config))
+    return adapters
+
+
+def check_adapter_fits(name: str, config: Mapping[str, Any],
+                       expected_modules: Iterable[str] | None,
                        max_rank: int | None = None) -> None:
-    """Refuse an adapter whose target modules the base model does not have, or whose rank
-    is above the engine's ``--max-lora-rank`` (when known). The message names the adapter."""
+    """Refuse an adapter whose target modules the base model does not have (when
+    `expected_modules` is given), or whose rank is above the engine's ``--max-lora-rank``
+    (when known). The message names the adapter."""
+    ranks = [int(config.get("r", 0)), *[int(r) for r in (config.get("rank_pattern") or {}).values()]]
+    if max_rank is not None and max(ranks) > max_rank:
+        raise ConfigError(
+            f"LoRA adapter {name!r} has rank {max(ranks)}, above --max-lora-rank {max_rank}; "
+            f"start the engine with --max-lora-rank {max(ranks)} or more"
+        )
+    if expected_modules is None:
+        return
     expected = set(expected_modules)
     targets = config.get("target_modules") or []
     if isinstance(targets, str):  # a regular expression over module paths
@@ -120,12 +211,6 @@ def check_adapter_fits(name: str, config: Mapping[str, Any], expected_modules: I
         raise ConfigError(
             f"LoRA adapter {name!r} targets module(s) {', '.join(missing)} that the base model "
             f"does not have; it has {', '.join(sorted(expected))}"
-        )
-    ranks = [int(config.get("r", 0)), *[int(r) for r in (config.get("rank_pattern") or {}).values()]]
-    if max_rank is not None and max(ranks) > max_rank:
-        raise ConfigError(
-            f"LoRA adapter {name!r} has rank {max(ranks)}, above --max-lora-rank {max_rank}; "
-            f"start the engine with --max-lora-rank {max(ranks)} or more"
         )
 
 
@@ -154,11 +239,28 @@ def stage_adapter(name: str, source: str, destination: str, *, key: bytes | None
 
 
 def _ram_root() -> str:
-    """A private directory in RAM-backed storage (else in the cache directory)."""
+    """A private directory in RAM-backed storage (else in the cache directory).
+
+    Raises:
+        StorageError: the directory's name is taken by a link, a file, or a directory of
+            another user (in a shared ``/dev/shm`` anyone may create it first); nothing is
+            written into it then.
+    """
     base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else environment().cache_dir
-    root = os.path.join(base, f"tensorize_vllm_model-{os.getuid()}", "adapters")
+    private = os.path.join(base, f"tensorize_vllm_model-{os.getuid()}")
+    try:
+        os.makedirs(private, mode=0o700, exist_ok=True)
+        info = os.lstat(private)
+    except OSError as e:
+        raise StorageError(f"cannot create the private directory {private}: {e.strerror or e}") from e
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise StorageError(
+            f"{private} is not a directory of this user (a link, a file, or another user's "
+            "directory), so no adapter is written there; remove it and try again"
+        )
+    os.chmod(private, 0o700)
+    root = os.path.join(private, "adapters")
     os.makedirs(root, mode=0o700, exist_ok=True)
-    os.chmod(os.path.dirname(root), 0o700)
     return root
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +22,8 @@ from . import __version__, storage
 from .config import TensorizerConfig, as_tensorizer_config
 from .errors import ConfigError, StorageError
 from .artifacts import resolve_model_files, stage_artifacts
-from .keys import encryption_params, generate_key, read_key, stage_key
+from .keys import encryption_params, prepare_key
+from .lora import prepare_adapters
 from .layout import (
     MARKER_NAME,
     RECORD_NAME,
@@ -73,6 +73,8 @@ class SerializeResult:
     bytes: int = 0
     seconds: float = 0.0
     keyfile: str | None = None
+    # True when the key was already in `keyfile` (left unchanged); False for a new key.
+    key_existing: bool = False
 
 
 def check_serialization_kwargs(kwargs: Mapping[str, Any]) -> None:
@@ -177,8 +179,10 @@ def tensorize_vllm_model(
         tensorizer_config: where to write (``tensorizer_uri``) and how
             (``encryption_keyfile``, ``serialization_kwargs``): this package's
             `TensorizerConfig`, vLLM's, or a dict of its fields.
-        generate_keyfile: with ``encryption_keyfile`` set, generate a random key and write
-            it there (mode 0600); when False, encrypt with the key already in that file.
+        generate_keyfile: with ``encryption_keyfile`` set: when the file holds a key,
+            encrypt with it (the file is never overwritten, whatever this says); when there
+            is no file, True generates a random key and writes it there (mode 0600, published
+            with the model) and False is an error. (vLLM's function overwrites the file.)
         lora_paths: LoRA adapters (local PEFT directories, or Hub ids where a Hub is
             reachable) to serialize into ``lora/<name>/`` beside the model, encrypted with
             the same key. Each is checked against the model first.
@@ -209,18 +213,17 @@ def tensorize_vllm_model(
     destination = tensorizer_config.tensorizer_dir or storage.parent(uri)
     options = tensorizer_config.stream_options()
     storage.check_writable(destination, options)
-    if tensorizer_config.encryption_keyfile and generate_keyfile:
-        storage.check_writable(storage.parent(tensorizer_config.encryption_keyfile), options)
+    adapters = prepare_adapters(
+        lora_paths, download_dir=engine_args.download_dir,
+        max_rank=engine_args.max_lora_rank if getattr(engine_args, "enable_lora", False) else None)
 
     staged: list[storage.StagedWrite] = []
-    key = None
     keyfile = tensorizer_config.encryption_keyfile
-    if keyfile:
-        if generate_keyfile:
-            key = generate_key()
-            staged.append(stage_key(keyfile, key, options))
-        else:
-            key = read_key(keyfile, tensorizer_config)
+    encryption = prepare_key(keyfile, tensorizer_config, generate=generate_keyfile) \
+        if keyfile else None
+    key = encryption.key if encryption else None
+    if encryption and encryption.staged:
+        staged.append(encryption.staged)
 
     engine = None
     publication = storage.Publication(options)
@@ -243,8 +246,8 @@ def tensorize_vllm_model(
             sources.append(resolve_model_files(tokenizer, revision=engine_args.tokenizer_revision,
                                                download_dir=engine_args.download_dir))
         staged = stage_artifacts(sources, destination, options) + staged
-        if lora_paths:
-            staged += _stage_adapters(engine, lora_paths, destination, key, options, engine_args)
+        if adapters:
+            staged += _stage_adapters(engine, adapters, destination, key, options)
         # All or nothing: the artifacts and key first, each rank's tensors last (so a
         # tensors file that exists is complete); any failure puts every name back.
         for item in staged:
@@ -272,27 +275,22 @@ def tensorize_vllm_model(
         bytes=sum(w["bytes"] for w in written),
         seconds=time.perf_counter() - start,
         keyfile=keyfile,
+        key_existing=bool(encryption and encryption.existing),
     )
 
 
-def _stage_adapters(engine, lora_paths, destination, key, options, engine_args):
+def _stage_adapters(engine, adapters, destination, key, options):
     """Check every adapter against the loaded model, then stage them all."""
-    from .lora import adapter_name, check_adapter_fits, read_adapter_config, stage_adapter
+    from .lora import check_adapter_fits, stage_adapter
 
     [fit] = engine.rpc("tensorize_vllm_model_lora_modules")[:1]
-    sources: dict[str, str] = {}
-    for path in lora_paths:
-        name = adapter_name(path)
-        if name in sources:
-            raise ConfigError(f"two --lora-path values are both named {name!r}")
-        local = path if os.path.isdir(path) else resolve_model_files(
-            path, download_dir=engine_args.download_dir, weights=True)
-        check_adapter_fits(name, read_adapter_config(local), fit["modules"], fit["max_rank"])
-        sources[name] = local
+    for adapter in adapters:
+        check_adapter_fits(adapter.name, adapter.config, fit["modules"], fit["max_rank"])
     staged: list[storage.StagedWrite] = []
     try:
-        for name, local in sources.items():
-            staged += stage_adapter(name, local, destination, key=key, options=options)
+        for adapter in adapters:
+            staged += stage_adapter(adapter.name, adapter.path, destination, key=key,
+                                    options=options)
     except BaseException:
         for item in staged:
             item.abort()

@@ -40,11 +40,13 @@ from .errors import (
     TensorizeError,
 )
 from .layout import (
-    RECORD_NAME,
     MARKER_NAME,
+    RECORD_NAME,
     RESERVED_NAMES,
     FileRecord,
     ParallelLayout,
+    check_shared_file,
+    has_rank_template,
     rank_uri,
 )
 from .remote_read import HEADER_LENGTH, check_header_length
@@ -882,13 +884,16 @@ def check_shards(config: TensorizerConfig | Mapping[str, Any], tensor_parallel_s
     """Check every rank's file before any engine work: it opens, it is a tensorizer file, it
     decrypts with the key given, and it was written for this layout and rank.
 
-    Only headers (and each file's small record) are read.
+    Only headers (and each file's small record) are read. A ``tensorizer_uri`` without rank
+    template is one file every rank reads: allowed, at any layout, for a file that is not
+    vLLM-tensorized (a Hugging Face model, a converted checkpoint; see
+    `layout.check_shared_file`).
 
     Returns:
-        The total tensor bytes of all ranks.
+        The total tensor bytes of all ranks (of the one shared file).
 
     Raises:
-        ConfigError: more than one rank and no rank template in ``tensorizer_uri``.
+        ConfigError: a vLLM-tensorized file, more than one rank and no rank template.
         StorageError: a shard is missing (named) or unreachable.
         LayoutError: a shard was written for another layout (both are named).
         EncryptionError, FormatError: as `open_tensors`.
@@ -897,7 +902,13 @@ def check_shards(config: TensorizerConfig | Mapping[str, Any], tensor_parallel_s
     tp, pp = tensor_parallel_size, pipeline_parallel_size
     uri = config.tensorizer_uri
     assert uri is not None
-    rank_uri(uri, ParallelLayout(tp, pp))  # refuses a missing template, naming the URI
+    if not has_rank_template(uri):
+        with open_tensors(uri, device="cpu", config=config) as reader:
+            check_shared_file(uri, ParallelLayout(tp, pp), vllm_tensorized=reader.is_vllm_tensorized,
+                              record=reader.record)
+            if reader.record is not None and not reader.checkpoint_form:
+                reader.record.check_layout(ParallelLayout(tp, pp), source=reader.uri)
+            return reader.total_tensor_bytes
     total = 0
     for rank in range(tp * pp):
         layout = ParallelLayout(tp, pp, tp_rank=rank % tp, pp_rank=rank // tp)

@@ -149,7 +149,7 @@ def check_engine_files(engine_args: Any) -> None:
     if not _has_explicit_uri(extra):
         config.tensorizer_uri = layout_mod.tensors_uri(config.tensorizer_dir or ".", tp * pp)
     if shared is not None:
-        _check_converted(shared, config, str(engine_args.model), tp, pp)
+        _check_shared_file(shared, config, str(engine_args.model), tp, pp)
     else:
         check_shards(config, tp, pp)
     names = engine_args.served_model_name or [str(engine_args.model)]
@@ -157,19 +157,15 @@ def check_engine_files(engine_args: Any) -> None:
         _served[name] = config  # for the LoRA resolver in this (API server) process
 
 
-def _check_converted(uri: str, config: TensorizerConfig, model: str, tp: int, pp: int) -> None:
-    """One file for every rank: it must be a converted file, and the model must split at
-    this layout."""
+def _check_shared_file(uri: str, config: TensorizerConfig, model: str, tp: int, pp: int) -> None:
+    """One file for every rank: it must hold whole weights (a converted file, or a file that
+    is not vLLM-tensorized such as a Hugging Face model's; see `layout.check_shared_file`),
+    and the model must split at this layout."""
     import json
 
     from .convert.fit import check_layout_fits
 
-    layout = ParallelLayout(tp, pp)
-    with open_tensors(uri, device="cpu", config=config) as reader:
-        if not reader.checkpoint_form:  # one rank's file: refused, naming both layouts
-            if reader.record is not None:
-                reader.record.check_layout(layout, source=reader.uri)
-            layout_mod.rank_uri(uri, layout)  # raises: one file per rank is needed
+    check_shards(dataclasses.replace(config, tensorizer_uri=uri), tp, pp)
     config_path = os.path.join(model, "config.json")
     if os.path.exists(config_path):
         with open(config_path) as f:
@@ -249,8 +245,8 @@ class TensorizerLoader(BaseModelLoader):
         )
 
     def rank_uri(self, vllm_config: VllmConfig) -> str:
-        """The file this worker reads: its rank's file, or the one converted file that
-        every rank shares."""
+        """The file this worker reads: its rank's file, or the one file every rank shares
+        (`_open_checked` checks that it may be shared)."""
         layout = current_layout(vllm_config)
         shared = shared_file(self.tensorizer_config, self._explicit_uri, layout.world_size)
         if shared is not None:
@@ -261,8 +257,28 @@ class TensorizerLoader(BaseModelLoader):
             uri = layout_mod.tensors_uri(self.tensorizer_config.tensorizer_dir or ".", layout.world_size)
         return layout_mod.rank_uri(uri, layout)
 
+    def _open_checked(self, vllm_config: VllmConfig, device: torch.device | str):
+        """Open this worker's file and check that it fits the layout: (uri, reader)."""
+        layout = current_layout(vllm_config)
+        shared = shared_file(self.tensorizer_config, self._explicit_uri, layout.world_size)
+        uri = shared or self.rank_uri(vllm_config)
+        reader = open_tensors(uri, device=device, config=self.tensorizer_config)
+        try:
+            if shared is not None:
+                layout_mod.check_shared_file(shared, layout,
+                                             vllm_tensorized=reader.is_vllm_tensorized,
+                                             record=reader.record)
+            if reader.record is not None and not reader.checkpoint_form:
+                reader.record.check_layout(layout, source=uri)
+        except BaseException:
+            reader.close()
+            raise
+        return uri, reader
+
     def download_model(self, model_config: ModelConfig) -> None:
         uri = self.tensorizer_config.tensorizer_uri
+        assert uri is not None
+        uri = layout_mod.rank_uri(uri, ParallelLayout(), shared=True)  # rank 0's file
         if storage.is_local(uri) and not storage.exists(uri):
             raise ConfigError(f"no such tensors file: {uri}")
 
@@ -272,13 +288,10 @@ class TensorizerLoader(BaseModelLoader):
         global _last_load
         layout = current_layout(vllm_config)
         device = target_device(vllm_config)
-        uri = self.rank_uri(vllm_config)
-        logger.info("Loading tensors from %s onto %s", uri, device)
-        with _readers_on_every_core(device), \
-                open_tensors(uri, device=device, config=self.tensorizer_config) as reader:
-            if reader.record is not None and not reader.checkpoint_form:
-                reader.record.check_layout(layout, source=uri)
-            with set_default_torch_dtype(model_config.dtype):
+        with _readers_on_every_core(device):
+            uri, reader = self._open_checked(vllm_config, device)
+            logger.info("Loading tensors from %s onto %s", uri, device)
+            with reader, set_default_torch_dtype(model_config.dtype):
                 building = time.perf_counter()
                 with torch.device(device), contextlib.ExitStack() as stack:
                     if reader.is_vllm_tensorized:
@@ -311,9 +324,9 @@ class TensorizerLoader(BaseModelLoader):
         from vllm.config import get_current_vllm_config
 
         vllm_config = get_current_vllm_config()
-        uri = self.rank_uri(vllm_config)
         device = next(model.parameters()).device
-        with open_tensors(uri, device=device, config=self.tensorizer_config) as reader:
+        uri, reader = self._open_checked(vllm_config, device)
+        with reader:
             if reader.is_vllm_tensorized:
                 load_into_module(model, reader)
             elif reader.checkpoint_form:

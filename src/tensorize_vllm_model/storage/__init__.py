@@ -178,6 +178,8 @@ class StagedWrite:
         uri: the final location.
         path: the local file to write now.
         mode: the permission bits of the published file (local files).
+        replace: whether `commit()` may replace a file already at `uri`; when False it
+            raises `StorageError` instead and leaves that file as it is.
     """
 
     uri: str
@@ -185,6 +187,7 @@ class StagedWrite:
     publish: Callable[[str, str], None]
     mode: int = 0o644
     done: bool = False
+    replace: bool = True
 
     def commit(self) -> None:
         """Publish the written file under its final name (atomically)."""
@@ -222,7 +225,7 @@ class Publication:
 
     def commit(self, staged: StagedWrite) -> None:
         backup = None
-        if exists(staged.uri, self._options):
+        if staged.replace and exists(staged.uri, self._options):
             backup = join(parent(staged.uri),
                           f".{basename(staged.uri)}.kept-{secrets.token_hex(4)}")
             self._call("keep_aside", staged.uri, backup)
@@ -262,11 +265,15 @@ class Publication:
             getattr(backend, name)(*uris, StreamOptions.from_mapping(self._options))
 
 
-def stage_write(uri: str, options: Options = None, *, mode: int = 0o644) -> StagedWrite:
+def stage_write(uri: str, options: Options = None, *, mode: int = 0o644,
+                replace: bool = True) -> StagedWrite:
     """Prepare to write `uri`: a private (0600) temporary file to write into now.
 
     Local files are staged beside their final name (so the commit is a rename); S3 objects in
-    the temporary directory, uploaded at commit.
+    the temporary directory, uploaded at commit. With ``replace=False`` the commit never
+    replaces a file that is at `uri` by then (locally a hard link, which fails on an
+    existing name; on S3 a conditional write, ``If-None-Match: *``) and raises
+    `StorageError` naming it.
 
     Raises:
         ConfigError: for a URI that cannot be written (http(s)://).
@@ -277,7 +284,8 @@ def stage_write(uri: str, options: Options = None, *, mode: int = 0o644) -> Stag
         raise ConfigError(f"cannot write to {redact(uri)}: {scheme}:// URIs are read-only")
     backend = _backend(uri)
     if scheme == "file":
-        return StagedWrite(uri=uri, path=backend.make_temp(uri), publish=backend.publish, mode=mode)
+        return StagedWrite(uri=uri, path=backend.make_temp(uri), mode=mode, replace=replace,
+                           publish=backend.publish if replace else backend.publish_new)
     opts = StreamOptions.from_mapping(options)
     backend.parse(uri)  # refuses a URI without a bucket now, not at commit
     try:
@@ -285,8 +293,9 @@ def stage_write(uri: str, options: Options = None, *, mode: int = 0o644) -> Stag
         os.close(fd)
     except OSError as e:
         raise StorageError(f"cannot create a temporary file for {uri}: {e.strerror or e}") from e
-    return StagedWrite(uri=uri, path=temp,
-                       publish=lambda path, target: backend.upload(path, target, opts), mode=mode)
+    return StagedWrite(uri=uri, path=temp, mode=mode, replace=replace,
+                       publish=lambda path, target: backend.upload(path, target, opts,
+                                                                   replace=replace))
 
 
 def check_writable(directory: str, options: Options = None) -> None:

@@ -10,7 +10,8 @@ from typing import BinaryIO
 
 from ..errors import StorageError
 
-__all__ = ["path_of", "open_read", "exists", "list_names", "make_temp", "publish", "keep_aside",
+__all__ = ["path_of", "open_read", "exists", "list_names", "make_temp", "publish", "publish_new",
+           "keep_aside",
            "restore", "delete"]
 
 
@@ -74,6 +75,39 @@ def publish(temp: str, uri: str) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def publish_new(temp: str, uri: str) -> None:
+    """Publish a fully written temporary file under a name that must not exist yet: a file
+    already there (even one that appeared a moment ago) is never replaced.
+
+    Raises:
+        StorageError: a file exists at `uri` (named), or it cannot be written.
+    """
+    final = path_of(uri)
+    try:
+        with open(temp, "rb") as f:
+            os.fsync(f.fileno())
+        try:
+            os.link(temp, final)  # atomic, and fails on an existing name
+        except FileExistsError:
+            raise
+        except OSError:  # a file system without hard links: create the name exclusively
+            import shutil
+
+            with open(temp, "rb") as source, open(final, "xb") as target:
+                try:  # the name is ours from here: a failed copy leaves nothing at it
+                    shutil.copyfileobj(source, target)
+                    os.chmod(final, os.stat(temp).st_mode & 0o777)
+                    os.fsync(target.fileno())
+                except BaseException:
+                    os.unlink(final)
+                    raise
+    except FileExistsError:
+        raise StorageError(f"{final} already exists; it was left as it is (not replaced)") from None
+    except OSError as e:
+        raise StorageError(f"cannot write {final}: {e.strerror or e}") from e
+    os.unlink(temp)
 
 
 def keep_aside(uri: str, backup: str) -> None:

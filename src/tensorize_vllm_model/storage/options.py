@@ -15,15 +15,16 @@ from ..config import parse_bool
 from ..errors import ConfigError
 from .ranged import DEFAULT_CHUNK_SIZE, DEFAULT_WORKERS
 
-__all__ = ["StreamOptions", "STREAM_KWARGS"]
+__all__ = ["StreamOptions", "STREAM_KWARGS", "ADDRESSING_STYLES"]
 
 # tensorizer's open_stream keywords we honour, plus our own read-ahead knobs. buffer_size
 # is accepted for compatibility and has no effect.
 STREAM_KWARGS = (
     "s3_access_key_id", "s3_secret_access_key", "s3_endpoint", "s3_config_path",
-    "s3_region_name", "s3_signature_version", "force_http", "ca_bundle", "buffer_size",
-    "workers", "chunk_size", "timeout", "ranges",
+    "s3_region_name", "s3_signature_version", "addressing_style", "force_http", "ca_bundle",
+    "buffer_size", "workers", "chunk_size", "timeout", "ranges",
 )
+ADDRESSING_STYLES = ("auto", "virtual", "path")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,9 @@ class StreamOptions:
     s3_config_path: str | None = None
     s3_region_name: str | None = None
     s3_signature_version: str | None = None
+    # S3 request style (botocore's names): "virtual" (https://BUCKET.host/KEY), "path"
+    # (https://host/BUCKET/KEY) or "auto"; None: chosen for the endpoint (see s3_settings).
+    addressing_style: str | None = None
     force_http: bool = False
     ca_bundle: str | None = None
     workers: int = DEFAULT_WORKERS
@@ -60,6 +64,10 @@ class StreamOptions:
         for name in ("force_http", "ranges"):
             if name in values:  # "true"/"false" strings too, as older vLLM docs give them
                 values[name] = parse_bool(values[name], f"stream_kwargs {name}")
+        style = values.get("addressing_style")
+        if style is not None and style not in ADDRESSING_STYLES:
+            raise ConfigError(f"stream_kwargs addressing_style must be one of "
+                              f"{', '.join(ADDRESSING_STYLES)}, got {style!r}")
         for name in ("workers", "chunk_size"):
             if name in values and (not isinstance(values[name], int) or values[name] < 1):
                 raise ConfigError(f"stream_kwargs {name} must be a positive integer")

@@ -1,16 +1,7 @@
 """S3 (and S3-compatible stores) through boto3: ranged reads, listings, multipart uploads.
 
-Credentials, first found wins:
-  1. the config / command-line values (``s3_access_key_id``, ``s3_secret_access_key``),
-     else the ``S3_ACCESS_KEY_ID`` / ``S3_SECRET_ACCESS_KEY`` variables;
-  2. boto3's standard chain (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` /
-     ``AWS_SESSION_TOKEN``, ``AWS_PROFILE`` and ``~/.aws``, container and IRSA roles);
-  3. ``~/.s3cfg`` (or ``s3_config_path``), section ``[default]``.
-Both keys given as empty strings mean anonymous access (a public bucket).
-
-The endpoint: ``s3_endpoint``, else ``S3_ENDPOINT_URL``, else ``AWS_ENDPOINT_URL_S3`` /
-``AWS_ENDPOINT_URL``, else ``host_base`` of ``~/.s3cfg``, else AWS. A plain ``http://``
-endpoint is refused unless ``force_http`` allows it.
+Credentials, endpoint, addressing style and TLS come from `s3_settings` (the options, the
+environment, ``~/.s3cfg`` and the AWS config files; see docs/s3.md).
 
 An upload is published only when it completes: a failed multipart upload is aborted, so no
 object appears at the key.
@@ -18,18 +9,16 @@ object appears at the key.
 
 from __future__ import annotations
 
-import configparser
 import io
 import math
 import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
-from ..config import environment
 from ..errors import ConfigError, StorageError
+from . import s3_settings
 from .options import StreamOptions
 from .ranged import TransferStalled
 
@@ -52,93 +41,34 @@ def parse(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-@dataclass
-class _Resolved:
-    endpoint: str | None
-    credentials: str  # how they were found, for messages
-
-
-def _s3cfg(path: str | None) -> dict[str, str]:
-    path = os.path.expanduser(path or "~/.s3cfg")
-    parser = configparser.ConfigParser()
-    try:
-        if not parser.read(path):
-            return {}
-    except configparser.Error as e:
-        raise ConfigError(f"cannot read the S3 config file {path}: {e}") from None
-    return dict(parser["default"]) if parser.has_section("default") else {}
-
-
-def _endpoint_url(endpoint: str | None, force_http: bool) -> str | None:
-    if not endpoint:
-        return None
-    if "://" not in endpoint:
-        endpoint = ("http://" if force_http else "https://") + endpoint
-    if endpoint.startswith("http://") and not force_http:
-        raise ConfigError(
-            f"the S3 endpoint {endpoint} is plain http:// and would send credentials and data "
-            "unencrypted; allow it with --allow-http (command line) or "
-            '{"stream_kwargs": {"force_http": true}} in the tensorizer config'
-        )
-    return endpoint
-
-
 def _client(options: StreamOptions):
-    """A boto3 client for `options` (cached: clients are thread-safe and costly to make)."""
+    """A boto3 client for `options` and its `S3Settings` (cached: clients are thread-safe
+    and costly to make)."""
     with _clients_lock:
         if options in _clients:
             return _clients[options]
         import boto3
-        import botocore
         from botocore.config import Config
 
-        env = environment()
-        s3cfg: dict[str, str] | None = None
-        key, secret = options.s3_access_key_id, options.s3_secret_access_key
-        kwargs: dict = {}
-        signature = options.s3_signature_version
-        if key == "" and secret == "":
-            signature, how = botocore.UNSIGNED, "anonymous (empty keys given)"
-        elif key and secret:
-            kwargs.update(aws_access_key_id=key, aws_secret_access_key=secret)
-            how = "the configured access key"
-        elif boto3.session.Session().get_credentials() is not None:
-            how = "the AWS credential chain"
-        else:
-            s3cfg = _s3cfg(options.s3_config_path)
-            if s3cfg.get("access_key") and s3cfg.get("secret_key"):
-                kwargs.update(aws_access_key_id=s3cfg["access_key"],
-                              aws_secret_access_key=s3cfg["secret_key"])
-                how = "~/.s3cfg"
-            else:
-                signature, how = botocore.UNSIGNED, (
-                    "anonymous: no credentials found in the config, S3_* variables, the AWS "
-                    "chain or ~/.s3cfg"
-                )
-        endpoint = options.s3_endpoint or env.aws_endpoint_url
-        force_http = options.force_http
-        if not endpoint:
-            s3cfg = s3cfg if s3cfg is not None else _s3cfg(options.s3_config_path)
-            endpoint = s3cfg.get("host_base")
-            force_http = force_http or s3cfg.get("use_https", "").lower() == "false"
-        endpoint = _endpoint_url(endpoint, force_http)
+        settings = s3_settings.resolve(options)
         config = Config(
-            signature_version=signature,
+            signature_version=settings.signature_version,
             connect_timeout=min(options.timeout, 10.0),
             read_timeout=options.timeout,
             retries={"mode": "standard", "max_attempts": 3},
             max_pool_connections=max(10, options.workers * 2),
-            s3={"addressing_style": "path" if endpoint else "auto"},
+            s3={"addressing_style": settings.addressing_style},
         )
         client = boto3.session.Session().client(
-            "s3", endpoint_url=endpoint, region_name=options.s3_region_name, config=config,
-            verify=options.ca_bundle if options.ca_bundle else None, **kwargs,
+            "s3", endpoint_url=settings.endpoint, region_name=options.s3_region_name,
+            config=config, verify=options.ca_bundle if options.ca_bundle else None,
+            **settings.client_kwargs,
         )
-        _clients[options] = (client, _Resolved(endpoint=endpoint, credentials=how))
+        _clients[options] = (client, settings)
         return _clients[options]
 
 
-def _error(e: Exception, uri: str, resolved: _Resolved, action: str) -> StorageError:
+def _error(e: Exception, uri: str, resolved: s3_settings.S3Settings, action: str) -> StorageError:
     """A StorageError saying what failed, for which object, and what to check."""
     from botocore.exceptions import (
         ClientError,
@@ -341,19 +271,29 @@ def check_bucket(uri: str, options: StreamOptions) -> None:
         raise error from None
 
 
-def upload(path: str, uri: str, options: StreamOptions) -> None:
-    """Upload a local file to `uri`; the object appears only when the upload completes."""
+def upload(path: str, uri: str, options: StreamOptions, *, replace: bool = True) -> None:
+    """Upload a local file to `uri`; the object appears only when the upload completes.
+
+    With ``replace=False`` the write is conditional (``If-None-Match: *``, S3's conditional
+    writes): an object already at `uri` is left as it is and `StorageError` names it. A
+    server that ignores the condition is caught by a check just before the upload.
+    """
     bucket, key = parse(uri)
     client, resolved = _client(options)
     size = os.path.getsize(path)
+    condition = {} if replace else {"IfNoneMatch": "*"}
+    if not replace and exists(uri, options):
+        raise _exists_error(uri)
     try:
         if size <= _PART_SIZE:
             with open(path, "rb") as f:
-                client.put_object(Bucket=bucket, Key=key, Body=f.read())
+                client.put_object(Bucket=bucket, Key=key, Body=f.read(), **condition)
             return
         part_size = max(_PART_SIZE, math.ceil(size / _MAX_PARTS))
         upload_id = client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
     except Exception as e:  # noqa: BLE001
+        if _precondition_failed(e):
+            raise _exists_error(uri) from None
         raise _error(e, uri, resolved, "writing") from None
     try:
         def send(number: int) -> dict:
@@ -368,7 +308,7 @@ def upload(path: str, uri: str, options: StreamOptions) -> None:
         with ThreadPoolExecutor(max(1, min(options.workers, count))) as pool:
             parts = list(pool.map(send, range(1, count + 1)))
         client.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id,
-                                         MultipartUpload={"Parts": parts})
+                                         MultipartUpload={"Parts": parts}, **condition)
     except BaseException as e:
         try:
             client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
@@ -379,9 +319,23 @@ def upload(path: str, uri: str, options: StreamOptions) -> None:
                 "was created, but its parts hold storage until it is aborted (e.g. by a "
                 "bucket lifecycle rule)"
             )
+        if _precondition_failed(e):
+            raise _exists_error(uri) from None
         if isinstance(e, Exception):
             raise StorageError(f"{_error(e, uri, resolved, 'writing')}{leftover}") from None
         raise
+
+
+def _precondition_failed(e: BaseException) -> bool:
+    from botocore.exceptions import ClientError
+
+    return isinstance(e, ClientError) and (
+        e.response.get("Error", {}).get("Code") == "PreconditionFailed"
+        or e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412)
+
+
+def _exists_error(uri: str) -> StorageError:
+    return StorageError(f"{uri} already exists; it was left as it is (not replaced)")
 
 
 def keep_aside(uri: str, backup: str, options: StreamOptions) -> None:
