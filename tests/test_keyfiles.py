@@ -9,7 +9,6 @@ real command line) with the stand-in engine of test_atomic_writes (no vLLM engin
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 import uuid
@@ -200,14 +199,19 @@ def test_local_publish_that_must_not_replace(tmp_path, monkeypatch, hard_links):
 
 
 @pytest.fixture
-def cli_with_fake_engine(monkeypatch, fake_engine):  # noqa: F811 - the imported fixture
-    """The real command line (vLLM's parser and EngineArgs), with the stand-in engine."""
-    monkeypatch.delitem(sys.modules, "tensorize_vllm_model.vllm_adapter")
-    vllm_adapter = importlib.import_module("tensorize_vllm_model.vllm_adapter")
-    monkeypatch.setattr(vllm_adapter, "Engine", FakeEngine)
+def cli_with_fake_engine(monkeypatch):
+    """The real command line (vLLM's parser and EngineArgs), with the stand-in engine.
+
+    The real `vllm_adapter` is imported for good (one module for the whole session: vLLM's
+    registries hold its loaders and resolver) and only its `Engine` is replaced."""
+    from tensorize_vllm_model import vllm_adapter
     from tensorize_vllm_model.cli import main
 
-    return main
+    assert hasattr(vllm_adapter, "TensorizerLoader")  # the real module, not a stand-in
+    monkeypatch.setattr(vllm_adapter, "Engine", FakeEngine)
+    FakeEngine.instances = []
+    yield main
+    FakeEngine.instances = []
 
 
 def test_cli_existing_key(cli_with_fake_engine, tiny_llama, tmp_path, capsys):
