@@ -101,6 +101,7 @@ def write_tensors(
     options: storage.Options = None,
     on_bytes: Callable[[int], None] | None = None,
     marker: bool = True,
+    batch_bytes: int | None = None,
 ) -> StagedTensors:
     """Write `tensors` to a staged file that `commit()` publishes at `uri`.
 
@@ -116,6 +117,9 @@ def write_tensors(
         on_bytes: called with each tensor's size in bytes once it is written (progress.py).
         marker: write vLLM's ``.vllm_tensorized_marker`` (files of vLLM's own parameters);
             False for a checkpoint-form file (``convert``), which vLLM must not take for one.
+        batch_bytes: write the tensors in batches of about this many bytes, hashed in
+            parallel and prepared a batch ahead (`batched_write`), with tensorizer's
+            ``STATE_DICT`` type; None writes them one by one as ``PARAM``/``BUFFER``.
 
     Returns:
         The staged file; nothing is at `uri` until it is committed.
@@ -141,6 +145,9 @@ def write_tensors(
                 # No marker (vLLM must not take the file for its own parameters): the record
                 # keeps its own STATE_DICT tensor, which this package reads.
                 serializer.write_tensor(0, RECORD_NAME, TensorType.STATE_DICT, record_tensor)
+            if batch_bytes is not None:
+                _write_batched(serializer, tensors, batch_bytes, staged, on_bytes)
+                tensors = ()
             for index, (name, tensor, is_buffer) in enumerate(tensors, start=1):
                 kind = TensorType.BUFFER if is_buffer else TensorType.PARAM
                 serializer.write_tensor(index, name, kind, tensor)
@@ -156,6 +163,21 @@ def write_tensors(
         staged.abort()
         raise
     return staged
+
+
+def _write_batched(serializer: Any, tensors: Iterable[tuple[str, torch.Tensor, bool]],
+                   batch_bytes: int, staged: StagedTensors,
+                   on_bytes: Callable[[int], None] | None) -> None:
+    from .batched_write import write_batches
+
+    def written(count: int, nbytes: int) -> None:
+        staged.tensors += count
+        staged.bytes += nbytes
+        if on_bytes is not None:
+            on_bytes(nbytes)
+
+    write_batches(serializer, ((name, tensor) for name, tensor, _ in tensors),
+                  batch_bytes=batch_bytes, on_batch=written)
 
 
 def tensorize_vllm_model(

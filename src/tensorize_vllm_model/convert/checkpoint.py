@@ -24,6 +24,13 @@ __all__ = ["Checkpoint", "open_checkpoint"]
 
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
 _BIN_INDEX = "pytorch_model.bin.index.json"
+_SAFETENSORS_DTYPES = {  # safetensors' dtype names (its header format)
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": getattr(torch, "float8_e4m3fn", torch.uint8),
+    "F8_E5M2": getattr(torch, "float8_e5m2", torch.uint8),
+}
 
 
 @dataclass
@@ -61,6 +68,30 @@ class Checkpoint:
             else:
                 for name, tensor in _bin_items(path):
                     yield name, tuple(tensor.shape)
+
+    def tensor_bytes(self, target: torch.dtype | None = None) -> int:
+        """The bytes of all tensors once floating-point ones are cast to `target` (None: as
+        stored), from the headers (safetensors) or memory-mapped state dicts (``.bin``)."""
+        total = 0
+        for dtype, numel in self._dtypes_and_sizes():
+            if target is not None and dtype.is_floating_point:
+                dtype = target
+            total += numel * dtype.itemsize
+        return total
+
+    def _dtypes_and_sizes(self) -> Iterator[tuple[torch.dtype, int]]:
+        for path in self.files:
+            if self.kind == "safetensors":
+                with _safe_open(path) as f:
+                    for name in f.keys():
+                        piece = f.get_slice(name)
+                        numel = 1
+                        for d in piece.get_shape():
+                            numel *= d
+                        yield _SAFETENSORS_DTYPES.get(piece.get_dtype(), torch.uint8), numel
+            else:
+                for _, tensor in _bin_items(path):
+                    yield tensor.dtype, tensor.numel()
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) of every weight, file by file, each a CPU tensor (a view of the

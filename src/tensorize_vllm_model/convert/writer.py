@@ -12,6 +12,7 @@ vLLM parameters.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterator, Mapping
@@ -25,11 +26,15 @@ from ..config import DEFAULT_TENSORS_NAME, TensorizerConfig
 from ..errors import ConfigError
 from ..keys import generate_key, stage_key
 from ..layout import CHECKPOINT_FORM, FileRecord, serialized_dir
+from ..progress import progress
 from ..serialization import SerializeResult, check_serialization_kwargs, write_tensors
+from ..batched_write import BATCH_BYTES
 from .checkpoint import Checkpoint, open_checkpoint
 from .placement import stores_transposed
 
 __all__ = ["DTYPES", "convert_checkpoint"]
+
+logger = logging.getLogger("tensorize_vllm_model")
 
 DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 _ALIASES = {"half": "float16", "float": "float32"}
@@ -125,10 +130,12 @@ def convert_checkpoint(
             staged.append(stage_key(keyfile, key, options))
         names = _transposed_names(checkpoint)
         record.extra["transposed"] = names
-        tensors = write_tensors(storage.join(directory, DEFAULT_TENSORS_NAME),
-                                _stream(checkpoint, target, transposed), record=record,
-                                key=key, serialization_kwargs=serialization_kwargs,
-                                options=options, marker=False)
+        with progress("Converting", checkpoint.tensor_bytes(target), logger=logger) as advance:
+            tensors = write_tensors(storage.join(directory, DEFAULT_TENSORS_NAME),
+                                    _stream(checkpoint, target, transposed), record=record,
+                                    key=key, serialization_kwargs=serialization_kwargs,
+                                    options=options, marker=False, on_bytes=advance,
+                                    batch_bytes=BATCH_BYTES)
         staged.append(tensors.staged)
         if sorted(transposed) != sorted(names):  # the record must say what was done
             raise RuntimeError("the transposed tensors differ from the planned ones")
