@@ -261,3 +261,56 @@ def test_layout_the_model_does_not_allow():
         check_layout_fits(config, 3, 1, source="m")
     with pytest.raises(LayoutError, match="2 layers cannot fill --pipeline-parallel-size 4"):
         check_layout_fits(config, 1, 4, source="m")
+
+
+def test_a_converted_load_reports_the_bytes_of_its_share(converted):
+    """The load's progress (the reader's ``on_bytes``): resized to the bytes this rank reads
+    and advanced by each part read, as the vLLM loader's bar shows them."""
+    import io
+
+    from tensorize_vllm_model import TensorizerConfig
+    from tensorize_vllm_model.convert.loading import ConvertedFile
+    from tensorize_vllm_model.progress import progress
+
+    path = str(converted / "model.tensors")
+    lines = io.StringIO()
+    with open_tensors(path) as reader, \
+            progress("Deserializing", reader.total_tensor_bytes, stream=lines, min_bytes=0,
+                     log_every=0) as reader.on_bytes:
+        file = ConvertedFile(reader, path, TensorizerConfig(tensorizer_uri=path), threads=2)
+        parts = [Part(e.name, reader.index[e.name], 0, reader.index[e.name].data_length // 2)
+                 for e in reader.entries()]
+        share = sum(p.stop - p.start for p in parts)
+        assert share < reader.total_tensor_bytes
+        names = [name for name, _ in file.tensors(parts, PartsRead())]
+    assert names == [p.name for p in parts]
+    shown = lines.getvalue().splitlines()
+    assert shown and all(f" of {share / 1e9:.2f} GB" in line for line in shown)
+    assert shown[-1].startswith(f"Deserializing: {(share - (parts[-1].stop)) / 1e9:.2f} of")
+
+
+def test_batched_write_groups_and_hands_on_errors(tmp_path):
+    """`batched_write`: batches of at least the batch size, in order; an error of the tensor
+    source (raised on the prefetch thread) reaches the caller and nothing is published."""
+    from tensorize_vllm_model.batched_write import batches
+    from tensorize_vllm_model.layout import FileRecord
+    from tensorize_vllm_model.serialization import write_tensors
+
+    tensors = [(f"t{i}", torch.zeros(i + 1, dtype=torch.uint8)) for i in range(5)]
+    assert [[n for n, _ in g] for g in batches(tensors, 3)] == [["t0", "t1"], ["t2"],
+                                                                  ["t3"], ["t4"]]
+
+    def source():
+        yield "a", torch.ones(1000), False
+        yield "b", torch.ones(1000), False
+        raise ValueError("checkpoint tensor c is unreadable")
+
+    path = tmp_path / "model.tensors"
+    with pytest.raises(ValueError, match="tensor c is unreadable"):
+        write_tensors(str(path), source(), record=FileRecord(), marker=False, batch_bytes=4000)
+    assert os.listdir(tmp_path) == []
+    staged = write_tensors(str(path), iter([("a", torch.arange(1000.0), False)] * 1),
+                           record=FileRecord(), marker=False, batch_bytes=1)
+    staged.commit()
+    with open_tensors(str(path)) as reader:
+        assert torch.equal(dict(reader.items())["a"], torch.arange(1000.0))

@@ -181,3 +181,50 @@ def test_verify_command_logs_lines_when_not_on_a_terminal(tensors_file):
     assert "Verifying model.tensors: 0.00 of 0.00 GB (" in proc.stderr
     assert "\r" not in proc.stderr  # no bar
     assert proc.stdout.startswith(f"OK {path}: 4 tensors")
+
+
+def test_resize_sets_the_total_the_bar_and_lines_count_to(caplog):
+    """A rank that reads only its share of a converted file resizes the load's progress to
+    that share: the bar ends at 100% of it, the log lines count to it."""
+    def work(stream):
+        with progress("Deserializing", 4 * GB, stream=stream, min_bytes=GB) as advance:
+            advance.resize(2 * GB)
+            for _ in range(4):
+                advance(GB // 2)
+
+    shown = _on_pty(work)
+    assert "2.00G/2.00G" in shown and "100%" in shown
+    logger = logging.getLogger("tensorize_vllm_model.test")
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        with progress("Deserializing", 4 * GB, stream=io.StringIO(), min_bytes=GB, log_every=0,
+                      logger=logger) as advance:
+            advance.resize(2 * GB)
+            advance(GB)
+    assert caplog.records[0].getMessage().startswith("Deserializing: 1.00 of 2.00 GB (50%)")
+
+
+CONVERT = ("import sys, tensorize_vllm_model.progress as p; p.MIN_BYTES = 0; p.LOG_EVERY = {every}; "
+           "import tensorize_vllm_model.batched_write as b; b.BATCH_BYTES = 1 << 20; "
+           "sys.modules['vllm'] = None; "
+           "from tensorize_vllm_model.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def test_convert_command_shows_progress(tiny_llama, tmp_path):
+    """``convert`` as ``serialize``: a bar on a terminal (threshold and batch size lowered to
+    this small checkpoint), log lines otherwise, each counting the checkpoint's tensor bytes."""
+    args = ["--model", tiny_llama, "convert", "--serialized-directory"]
+    master, slave = _terminal()
+    proc = subprocess.Popen([sys.executable, "-c", CONVERT.format(every=10), *args,
+                             str(tmp_path / "a")], stdout=subprocess.PIPE, stderr=slave,
+                            env=subprocess_env(), cwd=ROOT, text=True)
+    os.close(slave)
+    shown = _read_all(master)
+    os.close(master)
+    proc.communicate(timeout=300)
+    assert proc.returncode == 0, shown
+    assert "Converting: 100%" in shown and "B/s]" in shown
+    proc = subprocess.run([sys.executable, "-c", CONVERT.format(every=0), *args,
+                           str(tmp_path / "b")], capture_output=True, text=True,
+                          env=subprocess_env(), cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Converting: 0.00 of 0.00 GB (" in proc.stderr and "\r" not in proc.stderr

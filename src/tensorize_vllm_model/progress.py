@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TextIO
 
-__all__ = ["LOG_EVERY", "MIN_BYTES", "progress"]
+__all__ = ["LOG_EVERY", "MIN_BYTES", "Advance", "progress", "resize"]
 
 MIN_BYTES = 1_000_000_000  # work under 1 GB takes about a second here: no progress shown
 LOG_EVERY = 10.0  # seconds between log lines when not on a terminal
@@ -63,6 +63,13 @@ class _Progress:
                 self.logged = now
                 self._log(now - self.started)
 
+    def resize(self, total: int) -> None:
+        with self._lock:
+            self.total = total
+            if self._bar is not None:
+                self._bar.total = total
+                self._bar.refresh()
+
     def _log(self, elapsed: float) -> None:
         rate = self.done / elapsed if elapsed > 0 else 0.0
         left = f"about {(self.total - self.done) / rate:.0f} s left" if rate else "starting"
@@ -78,15 +85,33 @@ class _Progress:
             self._bar.close()
 
 
-def _ignore(nbytes: int) -> None:
-    pass
+class Advance:
+    """What `progress` yields: call it with the bytes just done; `resize(total)` when the
+    work turns out to be a different size (a rank that reads only its share of a file)."""
+
+    def __init__(self, shown: _Progress | None = None):
+        self._shown = shown
+
+    def __call__(self, nbytes: int) -> None:
+        if self._shown is not None:
+            self._shown.advance(nbytes)
+
+    def resize(self, total: int) -> None:
+        if self._shown is not None:
+            self._shown.resize(total)
+
+
+def resize(advance: Callable[[int], None] | None, total: int) -> None:
+    """`advance.resize(total)` where `advance` came from `progress` (else nothing)."""
+    if isinstance(advance, Advance):
+        advance.resize(total)
 
 
 @contextlib.contextmanager
 def progress(description: str, total: int, *, stream: TextIO | None = None,
              min_bytes: int | None = None, log_every: float | None = None,
              logger: logging.Logger | None = None,
-             enabled: bool = True) -> Iterator[Callable[[int], None]]:
+             enabled: bool = True) -> Iterator[Advance]:
     """Show the progress of work on `total` bytes while the block runs.
 
     Args:
@@ -102,12 +127,13 @@ def progress(description: str, total: int, *, stream: TextIO | None = None,
         enabled: False shows nothing (e.g. every rank but the first of a parallel load).
 
     Yields:
-        ``advance(nbytes)``: call it, from any thread, each time `nbytes` more are done.
+        ``advance(nbytes)``: call it, from any thread, each time `nbytes` more are done;
+        ``advance.resize(total)`` changes the total (the bar or log lines follow).
     """
     stream = sys.stderr if stream is None else stream
     minimum = MIN_BYTES if min_bytes is None else min_bytes
     if not enabled or total < minimum or stream is None:
-        yield _ignore
+        yield Advance()
         return
     try:
         terminal = stream.isatty()
@@ -116,6 +142,6 @@ def progress(description: str, total: int, *, stream: TextIO | None = None,
     shown = _Progress(description, total, stream, LOG_EVERY if log_every is None else log_every,
                       logger or _default_logger, bar=terminal)
     try:
-        yield shown.advance
+        yield Advance(shown)
     finally:
         shown.close()

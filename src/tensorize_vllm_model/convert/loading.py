@@ -120,9 +120,15 @@ class ConvertedFile:
 
     def tensors(self, parts: list[Part], read: PartsRead) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor in its checkpoint shape) of every part, its needed bytes read."""
+        from ..progress import resize
+
         options = self.config.stream_options()
+        on_bytes = self.reader.on_bytes  # the load's progress: this rank's share of the file
+        resize(on_bytes, sum(part.span[1] - part.span[0] for part in parts))
         for part, buffer in read_parts(self.uri, parts, threads=self.threads,
                                        options=options, stats=read):
+            if on_bytes is not None:
+                on_bytes(part.span[1] - part.span[0])
             if buffer is None:  # read straight into the parameters: vLLM's copy is done
                 continue
             stored = self.entries[part.name].shape

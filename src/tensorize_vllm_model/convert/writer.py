@@ -28,7 +28,7 @@ from ..keys import generate_key, stage_key
 from ..layout import CHECKPOINT_FORM, FileRecord, serialized_dir
 from ..progress import progress
 from ..serialization import SerializeResult, check_serialization_kwargs, write_tensors
-from ..batched_write import BATCH_BYTES
+from .. import batched_write
 from .checkpoint import Checkpoint, open_checkpoint
 from .placement import stores_transposed
 
@@ -135,7 +135,7 @@ def convert_checkpoint(
                                     _stream(checkpoint, target, transposed), record=record,
                                     key=key, serialization_kwargs=serialization_kwargs,
                                     options=options, marker=False, on_bytes=advance,
-                                    batch_bytes=BATCH_BYTES)
+                                    batch_bytes=batched_write.BATCH_BYTES)
         staged.append(tensors.staged)
         if sorted(transposed) != sorted(names):  # the record must say what was done
             raise RuntimeError("the transposed tensors differ from the planned ones")
