@@ -40,21 +40,126 @@ def convert_vs_copy(files: dict, repeats: int) -> dict:
     nbytes = os.path.getsize(source)
     out, copy = WORK / "convert-out", WORK / "copy.safetensors"
     rates: dict[str, list[float]] = {"copy": [], "convert": []}
+    cpu: dict[str, list[float]] = {"copy": [], "convert": []}
     for repeat in range(repeats):
         for method in ("copy", "convert"):
             set_cache("warm", [source])
             shutil.rmtree(out, ignore_errors=True)
             copy.unlink(missing_ok=True)
-            start = time.perf_counter()
+            used, start = _cpu_seconds(), time.perf_counter()
             if method == "copy":
                 shutil.copyfile(source, copy)
             else:
                 convert_checkpoint(files["model_dir"], str(out), suffix="v1")
             rates[method].append(nbytes / (time.perf_counter() - start) / 1e9)
-            log(f"  [convert] {method} #{repeat + 1}: {rates[method][-1]:.2f} GB/s")
+            cpu[method].append((_cpu_seconds() - used) / (nbytes / 1e9))
+            log(f"  [convert] {method} #{repeat + 1}: {rates[method][-1]:.2f} GB/s, "
+                f"{cpu[method][-1]:.2f} CPU-s per GB")
     copy.unlink(missing_ok=True)
     result = {m: spread(v) for m, v in rates.items()}
     result["ratio"] = result["convert"]["median"] / result["copy"]["median"]
+    result["cpu_seconds_per_gb"] = {m: spread(v) for m, v in cpu.items()}
+    result["one_core_gb_per_s"] = hash_speeds()
+    return result
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process, all threads (user + system)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def hash_speeds(size: int = 256 << 20) -> dict:
+    """One core's speed (GB/s) at what convert must do per byte: tensorizer's SHA-256 and
+    CRC32, and a memory copy (the write into the page cache is about one)."""
+    import hashlib
+    import zlib
+
+    data = os.urandom(size)
+    work = {"sha256": lambda: hashlib.sha256(data).digest(), "crc32": lambda: zlib.crc32(data),
+            "memcpy": lambda: bytearray(data)}
+    speeds = {}
+    for name, run_once in work.items():
+        start = time.perf_counter()
+        for _ in range(3):
+            run_once()
+        speeds[name] = 3 * size / (time.perf_counter() - start) / 1e9
+    return speeds
+
+
+RSS_CHILD = """
+import json, sys
+sys.path.insert(0, {bench!r})
+from convert import rank_rss
+print(json.dumps(rank_rss({path!r}, json.loads({config!r}), {tp}, {rank}, {direct})))
+"""
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith(field)).split()[1]) * 1024
+
+
+def rank_rss(path: str, config: dict, tp: int, rank: int, direct_reads: bool) -> dict:
+    """In a fresh process: one rank's partial read of a converted file through the loader's
+    `read_parts` into a block of its share's size (the rank's parameters). `direct_reads`:
+    as the vLLM loader does, parts of tensors not stored transposed are read straight into
+    the parameters and the rest through buffers, then copied (vLLM's weight loaders);
+    otherwise every part goes through a buffer (the worst case). The memory the read adds
+    over the process before the parameters existed, at its peak, against the share."""
+    import torch
+
+    from tensorize_vllm_model import open_tensors
+    from tensorize_vllm_model.convert.partial_read import Part, read_parts
+    from tensorize_vllm_model.convert.placement import TensorShape, rank_reads
+
+    with open_tensors(path) as reader:
+        t = reader.record.transposed
+        index = reader.index
+        shapes = [TensorShape(e.name, tuple(reversed(e.shape)) if e.name in t else e.shape,
+                              e.bytes // max(1, _numel(e.shape)), e.name in t)
+                  for e in reader.entries()]
+    reads = rank_reads(shapes, config, tp, rank)
+    share = sum(r.stop - r.start for r in reads)
+    before = _status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM restarts from VmRSS now
+    parameters = torch.zeros(share, dtype=torch.uint8)
+    parts, places, at = [], [], 0
+    for r in reads:  # as the loader: straight into the parameters unless stored transposed
+        block = parameters[at:at + r.stop - r.start]
+        direct = () if r.name in t or not direct_reads else ((r.start, r.stop, block),)
+        parts.append(Part(r.name, index[r.name], r.start, r.stop, targets=direct))
+        places.append(block)
+        at += r.stop - r.start
+    places.reverse()
+    for part, buffer in read_parts(path, parts, threads=2):  # (zip would hold the last one)
+        block = places.pop()
+        if buffer is not None:  # vLLM's weight loader copies it into the parameter
+            block.copy_(buffer[part.start:part.stop])
+        del buffer
+    peak = _status("VmHWM")
+    return {"share_gb": share / 1e9, "added_peak_gb": (peak - before) / 1e9,
+            "ratio": (peak - before) / share}
+
+
+def rss_vs_share(tensors_path: str, config: dict) -> dict:
+    """`rank_rss` of every rank at TP=1 and TP=2, each in its own process, as the loader
+    reads and with every part buffered."""
+    bench = os.path.dirname(os.path.abspath(__file__))
+    result = {}
+    for direct in (True, False):
+        for tp in (1, 2):
+            for rank in range(tp):
+                code = RSS_CHILD.format(bench=bench, path=tensors_path, tp=tp, rank=rank,
+                                        config=json.dumps(config), direct=direct)
+                out = subprocess.run([sys.executable, "-c", code], check=True,
+                                     capture_output=True, text=True).stdout
+                key = f"tp{tp}_rank{rank}" + ("" if direct else "_all_buffered")
+                result[key] = json.loads(out.strip().splitlines()[-1])
+                log(f"  [rss] {key}: {result[key]}")
     return result
 
 
@@ -130,6 +235,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-gb", type=float, default=1.5)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default="convert-latest.json",
+                        help="File name of the results under benchmarks/results/.")
     parser.add_argument("--engines", action="store_true",
                         help="Also load through vLLM (several engine start-ups).")
     args = parser.parse_args()
@@ -139,13 +246,21 @@ def main() -> None:
                "convert": convert_vs_copy(files, args.repeats)}
     converted = str(WORK / "convert-out" / "vllm" / "hf" / "v1")
     results["read_plan_share"] = plan_ratios(converted + "/model.tensors", config)
+    results["rank_rss"] = rss_vs_share(converted + "/model.tensors", config)
     if args.engines:
         results["engines"] = engines(files, converted, args.repeats)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "convert-latest.json").write_text(json.dumps(results, indent=2) + "\n")
+    (RESULTS / args.out).write_text(json.dumps(results, indent=2) + "\n")
     c = results["convert"]
     print(f"convert {c['convert']['median']:.2f} GB/s vs copy {c['copy']['median']:.2f} GB/s "
           f"({c['ratio']:.2f}; target >= {TARGETS['convert_vs_copy']})")
+    cpu = c["cpu_seconds_per_gb"]
+    print(f"CPU-s per GB: convert {cpu['convert']['median']:.2f}, copy "
+          f"{cpu['copy']['median']:.2f}; one core: " + ", ".join(
+              f"{k} {v:.2f} GB/s" for k, v in c["one_core_gb_per_s"].items()))
+    for key, r in results["rank_rss"].items():
+        print(f"rank memory {key}: {r['added_peak_gb']:.3f} GB at peak for a share of "
+              f"{r['share_gb']:.3f} GB ({r['ratio']:.2f}; target <= {TARGETS['rss_vs_share']})")
     for tp, share in results["read_plan_share"].items():
         print(f"read plan {tp}: the busiest rank reads {share:.3f} of the file")
 

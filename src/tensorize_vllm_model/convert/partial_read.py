@@ -25,7 +25,8 @@ from ..errors import EncryptionError, FormatError, StorageError
 __all__ = ["Part", "PartsRead", "read_parts"]
 
 PIECE_BYTES = 8 << 20  # one read request
-WINDOW_BYTES = 64 << 20  # bytes read ahead of the tensor being handed over (peak memory)
+WINDOW_BYTES = 64 << 20  # bytes read ahead of the tensor being handed over (peak memory:
+# a part larger than this is read alone, so buffers hold at most max(this, one part))
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,12 @@ def _submit_direct(pool: ThreadPoolExecutor, reader: _Reader, part: Part) -> lis
     return futures
 
 
+def _size(part: Part) -> int:
+    """The bytes a part holds in memory while it waits: its read span in a buffer, nothing
+    extra when read straight into its targets (counted as their bytes)."""
+    return part.stop - part.start if part.targets else part.span[1] - part.span[0]
+
+
 def read_parts(uri: str, parts: Sequence[Part], *, threads: int,
                options: storage.Options = None, stats: PartsRead | None = None
                ) -> Iterator[tuple[Part, torch.Tensor]]:
@@ -133,18 +140,18 @@ def read_parts(uri: str, parts: Sequence[Part], *, threads: int,
     pending: collections.deque[tuple[Part, torch.Tensor, list[Future]]] = collections.deque()
     queued = 0
     todo = iter(parts)
+    part = next(todo, None)
     try:
         while True:
-            while queued < WINDOW_BYTES or not pending:
-                part = next(todo, None)
-                if part is None:
-                    break
+            # read ahead while the window holds the next part too (one part at least)
+            while part is not None and (not pending or queued + _size(part) <= WINDOW_BYTES):
                 if part.targets:
                     futures = _submit_direct(pool, reader, part)
                     pending.append((part, None, futures))
                     stats.bytes += part.stop - part.start
                     stats.requests += len(futures)
                     queued += part.stop - part.start
+                    part = next(todo, None)
                     continue
                 buffer = torch.empty(part.entry.data_length, dtype=torch.uint8)
                 lo, hi = part.span
@@ -157,13 +164,15 @@ def read_parts(uri: str, parts: Sequence[Part], *, threads: int,
                 queued += hi - lo
                 stats.bytes += hi - lo
                 stats.requests += len(futures)
+                part = next(todo, None)
             if not pending:
                 return
-            part, buffer, futures = pending.popleft()
+            done, buffer, futures = pending.popleft()
             for future in futures:
                 future.result()
-            queued -= (part.stop - part.start) if part.targets else part.span[1] - part.span[0]
-            yield part, buffer
+            queued -= _size(done)
+            yield done, buffer
+            del buffer  # the caller's now: not kept alive here while the next is read
     except OSError as e:
         raise StorageError(f"cannot read {uri}: {e}") from None
     finally:
