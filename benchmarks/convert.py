@@ -188,7 +188,7 @@ def _numel(shape) -> int:
 
 def engines(files: dict, converted: str, repeats: int) -> dict:
     """vLLM loads (weights seconds, per-rank GB and peak memory): the converted file at TP=1
-    and TP=2, the vLLM-tensorized file at TP=1, runai-model-streamer at TP=2."""
+    and TP=2, the vLLM-tensorized file at TP=1, runai-model-streamer at TP=1 and TP=2."""
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0|1")
     engine = {"dtype": "bfloat16", "max_model_len": 256, "enforce_eager": True,
               "gpu_memory_utilization": 0.15}
@@ -209,6 +209,8 @@ def engines(files: dict, converted: str, repeats: int) -> dict:
     try:
         import runai_model_streamer  # noqa: F401
 
+        cases["runai_streamer (safetensors), TP=1"] = {
+            "model": files["model_dir"], "load_format": "runai_streamer"}
         cases["runai_streamer (safetensors), TP=2"] = {
             "model": files["model_dir"], "load_format": "runai_streamer",
             "tensor_parallel_size": 2}
