@@ -203,7 +203,8 @@ def test_resize_sets_the_total_the_bar_and_lines_count_to(caplog):
     assert caplog.records[0].getMessage().startswith("Deserializing: 1.00 of 2.00 GB (50%)")
 
 
-CONVERT = ("import sys, tensorize_vllm_model.progress as p; p.MIN_BYTES = 0; p.LOG_EVERY = {every}; "
+CONVERT = ("import sys, tensorize_vllm_model.progress as p; "
+           "p.MIN_BYTES = 0; p.LOG_EVERY = {every}; "
            "import tensorize_vllm_model.batched_write as b; b.BATCH_BYTES = 1 << 20; "
            "sys.modules['vllm'] = None; "
            "from tensorize_vllm_model.cli import main; sys.exit(main(sys.argv[1:]))")
