@@ -186,10 +186,11 @@ def _numel(shape) -> int:
     return n
 
 
-def engines(files: dict, converted: str, repeats: int) -> dict:
+def engines(files: dict, converted: str, repeats: int, only: str = "") -> dict:
     """vLLM loads (weights seconds, per-rank GB and peak memory): the converted file at TP=1
     and TP=2, the vLLM-tensorized file at TP=1, runai-model-streamer at TP=1 and TP=2."""
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    os.environ.setdefault("RUNAI_STREAMER_LOG_TO_STDERR", "1")  # its timing line, parsed
     engine = {"dtype": "bfloat16", "max_model_len": 256, "enforce_eager": True,
               "gpu_memory_utilization": 0.15}
     vllm_dir = files["vllm_dir"] + "/vllm/hf/v1"
@@ -216,6 +217,7 @@ def engines(files: dict, converted: str, repeats: int) -> dict:
             "tensor_parallel_size": 2}
     except ImportError:
         log("  runai-model-streamer is not installed: left out")
+    cases = {label: kwargs for label, kwargs in cases.items() if only in label}
     runs: dict[str, list[dict]] = {label: [] for label in cases}
     for repeat in range(repeats):
         for label, kwargs in cases.items():
@@ -239,6 +241,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="convert-latest.json",
                         help="File name of the results under benchmarks/results/.")
+    parser.add_argument("--only", default="",
+                        help="With --engines: only the loads whose label contains this.")
     parser.add_argument("--engines", action="store_true",
                         help="Also load through vLLM (several engine start-ups).")
     args = parser.parse_args()
@@ -250,7 +254,7 @@ def main() -> None:
     results["read_plan_share"] = plan_ratios(converted + "/model.tensors", config)
     results["rank_rss"] = rss_vs_share(converted + "/model.tensors", config)
     if args.engines:
-        results["engines"] = engines(files, converted, args.repeats)
+        results["engines"] = engines(files, converted, args.repeats, args.only)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / args.out).write_text(json.dumps(results, indent=2) + "\n")
     c = results["convert"]
