@@ -330,7 +330,7 @@ class Child:
         self._stderr.close()
 
 
-EXIT_CODES = {signal.SIGINT: -signal.SIGINT, signal.SIGTERM: 128 + signal.SIGTERM,
+EXIT_CODES = {signal.SIGINT: 128 + signal.SIGINT, signal.SIGTERM: 128 + signal.SIGTERM,
               signal.SIGKILL: -signal.SIGKILL}
 
 
@@ -404,3 +404,37 @@ def test_interrupted_serialize_keeps_the_earlier_model(signum, llama_serialized,
         assert leftovers == [] and key_leftovers == [], (leftovers, key_leftovers)
         # the interrupted serialize published nothing and printed no result
         assert not any(line.startswith(("Serialized", "  wrote")) for line in child.lines)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", ["Initializing a V1 LLM engine", "Starting to load model"],
+                         ids=["engine-core-start", "weights-loading"])
+def test_sigint_while_the_engine_starts_publishes_nothing(moment, tiny_llama, tmp_path):
+    """`kill -INT` of the command while vLLM starts its engine (in its own process, as by
+    default): vLLM drops a KeyboardInterrupt there, so the serialize used to carry on and
+    publish. It must end with exit code 130, one line, and nothing written."""
+    root = tmp_path / "out"
+    child = Child(
+        [sys.executable, "-m", "tensorize_vllm_model", "--model", str(tiny_llama), *ENGINE_FLAGS,
+         "serialize", "--serialized-directory", str(root), "--suffix", "s"],
+        subprocess_env({}), tmp_path / "stderr.log")
+    try:
+        deadline = time.monotonic() + 400
+        while moment not in child.stderr():  # the engine's own log says where it is
+            assert child.proc.poll() is None and time.monotonic() < deadline, child.stderr()
+            time.sleep(0.2)
+        os.kill(child.proc.pid, signal.SIGINT)
+        try:
+            code = child.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("no exit within 120 s of SIGINT:\n" + child.stderr()[-6000:]) \
+                from None
+        child._thread.join(10)
+    finally:
+        child.close()
+    stderr = child.stderr()
+    assert code == 130, stderr[-6000:]
+    assert "interrupted (SIGINT)" in stderr.splitlines(), stderr[-6000:]
+    assert "raise KeyboardInterrupt" not in stderr and "took over" not in stderr
+    assert not any(line.startswith(("Serialized", "  wrote")) for line in child.lines)
+    assert [files for _, _, files in os.walk(root) if files] == []

@@ -17,15 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from . import storage
+from . import interrupts, storage
 from .config import TensorizerArgs, TensorizerConfig
 from .errors import ConfigError, TensorizeError
 from .layout import serialized_dir, tensors_uri
@@ -323,9 +321,22 @@ def _transport(args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line with `argv` (default: ``sys.argv[1:]``); return the exit code."""
-    _terminate_cleanly()
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Run the command line with `argv` (default: ``sys.argv[1:]``); return the exit code.
+
+    Ctrl-C (SIGINT) or SIGTERM at any moment cleans up, prints one ``interrupted`` line and
+    returns 130 or 143 (see `interrupts`)."""
+    interrupts.install()
+    try:
+        return _run(list(sys.argv[1:] if argv is None else argv))
+    except interrupts.Interrupted as e:
+        print(f"interrupted ({e})", file=sys.stderr, flush=True)
+        return e.exit_code
+    except KeyboardInterrupt:  # raised before the handler was installed, or by other code
+        print("interrupted (SIGINT)", file=sys.stderr, flush=True)
+        return 128 + 2
+
+
+def _run(argv: list[str]) -> int:
     if argv and argv[0] in FILE_COMMANDS:
         return _file_command(argv)
     if "convert" in argv:
@@ -343,33 +354,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TensorizeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-
-
-# After Ctrl-C or SIGTERM, the clean-up (staged files deleted, the engine shut down) has this
-# long; then the process ends anyway, so an engine that does not shut down cannot hang it.
-INTERRUPT_GRACE_SECONDS = 60.0
-
-
-def _terminate_cleanly() -> None:
-    """Turn SIGTERM (what `kill` and container runtimes send) into SystemExit, so an
-    interrupted serialize deletes its temporary files as it does on Ctrl-C; after either
-    signal the process ends within `INTERRUPT_GRACE_SECONDS`, cleaned up or not."""
-    def handler(signum: int, frame: object) -> None:
-        threading.Thread(target=_end_after_grace, args=(signum,), daemon=True).start()
-        if signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        raise SystemExit(128 + signum)
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
-
-
-def _end_after_grace(signum: int) -> None:
-    time.sleep(INTERRUPT_GRACE_SECONDS)
-    print(f"error: the clean-up after {signal.Signals(signum).name} took over "
-          f"{INTERRUPT_GRACE_SECONDS:.0f} s; exiting", file=sys.stderr, flush=True)
-    os._exit(128 + signum)  # the shell's code for "ended by this signal"
 
 
 def _check_model_path(model: str | None) -> None:

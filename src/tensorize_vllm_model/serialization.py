@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from . import __version__, storage
+from . import __version__, interrupts, storage
 from .config import TensorizerConfig, as_tensorizer_config
 from .errors import ConfigError, StorageError
 from .artifacts import resolve_model_files, stage_artifacts
@@ -270,6 +270,9 @@ def tensorize_vllm_model(
         staged = stage_artifacts(sources, destination, options) + staged
         if adapters:
             staged += _stage_adapters(engine, adapters, destination, key, options)
+        # A Ctrl-C that some code swallowed (vLLM drops KeyboardInterrupt while its engine
+        # starts) still stops the serialize here, before anything is published.
+        interrupts.check()
         # All or nothing: the artifacts and key first, each rank's tensors last (so a
         # tensors file that exists is complete); any failure puts every name back.
         for item in staged:
