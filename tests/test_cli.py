@@ -2,6 +2,7 @@
 traceback, and no engine started (these tests take seconds)."""
 
 import signal
+import socket
 import subprocess
 import sys
 
@@ -175,11 +176,73 @@ def test_serialize_to_unwritable_directory_refused(capsys, tiny_llama, tmp_path)
     assert code == 2 and f"{blocker} is not a directory" in err
 
 
+def test_serialize_to_an_uncreatable_directory_refused(capsys, tiny_llama):
+    # /proc lets root pass os.access, but no directory can be made there: refused before
+    # any engine starts, with the path named.
+    code, err = run_main(capsys, "--model", tiny_llama, "serialize", "--serialized-directory",
+                         "/proc/nope", "--suffix", "s")
+    assert code == 2, err
+    assert err.splitlines() == [
+        f"error: cannot write under /proc/nope/vllm/{tiny_llama.name}/s: cannot create a "
+        "directory in /proc (No such file or directory)"]
+
+
+def test_convert_to_an_uncreatable_directory_refused(capsys, tiny_llama):
+    code, err = run_main(capsys, "--model", tiny_llama, "convert", "--serialized-directory",
+                         "/proc/nope", "--suffix", "s")
+    assert code == 2, err
+    assert err.splitlines() == [
+        f"error: cannot write under /proc/nope/vllm/{tiny_llama.name}/s: cannot create a "
+        "directory in /proc (No such file or directory)"]
+
+
+@pytest.mark.parametrize("command", ["verify", "inspect"])
+def test_ctrl_c_on_a_stalled_read_prints_one_line(command):
+    """A server that accepts the connection and never answers (a slow URL): Ctrl-C ends the
+    command with one line and exit code 130, no traceback."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        url = f"http://127.0.0.1:{server.getsockname()[1]}/model.tensors"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tensorize_vllm_model", command, url],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env({}),
+            cwd=ROOT)
+        try:
+            server.settimeout(60)
+            connection, _ = server.accept()  # the command now waits for an answer
+            connection.recv(1)  # ... and has sent its request
+            proc.send_signal(signal.SIGINT)
+            stdout, stderr = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+        connection.close()
+    assert proc.returncode == 130, stderr
+    assert stderr.strip().splitlines() == ["interrupted (SIGINT)"], stderr
+
+
+def test_worker_errors_come_back_as_the_package_errors():
+    """A worker method's error comes back as an answer (vLLM would log its traceback and
+    raise a bare RuntimeError) and is raised again in the command as the error it was."""
+    from tensorize_vllm_model.errors import StorageError, TensorizeError
+    from tensorize_vllm_model.vllm_adapter import _raise_worker_errors, _reported
+
+    class Worker:
+        @_reported
+        def save(self, uri):
+            raise StorageError(f"cannot write {uri}: No space left on device")
+
+    answer = Worker().save("/full/model.tensors")
+    with pytest.raises(StorageError, match="^cannot write /full/model.tensors: No space left"):
+        _raise_worker_errors([{"rank": 0}, answer])
+    with pytest.raises(TensorizeError, match="^odd$"):
+        _raise_worker_errors([{"tensorize_vllm_model_error": "odd", "kind": "NotAnError"}])
+    assert _raise_worker_errors([{"rank": 0}]) == [{"rank": 0}]
+
+
 HANGING_CLEANUP = """
 import sys, threading, time
-from tensorize_vllm_model import cli
-cli.INTERRUPT_GRACE_SECONDS = 1.0
-cli._terminate_cleanly()
+from tensorize_vllm_model import interrupts
+interrupts.GRACE_SECONDS = 1.0
+interrupts.install()
 # A thread that never ends, as an engine that does not shut down: it would hold the
 # interpreter's exit forever.
 threading.Thread(target=time.sleep, args=(3600,)).start()

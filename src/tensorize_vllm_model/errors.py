@@ -17,6 +17,7 @@ __all__ = [
     "CorruptTensorError",
     "ModelMismatchError",
     "LayoutError",
+    "WorkerError",
 ]
 
 
@@ -54,3 +55,7 @@ class ModelMismatchError(TensorizeError):
 
 class LayoutError(TensorizeError):
     """The files were serialized for another tensor/pipeline-parallel layout."""
+
+
+class WorkerError(TensorizeError):
+    """A vLLM worker failed while running this package's code (its message is vLLM's)."""

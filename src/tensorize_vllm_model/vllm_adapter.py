@@ -48,7 +48,8 @@ from vllm.utils.torch_utils import set_default_torch_dtype
 from . import layout as layout_mod
 from . import storage
 from .config import TensorizerConfig, as_tensorizer_config
-from .errors import ConfigError, ModelMismatchError
+from . import errors
+from .errors import ConfigError, ModelMismatchError, TensorizeError
 from .layout import FileRecord, ParallelLayout
 from .progress import progress
 from .serialization import StagedTensors, write_tensors
@@ -497,9 +498,38 @@ def _readers_on_every_core(device: torch.device | str) -> Iterator[None]:
         os.sched_setaffinity(0, bound)
 
 
+# The key of a worker's answer that carries one of this package's errors (see `_reported`).
+WORKER_ERROR = "tensorize_vllm_model_error"
+
+
+def _reported(method):
+    """Have a worker method answer with this package's error instead of raising it: vLLM
+    logs a worker's exception with its traceback and re-raises it in the caller as a bare
+    RuntimeError; `Engine.rpc` raises the answer again, as the error it was."""
+    @functools.wraps(method)
+    def wrapper(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except TensorizeError as e:
+            return {WORKER_ERROR: str(e), "kind": type(e).__name__}
+    return wrapper
+
+
+def _raise_worker_errors(answers: list[Any]) -> list[Any]:
+    for answer in answers:
+        if isinstance(answer, dict) and WORKER_ERROR in answer:
+            kind = getattr(errors, answer.get("kind", ""), None)
+            if not (isinstance(kind, type) and issubclass(kind, TensorizeError)) \
+                    or kind is errors.CorruptTensorError:
+                kind = TensorizeError
+            raise kind(answer[WORKER_ERROR])
+    return answers
+
+
 class WorkerExtension:
     """Methods vLLM mixes into its worker class, called through ``collective_rpc``."""
 
+    @_reported
     def tensorize_vllm_model_save(self, request: dict[str, Any]) -> dict[str, Any]:
         """Write this rank's captured weights to a staged file; return what was written."""
         global _captured
@@ -535,6 +565,7 @@ class WorkerExtension:
         _pending.append(staged)
         return {"rank": layout.rank, "uri": uri, "tensors": staged.tensors, "bytes": staged.bytes}
 
+    @_reported
     def tensorize_vllm_model_commit(self) -> list[str]:
         """Publish this worker's staged files under their final names."""
         done = []
@@ -629,7 +660,17 @@ class Engine:
         )
 
     def rpc(self, method: str, **kwargs: Any) -> list[Any]:
-        return self.llm.collective_rpc(method, kwargs=kwargs)
+        """`method` on every worker (vLLM's ``collective_rpc``): their answers.
+
+        Raises:
+            TensorizeError: a worker's error from this package (as raised there), or
+                `errors.WorkerError` for any other failure of the call, with vLLM's message.
+        """
+        try:
+            answers = self.llm.collective_rpc(method, kwargs=kwargs)
+        except Exception as e:  # noqa: BLE001 - vLLM raises bare RuntimeError/Exception
+            raise errors.WorkerError(f"the engine's {method} call failed: {e}") from e
+        return _raise_worker_errors(answers)
 
     def rpc_within(self, seconds: float, method: str, **kwargs: Any) -> list[Any] | None:
         """`rpc`, giving up after `seconds` (None then, or on error): for clean-up calls to

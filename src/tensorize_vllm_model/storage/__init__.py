@@ -298,6 +298,16 @@ def stage_write(uri: str, options: Options = None, *, mode: int = 0o644,
                                                                    replace=replace))
 
 
+def _probe_directory(path: str, existing: str) -> None:
+    """Create (and remove) a directory in `existing`, the nearest existing ancestor of
+    `path`: `os.access` says yes to root everywhere, and nothing about /proc or sysfs."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".tensorize-probe-", dir=existing))
+    except OSError as e:
+        raise StorageError(f"cannot write under {path}: cannot create a directory in "
+                           f"{existing} ({e.strerror or e})") from e
+
+
 def check_writable(directory: str, options: Options = None) -> None:
     """Fail now, with a clear error, if files cannot be written under `directory`: before
     a serialize spends minutes loading a model.
@@ -317,5 +327,6 @@ def check_writable(directory: str, options: Options = None) -> None:
             raise StorageError(f"cannot write under {path}: {existing} is not a directory")
         if not os.access(existing, os.W_OK | os.X_OK):
             raise StorageError(f"cannot write under {path}: {existing} is not writable")
+        _probe_directory(path, existing)
         return
     _backend(directory).check_bucket(directory, StreamOptions.from_mapping(options))
