@@ -695,6 +695,14 @@ class Engine:
         return [(o.outputs[0].text, list(o.outputs[0].token_ids)) for o in outputs]
 
     def close(self) -> None:
+        # "resource_tracker: There appear to be 2 leaked shared_memory objects" at exit is
+        # vLLM's, not this package's, and it comes after an uninterrupted serialize too (seen
+        # with vLLM 0.32 CPU): the multiprocessing executor's two shm_broadcast.MessageQueue
+        # ring buffers (rpc_broadcast_mq made by the engine-core process, worker_response_mq by
+        # the worker) are unlinked only in ShmRingBuffer.__del__, which does not run when
+        # vLLM's shutdown terminates those processes. The package creates no shared memory;
+        # the names live only in vLLM's processes. Python's resource tracker unlinks them as
+        # it warns ("to clean up at shutdown").
         llm, self.llm = self.llm, None
         if llm is None:
             return
