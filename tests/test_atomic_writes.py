@@ -431,9 +431,9 @@ def test_sigint_while_the_engine_starts_publishes_nothing(moment, tiny_llama, tm
             raise AssertionError("no exit within 120 s of SIGINT:\n" + child.stderr()[-6000:]) \
                 from None
         child._thread.join(10)
+        stderr = child.stderr()
     finally:
         child.close()
-    stderr = child.stderr()
     assert code == 130, stderr[-6000:]
     assert "interrupted (SIGINT)" in stderr.splitlines(), stderr[-6000:]
     assert "raise KeyboardInterrupt" not in stderr and "took over" not in stderr

@@ -183,8 +183,8 @@ def test_serialize_to_an_uncreatable_directory_refused(capsys, tiny_llama):
                          "/proc/nope", "--suffix", "s")
     assert code == 2, err
     assert err.splitlines() == [
-        f"error: cannot write under /proc/nope/vllm/{tiny_llama.name}/s: cannot create a "
-        "directory in /proc (No such file or directory)"]
+        (f"error: cannot write under /proc/nope/vllm/{tiny_llama.name}/s: cannot create a "
+         "directory in /proc (No such file or directory)")]
 
 
 def test_convert_to_an_uncreatable_directory_refused(capsys, tiny_llama):
@@ -192,8 +192,8 @@ def test_convert_to_an_uncreatable_directory_refused(capsys, tiny_llama):
                          "/proc/nope", "--suffix", "s")
     assert code == 2, err
     assert err.splitlines() == [
-        f"error: cannot write under /proc/nope/vllm/{tiny_llama.name}/s: cannot create a "
-        "directory in /proc (No such file or directory)"]
+        (f"error: cannot write under /proc/nope/vllm/{tiny_llama.name}/s: cannot create a "
+         "directory in /proc (No such file or directory)")]
 
 
 @pytest.mark.parametrize("command", ["verify", "inspect"])
@@ -211,7 +211,7 @@ def test_ctrl_c_on_a_stalled_read_prints_one_line(command):
             connection, _ = server.accept()  # the command now waits for an answer
             connection.recv(1)  # ... and has sent its request
             proc.send_signal(signal.SIGINT)
-            stdout, stderr = proc.communicate(timeout=60)
+            _, stderr = proc.communicate(timeout=60)
         finally:
             proc.kill()
         connection.close()

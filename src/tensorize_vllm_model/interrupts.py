@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 
-__all__ = ["Interrupted", "install", "check", "GRACE_SECONDS"]
+__all__ = ["GRACE_SECONDS", "Interrupted", "check", "install"]
 
 # After Ctrl-C or SIGTERM, the clean-up (staged files deleted, the engine shut down) has this
 # long; then the process ends anyway, so an engine that does not shut down cannot hang it.

@@ -45,10 +45,9 @@ from vllm.model_executor.model_loader.utils import (
 )
 from vllm.utils.torch_utils import set_default_torch_dtype
 
+from . import errors, storage
 from . import layout as layout_mod
-from . import storage
 from .config import TensorizerConfig, as_tensorizer_config
-from . import errors
 from .errors import ConfigError, ModelMismatchError, TensorizeError
 from .layout import FileRecord, ParallelLayout
 from .progress import progress
