@@ -314,3 +314,67 @@ def test_batched_write_groups_and_hands_on_errors(tmp_path):
     staged.commit()
     with open_tensors(str(path)) as reader:
         assert torch.equal(dict(reader.items())["a"], torch.arange(1000.0))
+
+
+def _convert_cli(capsys, tiny_llama, out, key):
+    code = main(["--model", str(tiny_llama), "convert", "--serialized-directory", str(out),
+                 "--suffix", "k", "--keyfile", str(key)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err.strip()
+
+
+def _decrypted(tensors, key) -> dict:
+    from tensorize_vllm_model.config import TensorizerConfig
+
+    config = TensorizerConfig(tensorizer_uri=str(tensors), encryption_keyfile=str(key))
+    with open_tensors(str(tensors), config=config) as reader:
+        return dict(reader.items())
+
+
+def test_convert_encrypts_with_an_existing_key_and_leaves_it(capsys, restore_signal_handlers,
+                                                             tiny_llama, tmp_path):
+    from tensorize_vllm_model.keys import generate_key, stage_key
+
+    key = tmp_path / "key"
+    stage_key(str(key), generate_key()).commit()
+    before = (key.read_bytes(), key.stat().st_ino, key.stat().st_mtime_ns)
+    code, out, err = _convert_cli(capsys, tiny_llama, tmp_path / "out", key)
+    assert code == 0, err
+    assert f"encrypting with the existing key in {key}" in out
+    assert f"encrypted with the existing key in {key} (left unchanged)" in out
+    assert (key.read_bytes(), key.stat().st_ino, key.stat().st_mtime_ns) == before
+    tensors = tmp_path / "out" / "vllm" / "tiny-llama" / "k" / "model.tensors"
+    original = load_file(str(tiny_llama / "model.safetensors"))
+    got = _decrypted(tensors, key)
+    name = "model.embed_tokens.weight"
+    assert torch.equal(got[name], original[name])
+
+
+def test_convert_writes_a_new_key_where_no_file_is(capsys, restore_signal_handlers, tiny_llama,
+                                                   tmp_path):
+    key = tmp_path / "new.key"
+    code, out, err = _convert_cli(capsys, tiny_llama, tmp_path / "out", key)
+    assert code == 0, err
+    assert f"key saved to {key} (mode 0600)" in out
+    assert len(key.read_bytes()) == 32 and key.stat().st_mode & 0o777 == 0o600
+    tensors = tmp_path / "out" / "vllm" / "tiny-llama" / "k" / "model.tensors"
+    assert "model.norm.weight" in _decrypted(tensors, key)
+
+
+def test_convert_refuses_a_file_that_is_not_a_key_before_writing(capsys,
+                                                                 restore_signal_handlers,
+                                                                 tiny_llama, tmp_path):
+    key = tmp_path / "notes.txt"
+    key.write_bytes(b"my notes\n")
+    code, out, err = _convert_cli(capsys, tiny_llama, tmp_path / "out", key)
+    assert code == 2
+    assert err.startswith(f"error: the key file {key} holds 9 bytes"), err
+    assert key.read_bytes() == b"my notes\n"
+    assert not (tmp_path / "out").exists()  # no empty destination directories either
+
+
+def test_failed_convert_leaves_no_empty_directories(tiny_llama, tmp_path):
+    with pytest.raises(TypeError, match="limit_cpu_concurrency"):  # tensorizer refuses it
+        convert_checkpoint(str(tiny_llama), str(tmp_path / "out"), suffix="f",
+                           serialization_kwargs={"limit_cpu_concurrency": "bad"})
+    assert list(tmp_path.iterdir()) == []

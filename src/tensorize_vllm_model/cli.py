@@ -248,6 +248,8 @@ def _convert(argv: list[str]) -> int:
     try:
         _check_model_path(args.model)
         config = _read_config(args, {"tensorizer_uri": "model.tensors"}, None)
+        if args.keyfile and storage.exists(args.keyfile, config.stream_options()):
+            print(f"encrypting with the existing key in {args.keyfile}", flush=True)
         result = convert_checkpoint(
             args.model, args.serialized_directory, suffix=args.suffix or uuid.uuid4().hex,
             dtype=args.dtype, revision=args.revision, keyfile=args.keyfile,
@@ -261,7 +263,9 @@ def _convert(argv: list[str]) -> int:
           f"{result.seconds:.1f} s ({rate:.2f} GB/s) to {result.directory}")
     for uri in result.files:
         print(f"  wrote {uri}")
-    if result.keyfile:
+    if result.keyfile and result.key_existing:
+        print(f"  encrypted with the existing key in {result.keyfile} (left unchanged)")
+    elif result.keyfile:
         print(f"  key saved to {result.keyfile} (mode 0600): keep it to load the model")
     print(result.directory)
     return 0

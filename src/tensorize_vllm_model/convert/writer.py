@@ -24,7 +24,7 @@ from .. import __version__, storage
 from ..artifacts import resolve_model_files, stage_artifacts
 from ..config import DEFAULT_TENSORS_NAME, TensorizerConfig
 from ..errors import ConfigError
-from ..keys import generate_key, stage_key
+from ..keys import prepare_key
 from ..layout import CHECKPOINT_FORM, FileRecord, serialized_dir
 from ..progress import progress
 from ..serialization import SerializeResult, check_serialization_kwargs, write_tensors
@@ -92,8 +92,9 @@ def convert_checkpoint(
         dtype: ``auto`` (keep the checkpoint's) or the dtype to cast floating-point
             tensors to (``float16``, ``bfloat16``, ``float32``).
         revision: the Hub revision, for a Hub id.
-        keyfile: encrypt with a freshly generated key saved here (mode 0600), as
-            ``serialize --keyfile`` does.
+        keyfile: encrypt as ``serialize --keyfile`` does (`keys.prepare_key`): with the
+            32-byte key already in this file (left unchanged), else with a new random key
+            saved here (mode 0600) together with the model.
         serialization_kwargs: extra arguments for tensorizer's ``TensorSerializer``.
         config: S3 credentials and transport settings for an ``s3://`` destination.
 
@@ -104,6 +105,7 @@ def convert_checkpoint(
         StorageError: the checkpoint is missing, incomplete (a shard named) or the
             destination cannot be written.
         ConfigError: an unsupported dtype or unknown serialization keyword.
+        EncryptionError: `keyfile` exists but is not a 32-byte key (nothing written).
     """
     start = time.perf_counter()
     options = config.stream_options() if config is not None else None
@@ -113,11 +115,15 @@ def convert_checkpoint(
     target = _target_dtype(dtype, checkpoint)
     check_serialization_kwargs(serialization_kwargs or {})
     directory = serialized_dir(serialized_directory, model, suffix)
-    storage.check_writable(directory, options)
-    if keyfile:
-        storage.check_writable(storage.parent(keyfile), options)
-    key = generate_key() if keyfile else None
+    # serialize's key rules: an existing key file is used as it is, a missing one gets a
+    # new key published with the model, anything else is refused before a byte is written.
+    encryption = prepare_key(keyfile, config or TensorizerConfig(tensorizer_uri=directory)) \
+        if keyfile else None
+    key = encryption.key if encryption else None
+    created = _missing_dirs(directory)
     staged: list[storage.StagedWrite] = []
+    if encryption and encryption.staged:
+        staged.append(encryption.staged)
     publication = storage.Publication(options)
     transposed: list[str] = []
     record = FileRecord(
@@ -126,8 +132,7 @@ def convert_checkpoint(
         extra={"form": CHECKPOINT_FORM, "transposed": transposed,
                "source_format": checkpoint.kind})
     try:
-        if keyfile:
-            staged.append(stage_key(keyfile, key, options))
+        storage.check_writable(directory, options)
         names = _transposed_names(checkpoint)
         record.extra["transposed"] = names
         with progress("Converting", checkpoint.tensor_bytes(target), logger=logger) as advance:
@@ -147,11 +152,34 @@ def convert_checkpoint(
         publication.rollback()
         for item in staged:
             item.abort()
+        _remove_empty(created)
         raise
     return SerializeResult(directory=directory, tensors_uri=tensors.uri,
                            files=[s.uri for s in staged], tensors=tensors.tensors,
                            bytes=tensors.bytes, seconds=time.perf_counter() - start,
-                           keyfile=keyfile)
+                           keyfile=keyfile,
+                           key_existing=bool(encryption and encryption.existing))
+
+
+def _missing_dirs(directory: str) -> list[str]:
+    """The local directories up to `directory` that do not exist yet, deepest first (those
+    a failed convert removes again, if empty); none for S3, which has no directories."""
+    if not storage.is_local(directory):
+        return []
+    missing, path = [], os.path.abspath(storage.local_path(directory))
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
+
+def _remove_empty(directories: list[str]) -> None:
+    """Remove `directories` (deepest first) while they are empty."""
+    for path in directories:
+        try:
+            os.rmdir(path)
+        except OSError:
+            return
 
 
 def _transposed_names(checkpoint: Checkpoint) -> list[str]:
