@@ -378,3 +378,34 @@ def test_failed_convert_leaves_no_empty_directories(tiny_llama, tmp_path):
         convert_checkpoint(str(tiny_llama), str(tmp_path / "out"), suffix="f",
                            serialization_kwargs={"limit_cpu_concurrency": "bad"})
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("verify_hash", [True, False])
+def test_converted_reader_checks_hashes_of_whole_tensors(converted, tmp_path, verify_hash):
+    """verify_hash: a rank needing only some rows of a tensor still gets the whole tensor
+    checked, and a flipped bit outside those rows is reported naming the tensor."""
+    from tensorize_vllm_model import TensorizerConfig
+    from tensorize_vllm_model.convert.loading import ConvertedFile
+    from tensorize_vllm_model.convert.regions import Need
+    from tensorize_vllm_model.errors import CorruptTensorError
+
+    path = tmp_path / "model.tensors"
+    path.write_bytes((converted / "model.tensors").read_bytes())
+    name = "model.embed_tokens.weight"
+    with open_tensors(str(path)) as reader:
+        entry = reader.index[name]
+        shape = tuple(reader.index[name].shape)
+    data = bytearray(path.read_bytes())
+    data[entry.data_offset + entry.data_length - 1] ^= 0x01  # in the last row
+    path.write_bytes(bytes(data))
+    config = TensorizerConfig(tensorizer_uri=str(path), verify_hash=verify_hash)
+    need = Need(name, shape, boxes=[((0, 1), (0, shape[1]))])  # the first row only
+    with open_tensors(str(path)) as reader:
+        file = ConvertedFile(reader, str(path), config, threads=2)
+        parts = file.parts({name: need})
+        if verify_hash:
+            with pytest.raises(CorruptTensorError,
+                               match=rf"tensor {name} failed its hash check"):
+                list(file.tensors(parts, PartsRead()))
+        else:
+            assert [n for n, _ in file.tensors(parts, PartsRead())] == [name]

@@ -45,6 +45,9 @@ class ConvertedFile:
         self.transposed = reader.record.transposed if reader.record else frozenset()
         self.entries = {e.name: e for e in reader.entries()}
         self.index = reader.index
+        # verify_hash: tensorizer's hashes cover whole tensors, so each needed tensor is
+        # read whole (not only this rank's rows or columns) and checked (`tensor_hashes`).
+        self.verify = bool(getattr(config, "verify_hash", False))
 
     def _dtype(self, name: str) -> torch.dtype:
         dtype = getattr(torch, self.entries[name].dtype, None)
@@ -70,12 +73,12 @@ class ConvertedFile:
         parts = []
         for (name, need), cipher in zip(chosen, ciphers):
             entry = self.index[name]
-            if need.whole:
+            if need.whole or self.verify:
                 start, stop = 0, entry.data_length
             else:
                 start, stop = box_byte_range(need.boxes, need.shape,
                                              self._dtype(name).itemsize, name in self.transposed)
-            targets = () if cipher is not None or need.whole else self._direct(name, need)
+            targets = () if cipher is not None or need.whole or self.verify else self._direct(name, need)
             parts.append(Part(name, entry, start, stop, cipher, targets))
         return parts
 
@@ -131,6 +134,34 @@ class ConvertedFile:
                 on_bytes(part.span[1] - part.span[0])
             if buffer is None:  # read straight into the parameters: vLLM's copy is done
                 continue
+            if self.verify:
+                self._check_hash(part, buffer, options)
             stored = self.entries[part.name].shape
             tensor = buffer.view(self._dtype(part.name)).reshape(stored)
             yield part.name, (tensor.t() if part.name in self.transposed else tensor)
+
+    def _check_hash(self, part: Part, buffer: torch.Tensor, options: Any) -> None:
+        """Check a whole tensor's plaintext bytes, `buffer`, against its stored hashes.
+
+        Raises:
+            CorruptTensorError: a hash does not match (naming the file and tensor).
+            FormatError: the tensor's header cannot be parsed.
+        """
+        from ..tensor_hashes import stored_hashes
+
+        entry = self.index[part.name]
+        if storage.is_local(self.uri):
+            with open(storage.local_path(self.uri), "rb") as f:
+                f.seek(entry.offset)
+                raw = f.read(entry.data_offset - entry.offset)
+        else:
+            raw = storage.range_source(self.uri, options).read_range(entry.offset,
+                                                                     entry.data_offset)
+        try:
+            hashes = stored_hashes(raw, self.reader.header_deserializer)
+        except Exception as e:  # noqa: BLE001 - tensorizer's parser rejects it
+            raise FormatError(f"{self.reader.uri} is corrupt: the header of tensor {part.name} "
+                              f"cannot be read ({type(e).__name__}: {e})") from None
+        data = memoryview(buffer.reshape(-1).view(torch.uint8).numpy()) \
+            if entry.data_length else b""
+        hashes.check(data, tensor=part.name, uri=self.reader.uri)
