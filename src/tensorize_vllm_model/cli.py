@@ -261,6 +261,12 @@ def _convert(argv: list[str]) -> int:
     rate = result.bytes / result.seconds / 1e9 if result.seconds > 0 else 0.0
     print(f"Converted {result.tensors} tensors ({result.bytes / 1e6:.1f} MB) in "
           f"{result.seconds:.1f} s ({rate:.2f} GB/s) to {result.directory}")
+    _print_written(result)
+    return 0
+
+
+def _print_written(result: Any) -> None:
+    """The files a serialize or convert published, its key, and (last line) its directory."""
     for uri in result.files:
         print(f"  wrote {uri}")
     if result.keyfile and result.key_existing:
@@ -268,7 +274,6 @@ def _convert(argv: list[str]) -> int:
     elif result.keyfile:
         print(f"  key saved to {result.keyfile} (mode 0600): keep it to load the model")
     print(result.directory)
-    return 0
 
 
 def _print_report(report: Any) -> None:
@@ -421,13 +426,7 @@ def _serialize(args: argparse.Namespace) -> int:
         f"Serialized {result.tensors} tensors ({result.bytes / 1e6:.1f} MB) in "
         f"{result.seconds:.1f} s to {result.directory}"
     )
-    for uri in result.files:
-        print(f"  wrote {uri}")
-    if result.keyfile and result.key_existing:
-        print(f"  encrypted with the existing key in {result.keyfile} (left unchanged)")
-    elif result.keyfile:
-        print(f"  key saved to {result.keyfile} (mode 0600): keep it to load the model")
-    print(result.directory)
+    _print_written(result)
     return 0
 
 
