@@ -280,9 +280,7 @@ def tensorize_vllm_model(
         engine.rpc("tensorize_vllm_model_commit")
         publication.finish()
     except BaseException:
-        publication.rollback()
-        for item in staged:
-            item.abort()
+        publication.rollback(staged)
         if engine is not None and engine.llm is not None:
             # The engine may be gone (Ctrl-C reaches its processes too): do not wait long.
             engine.rpc_within(ABORT_SECONDS, "tensorize_vllm_model_abort")

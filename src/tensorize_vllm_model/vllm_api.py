@@ -162,9 +162,7 @@ def serialize_extra_artifacts(tensorizer_args: TensorizerArgs | Any,
             publication.commit(item)
         publication.finish()
     except BaseException:
-        publication.rollback()
-        for item in staged:
-            item.abort()
+        publication.rollback(staged)
         raise
 
 

@@ -18,7 +18,6 @@ these rules: the loader derives each rank's ranges from vLLM's own weight loader
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 

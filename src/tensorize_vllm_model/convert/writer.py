@@ -149,9 +149,7 @@ def convert_checkpoint(
             publication.commit(item)
         publication.finish()
     except BaseException:
-        publication.rollback()
-        for item in staged:
-            item.abort()
+        publication.rollback(staged)
         _remove_empty(created)
         raise
     return SerializeResult(directory=directory, tensors_uri=tensors.uri,

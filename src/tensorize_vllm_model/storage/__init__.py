@@ -19,7 +19,7 @@ import logging
 import os
 import secrets
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -237,8 +237,15 @@ class Publication:
             raise
         self._published.append((staged.uri, backup))
 
-    def rollback(self) -> None:
-        """Put back every name published so far; errors are logged, not raised."""
+    def rollback(self, staged: Iterable[StagedWrite] = ()) -> None:
+        """Put back every name published so far, then abort the `staged` writes (their
+        temporaries are removed; committed ones are left as rolled back); errors are logged,
+        not raised."""
+        self._put_back()
+        for item in staged:
+            item.abort()
+
+    def _put_back(self) -> None:
         while self._published:
             uri, backup = self._published.pop()
             try:
