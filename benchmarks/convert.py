@@ -24,8 +24,14 @@ import time
 import run
 from run import RESULTS, WORK, log, prepare, set_cache, vllm_run
 
-TARGETS = {"tp2_read": 0.6, "tp4_read": 0.35, "tp8_read": 0.2, "tp1_vs_vllm_file": 0.9,
-           "convert_vs_copy": 0.7, "rss_vs_share": 1.1}
+TARGETS = {
+    "tp2_read": 0.6,
+    "tp4_read": 0.35,
+    "tp8_read": 0.2,
+    "tp1_vs_vllm_file": 0.9,
+    "convert_vs_copy": 0.7,
+    "rss_vs_share": 1.1,
+}
 
 
 def spread(values: list[float]) -> dict:
@@ -53,8 +59,10 @@ def convert_vs_copy(files: dict, repeats: int) -> dict:
                 convert_checkpoint(files["model_dir"], str(out), suffix="v1")
             rates[method].append(nbytes / (time.perf_counter() - start) / 1e9)
             cpu[method].append((_cpu_seconds() - used) / (nbytes / 1e9))
-            log(f"  [convert] {method} #{repeat + 1}: {rates[method][-1]:.2f} GB/s, "
-                f"{cpu[method][-1]:.2f} CPU-s per GB")
+            log(
+                f"  [convert] {method} #{repeat + 1}: {rates[method][-1]:.2f} GB/s, "
+                f"{cpu[method][-1]:.2f} CPU-s per GB"
+            )
     copy.unlink(missing_ok=True)
     result = {m: spread(v) for m, v in rates.items()}
     result["ratio"] = result["convert"]["median"] / result["copy"]["median"]
@@ -78,8 +86,11 @@ def hash_speeds(size: int = 256 << 20) -> dict:
     import zlib
 
     data = os.urandom(size)
-    work = {"sha256": lambda: hashlib.sha256(data).digest(), "crc32": lambda: zlib.crc32(data),
-            "memcpy": lambda: bytearray(data)}
+    work = {
+        "sha256": lambda: hashlib.sha256(data).digest(),
+        "crc32": lambda: zlib.crc32(data),
+        "memcpy": lambda: bytearray(data),
+    }
     speeds = {}
     for name, run_once in work.items():
         start = time.perf_counter()
@@ -118,9 +129,15 @@ def rank_rss(path: str, config: dict, tp: int, rank: int, direct_reads: bool) ->
     with open_tensors(path) as reader:
         t = reader.record.transposed
         index = reader.index
-        shapes = [TensorShape(e.name, tuple(reversed(e.shape)) if e.name in t else e.shape,
-                              e.bytes // max(1, _numel(e.shape)), e.name in t)
-                  for e in reader.entries()]
+        shapes = [
+            TensorShape(
+                e.name,
+                tuple(reversed(e.shape)) if e.name in t else e.shape,
+                e.bytes // max(1, _numel(e.shape)),
+                e.name in t,
+            )
+            for e in reader.entries()
+        ]
     reads = rank_reads(shapes, config, tp, rank)
     share = sum(r.stop - r.start for r in reads)
     before = _status("VmRSS")
@@ -129,7 +146,7 @@ def rank_rss(path: str, config: dict, tp: int, rank: int, direct_reads: bool) ->
     parameters = torch.zeros(share, dtype=torch.uint8)
     parts, places, at = [], [], 0
     for r in reads:  # as the loader: straight into the parameters unless stored transposed
-        block = parameters[at:at + r.stop - r.start]
+        block = parameters[at : at + r.stop - r.start]
         direct = () if r.name in t or not direct_reads else ((r.start, r.stop, block),)
         parts.append(Part(r.name, index[r.name], r.start, r.stop, targets=direct))
         places.append(block)
@@ -138,11 +155,14 @@ def rank_rss(path: str, config: dict, tp: int, rank: int, direct_reads: bool) ->
     for part, buffer in read_parts(path, parts, threads=2):  # (zip would hold the last one)
         block = places.pop()
         if buffer is not None:  # vLLM's weight loader copies it into the parameter
-            block.copy_(buffer[part.start:part.stop])
+            block.copy_(buffer[part.start : part.stop])
         del buffer
     peak = _status("VmHWM")
-    return {"share_gb": share / 1e9, "added_peak_gb": (peak - before) / 1e9,
-            "ratio": (peak - before) / share}
+    return {
+        "share_gb": share / 1e9,
+        "added_peak_gb": (peak - before) / 1e9,
+        "ratio": (peak - before) / share,
+    }
 
 
 def rss_vs_share(tensors_path: str, config: dict) -> dict:
@@ -153,10 +173,17 @@ def rss_vs_share(tensors_path: str, config: dict) -> dict:
     for direct in (True, False):
         for tp in (1, 2):
             for rank in range(tp):
-                code = RSS_CHILD.format(bench=bench, path=tensors_path, tp=tp, rank=rank,
-                                        config=json.dumps(config), direct=direct)
-                out = subprocess.run([sys.executable, "-c", code], check=True,
-                                     capture_output=True, text=True).stdout
+                code = RSS_CHILD.format(
+                    bench=bench,
+                    path=tensors_path,
+                    tp=tp,
+                    rank=rank,
+                    config=json.dumps(config),
+                    direct=direct,
+                )
+                out = subprocess.run(
+                    [sys.executable, "-c", code], check=True, capture_output=True, text=True
+                ).stdout
                 key = f"tp{tp}_rank{rank}" + ("" if direct else "_all_buffered")
                 result[key] = json.loads(out.strip().splitlines()[-1])
                 log(f"  [rss] {key}: {result[key]}")
@@ -170,13 +197,25 @@ def plan_ratios(tensors_path: str, config: dict) -> dict:
 
     with open_tensors(tensors_path) as reader:
         t = reader.record.transposed
-        shapes = [TensorShape(e.name, tuple(reversed(e.shape)) if e.name in t else e.shape,
-                              e.bytes // max(1, _numel(e.shape)), e.name in t)
-                  for e in reader.entries()]
+        shapes = [
+            TensorShape(
+                e.name,
+                tuple(reversed(e.shape)) if e.name in t else e.shape,
+                e.bytes // max(1, _numel(e.shape)),
+                e.name in t,
+            )
+            for e in reader.entries()
+        ]
     total = sum(s.bytes for s in shapes)
-    return {f"tp{tp}": max(sum(r.stop - r.start for r in rank_reads(shapes, config, tp, rank))
-                           for rank in range(tp)) / total
-            for tp in (1, 2, 4, 8) if config["num_attention_heads"] % tp == 0}
+    return {
+        f"tp{tp}": max(
+            sum(r.stop - r.start for r in rank_reads(shapes, config, tp, rank))
+            for rank in range(tp)
+        )
+        / total
+        for tp in (1, 2, 4, 8)
+        if config["num_attention_heads"] % tp == 0
+    }
 
 
 def _numel(shape) -> int:
@@ -191,65 +230,109 @@ def engines(files: dict, converted: str, repeats: int, only: str = "") -> dict:
     and TP=2, the vLLM-tensorized file at TP=1, runai-model-streamer at TP=1 and TP=2."""
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0|1")
     os.environ.setdefault("RUNAI_STREAMER_LOG_TO_STDERR", "1")  # its timing line, parsed
-    engine = {"dtype": "bfloat16", "max_model_len": 256, "enforce_eager": True,
-              "gpu_memory_utilization": 0.15}
+    engine = {
+        "dtype": "bfloat16",
+        "max_model_len": 256,
+        "enforce_eager": True,
+        "gpu_memory_utilization": 0.15,
+    }
     vllm_dir = files["vllm_dir"] + "/vllm/hf/v1"
     if not os.path.exists(vllm_dir + "/model.tensors"):
         log("  serializing the model for vLLM (once)")
-        subprocess.run([sys.executable, "-m", "tensorize_vllm_model", "--model",
-                        files["model_dir"], "--dtype", "bfloat16", "--max-model-len", "256",
-                        "--enforce-eager", "--gpu-memory-utilization", "0.3", "serialize",
-                        "--serialized-directory", files["vllm_dir"], "--suffix", "v1"],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tensorize_vllm_model",
+                "--model",
+                files["model_dir"],
+                "--dtype",
+                "bfloat16",
+                "--max-model-len",
+                "256",
+                "--enforce-eager",
+                "--gpu-memory-utilization",
+                "0.3",
+                "serialize",
+                "--serialized-directory",
+                files["vllm_dir"],
+                "--suffix",
+                "v1",
+            ],
+            check=True,
+            capture_output=True,
+        )
     cases = {
         "vLLM-tensorized file, TP=1": {"model": vllm_dir, "load_format": "tensorizer"},
         "converted file, TP=1": {"model": converted, "load_format": "tensorizer"},
-        "converted file, TP=2": {"model": converted, "load_format": "tensorizer",
-                                 "tensor_parallel_size": 2},
+        "converted file, TP=2": {
+            "model": converted,
+            "load_format": "tensorizer",
+            "tensor_parallel_size": 2,
+        },
     }
     try:
         import runai_model_streamer  # noqa: F401
 
         cases["runai_streamer (safetensors), TP=1"] = {
-            "model": files["model_dir"], "load_format": "runai_streamer"}
+            "model": files["model_dir"],
+            "load_format": "runai_streamer",
+        }
         cases["runai_streamer (safetensors), TP=2"] = {
-            "model": files["model_dir"], "load_format": "runai_streamer",
-            "tensor_parallel_size": 2}
+            "model": files["model_dir"],
+            "load_format": "runai_streamer",
+            "tensor_parallel_size": 2,
+        }
     except ImportError:
         log("  runai-model-streamer is not installed: left out")
     cases = {label: kwargs for label, kwargs in cases.items() if only in label}
     runs: dict[str, list[dict]] = {label: [] for label in cases}
     for repeat in range(repeats):
         for label, kwargs in cases.items():
-            set_cache("warm", [converted + "/model.tensors", vllm_dir + "/model.tensors",
-                               files["safetensors"]])
+            set_cache(
+                "warm",
+                [converted + "/model.tensors", vllm_dir + "/model.tensors", files["safetensors"]],
+            )
             result = vllm_run({**kwargs, **engine})
             runs[label].append(result)
-            log(f"  [engines] {label} #{repeat + 1}: weights {result['weights_seconds']} s, "
+            log(
+                f"  [engines] {label} #{repeat + 1}: weights {result['weights_seconds']} s, "
                 f"per rank (GB, s) {result['rank_loads']}, worker peaks "
-                f"{[round(p / 1e9, 2) for p in result['worker_peak_rss_each']]} GB")
-    return {label: {"weights_seconds": spread([r["weights_seconds"] or float("nan")
-                                               for r in rs]),
-                    "rank_loads": rs[-1]["rank_loads"],
-                    "worker_peak_rss_each": rs[-1]["worker_peak_rss_each"]}
-            for label, rs in runs.items()}
+                f"{[round(p / 1e9, 2) for p in result['worker_peak_rss_each']]} GB"
+            )
+    return {
+        label: {
+            "weights_seconds": spread([r["weights_seconds"] or float("nan") for r in rs]),
+            "rank_loads": rs[-1]["rank_loads"],
+            "worker_peak_rss_each": rs[-1]["worker_peak_rss_each"],
+        }
+        for label, rs in runs.items()
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-gb", type=float, default=1.5)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default="convert-latest.json",
-                        help="File name of the results under benchmarks/results/.")
-    parser.add_argument("--only", default="",
-                        help="With --engines: only the loads whose label contains this.")
-    parser.add_argument("--engines", action="store_true",
-                        help="Also load through vLLM (several engine start-ups).")
+    parser.add_argument(
+        "--out",
+        default="convert-latest.json",
+        help="File name of the results under benchmarks/results/.",
+    )
+    parser.add_argument(
+        "--only", default="", help="With --engines: only the loads whose label contains this."
+    )
+    parser.add_argument(
+        "--engines", action="store_true", help="Also load through vLLM (several engine start-ups)."
+    )
     args = parser.parse_args()
     files = prepare(args.size_gb)
     config = json.loads(open(os.path.join(files["model_dir"], "config.json")).read())
-    results = {"size_gb": args.size_gb, "targets": TARGETS,
-               "convert": convert_vs_copy(files, args.repeats)}
+    results = {
+        "size_gb": args.size_gb,
+        "targets": TARGETS,
+        "convert": convert_vs_copy(files, args.repeats),
+    }
     converted = str(WORK / "convert-out" / "vllm" / "hf" / "v1")
     results["read_plan_share"] = plan_ratios(converted + "/model.tensors", config)
     results["rank_rss"] = rss_vs_share(converted + "/model.tensors", config)
@@ -258,15 +341,21 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / args.out).write_text(json.dumps(results, indent=2) + "\n")
     c = results["convert"]
-    print(f"convert {c['convert']['median']:.2f} GB/s vs copy {c['copy']['median']:.2f} GB/s "
-          f"({c['ratio']:.2f}; target >= {TARGETS['convert_vs_copy']})")
+    print(
+        f"convert {c['convert']['median']:.2f} GB/s vs copy {c['copy']['median']:.2f} GB/s "
+        f"({c['ratio']:.2f}; target >= {TARGETS['convert_vs_copy']})"
+    )
     cpu = c["cpu_seconds_per_gb"]
-    print(f"CPU-s per GB: convert {cpu['convert']['median']:.2f}, copy "
-          f"{cpu['copy']['median']:.2f}; one core: " + ", ".join(
-              f"{k} {v:.2f} GB/s" for k, v in c["one_core_gb_per_s"].items()))
+    print(
+        f"CPU-s per GB: convert {cpu['convert']['median']:.2f}, copy "
+        f"{cpu['copy']['median']:.2f}; one core: "
+        + ", ".join(f"{k} {v:.2f} GB/s" for k, v in c["one_core_gb_per_s"].items())
+    )
     for key, r in results["rank_rss"].items():
-        print(f"rank memory {key}: {r['added_peak_gb']:.3f} GB at peak for a share of "
-              f"{r['share_gb']:.3f} GB ({r['ratio']:.2f}; target <= {TARGETS['rss_vs_share']})")
+        print(
+            f"rank memory {key}: {r['added_peak_gb']:.3f} GB at peak for a share of "
+            f"{r['share_gb']:.3f} GB ({r['ratio']:.2f}; target <= {TARGETS['rss_vs_share']})"
+        )
     for tp, share in results["read_plan_share"].items():
         print(f"read plan {tp}: the busiest rank reads {share:.3f} of the file")
 

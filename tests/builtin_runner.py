@@ -35,9 +35,13 @@ def engine_config(spec, model, load_format="auto", extra=None):
     from vllm.engine.arg_utils import EngineArgs
 
     return EngineArgs(
-        model=model, dtype=spec.get("dtype", "bfloat16"), max_model_len=256,
-        enforce_eager=True, tensor_parallel_size=spec.get("tp", 1),
-        load_format=load_format, model_loader_extra_config=dict(extra or {}),
+        model=model,
+        dtype=spec.get("dtype", "bfloat16"),
+        max_model_len=256,
+        enforce_eager=True,
+        tensor_parallel_size=spec.get("tp", 1),
+        load_format=load_format,
+        model_loader_extra_config=dict(extra or {}),
     ).create_engine_config()
 
 
@@ -51,8 +55,13 @@ def join_ranks(spec, vllm_config):
     # vLLM's CPU worker names its shared-memory groups after the rendezvous port
     os.environ["VLLM_DIST_IDENT"] = spec["init_method"].split(":")[-1]
     with set_current_vllm_config(vllm_config):
-        init_distributed_environment(world_size=tp, rank=rank, local_rank=rank, backend="gloo",
-                                     distributed_init_method=spec["init_method"])
+        init_distributed_environment(
+            world_size=tp,
+            rank=rank,
+            local_rank=rank,
+            backend="gloo",
+            distributed_init_method=spec["init_method"],
+        )
         initialize_model_parallel(tp, 1)
     torch.accelerator.current_device_index = lambda: 0  # no accelerator here (see above)
 
@@ -69,8 +78,11 @@ def default_loaded(vllm_config):
     model_config = vllm_config.model_config
     # A second model in this process: its attention layers register under the same names.
     vllm_config.compilation_config.static_forward_context.clear()
-    with set_current_vllm_config(vllm_config), set_default_torch_dtype(model_config.dtype), \
-            torch.device("cpu"):
+    with (
+        set_current_vllm_config(vllm_config),
+        set_default_torch_dtype(model_config.dtype),
+        torch.device("cpu"),
+    ):
         model = initialize_model(vllm_config=vllm_config, model_config=model_config)
         DefaultModelLoader(LoadConfig(load_format="auto")).load_weights(model, model_config)
     return model
@@ -91,9 +103,12 @@ def load(spec):
         "compared": sorted(set(params) & set(reference)),
         "missing": sorted(set(reference) - set(params)),
         "extra": sorted(set(params) - set(reference)),
-        "different": sorted(n for n in set(params) & set(reference)
-                            if params[n].dtype != reference[n].dtype
-                            or not torch.equal(params[n].detach().cpu(), reference[n].detach())),
+        "different": sorted(
+            n
+            for n in set(params) & set(reference)
+            if params[n].dtype != reference[n].dtype
+            or not torch.equal(params[n].detach().cpu(), reference[n].detach())
+        ),
         "buffers": sorted(n for n, _ in loaded.named_buffers()),
         "has_marker": hasattr(loaded, "vllm_tensorized_marker"),
     }
@@ -134,10 +149,14 @@ def ours(spec):
     params, expected = dict(model.named_parameters()), dict(reference.named_parameters())
     return {
         "returned_model": returned is reference,
-        "on_meta_before": len(on_meta), "parameters": len(expected),
+        "on_meta_before": len(on_meta),
+        "parameters": len(expected),
         "same_names": sorted(params) == sorted(expected),
-        "different": sorted(n for n in expected if n in params
-                            and not torch.equal(params[n].detach(), expected[n].detach())),
+        "different": sorted(
+            n
+            for n in expected
+            if n in params and not torch.equal(params[n].detach(), expected[n].detach())
+        ),
     }
 
 

@@ -37,8 +37,13 @@ ENGINE_KWARGS = {
     "gpu_memory_utilization": 0.3,
 }
 ENGINE_FLAGS = [
-    "--dtype", "bfloat16", "--max-model-len", "256", "--enforce-eager",
-    "--gpu-memory-utilization", "0.3",
+    "--dtype",
+    "bfloat16",
+    "--max-model-len",
+    "256",
+    "--enforce-eager",
+    "--gpu-memory-utilization",
+    "0.3",
 ]
 ENGINE_TIMEOUT = 600
 BUCKET = "models"
@@ -52,13 +57,19 @@ def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def run_runner(spec: dict, *, env: dict[str, str] | None = None,
-               expect_ok: bool = True, runner: Path = RUNNER) -> dict | subprocess.CompletedProcess:
+def run_runner(
+    spec: dict, *, env: dict[str, str] | None = None, expect_ok: bool = True, runner: Path = RUNNER
+) -> dict | subprocess.CompletedProcess:
     """Run tests/engine_runner.py (or `runner`) with `spec`; return its parsed RESULT (or,
     with expect_ok=False, the completed process)."""
     proc = subprocess.run(
-        [sys.executable, str(runner)], input=json.dumps(spec), capture_output=True, text=True,
-        env=subprocess_env(env), timeout=ENGINE_TIMEOUT, cwd=ROOT,
+        [sys.executable, str(runner)],
+        input=json.dumps(spec),
+        capture_output=True,
+        text=True,
+        env=subprocess_env(env),
+        timeout=ENGINE_TIMEOUT,
+        cwd=ROOT,
     )
     return result_of(proc, expect_ok)
 
@@ -72,7 +83,7 @@ def result_of(proc: subprocess.CompletedProcess, expect_ok: bool = True):
         raise AssertionError(
             f"engine run failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
         )
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def run_builtin(*specs: dict) -> list[dict]:
@@ -86,14 +97,26 @@ def run_builtin(*specs: dict) -> list[dict]:
         port = s.getsockname()[1]
     specs = [{"init_method": f"tcp://127.0.0.1:{port}", **spec} for spec in specs]
     with ThreadPoolExecutor(len(specs)) as pool:
-        return list(pool.map(lambda spec: run_runner(spec, env={"VLLM_PLUGINS": ""},
-                                                     runner=BUILTIN_RUNNER), specs))
+        return list(
+            pool.map(
+                lambda spec: run_runner(spec, env={"VLLM_PLUGINS": ""}, runner=BUILTIN_RUNNER),
+                specs,
+            )
+        )
 
 
-def run_engine(llm_kwargs: dict, *, prompts=PROMPTS, max_tokens=MAX_TOKENS, stats=False,
-               config_object: bool = False, env: dict[str, str] | None = None,
-               expect_ok: bool = True, separate_processes: bool = False,
-               **lora: dict) -> dict | subprocess.CompletedProcess:
+def run_engine(
+    llm_kwargs: dict,
+    *,
+    prompts=PROMPTS,
+    max_tokens=MAX_TOKENS,
+    stats=False,
+    config_object: bool = False,
+    env: dict[str, str] | None = None,
+    expect_ok: bool = True,
+    separate_processes: bool = False,
+    **lora: dict,
+) -> dict | subprocess.CompletedProcess:
     """Start `LLM(**ENGINE_KWARGS, **llm_kwargs)` in a subprocess and generate greedily
     (``lora=...`` or ``tensorized_lora=...``: see engine_runner.py).
 
@@ -102,24 +125,40 @@ def run_engine(llm_kwargs: dict, *, prompts=PROMPTS, max_tokens=MAX_TOKENS, stat
     happens across vLLM's processes (the plug-in loading in a separate worker, credentials
     reaching it, several ranks) pass separate_processes=True, vLLM's default.
     """
-    spec = {"llm": {**ENGINE_KWARGS, **llm_kwargs}, "prompts": list(prompts),
-            "max_tokens": max_tokens, "stats": stats, "config_object": config_object, **lora}
+    spec = {
+        "llm": {**ENGINE_KWARGS, **llm_kwargs},
+        "prompts": list(prompts),
+        "max_tokens": max_tokens,
+        "stats": stats,
+        "config_object": config_object,
+        **lora,
+    }
     processes = {} if separate_processes else {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     return run_runner(spec, env={**processes, **(env or {})}, expect_ok=expect_ok)
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, script: str | None = None,
-            timeout: int = ENGINE_TIMEOUT) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str,
+    env: dict[str, str] | None = None,
+    script: str | None = None,
+    timeout: int = ENGINE_TIMEOUT,
+) -> subprocess.CompletedProcess:
     """Run ``python -m tensorize_vllm_model ARGS`` (or a script) and capture its output."""
     command = [sys.executable, script] if script else [sys.executable, "-m", "tensorize_vllm_model"]
     return subprocess.run(
-        command + [str(a) for a in args], capture_output=True, text=True,
-        env=subprocess_env(env), timeout=timeout, cwd=ROOT,
+        command + [str(a) for a in args],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(env),
+        timeout=timeout,
+        cwd=ROOT,
     )
 
 
 def assert_ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -155,8 +194,16 @@ def llama_reference(tiny_llama):
 def llama_serialized(tiny_llama, tmp_path_factory):
     """The tiny Llama serialized to local disk with the command line: (directory, stdout)."""
     out = tmp_path_factory.mktemp("serialized")
-    proc = run_cli("--model", tiny_llama, *ENGINE_FLAGS, "serialize",
-                   "--serialized-directory", out, "--suffix", "v1")
+    proc = run_cli(
+        "--model",
+        tiny_llama,
+        *ENGINE_FLAGS,
+        "serialize",
+        "--serialized-directory",
+        out,
+        "--suffix",
+        "v1",
+    )
     assert_ok(proc)
     return out / "vllm" / "tiny-llama" / "v1", proc.stdout
 
@@ -166,23 +213,45 @@ def llama_encrypted(tiny_llama, tmp_path_factory):
     """The tiny Llama serialized with a generated key: (directory, key file)."""
     out = tmp_path_factory.mktemp("encrypted")
     key = out / "keys" / "model.key"
-    proc = run_cli("--model", tiny_llama, *ENGINE_FLAGS, "serialize", "--serialized-directory",
-                   out, "--suffix", "enc", "--keyfile", key)
+    proc = run_cli(
+        "--model",
+        tiny_llama,
+        *ENGINE_FLAGS,
+        "serialize",
+        "--serialized-directory",
+        out,
+        "--suffix",
+        "enc",
+        "--keyfile",
+        key,
+    )
     assert_ok(proc)
     return out / "vllm" / "tiny-llama" / "enc", key
 
 
-def serve_and_complete(serve_args: list[str], model_name: str, *, prompts=PROMPTS,
-                       env: dict[str, str] | None = None) -> list[str]:
+def serve_and_complete(
+    serve_args: list[str], model_name: str, *, prompts=PROMPTS, env: dict[str, str] | None = None
+) -> list[str]:
     """Start ``vllm serve SERVE_ARGS`` on a loopback port, send each prompt to
     /v1/completions (greedy), stop the server, and return the completions."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = subprocess.Popen(
-        [os.path.join(os.path.dirname(sys.executable), "vllm"), "serve", *serve_args,
-         "--host", "127.0.0.1", "--port", str(port), *ENGINE_FLAGS],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env(env),
+        [
+            os.path.join(os.path.dirname(sys.executable), "vllm"),
+            "serve",
+            *serve_args,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            *ENGINE_FLAGS,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=subprocess_env(env),
         cwd=ROOT,
     )
     base = f"http://127.0.0.1:{port}"
@@ -200,10 +269,12 @@ def serve_and_complete(serve_args: list[str], model_name: str, *, prompts=PROMPT
             time.sleep(1)
         texts = []
         for prompt in prompts:
-            body = json.dumps({"model": model_name, "prompt": prompt, "max_tokens": MAX_TOKENS,
-                               "temperature": 0}).encode()
-            request = urllib.request.Request(f"{base}/v1/completions", data=body,
-                                             headers={"Content-Type": "application/json"})
+            body = json.dumps(
+                {"model": model_name, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0}
+            ).encode()
+            request = urllib.request.Request(
+                f"{base}/v1/completions", data=body, headers={"Content-Type": "application/json"}
+            )
             with urllib.request.urlopen(request, timeout=60) as r:
                 texts.append(json.load(r)["choices"][0]["text"])
         return texts

@@ -39,12 +39,23 @@ def main() -> None:
             EngineArgs(**spec["serialize"]["engine"]),
             TensorizerConfig(**spec["serialize"]["config"]),
         )
-        print("RESULT " + json.dumps({"files": written.files, "directory": written.directory,
-                                      "tensors": written.tensors, "bytes": written.bytes}))
+        print(
+            "RESULT "
+            + json.dumps(
+                {
+                    "files": written.files,
+                    "directory": written.directory,
+                    "tensors": written.tensors,
+                    "bytes": written.bytes,
+                }
+            )
+        )
         return
     kwargs = dict(spec["llm"])
     if spec.get("config_object"):
-        kwargs["model_loader_extra_config"] = TensorizerConfig(**kwargs["model_loader_extra_config"])
+        kwargs["model_loader_extra_config"] = TensorizerConfig(
+            **kwargs["model_loader_extra_config"]
+        )
     llm = LLM(**kwargs)
     result = {}
     if spec.get("stats"):
@@ -60,13 +71,19 @@ def main() -> None:
         from tensorize_vllm_model import tensorized_lora_request
 
         lora = spec["tensorized_lora"]
-        lora_request = tensorized_lora_request(lora["model"], lora["name"],
-                                               tensorizer_config=lora.get("config"))
+        lora_request = tensorized_lora_request(
+            lora["model"], lora["name"], tensorizer_config=lora.get("config")
+        )
     if lora_request is not None:
         base = llm.generate(spec["prompts"], params)
         result["base_tokens"] = [list(o.outputs[0].token_ids) for o in base]
-    outputs = llm.generate(  # no prompts: only load (see test_vllm_parallel's PP=2 test)
-        spec["prompts"], params, lora_request=lora_request) if spec["prompts"] else []
+    outputs = (
+        llm.generate(  # no prompts: only load (see test_vllm_parallel's PP=2 test)
+            spec["prompts"], params, lora_request=lora_request
+        )
+        if spec["prompts"]
+        else []
+    )
     result["texts"] = [o.outputs[0].text for o in outputs]
     result["tokens"] = [list(o.outputs[0].token_ids) for o in outputs]
     print("RESULT " + json.dumps(result), flush=True)

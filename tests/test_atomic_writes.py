@@ -32,8 +32,13 @@ from typing import ClassVar
 import pytest
 from conftest import ENGINE_FLAGS, ROOT, subprocess_env
 
-MODEL_FILES = ["config.json", "generation_config.json", "model.tensors", "tokenizer.json",
-               "tokenizer_config.json"]
+MODEL_FILES = [
+    "config.json",
+    "generation_config.json",
+    "model.tensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+]
 ARTIFACTS = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
 
 
@@ -85,13 +90,20 @@ class FakeEngine:
         self.calls.append(method)
         if method == "tensorize_vllm_model_save":
             request = kwargs["request"]
-            tensors = [(f"layers.{i}.weight", torch.full((256, 256), float(i)), False)
-                       for i in range(4)]
-            staged = write_tensors(request["tensorizer_uri"], tensors,
-                                   record=FileRecord(encrypted=request["key"] is not None),
-                                   key=request["key"], options=request["stream_options"])
+            tensors = [
+                (f"layers.{i}.weight", torch.full((256, 256), float(i)), False) for i in range(4)
+            ]
+            staged = write_tensors(
+                request["tensorizer_uri"],
+                tensors,
+                record=FileRecord(encrypted=request["key"] is not None),
+                key=request["key"],
+                options=request["stream_options"],
+            )
             self.pending.append(staged)
-            return [{"rank": 0, "uri": staged.uri, "tensors": staged.tensors, "bytes": staged.bytes}]
+            return [
+                {"rank": 0, "uri": staged.uri, "tensors": staged.tensors, "bytes": staged.bytes}
+            ]
         if method == "tensorize_vllm_model_commit":
             if FakeEngine.fail_tensors_commit:
                 raise OSError(28, "No space left on device")
@@ -129,8 +141,15 @@ def fake_engine(monkeypatch):
 
 def engine_args(model: Path):
     return types.SimpleNamespace(
-        model=str(model), tensor_parallel_size=1, pipeline_parallel_size=1, load_format="auto",
-        revision=None, download_dir=None, tokenizer=None, tokenizer_revision=None)
+        model=str(model),
+        tensor_parallel_size=1,
+        pipeline_parallel_size=1,
+        load_format="auto",
+        revision=None,
+        download_dir=None,
+        tokenizer=None,
+        tokenizer_revision=None,
+    )
 
 
 EARLIER = {name: f"earlier good {name}\n".encode() for name in MODEL_FILES}
@@ -157,8 +176,10 @@ def serialize_in_process(tiny_llama: Path, directory: Path, key: Path):
 
     return tensorize_vllm_model(
         engine_args(tiny_llama),
-        TensorizerConfig(tensorizer_uri=str(directory / "model.tensors"),
-                         encryption_keyfile=str(key)))
+        TensorizerConfig(
+            tensorizer_uri=str(directory / "model.tensors"), encryption_keyfile=str(key)
+        ),
+    )
 
 
 def fail_commit_number(monkeypatch, number: int | None, seen: list[str]) -> None:
@@ -188,7 +209,10 @@ def test_the_stand_in_serialize_succeeds(fake_engine, tiny_llama, tmp_path, monk
     assert sorted(os.listdir(directory)) == MODEL_FILES
     assert os.listdir(key.parent) == ["model.key"]
     assert len(key.read_bytes()) == 32 and (key.stat().st_mode & 0o777) == 0o600
-    assert seen == [str(directory / n) for n in ARTIFACTS] + [str(key), str(directory / "model.tensors")]
+    assert seen == [str(directory / n) for n in ARTIFACTS] + [
+        str(key),
+        str(directory / "model.tensors"),
+    ]
     assert result.files == [str(directory / "model.tensors")] + seen[:-1]
     assert result.tensors == 4 and result.bytes == 4 * 256 * 256 * 4
     for name in ARTIFACTS:
@@ -211,8 +235,9 @@ FAILURES = [
 
 @pytest.mark.parametrize("earlier", [False, True], ids=["fresh", "over-earlier-model"])
 @pytest.mark.parametrize("failure", FAILURES)
-def test_failed_serialize_leaves_nothing(fake_engine, tiny_llama, tmp_path, monkeypatch,
-                                         failure, earlier):
+def test_failed_serialize_leaves_nothing(
+    fake_engine, tiny_llama, tmp_path, monkeypatch, failure, earlier
+):
     from tensorize_vllm_model import StorageError
 
     directory, key = make_destination(tmp_path, earlier)
@@ -293,8 +318,14 @@ class Child:
         self.log = log
         self._stderr = open(log, "wb")  # noqa: SIM115 - closed by close()
         self.proc = subprocess.Popen(
-            args, stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=env, cwd=ROOT,
-            start_new_session=True)  # its own process group, to clean up after it
+            args,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+            env=env,
+            cwd=ROOT,
+            start_new_session=True,
+        )  # its own process group, to clean up after it
         self.lines: list[str] = []
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
@@ -314,8 +345,11 @@ class Child:
                 break
             time.sleep(0.1)
         raise AssertionError(
-            f"no {prefix!r} line (exit {self.proc.poll()}):\n" + "\n".join(self.lines[-50:])
-            + "\n" + self.stderr()[-6000:])
+            f"no {prefix!r} line (exit {self.proc.poll()}):\n"
+            + "\n".join(self.lines[-50:])
+            + "\n"
+            + self.stderr()[-6000:]
+        )
 
     def stderr(self) -> str:
         self._stderr.flush()
@@ -330,14 +364,20 @@ class Child:
         self._stderr.close()
 
 
-EXIT_CODES = {signal.SIGINT: 128 + signal.SIGINT, signal.SIGTERM: 128 + signal.SIGTERM,
-              signal.SIGKILL: -signal.SIGKILL}
+EXIT_CODES = {
+    signal.SIGINT: 128 + signal.SIGINT,
+    signal.SIGTERM: 128 + signal.SIGTERM,
+    signal.SIGKILL: -signal.SIGKILL,
+}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL],
-                         ids=["SIGINT", "SIGTERM", "SIGKILL"])
-def test_interrupted_serialize_keeps_the_earlier_model(signum, llama_serialized, tiny_llama, tmp_path):
+@pytest.mark.parametrize(
+    "signum", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["SIGINT", "SIGTERM", "SIGKILL"]
+)
+def test_interrupted_serialize_keeps_the_earlier_model(
+    signum, llama_serialized, tiny_llama, tmp_path
+):
     good, _ = llama_serialized
     root = tmp_path / "out"
     directory = root / "vllm" / "tiny-llama" / "v1"  # where the serialize below writes
@@ -349,10 +389,24 @@ def test_interrupted_serialize_keeps_the_earlier_model(signum, llama_serialized,
     assert sorted(before) == MODEL_FILES
 
     child = Child(
-        [sys.executable, "-c", DRIVER, "--model", str(tiny_llama), *ENGINE_FLAGS, "serialize",
-         "--serialized-directory", str(root), "--suffix", "v1", "--keyfile", str(keyfile)],
+        [
+            sys.executable,
+            "-c",
+            DRIVER,
+            "--model",
+            str(tiny_llama),
+            *ENGINE_FLAGS,
+            "serialize",
+            "--serialized-directory",
+            str(root),
+            "--suffix",
+            "v1",
+            "--keyfile",
+            str(keyfile),
+        ],
         subprocess_env({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}),  # the patch reaches the save
-        tmp_path / "stderr.log")
+        tmp_path / "stderr.log",
+    )
     try:
         paused = child.wait_for_line("PAUSED ", timeout=400)
         assert paused == f"PAUSED {directory / 'config.json'}"
@@ -371,7 +425,9 @@ def test_interrupted_serialize_keeps_the_earlier_model(signum, llama_serialized,
         [key_temp] = os.listdir(keys)
         assert temp_name_pattern("model.key").match(key_temp)
         assert (keys / key_temp).stat().st_size == 32
-        assert {n: before[n] for n in MODEL_FILES} == {n: snapshot(directory)[n] for n in MODEL_FILES}
+        assert {n: before[n] for n in MODEL_FILES} == {
+            n: snapshot(directory)[n] for n in MODEL_FILES
+        }
 
         if signum == signal.SIGINT:
             os.killpg(child.proc.pid, signal.SIGINT)  # Ctrl-C: the terminal's process group
@@ -380,8 +436,10 @@ def test_interrupted_serialize_keeps_the_earlier_model(signum, llama_serialized,
         try:
             code = child.proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"the serialize did not end within 120 s of {signum.name}:\n"
-                                 + child.stderr()[-6000:]) from None
+            raise AssertionError(
+                f"the serialize did not end within 120 s of {signum.name}:\n"
+                + child.stderr()[-6000:]
+            ) from None
         assert code == EXIT_CODES[signum], child.stderr()[-6000:]
         child._thread.join(10)
     finally:
@@ -407,29 +465,47 @@ def test_interrupted_serialize_keeps_the_earlier_model(signum, llama_serialized,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("moment", ["Initializing a V1 LLM engine", "Starting to load model"],
-                         ids=["engine-core-start", "weights-loading"])
+@pytest.mark.parametrize(
+    "moment",
+    ["Initializing a V1 LLM engine", "Starting to load model"],
+    ids=["engine-core-start", "weights-loading"],
+)
 def test_sigint_while_the_engine_starts_publishes_nothing(moment, tiny_llama, tmp_path):
     """`kill -INT` of the command while vLLM starts its engine (in its own process, as by
     default): vLLM drops a KeyboardInterrupt there, so the serialize used to carry on and
     publish. It must end with exit code 130, one line, and nothing written."""
     root = tmp_path / "out"
     child = Child(
-        [sys.executable, "-m", "tensorize_vllm_model", "--model", str(tiny_llama), *ENGINE_FLAGS,
-         "serialize", "--serialized-directory", str(root), "--suffix", "s"],
-        subprocess_env({}), tmp_path / "stderr.log")
+        [
+            sys.executable,
+            "-m",
+            "tensorize_vllm_model",
+            "--model",
+            str(tiny_llama),
+            *ENGINE_FLAGS,
+            "serialize",
+            "--serialized-directory",
+            str(root),
+            "--suffix",
+            "s",
+        ],
+        subprocess_env({}),
+        tmp_path / "stderr.log",
+    )
     try:
         deadline = time.monotonic() + 400
         while not any(moment in line for line in list(child.lines)):  # vLLM's log (stdout)
-            assert child.proc.poll() is None and time.monotonic() < deadline, \
+            assert child.proc.poll() is None and time.monotonic() < deadline, (
                 "\n".join(child.lines[-50:]) + child.stderr()[-6000:]
+            )
             time.sleep(0.2)
         os.kill(child.proc.pid, signal.SIGINT)
         try:
             code = child.proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
-            raise AssertionError("no exit within 120 s of SIGINT:\n" + child.stderr()[-6000:]) \
-                from None
+            raise AssertionError(
+                "no exit within 120 s of SIGINT:\n" + child.stderr()[-6000:]
+            ) from None
         child._thread.join(10)
         stderr = child.stderr()
     finally:

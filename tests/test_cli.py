@@ -7,10 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT, subprocess_env
 
 from tensorize_vllm_model.cli import main
-
-from conftest import ROOT, subprocess_env
 
 
 def run_main(capsys, *argv):
@@ -40,29 +39,55 @@ def test_missing_subcommand(capsys, tiny_llama):
     assert err.endswith("error: a command is required: serialize, deserialize, inspect or verify")
 
 
-@pytest.mark.parametrize("extra,expected", [
-    ("{bad", "--model-loader-extra-config is not valid JSON"),
-    ("[1, 2]", "--model-loader-extra-config must be a JSON object, got list"),
-    ('{"num_reader": 2}', "unknown key(s) in model_loader_extra_config: 'num_reader'"),
-    ('{"deserialization_kwargs": {"dtype": "float16"}}', "deserialization_kwargs key(s) 'dtype' are not allowed"),
-])
+@pytest.mark.parametrize(
+    "extra,expected",
+    [
+        ("{bad", "--model-loader-extra-config is not valid JSON"),
+        ("[1, 2]", "--model-loader-extra-config must be a JSON object, got list"),
+        ('{"num_reader": 2}', "unknown key(s) in model_loader_extra_config: 'num_reader'"),
+        (
+            '{"deserialization_kwargs": {"dtype": "float16"}}',
+            "deserialization_kwargs key(s) 'dtype' are not allowed",
+        ),
+    ],
+)
 def test_bad_extra_config(capsys, tiny_llama, tensors_file, extra, expected):
-    code, err = run_main(capsys, "--model", tiny_llama, "--model-loader-extra-config", extra,
-                         "deserialize", "--path-to-tensors", tensors_file)
+    code, err = run_main(
+        capsys,
+        "--model",
+        tiny_llama,
+        "--model-loader-extra-config",
+        extra,
+        "deserialize",
+        "--path-to-tensors",
+        tensors_file,
+    )
     assert code == 2
     assert err.splitlines()[-1].startswith("error: ") and expected in err
 
 
 def test_missing_tensors_file(capsys, tiny_llama, tmp_path):
-    code, err = run_main(capsys, "--model", tiny_llama, "deserialize", "--path-to-tensors",
-                         tmp_path / "absent.tensors")
+    code, err = run_main(
+        capsys,
+        "--model",
+        tiny_llama,
+        "deserialize",
+        "--path-to-tensors",
+        tmp_path / "absent.tensors",
+    )
     assert code == 2
     assert err.splitlines()[-1] == f"error: no such file: {tmp_path / 'absent.tensors'}"
 
 
 def test_missing_model_directory(capsys, tmp_path):
-    code, err = run_main(capsys, "--model", tmp_path / "no-model", "serialize",
-                         "--serialized-directory", tmp_path / "out")
+    code, err = run_main(
+        capsys,
+        "--model",
+        tmp_path / "no-model",
+        "serialize",
+        "--serialized-directory",
+        tmp_path / "out",
+    )
     assert code == 2
     assert err.splitlines()[-1] == f"error: --model {tmp_path / 'no-model'}: no such directory"
     assert not (tmp_path / "out").exists()
@@ -71,8 +96,8 @@ def test_missing_model_directory(capsys, tmp_path):
 def test_deserialize_needs_a_path(capsys, tiny_llama):
     code, err = run_main(capsys, "--model", tiny_llama, "deserialize")
     assert code == 2 and err.splitlines()[-1] == (
-        "error: deserialize needs --serialized-directory or --path-to-tensors (or "
-        "--tensorizer-uri)")
+        "error: deserialize needs --serialized-directory or --path-to-tensors (or --tensorizer-uri)"
+    )
 
 
 def test_tensorizer_uri_is_path_to_tensors(tiny_llama, tensors_file):
@@ -80,46 +105,92 @@ def test_tensorizer_uri_is_path_to_tensors(tiny_llama, tensors_file):
 
     from tensorize_vllm_model.cli import deserialize_config
 
-    ns = argparse.Namespace(path_to_tensors=None, tensorizer_uri=str(tensors_file), keyfile=None,
-                            encryption_keyfile=None, verify_hash=True, num_readers=2,
-                            s3_access_key_id=None, s3_secret_access_key=None, s3_endpoint=None,
-                            model_loader_extra_config={"deserialization_kwargs": {"num_readers": 1}})
+    ns = argparse.Namespace(
+        path_to_tensors=None,
+        tensorizer_uri=str(tensors_file),
+        keyfile=None,
+        encryption_keyfile=None,
+        verify_hash=True,
+        num_readers=2,
+        s3_access_key_id=None,
+        s3_secret_access_key=None,
+        s3_endpoint=None,
+        model_loader_extra_config={"deserialization_kwargs": {"num_readers": 1}},
+    )
     config = deserialize_config(ns)
     assert config.tensorizer_uri == str(tensors_file)
     assert config.verify_hash is True and config.num_readers == 2
     assert config.deserialization_kwargs == {"num_readers": 1}
 
 
-@pytest.mark.parametrize("kwargs,expected", [
-    ("{oops", "argument --serialization-kwargs: not valid JSON"),
-    ('"text"', "argument --serialization-kwargs: must be a JSON object, got str"),
-    ('{"limit_cpu_concurency": 2}', "--serialization-kwargs: unknown or reserved key(s) 'limit_cpu_concurency'"),
-    ('{"encryption": null}', "--serialization-kwargs: unknown or reserved key(s) 'encryption'"),
-])
+@pytest.mark.parametrize(
+    "kwargs,expected",
+    [
+        ("{oops", "argument --serialization-kwargs: not valid JSON"),
+        ('"text"', "argument --serialization-kwargs: must be a JSON object, got str"),
+        (
+            '{"limit_cpu_concurency": 2}',
+            "--serialization-kwargs: unknown or reserved key(s) 'limit_cpu_concurency'",
+        ),
+        ('{"encryption": null}', "--serialization-kwargs: unknown or reserved key(s) 'encryption'"),
+    ],
+)
 def test_bad_serialization_kwargs(capsys, tiny_llama, tmp_path, kwargs, expected):
-    code, err = run_main(capsys, "--model", tiny_llama, "serialize", "--serialized-directory",
-                         tmp_path / "out", "--serialization-kwargs", kwargs)
+    code, err = run_main(
+        capsys,
+        "--model",
+        tiny_llama,
+        "serialize",
+        "--serialized-directory",
+        tmp_path / "out",
+        "--serialization-kwargs",
+        kwargs,
+    )
     assert code == 2 and expected in err
     assert not (tmp_path / "out").exists()
 
 
 def test_bad_suffix(capsys, tiny_llama, tmp_path):
-    code, err = run_main(capsys, "--model", tiny_llama, "serialize", "--serialized-directory",
-                         tmp_path / "out", "--suffix", "../../escape")
+    code, err = run_main(
+        capsys,
+        "--model",
+        tiny_llama,
+        "serialize",
+        "--serialized-directory",
+        tmp_path / "out",
+        "--suffix",
+        "../../escape",
+    )
     assert code == 2 and "--suffix must be a single directory name" in err
 
 
 def test_refusal_in_a_real_process_has_no_traceback(tiny_llama, tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "tensorize_vllm_model", "--model", str(tiny_llama),
-         "--model-loader-extra-config", "{bad", "deserialize", "--path-to-tensors",
-         str(tmp_path / "x.tensors")],
-        capture_output=True, text=True, env=subprocess_env(), cwd=ROOT, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "tensorize_vllm_model",
+            "--model",
+            str(tiny_llama),
+            "--model-loader-extra-config",
+            "{bad",
+            "deserialize",
+            "--path-to-tensors",
+            str(tmp_path / "x.tensors"),
+        ],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        cwd=ROOT,
+        timeout=300,
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith(
-        "error: --model-loader-extra-config is not valid JSON")
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: --model-loader-extra-config is not valid JSON")
+    )
 
 
 def _serialize_args(*argv):
@@ -131,27 +202,52 @@ def _serialize_args(*argv):
 def test_stream_kwargs_and_transport_flags_reach_serialize(tiny_llama, tmp_path):
     from tensorize_vllm_model.cli import serialize_config
 
-    args = _serialize_args("--model", tiny_llama, "--model-loader-extra-config",
-                           '{"stream_kwargs": {"force_http": true, "workers": 3}}', "serialize",
-                           "--serialized-directory", "s3://bucket/models", "--suffix", "v2",
-                           "--s3-endpoint", "http://127.0.0.1:9", "--ca-bundle", "/etc/ca.pem")
+    args = _serialize_args(
+        "--model",
+        tiny_llama,
+        "--model-loader-extra-config",
+        '{"stream_kwargs": {"force_http": true, "workers": 3}}',
+        "serialize",
+        "--serialized-directory",
+        "s3://bucket/models",
+        "--suffix",
+        "v2",
+        "--s3-endpoint",
+        "http://127.0.0.1:9",
+        "--ca-bundle",
+        "/etc/ca.pem",
+    )
     config = serialize_config(args, 1)
     assert config.tensorizer_uri == "s3://bucket/models/vllm/tiny-llama/v2/model.tensors"
     options = config.stream_options()
     assert options["force_http"] is True and options["workers"] == 3
     assert options["s3_endpoint"] == "http://127.0.0.1:9" and options["ca_bundle"] == "/etc/ca.pem"
-    flagged = serialize_config(_serialize_args("--model", tiny_llama, "serialize",
-                                               "--serialized-directory", "s3://b", "--allow-http"), 2)
+    flagged = serialize_config(
+        _serialize_args(
+            "--model", tiny_llama, "serialize", "--serialized-directory", "s3://b", "--allow-http"
+        ),
+        2,
+    )
     assert flagged.stream_options()["force_http"] is True
     assert flagged.tensorizer_uri.endswith("/model-rank-%03d.tensors")
 
 
-def test_serialize_to_plain_http_endpoint_refused_before_engine(capsys, tiny_llama, moto, monkeypatch):
+def test_serialize_to_plain_http_endpoint_refused_before_engine(
+    capsys, tiny_llama, moto, monkeypatch
+):
     monkeypatch.setenv("S3_ENDPOINT_URL", moto.endpoint)
     monkeypatch.setenv("S3_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("S3_SECRET_ACCESS_KEY", "testing")
-    code, err = run_main(capsys, "--model", tiny_llama, "serialize", "--serialized-directory",
-                         "s3://models/refused", "--suffix", "v1")
+    code, err = run_main(
+        capsys,
+        "--model",
+        tiny_llama,
+        "serialize",
+        "--serialized-directory",
+        "s3://models/refused",
+        "--suffix",
+        "v1",
+    )
     assert code == 2
     assert "plain http://" in err and "--allow-http" in err
     listing = moto.client().list_objects_v2(Bucket="models", Prefix="refused/")
@@ -162,8 +258,15 @@ def test_serialize_to_missing_bucket_refused_before_engine(capsys, tiny_llama, m
     monkeypatch.setenv("S3_ENDPOINT_URL", moto.endpoint)
     monkeypatch.setenv("S3_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("S3_SECRET_ACCESS_KEY", "testing")
-    code, err = run_main(capsys, "--model", tiny_llama, "serialize", "--serialized-directory",
-                         "s3://no-such-bucket/x", "--allow-http")
+    code, err = run_main(
+        capsys,
+        "--model",
+        tiny_llama,
+        "serialize",
+        "--serialized-directory",
+        "s3://no-such-bucket/x",
+        "--allow-http",
+    )
     assert code == 2
     assert err.splitlines()[-1].startswith("error: no such bucket: no-such-bucket")
 
@@ -171,29 +274,52 @@ def test_serialize_to_missing_bucket_refused_before_engine(capsys, tiny_llama, m
 def test_serialize_to_unwritable_directory_refused(capsys, tiny_llama, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    code, err = run_main(capsys, "--model", tiny_llama, "serialize", "--serialized-directory",
-                         blocker / "out")
+    code, err = run_main(
+        capsys, "--model", tiny_llama, "serialize", "--serialized-directory", blocker / "out"
+    )
     assert code == 2 and f"{blocker} is not a directory" in err
 
 
 def test_serialize_to_an_uncreatable_directory_refused(capsys, tiny_llama):
     # /proc lets root pass os.access, but no directory can be made there: refused before
     # any engine starts, with the path named.
-    code, err = run_main(capsys, "--model", tiny_llama, "serialize", "--serialized-directory",
-                         "/proc/nope", "--suffix", "s")
+    code, err = run_main(
+        capsys,
+        "--model",
+        tiny_llama,
+        "serialize",
+        "--serialized-directory",
+        "/proc/nope",
+        "--suffix",
+        "s",
+    )
     assert code == 2, err
     assert err.splitlines() == [
-        (f"error: cannot write under /proc/nope/vllm/{tiny_llama.name}/s: cannot create a "
-         "directory in /proc (No such file or directory)")]
+        (
+            f"error: cannot write under /proc/nope/vllm/{tiny_llama.name}/s: cannot create a "
+            "directory in /proc (No such file or directory)"
+        )
+    ]
 
 
 def test_convert_to_an_uncreatable_directory_refused(capsys, tiny_llama):
-    code, err = run_main(capsys, "--model", tiny_llama, "convert", "--serialized-directory",
-                         "/proc/nope", "--suffix", "s")
+    code, err = run_main(
+        capsys,
+        "--model",
+        tiny_llama,
+        "convert",
+        "--serialized-directory",
+        "/proc/nope",
+        "--suffix",
+        "s",
+    )
     assert code == 2, err
     assert err.splitlines() == [
-        (f"error: cannot write under /proc/nope/vllm/{tiny_llama.name}/s: cannot create a "
-         "directory in /proc (No such file or directory)")]
+        (
+            f"error: cannot write under /proc/nope/vllm/{tiny_llama.name}/s: cannot create a "
+            "directory in /proc (No such file or directory)"
+        )
+    ]
 
 
 @pytest.mark.parametrize("command", ["verify", "inspect"])
@@ -204,8 +330,12 @@ def test_ctrl_c_on_a_stalled_read_prints_one_line(command):
         url = f"http://127.0.0.1:{server.getsockname()[1]}/model.tensors"
         proc = subprocess.Popen(
             [sys.executable, "-m", "tensorize_vllm_model", command, url],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env({}),
-            cwd=ROOT)
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=subprocess_env({}),
+            cwd=ROOT,
+        )
         try:
             server.settimeout(60)
             connection, _ = server.accept()  # the command now waits for an answer
@@ -253,8 +383,14 @@ time.sleep(3600)
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_hanging_clean_up_ends_after_the_grace_period(signum):
-    proc = subprocess.Popen([sys.executable, "-c", HANGING_CLEANUP], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=subprocess_env({}), cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HANGING_CLEANUP],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env({}),
+        cwd=ROOT,
+    )
     try:
         assert proc.stdout.readline() == "ready\n"
         proc.send_signal(signum)

@@ -30,11 +30,19 @@ def test_sharded_template_detected():
 
 
 def test_to_serializable_round_trips():
-    cfg = TensorizerConfig(tensorizer_uri="/m/model.tensors", num_readers=2, verify_hash=True,
-                           deserialization_kwargs={"num_readers": 3})
+    cfg = TensorizerConfig(
+        tensorizer_uri="/m/model.tensors",
+        num_readers=2,
+        verify_hash=True,
+        deserialization_kwargs={"num_readers": 3},
+    )
     data = cfg.to_serializable()
-    assert data == {"tensorizer_uri": "/m/model.tensors", "num_readers": 2, "verify_hash": True,
-                    "deserialization_kwargs": {"num_readers": 3}}
+    assert data == {
+        "tensorizer_uri": "/m/model.tensors",
+        "num_readers": 2,
+        "verify_hash": True,
+        "deserialization_kwargs": {"num_readers": 3},
+    }
     assert TensorizerConfig(**data) == cfg
 
 
@@ -52,8 +60,11 @@ def test_mapping_access_like_vllm():
 
 
 def test_repr_hides_secret():
-    cfg = TensorizerConfig(tensorizer_uri="s3://b/k", s3_access_key_id="AKIDEXAMPLE",
-                           s3_secret_access_key="TOPSECRET123")
+    cfg = TensorizerConfig(
+        tensorizer_uri="s3://b/k",
+        s3_access_key_id="AKIDEXAMPLE",
+        s3_secret_access_key="TOPSECRET123",
+    )
     assert "TOPSECRET123" not in repr(cfg)
     assert "TOPSECRET123" not in str(cfg)
     assert "***" in repr(cfg)
@@ -73,22 +84,30 @@ def test_num_readers_must_be_positive_int(value):
 
 def test_from_extra_config_merges_vllm_nesting():
     # What vLLM's EngineArgs.create_load_config hands the loader.
-    extra = {"deserialization_kwargs": {"num_readers": 2},
-             "tensorizer_config": {"tensorizer_dir": "/serialized/v1",
-                                   "deserialization_kwargs": {"num_readers": 2}}}
+    extra = {
+        "deserialization_kwargs": {"num_readers": 2},
+        "tensorizer_config": {
+            "tensorizer_dir": "/serialized/v1",
+            "deserialization_kwargs": {"num_readers": 2},
+        },
+    }
     cfg = TensorizerConfig.from_extra_config(extra)
     assert cfg.tensorizer_uri == "/serialized/v1/model.tensors"
     assert cfg.deserialization_kwargs == {"num_readers": 2}
 
 
 def test_from_extra_config_uri_beats_model_dir():
-    extra = {"tensorizer_uri": "/a/model.tensors",
-             "tensorizer_config": {"tensorizer_dir": "org/model", "tensorizer_uri": "/a/model.tensors"}}
+    extra = {
+        "tensorizer_uri": "/a/model.tensors",
+        "tensorizer_config": {"tensorizer_dir": "org/model", "tensorizer_uri": "/a/model.tensors"},
+    }
     assert TensorizerConfig.from_extra_config(extra).tensorizer_uri == "/a/model.tensors"
 
 
 def test_from_extra_config_names_unknown_keys():
-    with pytest.raises(ConfigError, match=r"'num_reader'.*'tensorizer_urii'|'tensorizer_urii'.*'num_reader'"):
+    with pytest.raises(
+        ConfigError, match=r"'num_reader'.*'tensorizer_urii'|'tensorizer_urii'.*'num_reader'"
+    ):
         TensorizerConfig.from_extra_config({"num_reader": 2, "tensorizer_urii": "/x"})
 
 
@@ -104,18 +123,41 @@ def test_args_use_environment_credentials(monkeypatch):
 
 
 def test_args_deserialization_kwargs_override_flags():
-    args = TensorizerArgs(TensorizerConfig(tensorizer_uri="/m/model.tensors", num_readers=2,
-                                           deserialization_kwargs={"num_readers": 5}))
+    args = TensorizerArgs(
+        TensorizerConfig(
+            tensorizer_uri="/m/model.tensors",
+            num_readers=2,
+            deserialization_kwargs={"num_readers": 5},
+        )
+    )
     assert args.deserialization_kwargs["num_readers"] == 5
 
 
 def test_cli_group_has_the_seed_flags():
     parser = TensorizerArgs.add_cli_args(argparse.ArgumentParser())
-    ns = parser.parse_args(["--tensorizer-uri", "/m/x.tensors", "--verify-hash", "--num-readers",
-                            "3", "--encryption-keyfile", "/k", "--s3-access-key-id", "a",
-                            "--s3-secret-access-key", "b", "--s3-endpoint", "https://e"])
+    ns = parser.parse_args(
+        [
+            "--tensorizer-uri",
+            "/m/x.tensors",
+            "--verify-hash",
+            "--num-readers",
+            "3",
+            "--encryption-keyfile",
+            "/k",
+            "--s3-access-key-id",
+            "a",
+            "--s3-secret-access-key",
+            "b",
+            "--s3-endpoint",
+            "https://e",
+        ]
+    )
     assert (ns.tensorizer_uri, ns.verify_hash, ns.num_readers, ns.encryption_keyfile) == (
-        "/m/x.tensors", True, 3, "/k")
+        "/m/x.tensors",
+        True,
+        3,
+        "/k",
+    )
     assert (ns.s3_access_key_id, ns.s3_secret_access_key, ns.s3_endpoint) == ("a", "b", "https://e")
     ns.encryption_keyfile = None
     args = TensorizerArgs.from_cli_args(ns)
@@ -127,7 +169,9 @@ def test_cli_group_has_the_seed_flags():
 def test_cli_group_missing_keyfile_is_named(tmp_path):
     parser = TensorizerArgs.add_cli_args(argparse.ArgumentParser())
     missing = tmp_path / "no.key"
-    ns = parser.parse_args(["--tensorizer-uri", "/m/x.tensors", "--encryption-keyfile", str(missing)])
+    ns = parser.parse_args(
+        ["--tensorizer-uri", "/m/x.tensors", "--encryption-keyfile", str(missing)]
+    )
     from tensorize_vllm_model import EncryptionError
 
     with pytest.raises(EncryptionError, match=str(missing)):

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, subprocess_env
 from safetensors.torch import load_file
 
 from tensorize_vllm_model import open_tensors
@@ -22,31 +23,43 @@ from tensorize_vllm_model.convert.regions import CopyWatch, box_byte_range, view
 from tensorize_vllm_model.errors import LayoutError, StorageError
 from tensorize_vllm_model.layout import MARKER_NAME
 
-from conftest import ROOT, subprocess_env
-
 # Runs the command line with vLLM made unimportable in that process.
-NO_VLLM = ("import sys; sys.modules['vllm'] = None; "
-           "from tensorize_vllm_model.cli import main; sys.exit(main(sys.argv[1:]))")
+NO_VLLM = (
+    "import sys; sys.modules['vllm'] = None; "
+    "from tensorize_vllm_model.cli import main; sys.exit(main(sys.argv[1:]))"
+)
 
 
 def convert_without_vllm(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", NO_VLLM, *map(str, args)], capture_output=True,
-                          text=True, env=subprocess_env(), cwd=ROOT, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", NO_VLLM, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        cwd=ROOT,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
 def converted(tiny_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("converted")
-    proc = convert_without_vllm("--model", tiny_llama, "convert", "--serialized-directory", out,
-                                "--suffix", "v1")
+    proc = convert_without_vllm(
+        "--model", tiny_llama, "convert", "--serialized-directory", out, "--suffix", "v1"
+    )
     assert proc.returncode == 0, proc.stderr
     return out / "vllm" / "tiny-llama" / "v1"
 
 
 def test_convert_runs_without_vllm_and_lays_out_like_serialize(converted):
     names = sorted(p.name for p in converted.iterdir())
-    assert names == ["config.json", "generation_config.json", "model.tensors",
-                     "tokenizer.json", "tokenizer_config.json"]
+    assert names == [
+        "config.json",
+        "generation_config.json",
+        "model.tensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
 
 
 def test_converted_file_holds_the_checkpoint(converted, tiny_llama):
@@ -58,8 +71,11 @@ def test_converted_file_holds_the_checkpoint(converted, tiny_llama):
         tensors = dict(reader.items())
     assert record.is_checkpoint_form and record.dtype == "bfloat16"
     assert record.architecture == "LlamaForCausalLM"
-    assert record.transposed == {f"model.layers.{i}.{m}.weight" for i in (0, 1)
-                                 for m in ("self_attn.o_proj", "mlp.down_proj")}
+    assert record.transposed == {
+        f"model.layers.{i}.{m}.weight"
+        for i in (0, 1)
+        for m in ("self_attn.o_proj", "mlp.down_proj")
+    }
     assert set(tensors) == set(original)
     for name, tensor in original.items():
         stored = tensors[name].t() if name in record.transposed else tensors[name]
@@ -99,9 +115,18 @@ def test_missing_shard_is_named_and_nothing_is_written(tiny_llama, tmp_path):
     for name in ("config.json", "tokenizer.json"):
         (source / name).write_bytes((tiny_llama / name).read_bytes())
     (source / "model-00001-of-00002.safetensors").write_bytes(
-        (tiny_llama / "model.safetensors").read_bytes())
-    (source / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
-        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+        (tiny_llama / "model.safetensors").read_bytes()
+    )
+    (source / "model.safetensors.index.json").write_text(
+        json.dumps(
+            {
+                "weight_map": {
+                    "a": "model-00001-of-00002.safetensors",
+                    "b": "model-00002-of-00002.safetensors",
+                }
+            }
+        )
+    )
     with pytest.raises(StorageError, match="model-00002-of-00002.safetensors .*missing"):
         convert_checkpoint(str(source), str(tmp_path / "out"), suffix="v1")
     assert not (tmp_path / "out").exists()
@@ -122,14 +147,28 @@ def test_a_failed_convert_leaves_the_earlier_one(converted, tiny_llama, tmp_path
 
 
 def test_cli_refusals(capsys, tmp_path):
-    code = main(["--model", str(tmp_path / "absent"), "convert", "--serialized-directory",
-                 str(tmp_path)])
+    code = main(
+        ["--model", str(tmp_path / "absent"), "convert", "--serialized-directory", str(tmp_path)]
+    )
     assert code == 2
-    assert capsys.readouterr().err.strip() == f"error: --model {tmp_path / 'absent'}: no such directory"
+    assert (
+        capsys.readouterr().err.strip()
+        == f"error: --model {tmp_path / 'absent'}: no such directory"
+    )
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
-    assert main(["--model", str(tmp_path / "empty"), "convert", "--serialized-directory",
-                 str(tmp_path / "out")]) == 2
+    assert (
+        main(
+            [
+                "--model",
+                str(tmp_path / "empty"),
+                "convert",
+                "--serialized-directory",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 2
+    )
     assert "holds no weights" in capsys.readouterr().err
 
 
@@ -143,15 +182,17 @@ def llama_shapes(layers=32, hidden=4096, heads=32, kv_heads=8, inter=14336, voca
     shapes = [("model.embed_tokens.weight", (vocab, hidden))]
     for i in range(layers):
         p = f"model.layers.{i}."
-        shapes += [(p + "input_layernorm.weight", (hidden,)),
-                   (p + "self_attn.q_proj.weight", (hidden, hidden)),
-                   (p + "self_attn.k_proj.weight", (kv_heads * head_dim, hidden)),
-                   (p + "self_attn.v_proj.weight", (kv_heads * head_dim, hidden)),
-                   (p + "self_attn.o_proj.weight", (hidden, hidden)),
-                   (p + "post_attention_layernorm.weight", (hidden,)),
-                   (p + "mlp.gate_proj.weight", (inter, hidden)),
-                   (p + "mlp.up_proj.weight", (inter, hidden)),
-                   (p + "mlp.down_proj.weight", (hidden, inter))]
+        shapes += [
+            (p + "input_layernorm.weight", (hidden,)),
+            (p + "self_attn.q_proj.weight", (hidden, hidden)),
+            (p + "self_attn.k_proj.weight", (kv_heads * head_dim, hidden)),
+            (p + "self_attn.v_proj.weight", (kv_heads * head_dim, hidden)),
+            (p + "self_attn.o_proj.weight", (hidden, hidden)),
+            (p + "post_attention_layernorm.weight", (hidden,)),
+            (p + "mlp.gate_proj.weight", (inter, hidden)),
+            (p + "mlp.up_proj.weight", (inter, hidden)),
+            (p + "mlp.down_proj.weight", (hidden, inter)),
+        ]
     shapes += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
     from tensorize_vllm_model.convert.placement import stores_transposed
 
@@ -225,7 +266,7 @@ def test_copy_watch_records_what_a_weight_loader_copies():
 @pytest.mark.parametrize("encrypted", [False, True])
 def test_partial_reads_read_only_the_range(tmp_path, encrypted):
     from tensorize_vllm_model import TensorizerConfig
-    from tensorize_vllm_model.keys import generate_key, read_decryption_params, stage_key
+    from tensorize_vllm_model.keys import generate_key, stage_key
     from tensorize_vllm_model.layout import FileRecord
     from tensorize_vllm_model.serialization import write_tensors
     from tensorize_vllm_model.tensor_decryption import ciphers
@@ -256,8 +297,9 @@ def test_partial_reads_read_only_the_range(tmp_path, encrypted):
 def test_layout_the_model_does_not_allow():
     config = {"num_attention_heads": 4, "num_key_value_heads": 4, "num_hidden_layers": 2}
     check_layout_fits(config, 2, 2, source="m")
-    with pytest.raises(LayoutError, match="4 attention heads are not divisible by "
-                       "--tensor-parallel-size 3"):
+    with pytest.raises(
+        LayoutError, match="4 attention heads are not divisible by --tensor-parallel-size 3"
+    ):
         check_layout_fits(config, 3, 1, source="m")
     with pytest.raises(LayoutError, match="2 layers cannot fill --pipeline-parallel-size 4"):
         check_layout_fits(config, 1, 4, source="m")
@@ -274,12 +316,17 @@ def test_a_converted_load_reports_the_bytes_of_its_share(converted):
 
     path = str(converted / "model.tensors")
     lines = io.StringIO()
-    with open_tensors(path) as reader, \
-            progress("Deserializing", reader.total_tensor_bytes, stream=lines, min_bytes=0,
-                     log_every=0) as reader.on_bytes:
+    with (
+        open_tensors(path) as reader,
+        progress(
+            "Deserializing", reader.total_tensor_bytes, stream=lines, min_bytes=0, log_every=0
+        ) as reader.on_bytes,
+    ):
         file = ConvertedFile(reader, path, TensorizerConfig(tensorizer_uri=path), threads=2)
-        parts = [Part(e.name, reader.index[e.name], 0, reader.index[e.name].data_length // 2)
-                 for e in reader.entries()]
+        parts = [
+            Part(e.name, reader.index[e.name], 0, reader.index[e.name].data_length // 2)
+            for e in reader.entries()
+        ]
         share = sum(p.stop - p.start for p in parts)
         assert share < reader.total_tensor_bytes
         names = [name for name, _ in file.tensors(parts, PartsRead())]
@@ -297,8 +344,12 @@ def test_batched_write_groups_and_hands_on_errors(tmp_path):
     from tensorize_vllm_model.serialization import write_tensors
 
     tensors = [(f"t{i}", torch.zeros(i + 1, dtype=torch.uint8)) for i in range(5)]
-    assert [[n for n, _ in g] for g in batches(tensors, 3)] == [["t0", "t1"], ["t2"],
-                                                                  ["t3"], ["t4"]]
+    assert [[n for n, _ in g] for g in batches(tensors, 3)] == [
+        ["t0", "t1"],
+        ["t2"],
+        ["t3"],
+        ["t4"],
+    ]
 
     def source():
         yield "a", torch.ones(1000), False
@@ -309,16 +360,32 @@ def test_batched_write_groups_and_hands_on_errors(tmp_path):
     with pytest.raises(ValueError, match="tensor c is unreadable"):
         write_tensors(str(path), source(), record=FileRecord(), marker=False, batch_bytes=4000)
     assert os.listdir(tmp_path) == []
-    staged = write_tensors(str(path), iter([("a", torch.arange(1000.0), False)] * 1),
-                           record=FileRecord(), marker=False, batch_bytes=1)
+    staged = write_tensors(
+        str(path),
+        iter([("a", torch.arange(1000.0), False)] * 1),
+        record=FileRecord(),
+        marker=False,
+        batch_bytes=1,
+    )
     staged.commit()
     with open_tensors(str(path)) as reader:
         assert torch.equal(dict(reader.items())["a"], torch.arange(1000.0))
 
 
 def _convert_cli(capsys, tiny_llama, out, key):
-    code = main(["--model", str(tiny_llama), "convert", "--serialized-directory", str(out),
-                 "--suffix", "k", "--keyfile", str(key)])
+    code = main(
+        [
+            "--model",
+            str(tiny_llama),
+            "convert",
+            "--serialized-directory",
+            str(out),
+            "--suffix",
+            "k",
+            "--keyfile",
+            str(key),
+        ]
+    )
     captured = capsys.readouterr()
     return code, captured.out, captured.err.strip()
 
@@ -331,8 +398,9 @@ def _decrypted(tensors, key) -> dict:
         return dict(reader.items())
 
 
-def test_convert_encrypts_with_an_existing_key_and_leaves_it(capsys, restore_signal_handlers,
-                                                             tiny_llama, tmp_path):
+def test_convert_encrypts_with_an_existing_key_and_leaves_it(
+    capsys, restore_signal_handlers, tiny_llama, tmp_path
+):
     from tensorize_vllm_model.keys import generate_key, stage_key
 
     key = tmp_path / "key"
@@ -350,8 +418,9 @@ def test_convert_encrypts_with_an_existing_key_and_leaves_it(capsys, restore_sig
     assert torch.equal(got[name], original[name])
 
 
-def test_convert_writes_a_new_key_where_no_file_is(capsys, restore_signal_handlers, tiny_llama,
-                                                   tmp_path):
+def test_convert_writes_a_new_key_where_no_file_is(
+    capsys, restore_signal_handlers, tiny_llama, tmp_path
+):
     key = tmp_path / "new.key"
     code, out, err = _convert_cli(capsys, tiny_llama, tmp_path / "out", key)
     assert code == 0, err
@@ -361,9 +430,9 @@ def test_convert_writes_a_new_key_where_no_file_is(capsys, restore_signal_handle
     assert "model.norm.weight" in _decrypted(tensors, key)
 
 
-def test_convert_refuses_a_file_that_is_not_a_key_before_writing(capsys,
-                                                                 restore_signal_handlers,
-                                                                 tiny_llama, tmp_path):
+def test_convert_refuses_a_file_that_is_not_a_key_before_writing(
+    capsys, restore_signal_handlers, tiny_llama, tmp_path
+):
     key = tmp_path / "notes.txt"
     key.write_bytes(b"my notes\n")
     code, out, err = _convert_cli(capsys, tiny_llama, tmp_path / "out", key)
@@ -375,8 +444,12 @@ def test_convert_refuses_a_file_that_is_not_a_key_before_writing(capsys,
 
 def test_failed_convert_leaves_no_empty_directories(tiny_llama, tmp_path):
     with pytest.raises(TypeError, match="limit_cpu_concurrency"):  # tensorizer refuses it
-        convert_checkpoint(str(tiny_llama), str(tmp_path / "out"), suffix="f",
-                           serialization_kwargs={"limit_cpu_concurrency": "bad"})
+        convert_checkpoint(
+            str(tiny_llama),
+            str(tmp_path / "out"),
+            suffix="f",
+            serialization_kwargs={"limit_cpu_concurrency": "bad"},
+        )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -404,8 +477,7 @@ def test_converted_reader_checks_hashes_of_whole_tensors(converted, tmp_path, ve
         file = ConvertedFile(reader, str(path), config, threads=2)
         parts = file.parts({name: need})
         if verify_hash:
-            with pytest.raises(CorruptTensorError,
-                               match=rf"tensor {name} failed its hash check"):
+            with pytest.raises(CorruptTensorError, match=rf"tensor {name} failed its hash check"):
                 list(file.tensors(parts, PartsRead()))
         else:
             assert [n for n, _ in file.tensors(parts, PartsRead())] == [name]

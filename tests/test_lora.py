@@ -11,7 +11,10 @@ import uuid
 
 import pytest
 import torch
+from conftest import BUCKET
 from safetensors.torch import load_file
+from test_atomic_writes import FakeEngine, engine_args, fake_engine  # noqa: F401 - a fixture
+from test_keyfiles import cli_with_fake_engine  # noqa: F401 - a fixture
 
 from tensorize_vllm_model import ConfigError, EncryptionError, StorageError, TensorizerConfig
 from tensorize_vllm_model.demo_models import build_lora_adapter
@@ -23,10 +26,6 @@ from tensorize_vllm_model.lora import (
     stage_adapter,
 )
 
-from conftest import BUCKET
-from test_atomic_writes import FakeEngine, engine_args, fake_engine  # noqa: F401 - a fixture
-from test_keyfiles import cli_with_fake_engine  # noqa: F401 - a fixture
-
 LLAMA_MODULES = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 
 
@@ -36,7 +35,9 @@ def adapter(tiny_llama, tmp_path_factory):
 
 
 def serialized(adapter, destination, key=None, options=None):
-    for item in stage_adapter("adapter-a", str(adapter), str(destination), key=key, options=options):
+    for item in stage_adapter(
+        "adapter-a", str(adapter), str(destination), key=key, options=options
+    ):
         item.commit()
     return f"{destination}/lora/adapter-a"
 
@@ -61,23 +62,40 @@ def test_encrypted_adapter(adapter, tmp_path):
     stage_key(str(key_path), key).commit()
     uri = serialized(adapter, tmp_path / "model", key=key)
     raw = open(f"{uri}/adapter_model.tensors", "rb").read()
-    assert load_file(str(adapter / "adapter_model.safetensors"))[
-        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].numpy().tobytes()[:64] not in raw
-    path = materialize_adapter(uri, TensorizerConfig(tensorizer_uri=uri, encryption_keyfile=str(key_path)))
-    assert load_file(f"{path}/adapter_model.safetensors").keys() == \
-        load_file(str(adapter / "adapter_model.safetensors")).keys()
+    assert (
+        load_file(str(adapter / "adapter_model.safetensors"))[
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+        ]
+        .numpy()
+        .tobytes()[:64]
+        not in raw
+    )
+    path = materialize_adapter(
+        uri, TensorizerConfig(tensorizer_uri=uri, encryption_keyfile=str(key_path))
+    )
+    assert (
+        load_file(f"{path}/adapter_model.safetensors").keys()
+        == load_file(str(adapter / "adapter_model.safetensors")).keys()
+    )
 
     wrong = tmp_path / "wrong.key"
     stage_key(str(wrong), generate_key()).commit()
-    with pytest.raises(EncryptionError, match=rf"LoRA adapter 'adapter-a': cannot decrypt .* with the key in {wrong}"):
-        materialize_adapter(uri, TensorizerConfig(tensorizer_uri=uri, encryption_keyfile=str(wrong)))
+    with pytest.raises(
+        EncryptionError,
+        match=rf"LoRA adapter 'adapter-a': cannot decrypt .* with the key in {wrong}",
+    ):
+        materialize_adapter(
+            uri, TensorizerConfig(tensorizer_uri=uri, encryption_keyfile=str(wrong))
+        )
     with pytest.raises(EncryptionError, match=r"LoRA adapter 'adapter-a': .* is encrypted"):
         materialize_adapter(uri)
 
 
 def test_missing_adapter_config_named(tmp_path):
     (tmp_path / "broken").mkdir()
-    with pytest.raises(ConfigError, match=rf"LoRA adapter {tmp_path / 'broken'}: no adapter_config.json"):
+    with pytest.raises(
+        ConfigError, match=rf"LoRA adapter {tmp_path / 'broken'}: no adapter_config.json"
+    ):
         read_adapter(str(tmp_path / "broken"))
 
 
@@ -87,26 +105,41 @@ def test_missing_tensorized_adapter_named(tmp_path):
 
 
 def test_adapter_that_does_not_fit_is_named():
-    with pytest.raises(ConfigError, match=r"LoRA adapter 'a' targets module\(s\) c_attn that the base "
-                                          r"model does not have"):
+    with pytest.raises(
+        ConfigError,
+        match=r"LoRA adapter 'a' targets module\(s\) c_attn that the base "
+        r"model does not have",
+    ):
         check_adapter_fits("a", {"r": 8, "target_modules": ["q_proj", "c_attn"]}, LLAMA_MODULES)
-    with pytest.raises(ConfigError, match=r"LoRA adapter 'a' has rank 32, above --max-lora-rank 16"):
+    with pytest.raises(
+        ConfigError, match=r"LoRA adapter 'a' has rank 32, above --max-lora-rank 16"
+    ):
         check_adapter_fits("a", {"r": 32, "target_modules": ["q_proj"]}, LLAMA_MODULES, 16)
     check_adapter_fits("a", {"r": 8, "target_modules": ["q_proj", "v_proj"]}, LLAMA_MODULES, 16)
     check_adapter_fits("a", {"r": 8, "target_modules": ".*(q|v)_proj"}, LLAMA_MODULES, 16)
 
 
 def test_adapter_on_s3(adapter, moto):
-    options = {"s3_endpoint": moto.endpoint, "s3_access_key_id": "testing",
-               "s3_secret_access_key": "testing", "force_http": True}
+    options = {
+        "s3_endpoint": moto.endpoint,
+        "s3_access_key_id": "testing",
+        "s3_secret_access_key": "testing",
+        "force_http": True,
+    }
     model = f"s3://{BUCKET}/{uuid.uuid4().hex}"
     uri = serialized(adapter, model, options=options)
-    config = TensorizerConfig(tensorizer_uri=f"{uri}/x", s3_endpoint=moto.endpoint,
-                              s3_access_key_id="testing", s3_secret_access_key="testing",
-                              stream_kwargs={"force_http": True})
+    config = TensorizerConfig(
+        tensorizer_uri=f"{uri}/x",
+        s3_endpoint=moto.endpoint,
+        s3_access_key_id="testing",
+        s3_secret_access_key="testing",
+        stream_kwargs={"force_http": True},
+    )
     path = materialize_adapter(uri, config)
-    assert load_file(f"{path}/adapter_model.safetensors").keys() == \
-        load_file(str(adapter / "adapter_model.safetensors")).keys()
+    assert (
+        load_file(f"{path}/adapter_model.safetensors").keys()
+        == load_file(str(adapter / "adapter_model.safetensors")).keys()
+    )
 
 
 def test_adapter_over_http(adapter, web_root, web_servers):
@@ -150,19 +183,39 @@ def _empty_safetensors() -> bytes:
     return save({})
 
 
-@pytest.mark.parametrize("weights, message", [
-    (None, r"no adapter_model.safetensors \(or .bin/.pt\) in it"),
-    (b"", r"cannot read adapter_model.safetensors"),
-    (b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all", r"cannot read adapter_model.safetensors"),
-    (_empty_safetensors(), r"adapter_model.safetensors holds no tensors"),
-], ids=["missing", "empty-file", "corrupt", "no-tensors"])
+@pytest.mark.parametrize(
+    "weights, message",
+    [
+        (None, r"no adapter_model.safetensors \(or .bin/.pt\) in it"),
+        (b"", r"cannot read adapter_model.safetensors"),
+        (
+            b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all",
+            r"cannot read adapter_model.safetensors",
+        ),
+        (_empty_safetensors(), r"adapter_model.safetensors holds no tensors"),
+    ],
+    ids=["missing", "empty-file", "corrupt", "no-tensors"],
+)
 def test_serialize_refuses_an_adapter_without_usable_weights_before_any_engine(
-        cli_with_fake_engine, tiny_llama, adapter, tmp_path, capsys, weights, message):
+    cli_with_fake_engine, tiny_llama, adapter, tmp_path, capsys, weights, message
+):
     broken = _adapter_without(tmp_path, adapter, weights=weights)
     out = tmp_path / "out"
-    code = cli_with_fake_engine(["--model", str(tiny_llama), "serialize", "--serialized-directory",
-                                 str(out), "--suffix", "v1", "--lora-path", str(adapter),
-                                 "--lora-path", str(broken)])
+    code = cli_with_fake_engine(
+        [
+            "--model",
+            str(tiny_llama),
+            "serialize",
+            "--serialized-directory",
+            str(out),
+            "--suffix",
+            "v1",
+            "--lora-path",
+            str(adapter),
+            "--lora-path",
+            str(broken),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
     # re.M: vLLM's argument parser warns about the repeated --lora-path through a logger
@@ -172,13 +225,17 @@ def test_serialize_refuses_an_adapter_without_usable_weights_before_any_engine(
     assert not out.exists()
 
 
-@pytest.mark.parametrize("case, message", [
-    ("duplicate", r"two --lora-path values are both named 'adapter-a'"),
-    ("not-a-directory", r"--lora-path {path}: not a directory"),
-    ("no-config", r"LoRA adapter {path}: no adapter_config.json in it"),
-])
-def test_other_adapter_inputs_checked_before_any_engine(fake_engine, tiny_llama, adapter, tmp_path,
-                                                        case, message):
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("duplicate", r"two --lora-path values are both named 'adapter-a'"),
+        ("not-a-directory", r"--lora-path {path}: not a directory"),
+        ("no-config", r"LoRA adapter {path}: no adapter_config.json in it"),
+    ],
+)
+def test_other_adapter_inputs_checked_before_any_engine(
+    fake_engine, tiny_llama, adapter, tmp_path, case, message
+):
     from tensorize_vllm_model.serialization import tensorize_vllm_model
 
     if case == "duplicate":
@@ -194,22 +251,31 @@ def test_other_adapter_inputs_checked_before_any_engine(fake_engine, tiny_llama,
         (tmp_path / "no-config").mkdir()
         path = str(tmp_path / "no-config")
     with pytest.raises(ConfigError, match=message.format(path=re.escape(path))):
-        tensorize_vllm_model(engine_args(tiny_llama),
-                             TensorizerConfig(tensorizer_uri=str(tmp_path / "out" / "model.tensors")),
-                             lora_paths=[str(adapter), path])
+        tensorize_vllm_model(
+            engine_args(tiny_llama),
+            TensorizerConfig(tensorizer_uri=str(tmp_path / "out" / "model.tensors")),
+            lora_paths=[str(adapter), path],
+        )
     assert fake_engine.instances == []
 
 
-def test_adapter_rank_checked_before_any_engine_when_lora_is_enabled(fake_engine, tiny_llama,
-                                                                     adapter, tmp_path):
+def test_adapter_rank_checked_before_any_engine_when_lora_is_enabled(
+    fake_engine, tiny_llama, adapter, tmp_path
+):
     from tensorize_vllm_model.serialization import tensorize_vllm_model
 
     args = engine_args(tiny_llama)
     args.enable_lora, args.max_lora_rank = True, 4
-    with pytest.raises(ConfigError, match=r"LoRA adapter 'adapter-a' has rank 8, above "
-                                          r"--max-lora-rank 4"):
-        tensorize_vllm_model(args, TensorizerConfig(tensorizer_uri=str(tmp_path / "model.tensors")),
-                             lora_paths=[str(adapter)])
+    with pytest.raises(
+        ConfigError,
+        match=r"LoRA adapter 'adapter-a' has rank 8, above "
+        r"--max-lora-rank 4",
+    ):
+        tensorize_vllm_model(
+            args,
+            TensorizerConfig(tensorizer_uri=str(tmp_path / "model.tensors")),
+            lora_paths=[str(adapter)],
+        )
     assert fake_engine.instances == []
 
 

@@ -14,13 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import BUCKET, subprocess_env
 
 from tensorize_vllm_model.keys import generate_key
 from tensorize_vllm_model.layout import FileRecord
 from tensorize_vllm_model.serialization import write_tensors
 from tensorize_vllm_model.storage.ranged import DEFAULT_CHUNK_SIZE, DEFAULT_WORKERS
-
-from conftest import BUCKET, subprocess_env
 
 PROBE = Path(__file__).resolve().parent / "memory_probe.py"
 MiB = 1024 * 1024
@@ -44,21 +43,31 @@ def files(tmp_path_factory):
     small = [("w", torch.randn(64, 64), False)]
     for name, tensors in (("big", big), ("small", small)):
         for suffix, file_key in (("", None), ("-encrypted", key)):
-            write_tensors(str(root / f"{name}{suffix}.tensors"), tensors,
-                          record=FileRecord(architecture="Probe"), key=file_key).commit()
+            write_tensors(
+                str(root / f"{name}{suffix}.tensors"),
+                tensors,
+                record=FileRecord(architecture="Probe"),
+                key=file_key,
+            ).commit()
     return root
 
 
 def probe(uri: str, warmup_uri: str, config: dict, *, expect_error: bool = False) -> dict:
     """Memory figures of loading `uri` in a fresh process (see memory_probe.py); with
     `expect_error`, the load's error too."""
-    proc = subprocess.run([sys.executable, str(PROBE)], capture_output=True, text=True,
-                          input=json.dumps({"uri": uri, "warmup_uri": warmup_uri,
-                                            "config": config, "expect_error": expect_error}),
-                          env=subprocess_env(), timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(PROBE)],
+        capture_output=True,
+        text=True,
+        input=json.dumps(
+            {"uri": uri, "warmup_uri": warmup_uri, "config": config, "expect_error": expect_error}
+        ),
+        env=subprocess_env(),
+        timeout=300,
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 SOURCES = ["local", "http-ranges", "http-one-response", "s3-ranges", "s3-one-response"]
@@ -78,17 +87,20 @@ def test_memory_returns_after_a_load(source, kind, files, request, web_root):
         (web_root / prefix).mkdir()
         for name in ("big", "small"):
             (web_root / prefix / f"{name}{suffix}.tensors").write_bytes(
-                (files / f"{name}{suffix}.tensors").read_bytes())
+                (files / f"{name}{suffix}.tensors").read_bytes()
+            )
         base = f"{request.getfixturevalue('web_servers')['http-1.1'].url}/{prefix}"
     else:
         moto = request.getfixturevalue("moto")
         prefix = uuid.uuid4().hex
         for name in ("big", "small"):
-            moto.client().upload_file(str(files / f"{name}{suffix}.tensors"), BUCKET,
-                                      f"{prefix}/{name}{suffix}.tensors")
+            moto.client().upload_file(
+                str(files / f"{name}{suffix}.tensors"), BUCKET, f"{prefix}/{name}{suffix}.tensors"
+            )
         base = f"s3://{BUCKET}/{prefix}"
-        config.update(s3_endpoint=moto.endpoint, s3_access_key_id="testing",
-                      s3_secret_access_key="testing")
+        config.update(
+            s3_endpoint=moto.endpoint, s3_access_key_id="testing", s3_secret_access_key="testing"
+        )
         config["stream_kwargs"] = {"force_http": True}
     if source.endswith("one-response"):
         config.setdefault("stream_kwargs", {})["ranges"] = False
@@ -101,4 +113,5 @@ def test_memory_returns_after_a_load(source, kind, files, request, web_root):
     held = result["peak"] - result["before"]
     assert held <= TENSOR_BYTES + window + SLACK, (
         f"{held / MiB:.1f} MiB held at the peak: more than the tensors "
-        f"({TENSOR_BYTES // MiB} MiB) and the read-ahead window ({window // MiB} MiB)")
+        f"({TENSOR_BYTES // MiB} MiB) and the read-ahead window ({window // MiB} MiB)"
+    )

@@ -16,14 +16,13 @@ import termios
 
 import pytest
 import torch
+from conftest import ROOT, subprocess_env
 
 from tensorize_vllm_model import load_into_module, open_tensors
 from tensorize_vllm_model.layout import FileRecord
 from tensorize_vllm_model.progress import progress
 from tensorize_vllm_model.serialization import write_tensors
 from tensorize_vllm_model.streaming import meta_parameters
-
-from conftest import ROOT, subprocess_env
 
 GB = 1_000_000_000
 
@@ -89,8 +88,9 @@ def test_not_a_terminal_logs_lines_instead_of_a_bar(caplog):
     stream = io.StringIO()
     logger = logging.getLogger("tensorize_vllm_model.test")
     with caplog.at_level(logging.INFO, logger=logger.name):
-        with progress("Deserializing", 2 * GB, stream=stream, min_bytes=GB, log_every=0,
-                      logger=logger) as advance:
+        with progress(
+            "Deserializing", 2 * GB, stream=stream, min_bytes=GB, log_every=0, logger=logger
+        ) as advance:
             for _ in range(4):
                 advance(GB // 2)
     assert stream.getvalue() == ""  # no bar
@@ -98,22 +98,32 @@ def test_not_a_terminal_logs_lines_instead_of_a_bar(caplog):
     assert lines[0].startswith("Deserializing: 0.50 of 2.00 GB (25%), ")
     assert "GB/s, about " in lines[0] and lines[0].endswith(" s left")
     assert [line.split(" GB")[0] for line in lines] == [
-        "Deserializing: 0.50 of 2.00", "Deserializing: 1.00 of 2.00", "Deserializing: 1.50 of 2.00"]
+        "Deserializing: 0.50 of 2.00",
+        "Deserializing: 1.00 of 2.00",
+        "Deserializing: 1.50 of 2.00",
+    ]
 
 
 def test_not_a_terminal_logs_nothing_before_the_interval(caplog):
     logger = logging.getLogger("tensorize_vllm_model.test")
     with caplog.at_level(logging.INFO, logger=logger.name):
-        with progress("Deserializing", 2 * GB, stream=io.StringIO(), min_bytes=GB,
-                      log_every=3600, logger=logger) as advance:
+        with progress(
+            "Deserializing",
+            2 * GB,
+            stream=io.StringIO(),
+            min_bytes=GB,
+            log_every=3600,
+            logger=logger,
+        ) as advance:
             advance(GB)
     assert caplog.records == []
 
 
 def test_disabled_shows_nothing():
     def work(stream):
-        with progress("Deserializing", 2 * GB, stream=stream, min_bytes=0,
-                      enabled=False) as advance:
+        with progress(
+            "Deserializing", 2 * GB, stream=stream, min_bytes=0, enabled=False
+        ) as advance:
             advance(2 * GB)
 
     assert _on_pty(work) == ""
@@ -124,8 +134,11 @@ def tensors_file(tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.Linear(1024, 256))
     path = tmp_path / "model.tensors"
-    write_tensors(str(path), [(n, p.detach(), False) for n, p in model.named_parameters()],
-                  record=FileRecord(architecture="Sequential")).commit()
+    write_tensors(
+        str(path),
+        [(n, p.detach(), False) for n, p in model.named_parameters()],
+        record=FileRecord(architecture="Sequential"),
+    ).commit()
     return model, path
 
 
@@ -151,8 +164,10 @@ def test_reader_reports_every_byte(tensors_file, readers, web_servers, web_root)
         assert torch.equal(target.state_dict()[name], value)
 
 
-VERIFY = ("import sys, tensorize_vllm_model.progress as p; p.MIN_BYTES = 0; p.LOG_EVERY = {every}; "
-          "from tensorize_vllm_model.cli import main; sys.exit(main(['verify', sys.argv[1]]))")
+VERIFY = (
+    "import sys, tensorize_vllm_model.progress as p; p.MIN_BYTES = 0; p.LOG_EVERY = {every}; "
+    "from tensorize_vllm_model.cli import main; sys.exit(main(['verify', sys.argv[1]]))"
+)
 
 
 def test_verify_command_draws_a_bar_on_a_terminal(tensors_file):
@@ -160,9 +175,14 @@ def test_verify_command_draws_a_bar_on_a_terminal(tensors_file):
     (standard error), the verdict on standard output as before."""
     _, path = tensors_file
     master, slave = _terminal()
-    proc = subprocess.Popen([sys.executable, "-c", VERIFY.format(every=10), str(path)],
-                            stdout=subprocess.PIPE, stderr=slave, env=subprocess_env(), cwd=ROOT,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", VERIFY.format(every=10), str(path)],
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        env=subprocess_env(),
+        cwd=ROOT,
+        text=True,
+    )
     os.close(slave)
     shown = _read_all(master)
     os.close(master)
@@ -174,9 +194,14 @@ def test_verify_command_draws_a_bar_on_a_terminal(tensors_file):
 
 def test_verify_command_logs_lines_when_not_on_a_terminal(tensors_file):
     _, path = tensors_file
-    proc = subprocess.run([sys.executable, "-c", VERIFY.format(every=0), str(path)],
-                          capture_output=True, text=True, env=subprocess_env(), cwd=ROOT,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", VERIFY.format(every=0), str(path)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        cwd=ROOT,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "Verifying model.tensors: 0.00 of 0.00 GB (" in proc.stderr
     assert "\r" not in proc.stderr  # no bar
@@ -186,6 +211,7 @@ def test_verify_command_logs_lines_when_not_on_a_terminal(tensors_file):
 def test_resize_sets_the_total_the_bar_and_lines_count_to(caplog):
     """A rank that reads only its share of a converted file resizes the load's progress to
     that share: the bar ends at 100% of it, the log lines count to it."""
+
     def work(stream):
         with progress("Deserializing", 4 * GB, stream=stream, min_bytes=GB) as advance:
             advance.resize(2 * GB)
@@ -196,18 +222,21 @@ def test_resize_sets_the_total_the_bar_and_lines_count_to(caplog):
     assert "2.00G/2.00G" in shown and "100%" in shown
     logger = logging.getLogger("tensorize_vllm_model.test")
     with caplog.at_level(logging.INFO, logger=logger.name):
-        with progress("Deserializing", 4 * GB, stream=io.StringIO(), min_bytes=GB, log_every=0,
-                      logger=logger) as advance:
+        with progress(
+            "Deserializing", 4 * GB, stream=io.StringIO(), min_bytes=GB, log_every=0, logger=logger
+        ) as advance:
             advance.resize(2 * GB)
             advance(GB)
     assert caplog.records[0].getMessage().startswith("Deserializing: 1.00 of 2.00 GB (50%)")
 
 
-CONVERT = ("import sys, tensorize_vllm_model.progress as p; "
-           "p.MIN_BYTES = 0; p.LOG_EVERY = {every}; "
-           "import tensorize_vllm_model.batched_write as b; b.BATCH_BYTES = 1 << 20; "
-           "sys.modules['vllm'] = None; "
-           "from tensorize_vllm_model.cli import main; sys.exit(main(sys.argv[1:]))")
+CONVERT = (
+    "import sys, tensorize_vllm_model.progress as p; "
+    "p.MIN_BYTES = 0; p.LOG_EVERY = {every}; "
+    "import tensorize_vllm_model.batched_write as b; b.BATCH_BYTES = 1 << 20; "
+    "sys.modules['vllm'] = None; "
+    "from tensorize_vllm_model.cli import main; sys.exit(main(sys.argv[1:]))"
+)
 
 
 def test_convert_command_shows_progress(tiny_llama, tmp_path):
@@ -215,17 +244,27 @@ def test_convert_command_shows_progress(tiny_llama, tmp_path):
     this small checkpoint), log lines otherwise, each counting the checkpoint's tensor bytes."""
     args = ["--model", tiny_llama, "convert", "--serialized-directory"]
     master, slave = _terminal()
-    proc = subprocess.Popen([sys.executable, "-c", CONVERT.format(every=10), *args,
-                             str(tmp_path / "a")], stdout=subprocess.PIPE, stderr=slave,
-                            env=subprocess_env(), cwd=ROOT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CONVERT.format(every=10), *args, str(tmp_path / "a")],
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        env=subprocess_env(),
+        cwd=ROOT,
+        text=True,
+    )
     os.close(slave)
     shown = _read_all(master)
     os.close(master)
     proc.communicate(timeout=300)
     assert proc.returncode == 0, shown
     assert "Converting: 100%" in shown and "B/s]" in shown
-    proc = subprocess.run([sys.executable, "-c", CONVERT.format(every=0), *args,
-                           str(tmp_path / "b")], capture_output=True, text=True,
-                          env=subprocess_env(), cwd=ROOT, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", CONVERT.format(every=0), *args, str(tmp_path / "b")],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        cwd=ROOT,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "Converting: 0.00 of 0.00 GB (" in proc.stderr and "\r" not in proc.stderr

@@ -21,16 +21,23 @@ from tensorize_vllm_model.storage import s3 as s3_backend
 from tensorize_vllm_model.storage.options import StreamOptions
 
 BUCKET = "my-bucket"
-KEYS = {"s3_access_key_id": "AKIDTEST", "s3_secret_access_key": "secret-for-tests",
-        "s3_region_name": "us-east-1"}
+KEYS = {
+    "s3_access_key_id": "AKIDTEST",
+    "s3_secret_access_key": "secret-for-tests",
+    "s3_region_name": "us-east-1",
+}
 
 
 @pytest.fixture
 def clean_env(monkeypatch, tmp_path):
     """No AWS/S3 variables or config files but those a test writes (HOME is `tmp_path`)."""
     for name in list(os.environ):
-        if name.startswith(("AWS_", "S3_")) or name.lower() in ("http_proxy", "https_proxy",
-                                                                 "no_proxy", "all_proxy"):
+        if name.startswith(("AWS_", "S3_")) or name.lower() in (
+            "http_proxy",
+            "https_proxy",
+            "no_proxy",
+            "all_proxy",
+        ):
             monkeypatch.delenv(name)
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
@@ -64,43 +71,61 @@ def settings(options: dict):
     return s3_backend._client(StreamOptions.from_mapping(options))[1]
 
 
-@pytest.mark.parametrize("endpoint, url", [
-    # CoreWeave's endpoints refuse path-style requests (tensorizer 2.12's special case).
-    ("https://cwobject.com", "https://my-bucket.cwobject.com/dir/model.tensors"),
-    ("cwlota.com", "https://my-bucket.cwlota.com/dir/model.tensors"),
-    ("https://CWObject.com:443", "https://my-bucket.CWObject.com:443/dir/model.tensors"),
-    # Any other custom endpoint: path style (MinIO, SeaweedFS, moto, Ceph).
-    ("https://minio.example:9000", "https://minio.example:9000/my-bucket/dir/model.tensors"),
-    ("https://object.ord1.coreweave.com",
-     "https://object.ord1.coreweave.com/my-bucket/dir/model.tensors"),
-    # No endpoint: AWS, virtual-hosted (botocore's "auto").
-    (None, "https://my-bucket.s3.amazonaws.com/dir/model.tensors"),
-])
+@pytest.mark.parametrize(
+    "endpoint, url",
+    [
+        # CoreWeave's endpoints refuse path-style requests (tensorizer 2.12's special case).
+        ("https://cwobject.com", "https://my-bucket.cwobject.com/dir/model.tensors"),
+        ("cwlota.com", "https://my-bucket.cwlota.com/dir/model.tensors"),
+        ("https://CWObject.com:443", "https://my-bucket.CWObject.com:443/dir/model.tensors"),
+        # Any other custom endpoint: path style (MinIO, SeaweedFS, moto, Ceph).
+        ("https://minio.example:9000", "https://minio.example:9000/my-bucket/dir/model.tensors"),
+        (
+            "https://object.ord1.coreweave.com",
+            "https://object.ord1.coreweave.com/my-bucket/dir/model.tensors",
+        ),
+        # No endpoint: AWS, virtual-hosted (botocore's "auto").
+        (None, "https://my-bucket.s3.amazonaws.com/dir/model.tensors"),
+    ],
+)
 def test_default_addressing_per_endpoint(clean_env, endpoint, url):
     assert request_url({**KEYS, "s3_endpoint": endpoint}) == url
 
 
 def test_plain_http_loopback_endpoint_is_path_style(clean_env):
-    assert request_url({**KEYS, "s3_endpoint": "http://127.0.0.1:9000", "force_http": True}) \
+    assert (
+        request_url({**KEYS, "s3_endpoint": "http://127.0.0.1:9000", "force_http": True})
         == "http://127.0.0.1:9000/my-bucket/dir/model.tensors"
+    )
 
 
-@pytest.mark.parametrize("endpoint, style, url", [
-    ("https://cwobject.com", "path", "https://cwobject.com/my-bucket/dir/model.tensors"),
-    ("https://minio.example", "virtual", "https://my-bucket.minio.example/dir/model.tensors"),
-    (None, "path", "https://s3.amazonaws.com/my-bucket/dir/model.tensors"),
-])
+@pytest.mark.parametrize(
+    "endpoint, style, url",
+    [
+        ("https://cwobject.com", "path", "https://cwobject.com/my-bucket/dir/model.tensors"),
+        ("https://minio.example", "virtual", "https://my-bucket.minio.example/dir/model.tensors"),
+        (None, "path", "https://s3.amazonaws.com/my-bucket/dir/model.tensors"),
+    ],
+)
 def test_stream_kwargs_addressing_style_wins(clean_env, endpoint, style, url):
-    config = TensorizerConfig(tensorizer_uri=f"s3://{BUCKET}/dir/model.tensors",
-                              s3_endpoint=endpoint, stream_kwargs={**KEYS, "addressing_style": style})
+    config = TensorizerConfig(
+        tensorizer_uri=f"s3://{BUCKET}/dir/model.tensors",
+        s3_endpoint=endpoint,
+        stream_kwargs={**KEYS, "addressing_style": style},
+    )
     assert request_url(config.stream_options()) == url
     assert settings(config.stream_options()).addressing_source == "stream_kwargs addressing_style"
 
 
 def test_unknown_addressing_style_is_named():
-    with pytest.raises(ConfigError, match=r"addressing_style must be one of auto, virtual, "
-                                          r"path, got 'virtual-hosted'"):
-        TensorizerConfig(tensorizer_uri="s3://b/k", stream_kwargs={"addressing_style": "virtual-hosted"})
+    with pytest.raises(
+        ConfigError,
+        match=r"addressing_style must be one of auto, virtual, "
+        r"path, got 'virtual-hosted'",
+    ):
+        TensorizerConfig(
+            tensorizer_uri="s3://b/k", stream_kwargs={"addressing_style": "virtual-hosted"}
+        )
 
 
 def test_aws_config_addressing_style_is_honoured(clean_env):
@@ -110,17 +135,22 @@ def test_aws_config_addressing_style_is_honoured(clean_env):
     assert settings(options).addressing_source == "s3.addressing_style in the AWS config file"
     s3_backend._clients.clear()
     # stream_kwargs beat the config file.
-    assert request_url({**options, "addressing_style": "path"}) \
+    assert (
+        request_url({**options, "addressing_style": "path"})
         == "https://minio.example/my-bucket/dir/model.tensors"
+    )
 
 
 def test_aws_config_profile_is_the_one_selected(clean_env, monkeypatch):
     (clean_env / "aws-config").write_text(
         "[default]\ns3 =\n    addressing_style = virtual\n"
-        "[profile minio]\ns3 =\n    addressing_style = path\n")
+        "[profile minio]\ns3 =\n    addressing_style = path\n"
+    )
     monkeypatch.setenv("AWS_PROFILE", "minio")
-    assert request_url({**KEYS, "s3_endpoint": "https://cwobject.com"}) \
+    assert (
+        request_url({**KEYS, "s3_endpoint": "https://cwobject.com"})
         == "https://cwobject.com/my-bucket/dir/model.tensors"
+    )
 
 
 def test_aws_config_bad_addressing_style_is_named(clean_env):
@@ -129,15 +159,27 @@ def test_aws_config_bad_addressing_style_is_named(clean_env):
         settings({**KEYS, "s3_endpoint": "https://minio.example"})
 
 
-@pytest.mark.parametrize("config_text, url, source", [
-    ("[default]\nendpoint_url = https://cwobject.com\n",
-     "https://my-bucket.cwobject.com/dir/model.tensors", "the AWS config file"),
-    ("[default]\nservices = mine\n[services mine]\ns3 =\n    endpoint_url = https://minio.example\n",
-     "https://minio.example/my-bucket/dir/model.tensors", "the AWS config file"),
-    # tensorizer reads the profile's own nested s3 section too.
-    ("[default]\ns3 =\n    endpoint_url = https://minio.example\n",
-     "https://minio.example/my-bucket/dir/model.tensors", "the AWS config file"),
-])
+@pytest.mark.parametrize(
+    "config_text, url, source",
+    [
+        (
+            "[default]\nendpoint_url = https://cwobject.com\n",
+            "https://my-bucket.cwobject.com/dir/model.tensors",
+            "the AWS config file",
+        ),
+        (
+            "[default]\nservices = mine\n[services mine]\ns3 =\n    endpoint_url = https://minio.example\n",
+            "https://minio.example/my-bucket/dir/model.tensors",
+            "the AWS config file",
+        ),
+        # tensorizer reads the profile's own nested s3 section too.
+        (
+            "[default]\ns3 =\n    endpoint_url = https://minio.example\n",
+            "https://minio.example/my-bucket/dir/model.tensors",
+            "the AWS config file",
+        ),
+    ],
+)
 def test_aws_config_endpoint(clean_env, config_text, url, source):
     (clean_env / "aws-config").write_text(config_text)
     assert request_url(KEYS) == url
@@ -173,8 +215,9 @@ def test_endpoint_order(clean_env, monkeypatch):
     config = TensorizerConfig(tensorizer_uri="s3://b/k", stream_kwargs=KEYS)
     assert settings(config.stream_options()).endpoint == "https://s3-env.example"
     s3_backend._clients.clear()
-    config = TensorizerConfig(tensorizer_uri="s3://b/k", s3_endpoint="https://flag.example",
-                              stream_kwargs=KEYS)
+    config = TensorizerConfig(
+        tensorizer_uri="s3://b/k", s3_endpoint="https://flag.example", stream_kwargs=KEYS
+    )
     assert settings(config.stream_options()).endpoint == "https://flag.example"
 
 
@@ -190,29 +233,37 @@ signature_v2 = False
 """
 
 
-@pytest.mark.parametrize("host_bucket, url", [
-    ("%(bucket)s.cwobject.com", "https://my-bucket.cwobject.com/dir/model.tensors"),
-    # s3cmd's way of asking for path style: a host_bucket without %(bucket)s.
-    ("cwobject.com", "https://cwobject.com/my-bucket/dir/model.tensors"),
-])
+@pytest.mark.parametrize(
+    "host_bucket, url",
+    [
+        ("%(bucket)s.cwobject.com", "https://my-bucket.cwobject.com/dir/model.tensors"),
+        # s3cmd's way of asking for path style: a host_bucket without %(bucket)s.
+        ("cwobject.com", "https://cwobject.com/my-bucket/dir/model.tensors"),
+    ],
+)
 def test_s3cfg_as_s3cmd_writes_it(clean_env, host_bucket, url):
     (clean_env / ".s3cfg").write_text(S3CMD_FILE.format(host_bucket=host_bucket, use_https="True"))
     assert request_url({}) == url
     resolved = settings({})
-    assert resolved.credentials == "~/.s3cfg" and resolved.endpoint_source == "host_base of ~/.s3cfg"
+    assert (
+        resolved.credentials == "~/.s3cfg" and resolved.endpoint_source == "host_base of ~/.s3cfg"
+    )
 
 
 def test_s3cfg_use_https_false_allows_its_plain_http_endpoint(clean_env):
     (clean_env / ".s3cfg").write_text(
-        S3CMD_FILE.format(host_bucket="%(bucket)s.cwobject.com", use_https="False"))
+        S3CMD_FILE.format(host_bucket="%(bucket)s.cwobject.com", use_https="False")
+    )
     assert request_url({}) == "http://my-bucket.cwobject.com/dir/model.tensors"
 
 
 def test_explicit_s3_config_path(clean_env, monkeypatch):
     path = clean_env / "secrets" / "s3cfg"
     path.parent.mkdir()
-    path.write_text("[default]\naccess_key = AKIDMOUNTED\nsecret_key = mounted-secret\n"
-                    "host_base = minio.example\n")
+    path.write_text(
+        "[default]\naccess_key = AKIDMOUNTED\nsecret_key = mounted-secret\n"
+        "host_base = minio.example\n"
+    )
     # An explicitly named file wins over the AWS chain (the default ~/.s3cfg does not).
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "from-aws-env")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-secret")
@@ -267,18 +318,26 @@ def recording_server():
     server.server_close()
 
 
-@pytest.mark.parametrize("style, host, path", [
-    ("virtual", "my-bucket.localhost:{port}", "/dir/obj.bin"),
-    ("path", "localhost:{port}", "/my-bucket/dir/obj.bin"),
-])
-def test_virtual_hosted_request_carries_the_bucket_in_host(clean_env, monkeypatch,
-                                                           recording_server, style, host, path):
+@pytest.mark.parametrize(
+    "style, host, path",
+    [
+        ("virtual", "my-bucket.localhost:{port}", "/dir/obj.bin"),
+        ("path", "localhost:{port}", "/my-bucket/dir/obj.bin"),
+    ],
+)
+def test_virtual_hosted_request_carries_the_bucket_in_host(
+    clean_env, monkeypatch, recording_server, style, host, path
+):
     port, seen = recording_server
     # my-bucket.localhost has no address here: the request goes through the server as an
     # HTTP proxy (botocore honours HTTP_PROXY), which sees the Host header as sent.
     monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
-    options = {**KEYS, "s3_endpoint": f"http://localhost:{port}", "force_http": True,
-               "addressing_style": style}
+    options = {
+        **KEYS,
+        "s3_endpoint": f"http://localhost:{port}",
+        "force_http": True,
+        "addressing_style": style,
+    }
     assert storage.read_bytes(f"s3://{BUCKET}/dir/obj.bin", options) == b"hello"
     assert seen, "no request reached the server"
     for request_line, sent_host in seen:
@@ -288,6 +347,9 @@ def test_virtual_hosted_request_carries_the_bucket_in_host(clean_env, monkeypatc
 
 def test_missing_aws_profile_is_named(clean_env, monkeypatch):
     monkeypatch.setenv("AWS_PROFILE", "nope")
-    with pytest.raises(ConfigError, match=r"The config profile \(nope\) could not be found "
-                                          r"\(AWS_PROFILE names a profile"):
+    with pytest.raises(
+        ConfigError,
+        match=r"The config profile \(nope\) could not be found "
+        r"\(AWS_PROFILE names a profile",
+    ):
         settings({**KEYS, "s3_endpoint": "https://minio.example"})

@@ -55,9 +55,15 @@ def s3_env(server, key_id: str, secret: str, root) -> dict[str, str]:
 
 def forms(value: bytes) -> list[bytes]:
     """The ways a secret could be printed: raw, hex, base64, Python's repr of the bytes."""
-    out = [value, value.hex().encode(), value.hex().upper().encode(),
-           base64.b64encode(value), base64.urlsafe_b64encode(value),
-           base64.b64encode(value).rstrip(b"="), repr(value)[2:-1].encode()]
+    out = [
+        value,
+        value.hex().encode(),
+        value.hex().upper().encode(),
+        base64.b64encode(value),
+        base64.urlsafe_b64encode(value),
+        base64.b64encode(value).rstrip(b"="),
+        repr(value)[2:-1].encode(),
+    ]
     return [f for f in out if f]
 
 
@@ -65,7 +71,9 @@ def assert_absent(secret: bytes, *texts: bytes | str, what: str = "secret") -> N
     for text in texts:
         data = text.encode() if isinstance(text, str) else text
         for form in forms(secret):
-            assert form not in data, f"the {what} appears (as {form[:6]!r}...) in:\n{data[-3000:]!r}"
+            assert form not in data, (
+                f"the {what} appears (as {form[:6]!r}...) in:\n{data[-3000:]!r}"
+            )
 
 
 # -- a: help texts ----------------------------------------------------------------------
@@ -86,11 +94,23 @@ for command in ("serialize", "deserialize"):
 
 def test_help_does_not_show_credentials_from_the_environment():
     secret, key_id = f"help-SECRET-{uuid.uuid4().hex}", f"HELPAKID{uuid.uuid4().hex[:12].upper()}"
-    env = subprocess_env({"S3_SECRET_ACCESS_KEY": secret, "S3_ACCESS_KEY_ID": key_id,
-                          "AWS_SECRET_ACCESS_KEY": secret, "AWS_ACCESS_KEY_ID": key_id,
-                          "COLUMNS": "200"})
-    proc = subprocess.run([sys.executable, "-c", HELP_DRIVER], capture_output=True, env=env,
-                          cwd=ROOT, timeout=300, check=False)
+    env = subprocess_env(
+        {
+            "S3_SECRET_ACCESS_KEY": secret,
+            "S3_ACCESS_KEY_ID": key_id,
+            "AWS_SECRET_ACCESS_KEY": secret,
+            "AWS_ACCESS_KEY_ID": key_id,
+            "COLUMNS": "200",
+        }
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", HELP_DRIVER],
+        capture_output=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout.decode()
     parts = re.split(r"^=== (serialize|deserialize) exit (\S+) ===$", out, flags=re.MULTILINE)
@@ -120,15 +140,38 @@ def encrypted_on_s3(tiny_llama, auth_s3, tmp_path_factory):
     env = s3_env(server, key_id, secret, root)
     keyfile = root / "keys" / "model.key"
     proc = subprocess.run(
-        [sys.executable, "-m", "tensorize_vllm_model", "--model", str(tiny_llama), *ENGINE_FLAGS,
-         "serialize", "--serialized-directory", f"s3://{BUCKET}/{PREFIX}", "--suffix", "enc",
-         "--keyfile", str(keyfile), "--allow-http"],
-        capture_output=True, env=subprocess_env({**env, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}),
-        timeout=ENGINE_TIMEOUT, cwd=ROOT, check=False)
+        [
+            sys.executable,
+            "-m",
+            "tensorize_vllm_model",
+            "--model",
+            str(tiny_llama),
+            *ENGINE_FLAGS,
+            "serialize",
+            "--serialized-directory",
+            f"s3://{BUCKET}/{PREFIX}",
+            "--suffix",
+            "enc",
+            "--keyfile",
+            str(keyfile),
+            "--allow-http",
+        ],
+        capture_output=True,
+        env=subprocess_env({**env, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}),
+        timeout=ENGINE_TIMEOUT,
+        cwd=ROOT,
+        check=False,
+    )
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-6000:])
     directory = f"s3://{BUCKET}/{PREFIX}/vllm/tiny-llama/enc"
-    return {"directory": directory, "keyfile": keyfile, "key": keyfile.read_bytes(),
-            "env": env, "root": root, "serialize": proc}
+    return {
+        "directory": directory,
+        "keyfile": keyfile,
+        "key": keyfile.read_bytes(),
+        "env": env,
+        "root": root,
+        "serialize": proc,
+    }
 
 
 def test_serialize_output_holds_no_credentials_or_key(encrypted_on_s3, auth_s3):
@@ -139,12 +182,20 @@ def test_serialize_output_holds_no_credentials_or_key(encrypted_on_s3, auth_s3):
     out = proc.stdout.decode()
     assert out.strip().splitlines()[-1] == directory
     assert f"  wrote {directory}/model.tensors" in out.splitlines()
-    assert f"  key saved to {encrypted_on_s3['keyfile']} (mode 0600): keep it to load the model" in out
+    assert (
+        f"  key saved to {encrypted_on_s3['keyfile']} (mode 0600): keep it to load the model" in out
+    )
     listing = server.client(key_id, secret).list_objects_v2(Bucket=BUCKET, Prefix=f"{PREFIX}/")
     assert sorted(o["Key"] for o in listing["Contents"]) == [
-        f"{PREFIX}/vllm/tiny-llama/enc/{name}" for name in
-        ("config.json", "generation_config.json", "model.tensors", "tokenizer.json",
-         "tokenizer_config.json")]
+        f"{PREFIX}/vllm/tiny-llama/enc/{name}"
+        for name in (
+            "config.json",
+            "generation_config.json",
+            "model.tensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        )
+    ]
     assert_absent(key, proc.stdout, proc.stderr, what="encryption key")
     assert_absent(secret.encode(), proc.stdout, proc.stderr)
     assert_absent(key_id.encode(), proc.stdout, proc.stderr, what="access key id")
@@ -202,12 +253,30 @@ def test_deserialize_from_s3_keeps_secrets_out_of_processes_and_logs(encrypted_o
     _, key_id, secret = auth_s3
     directory, key = encrypted_on_s3["directory"], encrypted_on_s3["key"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tensorize_vllm_model", "--model", directory, *ENGINE_FLAGS,
-         "--model-loader-extra-config", '{"stream_kwargs": {"force_http": true}}',
-         "deserialize", "--path-to-tensors", f"{directory}/model.tensors",
-         "--keyfile", str(encrypted_on_s3["keyfile"]), "--prompt", PROMPTS[1], "--max-tokens", "8"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
-        env=subprocess_env(encrypted_on_s3["env"]))  # vLLM's default: engine core in a child
+        [
+            sys.executable,
+            "-m",
+            "tensorize_vllm_model",
+            "--model",
+            directory,
+            *ENGINE_FLAGS,
+            "--model-loader-extra-config",
+            '{"stream_kwargs": {"force_http": true}}',
+            "deserialize",
+            "--path-to-tensors",
+            f"{directory}/model.tensors",
+            "--keyfile",
+            str(encrypted_on_s3["keyfile"]),
+            "--prompt",
+            PROMPTS[1],
+            "--max-tokens",
+            "8",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+        env=subprocess_env(encrypted_on_s3["env"]),
+    )  # vLLM's default: engine core in a child
     watcher = ProcessWatcher(proc.pid)
     try:
         out, err = proc.communicate(timeout=ENGINE_TIMEOUT)
@@ -218,8 +287,11 @@ def test_deserialize_from_s3_keeps_secrets_out_of_processes_and_logs(encrypted_o
             proc.wait(30)
     assert proc.returncode == 0, (out[-3000:], err[-6000:])
     stdout = out.decode()
-    assert re.search(rf"^Deserialized 3\.\d MB from {re.escape(directory)}/model\.tensors in ",
-                     stdout, re.MULTILINE), stdout
+    assert re.search(
+        rf"^Deserialized 3\.\d MB from {re.escape(directory)}/model\.tensors in ",
+        stdout,
+        re.MULTILINE,
+    ), stdout
     assert f"Prompt: {PROMPTS[1]!r}" in stdout.splitlines()
     [generated] = [line for line in stdout.splitlines() if line.startswith("Generated: ")]
     assert re.fullmatch(r"Generated: '.+'", generated), generated
@@ -240,9 +312,11 @@ def test_deserialize_from_s3_keeps_secrets_out_of_processes_and_logs(encrypted_o
     # vLLM did log its engine arguments, the loader's config among them (so the checks
     # above looked at that line): the config it logged holds no credentials.
     [logged] = [line for line in (out + err).decode().splitlines() if "non-default args:" in line]
-    assert (f"'model_loader_extra_config': {{'tensorizer_uri': '{directory}/model.tensors', "
-            f"'encryption_keyfile': '{encrypted_on_s3['keyfile']}', "
-            "'stream_kwargs': {'force_http': True}}") in logged, logged
+    assert (
+        f"'model_loader_extra_config': {{'tensorizer_uri': '{directory}/model.tensors', "
+        f"'encryption_keyfile': '{encrypted_on_s3['keyfile']}', "
+        "'stream_kwargs': {'force_http': True}}"
+    ) in logged, logged
 
 
 # -- c: a wrong secret ------------------------------------------------------------------
@@ -252,7 +326,8 @@ WRONG = "WRONG-secret-" + uuid.uuid4().hex
 
 
 def test_wrong_secret_serialize_error_names_the_bucket_not_the_secret(
-        auth_s3, tiny_llama, monkeypatch, capsys, caplog):
+    auth_s3, tiny_llama, monkeypatch, capsys, caplog
+):
     """Refused before any engine starts (in this process)."""
     from tensorize_vllm_model.cli import main
 
@@ -261,8 +336,19 @@ def test_wrong_secret_serialize_error_names_the_bucket_not_the_secret(
     monkeypatch.setenv("S3_SECRET_ACCESS_KEY", WRONG)
     monkeypatch.setenv("S3_ENDPOINT_URL", server.endpoint)
     caplog.set_level(logging.DEBUG)
-    code = main(["--model", str(tiny_llama), *ENGINE_FLAGS, "serialize", "--serialized-directory",
-                 f"s3://{BUCKET}/{PREFIX}-wrong", "--suffix", "v1", "--allow-http"])
+    code = main(
+        [
+            "--model",
+            str(tiny_llama),
+            *ENGINE_FLAGS,
+            "serialize",
+            "--serialized-directory",
+            f"s3://{BUCKET}/{PREFIX}-wrong",
+            "--suffix",
+            "v1",
+            "--allow-http",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 2
     # (a HEAD request's 403 has no body, so no error code beyond the status)
@@ -270,13 +356,15 @@ def test_wrong_secret_serialize_error_names_the_bucket_not_the_secret(
         rf"error: access denied writing s3://{BUCKET}/{PREFIX}-wrong/vllm/tiny-llama/v1 "
         rf"\(HTTP 403( \w+)?\) at {re.escape(server.endpoint)}; credentials: the configured "
         r"access key\. Check the S3 access key and secret",
-        captured.err.strip().splitlines()[-1]), captured.err
+        captured.err.strip().splitlines()[-1],
+    ), captured.err
     assert_absent(WRONG.encode(), captured.out, captured.err, caplog.text)
     assert_absent(secret.encode(), captured.out, captured.err, caplog.text)
 
 
 def test_wrong_secret_deserialize_error_names_the_object_not_the_secret(
-        auth_s3, encrypted_on_s3, monkeypatch, capsys, caplog):
+    auth_s3, encrypted_on_s3, monkeypatch, capsys, caplog
+):
     """The files are checked (and refused) before any engine starts, in this process."""
     from tensorize_vllm_model.cli import main
 
@@ -286,21 +374,35 @@ def test_wrong_secret_deserialize_error_names_the_object_not_the_secret(
         monkeypatch.setenv(name, value)
     caplog.set_level(logging.DEBUG)
     start = time.monotonic()
-    code = main(["--model", directory, *ENGINE_FLAGS, "--model-loader-extra-config",
-                 '{"stream_kwargs": {"force_http": true}}', "deserialize", "--path-to-tensors",
-                 f"{directory}/model.tensors", "--keyfile", str(encrypted_on_s3["keyfile"])])
+    code = main(
+        [
+            "--model",
+            directory,
+            *ENGINE_FLAGS,
+            "--model-loader-extra-config",
+            '{"stream_kwargs": {"force_http": true}}',
+            "deserialize",
+            "--path-to-tensors",
+            f"{directory}/model.tensors",
+            "--keyfile",
+            str(encrypted_on_s3["keyfile"]),
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 2, captured
     assert re.fullmatch(
         rf"error: access denied listing {re.escape(directory)} \(HTTP 403( \w+)?\) at "
         rf"{re.escape(server.endpoint)}; credentials: the configured access key\. Check the "
-        r"S3 access key and secret", captured.err.strip().splitlines()[-1]), captured.err
+        r"S3 access key and secret",
+        captured.err.strip().splitlines()[-1],
+    ), captured.err
     assert time.monotonic() - start < 60
     assert_absent(key_id.encode(), captured.err, what="access key id")
     assert_absent(WRONG.encode(), captured.out, captured.err, caplog.text)
     assert_absent(secret.encode(), captured.out, captured.err, caplog.text)
-    assert_absent(encrypted_on_s3["key"], captured.out, captured.err, caplog.text,
-                  what="encryption key")
+    assert_absent(
+        encrypted_on_s3["key"], captured.out, captured.err, caplog.text, what="encryption key"
+    )
 
 
 def exception_chain_text(error: BaseException) -> str:
@@ -323,9 +425,13 @@ def test_wrong_secret_in_process_error_and_debug_logs(api, auth_s3, encrypted_on
 
     server, key_id, secret = auth_s3
     uri = f"{encrypted_on_s3['directory']}/model.tensors"
-    config = TensorizerConfig(tensorizer_uri=uri, s3_access_key_id=key_id,
-                              s3_secret_access_key=WRONG, s3_endpoint=server.endpoint,
-                              stream_kwargs={"force_http": True})
+    config = TensorizerConfig(
+        tensorizer_uri=uri,
+        s3_access_key_id=key_id,
+        s3_secret_access_key=WRONG,
+        s3_endpoint=server.endpoint,
+        stream_kwargs={"force_http": True},
+    )
     caplog.set_level(logging.DEBUG)  # botocore logs every request at DEBUG
     with pytest.raises(StorageError) as info:
         if api == "open_read":
@@ -336,13 +442,18 @@ def test_wrong_secret_in_process_error_and_debug_logs(api, auth_s3, encrypted_on
     assert re.fullmatch(
         rf"access denied reading {re.escape(uri)} \(HTTP 403( \w+)?\) at "
         rf"{re.escape(server.endpoint)}; credentials: the configured access key\. Check the "
-        r"S3 access key and secret", message), message
+        r"S3 access key and secret",
+        message,
+    ), message
     assert f"s3://{BUCKET}/{PREFIX}/vllm/tiny-llama/enc/model.tensors" in message
     assert "botocore" in caplog.text  # the DEBUG capture did see the S3 traffic
     assert_absent(WRONG.encode(), exception_chain_text(info.value), caplog.text, repr(config))
     assert_absent(secret.encode(), exception_chain_text(info.value), caplog.text)
     # the package's own log lines do not name the access key either (botocore's DEBUG
     # request dump shows it in the Authorization header: an id, not a secret)
-    ours = "\n".join(r.getMessage() for r in caplog.records
-                     if r.name.startswith(("tensorize_vllm_model", "vllm.tensorize_vllm_model")))
+    ours = "\n".join(
+        r.getMessage()
+        for r in caplog.records
+        if r.name.startswith(("tensorize_vllm_model", "vllm.tensorize_vllm_model"))
+    )
     assert key_id not in ours

@@ -5,8 +5,7 @@ import stat
 
 import pytest
 
-from tensorize_vllm_model import ConfigError, EncryptionError, StorageError
-from tensorize_vllm_model import keys, storage
+from tensorize_vllm_model import ConfigError, EncryptionError, StorageError, keys, storage
 
 
 def test_unknown_scheme_lists_supported():
@@ -14,8 +13,16 @@ def test_unknown_scheme_lists_supported():
         storage.scheme_of("gs://bucket/model.tensors")
 
 
-@pytest.mark.parametrize("uri,scheme", [("/a/b", "file"), ("rel/b", "file"), ("s3://b/k", "s3"),
-                                        ("HTTPS://h/x", "https"), ("http://h/x", "http")])
+@pytest.mark.parametrize(
+    "uri,scheme",
+    [
+        ("/a/b", "file"),
+        ("rel/b", "file"),
+        ("s3://b/k", "s3"),
+        ("HTTPS://h/x", "https"),
+        ("http://h/x", "http"),
+    ],
+)
 def test_schemes(uri, scheme):
     assert storage.scheme_of(uri) == scheme
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import BUCKET
 
 from tensorize_vllm_model import (
     StorageError,
@@ -25,8 +26,6 @@ from tensorize_vllm_model.keys import generate_key
 from tensorize_vllm_model.layout import FileRecord
 from tensorize_vllm_model.serialization import write_tensors
 from tensorize_vllm_model.streaming import meta_parameters
-
-from conftest import BUCKET
 
 
 @dataclass
@@ -52,26 +51,36 @@ def place(request, tmp_path, web_root, tls) -> Place:
     name = request.param
     prefix = uuid.uuid4().hex
     if name == "local":
+
         def put(rel, data):
             path = tmp_path / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
+
         return Place(name, str(tmp_path), {}, put, True)
     if name.startswith("s3"):
         server = request.getfixturevalue(_S3_SERVERS[name])
         client = server.client()
-        options = {"s3_endpoint": server.endpoint, "s3_access_key_id": server.access_key_id,
-                   "s3_secret_access_key": server.secret_access_key}
+        options = {
+            "s3_endpoint": server.endpoint,
+            "s3_access_key_id": server.access_key_id,
+            "s3_secret_access_key": server.secret_access_key,
+        }
         options.update({"ca_bundle": str(tls.ca)} if server.tls else {"force_http": True})
-        return Place(name, f"s3://{BUCKET}/{prefix}", options,
-                     lambda rel, data: client.put_object(Bucket=BUCKET, Key=f"{prefix}/{rel}", Body=data),
-                     True)
+        return Place(
+            name,
+            f"s3://{BUCKET}/{prefix}",
+            options,
+            lambda rel, data: client.put_object(Bucket=BUCKET, Key=f"{prefix}/{rel}", Body=data),
+            True,
+        )
     server = request.getfixturevalue("web_servers")[name]
 
     def put(rel, data):
         path = web_root / prefix / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
+
     options = {"ca_bundle": str(tls.ca)} if name == "https" else {}
     return Place(name, f"{server.url}/{prefix}", options, put, False)
 
@@ -117,8 +126,12 @@ def _tensors_file(tmp_path: Path, key: bytes | None = None) -> tuple[Small, byte
     torch.manual_seed(1)
     model = Small()
     path = tmp_path / "local-copy.tensors"
-    write_tensors(str(path), [(n, p.detach(), False) for n, p in model.named_parameters()],
-                  record=FileRecord(architecture="Small"), key=key).commit()
+    write_tensors(
+        str(path),
+        [(n, p.detach(), False) for n, p in model.named_parameters()],
+        record=FileRecord(architecture="Small"),
+        key=key,
+    ).commit()
     return model, path.read_bytes()
 
 
@@ -194,9 +207,12 @@ def test_seaweedfs_refuses_a_wrong_secret(seaweed):
     key = f"{uuid.uuid4().hex}/model.tensors"
     seaweed.client().put_object(Bucket=BUCKET, Key=key, Body=b"x" * 100)
     uri = f"s3://{BUCKET}/{key}"
-    good = {"s3_endpoint": seaweed.endpoint, "force_http": True,
-            "s3_access_key_id": seaweed.access_key_id,
-            "s3_secret_access_key": seaweed.secret_access_key}
+    good = {
+        "s3_endpoint": seaweed.endpoint,
+        "force_http": True,
+        "s3_access_key_id": seaweed.access_key_id,
+        "s3_secret_access_key": seaweed.secret_access_key,
+    }
     assert storage.read_bytes(uri, good) == b"x" * 100
     bad = {**good, "s3_secret_access_key": "not-the-secret"}
     with pytest.raises(StorageError, match=rf"access denied reading {uri} \(HTTP 403") as info:
@@ -213,16 +229,22 @@ def test_seaweedfs_parallel_range_reads(seaweed):
     data = os.urandom(48 * 1024 * 1024 + 4321)
     key = f"{uuid.uuid4().hex}/big.bin"
     seaweed.client().put_object(Bucket=BUCKET, Key=key, Body=data)
-    options = {"s3_endpoint": seaweed.endpoint, "force_http": True,
-               "s3_access_key_id": seaweed.access_key_id,
-               "s3_secret_access_key": seaweed.secret_access_key,
-               "chunk_size": 1024 * 1024, "workers": 8}
+    options = {
+        "s3_endpoint": seaweed.endpoint,
+        "force_http": True,
+        "s3_access_key_id": seaweed.access_key_id,
+        "s3_secret_access_key": seaweed.secret_access_key,
+        "chunk_size": 1024 * 1024,
+        "workers": 8,
+    }
     with storage.open_read(f"s3://{BUCKET}/{key}", options) as f:
         assert f.read() == data
         f.seek(17 * 1024 * 1024 + 5)
-        assert f.read(9 * 1024 * 1024) == data[17 * 1024 * 1024 + 5:26 * 1024 * 1024 + 5]
-    ranges = [(start, min(len(data), start + 4 * 1024 * 1024) - 1)
-              for start in range(0, len(data), 4 * 1024 * 1024)]
+        assert f.read(9 * 1024 * 1024) == data[17 * 1024 * 1024 + 5 : 26 * 1024 * 1024 + 5]
+    ranges = [
+        (start, min(len(data), start + 4 * 1024 * 1024) - 1)
+        for start in range(0, len(data), 4 * 1024 * 1024)
+    ]
     client = seaweed.client()
 
     def get(span):
@@ -247,23 +269,26 @@ def test_one_response_reads_keep_the_first_bytes(web_root):
     try:
         with storage.open_read(f"{server.url}/kept.bin") as f:
             # Whole responses (the probe for the size and range support asks for byte 0).
-            gets = lambda: sum(1 for method, _, ask in server.requests  # noqa: E731
-                               if method == "GET" and ask is None)
+            def gets():
+                return sum(
+                    1 for method, _, ask in server.requests if method == "GET" and ask is None
+                )
+
             assert f.read(10) == data[:10]
             f.seek(0)  # a check, then the header from byte 0: the same response
             assert f.read(100) == data[:100]
             f.seek(0)
-            assert f.read(KEEP_BYTES + 10) == data[:KEEP_BYTES + 10]
+            assert f.read(KEEP_BYTES + 10) == data[: KEEP_BYTES + 10]
             f.seek(5)
             assert f.read(KEEP_BYTES - 5) == data[5:KEEP_BYTES]
             f.seek(KEEP_BYTES + 1024 * 1024)  # forward: read and dropped
-            assert f.read(10) == data[KEEP_BYTES + 1024 * 1024:][:10]
+            assert f.read(10) == data[KEEP_BYTES + 1024 * 1024 :][:10]
             assert gets() == 1
             f.seek(KEEP_BYTES + 20)  # back past the kept bytes: a new response
-            assert f.read(30) == data[KEEP_BYTES + 20:KEEP_BYTES + 50]
+            assert f.read(30) == data[KEEP_BYTES + 20 : KEEP_BYTES + 50]
             assert gets() == 2
             f.seek(KEEP_BYTES - 4)  # straddles the kept end: the rest from the new response
-            assert f.read(8) == data[KEEP_BYTES - 4:KEEP_BYTES + 4]
+            assert f.read(8) == data[KEEP_BYTES - 4 : KEEP_BYTES + 4]
             assert gets() == 3
     finally:
         server.stop()
@@ -273,8 +298,11 @@ def test_a_load_over_one_response_takes_one_request(web_root):
     from servers import HTTPFileServer
 
     tensors = {"w": torch.randn(300, 500), "b": torch.arange(7)}
-    write_tensors(str(web_root / "one.tensors"), [(n, t, False) for n, t in tensors.items()],
-                  record=FileRecord()).commit()
+    write_tensors(
+        str(web_root / "one.tensors"),
+        [(n, t, False) for n, t in tensors.items()],
+        record=FileRecord(),
+    ).commit()
     server = HTTPFileServer(web_root, protocol="HTTP/1.0", ranges=False)
     whole = lambda: [r for r in server.requests if r[0] == "GET" and r[2] is None]  # noqa: E731
     try:

@@ -9,14 +9,13 @@ import time
 import uuid
 
 import pytest
+from conftest import BUCKET
+from servers import CuttingProxy, HTTPFileServer, MotoServer, free_port
 
 from tensorize_vllm_model import ConfigError, StorageError, TensorizerConfig, storage
 from tensorize_vllm_model.artifacts import fetch_model_files
 from tensorize_vllm_model.storage import s3 as s3_backend
 from tensorize_vllm_model.storage.options import StreamOptions
-
-from conftest import BUCKET
-from servers import CuttingProxy, HTTPFileServer, MotoServer, free_port
 
 S3_OPTIONS = {"s3_access_key_id": "testing", "s3_secret_access_key": "testing", "force_http": True}
 
@@ -48,12 +47,19 @@ def test_wrong_credentials_are_a_clear_403(tmp_path):
         server.client().put_object(Bucket=BUCKET, Key="m/model.tensors", Body=b"x" * 100)
         key_id, secret = server.enforce_auth()
         uri = f"s3://{BUCKET}/m/model.tensors"
-        good = {"s3_endpoint": server.endpoint, "force_http": True,
-                "s3_access_key_id": key_id, "s3_secret_access_key": secret}
+        good = {
+            "s3_endpoint": server.endpoint,
+            "force_http": True,
+            "s3_access_key_id": key_id,
+            "s3_secret_access_key": secret,
+        }
         assert storage.read_bytes(uri, good) == b"x" * 100
         bad = {**good, "s3_secret_access_key": "not-the-secret"}
-        with pytest.raises(StorageError, match=r"access denied reading s3://models/m/model.tensors "
-                                               r"\(HTTP 403") as info:
+        with pytest.raises(
+            StorageError,
+            match=r"access denied reading s3://models/m/model.tensors "
+            r"\(HTTP 403",
+        ) as info:
             storage.read_bytes(uri, bad)
         assert "not-the-secret" not in str(info.value)
         assert secret not in str(info.value)
@@ -84,8 +90,9 @@ def test_http_connection_dropped_mid_file(web_root):
     proxy = CuttingProxy(server.port, cut_after=1024 * 1024)  # every connection dies at 1 MiB
     try:
         start = time.monotonic()
-        with storage.open_read(f"http://127.0.0.1:{proxy.port}/big.bin",
-                               {"chunk_size": 4 * 1024 * 1024}) as f:
+        with storage.open_read(
+            f"http://127.0.0.1:{proxy.port}/big.bin", {"chunk_size": 4 * 1024 * 1024}
+        ) as f:
             with pytest.raises(StorageError, match=r"failed at bytes 0-4194303 after 3 attempts"):
                 f.read()
         assert time.monotonic() - start < 30
@@ -107,8 +114,11 @@ def test_connection_dropped_in_the_middle_of_the_tensors(web_root):
 
     model = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(4)])
     path = web_root / "cut.tensors"
-    write_tensors(str(path), [(n, p.detach(), False) for n, p in model.named_parameters()],
-                  record=FileRecord()).commit()
+    write_tensors(
+        str(path),
+        [(n, p.detach(), False) for n, p in model.named_parameters()],
+        record=FileRecord(),
+    ).commit()
     server = HTTPFileServer(web_root)
     proxy = CuttingProxy(server.port, cut_after=path.stat().st_size // 2, for_good=True)
     url = f"http://127.0.0.1:{proxy.port}/cut.tensors"
@@ -117,8 +127,12 @@ def test_connection_dropped_in_the_middle_of_the_tensors(web_root):
         with meta_parameters("cpu"):
             target = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(4)])
         with pytest.raises(StorageError, match=rf"reading {url} failed at bytes"):
-            with open_tensors(url, config=TensorizerConfig(
-                    tensorizer_uri=url, stream_kwargs={"chunk_size": 2 * 1024 * 1024})) as reader:
+            with open_tensors(
+                url,
+                config=TensorizerConfig(
+                    tensorizer_uri=url, stream_kwargs={"chunk_size": 2 * 1024 * 1024}
+                ),
+            ) as reader:
                 load_into_module(target, reader)
         assert time.monotonic() - start < 30
     finally:
@@ -145,8 +159,9 @@ def test_s3_connection_dropped_mid_object(moto):
     proxy = CuttingProxy(moto.port, cut_after=2 * 1024 * 1024)
     try:
         start = time.monotonic()
-        with storage.open_read(f"s3://{BUCKET}/{key}",
-                               s3_options(f"http://127.0.0.1:{proxy.port}", timeout=5.0)) as f:
+        with storage.open_read(
+            f"s3://{BUCKET}/{key}", s3_options(f"http://127.0.0.1:{proxy.port}", timeout=5.0)
+        ) as f:
             with pytest.raises(StorageError, match=rf"reading s3://{BUCKET}/{key} failed at bytes"):
                 f.read()
         assert time.monotonic() - start < 60
@@ -172,12 +187,17 @@ def test_failed_upload_leaves_no_object(moto, monkeypatch, size):
         proxy.stop()
     client = moto.client()
     assert "Contents" not in client.list_objects_v2(Bucket=BUCKET, Prefix=key)
-    pending = [u for u in client.list_multipart_uploads(Bucket=BUCKET).get("Uploads", [])
-               if u["Key"] == key]
+    pending = [
+        u
+        for u in client.list_multipart_uploads(Bucket=BUCKET).get("Uploads", [])
+        if u["Key"] == key
+    ]
     if size > 5 * 1024 * 1024:
         # The link stayed down, so the abort could not reach the server either: say so.
         assert len(pending) == 1
-        assert f"aborting the incomplete multipart upload {pending[0]['UploadId']} failed" in str(info.value)
+        assert f"aborting the incomplete multipart upload {pending[0]['UploadId']} failed" in str(
+            info.value
+        )
         client.abort_multipart_upload(Bucket=BUCKET, Key=key, UploadId=pending[0]["UploadId"])
 
 
@@ -208,8 +228,11 @@ def test_failed_multipart_upload_is_aborted(moto, monkeypatch):
     assert "aborting" not in str(info.value)
     client = moto.client()
     assert "Contents" not in client.list_objects_v2(Bucket=BUCKET, Prefix=key)
-    assert not [u for u in client.list_multipart_uploads(Bucket=BUCKET).get("Uploads", [])
-                if u["Key"] == key]
+    assert not [
+        u
+        for u in client.list_multipart_uploads(Bucket=BUCKET).get("Uploads", [])
+        if u["Key"] == key
+    ]
 
 
 def test_plain_http_endpoint_refused_unless_allowed(moto):
@@ -217,8 +240,9 @@ def test_plain_http_endpoint_refused_unless_allowed(moto):
     options = {k: v for k, v in s3_options(moto.endpoint).items() if k != "force_http"}
     with pytest.raises(ConfigError, match=r'plain http://.*--allow-http.*"force_http": true'):
         storage.read_bytes(uri, options)
-    config = TensorizerConfig(tensorizer_uri=uri, s3_endpoint=moto.endpoint,
-                              stream_kwargs={"force_http": True})
+    config = TensorizerConfig(
+        tensorizer_uri=uri, s3_endpoint=moto.endpoint, stream_kwargs={"force_http": True}
+    )
     assert StreamOptions.from_mapping(config.stream_options()).force_http
 
 
@@ -226,9 +250,14 @@ def test_tls_without_the_private_ca(tls, web_root):
     (web_root / "tls.bin").write_bytes(b"secret bytes")
     server = HTTPFileServer(web_root, tls=tls)
     try:
-        with pytest.raises(StorageError, match=r"TLS failed for https://127.0.0.1:\d+/tls.bin.*--ca-bundle"):
+        with pytest.raises(
+            StorageError, match=r"TLS failed for https://127.0.0.1:\d+/tls.bin.*--ca-bundle"
+        ):
             storage.read_bytes(f"{server.url}/tls.bin")
-        assert storage.read_bytes(f"{server.url}/tls.bin", {"ca_bundle": str(tls.ca)}) == b"secret bytes"
+        assert (
+            storage.read_bytes(f"{server.url}/tls.bin", {"ca_bundle": str(tls.ca)})
+            == b"secret bytes"
+        )
     finally:
         server.stop()
 
@@ -267,8 +296,10 @@ def resolved(config: TensorizerConfig):
 
 def test_credentials_order(clean_env, monkeypatch):
     home = clean_env
-    (home / ".s3cfg").write_text("[default]\naccess_key = from-s3cfg\nsecret_key = s3cfg-secret\n"
-                                 "host_base = s3cfg.example.com\n")
+    (home / ".s3cfg").write_text(
+        "[default]\naccess_key = from-s3cfg\nsecret_key = s3cfg-secret\n"
+        "host_base = s3cfg.example.com\n"
+    )
     base = {"tensorizer_uri": "s3://b/k"}
 
     how, creds = resolved(TensorizerConfig(**base))
@@ -291,8 +322,9 @@ def test_credentials_order(clean_env, monkeypatch):
     assert creds.access_key == "from-s3-env" and how.endpoint == "https://s3-env.example.com"
 
     s3_backend._clients.clear()
-    how, creds = resolved(TensorizerConfig(**base, s3_access_key_id="from-flag",
-                                           s3_secret_access_key="flag-secret"))
+    how, creds = resolved(
+        TensorizerConfig(**base, s3_access_key_id="from-flag", s3_secret_access_key="flag-secret")
+    )
     assert creds.access_key == "from-flag"
 
     s3_backend._clients.clear()
@@ -308,9 +340,15 @@ def test_fetch_takes_only_artifacts_and_stays_in_the_cache(moto, tmp_path, monke
     prefix = uuid.uuid4().hex
     client = moto.client()
     for key, body in {
-        "config.json": b'{"model_type": "llama"}', "tokenizer.json": b"{}",
-        "model.tensors": b"weights", "model.safetensors": b"weights", ".hidden.json": b"{}",
-        "sub/inner.json": b"{}", "../escape.json": b"{}", "..json": b"{}", "a\\..\\b.json": b"{}",
+        "config.json": b'{"model_type": "llama"}',
+        "tokenizer.json": b"{}",
+        "model.tensors": b"weights",
+        "model.safetensors": b"weights",
+        ".hidden.json": b"{}",
+        "sub/inner.json": b"{}",
+        "../escape.json": b"{}",
+        "..json": b"{}",
+        "a\\..\\b.json": b"{}",
         "model.key": b"k" * 32,
     }.items():
         client.put_object(Bucket=BUCKET, Key=f"{prefix}/{key}", Body=body)
@@ -318,7 +356,9 @@ def test_fetch_takes_only_artifacts_and_stays_in_the_cache(moto, tmp_path, monke
     assert sorted(os.listdir(local)) == ["config.json", "tokenizer.json"]
     assert os.path.dirname(local) == str(tmp_path / "cache" / "models")
     everything = [os.path.join(d, f) for d, _, files in os.walk(tmp_path) for f in files]
-    assert sorted(everything) == sorted(os.path.join(local, n) for n in ("config.json", "tokenizer.json"))
+    assert sorted(everything) == sorted(
+        os.path.join(local, n) for n in ("config.json", "tokenizer.json")
+    )
 
 
 def test_fetch_failure_leaves_no_partial_cache(moto, tmp_path, monkeypatch):
@@ -327,7 +367,9 @@ def test_fetch_failure_leaves_no_partial_cache(moto, tmp_path, monkeypatch):
     moto.client().put_object(Bucket=BUCKET, Key=f"{prefix}/tokenizer.json", Body=b"{}")
     with pytest.raises(StorageError, match=r"holds no config.json"):
         fetch_model_files(f"s3://{BUCKET}/{prefix}", s3_options(moto.endpoint))
-    assert not (tmp_path / "cache" / "models").exists() or not os.listdir(tmp_path / "cache" / "models")
+    assert not (tmp_path / "cache" / "models").exists() or not os.listdir(
+        tmp_path / "cache" / "models"
+    )
 
 
 @pytest.mark.parametrize("ranges", [False, True], ids=["one-response", "ranges"])
@@ -360,11 +402,17 @@ def test_a_stall_after_data_says_how_many_bytes_arrived(web_root, moto, store, r
     assert "cannot reach" not in text
     if ranges:
         # The first 4 MiB range stalls part-way; the retries find no answer.
-        found = re.search(r"failed at bytes 0-4194303 after 3 attempts \(the connection[^)]* "
-                          r"dropped or timed out\): the (server|endpoint) stalled after sending (\d+) of "
-                          r"4194304 bytes \(no data for 1 s\)", text)
+        found = re.search(
+            r"failed at bytes 0-4194303 after 3 attempts \(the connection[^)]* "
+            r"dropped or timed out\): the (server|endpoint) stalled after sending (\d+) of "
+            r"4194304 bytes \(no data for 1 s\)",
+            text,
+        )
     else:
-        found = re.search(r": the transfer stalled after (\d+) of 6291456 bytes \(no data for "
-                          r"1 s\)", text)
+        found = re.search(
+            r": the transfer stalled after (\d+) of 6291456 bytes \(no data for "
+            r"1 s\)",
+            text,
+        )
     assert found, text
     assert 0 < int(found.groups()[-1]) <= 2 * 1024 * 1024, text

@@ -37,7 +37,9 @@ def state_of(module: torch.nn.Module) -> list:
 
 
 def write(module: torch.nn.Module, path, key=None):
-    staged = write_tensors(str(path), state_of(module), record=FileRecord(architecture="Tiny"), key=key)
+    staged = write_tensors(
+        str(path), state_of(module), record=FileRecord(architecture="Tiny"), key=key
+    )
     staged.commit()
     return str(path)
 
@@ -102,15 +104,19 @@ def test_float_cast_to_model_dtype_but_integers_kept(tmp_path, source):
 def test_complex_and_integer_tensors_never_cast(tmp_path):
     values = torch.tensor([1 + 2j, -3.5 + 0.25j], dtype=torch.complex64)
     packed = torch.tensor([[1, -2], [3, 127]], dtype=torch.int8)
-    write_tensors(str(tmp_path / "q.tensors"),
-                  [("c", values, False), ("q", packed, False)],
-                  record=FileRecord()).commit()
+    write_tensors(
+        str(tmp_path / "q.tensors"),
+        [("c", values, False), ("q", packed, False)],
+        record=FileRecord(),
+    ).commit()
 
     class Holder(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.c = torch.nn.Parameter(torch.empty(2, dtype=torch.bfloat16), requires_grad=False)
-            self.q = torch.nn.Parameter(torch.empty(2, 2, dtype=torch.bfloat16), requires_grad=False)
+            self.q = torch.nn.Parameter(
+                torch.empty(2, 2, dtype=torch.bfloat16), requires_grad=False
+            )
 
     with meta_parameters("cpu"):
         holder = Holder()
@@ -146,7 +152,10 @@ def test_encrypted_round_trip_and_key_errors(tmp_path, source):
     key_path = tmp_path / "m.key"
     stage_key(str(key_path), key).commit()
     path = write(source, tmp_path / "m.tensors", key=key)
-    assert bytes(source.proj.weight.detach().numpy().tobytes()) not in (tmp_path / "m.tensors").read_bytes()
+    assert (
+        bytes(source.proj.weight.detach().numpy().tobytes())
+        not in (tmp_path / "m.tensors").read_bytes()
+    )
 
     config = TensorizerConfig(tensorizer_uri=path, encryption_keyfile=str(key_path))
     with meta_parameters("cpu"):
@@ -162,7 +171,9 @@ def test_encrypted_round_trip_and_key_errors(tmp_path, source):
     wrong = tmp_path / "wrong.key"
     stage_key(str(wrong), generate_key()).commit()
     with pytest.raises(EncryptionError, match=rf"cannot decrypt {path} with the key in {wrong}"):
-        open_tensors(path, config=TensorizerConfig(tensorizer_uri=path, encryption_keyfile=str(wrong)))
+        open_tensors(
+            path, config=TensorizerConfig(tensorizer_uri=path, encryption_keyfile=str(wrong))
+        )
 
 
 def test_key_for_unencrypted_file_refused(tmp_path, source):
@@ -170,12 +181,15 @@ def test_key_for_unencrypted_file_refused(tmp_path, source):
     key_path = tmp_path / "m.key"
     stage_key(str(key_path), generate_key()).commit()
     with pytest.raises(EncryptionError, match=rf"{path} is not encrypted, but a key was given"):
-        open_tensors(path, config=TensorizerConfig(tensorizer_uri=path,
-                                                   encryption_keyfile=str(key_path)))
+        open_tensors(
+            path, config=TensorizerConfig(tensorizer_uri=path, encryption_keyfile=str(key_path))
+        )
 
 
-@pytest.mark.parametrize("content", [b"", b"not a model at all" * 100,
-                                     b"\x08\x00\x00\x00\x00\x00\x00\x00{}" + b"\x00" * 64])
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"not a model at all" * 100, b"\x08\x00\x00\x00\x00\x00\x00\x00{}" + b"\x00" * 64],
+)
 def test_not_a_tensorizer_file(tmp_path, content):
     path = tmp_path / "x.tensors"
     path.write_bytes(content)

@@ -18,7 +18,6 @@ import os
 import shutil
 
 import pytest
-
 from conftest import (
     ENGINE_FLAGS,
     MAX_TOKENS,
@@ -44,15 +43,20 @@ def assert_same_as_default_loader(result: dict) -> None:
 
 def test_stock_vllm_loads_our_file(llama_serialized, tiny_llama):
     directory, _ = llama_serialized
-    [result] = run_builtin({"mode": "load", "model": str(directory),
-                            "checkpoint": str(tiny_llama)})
+    [result] = run_builtin({"mode": "load", "model": str(directory), "checkpoint": str(tiny_llama)})
     assert_same_as_default_loader(result)
 
 
 def test_stock_vllm_loads_our_encrypted_file(llama_encrypted, tiny_llama):
     directory, key = llama_encrypted
-    [result] = run_builtin({"mode": "load", "model": str(directory), "checkpoint": str(tiny_llama),
-                            "tensorizer_config": {"encryption_keyfile": str(key)}})
+    [result] = run_builtin(
+        {
+            "mode": "load",
+            "model": str(directory),
+            "checkpoint": str(tiny_llama),
+            "tensorizer_config": {"encryption_keyfile": str(key)},
+        }
+    )
     assert_same_as_default_loader(result)
 
 
@@ -71,8 +75,9 @@ def vllm_written(tiny_llama, tmp_path_factory):
         config = {"tensorizer_uri": str(path)}
         if keyfile:
             config["encryption_keyfile"] = str(keyfile)
-        [written] = run_builtin({"mode": "serialize", "model": str(tiny_llama),
-                                 "tensorizer_config": config})
+        [written] = run_builtin(
+            {"mode": "serialize", "model": str(tiny_llama), "tensorizer_config": config}
+        )
         assert written["written"] == str(path)
     return files
 
@@ -83,8 +88,13 @@ def test_vllm_written_file_loads_here(kind, vllm_written, llama_reference):
     config = {"tensorizer_uri": str(path)}
     if key:
         config["encryption_keyfile"] = str(key)
-    result = run_engine({"model": str(path.parent), "load_format": "tensorizer",
-                         "model_loader_extra_config": config})
+    result = run_engine(
+        {
+            "model": str(path.parent),
+            "load_format": "tensorizer",
+            "model_loader_extra_config": config,
+        }
+    )
     assert result["tokens"] == llama_reference["tokens"]
     assert all(len(t) == MAX_TOKENS for t in result["tokens"])
 
@@ -93,8 +103,13 @@ def test_our_vllm_named_functions_round_trip(tiny_llama, tmp_path):
     """serialize_vllm_model, init_tensorizer_model and deserialize_tensorizer_model, with
     vLLM's signatures and a dict config, outside an engine."""
     target = tmp_path / "ours"
-    [result] = run_builtin({"mode": "ours", "model": str(tiny_llama),
-                            "tensorizer_config": {"tensorizer_uri": str(target / "model.tensors")}})
+    [result] = run_builtin(
+        {
+            "mode": "ours",
+            "model": str(tiny_llama),
+            "tensorizer_config": {"tensorizer_uri": str(target / "model.tensors")},
+        }
+    )
     assert result["returned_model"] and result["same_names"] and result["different"] == []
     # the weights were built on meta (norms, made with torch.ones, are not), then filled
     assert result["parameters"] > result["on_meta_before"] >= 10
@@ -105,9 +120,18 @@ def test_deserialize_serialized_directory_and_kwargs(llama_serialized, llama_ref
     """The two flags of vLLM's script: the directory's model.tensors and its config (no
     --model), and TensorDeserializer arguments as JSON ("true" as a string too)."""
     directory, _ = llama_serialized
-    proc = run_cli(*ENGINE_FLAGS, "deserialize", "--serialized-directory", directory,
-                   "--deserialization-kwargs", '{"verify_hash": "true", "num_readers": 2}',
-                   "--prompt", PROMPTS[0], "--max-tokens", MAX_TOKENS)
+    proc = run_cli(
+        *ENGINE_FLAGS,
+        "deserialize",
+        "--serialized-directory",
+        directory,
+        "--deserialization-kwargs",
+        '{"verify_hash": "true", "num_readers": 2}',
+        "--prompt",
+        PROMPTS[0],
+        "--max-tokens",
+        MAX_TOKENS,
+    )
     assert_ok(proc)
     assert f"Generated: {llama_reference['texts'][0]!r}" in proc.stdout
     assert f"from {directory / 'model.tensors'}" in proc.stdout

@@ -21,13 +21,18 @@ import shutil
 import uuid
 
 import pytest
+from conftest import (
+    BUCKET,
+    PROMPTS,
+    WORKER_EXTENSION,
+    assert_ok,
+    run_cli,
+    run_engine,
+)
+from test_convert import convert_without_vllm
 
 from tensorize_vllm_model import open_tensors
 from tensorize_vllm_model.convert.placement import TensorShape, rank_reads
-
-from conftest import (BUCKET, PROMPTS, WORKER_EXTENSION, assert_ok, run_cli, run_engine,
-                      subprocess_env)
-from test_convert import convert_without_vllm
 
 pytestmark = pytest.mark.slow
 
@@ -36,10 +41,23 @@ TWO_RANKS = {"gpu_memory_utilization": 0.15, "worker_extension_cls": WORKER_EXTE
 
 
 def convert(model, out, *flags, env=None):
-    proc = convert_without_vllm("--model", model, *flags, "convert", "--serialized-directory",
-                                out, "--suffix", "v1") if env is None else run_cli(
-        "--model", model, *flags, "convert", "--serialized-directory", out, "--suffix", "v1",
-        env=env)
+    proc = (
+        convert_without_vllm(
+            "--model", model, *flags, "convert", "--serialized-directory", out, "--suffix", "v1"
+        )
+        if env is None
+        else run_cli(
+            "--model",
+            model,
+            *flags,
+            "convert",
+            "--serialized-directory",
+            out,
+            "--suffix",
+            "v1",
+            env=env,
+        )
+    )
     assert_ok(proc)
     return proc
 
@@ -60,15 +78,31 @@ def llama_f32(tiny_llama, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def f32_tp1(llama_f32):
-    return run_engine({"model": str(llama_f32), "load_format": "tensorizer", "dtype": "float32",
-                       "worker_extension_cls": WORKER_EXTENSION}, stats=True)
+    return run_engine(
+        {
+            "model": str(llama_f32),
+            "load_format": "tensorizer",
+            "dtype": "float32",
+            "worker_extension_cls": WORKER_EXTENSION,
+        },
+        stats=True,
+    )
 
 
 @pytest.fixture(scope="module")
 def f32_tp2(llama_f32):
-    return run_engine({"model": str(llama_f32), "load_format": "tensorizer", "dtype": "float32",
-                       "tensor_parallel_size": 2, **TWO_RANKS}, stats=True, env=RANKS_ENV,
-                      separate_processes=True)
+    return run_engine(
+        {
+            "model": str(llama_f32),
+            "load_format": "tensorizer",
+            "dtype": "float32",
+            "tensor_parallel_size": 2,
+            **TWO_RANKS,
+        },
+        stats=True,
+        env=RANKS_ENV,
+        separate_processes=True,
+    )
 
 
 def test_tp1_matches_the_default_loader_on_the_checkpoint(llama_bf16, llama_reference):
@@ -79,17 +113,25 @@ def test_tp1_matches_the_default_loader_on_the_checkpoint(llama_bf16, llama_refe
 def test_opt_tp1_matches_the_default_loader(tiny_opt, tmp_path):
     convert(tiny_opt, tmp_path)
     reference = run_engine({"model": str(tiny_opt)}, prompts=PROMPTS[:2])
-    result = run_engine({"model": str(tmp_path / "vllm" / "tiny-opt" / "v1"),
-                         "load_format": "tensorizer"}, prompts=PROMPTS[:2])
+    result = run_engine(
+        {"model": str(tmp_path / "vllm" / "tiny-opt" / "v1"), "load_format": "tensorizer"},
+        prompts=PROMPTS[:2],
+    )
     assert result["tokens"] == reference["tokens"]
 
 
 def file_tensors(path) -> tuple[list[TensorShape], dict, int]:
     with open_tensors(str(path)) as reader:
         transposed = reader.record.transposed
-        shapes = [TensorShape(e.name, tuple(reversed(e.shape)) if e.name in transposed else
-                              e.shape, e.bytes // max(1, _numel(e.shape)), e.name in transposed)
-                  for e in reader.entries()]
+        shapes = [
+            TensorShape(
+                e.name,
+                tuple(reversed(e.shape)) if e.name in transposed else e.shape,
+                e.bytes // max(1, _numel(e.shape)),
+                e.name in transposed,
+            )
+            for e in reader.entries()
+        ]
         offsets = {name: entry.data_offset for name, entry in reader.index.items()}
     return shapes, offsets, sum(s.bytes for s in shapes)
 
@@ -111,26 +153,54 @@ def test_tp2_same_tokens_as_tp1_reading_half(llama_f32, f32_tp1, f32_tp2, tiny_l
     config = json.loads((tiny_llama / "config.json").read_text())
     for rank, (stats, plan) in enumerate(zip(f32_tp2["stats"], f32_tp2["read_plan"])):
         assert stats["bytes"] <= 0.6 * total
-        expected = {(r.name, offsets[r.name] + r.start, offsets[r.name] + r.stop)
-                    for r in rank_reads(shapes, config, 2, rank)}
+        expected = {
+            (r.name, offsets[r.name] + r.start, offsets[r.name] + r.stop)
+            for r in rank_reads(shapes, config, 2, rank)
+        }
         assert {tuple(p) for p in plan} == expected
 
 
 def test_encrypted_on_s3_at_tp2(tiny_llama, llama_f32, moto, f32_tp1):
     prefix = f"convert/{uuid.uuid4().hex}"
-    env = {**RANKS_ENV, "S3_ACCESS_KEY_ID": "testing", "S3_SECRET_ACCESS_KEY": "testing",
-           "S3_ENDPOINT_URL": moto.endpoint}
+    env = {
+        **RANKS_ENV,
+        "S3_ACCESS_KEY_ID": "testing",
+        "S3_SECRET_ACCESS_KEY": "testing",
+        "S3_ENDPOINT_URL": moto.endpoint,
+    }
     key = f"s3://{BUCKET}/{prefix}/model.key"
-    proc = run_cli("--model", tiny_llama, "--dtype", "float32", "convert",
-                   "--serialized-directory", f"s3://{BUCKET}/{prefix}", "--suffix", "enc",
-                   "--keyfile", key, "--allow-http", env=env)
+    proc = run_cli(
+        "--model",
+        tiny_llama,
+        "--dtype",
+        "float32",
+        "convert",
+        "--serialized-directory",
+        f"s3://{BUCKET}/{prefix}",
+        "--suffix",
+        "enc",
+        "--keyfile",
+        key,
+        "--allow-http",
+        env=env,
+    )
     assert_ok(proc)
-    result = run_engine({"model": f"s3://{BUCKET}/{prefix}/vllm/tiny-llama/enc",
-                         "load_format": "tensorizer", "dtype": "float32",
-                         "tensor_parallel_size": 2, **TWO_RANKS,
-                         "model_loader_extra_config": {"encryption_keyfile": key,
-                                                       "stream_kwargs": {"force_http": True}}},
-                        stats=True, env=env, separate_processes=True)
+    result = run_engine(
+        {
+            "model": f"s3://{BUCKET}/{prefix}/vllm/tiny-llama/enc",
+            "load_format": "tensorizer",
+            "dtype": "float32",
+            "tensor_parallel_size": 2,
+            **TWO_RANKS,
+            "model_loader_extra_config": {
+                "encryption_keyfile": key,
+                "stream_kwargs": {"force_http": True},
+            },
+        },
+        stats=True,
+        env=env,
+        separate_processes=True,
+    )
     assert result["tokens"] == f32_tp1["tokens"]
     # The tiny model's tensors are smaller than one 2 MiB cipher chunk: read whole.
     assert all(s["bytes"] > 0 for s in result["stats"])
@@ -144,10 +214,19 @@ def test_http_tp2_bytes_counted_by_the_server(llama_f32, web_root, web_servers, 
     # vLLM takes no http(s):// --model: the config is local, the one tensors file remote,
     # named without a rank template (every rank reads it).
     url = f"{server.url}/{target.relative_to(web_root)}/model.tensors"
-    result = run_engine({"model": str(llama_f32), "load_format": "tensorizer",
-                         "dtype": "float32", "tensor_parallel_size": 2, **TWO_RANKS,
-                         "model_loader_extra_config": {"tensorizer_uri": url}}, stats=True,
-                        env=RANKS_ENV, separate_processes=True)
+    result = run_engine(
+        {
+            "model": str(llama_f32),
+            "load_format": "tensorizer",
+            "dtype": "float32",
+            "tensor_parallel_size": 2,
+            **TWO_RANKS,
+            "model_loader_extra_config": {"tensorizer_uri": url},
+        },
+        stats=True,
+        env=RANKS_ENV,
+        separate_processes=True,
+    )
     assert result["tokens"] == f32_tp1["tokens"]
     size = (target / "model.tensors").stat().st_size
     served = []
@@ -166,9 +245,18 @@ def test_http_tp2_bytes_counted_by_the_server(llama_f32, web_root, web_servers, 
 
 
 def test_pp2_each_stage_reads_its_layers(llama_bf16):
-    result = run_engine({"model": str(llama_bf16), "load_format": "tensorizer",
-                         "pipeline_parallel_size": 2, **TWO_RANKS}, prompts=[], stats=True,
-                        env=RANKS_ENV, separate_processes=True)
+    result = run_engine(
+        {
+            "model": str(llama_bf16),
+            "load_format": "tensorizer",
+            "pipeline_parallel_size": 2,
+            **TWO_RANKS,
+        },
+        prompts=[],
+        stats=True,
+        env=RANKS_ENV,
+        separate_processes=True,
+    )
     first, second = ({name for name, _, _ in plan} for plan in result["read_plan"])
     assert not first & second
     assert "model.embed_tokens.weight" in first and "lm_head.weight" in second
@@ -183,8 +271,11 @@ def test_a_layout_the_model_does_not_allow_is_refused_before_the_engine(llama_bf
     from tensorize_vllm_model.vllm_adapter import check_engine_files
 
     args = EngineArgs(model=str(llama_bf16), load_format="tensorizer", tensor_parallel_size=3)
-    with pytest.raises(LayoutError, match=r"4 attention heads are not divisible by "
-                       r"--tensor-parallel-size 3"):
+    with pytest.raises(
+        LayoutError,
+        match=r"4 attention heads are not divisible by "
+        r"--tensor-parallel-size 3",
+    ):
         check_engine_files(args)
 
 
@@ -197,12 +288,18 @@ def test_a_checkpoint_vllm_cannot_load_names_the_tensor(tiny_llama, tmp_path):
     state["model.layers.0.mlp.extra_proj.weight"] = state.pop("model.layers.0.mlp.up_proj.weight")
     save_file(state, str(source / "model.safetensors"), metadata={"format": "pt"})
     convert(source, tmp_path / "out")
-    proc = run_engine({"model": str(tmp_path / "out" / "vllm" / "odd-llama" / "v1"),
-                       "load_format": "tensorizer"}, prompts=PROMPTS[:1], expect_ok=False)
+    proc = run_engine(
+        {"model": str(tmp_path / "out" / "vllm" / "odd-llama" / "v1"), "load_format": "tensorizer"},
+        prompts=PROMPTS[:1],
+        expect_ok=False,
+    )
     assert proc.returncode != 0
-    assert re.search(r"ModelMismatchError: vLLM cannot load the checkpoint in \S+model.tensors "
-                     r"for this model: tensor model.layers.0.mlp.extra_proj.weight was refused "
-                     r"by vLLM's LlamaForCausalLM", proc.stderr), proc.stderr[-3000:]
+    assert re.search(
+        r"ModelMismatchError: vLLM cannot load the checkpoint in \S+model.tensors "
+        r"for this model: tensor model.layers.0.mlp.extra_proj.weight was refused "
+        r"by vLLM's LlamaForCausalLM",
+        proc.stderr,
+    ), proc.stderr[-3000:]
 
 
 def test_a_one_rank_serialized_file_is_not_shared_between_ranks(llama_bf16, tmp_path):
@@ -216,17 +313,22 @@ def test_a_one_rank_serialized_file_is_not_shared_between_ranks(llama_bf16, tmp_
 
     directory = tmp_path / "serialized-tp1"
     shutil.copytree(llama_bf16, directory)
-    write_tensors(str(directory / "model.tensors"), [("w", torch.ones(2), False)],
-                  record=FileRecord()).commit()  # as `serialize` writes it at TP=1
+    write_tensors(
+        str(directory / "model.tensors"), [("w", torch.ones(2), False)], record=FileRecord()
+    ).commit()  # as `serialize` writes it at TP=1
     args = EngineArgs(model=str(directory), load_format="tensorizer", tensor_parallel_size=2)
-    with pytest.raises(LayoutError, match=r"serialized for TP=1 x PP=1 but is being loaded "
-                       r"with TP=2 x PP=1"):
+    with pytest.raises(
+        LayoutError,
+        match=r"serialized for TP=1 x PP=1 but is being loaded "
+        r"with TP=2 x PP=1",
+    ):
         check_engine_files(args)
 
 
 def test_vllm_serve_loads_a_converted_file(llama_bf16, llama_reference):
     from conftest import serve_and_complete
 
-    texts = serve_and_complete([str(llama_bf16), "--load-format", "tensorizer"],
-                               str(llama_bf16), prompts=PROMPTS[:2])
+    texts = serve_and_complete(
+        [str(llama_bf16), "--load-format", "tensorizer"], str(llama_bf16), prompts=PROMPTS[:2]
+    )
     assert texts == llama_reference["texts"][:2]

@@ -32,29 +32,54 @@ VLLM_CONFIG = vllm_tensorizer.TensorizerConfig
 
 def vllm_public_names() -> list[str]:
     """Names vLLM's module defines or lists in __all__, not starting with '_'."""
-    return sorted(n for n in dir(vllm_tensorizer) if not n.startswith("_") and (
-        n in vllm_tensorizer.__all__
-        or getattr(getattr(vllm_tensorizer, n), "__module__", None) == vllm_tensorizer.__name__))
+    return sorted(
+        n
+        for n in dir(vllm_tensorizer)
+        if not n.startswith("_")
+        and (
+            n in vllm_tensorizer.__all__
+            or getattr(getattr(vllm_tensorizer, n), "__module__", None) == vllm_tensorizer.__name__
+        )
+    )
 
 
 def test_the_list_of_vllm_names_is_complete():
     assert set(vllm_public_names()) >= {
-        "serialize_vllm_model", "deserialize_tensorizer_model", "tensorizer_weights_iterator",
-        "is_valid_deserialization_uri", "serialize_extra_artifacts", "is_vllm_tensorized",
-        "tensorize_vllm_model", "init_tensorizer_model", "meta_tensor_mode", "MetaTensorMode",
-        "tensorizer_kwargs_arg", "TensorizerConfig", "TensorizerArgs", "TensorSerializer"}
+        "serialize_vllm_model",
+        "deserialize_tensorizer_model",
+        "tensorizer_weights_iterator",
+        "is_valid_deserialization_uri",
+        "serialize_extra_artifacts",
+        "is_vllm_tensorized",
+        "tensorize_vllm_model",
+        "init_tensorizer_model",
+        "meta_tensor_mode",
+        "MetaTensorMode",
+        "tensorizer_kwargs_arg",
+        "TensorizerConfig",
+        "TensorizerArgs",
+        "TensorSerializer",
+    }
 
 
-RE_EXPORTS = ["EncryptionParams", "DecryptionParams", "TensorDeserializer", "TensorSerializer",
-              "open_stream", "convert_bytes", "get_mem_usage", "no_init_or_tensor"]
+RE_EXPORTS = [
+    "EncryptionParams",
+    "DecryptionParams",
+    "TensorDeserializer",
+    "TensorSerializer",
+    "open_stream",
+    "convert_bytes",
+    "get_mem_usage",
+    "no_init_or_tensor",
+]
 
 
 def assert_vllm_signature(theirs, mine) -> None:
     """vLLM's parameters, in vLLM's order; anything more has a default."""
     expected = list(inspect.signature(theirs).parameters)
     params = list(inspect.signature(mine).parameters.values())
-    assert [p.name for p in params[:len(expected)]] == expected
-    assert all(extra.default is not extra.empty for extra in params[len(expected):])
+    assert [p.name for p in params[: len(expected)]] == expected
+    assert all(extra.default is not extra.empty for extra in params[len(expected) :])
 
 
 @pytest.mark.parametrize("name", sorted(set(vllm_public_names()) - set(RE_EXPORTS)))
@@ -63,9 +88,17 @@ def test_vllm_name_here_with_vllm_signature(name):
     assert_vllm_signature(getattr(vllm_tensorizer, name), getattr(ours, name))
 
 
-@pytest.mark.parametrize("method", ["open_stream", "verify_with_parallel_config",
-                                    "verify_with_model_config", "to_serializable", "keys",
-                                    "_construct_tensorizer_args"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        "open_stream",
+        "verify_with_parallel_config",
+        "verify_with_model_config",
+        "to_serializable",
+        "keys",
+        "_construct_tensorizer_args",
+    ],
+)
 def test_config_methods_with_vllm_signatures(method):
     assert_vllm_signature(getattr(VLLM_CONFIG, method), getattr(TensorizerConfig, method))
 
@@ -93,8 +126,12 @@ def written(tmp_path):
     keyfile = tmp_path / "k.key"
     stage_key(str(keyfile), key).commit()
     uri = str(tmp_path / "model.tensors")
-    write_tensors(uri, [(n, p.detach(), False) for n, p in module.named_parameters()],
-                  record=FileRecord(architecture="Small"), key=key).commit()
+    write_tensors(
+        uri,
+        [(n, p.detach(), False) for n, p in module.named_parameters()],
+        record=FileRecord(architecture="Small"),
+        key=key,
+    ).commit()
     return uri, str(keyfile), module
 
 
@@ -106,10 +143,15 @@ def test_legacy_record_file_still_loads(tmp_path):
     path = str(tmp_path / "old.tensors")
     serializer = TensorSerializer(path)
     record = FileRecord(architecture="Small", tensor_parallel_size=2, rank=1)
-    serializer.write_tensor(0, ".tensorize_vllm_model_record", TensorType.STATE_DICT,
-                            torch.frombuffer(bytearray(record.to_bytes()), dtype=torch.uint8))
-    serializer.write_tensor(1, ".vllm_tensorized_marker", TensorType.PARAM,
-                            torch.ones(1, dtype=torch.int64))
+    serializer.write_tensor(
+        0,
+        ".tensorize_vllm_model_record",
+        TensorType.STATE_DICT,
+        torch.frombuffer(bytearray(record.to_bytes()), dtype=torch.uint8),
+    )
+    serializer.write_tensor(
+        1, ".vllm_tensorized_marker", TensorType.PARAM, torch.ones(1, dtype=torch.int64)
+    )
     for index, (name, p) in enumerate(module.named_parameters(), start=2):
         serializer.write_tensor(index, name, TensorType.PARAM, p.detach())
     serializer.close()
@@ -128,12 +170,17 @@ def test_new_files_keep_the_record_in_vllms_marker(written):
     marker's bytes, a PARAM of the root module, as vLLM's serializer writes its marker."""
     uri, keyfile, module = written
     deserializer = ours.TensorDeserializer(
-        uri, encryption=ours.DecryptionParams.from_key(open(keyfile, "rb").read()),
-        lazy_load=True)
-    kinds = {str(p[0] if isinstance(p, tuple) else p): e.type.name
-             for p, e in deserializer._metadata.items()}
-    assert kinds == {".vllm_tensorized_marker": "PARAM", "proj.weight": "PARAM",
-                     "proj.bias": "PARAM"}
+        uri, encryption=ours.DecryptionParams.from_key(open(keyfile, "rb").read()), lazy_load=True
+    )
+    kinds = {
+        str(p[0] if isinstance(p, tuple) else p): e.type.name
+        for p, e in deserializer._metadata.items()
+    }
+    assert kinds == {
+        ".vllm_tensorized_marker": "PARAM",
+        "proj.weight": "PARAM",
+        "proj.bias": "PARAM",
+    }
     record = json.loads(bytes(deserializer[".vllm_tensorized_marker"].numpy()))
     assert record["architecture"] == "Small" and record["encrypted"] is True
     target = Small()
@@ -151,17 +198,26 @@ def vllm_config(uri, keyfile, form):
 
 ENTRY_POINTS = {
     "is_vllm_tensorized": lambda cfg, uri: ours.is_vllm_tensorized(cfg) is True,
-    "open_tensors": lambda cfg, uri: ours.open_tensors(uri, config=cfg).record.architecture
-    == "Small",
+    "open_tensors": lambda cfg, uri: (
+        ours.open_tensors(uri, config=cfg).record.architecture == "Small"
+    ),
     "check_shards": lambda cfg, uri: check_shards(cfg) > 0,
     "TensorizerArgs": lambda cfg, uri: "encryption" in TensorizerArgs(cfg).deserialization_kwargs,
-    "inspect_tensors": lambda cfg, uri: __import__(
-        "tensorize_vllm_model.inspection", fromlist=["x"]).inspect_tensors(uri, cfg)[0]
-    .record["architecture"] == "Small",
-    "verify_tensors": lambda cfg, uri: __import__(
-        "tensorize_vllm_model.inspection", fromlist=["x"]).verify_tensors(uri, cfg)[0].intact,
-    "tensorizer_weights_iterator": lambda cfg, uri: [n for n, _ in ours.tensorizer_weights_iterator(
-        TensorizerArgs(cfg))] == ["proj.weight", "proj.bias"],
+    "inspect_tensors": lambda cfg, uri: (
+        __import__("tensorize_vllm_model.inspection", fromlist=["x"])
+        .inspect_tensors(uri, cfg)[0]
+        .record["architecture"]
+        == "Small"
+    ),
+    "verify_tensors": lambda cfg, uri: (
+        __import__("tensorize_vllm_model.inspection", fromlist=["x"])
+        .verify_tensors(uri, cfg)[0]
+        .intact
+    ),
+    "tensorizer_weights_iterator": lambda cfg, uri: (
+        [n for n, _ in ours.tensorizer_weights_iterator(TensorizerArgs(cfg))]
+        == ["proj.weight", "proj.bias"]
+    ),
     "deserialize_tensorizer_model": lambda cfg, uri: _deserialized(cfg),
     "TensorizerLoader": lambda cfg, uri: _loader(cfg).tensorizer_config.tensorizer_uri == uri,
 }
@@ -195,8 +251,10 @@ def test_vllm_config_in_tensorize_vllm_model(form, tmp_path):
 
     config = VLLM_CONFIG(tensorizer_uri=str(tmp_path / "model.tensors"))
     with pytest.raises(ConfigError, match="no rank template"):
-        ours.tensorize_vllm_model(EngineArgs(model="m", tensor_parallel_size=2),
-                                  config if form == "object" else config.to_serializable())
+        ours.tensorize_vllm_model(
+            EngineArgs(model="m", tensor_parallel_size=2),
+            config if form == "object" else config.to_serializable(),
+        )
 
 
 def test_vllm_config_with_load_time_fields(written):
@@ -216,8 +274,10 @@ def test_vllm_config_in_tensorized_lora_request(tiny_llama, tmp_path):
     for item in stage_adapter("a", str(adapter), str(tmp_path / "model")):
         item.commit()
     request = ours.tensorized_lora_request(
-        str(tmp_path / "model"), "a",
-        tensorizer_config=VLLM_CONFIG(tensorizer_dir=str(tmp_path / "model"), num_readers=1))
+        str(tmp_path / "model"),
+        "a",
+        tensorizer_config=VLLM_CONFIG(tensorizer_dir=str(tmp_path / "model"), num_readers=1),
+    )
     assert os.path.exists(f"{request.lora_path}/adapter_model.safetensors")
 
 
@@ -227,34 +287,49 @@ def test_vllm_config_in_tensorized_lora_request(tiny_llama, tmp_path):
 def test_string_booleans_of_vllms_docs_example():
     """The JSON of vLLM's docs: stream_kwargs {"force_http": "False"},
     deserialization_kwargs {"verify_hash": "True", "num_readers": 8}."""
-    config = TensorizerConfig.from_extra_config({
-        "tensorizer_uri": "s3://b/m/model.tensors", "stream_kwargs": {"force_http": "False"},
-        "deserialization_kwargs": {"verify_hash": "True", "num_readers": 8}})
+    config = TensorizerConfig.from_extra_config(
+        {
+            "tensorizer_uri": "s3://b/m/model.tensors",
+            "stream_kwargs": {"force_http": "False"},
+            "deserialization_kwargs": {"verify_hash": "True", "num_readers": 8},
+        }
+    )
     assert config.stream_kwargs == {"force_http": False}
     assert config.deserialization_kwargs == {"verify_hash": True, "num_readers": 8}
     assert TensorizerArgs(config).deserialization_kwargs["verify_hash"] is True
 
 
-@pytest.mark.parametrize("text,value", [("true", True), ("TRUE", True), ("False", False),
-                                        ("fAlSe", False)])
+@pytest.mark.parametrize(
+    "text,value", [("true", True), ("TRUE", True), ("False", False), ("fAlSe", False)]
+)
 def test_string_booleans_any_case(text, value):
-    config = TensorizerConfig(tensorizer_uri="/m/model.tensors", verify_hash=text,
-                              vllm_tensorized=text, stream_kwargs={"ranges": text},
-                              serialization_kwargs={"compress_tensors": text},
-                              deserialization_kwargs={"plaid_mode": text})
+    config = TensorizerConfig(
+        tensorizer_uri="/m/model.tensors",
+        verify_hash=text,
+        vllm_tensorized=text,
+        stream_kwargs={"ranges": text},
+        serialization_kwargs={"compress_tensors": text},
+        deserialization_kwargs={"plaid_mode": text},
+    )
     assert config.verify_hash is value and config.vllm_tensorized is value
     assert config.stream_kwargs["ranges"] is value
     assert config.serialization_kwargs["compress_tensors"] is value
     assert config.deserialization_kwargs["plaid_mode"] is value
 
 
-@pytest.mark.parametrize("fields,key", [
-    ({"verify_hash": "yes"}, "verify_hash"),
-    ({"vllm_tensorized": "1"}, "vllm_tensorized"),
-    ({"stream_kwargs": {"force_http": "no"}}, "stream_kwargs force_http"),
-    ({"deserialization_kwargs": {"verify_hash": "on"}}, "deserialization_kwargs verify_hash"),
-    ({"serialization_kwargs": {"compress_tensors": "0"}}, "serialization_kwargs compress_tensors"),
-])
+@pytest.mark.parametrize(
+    "fields,key",
+    [
+        ({"verify_hash": "yes"}, "verify_hash"),
+        ({"vllm_tensorized": "1"}, "vllm_tensorized"),
+        ({"stream_kwargs": {"force_http": "no"}}, "stream_kwargs force_http"),
+        ({"deserialization_kwargs": {"verify_hash": "on"}}, "deserialization_kwargs verify_hash"),
+        (
+            {"serialization_kwargs": {"compress_tensors": "0"}},
+            "serialization_kwargs compress_tensors",
+        ),
+    ],
+)
 def test_other_strings_for_booleans_name_the_key(fields, key):
     with pytest.raises(ConfigError, match=rf"^{key} must be true or false, got '"):
         TensorizerConfig(tensorizer_uri="/m/model.tensors", **fields)
@@ -271,10 +346,14 @@ def test_stream_options_take_string_booleans_too():
 # -- the names, one by one ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("uri", ["s3://b/k", "HTTPS://h/x", "http://h/x", "ftp://h/x", "",
-                                 None, "/no/such/file", __file__])
+@pytest.mark.parametrize(
+    "uri",
+    ["s3://b/k", "HTTPS://h/x", "http://h/x", "ftp://h/x", "", None, "/no/such/file", __file__],
+)
 def test_is_valid_deserialization_uri_as_vllms(uri):
-    assert ours.is_valid_deserialization_uri(uri) == vllm_tensorizer.is_valid_deserialization_uri(uri)
+    assert ours.is_valid_deserialization_uri(uri) == vllm_tensorizer.is_valid_deserialization_uri(
+        uri
+    )
 
 
 def test_tensorizer_kwargs_arg():
@@ -313,7 +392,9 @@ def test_meta_tensor_mode_moves_deviceless_empty():
 
 def test_tensorizer_weights_iterator_with_vllms_args(written):
     uri, keyfile, module = written
-    args = vllm_tensorizer.TensorizerArgs(VLLM_CONFIG(tensorizer_uri=uri, encryption_keyfile=keyfile))
+    args = vllm_tensorizer.TensorizerArgs(
+        VLLM_CONFIG(tensorizer_uri=uri, encryption_keyfile=keyfile)
+    )
     tensors = dict(ours.tensorizer_weights_iterator(args))
     assert list(tensors) == ["proj.weight", "proj.bias"]  # the marker and record left out
     assert torch.equal(tensors["proj.weight"], module.proj.weight.detach())
@@ -323,7 +404,11 @@ def test_serialize_extra_artifacts_from_a_local_model(tiny_llama, tmp_path):
     args = TensorizerArgs(TensorizerConfig(tensorizer_dir=str(tmp_path / "out")))
     ours.serialize_extra_artifacts(args, str(tiny_llama))
     assert sorted(os.listdir(tmp_path / "out")) == [
-        "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     with pytest.raises(ValueError, match="served_model_name must be a str"):
         ours.serialize_extra_artifacts(args, ["a", "b"])
 
@@ -341,7 +426,9 @@ def test_config_verify_with_parallel_config():
 
     two = ParallelConfig(tensor_parallel_size=2)
     TensorizerConfig(tensorizer_uri="/m/model-rank-%03d.tensors").verify_with_parallel_config(two)
-    TensorizerConfig(tensorizer_uri="/m/model.tensors").verify_with_parallel_config(ParallelConfig())
+    TensorizerConfig(tensorizer_uri="/m/model.tensors").verify_with_parallel_config(
+        ParallelConfig()
+    )
     with pytest.raises(ValueError, match=r"TP=2 x PP=1 .*'/m/model.tensors' has no rank template"):
         TensorizerConfig(tensorizer_uri="/m/model.tensors").verify_with_parallel_config(two)
 
@@ -367,26 +454,53 @@ def deserialize_args(tiny_llama, *flags):
 def test_serialized_directory_gives_the_tensors(tiny_llama):
     from tensorize_vllm_model.cli import deserialize_config
 
-    config = deserialize_config(deserialize_args(
-        tiny_llama, "deserialize", "--serialized-directory", "s3://b/vllm/m/v1/"))
+    config = deserialize_config(
+        deserialize_args(tiny_llama, "deserialize", "--serialized-directory", "s3://b/vllm/m/v1/")
+    )
     assert config.tensorizer_uri == "s3://b/vllm/m/v1/model.tensors"
-    config = deserialize_config(deserialize_args(
-        tiny_llama, "--tensor-parallel-size", "2", "deserialize", "--serialized-directory", "/d"))
+    config = deserialize_config(
+        deserialize_args(
+            tiny_llama, "--tensor-parallel-size", "2", "deserialize", "--serialized-directory", "/d"
+        )
+    )
     assert config.tensorizer_uri == "/d/model-rank-%03d.tensors"
     with pytest.raises(ConfigError, match="--serialized-directory and --path-to-tensors"):
-        deserialize_config(deserialize_args(tiny_llama, "deserialize", "--serialized-directory",
-                                            "/d", "--path-to-tensors", "/d/model.tensors"))
+        deserialize_config(
+            deserialize_args(
+                tiny_llama,
+                "deserialize",
+                "--serialized-directory",
+                "/d",
+                "--path-to-tensors",
+                "/d/model.tensors",
+            )
+        )
 
 
 def test_deserialization_kwargs_flag(tiny_llama):
     from tensorize_vllm_model.cli import deserialize_config
 
-    args = deserialize_args(tiny_llama, "--model-loader-extra-config",
-                            '{"deserialization_kwargs": {"num_readers": 1}}', "deserialize",
-                            "--path-to-tensors", "/d/model.tensors",
-                            "--deserialization-kwargs", '{"verify_hash": "True", "num_readers": 3}')
-    assert deserialize_config(args).deserialization_kwargs == {"verify_hash": True, "num_readers": 3}
-    bad = deserialize_args(tiny_llama, "deserialize", "--path-to-tensors", "/d/model.tensors",
-                           "--deserialization-kwargs", '{"lazy_load": true}')
+    args = deserialize_args(
+        tiny_llama,
+        "--model-loader-extra-config",
+        '{"deserialization_kwargs": {"num_readers": 1}}',
+        "deserialize",
+        "--path-to-tensors",
+        "/d/model.tensors",
+        "--deserialization-kwargs",
+        '{"verify_hash": "True", "num_readers": 3}',
+    )
+    assert deserialize_config(args).deserialization_kwargs == {
+        "verify_hash": True,
+        "num_readers": 3,
+    }
+    bad = deserialize_args(
+        tiny_llama,
+        "deserialize",
+        "--path-to-tensors",
+        "/d/model.tensors",
+        "--deserialization-kwargs",
+        '{"lazy_load": true}',
+    )
     with pytest.raises(ConfigError, match="unknown deserialization_kwargs key.*'lazy_load'"):
         deserialize_config(bad)

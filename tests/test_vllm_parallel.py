@@ -19,9 +19,6 @@ import sys
 import uuid
 
 import pytest
-
-from tensorize_vllm_model import TensorizerConfig, open_tensors
-
 from conftest import (
     BUCKET,
     ENGINE_FLAGS,
@@ -33,12 +30,16 @@ from conftest import (
     subprocess_env,
 )
 
+from tensorize_vllm_model import TensorizerConfig, open_tensors
+
 pytestmark = pytest.mark.slow
 
 # One core per rank; a smaller KV cache per rank (the CPU backend reserves host memory).
 RANKS_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
 FLAGS = [f for f in ENGINE_FLAGS if f != "0.3" and f != "--gpu-memory-utilization"] + [
-    "--gpu-memory-utilization", "0.15"]
+    "--gpu-memory-utilization",
+    "0.15",
+]
 FLOAT32 = ["--dtype", "float32"]  # after FLAGS: the last --dtype wins
 
 
@@ -51,8 +52,20 @@ def float32_reference(tiny_llama):
 @pytest.fixture(scope="module")
 def tp2_serialized(tiny_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("tp2")
-    proc = run_cli("--model", tiny_llama, *FLAGS, *FLOAT32, "--tensor-parallel-size", "2", "serialize",
-                   "--serialized-directory", out, "--suffix", "tp2", env=RANKS_ENV)
+    proc = run_cli(
+        "--model",
+        tiny_llama,
+        *FLAGS,
+        *FLOAT32,
+        "--tensor-parallel-size",
+        "2",
+        "serialize",
+        "--serialized-directory",
+        out,
+        "--suffix",
+        "tp2",
+        env=RANKS_ENV,
+    )
     assert_ok(proc)
     return out / "vllm" / "tiny-llama" / "tp2"
 
@@ -77,9 +90,14 @@ def test_tp2_writes_one_file_per_rank(tp2_serialized):
 def test_stock_vllm_loads_our_tp2_files(tp2_serialized, tiny_llama):
     """vLLM's built-in loader (plug-in off), in two processes (ranks 0 and 1): each rank's
     parameters equal what vLLM's default loader gives that rank from the checkpoint."""
-    spec = {"mode": "load", "model": str(tp2_serialized), "checkpoint": str(tiny_llama),
-            "dtype": "float32", "tp": 2,
-            "tensorizer_config": {"tensorizer_uri": str(tp2_serialized / "model-rank-%03d.tensors")}}
+    spec = {
+        "mode": "load",
+        "model": str(tp2_serialized),
+        "checkpoint": str(tiny_llama),
+        "dtype": "float32",
+        "tp": 2,
+        "tensorizer_config": {"tensorizer_uri": str(tp2_serialized / "model-rank-%03d.tensors")},
+    }
     results = run_builtin({**spec, "rank": 0}, {**spec, "rank": 1})
     for result in results:
         assert result["loader"].startswith("vllm.model_executor.model_loader.")
@@ -89,13 +107,24 @@ def test_stock_vllm_loads_our_tp2_files(tp2_serialized, tiny_llama):
 
 
 def test_tp2_load_matches_unsharded_model(tp2_serialized, float32_reference):
-    result = run_engine({"model": str(tp2_serialized), "load_format": "tensorizer",
-                         "tensor_parallel_size": 2, "gpu_memory_utilization": 0.15,
-                         "dtype": "float32", "worker_extension_cls": WORKER_EXTENSION},
-                        stats=True, env=RANKS_ENV, separate_processes=True)
+    result = run_engine(
+        {
+            "model": str(tp2_serialized),
+            "load_format": "tensorizer",
+            "tensor_parallel_size": 2,
+            "gpu_memory_utilization": 0.15,
+            "dtype": "float32",
+            "worker_extension_cls": WORKER_EXTENSION,
+        },
+        stats=True,
+        env=RANKS_ENV,
+        separate_processes=True,
+    )
     assert result["tokens"] == float32_reference["tokens"]
     assert sorted(s["uri"] for s in result["stats"]) == [
-        str(tp2_serialized / "model-rank-000.tensors"), str(tp2_serialized / "model-rank-001.tensors")]
+        str(tp2_serialized / "model-rank-000.tensors"),
+        str(tp2_serialized / "model-rank-001.tensors"),
+    ]
 
 
 def test_tp2_loads_a_hugging_face_file_from_one_uri(tiny_llama, float32_reference, tmp_path):
@@ -109,14 +138,28 @@ def test_tp2_loads_a_hugging_face_file_from_one_uri(tiny_llama, float32_referenc
         "s = TensorSerializer(sys.argv[2]); s.write_module(m); s.close()\n"
     )
     hf_file = tmp_path / "hf.tensors"
-    proc = subprocess.run([sys.executable, "-c", script, str(tiny_llama), str(hf_file)],
-                          capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(tiny_llama), str(hf_file)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=300,
+    )
     assert_ok(proc)
-    result = run_engine({"model": str(tiny_llama), "load_format": "tensorizer",
-                         "tensor_parallel_size": 2, "gpu_memory_utilization": 0.15,
-                         "dtype": "float32", "worker_extension_cls": WORKER_EXTENSION,
-                         "model_loader_extra_config": {"tensorizer_uri": str(hf_file)}},
-                        stats=True, env=RANKS_ENV, separate_processes=True)
+    result = run_engine(
+        {
+            "model": str(tiny_llama),
+            "load_format": "tensorizer",
+            "tensor_parallel_size": 2,
+            "gpu_memory_utilization": 0.15,
+            "dtype": "float32",
+            "worker_extension_cls": WORKER_EXTENSION,
+            "model_loader_extra_config": {"tensorizer_uri": str(hf_file)},
+        },
+        stats=True,
+        env=RANKS_ENV,
+        separate_processes=True,
+    )
     assert result["tokens"] == float32_reference["tokens"]
     assert [s["uri"] for s in result["stats"]] == [str(hf_file), str(hf_file)]
 
@@ -124,21 +167,43 @@ def test_tp2_loads_a_hugging_face_file_from_one_uri(tiny_llama, float32_referenc
 @pytest.fixture(scope="module")
 def pp2_on_s3(tiny_llama, moto, tmp_path_factory):
     prefix = f"pp2/{uuid.uuid4().hex}"
-    env = {**RANKS_ENV, "S3_ACCESS_KEY_ID": "testing", "S3_SECRET_ACCESS_KEY": "testing",
-           "S3_ENDPOINT_URL": moto.endpoint,
-           "TENSORIZE_VLLM_MODEL_CACHE": str(tmp_path_factory.mktemp("pp2-cache"))}
+    env = {
+        **RANKS_ENV,
+        "S3_ACCESS_KEY_ID": "testing",
+        "S3_SECRET_ACCESS_KEY": "testing",
+        "S3_ENDPOINT_URL": moto.endpoint,
+        "TENSORIZE_VLLM_MODEL_CACHE": str(tmp_path_factory.mktemp("pp2-cache")),
+    }
     key = f"s3://{BUCKET}/{prefix}/keys/pp2.key"
-    proc = run_cli("--model", tiny_llama, *FLAGS, "--pipeline-parallel-size", "2", "serialize",
-                   "--serialized-directory", f"s3://{BUCKET}/{prefix}", "--suffix", "pp2",
-                   "--keyfile", key, "--allow-http", env=env)
+    proc = run_cli(
+        "--model",
+        tiny_llama,
+        *FLAGS,
+        "--pipeline-parallel-size",
+        "2",
+        "serialize",
+        "--serialized-directory",
+        f"s3://{BUCKET}/{prefix}",
+        "--suffix",
+        "pp2",
+        "--keyfile",
+        key,
+        "--allow-http",
+        env=env,
+    )
     assert_ok(proc)
     return f"s3://{BUCKET}/{prefix}/vllm/tiny-llama/pp2", key, env
 
 
 def _config(uri, key, moto):
-    return TensorizerConfig(tensorizer_uri=uri, encryption_keyfile=key, s3_endpoint=moto.endpoint,
-                            s3_access_key_id="testing", s3_secret_access_key="testing",
-                            stream_kwargs={"force_http": True})
+    return TensorizerConfig(
+        tensorizer_uri=uri,
+        encryption_keyfile=key,
+        s3_endpoint=moto.endpoint,
+        s3_access_key_id="testing",
+        s3_secret_access_key="testing",
+        stream_kwargs={"force_http": True},
+    )
 
 
 def test_pp2_shards_split_the_layers(pp2_on_s3, moto):
@@ -150,7 +215,9 @@ def test_pp2_shards_split_the_layers(pp2_on_s3, moto):
             record = reader.record
             assert (record.pipeline_parallel_size, record.rank, record.encrypted) == (2, rank, True)
             held[rank] = set(reader.names())
-    assert "model.embed_tokens.weight" in held[0] and "model.layers.0.mlp.down_proj.weight" in held[0]
+    assert (
+        "model.embed_tokens.weight" in held[0] and "model.layers.0.mlp.down_proj.weight" in held[0]
+    )
     assert "lm_head.weight" in held[1] and "model.layers.1.mlp.down_proj.weight" in held[1]
     weights = {r: {n for n in held[r] if n.endswith(".weight")} for r in held}
     assert not weights[0] & weights[1]  # no layer is written twice
@@ -158,14 +225,28 @@ def test_pp2_shards_split_the_layers(pp2_on_s3, moto):
 
 def test_pp2_each_rank_loads_its_own_shard(pp2_on_s3, moto):
     directory, key, env = pp2_on_s3
-    result = run_engine({"model": directory, "load_format": "tensorizer",
-                         "pipeline_parallel_size": 2, "gpu_memory_utilization": 0.15,
-                         "worker_extension_cls": WORKER_EXTENSION,
-                         "model_loader_extra_config": {"encryption_keyfile": key,
-                                                       "stream_kwargs": {"force_http": True}}},
-                        prompts=[], stats=True, env=env, separate_processes=True)
+    result = run_engine(
+        {
+            "model": directory,
+            "load_format": "tensorizer",
+            "pipeline_parallel_size": 2,
+            "gpu_memory_utilization": 0.15,
+            "worker_extension_cls": WORKER_EXTENSION,
+            "model_loader_extra_config": {
+                "encryption_keyfile": key,
+                "stream_kwargs": {"force_http": True},
+            },
+        },
+        prompts=[],
+        stats=True,
+        env=env,
+        separate_processes=True,
+    )
     by_uri = {s["uri"]: s for s in result["stats"]}
-    assert sorted(by_uri) == [f"{directory}/model-rank-000.tensors", f"{directory}/model-rank-001.tensors"]
+    assert sorted(by_uri) == [
+        f"{directory}/model-rank-000.tensors",
+        f"{directory}/model-rank-001.tensors",
+    ]
     for uri, stats in by_uri.items():
         with open_tensors(uri, config=_config(uri, key, moto)) as reader:
             assert stats["tensors"] == len(reader.names())

@@ -19,7 +19,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from conftest import ENGINE_FLAGS, ROOT, assert_ok, run_cli, run_engine
 
 pytestmark = pytest.mark.slow
@@ -29,7 +28,13 @@ ray = pytest.importorskip("ray")
 SHIM = Path(__file__).resolve().parent / "ray_shim"
 RANKS_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}  # one core per rank
 FLAGS = [f for f in ENGINE_FLAGS if f not in ("0.3", "--gpu-memory-utilization")] + [
-    "--gpu-memory-utilization", "0.15", "--dtype", "float32", "--tensor-parallel-size", "2"]
+    "--gpu-memory-utilization",
+    "0.15",
+    "--dtype",
+    "float32",
+    "--tensor-parallel-size",
+    "2",
+]
 
 
 def _processes_under(directory: str) -> list[int]:
@@ -59,8 +64,13 @@ def ray_env():
     saved = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = path  # the cluster's processes, and so its workers, get it
     try:
-        info = ray.init(num_cpus=2, resources={"vllm_cpu": 2}, include_dashboard=False,
-                        _temp_dir=temp, log_to_driver=False)
+        info = ray.init(
+            num_cpus=2,
+            resources={"vllm_cpu": 2},
+            include_dashboard=False,
+            _temp_dir=temp,
+            log_to_driver=False,
+        )
     finally:
         if saved is None:
             del os.environ["PYTHONPATH"]
@@ -86,8 +96,18 @@ def float32_reference(tiny_llama):
 
 
 def _serialize(model: Path, out: Path, env: dict[str, str], *backend: str) -> Path:
-    proc = run_cli("--model", model, *FLAGS, *backend, "serialize",
-                   "--serialized-directory", out, "--suffix", "tp2", env=env)
+    proc = run_cli(
+        "--model",
+        model,
+        *FLAGS,
+        *backend,
+        "serialize",
+        "--serialized-directory",
+        out,
+        "--suffix",
+        "tp2",
+        env=env,
+    )
     assert_ok(proc)
     if "ray" in backend:  # vLLM's Ray executor ran, on this cluster (it logs its placement group)
         assert "placement group" in proc.stdout + proc.stderr
@@ -96,14 +116,17 @@ def _serialize(model: Path, out: Path, env: dict[str, str], *backend: str) -> Pa
 
 @pytest.fixture(scope="module")
 def ray_serialized(tiny_llama, ray_env, tmp_path_factory):
-    return _serialize(tiny_llama, tmp_path_factory.mktemp("ray"), ray_env,
-                      "--distributed-executor-backend", "ray")
+    return _serialize(
+        tiny_llama, tmp_path_factory.mktemp("ray"), ray_env, "--distributed-executor-backend", "ray"
+    )
 
 
 def test_serialize_through_ray_writes_the_mp_executors_rank_files(
-        tiny_llama, ray_serialized, tmp_path_factory):
-    mp = _serialize(tiny_llama, tmp_path_factory.mktemp("mp"), RANKS_ENV,
-                    "--distributed-executor-backend", "mp")
+    tiny_llama, ray_serialized, tmp_path_factory
+):
+    mp = _serialize(
+        tiny_llama, tmp_path_factory.mktemp("mp"), RANKS_ENV, "--distributed-executor-backend", "mp"
+    )
     for rank in (0, 1):
         name = f"model-rank-{rank:03d}.tensors"
         assert (ray_serialized / name).read_bytes() == (mp / name).read_bytes(), name
@@ -111,10 +134,18 @@ def test_serialize_through_ray_writes_the_mp_executors_rank_files(
 
 
 def test_load_through_ray_gives_the_original_tokens(ray_serialized, ray_env, float32_reference):
-    result = run_engine({"model": str(ray_serialized), "load_format": "tensorizer",
-                         "tensor_parallel_size": 2, "gpu_memory_utilization": 0.15,
-                         "dtype": "float32", "distributed_executor_backend": "ray"},
-                        env=ray_env, separate_processes=True)
+    result = run_engine(
+        {
+            "model": str(ray_serialized),
+            "load_format": "tensorizer",
+            "tensor_parallel_size": 2,
+            "gpu_memory_utilization": 0.15,
+            "dtype": "float32",
+            "distributed_executor_backend": "ray",
+        },
+        env=ray_env,
+        separate_processes=True,
+    )
     assert result["tokens"] == float32_reference["tokens"]
 
 

@@ -17,7 +17,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from conftest import BUCKET, ENGINE_FLAGS, PROMPTS, ROOT, assert_ok, run_cli, run_engine
 
 pytestmark = pytest.mark.slow
@@ -62,8 +61,16 @@ def reference(smollm2, prompts):
 @pytest.fixture(scope="module")
 def serialized(smollm2, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("real")
-    proc = run_cli("--model", smollm2, *ENGINE_FLAGS, "serialize",
-                   "--serialized-directory", out, "--suffix", "v1")
+    proc = run_cli(
+        "--model",
+        smollm2,
+        *ENGINE_FLAGS,
+        "serialize",
+        "--serialized-directory",
+        out,
+        "--suffix",
+        "v1",
+    )
     assert_ok(proc)
     return out / "vllm" / smollm2.name / "v1"
 
@@ -77,19 +84,26 @@ def test_serialized_directory_keeps_the_chat_template(serialized, smollm2, promp
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(serialized)
-    assert tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True) \
+    assert (
+        tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
         == prompts[-1]
-    assert (serialized / "chat_template.jinja").read_text() \
-        == (smollm2 / "chat_template.jinja").read_text()
+    )
+    assert (serialized / "chat_template.jinja").read_text() == (
+        smollm2 / "chat_template.jinja"
+    ).read_text()
 
 
 def test_local_load_gives_the_default_loaders_tokens(serialized, prompts, reference):
     """Also shows the plug-in's progress when not on a terminal: log lines (the threshold
     and interval lowered to 0 for this 270 MB model), then the final figures as before."""
-    proc = run_engine({"model": str(serialized), "load_format": "tensorizer"}, prompts=prompts,
-                      progress={"MIN_BYTES": 0, "LOG_EVERY": 0}, expect_ok=False)
+    proc = run_engine(
+        {"model": str(serialized), "load_format": "tensorizer"},
+        prompts=prompts,
+        progress={"MIN_BYTES": 0, "LOG_EVERY": 0},
+        expect_ok=False,
+    )
     assert proc.returncode == 0, proc.stderr[-6000:]
-    result = json.loads(proc.stdout.splitlines()[-1][len("RESULT "):])
+    result = json.loads(proc.stdout.splitlines()[-1][len("RESULT ") :])
     assert result["tokens"] == reference["tokens"]
     assert result["texts"][1].lstrip().startswith("Paris")
     log = proc.stdout + proc.stderr
@@ -98,16 +112,26 @@ def test_local_load_gives_the_default_loaders_tokens(serialized, prompts, refere
     assert re.search(r"Deserialized 0\.270 GB in [\d.]+ s \([\d.]+ GB/s\) from ", log)
 
 
-def test_s3_load_gives_the_default_loaders_tokens(serialized, seaweed, prompts, reference,
-                                                 tmp_path):
+def test_s3_load_gives_the_default_loaders_tokens(
+    serialized, seaweed, prompts, reference, tmp_path
+):
     prefix = f"real/{uuid.uuid4().hex}"
     client = seaweed.client()
     for item in serialized.iterdir():
         client.upload_file(str(item), BUCKET, f"{prefix}/{item.name}")
-    env = {"S3_ACCESS_KEY_ID": seaweed.access_key_id,
-           "S3_SECRET_ACCESS_KEY": seaweed.secret_access_key,
-           "S3_ENDPOINT_URL": seaweed.endpoint,
-           "TENSORIZE_VLLM_MODEL_CACHE": str(tmp_path / "cache")}
-    result = run_engine({"model": f"s3://{BUCKET}/{prefix}", "load_format": "tensorizer",
-                         "model_loader_extra_config": ALLOW_HTTP}, prompts=prompts, env=env)
+    env = {
+        "S3_ACCESS_KEY_ID": seaweed.access_key_id,
+        "S3_SECRET_ACCESS_KEY": seaweed.secret_access_key,
+        "S3_ENDPOINT_URL": seaweed.endpoint,
+        "TENSORIZE_VLLM_MODEL_CACHE": str(tmp_path / "cache"),
+    }
+    result = run_engine(
+        {
+            "model": f"s3://{BUCKET}/{prefix}",
+            "load_format": "tensorizer",
+            "model_loader_extra_config": ALLOW_HTTP,
+        },
+        prompts=prompts,
+        env=env,
+    )
     assert result["tokens"] == reference["tokens"]

@@ -11,7 +11,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from conftest import (
     BUCKET,
     ENGINE_FLAGS,
@@ -46,28 +45,44 @@ def s3_env(moto, tmp_path_factory):
 
 def s3_objects(moto, prefix: str) -> dict[str, int]:
     listing = moto.client().list_objects_v2(Bucket=BUCKET, Prefix=prefix)
-    return {item["Key"][len(prefix):]: item["Size"] for item in listing.get("Contents", [])}
+    return {item["Key"][len(prefix) :]: item["Size"] for item in listing.get("Contents", [])}
 
 
 @pytest.fixture(scope="module")
 def s3_serialized(tiny_llama, moto, s3_env):
     prefix = f"runs/{uuid.uuid4().hex}"
-    proc = run_cli("--model", tiny_llama, *ENGINE_FLAGS, "serialize", "--serialized-directory",
-                   f"s3://{BUCKET}/{prefix}", "--suffix", "v1", "--allow-http", env=s3_env)
+    proc = run_cli(
+        "--model",
+        tiny_llama,
+        *ENGINE_FLAGS,
+        "serialize",
+        "--serialized-directory",
+        f"s3://{BUCKET}/{prefix}",
+        "--suffix",
+        "v1",
+        "--allow-http",
+        env=s3_env,
+    )
     assert_ok(proc)
     return f"s3://{BUCKET}/{prefix}/vllm/tiny-llama/v1", proc
 
 
 def test_serialize_to_s3_writes_the_model_directory(s3_serialized, moto, s3_env):
     directory, proc = s3_serialized
-    prefix = directory[len(f"s3://{BUCKET}/"):] + "/"
+    prefix = directory[len(f"s3://{BUCKET}/") :] + "/"
     objects = s3_objects(moto, prefix)
-    assert sorted(objects) == ["config.json", "generation_config.json", "model.tensors",
-                               "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(objects) == [
+        "config.json",
+        "generation_config.json",
+        "model.tensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     assert objects["model.tensors"] > 3_000_000
     assert proc.stdout.strip().splitlines()[-1] == directory
     assert os.listdir(s3_env["TMPDIR"]) == [] or all(
-        not name.startswith("tensorize-vllm-model-") for name in os.listdir(s3_env["TMPDIR"]))
+        not name.startswith("tensorize-vllm-model-") for name in os.listdir(s3_env["TMPDIR"])
+    )
 
 
 class DiskWatcher:
@@ -106,24 +121,50 @@ class DiskWatcher:
 def test_llm_loads_s3_directory_without_local_copy(s3_serialized, s3_env, llama_reference):
     directory, _ = s3_serialized
     with DiskWatcher(s3_env["TENSORIZE_VLLM_MODEL_CACHE"], s3_env["TMPDIR"]) as watcher:
-        result = run_engine({"model": directory, "load_format": "tensorizer",
-                             "model_loader_extra_config": ALLOW_HTTP}, env=s3_env,
-                            separate_processes=True)  # credentials reach the worker
+        result = run_engine(
+            {
+                "model": directory,
+                "load_format": "tensorizer",
+                "model_loader_extra_config": ALLOW_HTTP,
+            },
+            env=s3_env,
+            separate_processes=True,
+        )  # credentials reach the worker
     assert result["tokens"] == llama_reference["tokens"]
     # The tensors (3.4 MB) never touched local disk: only the small files were cached.
     size, path = watcher.largest
     assert size < 1_000_000, f"{path} ({size} bytes) was written during the load"
-    cached = {os.path.basename(p) for p in watcher.seen if p.startswith(s3_env["TENSORIZE_VLLM_MODEL_CACHE"])}
-    assert cached == {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"}
+    cached = {
+        os.path.basename(p)
+        for p in watcher.seen
+        if p.startswith(s3_env["TENSORIZE_VLLM_MODEL_CACHE"])
+    }
+    assert cached == {
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }
     assert not any(p.endswith(".tensors") for p in watcher.seen)
 
 
 def test_cli_deserialize_from_s3(s3_serialized, s3_env, llama_reference):
     directory, _ = s3_serialized
-    proc = run_cli("--model", directory, *ENGINE_FLAGS, "--model-loader-extra-config",
-                   '{"stream_kwargs": {"force_http": true}}', "deserialize", "--path-to-tensors",
-                   f"{directory}/model.tensors", "--prompt", PROMPTS[1], "--max-tokens", MAX_TOKENS,
-                   env=s3_env)
+    proc = run_cli(
+        "--model",
+        directory,
+        *ENGINE_FLAGS,
+        "--model-loader-extra-config",
+        '{"stream_kwargs": {"force_http": true}}',
+        "deserialize",
+        "--path-to-tensors",
+        f"{directory}/model.tensors",
+        "--prompt",
+        PROMPTS[1],
+        "--max-tokens",
+        MAX_TOKENS,
+        env=s3_env,
+    )
     assert_ok(proc)
     assert f"Generated: {llama_reference['texts'][1]!r}" in proc.stdout
     assert f"from {directory}/model.tensors" in proc.stdout
@@ -132,23 +173,48 @@ def test_cli_deserialize_from_s3(s3_serialized, s3_env, llama_reference):
 def test_vllm_serve_s3_directory(s3_serialized, s3_env, llama_reference):
     directory, _ = s3_serialized
     texts = serve_and_complete(
-        [directory, "--load-format", "tensorizer", "--model-loader-extra-config",
-         '{"stream_kwargs": {"force_http": true}}'], directory, env=s3_env)
+        [
+            directory,
+            "--load-format",
+            "tensorizer",
+            "--model-loader-extra-config",
+            '{"stream_kwargs": {"force_http": true}}',
+        ],
+        directory,
+        env=s3_env,
+    )
     assert texts == llama_reference["texts"]
 
 
 def test_encrypted_model_with_key_on_s3(tiny_llama, moto, s3_env, llama_reference):
     prefix = f"runs/{uuid.uuid4().hex}"
     key_uri = f"s3://{BUCKET}/{prefix}/keys/tiny-llama.key"
-    proc = run_cli("--model", tiny_llama, *ENGINE_FLAGS, "serialize", "--serialized-directory",
-                   f"s3://{BUCKET}/{prefix}", "--suffix", "enc", "--keyfile", key_uri,
-                   "--allow-http", env=s3_env)
+    proc = run_cli(
+        "--model",
+        tiny_llama,
+        *ENGINE_FLAGS,
+        "serialize",
+        "--serialized-directory",
+        f"s3://{BUCKET}/{prefix}",
+        "--suffix",
+        "enc",
+        "--keyfile",
+        key_uri,
+        "--allow-http",
+        env=s3_env,
+    )
     assert_ok(proc)
     assert s3_objects(moto, f"{prefix}/keys/") == {"tiny-llama.key": 32}
     directory = f"s3://{BUCKET}/{prefix}/vllm/tiny-llama/enc"
-    result = run_engine({"model": directory, "load_format": "tensorizer",
-                         "model_loader_extra_config": {**ALLOW_HTTP, "encryption_keyfile": key_uri}},
-                        prompts=PROMPTS[:2], env=s3_env)
+    result = run_engine(
+        {
+            "model": directory,
+            "load_format": "tensorizer",
+            "model_loader_extra_config": {**ALLOW_HTTP, "encryption_keyfile": key_uri},
+        },
+        prompts=PROMPTS[:2],
+        env=s3_env,
+    )
     assert result["tokens"] == llama_reference["tokens"][:2]
 
 
@@ -163,19 +229,40 @@ def served_copy(llama_serialized, web_root):
     return "published/tiny-llama"
 
 
-def test_llm_streams_tensors_from_http_1_0_server(served_copy, web_servers, tiny_llama, llama_reference):
+def test_llm_streams_tensors_from_http_1_0_server(
+    served_copy, web_servers, tiny_llama, llama_reference
+):
     url = f"{web_servers['http-1.0-no-ranges'].url}/{served_copy}/model.tensors"
-    result = run_engine({"model": str(tiny_llama), "load_format": "tensorizer",
-                         "model_loader_extra_config": {"tensorizer_uri": url}}, prompts=PROMPTS[:2])
+    result = run_engine(
+        {
+            "model": str(tiny_llama),
+            "load_format": "tensorizer",
+            "model_loader_extra_config": {"tensorizer_uri": url},
+        },
+        prompts=PROMPTS[:2],
+    )
     assert result["tokens"] == llama_reference["tokens"][:2]
 
 
-def test_cli_deserialize_over_https_with_private_ca(served_copy, web_servers, tls, llama_serialized,
-                                                    llama_reference):
+def test_cli_deserialize_over_https_with_private_ca(
+    served_copy, web_servers, tls, llama_serialized, llama_reference
+):
     directory, _ = llama_serialized
     url = f"{web_servers['https'].url}/{served_copy}/model.tensors"
-    proc = run_cli("--model", directory, *ENGINE_FLAGS, "deserialize", "--path-to-tensors", url,
-                   "--ca-bundle", tls.ca, "--prompt", PROMPTS[0], "--max-tokens", MAX_TOKENS)
+    proc = run_cli(
+        "--model",
+        directory,
+        *ENGINE_FLAGS,
+        "deserialize",
+        "--path-to-tensors",
+        url,
+        "--ca-bundle",
+        tls.ca,
+        "--prompt",
+        PROMPTS[0],
+        "--max-tokens",
+        MAX_TOKENS,
+    )
     assert_ok(proc)
     assert f"Generated: {llama_reference['texts'][0]!r}" in proc.stdout
     # Without the CA the certificate is refused before any engine starts.

@@ -12,7 +12,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import (
     ENGINE_FLAGS,
     ENGINE_KWARGS,
@@ -36,8 +35,13 @@ WRAPPER = str(ROOT / "examples" / "tensorize_vllm_model.py")
 def test_serialize_layout(llama_serialized):
     directory, stdout = llama_serialized
     names = sorted(p.name for p in directory.iterdir())
-    assert names == ["config.json", "generation_config.json", "model.tensors",
-                     "tokenizer.json", "tokenizer_config.json"]
+    assert names == [
+        "config.json",
+        "generation_config.json",
+        "model.tensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     assert stdout.strip().splitlines()[-1] == str(directory)
     # nothing beside the final names (no temporary files left)
     assert not [p for p in directory.parent.rglob("*") if ".tmp-" in p.name]
@@ -45,9 +49,15 @@ def test_serialize_layout(llama_serialized):
 
 def test_llama_tensorized_matches_original(llama_reference, llama_serialized):
     directory, _ = llama_serialized
-    result = run_engine({"model": str(directory), "load_format": "tensorizer",
-                         "worker_extension_cls": WORKER_EXTENSION}, stats=True,
-                        separate_processes=True)  # the plug-in registers in the worker
+    result = run_engine(
+        {
+            "model": str(directory),
+            "load_format": "tensorizer",
+            "worker_extension_cls": WORKER_EXTENSION,
+        },
+        stats=True,
+        separate_processes=True,
+    )  # the plug-in registers in the worker
     assert result["tokens"] == llama_reference["tokens"]
     assert all(len(t) == MAX_TOKENS for t in result["tokens"])
     [stats] = result["stats"]
@@ -59,9 +69,21 @@ def test_llama_tensorized_matches_original(llama_reference, llama_serialized):
 
 def test_cli_deserialize_through_example_script(llama_reference, llama_serialized):
     directory, _ = llama_serialized
-    proc = run_cli("--model", directory, *ENGINE_FLAGS, "deserialize",
-                   "--path-to-tensors", directory / "model.tensors", "--num-readers", "2",
-                   "--prompt", PROMPTS[0], "--max-tokens", MAX_TOKENS, script=WRAPPER)
+    proc = run_cli(
+        "--model",
+        directory,
+        *ENGINE_FLAGS,
+        "deserialize",
+        "--path-to-tensors",
+        directory / "model.tensors",
+        "--num-readers",
+        "2",
+        "--prompt",
+        PROMPTS[0],
+        "--max-tokens",
+        MAX_TOKENS,
+        script=WRAPPER,
+    )
     assert_ok(proc)
     assert f"Generated: {llama_reference['texts'][0]!r}" in proc.stdout
     assert "GB/s" in proc.stdout and f"from {directory / 'model.tensors'}" in proc.stdout
@@ -82,22 +104,36 @@ def test_encrypted_load_with_key_matches(llama_reference, llama_encrypted):
     """With the key, given as a tensorize_vllm_model.TensorizerConfig object (not a dict)."""
     directory, key = llama_encrypted
     result = run_engine(
-        {"model": str(directory), "load_format": "tensorizer",
-         "model_loader_extra_config": {"tensorizer_uri": str(directory / "model.tensors"),
-                                       "encryption_keyfile": str(key), "num_readers": 1}},
-        config_object=True)
+        {
+            "model": str(directory),
+            "load_format": "tensorizer",
+            "model_loader_extra_config": {
+                "tensorizer_uri": str(directory / "model.tensors"),
+                "encryption_keyfile": str(key),
+                "num_readers": 1,
+            },
+        },
+        config_object=True,
+    )
     assert result["tokens"] == llama_reference["tokens"]
 
 
 def test_encrypted_without_key_cli_refuses_before_engine(llama_encrypted):
     directory, _ = llama_encrypted
     start = time.monotonic()
-    proc = run_cli("--model", directory, *ENGINE_FLAGS, "deserialize", "--path-to-tensors",
-                   directory / "model.tensors")
+    proc = run_cli(
+        "--model",
+        directory,
+        *ENGINE_FLAGS,
+        "deserialize",
+        "--path-to-tensors",
+        directory / "model.tensors",
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: {directory / 'model.tensors'} is encrypted: give the key with --keyfile / "
-        "encryption_keyfile")
+        "encryption_keyfile"
+    )
     assert time.monotonic() - start < 25  # refused before any engine started
 
 
@@ -105,16 +141,30 @@ def test_encrypted_with_wrong_key_cli_refuses(llama_encrypted, tmp_path):
     directory, _ = llama_encrypted
     wrong = tmp_path / "wrong.key"
     wrong.write_bytes(os.urandom(32))
-    proc = run_cli("--model", directory, *ENGINE_FLAGS, "deserialize", "--path-to-tensors",
-                   directory / "model.tensors", "--keyfile", wrong)
+    proc = run_cli(
+        "--model",
+        directory,
+        *ENGINE_FLAGS,
+        "deserialize",
+        "--path-to-tensors",
+        directory / "model.tensors",
+        "--keyfile",
+        wrong,
+    )
     assert proc.returncode == 2
-    assert f"error: cannot decrypt {directory / 'model.tensors'} with the key in {wrong}" in proc.stderr
+    assert (
+        f"error: cannot decrypt {directory / 'model.tensors'} with the key in {wrong}"
+        in proc.stderr
+    )
 
 
 def test_encrypted_without_key_llm_fails_clearly(llama_encrypted):
     directory, _ = llama_encrypted
-    proc = run_engine({"model": str(directory), "load_format": "tensorizer"}, expect_ok=False,
-                      separate_processes=True)
+    proc = run_engine(
+        {"model": str(directory), "load_format": "tensorizer"},
+        expect_ok=False,
+        separate_processes=True,
+    )
     assert proc.returncode != 0
     assert f"{directory / 'model.tensors'} is encrypted: give the key" in proc.stdout + proc.stderr
 
@@ -129,11 +179,21 @@ def test_hugging_face_tensorized_file_loads(llama_reference, tiny_llama, tmp_pat
         "s = TensorSerializer(sys.argv[2]); s.write_module(m); s.close()\n"
     )
     hf_file = tmp_path / "hf.tensors"
-    proc = subprocess.run([sys.executable, "-c", script, str(tiny_llama), str(hf_file)],
-                          capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(tiny_llama), str(hf_file)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=300,
+    )
     assert_ok(proc)
-    result = run_engine({"model": str(tiny_llama), "load_format": "tensorizer",
-                         "model_loader_extra_config": {"tensorizer_uri": str(hf_file)}})
+    result = run_engine(
+        {
+            "model": str(tiny_llama),
+            "load_format": "tensorizer",
+            "model_loader_extra_config": {"tensorizer_uri": str(hf_file)},
+        }
+    )
     assert result["tokens"] == llama_reference["tokens"]
 
 
@@ -152,8 +212,12 @@ def test_opt_serialized_with_python_api_matches(opt_reference, tiny_opt, tmp_pat
     """OPT (tied embeddings), serialized with `tensorize_vllm_model(engine_args, config)`
     and loaded with `tensorizer_dir` left to default to --model."""
     target = tmp_path / "opt" / "v1"
-    spec = {"serialize": {"engine": {"model": str(tiny_opt), **ENGINE_KWARGS},
-                          "config": {"tensorizer_uri": str(target / "model.tensors")}}}
+    spec = {
+        "serialize": {
+            "engine": {"model": str(tiny_opt), **ENGINE_KWARGS},
+            "config": {"tensorizer_uri": str(target / "model.tensors")},
+        }
+    }
     written = run_runner(spec)
     assert written["files"][0] == str(target / "model.tensors")
     assert (target / "config.json").exists() and (target / "tokenizer.json").exists()
@@ -170,8 +234,10 @@ def test_the_load_log_reports_the_worker_memory():
     before = _memory()
     kept = b"\x01" * (300 << 20)  # every page written: resident
     after = _memory()
-    numbers = [re.fullmatch(r"resident (\d+\.\d\d) GB, peak (\d+\.\d\d) GB", text)
-               for text in (before, after)]
+    numbers = [
+        re.fullmatch(r"resident (\d+\.\d\d) GB, peak (\d+\.\d\d) GB", text)
+        for text in (before, after)
+    ]
     assert all(numbers), (before, after)
     (now0, peak0), (now1, peak1) = ((float(m[1]), float(m[2])) for m in numbers)
     assert peak0 >= now0 and peak1 >= now1

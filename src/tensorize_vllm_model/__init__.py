@@ -28,7 +28,7 @@ from .errors import (  # noqa: E402
     TensorizeError,
 )
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the lazy names below, for type checkers
     from .serialization import tensorize_vllm_model
     from .streaming import is_vllm_tensorized, load_into_module, open_tensors
     from .vllm_adapter import (
@@ -57,9 +57,19 @@ _VLLM_NAMES = {
     "init_tensorizer_model": "vllm_adapter",
     "deserialize_tensorizer_model": "vllm_adapter",
     "serialize_vllm_model": "vllm_adapter",
-    **dict.fromkeys(("EncryptionParams", "DecryptionParams", "TensorDeserializer",
-                     "TensorSerializer", "open_stream", "convert_bytes", "get_mem_usage",
-                     "no_init_or_tensor"), "vllm_api"),
+    **dict.fromkeys(
+        (
+            "EncryptionParams",
+            "DecryptionParams",
+            "TensorDeserializer",
+            "TensorSerializer",
+            "open_stream",
+            "convert_bytes",
+            "get_mem_usage",
+            "no_init_or_tensor",
+        ),
+        "vllm_api",
+    ),
 }
 
 __all__ = [

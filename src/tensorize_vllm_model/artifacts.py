@@ -33,16 +33,39 @@ MAX_ARTIFACT_BYTES = 64 * 1024 * 1024
 # Files beside the weights that vLLM and transformers read; weights and clutter are not.
 _ARTIFACT_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken", ".vocab")
 _SKIPPED_SUFFIXES = (
-    ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx",
-    ".tensors", ".index.json", ".md", ".gitattributes", ".lock", ".key",
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".h5",
+    ".msgpack",
+    ".gguf",
+    ".onnx",
+    ".tensors",
+    ".index.json",
+    ".md",
+    ".gitattributes",
+    ".lock",
+    ".key",
 )
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 # What an HTTP server (which cannot list a directory) is asked for.
 _WELL_KNOWN = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-    "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
-    "tokenizer.model", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
 )
 
 
@@ -64,8 +87,13 @@ def artifact_files(directory: str) -> list[str]:
     ]
 
 
-def resolve_model_files(model: str, *, revision: str | None = None,
-                        download_dir: str | None = None, weights: bool = False) -> str:
+def resolve_model_files(
+    model: str,
+    *,
+    revision: str | None = None,
+    download_dir: str | None = None,
+    weights: bool = False,
+) -> str:
     """A local directory holding `model`'s config and tokenizer files.
 
     `model` is a local directory, or a Hugging Face Hub id resolved through the local
@@ -77,7 +105,9 @@ def resolve_model_files(model: str, *, revision: str | None = None,
         from huggingface_hub import snapshot_download
 
         return snapshot_download(
-            model, revision=revision, cache_dir=download_dir,
+            model,
+            revision=revision,
+            cache_dir=download_dir,
             allow_patterns=None if weights else [f"*{s}" for s in _ARTIFACT_SUFFIXES],
         )
     except Exception as e:  # noqa: BLE001 - the Hub raises many kinds
@@ -87,8 +117,9 @@ def resolve_model_files(model: str, *, revision: str | None = None,
         ) from None
 
 
-def stage_artifacts(sources: Iterable[str], destination: str,
-                    options: storage.Options = None) -> list[storage.StagedWrite]:
+def stage_artifacts(
+    sources: Iterable[str], destination: str, options: storage.Options = None
+) -> list[storage.StagedWrite]:
     """Stage copies of the artifact files of local directories `sources` into
     `destination` (the first source wins when two have the same file)."""
     staged: list[storage.StagedWrite] = []
@@ -148,7 +179,9 @@ def fetch_model_files(uri: str, options: storage.Options = None) -> str:
             if not is_artifact_name(name):  # never a path: no way out of `temp`
                 continue
             try:
-                data = storage.read_bytes(storage.join(uri, name), options, limit=MAX_ARTIFACT_BYTES)
+                data = storage.read_bytes(
+                    storage.join(uri, name), options, limit=MAX_ARTIFACT_BYTES
+                )
             except StorageError as e:
                 if names is None and ("HTTP 404" in str(e) or "not found" in str(e)):
                     continue

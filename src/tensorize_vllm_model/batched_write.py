@@ -26,8 +26,9 @@ BATCH_BYTES = 256 << 20  # one write_state_dict call: enough tensors to keep bot
 _DONE = object()
 
 
-def batches(tensors: Iterable[tuple[str, torch.Tensor]],
-            batch_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+def batches(
+    tensors: Iterable[tuple[str, torch.Tensor]], batch_bytes: int
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Consecutive groups of `tensors` of at least `batch_bytes` each (the last may be
     smaller); a tensor larger than that is a group with the tensors before it."""
     group: list[tuple[str, torch.Tensor]] = []
@@ -82,9 +83,13 @@ def _prefetched(items: Iterator, depth: int = 1) -> Iterator:
                 pass
 
 
-def write_batches(serializer, tensors: Iterable[tuple[str, torch.Tensor]], *,
-                  batch_bytes: int = BATCH_BYTES,
-                  on_batch: Callable[[int, int], None] | None = None) -> None:
+def write_batches(
+    serializer,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    *,
+    batch_bytes: int = BATCH_BYTES,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> None:
     """Write `tensors` ((name, contiguous CPU tensor) pairs, in order) with `serializer`, a
     ``tensorizer.TensorSerializer``, one ``write_state_dict`` call per batch.
 

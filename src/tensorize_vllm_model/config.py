@@ -172,8 +172,15 @@ class TensorizerConfig(MutableMapping):
         from .storage.options import StreamOptions
 
         StreamOptions.from_mapping(self.stream_kwargs)  # names unknown keys now
-        for name in ("tensorizer_uri", "tensorizer_dir", "encryption_keyfile",
-                     "s3_access_key_id", "s3_secret_access_key", "s3_endpoint", "ca_bundle"):
+        for name in (
+            "tensorizer_uri",
+            "tensorizer_dir",
+            "encryption_keyfile",
+            "s3_access_key_id",
+            "s3_secret_access_key",
+            "s3_endpoint",
+            "ca_bundle",
+        ):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise ConfigError(f"{name} must be a string, got {type(value).__name__}")
@@ -237,8 +244,10 @@ class TensorizerConfig(MutableMapping):
         """
         from .layout import ParallelLayout, rank_uri
 
-        layout = ParallelLayout(int(getattr(parallel_config, "tensor_parallel_size", 1) or 1),
-                                int(getattr(parallel_config, "pipeline_parallel_size", 1) or 1))
+        layout = ParallelLayout(
+            int(getattr(parallel_config, "tensor_parallel_size", 1) or 1),
+            int(getattr(parallel_config, "pipeline_parallel_size", 1) or 1),
+        )
         rank_uri(self.tensorizer_uri or "", layout)
 
     def verify_with_model_config(self, model_config: Any) -> None:
@@ -247,7 +256,8 @@ class TensorizerConfig(MutableMapping):
         if getattr(model_config, "quantization", None) is not None and self.tensorizer_uri:
             logging.getLogger(__name__).warning(
                 "Loading a model using Tensorizer with quantization on vLLM is unstable and "
-                "may lead to errors.")
+                "may lead to errors."
+            )
 
     def open_stream(self, tensorizer_args: TensorizerArgs | None = None) -> BinaryIO:
         """Open `tensorizer_uri` for binary reading (local path, ``s3://`` or
@@ -409,8 +419,7 @@ class TensorizerArgs:
             "--num-readers",
             type=int,
             default=None,
-            help="How many threads read the tensors concurrently (default: chosen by the "
-            "loader).",
+            help="How many threads read the tensors concurrently (default: chosen by the loader).",
         )
         group.add_argument(
             "--s3-access-key-id",
@@ -509,11 +518,16 @@ def _plain_values(config: Any) -> dict[str, Any]:
         if "_is_sharded" in values:
             # Every field of vLLM's config, as vLLM's LoadConfig (pydantic) turns the object
             # into a dict: its private and load-time fields are not settings.
-            values = {k: v for k, v in values.items()
-                      if not k.startswith("_") and k not in _VLLM_RUNTIME_FIELDS}
+            values = {
+                k: v
+                for k, v in values.items()
+                if not k.startswith("_") and k not in _VLLM_RUNTIME_FIELDS
+            }
         return values
-    raise ConfigError("a tensorizer config must be a TensorizerConfig (this package's or "
-                      f"vLLM's) or a dict of its fields, got {type(config).__name__}")
+    raise ConfigError(
+        "a tensorizer config must be a TensorizerConfig (this package's or "
+        f"vLLM's) or a dict of its fields, got {type(config).__name__}"
+    )
 
 
 def _parent(uri: str) -> str:

@@ -182,8 +182,11 @@ def build_lora_adapter(
     head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
     kv = config.get("num_key_value_heads", config["num_attention_heads"]) * head_dim
     shapes = {  # (in_features, out_features) of each Llama projection
-        "q_proj": (hidden, hidden), "k_proj": (hidden, kv), "v_proj": (hidden, kv),
-        "o_proj": (hidden, hidden), "gate_proj": (hidden, config["intermediate_size"]),
+        "q_proj": (hidden, hidden),
+        "k_proj": (hidden, kv),
+        "v_proj": (hidden, kv),
+        "o_proj": (hidden, hidden),
+        "gate_proj": (hidden, config["intermediate_size"]),
         "up_proj": (hidden, config["intermediate_size"]),
         "down_proj": (config["intermediate_size"], hidden),
     }
@@ -194,15 +197,31 @@ def build_lora_adapter(
             block = "mlp" if module in ("gate_proj", "up_proj", "down_proj") else "self_attn"
             prefix = f"base_model.model.model.layers.{layer}.{block}.{module}"
             n_in, n_out = shapes[module]
-            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, n_in, generator=generator) * scale
-            tensors[f"{prefix}.lora_B.weight"] = torch.randn(n_out, rank, generator=generator) * scale
+            tensors[f"{prefix}.lora_A.weight"] = (
+                torch.randn(rank, n_in, generator=generator) * scale
+            )
+            tensors[f"{prefix}.lora_B.weight"] = (
+                torch.randn(n_out, rank, generator=generator) * scale
+            )
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path / "adapter_model.safetensors"))
-    (path / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
-        "lora_dropout": 0.0, "bias": "none", "target_modules": list(target_modules),
-        "base_model_name_or_path": str(base_model), "fan_in_fan_out": False,
-        "inference_mode": True, "modules_to_save": None,
-    }, indent=2))
+    (path / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "r": rank,
+                "lora_alpha": 2 * rank,
+                "lora_dropout": 0.0,
+                "bias": "none",
+                "target_modules": list(target_modules),
+                "base_model_name_or_path": str(base_model),
+                "fan_in_fan_out": False,
+                "inference_mode": True,
+                "modules_to_save": None,
+            },
+            indent=2,
+        )
+    )
     return path

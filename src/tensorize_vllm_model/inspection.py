@@ -103,15 +103,17 @@ def inspect_tensors(uri: str, config: TensorizerConfig | None = None) -> list[Fi
     reports = []
     for shard in shard_uris(uri, config):
         with open_tensors(shard, config=config, header_only=True) as reader:
-            reports.append(FileReport(
-                uri=reader.uri,
-                size=reader.facts.size,
-                format_version=reader.facts.version,
-                encrypted=reader.facts.encrypted,
-                vllm_tensorized=reader.is_vllm_tensorized,
-                record=dataclasses.asdict(reader.record) if reader.record else None,
-                tensors=reader.entries(),
-            ))
+            reports.append(
+                FileReport(
+                    uri=reader.uri,
+                    size=reader.facts.size,
+                    format_version=reader.facts.version,
+                    encrypted=reader.facts.encrypted,
+                    vllm_tensorized=reader.is_vllm_tensorized,
+                    record=dataclasses.asdict(reader.record) if reader.record else None,
+                    tensors=reader.entries(),
+                )
+            )
     return reports
 
 
@@ -123,16 +125,21 @@ def verify_tensors(uri: str, config: TensorizerConfig | None = None) -> list[Ver
         StorageError, FormatError: a file cannot be opened or its index is corrupt.
         EncryptionError: a file is encrypted and no key was given, or the key is wrong.
     """
-    config = dataclasses.replace(as_tensorizer_config(config) if config else
-                                 TensorizerConfig(tensorizer_uri=uri), verify_hash=True)
+    config = dataclasses.replace(
+        as_tensorizer_config(config) if config else TensorizerConfig(tensorizer_uri=uri),
+        verify_hash=True,
+    )
     return [_verify_file(shard, config) for shard in shard_uris(uri, config)]
 
 
 def _verify_file(uri: str, config: TensorizerConfig) -> VerifyReport:
     start = time.perf_counter()
-    with open_tensors(uri, config=config) as reader, \
-            progress(f"Verifying {_file_name(reader.uri)}", reader.total_tensor_bytes) \
-            as reader.on_bytes:
+    with (
+        open_tensors(uri, config=config) as reader,
+        progress(
+            f"Verifying {_file_name(reader.uri)}", reader.total_tensor_bytes
+        ) as reader.on_bytes,
+    ):
         report = VerifyReport(uri=reader.uri)
         entries = reader.entries()
         if reader.encrypted and entries:
@@ -141,7 +148,7 @@ def _verify_file(uri: str, config: TensorizerConfig) -> VerifyReport:
             pending = [e.name for e in batch]
             while pending:
                 try:
-                    for name, tensor in reader.items(only=set(pending)):
+                    for _, tensor in reader.items(only=set(pending)):
                         report.tensors += 1
                         report.bytes += tensor.numel() * tensor.element_size()
                     pending = []

@@ -70,6 +70,10 @@ def _handler(signum: int, frame: object) -> None:
 
 def _end_after_grace(signum: int) -> None:
     time.sleep(GRACE_SECONDS)
-    print(f"error: the clean-up after {signal.Signals(signum).name} took over "
-          f"{GRACE_SECONDS:.0f} s; exiting", file=sys.stderr, flush=True)
+    print(
+        f"error: the clean-up after {signal.Signals(signum).name} took over "
+        f"{GRACE_SECONDS:.0f} s; exiting",
+        file=sys.stderr,
+        flush=True,
+    )
     os._exit(128 + signum)

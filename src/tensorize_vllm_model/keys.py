@@ -17,8 +17,16 @@ from .errors import EncryptionError, TensorizeError
 if TYPE_CHECKING:
     from .config import TensorizerConfig
 
-__all__ = ["KEY_BYTES", "generate_key", "stage_key", "read_key", "read_decryption_params",
-           "encryption_params", "EncryptionKey", "prepare_key"]
+__all__ = [
+    "KEY_BYTES",
+    "generate_key",
+    "stage_key",
+    "read_key",
+    "read_decryption_params",
+    "encryption_params",
+    "EncryptionKey",
+    "prepare_key",
+]
 
 KEY_BYTES = 32
 

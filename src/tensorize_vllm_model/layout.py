@@ -205,8 +205,9 @@ def rank_uri(uri: str, layout: ParallelLayout, *, shared: bool = False) -> str:
         raise ConfigError(f"tensorizer_uri {uri!r} is not a valid rank template: {e}") from None
 
 
-def check_shared_file(uri: str, layout: ParallelLayout, *, vllm_tensorized: bool,
-                      record: FileRecord | None) -> None:
+def check_shared_file(
+    uri: str, layout: ParallelLayout, *, vllm_tensorized: bool, record: FileRecord | None
+) -> None:
     """Whether one file (a `uri` without rank template) can be loaded by every rank of
     `layout`.
 

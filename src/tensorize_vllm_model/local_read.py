@@ -74,17 +74,26 @@ class ReadTimes:
         self.decrypting += other.decrypting
 
     def __str__(self) -> str:
-        text = (f"{self.readers} readers: making pages present {self.populating:.2f} s, "
-                f"reading {self.reading:.2f} s")
+        text = (
+            f"{self.readers} readers: making pages present {self.populating:.2f} s, "
+            f"reading {self.reading:.2f} s"
+        )
         if self.decrypting:
             text += f", decrypting {self.decrypting:.2f} s"
         return text + " (summed over readers)"
 
 
-def read_spans(path: str, spans: Sequence[Span], threads: int, *, name: str | None = None,
-               device: str | torch.device = "cpu", staged: bool | None = None,
-               times: ReadTimes | None = None,
-               on_bytes: Callable[[int], None] | None = None) -> list[torch.Tensor]:
+def read_spans(
+    path: str,
+    spans: Sequence[Span],
+    threads: int,
+    *,
+    name: str | None = None,
+    device: str | torch.device = "cpu",
+    staged: bool | None = None,
+    times: ReadTimes | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+) -> list[torch.Tensor]:
     """Read every span of the file at `path` into a new tensor on `device`, with `threads`
     readers, through staging buffers when `staged` (by default, on devices other than the
     CPU). Where the readers spent their time is added to `times`, when given; `on_bytes` is
@@ -107,8 +116,10 @@ def read_spans(path: str, spans: Sequence[Span], threads: int, *, name: str | No
             tensors.append(torch.zeros(span.shape, dtype=span.dtype, device=device))
             continue
         if span.length != size:
-            raise FormatError(f"{name} is corrupt: tensor {span.name} holds {span.length} "
-                              f"bytes where its shape and dtype need {size}")
+            raise FormatError(
+                f"{name} is corrupt: tensor {span.name} holds {span.length} "
+                f"bytes where its shape and dtype need {size}"
+            )
         memory = torch.empty(size, dtype=torch.uint8, device=device)
         tensors.append(memory.view(span.dtype).reshape(span.shape))
         # An encrypted tensor is read one cipher chunk at a time, decrypted while its bytes
@@ -161,8 +172,9 @@ def _read_exactly(fd: int, view: memoryview, offset: int, span: Span, name: str)
     while got < len(view):
         count = os.preadv(fd, [view[got:]], offset + got)
         if count == 0:
-            raise FormatError(f"{name} is truncated: tensor {span.name} ends "
-                              f"past the end of the file")
+            raise FormatError(
+                f"{name} is truncated: tensor {span.name} ends past the end of the file"
+            )
         got += count
 
 
@@ -207,8 +219,10 @@ class _Staged:
 
     def read(self, run: list[_Piece], on_bytes: Callable[[int], None] | None = None) -> ReadTimes:
         # An encrypted tensor's piece is one cipher chunk, which may be larger.
-        size = max(min(STAGING_BYTES, sum(end - start for _, _, start, end in run)),
-                   max((end - start for _, _, start, end in run), default=0))
+        size = max(
+            min(STAGING_BYTES, sum(end - start for _, _, start, end in run)),
+            max((end - start for _, _, start, end in run), default=0),
+        )
         buffers = [torch.empty(size, dtype=torch.uint8) for _ in range(2)]
         pinned = [_pin(b) for b in buffers] if self.cuda else []
         views = [memoryview(b.numpy()) for b in buffers]
@@ -222,7 +236,7 @@ class _Staged:
         def send() -> None:
             with torch.cuda.stream(stream) if stream else contextlib.nullcontext():
                 for target, at, length in pending:
-                    target.copy_(buffers[which][at:at + length], non_blocking=self.cuda)
+                    target.copy_(buffers[which][at : at + length], non_blocking=self.cuda)
             done[which] = stream.record_event() if stream else None
             pending.clear()
 
@@ -237,7 +251,7 @@ class _Staged:
                         which, used = 1 - which, 0
                         if done[which] is not None:
                             done[which].synchronize()
-                    view = views[which][used:used + length]
+                    view = views[which][used : used + length]
                     began = clock()
                     _read_exactly(f.fileno(), view, span.offset + start, span, self.name)
                     read = clock()

@@ -129,8 +129,10 @@ def check_adapter_weights(path: str) -> str:
     try:
         tensors = _load_weights(weights, lazy=True)
     except Exception as e:  # noqa: BLE001 - safetensors and torch raise many kinds
-        raise ConfigError(f"LoRA adapter {path}: cannot read {os.path.basename(weights)} "
-                          f"({type(e).__name__}: {e})") from None
+        raise ConfigError(
+            f"LoRA adapter {path}: cannot read {os.path.basename(weights)} "
+            f"({type(e).__name__}: {e})"
+        ) from None
     if not isinstance(tensors, Mapping) or not tensors:
         raise ConfigError(f"LoRA adapter {path}: {os.path.basename(weights)} holds no tensors")
     return weights
@@ -157,8 +159,9 @@ class AdapterSource:
     config: dict[str, Any]
 
 
-def prepare_adapters(lora_paths: Sequence[str], *, download_dir: str | None = None,
-                     max_rank: int | None = None) -> list[AdapterSource]:
+def prepare_adapters(
+    lora_paths: Sequence[str], *, download_dir: str | None = None, max_rank: int | None = None
+) -> list[AdapterSource]:
     """Check every adapter that needs no model before any engine starts: unique names, a
     local directory (or a Hub id resolved now), a readable ``adapter_config.json``, a
     weights file that holds tensors, and (when known) a rank within ``--max-lora-rank``.
@@ -177,8 +180,10 @@ def prepare_adapters(lora_paths: Sequence[str], *, download_dir: str | None = No
         if os.path.isdir(path):
             local = path
         elif os.path.exists(path) or os.path.isabs(path) or path.startswith("."):
-            raise ConfigError(f"--lora-path {path}: not a directory (a PEFT adapter directory "
-                              "holds adapter_config.json and adapter_model.safetensors)")
+            raise ConfigError(
+                f"--lora-path {path}: not a directory (a PEFT adapter directory "
+                "holds adapter_config.json and adapter_model.safetensors)"
+            )
         else:
             local = resolve_model_files(path, download_dir=download_dir, weights=True)
         config = read_adapter_config(local)
@@ -188,13 +193,19 @@ def prepare_adapters(lora_paths: Sequence[str], *, download_dir: str | None = No
     return adapters
 
 
-def check_adapter_fits(name: str, config: Mapping[str, Any],
-                       expected_modules: Iterable[str] | None,
-                       max_rank: int | None = None) -> None:
+def check_adapter_fits(
+    name: str,
+    config: Mapping[str, Any],
+    expected_modules: Iterable[str] | None,
+    max_rank: int | None = None,
+) -> None:
     """Refuse an adapter whose target modules the base model does not have (when
     `expected_modules` is given), or whose rank is above the engine's ``--max-lora-rank``
     (when known). The message names the adapter."""
-    ranks = [int(config.get("r", 0)), *[int(r) for r in (config.get("rank_pattern") or {}).values()]]
+    ranks = [
+        int(config.get("r", 0)),
+        *[int(r) for r in (config.get("rank_pattern") or {}).values()],
+    ]
     if max_rank is not None and max(ranks) > max_rank:
         raise ConfigError(
             f"LoRA adapter {name!r} has rank {max(ranks)}, above --max-lora-rank {max_rank}; "
@@ -214,8 +225,14 @@ def check_adapter_fits(name: str, config: Mapping[str, Any],
         )
 
 
-def stage_adapter(name: str, source: str, destination: str, *, key: bytes | None = None,
-                  options: storage.Options = None) -> list[storage.StagedWrite]:
+def stage_adapter(
+    name: str,
+    source: str,
+    destination: str,
+    *,
+    key: bytes | None = None,
+    options: storage.Options = None,
+) -> list[storage.StagedWrite]:
     """Stage adapter `name` (a local PEFT directory `source`) into ``destination/lora/name``:
     its config and its weights as a tensorizer file (encrypted with `key`)."""
     from .layout import FileRecord
@@ -228,9 +245,15 @@ def stage_adapter(name: str, source: str, destination: str, *, key: bytes | None
         with open(staged[0].path, "w") as f:
             json.dump(config, f, indent=2)
         record = FileRecord(architecture="peft-lora", extra={"adapter": name})
-        staged.append(write_tensors(storage.join(target, ADAPTER_TENSORS),
-                                    [(k, v, False) for k, v in sorted(tensors.items())],
-                                    record=record, key=key, options=options).staged)
+        staged.append(
+            write_tensors(
+                storage.join(target, ADAPTER_TENSORS),
+                [(k, v, False) for k, v in sorted(tensors.items())],
+                record=record,
+                key=key,
+                options=options,
+            ).staged
+        )
     except BaseException:
         for item in staged:
             item.abort()
@@ -252,7 +275,9 @@ def _ram_root() -> str:
         os.makedirs(private, mode=0o700, exist_ok=True)
         info = os.lstat(private)
     except OSError as e:
-        raise StorageError(f"cannot create the private directory {private}: {e.strerror or e}") from e
+        raise StorageError(
+            f"cannot create the private directory {private}: {e.strerror or e}"
+        ) from e
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
         raise StorageError(
             f"{private} is not a directory of this user (a link, a file, or another user's "
@@ -264,8 +289,9 @@ def _ram_root() -> str:
     return root
 
 
-def materialize_adapter(uri: str, config: TensorizerConfig | None = None, *,
-                        name: str | None = None) -> str:
+def materialize_adapter(
+    uri: str, config: TensorizerConfig | None = None, *, name: str | None = None
+) -> str:
     """Deserialize the tensorized adapter at `uri` (a ``lora/<name>`` directory: local, S3 or
     HTTP(S)) into CPU memory and write it as a PEFT directory vLLM can load.
 
@@ -286,19 +312,26 @@ def materialize_adapter(uri: str, config: TensorizerConfig | None = None, *,
 
     name = name or storage.basename(uri)
     tensors_uri = storage.join(uri, ADAPTER_TENSORS)
-    config = TensorizerConfig(**{**(config.to_serializable() if config else {}),
-                                 "tensorizer_uri": tensors_uri})
+    config = TensorizerConfig(
+        **{**(config.to_serializable() if config else {}), "tensorizer_uri": tensors_uri}
+    )
     try:
         adapter_config = json.loads(
-            storage.read_bytes(storage.join(uri, ADAPTER_CONFIG), config.stream_options(),
-                               limit=1 << 20))
+            storage.read_bytes(
+                storage.join(uri, ADAPTER_CONFIG), config.stream_options(), limit=1 << 20
+            )
+        )
         with open_tensors(tensors_uri, device="cpu", config=config) as reader:
             tensors = dict(reader.items())  # each in its own memory: no copy needed
     except json.JSONDecodeError as e:
-        raise ConfigError(f"LoRA adapter {name!r}: {ADAPTER_CONFIG} is not valid JSON ({e})") from None
+        raise ConfigError(
+            f"LoRA adapter {name!r}: {ADAPTER_CONFIG} is not valid JSON ({e})"
+        ) from None
     except StorageError as e:
         if "no such" in str(e) or "not found" in str(e):
-            raise StorageError(f"LoRA adapter {name!r} not found at {storage.redact(uri)} ({e})") from None
+            raise StorageError(
+                f"LoRA adapter {name!r} not found at {storage.redact(uri)} ({e})"
+            ) from None
         raise _rename(e, name) from None
     except TensorizeError as e:
         raise _rename(e, name) from None

@@ -38,8 +38,15 @@ _default_logger = logging.getLogger("tensorize_vllm_model")
 class _Progress:
     """Counts bytes done (thread-safe) and shows them on a bar or in log lines."""
 
-    def __init__(self, description: str, total: int, stream: TextIO, log_every: float,
-                 logger: logging.Logger, bar: bool):
+    def __init__(
+        self,
+        description: str,
+        total: int,
+        stream: TextIO,
+        log_every: float,
+        logger: logging.Logger,
+        bar: bool,
+    ):
         self.description, self.total, self.stream = description, total, stream
         self.log_every, self.logger = log_every, logger
         self.done = 0
@@ -49,8 +56,14 @@ class _Progress:
         if bar:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, desc=description, unit="B", unit_scale=True,
-                             unit_divisor=1000, file=stream)
+            self._bar = tqdm(
+                total=total,
+                desc=description,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1000,
+                file=stream,
+            )
 
     def advance(self, nbytes: int) -> None:
         with self._lock:
@@ -73,8 +86,10 @@ class _Progress:
     def _log(self, elapsed: float) -> None:
         rate = self.done / elapsed if elapsed > 0 else 0.0
         left = f"about {(self.total - self.done) / rate:.0f} s left" if rate else "starting"
-        line = (f"{self.description}: {self.done / 1e9:.2f} of {self.total / 1e9:.2f} GB "
-                f"({100 * self.done / max(self.total, 1):.0f}%), {rate / 1e9:.2f} GB/s, {left}")
+        line = (
+            f"{self.description}: {self.done / 1e9:.2f} of {self.total / 1e9:.2f} GB "
+            f"({100 * self.done / max(self.total, 1):.0f}%), {rate / 1e9:.2f} GB/s, {left}"
+        )
         if self.logger.hasHandlers() and self.logger.isEnabledFor(logging.INFO):
             self.logger.info("%s", line)
         else:  # nothing configured logging (a plain command): the line goes to the stream
@@ -108,10 +123,16 @@ def resize(advance: Callable[[int], None] | None, total: int) -> None:
 
 
 @contextlib.contextmanager
-def progress(description: str, total: int, *, stream: TextIO | None = None,
-             min_bytes: int | None = None, log_every: float | None = None,
-             logger: logging.Logger | None = None,
-             enabled: bool = True) -> Iterator[Advance]:
+def progress(
+    description: str,
+    total: int,
+    *,
+    stream: TextIO | None = None,
+    min_bytes: int | None = None,
+    log_every: float | None = None,
+    logger: logging.Logger | None = None,
+    enabled: bool = True,
+) -> Iterator[Advance]:
     """Show the progress of work on `total` bytes while the block runs.
 
     Args:
@@ -139,8 +160,14 @@ def progress(description: str, total: int, *, stream: TextIO | None = None,
         terminal = stream.isatty()
     except (AttributeError, ValueError):  # a closed or unusual stream
         terminal = False
-    shown = _Progress(description, total, stream, LOG_EVERY if log_every is None else log_every,
-                      logger or _default_logger, bar=terminal)
+    shown = _Progress(
+        description,
+        total,
+        stream,
+        LOG_EVERY if log_every is None else log_every,
+        logger or _default_logger,
+        bar=terminal,
+    )
     try:
         yield Advance(shown)
     finally:

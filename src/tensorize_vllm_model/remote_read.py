@@ -62,8 +62,10 @@ def check_header_length(raw: bytes, room: int, tensor: str, uri: str) -> None:
     """
     length = HEADER_LENGTH.unpack(raw)[0] if len(raw) == HEADER_LENGTH.size else -1
     if not 0 < length <= room:
-        raise FormatError(f"{uri} is corrupt: the header of tensor {tensor} claims {length} "
-                          f"bytes where {room} are available")
+        raise FormatError(
+            f"{uri} is corrupt: the header of tensor {tensor} claims {length} "
+            f"bytes where {room} are available"
+        )
 
 
 class HeaderGuard(io.RawIOBase):
@@ -101,7 +103,7 @@ class HeaderGuard(io.RawIOBase):
         while at < len(self._offsets) and self._offsets[at] + HEADER_LENGTH.size <= start + count:
             offset = self._offsets[at]
             tensor, room = self._fields[offset]
-            field = bytes(view[offset - start:offset - start + HEADER_LENGTH.size])
+            field = bytes(view[offset - start : offset - start + HEADER_LENGTH.size])
             check_header_length(field, room, tensor, self._uri)
             at += 1
         return count
@@ -111,9 +113,15 @@ class HeaderGuard(io.RawIOBase):
         super().close()
 
 
-def read_stream(stream: Any, spans: Sequence[RemoteSpan], *, uri: str, index: Any,
-                encrypted: bool = False, verify: bool = False
-                ) -> Iterator[tuple[str, torch.Tensor]]:
+def read_stream(
+    stream: Any,
+    spans: Sequence[RemoteSpan],
+    *,
+    uri: str,
+    index: Any,
+    encrypted: bool = False,
+    verify: bool = False,
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Read each span's tensor from `stream` onto the CPU, in file order, and yield it.
 
     Args:
@@ -140,7 +148,7 @@ def read_stream(stream: Any, spans: Sequence[RemoteSpan], *, uri: str, index: An
         entry = span.entry
         stream.seek(entry.offset)
         header = _read(stream, span.room if whole_header else HEADER_LENGTH.size, span, uri)
-        check_header_length(header[:HEADER_LENGTH.size], span.room, span.name, uri)
+        check_header_length(header[: HEADER_LENGTH.size], span.room, span.name, uri)
         hashes = _parsed(_stored_hashes, header, index, span, uri) if verify else None
         size = math.prod(span.shape) * span.dtype.itemsize
         if entry.data_length == 0:  # stored without data: reads back as zeros
@@ -155,7 +163,7 @@ def read_stream(stream: Any, spans: Sequence[RemoteSpan], *, uri: str, index: An
         stream.seek(entry.data_offset)
         step = cipher.chunk_size if cipher else _PIECE
         for start in range(0, size, step):
-            piece = view[start:start + step]
+            piece = view[start : start + step]
             _read_into(stream, piece, span, uri)
             if cipher:
                 cipher.decrypt(piece, start)
@@ -182,8 +190,10 @@ def _parsed(parse: Any, header: bytes, index: Any, span: RemoteSpan, uri: str) -
     try:
         return parse(span.entry, header, index)
     except Exception as e:  # noqa: BLE001 - tensorizer's parser rejects it one way or another
-        raise FormatError(f"{uri} is corrupt: the header of tensor {span.name} cannot be "
-                          f"read ({type(e).__name__}: {e})") from None
+        raise FormatError(
+            f"{uri} is corrupt: the header of tensor {span.name} cannot be "
+            f"read ({type(e).__name__}: {e})"
+        ) from None
 
 
 def _read(stream: Any, count: int, span: RemoteSpan, uri: str) -> bytes:
@@ -197,6 +207,7 @@ def _read_into(stream: Any, view: memoryview, span: RemoteSpan, uri: str) -> Non
     while got < len(view):
         count = stream.readinto(view[got:])
         if not count:
-            raise FormatError(f"{uri} is truncated: tensor {span.name} ends past the end of "
-                              f"the file")
+            raise FormatError(
+                f"{uri} is truncated: tensor {span.name} ends past the end of the file"
+            )
         got += count

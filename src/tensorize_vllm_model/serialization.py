@@ -19,11 +19,10 @@ from typing import Any
 import torch
 
 from . import __version__, interrupts, storage
+from .artifacts import resolve_model_files, stage_artifacts
 from .config import TensorizerConfig, as_tensorizer_config
 from .errors import ConfigError, StorageError
-from .artifacts import resolve_model_files, stage_artifacts
 from .keys import encryption_params, prepare_key
-from .lora import prepare_adapters
 from .layout import (
     MARKER_NAME,
     RECORD_NAME,
@@ -31,6 +30,7 @@ from .layout import (
     ParallelLayout,
     rank_uri,
 )
+from .lora import prepare_adapters
 
 # How long a failed serialize waits for the workers to delete their temporary files.
 ABORT_SECONDS = 15.0
@@ -42,6 +42,7 @@ __all__ = [
     "check_serialization_kwargs",
     "tensorize_vllm_model",
 ]
+
 
 @dataclass
 class StagedTensors:
@@ -165,9 +166,13 @@ def write_tensors(
     return staged
 
 
-def _write_batched(serializer: Any, tensors: Iterable[tuple[str, torch.Tensor, bool]],
-                   batch_bytes: int, staged: StagedTensors,
-                   on_bytes: Callable[[int], None] | None) -> None:
+def _write_batched(
+    serializer: Any,
+    tensors: Iterable[tuple[str, torch.Tensor, bool]],
+    batch_bytes: int,
+    staged: StagedTensors,
+    on_bytes: Callable[[int], None] | None,
+) -> None:
     from .batched_write import write_batches
 
     def written(count: int, nbytes: int) -> None:
@@ -176,8 +181,12 @@ def _write_batched(serializer: Any, tensors: Iterable[tuple[str, torch.Tensor, b
         if on_bytes is not None:
             on_bytes(nbytes)
 
-    write_batches(serializer, ((name, tensor) for name, tensor, _ in tensors),
-                  batch_bytes=batch_bytes, on_batch=written)
+    write_batches(
+        serializer,
+        ((name, tensor) for name, tensor, _ in tensors),
+        batch_bytes=batch_bytes,
+        on_batch=written,
+    )
 
 
 def tensorize_vllm_model(
@@ -236,13 +245,16 @@ def tensorize_vllm_model(
     options = tensorizer_config.stream_options()
     storage.check_writable(destination, options)
     adapters = prepare_adapters(
-        lora_paths, download_dir=engine_args.download_dir,
-        max_rank=engine_args.max_lora_rank if getattr(engine_args, "enable_lora", False) else None)
+        lora_paths,
+        download_dir=engine_args.download_dir,
+        max_rank=engine_args.max_lora_rank if getattr(engine_args, "enable_lora", False) else None,
+    )
 
     staged: list[storage.StagedWrite] = []
     keyfile = tensorizer_config.encryption_keyfile
-    encryption = prepare_key(keyfile, tensorizer_config, generate=generate_keyfile) \
-        if keyfile else None
+    encryption = (
+        prepare_key(keyfile, tensorizer_config, generate=generate_keyfile) if keyfile else None
+    )
     key = encryption.key if encryption else None
     if encryption and encryption.staged:
         staged.append(encryption.staged)
@@ -261,12 +273,22 @@ def tensorize_vllm_model(
                 "producer": f"tensorize_vllm_model {__version__}, vllm {vllm_version()}",
             },
         )
-        sources = [resolve_model_files(engine_args.model, revision=engine_args.revision,
-                                       download_dir=engine_args.download_dir)]
+        sources = [
+            resolve_model_files(
+                engine_args.model,
+                revision=engine_args.revision,
+                download_dir=engine_args.download_dir,
+            )
+        ]
         tokenizer = getattr(engine_args, "tokenizer", None)
         if tokenizer and tokenizer != engine_args.model:
-            sources.append(resolve_model_files(tokenizer, revision=engine_args.tokenizer_revision,
-                                               download_dir=engine_args.download_dir))
+            sources.append(
+                resolve_model_files(
+                    tokenizer,
+                    revision=engine_args.tokenizer_revision,
+                    download_dir=engine_args.download_dir,
+                )
+            )
         staged = stage_artifacts(sources, destination, options) + staged
         if adapters:
             staged += _stage_adapters(engine, adapters, destination, key, options)
@@ -312,8 +334,9 @@ def _stage_adapters(engine, adapters, destination, key, options):
     staged: list[storage.StagedWrite] = []
     try:
         for adapter in adapters:
-            staged += stage_adapter(adapter.name, adapter.path, destination, key=key,
-                                    options=options)
+            staged += stage_adapter(
+                adapter.name, adapter.path, destination, key=key, options=options
+            )
     except BaseException:
         for item in staged:
             item.abort()

@@ -30,7 +30,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import storage
 from .config import TensorizerConfig, as_tensorizer_config
-from .storage.ranged import DEFAULT_WORKERS
 from .errors import (
     CorruptTensorError,
     EncryptionError,
@@ -50,6 +49,7 @@ from .layout import (
     rank_uri,
 )
 from .remote_read import HEADER_LENGTH, check_header_length
+from .storage.ranged import DEFAULT_WORKERS
 
 if TYPE_CHECKING:
     from tensorizer import TensorDeserializer
@@ -131,10 +131,21 @@ class TensorReader:
     device with tensorizer's parallel readers. Use `open_tensors` to make one.
     """
 
-    def __init__(self, uri: str, header: TensorDeserializer, facts: FileFacts,
-                 reopen: Callable[[], Any], kwargs: dict[str, Any], device: str | torch.device,
-                 *, keyfile: str | None, started: float, keyless: bool,
-                 own_reads: str | None = None, remote: bool = False):
+    def __init__(
+        self,
+        uri: str,
+        header: TensorDeserializer,
+        facts: FileFacts,
+        reopen: Callable[[], Any],
+        kwargs: dict[str, Any],
+        device: str | torch.device,
+        *,
+        keyfile: str | None,
+        started: float,
+        keyless: bool,
+        own_reads: str | None = None,
+        remote: bool = False,
+    ):
         self.uri = uri
         self._remote = remote
         self.facts = facts
@@ -185,10 +196,16 @@ class TensorReader:
     def entries(self) -> list[TensorEntry]:
         """Every tensor in file order (the reserved record and marker left out), from the
         index alone: nothing is read or allocated."""
-        return [TensorEntry(name=name, dtype=_dtype_name(entry.dtype),
-                            shape=tuple(int(d) for d in entry.shape),
-                            bytes=int(entry.deserialized_length), kind=entry.type.name)
-                for name, entry in self._index()]
+        return [
+            TensorEntry(
+                name=name,
+                dtype=_dtype_name(entry.dtype),
+                shape=tuple(int(d) for d in entry.shape),
+                bytes=int(entry.deserialized_length),
+                kind=entry.type.name,
+            )
+            for name, entry in self._index()
+        ]
 
     def _index(self) -> Iterator[tuple[str, Any]]:
         """(module name, tensorizer's index entry) of every tensor in file order, the
@@ -224,7 +241,8 @@ class TensorReader:
         if only is None and not self.entries():
             raise ModelMismatchError(
                 f"{self.uri} holds no tensors (a valid tensorizer file with an empty index): "
-                "there is nothing to load")
+                "there is nothing to load"
+            )
         if self._own_reads == REMOTE:
             yield from self._remote_items(only)
             return
@@ -235,9 +253,15 @@ class TensorReader:
 
             self.read_times = ReadTimes()
             try:
-                tensors = read_spans(self._own_reads, spans, self._kwargs["num_readers"],
-                                     name=self.uri, device=self._device, times=self.read_times,
-                                     on_bytes=self.on_bytes)
+                tensors = read_spans(
+                    self._own_reads,
+                    spans,
+                    self._kwargs["num_readers"],
+                    name=self.uri,
+                    device=self._device,
+                    times=self.read_times,
+                    on_bytes=self.on_bytes,
+                )
             except DecryptionFailed:
                 raise _wrong_key(self.uri, self._keyfile) from None
             if self._kwargs["verify_hash"]:
@@ -257,8 +281,10 @@ class TensorReader:
         from .tensor_hashes import stored_hashes
 
         entries = dict(self._index())
-        places = [(entries[s.name].offset, entries[s.name].data_offset - entries[s.name].offset)
-                  for s in spans]
+        places = [
+            (entries[s.name].offset, entries[s.name].data_offset - entries[s.name].offset)
+            for s in spans
+        ]
         fd = os.open(self._own_reads, os.O_RDONLY)
         try:
             raws = pread_each(fd, places)
@@ -268,14 +294,14 @@ class TensorReader:
             try:
                 hashes = stored_hashes(raw, self._header)
             except Exception as e:  # noqa: BLE001 - tensorizer's parser rejects it
-                raise FormatError(f"{self.uri} is corrupt: the header of tensor {span.name} "
-                                  f"cannot be read ({type(e).__name__}: {e})") from None
-            data = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()) if span.length \
-                else b""
+                raise FormatError(
+                    f"{self.uri} is corrupt: the header of tensor {span.name} "
+                    f"cannot be read ({type(e).__name__}: {e})"
+                ) from None
+            data = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()) if span.length else b""
             hashes.check(data, tensor=span.name, uri=self.uri)
 
-    def _tensorizer_items(self, only: Collection[str] | None
-                          ) -> Iterator[tuple[str, torch.Tensor]]:
+    def _tensorizer_items(self, only: Collection[str] | None) -> Iterator[tuple[str, torch.Tensor]]:
         """The tensors through tensorizer's reader (see `_own_reads` for when); a remote
         stream's tensor headers are checked as they pass (`remote_read.HeaderGuard`)."""
         from tensorizer import TensorDeserializer
@@ -284,15 +310,25 @@ class TensorReader:
 
         stream = self._reopen()
         if self._remote:  # no up-front check of its tensor headers was made
-            stream = HeaderGuard(stream, {entry.offset: (name, entry.data_offset - entry.offset)
-                                          for name, entry in self._index()}, self.uri)
+            stream = HeaderGuard(
+                stream,
+                {
+                    entry.offset: (name, entry.data_offset - entry.offset)
+                    for name, entry in self._index()
+                },
+                self.uri,
+            )
         try:
             with _translate_errors(self.uri, keyfile=self._keyfile):
                 deserializer = TensorDeserializer(
-                    stream, device=self._device, lazy_load=False,
-                    filter_func=lambda name: name not in RESERVED_NAMES and (
-                        only is None or _module_name(name) in only),
-                    **self._kwargs)
+                    stream,
+                    device=self._device,
+                    lazy_load=False,
+                    filter_func=lambda name: (
+                        name not in RESERVED_NAMES and (only is None or _module_name(name) in only)
+                    ),
+                    **self._kwargs,
+                )
                 tensors = []
                 for name, tensor in deserializer.items():
                     tensors.append((name, tensor))
@@ -305,8 +341,7 @@ class TensorReader:
         finally:
             stream.close()
 
-    def _remote_items(self, only: Collection[str] | None
-                      ) -> Iterator[tuple[str, torch.Tensor]]:
+    def _remote_items(self, only: Collection[str] | None) -> Iterator[tuple[str, torch.Tensor]]:
         """A remote file's tensors read by `remote_read` into CPU memory."""
         from .remote_read import RemoteSpan, read_stream
         from .tensor_decryption import DecryptionFailed
@@ -318,13 +353,24 @@ class TensorReader:
                 if not isinstance(dtype, torch.dtype):  # numpy-only dtype: tensorizer reads it
                     yield from self._tensorizer_items(only)
                     return
-                spans.append(RemoteSpan(name=name, entry=entry, dtype=dtype,
-                                        shape=tuple(int(d) for d in entry.shape)))
+                spans.append(
+                    RemoteSpan(
+                        name=name,
+                        entry=entry,
+                        dtype=dtype,
+                        shape=tuple(int(d) for d in entry.shape),
+                    )
+                )
         stream = self._reopen()
         try:
-            for name, tensor in read_stream(stream, spans, uri=self.uri, index=self._header,
-                                            encrypted=self.encrypted,
-                                            verify=bool(self._kwargs["verify_hash"])):
+            for name, tensor in read_stream(
+                stream,
+                spans,
+                uri=self.uri,
+                index=self._header,
+                encrypted=self.encrypted,
+                verify=bool(self._kwargs["verify_hash"]),
+            ):
                 if self.on_bytes is not None:
                     self.on_bytes(tensor.numel() * tensor.element_size())
                 yield name, tensor
@@ -339,8 +385,7 @@ class TensorReader:
         header is not as expected (tensorizer's reader then takes the file)."""
         from .local_read import Span
 
-        chosen = [(name, entry) for name, entry in self._index()
-                  if only is None or name in only]
+        chosen = [(name, entry) for name, entry in self._index() if only is None or name in only]
         ciphers: list[Any] = [None] * len(chosen)
         if self.encrypted:
             from .tensor_decryption import ciphers as read_ciphers
@@ -354,9 +399,16 @@ class TensorReader:
             dtype = getattr(torch, _dtype_name(entry.dtype), None)
             if not isinstance(dtype, torch.dtype):
                 return None
-            spans.append(Span(name=name, offset=entry.data_offset,
-                              length=entry.data_length, dtype=dtype,
-                              shape=tuple(int(d) for d in entry.shape), cipher=cipher))
+            spans.append(
+                Span(
+                    name=name,
+                    offset=entry.data_offset,
+                    length=entry.data_length,
+                    dtype=dtype,
+                    shape=tuple(int(d) for d in entry.shape),
+                    cipher=cipher,
+                )
+            )
         return spans
 
     def close(self) -> None:
@@ -375,8 +427,11 @@ def _read_record(header: TensorDeserializer, uri: str, keyfile: str | None) -> F
     """The file's record (see `layout`): the bytes of vLLM's marker when it is a uint8
     tensor of JSON, or the separate STATE_DICT tensor of files written by earlier
     versions; None for files of other writers (vLLM's marker is an int64 ``[1]``)."""
-    found = {_entry_name(path): entry for path, entry in header._metadata.items()
-             if _entry_name(path) in RESERVED_NAMES}
+    found = {
+        _entry_name(path): entry
+        for path, entry in header._metadata.items()
+        if _entry_name(path) in RESERVED_NAMES
+    }
     if RECORD_NAME in found:
         name = RECORD_NAME
     elif MARKER_NAME in found and _dtype_name(found[MARKER_NAME].dtype) == "uint8":
@@ -419,15 +474,18 @@ def open_tensors(
     """
     from tensorizer import TensorDeserializer
 
-    config = as_tensorizer_config(config) if config is not None else \
-        TensorizerConfig(tensorizer_uri=uri)
+    config = (
+        as_tensorizer_config(config) if config is not None else TensorizerConfig(tensorizer_uri=uri)
+    )
     if decryption is None and config.encryption_keyfile:
         from .keys import read_decryption_params
 
         decryption = read_decryption_params(config.encryption_keyfile, config)
     readers = config.deserialization_kwargs.get("num_readers", config.num_readers)
-    kwargs: dict[str, Any] = {"verify_hash": bool(config.verify_hash),
-                              **config.deserialization_kwargs}
+    kwargs: dict[str, Any] = {
+        "verify_hash": bool(config.verify_hash),
+        **config.deserialization_kwargs,
+    }
     options = config.stream_options()
     if storage.is_local(uri):
         kwargs["num_readers"] = readers or default_num_readers(uri, device)
@@ -448,7 +506,8 @@ def open_tensors(
         if keyless:
             if not header_only:
                 raise EncryptionError(
-                    f"{name} is encrypted: give the key with --keyfile / encryption_keyfile")
+                    f"{name} is encrypted: give the key with --keyfile / encryption_keyfile"
+                )
             # Listing needs no key: the index is not encrypted. A throwaway key gets
             # tensorizer past its check; no tensor is ever decrypted with it.
             from tensorizer import DecryptionParams
@@ -459,15 +518,27 @@ def open_tensors(
         else:
             with _translate_errors(name, keyfile=config.encryption_keyfile):
                 header = TensorDeserializer(
-                    stream, device="cpu", lazy_load=True, num_readers=1,
-                    **{k: v for k, v in kwargs.items() if k != "num_readers"})
-        _check_index(header, facts, stream, name, local=storage.is_local(uri),
-                     up_front=header_only)
+                    stream,
+                    device="cpu",
+                    lazy_load=True,
+                    num_readers=1,
+                    **{k: v for k, v in kwargs.items() if k != "num_readers"},
+                )
+        _check_index(header, facts, stream, name, local=storage.is_local(uri), up_front=header_only)
         own_reads = None if keyless else _own_reads(uri, device, config, kwargs["verify_hash"])
-        return TensorReader(name, header, facts, _reopener(uri, options, stream),
-                            kwargs, device, keyfile=config.encryption_keyfile, started=started,
-                            keyless=keyless, own_reads=own_reads,
-                            remote=not storage.is_local(uri))
+        return TensorReader(
+            name,
+            header,
+            facts,
+            _reopener(uri, options, stream),
+            kwargs,
+            device,
+            keyfile=config.encryption_keyfile,
+            started=started,
+            keyless=keyless,
+            own_reads=own_reads,
+            remote=not storage.is_local(uri),
+        )
     except BaseException:
         stream.close()
         raise
@@ -476,8 +547,9 @@ def open_tensors(
 REMOTE = "remote"  # TensorReader's own_reads for a remote file (remote_read)
 
 
-def _own_reads(uri: str, device: str | torch.device, config: TensorizerConfig,
-               verify_hash: bool) -> str | None:
+def _own_reads(
+    uri: str, device: str | torch.device, config: TensorizerConfig, verify_hash: bool
+) -> str | None:
     """Where our own readers take the file (faster, no copies, tensors allocated by the
     loading thread): its local path (`local_read`: into CPU memory, or onto a GPU without
     hash checks), REMOTE (`remote_read`: a remote file into CPU memory), or None
@@ -558,16 +630,20 @@ def read_preamble(stream: Any, name: str) -> FileFacts:
         raise FormatError(f"{name} is truncated: {size} bytes, too short for a header")
     _, version, flags, _, count, index_bytes = _PREAMBLE.unpack(head)
     encrypted = version == _ENCRYPTION_VERSION or (
-        version >= _FLAGGED_VERSION and bool(int.from_bytes(flags, "little") & _FLAG_ENCRYPTED))
+        version >= _FLAGGED_VERSION and bool(int.from_bytes(flags, "little") & _FLAG_ENCRYPTED)
+    )
     if _PREAMBLE.size + index_bytes > size:
         raise FormatError(
             f"{name} is truncated or corrupt: its tensor index claims {index_bytes} bytes, "
-            f"but the file has {size} bytes in all")
+            f"but the file has {size} bytes in all"
+        )
     if count > index_bytes:  # every index entry takes several bytes
-        raise FormatError(f"{name} is corrupt: {count} tensors cannot fit in a "
-                          f"{index_bytes}-byte index")
-    return FileFacts(size=size, version=version, encrypted=encrypted, index_bytes=index_bytes,
-                     tensors=count)
+        raise FormatError(
+            f"{name} is corrupt: {count} tensors cannot fit in a {index_bytes}-byte index"
+        )
+    return FileFacts(
+        size=size, version=version, encrypted=encrypted, index_bytes=index_bytes, tensors=count
+    )
 
 
 def _guess_format(head: bytes) -> str:
@@ -578,8 +654,9 @@ def _guess_format(head: bytes) -> str:
     return ""
 
 
-def _check_index(header: Any, facts: FileFacts, stream: Any, name: str, *, local: bool,
-                 up_front: bool) -> None:
+def _check_index(
+    header: Any, facts: FileFacts, stream: Any, name: str, *, local: bool, up_front: bool
+) -> None:
     """Refuse an index whose entries point outside the file (truncated or forged sizes) or
     whose sizes disagree with their shapes and dtypes, and a tensor header whose length field
     claims more than the index leaves for it: no allocation is ever sized by a number the
@@ -594,17 +671,22 @@ def _check_index(header: Any, facts: FileFacts, stream: Any, name: str, *, local
     for path, entry in header._metadata.items():
         tensor = _module_name(_entry_name(path))
         end = entry.data_offset + entry.data_length
-        if not (0 < entry.offset < entry.data_offset <= end <= facts.size) or \
-                entry.deserialized_length > facts.size:
-            what = ("ends past the end of the file" if end > facts.size
-                    else "has an impossible location or size")
+        if (
+            not (0 < entry.offset < entry.data_offset <= end <= facts.size)
+            or entry.deserialized_length > facts.size
+        ):
+            what = (
+                "ends past the end of the file"
+                if end > facts.size
+                else "has an impossible location or size"
+            )
             raise FormatError(
                 f"{name} is truncated or corrupt: tensor {tensor} {what} (bytes "
-                f"{entry.data_offset}-{end} of a {facts.size}-byte file)")
+                f"{entry.data_offset}-{end} of a {facts.size}-byte file)"
+            )
         _check_size(entry, tensor, name)
         entries.append((tensor, entry))
-    fields = _header_fields(stream, [entry for _, entry in entries], local=local,
-                            up_front=up_front)
+    fields = _header_fields(stream, [entry for _, entry in entries], local=local, up_front=up_front)
     for (tensor, entry), raw in zip(entries, fields or ()):
         check_header_length(raw, entry.data_offset - entry.offset, tensor, name)
 
@@ -627,11 +709,13 @@ def _check_size(entry: Any, tensor: str, name: str) -> None:
     if entry.deserialized_length != need or entry.data_length not in (0, need):
         raise FormatError(
             f"{name} is corrupt: tensor {tensor} holds {entry.data_length} bytes where its "
-            f"shape {shape} and dtype {_dtype_name(entry.dtype)} need {need}")
+            f"shape {shape} and dtype {_dtype_name(entry.dtype)} need {need}"
+        )
 
 
-def _header_fields(stream: Any, entries: list[Any], *, local: bool,
-                   up_front: bool) -> list[bytes] | None:
+def _header_fields(
+    stream: Any, entries: list[Any], *, local: bool, up_front: bool
+) -> list[bytes] | None:
     """The 8-byte length field of each entry's tensor header, where reading them now is
     cheap; None where they are checked as the stream passes them."""
     places = [(entry.offset, HEADER_LENGTH.size) for entry in entries]
@@ -645,14 +729,17 @@ def _header_fields(stream: Any, entries: list[Any], *, local: bool,
 
     source = stream.source
     with ThreadPoolExecutor(min(16, len(places))) as pool:
-        return list(pool.map(lambda place: source.read_range(place[0], place[0] + place[1]),
-                             places))
+        return list(
+            pool.map(lambda place: source.read_range(place[0], place[0] + place[1]), places)
+        )
 
 
 def _wrong_key(uri: str, keyfile: str | None) -> EncryptionError:
-    return EncryptionError(f"cannot decrypt {uri}"
-                           + (f" with the key in {keyfile}" if keyfile else "")
-                           + ": wrong key (or corrupted data)")
+    return EncryptionError(
+        f"cannot decrypt {uri}"
+        + (f" with the key in {keyfile}" if keyfile else "")
+        + ": wrong key (or corrupted data)"
+    )
 
 
 def _entry_name(path: Any) -> str:
@@ -688,8 +775,8 @@ def _translate_errors(uri: str, *, keyfile: str | None = None) -> Iterator[None]
         found = re.search(r"Tensor '([^']*)'", str(e))
         tensor = _module_name(found.group(1)) if found else "?"
         raise CorruptTensorError(
-            f"{uri}: tensor {tensor} failed its hash check (the data is corrupt)",
-            tensor=tensor) from None
+            f"{uri}: tensor {tensor} failed its hash check (the data is corrupt)", tensor=tensor
+        ) from None
     except (struct.error, EOFError, AssertionError) as e:
         raise FormatError(f"{uri} is truncated or corrupt ({type(e).__name__}: {e})") from None
     except ValueError as e:  # read_preamble has refused empty and non-tensorizer files
@@ -786,7 +873,11 @@ def load_into_module(
             misshapen.append(f"{name} (file {tuple(tensor.shape)}, model {tuple(current.shape)})")
             continue
         loaded.update(slot.aliases)
-        if tensor.is_floating_point() and current.is_floating_point() and tensor.dtype != current.dtype:
+        if (
+            tensor.is_floating_point()
+            and current.is_floating_point()
+            and tensor.dtype != current.dtype
+        ):
             tensor = tensor.to(current.dtype)
         slot.replace(tensor)
     seconds = time.perf_counter() - reader.started
@@ -811,8 +902,9 @@ def load_into_module(
             f"after loading {reader.uri}, these tensors are still on the meta device (not "
             f"loaded): {', '.join(still_meta)}"
         )
-    return LoadStats(uri=reader.uri, tensors=count, bytes=nbytes, seconds=seconds,
-                     read_times=reader.read_times)
+    return LoadStats(
+        uri=reader.uri, tensors=count, bytes=nbytes, seconds=seconds, read_times=reader.read_times
+    )
 
 
 class _Slot:
@@ -879,8 +971,11 @@ def is_vllm_tensorized(tensorizer_config: TensorizerConfig | Mapping[str, Any]) 
         return reader.is_vllm_tensorized
 
 
-def check_shards(config: TensorizerConfig | Mapping[str, Any], tensor_parallel_size: int = 1,
-                 pipeline_parallel_size: int = 1) -> int:
+def check_shards(
+    config: TensorizerConfig | Mapping[str, Any],
+    tensor_parallel_size: int = 1,
+    pipeline_parallel_size: int = 1,
+) -> int:
     """Check every rank's file before any engine work: it opens, it is a tensorizer file, it
     decrypts with the key given, and it was written for this layout and rank.
 
@@ -904,8 +999,12 @@ def check_shards(config: TensorizerConfig | Mapping[str, Any], tensor_parallel_s
     assert uri is not None
     if not has_rank_template(uri):
         with open_tensors(uri, device="cpu", config=config) as reader:
-            check_shared_file(uri, ParallelLayout(tp, pp), vllm_tensorized=reader.is_vllm_tensorized,
-                              record=reader.record)
+            check_shared_file(
+                uri,
+                ParallelLayout(tp, pp),
+                vllm_tensorized=reader.is_vllm_tensorized,
+                record=reader.record,
+            )
             if reader.record is not None and not reader.checkpoint_form:
                 reader.record.check_layout(ParallelLayout(tp, pp), source=reader.uri)
             return reader.total_tensor_bytes

@@ -55,16 +55,20 @@ class TensorCipher:
             at = (index - first) * self.chunk_size
             try:
                 with _crypt.SequentialEncryption(
-                        key=self.key, buffer=view[at:at + self.chunk_size],
-                        nonce=self.nonces[index], mac=self.macs[index],
-                        intent=_crypt.SequentialEncryption.INTENT.DECRYPTION) as chunk:
+                    key=self.key,
+                    buffer=view[at : at + self.chunk_size],
+                    nonce=self.nonces[index],
+                    mac=self.macs[index],
+                    intent=_crypt.SequentialEncryption.INTENT.DECRYPTION,
+                ) as chunk:
                     chunk.decrypt()
             except _crypt.CryptographyError:
                 raise DecryptionFailed(f"chunk {index} failed its check") from None
 
 
-def ciphers(path: str, entries: Sequence[Any], deserializer: Any
-            ) -> list[TensorCipher | None] | None:
+def ciphers(
+    path: str, entries: Sequence[Any], deserializer: Any
+) -> list[TensorCipher | None] | None:
     """Each entry's cipher (None for a tensor stored without data), read from the tensor
     headers of the local file at `path`; `entries` are tensorizer's index entries and
     `deserializer` the `TensorDeserializer` that read them, with the key. None when a header
@@ -75,8 +79,7 @@ def ciphers(path: str, entries: Sequence[Any], deserializer: Any
             raws = pread_each(fd, [(e.offset, e.data_offset - e.offset) for e in entries])
         finally:
             os.close(fd)
-        return [cipher_from_header(entry, raw, deserializer)
-                for entry, raw in zip(entries, raws)]
+        return [cipher_from_header(entry, raw, deserializer) for entry, raw in zip(entries, raws)]
     except Exception:  # noqa: BLE001 - an unexpected header: tensorizer's reader decides
         return None
 
@@ -89,8 +92,11 @@ def cipher_from_header(entry: Any, raw: bytes, deserializer: Any) -> TensorCiphe
         Exception: the header is not as expected (tensorizer's parser decides which).
     """
     header = _TensorHeaderDeserializer(
-        bytearray(raw), zero_hashes=False, check_crypt_info=True,
-        long_shape_tensors=getattr(deserializer, "_long_shape_tensors", frozenset()))
+        bytearray(raw),
+        zero_hashes=False,
+        check_crypt_info=True,
+        long_shape_tensors=getattr(deserializer, "_long_shape_tensors", frozenset()),
+    )
     return _cipher(entry, header.crypt_info, deserializer)
 
 
@@ -103,19 +109,23 @@ def _cipher(entry: Any, info: Any, deserializer: Any) -> TensorCipher | None:
         return None
     if info is None or info.num_chunks == 0:
         raise _Unexpected
-    methods = info.find_chunks((_crypt_info.XSalsa20ParallelChunk,
-                                _crypt_info.XSalsa20SequentialChunk))
+    methods = info.find_chunks(
+        (_crypt_info.XSalsa20ParallelChunk, _crypt_info.XSalsa20SequentialChunk)
+    )
     if len(methods) != 1:
         raise _Unexpected
     method = methods[0]
     key = bytes(deserializer._derive_encryption_key(info))
-    macs = [method.mac] if isinstance(method, _crypt_info.XSalsa20SequentialChunk) \
+    macs = (
+        [method.mac]
+        if isinstance(method, _crypt_info.XSalsa20SequentialChunk)
         else list(method.macs)
+    )
     if len(macs) == 1:  # the whole tensor is one chunk
         return TensorCipher(key, entry.data_length, (bytes(method.nonce),), (bytes(macs[0]),))
     if len(macs) != math.ceil(entry.data_length / method.chunk_size):
         raise _Unexpected
     nonces = _crypt.ChunkedEncryption.sequential_nonces(bytes(method.nonce), len(macs))
-    return TensorCipher(key, method.chunk_size, tuple(bytes(n) for n in nonces),
-                        tuple(bytes(m) for m in macs))
-
+    return TensorCipher(
+        key, method.chunk_size, tuple(bytes(n) for n in nonces), tuple(bytes(m) for m in macs)
+    )

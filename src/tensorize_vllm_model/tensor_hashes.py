@@ -42,8 +42,10 @@ class StoredHashes:
         """
         for stored in self.hashes:
             if stored.type == HashType.CRC32:
-                good = zlib.crc32(data, self.header[HashType.CRC32]) == \
-                    struct.unpack("<I", stored.hash)[0]
+                good = (
+                    zlib.crc32(data, self.header[HashType.CRC32])
+                    == struct.unpack("<I", stored.hash)[0]
+                )
             elif stored.type == HashType.SHA256:
                 digest = self.header[HashType.SHA256].copy()
                 digest.update(data)
@@ -53,7 +55,8 @@ class StoredHashes:
             if not good:
                 raise CorruptTensorError(
                     f"{uri}: tensor {tensor} failed its hash check (the data is corrupt)",
-                    tensor=tensor)
+                    tensor=tensor,
+                )
 
 
 def stored_hashes(raw: bytes, deserializer: Any) -> StoredHashes:
@@ -65,7 +68,9 @@ def stored_hashes(raw: bytes, deserializer: Any) -> StoredHashes:
         Exception: the header cannot be parsed (tensorizer's parser decides which).
     """
     header = _TensorHeaderDeserializer(
-        bytearray(raw), zero_hashes=True,
+        bytearray(raw),
+        zero_hashes=True,
         check_crypt_info=bool(getattr(deserializer, "_has_crypt_info", False)),
-        long_shape_tensors=getattr(deserializer, "_long_shape_tensors", frozenset()))
+        long_shape_tensors=getattr(deserializer, "_long_shape_tensors", frozenset()),
+    )
     return StoredHashes(hashes=list(header.hashes), header=header.compute_hashes())

@@ -254,7 +254,9 @@ class TensorizerLoader(BaseModelLoader):
         uri = self.tensorizer_config.tensorizer_uri
         assert uri is not None
         if not self._explicit_uri:
-            uri = layout_mod.tensors_uri(self.tensorizer_config.tensorizer_dir or ".", layout.world_size)
+            uri = layout_mod.tensors_uri(
+                self.tensorizer_config.tensorizer_dir or ".", layout.world_size
+            )
         return layout_mod.rank_uri(uri, layout)
 
     def _open_checked(self, vllm_config: VllmConfig, device: torch.device | str):
@@ -265,9 +267,9 @@ class TensorizerLoader(BaseModelLoader):
         reader = open_tensors(uri, device=device, config=self.tensorizer_config)
         try:
             if shared is not None:
-                layout_mod.check_shared_file(shared, layout,
-                                             vllm_tensorized=reader.is_vllm_tensorized,
-                                             record=reader.record)
+                layout_mod.check_shared_file(
+                    shared, layout, vllm_tensorized=reader.is_vllm_tensorized, record=reader.record
+                )
             if reader.record is not None and not reader.checkpoint_form:
                 reader.record.check_layout(layout, source=uri)
         except BaseException:
@@ -300,8 +302,12 @@ class TensorizerLoader(BaseModelLoader):
                         vllm_config=vllm_config, model_config=model_config, prefix=prefix
                     )
                 reader.started += time.perf_counter() - building  # time the reading only
-                with progress("Deserializing", reader.total_tensor_bytes, logger=logger,
-                              enabled=layout.rank == 0) as reader.on_bytes:
+                with progress(
+                    "Deserializing",
+                    reader.total_tensor_bytes,
+                    logger=logger,
+                    enabled=layout.rank == 0,
+                ) as reader.on_bytes:
                     if reader.is_vllm_tensorized:
                         stats = load_into_module(model, reader)
                     elif reader.checkpoint_form:
@@ -311,8 +317,12 @@ class TensorizerLoader(BaseModelLoader):
         _last_load = stats
         logger.info(
             "Deserialized %.3f GB in %.2f s (%.2f GB/s) from %s (%sworker memory: %s)",
-            stats.bytes / 1e9, stats.seconds, stats.gb_per_s, uri,
-            f"{stats.read_times}; " if stats.read_times else "", _memory(),
+            stats.bytes / 1e9,
+            stats.seconds,
+            stats.gb_per_s,
+            uri,
+            f"{stats.read_times}; " if stats.read_times else "",
+            _memory(),
         )
         gc.collect()
         process_weights_after_loading(model, model_config, device)
@@ -334,8 +344,9 @@ class TensorizerLoader(BaseModelLoader):
             else:
                 self._load_hf_weights(model, reader)
 
-    def _load_converted(self, model: nn.Module, reader, uri: str,
-                        device: torch.device) -> LoadStats:
+    def _load_converted(
+        self, model: nn.Module, reader, uri: str, device: torch.device
+    ) -> LoadStats:
         """A converted file (checkpoint form): vLLM's ``load_weights`` is first run on meta
         tensors to learn which bytes of each tensor this rank copies (`convert.regions`),
         then fed tensors with only those bytes read (`convert.loading`)."""
@@ -350,13 +361,19 @@ class TensorizerLoader(BaseModelLoader):
             loaded = model.load_weights(converted.meta_inputs(watch))
         _check_all_loaded(model, loaded, reader)
         parts = converted.parts(watch.needs)
-        _last_parts[:] = [(p.name, p.entry.data_offset + p.span[0],
-                           p.entry.data_offset + p.span[1]) for p in parts]
+        _last_parts[:] = [
+            (p.name, p.entry.data_offset + p.span[0], p.entry.data_offset + p.span[1])
+            for p in parts
+        ]
         read = PartsRead()
         with _naming_tensor(reader, watch):
             model.load_weights(converted.tensors(parts, read))
-        return LoadStats(uri=reader.uri, tensors=len(parts), bytes=read.bytes,
-                         seconds=time.perf_counter() - reader.started)
+        return LoadStats(
+            uri=reader.uri,
+            tensors=len(parts),
+            bytes=read.bytes,
+            seconds=time.perf_counter() - reader.started,
+        )
 
     @staticmethod
     def _load_hf_weights(model: nn.Module, reader) -> LoadStats:
@@ -376,9 +393,13 @@ class TensorizerLoader(BaseModelLoader):
                 yield name, tensor
 
         model.load_weights(weights())
-        return LoadStats(uri=reader.uri, tensors=count, bytes=nbytes,
-                         seconds=time.perf_counter() - reader.started,
-                         read_times=reader.read_times)
+        return LoadStats(
+            uri=reader.uri,
+            tensors=count,
+            bytes=nbytes,
+            seconds=time.perf_counter() - reader.started,
+            read_times=reader.read_times,
+        )
 
 
 @contextlib.contextmanager
@@ -404,7 +425,8 @@ def _check_all_loaded(model: nn.Module, loaded: Any, reader) -> None:
     if missing:
         raise ModelMismatchError(
             f"{reader.uri} does not hold every weight vLLM's "
-            f"{type(model).__name__} needs; missing: {', '.join(missing)}")
+            f"{type(model).__name__} needs; missing: {', '.join(missing)}"
+        )
 
 
 def shared_file(config: TensorizerConfig, explicit: bool, world_size: int) -> str | None:
@@ -421,8 +443,9 @@ def shared_file(config: TensorizerConfig, explicit: bool, world_size: int) -> st
     directory = config.tensorizer_dir or "."
     options = config.stream_options()
     single = layout_mod.tensors_uri(directory, 1)
-    if storage.exists(layout_mod.tensors_uri(directory, world_size) % 0, options) or \
-            not storage.exists(single, options):
+    if storage.exists(
+        layout_mod.tensors_uri(directory, world_size) % 0, options
+    ) or not storage.exists(single, options):
         return None
     return single
 
@@ -448,7 +471,9 @@ class CaptureLoader(DefaultModelLoader):
         extra = dict(load_config.model_loader_extra_config or {})
         source_format = extra.pop("source_load_format", "auto")
         super().__init__(
-            dataclasses.replace(load_config, load_format=source_format, model_loader_extra_config={})
+            dataclasses.replace(
+                load_config, load_format=source_format, model_loader_extra_config={}
+            )
         )
 
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
@@ -505,12 +530,14 @@ def _reported(method):
     """Have a worker method answer with this package's error instead of raising it: vLLM
     logs a worker's exception with its traceback and re-raises it in the caller as a bare
     RuntimeError; `Engine.rpc` raises the answer again, as the error it was."""
+
     @functools.wraps(method)
     def wrapper(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return method(self, *args, **kwargs)
         except TensorizeError as e:
             return {WORKER_ERROR: str(e), "kind": type(e).__name__}
+
     return wrapper
 
 
@@ -518,8 +545,10 @@ def _raise_worker_errors(answers: list[Any]) -> list[Any]:
     for answer in answers:
         if isinstance(answer, dict) and WORKER_ERROR in answer:
             kind = getattr(errors, answer.get("kind", ""), None)
-            if not (isinstance(kind, type) and issubclass(kind, TensorizeError)) \
-                    or kind is errors.CorruptTensorError:
+            if (
+                not (isinstance(kind, type) and issubclass(kind, TensorizeError))
+                or kind is errors.CorruptTensorError
+            ):
                 kind = TensorizeError
             raise kind(answer[WORKER_ERROR])
     return answers
@@ -587,14 +616,19 @@ class WorkerExtension:
         packed = getattr(model, "packed_modules_mapping", {}) or {}
         # With --enable-lora vLLM has already wrapped each layer (".../qkv_proj.base_layer").
         supported = set(get_supported_lora_modules(model)) - {"base_layer"}
-        supported |= {name.rsplit(".", 2)[-2] for name, _ in model.named_modules()
-                      if name.endswith(".base_layer")}
+        supported |= {
+            name.rsplit(".", 2)[-2]
+            for name, _ in model.named_modules()
+            if name.endswith(".base_layer")
+        }
         expected: set[str] = set()
         for module in supported:
             expected.update(packed.get(module, [module]))
         lora_config = self.vllm_config.lora_config  # type: ignore[attr-defined]
-        return {"modules": sorted(expected),
-                "max_rank": lora_config.max_lora_rank if lora_config else None}
+        return {
+            "modules": sorted(expected),
+            "max_rank": lora_config.max_lora_rank if lora_config else None,
+        }
 
     def tensorize_vllm_model_read_plan(self) -> list[tuple[str, int, int]]:
         """(tensor, first byte, end byte) in the file of every range the last load of a
@@ -631,7 +665,11 @@ def engine_args_from_namespace(args: argparse.Namespace):
     """The `EngineArgs` given on the command line."""
     from vllm.engine.arg_utils import EngineArgs
 
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineArgs) if hasattr(args, f.name)}
+    values = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(EngineArgs)
+        if hasattr(args, f.name)
+    }
     return EngineArgs(**values)
 
 
@@ -675,8 +713,9 @@ class Engine:
         """`rpc`, giving up after `seconds` (None then, or on error): for clean-up calls to
         an engine that may already be shutting down."""
         result: list[Any] = []
-        thread = threading.Thread(target=lambda: result.append(self.rpc(method, **kwargs)),
-                                  daemon=True)
+        thread = threading.Thread(
+            target=lambda: result.append(self.rpc(method, **kwargs)), daemon=True
+        )
         thread.start()
         thread.join(seconds)
         if thread.is_alive() or not result:
@@ -684,7 +723,9 @@ class Engine:
             return None
         return result[0]
 
-    def generate(self, prompts: Sequence[str], *, max_tokens: int = 16) -> list[tuple[str, list[int]]]:
+    def generate(
+        self, prompts: Sequence[str], *, max_tokens: int = 16
+    ) -> list[tuple[str, list[int]]]:
         """Greedy completions of `prompts`: (text, token ids) each."""
         from vllm import SamplingParams
 
@@ -728,8 +769,13 @@ def vllm_version() -> str:
 # -- LoRA adapters --------------------------------------------------------------------------
 
 
-def tensorized_lora_request(model: str, adapter: str, *, lora_int_id: int | None = None,
-                            tensorizer_config: TensorizerConfig | dict | None = None):
+def tensorized_lora_request(
+    model: str,
+    adapter: str,
+    *,
+    lora_int_id: int | None = None,
+    tensorizer_config: TensorizerConfig | dict | None = None,
+):
     """A `vllm.lora.request.LoRARequest` for adapter `adapter` of serialized model `model`.
 
     The adapter (``<model>/lora/<adapter>``, local, S3 or HTTP(S)) is deserialized into CPU
@@ -753,7 +799,8 @@ def tensorized_lora_request(model: str, adapter: str, *, lora_int_id: int | None
 
     if isinstance(tensorizer_config, dict):
         tensorizer_config = TensorizerConfig.from_extra_config(
-            {"tensorizer_dir": model, **tensorizer_config})
+            {"tensorizer_dir": model, **tensorizer_config}
+        )
     elif tensorizer_config is not None:
         tensorizer_config = as_tensorizer_config(tensorizer_config)
     path = materialize_adapter(adapter_uri(model, adapter), tensorizer_config, name=adapter)
@@ -816,8 +863,7 @@ def init_tensorizer_model(tensorizer_config: Any, vllm_config: VllmConfig) -> nn
     model_config = vllm_config.model_config
     device = target_device(vllm_config)
     model_class = getattr(tensorizer_config, "model_class", None)
-    with set_default_torch_dtype(model_config.dtype), torch.device(device), \
-            meta_parameters(device):
+    with set_default_torch_dtype(model_config.dtype), torch.device(device), meta_parameters(device):
         if model_class is None:
             return initialize_model(vllm_config=vllm_config, model_config=model_config)
         from vllm.config import set_current_vllm_config
@@ -847,18 +893,25 @@ def deserialize_tensorizer_model(model: nn.Module, tensorizer_config: Any) -> No
     if not is_valid_deserialization_uri(config.tensorizer_uri):
         raise ConfigError(
             f"{config.tensorizer_uri} is not a valid tensorizer URI: it must be an existing "
-            "local file, or have an s3, http or https scheme")
+            "local file, or have an s3, http or https scheme"
+        )
     device = torch.device(current_platform.device_type)
     if device.type != "cpu":
         device = torch.device(device.type, torch.accelerator.current_device_index())
     with open_tensors(config.tensorizer_uri, device=device, config=config) as reader:
         stats = load_into_module(model, reader)
-    logger.info("Deserialized %.3f GB in %.2f s (%.2f GB/s) from %s", stats.bytes / 1e9,
-                stats.seconds, stats.gb_per_s, stats.uri)
+    logger.info(
+        "Deserialized %.3f GB in %.2f s (%.2f GB/s) from %s",
+        stats.bytes / 1e9,
+        stats.seconds,
+        stats.gb_per_s,
+        stats.uri,
+    )
 
 
-def serialize_vllm_model(model: nn.Module, tensorizer_config: Any,
-                         model_config: ModelConfig) -> nn.Module:
+def serialize_vllm_model(
+    model: nn.Module, tensorizer_config: Any, model_config: ModelConfig
+) -> nn.Module:
     """Write `model`'s parameters and buffers as they are now to ``tensorizer_uri``
     (formatted with this process's rank when it holds a rank template), encrypted with the
     key in ``encryption_keyfile`` when set, then its config and tokenizer files beside it
@@ -883,16 +936,27 @@ def serialize_vllm_model(model: nn.Module, tensorizer_config: Any,
     key = read_key(config.encryption_keyfile, config) if config.encryption_keyfile else None
     tensors = [(name, p.detach(), False) for name, p in model.named_parameters()]
     tensors += [(name, b.detach(), True) for name, b in model.named_buffers()]
-    record = FileRecord(architecture=type(model).__name__,
-                        dtype=_dtype_name(model_config.dtype),
-                        tensor_parallel_size=layout.tensor_parallel_size,
-                        pipeline_parallel_size=layout.pipeline_parallel_size, rank=layout.rank,
-                        producer=f"tensorize_vllm_model {__version__}, vllm {vllm_version()}")
-    write_tensors(uri, tensors, record=record, key=key,
-                  serialization_kwargs=config.serialization_kwargs,
-                  options=config.stream_options()).commit()
-    serialize_extra_artifacts(config._construct_tensorizer_args(),
-                              model_config.served_model_name, revision=model_config.revision)
+    record = FileRecord(
+        architecture=type(model).__name__,
+        dtype=_dtype_name(model_config.dtype),
+        tensor_parallel_size=layout.tensor_parallel_size,
+        pipeline_parallel_size=layout.pipeline_parallel_size,
+        rank=layout.rank,
+        producer=f"tensorize_vllm_model {__version__}, vllm {vllm_version()}",
+    )
+    write_tensors(
+        uri,
+        tensors,
+        record=record,
+        key=key,
+        serialization_kwargs=config.serialization_kwargs,
+        options=config.stream_options(),
+    ).commit()
+    serialize_extra_artifacts(
+        config._construct_tensorizer_args(),
+        model_config.served_model_name,
+        revision=model_config.revision,
+    )
     logger.info("Serialized the model to %s", storage.redact(uri))
     return model
 
@@ -906,5 +970,9 @@ def _distributed_layout() -> ParallelLayout:
         return ParallelLayout()
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pp_group().world_size
-    return ParallelLayout(tp, pp, tp_rank=parallel_state.get_tensor_model_parallel_rank(),
-                          pp_rank=parallel_state.get_pp_group().rank_in_group)
+    return ParallelLayout(
+        tp,
+        pp,
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        pp_rank=parallel_state.get_pp_group().rank_in_group,
+    )

@@ -79,7 +79,8 @@ def tensorizer_kwargs_arg(value: str) -> dict[str, Any]:
     if not isinstance(loaded, dict):
         raise argparse.ArgumentTypeError(
             f"Not deserializable to dict: {value}. serialization_kwargs and "
-            "deserialization_kwargs must be a JSON object (a dictionary).")
+            "deserialization_kwargs must be a JSON object (a dictionary)."
+        )
     return loaded
 
 
@@ -106,8 +107,10 @@ def meta_tensor_mode(loading_code: Callable[[], Any] | None = None):
     if callable(loading_code):
         with _meta_context():
             return loading_code()
-    raise TypeError("expected a callable to evaluate, or None if being used as a context "
-                    f"manager; got an object of type {type(loading_code).__name__!r} instead.")
+    raise TypeError(
+        "expected a callable to evaluate, or None if being used as a context "
+        f"manager; got an object of type {type(loading_code).__name__!r} instead."
+    )
 
 
 @contextlib.contextmanager
@@ -134,9 +137,11 @@ def tensorizer_weights_iterator(
         yield from reader.items()
 
 
-def serialize_extra_artifacts(tensorizer_args: TensorizerArgs | Any,
-                              served_model_name: str | list[str] | None,
-                              revision: str | None = None) -> None:
+def serialize_extra_artifacts(
+    tensorizer_args: TensorizerArgs | Any,
+    served_model_name: str | list[str] | None,
+    revision: str | None = None,
+) -> None:
     """Copy the config, tokenizer and generation files of `served_model_name` (a local
     directory, or a Hub id where a Hub is reachable) into ``tensorizer_args.tensorizer_dir``
     (local or ``s3://``). As vLLM's, which only downloads from the Hub; each file appears
@@ -150,8 +155,10 @@ def serialize_extra_artifacts(tensorizer_args: TensorizerArgs | Any,
     from .artifacts import resolve_model_files, stage_artifacts
 
     if not isinstance(served_model_name, str):
-        raise ValueError("served_model_name must be a str for serialize_extra_artifacts, "
-                         f"not {type(served_model_name)}.")
+        raise ValueError(
+            "served_model_name must be a str for serialize_extra_artifacts, "
+            f"not {type(served_model_name)}."
+        )
     args = _as_args(tensorizer_args)
     options = args.config.stream_options()
     source = resolve_model_files(served_model_name, revision=revision)
@@ -174,17 +181,27 @@ def _as_args(tensorizer_args: Any) -> TensorizerArgs:
     from .config import TensorizerConfig
 
     if not hasattr(tensorizer_args, "tensorizer_uri"):
-        raise ConfigError("expected a TensorizerArgs (this package's or vLLM's), got "
-                          f"{type(tensorizer_args).__name__}")
-    values = {name: getattr(tensorizer_args, name) for name in TensorizerConfig._fields
-              if getattr(tensorizer_args, name, None) is not None
-              and name not in ("stream_kwargs", "deserialization_kwargs", "tensorizer_dir")}
+        raise ConfigError(
+            "expected a TensorizerArgs (this package's or vLLM's), got "
+            f"{type(tensorizer_args).__name__}"
+        )
+    values = {
+        name: getattr(tensorizer_args, name)
+        for name in TensorizerConfig._fields
+        if getattr(tensorizer_args, name, None) is not None
+        and name not in ("stream_kwargs", "deserialization_kwargs", "tensorizer_dir")
+    }
     credentials = ("s3_access_key_id", "s3_secret_access_key", "s3_endpoint")
-    values["stream_kwargs"] = {k: v for k, v in (tensorizer_args.stream_kwargs or {}).items()
-                               if k not in credentials and v is not None}
+    values["stream_kwargs"] = {
+        k: v
+        for k, v in (tensorizer_args.stream_kwargs or {}).items()
+        if k not in credentials and v is not None
+    }
     values["deserialization_kwargs"] = {
-        k: v for k, v in (tensorizer_args.deserialization_kwargs or {}).items()
-        if k not in ("verify_hash", "num_readers", "encryption") and v is not None}
+        k: v
+        for k, v in (tensorizer_args.deserialization_kwargs or {}).items()
+        if k not in ("verify_hash", "num_readers", "encryption") and v is not None
+    }
     return TensorizerArgs(as_tensorizer_config(values))
 
 

@@ -25,9 +25,16 @@ __all__ = ["Checkpoint", "open_checkpoint"]
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
 _BIN_INDEX = "pytorch_model.bin.index.json"
 _SAFETENSORS_DTYPES = {  # safetensors' dtype names (its header format)
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
     "F8_E4M3": getattr(torch, "float8_e4m3fn", torch.uint8),
     "F8_E5M2": getattr(torch, "float8_e5m2", torch.uint8),
 }
@@ -149,20 +156,26 @@ def open_checkpoint(directory: str) -> Checkpoint:
         with open(config_path) as f:
             config = json.load(f)
     except FileNotFoundError:
-        raise StorageError(f"{config_path} is missing: is {directory} a Hugging Face "
-                           "checkpoint?") from None
+        raise StorageError(
+            f"{config_path} is missing: is {directory} a Hugging Face checkpoint?"
+        ) from None
     except (OSError, json.JSONDecodeError) as e:
         raise FormatError(f"cannot read {config_path}: {e}") from None
     if not config.get("architectures"):
-        raise ConfigError(f"{config_path} names no architecture ('architectures' is empty): "
-                          "vLLM would not know which model to build")
-    for kind, index, pattern in (("safetensors", _SAFETENSORS_INDEX, ".safetensors"),
-                                 ("bin", _BIN_INDEX, ".bin")):
+        raise ConfigError(
+            f"{config_path} names no architecture ('architectures' is empty): "
+            "vLLM would not know which model to build"
+        )
+    for kind, index, pattern in (
+        ("safetensors", _SAFETENSORS_INDEX, ".safetensors"),
+        ("bin", _BIN_INDEX, ".bin"),
+    ):
         files = _files_of(directory, index, pattern)
         if files:
             return Checkpoint(directory=directory, files=files, kind=kind, config=config)
-    raise StorageError(f"{directory} holds no weights (no *.safetensors or pytorch_model*.bin "
-                       "files)")
+    raise StorageError(
+        f"{directory} holds no weights (no *.safetensors or pytorch_model*.bin files)"
+    )
 
 
 def _files_of(directory: str, index: str, suffix: str) -> list[str]:
@@ -180,8 +193,13 @@ def _files_of(directory: str, index: str, suffix: str) -> list[str]:
         if missing:
             raise StorageError(
                 f"the checkpoint in {directory} is incomplete: {', '.join(missing)} "
-                f"(named in {index}) missing")
+                f"(named in {index}) missing"
+            )
         return [os.path.join(directory, n) for n in names]
-    return sorted(os.path.join(directory, n) for n in os.listdir(directory)
-                  if n.endswith(suffix) and not n.startswith(".")
-                  and (suffix != ".bin" or n.startswith("pytorch_model")))
+    return sorted(
+        os.path.join(directory, n)
+        for n in os.listdir(directory)
+        if n.endswith(suffix)
+        and not n.startswith(".")
+        and (suffix != ".bin" or n.startswith("pytorch_model"))
+    )

@@ -14,8 +14,9 @@ def _text_config(config: dict) -> dict:
     return config.get("text_config") or config
 
 
-def check_layout_fits(config: dict, tensor_parallel_size: int, pipeline_parallel_size: int,
-                      *, source: str) -> None:
+def check_layout_fits(
+    config: dict, tensor_parallel_size: int, pipeline_parallel_size: int, *, source: str
+) -> None:
     """Raise LayoutError when the model of `config` cannot be split this way.
 
     Args:
@@ -29,13 +30,17 @@ def check_layout_fits(config: dict, tensor_parallel_size: int, pipeline_parallel
     layers = config.get("num_hidden_layers") or config.get("n_layer")
     problems = []
     if heads and heads % tp:
-        problems.append(f"its {heads} attention heads are not divisible by "
-                        f"--tensor-parallel-size {tp}")
+        problems.append(
+            f"its {heads} attention heads are not divisible by --tensor-parallel-size {tp}"
+        )
     elif kv_heads and kv_heads % tp and tp % kv_heads:
-        problems.append(f"its {kv_heads} key/value heads neither divide nor are divisible by "
-                        f"--tensor-parallel-size {tp}")
+        problems.append(
+            f"its {kv_heads} key/value heads neither divide nor are divisible by "
+            f"--tensor-parallel-size {tp}"
+        )
     if layers and pp > layers:
         problems.append(f"its {layers} layers cannot fill --pipeline-parallel-size {pp} stages")
     if problems:
-        raise LayoutError(f"the model in {source} cannot be loaded at TP={tp} x PP={pp}: "
-                          + "; ".join(problems))
+        raise LayoutError(
+            f"the model in {source} cannot be loaded at TP={tp} x PP={pp}: " + "; ".join(problems)
+        )

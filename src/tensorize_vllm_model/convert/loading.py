@@ -36,8 +36,7 @@ __all__ = ["ConvertedFile"]
 class ConvertedFile:
     """An open converted file, seen as the checkpoint it came from."""
 
-    def __init__(self, reader: TensorReader, uri: str, config: TensorizerConfig,
-                 threads: int):
+    def __init__(self, reader: TensorReader, uri: str, config: TensorizerConfig, threads: int):
         self.reader = reader
         self.uri = uri  # unredacted: the reads need its query string
         self.config = config
@@ -52,8 +51,10 @@ class ConvertedFile:
     def _dtype(self, name: str) -> torch.dtype:
         dtype = getattr(torch, self.entries[name].dtype, None)
         if not isinstance(dtype, torch.dtype):
-            raise FormatError(f"{self.reader.uri}: tensor {name} has dtype "
-                              f"{self.entries[name].dtype}, which torch does not have")
+            raise FormatError(
+                f"{self.reader.uri}: tensor {name} has dtype "
+                f"{self.entries[name].dtype}, which torch does not have"
+            )
         return dtype
 
     def logical_shape(self, name: str) -> tuple[int, ...]:
@@ -67,8 +68,9 @@ class ConvertedFile:
 
     def parts(self, needs: dict[str, Need]) -> list[Part]:
         """One `Part` per tensor this rank needs, in file order."""
-        chosen = [(name, needs[name]) for name in self.entries
-                  if name in needs and needs[name].needed]
+        chosen = [
+            (name, needs[name]) for name in self.entries if name in needs and needs[name].needed
+        ]
         ciphers = self._ciphers([name for name, _ in chosen])
         parts = []
         for (name, need), cipher in zip(chosen, ciphers):
@@ -76,9 +78,12 @@ class ConvertedFile:
             if need.whole or self.verify:
                 start, stop = 0, entry.data_length
             else:
-                start, stop = box_byte_range(need.boxes, need.shape,
-                                             self._dtype(name).itemsize, name in self.transposed)
-            targets = () if cipher is not None or need.whole or self.verify else self._direct(name, need)
+                start, stop = box_byte_range(
+                    need.boxes, need.shape, self._dtype(name).itemsize, name in self.transposed
+                )
+            targets = (
+                () if cipher is not None or need.whole or self.verify else self._direct(name, need)
+            )
             parts.append(Part(name, entry, start, stop, cipher, targets))
         return parts
 
@@ -90,8 +95,12 @@ class ConvertedFile:
         dtype = self._dtype(name)
         targets = []
         for box, destination in need.copies:
-            if name in self.transposed or destination.dtype != dtype or \
-                    destination.device.type != "cpu" or not destination.is_contiguous():
+            if (
+                name in self.transposed
+                or destination.dtype != dtype
+                or destination.device.type != "cpu"
+                or not destination.is_contiguous()
+            ):
                 return ()
             lo, hi = box_byte_range([box], need.shape, dtype.itemsize, False)
             if hi - lo != destination.numel() * dtype.itemsize:
@@ -106,19 +115,22 @@ class ConvertedFile:
 
         entries = [self.index[n] for n in names]
         if storage.is_local(self.uri):
-            found = ciphers(storage.local_path(self.uri), entries,
-                            self.reader.header_deserializer)
+            found = ciphers(storage.local_path(self.uri), entries, self.reader.header_deserializer)
         else:
             source = storage.range_source(self.uri, self.config.stream_options())
             raws = [source.read_range(e.offset, e.data_offset) for e in entries]
             try:
-                found = [cipher_from_header(e, raw, self.reader.header_deserializer)
-                         for e, raw in zip(entries, raws)]
+                found = [
+                    cipher_from_header(e, raw, self.reader.header_deserializer)
+                    for e, raw in zip(entries, raws)
+                ]
             except Exception:  # noqa: BLE001 - tensorizer's header parser decides which
                 found = None
         if found is None:
-            raise FormatError(f"{self.reader.uri}: an encrypted tensor's header is not in "
-                              "the form tensorizer 2.12 writes")
+            raise FormatError(
+                f"{self.reader.uri}: an encrypted tensor's header is not in "
+                "the form tensorizer 2.12 writes"
+            )
         return found
 
     def tensors(self, parts: list[Part], read: PartsRead) -> Iterator[tuple[str, torch.Tensor]]:
@@ -128,8 +140,9 @@ class ConvertedFile:
         options = self.config.stream_options()
         on_bytes = self.reader.on_bytes  # the load's progress: this rank's share of the file
         resize(on_bytes, sum(part.span[1] - part.span[0] for part in parts))
-        for part, buffer in read_parts(self.uri, parts, threads=self.threads,
-                                       options=options, stats=read):
+        for part, buffer in read_parts(
+            self.uri, parts, threads=self.threads, options=options, stats=read
+        ):
             if on_bytes is not None:
                 on_bytes(part.span[1] - part.span[0])
             if buffer is None:  # read straight into the parameters: vLLM's copy is done
@@ -155,13 +168,17 @@ class ConvertedFile:
                 f.seek(entry.offset)
                 raw = f.read(entry.data_offset - entry.offset)
         else:
-            raw = storage.range_source(self.uri, options).read_range(entry.offset,
-                                                                     entry.data_offset)
+            raw = storage.range_source(self.uri, options).read_range(
+                entry.offset, entry.data_offset
+            )
         try:
             hashes = stored_hashes(raw, self.reader.header_deserializer)
         except Exception as e:  # noqa: BLE001 - tensorizer's parser rejects it
-            raise FormatError(f"{self.reader.uri} is corrupt: the header of tensor {part.name} "
-                              f"cannot be read ({type(e).__name__}: {e})") from None
-        data = memoryview(buffer.reshape(-1).view(torch.uint8).numpy()) \
-            if entry.data_length else b""
+            raise FormatError(
+                f"{self.reader.uri} is corrupt: the header of tensor {part.name} "
+                f"cannot be read ({type(e).__name__}: {e})"
+            ) from None
+        data = (
+            memoryview(buffer.reshape(-1).view(torch.uint8).numpy()) if entry.data_length else b""
+        )
         hashes.check(data, tensor=part.name, uri=self.reader.uri)

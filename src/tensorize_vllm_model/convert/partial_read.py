@@ -49,8 +49,10 @@ class Part:
         if self.cipher is None:
             return self.start, self.stop
         size = self.cipher.chunk_size
-        return (self.start // size * size,
-                min(self.entry.data_length, -(-self.stop // size) * size))
+        return (
+            self.start // size * size,
+            min(self.entry.data_length, -(-self.stop // size) * size),
+        )
 
 
 @dataclass
@@ -86,14 +88,13 @@ class _Reader:
             os.close(self.fd)
 
 
-def _fill(reader: _Reader, part: Part, memory: torch.Tensor, place: int, lo: int,
-          hi: int) -> None:
+def _fill(reader: _Reader, part: Part, memory: torch.Tensor, place: int, lo: int, hi: int) -> None:
     """Read the tensor's bytes [lo, hi) into the uint8 CPU tensor `memory` at byte `place`
     (and decrypt them in place when the part is encrypted)."""
     from ..local_read import _populate
 
     _populate(memory.data_ptr() + place, hi - lo)  # its pages made present in one call
-    view = memoryview(memory.numpy())[place:place + hi - lo]
+    view = memoryview(memory.numpy())[place : place + hi - lo]
     reader.read_into(view, part.entry.data_offset + lo)
     if part.cipher is not None:
         from ..tensor_decryption import DecryptionFailed
@@ -101,8 +102,9 @@ def _fill(reader: _Reader, part: Part, memory: torch.Tensor, place: int, lo: int
         try:
             part.cipher.decrypt(view, lo)
         except DecryptionFailed:
-            raise EncryptionError(f"cannot decrypt {reader.uri}: wrong key (or corrupted "
-                                  f"data) in tensor {part.name}") from None
+            raise EncryptionError(
+                f"cannot decrypt {reader.uri}: wrong key (or corrupted data) in tensor {part.name}"
+            ) from None
 
 
 def _submit_direct(pool: ThreadPoolExecutor, reader: _Reader, part: Part) -> list[Future]:
@@ -111,8 +113,9 @@ def _submit_direct(pool: ThreadPoolExecutor, reader: _Reader, part: Part) -> lis
     for lo, hi, tensor in part.targets:
         flat = tensor.view(-1).view(torch.uint8)
         for at in range(lo, hi, PIECE_BYTES):
-            futures.append(pool.submit(_fill, reader, part, flat, at - lo, at,
-                                       min(hi, at + PIECE_BYTES)))
+            futures.append(
+                pool.submit(_fill, reader, part, flat, at - lo, at, min(hi, at + PIECE_BYTES))
+            )
     return futures
 
 
@@ -122,9 +125,14 @@ def _size(part: Part) -> int:
     return part.stop - part.start if part.targets else part.span[1] - part.span[0]
 
 
-def read_parts(uri: str, parts: Sequence[Part], *, threads: int,
-               options: storage.Options = None, stats: PartsRead | None = None
-               ) -> Iterator[tuple[Part, torch.Tensor]]:
+def read_parts(
+    uri: str,
+    parts: Sequence[Part],
+    *,
+    threads: int,
+    options: storage.Options = None,
+    stats: PartsRead | None = None,
+) -> Iterator[tuple[Part, torch.Tensor]]:
     """Yield (part, buffer) in the order of `parts`: `buffer` is a uint8 CPU tensor of the
     tensor's stored length whose bytes [part.span) are read (and decrypted); None for a part
     with `targets`, whose bytes are then already in those tensors.
@@ -158,8 +166,10 @@ def read_parts(uri: str, parts: Sequence[Part], *, threads: int,
                 step = PIECE_BYTES
                 if part.cipher is not None:  # pieces of whole chunks
                     step = max(1, PIECE_BYTES // part.cipher.chunk_size) * part.cipher.chunk_size
-                futures = [pool.submit(_fill, reader, part, buffer, at, at, min(hi, at + step))
-                           for at in range(lo, hi, step)]
+                futures = [
+                    pool.submit(_fill, reader, part, buffer, at, at, min(hi, at + step))
+                    for at in range(lo, hi, step)
+                ]
                 pending.append((part, buffer, futures))
                 queued += hi - lo
                 stats.bytes += hi - lo

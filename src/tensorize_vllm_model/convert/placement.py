@@ -21,15 +21,41 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["ROW_PARALLEL", "COLUMN_PARALLEL", "VOCAB_PADDING", "stores_transposed",
-           "TensorShape", "Read", "rank_reads", "split_dim"]
+__all__ = [
+    "ROW_PARALLEL",
+    "COLUMN_PARALLEL",
+    "VOCAB_PADDING",
+    "stores_transposed",
+    "TensorShape",
+    "Read",
+    "rank_reads",
+    "split_dim",
+]
 
 # Weight names (last two components: "<layer>.weight") split along their input dimension.
 ROW_PARALLEL = ("o_proj", "down_proj", "out_proj", "fc2", "dense_4h_to_h", "w2", "wo")
 # Split along their output dimension (weights and biases).
-COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "qkv_proj", "gate_proj", "up_proj",
-                   "gate_up_proj", "fc1", "query_key_value", "dense_h_to_4h", "w1", "w3",
-                   "wq", "wk", "wv", "embed_tokens", "lm_head", "wte", "word_embeddings")
+COLUMN_PARALLEL = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "qkv_proj",
+    "gate_proj",
+    "up_proj",
+    "gate_up_proj",
+    "fc1",
+    "query_key_value",
+    "dense_h_to_4h",
+    "w1",
+    "w3",
+    "wq",
+    "wk",
+    "wv",
+    "embed_tokens",
+    "lm_head",
+    "wte",
+    "word_embeddings",
+)
 # vLLM pads vocabulary dimensions to a multiple of this before splitting them.
 VOCAB_PADDING = 64
 _VOCAB = ("embed_tokens", "lm_head", "wte", "word_embeddings")
@@ -103,8 +129,9 @@ def _share(name: str, size: int, tp_size: int, tp_rank: int, config: dict) -> tu
     return tp_rank * per, (tp_rank + 1) * per
 
 
-def rank_reads(tensors: Iterable[TensorShape], config: dict, tp_size: int,
-               tp_rank: int) -> list[Read]:
+def rank_reads(
+    tensors: Iterable[TensorShape], config: dict, tp_size: int, tp_rank: int
+) -> list[Read]:
     """The byte ranges TP rank `tp_rank` of `tp_size` reads of a converted file (PP=1).
 
     Args:

@@ -44,12 +44,13 @@ class Need:
         return self.whole or bool(self.boxes)
 
 
-def view_box(shape: Sequence[int], offset: int, sizes: Sequence[int],
-             strides: Sequence[int]) -> tuple[tuple[int, int], ...] | None:
+def view_box(
+    shape: Sequence[int], offset: int, sizes: Sequence[int], strides: Sequence[int]
+) -> tuple[tuple[int, int], ...] | None:
     """The box [start, stop) per dimension of a contiguous tensor of `shape` that a view
     (`offset`, `sizes`, `strides`, in elements) covers; None when the view is not a box
     of it (merged dimensions, overlapping strides)."""
-    base = [math.prod(shape[i + 1:]) for i in range(len(shape))]
+    base = [math.prod(shape[i + 1 :]) for i in range(len(shape))]
     starts, rest = [], offset
     for size, stride in zip(shape, base):
         starts.append(rest // stride % size if size else 0)
@@ -59,8 +60,11 @@ def view_box(shape: Sequence[int], offset: int, sizes: Sequence[int],
     for size, stride in zip(sizes, strides):
         if size == 1:
             continue
-        dims = [j for j, b in enumerate(base) if shape[j] > 1 and stride % b == 0
-                and stride // b < shape[j]]
+        dims = [
+            j
+            for j, b in enumerate(base)
+            if shape[j] > 1 and stride % b == 0 and stride // b < shape[j]
+        ]
         if not dims or extents[dims[0]] != 1:
             return None
         j = dims[0]
@@ -71,14 +75,18 @@ def view_box(shape: Sequence[int], offset: int, sizes: Sequence[int],
     return box
 
 
-def box_byte_range(boxes: Sequence[tuple[tuple[int, int], ...]], shape: Sequence[int],
-                   itemsize: int, transposed: bool) -> tuple[int, int]:
+def box_byte_range(
+    boxes: Sequence[tuple[tuple[int, int], ...]],
+    shape: Sequence[int],
+    itemsize: int,
+    transposed: bool,
+) -> tuple[int, int]:
     """The one byte range [start, stop) of a tensor stored row-major (its logical `shape`
     reversed when `transposed`) that holds every box of `boxes`."""
     if transposed:
         shape = tuple(reversed(shape))
         boxes = [tuple(reversed(b)) for b in boxes]
-    base = [math.prod(shape[i + 1:]) for i in range(len(shape))]
+    base = [math.prod(shape[i + 1 :]) for i in range(len(shape))]
     first = min(sum(lo * b for (lo, _), b in zip(box, base)) for box in boxes)
     last = max(sum((hi - 1) * b for (_, hi), b in zip(box, base)) for box in boxes)
     return first * itemsize, (last + 1) * itemsize
@@ -117,8 +125,11 @@ class CopyWatch(TorchDispatchMode):
         if func is torch.ops.aten.copy_.default and args[1].is_meta and not args[0].is_meta:
             src = args[1]
             need = self._owner(src)
-            box = view_box(need.shape, src.storage_offset(), src.shape, src.stride()) \
-                if need is not None else None
+            box = (
+                view_box(need.shape, src.storage_offset(), src.shape, src.stride())
+                if need is not None
+                else None
+            )
             if need is None or box is None:
                 self._whole(need)
             else:
@@ -129,8 +140,9 @@ class CopyWatch(TorchDispatchMode):
             self._whole(self._owner(t))
         if func._schema.is_mutable:  # in place into a real tensor: skipped
             return args[0]
-        meta = tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t,
-                        (args, kwargs))
+        meta = tree_map(
+            lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, (args, kwargs)
+        )
         return func(*meta[0], **meta[1])
 
     def _whole(self, need: Need | None) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .. import __version__, storage
+from .. import __version__, batched_write, storage
 from ..artifacts import resolve_model_files, stage_artifacts
 from ..config import DEFAULT_TENSORS_NAME, TensorizerConfig
 from ..errors import ConfigError
@@ -28,7 +28,6 @@ from ..keys import prepare_key
 from ..layout import CHECKPOINT_FORM, FileRecord, serialized_dir
 from ..progress import progress
 from ..serialization import SerializeResult, check_serialization_kwargs, write_tensors
-from .. import batched_write
 from .checkpoint import Checkpoint, open_checkpoint
 from .placement import stores_transposed
 
@@ -43,8 +42,9 @@ _ALIASES = {"half": "float16", "float": "float32"}
 def _target_dtype(dtype: str, checkpoint: Checkpoint) -> torch.dtype | None:
     """The dtype floating-point tensors are written in; None keeps each tensor's own."""
     if dtype not in DTYPES:
-        raise ConfigError(f"--dtype {dtype!r} is not supported by convert; choose one of "
-                          f"{', '.join(DTYPES)}")
+        raise ConfigError(
+            f"--dtype {dtype!r} is not supported by convert; choose one of {', '.join(DTYPES)}"
+        )
     if dtype == "auto":
         return None
     return getattr(torch, _ALIASES.get(dtype, dtype))
@@ -57,8 +57,9 @@ def _recorded_dtype(target: torch.dtype | None, checkpoint: Checkpoint) -> str |
     return str(named) if named else None
 
 
-def _stream(checkpoint: Checkpoint, target: torch.dtype | None,
-            transposed: list[str]) -> Iterator[tuple[str, torch.Tensor, bool]]:
+def _stream(
+    checkpoint: Checkpoint, target: torch.dtype | None, transposed: list[str]
+) -> Iterator[tuple[str, torch.Tensor, bool]]:
     """The tensors to write, cast and laid out; `transposed` collects the names of those
     stored transposed."""
     for name, tensor in checkpoint.tensors():
@@ -109,16 +110,22 @@ def convert_checkpoint(
     """
     start = time.perf_counter()
     options = config.stream_options() if config is not None else None
-    local = model if os.path.isdir(model) else resolve_model_files(
-        model, revision=revision, download_dir=download_dir, weights=True)
+    local = (
+        model
+        if os.path.isdir(model)
+        else resolve_model_files(model, revision=revision, download_dir=download_dir, weights=True)
+    )
     checkpoint = open_checkpoint(local)
     target = _target_dtype(dtype, checkpoint)
     check_serialization_kwargs(serialization_kwargs or {})
     directory = serialized_dir(serialized_directory, model, suffix)
     # serialize's key rules: an existing key file is used as it is, a missing one gets a
     # new key published with the model, anything else is refused before a byte is written.
-    encryption = prepare_key(keyfile, config or TensorizerConfig(tensorizer_uri=directory)) \
-        if keyfile else None
+    encryption = (
+        prepare_key(keyfile, config or TensorizerConfig(tensorizer_uri=directory))
+        if keyfile
+        else None
+    )
     key = encryption.key if encryption else None
     created = _missing_dirs(directory)
     staged: list[storage.StagedWrite] = []
@@ -127,20 +134,27 @@ def convert_checkpoint(
     publication = storage.Publication(options)
     transposed: list[str] = []
     record = FileRecord(
-        architecture=checkpoint.architecture, dtype=_recorded_dtype(target, checkpoint),
+        architecture=checkpoint.architecture,
+        dtype=_recorded_dtype(target, checkpoint),
         producer=f"tensorize_vllm_model {__version__} (convert)",
-        extra={"form": CHECKPOINT_FORM, "transposed": transposed,
-               "source_format": checkpoint.kind})
+        extra={"form": CHECKPOINT_FORM, "transposed": transposed, "source_format": checkpoint.kind},
+    )
     try:
         storage.check_writable(directory, options)
         names = _transposed_names(checkpoint)
         record.extra["transposed"] = names
         with progress("Converting", checkpoint.tensor_bytes(target), logger=logger) as advance:
-            tensors = write_tensors(storage.join(directory, DEFAULT_TENSORS_NAME),
-                                    _stream(checkpoint, target, transposed), record=record,
-                                    key=key, serialization_kwargs=serialization_kwargs,
-                                    options=options, marker=False, on_bytes=advance,
-                                    batch_bytes=batched_write.BATCH_BYTES)
+            tensors = write_tensors(
+                storage.join(directory, DEFAULT_TENSORS_NAME),
+                _stream(checkpoint, target, transposed),
+                record=record,
+                key=key,
+                serialization_kwargs=serialization_kwargs,
+                options=options,
+                marker=False,
+                on_bytes=advance,
+                batch_bytes=batched_write.BATCH_BYTES,
+            )
         staged.append(tensors.staged)
         if sorted(transposed) != sorted(names):  # the record must say what was done
             raise RuntimeError("the transposed tensors differ from the planned ones")
@@ -152,11 +166,16 @@ def convert_checkpoint(
         publication.rollback(staged)
         _remove_empty(created)
         raise
-    return SerializeResult(directory=directory, tensors_uri=tensors.uri,
-                           files=[s.uri for s in staged], tensors=tensors.tensors,
-                           bytes=tensors.bytes, seconds=time.perf_counter() - start,
-                           keyfile=keyfile,
-                           key_existing=bool(encryption and encryption.existing))
+    return SerializeResult(
+        directory=directory,
+        tensors_uri=tensors.uri,
+        files=[s.uri for s in staged],
+        tensors=tensors.tensors,
+        bytes=tensors.bytes,
+        seconds=time.perf_counter() - start,
+        keyfile=keyfile,
+        key_existing=bool(encryption and encryption.existing),
+    )
 
 
 def _missing_dirs(directory: str) -> list[str]:

@@ -83,7 +83,7 @@ def local_path(uri: str | os.PathLike) -> str:
     uri = os.fspath(uri)
     if scheme_of(uri) != "file":
         raise ConfigError(f"{redact(uri)!r} is not a local path")
-    return uri[len("file://"):] if uri.startswith("file://") else uri
+    return uri[len("file://") :] if uri.startswith("file://") else uri
 
 
 def join(base: str, *parts: str) -> str:
@@ -131,8 +131,12 @@ def open_read(uri: str, options: Options = None) -> BinaryIO:
     from .ranged import RangeStream
 
     opts = StreamOptions.from_mapping(options)
-    return RangeStream(backend.source(uri, opts), chunk_size=opts.chunk_size, workers=opts.workers,
-                       ranges=opts.ranges)
+    return RangeStream(
+        backend.source(uri, opts),
+        chunk_size=opts.chunk_size,
+        workers=opts.workers,
+        ranges=opts.ranges,
+    )
 
 
 def range_source(uri: str, options: Options = None):
@@ -226,8 +230,9 @@ class Publication:
     def commit(self, staged: StagedWrite) -> None:
         backup = None
         if staged.replace and exists(staged.uri, self._options):
-            backup = join(parent(staged.uri),
-                          f".{basename(staged.uri)}.kept-{secrets.token_hex(4)}")
+            backup = join(
+                parent(staged.uri), f".{basename(staged.uri)}.kept-{secrets.token_hex(4)}"
+            )
             self._call("keep_aside", staged.uri, backup)
         try:
             staged.commit()
@@ -272,8 +277,9 @@ class Publication:
             getattr(backend, name)(*uris, StreamOptions.from_mapping(self._options))
 
 
-def stage_write(uri: str, options: Options = None, *, mode: int = 0o644,
-                replace: bool = True) -> StagedWrite:
+def stage_write(
+    uri: str, options: Options = None, *, mode: int = 0o644, replace: bool = True
+) -> StagedWrite:
     """Prepare to write `uri`: a private (0600) temporary file to write into now.
 
     Local files are staged beside their final name (so the commit is a rename); S3 objects in
@@ -291,8 +297,13 @@ def stage_write(uri: str, options: Options = None, *, mode: int = 0o644,
         raise ConfigError(f"cannot write to {redact(uri)}: {scheme}:// URIs are read-only")
     backend = _backend(uri)
     if scheme == "file":
-        return StagedWrite(uri=uri, path=backend.make_temp(uri), mode=mode, replace=replace,
-                           publish=backend.publish if replace else backend.publish_new)
+        return StagedWrite(
+            uri=uri,
+            path=backend.make_temp(uri),
+            mode=mode,
+            replace=replace,
+            publish=backend.publish if replace else backend.publish_new,
+        )
     opts = StreamOptions.from_mapping(options)
     backend.parse(uri)  # refuses a URI without a bucket now, not at commit
     try:
@@ -300,9 +311,13 @@ def stage_write(uri: str, options: Options = None, *, mode: int = 0o644,
         os.close(fd)
     except OSError as e:
         raise StorageError(f"cannot create a temporary file for {uri}: {e.strerror or e}") from e
-    return StagedWrite(uri=uri, path=temp, mode=mode, replace=replace,
-                       publish=lambda path, target: backend.upload(path, target, opts,
-                                                                   replace=replace))
+    return StagedWrite(
+        uri=uri,
+        path=temp,
+        mode=mode,
+        replace=replace,
+        publish=lambda path, target: backend.upload(path, target, opts, replace=replace),
+    )
 
 
 def _probe_directory(path: str, existing: str) -> None:
@@ -311,8 +326,10 @@ def _probe_directory(path: str, existing: str) -> None:
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".tensorize-probe-", dir=existing))
     except OSError as e:
-        raise StorageError(f"cannot write under {path}: cannot create a directory in "
-                           f"{existing} ({e.strerror or e})") from e
+        raise StorageError(
+            f"cannot write under {path}: cannot create a directory in "
+            f"{existing} ({e.strerror or e})"
+        ) from e
 
 
 def check_writable(directory: str, options: Options = None) -> None:

@@ -61,8 +61,9 @@ class HTTPSource:
             if response.status == 416:  # RFC 9110: no byte 0, so an empty file ("*/0")
                 match = re.fullmatch(r"bytes \*/0", response.getheader("Content-Range", ""))
                 if not match:
-                    raise StorageError(f"{self.name}: the server refused the range bytes=0-0 "
-                                       "(HTTP 416)")
+                    raise StorageError(
+                        f"{self.name}: the server refused the range bytes=0-0 (HTTP 416)"
+                    )
                 self.size, self.supports_ranges = 0, True
                 response.read()
             elif response.status == 206:
@@ -97,10 +98,12 @@ class HTTPSource:
             if parts.scheme == "https":
                 context = self._context or ssl.create_default_context()
                 cache[key] = http.client.HTTPSConnection(
-                    parts.hostname, parts.port, timeout=self.timeout, context=context)
+                    parts.hostname, parts.port, timeout=self.timeout, context=context
+                )
             else:
                 cache[key] = http.client.HTTPConnection(
-                    parts.hostname, parts.port, timeout=self.timeout)
+                    parts.hostname, parts.port, timeout=self.timeout
+                )
         return cache[key]
 
     def _drop(self, parts: urllib.parse.SplitResult) -> None:
@@ -109,8 +112,9 @@ class HTTPSource:
         if connection is not None:
             connection.close()
 
-    def _get(self, headers: dict[str, str], accept: tuple[int, ...] = (200, 206)
-             ) -> http.client.HTTPResponse:
+    def _get(
+        self, headers: dict[str, str], accept: tuple[int, ...] = (200, 206)
+    ) -> http.client.HTTPResponse:
         """GET the URL (following redirects); a response with a status in `accept`."""
         url = self.url
         for _ in range(_MAX_REDIRECTS + 1):
@@ -120,7 +124,9 @@ class HTTPSource:
                 target += "?" + parts.query
             connection = self._connection(parts)
             try:
-                connection.request("GET", target, headers={"Accept-Encoding": "identity", **headers})
+                connection.request(
+                    "GET", target, headers={"Accept-Encoding": "identity", **headers}
+                )
                 response = connection.getresponse()
             except ssl.SSLError as e:
                 self._drop(parts)
@@ -131,7 +137,8 @@ class HTTPSource:
             except TimeoutError:
                 self._drop(parts)
                 raise _TransportError(
-                    f"{self.name}: no answer within {self.timeout:g} s (timed out)") from None
+                    f"{self.name}: no answer within {self.timeout:g} s (timed out)"
+                ) from None
             except (OSError, http.client.HTTPException) as e:
                 self._drop(parts)
                 raise _TransportError(f"cannot reach {self.name}: {e}") from None
@@ -151,7 +158,9 @@ class HTTPSource:
                 raise StorageError(f"not found: {self.name} (HTTP 404)")
             if response.status in (401, 403):
                 raise StorageError(f"access denied to {self.name} (HTTP {response.status})")
-            raise StorageError(f"{self.name}: the server answered HTTP {response.status} {response.reason}")
+            raise StorageError(
+                f"{self.name}: the server answered HTTP {response.status} {response.reason}"
+            )
         raise StorageError(f"{self.name}: more than {_MAX_REDIRECTS} redirects")
 
     # -- RangeSource -----------------------------------------------------------------------
@@ -177,8 +186,10 @@ class HTTPSource:
                     return
                 tried.append(f"the response ended after {got} of {len(view)} bytes")
             except TransferStalled as e:
-                tried.append(f"the server stalled after sending {e.received} of {len(view)} "
-                              f"bytes (no data for {self.timeout:g} s)")
+                tried.append(
+                    f"the server stalled after sending {e.received} of {len(view)} "
+                    f"bytes (no data for {self.timeout:g} s)"
+                )
             except (_TransportError, OSError, http.client.HTTPException) as e:
                 tried.append(str(e) or type(e).__name__)
             self._drop(urllib.parse.urlsplit(self.url))
@@ -192,7 +203,8 @@ class HTTPSource:
         response = self._get(headers={})
         # The response holds its connection until closed: keep it out of the shared cache.
         getattr(self._local, "connections", {}).pop(
-            (urllib.parse.urlsplit(self.url).scheme, urllib.parse.urlsplit(self.url).netloc), None)
+            (urllib.parse.urlsplit(self.url).scheme, urllib.parse.urlsplit(self.url).netloc), None
+        )
         body = _Body(response, 0)
         while body.received < start:  # forward to `start`, in bounded pieces
             if not body.read(min(start - body.received, 1 << 20)):
@@ -230,7 +242,7 @@ def _fill(response: http.client.HTTPResponse, view: memoryview) -> int:
     got = 0
     while got < len(view):
         try:
-            count = response.readinto(view[got:got + _PIECE])
+            count = response.readinto(view[got : got + _PIECE])
         except TimeoutError:
             raise TransferStalled(got) from None
         if not count:
@@ -253,12 +265,16 @@ def read_bytes(url: str, options: StreamOptions, limit: int | None = None) -> by
     try:
         data = response.readall()
     except TransferStalled as e:
-        raise StorageError(f"reading {src.name}: the server stalled after sending {e.received} "
-                           f"of {src.size} bytes (no data for {src.timeout:g} s)") from None
+        raise StorageError(
+            f"reading {src.name}: the server stalled after sending {e.received} "
+            f"of {src.size} bytes (no data for {src.timeout:g} s)"
+        ) from None
     finally:
         response.close()
     if len(data) != src.size:
-        raise StorageError(f"{src.name}: the connection ended after {len(data)} of {src.size} bytes")
+        raise StorageError(
+            f"{src.name}: the connection ended after {len(data)} of {src.size} bytes"
+        )
     return data
 
 

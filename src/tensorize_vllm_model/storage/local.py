@@ -10,13 +10,22 @@ from typing import BinaryIO
 
 from ..errors import StorageError
 
-__all__ = ["path_of", "open_read", "exists", "list_names", "make_temp", "publish", "publish_new",
-           "keep_aside",
-           "restore", "delete"]
+__all__ = [
+    "path_of",
+    "open_read",
+    "exists",
+    "list_names",
+    "make_temp",
+    "publish",
+    "publish_new",
+    "keep_aside",
+    "restore",
+    "delete",
+]
 
 
 def path_of(uri: str) -> str:
-    return uri[len("file://"):] if uri.startswith("file://") else uri
+    return uri[len("file://") :] if uri.startswith("file://") else uri
 
 
 def open_read(uri: str) -> BinaryIO:
@@ -51,7 +60,8 @@ def make_temp(uri: str) -> str:
     try:
         os.makedirs(directory, exist_ok=True)
         fd, temp = tempfile.mkstemp(
-            prefix=f".{os.path.basename(final)}.", suffix=f".tmp-{secrets.token_hex(4)}",
+            prefix=f".{os.path.basename(final)}.",
+            suffix=f".tmp-{secrets.token_hex(4)}",
             dir=directory,
         )
         os.close(fd)

@@ -20,9 +20,20 @@ __all__ = ["StreamOptions", "STREAM_KWARGS", "ADDRESSING_STYLES"]
 # tensorizer's open_stream keywords we honour, plus our own read-ahead knobs. buffer_size
 # is accepted for compatibility and has no effect.
 STREAM_KWARGS = (
-    "s3_access_key_id", "s3_secret_access_key", "s3_endpoint", "s3_config_path",
-    "s3_region_name", "s3_signature_version", "addressing_style", "force_http", "ca_bundle",
-    "buffer_size", "workers", "chunk_size", "timeout", "ranges",
+    "s3_access_key_id",
+    "s3_secret_access_key",
+    "s3_endpoint",
+    "s3_config_path",
+    "s3_region_name",
+    "s3_signature_version",
+    "addressing_style",
+    "force_http",
+    "ca_bundle",
+    "buffer_size",
+    "workers",
+    "chunk_size",
+    "timeout",
+    "ranges",
 )
 ADDRESSING_STYLES = ("auto", "virtual", "path")
 
@@ -66,8 +77,10 @@ class StreamOptions:
                 values[name] = parse_bool(values[name], f"stream_kwargs {name}")
         style = values.get("addressing_style")
         if style is not None and style not in ADDRESSING_STYLES:
-            raise ConfigError(f"stream_kwargs addressing_style must be one of "
-                              f"{', '.join(ADDRESSING_STYLES)}, got {style!r}")
+            raise ConfigError(
+                f"stream_kwargs addressing_style must be one of "
+                f"{', '.join(ADDRESSING_STYLES)}, got {style!r}"
+            )
         for name in ("workers", "chunk_size"):
             if name in values and (not isinstance(values[name], int) or values[name] < 1):
                 raise ConfigError(f"stream_kwargs {name} must be a positive integer")

@@ -22,8 +22,14 @@ from typing import Protocol
 
 from ..errors import StorageError
 
-__all__ = ["RangeSource", "RangeStream", "DEFAULT_CHUNK_SIZE", "DEFAULT_WORKERS", "KEEP_BYTES",
-           "TransferStalled"]
+__all__ = [
+    "RangeSource",
+    "RangeStream",
+    "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_WORKERS",
+    "KEEP_BYTES",
+    "TransferStalled",
+]
 
 DEFAULT_CHUNK_SIZE = 16 * 1024 * 1024
 DEFAULT_WORKERS = 4
@@ -63,8 +69,14 @@ class RangeSource(Protocol):
 class RangeStream(io.RawIOBase):
     """A read-only, seekable view of a `RangeSource` with read-ahead."""
 
-    def __init__(self, source: RangeSource, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                 workers: int = DEFAULT_WORKERS, ranges: bool = True):
+    def __init__(
+        self,
+        source: RangeSource,
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        workers: int = DEFAULT_WORKERS,
+        ranges: bool = True,
+    ):
         super().__init__()
         self.source = source
         self.name = source.name
@@ -127,7 +139,7 @@ class RangeStream(io.RawIOBase):
             count = min(len(data) - offset, want - done)
             if count <= 0:
                 raise StorageError(f"{self.name}: short read at byte {self._pos}")
-            view[done:done + count] = data[offset:offset + count]
+            view[done : done + count] = data[offset : offset + count]
             done += count
             self._pos += count
         return done
@@ -174,7 +186,7 @@ class RangeStream(io.RawIOBase):
         return future.result()
 
     def _fetch(self, buffer: mmap.mmap, start: int, stop: int) -> memoryview:
-        view = memoryview(buffer)[:stop - start]
+        view = memoryview(buffer)[: stop - start]
         self.source.read_range_into(start, view)
         return view
 
@@ -200,7 +212,7 @@ class RangeStream(io.RawIOBase):
         done = 0
         if self._pos < len(self._kept):  # the first bytes again: no new request for them
             done = min(len(view), len(self._kept) - self._pos)
-            view[:done] = self._kept[self._pos:self._pos + done]
+            view[:done] = self._kept[self._pos : self._pos + done]
         start = self._pos + done
         if done < len(view) and (self._sequential is None or start < self._sequential_pos):
             if self._sequential is not None:
@@ -217,14 +229,15 @@ class RangeStream(io.RawIOBase):
                 count = self._sequential.readinto(view[done:])
                 if not count:
                     break
-                self._passed(view[done:done + count])
+                self._passed(view[done : done + count])
                 done += count
         except StorageError:
             raise
         except TransferStalled:
             raise StorageError(
                 f"{self.name}: the transfer stalled after {self._sequential_pos} of "
-                f"{self._size} bytes (no data for {self.source.timeout:g} s)") from None
+                f"{self._size} bytes (no data for {self.source.timeout:g} s)"
+            ) from None
         except Exception as e:  # noqa: BLE001 - the transport's own error, reported below
             raise StorageError(
                 f"{self.name}: the connection ended at byte {self._sequential_pos} of "
@@ -241,7 +254,7 @@ class RangeStream(io.RawIOBase):
         """`data` was read from the response at `_sequential_pos`: move past it, keeping
         the response's first KEEP_BYTES."""
         if self._sequential_pos == len(self._kept) < KEEP_BYTES:
-            self._kept += data[:KEEP_BYTES - len(self._kept)]
+            self._kept += data[: KEEP_BYTES - len(self._kept)]
         self._sequential_pos += len(data)
 
 

@@ -22,8 +22,16 @@ from . import s3_settings
 from .options import StreamOptions
 from .ranged import TransferStalled
 
-__all__ = ["parse", "S3Source", "source", "read_bytes", "exists", "list_names", "upload",
-           "check_bucket"]
+__all__ = [
+    "parse",
+    "S3Source",
+    "source",
+    "read_bytes",
+    "exists",
+    "list_names",
+    "upload",
+    "check_bucket",
+]
 
 _PART_SIZE = 64 * 1024 * 1024
 _MAX_PARTS = 9_000
@@ -60,8 +68,11 @@ def _client(options: StreamOptions):
             s3={"addressing_style": settings.addressing_style},
         )
         client = boto3.session.Session().client(
-            "s3", endpoint_url=settings.endpoint, region_name=options.s3_region_name,
-            config=config, verify=options.ca_bundle if options.ca_bundle else None,
+            "s3",
+            endpoint_url=settings.endpoint,
+            region_name=options.s3_region_name,
+            config=config,
+            verify=options.ca_bundle if options.ca_bundle else None,
             **settings.client_kwargs,
         )
         _clients[options] = (client, settings)
@@ -147,8 +158,10 @@ class S3Source:
                     return
                 tried.append(f"the response ended after {got} of {len(view)} bytes")
             except TransferStalled as e:
-                tried.append(f"the endpoint stalled after sending {e.received} of {len(view)} "
-                              f"bytes (no data for {self.timeout:g} s)")
+                tried.append(
+                    f"the endpoint stalled after sending {e.received} of {len(view)} "
+                    f"bytes (no data for {self.timeout:g} s)"
+                )
             except Exception as e:  # noqa: BLE001 - retried, then reported
                 from botocore.exceptions import ClientError
 
@@ -165,8 +178,9 @@ class S3Source:
     def open_sequential(self, start: int) -> io.RawIOBase:
         """One GET from `start` to the end (``stream_kwargs={"ranges": false}``)."""
         try:
-            response = self._client.get_object(Bucket=self.bucket, Key=self.key,
-                                               Range=f"bytes={start}-")
+            response = self._client.get_object(
+                Bucket=self.bucket, Key=self.key, Range=f"bytes={start}-"
+            )
         except Exception as e:  # noqa: BLE001
             raise _error(e, self.name, self._resolved, "reading") from None
         return _Body(response["Body"])
@@ -251,7 +265,7 @@ def list_names(uri: str, options: StreamOptions) -> list[str]:
         paginator = client.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
             for item in page.get("Contents", []):
-                names.append(item["Key"][len(prefix):])
+                names.append(item["Key"][len(prefix) :])
     except Exception as e:  # noqa: BLE001
         raise _error(e, uri, resolved, "listing") from None
     return sorted(n for n in names if n)
@@ -296,19 +310,26 @@ def upload(path: str, uri: str, options: StreamOptions, *, replace: bool = True)
             raise _exists_error(uri) from None
         raise _error(e, uri, resolved, "writing") from None
     try:
+
         def send(number: int) -> dict:
             with open(path, "rb") as f:
                 f.seek((number - 1) * part_size)
                 body = f.read(part_size)
-            etag = client.upload_part(Bucket=bucket, Key=key, UploadId=upload_id,
-                                      PartNumber=number, Body=body)["ETag"]
+            etag = client.upload_part(
+                Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body
+            )["ETag"]
             return {"PartNumber": number, "ETag": etag}
 
         count = math.ceil(size / part_size)
         with ThreadPoolExecutor(max(1, min(options.workers, count))) as pool:
             parts = list(pool.map(send, range(1, count + 1)))
-        client.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id,
-                                         MultipartUpload={"Parts": parts}, **condition)
+        client.complete_multipart_upload(
+            Bucket=bucket,
+            Key=key,
+            UploadId=upload_id,
+            MultipartUpload={"Parts": parts},
+            **condition,
+        )
     except BaseException as e:
         try:
             client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
@@ -331,7 +352,8 @@ def _precondition_failed(e: BaseException) -> bool:
 
     return isinstance(e, ClientError) and (
         e.response.get("Error", {}).get("Code") == "PreconditionFailed"
-        or e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412)
+        or e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412
+    )
 
 
 def _exists_error(uri: str) -> StorageError:

@@ -101,8 +101,9 @@ def resolve(options: StreamOptions) -> S3Settings:
     try:
         return _resolve(options)
     except ProfileNotFound as e:
-        raise ConfigError(f"{e} (AWS_PROFILE names a profile that is not in the AWS config "
-                          "files)") from None
+        raise ConfigError(
+            f"{e} (AWS_PROFILE names a profile that is not in the AWS config files)"
+        ) from None
 
 
 def _resolve(options: StreamOptions) -> S3Settings:
@@ -127,16 +128,23 @@ def _resolve(options: StreamOptions) -> S3Settings:
         kwargs.update(s3cfg.keys())
         how = "~/.s3cfg"
     else:
-        signature, how = botocore.UNSIGNED, (
-            "anonymous: no credentials found in the config, S3_* variables, the AWS chain or "
-            "~/.s3cfg"
+        signature, how = (
+            botocore.UNSIGNED,
+            (
+                "anonymous: no credentials found in the config, S3_* variables, the AWS chain or "
+                "~/.s3cfg"
+            ),
         )
     endpoint, endpoint_source, force_http = _endpoint(options, s3cfg)
     style, style_source = _addressing(options, endpoint, endpoint_source, s3cfg)
     return S3Settings(
-        endpoint=_endpoint_url(endpoint, force_http), endpoint_source=endpoint_source,
-        addressing_style=style, addressing_source=style_source, credentials=how,
-        signature_version=signature, client_kwargs=kwargs,
+        endpoint=_endpoint_url(endpoint, force_http),
+        endpoint_source=endpoint_source,
+        addressing_style=style,
+        addressing_source=style_source,
+        credentials=how,
+        signature_version=signature,
+        client_kwargs=kwargs,
     )
 
 
@@ -157,8 +165,10 @@ class _S3cfg:
         return bool(self.values.get("access_key") and self.values.get("secret_key"))
 
     def keys(self) -> dict[str, str]:
-        return {"aws_access_key_id": self.values["access_key"],
-                "aws_secret_access_key": self.values["secret_key"]}
+        return {
+            "aws_access_key_id": self.values["access_key"],
+            "aws_secret_access_key": self.values["secret_key"],
+        }
 
 
 def _endpoint(options: StreamOptions, s3cfg: _S3cfg) -> tuple[str | None, str, bool]:
@@ -170,8 +180,11 @@ def _endpoint(options: StreamOptions, s3cfg: _S3cfg) -> tuple[str | None, str, b
         return env.aws_endpoint_url, "AWS_ENDPOINT_URL", options.force_http
     if s3cfg.values.get("host_base"):
         use_https = s3cfg.values.get("use_https", "").strip().lower()
-        return (s3cfg.values["host_base"], "host_base of ~/.s3cfg",
-                options.force_http or use_https == "false")
+        return (
+            s3cfg.values["host_base"],
+            "host_base of ~/.s3cfg",
+            options.force_http or use_https == "false",
+        )
     configured = _aws_config_endpoint()
     if configured:
         return configured, "the AWS config file", options.force_http
@@ -190,25 +203,30 @@ def _aws_config_endpoint() -> str | None:
         return None
     scoped = session.get_scoped_config()
     # environ={}: the AWS_ENDPOINT_URL* variables were read already, in config.environment.
-    provider = ConfiguredEndpointProvider(full_config=session.full_config, scoped_config=scoped,
-                                          client_name="s3", environ={})
+    provider = ConfiguredEndpointProvider(
+        full_config=session.full_config, scoped_config=scoped, client_name="s3", environ={}
+    )
     nested = scoped.get("s3")
     return provider.provide() or (nested.get("endpoint_url") if isinstance(nested, dict) else None)
 
 
-def _addressing(options: StreamOptions, endpoint: str | None, endpoint_source: str,
-                s3cfg: _S3cfg) -> tuple[str, str]:
+def _addressing(
+    options: StreamOptions, endpoint: str | None, endpoint_source: str, s3cfg: _S3cfg
+) -> tuple[str, str]:
     """(addressing style, where it came from)."""
     if options.addressing_style:
         return options.addressing_style, "stream_kwargs addressing_style"
     import botocore.session
 
     configured = (botocore.session.Session().get_config_variable("s3") or {}).get(
-        "addressing_style")
+        "addressing_style"
+    )
     if configured:
         if configured not in ADDRESSING_STYLES:
-            raise ConfigError(f"s3.addressing_style {configured!r} in the AWS config file: "
-                              f"expected one of {', '.join(ADDRESSING_STYLES)}")
+            raise ConfigError(
+                f"s3.addressing_style {configured!r} in the AWS config file: "
+                f"expected one of {', '.join(ADDRESSING_STYLES)}"
+            )
         return configured, "s3.addressing_style in the AWS config file"
     if endpoint is None:
         return "auto", "AWS's default"
