@@ -1,0 +1,118 @@
+"""The commands: parsed flags in, work done by the package, exit code out.
+
+Errors are raised, not printed: `entry.main` turns them into one line and an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import uuid
+
+from .. import storage
+from .configs import credentials_to_environment, deserialize_config, read_config, serialize_config
+from .output import print_report, print_verified, print_written
+
+
+def inspect_or_verify(command: str, args: argparse.Namespace) -> int:
+    """``inspect`` (0) or ``verify`` (0 if every file is intact, else 1)."""
+    from ..inspection import inspect_tensors, verify_tensors
+
+    config = read_config(args, {"tensorizer_uri": args.uri}, args.keyfile)
+    if command == "inspect":
+        reports = inspect_tensors(args.uri, config)
+        if args.json:
+            print(json.dumps({"files": [r.to_json() for r in reports]}, indent=2))
+        else:
+            for report in reports:
+                print_report(report)
+        return 0
+    results = verify_tensors(args.uri, config)
+    print_verified(results)
+    return 0 if all(r.intact for r in results) else 1
+
+
+def convert(args: argparse.Namespace) -> int:
+    """``convert``: a Hugging Face checkpoint to one tensorizer file, without vLLM."""
+    from ..convert import convert_checkpoint
+
+    config = read_config(args, {"tensorizer_uri": "model.tensors"}, None)
+    if args.keyfile and storage.exists(args.keyfile, config.stream_options()):
+        print(f"encrypting with the existing key in {args.keyfile}", flush=True)
+    result = convert_checkpoint(
+        args.model,
+        args.serialized_directory,
+        suffix=args.suffix or uuid.uuid4().hex,
+        dtype=args.dtype,
+        revision=args.revision,
+        keyfile=args.keyfile,
+        serialization_kwargs=args.serialization_kwargs,
+        config=config,
+        download_dir=args.download_dir,
+    )
+    rate = result.bytes / result.seconds / 1e9 if result.seconds > 0 else 0.0
+    print(
+        f"Converted {result.tensors} tensors ({result.bytes / 1e6:.1f} MB) in "
+        f"{result.seconds:.1f} s ({rate:.2f} GB/s) to {result.directory}"
+    )
+    print_written(result)
+    return 0
+
+
+def serialize(args: argparse.Namespace) -> int:
+    """``serialize``: load --model with vLLM and publish its tensors and artifacts."""
+    from ..serialization import tensorize_vllm_model
+    from ..vllm_adapter import engine_args_from_namespace, parallel_sizes
+
+    engine_args = engine_args_from_namespace(args)
+    tp, pp = parallel_sizes(engine_args)
+    config = serialize_config(args, tp * pp)
+    engine_args.model_loader_extra_config = {}
+    lora_paths = [*args.lora_paths_before, *args.lora_paths]
+    if config.encryption_keyfile and storage.exists(
+        config.encryption_keyfile, config.stream_options()
+    ):
+        print(f"encrypting with the existing key in {config.encryption_keyfile}", flush=True)
+    result = tensorize_vllm_model(engine_args, config, lora_paths=lora_paths)
+    print(
+        f"Serialized {result.tensors} tensors ({result.bytes / 1e6:.1f} MB) in "
+        f"{result.seconds:.1f} s to {result.directory}"
+    )
+    print_written(result)
+    return 0
+
+
+def deserialize(args: argparse.Namespace) -> int:
+    """``deserialize``: load the tensors into a vLLM engine, generate, print the load time.
+
+    Every rank's file is checked before any engine work, by the plug-in's engine hook, as
+    for any ``LLM(..., load_format="tensorizer")``."""
+    from ..vllm_adapter import LOAD_FORMAT, WORKER_EXTENSION, Engine, engine_args_from_namespace
+
+    config = deserialize_config(args)
+    if args.serialized_directory and not getattr(args, "model_given", False):
+        args.model = args.serialized_directory  # its config and tokenizer too
+    engine_args = engine_args_from_namespace(args)
+    start = time.perf_counter()
+    with Engine(
+        engine_args,
+        load_format=LOAD_FORMAT,
+        model_loader_extra_config=credentials_to_environment(config),
+        worker_extension_cls=WORKER_EXTENSION,
+    ) as engine:
+        ready = time.perf_counter() - start
+        stats = [s for s in engine.rpc("tensorize_vllm_model_load_stats") if s]
+        [(text, _)] = engine.generate([args.prompt], max_tokens=args.max_tokens)
+    if stats:
+        nbytes = sum(s["bytes"] for s in stats)
+        seconds = max(s["seconds"] for s in stats)
+        rate = nbytes / seconds / 1e9 if seconds > 0 else float("inf")
+        print(
+            f"Deserialized {nbytes / 1e6:.1f} MB from {config.tensorizer_uri} in "
+            f"{seconds:.2f} s ({rate:.2f} GB/s) on {len(stats)} rank(s); engine ready in "
+            f"{ready:.1f} s"
+        )
+    print(f"Prompt: {args.prompt!r}")
+    print(f"Generated: {text!r}")
+    return 0
