@@ -32,6 +32,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.append(str(ROOT / "scripts"))  # scripts/demo_models.py builds the models
 WORK = HERE / ".work"
 RESULTS = HERE / "results"
 METHODS = HERE / "methods.py"
@@ -66,8 +67,8 @@ def model_shape(size_gb: float) -> dict:
 def prepare(size_gb: float) -> dict[str, str]:
     """Build (once) the model and every file format the methods read."""
     import torch
+    from demo_models import build_model
 
-    from tensorize_vllm_model.demo_models import build_model
     from tensorize_vllm_model.keys import generate_key, stage_key
     from tensorize_vllm_model.layout import FileRecord
     from tensorize_vllm_model.serialization import write_tensors
@@ -790,7 +791,7 @@ def main() -> None:
     started = time.perf_counter()
     files = prepare(args.size_gb)
     if "vllm" in scenarios and not (WORK / "baseline-model").exists():
-        from tensorize_vllm_model.demo_models import build_model
+        from demo_models import build_model
 
         build_model(WORK / "baseline-model")
     caches = ["warm", "cold"] if can_drop_caches() else ["warm"]

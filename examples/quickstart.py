@@ -27,11 +27,10 @@ from pathlib import Path
 _here = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
 
-from tensorize_vllm_model.demo_models import build_model  # noqa: E402
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 import smollm2  # noqa: E402
+from demo_models import build_model  # noqa: E402
 
 WORK = ROOT / ".demo"
 PROMPTS = ["Hello, my name is", "The capital of France is", "Once upon a time"]

@@ -26,9 +26,10 @@ from pathlib import Path
 _here = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
 
-from tensorize_vllm_model.demo_models import build_model  # noqa: E402
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+from demo_models import build_model  # noqa: E402
+
 WORK = ROOT / ".demo"
 
 

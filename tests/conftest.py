@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# scripts/demo_models.py builds the small random-weight models the tests start vLLM on
+sys.path.append(str(ROOT / "scripts"))
 RUNNER = Path(__file__).resolve().parent / "engine_runner.py"
 BUILTIN_RUNNER = Path(__file__).resolve().parent / "builtin_runner.py"
 
@@ -172,14 +174,14 @@ def restore_signal_handlers():
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
-    from tensorize_vllm_model.demo_models import build_model
+    from demo_models import build_model
 
     return build_model(tmp_path_factory.mktemp("models") / "tiny-llama", architecture="llama")
 
 
 @pytest.fixture(scope="session")
 def tiny_opt(tmp_path_factory) -> Path:
-    from tensorize_vllm_model.demo_models import build_model
+    from demo_models import build_model
 
     return build_model(tmp_path_factory.mktemp("models") / "tiny-opt", architecture="opt")
 

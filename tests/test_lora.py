@@ -12,12 +12,12 @@ import uuid
 import pytest
 import torch
 from conftest import BUCKET
+from demo_models import build_lora_adapter
 from safetensors.torch import load_file
 from test_atomic_writes import FakeEngine, engine_args, fake_engine  # noqa: F401 - a fixture
 from test_keyfiles import cli_with_fake_engine  # noqa: F401 - a fixture
 
 from tensorize_vllm_model import ConfigError, EncryptionError, StorageError, TensorizerConfig
-from tensorize_vllm_model.demo_models import build_lora_adapter
 from tensorize_vllm_model.keys import generate_key, stage_key
 from tensorize_vllm_model.lora import (
     check_adapter_fits,

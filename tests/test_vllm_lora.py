@@ -8,9 +8,9 @@ import json
 
 import pytest
 from conftest import ENGINE_FLAGS, assert_ok, run_cli, run_engine, serve_and_complete
+from demo_models import build_lora_adapter
 
 from tensorize_vllm_model import open_tensors
-from tensorize_vllm_model.demo_models import build_lora_adapter
 
 pytestmark = pytest.mark.slow
 

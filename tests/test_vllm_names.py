@@ -267,7 +267,8 @@ def test_vllm_config_with_load_time_fields(written):
 
 
 def test_vllm_config_in_tensorized_lora_request(tiny_llama, tmp_path):
-    from tensorize_vllm_model.demo_models import build_lora_adapter
+    from demo_models import build_lora_adapter
+
     from tensorize_vllm_model.lora import stage_adapter
 
     adapter = build_lora_adapter(tmp_path / "a", tiny_llama)

@@ -1,8 +1,10 @@
 """Small random-weight Hugging Face models with a locally trained tokenizer, built offline.
 
-The quick-start, the tests and the benchmarks need real model directories (config,
-safetensors weights, tokenizer) that vLLM can start on, without downloading anything from a
-model hub. `build_model` writes one: a Llama-like or OPT-like architecture with random
+Not part of the installed package: examples/quickstart.py (its fallback when the real demo
+model cannot be fetched), examples/s3_workflow.py, the tests (tests/conftest.py puts
+scripts/ on sys.path) and the benchmarks import it from scripts/, next to smollm2.py. They
+need real model directories (config, safetensors weights, tokenizer) that vLLM can start on,
+without downloading anything from a model hub. `build_model` writes one: a Llama-like or OPT-like architecture with random
 weights, and a byte-level BPE tokenizer trained in about a second on a built-in text.
 """
 
@@ -98,7 +100,6 @@ def build_model(
         PosixPath('/tmp/tiny-llama')
     """
     import torch
-    import transformers
 
     if architecture not in ARCHITECTURES:
         raise ValueError(
@@ -107,40 +108,18 @@ def build_model(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(path, vocab_size=vocab_size)
-    vocab_size = max(vocab_size, len(tokenizer))
-    intermediate_size = intermediate_size or 2 * hidden_size
+    sizes = {
+        "hidden_size": hidden_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "vocab_size": max(vocab_size, len(tokenizer)),
+        "max_position_embeddings": max_position_embeddings,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    config, model_cls = _hf_config(architecture, sizes, intermediate_size or 2 * hidden_size)
     torch_dtype = getattr(torch, dtype)
-
-    if architecture == "llama":
-        config = transformers.LlamaConfig(
-            hidden_size=hidden_size,
-            intermediate_size=intermediate_size,
-            num_hidden_layers=num_layers,
-            num_attention_heads=num_heads,
-            num_key_value_heads=num_heads,
-            vocab_size=vocab_size,
-            max_position_embeddings=max_position_embeddings,
-            tie_word_embeddings=False,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        model_cls = transformers.LlamaForCausalLM
-    else:
-        config = transformers.OPTConfig(
-            hidden_size=hidden_size,
-            ffn_dim=intermediate_size,
-            num_hidden_layers=num_layers,
-            num_attention_heads=num_heads,
-            vocab_size=vocab_size,
-            word_embed_proj_dim=hidden_size,
-            max_position_embeddings=max_position_embeddings,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        model_cls = transformers.OPTForCausalLM
-
     torch.manual_seed(seed)
     config.dtype = torch_dtype
     model = model_cls(config).to(torch_dtype)
@@ -153,6 +132,24 @@ def build_model(
     model.save_pretrained(path)
     model.generation_config.save_pretrained(path)
     return path
+
+
+def _hf_config(architecture: str, sizes: dict, intermediate_size: int):
+    """The transformers config and model class of `architecture` with these sizes."""
+    import transformers
+
+    if architecture == "llama":
+        config = transformers.LlamaConfig(
+            **sizes,
+            intermediate_size=intermediate_size,
+            num_key_value_heads=sizes["num_attention_heads"],
+            tie_word_embeddings=False,
+        )
+        return config, transformers.LlamaForCausalLM
+    config = transformers.OPTConfig(
+        **sizes, ffn_dim=intermediate_size, word_embed_proj_dim=sizes["hidden_size"]
+    )
+    return config, transformers.OPTForCausalLM
 
 
 def build_lora_adapter(
