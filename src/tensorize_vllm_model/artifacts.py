@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Iterable
 
 from . import storage
-from .config import environment
+from .settings import environment
 from .errors import StorageError
 
 __all__ = [

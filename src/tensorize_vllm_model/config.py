@@ -3,7 +3,7 @@
 Same names, fields and meanings as `vllm.model_executor.model_loader.tensorizer`, so code
 written against vLLM's module works by changing the import. The one config object flows
 from the command line or the caller down to the workers (as the plain dict of
-`to_serializable()`), and this module is the only place that reads environment variables.
+`to_serializable()`), and `settings.environment` is the only place that reads environment variables.
 """
 
 from __future__ import annotations
@@ -18,14 +18,12 @@ from dataclasses import dataclass, fields
 from typing import Any, BinaryIO, ClassVar
 
 from .errors import ConfigError
+from .settings import environment, parse_bool
 
 __all__ = [
     "TensorizerConfig",
     "TensorizerArgs",
-    "Environment",
-    "environment",
     "as_tensorizer_config",
-    "parse_bool",
     "DEFAULT_TENSORS_NAME",
     "SHARDED_TENSORS_NAME",
     "FORBIDDEN_DESERIALIZATION_KWARGS",
@@ -56,20 +54,6 @@ _BOOLEAN_KWARGS = {
 # Fields of vLLM's TensorizerConfig that vLLM's loader fills at load time (init=False); they
 # are not settings, and are dropped when a vLLM config object is taken in.
 _VLLM_RUNTIME_FIELDS = ("model_class", "hf_config", "dtype")
-
-
-def parse_bool(value: Any, key: str) -> Any:
-    """`value` as a boolean: a bool or None as it is, the strings "true"/"false" in any
-    case (as older vLLM docs pass them, e.g. ``{"force_http": "False"}``) as what they say.
-
-    Raises:
-        ConfigError: any other value, naming `key`.
-    """
-    if value is None or isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        return value.strip().lower() == "true"
-    raise ConfigError(f"{key} must be true or false, got {value!r}")
 
 
 @dataclass
@@ -453,40 +437,6 @@ class TensorizerArgs:
             if getattr(args, name, None) is not None
         }
         return cls(TensorizerConfig(**values))
-
-
-@dataclass(frozen=True)
-class Environment:
-    """The environment variables this package honours, read in one place."""
-
-    s3_access_key_id: str | None
-    s3_secret_access_key: str | None = dataclasses.field(repr=False)
-    s3_endpoint_url: str | None
-    aws_endpoint_url: str | None
-    cache_dir: str
-
-
-def environment() -> Environment:
-    """Read the environment now.
-
-    ``S3_ACCESS_KEY_ID``, ``S3_SECRET_ACCESS_KEY``, ``S3_ENDPOINT_URL`` (as in vLLM);
-    ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` (the AWS SDKs' endpoint variables; the
-    AWS credential variables are read by boto3 itself); ``TENSORIZE_VLLM_MODEL_CACHE``, else
-    ``$XDG_CACHE_HOME/tensorize_vllm_model``, else ``~/.cache/tensorize_vllm_model``: where
-    the config and tokenizer files of remote models are kept.
-    """
-    env = os.environ
-    cache = env.get("TENSORIZE_VLLM_MODEL_CACHE") or os.path.join(
-        env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-        "tensorize_vllm_model",
-    )
-    return Environment(
-        s3_access_key_id=env.get("S3_ACCESS_KEY_ID"),
-        s3_secret_access_key=env.get("S3_SECRET_ACCESS_KEY"),
-        s3_endpoint_url=env.get("S3_ENDPOINT_URL"),
-        aws_endpoint_url=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"),
-        cache_dir=cache,
-    )
 
 
 def as_tensorizer_config(config: Any) -> TensorizerConfig:

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import storage
-from .config import TensorizerConfig, environment
+from .config import TensorizerConfig
+from .settings import environment
 from .errors import ConfigError, StorageError, TensorizeError
 
 __all__ = [

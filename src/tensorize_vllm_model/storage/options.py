@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ..config import parse_bool
+from ..settings import parse_bool
 from ..errors import ConfigError
 from .ranged import DEFAULT_CHUNK_SIZE, DEFAULT_WORKERS
 

@@ -1,7 +1,7 @@
 """How an S3 client is set up: credentials, endpoint, addressing style, signature and TLS.
 
 Resolved once per `StreamOptions` from the options, the environment (read in
-`config.environment`), ``~/.s3cfg`` (s3cmd's file, as tensorizer 2.12's ``open_stream``
+`settings.environment`), ``~/.s3cfg`` (s3cmd's file, as tensorizer 2.12's ``open_stream``
 reads it) and the AWS config files (through botocore's own configuration handling). The
 full table, beside what tensorizer honours, is in docs/s3.md.
 
@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..config import environment
+from ..settings import environment
 from ..errors import ConfigError
 from .options import ADDRESSING_STYLES, StreamOptions
 
@@ -202,7 +202,7 @@ def _aws_config_endpoint() -> str | None:
     if session.get_config_variable("ignore_configured_endpoint_urls"):
         return None
     scoped = session.get_scoped_config()
-    # environ={}: the AWS_ENDPOINT_URL* variables were read already, in config.environment.
+    # environ={}: the AWS_ENDPOINT_URL* variables were read already, in settings.environment.
     provider = ConfiguredEndpointProvider(
         full_config=session.full_config, scoped_config=scoped, client_name="s3", environ={}
     )

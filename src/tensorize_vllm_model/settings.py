@@ -1,0 +1,65 @@
+"""Settings from the environment, and value parsing shared by every layer (the bottom layer).
+
+`environment()` is the only place that reads this package's environment variables;
+`parse_bool` reads the booleans of configs and ``stream_kwargs``. This module imports
+nothing from the package but `errors`, so `storage` and `config` can both use it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["Environment", "environment", "parse_bool"]
+
+
+def parse_bool(value: Any, key: str) -> Any:
+    """`value` as a boolean: a bool or None as it is, the strings "true"/"false" in any
+    case (as older vLLM docs pass them, e.g. ``{"force_http": "False"}``) as what they say.
+
+    Raises:
+        ConfigError: any other value, naming `key`.
+    """
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ConfigError(f"{key} must be true or false, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Environment:
+    """The environment variables this package honours, read in one place."""
+
+    s3_access_key_id: str | None
+    s3_secret_access_key: str | None = dataclasses.field(repr=False)
+    s3_endpoint_url: str | None
+    aws_endpoint_url: str | None
+    cache_dir: str
+
+
+def environment() -> Environment:
+    """Read the environment now.
+
+    ``S3_ACCESS_KEY_ID``, ``S3_SECRET_ACCESS_KEY``, ``S3_ENDPOINT_URL`` (as in vLLM);
+    ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` (the AWS SDKs' endpoint variables; the
+    AWS credential variables are read by boto3 itself); ``TENSORIZE_VLLM_MODEL_CACHE``, else
+    ``$XDG_CACHE_HOME/tensorize_vllm_model``, else ``~/.cache/tensorize_vllm_model``: where
+    the config and tokenizer files of remote models are kept.
+    """
+    env = os.environ
+    cache = env.get("TENSORIZE_VLLM_MODEL_CACHE") or os.path.join(
+        env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+        "tensorize_vllm_model",
+    )
+    return Environment(
+        s3_access_key_id=env.get("S3_ACCESS_KEY_ID"),
+        s3_secret_access_key=env.get("S3_SECRET_ACCESS_KEY"),
+        s3_endpoint_url=env.get("S3_ENDPOINT_URL"),
+        aws_endpoint_url=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"),
+        cache_dir=cache,
+    )
