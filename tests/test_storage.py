@@ -29,12 +29,12 @@ def test_schemes(uri, scheme):
 
 def test_staged_write_appears_only_on_commit(tmp_path):
     final = tmp_path / "sub" / "model.tensors"
-    staged = storage.stage_write(str(final))
-    with open(staged.path, "wb") as f:
-        f.write(b"new")
-    assert not final.exists()
-    assert os.path.dirname(staged.path) == str(final.parent)
-    staged.commit()
+    with storage.transaction() as tx:
+        staged = tx.stage(str(final))
+        with open(staged.path, "wb") as f:
+            f.write(b"new")
+        assert not final.exists()
+        assert os.path.dirname(staged.path) == str(final.parent)
     assert final.read_bytes() == b"new"
     assert not os.path.exists(staged.path)
 
@@ -42,17 +42,18 @@ def test_staged_write_appears_only_on_commit(tmp_path):
 def test_aborted_write_keeps_earlier_file(tmp_path):
     final = tmp_path / "model.tensors"
     final.write_bytes(b"good old model")
-    staged = storage.stage_write(str(final))
+    tx = storage.transaction()
+    staged = tx.stage(str(final))
     with open(staged.path, "wb") as f:
         f.write(b"half")
-    staged.abort()
+    tx.rollback()
     assert final.read_bytes() == b"good old model"
     assert os.listdir(tmp_path) == ["model.tensors"]
 
 
 def test_http_is_read_only():
     with pytest.raises(ConfigError, match="read-only"):
-        storage.stage_write("https://example.com/model.tensors")
+        storage.transaction().stage("https://example.com/model.tensors")
 
 
 def test_missing_file_named(tmp_path):
@@ -63,9 +64,9 @@ def test_missing_file_named(tmp_path):
 def test_key_file_mode_0600_and_round_trip(tmp_path):
     key = keys.generate_key()
     assert len(key) == 32
-    staged = keys.stage_key(str(tmp_path / "model.key"), key)
-    assert stat.S_IMODE(os.stat(staged.path).st_mode) == 0o600
-    staged.commit()
+    with storage.transaction() as tx:
+        staged = keys.stage_key(tx, str(tmp_path / "model.key"), key)
+        assert stat.S_IMODE(os.stat(staged.path).st_mode) == 0o600
     path = tmp_path / "model.key"
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert keys.read_key(str(path)) == key

@@ -163,20 +163,21 @@ def test_tensors_stream_from_backend(place, tmp_path, encrypted):
 def test_staged_write_published_only_on_commit(place):
     if not place.writable:
         with pytest.raises(Exception, match="read-only"):
-            storage.stage_write(place.uri("out.bin"), place.options)
+            storage.transaction(place.options).stage(place.uri("out.bin"))
         return
     uri = place.uri("sub/out.bin")
-    staged = storage.stage_write(uri, place.options)
-    with open(staged.path, "wb") as f:
-        f.write(PAYLOAD)
-    assert not storage.exists(uri, place.options)
-    staged.commit()
+    with storage.transaction(place.options) as tx:
+        staged = tx.stage(uri)
+        with open(staged.path, "wb") as f:
+            f.write(PAYLOAD)
+        assert not storage.exists(uri, place.options)
     assert storage.read_bytes(uri, place.options) == PAYLOAD
     assert not os.path.exists(staged.path)
-    aborted = storage.stage_write(place.uri("sub/never.bin"), place.options)
+    tx = storage.transaction(place.options)
+    aborted = tx.stage(place.uri("sub/never.bin"))
     with open(aborted.path, "wb") as f:
         f.write(b"half")
-    aborted.abort()
+    tx.rollback()
     assert not storage.exists(place.uri("sub/never.bin"), place.options)
 
 

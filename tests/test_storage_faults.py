@@ -176,12 +176,12 @@ def test_failed_upload_leaves_no_object(moto, monkeypatch, size):
     proxy = CuttingProxy(moto.port, cut_after=size // 2, direction="up", for_good=True)
     options = s3_options(f"http://127.0.0.1:{proxy.port}", timeout=5.0)
     try:
-        staged = storage.stage_write(f"s3://{BUCKET}/{key}", options)
+        tx = storage.transaction(options)
+        staged = tx.stage(f"s3://{BUCKET}/{key}")
         with open(staged.path, "wb") as f:
             f.write(os.urandom(size))
         with pytest.raises(StorageError, match=rf"s3://{BUCKET}/{key}") as info:
-            staged.commit()
-        staged.abort()
+            tx.commit()  # a failed commit rolls back: the staged file is removed
         assert not os.path.exists(staged.path)
     finally:
         proxy.stop()
@@ -209,7 +209,8 @@ def test_failed_multipart_upload_is_aborted(moto, monkeypatch):
     """
     monkeypatch.setattr(s3_backend, "_PART_SIZE", 5 * 1024 * 1024)
     key = f"{uuid.uuid4().hex}/model.tensors"
-    staged = storage.stage_write(f"s3://{BUCKET}/{key}", s3_options(moto.endpoint))
+    tx = storage.transaction(s3_options(moto.endpoint))
+    staged = tx.stage(f"s3://{BUCKET}/{key}")
     with open(staged.path, "wb") as f:
         f.write(os.urandom(11 * 1024 * 1024))
     sent = []
@@ -223,7 +224,7 @@ def test_failed_multipart_upload_is_aborted(moto, monkeypatch):
 
     monkeypatch.setattr("builtins.open", failing_open)
     with pytest.raises(StorageError, match=rf"s3://{BUCKET}/{key}") as info:
-        staged.commit()
+        tx.commit()
     monkeypatch.undo()
     assert "aborting" not in str(info.value)
     client = moto.client()

@@ -16,8 +16,8 @@ import tempfile
 from collections.abc import Iterable
 
 from . import storage
+from .errors import NotFound, StorageError
 from .settings import environment
-from .errors import StorageError
 
 __all__ = [
     "MAX_ARTIFACT_BYTES",
@@ -117,33 +117,27 @@ def resolve_model_files(
         ) from None
 
 
-def stage_artifacts(
-    sources: Iterable[str], destination: str, options: storage.Options = None
-) -> list[storage.StagedWrite]:
+def stage_artifacts(tx: storage.Transaction, sources: Iterable[str], destination: str) -> None:
     """Stage copies of the artifact files of local directories `sources` into
-    `destination` (the first source wins when two have the same file)."""
-    staged: list[storage.StagedWrite] = []
+    `destination`, in transaction `tx` (the first source wins when two have the same file).
+
+    Raises:
+        StorageError: a file cannot be copied (named); `tx` rolls back the others.
+    """
     seen: set[str] = set()
-    try:
-        for source in sources:
-            for path in artifact_files(source):
-                name = os.path.basename(path)
-                if name in seen:
-                    continue
-                seen.add(name)
-                target = storage.stage_write(storage.join(destination, name), options)
-                staged.append(target)
-                try:
-                    shutil.copyfile(path, target.path)
-                except OSError as e:
-                    raise StorageError(
-                        f"cannot write {target.uri} (copying {path}): {e.strerror or e}"
-                    ) from e
-    except BaseException:
-        for target in staged:
-            target.abort()
-        raise
-    return staged
+    for source in sources:
+        for path in artifact_files(source):
+            name = os.path.basename(path)
+            if name in seen:
+                continue
+            seen.add(name)
+            target = tx.stage(storage.join(destination, name))
+            try:
+                shutil.copyfile(path, target.path)
+            except OSError as e:
+                raise StorageError(
+                    f"cannot write {target.uri} (copying {path}): {e.strerror or e}"
+                ) from e
 
 
 def fetch_model_files(uri: str, options: storage.Options = None) -> str:
@@ -182,8 +176,8 @@ def fetch_model_files(uri: str, options: storage.Options = None) -> str:
                 data = storage.read_bytes(
                     storage.join(uri, name), options, limit=MAX_ARTIFACT_BYTES
                 )
-            except StorageError as e:
-                if names is None and ("HTTP 404" in str(e) or "not found" in str(e)):
+            except NotFound:
+                if names is None:  # a usual name this model does not have
                     continue
                 raise
             with open(os.path.join(temp, name), "wb") as f:

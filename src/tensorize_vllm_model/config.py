@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import re
 from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, fields

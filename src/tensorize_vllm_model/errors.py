@@ -12,6 +12,11 @@ __all__ = [
     "TensorizeError",
     "ConfigError",
     "StorageError",
+    "NotFound",
+    "AccessDenied",
+    "Unreachable",
+    "Stalled",
+    "AlreadyExists",
     "EncryptionError",
     "FormatError",
     "CorruptTensorError",
@@ -31,6 +36,30 @@ class ConfigError(TensorizeError, ValueError):
 
 class StorageError(TensorizeError, OSError):
     """A file or object could not be read or written (missing, unreachable, refused)."""
+
+
+class NotFound(StorageError):
+    """No file, object or bucket at the URI (local ``ENOENT``, S3 ``NoSuchKey`` /
+    ``NoSuchBucket`` / 404, HTTP 404)."""
+
+
+class AccessDenied(StorageError):
+    """The store refused the credentials or the permission (local ``EACCES``/``EPERM``,
+    S3 403 / ``AccessDenied`` / ``InvalidAccessKeyId`` / ``SignatureDoesNotMatch``,
+    HTTP 401/403)."""
+
+
+class Unreachable(StorageError):
+    """The store could not be reached or did not answer in time (no connection, TLS
+    failure, timeouts, a transfer that kept dropping after the retries)."""
+
+
+class Stalled(Unreachable):
+    """A transfer started, then no data arrived for the read timeout."""
+
+
+class AlreadyExists(StorageError):
+    """A write that must not replace anything found a file at its name (left as it is)."""
 
 
 class EncryptionError(TensorizeError):

@@ -21,6 +21,7 @@ __all__ = [
     "KEY_BYTES",
     "generate_key",
     "stage_key",
+    "write_key",
     "read_key",
     "read_decryption_params",
     "encryption_params",
@@ -38,18 +39,25 @@ def generate_key() -> bytes:
     return bytes(EncryptionParams.random().key)
 
 
-def stage_key(uri: str, key: bytes, options: storage.Options = None) -> storage.StagedWrite:
-    """Write `key` to a temporary file (mode 0600) that `commit()` publishes at `uri`
-    (a local path or an ``s3://`` URI). The commit never replaces a file at `uri`: it raises
-    `StorageError` naming it instead."""
-    staged = storage.stage_write(uri, options, mode=0o600, replace=False)
-    try:
-        with open(staged.path, "wb") as f:
-            f.write(key)
-    except BaseException:
-        staged.abort()
-        raise
+def stage_key(tx: storage.Transaction, uri: str, key: bytes) -> storage.StagedWrite:
+    """Write `key` to a temporary file (mode 0600) that transaction `tx` publishes at `uri`
+    (a local path or an ``s3://`` URI). Publishing never replaces a file at `uri`: it raises
+    `AlreadyExists` naming it instead (and the transaction rolls back)."""
+    staged = tx.stage(uri, mode=0o600, replace=False)
+    with open(staged.path, "wb") as f:
+        f.write(key)
     return staged
+
+
+def write_key(uri: str, key: bytes, options: storage.Options = None) -> None:
+    """Publish `key` at `uri` now (mode 0600), never over an existing file.
+
+    Raises:
+        AlreadyExists: a file is at `uri` (left as it is).
+        StorageError: it cannot be written.
+    """
+    with storage.transaction(options) as tx:
+        stage_key(tx, uri, key)
 
 
 def read_key(uri: str, config: TensorizerConfig | None = None) -> bytes:
@@ -94,14 +102,20 @@ class EncryptionKey:
     Attributes:
         key: the 32 bytes.
         uri: the key file.
-        existing: True when the key was already in `uri` (the file is left as it is).
-        staged: for a new key, its file, to publish with the model (None otherwise).
+        existing: True when the key was already in `uri` (the file is left as it is);
+            False for a new key, which `stage` writes into the model's transaction.
     """
 
     key: bytes = field(repr=False)
     uri: str
     existing: bool
-    staged: storage.StagedWrite | None = None
+
+    def stage(self, tx: storage.Transaction) -> storage.StagedWrite | None:
+        """A new key: staged in `tx`, to be published with the model (never over a file
+        that appeared meanwhile). An existing key: nothing to write (None)."""
+        if self.existing:
+            return None
+        return stage_key(tx, self.uri, self.key)
 
 
 def prepare_key(uri: str, config: TensorizerConfig, *, generate: bool = True) -> EncryptionKey:
@@ -113,8 +127,9 @@ def prepare_key(uri: str, config: TensorizerConfig, *, generate: bool = True) ->
         generate: whether a missing file may get a new key; when False it must exist.
 
     Returns:
-        An `EncryptionKey`; a new key is staged (mode 0600) and reaches `uri` only when the
-        caller commits it, and never over a file that appeared meanwhile.
+        An `EncryptionKey`; a new key reaches `uri` only through `EncryptionKey.stage` and
+        the commit of that transaction (mode 0600), never over a file that appeared
+        meanwhile.
 
     Raises:
         EncryptionError: the file exists but is not a 32-byte key, or it is missing and
@@ -130,5 +145,4 @@ def prepare_key(uri: str, config: TensorizerConfig, *, generate: bool = True) ->
             "already in it)"
         )
     storage.check_writable(storage.parent(uri), options)
-    key = generate_key()
-    return EncryptionKey(key, uri, existing=False, staged=stage_key(uri, key, options))
+    return EncryptionKey(generate_key(), uri, existing=False)

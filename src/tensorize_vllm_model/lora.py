@@ -27,8 +27,8 @@ from typing import Any
 
 from . import storage
 from .config import TensorizerConfig
+from .errors import ConfigError, NotFound, StorageError, TensorizeError
 from .settings import environment
-from .errors import ConfigError, StorageError, TensorizeError
 
 __all__ = [
     "AdapterSource",
@@ -227,39 +227,31 @@ def check_adapter_fits(
 
 
 def stage_adapter(
+    tx: storage.Transaction,
     name: str,
     source: str,
     destination: str,
     *,
     key: bytes | None = None,
-    options: storage.Options = None,
-) -> list[storage.StagedWrite]:
-    """Stage adapter `name` (a local PEFT directory `source`) into ``destination/lora/name``:
-    its config and its weights as a tensorizer file (encrypted with `key`)."""
+) -> None:
+    """Stage adapter `name` (a local PEFT directory `source`) into ``destination/lora/name``
+    in transaction `tx`: its config and its weights as a tensorizer file (encrypted with
+    `key`)."""
     from .layout import FileRecord
     from .serialization import write_tensors
 
     config, tensors = read_adapter(source)
     target = adapter_uri(destination, name)
-    staged = [storage.stage_write(storage.join(target, ADAPTER_CONFIG), options)]
-    try:
-        with open(staged[0].path, "w") as f:
-            json.dump(config, f, indent=2)
-        record = FileRecord(architecture="peft-lora", extra={"adapter": name})
-        staged.append(
-            write_tensors(
-                storage.join(target, ADAPTER_TENSORS),
-                [(k, v, False) for k, v in sorted(tensors.items())],
-                record=record,
-                key=key,
-                options=options,
-            ).staged
-        )
-    except BaseException:
-        for item in staged:
-            item.abort()
-        raise
-    return staged
+    staged = tx.stage(storage.join(target, ADAPTER_CONFIG))
+    with open(staged.path, "w") as f:
+        json.dump(config, f, indent=2)
+    write_tensors(
+        storage.join(target, ADAPTER_TENSORS),
+        [(k, v, False) for k, v in sorted(tensors.items())],
+        record=FileRecord(architecture="peft-lora", extra={"adapter": name}),
+        key=key,
+        tx=tx,
+    )
 
 
 def _ram_root() -> str:
@@ -328,12 +320,8 @@ def materialize_adapter(
         raise ConfigError(
             f"LoRA adapter {name!r}: {ADAPTER_CONFIG} is not valid JSON ({e})"
         ) from None
-    except StorageError as e:
-        if "no such" in str(e) or "not found" in str(e):
-            raise StorageError(
-                f"LoRA adapter {name!r} not found at {storage.redact(uri)} ({e})"
-            ) from None
-        raise _rename(e, name) from None
+    except NotFound as e:
+        raise NotFound(f"LoRA adapter {name!r} not found at {storage.redact(uri)} ({e})") from None
     except TensorizeError as e:
         raise _rename(e, name) from None
     root = _ram_root()

@@ -46,21 +46,31 @@ __all__ = [
 
 @dataclass
 class StagedTensors:
-    """A staged tensors file, with what it holds."""
+    """A tensors file staged in a transaction, with what it holds.
+
+    `commit()` / `abort()` finish the transaction `write_tensors` opened for the file when
+    the caller gave none; a file staged in the caller's transaction is published with it.
+    """
 
     staged: storage.StagedWrite
     tensors: int = 0
     bytes: int = 0
+    transaction: storage.Transaction | None = None
 
     @property
     def uri(self) -> str:
         return self.staged.uri
 
     def commit(self) -> None:
-        self.staged.commit()
+        self._own().commit()
 
     def abort(self) -> None:
-        self.staged.abort()
+        self._own().rollback()
+
+    def _own(self) -> storage.Transaction:
+        if self.transaction is None:
+            raise RuntimeError(f"{self.uri} is published with the transaction it was staged in")
+        return self.transaction
 
 
 @dataclass
@@ -103,8 +113,11 @@ def write_tensors(
     on_bytes: Callable[[int], None] | None = None,
     marker: bool = True,
     batch_bytes: int | None = None,
+    tx: storage.Transaction | None = None,
 ) -> StagedTensors:
-    """Write `tensors` to a staged file that `commit()` publishes at `uri`.
+    """Write `tensors` to a file staged at `uri` in transaction `tx` (published after the
+    transaction's other files), or, without `tx`, in a transaction of its own that the
+    returned `StagedTensors.commit()` publishes.
 
     Args:
         uri: the final location of the file.
@@ -114,21 +127,67 @@ def write_tensors(
             ``marker=False``, as its own STATE_DICT tensor.
         key: a 32-byte key to encrypt with, or None.
         serialization_kwargs: extra keyword arguments for `TensorSerializer`.
-        options: how to reach remote storage (for an ``s3://`` URI).
+        options: how to reach remote storage (for an ``s3://`` URI), when no `tx` is given.
         on_bytes: called with each tensor's size in bytes once it is written (progress.py).
         marker: write vLLM's ``.vllm_tensorized_marker`` (files of vLLM's own parameters);
             False for a checkpoint-form file (``convert``), which vLLM must not take for one.
         batch_bytes: write the tensors in batches of about this many bytes, hashed in
             parallel and prepared a batch ahead (`batched_write`), with tensorizer's
             ``STATE_DICT`` type; None writes them one by one as ``PARAM``/``BUFFER``.
+        tx: the transaction to stage the file in.
 
     Returns:
-        The staged file; nothing is at `uri` until it is committed.
+        The staged file; nothing is at `uri` until its transaction commits.
+
+    Raises:
+        StorageError: the file cannot be written (named); nothing is left of it.
     """
+    if tx is None:
+        own = storage.transaction(options)
+        try:
+            staged = write_tensors(
+                uri,
+                tensors,
+                record=record,
+                key=key,
+                serialization_kwargs=serialization_kwargs,
+                on_bytes=on_bytes,
+                marker=marker,
+                batch_bytes=batch_bytes,
+                tx=own,
+            )
+        except BaseException:
+            own.rollback()
+            raise
+        staged.transaction = own
+        return staged
+    return _write_staged(
+        StagedTensors(tx.stage(uri, last=True)),
+        tensors,
+        record=record,
+        key=key,
+        serialization_kwargs=serialization_kwargs,
+        on_bytes=on_bytes,
+        marker=marker,
+        batch_bytes=batch_bytes,
+    )
+
+
+def _write_staged(
+    staged: StagedTensors,
+    tensors: Iterable[tuple[str, torch.Tensor, bool]],
+    *,
+    record: FileRecord,
+    key: bytes | None,
+    serialization_kwargs: Mapping[str, Any] | None,
+    on_bytes: Callable[[int], None] | None,
+    marker: bool,
+    batch_bytes: int | None,
+) -> StagedTensors:
+    """`write_tensors` into the temporary file of `staged`."""
     from tensorizer import TensorSerializer
     from tensorizer.serialization import TensorType
 
-    staged = StagedTensors(storage.stage_write(uri, options))
     try:
         with open(staged.staged.path, "wb+") as f:
             serializer = TensorSerializer(
@@ -157,12 +216,10 @@ def write_tensors(
                 if on_bytes is not None:
                     on_bytes(tensor.numel() * tensor.element_size())
             serializer.close()
-    except OSError as e:
-        staged.abort()
-        raise StorageError(f"cannot write {uri}: {e.strerror or e}") from e
-    except BaseException:
-        staged.abort()
+    except StorageError:
         raise
+    except OSError as e:
+        raise StorageError(f"cannot write {staged.uri}: {e.strerror or e}") from e
     return staged
 
 
@@ -250,63 +307,41 @@ def tensorize_vllm_model(
         max_rank=engine_args.max_lora_rank if getattr(engine_args, "enable_lora", False) else None,
     )
 
-    staged: list[storage.StagedWrite] = []
     keyfile = tensorizer_config.encryption_keyfile
     encryption = (
         prepare_key(keyfile, tensorizer_config, generate=generate_keyfile) if keyfile else None
     )
     key = encryption.key if encryption else None
-    if encryption and encryption.staged:
-        staged.append(encryption.staged)
 
     engine = None
-    publication = storage.Publication(options)
     try:
-        engine = Engine.for_capture(engine_args, source_format)
-        written = engine.rpc(
-            "tensorize_vllm_model_save",
-            request={
-                "tensorizer_uri": uri,
-                "key": key,
-                "serialization_kwargs": dict(tensorizer_config.serialization_kwargs),
-                "stream_options": options,
-                "producer": f"tensorize_vllm_model {__version__}, vllm {vllm_version()}",
-            },
-        )
-        sources = [
-            resolve_model_files(
-                engine_args.model,
-                revision=engine_args.revision,
-                download_dir=engine_args.download_dir,
+        with storage.transaction(options) as tx:
+            engine = Engine.for_capture(engine_args, source_format)
+            # On any failure the workers delete their staged files too. The engine may be
+            # gone (Ctrl-C reaches its processes too): do not wait long.
+            tx.on_rollback(_aborter(engine))
+            written = engine.rpc(
+                "tensorize_vllm_model_save",
+                request={
+                    "tensorizer_uri": uri,
+                    "key": key,
+                    "serialization_kwargs": dict(tensorizer_config.serialization_kwargs),
+                    "stream_options": options,
+                    "producer": f"tensorize_vllm_model {__version__}, vllm {vllm_version()}",
+                },
             )
-        ]
-        tokenizer = getattr(engine_args, "tokenizer", None)
-        if tokenizer and tokenizer != engine_args.model:
-            sources.append(
-                resolve_model_files(
-                    tokenizer,
-                    revision=engine_args.tokenizer_revision,
-                    download_dir=engine_args.download_dir,
-                )
-            )
-        staged = stage_artifacts(sources, destination, options) + staged
-        if adapters:
-            staged += _stage_adapters(engine, adapters, destination, key, options)
-        # A Ctrl-C that some code swallowed (vLLM drops KeyboardInterrupt while its engine
-        # starts) still stops the serialize here, before anything is published.
-        interrupts.check()
-        # All or nothing: the artifacts and key first, each rank's tensors last (so a
-        # tensors file that exists is complete); any failure puts every name back.
-        for item in staged:
-            publication.commit(item)
-        engine.rpc("tensorize_vllm_model_commit")
-        publication.finish()
-    except BaseException:
-        publication.rollback(staged)
-        if engine is not None and engine.llm is not None:
-            # The engine may be gone (Ctrl-C reaches its processes too): do not wait long.
-            engine.rpc_within(ABORT_SECONDS, "tensorize_vllm_model_abort")
-        raise
+            stage_artifacts(tx, _artifact_sources(engine_args), destination)
+            if encryption is not None:
+                encryption.stage(tx)
+            if adapters:
+                _stage_adapters(tx, engine, adapters, destination, key)
+            # A Ctrl-C that some code swallowed (vLLM drops KeyboardInterrupt while its
+            # engine starts) still stops the serialize here, before anything is published.
+            interrupts.check()
+            # All or nothing: the artifacts and key first, each rank's tensors last (so a
+            # tensors file that exists is complete); any failure puts every name back.
+            tx.publish()
+            engine.rpc("tensorize_vllm_model_commit")
     finally:
         if engine is not None:
             engine.close()
@@ -315,7 +350,7 @@ def tensorize_vllm_model(
     return SerializeResult(
         directory=destination,
         tensors_uri=uri,
-        files=[w["uri"] for w in written] + [s.uri for s in staged],
+        files=[w["uri"] for w in written] + tx.uris,
         tensors=sum(w["tensors"] for w in written),
         bytes=sum(w["bytes"] for w in written),
         seconds=time.perf_counter() - start,
@@ -324,21 +359,48 @@ def tensorize_vllm_model(
     )
 
 
-def _stage_adapters(engine, adapters, destination, key, options):
-    """Check every adapter against the loaded model, then stage them all."""
+def _artifact_sources(engine_args: Any) -> list[str]:
+    """The local directories of the model's config/tokenizer files (the tokenizer's too,
+    when it is another model's)."""
+    sources = [
+        resolve_model_files(
+            engine_args.model, revision=engine_args.revision, download_dir=engine_args.download_dir
+        )
+    ]
+    tokenizer = getattr(engine_args, "tokenizer", None)
+    if tokenizer and tokenizer != engine_args.model:
+        sources.append(
+            resolve_model_files(
+                tokenizer,
+                revision=engine_args.tokenizer_revision,
+                download_dir=engine_args.download_dir,
+            )
+        )
+    return sources
+
+
+def _aborter(engine: Any) -> Callable[[], None]:
+    """Has the workers of `engine` delete their staged files (a transaction's rollback)."""
+
+    def abort() -> None:
+        if engine.llm is not None:
+            engine.rpc_within(ABORT_SECONDS, "tensorize_vllm_model_abort")
+
+    return abort
+
+
+def _stage_adapters(
+    tx: storage.Transaction,
+    engine: Any,
+    adapters: Sequence[Any],
+    destination: str,
+    key: bytes | None,
+) -> None:
+    """Check every adapter against the loaded model, then stage them all in `tx`."""
     from .lora import check_adapter_fits, stage_adapter
 
     [fit] = engine.rpc("tensorize_vllm_model_lora_modules")[:1]
     for adapter in adapters:
         check_adapter_fits(adapter.name, adapter.config, fit["modules"], fit["max_rank"])
-    staged: list[storage.StagedWrite] = []
-    try:
-        for adapter in adapters:
-            staged += stage_adapter(
-                adapter.name, adapter.path, destination, key=key, options=options
-            )
-    except BaseException:
-        for item in staged:
-            item.abort()
-        raise
-    return staged
+    for adapter in adapters:
+        stage_adapter(tx, adapter.name, adapter.path, destination, key=key)

@@ -118,7 +118,7 @@ def default_num_readers(uri: str, device: str | torch.device = "cpu") -> int:
     memory) and eight into CPU memory
     (a cold file reads faster with more requests in flight, even on two cores); the range
     reader's default for remote files."""
-    if storage.is_local(uri):
+    if storage.local_path(uri) is not None:
         return 4 if torch.device(device).type == "cuda" else 8
     return DEFAULT_WORKERS
 
@@ -487,7 +487,7 @@ def open_tensors(
         **config.deserialization_kwargs,
     }
     options = config.stream_options()
-    if storage.is_local(uri):
+    if storage.local_path(uri) is not None:
         kwargs["num_readers"] = readers or default_num_readers(uri, device)
     else:
         # Remote files: our range reader fetches in parallel; tensorizer reads it in order.
@@ -524,7 +524,14 @@ def open_tensors(
                     num_readers=1,
                     **{k: v for k, v in kwargs.items() if k != "num_readers"},
                 )
-        _check_index(header, facts, stream, name, local=storage.is_local(uri), up_front=header_only)
+        _check_index(
+            header,
+            facts,
+            stream,
+            name,
+            local=storage.local_path(uri) is not None,
+            up_front=header_only,
+        )
         own_reads = None if keyless else _own_reads(uri, device, config, kwargs["verify_hash"])
         return TensorReader(
             name,
@@ -537,7 +544,7 @@ def open_tensors(
             started=started,
             keyless=keyless,
             own_reads=own_reads,
-            remote=not storage.is_local(uri),
+            remote=storage.local_path(uri) is None,
         )
     except BaseException:
         stream.close()
@@ -557,9 +564,10 @@ def _own_reads(
     if not set(config.deserialization_kwargs) <= {"num_readers", "verify_hash"}:
         return None
     target = torch.device(device).type
-    if storage.is_local(uri):
+    path = storage.local_path(uri)
+    if path is not None:
         local = target == "cpu" or (target == "cuda" and not verify_hash)
-        return storage.local_path(uri) if local else None
+        return path if local else None
     return REMOTE if target == "cpu" else None
 
 

@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import argparse
-import atexit
 import contextlib
 import dataclasses
 import functools
@@ -51,7 +50,7 @@ from .config import TensorizerConfig, as_tensorizer_config
 from .errors import ConfigError, ModelMismatchError, TensorizeError
 from .layout import FileRecord, ParallelLayout
 from .progress import progress
-from .serialization import StagedTensors, write_tensors
+from .serialization import write_tensors
 from .streaming import (
     LoadStats,
     check_shards,
@@ -68,10 +67,11 @@ LOAD_FORMAT = "tensorizer"
 CAPTURE_LOAD_FORMAT = "tensorize_vllm_model_capture"
 WORKER_EXTENSION = "tensorize_vllm_model.vllm_adapter.WorkerExtension"
 
-# Per worker process: the weights captured before post-processing (serialize), the staged
-# files not yet committed, and the figures of the last load.
+# Per worker process: the weights captured before post-processing (serialize), the
+# transaction holding the staged files not yet committed (rolled back at process exit if
+# still open), and the figures of the last load.
 _captured: dict[str, Any] | None = None
-_pending: list[StagedTensors] = []
+_transaction: storage.Transaction | None = None
 _last_load: LoadStats | None = None
 # Per worker process: the byte ranges the last load of a converted file read.
 _last_parts: list[tuple[str, int, int]] = []
@@ -177,7 +177,7 @@ def resolve_remote_model(engine_args: Any) -> None:
     fetch the config/tokenizer files to the local cache, serve the model from there under
     its remote name, and give the loader the remote directory."""
     model = str(engine_args.model or "")
-    if engine_args.load_format != LOAD_FORMAT or "://" not in model or storage.is_local(model):
+    if engine_args.load_format != LOAD_FORMAT or "://" not in model or storage.local_path(model):
         return
     from .artifacts import fetch_model_files
 
@@ -281,7 +281,7 @@ class TensorizerLoader(BaseModelLoader):
         uri = self.tensorizer_config.tensorizer_uri
         assert uri is not None
         uri = layout_mod.rank_uri(uri, ParallelLayout(), shared=True)  # rank 0's file
-        if storage.is_local(uri) and not storage.exists(uri):
+        if storage.local_path(uri) is not None and not storage.exists(uri):
             raise ConfigError(f"no such tensors file: {uri}")
 
     def load_model(
@@ -488,15 +488,6 @@ class CaptureLoader(DefaultModelLoader):
         }
 
 
-def _abort_pending() -> None:
-    while _pending:
-        _pending.pop(0).abort()
-
-
-# A worker that exits with files still staged (its engine interrupted) deletes them.
-atexit.register(_abort_pending)
-
-
 @contextlib.contextmanager
 def _readers_on_every_core(device: torch.device | str) -> Iterator[None]:
     """Let the loader's reader threads run on every core while the weights load.
@@ -560,7 +551,7 @@ class WorkerExtension:
     @_reported
     def tensorize_vllm_model_save(self, request: dict[str, Any]) -> dict[str, Any]:
         """Write this rank's captured weights to a staged file; return what was written."""
-        global _captured
+        global _captured, _transaction
         if _captured is None:
             raise RuntimeError(
                 "no captured weights in this worker: the engine was not started with "
@@ -579,6 +570,8 @@ class WorkerExtension:
         )
         tensors = _captured["tensors"]
         total = sum(t.numel() * t.element_size() for _, t, _ in tensors)
+        if _transaction is None or _transaction.closed:
+            _transaction = storage.transaction(request.get("stream_options"))
         with progress("Serializing", total, logger=logger, enabled=layout.rank == 0) as advance:
             staged = write_tensors(
                 uri,
@@ -586,26 +579,28 @@ class WorkerExtension:
                 record=record,
                 key=key,
                 serialization_kwargs=request.get("serialization_kwargs") or {},
-                options=request.get("stream_options"),
                 on_bytes=advance,
+                tx=_transaction,
             )
         _captured = None
-        _pending.append(staged)
         return {"rank": layout.rank, "uri": uri, "tensors": staged.tensors, "bytes": staged.bytes}
 
     @_reported
     def tensorize_vllm_model_commit(self) -> list[str]:
         """Publish this worker's staged files under their final names."""
-        done = []
-        while _pending:
-            staged = _pending.pop(0)
-            staged.commit()
-            done.append(staged.uri)
-        return done
+        global _transaction
+        tx, _transaction = _transaction, None
+        if tx is None:
+            return []
+        tx.commit()
+        return tx.uris
 
     def tensorize_vllm_model_abort(self) -> None:
         """Delete this worker's staged files."""
-        _abort_pending()
+        global _transaction
+        tx, _transaction = _transaction, None
+        if tx is not None:
+            tx.rollback()
 
     def tensorize_vllm_model_lora_modules(self) -> dict[str, Any]:
         """The module names a LoRA adapter may target in this model (PEFT's names, packed

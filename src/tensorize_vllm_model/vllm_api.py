@@ -162,15 +162,8 @@ def serialize_extra_artifacts(
     args = _as_args(tensorizer_args)
     options = args.config.stream_options()
     source = resolve_model_files(served_model_name, revision=revision)
-    publication = storage.Publication(options)
-    staged = stage_artifacts([source], args.tensorizer_dir, options)
-    try:
-        for item in staged:
-            publication.commit(item)
-        publication.finish()
-    except BaseException:
-        publication.rollback(staged)
-        raise
+    with storage.transaction(options) as tx:
+        stage_artifacts(tx, [source], args.tensorizer_dir)
 
 
 def _as_args(tensorizer_args: Any) -> TensorizerArgs:

@@ -114,8 +114,9 @@ class ConvertedFile:
         from ..tensor_decryption import cipher_from_header, ciphers
 
         entries = [self.index[n] for n in names]
-        if storage.is_local(self.uri):
-            found = ciphers(storage.local_path(self.uri), entries, self.reader.header_deserializer)
+        path = storage.local_path(self.uri)
+        if path is not None:
+            found = ciphers(path, entries, self.reader.header_deserializer)
         else:
             source = storage.range_source(self.uri, self.config.stream_options())
             raws = [source.read_range(e.offset, e.data_offset) for e in entries]
@@ -163,8 +164,9 @@ class ConvertedFile:
         from ..tensor_hashes import stored_hashes
 
         entry = self.index[part.name]
-        if storage.is_local(self.uri):
-            with open(storage.local_path(self.uri), "rb") as f:
+        path = storage.local_path(self.uri)
+        if path is not None:
+            with open(path, "rb") as f:
                 f.seek(entry.offset)
                 raw = f.read(entry.data_offset - entry.offset)
         else:

@@ -66,9 +66,10 @@ class PartsRead:
 class _Reader:
     def __init__(self, uri: str, options: storage.Options):
         self.uri = uri
-        self.local = storage.is_local(uri)
-        if self.local:
-            self.fd = os.open(storage.local_path(uri), os.O_RDONLY)
+        path = storage.local_path(uri)
+        self.local = path is not None
+        if path is not None:
+            self.fd = os.open(path, os.O_RDONLY)
         else:
             self.source = storage.range_source(uri, options)
 

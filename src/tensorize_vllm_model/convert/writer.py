@@ -128,10 +128,6 @@ def convert_checkpoint(
     )
     key = encryption.key if encryption else None
     created = _missing_dirs(directory)
-    staged: list[storage.StagedWrite] = []
-    if encryption and encryption.staged:
-        staged.append(encryption.staged)
-    publication = storage.Publication(options)
     transposed: list[str] = []
     record = FileRecord(
         architecture=checkpoint.architecture,
@@ -139,7 +135,8 @@ def convert_checkpoint(
         producer=f"tensorize_vllm_model {__version__} (convert)",
         extra={"form": CHECKPOINT_FORM, "transposed": transposed, "source_format": checkpoint.kind},
     )
-    try:
+    with storage.transaction(options) as tx:
+        tx.on_rollback(lambda: _remove_empty(created))
         storage.check_writable(directory, options)
         names = _transposed_names(checkpoint)
         record.extra["transposed"] = names
@@ -150,26 +147,21 @@ def convert_checkpoint(
                 record=record,
                 key=key,
                 serialization_kwargs=serialization_kwargs,
-                options=options,
                 marker=False,
                 on_bytes=advance,
                 batch_bytes=batched_write.BATCH_BYTES,
+                tx=tx,
             )
-        staged.append(tensors.staged)
         if sorted(transposed) != sorted(names):  # the record must say what was done
             raise RuntimeError("the transposed tensors differ from the planned ones")
-        staged = stage_artifacts([local], directory, options) + staged
-        for item in staged:  # the tensors last: a tensors file that exists is complete
-            publication.commit(item)
-        publication.finish()
-    except BaseException:
-        publication.rollback(staged)
-        _remove_empty(created)
-        raise
+        # Published in this order, the tensors last: a tensors file that exists is complete.
+        stage_artifacts(tx, [local], directory)
+        if encryption is not None:
+            encryption.stage(tx)
     return SerializeResult(
         directory=directory,
         tensors_uri=tensors.uri,
-        files=[s.uri for s in staged],
+        files=tx.uris,
         tensors=tensors.tensors,
         bytes=tensors.bytes,
         seconds=time.perf_counter() - start,
@@ -181,9 +173,10 @@ def convert_checkpoint(
 def _missing_dirs(directory: str) -> list[str]:
     """The local directories up to `directory` that do not exist yet, deepest first (those
     a failed convert removes again, if empty); none for S3, which has no directories."""
-    if not storage.is_local(directory):
+    local = storage.local_path(directory)
+    if local is None:
         return []
-    missing, path = [], os.path.abspath(storage.local_path(directory))
+    missing, path = [], os.path.abspath(local)
     while not os.path.exists(path) and os.path.dirname(path) != path:
         missing.append(path)
         path = os.path.dirname(path)

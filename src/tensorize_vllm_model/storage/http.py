@@ -9,28 +9,47 @@ keep their signatures) never appear in messages.
 from __future__ import annotations
 
 import http.client
-import io
 import re
 import ssl
 import threading
-import time
 import urllib.parse
 
-from ..errors import StorageError
+from ..errors import AccessDenied, NotFound, Stalled, StorageError, Unreachable
+from . import retry
+from .base import Backend
 from .options import StreamOptions
-from .ranged import TransferStalled
+from .retry import TransferStalled
 
-__all__ = ["redact", "HTTPSource", "source", "read_bytes", "exists"]
+__all__ = ["redact", "HTTPSource", "HTTPBackend"]
 
-_ATTEMPTS = 3
 # Bytes per read from a response: what arrived before a stall is counted to within this.
 _PIECE = 256 * 1024
 _MAX_REDIRECTS = 5
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+_TRANSPORT_ERRORS = (OSError, http.client.HTTPException)
 
 
-class _TransportError(StorageError):
-    """The request failed in transit (no connection, no answer): worth another attempt."""
+def _status_error(status: int, reason: str, name: str) -> StorageError:
+    """The typed error for an HTTP status the request did not accept: with `_transport_error`,
+    the one place HTTP failures are mapped."""
+    if status == 404:
+        return NotFound(f"not found: {name} (HTTP 404)")
+    if status in (401, 403):
+        return AccessDenied(f"access denied to {name} (HTTP {status})")
+    return StorageError(f"{name}: the server answered HTTP {status} {reason}")
+
+
+def _transport_error(e: BaseException, name: str, timeout: float) -> StorageError:
+    """The typed error for a request that failed in transit (all `Unreachable`: worth
+    another attempt)."""
+    if isinstance(e, ssl.SSLError):
+        return Unreachable(
+            f"TLS failed for {name}: {e.reason or e}; for a private CA give its "
+            "bundle with --ca-bundle / ca_bundle"
+        )
+    if isinstance(e, TimeoutError):
+        return Unreachable(f"{name}: no answer within {timeout:g} s (timed out)")
+    return Unreachable(f"cannot reach {name}: {e}")
 
 
 def redact(url: str) -> str:
@@ -82,8 +101,10 @@ class HTTPSource:
                 self.size = int(length)
                 self.supports_ranges = False
                 self._drop(urllib.parse.urlsplit(self.url))
-        except (OSError, http.client.HTTPException) as e:
-            raise StorageError(f"cannot read {self.name}: {e}") from None
+        except StorageError:
+            raise
+        except _TRANSPORT_ERRORS as e:
+            raise Unreachable(f"cannot read {self.name}: {e}") from None
         finally:
             response.close()
 
@@ -98,11 +119,11 @@ class HTTPSource:
             if parts.scheme == "https":
                 context = self._context or ssl.create_default_context()
                 cache[key] = http.client.HTTPSConnection(
-                    parts.hostname, parts.port, timeout=self.timeout, context=context
+                    parts.hostname or "", parts.port, timeout=self.timeout, context=context
                 )
             else:
                 cache[key] = http.client.HTTPConnection(
-                    parts.hostname, parts.port, timeout=self.timeout
+                    parts.hostname or "", parts.port, timeout=self.timeout
                 )
         return cache[key]
 
@@ -128,20 +149,9 @@ class HTTPSource:
                     "GET", target, headers={"Accept-Encoding": "identity", **headers}
                 )
                 response = connection.getresponse()
-            except ssl.SSLError as e:
+            except _TRANSPORT_ERRORS as e:
                 self._drop(parts)
-                raise StorageError(
-                    f"TLS failed for {self.name}: {e.reason or e}; for a private CA give its "
-                    "bundle with --ca-bundle / ca_bundle"
-                ) from None
-            except TimeoutError:
-                self._drop(parts)
-                raise _TransportError(
-                    f"{self.name}: no answer within {self.timeout:g} s (timed out)"
-                ) from None
-            except (OSError, http.client.HTTPException) as e:
-                self._drop(parts)
-                raise _TransportError(f"cannot reach {self.name}: {e}") from None
+                raise _transport_error(e, self.name, self.timeout) from None
             if response.status in (301, 302, 303, 307, 308) and response.getheader("Location"):
                 response.read()
                 url = urllib.parse.urljoin(url, response.getheader("Location"))
@@ -154,13 +164,7 @@ class HTTPSource:
             response.read()
             response.close()
             self._drop(parts)
-            if response.status == 404:
-                raise StorageError(f"not found: {self.name} (HTTP 404)")
-            if response.status in (401, 403):
-                raise StorageError(f"access denied to {self.name} (HTTP {response.status})")
-            raise StorageError(
-                f"{self.name}: the server answered HTTP {response.status} {response.reason}"
-            )
+            raise _status_error(response.status, response.reason, self.name)
         raise StorageError(f"{self.name}: more than {_MAX_REDIRECTS} redirects")
 
     # -- RangeSource -----------------------------------------------------------------------
@@ -171,118 +175,71 @@ class HTTPSource:
         return bytes(data)
 
     def read_range_into(self, start: int, view: memoryview) -> None:
-        stop = start + len(view)
-        tried: list[str] = []  # what each attempt ran into
-        for attempt in range(_ATTEMPTS):
-            try:
-                response = self._get(headers={"Range": f"bytes={start}-{stop - 1}"})
-                try:
-                    if response.status != 206:
-                        raise StorageError(f"{self.name}: the server stopped serving byte ranges")
-                    got = _fill(response, view)
-                finally:
-                    response.close()
-                if got == len(view):
-                    return
-                tried.append(f"the response ended after {got} of {len(view)} bytes")
-            except TransferStalled as e:
-                tried.append(
-                    f"the server stalled after sending {e.received} of {len(view)} "
-                    f"bytes (no data for {self.timeout:g} s)"
-                )
-            except (_TransportError, OSError, http.client.HTTPException) as e:
-                tried.append(str(e) or type(e).__name__)
-            self._drop(urllib.parse.urlsplit(self.url))
-            time.sleep(0.2 * (attempt + 1))
-        raise StorageError(
-            f"reading {self.name} failed at bytes {start}-{stop - 1} after {_ATTEMPTS} attempts "
-            f"(the connection dropped or timed out): {'; '.join(tried)}"
+        retry.read_range_into(
+            self._open_range,
+            start,
+            view,
+            name=self.name,
+            peer="the server",
+            connection="the connection",
+            timeout=self.timeout,
+            transport_errors=_TRANSPORT_ERRORS,
+            after_failure=lambda: self._drop(urllib.parse.urlsplit(self.url)),
         )
 
-    def open_sequential(self, start: int):
+    def _open_range(self, start: int, stop: int) -> retry.Body:
+        response = self._get(headers={"Range": f"bytes={start}-{stop - 1}"})
+        if response.status != 206:
+            response.close()
+            raise Unreachable(f"{self.name}: the server stopped serving byte ranges")
+        return _body(response)
+
+    def open_sequential(self, start: int) -> retry.Body:
         response = self._get(headers={})
         # The response holds its connection until closed: keep it out of the shared cache.
         getattr(self._local, "connections", {}).pop(
             (urllib.parse.urlsplit(self.url).scheme, urllib.parse.urlsplit(self.url).netloc), None
         )
-        body = _Body(response, 0)
+        body = _body(response)
         while body.received < start:  # forward to `start`, in bounded pieces
             if not body.read(min(start - body.received, 1 << 20)):
                 break
         return body
 
 
-class _Body(io.RawIOBase):
-    """A response read as one stream: a stall (no data for the timeout) is reported as
+def _body(response: http.client.HTTPResponse) -> retry.Body:
+    """A response read as one stream; a stall (no data for the timeout) is reported as
     `TransferStalled` with the bytes received so far."""
+    return retry.Body(response.readinto, response.close, piece=_PIECE, stall_errors=(TimeoutError,))
 
-    def __init__(self, response: http.client.HTTPResponse, received: int):
-        super().__init__()
-        self._response = response
-        self.received = received
 
-    def readable(self) -> bool:
-        return True
+class HTTPBackend(Backend):
+    """``http://`` and ``https://`` URLs: read-only, no listing."""
 
-    def readinto(self, buffer) -> int:
+    def redact(self, uri: str) -> str:
+        return redact(uri)
+
+    def range_source(self, uri: str, options: StreamOptions) -> HTTPSource:
+        return HTTPSource(uri, options)
+
+    def read_bytes(self, uri: str, options: StreamOptions, limit: int | None) -> bytes:
+        src = HTTPSource(uri, options)
+        if limit is not None and src.size > limit:
+            raise StorageError(f"{src.name} is {src.size} bytes, larger than the {limit} expected")
+        if src.supports_ranges:
+            return src.read_range(0, src.size) if src.size else b""
+        response = src.open_sequential(0)
         try:
-            count = self._response.readinto(memoryview(buffer).cast("B")[:_PIECE])
-        except TimeoutError:
-            raise TransferStalled(self.received) from None
-        self.received += count
-        return count
-
-    def close(self) -> None:
-        self._response.close()
-        super().close()
-
-
-def _fill(response: http.client.HTTPResponse, view: memoryview) -> int:
-    """Read `response` into `view` until it is full or the response ends; the count."""
-    got = 0
-    while got < len(view):
-        try:
-            count = response.readinto(view[got : got + _PIECE])
-        except TimeoutError:
-            raise TransferStalled(got) from None
-        if not count:
-            break
-        got += count
-    return got
-
-
-def source(url: str, options: StreamOptions) -> HTTPSource:
-    return HTTPSource(url, options)
-
-
-def read_bytes(url: str, options: StreamOptions, limit: int | None = None) -> bytes:
-    src = HTTPSource(url, options)
-    if limit is not None and src.size > limit:
-        raise StorageError(f"{src.name} is {src.size} bytes, larger than the {limit} expected")
-    if src.supports_ranges:
-        return src.read_range(0, src.size) if src.size else b""
-    response = src.open_sequential(0)
-    try:
-        data = response.readall()
-    except TransferStalled as e:
-        raise StorageError(
-            f"reading {src.name}: the server stalled after sending {e.received} "
-            f"of {src.size} bytes (no data for {src.timeout:g} s)"
-        ) from None
-    finally:
-        response.close()
-    if len(data) != src.size:
-        raise StorageError(
-            f"{src.name}: the connection ended after {len(data)} of {src.size} bytes"
-        )
-    return data
-
-
-def exists(url: str, options: StreamOptions) -> bool:
-    try:
-        HTTPSource(url, options)
-    except StorageError as e:
-        if "HTTP 404" in str(e):
-            return False
-        raise
-    return True
+            data = response.readall()
+        except TransferStalled as e:
+            raise Stalled(
+                f"reading {src.name}: the server stalled after sending {e.received} "
+                f"of {src.size} bytes (no data for {src.timeout:g} s)"
+            ) from None
+        finally:
+            response.close()
+        if len(data) != src.size:
+            raise Unreachable(
+                f"{src.name}: the connection ended after {len(data)} of {src.size} bytes"
+            )
+        return data

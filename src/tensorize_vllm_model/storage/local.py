@@ -1,143 +1,178 @@
-"""Local files: plain paths and ``file://`` URIs."""
+"""Local files: plain paths and ``file://`` URIs.
+
+Writes are staged beside their final name (a hidden ``.NAME.XXXX.tmp-YYYY``), so publishing
+is an atomic rename (or, for a write that must not replace anything, a hard link, which
+fails on an existing name). `OSError`s become typed errors by errno in `_error`.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
+import shutil
 import tempfile
 from typing import BinaryIO
 
-from ..errors import StorageError
+from ..errors import AccessDenied, AlreadyExists, NotFound, StorageError
+from .base import Backend
+from .options import StreamOptions
 
-__all__ = [
-    "path_of",
-    "open_read",
-    "exists",
-    "list_names",
-    "make_temp",
-    "publish",
-    "publish_new",
-    "keep_aside",
-    "restore",
-    "delete",
-]
+__all__ = ["LocalBackend", "path_of"]
+
+_DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 def path_of(uri: str) -> str:
     return uri[len("file://") :] if uri.startswith("file://") else uri
 
 
-def open_read(uri: str) -> BinaryIO:
-    path = path_of(uri)
-    try:
-        return open(path, "rb")
-    except FileNotFoundError:
-        raise StorageError(f"no such file: {path}") from None
-    except IsADirectoryError:
-        raise StorageError(f"{path} is a directory, not a file") from None
-    except OSError as e:
-        raise StorageError(f"cannot open {path}: {e.strerror or e}") from e
+def _error(e: OSError, path: str, doing: str, missing: str = "file") -> StorageError:
+    """The typed error for `e` (by its errno), naming `path`: the one place local errors
+    are mapped."""
+    if e.errno == errno.ENOENT:
+        return NotFound(f"no such {missing}: {path}")
+    if e.errno == errno.EISDIR:
+        return StorageError(f"{path} is a directory, not a file")
+    if e.errno == errno.EEXIST:
+        return AlreadyExists(f"{path} already exists; it was left as it is (not replaced)")
+    kind = AccessDenied if e.errno in _DENIED else StorageError
+    return kind(f"cannot {doing} {path}: {e.strerror or e}")
 
 
-def exists(uri: str) -> bool:
-    return os.path.exists(path_of(uri))
-
-
-def list_names(uri: str) -> list[str]:
-    """Names of the regular files directly in a directory."""
-    path = path_of(uri)
-    try:
-        return sorted(e.name for e in os.scandir(path) if e.is_file())
-    except FileNotFoundError:
-        raise StorageError(f"no such directory: {path}") from None
-
-
-def make_temp(uri: str) -> str:
-    """A private (0600) temporary file beside the final file, so publishing is a rename."""
-    final = path_of(uri)
-    directory = os.path.dirname(os.path.abspath(final))
-    try:
-        os.makedirs(directory, exist_ok=True)
-        fd, temp = tempfile.mkstemp(
-            prefix=f".{os.path.basename(final)}.",
-            suffix=f".tmp-{secrets.token_hex(4)}",
-            dir=directory,
-        )
-        os.close(fd)
-    except OSError as e:
-        raise StorageError(f"cannot write into {directory}: {e.strerror or e}") from e
-    return temp
-
-
-def publish(temp: str, uri: str) -> None:
-    """Atomically move a fully written temporary file to its final name."""
-    final = path_of(uri)
-    try:
-        with open(temp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(temp, final)
-    except OSError as e:
-        raise StorageError(f"cannot write {final}: {e.strerror or e}") from e
+def _fsync_directory(path: str) -> None:
     with contextlib.suppress(OSError):
-        fd = os.open(os.path.dirname(os.path.abspath(final)), os.O_RDONLY)
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
 
 
-def publish_new(temp: str, uri: str) -> None:
-    """Publish a fully written temporary file under a name that must not exist yet: a file
-    already there (even one that appeared a moment ago) is never replaced.
+class LocalBackend(Backend):
+    """Local files (``os`` calls)."""
 
-    Raises:
-        StorageError: a file exists at `uri` (named), or it cannot be written.
-    """
-    final = path_of(uri)
-    try:
-        with open(temp, "rb") as f:
-            os.fsync(f.fileno())
+    writable = True
+
+    def local_path(self, uri: str) -> str:
+        return path_of(uri)
+
+    def exists(self, uri: str, options: StreamOptions) -> bool:
+        return os.path.exists(path_of(uri))
+
+    def open_read(self, uri: str, options: StreamOptions) -> BinaryIO:
+        path = path_of(uri)
         try:
-            os.link(temp, final)  # atomic, and fails on an existing name
-        except FileExistsError:
-            raise
-        except OSError:  # a file system without hard links: create the name exclusively
-            import shutil
+            return open(path, "rb")
+        except OSError as e:
+            raise _error(e, path, "open") from None
 
-            with open(temp, "rb") as source, open(final, "xb") as target:
-                try:  # the name is ours from here: a failed copy leaves nothing at it
-                    shutil.copyfileobj(source, target)
-                    os.chmod(final, os.stat(temp).st_mode & 0o777)
-                    os.fsync(target.fileno())
-                except BaseException:
-                    os.unlink(final)
-                    raise
+    def read_bytes(self, uri: str, options: StreamOptions, limit: int | None) -> bytes:
+        with self.open_read(uri, options) as f:
+            data = f.read() if limit is None else f.read(limit + 1)
+        if limit is not None and len(data) > limit:
+            raise StorageError(f"{uri} is larger than the {limit} bytes expected")
+        return data
+
+    def list_names(self, uri: str, options: StreamOptions) -> list[str]:
+        """Names of the regular files directly in a directory."""
+        path = path_of(uri)
+        try:
+            return sorted(e.name for e in os.scandir(path) if e.is_file())
+        except OSError as e:
+            raise _error(e, path, "list", missing="directory") from None
+
+    def check_writable(self, directory: str, options: StreamOptions) -> None:
+        """The directory can be created and written: probed by creating a directory in
+        its nearest existing ancestor (`os.access` says yes to root everywhere, and nothing
+        about /proc or sysfs)."""
+        path = os.path.abspath(path_of(directory))
+        existing = path
+        while not os.path.exists(existing):  # the nearest ancestor that exists
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise StorageError(f"cannot write under {path}: {existing} is not a directory")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise AccessDenied(f"cannot write under {path}: {existing} is not writable")
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".tensorize-probe-", dir=existing))
+        except OSError as e:
+            kind = AccessDenied if e.errno in _DENIED else StorageError
+            raise kind(
+                f"cannot write under {path}: cannot create a directory in "
+                f"{existing} ({e.strerror or e})"
+            ) from e
+
+    def stage(self, uri: str, options: StreamOptions) -> str:
+        """A private (0600) temporary file beside the final file, so publishing is a rename."""
+        final = path_of(uri)
+        directory = os.path.dirname(os.path.abspath(final))
+        try:
+            os.makedirs(directory, exist_ok=True)
+            fd, temp = tempfile.mkstemp(
+                prefix=f".{os.path.basename(final)}.",
+                suffix=f".tmp-{secrets.token_hex(4)}",
+                dir=directory,
+            )
+            os.close(fd)
+        except OSError as e:
+            raise _error(e, directory, "write into", missing="directory") from e
+        return temp
+
+    def publish(self, temp: str, uri: str, options: StreamOptions, *, replace: bool) -> None:
+        final = path_of(uri)
+        try:
+            with open(temp, "rb") as f:
+                os.fsync(f.fileno())
+            if replace:
+                os.replace(temp, final)
+            else:
+                _publish_new(temp, final)
+        except OSError as e:
+            raise _error(e, final, "write") from None
+        _fsync_directory(final)
+
+    def keep_aside(self, uri: str, backup: str, options: StreamOptions) -> None:
+        """A hard link (a copy where links are not supported): the file stays in place."""
+        final, spare = path_of(uri), path_of(backup)
+        try:
+            try:
+                os.link(final, spare)
+            except OSError:  # a file system without hard links
+                shutil.copy2(final, spare)
+        except OSError as e:
+            raise _error(e, final, "keep a copy of") from e
+
+    def restore(self, backup: str, uri: str, options: StreamOptions) -> None:
+        try:
+            os.replace(path_of(backup), path_of(uri))
+        except OSError as e:
+            raise _error(e, path_of(uri), "restore") from e
+
+    def delete(self, uri: str, options: StreamOptions) -> None:
+        try:
+            os.unlink(path_of(uri))
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise _error(e, path_of(uri), "delete") from e
+
+
+def _publish_new(temp: str, final: str) -> None:
+    """Publish `temp` under a name that must not exist yet: a file already there (even one
+    that appeared a moment ago) is never replaced (`FileExistsError`)."""
+    try:
+        os.link(temp, final)  # atomic, and fails on an existing name
     except FileExistsError:
-        raise StorageError(f"{final} already exists; it was left as it is (not replaced)") from None
-    except OSError as e:
-        raise StorageError(f"cannot write {final}: {e.strerror or e}") from e
+        raise
+    except OSError:  # a file system without hard links: create the name exclusively
+        with open(temp, "rb") as source, open(final, "xb") as target:
+            try:  # the name is ours from here: a failed copy leaves nothing at it
+                shutil.copyfileobj(source, target)
+                os.chmod(final, os.stat(temp).st_mode & 0o777)
+                os.fsync(target.fileno())
+            except BaseException:
+                os.unlink(final)
+                raise
     os.unlink(temp)
-
-
-def keep_aside(uri: str, backup: str) -> None:
-    """Keep the file at `uri` under `backup` too (a hard link: the file stays in place)."""
-    final, spare = path_of(uri), path_of(backup)
-    try:
-        try:
-            os.link(final, spare)
-        except OSError:  # a file system without hard links
-            import shutil
-
-            shutil.copy2(final, spare)
-    except OSError as e:
-        raise StorageError(f"cannot keep a copy of {final}: {e.strerror or e}") from e
-
-
-def restore(backup: str, uri: str) -> None:
-    os.replace(path_of(backup), path_of(uri))
-
-
-def delete(uri: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path_of(uri))

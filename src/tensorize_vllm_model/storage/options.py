@@ -11,11 +11,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ..settings import parse_bool
 from ..errors import ConfigError
+from ..settings import parse_bool
 from .ranged import DEFAULT_CHUNK_SIZE, DEFAULT_WORKERS
 
-__all__ = ["StreamOptions", "STREAM_KWARGS", "ADDRESSING_STYLES"]
+__all__ = ["StreamOptions", "Options", "STREAM_KWARGS", "ADDRESSING_STYLES"]
 
 # tensorizer's open_stream keywords we honour, plus our own read-ahead knobs. buffer_size
 # is accepted for compatibility and has no effect.
@@ -86,3 +86,8 @@ class StreamOptions:
                 raise ConfigError(f"stream_kwargs {name} must be a positive integer")
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
+
+
+# What the storage functions take as options: `StreamOptions`, a ``stream_kwargs``-style
+# mapping, or None (the defaults).
+Options = Mapping[str, Any] | StreamOptions | None

@@ -20,7 +20,8 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
-from ..errors import StorageError
+from ..errors import Stalled, StorageError, Unreachable
+from .retry import TransferStalled
 
 __all__ = [
     "RangeSource",
@@ -28,7 +29,6 @@ __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_WORKERS",
     "KEEP_BYTES",
-    "TransferStalled",
 ]
 
 DEFAULT_CHUNK_SIZE = 16 * 1024 * 1024
@@ -37,15 +37,6 @@ DEFAULT_WORKERS = 4
 # header from byte 0 again costs no second request (tensorizer's header and index of a
 # large model fit).
 KEEP_BYTES = 1 << 20
-
-
-class TransferStalled(Exception):
-    """No data arrived for the read timeout in the middle of a response; `received` is how
-    many bytes of it had arrived."""
-
-    def __init__(self, received: int):
-        super().__init__(f"stalled after {received} bytes")
-        self.received = received
 
 
 class RangeSource(Protocol):
@@ -219,14 +210,17 @@ class RangeStream(io.RawIOBase):
                 self._sequential.close()
             self._sequential = self.source.open_sequential(0)
             self._sequential_pos = 0
+        stream = self._sequential
         try:
             while done < len(view) and self._sequential_pos < start:  # forward: read and drop
-                skip = self._sequential.read(min(start - self._sequential_pos, 1 << 20))
+                assert stream is not None
+                skip = stream.read(min(start - self._sequential_pos, 1 << 20))
                 if not skip:
                     break
                 self._passed(skip)
             while done < len(view) and self._sequential_pos == self._pos + done:
-                count = self._sequential.readinto(view[done:])
+                assert stream is not None
+                count = stream.readinto(view[done:])
                 if not count:
                     break
                 self._passed(view[done : done + count])
@@ -234,17 +228,17 @@ class RangeStream(io.RawIOBase):
         except StorageError:
             raise
         except TransferStalled:
-            raise StorageError(
+            raise Stalled(
                 f"{self.name}: the transfer stalled after {self._sequential_pos} of "
                 f"{self._size} bytes (no data for {self.source.timeout:g} s)"
             ) from None
         except Exception as e:  # noqa: BLE001 - the transport's own error, reported below
-            raise StorageError(
+            raise Unreachable(
                 f"{self.name}: the connection ended at byte {self._sequential_pos} of "
                 f"{self._size} ({type(e).__name__})"
             ) from None
         if done < len(view):
-            raise StorageError(
+            raise Unreachable(
                 f"{self.name}: the connection ended at byte {self._sequential_pos} of {self._size}"
             )
         self._pos += done

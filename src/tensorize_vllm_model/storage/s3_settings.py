@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..settings import environment
 from ..errors import ConfigError
+from ..settings import environment
 from .options import ADDRESSING_STYLES, StreamOptions
 
 __all__ = ["ADDRESSING_STYLES", "VIRTUAL_HOSTED_ENDPOINTS", "S3Settings", "resolve"]
