@@ -64,8 +64,8 @@ def snapshot(directory: Path) -> dict[str, tuple[int, int, str]]:
 
 class FakeEngine:
     """What `tensorize_vllm_model` needs of `vllm_adapter.Engine`, with the worker's side done
-    as the real WorkerExtension does it: `write_tensors` to a staged file, kept pending until
-    the commit (or abort) RPC."""
+    as the real WorkerExtension does it: `write_tensors` to a file staged in the worker's
+    transaction, committed (or rolled back) by the commit (or abort) RPC."""
 
     instances: ClassVar[list[FakeEngine]] = []
     fail_tensors_commit = False
@@ -73,6 +73,7 @@ class FakeEngine:
     def __init__(self):
         self.llm = object()
         self.pending = []
+        self.transaction = None
         self.closed = False
         self.calls: list[str] = []
         FakeEngine.instances.append(self)
@@ -84,6 +85,7 @@ class FakeEngine:
     def rpc(self, method, **kwargs):
         import torch
 
+        from tensorize_vllm_model import storage
         from tensorize_vllm_model.layout import FileRecord
         from tensorize_vllm_model.serialization import write_tensors
 
@@ -93,12 +95,13 @@ class FakeEngine:
             tensors = [
                 (f"layers.{i}.weight", torch.full((256, 256), float(i)), False) for i in range(4)
             ]
+            self.transaction = storage.transaction(request["stream_options"])
             staged = write_tensors(
                 request["tensorizer_uri"],
                 tensors,
                 record=FileRecord(encrypted=request["key"] is not None),
                 key=request["key"],
-                options=request["stream_options"],
+                tx=self.transaction,
             )
             self.pending.append(staged)
             return [
@@ -107,12 +110,12 @@ class FakeEngine:
         if method == "tensorize_vllm_model_commit":
             if FakeEngine.fail_tensors_commit:
                 raise OSError(28, "No space left on device")
-            while self.pending:
-                self.pending.pop(0).commit()
+            self.transaction.commit()
+            self.pending.clear()
             return [None]
         if method == "tensorize_vllm_model_abort":
-            while self.pending:
-                self.pending.pop(0).abort()
+            self.transaction.rollback()
+            self.pending.clear()
             return [None]
         raise AssertionError(f"unexpected rpc {method}")
 

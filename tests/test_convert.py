@@ -266,7 +266,7 @@ def test_copy_watch_records_what_a_weight_loader_copies():
 @pytest.mark.parametrize("encrypted", [False, True])
 def test_partial_reads_read_only_the_range(tmp_path, encrypted):
     from tensorize_vllm_model import TensorizerConfig
-    from tensorize_vllm_model.keys import generate_key, stage_key
+    from tensorize_vllm_model.keys import generate_key, write_key
     from tensorize_vllm_model.layout import FileRecord
     from tensorize_vllm_model.serialization import write_tensors
     from tensorize_vllm_model.tensor_decryption import ciphers
@@ -277,7 +277,7 @@ def test_partial_reads_read_only_the_range(tmp_path, encrypted):
     write_tensors(path, [("w", weight, False)], record=FileRecord(), key=key).commit()
     config = TensorizerConfig(tensorizer_uri=path)
     if key:
-        stage_key(str(tmp_path / "key"), key).commit()
+        write_key(str(tmp_path / "key"), key)
         config.encryption_keyfile = str(tmp_path / "key")
     with open_tensors(path, config=config) as reader:
         entry = reader.index["w"]
@@ -401,10 +401,10 @@ def _decrypted(tensors, key) -> dict:
 def test_convert_encrypts_with_an_existing_key_and_leaves_it(
     capsys, restore_signal_handlers, tiny_llama, tmp_path
 ):
-    from tensorize_vllm_model.keys import generate_key, stage_key
+    from tensorize_vllm_model.keys import generate_key, write_key
 
     key = tmp_path / "key"
-    stage_key(str(key), generate_key()).commit()
+    write_key(str(key), generate_key())
     before = (key.read_bytes(), key.stat().st_ino, key.stat().st_mtime_ns)
     code, out, err = _convert_cli(capsys, tiny_llama, tmp_path / "out", key)
     assert code == 0, err

@@ -34,7 +34,7 @@ from tensorize_vllm_model import (
 from tensorize_vllm_model.cli import main
 from tensorize_vllm_model.errors import CorruptTensorError
 from tensorize_vllm_model.inspection import inspect_tensors, verify_tensors
-from tensorize_vllm_model.keys import generate_key, stage_key
+from tensorize_vllm_model.keys import generate_key, write_key
 from tensorize_vllm_model.layout import FileRecord
 from tensorize_vllm_model.serialization import write_tensors
 from tensorize_vllm_model.streaming import meta_parameters
@@ -446,8 +446,8 @@ ENTRIES_CACHE: dict = {}
 def test_key_errors(tmp_path):
     key = generate_key()
     keyfile, other, short = tmp_path / "k", tmp_path / "other", tmp_path / "short"
-    stage_key(str(keyfile), key).commit()
-    stage_key(str(other), generate_key()).commit()
+    write_key(str(keyfile), key)
+    write_key(str(other), generate_key())
     short.write_bytes(key[:16])
     encrypted = tmp_path / "enc.tensors"
     write_file(encrypted, key=key)
@@ -533,7 +533,7 @@ def test_inspect_lists_every_tensor(good, capsys):
 def test_inspect_encrypted_without_and_with_key(tmp_path, capsys):
     key = generate_key()
     keyfile = tmp_path / "k"
-    stage_key(str(keyfile), key).commit()
+    write_key(str(keyfile), key)
     path = tmp_path / "enc.tensors"
     write_file(path, key=key)
     [keyless] = inspect_tensors(str(path))
@@ -605,8 +605,8 @@ def test_verify_names_each_bad_tensor(good, tmp_path, capsys):
 def test_verify_encrypted(tmp_path, capsys):
     key = generate_key()
     keyfile, other = tmp_path / "k", tmp_path / "other"
-    stage_key(str(keyfile), key).commit()
-    stage_key(str(other), generate_key()).commit()
+    write_key(str(keyfile), key)
+    write_key(str(other), generate_key())
     path = tmp_path / "enc.tensors"
     data = bytearray(write_file(path, key=key))
     assert main(["verify", str(path), "--keyfile", str(keyfile)]) == 0

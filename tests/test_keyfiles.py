@@ -18,7 +18,7 @@ from conftest import BUCKET
 from test_atomic_writes import FakeEngine, engine_args, fake_engine  # noqa: F401 - a fixture
 
 from tensorize_vllm_model import EncryptionError, StorageError, TensorizerConfig, storage
-from tensorize_vllm_model.keys import generate_key, prepare_key, stage_key
+from tensorize_vllm_model.keys import generate_key, prepare_key, stage_key, write_key
 from tensorize_vllm_model.streaming import open_tensors
 
 S3 = {"s3_access_key_id": "testing", "s3_secret_access_key": "testing", "force_http": True}
@@ -124,11 +124,11 @@ def test_a_key_file_that_appears_meanwhile_is_not_replaced(
 
 def test_staged_key_never_replaces_a_local_file(tmp_path):
     key = tmp_path / "k"
-    staged = stage_key(str(key), generate_key())
+    tx = storage.transaction()
+    stage_key(tx, str(key), generate_key())
     key.write_bytes(b"x" * 32)
     with pytest.raises(StorageError, match="already exists"):
-        staged.commit()
-    staged.abort()
+        tx.commit()  # a failed commit rolls back: the temporary is removed
     assert key.read_bytes() == b"x" * 32 and os.listdir(tmp_path) == ["k"]
 
 
@@ -143,7 +143,9 @@ def test_s3_key_never_replaced(moto):
     existing = generate_key()
     client.put_object(Bucket=BUCKET, Key=f"{prefix}/model.key", Body=existing)
     prepared = prepare_key(uri, config)
-    assert prepared.existing and prepared.key == existing and prepared.staged is None
+    assert prepared.existing and prepared.key == existing
+    with storage.transaction(config.stream_options()) as tx:
+        assert prepared.stage(tx) is None  # an existing key: nothing to write
 
     fresh = f"s3://{BUCKET}/{prefix}/fresh.key"
     prepared = prepare_key(fresh, config)
@@ -152,13 +154,14 @@ def test_s3_key_never_replaced(moto):
     # write (If-None-Match) keeps it.
     client.put_object(Bucket=BUCKET, Key=f"{prefix}/fresh.key", Body=b"theirs")
     with pytest.raises(StorageError, match=f"{fresh} already exists; it was left as it is"):
-        storage.Publication(config.stream_options()).commit(prepared.staged)
-    prepared.staged.abort()
+        with storage.transaction(config.stream_options()) as tx:
+            prepared.stage(tx)
     assert client.get_object(Bucket=BUCKET, Key=f"{prefix}/fresh.key")["Body"].read() == b"theirs"
 
     other = f"s3://{BUCKET}/{prefix}/other.key"
     prepared = prepare_key(other, config)
-    prepared.staged.commit()
+    with storage.transaction(config.stream_options()) as tx:
+        prepared.stage(tx)
     assert (
         client.get_object(Bucket=BUCKET, Key=f"{prefix}/other.key")["Body"].read() == prepared.key
     )
@@ -175,7 +178,7 @@ def test_s3_upload_that_must_not_replace(moto, monkeypatch, tmp_path, race):
     prefix = uuid.uuid4().hex
     client.put_object(Bucket=BUCKET, Key=f"{prefix}/k", Body=b"theirs")
     if race:
-        monkeypatch.setattr(s3_backend, "exists", lambda uri, options: False)
+        monkeypatch.setattr(s3_backend.S3Backend, "exists", lambda self, uri, options: False)
     options = storage.StreamOptions.from_mapping({**S3, "s3_endpoint": moto.endpoint})
     ours = tmp_path / "ours"
     ours.write_bytes(b"ours")
@@ -196,12 +199,12 @@ def test_local_publish_that_must_not_replace(tmp_path, monkeypatch, hard_links):
 
         monkeypatch.setattr(local.os, "link", no_link)
     key = tmp_path / "new.key"
-    stage_key(str(key), b"k" * 32).commit()
+    write_key(str(key), b"k" * 32)
     assert key.read_bytes() == b"k" * 32 and key.stat().st_mode & 0o777 == 0o600
-    staged = stage_key(str(key), b"z" * 32)
+    tx = storage.transaction()
+    stage_key(tx, str(key), b"z" * 32)
     with pytest.raises(StorageError, match=f"{key} already exists"):
-        staged.commit()
-    staged.abort()
+        tx.commit()
     assert key.read_bytes() == b"k" * 32 and os.listdir(tmp_path) == ["new.key"]
 
 

@@ -166,14 +166,14 @@ def encrypted_tensors() -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def encrypted(tmp_path_factory):
-    from tensorize_vllm_model.keys import generate_key, stage_key
+    from tensorize_vllm_model.keys import generate_key, write_key
     from tensorize_vllm_model.layout import FileRecord
     from tensorize_vllm_model.serialization import write_tensors
 
     folder = tmp_path_factory.mktemp("encrypted")
     keyfile, other = str(folder / "k.key"), str(folder / "other.key")
-    stage_key(keyfile, generate_key()).commit()
-    stage_key(other, generate_key()).commit()
+    write_key(keyfile, generate_key())
+    write_key(other, generate_key())
     path = str(folder / "e.tensors")
     with open(keyfile, "rb") as f:
         key = f.read()

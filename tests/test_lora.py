@@ -17,8 +17,14 @@ from safetensors.torch import load_file
 from test_atomic_writes import FakeEngine, engine_args, fake_engine  # noqa: F401 - a fixture
 from test_keyfiles import cli_with_fake_engine  # noqa: F401 - a fixture
 
-from tensorize_vllm_model import ConfigError, EncryptionError, StorageError, TensorizerConfig
-from tensorize_vllm_model.keys import generate_key, stage_key
+from tensorize_vllm_model import (
+    ConfigError,
+    EncryptionError,
+    StorageError,
+    TensorizerConfig,
+    storage,
+)
+from tensorize_vllm_model.keys import generate_key, write_key
 from tensorize_vllm_model.lora import (
     check_adapter_fits,
     materialize_adapter,
@@ -35,10 +41,8 @@ def adapter(tiny_llama, tmp_path_factory):
 
 
 def serialized(adapter, destination, key=None, options=None):
-    for item in stage_adapter(
-        "adapter-a", str(adapter), str(destination), key=key, options=options
-    ):
-        item.commit()
+    with storage.transaction(options) as tx:
+        stage_adapter(tx, "adapter-a", str(adapter), str(destination), key=key)
     return f"{destination}/lora/adapter-a"
 
 
@@ -59,7 +63,7 @@ def test_round_trip_through_ram_backed_directory(adapter, tmp_path):
 def test_encrypted_adapter(adapter, tmp_path):
     key = generate_key()
     key_path = tmp_path / "k.key"
-    stage_key(str(key_path), key).commit()
+    write_key(str(key_path), key)
     uri = serialized(adapter, tmp_path / "model", key=key)
     raw = open(f"{uri}/adapter_model.tensors", "rb").read()
     assert (
@@ -79,7 +83,7 @@ def test_encrypted_adapter(adapter, tmp_path):
     )
 
     wrong = tmp_path / "wrong.key"
-    stage_key(str(wrong), generate_key()).commit()
+    write_key(str(wrong), generate_key())
     with pytest.raises(
         EncryptionError,
         match=rf"LoRA adapter 'adapter-a': cannot decrypt .* with the key in {wrong}",

@@ -13,7 +13,7 @@ from tensorize_vllm_model import (
     load_into_module,
     open_tensors,
 )
-from tensorize_vllm_model.keys import generate_key, stage_key
+from tensorize_vllm_model.keys import generate_key, write_key
 from tensorize_vllm_model.layout import FileRecord
 from tensorize_vllm_model.serialization import write_tensors
 from tensorize_vllm_model.streaming import meta_parameters
@@ -150,7 +150,7 @@ def test_mismatch_names_every_tensor(tmp_path, source):
 def test_encrypted_round_trip_and_key_errors(tmp_path, source):
     key = generate_key()
     key_path = tmp_path / "m.key"
-    stage_key(str(key_path), key).commit()
+    write_key(str(key_path), key)
     path = write(source, tmp_path / "m.tensors", key=key)
     assert (
         bytes(source.proj.weight.detach().numpy().tobytes())
@@ -169,7 +169,7 @@ def test_encrypted_round_trip_and_key_errors(tmp_path, source):
         open_tensors(path)
 
     wrong = tmp_path / "wrong.key"
-    stage_key(str(wrong), generate_key()).commit()
+    write_key(str(wrong), generate_key())
     with pytest.raises(EncryptionError, match=rf"cannot decrypt {path} with the key in {wrong}"):
         open_tensors(
             path, config=TensorizerConfig(tensorizer_uri=path, encryption_keyfile=str(wrong))
@@ -179,7 +179,7 @@ def test_encrypted_round_trip_and_key_errors(tmp_path, source):
 def test_key_for_unencrypted_file_refused(tmp_path, source):
     path = write(source, tmp_path / "m.tensors")
     key_path = tmp_path / "m.key"
-    stage_key(str(key_path), generate_key()).commit()
+    write_key(str(key_path), generate_key())
     with pytest.raises(EncryptionError, match=rf"{path} is not encrypted, but a key was given"):
         open_tensors(
             path, config=TensorizerConfig(tensorizer_uri=path, encryption_keyfile=str(key_path))

@@ -22,7 +22,7 @@ from tensorizer.serialization import TensorType
 
 import tensorize_vllm_model as ours
 from tensorize_vllm_model import ConfigError, TensorizerArgs, TensorizerConfig
-from tensorize_vllm_model.keys import generate_key, stage_key
+from tensorize_vllm_model.keys import generate_key, write_key
 from tensorize_vllm_model.layout import FileRecord, ParallelLayout
 from tensorize_vllm_model.serialization import write_tensors
 from tensorize_vllm_model.streaming import check_shards
@@ -124,7 +124,7 @@ def written(tmp_path):
     module = Small()
     key = generate_key()
     keyfile = tmp_path / "k.key"
-    stage_key(str(keyfile), key).commit()
+    write_key(str(keyfile), key)
     uri = str(tmp_path / "model.tensors")
     write_tensors(
         uri,
@@ -269,11 +269,12 @@ def test_vllm_config_with_load_time_fields(written):
 def test_vllm_config_in_tensorized_lora_request(tiny_llama, tmp_path):
     from demo_models import build_lora_adapter
 
+    from tensorize_vllm_model import storage
     from tensorize_vllm_model.lora import stage_adapter
 
     adapter = build_lora_adapter(tmp_path / "a", tiny_llama)
-    for item in stage_adapter("a", str(adapter), str(tmp_path / "model")):
-        item.commit()
+    with storage.transaction() as tx:
+        stage_adapter(tx, "a", str(adapter), str(tmp_path / "model"))
     request = ours.tensorized_lora_request(
         str(tmp_path / "model"),
         "a",

@@ -21,6 +21,14 @@ from __future__ import annotations
 import os
 from typing import Any, BinaryIO
 
+from ..errors import (
+    AccessDenied,
+    AlreadyExists,
+    NotFound,
+    Stalled,
+    StorageError,
+    Unreachable,
+)
 from .base import SUPPORTED_SCHEMES, Backend, backend, basename, join, parent, scheme_of
 from .options import STREAM_KWARGS, Options, StreamOptions
 from .transaction import StagedWrite, Transaction, transaction
@@ -47,6 +55,12 @@ __all__ = [
     "StagedWrite",
     "Transaction",
     "transaction",
+    "StorageError",
+    "NotFound",
+    "AccessDenied",
+    "Unreachable",
+    "Stalled",
+    "AlreadyExists",
 ]
 
 
