@@ -309,6 +309,8 @@ class SeaweedServer:
 
 
 class _FileHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves files with byte ranges; names starting with ``forbidden-`` get HTTP 403."""
+
     ranges = True
     requests: list  # (method, path, Range header) of every request, in order
 
@@ -318,6 +320,9 @@ class _FileHandler(http.server.SimpleHTTPRequestHandler):
     def send_head(self):
         self.requests.append((self.command, self.path, self.headers.get("Range")))
         path = self.translate_path(self.path)
+        if os.path.basename(path).startswith("forbidden-"):  # as a server with access rules
+            self.send_error(403)
+            return None
         if not os.path.isfile(path):
             self.send_error(404)
             return None

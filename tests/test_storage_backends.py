@@ -6,6 +6,7 @@ speaking HTTP/1.1 with byte ranges, HTTP/1.0 without them, and HTTPS."""
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,8 +17,12 @@ import torch
 from conftest import BUCKET
 
 from tensorize_vllm_model import (
+    AccessDenied,
+    AlreadyExists,
+    NotFound,
     StorageError,
     TensorizerConfig,
+    Unreachable,
     load_into_module,
     open_tensors,
     storage,
@@ -319,3 +324,176 @@ def test_a_load_over_one_response_takes_one_request(web_root):
             assert torch.equal(got[name], tensor) and torch.equal(again[name], tensor)
     finally:
         server.stop()
+
+
+# -- typed errors: the same kind of error from every backend ------------------------------
+
+
+def test_missing_file_is_not_found(place):
+    """NoSuchKey / HTTP 404 / ENOENT all arrive as `NotFound` naming the URI."""
+    uri = place.uri("absent/model.tensors")
+    with pytest.raises(NotFound, match=re.escape(storage.redact(uri))):
+        storage.read_bytes(uri, place.options)
+    with pytest.raises(NotFound, match=re.escape(storage.redact(uri))):
+        storage.open_read(uri, place.options)
+    assert not storage.exists(uri, place.options)
+
+
+def test_missing_bucket_is_not_found(place):
+    if not place.name.startswith("s3"):
+        pytest.skip("buckets are S3's")
+    uri = "s3://no-such-bucket-here/model.tensors"
+    with pytest.raises(NotFound, match="no such bucket: no-such-bucket-here"):
+        storage.read_bytes(uri, place.options)
+    with pytest.raises(NotFound, match="no such bucket: no-such-bucket-here"):
+        storage.check_writable("s3://no-such-bucket-here/dir", place.options)
+
+
+def test_refused_access_is_access_denied(place, request):
+    """HTTP 403 / S3 403 (a wrong secret) / EACCES all arrive as `AccessDenied`."""
+    if place.name == "local":
+        # sysfs refuses new files to everyone, root included
+        with pytest.raises(AccessDenied, match="cannot write into /sys"):
+            storage.transaction().stage("/sys/model.tensors")
+        return
+    if place.name.startswith("http"):
+        place.put("forbidden-model.tensors", b"x")  # the test server answers 403 for it
+        uri = place.uri("forbidden-model.tensors")
+        with pytest.raises(
+            AccessDenied, match=re.escape(f"access denied to {storage.redact(uri)}")
+        ):
+            storage.read_bytes(uri, place.options)
+        return
+    # moto accepts any signature (its shared server runs without auth): the S3 API's 403 is
+    # taken from SeaweedFS, which checks every signature, whatever the place's server is.
+    seaweed = request.getfixturevalue("seaweed")
+    key = f"{uuid.uuid4().hex}/model.tensors"
+    seaweed.client().put_object(Bucket=BUCKET, Key=key, Body=b"x")
+    options = {
+        "s3_endpoint": seaweed.endpoint,
+        "force_http": True,
+        "s3_access_key_id": seaweed.access_key_id,
+        "s3_secret_access_key": "not-the-secret",
+    }
+    with pytest.raises(AccessDenied, match=rf"access denied reading s3://{BUCKET}/{key}"):
+        storage.read_bytes(f"s3://{BUCKET}/{key}", options)
+
+
+def test_no_server_is_unreachable(place):
+    """Nothing listening at the endpoint: `Unreachable`, naming it."""
+    from servers import free_port
+
+    if place.name == "local":
+        pytest.skip("a local file has no endpoint")
+    port = free_port()
+    if place.name.startswith("s3"):
+        options = {**place.options, "s3_endpoint": f"http://127.0.0.1:{port}", "timeout": 2.0}
+        options.pop("ca_bundle", None)
+        options["force_http"] = True
+        uri = place.uri("model.tensors")
+    else:
+        options = {"timeout": 2.0}
+        uri = f"http://127.0.0.1:{port}/model.tensors"
+    with pytest.raises(Unreachable, match=f"127.0.0.1:{port}"):
+        storage.read_bytes(uri, options)
+
+
+def test_write_that_must_not_replace_is_already_exists(place):
+    if not place.writable:
+        pytest.skip("read-only")
+    place.put("tx/model.key", b"theirs")
+    uri = place.uri("tx/model.key")
+    tx = storage.transaction(place.options)
+    staged = tx.stage(uri, replace=False)
+    with open(staged.path, "wb") as f:
+        f.write(b"ours")
+    with pytest.raises(AlreadyExists, match=re.escape(f"{uri} already exists")):
+        tx.commit()
+    assert storage.read_bytes(uri, place.options) == b"theirs"
+    assert not os.path.exists(staged.path)
+
+
+# -- transactions: everything published, or nothing changed --------------------------------
+
+
+class Boom(Exception):
+    pass
+
+
+def _write(tx: storage.Transaction, uri: str, data: bytes, **kwargs) -> storage.StagedWrite:
+    staged = tx.stage(uri, **kwargs)
+    with open(staged.path, "wb") as f:
+        f.write(data)
+    return staged
+
+
+@pytest.mark.parametrize("failure", [Boom, KeyboardInterrupt, SystemExit])
+@pytest.mark.parametrize("when", ["before-publish", "after-publish"])
+def test_transaction_rolls_back_on_any_failure(place, failure, when):
+    """An exception, Ctrl-C or exit inside the block: the earlier file is back (same bytes),
+    the new one is gone, no temporary or kept copy is left, and `on_rollback` ran."""
+    if not place.writable:
+        pytest.skip("read-only")
+    place.put("tx/a.bin", b"earlier")
+    undone: list[str] = []
+    staged: list[storage.StagedWrite] = []
+    with pytest.raises(failure):
+        with storage.transaction(place.options) as tx:
+            tx.on_rollback(lambda: undone.append("workers"))
+            staged.append(_write(tx, place.uri("tx/a.bin"), b"replaced"))
+            staged.append(_write(tx, place.uri("tx/b.bin"), b"new"))
+            if when == "after-publish":
+                tx.publish()
+                assert storage.read_bytes(place.uri("tx/a.bin"), place.options) == b"replaced"
+                assert storage.read_bytes(place.uri("tx/b.bin"), place.options) == b"new"
+            raise failure()
+    assert storage.read_bytes(place.uri("tx/a.bin"), place.options) == b"earlier"
+    assert not storage.exists(place.uri("tx/b.bin"), place.options)
+    assert storage.list_names(place.uri("tx"), place.options) == ["a.bin"]
+    assert not [s.path for s in staged if os.path.exists(s.path)]
+    assert undone == ["workers"] and tx.closed
+
+
+def test_transaction_publishes_in_order_with_last_at_the_end(place, monkeypatch):
+    if not place.writable:
+        pytest.skip("read-only")
+    published: list[str] = []
+    real = storage.StagedWrite.commit
+
+    def commit(self):
+        published.append(self.uri)
+        real(self)
+
+    monkeypatch.setattr(storage.StagedWrite, "commit", commit)
+    place.put("tx/config.json", b"old")
+    with storage.transaction(place.options) as tx:
+        _write(tx, place.uri("tx/model.tensors"), b"T", last=True)
+        _write(tx, place.uri("tx/config.json"), b"C")
+        _write(tx, place.uri("tx/model.key"), b"K" * 32, mode=0o600, replace=False)
+    names = ["config.json", "model.key", "model.tensors"]
+    assert published == tx.uris == [place.uri(f"tx/{n}") for n in names]
+    assert storage.list_names(place.uri("tx"), place.options) == names  # kept copy dropped
+    assert storage.read_bytes(place.uri("tx/config.json"), place.options) == b"C"
+
+
+def test_transaction_left_open_is_rolled_back_at_exit(tmp_path):
+    """A worker stages in one call and commits in another; if its process exits in between
+    (an interrupted engine), the staged files are removed at exit."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    script = (
+        "from tensorize_vllm_model import storage\n"
+        f"tx = storage.transaction()\n"
+        f"s = tx.stage({str(tmp_path / 'model.tensors')!r})\n"
+        "open(s.path, 'wb').write(b'x')\n"
+        "print(s.path)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=subprocess_env(), capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().startswith(str(tmp_path))
+    assert os.listdir(tmp_path) == []

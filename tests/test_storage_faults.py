@@ -12,7 +12,14 @@ import pytest
 from conftest import BUCKET
 from servers import CuttingProxy, HTTPFileServer, MotoServer, free_port
 
-from tensorize_vllm_model import ConfigError, StorageError, TensorizerConfig, storage
+from tensorize_vllm_model import (
+    ConfigError,
+    Stalled,
+    StorageError,
+    TensorizerConfig,
+    Unreachable,
+    storage,
+)
 from tensorize_vllm_model.artifacts import fetch_model_files
 from tensorize_vllm_model.storage import s3 as s3_backend
 from tensorize_vllm_model.storage.options import StreamOptions
@@ -401,6 +408,9 @@ def test_a_stall_after_data_says_how_many_bytes_arrived(web_root, moto, store, r
             server.stop()
     text = str(failure.value)
     assert "cannot reach" not in text
+    # A stall is in transit: one response reports it as such; ranges give up after retries.
+    assert isinstance(failure.value, Unreachable)
+    assert isinstance(failure.value, Stalled) != ranges
     if ranges:
         # The first 4 MiB range stalls part-way; the retries find no answer.
         found = re.search(

@@ -19,13 +19,18 @@ __version__ = "0.1.0"
 
 from .config import TensorizerArgs, TensorizerConfig  # noqa: E402
 from .errors import (  # noqa: E402
+    AccessDenied,
+    AlreadyExists,
     ConfigError,
     EncryptionError,
     FormatError,
     LayoutError,
     ModelMismatchError,
+    NotFound,
+    Stalled,
     StorageError,
     TensorizeError,
+    Unreachable,
 )
 
 if TYPE_CHECKING:  # the lazy names below, for type checkers
@@ -84,6 +89,11 @@ __all__ = [
     "TensorizeError",
     "ConfigError",
     "StorageError",
+    "NotFound",
+    "AccessDenied",
+    "Unreachable",
+    "Stalled",
+    "AlreadyExists",
     "EncryptionError",
     "FormatError",
     "ModelMismatchError",
