@@ -142,28 +142,7 @@ def write_tensors(
     Raises:
         StorageError: the file cannot be written (named); nothing is left of it.
     """
-    if tx is None:
-        own = storage.transaction(options)
-        try:
-            staged = write_tensors(
-                uri,
-                tensors,
-                record=record,
-                key=key,
-                serialization_kwargs=serialization_kwargs,
-                on_bytes=on_bytes,
-                marker=marker,
-                batch_bytes=batch_bytes,
-                tx=own,
-            )
-        except BaseException:
-            own.rollback()
-            raise
-        staged.transaction = own
-        return staged
-    return _write_staged(
-        StagedTensors(tx.stage(uri, last=True)),
-        tensors,
+    how: dict[str, Any] = dict(
         record=record,
         key=key,
         serialization_kwargs=serialization_kwargs,
@@ -171,6 +150,16 @@ def write_tensors(
         marker=marker,
         batch_bytes=batch_bytes,
     )
+    if tx is not None:
+        return _write_staged(StagedTensors(tx.stage(uri, last=True)), tensors, **how)
+    own = storage.transaction(options)
+    try:
+        staged = _write_staged(StagedTensors(own.stage(uri, last=True)), tensors, **how)
+    except BaseException:
+        own.rollback()
+        raise
+    staged.transaction = own
+    return staged
 
 
 def _write_staged(

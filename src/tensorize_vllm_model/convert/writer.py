@@ -27,7 +27,12 @@ from ..errors import ConfigError
 from ..keys import prepare_key
 from ..layout import CHECKPOINT_FORM, FileRecord, serialized_dir
 from ..progress import progress
-from ..serialization import SerializeResult, check_serialization_kwargs, write_tensors
+from ..serialization import (
+    SerializeResult,
+    StagedTensors,
+    check_serialization_kwargs,
+    write_tensors,
+)
 from .checkpoint import Checkpoint, open_checkpoint
 from .placement import stores_transposed
 
@@ -128,32 +133,10 @@ def convert_checkpoint(
     )
     key = encryption.key if encryption else None
     created = _missing_dirs(directory)
-    transposed: list[str] = []
-    record = FileRecord(
-        architecture=checkpoint.architecture,
-        dtype=_recorded_dtype(target, checkpoint),
-        producer=f"tensorize_vllm_model {__version__} (convert)",
-        extra={"form": CHECKPOINT_FORM, "transposed": transposed, "source_format": checkpoint.kind},
-    )
     with storage.transaction(options) as tx:
         tx.on_rollback(lambda: _remove_empty(created))
         storage.check_writable(directory, options)
-        names = _transposed_names(checkpoint)
-        record.extra["transposed"] = names
-        with progress("Converting", checkpoint.tensor_bytes(target), logger=logger) as advance:
-            tensors = write_tensors(
-                storage.join(directory, DEFAULT_TENSORS_NAME),
-                _stream(checkpoint, target, transposed),
-                record=record,
-                key=key,
-                serialization_kwargs=serialization_kwargs,
-                marker=False,
-                on_bytes=advance,
-                batch_bytes=batched_write.BATCH_BYTES,
-                tx=tx,
-            )
-        if sorted(transposed) != sorted(names):  # the record must say what was done
-            raise RuntimeError("the transposed tensors differ from the planned ones")
+        tensors = _write_checkpoint(tx, checkpoint, directory, target, key, serialization_kwargs)
         # Published in this order, the tensors last: a tensors file that exists is complete.
         stage_artifacts(tx, [local], directory)
         if encryption is not None:
@@ -168,6 +151,41 @@ def convert_checkpoint(
         keyfile=keyfile,
         key_existing=bool(encryption and encryption.existing),
     )
+
+
+def _write_checkpoint(
+    tx: storage.Transaction,
+    checkpoint: Checkpoint,
+    directory: str,
+    target: torch.dtype | None,
+    key: bytes | None,
+    serialization_kwargs: Mapping[str, Any] | None,
+) -> StagedTensors:
+    """Write the checkpoint's tensors (cast, row-parallel weights transposed) to
+    ``directory/model.tensors``, staged in `tx`, with the record saying what was done."""
+    transposed: list[str] = []
+    names = _transposed_names(checkpoint)
+    record = FileRecord(
+        architecture=checkpoint.architecture,
+        dtype=_recorded_dtype(target, checkpoint),
+        producer=f"tensorize_vllm_model {__version__} (convert)",
+        extra={"form": CHECKPOINT_FORM, "transposed": names, "source_format": checkpoint.kind},
+    )
+    with progress("Converting", checkpoint.tensor_bytes(target), logger=logger) as advance:
+        tensors = write_tensors(
+            storage.join(directory, DEFAULT_TENSORS_NAME),
+            _stream(checkpoint, target, transposed),
+            record=record,
+            key=key,
+            serialization_kwargs=serialization_kwargs,
+            marker=False,
+            on_bytes=advance,
+            batch_bytes=batched_write.BATCH_BYTES,
+            tx=tx,
+        )
+    if sorted(transposed) != sorted(names):  # the record must say what was done
+        raise RuntimeError("the transposed tensors differ from the planned ones")
+    return tensors
 
 
 def _missing_dirs(directory: str) -> list[str]:

@@ -61,8 +61,11 @@ def redact(url: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
-class HTTPSource:
+class HTTPSource(retry.RetryingSource):
     """An HTTP(S) resource as a `RangeSource`."""
+
+    peer = "the server"
+    transport_errors = _TRANSPORT_ERRORS
 
     def __init__(self, url: str, options: StreamOptions):
         self.name = redact(url)
@@ -169,23 +172,8 @@ class HTTPSource:
 
     # -- RangeSource -----------------------------------------------------------------------
 
-    def read_range(self, start: int, stop: int) -> bytes:
-        data = bytearray(stop - start)
-        self.read_range_into(start, memoryview(data))
-        return bytes(data)
-
-    def read_range_into(self, start: int, view: memoryview) -> None:
-        retry.read_range_into(
-            self._open_range,
-            start,
-            view,
-            name=self.name,
-            peer="the server",
-            connection="the connection",
-            timeout=self.timeout,
-            transport_errors=_TRANSPORT_ERRORS,
-            after_failure=lambda: self._drop(urllib.parse.urlsplit(self.url)),
-        )
+    def _after_failure(self) -> None:
+        self._drop(urllib.parse.urlsplit(self.url))
 
     def _open_range(self, start: int, stop: int) -> retry.Body:
         response = self._get(headers={"Range": f"bytes={start}-{stop - 1}"})

@@ -20,7 +20,15 @@ from typing import Any
 
 from ..errors import StorageError, Unreachable
 
-__all__ = ["RetryPolicy", "DEFAULT_POLICY", "TransferStalled", "Body", "fill", "read_range_into"]
+__all__ = [
+    "RetryPolicy",
+    "DEFAULT_POLICY",
+    "TransferStalled",
+    "Body",
+    "fill",
+    "read_range_into",
+    "RetryingSource",
+]
 
 
 class TransferStalled(Exception):
@@ -157,3 +165,43 @@ def read_range_into(
         f"reading {name} failed at bytes {start}-{stop - 1} after {policy.attempts} attempts "
         f"({connection} dropped or timed out): {'; '.join(tried)}"
     )
+
+
+class RetryingSource:
+    """The read side of a remote `ranged.RangeSource` over `read_range_into` (the one retry
+    policy): a backend's source sets the attributes below and implements `_open_range`."""
+
+    name: str
+    timeout: float
+    peer = "the server"  # how messages call the other side
+    transport_errors: tuple[type[BaseException], ...] = (OSError,)
+
+    @property
+    def connection(self) -> str:
+        """How messages call the link ("the connection to https://host")."""
+        return "the connection"
+
+    def _open_range(self, start: int, stop: int) -> io.RawIOBase:
+        """Ask for bytes [start, stop): the response's body."""
+        raise NotImplementedError
+
+    def _after_failure(self) -> None:
+        """Called after each failed attempt (e.g. to drop a pooled connection)."""
+
+    def read_range(self, start: int, stop: int) -> bytes:
+        data = bytearray(stop - start)
+        self.read_range_into(start, memoryview(data))
+        return bytes(data)
+
+    def read_range_into(self, start: int, view: memoryview) -> None:
+        read_range_into(
+            self._open_range,
+            start,
+            view,
+            name=self.name,
+            peer=self.peer,
+            connection=self.connection,
+            timeout=self.timeout,
+            transport_errors=self.transport_errors,
+            after_failure=self._after_failure,
+        )

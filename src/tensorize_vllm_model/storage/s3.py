@@ -117,10 +117,14 @@ def _error(
     return kind(f"S3 error {action} {uri} at {where}: {type(e).__name__}: {e}")
 
 
-class S3Source:
+class S3Source(retry.RetryingSource):
     """An S3 object as a `RangeSource`."""
 
     supports_ranges = True
+    peer = "the endpoint"
+    # Any other failure of a GET or its body (botocore's and urllib3's many kinds) is a
+    # transport failure: retried. ClientErrors are mapped (`_open_range`) and not retried.
+    transport_errors = (Exception,)
 
     def __init__(self, uri: str, options: StreamOptions):
         self.name = uri
@@ -144,22 +148,9 @@ class S3Source:
                     return NotFound(f"no such bucket: {self.bucket} (for {self.name})")
         return error
 
-    def read_range(self, start: int, stop: int) -> bytes:
-        data = bytearray(stop - start)
-        self.read_range_into(start, memoryview(data))
-        return bytes(data)
-
-    def read_range_into(self, start: int, view: memoryview) -> None:
-        retry.read_range_into(
-            self._open_range,
-            start,
-            view,
-            name=self.name,
-            peer="the endpoint",
-            connection=f"the connection to {self._resolved.endpoint or 'AWS S3'}",
-            timeout=self.timeout,
-            transport_errors=(Exception,),
-        )
+    @property
+    def connection(self) -> str:
+        return f"the connection to {self._resolved.endpoint or 'AWS S3'}"
 
     def _open_range(self, start: int, stop: int) -> retry.Body:
         from botocore.exceptions import ClientError
