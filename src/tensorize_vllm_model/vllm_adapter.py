@@ -177,7 +177,7 @@ def resolve_remote_model(engine_args: Any) -> None:
     fetch the config/tokenizer files to the local cache, serve the model from there under
     its remote name, and give the loader the remote directory."""
     model = str(engine_args.model or "")
-    if engine_args.load_format != LOAD_FORMAT or "://" not in model or storage.local_path(model):
+    if engine_args.load_format != LOAD_FORMAT or storage.local_path(model) is not None:
         return
     from .artifacts import fetch_model_files
 

@@ -24,6 +24,7 @@ from typing import Any, BinaryIO
 from ..errors import (
     AccessDenied,
     AlreadyExists,
+    ConfigError,
     NotFound,
     Stalled,
     StorageError,
@@ -77,7 +78,10 @@ def local_path(uri: str | os.PathLike) -> str | None:
 
 def redact(uri: str) -> str:
     """`uri` as it may appear in messages: no query string (signatures), no user info."""
-    return backend(uri).redact(uri)
+    try:
+        return backend(uri).redact(uri)
+    except ConfigError:  # an unsupported scheme: still never show a query string
+        return uri.split("?", 1)[0]
 
 
 def exists(uri: str, options: Options = None) -> bool:

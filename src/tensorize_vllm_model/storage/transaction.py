@@ -203,9 +203,11 @@ class Transaction:
         error: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
+        if self.closed:  # finished inside the block already
+            return
         if kind is None:
             self.commit()
-        elif not self.closed:
+        else:
             self.rollback()
 
 
