@@ -23,7 +23,7 @@ import os
 import threading
 from typing import TYPE_CHECKING, BinaryIO, cast
 
-from ..errors import ConfigError, StorageError
+from ..errors import ConfigError, NotFound, StorageError
 
 if TYPE_CHECKING:
     from .options import StreamOptions
@@ -68,8 +68,6 @@ class Backend:
 
     def exists(self, uri: str, options: StreamOptions) -> bool:
         """Whether a file or object is at `uri` (`NotFound` is False; other errors raise)."""
-        from ..errors import NotFound
-
         try:
             self.range_source(uri, options)
         except NotFound:
