@@ -239,14 +239,13 @@ class S3Backend(Backend):
         upload(temp, uri, options, replace=replace)
 
     def keep_aside(self, uri: str, backup: str, options: StreamOptions) -> None:
-        """Copy the object at `uri` to `backup` (server-side)."""
+        """Copy the object at `uri` to `backup` (server-side; boto3's managed copy, which
+        copies objects over CopyObject's 5 GiB limit in parts)."""
         bucket, key = parse(uri)
         _, backup_key = parse(backup)
         client, resolved = _client(options)
         try:
-            client.copy_object(
-                Bucket=bucket, Key=backup_key, CopySource={"Bucket": bucket, "Key": key}
-            )
+            client.copy({"Bucket": bucket, "Key": key}, bucket, backup_key)
         except Exception as e:  # noqa: BLE001
             raise _error(e, uri, resolved, "keeping a copy of") from None
 

@@ -135,17 +135,12 @@ class Transaction:
         """Publish every staged file now, keeping what each replaces so that `rollback`
         can still put everything back (for a transaction that must wait on another
         party before it is final). Rolls back and raises if any publish fails."""
-        try:
-            for staged in self.staged:
-                if not staged.done:
-                    self._publish(staged)
-        except BaseException:
-            self.rollback()
-            raise
+        self._publish_all(keep_last=True)
 
     def commit(self) -> None:
-        """Publish everything (`publish`), then drop the kept copies: final."""
-        self.publish()
+        """Publish everything, then drop the kept copies: final. (The last file published
+        needs no kept copy: nothing after it can fail.)"""
+        self._publish_all(keep_last=False)
         self.closed = True
         _open.discard(self)
         while self._published:
@@ -177,10 +172,20 @@ class Transaction:
             except Exception:  # noqa: BLE001
                 logger.warning("undoing part of a failed write failed", exc_info=True)
 
-    def _publish(self, staged: StagedWrite) -> None:
+    def _publish_all(self, *, keep_last: bool) -> None:
+        pending = [s for s in self.staged if not s.done]
+        try:
+            for number, staged in enumerate(pending, start=1):
+                self._publish(staged, keep=keep_last or number < len(pending))
+        except BaseException:
+            self.rollback()
+            raise
+
+    def _publish(self, staged: StagedWrite, *, keep: bool) -> None:
+        """Publish `staged`; with `keep`, first keep aside a file it replaces."""
         store = backend(staged.uri)
         kept = None
-        if staged.replace and store.exists(staged.uri, self.options):
+        if keep and staged.replace and store.exists(staged.uri, self.options):
             kept = join(parent(staged.uri), f".{basename(staged.uri)}.kept-{secrets.token_hex(4)}")
             store.keep_aside(staged.uri, kept, self.options)
         try:
