@@ -83,3 +83,29 @@ def test_short_key_file_refused(tmp_path):
 def test_missing_key_file_named(tmp_path):
     with pytest.raises(EncryptionError, match=str(tmp_path / "missing.key")):
         keys.read_key(str(tmp_path / "missing.key"))
+
+
+def test_commit_keeps_no_copy_of_what_the_last_file_replaces(tmp_path, monkeypatch):
+    """Every replaced file but the last is kept aside until the commit ends (a later
+    failure puts it back); after the last publish nothing can fail, so no copy of a large
+    tensors file is made (on S3 a server-side copy)."""
+    from tensorize_vllm_model.storage.local import LocalBackend
+
+    kept: list[str] = []
+    real = LocalBackend.keep_aside
+
+    def keep_aside(self, uri, backup, options):
+        kept.append(uri)
+        real(self, uri, backup, options)
+
+    monkeypatch.setattr(LocalBackend, "keep_aside", keep_aside)
+    for name in ("config.json", "model.tensors"):
+        (tmp_path / name).write_bytes(b"old")
+    with storage.transaction() as tx:
+        for name, last in (("model.tensors", True), ("config.json", False)):
+            staged = tx.stage(str(tmp_path / name), last=last)
+            with open(staged.path, "wb") as f:
+                f.write(b"new")
+    assert kept == [str(tmp_path / "config.json")]
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.tensors"]
+    assert (tmp_path / "model.tensors").read_bytes() == b"new"
