@@ -24,7 +24,7 @@ from .. import __version__, batched_write, storage
 from ..artifacts import resolve_model_files, stage_artifacts
 from ..config import DEFAULT_TENSORS_NAME, TensorizerConfig
 from ..errors import ConfigError
-from ..keys import prepare_key
+from ..keys import EncryptionKey, prepare_key
 from ..layout import CHECKPOINT_FORM, FileRecord, serialized_dir
 from ..progress import progress
 from ..serialization import (
@@ -131,16 +131,10 @@ def convert_checkpoint(
         if keyfile
         else None
     )
-    key = encryption.key if encryption else None
-    created = _missing_dirs(directory)
     with storage.transaction(options) as tx:
-        tx.on_rollback(lambda: _remove_empty(created))
-        storage.check_writable(directory, options)
-        tensors = _write_checkpoint(tx, checkpoint, directory, target, key, serialization_kwargs)
-        # Published in this order, the tensors last: a tensors file that exists is complete.
-        stage_artifacts(tx, [local], directory)
-        if encryption is not None:
-            encryption.stage(tx)
+        tensors = _stage_all(
+            tx, local, checkpoint, directory, target, encryption, serialization_kwargs
+        )
     return SerializeResult(
         directory=directory,
         tensors_uri=tensors.uri,
@@ -151,6 +145,29 @@ def convert_checkpoint(
         keyfile=keyfile,
         key_existing=bool(encryption and encryption.existing),
     )
+
+
+def _stage_all(
+    tx: storage.Transaction,
+    local: str,
+    checkpoint: Checkpoint,
+    directory: str,
+    target: torch.dtype | None,
+    encryption: EncryptionKey | None,
+    serialization_kwargs: Mapping[str, Any] | None,
+) -> StagedTensors:
+    """Stage everything convert publishes into `directory`, in `tx`: the artifacts, a new
+    key, the tensors last (a tensors file that exists is complete). A rollback also removes
+    the directories made for them."""
+    created = _missing_dirs(directory)
+    tx.on_rollback(lambda: _remove_empty(created))
+    storage.check_writable(directory, tx.options)
+    key = encryption.key if encryption else None
+    tensors = _write_checkpoint(tx, checkpoint, directory, target, key, serialization_kwargs)
+    stage_artifacts(tx, [local], directory)
+    if encryption is not None:
+        encryption.stage(tx)
+    return tensors
 
 
 def _write_checkpoint(
