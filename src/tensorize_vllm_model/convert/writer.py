@@ -115,22 +115,13 @@ def convert_checkpoint(
     """
     start = time.perf_counter()
     options = config.stream_options() if config is not None else None
-    local = (
-        model
-        if os.path.isdir(model)
-        else resolve_model_files(model, revision=revision, download_dir=download_dir, weights=True)
-    )
-    checkpoint = open_checkpoint(local)
-    target = _target_dtype(dtype, checkpoint)
+    local, checkpoint, target = _source(model, dtype, revision, download_dir)
     check_serialization_kwargs(serialization_kwargs or {})
     directory = serialized_dir(serialized_directory, model, suffix)
     # serialize's key rules: an existing key file is used as it is, a missing one gets a
     # new key published with the model, anything else is refused before a byte is written.
-    encryption = (
-        prepare_key(keyfile, config or TensorizerConfig(tensorizer_uri=directory))
-        if keyfile
-        else None
-    )
+    key_config = config or TensorizerConfig(tensorizer_uri=directory)
+    encryption = prepare_key(keyfile, key_config) if keyfile else None
     with storage.transaction(options) as tx:
         tensors = _stage_all(
             tx, local, checkpoint, directory, target, encryption, serialization_kwargs
@@ -145,6 +136,19 @@ def convert_checkpoint(
         keyfile=keyfile,
         key_existing=bool(encryption and encryption.existing),
     )
+
+
+def _source(
+    model: str, dtype: str, revision: str | None, download_dir: str | None
+) -> tuple[str, Checkpoint, torch.dtype | None]:
+    """(the checkpoint's local directory, the checkpoint, the dtype to write in)."""
+    local = (
+        model
+        if os.path.isdir(model)
+        else resolve_model_files(model, revision=revision, download_dir=download_dir, weights=True)
+    )
+    checkpoint = open_checkpoint(local)
+    return local, checkpoint, _target_dtype(dtype, checkpoint)
 
 
 def _stage_all(
