@@ -69,8 +69,8 @@ def prepare(size_gb: float) -> dict[str, str]:
     import torch
     from demo_models import build_model
 
+    from tensorize_vllm_model.format.record import FileRecord
     from tensorize_vllm_model.keys import generate_key, stage_key
-    from tensorize_vllm_model.layout import FileRecord
     from tensorize_vllm_model.serialization import write_tensors
 
     work = WORK / f"model-{size_gb:g}gb"

@@ -49,7 +49,7 @@ ENGINE_FLAGS = [
 ]
 ENGINE_TIMEOUT = 600
 BUCKET = "models"
-WORKER_EXTENSION = "tensorize_vllm_model.vllm_adapter.WorkerExtension"
+WORKER_EXTENSION = "tensorize_vllm_model.vllm_integration.worker.WorkerExtension"
 
 
 def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:

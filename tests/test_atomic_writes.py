@@ -32,6 +32,9 @@ from typing import ClassVar
 import pytest
 from conftest import ENGINE_FLAGS, ROOT, subprocess_env
 
+from tensorize_vllm_model.vllm_integration.engine import Engine
+from tensorize_vllm_model.vllm_integration.messages import SavedFile, decode
+
 MODEL_FILES = [
     "config.json",
     "generation_config.json",
@@ -62,8 +65,9 @@ def snapshot(directory: Path) -> dict[str, tuple[int, int, str]]:
 # -- exception cases: the real tensorize_vllm_model, a stand-in engine -------------------
 
 
-class FakeEngine:
-    """What `tensorize_vllm_model` needs of `vllm_adapter.Engine`, with the worker's side done
+class FakeEngine(Engine):
+    """What `tensorize_vllm_model` needs of `vllm_integration.engine.Engine` (its typed calls
+    are the real ones, over this `rpc`), with the worker's side done
     as the real WorkerExtension does it: `write_tensors` to a file staged in the worker's
     transaction, committed (or rolled back) by the commit (or abort) RPC."""
 
@@ -86,27 +90,25 @@ class FakeEngine:
         import torch
 
         from tensorize_vllm_model import storage
-        from tensorize_vllm_model.layout import FileRecord
+        from tensorize_vllm_model.format.record import FileRecord
         from tensorize_vllm_model.serialization import write_tensors
 
         self.calls.append(method)
         if method == "tensorize_vllm_model_save":
-            request = kwargs["request"]
+            request = decode(kwargs["request"])  # as the worker does (messages)
             tensors = [
                 (f"layers.{i}.weight", torch.full((256, 256), float(i)), False) for i in range(4)
             ]
-            self.transaction = storage.transaction(request["stream_options"])
+            self.transaction = storage.transaction(request.stream_options)
             staged = write_tensors(
-                request["tensorizer_uri"],
+                request.tensorizer_uri,
                 tensors,
-                record=FileRecord(encrypted=request["key"] is not None),
-                key=request["key"],
+                record=FileRecord(encrypted=request.key is not None),
+                key=request.key,
                 tx=self.transaction,
             )
             self.pending.append(staged)
-            return [
-                {"rank": 0, "uri": staged.uri, "tensors": staged.tensors, "bytes": staged.bytes}
-            ]
+            return [SavedFile(rank=0, uri=staged.uri, tensors=staged.tensors, bytes=staged.bytes)]
         if method == "tensorize_vllm_model_commit":
             if FakeEngine.fail_tensors_commit:
                 raise OSError(28, "No space left on device")
@@ -129,12 +131,11 @@ class FakeEngine:
 @pytest.fixture
 def fake_engine(monkeypatch):
     """Replace the vLLM side of a serialize (no vLLM import, no engine start)."""
-    module = types.ModuleType("tensorize_vllm_model.vllm_adapter")
-    module.CAPTURE_LOAD_FORMAT = "tensorize_vllm_model_capture"
-    module.Engine = FakeEngine
-    module.parallel_sizes = lambda args: (1, 1)
-    module.vllm_version = lambda: "0.0-test"
-    monkeypatch.setitem(sys.modules, "tensorize_vllm_model.vllm_adapter", module)
+    from tensorize_vllm_model.vllm_integration import engine
+
+    monkeypatch.setattr(engine, "Engine", FakeEngine)
+    monkeypatch.setattr(engine, "parallel_sizes", lambda args: (1, 1))
+    monkeypatch.setattr(engine, "vllm_version", lambda: "0.0-test")
     FakeEngine.instances = []
     FakeEngine.fail_tensors_commit = False
     yield FakeEngine

@@ -25,7 +25,7 @@ def run_main(capsys, *argv):
 def tensors_file(tmp_path_factory):
     import torch
 
-    from tensorize_vllm_model.layout import FileRecord
+    from tensorize_vllm_model.format.record import FileRecord
     from tensorize_vllm_model.serialization import write_tensors
 
     path = tmp_path_factory.mktemp("cli") / "model.tensors"
@@ -353,19 +353,21 @@ def test_worker_errors_come_back_as_the_package_errors():
     """A worker method's error comes back as an answer (vLLM would log its traceback and
     raise a bare RuntimeError) and is raised again in the command as the error it was."""
     from tensorize_vllm_model.errors import StorageError, TensorizeError
-    from tensorize_vllm_model.vllm_adapter import _raise_worker_errors, _reported
+    from tensorize_vllm_model.vllm_integration.engine import raise_worker_errors
+    from tensorize_vllm_model.vllm_integration.messages import WorkerFailure
+    from tensorize_vllm_model.vllm_integration.worker import worker_call
 
     class Worker:
-        @_reported
+        @worker_call
         def save(self, uri):
             raise StorageError(f"cannot write {uri}: No space left on device")
 
     answer = Worker().save("/full/model.tensors")
     with pytest.raises(StorageError, match="^cannot write /full/model.tensors: No space left"):
-        _raise_worker_errors([{"rank": 0}, answer])
+        raise_worker_errors([{"rank": 0}, answer])
     with pytest.raises(TensorizeError, match="^odd$"):
-        _raise_worker_errors([{"tensorize_vllm_model_error": "odd", "kind": "NotAnError"}])
-    assert _raise_worker_errors([{"rank": 0}]) == [{"rank": 0}]
+        raise_worker_errors([WorkerFailure(message="odd", kind="NotAnError")])
+    assert raise_worker_errors([{"rank": 0}]) == [{"rank": 0}]
 
 
 HANGING_CLEANUP = """

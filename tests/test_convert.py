@@ -21,7 +21,7 @@ from tensorize_vllm_model.convert.partial_read import Part, PartsRead, read_part
 from tensorize_vllm_model.convert.placement import TensorShape, rank_reads, split_dim
 from tensorize_vllm_model.convert.regions import CopyWatch, box_byte_range, view_box
 from tensorize_vllm_model.errors import LayoutError, StorageError
-from tensorize_vllm_model.layout import MARKER_NAME
+from tensorize_vllm_model.format.record import MARKER_NAME
 
 # Runs the command line with vLLM made unimportable in that process.
 NO_VLLM = (
@@ -266,8 +266,8 @@ def test_copy_watch_records_what_a_weight_loader_copies():
 @pytest.mark.parametrize("encrypted", [False, True])
 def test_partial_reads_read_only_the_range(tmp_path, encrypted):
     from tensorize_vllm_model import TensorizerConfig
+    from tensorize_vllm_model.format.record import FileRecord
     from tensorize_vllm_model.keys import generate_key, write_key
-    from tensorize_vllm_model.layout import FileRecord
     from tensorize_vllm_model.serialization import write_tensors
     from tensorize_vllm_model.tensor_decryption import ciphers
 
@@ -340,7 +340,7 @@ def test_batched_write_groups_and_hands_on_errors(tmp_path):
     """`batched_write`: batches of at least the batch size, in order; an error of the tensor
     source (raised on the prefetch thread) reaches the caller and nothing is published."""
     from tensorize_vllm_model.batched_write import batches
-    from tensorize_vllm_model.layout import FileRecord
+    from tensorize_vllm_model.format.record import FileRecord
     from tensorize_vllm_model.serialization import write_tensors
 
     tensors = [(f"t{i}", torch.zeros(i + 1, dtype=torch.uint8)) for i in range(5)]

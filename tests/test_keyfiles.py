@@ -215,13 +215,13 @@ def test_local_publish_that_must_not_replace(tmp_path, monkeypatch, hard_links):
 def cli_with_fake_engine(monkeypatch):
     """The real command line (vLLM's parser and EngineArgs), with the stand-in engine.
 
-    The real `vllm_adapter` is imported for good (one module for the whole session: vLLM's
+    The real vLLM side is imported for good (one module for the whole session: vLLM's
     registries hold its loaders and resolver) and only its `Engine` is replaced."""
-    from tensorize_vllm_model import vllm_adapter
     from tensorize_vllm_model.cli import main
+    from tensorize_vllm_model.vllm_integration import engine, loader
 
-    assert hasattr(vllm_adapter, "TensorizerLoader")  # the real module, not a stand-in
-    monkeypatch.setattr(vllm_adapter, "Engine", FakeEngine)
+    assert hasattr(loader, "TensorizerLoader")  # the real module, not a stand-in
+    monkeypatch.setattr(engine, "Engine", FakeEngine)
     FakeEngine.instances = []
     yield main
     FakeEngine.instances = []

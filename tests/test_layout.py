@@ -3,14 +3,8 @@
 import pytest
 
 from tensorize_vllm_model import ConfigError, FormatError, LayoutError
-from tensorize_vllm_model.layout import (
-    FileRecord,
-    ParallelLayout,
-    model_ref_path,
-    rank_uri,
-    serialized_dir,
-    tensors_uri,
-)
+from tensorize_vllm_model.format.names import model_ref_path, rank_uri, serialized_dir, tensors_uri
+from tensorize_vllm_model.format.record import FileRecord, ParallelLayout
 
 
 def test_hub_id_kept_as_in_the_seed():
@@ -62,7 +56,7 @@ def test_rank_uri_without_template_refused_for_many_ranks():
 
 
 def test_check_shared_file():
-    from tensorize_vllm_model.layout import check_shared_file
+    from tensorize_vllm_model.plan import check_shared_file
 
     tp2 = ParallelLayout(tensor_parallel_size=2)
     check_shared_file("/d/hf.tensors", tp2, vllm_tensorized=False, record=None)

@@ -166,8 +166,8 @@ def encrypted_tensors() -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def encrypted(tmp_path_factory):
+    from tensorize_vllm_model.format.record import FileRecord
     from tensorize_vllm_model.keys import generate_key, write_key
-    from tensorize_vllm_model.layout import FileRecord
     from tensorize_vllm_model.serialization import write_tensors
 
     folder = tmp_path_factory.mktemp("encrypted")

@@ -156,12 +156,12 @@ def test_adapter_over_http(adapter, web_root, web_servers):
 def test_resolver_serves_adapters_of_the_served_model(adapter, tmp_path):
     from vllm.lora.resolver import LoRAResolverRegistry
 
-    from tensorize_vllm_model import vllm_adapter
+    from tensorize_vllm_model.vllm_integration import registration
 
-    vllm_adapter.register()
+    registration.register()
     serialized(adapter, tmp_path / "served")
     resolver = LoRAResolverRegistry.get_resolver("tensorize_vllm_model")
-    vllm_adapter._served["my-model"] = TensorizerConfig(tensorizer_dir=str(tmp_path / "served"))
+    registration.served["my-model"] = TensorizerConfig(tensorizer_dir=str(tmp_path / "served"))
     request = asyncio.run(resolver.resolve_lora("my-model", "adapter-a"))
     assert request.lora_name == "adapter-a" and request.lora_int_id > 0
     assert os.path.exists(f"{request.lora_path}/adapter_model.safetensors")

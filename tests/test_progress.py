@@ -19,7 +19,7 @@ import torch
 from conftest import ROOT, subprocess_env
 
 from tensorize_vllm_model import load_into_module, open_tensors
-from tensorize_vllm_model.layout import FileRecord
+from tensorize_vllm_model.format.record import FileRecord
 from tensorize_vllm_model.progress import progress
 from tensorize_vllm_model.serialization import write_tensors
 from tensorize_vllm_model.streaming import meta_parameters

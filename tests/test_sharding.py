@@ -11,7 +11,8 @@ import torch
 from conftest import run_engine
 
 from tensorize_vllm_model import ConfigError, LayoutError, StorageError, TensorizerConfig
-from tensorize_vllm_model.layout import FileRecord, ParallelLayout, rank_uri
+from tensorize_vllm_model.format.names import rank_uri
+from tensorize_vllm_model.format.record import FileRecord, ParallelLayout
 from tensorize_vllm_model.serialization import write_tensors
 from tensorize_vllm_model.streaming import check_shards
 
@@ -116,7 +117,7 @@ def test_engine_check_uses_the_directory_file(tmp_path, tiny_llama):
 
     from vllm.engine.arg_utils import EngineArgs
 
-    from tensorize_vllm_model.vllm_adapter import check_engine_files
+    from tensorize_vllm_model.vllm_integration.registration import check_engine_files
 
     model = tmp_path / "model"
     shutil.copytree(tiny_llama, model)

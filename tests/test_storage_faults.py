@@ -115,7 +115,7 @@ def test_connection_dropped_in_the_middle_of_the_tensors(web_root):
     import torch
 
     from tensorize_vllm_model import load_into_module, open_tensors
-    from tensorize_vllm_model.layout import FileRecord
+    from tensorize_vllm_model.format.record import FileRecord
     from tensorize_vllm_model.serialization import write_tensors
     from tensorize_vllm_model.streaming import meta_parameters
 

@@ -13,8 +13,8 @@ from tensorize_vllm_model import (
     load_into_module,
     open_tensors,
 )
+from tensorize_vllm_model.format.record import FileRecord
 from tensorize_vllm_model.keys import generate_key, write_key
-from tensorize_vllm_model.layout import FileRecord
 from tensorize_vllm_model.serialization import write_tensors
 from tensorize_vllm_model.streaming import meta_parameters
 

@@ -268,7 +268,7 @@ def test_a_layout_the_model_does_not_allow_is_refused_before_the_engine(llama_bf
     from vllm import EngineArgs
 
     from tensorize_vllm_model.errors import LayoutError
-    from tensorize_vllm_model.vllm_adapter import check_engine_files
+    from tensorize_vllm_model.vllm_integration.registration import check_engine_files
 
     args = EngineArgs(model=str(llama_bf16), load_format="tensorizer", tensor_parallel_size=3)
     with pytest.raises(
@@ -307,9 +307,9 @@ def test_a_one_rank_serialized_file_is_not_shared_between_ranks(llama_bf16, tmp_
     from vllm import EngineArgs
 
     from tensorize_vllm_model.errors import LayoutError
-    from tensorize_vllm_model.layout import FileRecord
+    from tensorize_vllm_model.format.record import FileRecord
     from tensorize_vllm_model.serialization import write_tensors
-    from tensorize_vllm_model.vllm_adapter import check_engine_files
+    from tensorize_vllm_model.vllm_integration.registration import check_engine_files
 
     directory = tmp_path / "serialized-tp1"
     shutil.copytree(llama_bf16, directory)

@@ -22,8 +22,8 @@ from tensorizer.serialization import TensorType
 
 import tensorize_vllm_model as ours
 from tensorize_vllm_model import ConfigError, TensorizerArgs, TensorizerConfig
+from tensorize_vllm_model.format.record import FileRecord, ParallelLayout
 from tensorize_vllm_model.keys import generate_key, write_key
-from tensorize_vllm_model.layout import FileRecord, ParallelLayout
 from tensorize_vllm_model.serialization import write_tensors
 from tensorize_vllm_model.streaming import check_shards
 
@@ -232,7 +232,7 @@ def _deserialized(cfg) -> bool:
 def _loader(cfg):
     from vllm.config.load import LoadConfig
 
-    from tensorize_vllm_model.vllm_adapter import TensorizerLoader
+    from tensorize_vllm_model.vllm_integration.loader import TensorizerLoader
 
     return TensorizerLoader(LoadConfig(load_format="tensorizer", model_loader_extra_config=cfg))
 

@@ -226,14 +226,14 @@ def test_opt_serialized_with_python_api_matches(opt_reference, tiny_opt, tmp_pat
     assert result["tokens"] != []
 
 
-def test_the_load_log_reports_the_worker_memory():
+def test_the_load_log_reports_the_workermemory_text():
     import re
 
-    from tensorize_vllm_model.vllm_adapter import _memory
+    from tensorize_vllm_model.vllm_integration.loader import memory_text
 
-    before = _memory()
+    before = memory_text()
     kept = b"\x01" * (300 << 20)  # every page written: resident
-    after = _memory()
+    after = memory_text()
     numbers = [
         re.fullmatch(r"resident (\d+\.\d\d) GB, peak (\d+\.\d\d) GB", text)
         for text in (before, after)

@@ -36,12 +36,6 @@ from .errors import (  # noqa: E402
 if TYPE_CHECKING:  # the lazy names below, for type checkers
     from .serialization import tensorize_vllm_model
     from .streaming import is_vllm_tensorized, load_into_module, open_tensors
-    from .vllm_adapter import (
-        deserialize_tensorizer_model,
-        init_tensorizer_model,
-        serialize_vllm_model,
-        tensorized_lora_request,
-    )
     from .vllm_api import (
         MetaTensorMode,
         is_valid_deserialization_uri,
@@ -49,6 +43,12 @@ if TYPE_CHECKING:  # the lazy names below, for type checkers
         serialize_extra_artifacts,
         tensorizer_kwargs_arg,
         tensorizer_weights_iterator,
+    )
+    from .vllm_integration.module_api import (
+        deserialize_tensorizer_model,
+        init_tensorizer_model,
+        serialize_vllm_model,
+        tensorized_lora_request,
     )
 
 # vLLM 0.32's tensorizer module: its own names, then those it re-exports from tensorizer.
@@ -59,9 +59,9 @@ _VLLM_NAMES = {
     "meta_tensor_mode": "vllm_api",
     "tensorizer_weights_iterator": "vllm_api",
     "serialize_extra_artifacts": "vllm_api",
-    "init_tensorizer_model": "vllm_adapter",
-    "deserialize_tensorizer_model": "vllm_adapter",
-    "serialize_vllm_model": "vllm_adapter",
+    "init_tensorizer_model": "vllm_integration.module_api",
+    "deserialize_tensorizer_model": "vllm_integration.module_api",
+    "serialize_vllm_model": "vllm_integration.module_api",
     **dict.fromkeys(
         (
             "EncryptionParams",
@@ -104,7 +104,7 @@ __all__ = [
 _LAZY = {
     "tensorize_vllm_model": "serialization",
     "is_vllm_tensorized": "streaming",
-    "tensorized_lora_request": "vllm_adapter",
+    "tensorized_lora_request": "vllm_integration.module_api",
     "open_tensors": "streaming",
     "load_into_module": "streaming",
     **_VLLM_NAMES,

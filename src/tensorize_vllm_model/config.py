@@ -11,12 +11,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import re
 from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, fields
 from typing import Any, BinaryIO, ClassVar
 
 from .errors import ConfigError
+from .format.names import (
+    DEFAULT_TENSORS_NAME,
+    SHARDED_TENSORS_NAME,
+    has_rank_template,
+)
 from .settings import environment, parse_bool
 
 __all__ = [
@@ -29,17 +33,12 @@ __all__ = [
     "DESERIALIZATION_KWARGS",
 ]
 
-DEFAULT_TENSORS_NAME = "model.tensors"
-SHARDED_TENSORS_NAME = "model-rank-%03d.tensors"
 
 # vLLM decides the device and dtype; the mode is not for users to set.
 FORBIDDEN_DESERIALIZATION_KWARGS = ("device", "dtype", "mode")
 # What deserialization_kwargs may hold: tensorizer 2.12's TensorDeserializer arguments that
 # the loader does not set itself (it sets lazy_load, filter_func and encryption).
 DESERIALIZATION_KWARGS = ("verify_hash", "num_readers", "plaid_mode", "plaid_mode_buffers")
-
-# A printf-style integer template such as %d, %03d or %05d: where the rank goes.
-_RANK_TEMPLATE = re.compile(r"%0?\d*d")
 
 _MASK = "***"
 
@@ -106,6 +105,9 @@ class TensorizerConfig(MutableMapping):
     _keys: ClassVar[frozenset[str]]
 
     def __post_init__(self) -> None:
+        # What the user gave, before the URI is derived from the directory (vLLM's rule):
+        # `plan` tells a given URI from a directory's default by it.
+        self._given_uri: str | None = self.tensorizer_uri or None
         if self.tensorizer_uri:
             # As in vLLM: the URI wins, and the directory is where it lies.
             self.tensorizer_dir = _parent(self.tensorizer_uri)
@@ -117,6 +119,13 @@ class TensorizerConfig(MutableMapping):
                 "or tensorizer_dir (the directory holding model.tensors)."
             )
         self._validate()
+        self._ready = True
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name == "tensorizer_uri" and self.__dict__.get("_ready"):
+            # A URI set after construction is the user's too.
+            super().__setattr__("_given_uri", value or None)
 
     def _validate(self) -> None:
         for name, booleans in _BOOLEAN_KWARGS.items():
@@ -130,14 +139,15 @@ class TensorizerConfig(MutableMapping):
                 if key in value:
                     value[key] = parse_bool(value[key], f"{name} {key}")
             setattr(self, name, value)
-        refused = sorted(set(self.deserialization_kwargs) & set(FORBIDDEN_DESERIALIZATION_KWARGS))
+        given = set(self.deserialization_kwargs or {})
+        refused = sorted(given & set(FORBIDDEN_DESERIALIZATION_KWARGS))
         if refused:
             raise ConfigError(
                 f"deserialization_kwargs key(s) {', '.join(map(repr, refused))} are not "
                 "allowed: vLLM decides the device and dtype of the weights, and the mode is "
                 "fixed."
             )
-        unknown = sorted(set(self.deserialization_kwargs) - set(DESERIALIZATION_KWARGS))
+        unknown = sorted(given - set(DESERIALIZATION_KWARGS))
         if unknown:
             raise ConfigError(
                 f"unknown deserialization_kwargs key(s) {', '.join(map(repr, unknown))}; "
@@ -197,13 +207,15 @@ class TensorizerConfig(MutableMapping):
     def to_serializable(self) -> dict[str, Any]:
         """The config as a plain dict that ``TensorizerConfig(**d)`` accepts again.
 
-        Unset (None) fields are left out, and so is ``tensorizer_dir`` (it follows from
-        ``tensorizer_uri``). Empty kwargs dicts are left out too.
+        Unset (None) fields are left out, and so are empty kwargs dicts. What the user gave
+        of ``tensorizer_uri`` and ``tensorizer_dir`` is kept: the URI when given (the
+        directory follows from it), else the directory (the URI follows from it).
         """
         out: dict[str, Any] = {}
+        skip = "tensorizer_dir" if self._given_uri else "tensorizer_uri"
         for name in self._fields:
             value = getattr(self, name)
-            if value is None or name == "tensorizer_dir" or (isinstance(value, dict) and not value):
+            if value is None or name == skip or (isinstance(value, dict) and not value):
                 continue
             out[name] = value
         return out
@@ -225,7 +237,8 @@ class TensorizerConfig(MutableMapping):
         Raises:
             ConfigError: (a ValueError, as vLLM raises) naming the URI and the layout.
         """
-        from .layout import ParallelLayout, rank_uri
+        from .format.names import rank_uri
+        from .format.record import ParallelLayout
 
         layout = ParallelLayout(
             int(getattr(parallel_config, "tensor_parallel_size", 1) or 1),
@@ -258,9 +271,15 @@ class TensorizerConfig(MutableMapping):
     # -- derived facts -------------------------------------------------------------------
 
     @property
+    def given_uri(self) -> str | None:
+        """``tensorizer_uri`` as the user gave it; None when it was derived from
+        ``tensorizer_dir``."""
+        return self._given_uri
+
+    @property
     def is_sharded(self) -> bool:
         """Whether `tensorizer_uri` holds a rank template such as ``%03d``."""
-        return bool(self.tensorizer_uri and _RANK_TEMPLATE.search(self.tensorizer_uri))
+        return has_rank_template(self.tensorizer_uri)
 
     @property
     def _is_sharded(self) -> bool:  # vLLM's name
@@ -281,7 +300,7 @@ class TensorizerConfig(MutableMapping):
         options: dict[str, Any] = dict(self.s3_credentials())
         if self.ca_bundle:
             options["ca_bundle"] = self.ca_bundle
-        return {**options, **self.stream_kwargs}
+        return {**options, **(self.stream_kwargs or {})}
 
     def __repr__(self) -> str:
         shown = []
@@ -296,7 +315,7 @@ class TensorizerConfig(MutableMapping):
 
     # -- mapping access, as vLLM's config offers ----------------------------------------
 
-    def keys(self):  # type: ignore[override]
+    def keys(self):
         return self._keys
 
     def __len__(self) -> int:
@@ -347,11 +366,11 @@ class TensorizerArgs:
         self.s3_secret_access_key = credentials["s3_secret_access_key"]
         self.s3_endpoint = credentials["s3_endpoint"]
         self.stream_kwargs: dict[str, Any] = tensorizer_config.stream_options()
-        self.serialization_kwargs = dict(tensorizer_config.serialization_kwargs)
+        self.serialization_kwargs = dict(tensorizer_config.serialization_kwargs or {})
         self.deserialization_kwargs: dict[str, Any] = {
             "verify_hash": bool(tensorizer_config.verify_hash),
             "num_readers": tensorizer_config.num_readers,
-            **tensorizer_config.deserialization_kwargs,
+            **(tensorizer_config.deserialization_kwargs or {}),
         }
         if self.encryption_keyfile:
             from .keys import read_decryption_params

@@ -18,7 +18,9 @@ from typing import Any
 from . import storage
 from .config import TensorizerConfig, as_tensorizer_config
 from .errors import CorruptTensorError, EncryptionError
-from .layout import has_rank_template
+from .format.names import has_rank_template
+from .format.record import ParallelLayout
+from .plan import resolve_read
 from .progress import progress
 from .streaming import TensorEntry, open_tensors
 
@@ -83,8 +85,8 @@ def shard_uris(uri: str, config: TensorizerConfig | None = None) -> list[str]:
     with open_tensors(first, config=config, header_only=True) as reader:
         record = reader.record
     if record is not None:
-        world = record.tensor_parallel_size * record.pipeline_parallel_size
-        return [uri % rank for rank in range(world)]
+        layout = ParallelLayout(record.tensor_parallel_size, record.pipeline_parallel_size)
+        return resolve_read(dataclasses.replace(config, tensorizer_uri=uri), layout).rank_uris()
     found = [first]
     options = config.stream_options()
     while storage.exists(uri % len(found), options):

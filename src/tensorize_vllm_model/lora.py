@@ -237,7 +237,7 @@ def stage_adapter(
     """Stage adapter `name` (a local PEFT directory `source`) into ``destination/lora/name``
     in transaction `tx`: its config and its weights as a tensorizer file (encrypted with
     `key`)."""
-    from .layout import FileRecord
+    from .format.record import FileRecord
     from .serialization import write_tensors
 
     config, tensors = read_adapter(source)
@@ -299,11 +299,17 @@ def materialize_adapter(
     Raises:
         StorageError, EncryptionError, FormatError, ConfigError: naming the adapter.
     """
-    from safetensors.torch import save_file
+    name = name or storage.basename(uri)
+    adapter_config, tensors = _read_tensorized_adapter(uri, config, name)
+    return _write_peft_directory(uri, name, adapter_config, tensors)
 
+
+def _read_tensorized_adapter(
+    uri: str, config: TensorizerConfig | None, name: str
+) -> tuple[Any, dict[str, Any]]:
+    """The adapter's config and its tensors (in CPU memory), errors naming the adapter."""
     from .streaming import open_tensors
 
-    name = name or storage.basename(uri)
     tensors_uri = storage.join(uri, ADAPTER_TENSORS)
     config = TensorizerConfig(
         **{**(config.to_serializable() if config else {}), "tensorizer_uri": tensors_uri}
@@ -324,6 +330,14 @@ def materialize_adapter(
         raise NotFound(f"LoRA adapter {name!r} not found at {storage.redact(uri)} ({e})") from None
     except TensorizeError as e:
         raise _rename(e, name) from None
+    return adapter_config, tensors
+
+
+def _write_peft_directory(uri: str, name: str, adapter_config: Any, tensors: dict[str, Any]) -> str:
+    """A private PEFT directory in RAM-backed storage holding the adapter (removed at
+    process exit)."""
+    from safetensors.torch import save_file
+
     root = _ram_root()
     digest = hashlib.sha256(uri.encode()).hexdigest()[:12]
     final = os.path.join(root, f"{name}-{digest}-{os.getpid()}")

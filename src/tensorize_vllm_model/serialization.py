@@ -22,15 +22,10 @@ from . import __version__, interrupts, storage
 from .artifacts import resolve_model_files, stage_artifacts
 from .config import TensorizerConfig, as_tensorizer_config
 from .errors import ConfigError, StorageError
-from .keys import encryption_params, prepare_key
-from .layout import (
-    MARKER_NAME,
-    RECORD_NAME,
-    FileRecord,
-    ParallelLayout,
-    rank_uri,
-)
+from .format.record import MARKER_NAME, RECORD_NAME, FileRecord, ParallelLayout
+from .keys import EncryptionKey, encryption_params, prepare_key
 from .lora import prepare_adapters
+from .plan import WritePlan, resolve_write
 
 # How long a failed serialize waits for the workers to delete their temporary files.
 ABORT_SECONDS = 15.0
@@ -272,79 +267,104 @@ def tensorize_vllm_model(
         >>> tensorize_vllm_model(EngineArgs(model="/models/opt"),
         ...                      TensorizerConfig(tensorizer_uri="/out/model.tensors"))
     """
-    from .vllm_adapter import CAPTURE_LOAD_FORMAT, Engine, parallel_sizes, vllm_version
-
     start = time.perf_counter()
-    tensorizer_config = as_tensorizer_config(tensorizer_config)
+    config = as_tensorizer_config(tensorizer_config)
+    job = _prepare(engine_args, config)
+    adapters = prepare_adapters(
+        lora_paths,
+        download_dir=engine_args.download_dir,
+        max_rank=engine_args.max_lora_rank if getattr(engine_args, "enable_lora", False) else None,
+    )
+    if job.plan.keyfile:
+        job.encryption = prepare_key(job.plan.keyfile, config, generate=generate_keyfile)
+    written, published = _run_engine(job, engine_args, adapters)
+    return SerializeResult(
+        directory=job.plan.directory,
+        tensors_uri=job.plan.template,
+        files=[w.uri for w in written] + published,
+        tensors=sum(w.tensors for w in written),
+        bytes=sum(w.bytes for w in written),
+        seconds=time.perf_counter() - start,
+        keyfile=job.plan.keyfile,
+        key_existing=bool(job.encryption and job.encryption.existing),
+    )
+
+
+@dataclass
+class _Job:
+    """A serialize under way: its write plan, its source format and its key."""
+
+    plan: WritePlan
+    source_format: str
+    encryption: EncryptionKey | None = None
+
+    @property
+    def key(self) -> bytes | None:
+        return self.encryption.key if self.encryption else None
+
+
+def _prepare(engine_args: Any, config: TensorizerConfig) -> _Job:
+    """Every check that needs no engine: the rank template, the serialization kwargs, the
+    source format, a writable destination."""
+    from .vllm_integration.engine import parallel_sizes
+    from .vllm_integration.messages import CAPTURE_LOAD_FORMAT
+
     tp, pp = parallel_sizes(engine_args)
-    uri = tensorizer_config.tensorizer_uri
-    assert uri is not None
-    rank_uri(uri, ParallelLayout(tp, pp))  # refuses a missing rank template now
-    check_serialization_kwargs(tensorizer_config.serialization_kwargs)
+    plan = resolve_write(config, ParallelLayout(tp, pp))  # refuses a missing rank template now
+    check_serialization_kwargs(plan.serialization_kwargs)
     source_format = str(engine_args.load_format or "auto")
     if source_format in ("tensorizer", CAPTURE_LOAD_FORMAT):
         raise ConfigError(
             "--load-format tensorizer cannot be the source of a serialize; serialize from "
             "the model's own checkpoint"
         )
-    destination = tensorizer_config.tensorizer_dir or storage.parent(uri)
-    options = tensorizer_config.stream_options()
-    storage.check_writable(destination, options)
-    adapters = prepare_adapters(
-        lora_paths,
-        download_dir=engine_args.download_dir,
-        max_rank=engine_args.max_lora_rank if getattr(engine_args, "enable_lora", False) else None,
-    )
+    storage.check_writable(plan.directory, plan.options)
+    return _Job(plan=plan, source_format=source_format)
 
-    keyfile = tensorizer_config.encryption_keyfile
-    encryption = (
-        prepare_key(keyfile, tensorizer_config, generate=generate_keyfile) if keyfile else None
-    )
-    key = encryption.key if encryption else None
+
+def _run_engine(job: _Job, engine_args: Any, adapters: list[Any]) -> tuple[list[Any], list[str]]:
+    """Start the capture engine, have every worker stage its rank's file, stage the
+    artifacts, key and adapters in one transaction, then publish everything (each rank's
+    tensors last), or put every name back on failure: (what each rank wrote, the other
+    files published)."""
+    from .vllm_integration.engine import Engine
 
     engine = None
     try:
-        with storage.transaction(options) as tx:
-            engine = Engine.for_capture(engine_args, source_format)
+        with storage.transaction(job.plan.options) as tx:
+            engine = Engine.for_capture(engine_args, job.source_format)
             # On any failure the workers delete their staged files too. The engine may be
             # gone (Ctrl-C reaches its processes too): do not wait long.
             tx.on_rollback(_aborter(engine))
-            written = engine.rpc(
-                "tensorize_vllm_model_save",
-                request={
-                    "tensorizer_uri": uri,
-                    "key": key,
-                    "serialization_kwargs": dict(tensorizer_config.serialization_kwargs),
-                    "stream_options": options,
-                    "producer": f"tensorize_vllm_model {__version__}, vllm {vllm_version()}",
-                },
-            )
-            stage_artifacts(tx, _artifact_sources(engine_args), destination)
-            if encryption is not None:
-                encryption.stage(tx)
+            written = engine.save(_save_request(job))
+            stage_artifacts(tx, _artifact_sources(engine_args), job.plan.directory)
+            if job.encryption is not None:
+                job.encryption.stage(tx)
             if adapters:
-                _stage_adapters(tx, engine, adapters, destination, key)
+                _stage_adapters(tx, engine, adapters, job.plan.directory, job.key)
             # A Ctrl-C that some code swallowed (vLLM drops KeyboardInterrupt while its
             # engine starts) still stops the serialize here, before anything is published.
             interrupts.check()
             # All or nothing: the artifacts and key first, each rank's tensors last (so a
             # tensors file that exists is complete); any failure puts every name back.
             tx.publish()
-            engine.rpc("tensorize_vllm_model_commit")
+            engine.commit()
     finally:
         if engine is not None:
             engine.close()
+    return written, tx.uris
 
-    written = sorted(written, key=lambda w: w["rank"])
-    return SerializeResult(
-        directory=destination,
-        tensors_uri=uri,
-        files=[w["uri"] for w in written] + tx.uris,
-        tensors=sum(w["tensors"] for w in written),
-        bytes=sum(w["bytes"] for w in written),
-        seconds=time.perf_counter() - start,
-        keyfile=keyfile,
-        key_existing=bool(encryption and encryption.existing),
+
+def _save_request(job: _Job) -> Any:
+    from .vllm_integration.engine import vllm_version
+    from .vllm_integration.messages import SaveRequest
+
+    return SaveRequest(
+        tensorizer_uri=job.plan.template,
+        key=job.key,
+        serialization_kwargs=job.plan.serialization_kwargs,
+        stream_options=job.plan.options,
+        producer=f"tensorize_vllm_model {__version__}, vllm {vllm_version()}",
     )
 
 
@@ -373,7 +393,7 @@ def _aborter(engine: Any) -> Callable[[], None]:
 
     def abort() -> None:
         if engine.llm is not None:
-            engine.rpc_within(ABORT_SECONDS, "tensorize_vllm_model_abort")
+            engine.abort(within=ABORT_SECONDS)
 
     return abort
 
@@ -388,8 +408,8 @@ def _stage_adapters(
     """Check every adapter against the loaded model, then stage them all in `tx`."""
     from .lora import check_adapter_fits, stage_adapter
 
-    [fit] = engine.rpc("tensorize_vllm_model_lora_modules")[:1]
+    fit = engine.lora_modules()
     for adapter in adapters:
-        check_adapter_fits(adapter.name, adapter.config, fit["modules"], fit["max_rank"])
+        check_adapter_fits(adapter.name, adapter.config, fit.modules, fit.max_rank)
     for adapter in adapters:
         stage_adapter(tx, adapter.name, adapter.path, destination, key=key)

@@ -38,16 +38,9 @@ from .errors import (
     StorageError,
     TensorizeError,
 )
-from .layout import (
-    MARKER_NAME,
-    RECORD_NAME,
-    RESERVED_NAMES,
-    FileRecord,
-    ParallelLayout,
-    check_shared_file,
-    has_rank_template,
-    rank_uri,
-)
+from .format.names import has_rank_template, rank_uri
+from .format.record import MARKER_NAME, RECORD_NAME, RESERVED_NAMES, FileRecord, ParallelLayout
+from .plan import check_shared_file
 from .remote_read import HEADER_LENGTH, check_header_length
 from .storage.ranged import DEFAULT_WORKERS
 

@@ -1,6 +1,6 @@
 """The public names of vLLM 0.32's ``vllm.model_executor.model_loader.tensorizer``, with
 vLLM's signatures and meanings, that need no vLLM internals (those that do live in
-`vllm_adapter`: `init_tensorizer_model`, `deserialize_tensorizer_model`,
+`vllm_integration.module_api`: `init_tensorizer_model`, `deserialize_tensorizer_model`,
 `serialize_vllm_model`). Code written against vLLM's module works by changing the import;
 where a name behaves differently here, README ("vLLM's tensorizer module, name by name")
 says how and why.
@@ -130,10 +130,13 @@ def tensorizer_weights_iterator(
     Raises:
         StorageError, FormatError, EncryptionError: as `streaming.open_tensors`.
     """
+    from .format.record import ParallelLayout
+    from .plan import resolve_read
     from .streaming import open_tensors
 
     args = _as_args(tensorizer_args)
-    with open_tensors(args.tensorizer_uri, device="cpu", config=args.config) as reader:
+    plan = resolve_read(args.config, ParallelLayout())
+    with open_tensors(plan.uri, device="cpu", config=args.config) as reader:
         yield from reader.items()
 
 
@@ -159,11 +162,14 @@ def serialize_extra_artifacts(
             "served_model_name must be a str for serialize_extra_artifacts, "
             f"not {type(served_model_name)}."
         )
+    from .format.record import ParallelLayout
+    from .plan import resolve_write
+
     args = _as_args(tensorizer_args)
-    options = args.config.stream_options()
+    plan = resolve_write(args.config, ParallelLayout())
     source = resolve_model_files(served_model_name, revision=revision)
-    with storage.transaction(options) as tx:
-        stage_artifacts(tx, [source], args.tensorizer_dir)
+    with storage.transaction(plan.options) as tx:
+        stage_artifacts(tx, [source], plan.directory)
 
 
 def _as_args(tensorizer_args: Any) -> TensorizerArgs:

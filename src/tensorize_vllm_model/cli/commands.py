@@ -63,7 +63,7 @@ def convert(args: argparse.Namespace) -> int:
 def serialize(args: argparse.Namespace) -> int:
     """``serialize``: load --model with vLLM and publish its tensors and artifacts."""
     from ..serialization import tensorize_vllm_model
-    from ..vllm_adapter import engine_args_from_namespace, parallel_sizes
+    from ..vllm_integration.engine import engine_args_from_namespace, parallel_sizes
 
     engine_args = engine_args_from_namespace(args)
     tp, pp = parallel_sizes(engine_args)
@@ -88,7 +88,8 @@ def deserialize(args: argparse.Namespace) -> int:
 
     Every rank's file is checked before any engine work, by the plug-in's engine hook, as
     for any ``LLM(..., load_format="tensorizer")``."""
-    from ..vllm_adapter import LOAD_FORMAT, WORKER_EXTENSION, Engine, engine_args_from_namespace
+    from ..vllm_integration.engine import Engine, engine_args_from_namespace
+    from ..vllm_integration.messages import LOAD_FORMAT, WORKER_EXTENSION
 
     config = deserialize_config(args)
     if args.serialized_directory and not getattr(args, "model_given", False):
@@ -102,11 +103,11 @@ def deserialize(args: argparse.Namespace) -> int:
         worker_extension_cls=WORKER_EXTENSION,
     ) as engine:
         ready = time.perf_counter() - start
-        stats = [s for s in engine.rpc("tensorize_vllm_model_load_stats") if s]
+        stats = engine.load_stats()
         [(text, _)] = engine.generate([args.prompt], max_tokens=args.max_tokens)
     if stats:
-        nbytes = sum(s["bytes"] for s in stats)
-        seconds = max(s["seconds"] for s in stats)
+        nbytes = sum(s.bytes for s in stats)
+        seconds = max(s.seconds for s in stats)
         rate = nbytes / seconds / 1e9 if seconds > 0 else float("inf")
         print(
             f"Deserialized {nbytes / 1e6:.1f} MB from {config.tensorizer_uri} in "

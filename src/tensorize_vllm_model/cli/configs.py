@@ -14,7 +14,7 @@ from typing import Any
 
 from ..config import TensorizerConfig
 from ..errors import ConfigError
-from ..layout import serialized_dir, tensors_uri
+from ..format.names import serialized_dir, tensors_uri
 
 S3_FIELDS = ("s3_access_key_id", "s3_secret_access_key", "s3_endpoint")
 READ_FLAGS = ("verify_hash", "num_readers", *S3_FIELDS, "ca_bundle")

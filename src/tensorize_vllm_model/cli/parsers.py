@@ -33,7 +33,7 @@ CONVERT_DESCRIPTION = (
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser: every vLLM engine flag, then the serialize/deserialize subcommands."""
-    from ..vllm_adapter import make_parser
+    from ..vllm_integration.engine import make_parser
 
     parser = make_parser(prog=PROG, description=DESCRIPTION)
     add_flags(parser, ENGINE_TOP)

@@ -1,5 +1,5 @@
 """Loading a converted (checkpoint-form) file at any layout: the pieces the vLLM loader
-(`vllm_adapter`) puts around vLLM's own ``model.load_weights``.
+(`vllm_integration.loader`) puts around vLLM's own ``model.load_weights``.
 
 1. `ConvertedFile.meta_inputs` hands ``load_weights`` a meta tensor of each checkpoint
    tensor's shape under `regions.CopyWatch`, which records what this rank copies of each.

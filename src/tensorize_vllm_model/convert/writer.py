@@ -22,10 +22,11 @@ import torch
 
 from .. import __version__, batched_write, storage
 from ..artifacts import resolve_model_files, stage_artifacts
-from ..config import DEFAULT_TENSORS_NAME, TensorizerConfig
+from ..config import TensorizerConfig
 from ..errors import ConfigError
+from ..format.names import DEFAULT_TENSORS_NAME, serialized_dir
+from ..format.record import CHECKPOINT_FORM, FileRecord
 from ..keys import EncryptionKey, prepare_key
-from ..layout import CHECKPOINT_FORM, FileRecord, serialized_dir
 from ..progress import progress
 from ..serialization import (
     SerializeResult,

@@ -1,0 +1,131 @@
+"""The file record: what every tensors file this package writes says of itself.
+
+Every file this package writes starts with vLLM's marker tensor, ``.vllm_tensorized_marker``
+(`MARKER_NAME`, a PARAM of the root module, as vLLM's own serializer writes it), whose bytes
+are JSON (`FileRecord`, uint8): the producer, the architecture, the dtype and the parallel
+layout (`ParallelLayout`), so a load can check that a file fits before using it. vLLM's
+built-in loader (0.32, `deserialize_tensorizer_model`) only looks for the marker's name,
+loads it into the model with tensorizer's ``load_into_module`` and deletes it, so it ignores
+the record and loads these files too. Files without the marker (checkpoint-form files of
+``convert``, which vLLM must not take for its own parameters) and files written by earlier
+versions of this package keep the record in its own STATE_DICT tensor,
+``.tensorize_vllm_model_record`` (`RECORD_NAME`); this package reads both forms, but
+tensorizer's ``load_into_module`` (hence vLLM's built-in loader) refuses STATE_DICT entries.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..errors import FormatError, LayoutError
+
+__all__ = [
+    "RECORD_NAME",
+    "MARKER_NAME",
+    "RESERVED_NAMES",
+    "RECORD_FORMAT",
+    "CHECKPOINT_FORM",
+    "RECORD_VERSION",
+    "FileRecord",
+    "ParallelLayout",
+]
+
+# The record's own STATE_DICT tensor: files without the marker, and of earlier versions.
+RECORD_NAME = ".tensorize_vllm_model_record"
+MARKER_NAME = ".vllm_tensorized_marker"
+RESERVED_NAMES = frozenset({RECORD_NAME, MARKER_NAME})
+RECORD_FORMAT = "tensorize_vllm_model"
+# FileRecord.extra["form"] of a file written by `convert`: the checkpoint's own tensors.
+CHECKPOINT_FORM = "checkpoint"
+RECORD_VERSION = 1
+_MAX_RECORD_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """A tensor/pipeline-parallel layout and one rank in it."""
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    tp_rank: int = 0
+    pp_rank: int = 0
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def rank(self) -> int:
+        """The global rank: vLLM numbers TP ranks fastest."""
+        return self.pp_rank * self.tensor_parallel_size + self.tp_rank
+
+    def describe(self) -> str:
+        return f"TP={self.tensor_parallel_size} x PP={self.pipeline_parallel_size}"
+
+
+@dataclass
+class FileRecord:
+    """What a tensors file written by this package records about itself."""
+
+    architecture: str | None = None
+    dtype: str | None = None
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    rank: int = 0
+    encrypted: bool = False
+    producer: str = ""
+    format: str = RECORD_FORMAT
+    version: int = RECORD_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_checkpoint_form(self) -> bool:
+        """Whether the file holds a Hugging Face checkpoint's tensors (written by
+        ``convert``, loadable at any layout) rather than one rank's vLLM parameters."""
+        return self.extra.get("form") == CHECKPOINT_FORM
+
+    @property
+    def transposed(self) -> frozenset[str]:
+        """Names of the tensors a converted file stores transposed (see
+        `convert.placement`)."""
+        return frozenset(self.extra.get("transposed") or ())
+
+    @property
+    def layout_text(self) -> str:
+        return f"TP={self.tensor_parallel_size} x PP={self.pipeline_parallel_size}"
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, source: str) -> FileRecord:
+        if len(data) > _MAX_RECORD_BYTES:
+            raise FormatError(f"{source}: the file record is {len(data)} bytes, too large")
+        try:
+            raw = json.loads(data.decode())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise FormatError(f"{source}: the file record is not valid JSON ({e})") from None
+        if not isinstance(raw, dict) or raw.get("format") != RECORD_FORMAT:
+            raise FormatError(f"{source}: the file record is not a {RECORD_FORMAT} record")
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+    def check_layout(self, layout: ParallelLayout, *, source: str) -> None:
+        """Raise LayoutError when this file was written for another layout or rank."""
+        if (self.tensor_parallel_size, self.pipeline_parallel_size) != (
+            layout.tensor_parallel_size,
+            layout.pipeline_parallel_size,
+        ):
+            raise LayoutError(
+                f"{source} was serialized for {self.layout_text} but is being loaded with "
+                f"{layout.describe()}; load it with --tensor-parallel-size "
+                f"{self.tensor_parallel_size} --pipeline-parallel-size "
+                f"{self.pipeline_parallel_size}, or serialize the model again for this layout"
+            )
+        if self.rank != layout.rank:
+            raise LayoutError(
+                f"{source} holds the shard of rank {self.rank}, but rank {layout.rank} is "
+                "loading it; check the rank template in tensorizer_uri"
+            )

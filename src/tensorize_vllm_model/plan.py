@@ -1,0 +1,183 @@
+"""Read and write plans: which file each rank reads or writes, with which key and stream
+options, resolved once from what the user gave (`TensorizerConfig`) and the parallel layout.
+
+Every entry point (command line, plug-in loader, Python API, inspect/verify) asks here, so
+the rules live in one place:
+
+* An explicit ``tensorizer_uri`` is used as given: a rank template (``%03d``) gives one file
+  per rank; a URI without one, at more than one rank, is one file every rank reads, which
+  must hold whole weights (`check_shared_file`).
+* A directory (``tensorizer_dir``, vLLM's ``--model``) holds ``model.tensors`` at one rank,
+  ``model-rank-%03d.tensors`` at more; when it has no rank files but a ``model.tensors``
+  (a converted checkpoint, a Hugging Face file), that one file is shared.
+* A write never shares: at more than one rank its URI needs a rank template.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from . import storage
+from .config import TensorizerConfig
+from .format.names import has_rank_template, needs_rank_files, rank_uri, tensors_uri
+from .format.record import FileRecord, ParallelLayout
+
+__all__ = ["ReadPlan", "WritePlan", "resolve_read", "resolve_write", "check_shared_file"]
+
+
+@dataclass(frozen=True)
+class ReadPlan:
+    """Where one rank of a load reads its tensors, and how.
+
+    Attributes:
+        config: the user's settings, as given.
+        layout: the parallel layout and this rank.
+        template: the tensors URI or rank template of the whole load.
+        uri: the file this rank reads (`template` formatted with its rank, or the shared file).
+        shared: True when every rank reads the one file `uri` (see `check_shared_file`).
+        keyfile: the key file that decrypts the tensors, or None.
+        options: how to reach remote storage (`TensorizerConfig.stream_options`).
+    """
+
+    config: TensorizerConfig
+    layout: ParallelLayout
+    template: str
+    uri: str
+    shared: bool
+    keyfile: str | None
+    options: dict[str, Any]
+
+    def rank_uris(self) -> list[str]:
+        """Every rank's file, in global rank order (the one file, for a shared one)."""
+        if self.shared or not has_rank_template(self.template):
+            return [self.uri]
+        return [rank_uri(self.template, _rank_layout(self.layout, r)) for r in range(self.world)]
+
+    @property
+    def world(self) -> int:
+        return self.layout.world_size
+
+    def file_config(self) -> TensorizerConfig:
+        """The settings with ``tensorizer_uri`` set to `template` (the shared file when
+        `shared`): for the readers, which take one config per load."""
+        return dataclasses.replace(
+            self.config, tensorizer_uri=self.uri if self.shared else self.template
+        )
+
+
+@dataclass(frozen=True)
+class WritePlan:
+    """Where one rank of a serialize writes, and how.
+
+    Attributes:
+        config: the user's settings, as given.
+        layout: the parallel layout and this rank.
+        template: the tensors URI or rank template (``tensorizer_uri``).
+        uri: this rank's file.
+        directory: where the config, tokenizer and LoRA files go (``tensorizer_dir``).
+        keyfile: the key file to encrypt with, or None.
+        options: how to reach remote storage.
+        serialization_kwargs: extra keyword arguments for tensorizer's ``TensorSerializer``.
+    """
+
+    config: TensorizerConfig
+    layout: ParallelLayout
+    template: str
+    uri: str
+    directory: str
+    keyfile: str | None
+    options: dict[str, Any]
+    serialization_kwargs: dict[str, Any]
+
+
+def resolve_read(config: TensorizerConfig, layout: ParallelLayout) -> ReadPlan:
+    """The read plan of one rank of `layout` (see the module's rules).
+
+    Raises:
+        ConfigError: an explicit rank template that does not format.
+        StorageError: the directory cannot be looked at (a remote one).
+    """
+    given = config.given_uri
+    directory = config.tensorizer_dir or "."
+    template = given or tensors_uri(directory, layout.world_size)
+    shared = _shared_file(config, layout.world_size)
+    uri = shared or rank_uri(template, layout, shared=True)
+    return ReadPlan(
+        config=config,
+        layout=layout,
+        template=template,
+        uri=uri,
+        shared=shared is not None,
+        keyfile=config.encryption_keyfile,
+        options=config.stream_options(),
+    )
+
+
+def resolve_write(config: TensorizerConfig, layout: ParallelLayout) -> WritePlan:
+    """The write plan of one rank of `layout`: ``tensorizer_uri`` (as vLLM derives it from
+    ``tensorizer_dir`` when not given), formatted with the rank.
+
+    Raises:
+        ConfigError: more than one rank and no rank template (checked before any write).
+    """
+    template = config.tensorizer_uri
+    assert template is not None  # TensorizerConfig refuses a config without either
+    return WritePlan(
+        config=config,
+        layout=layout,
+        template=template,
+        uri=rank_uri(template, layout),
+        directory=config.tensorizer_dir or storage.parent(template),
+        keyfile=config.encryption_keyfile,
+        options=config.stream_options(),
+        serialization_kwargs=dict(config.serialization_kwargs or {}),
+    )
+
+
+def check_shared_file(
+    uri: str, layout: ParallelLayout, *, vllm_tensorized: bool, record: FileRecord | None
+) -> None:
+    """Whether one file (a `uri` without rank template) can be loaded by every rank of
+    `layout`.
+
+    A file that is not vLLM-tensorized (a Hugging Face model written with tensorizer's
+    ``write_module``) holds whole, unsharded weights: every rank reads it and vLLM's weight
+    loaders take each rank's part, at any TP/PP (as vLLM's own tensorizer loader does). A
+    vLLM-tensorized file holds the weights of one rank as vLLM shards them, so more than one
+    rank needs one file per rank.
+
+    Raises:
+        LayoutError: the file records the layout it was written for, and it is another.
+        ConfigError: a vLLM-tensorized file for more than one rank, without rank template.
+    """
+    if layout.world_size == 1 or has_rank_template(uri) or not vllm_tensorized:
+        return
+    if record is not None:
+        record.check_layout(layout, source=uri)
+    raise needs_rank_files(uri, layout)
+
+
+def _shared_file(config: TensorizerConfig, world_size: int) -> str | None:
+    """The one file every rank reads, at more than one rank: an explicit ``tensorizer_uri``
+    without a rank template, or a directory's ``model.tensors`` when it has no rank files.
+    Whether that file may be shared is checked when it is opened (`check_shared_file`).
+    None: one file per rank."""
+    if world_size == 1:
+        return None
+    given = config.given_uri
+    if given:
+        return None if has_rank_template(given) else given
+    directory = config.tensorizer_dir or "."
+    options = config.stream_options()
+    single = tensors_uri(directory, 1)
+    first_rank = tensors_uri(directory, world_size) % 0
+    if storage.exists(first_rank, options) or not storage.exists(single, options):
+        return None
+    return single
+
+
+def _rank_layout(layout: ParallelLayout, rank: int) -> ParallelLayout:
+    tp = layout.tensor_parallel_size
+    return dataclasses.replace(layout, tp_rank=rank % tp, pp_rank=rank // tp)

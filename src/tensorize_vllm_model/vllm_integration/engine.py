@@ -1,0 +1,221 @@
+"""The engine the command line and a serialize drive: `Engine` (a `vllm.LLM` started for one
+job) with typed calls to the worker extension (`save`, `commit`, `abort`, `lora_modules`,
+`load_stats`), and vLLM's argument parser and `EngineArgs` for the command line.
+
+It imports vLLM's public API only (``vllm.LLM``, ``EngineArgs``, ``FlexibleArgumentParser``),
+inside its functions, and not the worker side (`worker`), so that `serialization` can drive
+an engine without an import cycle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from .. import errors
+from ..errors import TensorizeError
+from ..streaming import LoadStats
+from .messages import (
+    CAPTURE_LOAD_FORMAT,
+    WORKER_EXTENSION,
+    LoraModules,
+    SavedFile,
+    SaveRequest,
+    WorkerFailure,
+    decode,
+    encode,
+)
+
+__all__ = [
+    "Engine",
+    "make_parser",
+    "engine_args_from_namespace",
+    "parallel_sizes",
+    "vllm_version",
+    "raise_worker_errors",
+]
+
+logger = logging.getLogger(f"vllm.{__name__}")
+
+
+class Engine:
+    """A vLLM engine (`vllm.LLM`) started for one job, shut down by `close()`."""
+
+    def __init__(self, engine_args: Any, **overrides: Any):
+        from vllm import LLM
+
+        values = dict(vars(engine_args))
+        values.update(overrides)
+        self.llm: Any = LLM(**values)
+
+    @classmethod
+    def for_capture(cls, engine_args: Any, source_load_format: str) -> Engine:
+        """An engine that loads the checkpoint with vLLM's `source_load_format` loader and
+        keeps the weights for `save` (`loader.CaptureLoader`)."""
+        return cls(
+            engine_args,
+            load_format=CAPTURE_LOAD_FORMAT,
+            model_loader_extra_config={"source_load_format": source_load_format},
+            worker_extension_cls=WORKER_EXTENSION,
+        )
+
+    # -- the worker extension's calls, typed ----------------------------------------------
+
+    def save(self, request: SaveRequest) -> list[SavedFile]:
+        """Every worker writes its rank's captured weights to a staged file: what each
+        staged, in global rank order."""
+        return sorted(self.rpc("tensorize_vllm_model_save", request=encode(request)), key=_rank)
+
+    def commit(self) -> None:
+        """Every worker publishes its staged files under their final names."""
+        self.rpc("tensorize_vllm_model_commit")
+
+    def abort(self, within: float) -> None:
+        """Every worker deletes its staged files; gives up after `within` seconds (the
+        engine may already be shutting down)."""
+        self.rpc_within(within, "tensorize_vllm_model_abort")
+
+    def lora_modules(self) -> LoraModules:
+        """The modules a LoRA adapter may target in the loaded model (rank 0's answer)."""
+        return self.rpc("tensorize_vllm_model_lora_modules")[0]
+
+    def load_stats(self) -> list[LoadStats]:
+        """The figures of each worker's last tensorizer load (workers that did none left
+        out)."""
+        answers = self.rpc("tensorize_vllm_model_load_stats")
+        return [
+            LoadStats(uri=s["uri"], tensors=s["tensors"], bytes=s["bytes"], seconds=s["seconds"])
+            for s in answers
+            if s
+        ]
+
+    # -- plain calls -----------------------------------------------------------------------
+
+    def rpc(self, method: str, **kwargs: Any) -> list[Any]:
+        """`method` on every worker (vLLM's ``collective_rpc``): their answers.
+
+        Raises:
+            TensorizeError: a worker's error from this package (as raised there), or
+                `errors.WorkerError` for any other failure of the call, with vLLM's message.
+        """
+        try:
+            answers = self.llm.collective_rpc(method, kwargs=kwargs)
+        except Exception as e:  # noqa: BLE001 - vLLM raises bare RuntimeError/Exception
+            raise errors.WorkerError(f"the engine's {method} call failed: {e}") from e
+        return raise_worker_errors(answers)
+
+    def rpc_within(self, seconds: float, method: str, **kwargs: Any) -> list[Any] | None:
+        """`rpc`, giving up after `seconds` (None then, or on error): for clean-up calls to
+        an engine that may already be shutting down."""
+        result: list[Any] = []
+        thread = threading.Thread(
+            target=lambda: result.append(self.rpc(method, **kwargs)), daemon=True
+        )
+        thread.start()
+        thread.join(seconds)
+        if thread.is_alive() or not result:
+            logger.warning("the engine did not answer %s within %.0f s", method, seconds)
+            return None
+        return result[0]
+
+    def generate(
+        self, prompts: Sequence[str], *, max_tokens: int = 16
+    ) -> list[tuple[str, list[int]]]:
+        """Greedy completions of `prompts`: (text, token ids) each."""
+        from vllm import SamplingParams
+
+        outputs = self.llm.generate(
+            list(prompts), SamplingParams(temperature=0.0, max_tokens=max_tokens), use_tqdm=False
+        )
+        return [(o.outputs[0].text, list(o.outputs[0].token_ids)) for o in outputs]
+
+    def close(self) -> None:
+        # "resource_tracker: There appear to be 2 leaked shared_memory objects" at exit is
+        # vLLM's, not this package's, and it comes after an uninterrupted serialize too (seen
+        # with vLLM 0.32 CPU): the multiprocessing executor's two shm_broadcast.MessageQueue
+        # ring buffers (rpc_broadcast_mq made by the engine-core process, worker_response_mq by
+        # the worker) are unlinked only in ShmRingBuffer.__del__, which does not run when
+        # vLLM's shutdown terminates those processes. The package creates no shared memory;
+        # the names live only in vLLM's processes. Python's resource tracker unlinks them as
+        # it warns ("to clean up at shutdown").
+        llm, self.llm = self.llm, None
+        if llm is None:
+            return
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception:  # noqa: BLE001 - best effort; the engine may be half started
+            logger.debug("engine shutdown failed", exc_info=True)
+        del llm
+        gc.collect()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def raise_worker_errors(answers: list[Any]) -> list[Any]:
+    """`answers` decoded (`messages.decode`), unless one is a `WorkerFailure`: then that
+    error is raised again as its class (`TensorizeError` for a class this package does not
+    have, and for `CorruptTensorError`, whose constructor takes more than a message)."""
+    answers = [decode(answer) for answer in answers]
+    for answer in answers:
+        if isinstance(answer, WorkerFailure):
+            kind = getattr(errors, answer.kind, None)
+            if (
+                not (isinstance(kind, type) and issubclass(kind, TensorizeError))
+                or kind is errors.CorruptTensorError
+            ):
+                kind = TensorizeError
+            raise kind(answer.message)
+    return answers
+
+
+def _rank(saved: SavedFile) -> int:
+    return saved.rank
+
+
+def make_parser(**kwargs: Any) -> argparse.ArgumentParser:
+    """vLLM's argument parser with every engine flag (``--model``, ``--dtype``...).
+
+    Usage errors print one line, ``<prog>: error: <message>``, and exit with code 2.
+    """
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    class OneLineErrorParser(FlexibleArgumentParser):
+        def error(self, message: str):
+            self.exit(2, f"{self.prog}: error: {message}\n")
+
+    parser = OneLineErrorParser(**kwargs)
+    return EngineArgs.add_cli_args(parser)
+
+
+def engine_args_from_namespace(args: argparse.Namespace) -> Any:
+    """The `EngineArgs` given on the command line."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    values = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(EngineArgs)
+        if hasattr(args, f.name)
+    }
+    return EngineArgs(**values)
+
+
+def parallel_sizes(engine_args: Any) -> tuple[int, int]:
+    """(tensor-parallel size, pipeline-parallel size) of `engine_args` (1 when unset)."""
+    return int(engine_args.tensor_parallel_size or 1), int(engine_args.pipeline_parallel_size or 1)
+
+
+def vllm_version() -> str:
+    """The installed vLLM's version."""
+    import vllm
+
+    return getattr(vllm, "__version__", "unknown")

@@ -1,0 +1,325 @@
+"""The model loaders vLLM is given.
+
+* `TensorizerLoader`: the loader of ``load_format="tensorizer"``. It builds the model with
+  its parameters on the meta device (no memory, no initialisation), streams the tensors onto
+  the worker's device (``cuda:N`` or ``cpu``), then runs vLLM's weight post-processing. Which
+  file a rank reads is `plan.resolve_read`'s answer.
+* `CaptureLoader`: used only while serializing. It loads the checkpoint with vLLM's default
+  loader and keeps the weights as they are *before* post-processing (vLLM's CPU backend
+  repacks linear weights and drops the originals), for the worker extension to write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from vllm.config import ModelConfig, VllmConfig
+from vllm.config.load import LoadConfig
+from vllm.logger import init_logger
+from vllm.model_executor.model_loader import BaseModelLoader, DefaultModelLoader
+from vllm.model_executor.model_loader.utils import (
+    initialize_model,
+    process_weights_after_loading,
+)
+from vllm.utils.torch_utils import set_default_torch_dtype
+
+from .. import storage
+from ..config import TensorizerConfig
+from ..errors import ConfigError, ModelMismatchError
+from ..format.record import ParallelLayout
+from ..plan import ReadPlan, check_shared_file, resolve_read
+from ..progress import progress
+from ..streaming import (
+    LoadStats,
+    default_num_readers,
+    load_into_module,
+    meta_parameters,
+    open_tensors,
+)
+from .runtime import (
+    STATE,
+    CapturedWeights,
+    current_layout,
+    dtype_name,
+    model_dtype,
+    target_device,
+)
+
+__all__ = ["TensorizerLoader", "CaptureLoader", "memory_text"]
+
+# Under vLLM's namespace, so that vLLM's logging configuration shows these lines.
+logger = init_logger(f"vllm.{__name__}")
+
+
+class TensorizerLoader(BaseModelLoader):
+    """Loads ``load_format="tensorizer"`` models with this package's streaming core."""
+
+    def __init__(self, load_config: LoadConfig):
+        super().__init__(load_config)
+        self.tensorizer_config = TensorizerConfig.from_extra_config(
+            load_config.model_loader_extra_config
+        )
+
+    def read_plan(self, vllm_config: VllmConfig) -> ReadPlan:
+        """Which file this worker reads, and how (`plan.resolve_read`)."""
+        return resolve_read(self.tensorizer_config, current_layout(vllm_config))
+
+    def rank_uri(self, vllm_config: VllmConfig) -> str:
+        """The file this worker reads: its rank's file, or the one file every rank shares
+        (`_open_checked` checks that it may be shared)."""
+        return self.read_plan(vllm_config).uri
+
+    def _open_checked(self, vllm_config: VllmConfig, device: torch.device | str):
+        """Open this worker's file and check that it fits the layout: (uri, reader)."""
+        plan = self.read_plan(vllm_config)
+        reader = open_tensors(plan.uri, device=device, config=self.tensorizer_config)
+        try:
+            if plan.shared:
+                check_shared_file(
+                    plan.uri,
+                    plan.layout,
+                    vllm_tensorized=reader.is_vllm_tensorized,
+                    record=reader.record,
+                )
+            if reader.record is not None and not reader.checkpoint_form:
+                reader.record.check_layout(plan.layout, source=plan.uri)
+        except BaseException:
+            reader.close()
+            raise
+        return plan.uri, reader
+
+    def download_model(self, model_config: ModelConfig) -> None:
+        uri = resolve_read(self.tensorizer_config, ParallelLayout()).uri  # rank 0's file
+        if storage.local_path(uri) is not None and not storage.exists(uri):
+            raise ConfigError(f"no such tensors file: {uri}")
+
+    def load_model(
+        self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = ""
+    ) -> nn.Module:
+        device = target_device(vllm_config)
+        with _readers_on_every_core(device):
+            uri, reader = self._open_checked(vllm_config, device)
+            logger.info("Loading tensors from %s onto %s", uri, device)
+            with reader, set_default_torch_dtype(model_dtype(model_config)):
+                model = self._build(reader, vllm_config, model_config, prefix, device)
+                rank0 = current_layout(vllm_config).rank == 0
+                with progress(
+                    "Deserializing", reader.total_tensor_bytes, logger=logger, enabled=rank0
+                ) as reader.on_bytes:
+                    stats = self._fill(model, reader, uri, device)
+        STATE.last_load = stats
+        logger.info(
+            "Deserialized %.3f GB in %.2f s (%.2f GB/s) from %s (%sworker memory: %s)",
+            stats.bytes / 1e9,
+            stats.seconds,
+            stats.gb_per_s,
+            uri,
+            f"{stats.read_times}; " if stats.read_times else "",
+            memory_text(),
+        )
+        gc.collect()
+        process_weights_after_loading(model, model_config, device)
+        logger.info("vLLM's weight post-processing done (worker memory: %s)", memory_text())
+        return model.eval()
+
+    @staticmethod
+    def _build(
+        reader: Any,
+        vllm_config: VllmConfig,
+        model_config: ModelConfig,
+        prefix: str,
+        device: torch.device,
+    ) -> nn.Module:
+        """vLLM's model, its parameters on meta for a vLLM-tensorized file; the building
+        time is left out of the reader's figures."""
+        building = time.perf_counter()
+        with torch.device(device), contextlib.ExitStack() as stack:
+            if reader.is_vllm_tensorized:
+                stack.enter_context(meta_parameters(device))
+            model = initialize_model(
+                vllm_config=vllm_config, model_config=model_config, prefix=prefix
+            )
+        reader.started += time.perf_counter() - building  # time the reading only
+        return model
+
+    def _fill(self, model: nn.Module, reader: Any, uri: str, device: torch.device) -> LoadStats:
+        """Fill `model` from `reader`, by the file's kind."""
+        if reader.is_vllm_tensorized:
+            return load_into_module(model, reader)
+        if reader.checkpoint_form:
+            return self._load_converted(model, reader, uri, device)
+        return self._load_hf_weights(model, reader)
+
+    def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
+        """Reload weights into an already built model (vLLM's in-place reload)."""
+        from vllm.config import get_current_vllm_config
+
+        vllm_config = get_current_vllm_config()
+        device = next(model.parameters()).device
+        uri, reader = self._open_checked(vllm_config, device)
+        with reader:
+            self._fill(model, reader, uri, device)
+
+    def _load_converted(
+        self, model: nn.Module, reader: Any, uri: str, device: torch.device
+    ) -> LoadStats:
+        """A converted file (checkpoint form): vLLM's ``load_weights`` is first run on meta
+        tensors to learn which bytes of each tensor this rank copies (`convert.regions`),
+        then fed tensors with only those bytes read (`convert.loading`)."""
+        from ..convert.loading import ConvertedFile
+        from ..convert.partial_read import PartsRead
+        from ..convert.regions import CopyWatch
+
+        threads = self.tensorizer_config.num_readers or default_num_readers(uri, "cpu")
+        converted = ConvertedFile(reader, uri, self.tensorizer_config, threads)
+        watch = CopyWatch()
+        with _naming_tensor(reader, watch), watch:
+            loaded = _vllm_model(model).load_weights(converted.meta_inputs(watch))
+        _check_all_loaded(model, loaded, reader)
+        parts = converted.parts(watch.needs)
+        STATE.last_parts[:] = [
+            (p.name, p.entry.data_offset + p.span[0], p.entry.data_offset + p.span[1])
+            for p in parts
+        ]
+        read = PartsRead()
+        with _naming_tensor(reader, watch):
+            _vllm_model(model).load_weights(converted.tensors(parts, read))
+        return LoadStats(
+            uri=reader.uri,
+            tensors=len(parts),
+            bytes=read.bytes,
+            seconds=time.perf_counter() - reader.started,
+        )
+
+    @staticmethod
+    def _load_hf_weights(model: nn.Module, reader: Any) -> LoadStats:
+        """A file of a Hugging Face model (not vLLM-tensorized): through vLLM's name
+        mapping, leaving out the buffers (such as ``rotary_emb.inv_freq``) vLLM's model
+        does not have."""
+        kinds = reader.tensor_types()
+        count = nbytes = 0
+
+        def weights() -> Iterator[tuple[str, torch.Tensor]]:
+            nonlocal count, nbytes
+            for name, tensor in reader.items():
+                if kinds.get(name) == "BUFFER":
+                    continue
+                count += 1
+                nbytes += tensor.numel() * tensor.element_size()
+                yield name, tensor
+
+        _vllm_model(model).load_weights(weights())
+        return LoadStats(
+            uri=reader.uri,
+            tensors=count,
+            bytes=nbytes,
+            seconds=time.perf_counter() - reader.started,
+            read_times=reader.read_times,
+        )
+
+
+def _vllm_model(model: nn.Module) -> Any:
+    """`model` as vLLM's model interface (``load_weights``), which `nn.Module` does not
+    declare."""
+    return model
+
+
+@contextlib.contextmanager
+def _naming_tensor(reader: Any, watch: Any) -> Iterator[None]:
+    """vLLM's ``load_weights`` fails with a bare KeyError or ValueError on a tensor its
+    model does not have: name the tensor, the file and the architecture instead."""
+    try:
+        yield
+    except (KeyError, ValueError, AssertionError, AttributeError) as e:
+        tensor = watch.current.name if watch.current else "?"
+        architecture = reader.record.architecture if reader.record else "?"
+        raise ModelMismatchError(
+            f"vLLM cannot load the checkpoint in {reader.uri} for this model: tensor "
+            f"{tensor} was refused by vLLM's {architecture} ({type(e).__name__}: {e})"
+        ) from None
+
+
+def _check_all_loaded(model: nn.Module, loaded: Any, reader: Any) -> None:
+    """As vLLM's default loader: every parameter must have been filled from the file."""
+    if loaded is None:
+        return
+    missing = sorted(set(dict(model.named_parameters())) - set(loaded))
+    if missing:
+        raise ModelMismatchError(
+            f"{reader.uri} does not hold every weight vLLM's "
+            f"{type(model).__name__} needs; missing: {', '.join(missing)}"
+        )
+
+
+class CaptureLoader(DefaultModelLoader):
+    """vLLM's default loader that also keeps the loaded weights for serialization.
+
+    The weights are kept as references taken before ``process_weights_after_loading``, so
+    what is written is what the checkpoint gave, in vLLM's own parameter names and shards,
+    whatever the backend does to them afterwards.
+    """
+
+    def __init__(self, load_config: LoadConfig):
+        extra = dict(load_config.model_loader_extra_config or {})
+        source_format = extra.pop("source_load_format", "auto")
+        super().__init__(
+            dataclasses.replace(
+                load_config, load_format=source_format, model_loader_extra_config={}
+            )
+        )
+
+    def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
+        super().load_weights(model, model_config)
+        tensors = [(name, p.detach(), False) for name, p in model.named_parameters()]
+        tensors += [(name, b.detach(), True) for name, b in model.named_buffers()]
+        STATE.captured = CapturedWeights(
+            tensors=tensors,
+            architecture=type(model).__name__,
+            dtype=dtype_name(model_config.dtype),
+        )
+
+
+@contextlib.contextmanager
+def _readers_on_every_core(device: torch.device | str) -> Iterator[None]:
+    """Let the loader's reader threads run on every core while the weights load.
+
+    vLLM's CPU backend binds each worker to its OpenMP cores and reserves the others for its
+    engine processes, which wait idle during the load; on a small machine that leaves the
+    readers one core. Threads inherit the mask of the thread that starts them, so widening
+    this thread's mask for the load (and restoring it after) reaches the readers and nothing
+    else: vLLM's OpenMP threads keep their binding.
+    """
+    if torch.device(device).type != "cpu" or not hasattr(os, "sched_setaffinity"):
+        yield
+        return
+    try:
+        bound = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))
+    except OSError:  # a cpuset that forbids it: keep vLLM's binding
+        yield
+        return
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, bound)
+
+
+def memory_text() -> str:
+    """This process's resident memory now and at its peak (Linux), for the load's log: the
+    peak after vLLM's post-processing against the memory once the tensors are in shows what
+    the post-processing adds."""
+    try:
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        now, peak = (int(fields[k].split()[0]) * 1024 / 1e9 for k in ("VmRSS", "VmHWM"))
+    except (OSError, KeyError, ValueError):
+        return "unknown"
+    return f"resident {now:.2f} GB, peak {peak:.2f} GB"
