@@ -226,7 +226,7 @@ def test_opt_serialized_with_python_api_matches(opt_reference, tiny_opt, tmp_pat
     assert result["tokens"] != []
 
 
-def test_the_load_log_reports_the_workermemory_text():
+def test_the_load_log_reports_the_worker_memory():
     import re
 
     from tensorize_vllm_model.vllm_integration.loader import memory_text
