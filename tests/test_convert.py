@@ -109,6 +109,53 @@ def test_bin_checkpoint_and_dtype(tiny_opt, tmp_path):
     assert torch.equal(tensors[name].t(), state[name].float())
 
 
+def _copy_checkpoint(source, target, config_changes, tensors=None):
+    """A copy of checkpoint `source` in `target`, its config.json changed, its weights
+    replaced by `tensors` when given."""
+    from safetensors.torch import save_file
+
+    target.mkdir()
+    for name in os.listdir(source):
+        if not name.endswith(".safetensors"):
+            (target / name).write_bytes((source / name).read_bytes())
+    config = json.loads((source / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps({**config, **config_changes}))
+    state = tensors if tensors is not None else load_file(str(source / "model.safetensors"))
+    save_file(state, str(target / "model.safetensors"))
+    return state
+
+
+def test_dtype_auto_records_the_tensors_dtype_not_the_configs(tiny_llama, tmp_path):
+    # config.json says float32, the tensors are bfloat16: the record names what is stored
+    source = tmp_path / "says-f32"
+    _copy_checkpoint(tiny_llama, source, {"torch_dtype": "float32"})
+    result = convert_checkpoint(str(source), str(tmp_path / "out"), suffix="a")
+    with open_tensors(result.tensors_uri) as reader:
+        assert reader.record.dtype == "bfloat16"
+
+
+def test_fp8_weights_without_a_quantization_config_are_refused(tiny_llama, tmp_path):
+    from tensorize_vllm_model.errors import ConfigError
+
+    state = load_file(str(tiny_llama / "model.safetensors"))
+    name = "model.layers.0.mlp.down_proj.weight"
+    state[name] = state[name].to(torch.float8_e4m3fn)
+    source = tmp_path / "fp8"
+    _copy_checkpoint(tiny_llama, source, {}, state)
+    with pytest.raises(ConfigError, match=f"tensor {name} is float8_e4m3fn but config.json "):
+        convert_checkpoint(str(source), str(tmp_path / "out"), suffix="a")
+    assert not (tmp_path / "out").exists()
+    # with its quantization_config it converts, every dtype kept; a cast is refused
+    quantized = tmp_path / "fp8-quantized"
+    _copy_checkpoint(source, quantized, {"quantization_config": {"quant_method": "fp8"}})
+    with pytest.raises(ConfigError, match="--dtype float16: .* quantized checkpoint"):
+        convert_checkpoint(str(quantized), str(tmp_path / "out"), suffix="a", dtype="float16")
+    result = convert_checkpoint(str(quantized), str(tmp_path / "out"), suffix="a")
+    with open_tensors(result.tensors_uri) as reader:
+        assert reader.record.dtype == "bfloat16+float8_e4m3fn"
+        assert dict(reader.items())[name].dtype == torch.float8_e4m3fn
+
+
 def test_missing_shard_is_named_and_nothing_is_written(tiny_llama, tmp_path):
     source = tmp_path / "sharded"
     source.mkdir()
@@ -428,6 +475,12 @@ def test_convert_writes_a_new_key_where_no_file_is(
     assert len(key.read_bytes()) == 32 and key.stat().st_mode & 0o777 == 0o600
     tensors = tmp_path / "out" / "vllm" / "tiny-llama" / "k" / "model.tensors"
     assert "model.norm.weight" in _decrypted(tensors, key)
+    # without the key the record stays encrypted, and inspect says so (not "not recorded")
+    assert main(["inspect", str(tensors)]) == 0
+    out = capsys.readouterr().out
+    assert "parallel layout: unknown (the file's record is encrypted: give --keyfile)" in out
+    assert main(["inspect", str(tensors), "--keyfile", str(key)]) == 0
+    assert "parallel layout: any (checkpoint form" in capsys.readouterr().out
 
 
 def test_convert_refuses_a_file_that_is_not_a_key_before_writing(
