@@ -339,6 +339,20 @@ def test_partial_reads_read_only_the_range(tmp_path, encrypted):
         assert stats.bytes == 4 << 20 and part.span == (2 << 20, 6 << 20)
     else:
         assert stats.bytes == 500 * row
+    # Into the parameters, with no buffer of the part: cast (float32 -> float64, as
+    # copy_ does), and of a tensor stored transposed, its stored rows into columns.
+    cast = torch.empty(500, 1024, dtype=torch.float64)
+    columns = torch.empty(1024, 500, dtype=torch.float32)
+    lo, hi = 1000 * row, 1500 * row
+    parts = [
+        Part("w", entry, lo, hi, cipher, ((lo, hi, cast),), torch.float32),
+        Part("w", entry, lo, hi, cipher, ((lo, hi, columns),), torch.float32, row=1024),
+    ]
+    stats = PartsRead()
+    assert [b for _, b in read_parts(path, parts, threads=2, stats=stats)] == [None, None]
+    assert torch.equal(cast, weight[1000:1500].double())
+    assert torch.equal(columns, weight[1000:1500].t())
+    assert stats.bytes == (8 << 20 if key else 2 * 500 * row)
 
 
 def test_layout_the_model_does_not_allow():

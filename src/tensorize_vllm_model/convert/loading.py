@@ -81,28 +81,36 @@ class ConvertedFile:
                 start, stop = box_byte_range(
                     need.boxes, need.shape, self._dtype(name).itemsize, name in self.transposed
                 )
-            targets = (
-                () if cipher is not None or need.whole or self.verify else self._direct(name, need)
-            )
-            parts.append(Part(name, entry, start, stop, cipher, targets))
+            targets = () if need.whole or self.verify else self._direct(name, need)
+            row = self.logical_shape(name)[0] if name in self.transposed else 0
+            dtype = self._dtype(name)
+            parts.append(Part(name, entry, start, stop, cipher, targets, dtype, row))
         return parts
 
     def _direct(self, name: str, need: Need) -> tuple[tuple[int, int, torch.Tensor], ...]:
-        """Where every copy of the tensor is stored bytes -> a contiguous CPU tensor of the
-        same dtype and size (a parameter or its rows): read those bytes straight there,
-        with no buffer and no copy. Empty when any copy is not like that (a cast, a
-        transposed tensor, columns of a row-major one)."""
+        """Where every copy of the tensor is one byte range of it -> a CPU tensor of the
+        same size (a contiguous parameter or its rows; of a transposed tensor, columns
+        [c0, c1) of all its rows into a parameter of that shape): those bytes go straight
+        there (`partial_read`: read in place, or piece by piece through a small buffer when
+        decrypted, cast by ``copy_`` as the weight loader's copy would, or transposed back),
+        with no buffer of the whole part. Empty when any copy is not like that."""
         dtype = self._dtype(name)
+        transposed = name in self.transposed
         targets = []
         for box, destination in need.copies:
-            if (
-                name in self.transposed
-                or destination.dtype != dtype
-                or destination.device.type != "cpu"
-                or not destination.is_contiguous()
-            ):
+            if destination.device.type != "cpu":
                 return ()
-            lo, hi = box_byte_range([box], need.shape, dtype.itemsize, False)
+            if transposed:
+                rows = self.logical_shape(name)[0]
+                if (
+                    len(box) != 2
+                    or box[0] != (0, rows)
+                    or tuple(destination.shape) != (rows, box[1][1] - box[1][0])
+                ):
+                    return ()
+            elif not destination.is_contiguous():
+                return ()
+            lo, hi = box_byte_range([box], need.shape, dtype.itemsize, transposed)
             if hi - lo != destination.numel() * dtype.itemsize:
                 return ()
             targets.append((lo, hi, destination))
@@ -181,6 +189,8 @@ class ConvertedFile:
                 f"cannot be read ({type(e).__name__}: {e})"
             ) from None
         data = (
-            memoryview(buffer.reshape(-1).view(torch.uint8).numpy()) if entry.data_length else b""
+            memoryview(buffer.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+            if entry.data_length
+            else b""
         )
         hashes.check(data, tensor=part.name, uri=self.reader.uri)

@@ -39,20 +39,30 @@ class Part:
     start: int
     stop: int
     cipher: Any = None
-    # (start, stop, tensor): bytes read straight into these CPU tensors (parameters'
-    # memory), instead of into a buffer; only for plain (unencrypted) parts
+    # (start, stop, tensor): the stored bytes [start, stop) go into these CPU tensors
+    # (parameters' memory) instead of a buffer: read straight there when plain, of the
+    # stored dtype and not transposed; else piece by piece through a small buffer
+    # (decrypted, then copied with ``copy_``, which casts, and transposed back)
     targets: tuple[tuple[int, int, torch.Tensor], ...] = ()
+    dtype: torch.dtype = torch.uint8  # the stored dtype
+    row: int = 0  # a transposed tensor's stored row length in elements (0: not transposed)
 
     @property
     def span(self) -> tuple[int, int]:
         """The range actually read: whole cipher chunks when encrypted."""
+        return self.span_of(self.start, self.stop)
+
+    def span_of(self, start: int, stop: int) -> tuple[int, int]:
+        """The bytes read for stored bytes [start, stop): whole cipher chunks when
+        encrypted."""
         if self.cipher is None:
-            return self.start, self.stop
+            return start, stop
         size = self.cipher.chunk_size
-        return (
-            self.start // size * size,
-            min(self.entry.data_length, -(-self.stop // size) * size),
-        )
+        return start // size * size, min(self.entry.data_length, -(-stop // size) * size)
+
+    def through_buffer(self, tensor: torch.Tensor) -> bool:
+        """Whether a target's bytes pass through a buffer (not read straight into it)."""
+        return self.cipher is not None or bool(self.row) or tensor.dtype != self.dtype
 
 
 @dataclass
@@ -95,7 +105,7 @@ def _fill(reader: _Reader, part: Part, memory: torch.Tensor, place: int, lo: int
     from ..local_read import _populate
 
     _populate(memory.data_ptr() + place, hi - lo)  # its pages made present in one call
-    view = memoryview(memory.numpy())[place : place + hi - lo]
+    view = memoryview(memory.numpy())[place : place + hi - lo]  # type: ignore[arg-type]
     reader.read_into(view, part.entry.data_offset + lo)
     if part.cipher is not None:
         from ..tensor_decryption import DecryptionFailed
@@ -109,15 +119,68 @@ def _fill(reader: _Reader, part: Part, memory: torch.Tensor, place: int, lo: int
 
 
 def _submit_direct(pool: ThreadPoolExecutor, reader: _Reader, part: Part) -> list[Future]:
-    """Read each target's bytes straight into its tensor, in pieces."""
+    """Read each target's bytes into its tensor, in pieces: straight there, or each piece
+    through a buffer of its own size (`_fill_through`)."""
     futures = []
     for lo, hi, tensor in part.targets:
-        flat = tensor.view(-1).view(torch.uint8)
-        for at in range(lo, hi, PIECE_BYTES):
-            futures.append(
-                pool.submit(_fill, reader, part, flat, at - lo, at, min(hi, at + PIECE_BYTES))
-            )
+        if not part.through_buffer(tensor):
+            flat = tensor.view(-1).view(torch.uint8)
+            for at in range(lo, hi, PIECE_BYTES):
+                futures.append(
+                    pool.submit(_fill, reader, part, flat, at - lo, at, min(hi, at + PIECE_BYTES))
+                )
+            continue
+        bounds = _piece_bounds(part, lo, hi)
+        for a, b in zip(bounds, bounds[1:]):
+            futures.append(pool.submit(_fill_through, reader, part, a, b, tensor, lo))
     return futures
+
+
+def _piece_bounds(part: Part, lo: int, hi: int) -> list[int]:
+    """Where the stored bytes [lo, hi) are cut into pieces of about `PIECE_BYTES`: at
+    whole stored rows of a transposed tensor, else at whole elements; at whole cipher
+    chunks where that allows (no chunk read twice)."""
+    unit = part.dtype.itemsize * (part.row or 1)
+    if part.cipher is not None and not part.row:
+        size = part.cipher.chunk_size
+        step = max(1, PIECE_BYTES // size) * size
+        first = (lo // step + 1) * step
+        return [lo, *range(first, hi, step), hi]
+    step = max(1, PIECE_BYTES // unit) * unit
+    return [*range(lo, hi, step), hi]
+
+
+def _fill_through(
+    reader: _Reader, part: Part, a: int, b: int, tensor: torch.Tensor, lo: int
+) -> None:
+    """Read (and decrypt) the stored bytes [a, b) of a target whose bytes start at stored
+    byte `lo` into a buffer of their own size, and copy them into `tensor` (``copy_``:
+    cast to its dtype; a transposed tensor's stored rows into its columns)."""
+    s0, s1 = part.span_of(a, b)
+    scratch = torch.empty(s1 - s0, dtype=torch.uint8)
+    _fill(reader, part, scratch, 0, s0, s1)
+    piece = scratch[a - s0 : b - s0].view(part.dtype)
+    if part.row:
+        rows = piece.view(-1, part.row)
+        first = (a - lo) // (part.row * part.dtype.itemsize)
+        tensor[:, first : first + rows.shape[0]].copy_(rows.t())
+    else:
+        first = (a - lo) // part.dtype.itemsize
+        tensor.view(-1)[first : first + piece.numel()].copy_(piece)
+
+
+def _target_bytes(part: Part) -> int:
+    """The bytes `_submit_direct` reads for `part`'s targets."""
+    total = 0
+    for lo, hi, tensor in part.targets:
+        if not part.through_buffer(tensor):
+            total += hi - lo
+            continue
+        bounds = _piece_bounds(part, lo, hi)
+        for a, b in zip(bounds, bounds[1:]):
+            s0, s1 = part.span_of(a, b)
+            total += s1 - s0
+    return total
 
 
 def _size(part: Part) -> int:
@@ -146,7 +209,7 @@ def read_parts(
     stats = stats if stats is not None else PartsRead()
     reader = _Reader(uri, options)
     pool = ThreadPoolExecutor(max(1, threads))
-    pending: collections.deque[tuple[Part, torch.Tensor, list[Future]]] = collections.deque()
+    pending: collections.deque[tuple[Part, torch.Tensor | None, list[Future]]] = collections.deque()
     queued = 0
     todo = iter(parts)
     part = next(todo, None)
@@ -157,7 +220,7 @@ def read_parts(
                 if part.targets:
                     futures = _submit_direct(pool, reader, part)
                     pending.append((part, None, futures))
-                    stats.bytes += part.stop - part.start
+                    stats.bytes += _target_bytes(part)
                     stats.requests += len(futures)
                     queued += part.stop - part.start
                     part = next(todo, None)
@@ -178,7 +241,7 @@ def read_parts(
                 part = next(todo, None)
             if not pending:
                 return
-            done, buffer, futures = pending.popleft()
+            done, buffer, futures = pending.popleft()  # type: ignore[assignment]
             for future in futures:
                 future.result()
             queued -= _size(done)
