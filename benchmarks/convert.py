@@ -142,7 +142,7 @@ RSS_CHILD = """
 import json, sys
 sys.path.insert(0, {bench!r})
 from convert import rank_rss
-print(json.dumps(rank_rss({path!r}, json.loads({config!r}), {tp}, {rank}, {direct})))
+print(json.dumps(rank_rss({path!r}, json.loads({config!r}), {tp}, {rank}, {mode!r}, {key!r})))
 """
 
 
@@ -151,99 +151,120 @@ def _status(field: str) -> int:
         return int(next(line for line in f if line.startswith(field)).split()[1]) * 1024
 
 
-def rank_rss(path: str, config: dict, tp: int, rank: int, direct_reads: bool) -> dict:
+def _stored_shapes(reader) -> list:
+    from tensorize_vllm_model.convert.placement import TensorShape
+
+    t = reader.record.transposed
+    return [
+        TensorShape(
+            e.name,
+            tuple(reversed(e.shape)) if e.name in t else e.shape,
+            e.bytes // max(1, _numel(e.shape)),
+            e.name in t,
+        )
+        for e in reader.entries()
+    ]
+
+
+def rank_rss(path: str, config: dict, tp: int, rank: int, mode: str, key: str | None) -> dict:
     """In a fresh process: one rank's partial read of a converted file through the loader's
-    `read_parts` into a block of its share's size (the rank's parameters). `direct_reads`:
-    as the vLLM loader does, parts of tensors not stored transposed are read straight into
-    the parameters and the rest through buffers, then copied (vLLM's weight loaders);
-    otherwise every part goes through a buffer (the worst case). The memory the read adds
-    over the process before the parameters existed, at its peak, against the share."""
+    `read_parts` into its parameters (one block per tensor of the rank's share, made
+    before the read), as the vLLM loader hands them over (`loading.ConvertedFile._direct`):
+    every part goes into its parameter, straight or piece by piece through a small buffer
+    (decrypted, cast, transposed back). `mode`: ``plain``; ``cast`` (float16 parameters
+    from the bfloat16 file: ``copy_`` casts each piece); ``encrypted`` (the file at `path`
+    is encrypted with the key in file `key`). The memory the read adds over the process
+    with its parameters made, at its peak, against the share."""
     import torch
 
-    from tensorize_vllm_model import open_tensors
+    from tensorize_vllm_model import TensorizerConfig, open_tensors
     from tensorize_vllm_model.convert.partial_read import Part, read_parts
-    from tensorize_vllm_model.convert.placement import TensorShape, rank_reads
+    from tensorize_vllm_model.convert.placement import rank_reads
 
-    with open_tensors(path) as reader:
+    tc = TensorizerConfig(tensorizer_uri=path, encryption_keyfile=key)
+    with open_tensors(path, config=tc) as reader:
         t = reader.record.transposed
-        index = reader.index
-        shapes = [
-            TensorShape(
-                e.name,
-                tuple(reversed(e.shape)) if e.name in t else e.shape,
-                e.bytes // max(1, _numel(e.shape)),
-                e.name in t,
-            )
-            for e in reader.entries()
-        ]
+        index, entries = reader.index, {e.name: e for e in reader.entries()}
+        shapes = _stored_shapes(reader)
+        ciphers = {}
+        if key:
+            from tensorize_vllm_model.tensor_decryption import ciphers as find
+
+            names = list(index)
+            found = find(path, [index[n] for n in names], reader.header_deserializer)
+            ciphers = dict(zip(names, found))
     reads = rank_reads(shapes, config, tp, rank)
     share = sum(r.stop - r.start for r in reads)
+    parts = []
+    for r in reads:  # parameters first (the rank's share, made before any read)
+        stored = getattr(torch, entries[r.name].dtype)
+        dtype = torch.float16 if mode == "cast" and stored.is_floating_point else stored
+        shape = entries[r.name].shape
+        row = shape[-1] if r.name in t else 0
+        n = (r.stop - r.start) // stored.itemsize
+        target = torch.zeros(row, n // row, dtype=dtype) if row else torch.zeros(n, dtype=dtype)
+        targets = ((r.start, r.stop, target),)
+        parts.append(
+            Part(r.name, index[r.name], r.start, r.stop, ciphers.get(r.name), targets, stored, row)
+        )
     before = _status("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM restarts from VmRSS now
-    parameters = torch.zeros(share, dtype=torch.uint8)
-    parts, places, at = [], [], 0
-    for r in reads:  # as the loader: straight into the parameters unless stored transposed
-        block = parameters[at : at + r.stop - r.start]
-        direct = () if r.name in t or not direct_reads else ((r.start, r.stop, block),)
-        parts.append(Part(r.name, index[r.name], r.start, r.stop, targets=direct))
-        places.append(block)
-        at += r.stop - r.start
-    places.reverse()
-    for part, buffer in read_parts(path, parts, threads=2):  # (zip would hold the last one)
-        block = places.pop()
-        if buffer is not None:  # vLLM's weight loader copies it into the parameter
-            block.copy_(buffer[part.start : part.stop])
-        del buffer
+    for _, buffer in read_parts(path, parts, threads=2):
+        assert buffer is None  # every part went into its parameter
     peak = _status("VmHWM")
     return {
         "share_gb": share / 1e9,
         "added_peak_gb": (peak - before) / 1e9,
-        "ratio": (peak - before) / share,
+        "ratio": (peak - before + share) / share,
     }
 
 
-def rss_vs_share(tensors_path: str, config: dict) -> dict:
-    """`rank_rss` of every rank at TP=1 and TP=2, each in its own process, as the loader
-    reads and with every part buffered."""
+def rss_vs_share(tensors_path: str, config: dict, encrypted: tuple[str, str]) -> dict:
+    """`rank_rss` of every rank at TP=1 and TP=2, each in its own process: plain, cast and
+    encrypted (`encrypted`: the encrypted file and its key)."""
     bench = os.path.dirname(os.path.abspath(__file__))
     result = {}
-    for direct in (True, False):
+    for mode in ("plain", "cast", "encrypted"):
+        path, key = encrypted if mode == "encrypted" else (tensors_path, None)
         for tp in (1, 2):
             for rank in range(tp):
                 code = RSS_CHILD.format(
                     bench=bench,
-                    path=tensors_path,
+                    path=path,
                     tp=tp,
                     rank=rank,
                     config=json.dumps(config),
-                    direct=direct,
+                    mode=mode,
+                    key=key,
                 )
                 out = subprocess.run(
                     [sys.executable, "-c", code], check=True, capture_output=True, text=True
                 ).stdout
-                key = f"tp{tp}_rank{rank}" + ("" if direct else "_all_buffered")
-                result[key] = json.loads(out.strip().splitlines()[-1])
-                log(f"  [rss] {key}: {result[key]}")
+                name = f"tp{tp}_rank{rank}_{mode}"
+                result[name] = json.loads(out.strip().splitlines()[-1])
+                log(f"  [rss] {name}: {result[name]}")
     return result
+
+
+def encrypted_copy(files: dict) -> tuple[str, str]:
+    """The checkpoint converted once more, encrypted with a new key: (file, key file)."""
+    from tensorize_vllm_model.convert import convert_checkpoint
+
+    out, key = WORK / "convert-enc", WORK / "convert-enc.key"
+    shutil.rmtree(out, ignore_errors=True)
+    key.unlink(missing_ok=True)
+    result = convert_checkpoint(files["model_dir"], str(out), suffix="v1", keyfile=str(key))
+    return result.tensors_uri, str(key)
 
 
 def plan_ratios(tensors_path: str, config: dict) -> dict:
     """The largest share of the file any rank reads, from the read plan, per TP size."""
     from tensorize_vllm_model import open_tensors
-    from tensorize_vllm_model.convert.placement import TensorShape, rank_reads
+    from tensorize_vllm_model.convert.placement import rank_reads
 
     with open_tensors(tensors_path) as reader:
-        t = reader.record.transposed
-        shapes = [
-            TensorShape(
-                e.name,
-                tuple(reversed(e.shape)) if e.name in t else e.shape,
-                e.bytes // max(1, _numel(e.shape)),
-                e.name in t,
-            )
-            for e in reader.entries()
-        ]
+        shapes = _stored_shapes(reader)
     total = sum(s.bytes for s in shapes)
     return {
         f"tp{tp}": max(
@@ -386,7 +407,9 @@ def main() -> None:
     if "plan" in sections:
         results["read_plan_share"] = plan_ratios(converted + "/model.tensors", config)
     if "rss" in sections:
-        results["rank_rss"] = rss_vs_share(converted + "/model.tensors", config)
+        results["rank_rss"] = rss_vs_share(
+            converted + "/model.tensors", config, encrypted_copy(files)
+        )
     if "engines" in sections:
         results["engines"] = engines(files, converted, args.repeats, args.only)
     RESULTS.mkdir(exist_ok=True)

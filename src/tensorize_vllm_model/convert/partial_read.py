@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -150,6 +151,22 @@ def _piece_bounds(part: Part, lo: int, hi: int) -> list[int]:
     return [*range(lo, hi, step), hi]
 
 
+_scratches = threading.local()
+
+
+def _scratch(size: int) -> torch.Tensor:
+    """`size` bytes of this thread's piece buffer, kept for its next piece (a fresh buffer
+    per piece would leave freed pieces in the allocator's per-thread arenas, resident)."""
+    held = getattr(_scratches, "buffer", None)
+    if held is None or held.numel() < size:
+        held = _scratches.buffer = None
+        # a piece and the cipher chunks around it, at the most: made once per thread
+        held = _scratches.buffer = torch.empty(
+            max(size, PIECE_BYTES + (4 << 20)), dtype=torch.uint8
+        )
+    return held[:size]
+
+
 def _fill_through(
     reader: _Reader, part: Part, a: int, b: int, tensor: torch.Tensor, lo: int
 ) -> None:
@@ -157,7 +174,7 @@ def _fill_through(
     byte `lo` into a buffer of their own size, and copy them into `tensor` (``copy_``:
     cast to its dtype; a transposed tensor's stored rows into its columns)."""
     s0, s1 = part.span_of(a, b)
-    scratch = torch.empty(s1 - s0, dtype=torch.uint8)
+    scratch = _scratch(s1 - s0)
     _fill(reader, part, scratch, 0, s0, s1)
     piece = scratch[a - s0 : b - s0].view(part.dtype)
     if part.row:
