@@ -71,7 +71,7 @@ def convert_vs_copy(files: dict, repeats: int) -> dict:
 
     source = files["safetensors"]
     nbytes = os.path.getsize(source)
-    out, copy = WORK / "convert-out", WORK / "copy.safetensors"
+    out, copy = WORK / "convert-speed", WORK / "copy.safetensors"
     methods = ("disk_copy", "convert", "page_cache_copy")
     rates: dict[str, list[float]] = {m: [] for m in methods}
     cpu: dict[str, list[float]] = {m: [] for m in methods}
@@ -98,6 +98,7 @@ def convert_vs_copy(files: dict, repeats: int) -> dict:
                 f"{cpu[method][-1]:.2f} CPU-s per GB"
             )
     copy.unlink(missing_ok=True)
+    shutil.rmtree(out, ignore_errors=True)
     result: dict = {m: spread(v) for m, v in rates.items()}
     # per repeat (alternating, so both saw the same machine load), then the median
     result["ratio"] = statistics.median(c / d for c, d in zip(rates["convert"], rates["disk_copy"]))
@@ -401,8 +402,12 @@ def main() -> None:
     results = json.loads(path.read_text()) if path.exists() else {}
     results.update({"size_gb": args.size_gb, "targets": TARGETS})
     converted = str(WORK / "convert-out" / "vllm" / "hf" / "v1")
-    if "convert" in sections or not os.path.exists(converted + "/model.tensors"):
+    if "convert" in sections:
         results["convert"] = convert_vs_copy(files, args.repeats)
+    if not os.path.exists(converted + "/model.tensors"):  # the file the other sections read
+        from tensorize_vllm_model.convert import convert_checkpoint
+
+        convert_checkpoint(files["model_dir"], str(WORK / "convert-out"), suffix="v1")
     results["file_gb"] = os.path.getsize(converted + "/model.tensors") / 1e9
     if "plan" in sections:
         results["read_plan_share"] = plan_ratios(converted + "/model.tensors", config)

@@ -8,10 +8,12 @@
 3. `ConvertedFile.tensors` reads only those ranges (`partial_read`) and hands each tensor
    to ``load_weights`` in its checkpoint shape (a transposed one as a transposed view), so
    vLLM's weight loaders narrow and copy it into the rank's parameters as from the
-   checkpoint itself. Where every copy of a tensor was plain bytes into a contiguous
-   parameter (or rows of one) of the same dtype, the bytes are read straight into the
-   parameter instead, and ``load_weights`` does not see that tensor again: everything
-   else its loader did (padding filled, ...) was already done in step 1.
+   checkpoint itself. Where every copy of a tensor was one byte range of it into a CPU
+   parameter of that size (a contiguous parameter or rows of one; of a transposed tensor,
+   columns of all its rows), the bytes go into the parameter instead (in place, or piece
+   by piece when decrypted, cast or transposed back: `partial_read`), and
+   ``load_weights`` does not see that tensor again: everything else its loader did
+   (padding filled, ...) was already done in step 1.
 """
 
 from __future__ import annotations

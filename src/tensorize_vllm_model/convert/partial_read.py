@@ -1,11 +1,16 @@
 """Reading parts of tensors: given each tensor's needed byte range, read only those bytes
 (local ``pread``, one HTTP/S3 range request each), in parallel and a bounded window ahead.
 
-Each tensor lands in a fresh buffer of its full stored size, filled only over the range
-read: the rest is never touched, so on the CPU its pages are never made resident (the
-loader's weight loaders read nothing outside the range; `regions` checked that). In an
-encrypted file a range is widened to whole cipher chunks, and each chunk is checked and
-decrypted on its own (`tensor_decryption`).
+A part with targets (the rank's parameters, or rows or columns of them) goes into them:
+read in place when plain, of the stored dtype and not transposed; otherwise piece by piece
+(about `PIECE_BYTES`) through one reused buffer per reading thread, decrypted, then copied
+with ``copy_`` (which casts as vLLM's weight loaders' copy would; a transposed tensor's
+stored rows into the parameter's columns). Memory beyond the parameters is then the
+reading threads' piece buffers, whatever the part's size. A part without targets lands in
+a fresh buffer of the tensor's full stored size, filled only over the range read: the
+rest is never touched, so on the CPU its pages are never made resident. In an encrypted
+file a range is widened to whole cipher chunks, and each chunk is checked and decrypted on
+its own (`tensor_decryption`).
 """
 
 from __future__ import annotations
