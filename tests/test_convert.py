@@ -548,3 +548,29 @@ def test_converted_reader_checks_hashes_of_whole_tensors(converted, tmp_path, ve
                 list(file.tensors(parts, PartsRead()))
         else:
             assert [n for n, _ in file.tensors(parts, PartsRead())] == [name]
+
+
+def test_a_transposed_weight_goes_into_its_parameter_cast_without_a_buffer(converted, tiny_llama):
+    """As vLLM's row-parallel weight loader at TP=2, rank 1 (narrow the input dimension,
+    copy into a float32 parameter): the stored rows of the transposed weight go into the
+    parameter's columns, cast piece by piece; nothing is handed back to load_weights."""
+    from tensorize_vllm_model import TensorizerConfig
+    from tensorize_vllm_model.convert.loading import ConvertedFile
+
+    name = "model.layers.1.self_attn.o_proj.weight"
+    original = load_file(str(tiny_llama / "model.safetensors"))[name]
+    out, inputs = original.shape
+    path = str(converted / "model.tensors")
+    parameter = torch.empty(out, inputs // 2, dtype=torch.float32)
+    with open_tensors(path) as reader:
+        file = ConvertedFile(reader, path, TensorizerConfig(tensorizer_uri=path), threads=2)
+        watch = CopyWatch()
+        with watch:
+            stored = watch.meta_input(name, file.logical_shape(name), torch.bfloat16)
+            parameter.copy_(stored.narrow(1, inputs // 2, inputs // 2))
+        [part] = file.parts(watch.needs)
+        assert part.row == out and [t for _, _, t in part.targets] == [parameter]
+        read = PartsRead()
+        assert list(file.tensors([part], read)) == []  # load_weights gets nothing back
+    assert torch.equal(parameter, original[:, inputs // 2 :].float())
+    assert read.bytes == original.numel() // 2 * 2  # rank 1's half of the bfloat16 bytes
