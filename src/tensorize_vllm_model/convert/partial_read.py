@@ -157,18 +157,19 @@ def _piece_bounds(part: Part, lo: int, hi: int) -> list[int]:
 
 
 _scratches = threading.local()
+_TRANSPOSE_BYTES = 1 << 20  # rows transposed at a time (fast: they stay in the CPU's cache)
 
 
-def _scratch(size: int) -> torch.Tensor:
-    """`size` bytes of this thread's piece buffer, kept for its next piece (a fresh buffer
+def _scratch(size: int, slot: str = "piece") -> torch.Tensor:
+    """`size` bytes of this thread's buffer `slot`, kept for its next piece (a fresh buffer
     per piece would leave freed pieces in the allocator's per-thread arenas, resident)."""
-    held = getattr(_scratches, "buffer", None)
+    held = getattr(_scratches, slot, None)
     if held is None or held.numel() < size:
-        held = _scratches.buffer = None
-        # a piece and the cipher chunks around it, at the most: made once per thread
-        held = _scratches.buffer = torch.empty(
-            max(size, PIECE_BYTES + (4 << 20)), dtype=torch.uint8
-        )
+        setattr(_scratches, slot, None)
+        # at the most a piece and the cipher chunks around it, or a transposed block
+        least = PIECE_BYTES + (4 << 20) if slot == "piece" else _TRANSPOSE_BYTES
+        held = torch.empty(max(size, least), dtype=torch.uint8)
+        setattr(_scratches, slot, held)
     return held[:size]
 
 
@@ -182,13 +183,22 @@ def _fill_through(
     scratch = _scratch(s1 - s0)
     _fill(reader, part, scratch, 0, s0, s1)
     piece = scratch[a - s0 : b - s0].view(part.dtype)
-    if part.row:
-        rows = piece.view(-1, part.row)
-        first = (a - lo) // (part.row * part.dtype.itemsize)
-        tensor[:, first : first + rows.shape[0]].copy_(rows.t())
-    else:
+    if not part.row:
         first = (a - lo) // part.dtype.itemsize
         tensor.view(-1)[first : first + piece.numel()].copy_(piece)
+        return
+    rows = piece.view(-1, part.row)
+    first = (a - lo) // (part.row * part.dtype.itemsize)
+    # Stored rows -> the parameter's columns in blocks: each transposed into a contiguous
+    # block first (a copy_ from a transposed view into columns of a wider tensor runs at
+    # about a tenth of the speed), then copied (and cast) into the columns.
+    step = max(1, _TRANSPOSE_BYTES // (part.row * part.dtype.itemsize))
+    for at in range(0, rows.shape[0], step):
+        block = rows[at : at + step]
+        flipped = _scratch(block.numel() * block.element_size(), "transpose")
+        flipped = flipped.view(part.dtype).view(part.row, block.shape[0])
+        flipped.copy_(block.t())
+        tensor[:, first + at : first + at + block.shape[0]].copy_(flipped)
 
 
 def _target_bytes(part: Part) -> int:
