@@ -147,7 +147,9 @@ def _piece_bounds(part: Part, lo: int, hi: int) -> list[int]:
     whole stored rows of a transposed tensor, else at whole elements; at whole cipher
     chunks where that allows (no chunk read twice)."""
     unit = part.dtype.itemsize * (part.row or 1)
-    if part.cipher is not None and not part.row:
+    # chunk multiples are whole units (elements, or stored rows that divide a chunk; `lo`
+    # is a whole unit too): cut there
+    if part.cipher is not None and part.cipher.chunk_size % unit == 0:
         size = part.cipher.chunk_size
         step = max(1, PIECE_BYTES // size) * size
         first = (lo // step + 1) * step
