@@ -223,6 +223,24 @@ def _size(part: Part) -> int:
     return part.stop - part.start if part.targets else part.span[1] - part.span[0]
 
 
+def _submit(
+    pool: ThreadPoolExecutor, reader: _Reader, part: Part
+) -> tuple[torch.Tensor | None, list[Future], int]:
+    """Start reading `part`: (its buffer, None with targets; the reads; bytes read)."""
+    if part.targets:
+        return None, _submit_direct(pool, reader, part), _target_bytes(part)
+    buffer = torch.empty(part.entry.data_length, dtype=torch.uint8)
+    lo, hi = part.span
+    step = PIECE_BYTES
+    if part.cipher is not None:  # pieces of whole chunks
+        step = max(1, PIECE_BYTES // part.cipher.chunk_size) * part.cipher.chunk_size
+    futures = [
+        pool.submit(_fill, reader, part, buffer, at, at, min(hi, at + step))
+        for at in range(lo, hi, step)
+    ]
+    return buffer, futures, hi - lo
+
+
 def read_parts(
     uri: str,
     parts: Sequence[Part],
@@ -230,7 +248,7 @@ def read_parts(
     threads: int,
     options: storage.Options = None,
     stats: PartsRead | None = None,
-) -> Iterator[tuple[Part, torch.Tensor]]:
+) -> Iterator[tuple[Part, torch.Tensor | None]]:
     """Yield (part, buffer) in the order of `parts`: `buffer` is a uint8 CPU tensor of the
     tensor's stored length whose bytes [part.span) are read (and decrypted); None for a part
     with `targets`, whose bytes are then already in those tensors.
@@ -251,31 +269,15 @@ def read_parts(
         while True:
             # read ahead while the window holds the next part too (one part at least)
             while part is not None and (not pending or queued + _size(part) <= WINDOW_BYTES):
-                if part.targets:
-                    futures = _submit_direct(pool, reader, part)
-                    pending.append((part, None, futures))
-                    stats.bytes += _target_bytes(part)
-                    stats.requests += len(futures)
-                    queued += part.stop - part.start
-                    part = next(todo, None)
-                    continue
-                buffer = torch.empty(part.entry.data_length, dtype=torch.uint8)
-                lo, hi = part.span
-                step = PIECE_BYTES
-                if part.cipher is not None:  # pieces of whole chunks
-                    step = max(1, PIECE_BYTES // part.cipher.chunk_size) * part.cipher.chunk_size
-                futures = [
-                    pool.submit(_fill, reader, part, buffer, at, at, min(hi, at + step))
-                    for at in range(lo, hi, step)
-                ]
+                buffer, futures, nbytes = _submit(pool, reader, part)
                 pending.append((part, buffer, futures))
-                queued += hi - lo
-                stats.bytes += hi - lo
+                queued += _size(part)
+                stats.bytes += nbytes
                 stats.requests += len(futures)
                 part = next(todo, None)
             if not pending:
                 return
-            done, buffer, futures = pending.popleft()  # type: ignore[assignment]
+            done, buffer, futures = pending.popleft()
             for future in futures:
                 future.result()
             queued -= _size(done)
