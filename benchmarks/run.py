@@ -201,10 +201,10 @@ def log_run(where: str, label: str, repeat: int, result: dict) -> None:
 
 def read_times(result: dict) -> str:
     """Where our loader's reader threads spent their time in one run, as the loader says
-    it (`local_read.ReadTimes`), when it does."""
+    it (`read.base.ReadTimes`), when it does."""
     if not result.get("read_times"):
         return ""
-    from tensorize_vllm_model.local_read import ReadTimes
+    from tensorize_vllm_model.read.base import ReadTimes
 
     return f" ({ReadTimes(**result['read_times'])})"
 

@@ -315,8 +315,8 @@ def test_partial_reads_read_only_the_range(tmp_path, encrypted):
     from tensorize_vllm_model import TensorizerConfig
     from tensorize_vllm_model.keys import generate_key, write_key
     from tensorize_vllm_model.layout import FileRecord
+    from tensorize_vllm_model.read.decrypt import ciphers
     from tensorize_vllm_model.serialization import write_tensors
-    from tensorize_vllm_model.tensor_decryption import ciphers
 
     weight = torch.arange(5 * 2**20 // 4 * 4, dtype=torch.float32).reshape(-1, 1024)  # 20 MiB
     key = generate_key() if encrypted else None
@@ -398,9 +398,9 @@ def test_a_converted_load_reports_the_bytes_of_its_share(converted):
 
 
 def test_batched_write_groups_and_hands_on_errors(tmp_path):
-    """`batched_write`: batches of at least the batch size, in order; an error of the tensor
+    """`format.writer`: batches of at least the batch size, in order; an error of the tensor
     source (raised on the prefetch thread) reaches the caller and nothing is published."""
-    from tensorize_vllm_model.batched_write import batches
+    from tensorize_vllm_model.format.writer import batches
     from tensorize_vllm_model.layout import FileRecord
     from tensorize_vllm_model.serialization import write_tensors
 

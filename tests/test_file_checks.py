@@ -36,8 +36,8 @@ from tensorize_vllm_model.errors import CorruptTensorError
 from tensorize_vllm_model.inspection import inspect_tensors, verify_tensors
 from tensorize_vllm_model.keys import generate_key, write_key
 from tensorize_vllm_model.layout import FileRecord
+from tensorize_vllm_model.modules import meta_parameters
 from tensorize_vllm_model.serialization import write_tensors
-from tensorize_vllm_model.streaming import meta_parameters
 
 
 class Small(torch.nn.Module):

@@ -29,8 +29,8 @@ from tensorize_vllm_model import (
 )
 from tensorize_vllm_model.keys import generate_key
 from tensorize_vllm_model.layout import FileRecord
+from tensorize_vllm_model.modules import meta_parameters
 from tensorize_vllm_model.serialization import write_tensors
-from tensorize_vllm_model.streaming import meta_parameters
 
 
 @dataclass

@@ -20,7 +20,7 @@ from .config import TensorizerConfig, as_tensorizer_config
 from .errors import CorruptTensorError, EncryptionError
 from .layout import MARKER_NAME, RECORD_NAME, has_rank_template
 from .progress import progress
-from .streaming import TensorEntry, open_tensors
+from .read.reader import TensorEntry, open_tensors
 
 __all__ = ["FileReport", "VerifyReport", "inspect_tensors", "verify_tensors", "shard_uris"]
 

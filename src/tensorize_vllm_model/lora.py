@@ -301,7 +301,7 @@ def materialize_adapter(
     """
     from safetensors.torch import save_file
 
-    from .streaming import open_tensors
+    from .read.reader import open_tensors
 
     name = name or storage.basename(uri)
     tensors_uri = storage.join(uri, ADAPTER_TENSORS)

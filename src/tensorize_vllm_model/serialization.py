@@ -219,7 +219,7 @@ def _write_batched(
     staged: StagedTensors,
     on_bytes: Callable[[int], None] | None,
 ) -> None:
-    from .batched_write import write_batches
+    from .format.writer import write_batches
 
     def written(count: int, nbytes: int) -> None:
         staged.tensors += count

@@ -24,7 +24,6 @@ import hashlib
 import logging
 import os
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -49,16 +48,12 @@ from . import layout as layout_mod
 from .config import TensorizerConfig, as_tensorizer_config
 from .errors import ConfigError, ModelMismatchError, TensorizeError
 from .layout import FileRecord, ParallelLayout
+from .modules import load_into_module, meta_parameters
 from .progress import progress
+from .read.base import LoadStats
+from .read.checks import check_shards
+from .read.reader import default_num_readers, open_tensors
 from .serialization import write_tensors
-from .streaming import (
-    LoadStats,
-    check_shards,
-    default_num_readers,
-    load_into_module,
-    meta_parameters,
-    open_tensors,
-)
 
 # Under vLLM's namespace, so that vLLM's logging configuration shows these lines.
 logger = init_logger(f"vllm.{__name__}")
@@ -138,7 +133,7 @@ def _install_engine_hook() -> None:
 
 
 def check_engine_files(engine_args: Any) -> None:
-    """Check the files an engine will load (see `streaming.check_shards`)."""
+    """Check the files an engine will load (see `read.checks.check_shards`)."""
     extra = engine_args.model_loader_extra_config
     if hasattr(extra, "to_serializable"):
         extra = extra.to_serializable()
@@ -235,7 +230,7 @@ def _dtype_name(dtype: torch.dtype | str) -> str:
 
 
 class TensorizerLoader(BaseModelLoader):
-    """Loads ``load_format="tensorizer"`` models with this package's streaming core."""
+    """Loads ``load_format="tensorizer"`` models with this package's readers (`read`)."""
 
     def __init__(self, load_config: LoadConfig):
         super().__init__(load_config)
@@ -294,14 +289,13 @@ class TensorizerLoader(BaseModelLoader):
             uri, reader = self._open_checked(vllm_config, device)
             logger.info("Loading tensors from %s onto %s", uri, device)
             with reader, set_default_torch_dtype(model_config.dtype):
-                building = time.perf_counter()
-                with torch.device(device), contextlib.ExitStack() as stack:
+                # Building the model is left out of the load's seconds: the reading only.
+                with reader.untimed(), torch.device(device), contextlib.ExitStack() as stack:
                     if reader.is_vllm_tensorized:
                         stack.enter_context(meta_parameters(device))
                     model = initialize_model(
                         vllm_config=vllm_config, model_config=model_config, prefix=prefix
                     )
-                reader.started += time.perf_counter() - building  # time the reading only
                 with progress(
                     "Deserializing",
                     reader.total_tensor_bytes,
@@ -368,12 +362,7 @@ class TensorizerLoader(BaseModelLoader):
         read = PartsRead()
         with _naming_tensor(reader, watch):
             model.load_weights(converted.tensors(parts, read))
-        return LoadStats(
-            uri=reader.uri,
-            tensors=len(parts),
-            bytes=read.bytes,
-            seconds=time.perf_counter() - reader.started,
-        )
+        return reader.stats(tensors=len(parts), nbytes=read.bytes)
 
     @staticmethod
     def _load_hf_weights(model: nn.Module, reader) -> LoadStats:
@@ -393,13 +382,7 @@ class TensorizerLoader(BaseModelLoader):
                 yield name, tensor
 
         model.load_weights(weights())
-        return LoadStats(
-            uri=reader.uri,
-            tensors=count,
-            bytes=nbytes,
-            seconds=time.perf_counter() - reader.started,
-            read_times=reader.read_times,
-        )
+        return reader.stats(tensors=count, nbytes=nbytes)
 
 
 @contextlib.contextmanager
@@ -878,7 +861,7 @@ def deserialize_tensorizer_model(model: nn.Module, tensorizer_config: Any) -> No
             HTTP(S) URI (vLLM's check).
         ModelMismatchError: a tensor of the model is not in the file, or does not fit
             (where vLLM finds tensors left on the meta device).
-        StorageError, FormatError, EncryptionError: as `streaming.open_tensors`.
+        StorageError, FormatError, EncryptionError: as `read.reader.open_tensors`.
     """
     from vllm.platforms import current_platform
 

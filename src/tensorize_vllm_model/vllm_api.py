@@ -128,9 +128,9 @@ def tensorizer_weights_iterator(
     package's `TensorizerArgs` or vLLM's.
 
     Raises:
-        StorageError, FormatError, EncryptionError: as `streaming.open_tensors`.
+        StorageError, FormatError, EncryptionError: as `read.reader.open_tensors`.
     """
-    from .streaming import open_tensors
+    from .read.reader import open_tensors
 
     args = _as_args(tensorizer_args)
     with open_tensors(args.tensorizer_uri, device="cpu", config=args.config) as reader:

@@ -30,7 +30,7 @@ from .regions import CopyWatch, Need, box_byte_range
 
 if TYPE_CHECKING:
     from ..config import TensorizerConfig
-    from ..streaming import TensorReader
+    from ..read.reader import TensorReader
 
 __all__ = ["ConvertedFile"]
 
@@ -47,7 +47,7 @@ class ConvertedFile:
         self.entries = {e.name: e for e in reader.entries()}
         self.index = reader.index
         # verify_hash: tensorizer's hashes cover whole tensors, so each needed tensor is
-        # read whole (not only this rank's rows or columns) and checked (`tensor_hashes`).
+        # read whole (not only this rank's rows or columns) and checked (`format.hashes`).
         self.verify = bool(getattr(config, "verify_hash", False))
 
     def _dtype(self, name: str) -> torch.dtype:
@@ -121,7 +121,7 @@ class ConvertedFile:
     def _ciphers(self, names: list[str]) -> list[Any]:
         if not self.reader.encrypted:
             return [None] * len(names)
-        from ..tensor_decryption import cipher_from_header, ciphers
+        from ..read.decrypt import cipher_from_header, ciphers
 
         entries = [self.index[n] for n in names]
         path = storage.local_path(self.uri)
@@ -171,7 +171,8 @@ class ConvertedFile:
             CorruptTensorError: a hash does not match (naming the file and tensor).
             FormatError: the tensor's header cannot be parsed.
         """
-        from ..tensor_hashes import stored_hashes
+        from ..format.compat import header_parse_errors
+        from ..format.hashes import stored_hashes
 
         entry = self.index[part.name]
         path = storage.local_path(self.uri)
@@ -183,13 +184,8 @@ class ConvertedFile:
             raw = storage.range_source(self.uri, options).read_range(
                 entry.offset, entry.data_offset
             )
-        try:
+        with header_parse_errors(self.reader.uri, part.name):
             hashes = stored_hashes(raw, self.reader.header_deserializer)
-        except Exception as e:  # noqa: BLE001 - tensorizer's parser rejects it
-            raise FormatError(
-                f"{self.reader.uri} is corrupt: the header of tensor {part.name} "
-                f"cannot be read ({type(e).__name__}: {e})"
-            ) from None
         data = (
             memoryview(buffer.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
             if entry.data_length

@@ -10,7 +10,7 @@ reading threads' piece buffers, whatever the part's size. A part without targets
 a fresh buffer of the tensor's full stored size, filled only over the range read: the
 rest is never touched, so on the CPU its pages are never made resident. In an encrypted
 file a range is widened to whole cipher chunks, and each chunk is checked and decrypted on
-its own (`tensor_decryption`).
+its own (`read.decrypt`).
 """
 
 from __future__ import annotations
@@ -108,13 +108,13 @@ class _Reader:
 def _fill(reader: _Reader, part: Part, memory: torch.Tensor, place: int, lo: int, hi: int) -> None:
     """Read the tensor's bytes [lo, hi) into the uint8 CPU tensor `memory` at byte `place`
     (and decrypt them in place when the part is encrypted)."""
-    from ..local_read import _populate
+    from ..read.local import populate
 
-    _populate(memory.data_ptr() + place, hi - lo)  # its pages made present in one call
+    populate(memory.data_ptr() + place, hi - lo)  # its pages made present in one call
     view = memoryview(memory.numpy())[place : place + hi - lo]  # type: ignore[arg-type]
     reader.read_into(view, part.entry.data_offset + lo)
     if part.cipher is not None:
-        from ..tensor_decryption import DecryptionFailed
+        from ..format.compat import DecryptionFailed
 
         try:
             part.cipher.decrypt(view, lo)

@@ -20,10 +20,11 @@ from typing import Any
 
 import torch
 
-from .. import __version__, batched_write, storage
+from .. import __version__, storage
 from ..artifacts import resolve_model_files, stage_artifacts
 from ..config import DEFAULT_TENSORS_NAME, TensorizerConfig
 from ..errors import ConfigError
+from ..format import writer as tensors_writer
 from ..keys import EncryptionKey, prepare_key
 from ..layout import CHECKPOINT_FORM, FileRecord, serialized_dir
 from ..progress import progress
@@ -231,7 +232,7 @@ def _write_checkpoint(
             serialization_kwargs=serialization_kwargs,
             marker=False,
             on_bytes=advance,
-            batch_bytes=batched_write.BATCH_BYTES,
+            batch_bytes=tensors_writer.BATCH_BYTES,
             tx=tx,
         )
     if sorted(transposed) != sorted(names):  # the record must say what was done
