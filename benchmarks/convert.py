@@ -38,23 +38,57 @@ def spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+def evict(path: str) -> None:
+    """Drop `path`'s pages from the page cache (written back first): its next read comes
+    from the disk. ``posix_fadvise(POSIX_FADV_DONTNEED)`` works per file, without the root
+    rights ``/proc/sys/vm/drop_caches`` needs (refused in this container)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def disk_copy(source: str, destination: str) -> None:
+    """The disk's copy of `source`: the kernel's copy (``shutil.copyfile``: sendfile, no
+    pass through Python), made durable (``fsync``), as ``convert`` makes its file durable
+    before publishing it."""
+    shutil.copyfile(source, destination)
+    fd = os.open(destination, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def convert_vs_copy(files: dict, repeats: int) -> dict:
-    """Convert the safetensors checkpoint and copy the same file, alternating."""
+    """Convert the safetensors checkpoint and copy the same file, alternating, each from a
+    cold source (`evict`) to durable bytes on the same disk (`disk_copy`; convert fsyncs
+    its file before publishing it): the disk's copy speed is the baseline. A page-cache
+    copy (``shutil.copyfile``: sendfile, warm source, no fsync) is reported beside it."""
     from tensorize_vllm_model.convert import convert_checkpoint
 
     source = files["safetensors"]
     nbytes = os.path.getsize(source)
-    out, copy = WORK / "convert-out", WORK / "copy.safetensors"
-    rates: dict[str, list[float]] = {"copy": [], "convert": []}
-    cpu: dict[str, list[float]] = {"copy": [], "convert": []}
+    out, copy = WORK / "convert-speed", WORK / "copy.safetensors"
+    methods = ("disk_copy", "convert", "page_cache_copy")
+    rates: dict[str, list[float]] = {m: [] for m in methods}
+    cpu: dict[str, list[float]] = {m: [] for m in methods}
     for repeat in range(repeats):
-        for method in ("copy", "convert"):
-            set_cache("warm", [source])
-            shutil.rmtree(out, ignore_errors=True)
+        for method in methods:
+            if method == "convert":  # the last one's output stays, for the sections after
+                shutil.rmtree(out, ignore_errors=True)
             copy.unlink(missing_ok=True)
+            if method == "page_cache_copy":
+                set_cache("warm", [source])
+            else:
+                evict(source)
             used, start = _cpu_seconds(), time.perf_counter()
-            if method == "copy":
+            if method == "page_cache_copy":
                 shutil.copyfile(source, copy)
+            elif method == "disk_copy":
+                disk_copy(source, str(copy))
             else:
                 convert_checkpoint(files["model_dir"], str(out), suffix="v1")
             rates[method].append(nbytes / (time.perf_counter() - start) / 1e9)
@@ -64,8 +98,13 @@ def convert_vs_copy(files: dict, repeats: int) -> dict:
                 f"{cpu[method][-1]:.2f} CPU-s per GB"
             )
     copy.unlink(missing_ok=True)
-    result = {m: spread(v) for m, v in rates.items()}
-    result["ratio"] = result["convert"]["median"] / result["copy"]["median"]
+    shutil.rmtree(out, ignore_errors=True)
+    result: dict = {m: spread(v) for m, v in rates.items()}
+    # per repeat (alternating, so both saw the same machine load), then the median
+    result["ratio"] = statistics.median(c / d for c, d in zip(rates["convert"], rates["disk_copy"]))
+    result["ratio_vs_page_cache_copy"] = statistics.median(
+        c / d for c, d in zip(rates["convert"], rates["page_cache_copy"])
+    )
     result["cpu_seconds_per_gb"] = {m: spread(v) for m, v in cpu.items()}
     result["one_core_gb_per_s"] = hash_speeds()
     return result
@@ -104,7 +143,7 @@ RSS_CHILD = """
 import json, sys
 sys.path.insert(0, {bench!r})
 from convert import rank_rss
-print(json.dumps(rank_rss({path!r}, json.loads({config!r}), {tp}, {rank}, {direct})))
+print(json.dumps(rank_rss({path!r}, json.loads({config!r}), {tp}, {rank}, {mode!r}, {key!r})))
 """
 
 
@@ -113,99 +152,120 @@ def _status(field: str) -> int:
         return int(next(line for line in f if line.startswith(field)).split()[1]) * 1024
 
 
-def rank_rss(path: str, config: dict, tp: int, rank: int, direct_reads: bool) -> dict:
+def _stored_shapes(reader) -> list:
+    from tensorize_vllm_model.convert.placement import TensorShape
+
+    t = reader.record.transposed
+    return [
+        TensorShape(
+            e.name,
+            tuple(reversed(e.shape)) if e.name in t else e.shape,
+            e.bytes // max(1, _numel(e.shape)),
+            e.name in t,
+        )
+        for e in reader.entries()
+    ]
+
+
+def rank_rss(path: str, config: dict, tp: int, rank: int, mode: str, key: str | None) -> dict:
     """In a fresh process: one rank's partial read of a converted file through the loader's
-    `read_parts` into a block of its share's size (the rank's parameters). `direct_reads`:
-    as the vLLM loader does, parts of tensors not stored transposed are read straight into
-    the parameters and the rest through buffers, then copied (vLLM's weight loaders);
-    otherwise every part goes through a buffer (the worst case). The memory the read adds
-    over the process before the parameters existed, at its peak, against the share."""
+    `read_parts` into its parameters (one block per tensor of the rank's share, made
+    before the read), as the vLLM loader hands them over (`loading.ConvertedFile._direct`):
+    every part goes into its parameter, straight or piece by piece through a small buffer
+    (decrypted, cast, transposed back). `mode`: ``plain``; ``cast`` (float16 parameters
+    from the bfloat16 file: ``copy_`` casts each piece); ``encrypted`` (the file at `path`
+    is encrypted with the key in file `key`). The memory the read adds over the process
+    with its parameters made, at its peak, against the share."""
     import torch
 
-    from tensorize_vllm_model import open_tensors
+    from tensorize_vllm_model import TensorizerConfig, open_tensors
     from tensorize_vllm_model.convert.partial_read import Part, read_parts
-    from tensorize_vllm_model.convert.placement import TensorShape, rank_reads
+    from tensorize_vllm_model.convert.placement import rank_reads
 
-    with open_tensors(path) as reader:
+    tc = TensorizerConfig(tensorizer_uri=path, encryption_keyfile=key)
+    with open_tensors(path, config=tc) as reader:
         t = reader.record.transposed
-        index = reader.index
-        shapes = [
-            TensorShape(
-                e.name,
-                tuple(reversed(e.shape)) if e.name in t else e.shape,
-                e.bytes // max(1, _numel(e.shape)),
-                e.name in t,
-            )
-            for e in reader.entries()
-        ]
+        index, entries = reader.index, {e.name: e for e in reader.entries()}
+        shapes = _stored_shapes(reader)
+        ciphers = {}
+        if key:
+            from tensorize_vllm_model.tensor_decryption import ciphers as find
+
+            names = list(index)
+            found = find(path, [index[n] for n in names], reader.header_deserializer)
+            ciphers = dict(zip(names, found))
     reads = rank_reads(shapes, config, tp, rank)
     share = sum(r.stop - r.start for r in reads)
+    parts = []
+    for r in reads:  # parameters first (the rank's share, made before any read)
+        stored = getattr(torch, entries[r.name].dtype)
+        dtype = torch.float16 if mode == "cast" and stored.is_floating_point else stored
+        shape = entries[r.name].shape
+        row = shape[-1] if r.name in t else 0
+        n = (r.stop - r.start) // stored.itemsize
+        target = torch.zeros(row, n // row, dtype=dtype) if row else torch.zeros(n, dtype=dtype)
+        targets = ((r.start, r.stop, target),)
+        parts.append(
+            Part(r.name, index[r.name], r.start, r.stop, ciphers.get(r.name), targets, stored, row)
+        )
     before = _status("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM restarts from VmRSS now
-    parameters = torch.zeros(share, dtype=torch.uint8)
-    parts, places, at = [], [], 0
-    for r in reads:  # as the loader: straight into the parameters unless stored transposed
-        block = parameters[at : at + r.stop - r.start]
-        direct = () if r.name in t or not direct_reads else ((r.start, r.stop, block),)
-        parts.append(Part(r.name, index[r.name], r.start, r.stop, targets=direct))
-        places.append(block)
-        at += r.stop - r.start
-    places.reverse()
-    for part, buffer in read_parts(path, parts, threads=2):  # (zip would hold the last one)
-        block = places.pop()
-        if buffer is not None:  # vLLM's weight loader copies it into the parameter
-            block.copy_(buffer[part.start : part.stop])
-        del buffer
+    for _, buffer in read_parts(path, parts, threads=2):
+        assert buffer is None  # every part went into its parameter
     peak = _status("VmHWM")
     return {
         "share_gb": share / 1e9,
         "added_peak_gb": (peak - before) / 1e9,
-        "ratio": (peak - before) / share,
+        "ratio": (peak - before + share) / share,
     }
 
 
-def rss_vs_share(tensors_path: str, config: dict) -> dict:
-    """`rank_rss` of every rank at TP=1 and TP=2, each in its own process, as the loader
-    reads and with every part buffered."""
+def rss_vs_share(tensors_path: str, config: dict, encrypted: tuple[str, str]) -> dict:
+    """`rank_rss` of every rank at TP=1 and TP=2, each in its own process: plain, cast and
+    encrypted (`encrypted`: the encrypted file and its key)."""
     bench = os.path.dirname(os.path.abspath(__file__))
     result = {}
-    for direct in (True, False):
+    for mode in ("plain", "cast", "encrypted"):
+        path, key = encrypted if mode == "encrypted" else (tensors_path, None)
         for tp in (1, 2):
             for rank in range(tp):
                 code = RSS_CHILD.format(
                     bench=bench,
-                    path=tensors_path,
+                    path=path,
                     tp=tp,
                     rank=rank,
                     config=json.dumps(config),
-                    direct=direct,
+                    mode=mode,
+                    key=key,
                 )
                 out = subprocess.run(
                     [sys.executable, "-c", code], check=True, capture_output=True, text=True
                 ).stdout
-                key = f"tp{tp}_rank{rank}" + ("" if direct else "_all_buffered")
-                result[key] = json.loads(out.strip().splitlines()[-1])
-                log(f"  [rss] {key}: {result[key]}")
+                name = f"tp{tp}_rank{rank}_{mode}"
+                result[name] = json.loads(out.strip().splitlines()[-1])
+                log(f"  [rss] {name}: {result[name]}")
     return result
+
+
+def encrypted_copy(files: dict) -> tuple[str, str]:
+    """The checkpoint converted once more, encrypted with a new key: (file, key file)."""
+    from tensorize_vllm_model.convert import convert_checkpoint
+
+    out, key = WORK / "convert-enc", WORK / "convert-enc.key"
+    shutil.rmtree(out, ignore_errors=True)
+    key.unlink(missing_ok=True)
+    result = convert_checkpoint(files["model_dir"], str(out), suffix="v1", keyfile=str(key))
+    return result.tensors_uri, str(key)
 
 
 def plan_ratios(tensors_path: str, config: dict) -> dict:
     """The largest share of the file any rank reads, from the read plan, per TP size."""
     from tensorize_vllm_model import open_tensors
-    from tensorize_vllm_model.convert.placement import TensorShape, rank_reads
+    from tensorize_vllm_model.convert.placement import rank_reads
 
     with open_tensors(tensors_path) as reader:
-        t = reader.record.transposed
-        shapes = [
-            TensorShape(
-                e.name,
-                tuple(reversed(e.shape)) if e.name in t else e.shape,
-                e.bytes // max(1, _numel(e.shape)),
-                e.name in t,
-            )
-            for e in reader.entries()
-        ]
+        shapes = _stored_shapes(reader)
     total = sum(s.bytes for s in shapes)
     return {
         f"tp{tp}": max(
@@ -310,6 +370,9 @@ def engines(files: dict, converted: str, repeats: int, only: str = "") -> dict:
     }
 
 
+SECTIONS = ("convert", "plan", "rss", "engines")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-gb", type=float, default=1.5)
@@ -317,7 +380,8 @@ def main() -> None:
     parser.add_argument(
         "--out",
         default="convert-latest.json",
-        help="File name of the results under benchmarks/results/.",
+        help="File name of the results under benchmarks/results/ (sections run now replace "
+        "those already there).",
     )
     parser.add_argument(
         "--only", default="", help="With --engines: only the loads whose label contains this."
@@ -325,38 +389,61 @@ def main() -> None:
     parser.add_argument(
         "--engines", action="store_true", help="Also load through vLLM (several engine start-ups)."
     )
+    parser.add_argument(
+        "--sections",
+        default="convert,plan,rss",
+        help=f"Comma-separated, of {', '.join(SECTIONS)} (--engines adds engines).",
+    )
     args = parser.parse_args()
+    sections = set(args.sections.split(",")) | ({"engines"} if args.engines else set())
     files = prepare(args.size_gb)
     config = json.loads(open(os.path.join(files["model_dir"], "config.json")).read())
-    results = {
-        "size_gb": args.size_gb,
-        "targets": TARGETS,
-        "convert": convert_vs_copy(files, args.repeats),
-    }
+    path = RESULTS / args.out
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results.update({"size_gb": args.size_gb, "targets": TARGETS})
     converted = str(WORK / "convert-out" / "vllm" / "hf" / "v1")
-    results["read_plan_share"] = plan_ratios(converted + "/model.tensors", config)
-    results["rank_rss"] = rss_vs_share(converted + "/model.tensors", config)
-    if args.engines:
+    if "convert" in sections:
+        results["convert"] = convert_vs_copy(files, args.repeats)
+    if not os.path.exists(converted + "/model.tensors"):  # the file the other sections read
+        from tensorize_vllm_model.convert import convert_checkpoint
+
+        convert_checkpoint(files["model_dir"], str(WORK / "convert-out"), suffix="v1")
+    results["file_gb"] = os.path.getsize(converted + "/model.tensors") / 1e9
+    if "plan" in sections:
+        results["read_plan_share"] = plan_ratios(converted + "/model.tensors", config)
+    if "rss" in sections:
+        results["rank_rss"] = rss_vs_share(
+            converted + "/model.tensors", config, encrypted_copy(files)
+        )
+    if "engines" in sections:
         results["engines"] = engines(files, converted, args.repeats, args.only)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / args.out).write_text(json.dumps(results, indent=2) + "\n")
-    c = results["convert"]
-    print(
-        f"convert {c['convert']['median']:.2f} GB/s vs copy {c['copy']['median']:.2f} GB/s "
-        f"({c['ratio']:.2f}; target >= {TARGETS['convert_vs_copy']})"
-    )
-    cpu = c["cpu_seconds_per_gb"]
-    print(
-        f"CPU-s per GB: convert {cpu['convert']['median']:.2f}, copy "
-        f"{cpu['copy']['median']:.2f}; one core: "
-        + ", ".join(f"{k} {v:.2f} GB/s" for k, v in c["one_core_gb_per_s"].items())
-    )
-    for key, r in results["rank_rss"].items():
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    report(results)
+
+
+def report(results: dict) -> None:
+    c = results.get("convert")
+    if c:
+        print(
+            f"convert {c['convert']['median']:.2f} GB/s vs the disk's copy "
+            f"{c['disk_copy']['median']:.2f} GB/s ({c['ratio']:.2f}; target >= "
+            f"{TARGETS['convert_vs_copy']}); a page-cache copy {c['page_cache_copy']['median']:.2f}"
+            f" GB/s ({c['ratio_vs_page_cache_copy']:.2f})"
+        )
+        cpu = c["cpu_seconds_per_gb"]
+        print(
+            "CPU-s per GB: "
+            + ", ".join(f"{m} {v['median']:.2f}" for m, v in cpu.items())
+            + "; one core: "
+            + ", ".join(f"{k} {v:.2f} GB/s" for k, v in c["one_core_gb_per_s"].items())
+        )
+    for key, r in results.get("rank_rss", {}).items():
         print(
             f"rank memory {key}: {r['added_peak_gb']:.3f} GB at peak for a share of "
             f"{r['share_gb']:.3f} GB ({r['ratio']:.2f}; target <= {TARGETS['rss_vs_share']})"
         )
-    for tp, share in results["read_plan_share"].items():
+    for tp, share in results.get("read_plan_share", {}).items():
         print(f"read plan {tp}: the busiest rank reads {share:.3f} of the file")
 
 

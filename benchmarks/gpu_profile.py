@@ -18,7 +18,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import run  # noqa: E402
 
-from tensorize_vllm_model import local_read, open_tensors  # noqa: E402
+from tensorize_vllm_model import open_tensors  # noqa: E402
+from tensorize_vllm_model.read import local as local_read  # noqa: E402
 
 files = run.prepare(float(sys.argv[1]) if len(sys.argv) > 1 else 1.5)
 path = files["tensors"]
@@ -76,7 +77,7 @@ for mib in (8, 64):
     del pinned
     plain = torch.empty(mib << 20, dtype=torch.uint8)
     start = time.perf_counter()
-    local_read._populate(plain.data_ptr(), plain.numel())
+    local_read.populate(plain.data_ptr(), plain.numel())
     populated = time.perf_counter()
     status = cudart.cudaHostRegister(plain.data_ptr(), plain.numel(), 0)
     registered = time.perf_counter()
@@ -89,7 +90,7 @@ for mib in (8, 64):
     del plain
 
 with open_tensors(path, device="cuda:0") as reader:
-    spans = reader._spans(None)
+    spans = local_read.LocalEngine(path).spans(reader.file)
 
 # The pipeline, instrumented: the same steps as local_read._Staged.read.
 timers = {}

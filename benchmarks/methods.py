@@ -50,7 +50,7 @@ def peak_rss() -> int:
 def _meta_model(model_dir: str, device: str = "cpu"):
     import transformers
 
-    from tensorize_vllm_model.streaming import meta_parameters
+    from tensorize_vllm_model.modules import meta_parameters
 
     config = transformers.AutoConfig.from_pretrained(model_dir)
     with torch.device(device), meta_parameters(device):
@@ -110,11 +110,12 @@ def decrypt_ceiling(path: str, keyfile: str, threads: int = 2, **_):
     the clock; then `threads` threads check and decrypt them in place, chunk by chunk, with
     the calls our loader makes (tensorizer's libsodium bindings)."""
 
-    from tensorize_vllm_model import TensorizerConfig, local_read, open_tensors
+    from tensorize_vllm_model import TensorizerConfig, open_tensors
+    from tensorize_vllm_model.read import local as local_read
 
     config = TensorizerConfig(tensorizer_uri=path, encryption_keyfile=keyfile)
     with open_tensors(path, config=config) as reader:
-        spans = reader._spans(None)
+        spans = local_read.LocalEngine(path).spans(reader.file)
     tensors = local_read.read_spans(path, [dataclasses.replace(s, cipher=None) for s in spans], 8)
     chunks = [
         (memoryview(t.reshape(-1).view(torch.uint8).numpy()), s.cipher, at)
@@ -168,7 +169,8 @@ def ours(
     staging_mb: int | None = None,
     **_,
 ):
-    from tensorize_vllm_model import TensorizerConfig, load_into_module, local_read, open_tensors
+    from tensorize_vllm_model import TensorizerConfig, load_into_module, open_tensors
+    from tensorize_vllm_model.read import local as local_read
 
     if staging_mb:
         local_read.STAGING_BYTES = staging_mb << 20
@@ -367,11 +369,12 @@ def _preload() -> None:
     import safetensors.torch  # noqa: F401
     import tensorizer  # noqa: F401
 
-    import tensorize_vllm_model.local_read  # noqa: F401
+    import tensorize_vllm_model.modules  # noqa: F401
+    import tensorize_vllm_model.read.decrypt  # noqa: F401
+    import tensorize_vllm_model.read.local  # noqa: F401
+    import tensorize_vllm_model.read.reader  # noqa: F401
     import tensorize_vllm_model.storage.http  # noqa: F401
     import tensorize_vllm_model.storage.s3  # noqa: F401
-    import tensorize_vllm_model.streaming  # noqa: F401
-    import tensorize_vllm_model.tensor_decryption  # noqa: F401
 
     for optional in (
         "transformers",

@@ -70,8 +70,8 @@ def prepare(size_gb: float) -> dict[str, str]:
     from demo_models import build_model
 
     from tensorize_vllm_model.format.record import FileRecord
+    from tensorize_vllm_model.format.writer import write_tensors
     from tensorize_vllm_model.keys import generate_key, stage_key
-    from tensorize_vllm_model.serialization import write_tensors
 
     work = WORK / f"model-{size_gb:g}gb"
     files = {
@@ -201,10 +201,10 @@ def log_run(where: str, label: str, repeat: int, result: dict) -> None:
 
 def read_times(result: dict) -> str:
     """Where our loader's reader threads spent their time in one run, as the loader says
-    it (`local_read.ReadTimes`), when it does."""
+    it (`read.base.ReadTimes`), when it does."""
     if not result.get("read_times"):
         return ""
-    from tensorize_vllm_model.local_read import ReadTimes
+    from tensorize_vllm_model.read.base import ReadTimes
 
     return f" ({ReadTimes(**result['read_times'])})"
 

@@ -91,7 +91,7 @@ class FakeEngine(Engine):
 
         from tensorize_vllm_model import storage
         from tensorize_vllm_model.format.record import FileRecord
-        from tensorize_vllm_model.serialization import write_tensors
+        from tensorize_vllm_model.format.writer import write_tensors
 
         self.calls.append(method)
         if method == "tensorize_vllm_model_save":

@@ -26,7 +26,7 @@ def tensors_file(tmp_path_factory):
     import torch
 
     from tensorize_vllm_model.format.record import FileRecord
-    from tensorize_vllm_model.serialization import write_tensors
+    from tensorize_vllm_model.format.writer import write_tensors
 
     path = tmp_path_factory.mktemp("cli") / "model.tensors"
     write_tensors(str(path), [("w", torch.ones(2, 2), False)], record=FileRecord()).commit()

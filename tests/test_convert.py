@@ -109,6 +109,53 @@ def test_bin_checkpoint_and_dtype(tiny_opt, tmp_path):
     assert torch.equal(tensors[name].t(), state[name].float())
 
 
+def _copy_checkpoint(source, target, config_changes, tensors=None):
+    """A copy of checkpoint `source` in `target`, its config.json changed, its weights
+    replaced by `tensors` when given."""
+    from safetensors.torch import save_file
+
+    target.mkdir()
+    for name in os.listdir(source):
+        if not name.endswith(".safetensors"):
+            (target / name).write_bytes((source / name).read_bytes())
+    config = json.loads((source / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps({**config, **config_changes}))
+    state = tensors if tensors is not None else load_file(str(source / "model.safetensors"))
+    save_file(state, str(target / "model.safetensors"))
+    return state
+
+
+def test_dtype_auto_records_the_tensors_dtype_not_the_configs(tiny_llama, tmp_path):
+    # config.json says float32, the tensors are bfloat16: the record names what is stored
+    source = tmp_path / "says-f32"
+    _copy_checkpoint(tiny_llama, source, {"torch_dtype": "float32"})
+    result = convert_checkpoint(str(source), str(tmp_path / "out"), suffix="a")
+    with open_tensors(result.tensors_uri) as reader:
+        assert reader.record.dtype == "bfloat16"
+
+
+def test_fp8_weights_without_a_quantization_config_are_refused(tiny_llama, tmp_path):
+    from tensorize_vllm_model.errors import ConfigError
+
+    state = load_file(str(tiny_llama / "model.safetensors"))
+    name = "model.layers.0.mlp.down_proj.weight"
+    state[name] = state[name].to(torch.float8_e4m3fn)
+    source = tmp_path / "fp8"
+    _copy_checkpoint(tiny_llama, source, {}, state)
+    with pytest.raises(ConfigError, match=f"tensor {name} is float8_e4m3fn but config.json "):
+        convert_checkpoint(str(source), str(tmp_path / "out"), suffix="a")
+    assert not (tmp_path / "out").exists()
+    # with its quantization_config it converts, every dtype kept; a cast is refused
+    quantized = tmp_path / "fp8-quantized"
+    _copy_checkpoint(source, quantized, {"quantization_config": {"quant_method": "fp8"}})
+    with pytest.raises(ConfigError, match="--dtype float16: .* quantized checkpoint"):
+        convert_checkpoint(str(quantized), str(tmp_path / "out"), suffix="a", dtype="float16")
+    result = convert_checkpoint(str(quantized), str(tmp_path / "out"), suffix="a")
+    with open_tensors(result.tensors_uri) as reader:
+        assert reader.record.dtype == "bfloat16+float8_e4m3fn"
+        assert dict(reader.items())[name].dtype == torch.float8_e4m3fn
+
+
 def test_missing_shard_is_named_and_nothing_is_written(tiny_llama, tmp_path):
     source = tmp_path / "sharded"
     source.mkdir()
@@ -267,9 +314,9 @@ def test_copy_watch_records_what_a_weight_loader_copies():
 def test_partial_reads_read_only_the_range(tmp_path, encrypted):
     from tensorize_vllm_model import TensorizerConfig
     from tensorize_vllm_model.format.record import FileRecord
+    from tensorize_vllm_model.format.writer import write_tensors
     from tensorize_vllm_model.keys import generate_key, write_key
-    from tensorize_vllm_model.serialization import write_tensors
-    from tensorize_vllm_model.tensor_decryption import ciphers
+    from tensorize_vllm_model.read.decrypt import ciphers
 
     weight = torch.arange(5 * 2**20 // 4 * 4, dtype=torch.float32).reshape(-1, 1024)  # 20 MiB
     key = generate_key() if encrypted else None
@@ -292,6 +339,20 @@ def test_partial_reads_read_only_the_range(tmp_path, encrypted):
         assert stats.bytes == 4 << 20 and part.span == (2 << 20, 6 << 20)
     else:
         assert stats.bytes == 500 * row
+    # Into the parameters, with no buffer of the part: cast (float32 -> float64, as
+    # copy_ does), and of a tensor stored transposed, its stored rows into columns.
+    cast = torch.empty(500, 1024, dtype=torch.float64)
+    columns = torch.empty(1024, 500, dtype=torch.float32)
+    lo, hi = 1000 * row, 1500 * row
+    parts = [
+        Part("w", entry, lo, hi, cipher, ((lo, hi, cast),), torch.float32),
+        Part("w", entry, lo, hi, cipher, ((lo, hi, columns),), torch.float32, row=1024),
+    ]
+    stats = PartsRead()
+    assert [b for _, b in read_parts(path, parts, threads=2, stats=stats)] == [None, None]
+    assert torch.equal(cast, weight[1000:1500].double())
+    assert torch.equal(columns, weight[1000:1500].t())
+    assert stats.bytes == (8 << 20 if key else 2 * 500 * row)
 
 
 def test_layout_the_model_does_not_allow():
@@ -337,11 +398,10 @@ def test_a_converted_load_reports_the_bytes_of_its_share(converted):
 
 
 def test_batched_write_groups_and_hands_on_errors(tmp_path):
-    """`batched_write`: batches of at least the batch size, in order; an error of the tensor
+    """`format.writer`: batches of at least the batch size, in order; an error of the tensor
     source (raised on the prefetch thread) reaches the caller and nothing is published."""
-    from tensorize_vllm_model.batched_write import batches
     from tensorize_vllm_model.format.record import FileRecord
-    from tensorize_vllm_model.serialization import write_tensors
+    from tensorize_vllm_model.format.writer import batches, write_tensors
 
     tensors = [(f"t{i}", torch.zeros(i + 1, dtype=torch.uint8)) for i in range(5)]
     assert [[n for n, _ in g] for g in batches(tensors, 3)] == [
@@ -428,6 +488,12 @@ def test_convert_writes_a_new_key_where_no_file_is(
     assert len(key.read_bytes()) == 32 and key.stat().st_mode & 0o777 == 0o600
     tensors = tmp_path / "out" / "vllm" / "tiny-llama" / "k" / "model.tensors"
     assert "model.norm.weight" in _decrypted(tensors, key)
+    # without the key the record stays encrypted, and inspect says so (not "not recorded")
+    assert main(["inspect", str(tensors)]) == 0
+    out = capsys.readouterr().out
+    assert "parallel layout: unknown (the file's record is encrypted: give --keyfile)" in out
+    assert main(["inspect", str(tensors), "--keyfile", str(key)]) == 0
+    assert "parallel layout: any (checkpoint form" in capsys.readouterr().out
 
 
 def test_convert_refuses_a_file_that_is_not_a_key_before_writing(
@@ -481,3 +547,29 @@ def test_converted_reader_checks_hashes_of_whole_tensors(converted, tmp_path, ve
                 list(file.tensors(parts, PartsRead()))
         else:
             assert [n for n, _ in file.tensors(parts, PartsRead())] == [name]
+
+
+def test_a_transposed_weight_goes_into_its_parameter_cast_without_a_buffer(converted, tiny_llama):
+    """As vLLM's row-parallel weight loader at TP=2, rank 1 (narrow the input dimension,
+    copy into a float32 parameter): the stored rows of the transposed weight go into the
+    parameter's columns, cast piece by piece; nothing is handed back to load_weights."""
+    from tensorize_vllm_model import TensorizerConfig
+    from tensorize_vllm_model.convert.loading import ConvertedFile
+
+    name = "model.layers.1.self_attn.o_proj.weight"
+    original = load_file(str(tiny_llama / "model.safetensors"))[name]
+    out, inputs = original.shape
+    path = str(converted / "model.tensors")
+    parameter = torch.empty(out, inputs // 2, dtype=torch.float32)
+    with open_tensors(path) as reader:
+        file = ConvertedFile(reader, path, TensorizerConfig(tensorizer_uri=path), threads=2)
+        watch = CopyWatch()
+        with watch:
+            stored = watch.meta_input(name, file.logical_shape(name), torch.bfloat16)
+            parameter.copy_(stored.narrow(1, inputs // 2, inputs // 2))
+        [part] = file.parts(watch.needs)
+        assert part.row == out and [t for _, _, t in part.targets] == [parameter]
+        read = PartsRead()
+        assert list(file.tensors([part], read)) == []  # load_weights gets nothing back
+    assert torch.equal(parameter, original[:, inputs // 2 :].float())
+    assert read.bytes == original.numel() // 2 * 2  # rank 1's half of the bfloat16 bytes

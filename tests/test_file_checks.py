@@ -34,10 +34,10 @@ from tensorize_vllm_model import (
 from tensorize_vllm_model.cli import main
 from tensorize_vllm_model.errors import CorruptTensorError
 from tensorize_vllm_model.format.record import FileRecord
+from tensorize_vllm_model.format.writer import write_tensors
 from tensorize_vllm_model.inspection import inspect_tensors, verify_tensors
 from tensorize_vllm_model.keys import generate_key, write_key
-from tensorize_vllm_model.serialization import write_tensors
-from tensorize_vllm_model.streaming import meta_parameters
+from tensorize_vllm_model.modules import meta_parameters
 
 
 class Small(torch.nn.Module):

@@ -19,7 +19,7 @@ from test_atomic_writes import FakeEngine, engine_args, fake_engine  # noqa: F40
 
 from tensorize_vllm_model import EncryptionError, StorageError, TensorizerConfig, storage
 from tensorize_vllm_model.keys import generate_key, prepare_key, stage_key, write_key
-from tensorize_vllm_model.streaming import open_tensors
+from tensorize_vllm_model.read.reader import open_tensors
 
 S3 = {"s3_access_key_id": "testing", "s3_secret_access_key": "testing", "force_http": True}
 

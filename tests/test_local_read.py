@@ -14,10 +14,10 @@ from tensorize_vllm_model import (
     TensorizeError,
     TensorizerConfig,
     load_into_module,
-    local_read,
     open_tensors,
 )
 from tensorize_vllm_model.errors import CorruptTensorError
+from tensorize_vllm_model.read import local as local_read
 
 
 def tensors() -> dict[str, torch.Tensor]:
@@ -100,7 +100,7 @@ def test_populate_is_available_on_linux():
     if os.uname().sysname != "Linux":
         pytest.skip("MADV_POPULATE_WRITE is Linux-only")
     memory = torch.empty(1 << 20, dtype=torch.uint8)
-    local_read._populate(memory.data_ptr(), memory.numel())
+    local_read.populate(memory.data_ptr(), memory.numel())
     # Either the call worked, or this kernel refused it and the loader stopped asking.
     assert local_read._madvise is False or callable(local_read._madvise)
 
@@ -142,7 +142,7 @@ def test_hash_checks_in_our_reads(path, tmp_path, monkeypatch):
     assert_same(read_ours(path, verify_hash=True), tensors())
     data = bytearray(open(path, "rb").read())
     with open_tensors(path, header_only=True) as reader:
-        name, entry = [(n, e) for n, e in reader._index() if e.data_length > 1][-1]
+        name, entry = [(n, e) for n, e in reader.index.items() if e.data_length > 1][-1]
     data[entry.data_offset + entry.data_length - 1] ^= 0x01
     bad = tmp_path / "bad.tensors"
     bad.write_bytes(bytes(data))
@@ -167,8 +167,8 @@ def encrypted_tensors() -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def encrypted(tmp_path_factory):
     from tensorize_vllm_model.format.record import FileRecord
+    from tensorize_vllm_model.format.writer import write_tensors
     from tensorize_vllm_model.keys import generate_key, write_key
-    from tensorize_vllm_model.serialization import write_tensors
 
     folder = tmp_path_factory.mktemp("encrypted")
     keyfile, other = str(folder / "k.key"), str(folder / "other.key")
@@ -214,7 +214,7 @@ def test_encrypted_files_are_decrypted_by_our_readers(encrypted, readers, monkey
 
 
 def test_encrypted_reads_match_tensorizers_reader(encrypted, monkeypatch):
-    from tensorize_vllm_model import tensor_decryption
+    from tensorize_vllm_model.read import decrypt as tensor_decryption
 
     path, keyfile, _ = encrypted
     ours = read_ours(path, encryption_keyfile=keyfile)
@@ -228,7 +228,7 @@ def test_encrypted_staged_reads(encrypted, monkeypatch):
     path, keyfile, _ = encrypted
     monkeypatch.setattr(local_read, "STAGING_BYTES", 4096)  # smaller than a chunk
     with open_encrypted(path, keyfile) as reader:
-        spans = reader._spans(None)
+        spans = local_read.LocalEngine(path).spans(reader.file)
     got = local_read.read_spans(path, spans, 2, staged=True)
     assert_same({span.name: tensor for span, tensor in zip(spans, got)}, encrypted_tensors())
     with open(keyfile, "rb") as f:
@@ -251,7 +251,7 @@ def test_a_wrong_key_is_named_with_the_file(encrypted):
 def test_a_changed_byte_fails_its_check(encrypted, tmp_path, where):
     path, keyfile, _ = encrypted
     with open_encrypted(path, keyfile) as reader:
-        entry = dict(reader._index())["big"]
+        entry = dict(reader.index.items())["big"]
     data = bytearray(open(path, "rb").read())
     at = {
         "first chunk": entry.data_offset + 5,
@@ -277,7 +277,7 @@ def test_changed_bytes_in_encrypted_headers_never_crash(encrypted, tmp_path):
 
     path, keyfile, _ = encrypted
     with open_encrypted(path, keyfile) as reader:
-        regions = [range(e.offset, e.data_offset) for _, e in reader._index()]
+        regions = [range(e.offset, e.data_offset) for _, e in reader.index.items()]
     data = open(path, "rb").read()
     rnd = random.Random(11)
     bad = tmp_path / "flipped.tensors"
@@ -297,7 +297,7 @@ def test_changed_bytes_in_encrypted_headers_never_crash(encrypted, tmp_path):
 
 def read_staged(path, readers, device="cpu", **kwargs) -> dict[str, torch.Tensor]:
     with open_tensors(path) as reader:
-        spans = reader._spans(None)
+        spans = local_read.LocalEngine(path).spans(reader.file)
     got = local_read.read_spans(path, spans, readers, device=device, staged=True, **kwargs)
     return {span.name: tensor for span, tensor in zip(spans, got)}
 
@@ -327,7 +327,7 @@ def test_staged_reads_through_reused_buffers(path, readers, staging, monkeypatch
 def test_staged_read_of_a_file_cut_short(path, monkeypatch):
     monkeypatch.setattr(local_read, "STAGING_BYTES", 8192)
     with open_tensors(path) as reader:
-        spans = reader._spans(None)
+        spans = local_read.LocalEngine(path).spans(reader.file)
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) - 100)
     with pytest.raises(FormatError, match=r"truncated: tensor later ends past the end"):

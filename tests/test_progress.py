@@ -20,9 +20,9 @@ from conftest import ROOT, subprocess_env
 
 from tensorize_vllm_model import load_into_module, open_tensors
 from tensorize_vllm_model.format.record import FileRecord
+from tensorize_vllm_model.format.writer import write_tensors
+from tensorize_vllm_model.modules import meta_parameters
 from tensorize_vllm_model.progress import progress
-from tensorize_vllm_model.serialization import write_tensors
-from tensorize_vllm_model.streaming import meta_parameters
 
 GB = 1_000_000_000
 
@@ -233,7 +233,7 @@ def test_resize_sets_the_total_the_bar_and_lines_count_to(caplog):
 CONVERT = (
     "import sys, tensorize_vllm_model.progress as p; "
     "p.MIN_BYTES = 0; p.LOG_EVERY = {every}; "
-    "import tensorize_vllm_model.batched_write as b; b.BATCH_BYTES = 1 << 20; "
+    "import tensorize_vllm_model.format.writer as b; b.BATCH_BYTES = 1 << 20; "
     "sys.modules['vllm'] = None; "
     "from tensorize_vllm_model.cli import main; sys.exit(main(sys.argv[1:]))"
 )

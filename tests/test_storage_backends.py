@@ -28,9 +28,9 @@ from tensorize_vllm_model import (
     storage,
 )
 from tensorize_vllm_model.format.record import FileRecord
+from tensorize_vllm_model.format.writer import write_tensors
 from tensorize_vllm_model.keys import generate_key
-from tensorize_vllm_model.serialization import write_tensors
-from tensorize_vllm_model.streaming import meta_parameters
+from tensorize_vllm_model.modules import meta_parameters
 
 
 @dataclass

@@ -14,9 +14,9 @@ from tensorize_vllm_model import (
     open_tensors,
 )
 from tensorize_vllm_model.format.record import FileRecord
+from tensorize_vllm_model.format.writer import write_tensors
 from tensorize_vllm_model.keys import generate_key, write_key
-from tensorize_vllm_model.serialization import write_tensors
-from tensorize_vllm_model.streaming import meta_parameters
+from tensorize_vllm_model.modules import meta_parameters
 
 
 class Tiny(torch.nn.Module):
@@ -219,7 +219,7 @@ def test_staged_tensors_absent_until_commit(tmp_path, source):
 
 
 def test_default_reader_counts(monkeypatch):
-    from tensorize_vllm_model.streaming import default_num_readers
+    from tensorize_vllm_model.read.reader import default_num_readers
 
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     assert default_num_readers("/m/model.tensors", "cuda:0") == 4

@@ -308,7 +308,7 @@ def test_a_one_rank_serialized_file_is_not_shared_between_ranks(llama_bf16, tmp_
 
     from tensorize_vllm_model.errors import LayoutError
     from tensorize_vllm_model.format.record import FileRecord
-    from tensorize_vllm_model.serialization import write_tensors
+    from tensorize_vllm_model.format.writer import write_tensors
     from tensorize_vllm_model.vllm_integration.registration import check_engine_files
 
     directory = tmp_path / "serialized-tp1"

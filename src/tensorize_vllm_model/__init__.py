@@ -34,8 +34,10 @@ from .errors import (  # noqa: E402
 )
 
 if TYPE_CHECKING:  # the lazy names below, for type checkers
+    from .modules import load_into_module
+    from .read.checks import is_vllm_tensorized
+    from .read.reader import open_tensors
     from .serialization import tensorize_vllm_model
-    from .streaming import is_vllm_tensorized, load_into_module, open_tensors
     from .vllm_api import (
         MetaTensorMode,
         is_valid_deserialization_uri,
@@ -103,10 +105,10 @@ __all__ = [
 
 _LAZY = {
     "tensorize_vllm_model": "serialization",
-    "is_vllm_tensorized": "streaming",
+    "is_vllm_tensorized": "read.checks",
     "tensorized_lora_request": "vllm_integration.module_api",
-    "open_tensors": "streaming",
-    "load_into_module": "streaming",
+    "open_tensors": "read.reader",
+    "load_into_module": "modules",
     **_VLLM_NAMES,
 }
 

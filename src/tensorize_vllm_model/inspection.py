@@ -19,10 +19,10 @@ from . import storage
 from .config import TensorizerConfig, as_tensorizer_config
 from .errors import CorruptTensorError, EncryptionError
 from .format.names import has_rank_template
-from .format.record import ParallelLayout
+from .format.record import MARKER_NAME, RECORD_NAME, ParallelLayout
 from .plan import resolve_read
 from .progress import progress
-from .streaming import TensorEntry, open_tensors
+from .read.reader import TensorEntry, open_tensors
 
 __all__ = ["FileReport", "VerifyReport", "inspect_tensors", "verify_tensors", "shard_uris"]
 
@@ -41,6 +41,9 @@ class FileReport:
     vllm_tensorized: bool
     record: dict[str, Any] | None
     tensors: list[TensorEntry] = field(default_factory=list)
+    # the file holds a record (vLLM's marker or convert's own) that stays unread without
+    # the key: like every tensor of an encrypted file, it is encrypted
+    record_encrypted: bool = False
 
     @property
     def tensor_bytes(self) -> int:
@@ -54,6 +57,7 @@ class FileReport:
             "encrypted": self.encrypted,
             "vllm_tensorized": self.vllm_tensorized,
             "record": self.record,
+            "record_encrypted": self.record_encrypted,
             "tensor_count": len(self.tensors),
             "tensor_bytes": self.tensor_bytes,
             "tensors": [{**dataclasses.asdict(t), "shape": list(t.shape)} for t in self.tensors],
@@ -114,9 +118,20 @@ def inspect_tensors(uri: str, config: TensorizerConfig | None = None) -> list[Fi
                     vllm_tensorized=reader.is_vllm_tensorized,
                     record=dataclasses.asdict(reader.record) if reader.record else None,
                     tensors=reader.entries(),
+                    record_encrypted=_record_encrypted(reader),
                 )
             )
     return reports
+
+
+def _record_encrypted(reader: Any) -> bool:
+    """Whether the file has a record that could not be read for want of the key."""
+    header = reader.header_deserializer
+    return (
+        reader.record is None
+        and reader.encrypted
+        and any(name in header for name in (RECORD_NAME, MARKER_NAME))
+    )
 
 
 def verify_tensors(uri: str, config: TensorizerConfig | None = None) -> list[VerifyReport]:

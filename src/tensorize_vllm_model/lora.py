@@ -238,7 +238,7 @@ def stage_adapter(
     in transaction `tx`: its config and its weights as a tensorizer file (encrypted with
     `key`)."""
     from .format.record import FileRecord
-    from .serialization import write_tensors
+    from .format.writer import write_tensors
 
     config, tensors = read_adapter(source)
     target = adapter_uri(destination, name)
@@ -308,7 +308,7 @@ def _read_tensorized_adapter(
     uri: str, config: TensorizerConfig | None, name: str
 ) -> tuple[Any, dict[str, Any]]:
     """The adapter's config and its tensors (in CPU memory), errors naming the adapter."""
-    from .streaming import open_tensors
+    from .read.reader import open_tensors
 
     tensors_uri = storage.join(uri, ADAPTER_TENSORS)
     config = TensorizerConfig(

@@ -9,63 +9,25 @@ only when all of it has been written.
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
-import torch
 
 from . import __version__, interrupts, storage
 from .artifacts import resolve_model_files, stage_artifacts
 from .config import TensorizerConfig, as_tensorizer_config
-from .errors import ConfigError, StorageError
-from .format.record import MARKER_NAME, RECORD_NAME, FileRecord, ParallelLayout
-from .keys import EncryptionKey, encryption_params, prepare_key
+from .errors import ConfigError
+from .format.record import ParallelLayout
+from .format.writer import check_serialization_kwargs
+from .keys import EncryptionKey, prepare_key
 from .lora import prepare_adapters
 from .plan import WritePlan, resolve_write
 
 # How long a failed serialize waits for the workers to delete their temporary files.
 ABORT_SECONDS = 15.0
 
-__all__ = [
-    "StagedTensors",
-    "SerializeResult",
-    "write_tensors",
-    "check_serialization_kwargs",
-    "tensorize_vllm_model",
-]
-
-
-@dataclass
-class StagedTensors:
-    """A tensors file staged in a transaction, with what it holds.
-
-    `commit()` / `abort()` finish the transaction `write_tensors` opened for the file when
-    the caller gave none; a file staged in the caller's transaction is published with it.
-    """
-
-    staged: storage.StagedWrite
-    tensors: int = 0
-    bytes: int = 0
-    transaction: storage.Transaction | None = None
-
-    @property
-    def uri(self) -> str:
-        return self.staged.uri
-
-    def commit(self) -> None:
-        self._own().commit()
-
-    def abort(self) -> None:
-        self._own().rollback()
-
-    def _own(self) -> storage.Transaction:
-        if self.transaction is None:
-            raise RuntimeError(f"{self.uri} is published with the transaction it was staged in")
-        return self.transaction
+__all__ = ["SerializeResult", "tensorize_vllm_model"]
 
 
 @dataclass
@@ -81,153 +43,6 @@ class SerializeResult:
     keyfile: str | None = None
     # True when the key was already in `keyfile` (left unchanged); False for a new key.
     key_existing: bool = False
-
-
-def check_serialization_kwargs(kwargs: Mapping[str, Any]) -> None:
-    """Refuse, by name, keys that tensorizer's `TensorSerializer` does not take."""
-    from tensorizer import TensorSerializer
-
-    accepted = set(inspect.signature(TensorSerializer.__init__).parameters) - {"self", "file_obj"}
-    refused = {"encryption"}  # set by --keyfile
-    unknown = sorted(set(kwargs) - (accepted - refused))
-    if unknown:
-        raise ConfigError(
-            f"--serialization-kwargs: unknown or reserved key(s) {', '.join(map(repr, unknown))}; "
-            f"TensorSerializer takes {', '.join(sorted(accepted - refused))}"
-        )
-
-
-def write_tensors(
-    uri: str,
-    tensors: Iterable[tuple[str, torch.Tensor, bool]],
-    *,
-    record: FileRecord,
-    key: bytes | None = None,
-    serialization_kwargs: Mapping[str, Any] | None = None,
-    options: storage.Options = None,
-    on_bytes: Callable[[int], None] | None = None,
-    marker: bool = True,
-    batch_bytes: int | None = None,
-    tx: storage.Transaction | None = None,
-) -> StagedTensors:
-    """Write `tensors` to a file staged at `uri` in transaction `tx` (published after the
-    transaction's other files), or, without `tx`, in a transaction of its own that the
-    returned `StagedTensors.commit()` publishes.
-
-    Args:
-        uri: the final location of the file.
-        tensors: (name, tensor, is_buffer) triples, in the order to write them.
-        record: the file record, written first: as the bytes of vLLM's marker tensor (see
-            `layout`, so that vLLM's built-in loader reads the file too), or, with
-            ``marker=False``, as its own STATE_DICT tensor.
-        key: a 32-byte key to encrypt with, or None.
-        serialization_kwargs: extra keyword arguments for `TensorSerializer`.
-        options: how to reach remote storage (for an ``s3://`` URI), when no `tx` is given.
-        on_bytes: called with each tensor's size in bytes once it is written (progress.py).
-        marker: write vLLM's ``.vllm_tensorized_marker`` (files of vLLM's own parameters);
-            False for a checkpoint-form file (``convert``), which vLLM must not take for one.
-        batch_bytes: write the tensors in batches of about this many bytes, hashed in
-            parallel and prepared a batch ahead (`batched_write`), with tensorizer's
-            ``STATE_DICT`` type; None writes them one by one as ``PARAM``/``BUFFER``.
-        tx: the transaction to stage the file in.
-
-    Returns:
-        The staged file; nothing is at `uri` until its transaction commits.
-
-    Raises:
-        StorageError: the file cannot be written (named); nothing is left of it.
-    """
-    how: dict[str, Any] = dict(
-        record=record,
-        key=key,
-        serialization_kwargs=serialization_kwargs,
-        on_bytes=on_bytes,
-        marker=marker,
-        batch_bytes=batch_bytes,
-    )
-    if tx is not None:
-        return _write_staged(StagedTensors(tx.stage(uri, last=True)), tensors, **how)
-    own = storage.transaction(options)
-    try:
-        staged = _write_staged(StagedTensors(own.stage(uri, last=True)), tensors, **how)
-    except BaseException:
-        own.rollback()
-        raise
-    staged.transaction = own
-    return staged
-
-
-def _write_staged(
-    staged: StagedTensors,
-    tensors: Iterable[tuple[str, torch.Tensor, bool]],
-    *,
-    record: FileRecord,
-    key: bytes | None,
-    serialization_kwargs: Mapping[str, Any] | None,
-    on_bytes: Callable[[int], None] | None,
-    marker: bool,
-    batch_bytes: int | None,
-) -> StagedTensors:
-    """`write_tensors` into the temporary file of `staged`."""
-    from tensorizer import TensorSerializer
-    from tensorizer.serialization import TensorType
-
-    try:
-        with open(staged.staged.path, "wb+") as f:
-            serializer = TensorSerializer(
-                f,
-                encryption=encryption_params(key) if key is not None else None,
-                **dict(serialization_kwargs or {}),
-            )
-            # The record says whether the file is encrypted: set here, for every writer.
-            record = dataclasses.replace(record, encrypted=key is not None)
-            record_tensor = torch.frombuffer(bytearray(record.to_bytes()), dtype=torch.uint8)
-            if marker:
-                # vLLM's marker holds the record (see layout): vLLM's built-in loader reads it.
-                serializer.write_tensor(0, MARKER_NAME, TensorType.PARAM, record_tensor)
-            else:
-                # No marker (vLLM must not take the file for its own parameters): the record
-                # keeps its own STATE_DICT tensor, which this package reads.
-                serializer.write_tensor(0, RECORD_NAME, TensorType.STATE_DICT, record_tensor)
-            if batch_bytes is not None:
-                _write_batched(serializer, tensors, batch_bytes, staged, on_bytes)
-                tensors = ()
-            for index, (name, tensor, is_buffer) in enumerate(tensors, start=1):
-                kind = TensorType.BUFFER if is_buffer else TensorType.PARAM
-                serializer.write_tensor(index, name, kind, tensor)
-                staged.tensors += 1
-                staged.bytes += tensor.numel() * tensor.element_size()
-                if on_bytes is not None:
-                    on_bytes(tensor.numel() * tensor.element_size())
-            serializer.close()
-    except StorageError:
-        raise
-    except OSError as e:
-        raise StorageError(f"cannot write {staged.uri}: {e.strerror or e}") from e
-    return staged
-
-
-def _write_batched(
-    serializer: Any,
-    tensors: Iterable[tuple[str, torch.Tensor, bool]],
-    batch_bytes: int,
-    staged: StagedTensors,
-    on_bytes: Callable[[int], None] | None,
-) -> None:
-    from .batched_write import write_batches
-
-    def written(count: int, nbytes: int) -> None:
-        staged.tensors += count
-        staged.bytes += nbytes
-        if on_bytes is not None:
-            on_bytes(nbytes)
-
-    write_batches(
-        serializer,
-        ((name, tensor) for name, tensor, _ in tensors),
-        batch_bytes=batch_bytes,
-        on_batch=written,
-    )
 
 
 def tensorize_vllm_model(

@@ -128,11 +128,11 @@ def tensorizer_weights_iterator(
     package's `TensorizerArgs` or vLLM's.
 
     Raises:
-        StorageError, FormatError, EncryptionError: as `streaming.open_tensors`.
+        StorageError, FormatError, EncryptionError: as `read.reader.open_tensors`.
     """
     from .format.record import ParallelLayout
     from .plan import resolve_read
-    from .streaming import open_tensors
+    from .read.reader import open_tensors
 
     args = _as_args(tensorizer_args)
     plan = resolve_read(args.config, ParallelLayout())

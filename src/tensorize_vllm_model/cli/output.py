@@ -29,7 +29,7 @@ def _layout(report: Any, record: dict[str, Any]) -> str:
             f"TP={record['tensor_parallel_size']} x PP={record['pipeline_parallel_size']}"
             f", rank {record['rank']}"
         )
-    if report.encrypted and report.vllm_tensorized:
+    if report.encrypted and (report.vllm_tensorized or report.record_encrypted):
         return "unknown (the file's record is encrypted: give --keyfile)"
     return "not recorded"
 

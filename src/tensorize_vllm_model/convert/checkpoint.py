@@ -80,13 +80,15 @@ class Checkpoint:
         """The bytes of all tensors once floating-point ones are cast to `target` (None: as
         stored), from the headers (safetensors) or memory-mapped state dicts (``.bin``)."""
         total = 0
-        for dtype, numel in self._dtypes_and_sizes():
+        for _, dtype, numel in self.dtypes():
             if target is not None and dtype.is_floating_point:
                 dtype = target
             total += numel * dtype.itemsize
         return total
 
-    def _dtypes_and_sizes(self) -> Iterator[tuple[torch.dtype, int]]:
+    def dtypes(self) -> Iterator[tuple[str, torch.dtype, int]]:
+        """(name, dtype, element count) of every weight, in the order of `tensors`, from the
+        headers (safetensors) or memory-mapped state dicts (``.bin``): no data is read."""
         for path in self.files:
             if self.kind == "safetensors":
                 with _safe_open(path) as f:
@@ -95,10 +97,10 @@ class Checkpoint:
                         numel = 1
                         for d in piece.get_shape():
                             numel *= d
-                        yield _SAFETENSORS_DTYPES.get(piece.get_dtype(), torch.uint8), numel
+                        yield name, _SAFETENSORS_DTYPES.get(piece.get_dtype(), torch.uint8), numel
             else:
-                for _, tensor in _bin_items(path):
-                    yield tensor.dtype, tensor.numel()
+                for name, tensor in _bin_items(path):
+                    yield name, tensor.dtype, tensor.numel()
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) of every weight, file by file, each a CPU tensor (a view of the

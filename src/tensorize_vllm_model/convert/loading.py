@@ -8,10 +8,12 @@
 3. `ConvertedFile.tensors` reads only those ranges (`partial_read`) and hands each tensor
    to ``load_weights`` in its checkpoint shape (a transposed one as a transposed view), so
    vLLM's weight loaders narrow and copy it into the rank's parameters as from the
-   checkpoint itself. Where every copy of a tensor was plain bytes into a contiguous
-   parameter (or rows of one) of the same dtype, the bytes are read straight into the
-   parameter instead, and ``load_weights`` does not see that tensor again: everything
-   else its loader did (padding filled, ...) was already done in step 1.
+   checkpoint itself. Where every copy of a tensor was one byte range of it into a CPU
+   parameter of that size (a contiguous parameter or rows of one; of a transposed tensor,
+   columns of all its rows), the bytes go into the parameter instead (in place, or piece
+   by piece when decrypted, cast or transposed back: `partial_read`), and
+   ``load_weights`` does not see that tensor again: everything else its loader did
+   (padding filled, ...) was already done in step 1.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from .regions import CopyWatch, Need, box_byte_range
 
 if TYPE_CHECKING:
     from ..config import TensorizerConfig
-    from ..streaming import TensorReader
+    from ..read.reader import TensorReader
 
 __all__ = ["ConvertedFile"]
 
@@ -45,7 +47,7 @@ class ConvertedFile:
         self.entries = {e.name: e for e in reader.entries()}
         self.index = reader.index
         # verify_hash: tensorizer's hashes cover whole tensors, so each needed tensor is
-        # read whole (not only this rank's rows or columns) and checked (`tensor_hashes`).
+        # read whole (not only this rank's rows or columns) and checked (`format.hashes`).
         self.verify = bool(getattr(config, "verify_hash", False))
 
     def _dtype(self, name: str) -> torch.dtype:
@@ -81,28 +83,36 @@ class ConvertedFile:
                 start, stop = box_byte_range(
                     need.boxes, need.shape, self._dtype(name).itemsize, name in self.transposed
                 )
-            targets = (
-                () if cipher is not None or need.whole or self.verify else self._direct(name, need)
-            )
-            parts.append(Part(name, entry, start, stop, cipher, targets))
+            targets = () if need.whole or self.verify else self._direct(name, need)
+            row = self.logical_shape(name)[0] if name in self.transposed else 0
+            dtype = self._dtype(name)
+            parts.append(Part(name, entry, start, stop, cipher, targets, dtype, row))
         return parts
 
     def _direct(self, name: str, need: Need) -> tuple[tuple[int, int, torch.Tensor], ...]:
-        """Where every copy of the tensor is stored bytes -> a contiguous CPU tensor of the
-        same dtype and size (a parameter or its rows): read those bytes straight there,
-        with no buffer and no copy. Empty when any copy is not like that (a cast, a
-        transposed tensor, columns of a row-major one)."""
+        """Where every copy of the tensor is one byte range of it -> a CPU tensor of the
+        same size (a contiguous parameter or its rows; of a transposed tensor, columns
+        [c0, c1) of all its rows into a parameter of that shape): those bytes go straight
+        there (`partial_read`: read in place, or piece by piece through a small buffer when
+        decrypted, cast by ``copy_`` as the weight loader's copy would, or transposed back),
+        with no buffer of the whole part. Empty when any copy is not like that."""
         dtype = self._dtype(name)
+        transposed = name in self.transposed
         targets = []
         for box, destination in need.copies:
-            if (
-                name in self.transposed
-                or destination.dtype != dtype
-                or destination.device.type != "cpu"
-                or not destination.is_contiguous()
-            ):
+            if destination.device.type != "cpu":
                 return ()
-            lo, hi = box_byte_range([box], need.shape, dtype.itemsize, False)
+            if transposed:
+                rows = self.logical_shape(name)[0]
+                if (
+                    len(box) != 2
+                    or box[0] != (0, rows)
+                    or tuple(destination.shape) != (rows, box[1][1] - box[1][0])
+                ):
+                    return ()
+            elif not destination.is_contiguous():
+                return ()
+            lo, hi = box_byte_range([box], need.shape, dtype.itemsize, transposed)
             if hi - lo != destination.numel() * dtype.itemsize:
                 return ()
             targets.append((lo, hi, destination))
@@ -111,7 +121,7 @@ class ConvertedFile:
     def _ciphers(self, names: list[str]) -> list[Any]:
         if not self.reader.encrypted:
             return [None] * len(names)
-        from ..tensor_decryption import cipher_from_header, ciphers
+        from ..read.decrypt import cipher_from_header, ciphers
 
         entries = [self.index[n] for n in names]
         path = storage.local_path(self.uri)
@@ -161,7 +171,8 @@ class ConvertedFile:
             CorruptTensorError: a hash does not match (naming the file and tensor).
             FormatError: the tensor's header cannot be parsed.
         """
-        from ..tensor_hashes import stored_hashes
+        from ..format.compat import header_parse_errors
+        from ..format.hashes import stored_hashes
 
         entry = self.index[part.name]
         path = storage.local_path(self.uri)
@@ -173,14 +184,11 @@ class ConvertedFile:
             raw = storage.range_source(self.uri, options).read_range(
                 entry.offset, entry.data_offset
             )
-        try:
+        with header_parse_errors(self.reader.uri, part.name):
             hashes = stored_hashes(raw, self.reader.header_deserializer)
-        except Exception as e:  # noqa: BLE001 - tensorizer's parser rejects it
-            raise FormatError(
-                f"{self.reader.uri} is corrupt: the header of tensor {part.name} "
-                f"cannot be read ({type(e).__name__}: {e})"
-            ) from None
         data = (
-            memoryview(buffer.reshape(-1).view(torch.uint8).numpy()) if entry.data_length else b""
+            memoryview(buffer.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+            if entry.data_length
+            else b""
         )
         hashes.check(data, tensor=part.name, uri=self.reader.uri)

@@ -1,17 +1,23 @@
 """Reading parts of tensors: given each tensor's needed byte range, read only those bytes
 (local ``pread``, one HTTP/S3 range request each), in parallel and a bounded window ahead.
 
-Each tensor lands in a fresh buffer of its full stored size, filled only over the range
-read: the rest is never touched, so on the CPU its pages are never made resident (the
-loader's weight loaders read nothing outside the range; `regions` checked that). In an
-encrypted file a range is widened to whole cipher chunks, and each chunk is checked and
-decrypted on its own (`tensor_decryption`).
+A part with targets (the rank's parameters, or rows or columns of them) goes into them:
+read in place when plain, of the stored dtype and not transposed; otherwise piece by piece
+(about `PIECE_BYTES`) through one reused buffer per reading thread, decrypted, then copied
+with ``copy_`` (which casts as vLLM's weight loaders' copy would; a transposed tensor's
+stored rows into the parameter's columns). Memory beyond the parameters is then the
+reading threads' piece buffers, whatever the part's size. A part without targets lands in
+a fresh buffer of the tensor's full stored size, filled only over the range read: the
+rest is never touched, so on the CPU its pages are never made resident. In an encrypted
+file a range is widened to whole cipher chunks, and each chunk is checked and decrypted on
+its own (`read.decrypt`).
 """
 
 from __future__ import annotations
 
 import collections
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,20 +45,30 @@ class Part:
     start: int
     stop: int
     cipher: Any = None
-    # (start, stop, tensor): bytes read straight into these CPU tensors (parameters'
-    # memory), instead of into a buffer; only for plain (unencrypted) parts
+    # (start, stop, tensor): the stored bytes [start, stop) go into these CPU tensors
+    # (parameters' memory) instead of a buffer: read straight there when plain, of the
+    # stored dtype and not transposed; else piece by piece through a small buffer
+    # (decrypted, then copied with ``copy_``, which casts, and transposed back)
     targets: tuple[tuple[int, int, torch.Tensor], ...] = ()
+    dtype: torch.dtype = torch.uint8  # the stored dtype
+    row: int = 0  # a transposed tensor's stored row length in elements (0: not transposed)
 
     @property
     def span(self) -> tuple[int, int]:
         """The range actually read: whole cipher chunks when encrypted."""
+        return self.span_of(self.start, self.stop)
+
+    def span_of(self, start: int, stop: int) -> tuple[int, int]:
+        """The bytes read for stored bytes [start, stop): whole cipher chunks when
+        encrypted."""
         if self.cipher is None:
-            return self.start, self.stop
+            return start, stop
         size = self.cipher.chunk_size
-        return (
-            self.start // size * size,
-            min(self.entry.data_length, -(-self.stop // size) * size),
-        )
+        return start // size * size, min(self.entry.data_length, -(-stop // size) * size)
+
+    def through_buffer(self, tensor: torch.Tensor) -> bool:
+        """Whether a target's bytes pass through a buffer (not read straight into it)."""
+        return self.cipher is not None or bool(self.row) or tensor.dtype != self.dtype
 
 
 @dataclass
@@ -92,13 +108,13 @@ class _Reader:
 def _fill(reader: _Reader, part: Part, memory: torch.Tensor, place: int, lo: int, hi: int) -> None:
     """Read the tensor's bytes [lo, hi) into the uint8 CPU tensor `memory` at byte `place`
     (and decrypt them in place when the part is encrypted)."""
-    from ..local_read import _populate
+    from ..read.local import populate
 
-    _populate(memory.data_ptr() + place, hi - lo)  # its pages made present in one call
-    view = memoryview(memory.numpy())[place : place + hi - lo]
+    populate(memory.data_ptr() + place, hi - lo)  # its pages made present in one call
+    view = memoryview(memory.numpy())[place : place + hi - lo]  # type: ignore[arg-type]
     reader.read_into(view, part.entry.data_offset + lo)
     if part.cipher is not None:
-        from ..tensor_decryption import DecryptionFailed
+        from ..format.compat import DecryptionFailed
 
         try:
             part.cipher.decrypt(view, lo)
@@ -109,21 +125,120 @@ def _fill(reader: _Reader, part: Part, memory: torch.Tensor, place: int, lo: int
 
 
 def _submit_direct(pool: ThreadPoolExecutor, reader: _Reader, part: Part) -> list[Future]:
-    """Read each target's bytes straight into its tensor, in pieces."""
+    """Read each target's bytes into its tensor, in pieces: straight there, or each piece
+    through a buffer of its own size (`_fill_through`)."""
     futures = []
     for lo, hi, tensor in part.targets:
-        flat = tensor.view(-1).view(torch.uint8)
-        for at in range(lo, hi, PIECE_BYTES):
-            futures.append(
-                pool.submit(_fill, reader, part, flat, at - lo, at, min(hi, at + PIECE_BYTES))
-            )
+        if not part.through_buffer(tensor):
+            flat = tensor.view(-1).view(torch.uint8)
+            for at in range(lo, hi, PIECE_BYTES):
+                futures.append(
+                    pool.submit(_fill, reader, part, flat, at - lo, at, min(hi, at + PIECE_BYTES))
+                )
+            continue
+        bounds = _piece_bounds(part, lo, hi)
+        for a, b in zip(bounds, bounds[1:]):
+            futures.append(pool.submit(_fill_through, reader, part, a, b, tensor, lo))
     return futures
+
+
+def _piece_bounds(part: Part, lo: int, hi: int) -> list[int]:
+    """Where the stored bytes [lo, hi) are cut into pieces of about `PIECE_BYTES`: at
+    whole stored rows of a transposed tensor, else at whole elements; at whole cipher
+    chunks where that allows (no chunk read twice)."""
+    unit = part.dtype.itemsize * (part.row or 1)
+    # chunk multiples are whole units (elements, or stored rows that divide a chunk; `lo`
+    # is a whole unit too): cut there
+    if part.cipher is not None and part.cipher.chunk_size % unit == 0:
+        size = part.cipher.chunk_size
+        step = max(1, PIECE_BYTES // size) * size
+        first = (lo // step + 1) * step
+        return [lo, *range(first, hi, step), hi]
+    step = max(1, PIECE_BYTES // unit) * unit
+    return [*range(lo, hi, step), hi]
+
+
+_scratches = threading.local()
+_TRANSPOSE_BYTES = 1 << 20  # rows transposed at a time (fast: they stay in the CPU's cache)
+
+
+def _scratch(size: int, slot: str = "piece") -> torch.Tensor:
+    """`size` bytes of this thread's buffer `slot`, kept for its next piece (a fresh buffer
+    per piece would leave freed pieces in the allocator's per-thread arenas, resident)."""
+    held = getattr(_scratches, slot, None)
+    if held is None or held.numel() < size:
+        setattr(_scratches, slot, None)
+        # at the most a piece and the cipher chunks around it, or a transposed block
+        least = PIECE_BYTES + (4 << 20) if slot == "piece" else _TRANSPOSE_BYTES
+        held = torch.empty(max(size, least), dtype=torch.uint8)
+        setattr(_scratches, slot, held)
+    return held[:size]
+
+
+def _fill_through(
+    reader: _Reader, part: Part, a: int, b: int, tensor: torch.Tensor, lo: int
+) -> None:
+    """Read (and decrypt) the stored bytes [a, b) of a target whose bytes start at stored
+    byte `lo` into a buffer of their own size, and copy them into `tensor` (``copy_``:
+    cast to its dtype; a transposed tensor's stored rows into its columns)."""
+    s0, s1 = part.span_of(a, b)
+    scratch = _scratch(s1 - s0)
+    _fill(reader, part, scratch, 0, s0, s1)
+    piece = scratch[a - s0 : b - s0].view(part.dtype)
+    if not part.row:
+        first = (a - lo) // part.dtype.itemsize
+        tensor.view(-1)[first : first + piece.numel()].copy_(piece)
+        return
+    rows = piece.view(-1, part.row)
+    first = (a - lo) // (part.row * part.dtype.itemsize)
+    # Stored rows -> the parameter's columns in blocks: each transposed into a contiguous
+    # block first (a copy_ from a transposed view into columns of a wider tensor runs at
+    # about a tenth of the speed), then copied (and cast) into the columns.
+    step = max(1, _TRANSPOSE_BYTES // (part.row * part.dtype.itemsize))
+    for at in range(0, rows.shape[0], step):
+        block = rows[at : at + step]
+        flipped = _scratch(block.numel() * block.element_size(), "transpose")
+        flipped = flipped.view(part.dtype).view(part.row, block.shape[0])
+        flipped.copy_(block.t())
+        tensor[:, first + at : first + at + block.shape[0]].copy_(flipped)
+
+
+def _target_bytes(part: Part) -> int:
+    """The bytes `_submit_direct` reads for `part`'s targets."""
+    total = 0
+    for lo, hi, tensor in part.targets:
+        if not part.through_buffer(tensor):
+            total += hi - lo
+            continue
+        bounds = _piece_bounds(part, lo, hi)
+        for a, b in zip(bounds, bounds[1:]):
+            s0, s1 = part.span_of(a, b)
+            total += s1 - s0
+    return total
 
 
 def _size(part: Part) -> int:
     """The bytes a part holds in memory while it waits: its read span in a buffer, nothing
     extra when read straight into its targets (counted as their bytes)."""
     return part.stop - part.start if part.targets else part.span[1] - part.span[0]
+
+
+def _submit(
+    pool: ThreadPoolExecutor, reader: _Reader, part: Part
+) -> tuple[torch.Tensor | None, list[Future], int]:
+    """Start reading `part`: (its buffer, None with targets; the reads; bytes read)."""
+    if part.targets:
+        return None, _submit_direct(pool, reader, part), _target_bytes(part)
+    buffer = torch.empty(part.entry.data_length, dtype=torch.uint8)
+    lo, hi = part.span
+    step = PIECE_BYTES
+    if part.cipher is not None:  # pieces of whole chunks
+        step = max(1, PIECE_BYTES // part.cipher.chunk_size) * part.cipher.chunk_size
+    futures = [
+        pool.submit(_fill, reader, part, buffer, at, at, min(hi, at + step))
+        for at in range(lo, hi, step)
+    ]
+    return buffer, futures, hi - lo
 
 
 def read_parts(
@@ -133,7 +248,7 @@ def read_parts(
     threads: int,
     options: storage.Options = None,
     stats: PartsRead | None = None,
-) -> Iterator[tuple[Part, torch.Tensor]]:
+) -> Iterator[tuple[Part, torch.Tensor | None]]:
     """Yield (part, buffer) in the order of `parts`: `buffer` is a uint8 CPU tensor of the
     tensor's stored length whose bytes [part.span) are read (and decrypted); None for a part
     with `targets`, whose bytes are then already in those tensors.
@@ -146,7 +261,7 @@ def read_parts(
     stats = stats if stats is not None else PartsRead()
     reader = _Reader(uri, options)
     pool = ThreadPoolExecutor(max(1, threads))
-    pending: collections.deque[tuple[Part, torch.Tensor, list[Future]]] = collections.deque()
+    pending: collections.deque[tuple[Part, torch.Tensor | None, list[Future]]] = collections.deque()
     queued = 0
     todo = iter(parts)
     part = next(todo, None)
@@ -154,26 +269,10 @@ def read_parts(
         while True:
             # read ahead while the window holds the next part too (one part at least)
             while part is not None and (not pending or queued + _size(part) <= WINDOW_BYTES):
-                if part.targets:
-                    futures = _submit_direct(pool, reader, part)
-                    pending.append((part, None, futures))
-                    stats.bytes += part.stop - part.start
-                    stats.requests += len(futures)
-                    queued += part.stop - part.start
-                    part = next(todo, None)
-                    continue
-                buffer = torch.empty(part.entry.data_length, dtype=torch.uint8)
-                lo, hi = part.span
-                step = PIECE_BYTES
-                if part.cipher is not None:  # pieces of whole chunks
-                    step = max(1, PIECE_BYTES // part.cipher.chunk_size) * part.cipher.chunk_size
-                futures = [
-                    pool.submit(_fill, reader, part, buffer, at, at, min(hi, at + step))
-                    for at in range(lo, hi, step)
-                ]
+                buffer, futures, nbytes = _submit(pool, reader, part)
                 pending.append((part, buffer, futures))
-                queued += hi - lo
-                stats.bytes += hi - lo
+                queued += _size(part)
+                stats.bytes += nbytes
                 stats.requests += len(futures)
                 part = next(todo, None)
             if not pending:

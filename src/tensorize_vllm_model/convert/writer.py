@@ -20,20 +20,17 @@ from typing import Any
 
 import torch
 
-from .. import __version__, batched_write, storage
+from .. import __version__, storage
 from ..artifacts import resolve_model_files, stage_artifacts
 from ..config import TensorizerConfig
 from ..errors import ConfigError
+from ..format import writer as tensors_writer
 from ..format.names import DEFAULT_TENSORS_NAME, serialized_dir
 from ..format.record import CHECKPOINT_FORM, FileRecord
+from ..format.writer import StagedTensors, check_serialization_kwargs, write_tensors
 from ..keys import EncryptionKey, prepare_key
 from ..progress import progress
-from ..serialization import (
-    SerializeResult,
-    StagedTensors,
-    check_serialization_kwargs,
-    write_tensors,
-)
+from ..serialization import SerializeResult
 from .checkpoint import Checkpoint, open_checkpoint
 from .placement import stores_transposed
 
@@ -46,21 +43,51 @@ _ALIASES = {"half": "float16", "float": "float32"}
 
 
 def _target_dtype(dtype: str, checkpoint: Checkpoint) -> torch.dtype | None:
-    """The dtype floating-point tensors are written in; None keeps each tensor's own."""
+    """The dtype floating-point tensors are written in; None keeps each tensor's own.
+
+    Raises:
+        ConfigError: `dtype` is not one of `DTYPES`; a cast of a quantized checkpoint
+            (its ``quantization_config``: scales and 8-bit weights must keep their dtypes);
+            8-bit float weights in a checkpoint without a ``quantization_config`` (vLLM
+            would copy the raw values into unquantized parameters), naming the tensor.
+    """
     if dtype not in DTYPES:
         raise ConfigError(
             f"--dtype {dtype!r} is not supported by convert; choose one of {', '.join(DTYPES)}"
         )
+    quantized = bool(checkpoint.config.get("quantization_config"))
+    if quantized and dtype != "auto":
+        raise ConfigError(
+            f"--dtype {dtype}: {checkpoint.directory} is a quantized checkpoint (config.json "
+            "has a quantization_config); convert it with --dtype auto, which keeps every "
+            "tensor's dtype"
+        )
+    if not quantized:
+        for name, found, _ in checkpoint.dtypes():
+            if found.is_floating_point and found.itemsize == 1:
+                raise ConfigError(
+                    f"{checkpoint.directory}: tensor {name} is {str(found).removeprefix('torch.')}"
+                    " but config.json has no quantization_config: vLLM would load its raw "
+                    "values without their scales; add the quantization_config the checkpoint "
+                    "was made with"
+                )
     if dtype == "auto":
         return None
     return getattr(torch, _ALIASES.get(dtype, dtype))
 
 
 def _recorded_dtype(target: torch.dtype | None, checkpoint: Checkpoint) -> str | None:
+    """The dtype the record names: `target`, else the floating-point dtype(s) the tensors
+    hold, from the headers (several joined by ``+``, the most bytes first); None when no
+    tensor is floating-point."""
     if target is not None:
         return str(target).removeprefix("torch.")
-    named = checkpoint.config.get("torch_dtype") or checkpoint.config.get("dtype")
-    return str(named) if named else None
+    held: dict[str, int] = {}
+    for _, dtype, numel in checkpoint.dtypes():
+        if dtype.is_floating_point:
+            name = str(dtype).removeprefix("torch.")
+            held[name] = held.get(name, 0) + numel * dtype.itemsize
+    return "+".join(sorted(held, key=lambda n: -held[n])) or None
 
 
 def _stream(
@@ -202,7 +229,7 @@ def _write_checkpoint(
             serialization_kwargs=serialization_kwargs,
             marker=False,
             on_bytes=advance,
-            batch_bytes=batched_write.BATCH_BYTES,
+            batch_bytes=tensors_writer.BATCH_BYTES,
             tx=tx,
         )
     if sorted(transposed) != sorted(names):  # the record must say what was done

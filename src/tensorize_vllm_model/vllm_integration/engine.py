@@ -19,7 +19,7 @@ from typing import Any
 
 from .. import errors
 from ..errors import TensorizeError
-from ..streaming import LoadStats
+from ..read.base import LoadStats
 from .messages import (
     CAPTURE_LOAD_FORMAT,
     WORKER_EXTENSION,

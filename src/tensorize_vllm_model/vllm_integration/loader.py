@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import gc
 import os
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,15 +34,11 @@ from .. import storage
 from ..config import TensorizerConfig
 from ..errors import ConfigError, ModelMismatchError
 from ..format.record import ParallelLayout
+from ..modules import load_into_module, meta_parameters
 from ..plan import ReadPlan, check_shared_file, resolve_read
 from ..progress import progress
-from ..streaming import (
-    LoadStats,
-    default_num_readers,
-    load_into_module,
-    meta_parameters,
-    open_tensors,
-)
+from ..read.base import LoadStats
+from ..read.reader import default_num_readers, open_tensors
 from .runtime import (
     STATE,
     CapturedWeights,
@@ -60,7 +55,7 @@ logger = init_logger(f"vllm.{__name__}")
 
 
 class TensorizerLoader(BaseModelLoader):
-    """Loads ``load_format="tensorizer"`` models with this package's streaming core."""
+    """Loads ``load_format="tensorizer"`` models with this package's readers (`read`)."""
 
     def __init__(self, load_config: LoadConfig):
         super().__init__(load_config)
@@ -140,14 +135,12 @@ class TensorizerLoader(BaseModelLoader):
     ) -> nn.Module:
         """vLLM's model, its parameters on meta for a vLLM-tensorized file; the building
         time is left out of the reader's figures."""
-        building = time.perf_counter()
-        with torch.device(device), contextlib.ExitStack() as stack:
+        with reader.untimed(), torch.device(device), contextlib.ExitStack() as stack:
             if reader.is_vllm_tensorized:
                 stack.enter_context(meta_parameters(device))
             model = initialize_model(
                 vllm_config=vllm_config, model_config=model_config, prefix=prefix
             )
-        reader.started += time.perf_counter() - building  # time the reading only
         return model
 
     def _fill(self, model: nn.Module, reader: Any, uri: str, device: torch.device) -> LoadStats:
@@ -192,12 +185,7 @@ class TensorizerLoader(BaseModelLoader):
         read = PartsRead()
         with _naming_tensor(reader, watch):
             _vllm_model(model).load_weights(converted.tensors(parts, read))
-        return LoadStats(
-            uri=reader.uri,
-            tensors=len(parts),
-            bytes=read.bytes,
-            seconds=time.perf_counter() - reader.started,
-        )
+        return reader.stats(tensors=len(parts), nbytes=read.bytes)
 
     @staticmethod
     def _load_hf_weights(model: nn.Module, reader: Any) -> LoadStats:
@@ -217,13 +205,7 @@ class TensorizerLoader(BaseModelLoader):
                 yield name, tensor
 
         _vllm_model(model).load_weights(weights())
-        return LoadStats(
-            uri=reader.uri,
-            tensors=count,
-            bytes=nbytes,
-            seconds=time.perf_counter() - reader.started,
-            read_times=reader.read_times,
-        )
+        return reader.stats(tensors=count, nbytes=nbytes)
 
 
 def _vllm_model(model: nn.Module) -> Any:

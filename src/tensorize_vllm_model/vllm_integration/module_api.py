@@ -19,9 +19,10 @@ from .. import storage
 from ..config import TensorizerConfig, as_tensorizer_config
 from ..errors import ConfigError
 from ..format.record import FileRecord
+from ..format.writer import write_tensors
+from ..modules import load_into_module, meta_parameters
 from ..plan import resolve_write
-from ..serialization import write_tensors
-from ..streaming import load_into_module, meta_parameters, open_tensors
+from ..read.reader import open_tensors
 from .engine import vllm_version
 from .runtime import distributed_layout, dtype_name, model_dtype, target_device
 
@@ -70,7 +71,7 @@ def deserialize_tensorizer_model(model: nn.Module, tensorizer_config: Any) -> No
             HTTP(S) URI (vLLM's check).
         ModelMismatchError: a tensor of the model is not in the file, or does not fit
             (where vLLM finds tensors left on the meta device).
-        StorageError, FormatError, EncryptionError: as `streaming.open_tensors`.
+        StorageError, FormatError, EncryptionError: as `read.reader.open_tensors`.
     """
     from vllm.platforms import current_platform
 

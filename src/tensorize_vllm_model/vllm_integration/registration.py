@@ -49,7 +49,7 @@ from .. import storage
 from ..config import TensorizerConfig
 from ..format.record import ParallelLayout
 from ..plan import ReadPlan, resolve_read
-from ..streaming import check_shards
+from ..read.checks import check_shards
 from .engine import parallel_sizes
 from .messages import CAPTURE_LOAD_FORMAT, LOAD_FORMAT
 
@@ -127,7 +127,7 @@ def _extra_config(engine_args: Any) -> dict[str, Any]:
 
 
 def check_engine_files(engine_args: Any) -> None:
-    """Check the files an engine will load (see `streaming.check_shards`), as the read plan
+    """Check the files an engine will load (see `read.checks.check_shards`), as the read plan
     of its layout names them."""
     extra = _extra_config(engine_args)
     config = TensorizerConfig.from_extra_config({"tensorizer_dir": str(engine_args.model), **extra})

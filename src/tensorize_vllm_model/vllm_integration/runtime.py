@@ -11,7 +11,7 @@ from vllm.config import ModelConfig, VllmConfig
 
 from .. import storage
 from ..format.record import ParallelLayout
-from ..streaming import LoadStats
+from ..read.base import LoadStats
 
 if TYPE_CHECKING:
     from ..storage import Transaction

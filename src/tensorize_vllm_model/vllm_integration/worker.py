@@ -19,8 +19,8 @@ from vllm.logger import init_logger
 from ..errors import TensorizeError
 from ..format.names import rank_uri
 from ..format.record import FileRecord
+from ..format.writer import write_tensors
 from ..progress import progress
-from ..serialization import write_tensors
 from .messages import (
     CAPTURE_LOAD_FORMAT,
     WORKER_EXTENSION,
@@ -142,7 +142,7 @@ class WorkerExtension:
         return list(STATE.last_parts)
 
     def tensorize_vllm_model_load_stats(self) -> dict[str, Any] | None:
-        """Figures of the last tensorizer load in this worker (`streaming.LoadStats` as a
+        """Figures of the last tensorizer load in this worker (`read.base.LoadStats` as a
         dict: ``uri``, ``tensors``, ``bytes``, ``seconds``...)."""
         if STATE.last_load is None:
             return None

@@ -10,10 +10,11 @@ its own two pinned staging buffers in turn and copies each filled buffer to the 
 own CUDA stream while it reads the next: no page is faulted in after the first buffer, and
 host memory stays at readers x 2 x STAGING_BYTES. An encrypted tensor is read one cipher
 chunk at a time, and the reading thread decrypts each chunk right after reading it
-(`tensor_decryption`). Local files into CPU memory (hash checks included: `streaming` checks
-the tensors read here against their stored hashes, `tensor_hashes`) and onto a GPU without
+(`read.decrypt`). Local files into CPU memory (hash checks included: `LocalEngine` checks
+the tensors read here against their stored hashes, `format.hashes`) and onto a GPU without
 hash checks take this path; the index has been checked against the file's length
-(`streaming._check_index`) before anything here runs.
+(`format.header.check_index`) before anything here runs. The staged (GPU) path is the same
+engine with another copy loop (`_Staged`), chosen by the device.
 """
 
 from __future__ import annotations
@@ -25,19 +26,28 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import FormatError, StorageError
+from ..errors import FormatError, StorageError
+from .base import OpenFile, ReadTimes
 
 if TYPE_CHECKING:
-    from .tensor_decryption import TensorCipher
+    from .decrypt import TensorCipher
 
-__all__ = ["Span", "ReadTimes", "read_spans", "pread_each", "STAGING_BYTES"]
+__all__ = [
+    "LocalEngine",
+    "Span",
+    "ReadTimes",
+    "read_spans",
+    "populate",
+    "byte_view",
+    "STAGING_BYTES",
+]
 
 PIECE_BYTES = 16 << 20  # pages made present per call; 16 to 128 MiB measured alike
 STAGING_BYTES = 8 << 20  # one pinned staging buffer (two per reader thread)
@@ -55,32 +65,6 @@ class Span:
     dtype: torch.dtype
     shape: tuple[int, ...]
     cipher: TensorCipher | None = None  # how its bytes are encrypted, if they are
-
-
-@dataclass
-class ReadTimes:
-    """Where the reader threads of one `read_spans` spent their time, in seconds summed
-    over the threads (so up to `readers` times the wall-clock seconds): making fresh pages
-    present, reading the file into them (or into staging buffers), decrypting."""
-
-    readers: int = 0
-    populating: float = 0.0
-    reading: float = 0.0
-    decrypting: float = 0.0
-
-    def add(self, other: ReadTimes) -> None:
-        self.populating += other.populating
-        self.reading += other.reading
-        self.decrypting += other.decrypting
-
-    def __str__(self) -> str:
-        text = (
-            f"{self.readers} readers: making pages present {self.populating:.2f} s, "
-            f"reading {self.reading:.2f} s"
-        )
-        if self.decrypting:
-            text += f", decrypting {self.decrypting:.2f} s"
-        return text + " (summed over readers)"
 
 
 def read_spans(
@@ -102,7 +86,7 @@ def read_spans(
     Raises:
         StorageError: the file cannot be read.
         FormatError: it ends before a span does (it changed after its index was checked).
-        tensor_decryption.DecryptionFailed: an encrypted span fails its check.
+        format.compat.DecryptionFailed: an encrypted span fails its check.
     """
     name = name or path
     device = torch.device(device)
@@ -142,13 +126,6 @@ def read_spans(
     except OSError as e:
         raise StorageError(f"cannot read {name}: {e}") from None
     return tensors
-
-
-def pread_each(fd: int, places: Sequence[tuple[int, int]]) -> list[bytes]:
-    """The bytes at each (offset, length) of the open file `fd`: many small reads across
-    the file, made in parallel so that a cold disk's latencies overlap."""
-    with ThreadPoolExecutor(min(16, max(1, len(places)))) as pool:
-        return list(pool.map(lambda place: os.pread(fd, place[1], place[0]), places))
 
 
 _Piece = tuple[Span, torch.Tensor, int, int]  # span, its tensor's bytes, [start, end)
@@ -192,9 +169,9 @@ class _Direct:
         with open(self.path, "rb", buffering=0) as f:
             for span, memory, start, end in run:
                 began = clock()
-                _populate(memory.data_ptr() + start, end - start)
+                populate(memory.data_ptr() + start, end - start)
                 populated = clock()
-                view = memoryview(memory.numpy())[start:end]
+                view = byte_view(memory)[start:end]
                 _read_exactly(f.fileno(), view, span.offset + start, span, self.name)
                 read = clock()
                 spent.populating += populated - began
@@ -225,7 +202,7 @@ class _Staged:
         )
         buffers = [torch.empty(size, dtype=torch.uint8) for _ in range(2)]
         pinned = [_pin(b) for b in buffers] if self.cuda else []
-        views = [memoryview(b.numpy()) for b in buffers]
+        views = [byte_view(b) for b in buffers]
         stream = None
         done: list[Any] = [None, None]  # each buffer's copies, as a CUDA event
         which, used = 0, 0
@@ -278,18 +255,23 @@ def _pin(buffer: torch.Tensor) -> bool:
     registered with CUDA (half the time of a pinned allocation of the same size, measured
     on an H100: README, Performance). False where CUDA refuses: the copies then wait for
     each piece, and the bytes are the same."""
-    _populate(buffer.data_ptr(), buffer.numel())
+    populate(buffer.data_ptr(), buffer.numel())
     try:
         return int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0)) == 0
     except Exception:  # noqa: BLE001 - no CUDA runtime here, or it refused
         return False
 
 
+def byte_view(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous uint8 CPU tensor, writable, without a copy."""
+    return memoryview(tensor.numpy())  # type: ignore[arg-type]  # numpy arrays are buffers
+
+
 def _byte_size(span: Span) -> int:
     return math.prod(span.shape) * span.dtype.itemsize
 
 
-def _populate(address: int, length: int) -> None:
+def populate(address: int, length: int) -> None:
     """Make the whole pages of [address, address + length) present and writable, in one
     call; without the call (other systems, old kernels) each page faults in on first write."""
     global _madvise
@@ -314,3 +296,109 @@ def _find_madvise():
 
 
 _madvise = _find_madvise()
+
+
+class LocalEngine:
+    """A local file read by `read_spans` (into CPU memory, or onto a GPU through staging
+    buffers), decrypted chunk by chunk as it is read (`read.decrypt`), each tensor checked
+    against its stored hashes with ``verify_hash`` (CPU only: `read.reader.choose_engine`).
+    Where a dtype has no torch equivalent or an encrypted tensor's header is not as
+    expected, tensorizer's reader takes the file (`read.tensorizer`)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.read_times: ReadTimes | None = None
+
+    def items(
+        self,
+        file: OpenFile,
+        chosen: list[tuple[str, Any]],
+        on_bytes: Callable[[int], None] | None,
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        from ..format.compat import DecryptionFailed, wrong_key
+
+        spans = self.spans(file, chosen)
+        if spans is None:
+            from .tensorizer import TensorizerEngine
+
+            yield from TensorizerEngine(remote=False).items(file, chosen, on_bytes)
+            return
+        self.read_times = ReadTimes()
+        try:
+            tensors = read_spans(
+                self.path,
+                spans,
+                file.kwargs["num_readers"],
+                name=file.name,
+                device=file.request.device,
+                times=self.read_times,
+                on_bytes=on_bytes,
+            )
+        except DecryptionFailed:
+            raise wrong_key(file.name, file.request.keyfile) from None
+        if file.kwargs["verify_hash"]:
+            self._check_hashes(file, chosen, spans, tensors)
+        for span, tensor in zip(spans, tensors):
+            yield span.name, tensor
+
+    def spans(
+        self, file: OpenFile, chosen: list[tuple[str, Any]] | None = None
+    ) -> list[Span] | None:
+        """The tensors `chosen` (by default, all) to read as file spans, each with its cipher
+        in an encrypted file; None when a dtype has no torch equivalent or an encrypted
+        tensor's header is not as expected."""
+        if chosen is None:
+            chosen = file.entries()
+        from ..format.header import torch_dtype
+        from .decrypt import ciphers as read_ciphers
+
+        found: list[Any] = [None] * len(chosen)
+        if file.facts.encrypted:
+            read = read_ciphers(self.path, [e for _, e in chosen], file.header)
+            if read is None:
+                return None
+            found = read
+        spans = []
+        for (name, entry), cipher in zip(chosen, found):
+            dtype = torch_dtype(entry.dtype)
+            if dtype is None:
+                return None
+            spans.append(
+                Span(
+                    name=name,
+                    offset=entry.data_offset,
+                    length=entry.data_length,
+                    dtype=dtype,
+                    shape=tuple(int(d) for d in entry.shape),
+                    cipher=cipher,
+                )
+            )
+        return spans
+
+    def _check_hashes(
+        self,
+        file: OpenFile,
+        chosen: list[tuple[str, Any]],
+        spans: list[Span],
+        tensors: list[torch.Tensor],
+    ) -> None:
+        """Check tensors read into CPU memory against their stored hashes.
+
+        Raises:
+            CorruptTensorError: naming the first tensor that fails.
+        """
+        from ..format.compat import header_parse_errors
+        from ..format.hashes import stored_hashes
+        from ..format.header import pread_each
+
+        places = [(e.offset, e.data_offset - e.offset) for _, e in chosen]
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            raws = pread_each(fd, places)
+        finally:
+            os.close(fd)
+        for span, tensor, raw in zip(spans, tensors, raws):
+            with header_parse_errors(file.name, span.name):
+                hashes = stored_hashes(raw, file.header)
+            data = byte_view(tensor.reshape(-1).view(torch.uint8)) if span.length else b""
+            hashes.check(data, tensor=span.name, uri=file.name)

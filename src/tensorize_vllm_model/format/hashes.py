@@ -1,5 +1,5 @@
 """Checking a tensor against the hashes stored in its header (``verify_hash``), in our own
-readers (`local_read`, `remote_read`).
+readers (`read.local`, `read.remote`).
 
 Tensorizer stores a CRC32 and a SHA-256 of each tensor: of its header (with the hash fields
 zeroed, and an encrypted file's crypt info left out) followed by its plaintext data. Our
@@ -9,8 +9,7 @@ reader allocates each tensor in a thread of its own pool, where freed tensors st
 that thread's malloc arena (a 128 MiB local load with hash checks kept all 128 MiB resident
 after the tensors were freed, in some runs); ours allocate in the loading thread.
 
-The header parser is tensorizer's (`_TensorHeaderDeserializer`, not public API, as in
-`tensor_decryption`).
+The header parser is tensorizer's (not public API: reached through `format.compat`).
 """
 
 from __future__ import annotations
@@ -20,9 +19,10 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
-from tensorizer.serialization import HashType, _TensorHeaderDeserializer
+from tensorizer.serialization import HashType
 
-from .errors import CorruptTensorError
+from ..errors import CorruptTensorError
+from .compat import parse_tensor_header
 
 __all__ = ["StoredHashes", "stored_hashes"]
 
@@ -67,10 +67,5 @@ def stored_hashes(raw: bytes, deserializer: Any) -> StoredHashes:
     Raises:
         Exception: the header cannot be parsed (tensorizer's parser decides which).
     """
-    header = _TensorHeaderDeserializer(
-        bytearray(raw),
-        zero_hashes=True,
-        check_crypt_info=bool(getattr(deserializer, "_has_crypt_info", False)),
-        long_shape_tensors=getattr(deserializer, "_long_shape_tensors", frozenset()),
-    )
+    header = parse_tensor_header(raw, deserializer, zero_hashes=True)
     return StoredHashes(hashes=list(header.hashes), header=header.compute_hashes())

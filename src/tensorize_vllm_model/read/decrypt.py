@@ -1,4 +1,5 @@
-"""Decrypting an encrypted file's tensors as our own reader threads read them (`local_read`).
+"""Decrypting an encrypted file's tensors as our own reader threads read them (`read.local`,
+`read.remote`).
 
 Tensorizer encrypts each tensor with XSalsa20-Poly1305 (libsodium) in chunks of a fixed size
 (2 MiB as it writes them); each chunk has its own nonce (the tensor's first nonce counted up)
@@ -8,9 +9,9 @@ while the other threads read on. Through tensorizer's reader, which decrypts in 
 its own reads, an encrypted load ran at 42% of a plain one (README, Performance).
 
 The cipher is tensorizer's own (its libsodium bindings); only the chunk bookkeeping is here.
-This is the one module that reads tensorizer's per-tensor headers and crypt info, which are
-not public API: an unexpected layout makes `ciphers` answer None, and tensorizer's reader then
-takes the file, as before.
+Tensorizer's per-tensor headers and crypt info are not public API: they are read through
+`format.compat`. An unexpected layout makes `ciphers` answer None, and tensorizer's reader
+then takes the file, as before.
 """
 
 from __future__ import annotations
@@ -21,16 +22,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tensorizer import _crypt, _crypt_info
-from tensorizer.serialization import _TensorHeaderDeserializer
-
-from .local_read import pread_each
+from ..format.compat import DecryptionFailed, crypt_chunks, decrypt_chunk
+from ..format.header import pread_each
 
 __all__ = ["DecryptionFailed", "TensorCipher", "ciphers", "cipher_from_header"]
-
-
-class DecryptionFailed(Exception):
-    """A chunk failed its MAC check: a wrong key, or corrupted data."""
 
 
 @dataclass(frozen=True)
@@ -53,17 +48,9 @@ class TensorCipher:
         first = start // self.chunk_size
         for index in range(first, first + math.ceil(len(view) / self.chunk_size)):
             at = (index - first) * self.chunk_size
-            try:
-                with _crypt.SequentialEncryption(
-                    key=self.key,
-                    buffer=view[at : at + self.chunk_size],
-                    nonce=self.nonces[index],
-                    mac=self.macs[index],
-                    intent=_crypt.SequentialEncryption.INTENT.DECRYPTION,
-                ) as chunk:
-                    chunk.decrypt()
-            except _crypt.CryptographyError:
-                raise DecryptionFailed(f"chunk {index} failed its check") from None
+            decrypt_chunk(
+                self.key, view[at : at + self.chunk_size], self.nonces[index], self.macs[index]
+            )
 
 
 def ciphers(
@@ -91,41 +78,5 @@ def cipher_from_header(entry: Any, raw: bytes, deserializer: Any) -> TensorCiphe
     Raises:
         Exception: the header is not as expected (tensorizer's parser decides which).
     """
-    header = _TensorHeaderDeserializer(
-        bytearray(raw),
-        zero_hashes=False,
-        check_crypt_info=True,
-        long_shape_tensors=getattr(deserializer, "_long_shape_tensors", frozenset()),
-    )
-    return _cipher(entry, header.crypt_info, deserializer)
-
-
-class _Unexpected(Exception):
-    """A tensor header this module does not know how to decrypt by chunks."""
-
-
-def _cipher(entry: Any, info: Any, deserializer: Any) -> TensorCipher | None:
-    if entry.data_length == 0:
-        return None
-    if info is None or info.num_chunks == 0:
-        raise _Unexpected
-    methods = info.find_chunks(
-        (_crypt_info.XSalsa20ParallelChunk, _crypt_info.XSalsa20SequentialChunk)
-    )
-    if len(methods) != 1:
-        raise _Unexpected
-    method = methods[0]
-    key = bytes(deserializer._derive_encryption_key(info))
-    macs = (
-        [method.mac]
-        if isinstance(method, _crypt_info.XSalsa20SequentialChunk)
-        else list(method.macs)
-    )
-    if len(macs) == 1:  # the whole tensor is one chunk
-        return TensorCipher(key, entry.data_length, (bytes(method.nonce),), (bytes(macs[0]),))
-    if len(macs) != math.ceil(entry.data_length / method.chunk_size):
-        raise _Unexpected
-    nonces = _crypt.ChunkedEncryption.sequential_nonces(bytes(method.nonce), len(macs))
-    return TensorCipher(
-        key, method.chunk_size, tuple(bytes(n) for n in nonces), tuple(bytes(m) for m in macs)
-    )
+    chunks = crypt_chunks(entry, raw, deserializer)
+    return None if chunks is None else TensorCipher(*chunks)
