@@ -767,7 +767,8 @@ def scenario_vllm(files, repeats, results, bucket=None):
 def summarize_vllm(label: str, runs: list[dict], base: dict | None) -> dict:
     for run in runs:  # rate the weights load, not the engine start-up
         run["ready_seconds"] = run["seconds"]
-        run["seconds"] = run["weights_seconds"] or run["model_loading_seconds"] or float("nan")
+        weights = run["weights_seconds"]
+        run["seconds"] = weights if weights is not None else float("nan")
     entry = summarize("vllm", "warm", label, runs)
     entry["ready_seconds"] = statistics.median(r["ready_seconds"] for r in runs)
     entry["ready_seconds_min"] = min(r["ready_seconds"] for r in runs)
@@ -882,15 +883,35 @@ def chart(results: list[dict], path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
+@contextlib.contextmanager
+def engine_lock(path: str | None):
+    """Hold an exclusive flock on `path` (when given) for the engine starts."""
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    with open(path, "a") as f:
+        log(f"waiting for the engine lock {path}")
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size-gb", type=float, default=1.5)
+    parser.add_argument("--size-gb", type=float, default=0.75)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument(
-        "--vllm-repeats", type=int, default=None, help="engine starts per vLLM case (--repeats)"
-    )
+    parser.add_argument("--vllm-repeats", type=int, default=2, help="engine starts per vLLM case")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument(
+        "--engine-lock",
+        default=None,
+        help="a file to flock while the vLLM engines run (machines shared with others)",
+    )
     args = parser.parse_args()
     scenarios = args.scenarios.split(",")
     WORK.mkdir(exist_ok=True)
@@ -919,7 +940,8 @@ def main() -> None:
         if "s3" in scenarios:
             scenario_s3(files, args.repeats, results, bucket)
         if "vllm" in scenarios:
-            scenario_vllm(files, args.vllm_repeats or args.repeats, results, bucket)
+            with engine_lock(args.engine_lock):
+                scenario_vllm(files, args.vllm_repeats, results, bucket)
     finally:
         if bucket is not None:
             bucket.stop()
