@@ -1,15 +1,18 @@
 """The load benchmark: every scenario on one random-weight model, side by side.
 
-    .venv/bin/python benchmarks/run.py [--size-gb 1.5] [--repeats 3] [--scenarios ...]
+    .venv/bin/python benchmarks/run.py [--size-gb 0.75] [--repeats 3] [--vllm-repeats 2]
+        [--scenarios local,http,s3,vllm,gpu] [--engine-lock /tmp/vllm-engine.lock]
 
-(or ``make bench``, which installs nginx, matplotlib and runai-model-streamer first).
-Each load runs in a fresh process (forked from one that did the imports); every figure is
-the median of ``--repeats`` runs with min and max, methods alternating run by run. Prints a
-table and writes ``benchmarks/results/latest.json`` and ``latest.png``.
+(or ``make bench``, which installs nginx, matplotlib, SeaweedFS and runai-model-streamer
+first). Each load runs in a fresh process (forked from one that did the imports); every
+figure is the median of ``--repeats`` runs with min and max, methods alternating run by run.
+Prints a table and writes ``benchmarks/results/latest.json`` and ``latest.png``.
 
 Scenarios: local (file -> CPU memory, warm page cache, and cold where the page cache can be
-dropped), http (nginx on loopback), s3 (moto's S3 server on loopback), vllm (LLM(...) end to
-end on vLLM's backend), gpu (file -> cuda:0; skipped without an NVIDIA GPU).
+dropped), http (nginx on loopback), s3 (SeaweedFS on loopback, see bucket.py: ours,
+runai-model-streamer, download-then-load, the server's ceilings), vllm (LLM(...) end to end
+on vLLM's backend, from a local file and from s3:// on the same SeaweedFS), gpu (file ->
+cuda:0; skipped without an NVIDIA GPU). docs/performance-round2.md gives the method.
 """
 
 from __future__ import annotations
