@@ -435,6 +435,7 @@ if __name__ == "__main__":
         pid = os.fork()
         if pid == 0:
             os.setsid()
+            os.environ.update(request.get("environ") or {})
             log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(log, 1)
             os.dup2(log, 2)
@@ -453,7 +454,7 @@ if __name__ == "__main__":
 _vllm_server: subprocess.Popen | None = None
 
 
-def _vllm_child(kwargs: dict, log: str) -> int:
+def _vllm_child(kwargs: dict, log: str, environ: dict | None = None) -> int:
     """Start one engine through the vLLM server (started once: vLLM's import, about 10 s,
     is paid once, not at every start) and return its process's pid."""
     global _vllm_server
@@ -470,7 +471,7 @@ def _vllm_child(kwargs: dict, log: str) -> int:
             env={**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"},
         )
         atexit.register(_vllm_server.kill)
-    answer = _ask(_vllm_server, {"kwargs": kwargs, "log": log}, timeout=60)
+    answer = _ask(_vllm_server, {"kwargs": kwargs, "log": log, "environ": environ}, timeout=60)
     if not answer.strip().isdigit():
         raise RuntimeError(f"the vLLM server did not start an engine: {answer!r}")
     return int(answer)
@@ -498,7 +499,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def vllm_run(kwargs: dict) -> dict:
+def vllm_run(kwargs: dict, environ: dict | None = None) -> dict:
     """Start LLM(**kwargs) in a fresh process; seconds to ready, the weights-load seconds
     vLLM (or this loader) logs, and the largest resident memory of any of its processes.
 
@@ -514,7 +515,7 @@ def vllm_run(kwargs: dict) -> dict:
 
     shared_before = _shared_memory()
     with tempfile.NamedTemporaryFile("r", suffix=".log") as log:
-        pid = _vllm_child(kwargs, log.name)
+        pid = _vllm_child(kwargs, log.name, environ)
         peak: dict[int, int] = {}
         tree: dict[int, psutil.Process] = {}
         text = ""
@@ -688,6 +689,16 @@ def vllm_cases(files: dict, vllm_dir: str, bucket) -> list[tuple[str, dict, str]
             "",
         ),
         (
+            "tensorizer (this package), s3://, overlap",
+            {
+                "model": bucket.url("vllm/vllm/hf/v1"),
+                "load_format": "tensorizer",
+                "model_loader_extra_config": {"stream_kwargs": {"force_http": True}},
+                "environ": {"TENSORIZE_VLLM_MODEL_OVERLAP": "1"},
+            },
+            "",
+        ),
+        (
             "default loader after a download from s3:// (boto3)",
             {"download": "hf"},
             "",
@@ -710,6 +721,10 @@ def vllm_cases(files: dict, vllm_dir: str, bucket) -> list[tuple[str, dict, str]
 
 def vllm_case(kwargs: dict, bucket, engine: dict) -> dict:
     """One engine start for one case (after a timed download where the case asks)."""
+    if "environ" in kwargs:  # the engine's own environment variables
+        kwargs = dict(kwargs)
+        environ = kwargs.pop("environ")
+        return vllm_run({**kwargs, **engine}, environ=environ)
     if "download" not in kwargs:
         return vllm_run({**kwargs, **engine})
     target = WORK / "downloaded"
@@ -743,6 +758,8 @@ def scenario_vllm(files, repeats, results, bucket=None):
     vllm_dir = serialize_for_vllm(files)
     runai_logging()
     cases = vllm_cases(files, vllm_dir, bucket)
+    if os.environ.get("BENCH_VLLM_CASES"):  # e.g. "tensorizer": the cases whose label has it
+        cases = [c for c in cases if os.environ["BENCH_VLLM_CASES"] in c[0]]
     base = (
         vllm_run({"model": str(WORK / "baseline-model"), **engine})
         if (WORK / "baseline-model").exists()

@@ -44,7 +44,7 @@ from vllm.model_executor.model_loader.utils import (
 )
 from vllm.utils.torch_utils import set_default_torch_dtype
 
-from . import errors, storage
+from . import errors, prefetch, storage
 from . import layout as layout_mod
 from .config import TensorizerConfig, as_tensorizer_config
 from .errors import ConfigError, ModelMismatchError, TensorizeError
@@ -196,6 +196,12 @@ def resolve_remote_model(engine_args: Any) -> None:
     if not engine_args.served_model_name:
         engine_args.served_model_name = model
     engine_args.model = local
+    if (
+        prefetch.enabled()
+        and parallel_sizes(engine_args) == (1, 1)
+        and not extra.get("tensorizer_uri")
+    ):  # the weights stream in while vLLM starts up (prefetch.py)
+        prefetch.start(layout_mod.tensors_uri(model, 1), config.stream_options())
 
 
 # -- facts about the running worker ---------------------------------------------------------
@@ -264,7 +270,8 @@ class TensorizerLoader(BaseModelLoader):
         layout = current_layout(vllm_config)
         shared = shared_file(self.tensorizer_config, self._explicit_uri, layout.world_size)
         uri = shared or self.rank_uri(vllm_config)
-        reader = open_tensors(uri, device=device, config=self.tensorizer_config)
+        source = prefetch.local_copy(uri) or uri  # the copy made during the start-up
+        reader = open_tensors(source, device=device, config=self.tensorizer_config)
         try:
             if shared is not None:
                 layout_mod.check_shared_file(
@@ -315,6 +322,7 @@ class TensorizerLoader(BaseModelLoader):
                     else:
                         stats = self._load_hf_weights(model, reader)
         _last_load = stats
+        prefetch.release(uri)
         logger.info(
             "Deserialized %.3f GB in %.2f s (%.2f GB/s) from %s (%sworker memory: %s)",
             stats.bytes / 1e9,
