@@ -113,7 +113,8 @@ def release(uri: str) -> None:
     process (a later reload streams `uri`)."""
     mapping = json.loads(os.environ.get(ENV_MAP) or "{}")
     path = mapping.pop(uri, None)
-    os.environ[ENV_MAP] = json.dumps(mapping)
+    if path:
+        os.environ[ENV_MAP] = json.dumps(mapping)
     for name in (path, f"{path}.failed") if path else ():
         if os.path.exists(name):
             os.unlink(name)
