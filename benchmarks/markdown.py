@@ -1,4 +1,4 @@
-"""Print a results JSON of run.py as the Markdown tables of docs/performance-round2.md.
+"""Print a results JSON of run.py as the Markdown tables of docs/performance.md.
 
 .venv/bin/python benchmarks/markdown.py [benchmarks/results/latest.json]
 """

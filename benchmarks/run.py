@@ -12,7 +12,7 @@ Scenarios: local (file -> CPU memory, warm page cache, and cold where the page c
 dropped), http (nginx on loopback), s3 (SeaweedFS on loopback, see bucket.py: ours,
 runai-model-streamer, download-then-load, the server's ceilings), vllm (LLM(...) end to end
 on vLLM's backend, from a local file and from s3:// on the same SeaweedFS), gpu (file ->
-cuda:0; skipped without an NVIDIA GPU). docs/performance-round2.md gives the method.
+cuda:0; skipped without an NVIDIA GPU). docs/performance.md gives the method.
 """
 
 from __future__ import annotations
