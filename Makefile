@@ -19,8 +19,8 @@ s3-demo:
 	scripts/install.sh --test
 	.venv/bin/python examples/s3_workflow.py
 
-# The load benchmark (benchmarks/run.py): about 13 minutes on a 2-core machine, plus 3 to build the model once (docs/performance.md).
+# The load benchmark (benchmarks/run.py): every scenario, 0.75 GB model, model build included; under 20 minutes on a 2-core machine (docs/performance.md).
 .PHONY: bench
 bench:
 	scripts/install.sh --test --bench
-	.venv/bin/python benchmarks/run.py
+	.venv/bin/python benchmarks/run.py $(BENCH_ARGS)

@@ -1,15 +1,18 @@
 """The load benchmark: every scenario on one random-weight model, side by side.
 
-    .venv/bin/python benchmarks/run.py [--size-gb 1.5] [--repeats 3] [--scenarios ...]
+    .venv/bin/python benchmarks/run.py [--size-gb 0.75] [--repeats 3] [--vllm-repeats 2]
+        [--scenarios local,http,s3,vllm,gpu] [--engine-lock /tmp/vllm-engine.lock]
 
-(or ``make bench``, which installs nginx, matplotlib and runai-model-streamer first).
-Each load runs in a fresh process (forked from one that did the imports); every figure is
-the median of ``--repeats`` runs with min and max, methods alternating run by run. Prints a
-table and writes ``benchmarks/results/latest.json`` and ``latest.png``.
+(or ``make bench``, which installs nginx, matplotlib, SeaweedFS and runai-model-streamer
+first). Each load runs in a fresh process (forked from one that did the imports); every
+figure is the median of ``--repeats`` runs with min and max, methods alternating run by run.
+Prints a table and writes ``benchmarks/results/latest.json`` and ``latest.png``.
 
 Scenarios: local (file -> CPU memory, warm page cache, and cold where the page cache can be
-dropped), http (nginx on loopback), s3 (moto's S3 server on loopback), vllm (LLM(...) end to
-end on vLLM's backend), gpu (file -> cuda:0; skipped without an NVIDIA GPU).
+dropped), http (nginx on loopback), s3 (SeaweedFS on loopback, see bucket.py: ours,
+runai-model-streamer, download-then-load, the server's ceilings), vllm (LLM(...) end to end
+on vLLM's backend, from a local file and from s3:// on the same SeaweedFS), gpu (file ->
+cuda:0; skipped without an NVIDIA GPU). docs/performance.md gives the method.
 """
 
 from __future__ import annotations
@@ -362,57 +365,62 @@ def scenario_http(files, repeats, results):
         process.terminate()
 
 
-def scenario_s3(files, repeats, results):
-    sys.path.insert(0, str(ROOT / "tests"))
-    from servers import MotoServer
-
-    server = MotoServer()
+def scenario_s3(files, repeats, results, bucket):
+    """S3 on SeaweedFS on loopback: the server's ceilings, ours (default parallel ranges and
+    one response, plain and encrypted), download-then-load and runai-model-streamer, all
+    reading the same bucket."""
+    force_http = {"force_http": True}  # loopback SeaweedFS speaks plain HTTP
+    ours = {"model_dir": files["model_dir"]}
+    cases = [
+        ("ceiling: curl -o /dev/null", "curl", {"url": bucket.presigned("model.tensors")}),
+        (
+            "ceiling: one response into fresh memory (botocore)",
+            "response_ceiling",
+            {"url": bucket.url("model.tensors")},
+        ),
+        (
+            "ours (default: parallel ranges)",
+            "ours",
+            {**ours, "path": bucket.url("model.tensors"), "options": {"stream_kwargs": force_http}},
+        ),
+        (
+            "ours, one response (ranges: false)",
+            "ours",
+            {
+                **ours,
+                "path": bucket.url("model.tensors"),
+                "options": {"stream_kwargs": {**force_http, "ranges": False}},
+            },
+        ),
+        (
+            "ours, encrypted (default: parallel ranges)",
+            "ours",
+            {
+                **ours,
+                "path": bucket.url("model-enc.tensors"),
+                "keyfile": files["key"],
+                "options": {"stream_kwargs": force_http},
+            },
+        ),
+        (
+            "download (boto3), then safetensors load",
+            "download_then_load",
+            {"url": bucket.url("hf/model.safetensors")},
+        ),
+    ]
     try:
-        client = server.client()
-        client.create_bucket(Bucket="bench")
-        for name, path in (
-            ("model.tensors", files["tensors"]),
-            ("model.safetensors", files["safetensors"]),
-        ):
-            client.upload_file(path, "bench", name)
-        presigned = client.generate_presigned_url(
-            "get_object", Params={"Bucket": "bench", "Key": "model.tensors"}
+        import runai_model_streamer_s3  # noqa: F401
+
+        cases.append(
+            (
+                "runai-model-streamer (safetensors, defaults)",
+                "runai",
+                {"path": bucket.url("hf/model.safetensors")},
+            )
         )
-        env = {
-            "S3_ENDPOINT_URL": server.endpoint,
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "S3_ACCESS_KEY_ID": "testing",
-            "S3_SECRET_ACCESS_KEY": "testing",
-        }
-        os.environ.update(env)
-        cases = [
-            ("ceiling: the server's own, curl -o /dev/null", "curl", {"url": presigned}),
-            (
-                "ceiling: one response into fresh memory (botocore)",
-                "response_ceiling",
-                {"url": "s3://bench/model.tensors"},
-            ),
-            # moto reads the whole object for every range request (about 1 s per 16 MiB
-            # range of this model), so both methods read the object as one response here.
-            (
-                "ours, streaming one response (ranges: false)",
-                "ours",
-                {
-                    "path": "s3://bench/model.tensors",
-                    "model_dir": files["model_dir"],
-                    "options": {"stream_kwargs": {"force_http": True, "ranges": False}},
-                },
-            ),
-            (
-                "download (boto3, one GET), then safetensors load",
-                "download_then_load",
-                {"url": "s3://bench/model.safetensors"},
-            ),
-        ]
-        run_cases("s3", cases, repeats, "warm", [], results)
-    finally:
-        server.stop()
+    except ImportError:
+        log("  runai-model-streamer-s3 is not installed: runai's S3 row is left out")
+    run_cases("s3", cases, repeats, "warm", [], results)
 
 
 VLLM_SCRIPT = r'''
@@ -427,6 +435,7 @@ if __name__ == "__main__":
         pid = os.fork()
         if pid == 0:
             os.setsid()
+            os.environ.update(request.get("environ") or {})
             log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(log, 1)
             os.dup2(log, 2)
@@ -445,7 +454,7 @@ if __name__ == "__main__":
 _vllm_server: subprocess.Popen | None = None
 
 
-def _vllm_child(kwargs: dict, log: str) -> int:
+def _vllm_child(kwargs: dict, log: str, environ: dict | None = None) -> int:
     """Start one engine through the vLLM server (started once: vLLM's import, about 10 s,
     is paid once, not at every start) and return its process's pid."""
     global _vllm_server
@@ -462,7 +471,7 @@ def _vllm_child(kwargs: dict, log: str) -> int:
             env={**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"},
         )
         atexit.register(_vllm_server.kill)
-    answer = _ask(_vllm_server, {"kwargs": kwargs, "log": log}, timeout=60)
+    answer = _ask(_vllm_server, {"kwargs": kwargs, "log": log, "environ": environ}, timeout=60)
     if not answer.strip().isdigit():
         raise RuntimeError(f"the vLLM server did not start an engine: {answer!r}")
     return int(answer)
@@ -490,7 +499,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def vllm_run(kwargs: dict) -> dict:
+def vllm_run(kwargs: dict, environ: dict | None = None) -> dict:
     """Start LLM(**kwargs) in a fresh process; seconds to ready, the weights-load seconds
     vLLM (or this loader) logs, and the largest resident memory of any of its processes.
 
@@ -506,7 +515,7 @@ def vllm_run(kwargs: dict) -> dict:
 
     shared_before = _shared_memory()
     with tempfile.NamedTemporaryFile("r", suffix=".log") as log:
-        pid = _vllm_child(kwargs, log.name)
+        pid = _vllm_child(kwargs, log.name, environ)
         peak: dict[int, int] = {}
         tree: dict[int, psutil.Process] = {}
         text = ""
@@ -519,6 +528,8 @@ def vllm_run(kwargs: dict) -> dict:
                         peak[child.pid] = max(peak.get(child.pid, 0), child.memory_info().rss)
                 text += log.read()
                 time.sleep(0.05)
+            # what the engine's processes hold once it is ready (the host's memory for it)
+            ready_rss = sum(_rss(child) for child in _tree(pid)) + _rss(psutil.Process(pid))
         finally:  # ready, failed or interrupted: no engine outlives its run
             tree.update((child.pid, child) for child in _tree(pid))
             with contextlib.suppress(ProcessLookupError):
@@ -531,24 +542,44 @@ def vllm_run(kwargs: dict) -> dict:
         if name.startswith(("psm_", "vllm", "sem.mp-")):
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join("/dev/shm", name))
+    result = parse_vllm_log(text)
+    result["worker_peak_rss"] = max(peak.values()) if peak else None
+    result["worker_peak_rss_each"] = sorted(peak.values())
+    result["engine_rss_ready"] = ready_rss
+    return result
+
+
+def _rss(process) -> int:
+    import psutil
+
+    try:
+        return process.memory_info().rss
+    except psutil.Error:
+        return 0
+
+
+def parse_vllm_log(text: str) -> dict:
+    """Seconds to ready, the weights-load seconds each loader logs in the worker, vLLM's
+    own "Model loading took" seconds (every loader, post-processing included), and our
+    loader's reader times and memory lines."""
     ready = re.search(r"READY ([\d.]+)", text)
     if not ready:
         raise RuntimeError(f"vLLM run failed: {text[-3000:]}")
+    model_loading = re.search(r"Model loading took ([\d.]+) GiB memory and ([\d.]+) seconds", text)
     weights = (
         re.search(r"Loading weights took ([\d.]+) seconds", text)  # default
         or re.search(r"Deserialized [\d.]+ GB in ([\d.]+) s", text)  # ours
         or re.search(r"Overall time to stream .*?: ([\d.]+)s", text)
-    )  # runai
+    )  # runai (its logger made to print by the benchmark's sitecustomize)
     result = {
         "seconds": float(ready.group(1)),
         "weights_seconds": float(weights.group(1)) if weights else None,
-        "worker_peak_rss": max(peak.values()) if peak else None,
+        "model_loading_seconds": float(model_loading.group(2)) if model_loading else None,
         # every worker's own load line (one per rank): GB read and seconds
         "rank_loads": [
             (float(gb), float(s))
             for gb, s in re.findall(r"Deserialized ([\d.]+) GB in ([\d.]+) s", text)
         ],
-        "worker_peak_rss_each": sorted(peak.values()),
     }
     # Ours logs the worker's memory once the tensors are in and after vLLM's post-processing.
     times = re.search(
@@ -571,115 +602,204 @@ def vllm_run(kwargs: dict) -> dict:
     return result
 
 
-def scenario_vllm(files, repeats, results, size_gb):
+ENGINE = {"dtype": "bfloat16", "max_model_len": 256, "enforce_eager": True}
+SITE = WORK / "site"
+
+
+def engine_kwargs() -> dict:
     from vllm.platforms import current_platform
 
-    cpu = current_platform.is_cpu()
-    engine = {
-        "dtype": "bfloat16",
-        "max_model_len": 256,
-        "enforce_eager": True,
-        "gpu_memory_utilization": 0.3 if cpu else 0.9,
-    }
+    return {**ENGINE, "gpu_memory_utilization": 0.3 if current_platform.is_cpu() else 0.9}
+
+
+def serialize_for_vllm(files: dict) -> str:
+    """The model serialized by this package's vLLM integration (once); its directory."""
     vllm_dir = files["vllm_dir"] + "/vllm/hf/v1"
-    if not os.path.exists(vllm_dir + "/model.tensors"):
-        log("  serializing the model for vLLM (once)")
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "tensorize_vllm_model",
-                "--model",
-                files["model_dir"],
-                "--dtype",
-                "bfloat16",
-                "--max-model-len",
-                "256",
-                "--enforce-eager",
-                *(["--gpu-memory-utilization", "0.3"] if cpu else []),
-                "serialize",
-                "--serialized-directory",
-                files["vllm_dir"],
-                "--suffix",
-                "v1",
-            ],
-            check=True,
-            capture_output=True,
-        )
-    process, url = start_nginx(files["vllm_dir"])
+    if os.path.exists(vllm_dir + "/model.tensors"):
+        return vllm_dir
+    log("  serializing the model for vLLM (once)")
+    engine = engine_kwargs()
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tensorize_vllm_model",
+            "--model",
+            files["model_dir"],
+            "--dtype",
+            "bfloat16",
+            "--max-model-len",
+            "256",
+            "--enforce-eager",
+            "--gpu-memory-utilization",
+            str(engine["gpu_memory_utilization"]),
+            "serialize",
+            "--serialized-directory",
+            files["vllm_dir"],
+            "--suffix",
+            "v1",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return vllm_dir
+
+
+def runai_logging() -> None:
+    """runai-model-streamer logs its own load time ("Overall time to stream ...") through a
+    logger no handler prints in vLLM's worker: a ``sitecustomize`` on the engine's
+    PYTHONPATH gives it one, so the worker's log carries runai's own figure."""
+    SITE.mkdir(parents=True, exist_ok=True)
+    (SITE / "sitecustomize.py").write_text(
+        "import logging\n"
+        "_handler = logging.StreamHandler()\n"
+        "_logger = logging.getLogger('runai_model_streamer')\n"
+        "_logger.setLevel(logging.INFO)\n"
+        "_logger.addHandler(_handler)\n"
+    )
+    paths = [str(SITE), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+
+
+def vllm_cases(files: dict, vllm_dir: str, bucket) -> list[tuple[str, dict, str]]:
+    """(label, LLM kwargs, file to warm) of every vLLM case; "download" in kwargs means the
+    Hugging Face directory is downloaded from the bucket first (and timed)."""
     cases = [
-        ("default loader (safetensors)", {"model": files["model_dir"]}),
-        ("tensorizer (this package), local", {"model": vllm_dir, "load_format": "tensorizer"}),
         (
-            "tensorizer (this package), HTTP",
+            "default loader, local (safetensors)",
+            {"model": files["model_dir"]},
+            files["safetensors"],
+        ),
+        (
+            "tensorizer (this package), local",
+            {"model": vllm_dir, "load_format": "tensorizer"},
+            vllm_dir + "/model.tensors",
+        ),
+    ]
+    if bucket is None:
+        return cases
+    cases += [
+        (
+            "tensorizer (this package), s3://",
             {
-                "model": vllm_dir,
+                "model": bucket.url("vllm/vllm/hf/v1"),
                 "load_format": "tensorizer",
-                "model_loader_extra_config": {"tensorizer_uri": f"{url}/vllm/hf/v1/model.tensors"},
+                "model_loader_extra_config": {"stream_kwargs": {"force_http": True}},
             },
+            "",
+        ),
+        (
+            "tensorizer (this package), s3://, overlap",
+            {
+                "model": bucket.url("vllm/vllm/hf/v1"),
+                "load_format": "tensorizer",
+                "model_loader_extra_config": {"stream_kwargs": {"force_http": True}},
+                "environ": {"TENSORIZE_VLLM_MODEL_OVERLAP": "1"},
+            },
+            "",
+        ),
+        (
+            "default loader after a download from s3:// (boto3)",
+            {"download": "hf"},
+            "",
         ),
     ]
     try:
-        import runai_model_streamer  # noqa: F401
+        import runai_model_streamer_s3  # noqa: F401
 
-        cases.insert(
-            1, ("runai_streamer", {"model": files["model_dir"], "load_format": "runai_streamer"})
+        cases.append(
+            (
+                "runai_streamer, s3:// (safetensors)",
+                {"model": bucket.url("hf"), "load_format": "runai_streamer"},
+                "",
+            )
         )
     except ImportError:
-        log("  runai-model-streamer is not installed: left out")
-    try:
-        base = (
-            vllm_run({"model": str(WORK / "baseline-model"), **engine})
-            if (WORK / "baseline-model").exists()
-            else None
-        )
-        runs: dict[str, list[dict]] = {label: [] for label, _ in cases}
-        beside_label, beside = "ours, between the vLLM engines", []
-        for repeat in range(repeats):
-            # The same load as the local scenario's "ours", at this point of the run: tells
-            # the state of the machine apart from the worker's own.
-            set_cache("warm", [files["tensors"]])
-            beside.append(measure("ours", path=files["tensors"], model_dir=files["model_dir"]))
-            log_run("local/warm", beside_label, repeat, beside[-1])
-            for label, kwargs in cases:
-                # warm: the file this case reads (vLLM's loaders read the safetensors one)
-                set_cache(
-                    "warm",
-                    [
-                        vllm_dir + "/model.tensors"
-                        if "tensorizer" in label
-                        else files["safetensors"]
-                    ],
-                )
-                result = vllm_run({**kwargs, **engine})
-                result["bytes"] = os.path.getsize(files["safetensors"])
-                runs[label].append(result)
-                log(
-                    f"  [vllm] {label} #{repeat + 1}: ready {result['seconds']:.1f} s, weights "
-                    f"{result['weights_seconds']} s, worker peak {result['worker_peak_rss'] / 1e9:.2f} GB"
-                    + (
-                        f" (with the tensors in: resident {result['worker_rss_with_tensors'] / 1e9:.2f}, "
-                        f"peak {result['worker_peak_with_tensors'] / 1e9:.2f}; after vLLM's "
-                        f"post-processing: peak {result['worker_peak_after_postprocessing'] / 1e9:.2f})"
-                        if "worker_rss_with_tensors" in result
-                        else ""
-                    )
-                    + read_times(result)
-                )
-        for label, _ in cases:
-            for run in runs[label]:  # rate the weights load, not the engine start-up
-                run["ready_seconds"], run["seconds"] = (
-                    run["seconds"],
-                    run["weights_seconds"] or float("nan"),
-                )
-            entry = summarize("vllm", "warm", label, runs[label])
-            entry["ready_seconds"] = statistics.median(r["ready_seconds"] for r in runs[label])
-            if base:
-                entry["worker_baseline_rss"] = base["worker_peak_rss"]
-            results.append(entry)
-        results.append(summarize("local", "warm", beside_label, beside))
-    finally:
-        process.terminate()
+        log("  runai-model-streamer-s3 is not installed: runai_streamer from s3:// left out")
+    return cases
+
+
+def vllm_case(kwargs: dict, bucket, engine: dict) -> dict:
+    """One engine start for one case (after a timed download where the case asks)."""
+    if "environ" in kwargs:  # the engine's own environment variables
+        kwargs = dict(kwargs)
+        environ = kwargs.pop("environ")
+        return vllm_run({**kwargs, **engine}, environ=environ)
+    if "download" not in kwargs:
+        return vllm_run({**kwargs, **engine})
+    target = WORK / "downloaded"
+    shutil.rmtree(target, ignore_errors=True)
+    start = time.perf_counter()
+    bucket.download(kwargs["download"], str(target))
+    download = time.perf_counter() - start
+    result = vllm_run({"model": str(target), **engine})
+    result["download_seconds"] = download
+    result["seconds"] += download
+    if result["weights_seconds"] is not None:
+        result["weights_seconds"] += download
+    if result["model_loading_seconds"] is not None:
+        result["model_loading_seconds"] += download
+    shutil.rmtree(target, ignore_errors=True)
+    return result
+
+
+def log_vllm(label: str, repeat: int, result: dict) -> None:
+    log(
+        f"  [vllm] {label} #{repeat + 1}: ready {result['seconds']:.1f} s, weights "
+        f"{result['weights_seconds']} s, model loading {result['model_loading_seconds']} s, "
+        f"worker peak {result['worker_peak_rss'] / 1e9:.2f} GB, "
+        f"engine RSS at ready {result['engine_rss_ready'] / 1e9:.2f} GB" + read_times(result)
+    )
+
+
+def scenario_vllm(files, repeats, results, bucket=None):
+    """vLLM end to end, each case an engine start, cases alternating repeat by repeat."""
+    engine = engine_kwargs()
+    vllm_dir = serialize_for_vllm(files)
+    runai_logging()
+    cases = vllm_cases(files, vllm_dir, bucket)
+    if os.environ.get("BENCH_VLLM_CASES"):  # e.g. "tensorizer": the cases whose label has it
+        cases = [c for c in cases if os.environ["BENCH_VLLM_CASES"] in c[0]]
+    base = (
+        vllm_run({"model": str(WORK / "baseline-model"), **engine})
+        if (WORK / "baseline-model").exists()
+        else None
+    )
+    runs: dict[str, list[dict]] = {label: [] for label, _, _ in cases}
+    beside_label, beside = "ours, between the vLLM engines", []
+    for repeat in range(repeats):
+        # The same load as the local scenario's "ours", at this point of the run: tells
+        # the state of the machine apart from the worker's own.
+        set_cache("warm", [files["tensors"]])
+        beside.append(measure("ours", path=files["tensors"], model_dir=files["model_dir"]))
+        log_run("local/warm", beside_label, repeat, beside[-1])
+        for label, kwargs, warm in cases:
+            set_cache("warm", [warm] if warm else [])
+            result = vllm_case(kwargs, bucket, engine)
+            result["bytes"] = os.path.getsize(files["safetensors"])
+            runs[label].append(result)
+            log_vllm(label, repeat, result)
+    for label, _, _ in cases:
+        results.append(summarize_vllm(label, runs[label], base))
+    results.append(summarize("local", "warm", beside_label, beside))
+
+
+def summarize_vllm(label: str, runs: list[dict], base: dict | None) -> dict:
+    for run in runs:  # rate the weights load, not the engine start-up
+        run["ready_seconds"] = run["seconds"]
+        weights = run["weights_seconds"]
+        run["seconds"] = weights if weights is not None else float("nan")
+    entry = summarize("vllm", "warm", label, runs)
+    entry["ready_seconds"] = statistics.median(r["ready_seconds"] for r in runs)
+    entry["ready_seconds_min"] = min(r["ready_seconds"] for r in runs)
+    entry["ready_seconds_max"] = max(r["ready_seconds"] for r in runs)
+    for key in ("model_loading_seconds", "engine_rss_ready", "download_seconds"):
+        values = [r[key] for r in runs if r.get(key) is not None]
+        if values:
+            entry[key] = statistics.median(values)
+    if base:
+        entry["worker_baseline_rss"] = base["worker_peak_rss"]
+    return entry
 
 
 def _gpu_name() -> str | None:
@@ -725,14 +845,18 @@ def scenario_gpu(files, repeats, caches, results):
 
 def table(results: list[dict]) -> str:
     lines = [
-        f"{'scenario':<8} {'cache':<5} {'method':<46} {'GB/s (min-max)':>20} {'s':>7} {'RSS+':>8}"
+        f"{'scenario':<8} {'cache':<5} {'method':<52} {'GB/s (min-max)':>20} {'s':>7} {'RSS+':>8}"
     ]
     for r in results:
         rss = r.get("peak_rss_over_baseline")
         extra = f"{rss / 1e9:7.2f}G" if rss is not None else ""
         if r["scenario"] == "vllm":
+            loading = r.get("model_loading_seconds")
             extra = (
-                f"ready {r['ready_seconds']:.1f} s, worker peak {r.get('worker_peak_rss', 0) / 1e9:.2f} GB"
+                f"ready {r['ready_seconds']:.1f} s"
+                + (f", model loading {loading:.2f} s" if loading is not None else "")
+                + f", worker peak {r.get('worker_peak_rss', 0) / 1e9:.2f} GB"
+                + f", engine RSS at ready {r.get('engine_rss_ready', 0) / 1e9:.2f} GB"
                 + (
                     f" (tiny-model baseline {r['worker_baseline_rss'] / 1e9:.2f} GB)"
                     if r.get("worker_baseline_rss")
@@ -742,7 +866,7 @@ def table(results: list[dict]) -> str:
         if r.get("read_times"):
             extra += read_times(r)
         lines.append(
-            f"{r['scenario']:<8} {r['cache']:<5} {r['method']:<46} "
+            f"{r['scenario']:<8} {r['cache']:<5} {r['method']:<52} "
             f"{r['gb_per_s']:6.2f} ({r['gb_per_s_min']:.2f}-{r['gb_per_s_max']:.2f})"
             f" {r['seconds']:7.2f} {extra}"
         )
@@ -779,12 +903,35 @@ def chart(results: list[dict], path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
+@contextlib.contextmanager
+def engine_lock(path: str | None):
+    """Hold an exclusive flock on `path` (when given) for the engine starts."""
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    with open(path, "a") as f:
+        log(f"waiting for the engine lock {path}")
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size-gb", type=float, default=1.5)
+    parser.add_argument("--size-gb", type=float, default=0.75)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--vllm-repeats", type=int, default=2, help="engine starts per vLLM case")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument(
+        "--engine-lock",
+        default=None,
+        help="a file to flock while the vLLM engines run (machines shared with others)",
+    )
     args = parser.parse_args()
     scenarios = args.scenarios.split(",")
     WORK.mkdir(exist_ok=True)
@@ -800,10 +947,24 @@ def main() -> None:
         scenario_local(files, args.repeats, caches, results)
     if "http" in scenarios:
         scenario_http(files, args.repeats, results)
-    if "s3" in scenarios:
-        scenario_s3(files, args.repeats, results)
+    bucket = None
     if "vllm" in scenarios:
-        scenario_vllm(files, args.repeats, results, args.size_gb)
+        serialize_for_vllm(files)  # before the upload: the bucket holds it too
+    if "s3" in scenarios or "vllm" in scenarios:
+        from bucket import Bucket
+
+        shutil.rmtree(WORK / "seaweed", ignore_errors=True)
+        bucket = Bucket(WORK / "seaweed", files)
+        os.environ.update(bucket.environment())
+    try:
+        if "s3" in scenarios:
+            scenario_s3(files, args.repeats, results, bucket)
+        if "vllm" in scenarios:
+            with engine_lock(args.engine_lock):
+                scenario_vllm(files, args.vllm_repeats, results, bucket)
+    finally:
+        if bucket is not None:
+            bucket.stop()
     if "gpu" in scenarios:
         scenario_gpu(files, args.repeats, caches, results)
     out = Path(args.out)

@@ -30,7 +30,7 @@ from vllm.model_executor.model_loader.utils import (
 )
 from vllm.utils.torch_utils import set_default_torch_dtype
 
-from .. import storage
+from .. import prefetch, storage
 from ..config import TensorizerConfig
 from ..errors import ConfigError, ModelMismatchError
 from ..format.record import ParallelLayout
@@ -75,7 +75,8 @@ class TensorizerLoader(BaseModelLoader):
     def _open_checked(self, vllm_config: VllmConfig, device: torch.device | str):
         """Open this worker's file and check that it fits the layout: (uri, reader)."""
         plan = self.read_plan(vllm_config)
-        reader = open_tensors(plan.uri, device=device, config=self.tensorizer_config)
+        source = prefetch.local_copy(plan.uri) or plan.uri  # copied during the start-up
+        reader = open_tensors(source, device=device, config=self.tensorizer_config)
         try:
             if plan.shared:
                 check_shared_file(
@@ -111,6 +112,7 @@ class TensorizerLoader(BaseModelLoader):
                 ) as reader.on_bytes:
                     stats = self._fill(model, reader, uri, device)
         STATE.last_load = stats
+        prefetch.release(uri)
         logger.info(
             "Deserialized %.3f GB in %.2f s (%.2f GB/s) from %s (%sworker memory: %s)",
             stats.bytes / 1e9,

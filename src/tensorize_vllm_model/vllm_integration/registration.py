@@ -45,8 +45,9 @@ from typing import Any
 
 from vllm.logger import init_logger
 
-from .. import storage
+from .. import prefetch, storage
 from ..config import TensorizerConfig
+from ..format.names import tensors_uri
 from ..format.record import ParallelLayout
 from ..plan import ReadPlan, resolve_read
 from ..read.checks import check_shards
@@ -182,6 +183,12 @@ def resolve_remote_model(engine_args: Any) -> None:
     if not engine_args.served_model_name:
         engine_args.served_model_name = model
     engine_args.model = local
+    if (
+        prefetch.enabled()
+        and parallel_sizes(engine_args) == (1, 1)
+        and not extra.get("tensorizer_uri")
+    ):  # the weights stream in while vLLM starts up (prefetch.py)
+        prefetch.start(tensors_uri(model, 1), config.stream_options())
 
 
 def _register_lora_resolver() -> None:
