@@ -189,7 +189,7 @@ def rank_rss(path: str, config: dict, tp: int, rank: int, mode: str, key: str | 
         shapes = _stored_shapes(reader)
         ciphers = {}
         if key:
-            from tensorize_vllm_model.tensor_decryption import ciphers as find
+            from tensorize_vllm_model.read.decrypt import ciphers as find
 
             names = list(index)
             found = find(path, [index[n] for n in names], reader.header_deserializer)
