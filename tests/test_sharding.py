@@ -11,10 +11,10 @@ import torch
 from conftest import run_engine
 
 from tensorize_vllm_model import ConfigError, LayoutError, StorageError, TensorizerConfig
+from tensorize_vllm_model.checks import check_shards
 from tensorize_vllm_model.format.names import rank_uri
 from tensorize_vllm_model.format.record import FileRecord, ParallelLayout
 from tensorize_vllm_model.format.writer import write_tensors
-from tensorize_vllm_model.read.checks import check_shards
 
 
 def fake_shards(directory, tp: int, pp: int, *, skip: int | None = None) -> str:

@@ -22,10 +22,10 @@ from tensorizer.serialization import TensorType
 
 import tensorize_vllm_model as ours
 from tensorize_vllm_model import ConfigError, TensorizerArgs, TensorizerConfig
+from tensorize_vllm_model.checks import check_shards
 from tensorize_vllm_model.format.record import FileRecord, ParallelLayout
 from tensorize_vllm_model.format.writer import write_tensors
 from tensorize_vllm_model.keys import generate_key, write_key
-from tensorize_vllm_model.read.checks import check_shards
 
 VLLM_CONFIG = vllm_tensorizer.TensorizerConfig
 

@@ -34,8 +34,8 @@ from .errors import (  # noqa: E402
 )
 
 if TYPE_CHECKING:  # the lazy names below, for type checkers
+    from .checks import is_vllm_tensorized
     from .modules import load_into_module
-    from .read.checks import is_vllm_tensorized
     from .read.reader import open_tensors
     from .serialization import tensorize_vllm_model
     from .vllm_api import (
@@ -105,7 +105,7 @@ __all__ = [
 
 _LAZY = {
     "tensorize_vllm_model": "serialization",
-    "is_vllm_tensorized": "read.checks",
+    "is_vllm_tensorized": "checks",
     "tensorized_lora_request": "vllm_integration.module_api",
     "open_tensors": "read.reader",
     "load_into_module": "modules",

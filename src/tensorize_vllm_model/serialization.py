@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from . import __version__, interrupts, storage
@@ -19,7 +19,7 @@ from .artifacts import resolve_model_files, stage_artifacts
 from .config import TensorizerConfig, as_tensorizer_config
 from .errors import ConfigError
 from .format.record import ParallelLayout
-from .format.writer import check_serialization_kwargs
+from .format.writer import SerializeResult, check_serialization_kwargs
 from .keys import EncryptionKey, prepare_key
 from .lora import prepare_adapters
 from .plan import WritePlan, resolve_write
@@ -28,21 +28,6 @@ from .plan import WritePlan, resolve_write
 ABORT_SECONDS = 15.0
 
 __all__ = ["SerializeResult", "tensorize_vllm_model"]
-
-
-@dataclass
-class SerializeResult:
-    """What a serialize wrote."""
-
-    directory: str
-    tensors_uri: str
-    files: list[str] = field(default_factory=list)
-    tensors: int = 0
-    bytes: int = 0
-    seconds: float = 0.0
-    keyfile: str | None = None
-    # True when the key was already in `keyfile` (left unchanged); False for a new key.
-    key_existing: bool = False
 
 
 def tensorize_vllm_model(

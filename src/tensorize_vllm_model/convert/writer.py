@@ -27,10 +27,14 @@ from ..errors import ConfigError
 from ..format import writer as tensors_writer
 from ..format.names import DEFAULT_TENSORS_NAME, serialized_dir
 from ..format.record import CHECKPOINT_FORM, FileRecord
-from ..format.writer import StagedTensors, check_serialization_kwargs, write_tensors
+from ..format.writer import (
+    SerializeResult,
+    StagedTensors,
+    check_serialization_kwargs,
+    write_tensors,
+)
 from ..keys import EncryptionKey, prepare_key
 from ..progress import progress
-from ..serialization import SerializeResult
 from .checkpoint import Checkpoint, open_checkpoint
 from .placement import stores_transposed
 

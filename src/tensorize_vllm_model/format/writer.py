@@ -21,7 +21,7 @@ import inspect
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,12 +33,29 @@ from .record import MARKER_NAME, RECORD_NAME, FileRecord
 
 __all__ = [
     "BATCH_BYTES",
+    "SerializeResult",
     "StagedTensors",
     "batches",
     "check_serialization_kwargs",
     "write_batches",
     "write_tensors",
 ]
+
+
+@dataclass
+class SerializeResult:
+    """What a serialize or a convert wrote (re-exported by `serialization`)."""
+
+    directory: str
+    tensors_uri: str
+    files: list[str] = field(default_factory=list)
+    tensors: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    keyfile: str | None = None
+    # True when the key was already in `keyfile` (left unchanged); False for a new key.
+    key_existing: bool = False
+
 
 BATCH_BYTES = 256 << 20  # one write_state_dict call: enough tensors to keep both cores busy
 _DONE = object()

@@ -46,11 +46,11 @@ from typing import Any
 from vllm.logger import init_logger
 
 from .. import prefetch, storage
+from ..checks import check_shards
 from ..config import TensorizerConfig
 from ..format.names import tensors_uri
 from ..format.record import ParallelLayout
 from ..plan import ReadPlan, resolve_read
-from ..read.checks import check_shards
 from .engine import parallel_sizes
 from .messages import CAPTURE_LOAD_FORMAT, LOAD_FORMAT
 
@@ -128,7 +128,7 @@ def _extra_config(engine_args: Any) -> dict[str, Any]:
 
 
 def check_engine_files(engine_args: Any) -> None:
-    """Check the files an engine will load (see `read.checks.check_shards`), as the read plan
+    """Check the files an engine will load (see `checks.check_shards`), as the read plan
     of its layout names them."""
     extra = _extra_config(engine_args)
     config = TensorizerConfig.from_extra_config({"tensorizer_dir": str(engine_args.model), **extra})

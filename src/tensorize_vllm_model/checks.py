@@ -7,11 +7,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..config import TensorizerConfig, as_tensorizer_config
-from ..format.names import has_rank_template, rank_uri
-from ..format.record import ParallelLayout
-from ..plan import check_shared_file
-from .reader import open_tensors
+from .config import TensorizerConfig, as_tensorizer_config
+from .format.names import has_rank_template, rank_uri
+from .format.record import ParallelLayout
+from .plan import check_shared_file
+from .read.reader import open_tensors
 
 __all__ = ["is_vllm_tensorized", "check_shards"]
 

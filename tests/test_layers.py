@@ -1,0 +1,153 @@
+"""The package's import layers, as docs/design.md states them: every module of
+src/tensorize_vllm_model has a rank, and no module imports one of a higher rank (module-level
+and function-level imports count; ``if TYPE_CHECKING:`` ones do not). Also: vLLM is imported
+only in ``vllm_integration/``, and tensorizer's private names only in ``format/compat.py``.
+
+The ranks, bottom to top (a module may import its own rank and those below):
+
+0 errors, settings        1 storage          2 keys            3 format
+4 config                  5 read, modules, progress, interrupts
+6 plan, checks, artifacts, lora, inspection, prefetch
+7 convert                 8 serialization, vllm_integration, vllm_api
+9 cli, plugin, __main__
+
+``serialization`` sits with ``vllm_integration``: it drives a vLLM engine (it starts one
+and calls its workers), so it is the top of the library, under the command line only. The
+package root (``__init__.py``) is the facade: it re-exports names lazily and is left out.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = "tensorize_vllm_model"
+SRC = Path(__file__).resolve().parents[1] / "src" / PACKAGE
+
+RANKS = {
+    "errors": 0,
+    "settings": 0,
+    "storage": 1,
+    "keys": 2,
+    "format": 3,
+    "config": 4,
+    "read": 5,
+    "modules": 5,
+    "progress": 5,
+    "interrupts": 5,
+    "plan": 6,
+    "checks": 6,
+    "artifacts": 6,
+    "lora": 6,
+    "inspection": 6,
+    "prefetch": 6,
+    "convert": 7,
+    "serialization": 8,
+    "vllm_integration": 8,
+    "vllm_api": 8,
+    "cli": 9,
+    "plugin": 9,
+    "__main__": 9,
+}
+
+# tensorizer's private names: only format/compat.py may use them.
+PRIVATE_TENSORIZER = {"_metadata", "_TensorHeaderDeserializer", "_crypt", "_crypt_info"}
+
+
+def _modules() -> dict[str, Path]:
+    """Every module's dotted name below the package root -> its file."""
+    found = {}
+    for path in sorted(SRC.rglob("*.py")):
+        parts = list(path.relative_to(SRC).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        if parts:
+            found[".".join(parts)] = path
+    return found
+
+
+def _type_checking_nodes(tree: ast.AST) -> set[int]:
+    skipped: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skipped.update(id(inner) for inner in ast.walk(node))
+    return skipped
+
+
+def _imports(module: str, path: Path) -> list[tuple[str, list[str], int]]:
+    """(absolute target, imported names, line) of every import of `path`."""
+    tree = ast.parse(path.read_text())
+    skipped = _type_checking_nodes(tree)
+    package = [PACKAGE, *module.split(".")]
+    if path.name != "__init__.py":
+        package = package[:-1]
+    found = []
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.Import):
+            found += [(alias.name, [], node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            found.append((target, [alias.name for alias in node.names], node.lineno))
+    return found
+
+
+def _internal_targets(target: str, names: list[str], modules: dict[str, Path]) -> list[str]:
+    """The package modules an import reaches (``from . import storage`` reaches storage)."""
+    if target != PACKAGE and not target.startswith(PACKAGE + "."):
+        return []
+    inner = target[len(PACKAGE) + 1 :]
+    subs = [f"{inner}.{name}".lstrip(".") for name in names]
+    reached = [sub for sub in subs if sub in modules]
+    if inner and len(reached) < len(subs):
+        reached.append(inner)
+    return reached
+
+
+def _rank(module: str) -> int:
+    return RANKS[module.split(".")[0]]
+
+
+def test_every_module_has_a_rank():
+    assert sorted({m.split(".")[0] for m in _modules()} - set(RANKS)) == []
+
+
+def test_imports_go_downwards_only():
+    modules = _modules()
+    offenders = []
+    for module, path in modules.items():
+        for target, names, line in _imports(module, path):
+            for reached in _internal_targets(target, names, modules):
+                if _rank(reached) > _rank(module):
+                    offenders.append(f"{path.relative_to(SRC)}:{line} {module} -> {reached}")
+    assert offenders == []
+
+
+def test_vllm_is_imported_only_by_vllm_integration():
+    offenders = [
+        f"{path.relative_to(SRC)}:{line} imports {target}"
+        for module, path in _modules().items()
+        if not module.startswith("vllm_integration")
+        for target, _, line in _imports(module, path)
+        if target == "vllm" or target.startswith("vllm.")
+    ]
+    assert offenders == []
+
+
+def test_tensorizer_private_names_only_in_compat():
+    offenders = []
+    for module, path in _modules().items():
+        if module == "format.compat":
+            continue
+        for target, names, line in _imports(module, path):
+            if target != "tensorizer" and not target.startswith("tensorizer."):
+                continue
+            private = [n for n in [*target.split(".")[1:], *names] if n.startswith("_")]
+            if private or PRIVATE_TENSORIZER & set(names):
+                offenders.append(f"{path.relative_to(SRC)}:{line} {target} {names}")
+    assert offenders == []
