@@ -88,11 +88,7 @@ class Engine:
         """The figures of each worker's last tensorizer load (workers that did none left
         out)."""
         answers = self.rpc("tensorize_vllm_model_load_stats")
-        return [
-            LoadStats(uri=s["uri"], tensors=s["tensors"], bytes=s["bytes"], seconds=s["seconds"])
-            for s in answers
-            if s
-        ]
+        return [stats for stats in answers if isinstance(stats, LoadStats)]
 
     # -- plain calls -----------------------------------------------------------------------
 

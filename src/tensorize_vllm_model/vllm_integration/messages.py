@@ -7,7 +7,10 @@ dataclass arrives as a dict; pickle needs ``VLLM_ALLOW_INSECURE_SERIALIZATION=1`
 message crosses as the dict of `encode` (its fields and its type's name) and is a typed
 dataclass again on the other side (`decode`): `engine.Engine` and `worker.worker_call` do
 both, so neither side handles dicts with string keys. `WorkerFailure` carries one of this
-package's errors back.
+package's errors back. A worker's load figures cross as `read.base.LoadStats` (its
+`ReadTimes` nested as a dict on the wire, so a user's own ``llm.collective_rpc(
+"tensorize_vllm_model_load_stats")`` still gets ``stats["bytes"]``,
+``stats["read_times"]["reading"]``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
+
+from ..read.base import LoadStats, ReadTimes
 
 __all__ = [
     "LOAD_FORMAT",
@@ -24,6 +29,7 @@ __all__ = [
     "SavedFile",
     "LoraModules",
     "WorkerFailure",
+    "LoadStats",
     "encode",
     "decode",
 ]
@@ -85,7 +91,11 @@ class WorkerFailure:
 
 # The key of an encoded message that names its type.
 MESSAGE_KEY = "tensorize_vllm_model_message"
-_TYPES = {cls.__name__: cls for cls in (SaveRequest, SavedFile, LoraModules, WorkerFailure)}
+_TYPES = {
+    cls.__name__: cls for cls in (SaveRequest, SavedFile, LoraModules, WorkerFailure, LoadStats)
+}
+# Fields holding a dataclass of their own (``dataclasses.asdict`` makes them dicts too).
+_NESTED: dict[str, dict[str, type]] = {"LoadStats": {"read_times": ReadTimes}}
 
 
 def encode(message: Any) -> Any:
@@ -100,6 +110,10 @@ def decode(value: Any) -> Any:
     """An encoded message as its dataclass again (a message already typed, as an in-process
     engine passes it, as it is); anything else as it is."""
     if isinstance(value, dict) and value.get(MESSAGE_KEY) in _TYPES:
+        kind = value[MESSAGE_KEY]
         fields = {k: v for k, v in value.items() if k != MESSAGE_KEY}
-        return _TYPES[value[MESSAGE_KEY]](**fields)
+        for name, nested in _NESTED.get(kind, {}).items():
+            if isinstance(fields.get(name), dict):
+                fields[name] = nested(**fields[name])
+        return _TYPES[kind](**fields)
     return value

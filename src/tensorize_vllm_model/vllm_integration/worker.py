@@ -2,14 +2,14 @@
 `WORKER_EXTENSION`), called in every worker through ``collective_rpc``.
 
 Their arguments and answers are the small dataclasses of `messages`; what a worker keeps
-between calls is `runtime.STATE`. The load figures (``tensorize_vllm_model_load_stats``,
-``tensorize_vllm_model_read_plan``) stay plain dicts and tuples: users call them through
-``llm.collective_rpc`` (README, examples).
+between calls is `runtime.STATE`. The load figures (``tensorize_vllm_model_load_stats``) are
+a `LoadStats` message, whose wire form is a plain dict that users read through
+``llm.collective_rpc`` (README, examples); ``tensorize_vllm_model_read_plan`` stays plain
+tuples.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -24,6 +24,7 @@ from ..progress import progress
 from .messages import (
     CAPTURE_LOAD_FORMAT,
     WORKER_EXTENSION,
+    LoadStats,
     LoraModules,
     SavedFile,
     SaveRequest,
@@ -141,9 +142,9 @@ class WorkerExtension:
         converted file read on this rank."""
         return list(STATE.last_parts)
 
-    def tensorize_vllm_model_load_stats(self) -> dict[str, Any] | None:
-        """Figures of the last tensorizer load in this worker (`read.base.LoadStats` as a
-        dict: ``uri``, ``tensors``, ``bytes``, ``seconds``...)."""
-        if STATE.last_load is None:
-            return None
-        return dataclasses.asdict(STATE.last_load)
+    @worker_call
+    def tensorize_vllm_model_load_stats(self) -> LoadStats | None:
+        """Figures of the last tensorizer load in this worker (None before any): on the wire
+        the dict of `messages.encode` (``uri``, ``tensors``, ``bytes``, ``seconds``,
+        ``read_times``)."""
+        return STATE.last_load
