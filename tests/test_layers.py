@@ -151,3 +151,16 @@ def test_tensorizer_private_names_only_in_compat():
             if private or PRIVATE_TENSORIZER & set(names):
                 offenders.append(f"{path.relative_to(SRC)}:{line} {target} {names}")
     assert offenders == []
+
+
+def test_only_settings_reads_the_environment():
+    """``os.environ``/``os.getenv`` only in settings.py (cli/configs.py sets vLLM's and the
+    AWS SDK's variables from flags, which it may)."""
+    offenders = [
+        f"{path.relative_to(SRC)}:{number}"
+        for module, path in _modules().items()
+        if module not in ("settings", "cli.configs")
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if "os.environ" in line or "os.getenv" in line
+    ]
+    assert offenders == []

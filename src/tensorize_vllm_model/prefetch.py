@@ -10,7 +10,7 @@ copy once loaded (`release`).
 Memory stays bounded: the copy goes through this package's ranged reader (its read-ahead
 window, 4 x 16 MiB by default) into a file, in 16 MiB pieces; the file's pages are page
 cache, which the kernel may reclaim. The cost is disk space for one copy of the file in
-the cache directory (``TENSORIZE_VLLM_MODEL_CACHE``, see `config.environment`) until the
+the cache directory (``TENSORIZE_VLLM_MODEL_CACHE``, see `settings.environment`) until the
 worker has loaded it, and the copy's CPU time during the start-up.
 
 The two processes meet through files and one environment variable, set in the API process
@@ -19,12 +19,12 @@ before vLLM spawns the others (spawned processes inherit the environment):
 written to ``<path>.partial`` and renamed when whole; a failed copy leaves ``<path>.failed``
 and the worker streams the remote file as without the overlap. The overlap is opt-in:
 ``TENSORIZE_VLLM_MODEL_OVERLAP=1`` (without it no byte of the tensors touches local disk).
+Both variables are read (and the map written) through `settings`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -32,21 +32,25 @@ import threading
 import time
 
 from . import storage
-from .config import environment
+from .settings import OVERLAP_ENV, PREFETCH_ENV, environment, set_prefetch_map
 
 __all__ = ["enabled", "start", "local_copy", "release", "ENV_MAP", "ENV_SWITCH"]
 
 logger = logging.getLogger(__name__)
 
-ENV_MAP = "TENSORIZE_VLLM_MODEL_PREFETCH"
-ENV_SWITCH = "TENSORIZE_VLLM_MODEL_OVERLAP"
+ENV_MAP = PREFETCH_ENV
+ENV_SWITCH = OVERLAP_ENV
 PIECE = 16 << 20
 
 
 def enabled() -> bool:
     """Whether the overlap is on: ``TENSORIZE_VLLM_MODEL_OVERLAP=1`` (default off, since it
-    writes the tensors to local disk, which a remote load otherwise never does)."""
-    return os.environ.get(ENV_SWITCH, "0").strip().lower() in ("1", "true", "yes", "on")
+    writes the tensors to local disk, which a remote load otherwise never does).
+
+    Raises:
+        ConfigError: the variable is set to something other than on/off values.
+    """
+    return environment().overlap
 
 
 def start(uri: str, options: storage.Options = None) -> str:
@@ -56,13 +60,12 @@ def start(uri: str, options: storage.Options = None) -> str:
     Returns:
         The local path the copy will have once whole (``<cache>/prefetch/...``).
     """
-    directory = os.path.join(environment().cache_dir, "prefetch")
+    env = environment()
+    directory = os.path.join(env.cache_dir, "prefetch")
     os.makedirs(directory, exist_ok=True)
     digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
     path = os.path.join(directory, f"{digest}-{os.getpid()}-{time.monotonic_ns()}.tensors")
-    mapping = json.loads(os.environ.get(ENV_MAP) or "{}")
-    mapping[uri] = path
-    os.environ[ENV_MAP] = json.dumps(mapping)
+    set_prefetch_map({**env.prefetch_map, uri: path})
     threading.Thread(
         target=_copy, args=(uri, options, path), name="tensorizer-prefetch", daemon=True
     ).start()
@@ -94,7 +97,7 @@ def local_copy(uri: str, timeout: float = 600.0) -> str | None:
     """The whole local copy of `uri` started by `start` (in this or a parent process),
     waiting for it to finish; None when there is none, it failed, or `timeout` seconds
     passed (the caller then reads `uri` itself)."""
-    path = json.loads(os.environ.get(ENV_MAP) or "{}").get(uri)
+    path = environment().prefetch_map.get(uri)
     if not path:
         return None
     begun = time.monotonic()
@@ -111,10 +114,10 @@ def local_copy(uri: str, timeout: float = 600.0) -> str | None:
 def release(uri: str) -> None:
     """Delete the local copy of `uri` once its tensors are loaded, and forget it in this
     process (a later reload streams `uri`)."""
-    mapping = json.loads(os.environ.get(ENV_MAP) or "{}")
+    mapping = environment().prefetch_map
     path = mapping.pop(uri, None)
     if path:
-        os.environ[ENV_MAP] = json.dumps(mapping)
+        set_prefetch_map(mapping)
     for name in (path, f"{path}.failed") if path else ():
         if os.path.exists(name):
             os.unlink(name)

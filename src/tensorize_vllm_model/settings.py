@@ -1,20 +1,37 @@
 """Settings from the environment, and value parsing shared by every layer (the bottom layer).
 
-`environment()` is the only place that reads this package's environment variables;
-`parse_bool` reads the booleans of configs and ``stream_kwargs``. This module imports
+`environment()` is the only place that reads this package's environment variables
+(`set_prefetch_map` the only place that writes one); `parse_bool` reads the booleans of
+configs and ``stream_kwargs``, `parse_switch` an on/off environment variable. This module imports
 nothing from the package but `errors`, so `storage` and `config` can both use it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["Environment", "environment", "parse_bool"]
+__all__ = [
+    "Environment",
+    "environment",
+    "parse_bool",
+    "parse_switch",
+    "set_prefetch_map",
+    "OVERLAP_ENV",
+    "PREFETCH_ENV",
+]
+
+# The opt-in switch of `prefetch`'s overlap of a remote download with vLLM's start-up.
+OVERLAP_ENV = "TENSORIZE_VLLM_MODEL_OVERLAP"
+# `prefetch`'s map of remote URI -> local copy (JSON), inherited by vLLM's processes.
+PREFETCH_ENV = "TENSORIZE_VLLM_MODEL_PREFETCH"
+_ON = ("1", "true", "yes", "on")
+_OFF = ("", "0", "false", "no", "off")
 
 
 def parse_bool(value: Any, key: str) -> Any:
@@ -31,6 +48,19 @@ def parse_bool(value: Any, key: str) -> Any:
     raise ConfigError(f"{key} must be true or false, got {value!r}")
 
 
+def parse_switch(value: str | None, key: str) -> bool:
+    """An on/off environment variable: unset, empty, ``0``/``false``/``no``/``off`` are off;
+    ``1``/``true``/``yes``/``on`` (any case) are on.
+
+    Raises:
+        ConfigError: any other value, naming the variable `key`.
+    """
+    text = (value or "").strip().lower()
+    if text in _ON or text in _OFF:
+        return text in _ON
+    raise ConfigError(f"{key} must be 1 or 0 (on or off), got {value!r}")
+
+
 @dataclass(frozen=True)
 class Environment:
     """The environment variables this package honours, read in one place."""
@@ -40,6 +70,10 @@ class Environment:
     s3_endpoint_url: str | None
     aws_endpoint_url: str | None
     cache_dir: str
+    # `prefetch`'s opt-in overlap (``TENSORIZE_VLLM_MODEL_OVERLAP``).
+    overlap: bool = False
+    # `prefetch`'s remote URI -> local copy path (``TENSORIZE_VLLM_MODEL_PREFETCH``).
+    prefetch_map: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def environment() -> Environment:
@@ -62,4 +96,22 @@ def environment() -> Environment:
         s3_endpoint_url=env.get("S3_ENDPOINT_URL"),
         aws_endpoint_url=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"),
         cache_dir=cache,
+        overlap=parse_switch(env.get(OVERLAP_ENV), OVERLAP_ENV),
+        prefetch_map=_prefetch_map(env.get(PREFETCH_ENV)),
     )
+
+
+def _prefetch_map(text: str | None) -> dict[str, str]:
+    try:
+        mapping = json.loads(text or "{}")
+    except ValueError:
+        mapping = None
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{PREFETCH_ENV} must be a JSON object, got {text!r}")
+    return {str(k): str(v) for k, v in mapping.items()}
+
+
+def set_prefetch_map(mapping: dict[str, str]) -> None:
+    """Record `prefetch`'s map in this process's environment, which the processes vLLM
+    spawns next inherit."""
+    os.environ[PREFETCH_ENV] = json.dumps(mapping)
