@@ -2,9 +2,11 @@
 job) with typed calls to the worker extension (`save`, `commit`, `abort`, `lora_modules`,
 `load_stats`), and vLLM's argument parser and `EngineArgs` for the command line.
 
-It imports vLLM's public API only (``vllm.LLM``, ``EngineArgs``, ``FlexibleArgumentParser``),
-inside its functions, and not the worker side (`worker`), so that `serialization` can drive
-an engine without an import cycle.
+It imports vLLM's public API (``vllm.LLM``, ``SamplingParams``, ``EngineArgs``,
+``FlexibleArgumentParser``) inside its functions, and uses one internal: `Engine.close`
+calls ``llm.llm_engine.engine_core.shutdown()`` (``LLM`` has no public shutdown in vLLM
+0.32). It does not import the worker side (`worker`), so that `serialization` can drive an
+engine without an import cycle.
 """
 
 from __future__ import annotations

@@ -12,7 +12,9 @@ Every place this package touches vLLM, in one list (vLLM 0.32 CPU / 0.33 CUDA):
 2. **A wrapper around** ``vllm.engine.arg_utils.EngineArgs.create_engine_config``: vLLM's
    method is replaced, once per process, by one that, for ``load_format="tensorizer"``
    only, first fetches a remote model's config and tokenizer (`resolve_remote_model`) and
-   checks every rank's file (`check_engine_files`), then calls vLLM's method unchanged.
+   checks every rank's file (`check_engine_files`; within `resolve_remote_model`, with
+   ``TENSORIZE_VLLM_MODEL_OVERLAP=1`` only, `prefetch.start` copies a one-rank remote
+   model's tensors while vLLM starts), then calls vLLM's method unchanged.
    This is the one patch of vLLM's code; every other load format goes straight to vLLM.
 3. LoRA resolver registry: ``LoRAResolverRegistry.register_resolver`` adds a resolver that
    serves ``lora/<name>`` of the served tensorized model (vLLM asks resolvers only with
@@ -22,15 +24,20 @@ Every place this package touches vLLM, in one list (vLLM 0.32 CPU / 0.33 CUDA):
    serialize; its methods run in each worker through ``collective_rpc``.
 5. vLLM internals the loaders and workers read: ``vllm.config`` (``VllmConfig``,
    ``ModelConfig``, ``LoadConfig``, ``get_current_vllm_config``,
-   ``set_current_vllm_config``), ``vllm.model_executor.model_loader.utils``
-   (``initialize_model``, ``process_weights_after_loading``), the loader registry's private
-   ``_LOAD_FORMAT_TO_MODEL_LOADER`` (read, to register once), ``vllm.distributed`` (ranks and
-   groups), ``vllm.platforms.current_platform``, ``vllm.lora.utils.get_supported_lora_modules``,
+   ``set_current_vllm_config``), ``vllm.model_executor.model_loader``
+   (``DefaultModelLoader``, ``BaseModelLoader``, and the registry's private
+   ``_LOAD_FORMAT_TO_MODEL_LOADER``, read to register once),
+   ``vllm.model_executor.model_loader.utils`` (``initialize_model``,
+   ``process_weights_after_loading``), ``vllm.distributed`` (``parallel_state``,
+   ``get_tensor_model_parallel_rank``, ``get_pp_group``), ``vllm.platforms.current_platform``, ``vllm.lora.utils.get_supported_lora_modules``,
    ``vllm.utils.torch_utils.set_default_torch_dtype`` and ``vllm.logger.init_logger``.
 6. vLLM's public API the command line and a serialize drive (`engine`): ``vllm.LLM``,
    ``LLM.collective_rpc``, ``LLM.generate`` with ``SamplingParams``, ``EngineArgs`` (its
    fields and ``add_cli_args``), ``FlexibleArgumentParser``, ``vllm.lora.request.LoRARequest``,
-   and, to shut an engine down, ``llm.llm_engine.engine_core.shutdown()``.
+   and, to shut an engine down, ``llm.llm_engine.engine_core.shutdown()`` (an internal:
+   ``LLM`` has no public shutdown in vLLM 0.32).
+
+docs/design.md ("The vLLM touchpoints") lists the same; change both together.
 
 `register()` is cheap and safe to call more than once: each step checks whether it is done.
 """
