@@ -11,6 +11,7 @@ import time
 import uuid
 
 from .. import storage
+from ..format.record import ParallelLayout
 from .configs import credentials_to_environment, deserialize_config, read_config, serialize_config
 from .output import print_report, print_verified, print_written
 
@@ -63,11 +64,10 @@ def convert(args: argparse.Namespace) -> int:
 def serialize(args: argparse.Namespace) -> int:
     """``serialize``: load --model with vLLM and publish its tensors and artifacts."""
     from ..serialization import tensorize_vllm_model
-    from ..vllm_integration.engine import engine_args_from_namespace, parallel_sizes
+    from ..vllm_integration.engine import engine_args_from_namespace
 
     engine_args = engine_args_from_namespace(args)
-    tp, pp = parallel_sizes(engine_args)
-    config = serialize_config(args, tp * pp)
+    config = serialize_config(args)
     engine_args.model_loader_extra_config = {}
     lora_paths = [*args.lora_paths_before, *args.lora_paths]
     if config.encryption_keyfile and storage.exists(
@@ -88,13 +88,15 @@ def deserialize(args: argparse.Namespace) -> int:
 
     Every rank's file is checked before any engine work, by the plug-in's engine hook, as
     for any ``LLM(..., load_format="tensorizer")``."""
-    from ..vllm_integration.engine import Engine, engine_args_from_namespace
+    from ..plan import resolve_read
+    from ..vllm_integration.engine import Engine, engine_args_from_namespace, parallel_sizes
     from ..vllm_integration.messages import LOAD_FORMAT, WORKER_EXTENSION
 
     config = deserialize_config(args)
     if args.serialized_directory and not getattr(args, "model_given", False):
         args.model = args.serialized_directory  # its config and tokenizer too
     engine_args = engine_args_from_namespace(args)
+    source = resolve_read(config, ParallelLayout(*parallel_sizes(engine_args)))
     start = time.perf_counter()
     with Engine(
         engine_args,
@@ -110,7 +112,7 @@ def deserialize(args: argparse.Namespace) -> int:
         seconds = max(s.seconds for s in stats)
         rate = nbytes / seconds / 1e9 if seconds > 0 else float("inf")
         print(
-            f"Deserialized {nbytes / 1e6:.1f} MB from {config.tensorizer_uri} in "
+            f"Deserialized {nbytes / 1e6:.1f} MB from {source.file_config().tensorizer_uri} in "
             f"{seconds:.2f} s ({rate:.2f} GB/s) on {len(stats)} rank(s); engine ready in "
             f"{ready:.1f} s"
         )

@@ -156,9 +156,10 @@ DESERIALIZE = (
     ),
     Row(
         "--serialized-directory",
-        "A model directory written by serialize (local, s3:// or http(s)://): its "
-        "model.tensors (model-rank-%%03d.tensors with several ranks) and, unless --model "
-        "is given, its config and tokenizer. Instead of --path-to-tensors.",
+        "A model directory written by serialize or convert (local, s3:// or http(s)://): "
+        "its model-rank-%%03d.tensors with several ranks, else its model.tensors (a "
+        "convert output is read by every rank) and, unless --model is given, its config "
+        "and tokenizer. Instead of --path-to-tensors.",
     ),
     Row(
         "--deserialization-kwargs",
