@@ -114,3 +114,117 @@ def test_serialize_config_leaves_the_file_names_to_the_write_plan(tiny_llama, tm
     two = resolve_write(config, TP2_RANK1)
     assert two.template == str(directory / "model-rank-%03d.tensors")
     assert two.uri == str(directory / "model-rank-001.tensors")
+
+
+# -- dispatch: the command word, flags before inspect/verify/convert, main's exit codes -----
+
+
+def _main(capsys, *argv):
+    """`main`'s exit code (it never raises SystemExit), stdout, and stderr's lines."""
+    from tensorize_vllm_model.cli import main
+
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err.strip().splitlines()
+
+
+def test_command_word_is_not_a_flags_value(capsys, tmp_path):
+    """``--suffix convert`` is serialize's suffix, not the convert command: the run gets as
+    far as serialize's own --model check (no engine starts)."""
+    missing = tmp_path / "absent-model"
+    code, _, err = _main(
+        capsys, "--model", missing, "serialize", "--serialized-directory", tmp_path,
+        "--suffix", "convert",
+    )  # fmt: skip
+    assert (code, err) == (2, [f"error: --model {missing}: no such directory"])
+
+
+@pytest.mark.parametrize("command", ["inspect", "verify"])
+def test_engine_flags_before_a_file_command_refused(capsys, tmp_path, command):
+    code, _, err = _main(capsys, "--dtype", "float32", command, tmp_path / "model.tensors")
+    assert code == 2
+    assert err == [
+        f"error: {command} takes no flags before it (got --dtype); give its own flags after "
+        f"it: python -m tensorize_vllm_model {command} URI [--keyfile KEYFILE] ..."
+    ]
+
+
+def test_engine_flags_before_convert_refused(capsys, tiny_llama, tmp_path):
+    code, _, err = _main(
+        capsys, "--model", tiny_llama, "--tensor-parallel-size", "2", "convert",
+        "--serialized-directory", tmp_path,
+    )  # fmt: skip
+    assert code == 2
+    assert err == [
+        "error: convert takes only --model, --dtype, --revision, --download-dir before it, "
+        "not --tensor-parallel-size"
+    ]
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_help_lists_convert_and_returns_zero(capsys):
+    code, out, _ = _main(capsys, "--help")
+    assert code == 0
+    text = " ".join(out.split())
+    assert "{serialize,deserialize,inspect,verify,convert}" in text
+    assert "convert Convert a Hugging Face checkpoint into one tensorizer file" in text
+
+
+def test_usage_error_returns_two(capsys, tmp_path):
+    code, _, err = _main(capsys, "inspect", tmp_path / "x.tensors", "--no-such-flag")
+    assert code == 2 and err[-1].endswith("error: unrecognized arguments: --no-such-flag")
+
+
+def test_num_readers_zero_names_the_flag(capsys, converted):
+    code, _, err = _main(capsys, "verify", converted / "model.tensors", "--num-readers", "0")
+    assert (code, err) == (2, ["error: --num-readers must be a positive integer, got 0"])
+
+
+def test_convert_keyfile_directory_refused_before_any_notice(capsys, tiny_llama, tmp_path):
+    keydir = tmp_path / "keys"
+    keydir.mkdir()
+    out_dir = tmp_path / "out"
+    code, out, err = _main(
+        capsys, "--model", tiny_llama, "convert", "--serialized-directory", out_dir,
+        "--keyfile", keydir,
+    )  # fmt: skip
+    assert code == 2 and "encrypting with the existing key" not in out
+    assert len(err) == 1 and err[0].startswith(f"error: cannot read the key file {keydir}")
+    assert not out_dir.exists()
+
+
+def test_convert_keyfile_help_says_an_existing_key_is_used():
+    from tensorize_vllm_model.cli.parsers import build_convert_parser
+
+    (convert,) = [
+        a for a in build_convert_parser()._actions if a.dest == "command"
+    ]  # the subparsers action
+    text = " ".join(convert.choices["convert"].format_help().split())
+    assert "A path (or s3:// URI) that holds a key: encrypt with that key" in text
+    assert "randomly generated key saved here" not in text
+
+
+def test_inspect_into_a_closed_pipe_exits_quietly(tmp_path):
+    """``inspect F | head -1``: the reader leaves early; no BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    import torch
+    from conftest import subprocess_env
+
+    from tensorize_vllm_model.format.record import FileRecord
+    from tensorize_vllm_model.format.writer import write_tensors
+
+    path = str(tmp_path / "many.tensors")
+    tensors = [(f"layer.{i}.weight", torch.ones(1), False) for i in range(4000)]
+    write_tensors(path, tensors, record=FileRecord()).commit()
+    command = [sys.executable, "-m", "tensorize_vllm_model", "inspect", path]
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=subprocess_env()
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline().decode().strip() == path
+    proc.stdout.close()  # what `head -1` does after its line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert "Traceback" not in err and "BrokenPipeError" not in err

@@ -11,7 +11,9 @@ import time
 import uuid
 
 from .. import storage
+from ..config import TensorizerConfig
 from ..format.record import ParallelLayout
+from ..keys import read_key
 from .configs import credentials_to_environment, deserialize_config, read_config, serialize_config
 from .output import print_report, print_verified, print_written
 
@@ -34,13 +36,24 @@ def inspect_or_verify(command: str, args: argparse.Namespace) -> int:
     return 0 if all(r.intact for r in results) else 1
 
 
+def announce_existing_key(keyfile: str | None, config: TensorizerConfig) -> None:
+    """Print ``encrypting with the existing key in KEYFILE`` when --keyfile already holds a
+    key (it is used and left unchanged), after checking that it is one.
+
+    Raises:
+        EncryptionError: the path exists but is not a readable 32-byte key (a directory, say).
+    """
+    if keyfile and storage.exists(keyfile, config.stream_options()):
+        read_key(keyfile, config)
+        print(f"encrypting with the existing key in {keyfile}", flush=True)
+
+
 def convert(args: argparse.Namespace) -> int:
     """``convert``: a Hugging Face checkpoint to one tensorizer file, without vLLM."""
     from ..convert import convert_checkpoint
 
     config = read_config(args, {"tensorizer_uri": "model.tensors"}, None)
-    if args.keyfile and storage.exists(args.keyfile, config.stream_options()):
-        print(f"encrypting with the existing key in {args.keyfile}", flush=True)
+    announce_existing_key(args.keyfile, config)
     result = convert_checkpoint(
         args.model,
         args.serialized_directory,
@@ -70,10 +83,7 @@ def serialize(args: argparse.Namespace) -> int:
     config = serialize_config(args)
     engine_args.model_loader_extra_config = {}
     lora_paths = [*args.lora_paths_before, *args.lora_paths]
-    if config.encryption_keyfile and storage.exists(
-        config.encryption_keyfile, config.stream_options()
-    ):
-        print(f"encrypting with the existing key in {config.encryption_keyfile}", flush=True)
+    announce_existing_key(config.encryption_keyfile, config)
     result = tensorize_vllm_model(engine_args, config, lora_paths=lora_paths)
     print(
         f"Serialized {result.tensors} tensors ({result.bytes / 1e6:.1f} MB) in "

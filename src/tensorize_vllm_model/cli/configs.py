@@ -128,6 +128,9 @@ def read_config(
     for name in READ_FLAGS:
         if getattr(args, name, None) is not None:
             values[name] = getattr(args, name)
+    readers = getattr(args, "num_readers", None)
+    if readers is not None and readers < 1:
+        raise ConfigError(f"--num-readers must be a positive integer, got {readers}")
     if keyfile:
         values["encryption_keyfile"] = keyfile
     values.update(transport(args, values))

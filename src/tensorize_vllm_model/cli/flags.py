@@ -205,7 +205,9 @@ CONVERT = (
     Row("--suffix", "The last directory of the destination (default: a random UUID)."),
     Row(
         "--keyfile",
-        "Encrypt with a randomly generated key saved here (mode 0600) or at this s3:// URI.",
+        "Encrypt the weights. A path (or s3:// URI) that holds a key: encrypt with that "
+        "key (the file is never overwritten). A path with no file: generate a random key and "
+        "save it there (mode 0600).",
     ),
     Row(
         "--serialization-kwargs",
