@@ -228,3 +228,29 @@ def test_inspect_into_a_closed_pipe_exits_quietly(tmp_path):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141
     assert "Traceback" not in err and "BrokenPipeError" not in err
+
+
+def test_shared_tensorizer_flags_have_one_definition():
+    """--num-readers and the --s3-* flags: TensorizerArgs.add_cli_args (vLLM's API name) and
+    every command that takes them show the same help, from one table."""
+    import argparse
+
+    from tensorize_vllm_model.cli import build_parser
+    from tensorize_vllm_model.cli.parsers import build_file_parser
+    from tensorize_vllm_model.config import TENSORIZER_CLI_FLAGS, TensorizerArgs
+
+    def helps(parser):
+        return {a.option_strings[0]: a.help for a in parser._actions if a.option_strings}
+
+    top = build_parser()
+    (commands,) = [a for a in top._actions if a.dest == "command"]
+    parsers = [
+        TensorizerArgs.add_cli_args(argparse.ArgumentParser()),
+        commands.choices["serialize"],
+        commands.choices["deserialize"],
+        build_file_parser("verify"),
+    ]
+    for flag in ("--s3-access-key-id", "--s3-secret-access-key", "--s3-endpoint"):
+        assert {helps(p)[flag] for p in parsers} == {TENSORIZER_CLI_FLAGS[flag]["help"]}
+    readers = TENSORIZER_CLI_FLAGS["--num-readers"]["help"]
+    assert helps(parsers[2])["--num-readers"] == helps(parsers[3])["--num-readers"] == readers
