@@ -217,7 +217,7 @@ def test_stream_kwargs_and_transport_flags_reach_serialize(tiny_llama, tmp_path)
         "--ca-bundle",
         "/etc/ca.pem",
     )
-    config = serialize_config(args, 1)
+    config = serialize_config(args)
     assert config.tensorizer_uri == "s3://bucket/models/vllm/tiny-llama/v2/model.tensors"
     options = config.stream_options()
     assert options["force_http"] is True and options["workers"] == 3
@@ -226,10 +226,9 @@ def test_stream_kwargs_and_transport_flags_reach_serialize(tiny_llama, tmp_path)
         _serialize_args(
             "--model", tiny_llama, "serialize", "--serialized-directory", "s3://b", "--allow-http"
         ),
-        2,
     )
     assert flagged.stream_options()["force_http"] is True
-    assert flagged.tensorizer_uri.endswith("/model-rank-%03d.tensors")
+    assert flagged.given_uri is None  # rank files: the write plan's (tests/test_cli_plan.py)
 
 
 def test_serialize_to_plain_http_endpoint_refused_before_engine(

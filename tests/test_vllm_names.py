@@ -465,7 +465,7 @@ def test_serialized_directory_gives_the_tensors(tiny_llama):
             tiny_llama, "--tensor-parallel-size", "2", "deserialize", "--serialized-directory", "/d"
         )
     )
-    assert config.tensorizer_uri == "/d/model-rank-%03d.tensors"
+    assert (config.given_uri, config.tensorizer_dir) == (None, "/d")  # the plan decides
     with pytest.raises(ConfigError, match="--serialized-directory and --path-to-tensors"):
         deserialize_config(
             deserialize_args(

@@ -344,6 +344,51 @@ TensorizerConfig._fields = tuple(f.name for f in fields(TensorizerConfig))
 TensorizerConfig._keys = frozenset(TensorizerConfig._fields)
 
 
+# The tensorizer flags of vLLM's example script: argparse keywords, help included.
+# `TensorizerArgs.add_cli_args` adds them all; the command line (cli/flags.py) takes the
+# S3 flags and --num-readers from here too, so each is defined once.
+TENSORIZER_CLI_FLAGS: dict[str, dict[str, Any]] = {
+    "--tensorizer-uri": {
+        "type": str,
+        "help": "Path to serialized model tensors: a local path, or an HTTP(S) or S3 URI. "
+        "The same as --path-to-tensors.",
+    },
+    "--verify-hash": {
+        "action": "store_true",
+        "default": None,
+        "help": "Check every tensor's stored hash while loading; a mismatch is an error "
+        "naming the tensor.",
+    },
+    "--encryption-keyfile": {
+        "type": str,
+        "default": None,
+        "help": "The file (path or S3 URI) holding the binary key that decrypts the "
+        "tensors. The same as --keyfile.",
+    },
+    "--num-readers": {
+        "type": int,
+        "default": None,
+        "help": "How many threads read the tensors concurrently (default: chosen for the source).",
+    },
+    "--s3-access-key-id": {
+        "type": str,
+        "default": None,
+        "help": "The S3 access key (else S3_ACCESS_KEY_ID, the AWS credential chain, ~/.s3cfg).",
+    },
+    "--s3-secret-access-key": {
+        "type": str,
+        "default": None,
+        "help": "The S3 secret key. Prefer the S3_SECRET_ACCESS_KEY environment variable: "
+        "command lines are visible to other users of the machine.",
+    },
+    "--s3-endpoint": {
+        "type": str,
+        "default": None,
+        "help": "The S3 endpoint URL (else S3_ENDPOINT_URL).",
+    },
+}
+
+
 class TensorizerArgs:
     """A config resolved for tensorizer: stream and deserializer keyword arguments.
 
@@ -387,8 +432,8 @@ class TensorizerArgs:
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        """Add the "tensorizer options" group (flags of vLLM's example script); it is the
-        parser's last argument group."""
+        """Add the "tensorizer options" group (flags of vLLM's example script, from
+        `TENSORIZER_CLI_FLAGS`); it is the parser's last argument group."""
         group = parser.add_argument_group(
             "tensorizer options",
             description=(
@@ -397,53 +442,8 @@ class TensorizerArgs:
                 "TensorizerConfig fields to model_loader_extra_config (LLM)."
             ),
         )
-        group.add_argument(
-            "--tensorizer-uri",
-            type=str,
-            help="Path to serialized model tensors: a local path, or an HTTP(S) or S3 URI. "
-            "The same as --path-to-tensors.",
-        )
-        group.add_argument(
-            "--verify-hash",
-            action="store_true",
-            default=None,
-            help="Check every tensor's stored hash while loading; a mismatch is an error "
-            "naming the tensor.",
-        )
-        group.add_argument(
-            "--encryption-keyfile",
-            type=str,
-            default=None,
-            help="The file (path or S3 URI) holding the binary key that decrypts the "
-            "tensors. The same as --keyfile.",
-        )
-        group.add_argument(
-            "--num-readers",
-            type=int,
-            default=None,
-            help="How many threads read the tensors concurrently (default: chosen by the loader).",
-        )
-        group.add_argument(
-            "--s3-access-key-id",
-            type=str,
-            default=None,
-            help="The S3 access key. Can also be set with the S3_ACCESS_KEY_ID environment "
-            "variable.",
-        )
-        group.add_argument(
-            "--s3-secret-access-key",
-            type=str,
-            default=None,
-            help="The S3 secret key. Prefer the S3_SECRET_ACCESS_KEY environment variable: "
-            "command lines are visible to other users of the machine.",
-        )
-        group.add_argument(
-            "--s3-endpoint",
-            type=str,
-            default=None,
-            help="The S3 endpoint URL. Can also be set with the S3_ENDPOINT_URL environment "
-            "variable.",
-        )
+        for flag, keywords in TENSORIZER_CLI_FLAGS.items():
+            group.add_argument(flag, **keywords)
         return parser
 
     @classmethod

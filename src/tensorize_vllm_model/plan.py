@@ -10,7 +10,8 @@ the rules live in one place:
 * A directory (``tensorizer_dir``, vLLM's ``--model``) holds ``model.tensors`` at one rank,
   ``model-rank-%03d.tensors`` at more; when it has no rank files but a ``model.tensors``
   (a converted checkpoint, a Hugging Face file), that one file is shared.
-* A write never shares: at more than one rank its URI needs a rank template.
+* A write never shares: a directory gets ``model.tensors`` at one rank,
+  ``model-rank-%03d.tensors`` at more; a given URI needs a rank template at more than one.
 """
 
 from __future__ import annotations
@@ -116,14 +117,15 @@ def resolve_read(config: TensorizerConfig, layout: ParallelLayout) -> ReadPlan:
 
 
 def resolve_write(config: TensorizerConfig, layout: ParallelLayout) -> WritePlan:
-    """The write plan of one rank of `layout`: ``tensorizer_uri`` (as vLLM derives it from
-    ``tensorizer_dir`` when not given), formatted with the rank.
+    """The write plan of one rank of `layout`: the given ``tensorizer_uri``, or the
+    directory's ``model.tensors`` (one rank) or ``model-rank-%03d.tensors`` (more, as vLLM's
+    example script names them), formatted with the rank.
 
     Raises:
-        ConfigError: more than one rank and no rank template (checked before any write).
+        ConfigError: more than one rank and a given URI without rank template (checked
+            before any write).
     """
-    template = config.tensorizer_uri
-    assert template is not None  # TensorizerConfig refuses a config without either
+    template = config.given_uri or tensors_uri(config.tensorizer_dir or ".", layout.world_size)
     return WritePlan(
         config=config,
         layout=layout,

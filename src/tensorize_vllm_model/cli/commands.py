@@ -11,6 +11,9 @@ import time
 import uuid
 
 from .. import storage
+from ..config import TensorizerConfig
+from ..format.record import ParallelLayout
+from ..keys import read_key
 from .configs import credentials_to_environment, deserialize_config, read_config, serialize_config
 from .output import print_report, print_verified, print_written
 
@@ -33,13 +36,24 @@ def inspect_or_verify(command: str, args: argparse.Namespace) -> int:
     return 0 if all(r.intact for r in results) else 1
 
 
+def announce_existing_key(keyfile: str | None, config: TensorizerConfig) -> None:
+    """Print ``encrypting with the existing key in KEYFILE`` when --keyfile already holds a
+    key (it is used and left unchanged), after checking that it is one.
+
+    Raises:
+        EncryptionError: the path exists but is not a readable 32-byte key (a directory, say).
+    """
+    if keyfile and storage.exists(keyfile, config.stream_options()):
+        read_key(keyfile, config)
+        print(f"encrypting with the existing key in {keyfile}", flush=True)
+
+
 def convert(args: argparse.Namespace) -> int:
     """``convert``: a Hugging Face checkpoint to one tensorizer file, without vLLM."""
     from ..convert import convert_checkpoint
 
     config = read_config(args, {"tensorizer_uri": "model.tensors"}, None)
-    if args.keyfile and storage.exists(args.keyfile, config.stream_options()):
-        print(f"encrypting with the existing key in {args.keyfile}", flush=True)
+    announce_existing_key(args.keyfile, config)
     result = convert_checkpoint(
         args.model,
         args.serialized_directory,
@@ -63,17 +77,13 @@ def convert(args: argparse.Namespace) -> int:
 def serialize(args: argparse.Namespace) -> int:
     """``serialize``: load --model with vLLM and publish its tensors and artifacts."""
     from ..serialization import tensorize_vllm_model
-    from ..vllm_integration.engine import engine_args_from_namespace, parallel_sizes
+    from ..vllm_integration.engine import engine_args_from_namespace
 
     engine_args = engine_args_from_namespace(args)
-    tp, pp = parallel_sizes(engine_args)
-    config = serialize_config(args, tp * pp)
+    config = serialize_config(args)
     engine_args.model_loader_extra_config = {}
     lora_paths = [*args.lora_paths_before, *args.lora_paths]
-    if config.encryption_keyfile and storage.exists(
-        config.encryption_keyfile, config.stream_options()
-    ):
-        print(f"encrypting with the existing key in {config.encryption_keyfile}", flush=True)
+    announce_existing_key(config.encryption_keyfile, config)
     result = tensorize_vllm_model(engine_args, config, lora_paths=lora_paths)
     print(
         f"Serialized {result.tensors} tensors ({result.bytes / 1e6:.1f} MB) in "
@@ -88,13 +98,15 @@ def deserialize(args: argparse.Namespace) -> int:
 
     Every rank's file is checked before any engine work, by the plug-in's engine hook, as
     for any ``LLM(..., load_format="tensorizer")``."""
-    from ..vllm_integration.engine import Engine, engine_args_from_namespace
+    from ..plan import resolve_read
+    from ..vllm_integration.engine import Engine, engine_args_from_namespace, parallel_sizes
     from ..vllm_integration.messages import LOAD_FORMAT, WORKER_EXTENSION
 
     config = deserialize_config(args)
     if args.serialized_directory and not getattr(args, "model_given", False):
         args.model = args.serialized_directory  # its config and tokenizer too
     engine_args = engine_args_from_namespace(args)
+    source = resolve_read(config, ParallelLayout(*parallel_sizes(engine_args)))
     start = time.perf_counter()
     with Engine(
         engine_args,
@@ -110,7 +122,7 @@ def deserialize(args: argparse.Namespace) -> int:
         seconds = max(s.seconds for s in stats)
         rate = nbytes / seconds / 1e9 if seconds > 0 else float("inf")
         print(
-            f"Deserialized {nbytes / 1e6:.1f} MB from {config.tensorizer_uri} in "
+            f"Deserialized {nbytes / 1e6:.1f} MB from {source.file_config().tensorizer_uri} in "
             f"{seconds:.2f} s ({rate:.2f} GB/s) on {len(stats)} rank(s); engine ready in "
             f"{ready:.1f} s"
         )

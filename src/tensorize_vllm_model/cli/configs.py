@@ -14,7 +14,7 @@ from typing import Any
 
 from ..config import TensorizerConfig
 from ..errors import ConfigError
-from ..format.names import serialized_dir, tensors_uri
+from ..format.names import serialized_dir
 
 S3_FIELDS = ("s3_access_key_id", "s3_secret_access_key", "s3_endpoint")
 READ_FLAGS = ("verify_hash", "num_readers", *S3_FIELDS, "ca_bundle")
@@ -54,9 +54,11 @@ def transport(args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any]
     return values
 
 
-def serialize_config(args: argparse.Namespace, world_size: int) -> TensorizerConfig:
-    """The config of a ``serialize``: the destination from --serialized-directory, --model
-    and --suffix; keys and transport from the flags, then --model-loader-extra-config."""
+def serialize_config(args: argparse.Namespace) -> TensorizerConfig:
+    """The config of a ``serialize``: the destination directory (``tensorizer_dir``) from
+    --serialized-directory, --model and --suffix; keys and transport from the flags, then
+    --model-loader-extra-config. Which file each rank writes is `plan.resolve_write`'s
+    answer (``model.tensors``, or ``model-rank-%03d.tensors`` at more than one rank)."""
     extra = extra_config(args)
     directory = serialized_dir(
         args.serialized_directory, args.model, args.suffix or uuid.uuid4().hex
@@ -69,7 +71,7 @@ def serialize_config(args: argparse.Namespace, world_size: int) -> TensorizerCon
         **transport(args, extra),
     }
     return TensorizerConfig(
-        tensorizer_uri=tensors_uri(directory, world_size),
+        tensorizer_dir=directory,
         encryption_keyfile=args.keyfile,
         serialization_kwargs=args.serialization_kwargs or extra.get("serialization_kwargs"),
         **values,
@@ -96,19 +98,20 @@ def _check_deserialize_flags(args: argparse.Namespace, uri: str | None) -> None:
 def deserialize_config(args: argparse.Namespace) -> TensorizerConfig:
     """The config of a ``deserialize``: --model-loader-extra-config, then the flags.
 
-    The tensors are --path-to-tensors (or --tensorizer-uri), or the files of
-    --serialized-directory: ``model.tensors``, or ``model-rank-%03d.tensors`` when the
-    engine has several ranks (as `serialize` names them).
+    The tensors are --path-to-tensors (or --tensorizer-uri), or --serialized-directory
+    (``tensorizer_dir``, as in vLLM's example script): which of its files each rank reads
+    is `plan.resolve_read`'s answer (``model-rank-%03d.tensors`` when the directory has rank
+    files, else its one ``model.tensors``, shared by every rank).
     """
     uri = args.path_to_tensors or args.tensorizer_uri
     _check_deserialize_flags(args, uri)
+    values = extra_config(args)
     directory = getattr(args, "serialized_directory", None)
-    if directory:
-        world = int(getattr(args, "tensor_parallel_size", 1) or 1) * int(
-            getattr(args, "pipeline_parallel_size", 1) or 1
-        )
-        uri = tensors_uri(directory.rstrip("/") or "/", world)
-    values = {**extra_config(args), "tensorizer_uri": uri}
+    if directory:  # the flag wins over the extra config's file
+        values.pop("tensorizer_uri", None)
+        values["tensorizer_dir"] = directory.rstrip("/") or "/"
+    else:
+        values["tensorizer_uri"] = uri
     if getattr(args, "deserialization_kwargs", None) is not None:
         values["deserialization_kwargs"] = {
             **(values.get("deserialization_kwargs") or {}),
@@ -125,6 +128,9 @@ def read_config(
     for name in READ_FLAGS:
         if getattr(args, name, None) is not None:
             values[name] = getattr(args, name)
+    readers = getattr(args, "num_readers", None)
+    if readers is not None and readers < 1:
+        raise ConfigError(f"--num-readers must be a positive integer, got {readers}")
     if keyfile:
         values["encryption_keyfile"] = keyfile
     values.update(transport(args, values))

@@ -2,21 +2,32 @@
 
 The one place that decides what the user sees when a command fails:
   - our errors (`TensorizeError`): one ``error: ...`` line on stderr, exit code 2;
-  - argparse's usage errors: its own message, exit code 2 (`SystemExit`);
+  - argparse's usage errors: its own message, exit code 2 (returned: `main` never raises
+    `SystemExit`; ``--help`` returns 0);
+  - a closed stdout (``| head``): nothing more is printed, exit code 141 (as for SIGPIPE);
   - Ctrl-C or SIGTERM: one ``interrupted (SIGINT)`` line, exit code 130 or 143;
   - anything else: a traceback (a bug).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 
 from .. import interrupts
-from ..errors import TensorizeError
+from ..errors import ConfigError, TensorizeError
 from . import commands
 from .configs import check_model_path
-from .parsers import FILE_COMMANDS, build_convert_parser, build_file_parser, build_parser
+from .parsers import (
+    CONVERT_TOP_FLAGS,
+    FILE_COMMANDS,
+    LISTED_COMMANDS,
+    PROG,
+    build_convert_parser,
+    build_file_parser,
+    build_parser,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -27,6 +38,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     interrupts.install()
     try:
         return _run(list(sys.argv[1:] if argv is None else argv))
+    except SystemExit as e:  # argparse's usage errors (already printed) and --help
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+        return e.code if isinstance(e.code, int) else int(e.code is not None)
+    except BrokenPipeError:  # `... | head`: the reader left; stop quietly, as CLIs do
+        _silence_stdout()
+        return 128 + 13  # as if killed by SIGPIPE
     except TensorizeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -38,16 +56,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 128 + 2
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush raises nothing."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
 def _run(argv: list[str]) -> int:
     if argv and argv[0] in FILE_COMMANDS:
         args = build_file_parser(argv[0]).parse_args(argv[1:])
         return commands.inspect_or_verify(argv[0], args)
-    if "convert" in argv:
+    if _convert_command(argv):
         args = build_convert_parser().parse_args(argv)
         check_model_path(args.model)
         return commands.convert(args)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # argparse finds the command word, past flags' values
+    if args.command in LISTED_COMMANDS:  # engine flags before a command that takes none
+        raise _misplaced_flags(args.command, argv)
     args.model_given = any(a == "--model" or a.startswith("--model=") for a in argv)
     if args.command is None:
         parser.error("a command is required: serialize, deserialize, inspect or verify")
@@ -55,3 +81,29 @@ def _run(argv: list[str]) -> int:
     if args.command == "serialize":
         return commands.serialize(args)
     return commands.deserialize(args)
+
+
+def _convert_command(argv: list[str]) -> bool:
+    """Whether `argv` is convert's model flags (each with its value), then ``convert``."""
+    i = 0
+    while i < len(argv) and argv[i] != "convert":
+        flag, has_value, _ = argv[i].partition("=")
+        if flag not in CONVERT_TOP_FLAGS:
+            return False
+        i += 1 if has_value else 2
+    return i < len(argv)
+
+
+def _misplaced_flags(command: str, argv: list[str]) -> ConfigError:
+    """The error for engine flags before ``inspect``, ``verify`` or ``convert``."""
+    allowed = CONVERT_TOP_FLAGS if command == "convert" else ()
+    flags = (a.partition("=")[0] for a in argv if a.startswith("-"))
+    flag = next((f for f in flags if f not in allowed), argv[0])
+    if command == "convert":
+        return ConfigError(
+            f"convert takes only {', '.join(CONVERT_TOP_FLAGS)} before it, not {flag}"
+        )
+    return ConfigError(
+        f"{command} takes no flags before it (got {flag}); give its own flags after it: "
+        f"{PROG} {command} URI [--keyfile KEYFILE] ..."
+    )

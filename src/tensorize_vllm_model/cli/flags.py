@@ -14,7 +14,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..config import TENSORIZER_CLI_FLAGS
+
 DEFAULT_PROMPT = "Hello, my name is"
+
+# the flags the command line shares with TensorizerArgs.add_cli_args (one definition)
+TENSORIZER_FLAGS = {
+    f: TENSORIZER_CLI_FLAGS[f]
+    for f in ("--num-readers", "--s3-access-key-id", "--s3-secret-access-key", "--s3-endpoint")
+}
 
 
 def json_object(flag: str) -> Callable[[str], dict[str, Any]]:
@@ -52,14 +60,12 @@ FLAGS: dict[str, dict[str, Any]] = {
     "--prompt": {"type": str, "default": DEFAULT_PROMPT},
     "--max-tokens": {"type": int, "default": 16},
     "--json": {"action": "store_true"},
-    "--num-readers": {"type": int, "default": None},
     "--model": {"type": str},
     "--dtype": {"type": str, "default": "auto"},
     "--revision": {"type": str, "default": None},
     "--download-dir": {"type": str, "default": None},
-    "--s3-access-key-id": {"type": str, "default": None},
-    "--s3-secret-access-key": {"type": str, "default": None},
-    "--s3-endpoint": {"type": str, "default": None},
+    # --num-readers and the S3 flags: as TensorizerArgs.add_cli_args defines them
+    **{f: {k: v for k, v in kw.items() if k != "help"} for f, kw in TENSORIZER_FLAGS.items()},
     "--ca-bundle": {"type": str, "default": None},
     "--allow-http": {"action": "store_true", "default": None},
 }
@@ -85,10 +91,7 @@ TRANSPORT_HELP = {
     'unencrypted). The same as {"stream_kwargs": {"force_http": true}}.',
 }
 REMOTE_HELP = {
-    "--s3-access-key-id": "The S3 access key (else S3_ACCESS_KEY_ID, the AWS chain, ~/.s3cfg).",
-    "--s3-secret-access-key": "The S3 secret key. Prefer the S3_SECRET_ACCESS_KEY environment "
-    "variable: command lines are visible to other users.",
-    "--s3-endpoint": "The S3 endpoint URL (else S3_ENDPOINT_URL).",
+    **{f: TENSORIZER_FLAGS[f]["help"] for f in TENSORIZER_FLAGS if f.startswith("--s3-")},
     **TRANSPORT_HELP,
 }
 
@@ -104,7 +107,7 @@ def _file_rows(command: str) -> tuple[Row, ...]:
     own = (
         Row("--json", "Print one JSON document instead of a table.")
         if command == "inspect"
-        else Row("--num-readers", "Parallel readers (default: chosen for the source).")
+        else Row("--num-readers", TENSORIZER_FLAGS["--num-readers"]["help"])
     )
     uri = Row(
         "uri",
@@ -156,9 +159,10 @@ DESERIALIZE = (
     ),
     Row(
         "--serialized-directory",
-        "A model directory written by serialize (local, s3:// or http(s)://): its "
-        "model.tensors (model-rank-%%03d.tensors with several ranks) and, unless --model "
-        "is given, its config and tokenizer. Instead of --path-to-tensors.",
+        "A model directory written by serialize or convert (local, s3:// or http(s)://): "
+        "its model-rank-%%03d.tensors with several ranks, else its model.tensors (a "
+        "convert output is read by every rank) and, unless --model is given, its config "
+        "and tokenizer. Instead of --path-to-tensors.",
     ),
     Row(
         "--deserialization-kwargs",
@@ -204,7 +208,9 @@ CONVERT = (
     Row("--suffix", "The last directory of the destination (default: a random UUID)."),
     Row(
         "--keyfile",
-        "Encrypt with a randomly generated key saved here (mode 0600) or at this s3:// URI.",
+        "Encrypt the weights. A path (or s3:// URI) that holds a key: encrypt with that "
+        "key (the file is never overwritten). A path with no file: generate a random key and "
+        "save it there (mode 0600).",
     ),
     Row(
         "--serialization-kwargs",

@@ -7,6 +7,7 @@ vLLM side); ``inspect``, ``verify`` and ``convert`` need neither vLLM nor its fl
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 
 from ..config import TensorizerArgs
 from .flags import COMMANDS, CONVERT_MODEL, ENGINE_TOP, TENSORIZER, add_flags
@@ -24,11 +25,19 @@ FILE_COMMANDS = {
     "verify": "Read every tensor, check its hash and key; exit 0 only if all are intact",
 }
 
+CONVERT_TOP_FLAGS = tuple(row.flag for row in CONVERT_MODEL)
+
 CONVERT_DESCRIPTION = (
     "Convert a Hugging Face checkpoint (safetensors or .bin) into one tensorizer file that "
     "loads at any tensor/pipeline-parallel layout, each rank reading only its share. Needs "
     "neither vLLM nor a GPU. Writes DIR/vllm/<model>/<suffix>/ as serialize does."
 )
+
+# commands the engine parser lists in its help but leaves to their own parsers
+LISTED_COMMANDS = {
+    **FILE_COMMANDS,
+    "convert": "Convert a Hugging Face checkpoint into one tensorizer file (no vLLM)",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,10 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = make_parser(prog=PROG, description=DESCRIPTION)
     add_flags(parser, ENGINE_TOP)
     subparsers = parser.add_subparsers(
-        dest="command", metavar="{serialize,deserialize,inspect,verify}"
+        dest="command", metavar="{serialize,deserialize,inspect,verify,convert}"
     )
-    for name, text in FILE_COMMANDS.items():
-        subparsers.add_parser(name, help=text, add_help=False)  # listed; parsed without vLLM
+    for name, text in LISTED_COMMANDS.items():  # listed; parsed by their own parsers
+        listed = subparsers.add_parser(name, help=text, add_help=False)
+        listed.parse_known_args = _takes_the_rest  # type: ignore[method-assign,assignment]
     serialize = subparsers.add_parser(
         "serialize",
         help="Serialize a model to --serialized-directory",
@@ -59,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     group = TensorizerArgs.add_cli_args(deserialize)._action_groups[-1]
     add_flags(deserialize, tuple(r for r in rows if r.group == TENSORIZER), {TENSORIZER: group})
     return parser
+
+
+def _takes_the_rest(
+    args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+) -> tuple[argparse.Namespace, list[str]]:
+    """A listed command's parse here: it takes every argument after it, so the engine
+    parser reports which command was given (`entry` then refuses the flags before it)."""
+    return namespace or argparse.Namespace(), []
 
 
 def build_file_parser(command: str) -> argparse.ArgumentParser:
