@@ -22,7 +22,7 @@ import sys
 import time
 
 import run
-from run import RESULTS, WORK, log, prepare, set_cache, vllm_run
+from run import RESULTS, WORK, log, prepare, serialize_for_vllm, set_cache, vllm_run
 
 TARGETS = {
     "tp2_read": 0.6,
@@ -296,32 +296,7 @@ def engines(files: dict, converted: str, repeats: int, only: str = "") -> dict:
         "enforce_eager": True,
         "gpu_memory_utilization": 0.15,
     }
-    vllm_dir = files["vllm_dir"] + "/vllm/hf/v1"
-    if not os.path.exists(vllm_dir + "/model.tensors"):
-        log("  serializing the model for vLLM (once)")
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "tensorize_vllm_model",
-                "--model",
-                files["model_dir"],
-                "--dtype",
-                "bfloat16",
-                "--max-model-len",
-                "256",
-                "--enforce-eager",
-                "--gpu-memory-utilization",
-                "0.3",
-                "serialize",
-                "--serialized-directory",
-                files["vllm_dir"],
-                "--suffix",
-                "v1",
-            ],
-            check=True,
-            capture_output=True,
-        )
+    vllm_dir = serialize_for_vllm(files)
     cases = {
         "vLLM-tensorized file, TP=1": {"model": vllm_dir, "load_format": "tensorizer"},
         "converted file, TP=1": {"model": converted, "load_format": "tensorizer"},
