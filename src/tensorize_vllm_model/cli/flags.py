@@ -117,6 +117,14 @@ def _file_rows(command: str) -> tuple[Row, ...]:
     return (uri, Row("--keyfile", keyfile), own, *_rows(REMOTE_HELP, REMOTE))
 
 
+# serialize and convert take --keyfile with the same rules (keys.prepare_key)
+KEYFILE = Row(
+    "--keyfile",
+    "Encrypt the weights. A path (or s3:// URI) that holds a key: encrypt with that "
+    "key (the file is never overwritten). A path with no file: generate a random key and "
+    "save it there (mode 0600).",
+)
+
 SERIALIZE = (
     Row(
         "--suffix",
@@ -131,12 +139,7 @@ SERIALIZE = (
         "the last path component for an absolute local path.",
         extra={"required": True},
     ),
-    Row(
-        "--keyfile",
-        "Encrypt the weights. A path (or s3:// URI) that holds a key: encrypt with that "
-        "key (the file is never overwritten). A path with no file: generate a random key and "
-        "save it there (mode 0600).",
-    ),
+    KEYFILE,
     Row(
         "--serialization-kwargs",
         "A JSON object of extra arguments for tensorizer's TensorSerializer, e.g. "
@@ -206,12 +209,7 @@ CONVERT = (
         extra={"required": True},
     ),
     Row("--suffix", "The last directory of the destination (default: a random UUID)."),
-    Row(
-        "--keyfile",
-        "Encrypt the weights. A path (or s3:// URI) that holds a key: encrypt with that "
-        "key (the file is never overwritten). A path with no file: generate a random key and "
-        "save it there (mode 0600).",
-    ),
+    KEYFILE,
     Row(
         "--serialization-kwargs",
         "A JSON object of extra arguments for tensorizer's TensorSerializer.",
