@@ -67,17 +67,20 @@ def snapshot(directory: Path) -> dict[str, tuple[int, int, str]]:
 
 class FakeEngine(Engine):
     """What `tensorize_vllm_model` needs of `vllm_integration.engine.Engine` (its typed calls
-    are the real ones, over this `rpc`), with the worker's side done
-    as the real WorkerExtension does it: `write_tensors` to a file staged in the worker's
-    transaction, committed (or rolled back) by the commit (or abort) RPC."""
+    are the real ones, over this `rpc`), with the workers' side done as the real
+    WorkerExtension does it, for `world` ranks: each rank's `write_tensors` to a file staged
+    in that rank's own transaction, published, committed or rolled back by the publish,
+    commit and abort RPCs (every rank in turn, as ``collective_rpc`` reaches every worker;
+    the call raises when one rank fails)."""
 
     instances: ClassVar[list[FakeEngine]] = []
     fail_tensors_commit = False
+    world = 1
 
     def __init__(self):
         self.llm = object()
         self.pending = []
-        self.transaction = None
+        self.transactions = {}  # rank -> that worker's transaction
         self.closed = False
         self.calls: list[str] = []
         FakeEngine.instances.append(self)
@@ -87,39 +90,59 @@ class FakeEngine(Engine):
         return cls()
 
     def rpc(self, method, **kwargs):
+        self.calls.append(method)
+        if method == "tensorize_vllm_model_save":
+            request = decode(kwargs["request"])  # as the worker does (messages)
+            assert len(request.rank_uris) == self.world
+            return [self._save(rank, request) for rank in range(self.world)]
+        if method == "tensorize_vllm_model_publish":
+            return self._each(lambda tx: tx.publish(), keep=True)
+        if method == "tensorize_vllm_model_commit":
+            if FakeEngine.fail_tensors_commit:
+                raise OSError(28, "No space left on device")
+            answers = self._each(lambda tx: tx.commit(), keep=False)
+            self.pending.clear()
+            return answers
+        if method == "tensorize_vllm_model_abort":
+            answers = self._each(lambda tx: tx.rollback(), keep=False)
+            self.pending.clear()
+            return answers
+        raise AssertionError(f"unexpected rpc {method}")
+
+    def _save(self, rank, request):
         import torch
 
         from tensorize_vllm_model import storage
         from tensorize_vllm_model.format.record import FileRecord
         from tensorize_vllm_model.format.writer import write_tensors
 
-        self.calls.append(method)
-        if method == "tensorize_vllm_model_save":
-            request = decode(kwargs["request"])  # as the worker does (messages)
-            tensors = [
-                (f"layers.{i}.weight", torch.full((256, 256), float(i)), False) for i in range(4)
-            ]
-            self.transaction = storage.transaction(request.stream_options)
-            staged = write_tensors(
-                request.tensorizer_uri,
-                tensors,
-                record=FileRecord(encrypted=request.key is not None),
-                key=request.key,
-                tx=self.transaction,
-            )
-            self.pending.append(staged)
-            return [SavedFile(rank=0, uri=staged.uri, tensors=staged.tensors, bytes=staged.bytes)]
-        if method == "tensorize_vllm_model_commit":
-            if FakeEngine.fail_tensors_commit:
-                raise OSError(28, "No space left on device")
-            self.transaction.commit()
-            self.pending.clear()
-            return [None]
-        if method == "tensorize_vllm_model_abort":
-            self.transaction.rollback()
-            self.pending.clear()
-            return [None]
-        raise AssertionError(f"unexpected rpc {method}")
+        tensors = [
+            (f"layers.{i}.weight", torch.full((256, 256), float(i + rank)), False) for i in range(4)
+        ]
+        tx = self.transactions[rank] = storage.transaction(request.stream_options)
+        staged = write_tensors(
+            request.rank_uris[rank],
+            tensors,
+            record=FileRecord(encrypted=request.key is not None),
+            key=request.key,
+            tx=tx,
+        )
+        self.pending.append(staged)
+        return SavedFile(rank=rank, uri=staged.uri, tensors=staged.tensors, bytes=staged.bytes)
+
+    def _each(self, action, *, keep):
+        """`action` on every rank's transaction; the first failure raised after every rank
+        was called (as collective_rpc does)."""
+        failure = None
+        for rank in sorted(self.transactions):
+            tx = self.transactions[rank] if keep else self.transactions.pop(rank)
+            try:
+                action(tx)
+            except Exception as e:  # noqa: BLE001
+                failure = failure or e
+        if failure is not None:
+            raise failure
+        return [None] * self.world
 
     def rpc_within(self, seconds, method, **kwargs):
         return self.rpc(method, **kwargs)
@@ -134,13 +157,15 @@ def fake_engine(monkeypatch):
     from tensorize_vllm_model.vllm_integration import engine
 
     monkeypatch.setattr(engine, "Engine", FakeEngine)
-    monkeypatch.setattr(engine, "parallel_sizes", lambda args: (1, 1))
+    monkeypatch.setattr(engine, "parallel_sizes", lambda args: (FakeEngine.world, 1))
     monkeypatch.setattr(engine, "vllm_version", lambda: "0.0-test")
     FakeEngine.instances = []
     FakeEngine.fail_tensors_commit = False
+    FakeEngine.world = 1
     yield FakeEngine
     FakeEngine.instances = []
     FakeEngine.fail_tensors_commit = False
+    FakeEngine.world = 1
 
 
 def engine_args(model: Path):
@@ -174,14 +199,17 @@ def make_destination(root: Path, earlier: bool) -> tuple[Path, Path]:
     return directory, key
 
 
-def serialize_in_process(tiny_llama: Path, directory: Path, key: Path):
+def serialize_in_process(
+    tiny_llama: Path, directory: Path, key: Path, tensorizer_uri: str | None = None
+):
     from tensorize_vllm_model import TensorizerConfig
     from tensorize_vllm_model.serialization import tensorize_vllm_model
 
     return tensorize_vllm_model(
         engine_args(tiny_llama),
         TensorizerConfig(
-            tensorizer_uri=str(directory / "model.tensors"), encryption_keyfile=str(key)
+            tensorizer_uri=tensorizer_uri or str(directory / "model.tensors"),
+            encryption_keyfile=str(key),
         ),
     )
 
@@ -222,7 +250,11 @@ def test_the_stand_in_serialize_succeeds(fake_engine, tiny_llama, tmp_path, monk
     for name in ARTIFACTS:
         assert (directory / name).read_bytes() == (tiny_llama / name).read_bytes()
     [engine] = fake_engine.instances
-    assert engine.calls == ["tensorize_vllm_model_save", "tensorize_vllm_model_commit"]
+    assert engine.calls == [
+        "tensorize_vllm_model_save",
+        "tensorize_vllm_model_publish",
+        "tensorize_vllm_model_commit",
+    ]
     assert engine.closed
 
 
@@ -234,6 +266,7 @@ FAILURES = [
     "committing config.json",
     "committing generation_config.json",
     "committing model.tensors",
+    "finalizing model.tensors",
 ]
 
 
@@ -262,7 +295,11 @@ def test_failed_serialize_leaves_nothing(
 
         monkeypatch.setattr(shutil, "copyfile", copyfile)
         expected: type[BaseException] = OSError
-    elif failure == "committing model.tensors":
+    elif failure == "committing model.tensors":  # the worker's publish (phase one)
+        # after the artifacts and the new key (an earlier key is used as it is)
+        fail_commit_number(monkeypatch, len(ARTIFACTS) + (1 if earlier else 2), seen)
+        expected = StorageError
+    elif failure == "finalizing model.tensors":  # the workers' commit call (phase two)
         fail_commit_number(monkeypatch, None, seen)
         fake_engine.fail_tensors_commit = True
         expected = OSError
@@ -289,6 +326,56 @@ def test_failed_serialize_leaves_nothing(
     else:
         # nothing at the final names, and no temporary files either
         assert after == ({}, {}), after
+
+
+RANK_FILES = ["model-rank-000.tensors", "model-rank-001.tensors"]
+
+
+@pytest.mark.parametrize("earlier", [False, True], ids=["fresh", "over-earlier-model"])
+def test_a_rank_that_fails_to_publish_leaves_no_rank_published(
+    fake_engine, tiny_llama, tmp_path, monkeypatch, earlier
+):
+    """At TP=2, rank 1's tensors cannot be published (its rename fails) after rank 0's
+    were: rank 0's file is put back too (the earlier model's, same bytes and inode, or
+    nothing), with the artifacts and key. Cross-rank two-phase commit (engine.publish, then
+    engine.commit)."""
+    from tensorize_vllm_model import StorageError, storage
+
+    fake_engine.world = 2
+    directory, key = make_destination(tmp_path, earlier)
+    if earlier:
+        (directory / "model.tensors").unlink()
+        for name in RANK_FILES:
+            (directory / name).write_bytes(f"earlier good {name}\n".encode())
+    before = (snapshot(directory), snapshot(key.parent))
+    original = storage.StagedWrite.commit
+    published: list[str] = []
+
+    def commit(self):
+        if self.uri.endswith(RANK_FILES[1]) and not self.done:
+            assert published[-1].endswith(RANK_FILES[0])  # rank 0 is published by now
+            raise StorageError(f"cannot write {self.uri}: Input/output error")
+        original(self)
+        published.append(self.uri)
+
+    monkeypatch.setattr(storage.StagedWrite, "commit", commit)
+    template = str(directory / "model-rank-%03d.tensors")
+    with pytest.raises(StorageError, match="model-rank-001.tensors: Input/output error"):
+        serialize_in_process(tiny_llama, directory, key, tensorizer_uri=template)
+    [engine] = fake_engine.instances
+    assert engine.calls[-2:] == ["tensorize_vllm_model_publish", "tensorize_vllm_model_abort"]
+    assert (snapshot(directory), snapshot(key.parent)) == before
+
+
+def test_two_ranks_publish_both_files(fake_engine, tiny_llama, tmp_path):
+    fake_engine.world = 2
+    directory, key = make_destination(tmp_path, earlier=False)
+    template = str(directory / "model-rank-%03d.tensors")
+    result = serialize_in_process(tiny_llama, directory, key, tensorizer_uri=template)
+    assert sorted(os.listdir(directory)) == sorted(ARTIFACTS + RANK_FILES)
+    assert result.files[:2] == [str(directory / name) for name in RANK_FILES]
+    first, second = ((directory / name).read_bytes() for name in RANK_FILES)
+    assert first != second
 
 
 # -- signal cases: a real command-line serialize in a child process ----------------------

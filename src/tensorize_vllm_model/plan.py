@@ -92,6 +92,11 @@ class WritePlan:
     options: dict[str, Any]
     serialization_kwargs: dict[str, Any]
 
+    def rank_uris(self) -> list[str]:
+        """Every rank's file, in global rank order."""
+        world = self.layout.world_size
+        return [rank_uri(self.template, _rank_layout(self.layout, r)) for r in range(world)]
+
 
 def resolve_read(config: TensorizerConfig, layout: ParallelLayout) -> ReadPlan:
     """The read plan of one rank of `layout` (see the module's rules).

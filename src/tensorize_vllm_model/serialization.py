@@ -145,9 +145,12 @@ def _run_engine(job: _Job, engine_args: Any, adapters: list[Any]) -> tuple[list[
             # A Ctrl-C that some code swallowed (vLLM drops KeyboardInterrupt while its
             # engine starts) still stops the serialize here, before anything is published.
             interrupts.check()
-            # All or nothing: the artifacts and key first, each rank's tensors last (so a
-            # tensors file that exists is complete); any failure puts every name back.
+            # All or nothing, across ranks too: the artifacts and key first, then every
+            # rank's tensors (so a tensors file that exists is complete), each replaced name
+            # kept aside; only when every rank has published is anything made final. Any
+            # failure before that puts every name back, on every rank.
             tx.publish()
+            engine.publish()
             engine.commit()
     finally:
         if engine is not None:
@@ -160,7 +163,7 @@ def _save_request(job: _Job) -> Any:
     from .vllm_integration.messages import SaveRequest
 
     return SaveRequest(
-        tensorizer_uri=job.plan.template,
+        rank_uris=job.plan.rank_uris(),
         key=job.key,
         serialization_kwargs=job.plan.serialization_kwargs,
         stream_options=job.plan.options,

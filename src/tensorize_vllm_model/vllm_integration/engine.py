@@ -1,5 +1,5 @@
 """The engine the command line and a serialize drive: `Engine` (a `vllm.LLM` started for one
-job) with typed calls to the worker extension (`save`, `commit`, `abort`, `lora_modules`,
+job) with typed calls to the worker extension (`save`, `publish`, `commit`, `abort`, `lora_modules`,
 `load_stats`), and vLLM's argument parser and `EngineArgs` for the command line.
 
 It imports vLLM's public API (``vllm.LLM``, ``SamplingParams``, ``EngineArgs``,
@@ -73,13 +73,25 @@ class Engine:
         staged, in global rank order."""
         return sorted(self.rpc("tensorize_vllm_model_save", request=encode(request)), key=_rank)
 
+    def publish(self) -> None:
+        """Phase one of a two-phase commit across ranks: every worker publishes its staged
+        files, keeping aside what they replace. When any worker fails, `abort` puts back
+        every name, those the other workers published included.
+
+        Raises:
+            TensorizeError: a worker's failure (see `rpc`); that worker's names are back
+                already, the others' after `abort`.
+        """
+        self.rpc("tensorize_vllm_model_publish")
+
     def commit(self) -> None:
-        """Every worker publishes its staged files under their final names."""
+        """Phase two: every worker makes its published files final (after `publish` on
+        every worker succeeded; nothing left can fail but dropping kept copies)."""
         self.rpc("tensorize_vllm_model_commit")
 
     def abort(self, within: float) -> None:
-        """Every worker deletes its staged files; gives up after `within` seconds (the
-        engine may already be shutting down)."""
+        """Every worker deletes its staged files and puts back every name it published;
+        gives up after `within` seconds (the engine may already be shutting down)."""
         self.rpc_within(within, "tensorize_vllm_model_abort")
 
     def lora_modules(self) -> LoraModules:

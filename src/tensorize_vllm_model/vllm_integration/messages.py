@@ -48,14 +48,15 @@ class SaveRequest:
     """Write the captured weights of every rank.
 
     Attributes:
-        tensorizer_uri: the tensors URI, a rank template at more than one rank.
+        rank_uris: each rank's tensors file, in global rank order (`plan.WritePlan.rank_uris`:
+            the workers write where the plan says, they choose no file).
         key: the 32-byte key to encrypt with, or None.
         serialization_kwargs: extra keyword arguments for tensorizer's ``TensorSerializer``.
         stream_options: how to reach remote storage.
         producer: the record's producer text (package and vLLM versions).
     """
 
-    tensorizer_uri: str
+    rank_uris: list[str]
     key: bytes | None = field(default=None, repr=False)
     serialization_kwargs: dict[str, Any] = field(default_factory=dict)
     stream_options: dict[str, Any] = field(default_factory=dict, repr=False)

@@ -17,7 +17,6 @@ from typing import Any, TypeVar
 from vllm.logger import init_logger
 
 from ..errors import TensorizeError
-from ..format.names import rank_uri
 from ..format.record import FileRecord
 from ..format.writer import write_tensors
 from ..progress import progress
@@ -74,7 +73,12 @@ class WorkerExtension:
                 f"load_format={CAPTURE_LOAD_FORMAT!r}"
             )
         layout = current_layout(self.vllm_config)
-        uri = rank_uri(request.tensorizer_uri, layout)
+        if len(request.rank_uris) != layout.world_size:
+            raise RuntimeError(
+                f"the save request names {len(request.rank_uris)} files for "
+                f"{layout.world_size} ranks"
+            )
+        uri = request.rank_uris[layout.rank]
         record = FileRecord(
             architecture=captured.architecture,
             dtype=captured.dtype,
@@ -99,8 +103,21 @@ class WorkerExtension:
         return SavedFile(rank=layout.rank, uri=uri, tensors=staged.tensors, bytes=staged.bytes)
 
     @worker_call
+    def tensorize_vllm_model_publish(self) -> list[str]:
+        """Phase one of the engine's two-phase commit (`engine.Engine.publish`): publish
+        this worker's staged files under their final names, keeping aside what they
+        replace, so that an abort still puts every name back. On failure this worker's
+        own names are put back at once and the error is answered."""
+        tx = STATE.transaction
+        if tx is None:
+            return []
+        tx.publish()
+        return tx.uris
+
+    @worker_call
     def tensorize_vllm_model_commit(self) -> list[str]:
-        """Publish this worker's staged files under their final names."""
+        """Phase two: make this worker's published files final (drop the kept copies);
+        publishes first what is not published yet."""
         tx = STATE.take_transaction()
         if tx is None:
             return []
@@ -108,7 +125,7 @@ class WorkerExtension:
         return tx.uris
 
     def tensorize_vllm_model_abort(self) -> None:
-        """Delete this worker's staged files."""
+        """Delete this worker's staged files and put back every name it published."""
         tx = STATE.take_transaction()
         if tx is not None:
             tx.rollback()
