@@ -95,6 +95,39 @@ def test_encrypted_adapter(adapter, tmp_path):
         materialize_adapter(uri)
 
 
+def test_materialized_directory_is_the_storage_layers_temporary(adapter, tmp_path):
+    """The RAM-backed directory is published whole by a transaction and listed by the
+    storage layer for removal at exit; lora.py keeps no list of its own."""
+    from tensorize_vllm_model import lora
+
+    path = materialize_adapter(serialized(adapter, tmp_path / "model"))
+    assert path in storage.temporary_directories()
+    assert sorted(os.listdir(path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    state = [
+        name
+        for name, value in vars(lora).items()
+        if not name.startswith("__") and isinstance(value, (list, dict, set))
+    ]
+    assert state == []  # no module global (a list of created directories, say)
+
+
+def test_failed_materialize_leaves_no_directory(tmp_path):
+    """A write that fails after the config is written (safetensors refuses tensors that
+    share memory) leaves nothing in the RAM-backed root and nothing listed for exit."""
+    from tensorize_vllm_model import lora
+
+    root = lora._ram_root()
+    before = set(os.listdir(root))
+    listed = storage.temporary_directories()
+    weight = torch.zeros(4, 4)
+    with pytest.raises(RuntimeError, match="share memory"):
+        lora._write_peft_directory(
+            str(tmp_path / "lora" / "x"), "x", {"r": 8}, {"a": weight, "b": weight}
+        )
+    assert set(os.listdir(root)) == before
+    assert storage.temporary_directories() == listed
+
+
 def test_missing_adapter_config_named(tmp_path):
     (tmp_path / "broken").mkdir()
     with pytest.raises(

@@ -7,9 +7,9 @@ from __future__ import annotations
 import os
 
 import pytest
-from servers import HTTPFileServer
+from servers import CuttingProxy, HTTPFileServer
 
-from tensorize_vllm_model import prefetch
+from tensorize_vllm_model import prefetch, storage
 
 
 @pytest.fixture
@@ -35,7 +35,7 @@ def test_copy_is_found_whole_and_released(served):
     assert found == path
     with open(found, "rb") as f:
         assert f.read() == data
-    assert not os.path.exists(path + ".partial")
+    assert os.listdir(os.path.dirname(path)) == [os.path.basename(path)]  # no temporary left
     prefetch.release(uri)
     assert not os.path.exists(path)
     assert prefetch.local_copy(uri) is None  # forgotten: a reload streams the remote file
@@ -50,6 +50,25 @@ def test_failed_copy_falls_back_to_the_remote_file(served):
         assert "missing.tensors" in f.read()
     prefetch.release(uri)
     assert not os.path.exists(path + ".failed")
+
+
+def test_copy_cut_mid_way_leaves_no_part_of_the_file(served, tmp_path):
+    """The connection drops for good half way through the copy: the worker falls back,
+    and the cache holds the failure report only, no partial tensors file."""
+    server, _ = served
+    big = os.urandom(40 << 20)
+    (tmp_path / "served" / "big.tensors").write_bytes(big)
+    proxy = CuttingProxy(server.port, cut_after=len(big) // 2, for_good=True)
+    uri = f"http://127.0.0.1:{proxy.port}/big.tensors"
+    path = prefetch.start(uri)
+    try:
+        assert prefetch.local_copy(uri, timeout=120) is None
+    finally:
+        proxy.stop()
+    assert os.listdir(os.path.dirname(path)) == [os.path.basename(path) + ".failed"]
+    assert not storage.being_written(path)
+    prefetch.release(uri)
+    assert os.listdir(os.path.dirname(path)) == []
 
 
 def test_no_copy_without_start(served):

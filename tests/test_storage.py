@@ -109,3 +109,119 @@ def test_commit_keeps_no_copy_of_what_the_last_file_replaces(tmp_path, monkeypat
     assert kept == [str(tmp_path / "config.json")]
     assert sorted(os.listdir(tmp_path)) == ["config.json", "model.tensors"]
     assert (tmp_path / "model.tensors").read_bytes() == b"new"
+
+
+# -- whole directories (the fetch cache, LoRA adapters written for vLLM) ------------------------
+
+
+def _fill(path, names, content=b"new"):
+    for name in names:
+        with open(os.path.join(path, name), "wb") as f:
+            f.write(content)
+
+
+def test_staged_directory_appears_whole_on_commit_and_replaces_the_old_one(tmp_path):
+    final = tmp_path / "cache" / "entry"
+    final.mkdir(parents=True)
+    (final / "stale.json").write_bytes(b"old")
+    with storage.transaction() as tx:
+        staged = tx.stage_directory(str(final))
+        assert os.path.dirname(staged.path) == str(final.parent)
+        assert stat.S_IMODE(os.stat(staged.path).st_mode) == 0o700
+        _fill(staged.path, ["config.json", "tokenizer.json"])
+        assert sorted(os.listdir(final)) == ["stale.json"]  # nothing published yet
+    assert sorted(os.listdir(final)) == ["config.json", "tokenizer.json"]
+    assert os.listdir(final.parent) == ["entry"]  # no temporary, no old copy left
+
+
+@pytest.mark.parametrize("failure", [RuntimeError, KeyboardInterrupt])
+def test_failed_directory_write_leaves_nothing_and_keeps_the_old_one(tmp_path, failure):
+    """A failure (or Ctrl-C) after some files are written: no partial directory, the
+    earlier one as it was, no temporary left."""
+    final = tmp_path / "entry"
+    final.mkdir()
+    (final / "config.json").write_bytes(b"good old")
+    with pytest.raises(failure):
+        with storage.transaction() as tx:
+            staged = tx.stage_directory(str(final))
+            _fill(staged.path, ["config.json"])
+            raise failure()
+    assert os.listdir(tmp_path) == ["entry"]
+    assert os.listdir(final) == ["config.json"]
+    assert (final / "config.json").read_bytes() == b"good old"
+
+
+def test_directory_rolled_back_after_publish_is_put_back(tmp_path):
+    """A transaction that publishes a directory and then fails (a later file) puts the
+    earlier directory back."""
+    final = tmp_path / "entry"
+    final.mkdir()
+    (final / "a").write_bytes(b"old")
+    tx = storage.transaction()
+    _fill(tx.stage_directory(str(final)).path, ["b"])
+    tx.publish()
+    assert os.listdir(final) == ["b"]
+    tx.rollback()
+    assert os.listdir(final) == ["a"] and os.listdir(tmp_path) == ["entry"]
+
+
+def test_racing_directory_publishes_end_with_one_whole_copy(tmp_path):
+    """Writers racing on one cache entry (threads here: the same renames as processes):
+    every one succeeds, and the entry is one writer's whole set of files."""
+    import threading
+
+    final = str(tmp_path / "entry")
+    names = [f"f{i}.json" for i in range(8)]
+    errors: list[BaseException] = []
+    start = threading.Barrier(6)
+
+    def write(number):
+        try:
+            with storage.transaction() as tx:
+                staged = tx.stage_directory(final)
+                _fill(staged.path, names, content=str(number).encode())
+                start.wait()
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert sorted(os.listdir(final)) == names
+    assert len({open(os.path.join(final, n), "rb").read() for n in names}) == 1
+    assert os.listdir(tmp_path) == ["entry"]
+
+
+def test_temporary_directory_is_listed_only_once_published_and_removed_at_exit(tmp_path):
+    final = tmp_path / "scratch"
+    with pytest.raises(RuntimeError):
+        with storage.transaction() as tx:
+            _fill(tx.stage_directory(str(final), temporary=True).path, ["x"])
+            raise RuntimeError
+    assert str(final) not in storage.temporary_directories()
+    assert os.listdir(tmp_path) == []
+    with storage.transaction() as tx:
+        _fill(tx.stage_directory(str(final), temporary=True).path, ["x"])
+    assert str(final) in storage.temporary_directories()
+    from tensorize_vllm_model.storage.staged import remove_temporary_directories
+
+    remove_temporary_directories()  # what the exit hook runs
+    assert not final.exists() and storage.temporary_directories() == []
+
+
+def test_only_local_directories_are_staged_whole():
+    with pytest.raises(ConfigError, match="only a local directory"):
+        storage.transaction().stage_directory("s3://bucket/entry")
+
+
+def test_being_written_while_staged(tmp_path):
+    final = str(tmp_path / "model.tensors")
+    tx = storage.transaction()
+    tx.stage(final)
+    assert storage.being_written(final)
+    assert not storage.being_written(str(tmp_path / "model"))  # another name's prefix
+    tx.commit()
+    assert not storage.being_written(final) and os.path.exists(final)

@@ -380,6 +380,34 @@ def test_fetch_failure_leaves_no_partial_cache(moto, tmp_path, monkeypatch):
     )
 
 
+def test_fetch_failing_mid_way_leaves_the_cache_as_it_was(tmp_path, monkeypatch):
+    """A fetch that fails after some files were written (a file over the size limit, over
+    real HTTP) leaves no partial directory, and an earlier whole copy stays as it was."""
+    from tensorize_vllm_model import artifacts
+
+    monkeypatch.setenv("TENSORIZE_VLLM_MODEL_CACHE", str(tmp_path / "cache"))
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "config.json").write_bytes(b'{"model_type": "llama"}')
+    (served / "tokenizer.json").write_bytes(b"{}")
+    server = HTTPFileServer(served)
+    try:
+        local = fetch_model_files(server.url)
+        assert sorted(os.listdir(local)) == ["config.json", "tokenizer.json"]
+        (served / "config.json").write_bytes(b'{"model_type": "changed"}')
+        (served / "tokenizer.json").write_bytes(b"x" * 2000)  # fetched after config.json
+        monkeypatch.setattr(artifacts, "MAX_ARTIFACT_BYTES", 1000)
+        with pytest.raises(StorageError, match=r"tokenizer.json is 2000 bytes"):
+            fetch_model_files(server.url)
+    finally:
+        server.stop()
+    assert os.listdir(tmp_path / "cache" / "models") == [os.path.basename(local)]
+    assert sorted(os.listdir(local)) == ["config.json", "tokenizer.json"]
+    assert (tmp_path / "cache" / "models" / local / "config.json").read_bytes() == (
+        b'{"model_type": "llama"}'
+    )
+
+
 @pytest.mark.parametrize("ranges", [False, True], ids=["one-response", "ranges"])
 @pytest.mark.parametrize("store", ["http", "s3"])
 def test_a_stall_after_data_says_how_many_bytes_arrived(web_root, moto, store, ranges):

@@ -12,7 +12,6 @@ import hashlib
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterable
 
 from . import storage
@@ -143,8 +142,10 @@ def stage_artifacts(tx: storage.Transaction, sources: Iterable[str], destination
 def fetch_model_files(uri: str, options: storage.Options = None) -> str:
     """Copy the artifact files of remote model directory `uri` into a local cache directory.
 
-    The files are fetched into a fresh temporary directory first and swapped into place
-    whole, so the cache never holds a half-fetched model.
+    The files are fetched into a directory staged in a `storage.transaction` and published
+    whole (a rename), so the cache never holds a half-fetched model: a failure or an
+    interrupt leaves the cache as it was (an earlier copy intact), and two processes that
+    fetch the same model at once leave one whole copy.
 
     Returns:
         The local directory (``<cache>/models/<hash of uri>``).
@@ -165,33 +166,28 @@ def fetch_model_files(uri: str, options: storage.Options = None) -> str:
                 "directory (DIR/vllm/<model>/<suffix>)?"
             )
     root = os.path.join(environment().cache_dir, "models")
-    os.makedirs(root, exist_ok=True)
     final = os.path.join(root, hashlib.sha256(uri.encode()).hexdigest()[:16])
-    temp = tempfile.mkdtemp(prefix=".fetch-", dir=root)
-    try:
+    with storage.transaction(options) as tx:
+        staged = tx.stage_directory(final)
         for name in candidates:
-            if not is_artifact_name(name):  # never a path: no way out of `temp`
-                continue
-            try:
-                data = storage.read_bytes(
-                    storage.join(uri, name), options, limit=MAX_ARTIFACT_BYTES
-                )
-            except NotFound:
-                if names is None:  # a usual name this model does not have
-                    continue
-                raise
-            with open(os.path.join(temp, name), "wb") as f:
-                f.write(data)
-        if not os.path.exists(os.path.join(temp, "config.json")):
+            data = _fetch(uri, name, options, required=names is not None)
+            if data is not None:
+                with open(os.path.join(staged.path, name), "wb") as f:
+                    f.write(data)
+        if not os.path.exists(os.path.join(staged.path, "config.json")):
             raise StorageError(f"{storage.redact(uri)}/config.json was not found")
-        old = None
-        if os.path.exists(final):
-            old = tempfile.mkdtemp(prefix=".old-", dir=root)
-            os.replace(final, os.path.join(old, "model"))
-        os.replace(temp, final)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
     return final
+
+
+def _fetch(uri: str, name: str, options: storage.Options, *, required: bool) -> bytes | None:
+    """The bytes of artifact `name` of `uri`; None for a name that is not an artifact's
+    (never a path: nothing lands outside the staged directory) or a usual name this model
+    does not have (not `required`)."""
+    if not is_artifact_name(name):
+        return None
+    try:
+        return storage.read_bytes(storage.join(uri, name), options, limit=MAX_ARTIFACT_BYTES)
+    except NotFound:
+        if required:
+            raise
+        return None

@@ -8,19 +8,17 @@ vLLM 0.32 loads adapter weights only from a local PEFT directory (safetensors). 
 tensorized adapter, `materialize_adapter` deserializes its weights into CPU memory (never
 onto a GPU) and writes them, with the config, to a private directory in RAM-backed storage
 (``/dev/shm``), so decrypted weights never rest on disk; vLLM then reads them from there as
-from any adapter directory. Those directories are removed when the process exits.
+from any adapter directory. Those directories are removed when the process exits (the
+storage layer's temporary directories: `storage.temporary_directories`).
 """
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import json
 import os
 import re
-import shutil
 import stat
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -49,7 +47,6 @@ ADAPTERS_DIR = "lora"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_TENSORS = "adapter_model.tensors"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_created: list[str] = []
 
 
 def adapter_name(path: str) -> str:
@@ -334,30 +331,16 @@ def _read_tensorized_adapter(
 
 
 def _write_peft_directory(uri: str, name: str, adapter_config: Any, tensors: dict[str, Any]) -> str:
-    """A private PEFT directory in RAM-backed storage holding the adapter (removed at
-    process exit)."""
+    """A private PEFT directory in RAM-backed storage holding the adapter, written whole or
+    not at all (a directory staged in a `storage.transaction`) and deleted at process exit
+    (``temporary=True``: the storage layer keeps the list)."""
     from safetensors.torch import save_file
 
-    root = _ram_root()
     digest = hashlib.sha256(uri.encode()).hexdigest()[:12]
-    final = os.path.join(root, f"{name}-{digest}-{os.getpid()}")
-    temp = tempfile.mkdtemp(prefix=".tmp-", dir=root)
-    try:
-        with open(os.path.join(temp, ADAPTER_CONFIG), "w") as f:
+    final = os.path.join(_ram_root(), f"{name}-{digest}-{os.getpid()}")
+    with storage.transaction() as tx:
+        staged = tx.stage_directory(final, temporary=True)
+        with open(os.path.join(staged.path, ADAPTER_CONFIG), "w") as f:
             json.dump(adapter_config, f)
-        save_file(tensors, os.path.join(temp, "adapter_model.safetensors"))
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(temp, final)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
-    if not _created:
-        atexit.register(_cleanup)
-    _created.append(final)
+        save_file(tensors, os.path.join(staged.path, "adapter_model.safetensors"))
     return final
-
-
-def _cleanup() -> None:
-    for path in _created:
-        shutil.rmtree(path, ignore_errors=True)

@@ -16,8 +16,10 @@ worker has loaded it, and the copy's CPU time during the start-up.
 The two processes meet through files and one environment variable, set in the API process
 before vLLM spawns the others (spawned processes inherit the environment):
 ``TENSORIZE_VLLM_MODEL_PREFETCH`` maps each remote URI to its local path. The copy is
-written to ``<path>.partial`` and renamed when whole; a failed copy leaves ``<path>.failed``
-and the worker streams the remote file as without the overlap. The overlap is opt-in:
+written in a `storage.transaction` (a temporary file beside `path`, renamed when whole), so
+`path` exists only once complete and a failed or interrupted copy leaves no part of it; a
+failed copy leaves ``<path>.failed`` (written the same way) and the worker streams the
+remote file as without the overlap. The overlap is opt-in:
 ``TENSORIZE_VLLM_MODEL_OVERLAP=1`` (without it no byte of the tensors touches local disk).
 Both variables are read (and the map written) through `settings`.
 """
@@ -73,12 +75,12 @@ def start(uri: str, options: storage.Options = None) -> str:
 
 
 def _copy(uri: str, options: storage.Options, path: str) -> None:
-    partial = path + ".partial"
     started = time.perf_counter()
     try:
-        with storage.open_read(uri, options) as source, open(partial, "wb") as target:
-            shutil.copyfileobj(source, target, PIECE)
-        os.replace(partial, path)
+        with storage.transaction() as tx:
+            staged = tx.stage(path)
+            with storage.open_read(uri, options) as source, open(staged.path, "wb") as target:
+                shutil.copyfileobj(source, target, PIECE)
         logger.info(
             "Prefetched %s during the engine start-up: %.2f GB in %.2f s",
             storage.redact(uri),
@@ -86,11 +88,16 @@ def _copy(uri: str, options: storage.Options, path: str) -> None:
             time.perf_counter() - started,
         )
     except BaseException as e:  # noqa: BLE001 - reported to the worker through a file
-        with open(path + ".failed", "w") as f:
-            f.write(f"{type(e).__name__}: {e}\n")
-        if os.path.exists(partial):
-            os.unlink(partial)
+        with storage.transaction() as tx:
+            report = tx.stage(_failed(path))
+            with open(report.path, "w") as f:
+                f.write(f"{type(e).__name__}: {e}\n")
         logger.warning("Prefetching %s failed (%s); it is streamed", storage.redact(uri), e)
+
+
+def _failed(path: str) -> str:
+    """The file that says the copy to `path` failed (and why)."""
+    return path + ".failed"
 
 
 def local_copy(uri: str, timeout: float = 600.0) -> str | None:
@@ -103,9 +110,9 @@ def local_copy(uri: str, timeout: float = 600.0) -> str | None:
     begun = time.monotonic()
     while not os.path.exists(path):
         waited = time.monotonic() - begun
-        if os.path.exists(path + ".failed") or waited > timeout:
+        if os.path.exists(_failed(path)) or waited > timeout:
             return None
-        if waited > 30 and not os.path.exists(path + ".partial"):
+        if waited > 30 and not storage.being_written(path):
             return None  # no copy under way after 30 s: the process copying it is gone
         time.sleep(0.02)
     return path
@@ -118,6 +125,6 @@ def release(uri: str) -> None:
     path = mapping.pop(uri, None)
     if path:
         set_prefetch_map(mapping)
-    for name in (path, f"{path}.failed") if path else ():
+    for name in (path, _failed(path)) if path else ():
         if os.path.exists(name):
             os.unlink(name)

@@ -32,7 +32,8 @@ from ..errors import (
 )
 from .base import SUPPORTED_SCHEMES, Backend, backend, basename, join, parent, scheme_of
 from .options import STREAM_KWARGS, Options, StreamOptions
-from .transaction import StagedWrite, Transaction, transaction
+from .staged import StagedDirectory, StagedWrite, temporary_directories
+from .transaction import Transaction, transaction
 
 __all__ = [
     "SUPPORTED_SCHEMES",
@@ -53,7 +54,10 @@ __all__ = [
     "read_bytes",
     "list_names",
     "check_writable",
+    "being_written",
     "StagedWrite",
+    "StagedDirectory",
+    "temporary_directories",
     "Transaction",
     "transaction",
     "StorageError",
@@ -118,6 +122,12 @@ def list_names(uri: str, options: Options = None) -> list[str] | None:
     """Names of the files directly in directory `uri`; None where the scheme cannot list
     (HTTP)."""
     return backend(uri).list_names(uri, _options(options))
+
+
+def being_written(uri: str, options: Options = None) -> bool:
+    """Whether a transaction's staged temporary of `uri` exists: a write to it is under way
+    (or its writer died before it could roll back). False where the scheme cannot tell."""
+    return backend(uri).being_written(uri, _options(options))
 
 
 def check_writable(directory: str, options: Options = None) -> None:

@@ -118,6 +118,11 @@ class Backend:
         """A private (0600) temporary file to write what `publish` puts at `uri`."""
         raise self._read_only(uri)
 
+    def being_written(self, uri: str, options: StreamOptions) -> bool:
+        """Whether a staged temporary of `uri` exists (a write to it is under way); False
+        where the scheme cannot tell (its temporaries are not beside the final name)."""
+        return False
+
     def publish(self, temp: str, uri: str, options: StreamOptions, *, replace: bool) -> None:
         """Make the written `temp` appear whole at `uri`. With ``replace=False`` a file at
         `uri` is never replaced: `AlreadyExists` names it."""

@@ -2,7 +2,9 @@
 
 Writes are staged beside their final name (a hidden ``.NAME.XXXX.tmp-YYYY``), so publishing
 is an atomic rename (or, for a write that must not replace anything, a hard link, which
-fails on an existing name). `OSError`s become typed errors by errno in `_error`.
+fails on an existing name). A whole directory is staged the same way (`stage_directory`)
+and published by renaming it (`publish_directory`). `OSError`s become typed errors by errno
+in `_error`.
 """
 
 from __future__ import annotations
@@ -10,16 +12,24 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import secrets
 import shutil
 import tempfile
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from ..errors import AccessDenied, AlreadyExists, NotFound, StorageError
 from .base import Backend
 from .options import StreamOptions
 
-__all__ = ["LocalBackend", "path_of"]
+__all__ = [
+    "LocalBackend",
+    "path_of",
+    "stage_directory",
+    "publish_directory",
+    "move_directory",
+    "remove_directory",
+]
 
 _DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
 
@@ -106,19 +116,20 @@ class LocalBackend(Backend):
 
     def stage(self, uri: str, options: StreamOptions) -> str:
         """A private (0600) temporary file beside the final file, so publishing is a rename."""
+        return _staged_name(path_of(uri), tempfile.mkstemp)
+
+    def being_written(self, uri: str, options: StreamOptions) -> bool:
+        """Whether a staged temporary of `uri` (file or directory) exists: a write to it is
+        under way, or its writer died before it could roll back."""
         final = path_of(uri)
-        directory = os.path.dirname(os.path.abspath(final))
+        staged = re.compile(
+            rf"\.{re.escape(os.path.basename(final))}\.[^.]+{re.escape(_STAGED_TAG)}[0-9a-f]+"
+        )
         try:
-            os.makedirs(directory, exist_ok=True)
-            fd, temp = tempfile.mkstemp(
-                prefix=f".{os.path.basename(final)}.",
-                suffix=f".tmp-{secrets.token_hex(4)}",
-                dir=directory,
-            )
-            os.close(fd)
-        except OSError as e:
-            raise _error(e, directory, "write into", missing="directory") from e
-        return temp
+            names = os.listdir(os.path.dirname(os.path.abspath(final)))
+        except OSError:
+            return False
+        return any(staged.fullmatch(n) for n in names)
 
     def publish(self, temp: str, uri: str, options: StreamOptions, *, replace: bool) -> None:
         final = path_of(uri)
@@ -157,6 +168,82 @@ class LocalBackend(Backend):
             pass
         except OSError as e:
             raise _error(e, path_of(uri), "delete") from e
+
+
+_STAGED_TAG = ".tmp-"
+
+
+def _staged_name(final: str, make: Any) -> str:
+    """A fresh private temporary beside `final`, made by `make` (`tempfile.mkstemp`: a 0600
+    file; `tempfile.mkdtemp`: a 0700 directory)."""
+    directory = os.path.dirname(os.path.abspath(final))
+    try:
+        os.makedirs(directory, exist_ok=True)
+        made = make(
+            prefix=f".{os.path.basename(final)}.",
+            suffix=f"{_STAGED_TAG}{secrets.token_hex(4)}",
+            dir=directory,
+        )
+    except OSError as e:
+        raise _error(e, directory, "write into", missing="directory") from e
+    if isinstance(made, tuple):  # mkstemp: (fd, path)
+        os.close(made[0])
+        return str(made[1])
+    return str(made)
+
+
+def stage_directory(final: str) -> str:
+    """A private (0700) empty directory beside directory `final`, to fill and then publish
+    whole with `publish_directory`."""
+    return _staged_name(final, tempfile.mkdtemp)
+
+
+def publish_directory(temp: str, final: str, *, replace: bool) -> None:
+    """Rename the filled directory `temp` to `final` (atomic). A directory already at
+    `final` is moved aside first and deleted once `temp` is in place (with ``replace=False``
+    it is left as it is: `AlreadyExists`). Another process that publishes the same name at
+    the same moment is not an error: the name ends holding one whole directory.
+
+    Raises:
+        AlreadyExists: ``replace=False`` and `final` exists.
+        StorageError: the directory cannot be renamed (named).
+    """
+    olds: list[str] = []  # what was at `final`, deleted once `temp` is in its place
+    try:
+        for _ in range(_PUBLISH_ATTEMPTS):
+            try:
+                os.rename(temp, final)  # fails on a non-empty directory at `final`
+            except OSError as e:
+                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise _error(e, final, "write") from e
+                if not replace:
+                    raise _error(OSError(errno.EEXIST, "exists"), final, "write") from e
+                olds.append(stage_directory(final))
+                with contextlib.suppress(FileNotFoundError):  # gone already: try again
+                    os.replace(final, os.path.join(olds[-1], "old"))
+                continue
+            _fsync_directory(final)
+            return
+        raise StorageError(f"cannot write {final}: other processes keep replacing it")
+    finally:
+        for old in olds:
+            remove_directory(old)
+
+
+_PUBLISH_ATTEMPTS = 5
+
+
+def move_directory(source: str, target: str) -> None:
+    """Rename directory `source` to `target` (a name that does not exist)."""
+    try:
+        os.rename(source, target)
+    except OSError as e:
+        raise _error(e, source, "move") from e
+
+
+def remove_directory(path: str) -> None:
+    """Delete directory `path` and everything in it (nothing there is not an error)."""
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _publish_new(temp: str, final: str) -> None:

@@ -11,6 +11,10 @@ the others (a tensors file is staged last, so a tensors file that exists is comp
 file already at a final name is kept aside under a hidden name (``.NAME.kept-XXXX``) before
 it is replaced, so a rollback can put it back; the kept copies are dropped on commit.
 
+A whole local directory is staged the same way (`Transaction.stage_directory`: a model's
+files fetched into a cache, a LoRA adapter written for vLLM): filled under a temporary name,
+renamed into place whole, or deleted on rollback. What is staged is in `staged`.
+
 A transaction that outlives one ``with`` block (a vLLM worker stages its file in one call
 and publishes it in another) is driven by `Transaction.commit` / `Transaction.rollback`;
 one still open when the process exits is rolled back then.
@@ -21,64 +25,19 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
-import os
-import secrets
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from types import TracebackType
 
-from ..errors import StorageError
-from .base import backend, basename, join, parent
+from ..errors import ConfigError
+from .base import backend
+from .local import stage_directory
 from .options import Options, StreamOptions
+from .staged import StagedDirectory, StagedWrite
 
-__all__ = ["StagedWrite", "Transaction", "transaction"]
+__all__ = ["StagedWrite", "StagedDirectory", "Transaction", "transaction"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class StagedWrite:
-    """A file being written under a temporary name; its transaction publishes it.
-
-    Attributes:
-        uri: the final location.
-        path: the local file to write now.
-        mode: the permission bits of the published file (local files).
-        replace: whether a file already at `uri` may be replaced; when False, publishing
-            raises `AlreadyExists` instead and leaves that file as it is.
-        last: published after every file staged without it.
-    """
-
-    uri: str
-    path: str
-    options: StreamOptions = field(repr=False)
-    mode: int = 0o644
-    replace: bool = True
-    last: bool = False
-    done: bool = False
-
-    def commit(self) -> None:
-        """Publish the written file under its final name (atomically). Called by the
-        transaction, which first keeps aside what it replaces."""
-        if self.done:
-            return
-        try:
-            os.chmod(self.path, self.mode)
-        except OSError as e:
-            raise StorageError(f"cannot write {self.uri}: {e.strerror or e}") from e
-        backend(self.uri).publish(self.path, self.uri, self.options, replace=self.replace)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)  # left behind by uploads; gone after a local rename
-        self.done = True
-
-    def abort(self) -> None:
-        """Delete the temporary file; the final name is left as it was."""
-        if self.done:
-            return
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-        self.done = True
 
 
 class Transaction:
@@ -87,7 +46,7 @@ class Transaction:
     def __init__(self, options: StreamOptions):
         self.options = options
         self._staged: list[StagedWrite] = []
-        self._published: list[tuple[str, str | None]] = []  # (uri, kept copy or None)
+        self._published: list[tuple[StagedWrite, str | None]] = []  # (what, kept copy)
         self._on_rollback: list[Callable[[], object]] = []
         self.closed = False
         _open.add(self)
@@ -112,6 +71,27 @@ class Transaction:
             raise RuntimeError("the transaction is closed")
         temp = backend(uri).stage(uri, self.options)
         staged = StagedWrite(uri, temp, self.options, mode=mode, replace=replace, last=last)
+        self._staged.append(staged)
+        return staged
+
+    def stage_directory(
+        self, uri: str, *, replace: bool = True, temporary: bool = False
+    ) -> StagedDirectory:
+        """A private (0700) empty local directory to fill now; published whole at `uri` on
+        commit (a rename, replacing a directory already there unless ``replace=False``).
+        With ``temporary=True`` the published directory is deleted when the process exits
+        (scratch space; see `staged.temporary_directories`).
+
+        Raises:
+            ConfigError: `uri` is not a local path.
+            StorageError: the temporary directory cannot be created.
+        """
+        if self.closed:
+            raise RuntimeError("the transaction is closed")
+        if backend(uri).local_path(uri) is None:
+            raise ConfigError(f"{redact(uri)}: only a local directory can be staged whole")
+        temp = stage_directory(backend(uri).local_path(uri) or uri)
+        staged = StagedDirectory(uri, temp, self.options, replace=replace, temporary=temporary)
         self._staged.append(staged)
         return staged
 
@@ -144,10 +124,12 @@ class Transaction:
         self.closed = True
         _open.discard(self)
         while self._published:
-            _, kept = self._published.pop()
+            staged, kept = self._published.pop()
             if kept is not None:
                 with contextlib.suppress(Exception):
-                    backend(kept).delete(kept, self.options)
+                    staged.drop_kept(kept)
+        for staged in self._staged:
+            staged.finished()
 
     def rollback(self) -> None:
         """Put back every name published so far, delete the staged temporaries, then run
@@ -156,14 +138,11 @@ class Transaction:
         self.closed = True
         _open.discard(self)
         while self._published:
-            uri, kept = self._published.pop()
+            staged, kept = self._published.pop()
             try:
-                if kept is None:
-                    backend(uri).delete(uri, self.options)
-                else:
-                    backend(uri).restore(kept, uri, self.options)
+                staged.put_back(kept)
             except Exception:  # noqa: BLE001
-                logger.warning("could not restore %s after a failed write", redact(uri))
+                logger.warning("could not restore %s after a failed write", redact(staged.uri))
         for staged in self._staged:
             staged.abort()
         while self._on_rollback:
@@ -182,20 +161,16 @@ class Transaction:
             raise
 
     def _publish(self, staged: StagedWrite, *, keep: bool) -> None:
-        """Publish `staged`; with `keep`, first keep aside a file it replaces."""
-        store = backend(staged.uri)
-        kept = None
-        if keep and staged.replace and store.exists(staged.uri, self.options):
-            kept = join(parent(staged.uri), f".{basename(staged.uri)}.kept-{secrets.token_hex(4)}")
-            store.keep_aside(staged.uri, kept, self.options)
+        """Publish `staged`; with `keep`, first keep aside what it replaces."""
+        kept = staged.keep_aside() if keep and staged.replace else None
         try:
             staged.commit()
         except BaseException:
             if kept is not None:
                 with contextlib.suppress(Exception):
-                    store.delete(kept, self.options)
+                    staged.unkeep(kept)
             raise
-        self._published.append((staged.uri, kept))
+        self._published.append((staged, kept))
 
     # -- the with-statement ------------------------------------------------------------------
 

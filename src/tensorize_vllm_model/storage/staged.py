@@ -1,0 +1,191 @@
+"""What a transaction stages: a file (`StagedWrite`) or a whole local directory
+(`StagedDirectory`), written under a temporary name and published by the transaction.
+
+Each knows how to publish itself, how to keep aside what its publish replaces and put it
+back, so `transaction.Transaction` treats both alike. A directory staged with
+``temporary=True`` (scratch space, such as a LoRA adapter written for vLLM to read) lives
+until the process exits: `remove_temporary_directories` deletes it then (registered with
+`atexit` once, here), and no caller keeps a list of its own.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import secrets
+import threading
+from dataclasses import dataclass, field
+
+from ..errors import StorageError
+from .base import backend, basename, join, parent
+from .local import move_directory, path_of, publish_directory, remove_directory
+from .options import StreamOptions
+
+__all__ = [
+    "StagedWrite",
+    "StagedDirectory",
+    "temporary_directories",
+    "remove_temporary_directories",
+]
+
+
+@dataclass
+class StagedWrite:
+    """A file being written under a temporary name; its transaction publishes it.
+
+    Attributes:
+        uri: the final location.
+        path: the local file to write now.
+        mode: the permission bits of the published file (local files).
+        replace: whether a file already at `uri` may be replaced; when False, publishing
+            raises `AlreadyExists` instead and leaves that file as it is.
+        last: published after every file staged without it.
+    """
+
+    uri: str
+    path: str
+    options: StreamOptions = field(repr=False)
+    mode: int = 0o644
+    replace: bool = True
+    last: bool = False
+    done: bool = False
+
+    def commit(self) -> None:
+        """Publish the written file under its final name (atomically). Called by the
+        transaction, which first keeps aside what it replaces."""
+        if self.done:
+            return
+        try:
+            os.chmod(self.path, self.mode)
+        except OSError as e:
+            raise StorageError(f"cannot write {self.uri}: {e.strerror or e}") from e
+        backend(self.uri).publish(self.path, self.uri, self.options, replace=self.replace)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)  # left behind by uploads; gone after a local rename
+        self.done = True
+
+    def abort(self) -> None:
+        """Delete the temporary file; the final name is left as it was."""
+        if self.done:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        self.done = True
+
+    # -- what the transaction does around the publish ---------------------------------------
+
+    def keep_aside(self) -> str | None:
+        """Keep what is at `uri` under a hidden name (``.NAME.kept-XXXX``) before the publish
+        replaces it; None when nothing is there. A file stays at `uri` meanwhile."""
+        store = backend(self.uri)
+        if not store.exists(self.uri, self.options):
+            return None
+        kept = join(parent(self.uri), f".{basename(self.uri)}.kept-{secrets.token_hex(4)}")
+        store.keep_aside(self.uri, kept, self.options)
+        return kept
+
+    def unkeep(self, kept: str) -> None:
+        """The publish failed: `uri` is as it was; drop the kept copy."""
+        backend(kept).delete(kept, self.options)
+
+    def put_back(self, kept: str | None) -> None:
+        """Undo the publish: what was at `uri` (`kept`) is back there, or nothing is."""
+        store = backend(self.uri)
+        if kept is None:
+            store.delete(self.uri, self.options)
+        else:
+            store.restore(kept, self.uri, self.options)
+
+    def drop_kept(self, kept: str) -> None:
+        """The transaction committed: the kept copy is no longer needed."""
+        backend(kept).delete(kept, self.options)
+
+    def finished(self) -> None:
+        """The transaction committed (final)."""
+
+
+@dataclass
+class StagedDirectory(StagedWrite):
+    """A local directory filled under a temporary name (``path``, 0700) and published whole
+    by a rename. A directory already at `uri` is replaced (moved aside, then deleted);
+    one published with ``temporary=True`` is deleted when the process exits."""
+
+    mode: int = 0o700
+    temporary: bool = False
+
+    def commit(self) -> None:
+        if self.done:
+            return
+        try:
+            os.chmod(self.path, self.mode)
+        except OSError as e:
+            raise StorageError(f"cannot write {self.uri}: {e.strerror or e}") from e
+        publish_directory(self.path, path_of(self.uri), replace=self.replace)
+        self.done = True
+
+    def abort(self) -> None:
+        if not self.done:
+            remove_directory(self.path)
+            self.done = True
+
+    def keep_aside(self) -> str | None:
+        final = path_of(self.uri)
+        if not os.path.exists(final):
+            return None
+        kept = join(parent(final), f".{basename(final)}.kept-{secrets.token_hex(4)}")
+        move_directory(final, kept)  # the name is free until the publish fills it
+        return kept
+
+    def unkeep(self, kept: str) -> None:
+        move_directory(kept, path_of(self.uri))
+
+    def put_back(self, kept: str | None) -> None:
+        remove_directory(path_of(self.uri))
+        if kept is not None:
+            move_directory(kept, path_of(self.uri))
+
+    def drop_kept(self, kept: str) -> None:
+        remove_directory(kept)
+
+    def finished(self) -> None:
+        if self.temporary:
+            _temporary.add(path_of(self.uri))
+
+
+class _TemporaryDirectories:
+    """Directories published with ``temporary=True``: deleted at process exit."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._paths: list[str] = []
+
+    def add(self, path: str) -> None:
+        with self._lock:
+            if path not in self._paths:
+                self._paths.append(path)
+
+    def paths(self) -> list[str]:
+        with self._lock:
+            return [p for p in self._paths if os.path.exists(p)]
+
+    def remove_all(self) -> None:
+        with self._lock:
+            paths, self._paths = self._paths, []
+        for path in paths:
+            remove_directory(path)
+
+
+_temporary = _TemporaryDirectories()
+atexit.register(_temporary.remove_all)
+
+
+def temporary_directories() -> list[str]:
+    """The directories published with ``temporary=True`` in this process that still
+    exist (each is deleted when the process exits)."""
+    return _temporary.paths()
+
+
+def remove_temporary_directories() -> None:
+    """Delete every directory published with ``temporary=True`` now (as at exit)."""
+    _temporary.remove_all()
