@@ -6,10 +6,14 @@ only in ``vllm_integration/``, and tensorizer's private names only in ``format/c
 The ranks, bottom to top (a module may import its own rank and those below):
 
 0 errors, settings        1 storage          2 keys            3 format
-4 config                  5 read, modules, progress, interrupts
-6 plan, checks, artifacts, lora, inspection, prefetch
+4 config, plan            5 read, modules, progress, interrupts
+6 checks, artifacts, lora, inspection, prefetch
 7 convert                 8 serialization, vllm_integration, vllm_api
 9 cli, plugin, __main__
+
+``plan`` sits with ``config``: it takes a config (imported for type checking only) and
+reads no tensors file itself, so ``config``'s vLLM-compatible check can ask it, and every
+module above asks it which files to read or write.
 
 ``serialization`` sits with ``vllm_integration``: it drives a vLLM engine (it starts one
 and calls its workers), so it is the top of the library, under the command line only. The
@@ -35,7 +39,7 @@ RANKS = {
     "modules": 5,
     "progress": 5,
     "interrupts": 5,
-    "plan": 6,
+    "plan": 4,
     "checks": 6,
     "artifacts": 6,
     "lora": 6,

@@ -4,10 +4,11 @@
 import pytest
 
 from tensorize_vllm_model import ConfigError, TensorizerConfig
-from tensorize_vllm_model.format.record import ParallelLayout
-from tensorize_vllm_model.plan import resolve_read, resolve_write
+from tensorize_vllm_model.format.record import FileRecord, ParallelLayout
+from tensorize_vllm_model.plan import check_layout, discover_rank_uris, resolve_read, resolve_write
 
 TP2_RANK1 = ParallelLayout(tensor_parallel_size=2, tp_rank=1)
+PP2 = ParallelLayout(pipeline_parallel_size=2)
 
 
 def test_config_keeps_what_the_user_gave():
@@ -78,3 +79,58 @@ def test_write_needs_a_rank_template_at_several_ranks():
     )
     assert (plan.uri, plan.directory) == ("/out/model-rank-001.tensors", "/out")
     assert plan.serialization_kwargs == {"compress_tensors": True}
+
+
+def test_check_layout_is_the_write_rule():
+    """vLLM's verify_with_parallel_config asks the plan: a given URI needs a rank template
+    at more than one rank; a directory's ranks get model-rank-%03d.tensors."""
+    with pytest.raises(ConfigError, match=r"TP=1 x PP=2 .*'/m/model.tensors' has no rank"):
+        check_layout(TensorizerConfig(tensorizer_uri="/m/model.tensors"), PP2)
+    check_layout(TensorizerConfig(tensorizer_uri="/m/model-rank-%03d.tensors"), PP2)
+    check_layout(TensorizerConfig(tensorizer_dir="/m"), PP2)
+    with pytest.raises(ConfigError, match="not a valid rank template"):
+        check_layout(TensorizerConfig(tensorizer_uri="/m/model-%s-%d.tensors"), PP2)
+
+
+def test_rank_layouts_follow_vllms_numbering():
+    plan = resolve_read(
+        TensorizerConfig(tensorizer_uri="/m/r%d.tensors"),
+        ParallelLayout(tensor_parallel_size=2, pipeline_parallel_size=2),
+    )
+    assert plan.rank_uris() == [f"/m/r{r}.tensors" for r in range(4)]
+    assert [(plan.rank_layout(r).tp_rank, plan.rank_layout(r).pp_rank) for r in range(4)] == [
+        (0, 0),
+        (1, 0),
+        (0, 1),
+        (1, 1),
+    ]
+
+
+def test_discovery_counts_ranks_from_rank_zeros_record(tmp_path):
+    template = str(tmp_path / "model-rank-%03d.tensors")
+    asked: list[str] = []
+
+    def record_of(uri):
+        asked.append(uri)
+        return FileRecord(architecture="Small", tensor_parallel_size=2, pipeline_parallel_size=2)
+
+    found = discover_rank_uris(TensorizerConfig(tensorizer_uri=template), record_of)
+    assert found == [template % r for r in range(4)]  # none exists: the record says 4
+    assert asked == [template % 0]
+
+
+def test_discovery_without_record_probes_until_a_rank_file_is_missing(tmp_path):
+    for rank in (0, 1, 2, 4):
+        (tmp_path / f"model-rank-{rank:03d}.tensors").write_bytes(b"x")
+    template = str(tmp_path / "model-rank-%03d.tensors")
+    found = discover_rank_uris(TensorizerConfig(tensorizer_uri=template), lambda uri: None)
+    assert found == [template % r for r in range(3)]
+
+
+def test_discovery_of_one_file_reads_nothing():
+    def never(uri):
+        raise AssertionError(f"read {uri}")
+
+    assert discover_rank_uris(TensorizerConfig(tensorizer_uri="/m/model.tensors"), never) == [
+        "/m/model.tensors"
+    ]

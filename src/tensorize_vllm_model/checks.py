@@ -8,9 +8,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from .config import TensorizerConfig, as_tensorizer_config
-from .format.names import has_rank_template, rank_uri
+from .format.names import has_rank_template
 from .format.record import ParallelLayout
-from .plan import check_shared_file
+from .plan import check_shared_file, resolve_read
 from .read.reader import open_tensors
 
 __all__ = ["is_vllm_tensorized", "check_shards"]
@@ -27,10 +27,7 @@ def is_vllm_tensorized(tensorizer_config: TensorizerConfig | Mapping[str, Any]) 
     tensorizer_config = as_tensorizer_config(tensorizer_config)
     if tensorizer_config.vllm_tensorized:
         return True
-    uri = tensorizer_config.tensorizer_uri
-    assert uri is not None
-    if tensorizer_config.is_sharded:
-        uri = uri % 0
+    uri = resolve_read(tensorizer_config, ParallelLayout()).uri  # rank 0's file
     with open_tensors(uri, device="cpu", config=tensorizer_config) as reader:
         return reader.is_vllm_tensorized
 
@@ -72,11 +69,11 @@ def check_shards(
             if reader.record is not None and not reader.checkpoint_form:
                 reader.record.check_layout(ParallelLayout(tp, pp), source=reader.uri)
             return reader.total_tensor_bytes
+    plan = resolve_read(config, ParallelLayout(tp, pp))
     total = 0
-    for rank in range(tp * pp):
-        layout = ParallelLayout(tp, pp, tp_rank=rank % tp, pp_rank=rank // tp)
-        with open_tensors(rank_uri(uri, layout), device="cpu", config=config) as reader:
+    for rank, rank_file in enumerate(plan.rank_uris()):
+        with open_tensors(rank_file, device="cpu", config=config) as reader:
             if reader.record is not None:
-                reader.record.check_layout(layout, source=reader.uri)
+                reader.record.check_layout(plan.rank_layout(rank), source=reader.uri)
             total += reader.total_tensor_bytes
     return total

@@ -226,9 +226,11 @@ class TensorizerConfig(MutableMapping):
     # -- vLLM's checks and stream, same signatures (vLLM 0.32's TensorizerConfig) ---------
 
     def verify_with_parallel_config(self, parallel_config: Any) -> None:
-        """Refuse a layout of more than one rank when `tensorizer_uri` has no rank
+        """Refuse a layout of more than one rank when the given `tensorizer_uri` has no rank
         template (``%03d``), as vLLM's method does for tensor parallelism. Here pipeline
-        parallel ranks count too (one file per rank: see `layout`).
+        parallel ranks count too (one file per rank), and a config given only
+        ``tensorizer_dir`` passes: its ranks write and read ``model-rank-%03d.tensors``.
+        The rule is the write plan's (`plan.check_layout`).
 
         Args:
             parallel_config: vLLM's `ParallelConfig` (``tensor_parallel_size``,
@@ -237,14 +239,14 @@ class TensorizerConfig(MutableMapping):
         Raises:
             ConfigError: (a ValueError, as vLLM raises) naming the URI and the layout.
         """
-        from .format.names import rank_uri
         from .format.record import ParallelLayout
+        from .plan import check_layout
 
         layout = ParallelLayout(
             int(getattr(parallel_config, "tensor_parallel_size", 1) or 1),
             int(getattr(parallel_config, "pipeline_parallel_size", 1) or 1),
         )
-        rank_uri(self.tensorizer_uri or "", layout)
+        check_layout(self, layout)
 
     def verify_with_model_config(self, model_config: Any) -> None:
         """Warn, as vLLM does, that loading a quantized model (``model_config.quantization``

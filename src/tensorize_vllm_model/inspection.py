@@ -15,12 +15,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import storage
 from .config import TensorizerConfig, as_tensorizer_config
 from .errors import CorruptTensorError, EncryptionError
-from .format.names import has_rank_template
-from .format.record import MARKER_NAME, RECORD_NAME, ParallelLayout
-from .plan import resolve_read
+from .format.record import MARKER_NAME, RECORD_NAME, FileRecord
+from .plan import discover_rank_uris
 from .progress import progress
 from .read.reader import TensorEntry, open_tensors
 
@@ -81,21 +79,15 @@ class VerifyReport:
 
 def shard_uris(uri: str, config: TensorizerConfig | None = None) -> list[str]:
     """The files a URI stands for: itself, or every shard of a rank template (as many as
-    rank 0's record says, else as many as exist from rank 0 on)."""
-    if not has_rank_template(uri):
-        return [uri]
+    rank 0's record says, else as many as exist from rank 0 on: `plan.discover_rank_uris`,
+    with rank 0's record read from its header)."""
     config = as_tensorizer_config(config) if config else TensorizerConfig(tensorizer_uri=uri)
-    first = uri % 0
-    with open_tensors(first, config=config, header_only=True) as reader:
-        record = reader.record
-    if record is not None:
-        layout = ParallelLayout(record.tensor_parallel_size, record.pipeline_parallel_size)
-        return resolve_read(dataclasses.replace(config, tensorizer_uri=uri), layout).rank_uris()
-    found = [first]
-    options = config.stream_options()
-    while storage.exists(uri % len(found), options):
-        found.append(uri % len(found))
-    return found
+
+    def read_record(first: str) -> FileRecord | None:
+        with open_tensors(first, config=config, header_only=True) as reader:
+            return reader.record
+
+    return discover_rank_uris(dataclasses.replace(config, tensorizer_uri=uri), read_record)
 
 
 def inspect_tensors(uri: str, config: TensorizerConfig | None = None) -> list[FileReport]:

@@ -11,21 +11,39 @@ the rules live in one place:
   ``model-rank-%03d.tensors`` at more; when it has no rank files but a ``model.tensors``
   (a converted checkpoint, a Hugging Face file), that one file is shared.
 * A write never shares: a directory gets ``model.tensors`` at one rank,
-  ``model-rank-%03d.tensors`` at more; a given URI needs a rank template at more than one.
+  ``model-rank-%03d.tensors`` at more; a given URI needs a rank template at more than one
+  (`check_layout`, which vLLM's ``verify_with_parallel_config`` asks too).
+* A load whose layout is not known beforehand (inspect, verify) covers every rank file of a
+  template: as many as rank 0's record says, else as many as exist (`discover_rank_uris`).
+
+The plan reads no tensors file itself (only whether files exist): what it needs from one
+(rank 0's record) the caller reads and hands in. It takes the config by type only, so
+`config` can ask it (`TensorizerConfig.verify_with_parallel_config`) without a cycle.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import storage
-from .config import TensorizerConfig
 from .format.names import has_rank_template, needs_rank_files, rank_uri, tensors_uri
 from .format.record import FileRecord, ParallelLayout
 
-__all__ = ["ReadPlan", "WritePlan", "resolve_read", "resolve_write", "check_shared_file"]
+if TYPE_CHECKING:
+    from .config import TensorizerConfig
+
+__all__ = [
+    "ReadPlan",
+    "WritePlan",
+    "resolve_read",
+    "resolve_write",
+    "check_layout",
+    "check_shared_file",
+    "discover_rank_uris",
+]
 
 
 @dataclass(frozen=True)
@@ -54,7 +72,12 @@ class ReadPlan:
         """Every rank's file, in global rank order (the one file, for a shared one)."""
         if self.shared or not has_rank_template(self.template):
             return [self.uri]
-        return [rank_uri(self.template, _rank_layout(self.layout, r)) for r in range(self.world)]
+        return [rank_uri(self.template, self.rank_layout(r)) for r in range(self.world)]
+
+    def rank_layout(self, rank: int) -> ParallelLayout:
+        """The layout of global rank `rank` of this load (the file `rank_uris()[rank]` is
+        written for)."""
+        return _rank_layout(self.layout, rank)
 
     @property
     def world(self) -> int:
@@ -143,6 +166,50 @@ def resolve_write(config: TensorizerConfig, layout: ParallelLayout) -> WritePlan
     )
 
 
+def check_layout(config: TensorizerConfig, layout: ParallelLayout) -> None:
+    """Whether every rank of `layout` can have its own file: `resolve_write`'s rule (a
+    given ``tensorizer_uri`` needs a rank template at more than one rank; a directory gets
+    ``model-rank-%03d.tensors``). The check of vLLM's ``verify_with_parallel_config``.
+
+    Raises:
+        ConfigError: (a ValueError) naming the URI and the layout.
+    """
+    resolve_write(config, layout)
+
+
+def discover_rank_uris(
+    config: TensorizerConfig, read_record: Callable[[str], FileRecord | None]
+) -> list[str]:
+    """Every file of ``tensorizer_uri`` when the layout is not known beforehand (inspect,
+    verify): the URI itself, or for a rank template every rank's file, as many as rank 0's
+    record says, else as many as exist from rank 0 on.
+
+    Args:
+        config: the settings (``tensorizer_uri`` and how to reach remote storage).
+        read_record: reads the record of a tensors file (None: it has none); called for
+            rank 0's file of a rank template only.
+
+    Raises:
+        ConfigError: a rank template that does not format.
+        StorageError, FormatError: as `read_record`, for rank 0's file.
+    """
+    template = config.given_uri or config.tensorizer_uri or ""
+    if not has_rank_template(template):
+        return [template]
+    first = rank_uri(template, ParallelLayout())
+    record = read_record(first)
+    if record is not None:
+        layout = ParallelLayout(record.tensor_parallel_size, record.pipeline_parallel_size)
+        return resolve_read(
+            dataclasses.replace(config, tensorizer_uri=template), layout
+        ).rank_uris()
+    found = [first]
+    options = config.stream_options()
+    while storage.exists(nth := _nth_rank_uri(template, len(found)), options):
+        found.append(nth)
+    return found
+
+
 def check_shared_file(
     uri: str, layout: ParallelLayout, *, vllm_tensorized: bool, record: FileRecord | None
 ) -> None:
@@ -183,6 +250,11 @@ def _shared_file(config: TensorizerConfig, world_size: int) -> str | None:
     if storage.exists(first_rank, options) or not storage.exists(single, options):
         return None
     return single
+
+
+def _nth_rank_uri(template: str, rank: int) -> str:
+    """Rank `rank`'s file of `template` (a layout of that many ranks and more)."""
+    return rank_uri(template, ParallelLayout(tensor_parallel_size=rank + 1, tp_rank=rank))
 
 
 def _rank_layout(layout: ParallelLayout, rank: int) -> ParallelLayout:
