@@ -60,10 +60,13 @@ class StagedWrite:
             os.chmod(self.path, self.mode)
         except OSError as e:
             raise StorageError(f"cannot write {self.uri}: {e.strerror or e}") from e
+        self._publish()
+        self.done = True
+
+    def _publish(self) -> None:
         backend(self.uri).publish(self.path, self.uri, self.options, replace=self.replace)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)  # left behind by uploads; gone after a local rename
-        self.done = True
 
     def abort(self) -> None:
         """Delete the temporary file; the final name is left as it was."""
@@ -114,15 +117,8 @@ class StagedDirectory(StagedWrite):
     mode: int = 0o700
     temporary: bool = False
 
-    def commit(self) -> None:
-        if self.done:
-            return
-        try:
-            os.chmod(self.path, self.mode)
-        except OSError as e:
-            raise StorageError(f"cannot write {self.uri}: {e.strerror or e}") from e
+    def _publish(self) -> None:
         publish_directory(self.path, path_of(self.uri), replace=self.replace)
-        self.done = True
 
     def abort(self) -> None:
         if not self.done:
