@@ -225,3 +225,13 @@ def test_being_written_while_staged(tmp_path):
     assert not storage.being_written(str(tmp_path / "model"))  # another name's prefix
     tx.commit()
     assert not storage.being_written(final) and os.path.exists(final)
+
+
+def test_directory_that_must_not_replace_leaves_the_one_there(tmp_path):
+    final = tmp_path / "entry"
+    final.mkdir()
+    (final / "a").write_bytes(b"theirs")
+    with pytest.raises(storage.AlreadyExists, match="already exists"):
+        with storage.transaction() as tx:
+            _fill(tx.stage_directory(str(final), replace=False).path, ["b"])
+    assert os.listdir(tmp_path) == ["entry"] and os.listdir(final) == ["a"]
