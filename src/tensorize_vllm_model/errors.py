@@ -16,6 +16,7 @@ __all__ = [
     "AccessDenied",
     "Unreachable",
     "Stalled",
+    "Throttled",
     "AlreadyExists",
     "EncryptionError",
     "FormatError",
@@ -56,6 +57,11 @@ class Unreachable(StorageError):
 
 class Stalled(Unreachable):
     """A transfer started, then no data arrived for the read timeout."""
+
+
+class Throttled(Unreachable):
+    """The store kept answering "slow down" (S3 503 ``SlowDown``, HTTP 503 / 429) to every
+    attempt of the retry policy (`storage.retry`)."""
 
 
 class AlreadyExists(StorageError):

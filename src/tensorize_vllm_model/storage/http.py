@@ -27,6 +27,8 @@ _PIECE = 256 * 1024
 _MAX_REDIRECTS = 5
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _TRANSPORT_ERRORS = (OSError, http.client.HTTPException)
+# Answers worth another attempt (retry.py's policy); 429 and 503 mean "slow down".
+_TRANSIENT_STATUSES = (429, 500, 502, 503, 504)
 
 
 def _status_error(status: int, reason: str, name: str) -> StorageError:
@@ -39,17 +41,19 @@ def _status_error(status: int, reason: str, name: str) -> StorageError:
     return StorageError(f"{name}: the server answered HTTP {status} {reason}")
 
 
-def _transport_error(e: BaseException, name: str, timeout: float) -> StorageError:
-    """The typed error for a request that failed in transit (all `Unreachable`: worth
-    another attempt)."""
-    if isinstance(e, ssl.SSLError):
+def _transport_error(e: BaseException, name: str, timeout: float) -> Exception:
+    """What a request that failed in transit raises: `retry.Transient` (worth another
+    attempt), or `Unreachable` at once for a certificate no retry can make trusted."""
+    if isinstance(e, ssl.SSLCertVerificationError):
         return Unreachable(
             f"TLS failed for {name}: {e.reason or e}; for a private CA give its "
             "bundle with --ca-bundle / ca_bundle"
         )
+    if isinstance(e, ssl.SSLError):
+        return retry.Transient(f"TLS failed: {e.reason or e}")
     if isinstance(e, TimeoutError):
-        return Unreachable(f"{name}: no answer within {timeout:g} s (timed out)")
-    return Unreachable(f"cannot reach {name}: {e}")
+        return retry.Transient(f"no answer within {timeout:g} s (timed out)")
+    return retry.Transient(str(e) or type(e).__name__)
 
 
 def redact(url: str) -> str:
@@ -78,7 +82,8 @@ class HTTPSource(retry.RetryingSource):
                 raise StorageError(f"cannot use the CA bundle {options.ca_bundle}: {e}") from None
         self._local = threading.local()
         self.url = url
-        response = self._get(headers={"Range": "bytes=0-0"}, accept=(200, 206, 416))
+        self.policy = options.retry
+        response = self._request(headers={"Range": "bytes=0-0"}, accept=(200, 206, 416))
         try:
             if response.status == 416:  # RFC 9110: no byte 0, so an empty file ("*/0")
                 match = re.fullmatch(r"bytes \*/0", response.getheader("Content-Range", ""))
@@ -167,23 +172,40 @@ class HTTPSource(retry.RetryingSource):
             response.read()
             response.close()
             self._drop(parts)
+            if response.status in _TRANSIENT_STATUSES:
+                answer = f"{response.status} {response.reason}".strip()
+                raise retry.Transient(
+                    f"HTTP {answer}", answer if response.status in (429, 503) else None
+                )
             raise _status_error(response.status, response.reason, self.name)
         raise StorageError(f"{self.name}: more than {_MAX_REDIRECTS} redirects")
+
+    def _request(
+        self, headers: dict[str, str], accept: tuple[int, ...] = (200, 206)
+    ) -> http.client.HTTPResponse:
+        """`_get`, tried as the retry policy says."""
+        return retry.request(
+            lambda: self._get(headers, accept),
+            policy=self.policy,
+            name=self.name,
+            peer=self.peer,
+            after_failure=self._after_failure,
+        )
 
     # -- RangeSource -----------------------------------------------------------------------
 
     def _after_failure(self) -> None:
         self._drop(urllib.parse.urlsplit(self.url))
 
-    def _open_range(self, start: int, stop: int) -> retry.Body:
+    def _open_range(self, start: int, stop: int, log: retry.Attempts) -> retry.Body:
         response = self._get(headers={"Range": f"bytes={start}-{stop - 1}"})
         if response.status != 206:
             response.close()
-            raise Unreachable(f"{self.name}: the server stopped serving byte ranges")
+            raise retry.Transient("the server stopped serving byte ranges")
         return _body(response)
 
     def open_sequential(self, start: int) -> retry.Body:
-        response = self._get(headers={})
+        response = self._request(headers={})
         # The response holds its connection until closed: keep it out of the shared cache.
         getattr(self._local, "connections", {}).pop(
             (urllib.parse.urlsplit(self.url).scheme, urllib.parse.urlsplit(self.url).netloc), None

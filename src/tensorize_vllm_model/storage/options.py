@@ -14,6 +14,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..settings import parse_bool
 from .ranged import DEFAULT_CHUNK_SIZE, DEFAULT_WORKERS
+from .retry import DEFAULT_POLICY, RetryPolicy
 
 __all__ = ["StreamOptions", "Options", "STREAM_KWARGS", "ADDRESSING_STYLES"]
 
@@ -59,6 +60,9 @@ class StreamOptions:
     # False: read a remote file as one sequential response instead of parallel byte ranges
     # (for servers that serve ranges slowly).
     ranges: bool = True
+    # How often a request or byte range is tried (storage/retry.py: the one retry policy of
+    # S3 and HTTP(S)). Not a stream_kwargs key: set in Python (tests keep the pauses short).
+    retry: RetryPolicy = DEFAULT_POLICY
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | StreamOptions | None) -> StreamOptions:

@@ -1,10 +1,39 @@
-"""One retry policy for remote reads, shared by every remote backend (HTTP, S3).
+"""The one retry policy of remote storage (S3, HTTP(S)), and who applies it to what.
 
-A byte range is asked for up to `RetryPolicy.attempts` times, waiting ``backoff * n``
-seconds before attempt n + 1. What is retried: a connection that fails or drops, a response
-that ends early, a stall (no data for the read timeout), and any `Unreachable` error. What
-is not: every other `StorageError` (`NotFound`, `AccessDenied`, a refused request), raised
-at once. After the last attempt, `Unreachable` lists what each attempt ran into.
+`RetryPolicy` is the only place the numbers live: ``attempts`` (how many times one request,
+one probe or one byte range is tried in all) and ``backoff`` (the pause this module makes
+before attempt n + 1 is ``backoff * n`` seconds). `StreamOptions.retry` carries it
+(`DEFAULT_POLICY` unless a caller gives another); nothing else counts attempts.
+
+Two layers apply it, and no failure is retried by both:
+
+=====================================  ==========================  =======================
+failure                                S3                          HTTP(S)
+=====================================  ==========================  =======================
+no connection, reset, no answer        botocore (standard mode)    this module
+  within the timeout, TLS handshake
+HTTP 5xx, 429, S3 ``SlowDown`` /       botocore (standard mode)    this module
+  ``InternalError`` / ``RequestTimeout``
+the response body drops, ends early    this module                 this module
+  or stalls (botocore cannot see it)
+404 / 403, TLS certificate refused,    never: raised at once       never: raised at once
+  any other refusal
+=====================================  ==========================  =======================
+
+botocore's standard retry mode is configured from the policy
+(``total_max_attempts = attempts``, `RetryPolicy.botocore_retries`) and keeps its own waits
+(AWS's standard: exponential with full jitter, 1 s base for throttling, 50 ms otherwise,
+honouring ``x-amz-retry-after``), which is what S3 asks of a throttled client. For a byte
+range both layers draw on ONE budget, an `Attempts` log per range: every request botocore
+sends for the range is recorded in it (storage/s3.py's ``needs-retry`` hook, which also
+stops botocore once the budget is spent), and so is every body that failed here. A range
+is therefore tried ``attempts`` times in all, whatever mix of failures it meets, and a
+failure botocore gave up on (`GaveUp`) is never tried again here.
+
+After the last attempt: `Unreachable` naming the URI (credentials and signed query strings
+redacted) and listing what each attempt ran into; `Throttled` (an `Unreachable`) when every
+attempt was answered "slow down" (HTTP 503 / 429, S3 ``SlowDown``), saying what the server
+kept answering. `NotFound`, `AccessDenied` and every other refusal are raised at once.
 
 `Body` turns a response (``http.client`` or botocore) into a raw stream read in bounded
 pieces, reporting a read timeout as `TransferStalled` with the bytes received so far.
@@ -15,20 +44,122 @@ from __future__ import annotations
 import io
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
-from ..errors import StorageError, Unreachable
+from ..errors import ConfigError, StorageError, Throttled, Unreachable
 
 __all__ = [
     "RetryPolicy",
     "DEFAULT_POLICY",
+    "Attempts",
+    "Transient",
+    "GaveUp",
     "TransferStalled",
     "Body",
     "fill",
+    "request",
     "read_range_into",
     "RetryingSource",
 ]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how patiently remote storage is tried (see the module docstring).
+
+    Attributes:
+        attempts: tries of one request or byte range in all, the first included (>= 1).
+        backoff: seconds; this module waits ``backoff * n`` after the n-th failed attempt
+            (botocore's own request retries wait as botocore's standard mode says).
+
+    Raises:
+        ConfigError: attempts below 1 or a negative backoff.
+    """
+
+    attempts: int = 3
+    backoff: float = 0.2
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.attempts, int) or self.attempts < 1:
+            raise ConfigError(f"retry attempts must be a positive integer, got {self.attempts!r}")
+        if self.backoff < 0:
+            raise ConfigError(f"retry backoff must be >= 0 seconds, got {self.backoff!r}")
+
+    def pause(self, failed: int) -> None:
+        """Wait before the next attempt, after `failed` failed ones."""
+        time.sleep(self.backoff * failed)
+
+    def botocore_retries(self) -> dict[str, Any]:
+        """botocore's ``Config(retries=...)`` for this policy: standard mode, `attempts`
+        requests in all (``total_max_attempts`` counts the first; ``max_attempts`` would
+        not)."""
+        return {"mode": "standard", "total_max_attempts": self.attempts}
+
+
+DEFAULT_POLICY = RetryPolicy()
+
+
+@dataclass
+class Attempts:
+    """What each attempt at one request or byte range ran into: the budget that every
+    layer retrying it draws on (`RetryPolicy.attempts` in all)."""
+
+    policy: RetryPolicy
+    failures: list[str] = field(default_factory=list)
+    # Per failure: the "slow down" answer it was ("503 SlowDown"), or None.
+    throttled: list[str | None] = field(default_factory=list)
+
+    def failed(self, what: str, throttled: str | None = None) -> None:
+        self.failures.append(what)
+        self.throttled.append(throttled)
+
+    @property
+    def used(self) -> int:
+        return len(self.failures)
+
+    @property
+    def left(self) -> int:
+        return self.policy.attempts - self.used
+
+    def listing(self) -> str:
+        return "; ".join(self.failures)
+
+    def throttling(self, what: str, peer: str) -> Throttled | None:
+        """`Throttled` when every attempt was told to slow down, else None."""
+        if not self.throttled or None in self.throttled:
+            return None
+        return Throttled(
+            f"{what}: {peer} kept answering {self.throttled[-1]} to all {self.used} attempts "
+            "(it is throttling requests); lower the request rate (fewer stream_kwargs "
+            "workers) or try again later"
+        )
+
+
+class Transient(Exception):
+    """A request failed in a way another attempt may fix (no connection, a 5xx or 429
+    answer): raised by a backend whose requests this module retries (HTTP(S)).
+
+    Args:
+        what: what the attempt ran into, for messages (no credentials).
+        throttled: the "slow down" answer ("503 Service Unavailable"), if it was one.
+    """
+
+    def __init__(self, what: str, throttled: str | None = None):
+        super().__init__(what)
+        self.what = what
+        self.throttled = throttled
+
+
+class GaveUp(Exception):
+    """A lower layer (botocore) retried a request as the policy says and gave up; its
+    attempts are in the `Attempts` log already: not to be tried again here."""
+
+    def __init__(self, error: StorageError):
+        super().__init__(str(error))
+        self.error = error
 
 
 class TransferStalled(Exception):
@@ -39,20 +170,6 @@ class TransferStalled(Exception):
     def __init__(self, received: int):
         super().__init__(f"stalled after {received} bytes")
         self.received = received
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How often and how patiently a failed range read is tried again."""
-
-    attempts: int = 3
-    backoff: float = 0.2  # seconds; attempt n + 1 waits backoff * n
-
-    def pause(self, attempt: int) -> None:
-        time.sleep(self.backoff * (attempt + 1))
-
-
-DEFAULT_POLICY = RetryPolicy()
 
 
 class Body(io.RawIOBase):
@@ -110,8 +227,47 @@ def fill(body: io.RawIOBase, view: memoryview) -> int:
     return got
 
 
+def request(
+    send: Callable[[], T],
+    *,
+    policy: RetryPolicy,
+    name: str,
+    peer: str,
+    after_failure: Callable[[], None] = lambda: None,
+) -> T:
+    """`send()` until it returns, retrying each `Transient` failure as the policy says.
+
+    For requests this module retries (HTTP(S)); S3's are retried by botocore.
+
+    Args:
+        name: what is asked for, for messages (a URI, credentials redacted).
+        peer: how messages call the other side ("the server").
+        after_failure: called after each failed attempt (e.g. to drop a pooled connection).
+
+    Raises:
+        Throttled: every attempt was told to slow down (HTTP 503 / 429).
+        Unreachable: every attempt failed otherwise (each one's cause listed).
+        StorageError: the first failure that another attempt cannot help (`NotFound`, ...).
+    """
+    log = Attempts(policy)
+    while True:
+        try:
+            return send()
+        except Transient as e:
+            log.failed(e.what, e.throttled)
+        after_failure()
+        if log.left <= 0:
+            throttled = log.throttling(f"reading {name}", peer)
+            if throttled is not None:
+                raise throttled from None
+            raise Unreachable(
+                f"cannot reach {name}: no usable answer to {log.used} attempts: {log.listing()}"
+            ) from None
+        policy.pause(log.used)
+
+
 def read_range_into(
-    open_body: Callable[[int, int], io.RawIOBase],
+    open_body: Callable[[int, int, Attempts], io.RawIOBase],
     start: int,
     view: memoryview,
     *,
@@ -123,47 +279,59 @@ def read_range_into(
     after_failure: Callable[[], None] = lambda: None,
     policy: RetryPolicy = DEFAULT_POLICY,
 ) -> None:
-    """Fill `view` with the bytes of `name` from `start` on, retrying as the policy says.
+    """Fill `view` with the bytes of `name` from `start` on, `policy.attempts` tries in all.
 
     Args:
-        open_body: asks for bytes [start, stop) and returns the response's body; raises a
-            `StorageError` (retried only when `Unreachable`) or one of `transport_errors`.
+        open_body: asks for bytes [start, stop) and returns the response's body. It raises
+            `Transient` for a request this module retries, `GaveUp` when its own layer
+            (botocore) retried the request already (recording its attempts in the given
+            `Attempts`), or another `StorageError` (raised at once). What `transport_errors`
+            lists, raised while reading the body, is a dropped body: retried.
         peer, connection: how messages call the other side ("the server") and the link
             ("the connection to https://host").
         after_failure: called after each failed attempt (e.g. to drop a pooled connection).
 
     Raises:
-        Unreachable: every attempt failed in transit (each one's cause listed).
+        Throttled: every attempt was told to slow down.
+        Unreachable: the attempts ran out (each one's cause listed).
         StorageError: the first error that retrying cannot help (`NotFound`, ...).
     """
     stop = start + len(view)
-    tried: list[str] = []  # what each attempt ran into
-    for attempt in range(policy.attempts):
+    log = Attempts(policy)
+    while log.left > 0:
         try:
-            body = open_body(start, stop)
+            body = open_body(start, stop, log)
             try:
                 got = fill(body, view)
             finally:
                 body.close()
             if got == len(view):
                 return
-            tried.append(f"the response ended after {got} of {len(view)} bytes")
+            log.failed(f"the response ended after {got} of {len(view)} bytes")
         except TransferStalled as e:
-            tried.append(
+            log.failed(
                 f"{peer} stalled after sending {e.received} of {len(view)} "
                 f"bytes (no data for {timeout:g} s)"
             )
-        except StorageError as e:
-            if not isinstance(e, Unreachable):
-                raise
-            tried.append(str(e) or type(e).__name__)
+        except Transient as e:
+            log.failed(e.what, e.throttled)
+        except GaveUp as e:
+            if not log.used:  # nothing recorded: the lower layer's own error says it all
+                raise e.error from None
+            break
+        except StorageError:
+            raise
         except transport_errors as e:
-            tried.append(str(e) or type(e).__name__)
+            log.failed(str(e) or type(e).__name__)
         after_failure()
-        policy.pause(attempt)
+        if log.left > 0:
+            policy.pause(log.used)
+    throttled = log.throttling(f"reading {name} (bytes {start}-{stop - 1})", peer)
+    if throttled is not None:
+        raise throttled
     raise Unreachable(
-        f"reading {name} failed at bytes {start}-{stop - 1} after {policy.attempts} attempts "
-        f"({connection} dropped or timed out): {'; '.join(tried)}"
+        f"reading {name} failed at bytes {start}-{stop - 1} after {log.used} attempts "
+        f"({connection} dropped or timed out): {log.listing()}"
     )
 
 
@@ -173,6 +341,7 @@ class RetryingSource:
 
     name: str
     timeout: float
+    policy: RetryPolicy = DEFAULT_POLICY
     peer = "the server"  # how messages call the other side
     transport_errors: tuple[type[BaseException], ...] = (OSError,)
 
@@ -181,8 +350,8 @@ class RetryingSource:
         """How messages call the link ("the connection to https://host")."""
         return "the connection"
 
-    def _open_range(self, start: int, stop: int) -> io.RawIOBase:
-        """Ask for bytes [start, stop): the response's body."""
+    def _open_range(self, start: int, stop: int, log: Attempts) -> io.RawIOBase:
+        """Ask for bytes [start, stop): the response's body (see `read_range_into`)."""
         raise NotImplementedError
 
     def _after_failure(self) -> None:
@@ -204,4 +373,5 @@ class RetryingSource:
             timeout=self.timeout,
             transport_errors=self.transport_errors,
             after_failure=self._after_failure,
+            policy=self.policy,
         )

@@ -5,16 +5,25 @@ environment, ``~/.s3cfg`` and the AWS config files; see docs/s3.md).
 
 An upload is published only when it completes: a failed multipart upload is aborted, so no
 object appears at the key.
+
+Retries (the one policy of storage/retry.py, `StreamOptions.retry`): every S3 request is
+retried by botocore's standard mode, configured from the policy; a range's body that
+drops, ends early or stalls is retried by `retry.read_range_into`. A hook on botocore's
+``needs-retry`` event records each request's attempts in the `retry.Attempts` log of the
+probe or byte range under way, so that both layers share one budget and the errors list
+every attempt.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import tempfile
 import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import (
     AccessDenied,
@@ -22,6 +31,7 @@ from ..errors import (
     ConfigError,
     NotFound,
     StorageError,
+    Throttled,
     Unreachable,
 )
 from . import retry, s3_settings
@@ -37,6 +47,13 @@ _MAX_PARTS = 9_000
 _BODY_READ = 1 << 20
 _clients: dict[StreamOptions, tuple] = {}
 _clients_lock = threading.Lock()
+# The `retry.Attempts` log of the request or range this thread is making (see _counting).
+_current = threading.local()
+# S3's "slow down" answers (botocore's standard mode retries them as throttling).
+_THROTTLING_CODES = frozenset(
+    {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded"}
+)
+T = TypeVar("T")
 
 
 def parse(uri: str) -> tuple[str, str]:
@@ -62,7 +79,7 @@ def _client(options: StreamOptions):
             signature_version=settings.signature_version,
             connect_timeout=min(options.timeout, 10.0),
             read_timeout=options.timeout,
-            retries={"mode": "standard", "max_attempts": 3},
+            retries=options.retry.botocore_retries(),
             max_pool_connections=max(10, options.workers * 2),
             s3={"addressing_style": settings.addressing_style},
         )
@@ -74,8 +91,60 @@ def _client(options: StreamOptions):
             verify=options.ca_bundle if options.ca_bundle else None,
             **settings.client_kwargs,
         )
+        # First, so that its False (the budget is spent) stops botocore's standard handler.
+        client.meta.events.register_first("needs-retry.s3", _on_attempt)
         _clients[options] = (client, settings)
         return _clients[options]
+
+
+@contextlib.contextmanager
+def _counting(log: retry.Attempts) -> Iterator[None]:
+    """Record the requests this thread makes meanwhile (botocore's retries included) in
+    `log`, and let botocore retry them only while `log` has attempts left."""
+    _current.log = log
+    try:
+        yield
+    finally:
+        _current.log = None
+
+
+def _on_attempt(
+    response: Any = None, caught_exception: BaseException | None = None, **_: Any
+) -> bool | None:
+    """botocore's ``needs-retry`` event, after every request it sends: record a failed one
+    in the thread's `retry.Attempts` log; False (no retry) once the log's budget is spent,
+    else None (botocore's standard mode decides, and waits as it says)."""
+    log = getattr(_current, "log", None)
+    if log is None:
+        return None
+    if caught_exception is not None:
+        log.failed(f"{type(caught_exception).__name__}: {caught_exception}")
+    else:
+        http, parsed = response
+        if http.status_code < 300:
+            return None
+        code = str((parsed or {}).get("Error", {}).get("Code", "") or "")
+        answer = _answer(http.status_code, code)
+        slow_down = http.status_code in (429, 503) or code in _THROTTLING_CODES
+        log.failed(answer, answer if slow_down else None)
+    return False if log.left <= 0 else None
+
+
+def _answer(status: int, code: str) -> str:
+    """ "HTTP 503 SlowDown"; "HTTP 503" where the answer had no body (a HEAD)."""
+    return f"HTTP {status}" + ("" if code in ("", str(status)) else f" {code}")
+
+
+def _transient(e: BaseException) -> bool:
+    """Whether botocore's standard mode retries this failure (a connection failure, a
+    timeout, a 5xx or 429 answer, throttling, ``RequestTimeout``)."""
+    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
+
+    if isinstance(e, ClientError):
+        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        code = str(e.response.get("Error", {}).get("Code", ""))
+        return status >= 500 or status == 429 or code in _THROTTLING_CODES | {"RequestTimeout"}
+    return isinstance(e, (ConnectionError, HTTPClientError))
 
 
 def _error(
@@ -108,6 +177,13 @@ def _error(
             if code == "NoSuchBucket":
                 return NotFound(f"no such bucket: {parse(uri)[0]} (for {uri})")
             return NotFound(f"no such object: {uri} (at {where})")
+        if status in (429, 503) or code in _THROTTLING_CODES:
+            tries = e.response.get("ResponseMetadata", {}).get("RetryAttempts", 0) + 1
+            return Throttled(
+                f"{action} {uri}: the S3 endpoint {where} kept answering "
+                f"{_answer(status, code)} to all {tries} attempts (it is throttling requests); lower the "
+                "request rate (fewer stream_kwargs workers) or try again later"
+            )
         return StorageError(f"S3 refused {action} {uri} at {where}: HTTP {status} {code}")
     if isinstance(e, (EndpointConnectionError, ConnectTimeoutError)):
         return Unreachable(f"cannot reach the S3 endpoint {where} {action} {uri}: {e}")
@@ -122,20 +198,34 @@ class S3Source(retry.RetryingSource):
 
     supports_ranges = True
     peer = "the endpoint"
-    # Any other failure of a GET or its body (botocore's and urllib3's many kinds) is a
-    # transport failure: retried. ClientErrors are mapped (`_open_range`) and not retried.
+    # Any failure while reading a body (botocore's and urllib3's many kinds) is a dropped
+    # body: retried by retry.py. A failed request is retried by botocore (`_open_range`).
     transport_errors = (Exception,)
 
     def __init__(self, uri: str, options: StreamOptions):
         self.name = uri
         self.timeout = options.timeout
+        self.policy = options.retry
         self.bucket, self.key = parse(uri)
         self._client, self._resolved = _client(options)
-        try:
-            head = self._client.head_object(Bucket=self.bucket, Key=self.key)
-        except Exception as e:  # noqa: BLE001 - mapped to a typed StorageError
-            raise self._not_found_or(e) from None
+        head = self._request(lambda: self._client.head_object(Bucket=self.bucket, Key=self.key))
         self.size = int(head["ContentLength"])
+
+    def _request(self, send: Callable[[], T]) -> T:
+        """One request (botocore retries it as the policy says), its failure mapped."""
+        log = retry.Attempts(self.policy)
+        try:
+            with _counting(log):
+                return send()
+        except Exception as e:  # noqa: BLE001 - mapped to a typed StorageError
+            raise self._failure(e, log) from None
+
+    def _failure(self, e: Exception, log: retry.Attempts) -> StorageError:
+        """The typed error of a request botocore gave up on, listing each attempt."""
+        error = self._not_found_or(e)
+        if not _transient(e) or not log.used or isinstance(error, Throttled):
+            return error
+        return type(error)(f"{error} ({log.used} attempts: {log.listing()})")
 
     def _not_found_or(self, e: Exception) -> StorageError:
         """HEAD answers a bare 404 for a missing bucket too: tell the two apart."""
@@ -152,25 +242,26 @@ class S3Source(retry.RetryingSource):
     def connection(self) -> str:
         return f"the connection to {self._resolved.endpoint or 'AWS S3'}"
 
-    def _open_range(self, start: int, stop: int) -> retry.Body:
-        from botocore.exceptions import ClientError
-
+    def _open_range(self, start: int, stop: int, log: retry.Attempts) -> retry.Body:
         try:
-            response = self._client.get_object(
-                Bucket=self.bucket, Key=self.key, Range=f"bytes={start}-{stop - 1}"
-            )
-        except ClientError as e:  # the others are transport errors: retried
-            raise _error(e, self.name, self._resolved, "reading") from None
+            with _counting(log):
+                response = self._client.get_object(
+                    Bucket=self.bucket, Key=self.key, Range=f"bytes={start}-{stop - 1}"
+                )
+        except Exception as e:  # noqa: BLE001 - mapped; botocore retried what it could
+            error = _error(e, self.name, self._resolved, "reading")
+            if _transient(e):
+                raise retry.GaveUp(error) from None
+            raise error from None
         return _body(response["Body"])
 
     def open_sequential(self, start: int) -> retry.Body:
         """One GET from `start` to the end (``stream_kwargs={"ranges": false}``)."""
-        try:
-            response = self._client.get_object(
+        response = self._request(
+            lambda: self._client.get_object(
                 Bucket=self.bucket, Key=self.key, Range=f"bytes={start}-"
             )
-        except Exception as e:  # noqa: BLE001
-            raise _error(e, self.name, self._resolved, "reading") from None
+        )
         return _body(response["Body"])
 
 
