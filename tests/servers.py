@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import http.client
 import http.server
 import json
 import os
@@ -500,3 +501,142 @@ class CuttingProxy:
         self.listener.close()
         for client in self._held:
             client.close()
+
+
+# -- an HTTP proxy that answers GETs as a script says (throttling, hang-ups, cut bodies) ------
+
+_SLOW_DOWN = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+    b"<Message>Please reduce your request rate.</Message>"
+    b"<RequestId>4442587FB7D0A2F9</RequestId></Error>"
+)
+_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "server", "date"}
+
+
+class _ScriptedHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    proxy: ScriptedProxy
+
+    def log_message(self, *args):
+        pass
+
+    def do_HEAD(self):
+        self._forward()
+
+    def do_PUT(self):
+        self._forward()
+
+    def do_POST(self):
+        self._forward()
+
+    def do_DELETE(self):
+        self._forward()
+
+    def do_GET(self):
+        action = self.proxy.next_action()
+        if action == "close":  # hang up without an answer
+            self.close_connection = True
+        elif action == "slowdown":
+            self._answer_slow_down()
+        else:
+            self._forward(cut=action == "cut")
+
+    def _answer_slow_down(self):
+        body = _SLOW_DOWN if self.proxy.s3 else b"busy, try again later"
+        self.send_response_only(503, "Slow Down" if self.proxy.s3 else "Service Unavailable")
+        self.send_header("Content-Type", "application/xml" if self.proxy.s3 else "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _forward(self, cut: bool = False):
+        self.proxy.requests.append(self.command)
+        length = int(self.headers.get("Content-Length") or 0)
+        sent = self.rfile.read(length) if length else None
+        upstream = http.client.HTTPConnection("127.0.0.1", self.proxy.target_port, timeout=30)
+        try:
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+            upstream.request(self.command, self.path, body=sent, headers=headers)
+            response = upstream.getresponse()
+            body = response.read()
+        finally:
+            upstream.close()
+        self.send_response_only(response.status, response.reason)
+        for name, value in response.getheaders():
+            if name.lower() not in _HOP_BY_HOP and name.lower() != "content-length":
+                self.send_header(name, value)
+        declared = response.getheader("Content-Length") if self.command == "HEAD" else None
+        self.send_header("Content-Length", declared or str(len(body)))
+        self.end_headers()
+        if cut:  # half the body, then hang up: a body that drops mid-way
+            self.wfile.write(body[: len(body) // 2])
+            self.close_connection = True
+        else:
+            self.wfile.write(body)
+
+
+class ScriptedProxy:
+    """An HTTP reverse proxy on loopback in front of `target_port` (an S3 server or an HTTP
+    file server) that counts the GETs it receives and answers the n-th as ``script[n]``
+    says: "slowdown" (HTTP 503; for S3 the ``SlowDown`` XML error body S3 sends), "close"
+    (hang up without an answer), "cut" (forward, but hang up after half the body), "pass"
+    (forward; also every GET after the script). Other methods are forwarded. With `tls`
+    it serves HTTPS."""
+
+    def __init__(
+        self,
+        target_port: int,
+        script: list[str] | tuple[str, ...],
+        *,
+        s3: bool,
+        tls: TLSFiles | None = None,
+    ):
+        self.target_port = target_port
+        self.script = list(script)
+        self.s3 = s3
+        self.gets = 0
+        self.requests: list[str] = []  # methods forwarded, in order
+        self._lock = threading.Lock()
+        handler = type("Handler", (_ScriptedHandler,), {"proxy": self})
+        self.server = _QuietServer(("127.0.0.1", 0), handler)
+        self.server.daemon_threads = True
+        if tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(tls.cert, tls.key)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.port = self.server.server_address[1]
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def next_action(self) -> str:
+        with self._lock:
+            self.gets += 1
+            return self.script[self.gets - 1] if self.gets <= len(self.script) else "pass"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class HangingUpListener:
+    """A loopback port that accepts every connection and closes it at once (a dead
+    endpoint whose connection attempts can be counted: `accepted`)."""
+
+    def __init__(self, tls: bool = False):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        self.accepted = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            connection.close()
+
+    def stop(self) -> None:
+        self.listener.close()

@@ -125,7 +125,15 @@ class Attempts:
         return self.policy.attempts - self.used
 
     def listing(self) -> str:
-        return "; ".join(self.failures)
+        """What each attempt ran into, in order; a failure repeated by consecutive attempts
+        is listed once with its count ("...; HTTP 503 SlowDown (2 times)")."""
+        groups: list[list[Any]] = []
+        for failure in self.failures:
+            if groups and groups[-1][0] == failure:
+                groups[-1][1] += 1
+            else:
+                groups.append([failure, 1])
+        return "; ".join(f"{text} ({n} times)" if n > 1 else text for text, n in groups)
 
     def throttling(self, what: str, peer: str) -> Throttled | None:
         """`Throttled` when every attempt was told to slow down, else None."""
@@ -257,10 +265,7 @@ def request(
             log.failed(e.what, e.throttled)
         after_failure()
         if log.left <= 0:
-            throttled = log.throttling(f"reading {name}", peer)
-            if throttled is not None:
-                raise throttled from None
-            raise Unreachable(
+            raise log.throttling(f"reading {name}", peer) or Unreachable(
                 f"cannot reach {name}: no usable answer to {log.used} attempts: {log.listing()}"
             ) from None
         policy.pause(log.used)
@@ -282,11 +287,10 @@ def read_range_into(
     """Fill `view` with the bytes of `name` from `start` on, `policy.attempts` tries in all.
 
     Args:
-        open_body: asks for bytes [start, stop) and returns the response's body. It raises
-            `Transient` for a request this module retries, `GaveUp` when its own layer
-            (botocore) retried the request already (recording its attempts in the given
-            `Attempts`), or another `StorageError` (raised at once). What `transport_errors`
-            lists, raised while reading the body, is a dropped body: retried.
+        open_body: asks for bytes [start, stop), returns the response's body; raises
+            `Transient` (retried here), `GaveUp` (its layer, botocore, retried it and
+            recorded each attempt in the `Attempts` given) or a `StorageError` (raised at
+            once). `transport_errors` raised while reading the body: retried here.
         peer, connection: how messages call the other side ("the server") and the link
             ("the connection to https://host").
         after_failure: called after each failed attempt (e.g. to drop a pooled connection).
@@ -300,39 +304,53 @@ def read_range_into(
     log = Attempts(policy)
     while log.left > 0:
         try:
-            body = open_body(start, stop, log)
-            try:
-                got = fill(body, view)
-            finally:
-                body.close()
-            if got == len(view):
+            if _try_range(open_body, start, view, log, peer, timeout, transport_errors):
                 return
-            log.failed(f"the response ended after {got} of {len(view)} bytes")
-        except TransferStalled as e:
-            log.failed(
-                f"{peer} stalled after sending {e.received} of {len(view)} "
-                f"bytes (no data for {timeout:g} s)"
-            )
-        except Transient as e:
-            log.failed(e.what, e.throttled)
         except GaveUp as e:
             if not log.used:  # nothing recorded: the lower layer's own error says it all
                 raise e.error from None
             break
-        except StorageError:
-            raise
-        except transport_errors as e:
-            log.failed(str(e) or type(e).__name__)
         after_failure()
         if log.left > 0:
             policy.pause(log.used)
-    throttled = log.throttling(f"reading {name} (bytes {start}-{stop - 1})", peer)
-    if throttled is not None:
-        raise throttled
-    raise Unreachable(
+    raise log.throttling(f"reading {name} (bytes {start}-{stop - 1})", peer) or Unreachable(
         f"reading {name} failed at bytes {start}-{stop - 1} after {log.used} attempts "
         f"({connection} dropped or timed out): {log.listing()}"
     )
+
+
+def _try_range(
+    open_body: Callable[[int, int, Attempts], io.RawIOBase],
+    start: int,
+    view: memoryview,
+    log: Attempts,
+    peer: str,
+    timeout: float,
+    transport_errors: tuple[type[BaseException], ...],
+) -> bool:
+    """One attempt at filling `view`: True when it did; otherwise the failure is in `log`
+    (`GaveUp` and other `StorageError`s are raised)."""
+    try:
+        body = open_body(start, start + len(view), log)
+        try:
+            got = fill(body, view)
+        finally:
+            body.close()
+        if got == len(view):
+            return True
+        log.failed(f"the response ended after {got} of {len(view)} bytes")
+    except TransferStalled as e:
+        log.failed(
+            f"{peer} stalled after sending {e.received} of {len(view)} "
+            f"bytes (no data for {timeout:g} s)"
+        )
+    except Transient as e:
+        log.failed(e.what, e.throttled)
+    except (GaveUp, StorageError):
+        raise
+    except transport_errors as e:
+        log.failed(str(e) or type(e).__name__)
+    return False
 
 
 class RetryingSource:

@@ -225,7 +225,10 @@ class S3Source(retry.RetryingSource):
         error = self._not_found_or(e)
         if not _transient(e) or not log.used or isinstance(error, Throttled):
             return error
-        return type(error)(f"{error} ({log.used} attempts: {log.listing()})")
+        return Unreachable(
+            f"cannot reach the S3 endpoint {self._resolved.endpoint or 'AWS S3'} reading "
+            f"{self.name}: no usable answer to {log.used} attempts: {log.listing()}"
+        )
 
     def _not_found_or(self, e: Exception) -> StorageError:
         """HEAD answers a bare 404 for a missing bucket too: tell the two apart."""
