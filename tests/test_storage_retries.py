@@ -22,10 +22,11 @@ ATTEMPTS = 3
 POLICY = RetryPolicy(attempts=ATTEMPTS, backoff=0.01)  # short pauses: counts, not timings
 
 
-def s3_options(endpoint: str, **extra) -> StreamOptions:
+def s3_options(endpoint: str, server=None, **extra) -> StreamOptions:
+    """Options for `endpoint` (a proxy in front of `server`), signed with `server`'s keys."""
     return StreamOptions(
-        s3_access_key_id="testing",
-        s3_secret_access_key="testing",
+        s3_access_key_id=server.access_key_id if server else "testing",
+        s3_secret_access_key=server.secret_access_key if server else "testing",
         s3_endpoint=endpoint,
         force_http=True,
         retry=POLICY,
@@ -37,11 +38,18 @@ def http_options(tls=None, **extra) -> StreamOptions:
     return StreamOptions(retry=POLICY, ca_bundle=str(tls.ca) if tls else None, **extra)
 
 
+@pytest.fixture(params=["moto", "seaweed"])
+def s3(request):
+    """An S3 API server on loopback: moto, or SeaweedFS (which checks the signatures of the
+    requests the proxy forwards)."""
+    return request.getfixturevalue(request.param)
+
+
 @pytest.fixture
-def s3_object(moto):
+def s3_object(s3):
     key = f"{uuid.uuid4().hex}/model.tensors"
     data = os.urandom(256 * 1024)
-    moto.client().put_object(Bucket=BUCKET, Key=key, Body=data)
+    s3.client().put_object(Bucket=BUCKET, Key=key, Body=data)
     return f"s3://{BUCKET}/{key}", data
 
 
@@ -68,20 +76,20 @@ def proxies():
 
 
 @pytest.mark.parametrize("throttled", range(ATTEMPTS))
-def test_s3_slow_down_then_served(moto, s3_object, proxies, throttled):
+def test_s3_slow_down_then_served(s3, s3_object, proxies, throttled):
     uri, data = s3_object
-    proxy = ScriptedProxy(moto.port, ["slowdown"] * throttled, s3=True)
+    proxy = ScriptedProxy(s3.port, ["slowdown"] * throttled, s3=True)
     proxies.append(proxy)
-    assert storage.read_bytes(uri, s3_options(proxy.url)) == data
+    assert storage.read_bytes(uri, s3_options(proxy.url, s3)) == data
     assert proxy.gets == throttled + 1
 
 
-def test_s3_slow_down_for_good_is_a_clear_throttled_error(moto, s3_object, proxies):
+def test_s3_slow_down_for_good_is_a_clear_throttled_error(s3, s3_object, proxies):
     uri, _ = s3_object
-    proxy = ScriptedProxy(moto.port, ["slowdown"] * 100, s3=True)
+    proxy = ScriptedProxy(s3.port, ["slowdown"] * 100, s3=True)
     proxies.append(proxy)
     with pytest.raises(Throttled) as failure:
-        storage.read_bytes(uri, s3_options(proxy.url))
+        storage.read_bytes(uri, s3_options(proxy.url, s3))
     assert proxy.gets == ATTEMPTS
     text = str(failure.value)
     assert f"reading {uri} (bytes 0-{256 * 1024 - 1})" in text
@@ -89,45 +97,45 @@ def test_s3_slow_down_for_good_is_a_clear_throttled_error(moto, s3_object, proxi
     assert isinstance(failure.value, Unreachable)
 
 
-def test_s3_hang_ups_are_tried_attempts_times_not_attempts_squared(moto, s3_object, proxies):
+def test_s3_hang_ups_are_tried_attempts_times_not_attempts_squared(s3, s3_object, proxies):
     """botocore retries a GET that gets no answer; retry.py must not retry it again."""
     uri, _ = s3_object
-    proxy = ScriptedProxy(moto.port, ["close"] * 100, s3=True)
+    proxy = ScriptedProxy(s3.port, ["close"] * 100, s3=True)
     proxies.append(proxy)
     with pytest.raises(Unreachable) as failure:
-        storage.read_bytes(uri, s3_options(proxy.url))
+        storage.read_bytes(uri, s3_options(proxy.url, s3))
     assert proxy.gets == ATTEMPTS
     text = str(failure.value)
     assert f"reading {uri} failed at bytes 0-262143 after {ATTEMPTS} attempts" in text
     assert f'"http://127.0.0.1:{proxy.port}/{uri[5:]}". ({ATTEMPTS} times)' in text, text
 
 
-def test_s3_bodies_that_drop_are_tried_attempts_times(moto, s3_object, proxies):
+def test_s3_bodies_that_drop_are_tried_attempts_times(s3, s3_object, proxies):
     uri, _ = s3_object
-    proxy = ScriptedProxy(moto.port, ["cut"] * 100, s3=True)
+    proxy = ScriptedProxy(s3.port, ["cut"] * 100, s3=True)
     proxies.append(proxy)
     with pytest.raises(Unreachable, match=rf"failed at bytes 0-262143 after {ATTEMPTS} attempts"):
-        storage.read_bytes(uri, s3_options(proxy.url))
+        storage.read_bytes(uri, s3_options(proxy.url, s3))
     assert proxy.gets == ATTEMPTS
 
 
-def test_s3_a_range_shares_one_budget_between_botocore_and_retry_py(moto, s3_object, proxies):
+def test_s3_a_range_shares_one_budget_between_botocore_and_retry_py(s3, s3_object, proxies):
     """A dropped body (retry.py's), then "slow down" answers (botocore's): three GETs in all,
     each listed."""
     uri, data = s3_object
-    proxy = ScriptedProxy(moto.port, ["cut"] + ["slowdown"] * 100, s3=True)
+    proxy = ScriptedProxy(s3.port, ["cut"] + ["slowdown"] * 100, s3=True)
     proxies.append(proxy)
     with pytest.raises(Unreachable) as failure:
-        storage.read_bytes(uri, s3_options(proxy.url))
+        storage.read_bytes(uri, s3_options(proxy.url, s3))
     assert proxy.gets == ATTEMPTS
     assert not isinstance(failure.value, Throttled)  # not every attempt was throttled
     assert str(failure.value).endswith(
         f"131072 read, but total bytes expected is 262144.; HTTP 503 SlowDown ({ATTEMPTS - 1} times)"
     )
     # One drop, then served: the second GET reads the range.
-    proxy = ScriptedProxy(moto.port, ["cut", "slowdown"], s3=True)
+    proxy = ScriptedProxy(s3.port, ["cut", "slowdown"], s3=True)
     proxies.append(proxy)
-    assert storage.read_bytes(uri, s3_options(proxy.url)) == data
+    assert storage.read_bytes(uri, s3_options(proxy.url, s3)) == data
     assert proxy.gets == 3
 
 
@@ -145,12 +153,12 @@ def test_s3_dead_endpoint_is_tried_attempts_times():
     assert f"({ATTEMPTS} times)" in text
 
 
-def test_s3_missing_object_is_asked_for_once(moto, proxies):
-    proxy = ScriptedProxy(moto.port, [], s3=True)
+def test_s3_missing_object_is_asked_for_once(s3, proxies):
+    proxy = ScriptedProxy(s3.port, [], s3=True)
     proxies.append(proxy)
     uri = f"s3://{BUCKET}/{uuid.uuid4().hex}/absent.tensors"
     with pytest.raises(NotFound, match=rf"no such object: {uri}"):
-        storage.read_bytes(uri, s3_options(proxy.url))
+        storage.read_bytes(uri, s3_options(proxy.url, s3))
     assert proxy.requests.count("HEAD") == 2  # the object's HEAD, then the bucket's
 
 
