@@ -30,6 +30,7 @@ from .errors import (  # noqa: E402
     Stalled,
     StorageError,
     TensorizeError,
+    Throttled,
     Unreachable,
 )
 
@@ -95,6 +96,7 @@ __all__ = [
     "AccessDenied",
     "Unreachable",
     "Stalled",
+    "Throttled",
     "AlreadyExists",
     "EncryptionError",
     "FormatError",

@@ -5,9 +5,10 @@ the registry in `base` and imported only when a URI of its scheme is used; an un
 is an error listing the supported ones. A new backend (GCS, Azure) is one new module and one
 registry line in `base._REGISTRY`: nothing here changes. Remote files are read through
 `ranged.RangeStream` (parallel byte ranges into memory, never onto local disk), with one
-retry policy (`retry`).
+retry policy (`retry.RetryPolicy`, carried by `StreamOptions.retry`; its module docstring
+says which layer retries which failure).
 
-Errors are typed (`errors.NotFound`, `AccessDenied`, `Unreachable`, `Stalled`,
+Errors are typed (`errors.NotFound`, `AccessDenied`, `Unreachable`, `Stalled`, `Throttled`,
 `AlreadyExists`, all `StorageError`s) and name the URI: catch a type, never match a message.
 
 Every write goes through a transaction (`transaction`): staged under a temporary name,
@@ -28,6 +29,7 @@ from ..errors import (
     NotFound,
     Stalled,
     StorageError,
+    Throttled,
     Unreachable,
 )
 from .base import SUPPORTED_SCHEMES, Backend, backend, basename, join, parent, scheme_of
@@ -65,6 +67,7 @@ __all__ = [
     "AccessDenied",
     "Unreachable",
     "Stalled",
+    "Throttled",
     "AlreadyExists",
 ]
 
