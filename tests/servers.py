@@ -372,6 +372,20 @@ class _QuietServer(http.server.ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
+def _serve(handler: type, tls: TLSFiles | None) -> tuple[_QuietServer, int, str]:
+    """Serve `handler` on a free loopback port (HTTPS with `tls`), in a thread: the server,
+    its port and its base URL."""
+    server = _QuietServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    if tls:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(tls.cert, tls.key)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+    port = server.server_address[1]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, port, f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+
+
 class HTTPFileServer:
     """Serves `root` on loopback; HTTP/1.1 with ranges, or HTTP/1.0 without; TLS if given."""
 
@@ -396,16 +410,7 @@ class HTTPFileServer:
                 ),
             },
         )
-        self.server = _QuietServer(("127.0.0.1", 0), handler)
-        self.server.daemon_threads = True
-        if tls:
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.load_cert_chain(tls.cert, tls.key)
-            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
-        self.port = self.server.server_address[1]
-        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        self.server, self.port, self.url = _serve(handler, tls)
 
     def stop(self) -> None:
         self.server.shutdown()
@@ -598,15 +603,7 @@ class ScriptedProxy:
         self.requests: list[str] = []  # methods forwarded, in order
         self._lock = threading.Lock()
         handler = type("Handler", (_ScriptedHandler,), {"proxy": self})
-        self.server = _QuietServer(("127.0.0.1", 0), handler)
-        self.server.daemon_threads = True
-        if tls:
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.load_cert_chain(tls.cert, tls.key)
-            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
-        self.port = self.server.server_address[1]
-        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server, self.port, self.url = _serve(handler, tls)
 
     def next_action(self) -> str:
         with self._lock:
