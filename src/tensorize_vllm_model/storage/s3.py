@@ -131,7 +131,8 @@ def _on_attempt(
 
 
 def _answer(status: int, code: str) -> str:
-    """ "HTTP 503 SlowDown"; "HTTP 503" where the answer had no body (a HEAD)."""
+    """An S3 error answer for messages: ``HTTP 503 SlowDown``; ``HTTP 503`` where it had
+    no body (a HEAD)."""
     return f"HTTP {status}" + ("" if code in ("", str(status)) else f" {code}")
 
 
@@ -181,8 +182,9 @@ def _error(
             tries = e.response.get("ResponseMetadata", {}).get("RetryAttempts", 0) + 1
             return Throttled(
                 f"{action} {uri}: the S3 endpoint {where} kept answering "
-                f"{_answer(status, code)} to all {tries} attempts (it is throttling requests); lower the "
-                "request rate (fewer stream_kwargs workers) or try again later"
+                f"{_answer(status, code)} to all {tries} attempts (it is throttling "
+                "requests); lower the request rate (fewer stream_kwargs workers) or try "
+                "again later"
             )
         return StorageError(f"S3 refused {action} {uri} at {where}: HTTP {status} {code}")
     if isinstance(e, (EndpointConnectionError, ConnectTimeoutError)):
