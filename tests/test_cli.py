@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, run_cli, subprocess_env
 
 from tensorize_vllm_model.cli import main
 
@@ -19,6 +19,20 @@ def run_main(capsys, *argv):
         code = e.code
     captured = capsys.readouterr()
     return code, captured.err.strip()
+
+
+def run_serialize(capsys, model, directory, *extra, command="serialize"):
+    """`run_main` of ``--model MODEL COMMAND --serialized-directory DIRECTORY EXTRA...``."""
+    return run_main(capsys, "--model", model, command, "--serialized-directory", directory, *extra)
+
+
+@pytest.fixture
+def moto_credentials(moto, monkeypatch):
+    """The moto S3 server's endpoint and credentials in the environment, as a user sets them."""
+    monkeypatch.setenv("S3_ENDPOINT_URL", moto.endpoint)
+    monkeypatch.setenv("S3_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("S3_SECRET_ACCESS_KEY", "testing")
+    return moto
 
 
 @pytest.fixture(scope="module")
@@ -80,14 +94,7 @@ def test_missing_tensors_file(capsys, tiny_llama, tmp_path):
 
 
 def test_missing_model_directory(capsys, tmp_path):
-    code, err = run_main(
-        capsys,
-        "--model",
-        tmp_path / "no-model",
-        "serialize",
-        "--serialized-directory",
-        tmp_path / "out",
-    )
+    code, err = run_serialize(capsys, tmp_path / "no-model", tmp_path / "out")
     assert code == 2
     assert err.splitlines()[-1] == f"error: --model {tmp_path / 'no-model'}: no such directory"
     assert not (tmp_path / "out").exists()
@@ -136,52 +143,27 @@ def test_tensorizer_uri_is_path_to_tensors(tiny_llama, tensors_file):
     ],
 )
 def test_bad_serialization_kwargs(capsys, tiny_llama, tmp_path, kwargs, expected):
-    code, err = run_main(
-        capsys,
-        "--model",
-        tiny_llama,
-        "serialize",
-        "--serialized-directory",
-        tmp_path / "out",
-        "--serialization-kwargs",
-        kwargs,
+    code, err = run_serialize(
+        capsys, tiny_llama, tmp_path / "out", "--serialization-kwargs", kwargs
     )
     assert code == 2 and expected in err
     assert not (tmp_path / "out").exists()
 
 
 def test_bad_suffix(capsys, tiny_llama, tmp_path):
-    code, err = run_main(
-        capsys,
-        "--model",
-        tiny_llama,
-        "serialize",
-        "--serialized-directory",
-        tmp_path / "out",
-        "--suffix",
-        "../../escape",
-    )
+    code, err = run_serialize(capsys, tiny_llama, tmp_path / "out", "--suffix", "../../escape")
     assert code == 2 and "--suffix must be a single directory name" in err
 
 
 def test_refusal_in_a_real_process_has_no_traceback(tiny_llama, tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tensorize_vllm_model",
-            "--model",
-            str(tiny_llama),
-            "--model-loader-extra-config",
-            "{bad",
-            "deserialize",
-            "--path-to-tensors",
-            str(tmp_path / "x.tensors"),
-        ],
-        capture_output=True,
-        text=True,
-        env=subprocess_env(),
-        cwd=ROOT,
+    proc = run_cli(
+        "--model",
+        tiny_llama,
+        "--model-loader-extra-config",
+        "{bad",
+        "deserialize",
+        "--path-to-tensors",
+        tmp_path / "x.tensors",
         timeout=300,
     )
     assert proc.returncode == 2
@@ -232,40 +214,17 @@ def test_stream_kwargs_and_transport_flags_reach_serialize(tiny_llama, tmp_path)
 
 
 def test_serialize_to_plain_http_endpoint_refused_before_engine(
-    capsys, tiny_llama, moto, monkeypatch
+    capsys, tiny_llama, moto_credentials
 ):
-    monkeypatch.setenv("S3_ENDPOINT_URL", moto.endpoint)
-    monkeypatch.setenv("S3_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("S3_SECRET_ACCESS_KEY", "testing")
-    code, err = run_main(
-        capsys,
-        "--model",
-        tiny_llama,
-        "serialize",
-        "--serialized-directory",
-        "s3://models/refused",
-        "--suffix",
-        "v1",
-    )
+    code, err = run_serialize(capsys, tiny_llama, "s3://models/refused", "--suffix", "v1")
     assert code == 2
     assert "plain http://" in err and "--allow-http" in err
-    listing = moto.client().list_objects_v2(Bucket="models", Prefix="refused/")
+    listing = moto_credentials.client().list_objects_v2(Bucket="models", Prefix="refused/")
     assert "Contents" not in listing
 
 
-def test_serialize_to_missing_bucket_refused_before_engine(capsys, tiny_llama, moto, monkeypatch):
-    monkeypatch.setenv("S3_ENDPOINT_URL", moto.endpoint)
-    monkeypatch.setenv("S3_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("S3_SECRET_ACCESS_KEY", "testing")
-    code, err = run_main(
-        capsys,
-        "--model",
-        tiny_llama,
-        "serialize",
-        "--serialized-directory",
-        "s3://no-such-bucket/x",
-        "--allow-http",
-    )
+def test_serialize_to_missing_bucket_refused_before_engine(capsys, tiny_llama, moto_credentials):
+    code, err = run_serialize(capsys, tiny_llama, "s3://no-such-bucket/x", "--allow-http")
     assert code == 2
     assert err.splitlines()[-1].startswith("error: no such bucket: no-such-bucket")
 
@@ -273,45 +232,15 @@ def test_serialize_to_missing_bucket_refused_before_engine(capsys, tiny_llama, m
 def test_serialize_to_unwritable_directory_refused(capsys, tiny_llama, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    code, err = run_main(
-        capsys, "--model", tiny_llama, "serialize", "--serialized-directory", blocker / "out"
-    )
+    code, err = run_serialize(capsys, tiny_llama, blocker / "out")
     assert code == 2 and f"{blocker} is not a directory" in err
 
 
-def test_serialize_to_an_uncreatable_directory_refused(capsys, tiny_llama):
+@pytest.mark.parametrize("command", ["serialize", "convert"])
+def test_writing_to_an_uncreatable_directory_refused(capsys, tiny_llama, command):
     # /proc lets root pass os.access, but no directory can be made there: refused before
     # any engine starts, with the path named.
-    code, err = run_main(
-        capsys,
-        "--model",
-        tiny_llama,
-        "serialize",
-        "--serialized-directory",
-        "/proc/nope",
-        "--suffix",
-        "s",
-    )
-    assert code == 2, err
-    assert err.splitlines() == [
-        (
-            f"error: cannot write under /proc/nope/vllm/{tiny_llama.name}/s: cannot create a "
-            "directory in /proc (No such file or directory)"
-        )
-    ]
-
-
-def test_convert_to_an_uncreatable_directory_refused(capsys, tiny_llama):
-    code, err = run_main(
-        capsys,
-        "--model",
-        tiny_llama,
-        "convert",
-        "--serialized-directory",
-        "/proc/nope",
-        "--suffix",
-        "s",
-    )
+    code, err = run_serialize(capsys, tiny_llama, "/proc/nope", "--suffix", "s", command=command)
     assert code == 2, err
     assert err.splitlines() == [
         (
