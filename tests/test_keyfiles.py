@@ -227,24 +227,19 @@ def cli_with_fake_engine(monkeypatch):
     FakeEngine.instances = []
 
 
+def cli_serialize(main, capsys, model: Path, directory: Path, key: Path) -> tuple[int, str]:
+    """``serialize --serialized-directory DIRECTORY --suffix v1 --keyfile KEY`` through the
+    command line's `main`: (exit code, stdout)."""
+    argv = ["--model", model, "serialize", "--serialized-directory", directory, "--suffix", "v1"]
+    code = main([str(a) for a in argv] + ["--keyfile", str(key)])
+    return code, capsys.readouterr().out
+
+
 def test_cli_existing_key(cli_with_fake_engine, tiny_llama, tmp_path, capsys):
     key = tmp_path / "model.key"
     key.write_bytes(generate_key())
     before = state(key)
-    code = cli_with_fake_engine(
-        [
-            "--model",
-            str(tiny_llama),
-            "serialize",
-            "--serialized-directory",
-            str(tmp_path / "out"),
-            "--suffix",
-            "v1",
-            "--keyfile",
-            str(key),
-        ]
-    )
-    out = capsys.readouterr().out
+    code, out = cli_serialize(cli_with_fake_engine, capsys, tiny_llama, tmp_path / "out", key)
     assert code == 0, out
     assert out.splitlines()[0] == f"encrypting with the existing key in {key}"
     assert f"  encrypted with the existing key in {key} (left unchanged)" in out
@@ -255,20 +250,7 @@ def test_cli_existing_key(cli_with_fake_engine, tiny_llama, tmp_path, capsys):
 
 def test_cli_new_key(cli_with_fake_engine, tiny_llama, tmp_path, capsys):
     key = tmp_path / "keys" / "model.key"
-    code = cli_with_fake_engine(
-        [
-            "--model",
-            str(tiny_llama),
-            "serialize",
-            "--serialized-directory",
-            str(tmp_path / "out"),
-            "--suffix",
-            "v1",
-            "--keyfile",
-            str(key),
-        ]
-    )
-    out = capsys.readouterr().out
+    code, out = cli_serialize(cli_with_fake_engine, capsys, tiny_llama, tmp_path / "out", key)
     assert code == 0, out
     assert "encrypting with the existing key" not in out
     assert f"  key saved to {key} (mode 0600): keep it to load the model" in out
