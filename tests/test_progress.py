@@ -164,6 +164,37 @@ def test_reader_reports_every_byte(tensors_file, readers, web_servers, web_root)
         assert torch.equal(target.state_dict()[name], value)
 
 
+def _python_on_terminal(code: str, *args, timeout: int) -> tuple[int, str, str]:
+    """Run ``python -c CODE ARGS`` with its standard error on a pseudo-terminal:
+    (exit code, what reached the terminal, standard output)."""
+    master, slave = _terminal()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        env=subprocess_env(),
+        cwd=ROOT,
+        text=True,
+    )
+    os.close(slave)
+    shown = _read_all(master)
+    os.close(master)
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, shown, out
+
+
+def _python(code: str, *args, timeout: int) -> subprocess.CompletedProcess:
+    """Run ``python -c CODE ARGS`` with its output captured (no terminal)."""
+    return subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        cwd=ROOT,
+        timeout=timeout,
+    )
+
+
 VERIFY = (
     "import sys, tensorize_vllm_model.progress as p; p.MIN_BYTES = 0; p.LOG_EVERY = {every}; "
     "from tensorize_vllm_model.cli import main; sys.exit(main(['verify', sys.argv[1]]))"
@@ -174,34 +205,15 @@ def test_verify_command_draws_a_bar_on_a_terminal(tensors_file):
     """The command, with the threshold lowered to this small file: the bar on its terminal
     (standard error), the verdict on standard output as before."""
     _, path = tensors_file
-    master, slave = _terminal()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", VERIFY.format(every=10), str(path)],
-        stdout=subprocess.PIPE,
-        stderr=slave,
-        env=subprocess_env(),
-        cwd=ROOT,
-        text=True,
-    )
-    os.close(slave)
-    shown = _read_all(master)
-    os.close(master)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, shown
+    returncode, shown, out = _python_on_terminal(VERIFY.format(every=10), path, timeout=120)
+    assert returncode == 0, shown
     assert "Verifying model.tensors: 100%" in shown and "B/s]" in shown
     assert out.startswith(f"OK {path}: 4 tensors")
 
 
 def test_verify_command_logs_lines_when_not_on_a_terminal(tensors_file):
     _, path = tensors_file
-    proc = subprocess.run(
-        [sys.executable, "-c", VERIFY.format(every=0), str(path)],
-        capture_output=True,
-        text=True,
-        env=subprocess_env(),
-        cwd=ROOT,
-        timeout=120,
-    )
+    proc = _python(VERIFY.format(every=0), path, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "Verifying model.tensors: 0.00 of 0.00 GB (" in proc.stderr
     assert "\r" not in proc.stderr  # no bar
@@ -243,28 +255,11 @@ def test_convert_command_shows_progress(tiny_llama, tmp_path):
     """``convert`` as ``serialize``: a bar on a terminal (threshold and batch size lowered to
     this small checkpoint), log lines otherwise, each counting the checkpoint's tensor bytes."""
     args = ["--model", tiny_llama, "convert", "--serialized-directory"]
-    master, slave = _terminal()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", CONVERT.format(every=10), *args, str(tmp_path / "a")],
-        stdout=subprocess.PIPE,
-        stderr=slave,
-        env=subprocess_env(),
-        cwd=ROOT,
-        text=True,
+    returncode, shown, _ = _python_on_terminal(
+        CONVERT.format(every=10), *args, tmp_path / "a", timeout=300
     )
-    os.close(slave)
-    shown = _read_all(master)
-    os.close(master)
-    proc.communicate(timeout=300)
-    assert proc.returncode == 0, shown
+    assert returncode == 0, shown
     assert "Converting: 100%" in shown and "B/s]" in shown
-    proc = subprocess.run(
-        [sys.executable, "-c", CONVERT.format(every=0), *args, str(tmp_path / "b")],
-        capture_output=True,
-        text=True,
-        env=subprocess_env(),
-        cwd=ROOT,
-        timeout=300,
-    )
+    proc = _python(CONVERT.format(every=0), *args, tmp_path / "b", timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "Converting: 0.00 of 0.00 GB (" in proc.stderr and "\r" not in proc.stderr
