@@ -157,6 +157,30 @@ def run_cli(
     )
 
 
+def run_serialize(
+    model,
+    directory,
+    suffix: str,
+    *flags,
+    engine_flags=ENGINE_FLAGS,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
+    """`run_cli` of ``--model MODEL ENGINE_FLAGS serialize --serialized-directory DIRECTORY
+    --suffix SUFFIX FLAGS...`` (the serialize command, which starts a vLLM engine)."""
+    return run_cli(
+        "--model",
+        model,
+        *engine_flags,
+        "serialize",
+        "--serialized-directory",
+        directory,
+        "--suffix",
+        suffix,
+        *flags,
+        env=env,
+    )
+
+
 def assert_ok(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, (
         f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
@@ -196,16 +220,7 @@ def llama_reference(tiny_llama):
 def llama_serialized(tiny_llama, tmp_path_factory):
     """The tiny Llama serialized to local disk with the command line: (directory, stdout)."""
     out = tmp_path_factory.mktemp("serialized")
-    proc = run_cli(
-        "--model",
-        tiny_llama,
-        *ENGINE_FLAGS,
-        "serialize",
-        "--serialized-directory",
-        out,
-        "--suffix",
-        "v1",
-    )
+    proc = run_serialize(tiny_llama, out, "v1")
     assert_ok(proc)
     return out / "vllm" / "tiny-llama" / "v1", proc.stdout
 
@@ -215,18 +230,7 @@ def llama_encrypted(tiny_llama, tmp_path_factory):
     """The tiny Llama serialized with a generated key: (directory, key file)."""
     out = tmp_path_factory.mktemp("encrypted")
     key = out / "keys" / "model.key"
-    proc = run_cli(
-        "--model",
-        tiny_llama,
-        *ENGINE_FLAGS,
-        "serialize",
-        "--serialized-directory",
-        out,
-        "--suffix",
-        "enc",
-        "--keyfile",
-        key,
-    )
+    proc = run_serialize(tiny_llama, out, "enc", "--keyfile", key)
     assert_ok(proc)
     return out / "vllm" / "tiny-llama" / "enc", key
 

@@ -174,6 +174,24 @@ def encrypted_on_s3(tiny_llama, auth_s3, tmp_path_factory):
     }
 
 
+def deserialize_argv(encrypted_on_s3: dict) -> list[str]:
+    """The command line's arguments to deserialize the model of `encrypted_on_s3` from S3
+    (over plain HTTP) with its key file."""
+    directory = encrypted_on_s3["directory"]
+    return [
+        "--model",
+        directory,
+        *ENGINE_FLAGS,
+        "--model-loader-extra-config",
+        '{"stream_kwargs": {"force_http": true}}',
+        "deserialize",
+        "--path-to-tensors",
+        f"{directory}/model.tensors",
+        "--keyfile",
+        str(encrypted_on_s3["keyfile"]),
+    ]
+
+
 def test_serialize_output_holds_no_credentials_or_key(encrypted_on_s3, auth_s3):
     server, key_id, secret = auth_s3
     proc, key = encrypted_on_s3["serialize"], encrypted_on_s3["key"]
@@ -257,16 +275,7 @@ def test_deserialize_from_s3_keeps_secrets_out_of_processes_and_logs(encrypted_o
             sys.executable,
             "-m",
             "tensorize_vllm_model",
-            "--model",
-            directory,
-            *ENGINE_FLAGS,
-            "--model-loader-extra-config",
-            '{"stream_kwargs": {"force_http": true}}',
-            "deserialize",
-            "--path-to-tensors",
-            f"{directory}/model.tensors",
-            "--keyfile",
-            str(encrypted_on_s3["keyfile"]),
+            *deserialize_argv(encrypted_on_s3),
             "--prompt",
             PROMPTS[1],
             "--max-tokens",
@@ -374,20 +383,7 @@ def test_wrong_secret_deserialize_error_names_the_object_not_the_secret(
         monkeypatch.setenv(name, value)
     caplog.set_level(logging.DEBUG)
     start = time.monotonic()
-    code = main(
-        [
-            "--model",
-            directory,
-            *ENGINE_FLAGS,
-            "--model-loader-extra-config",
-            '{"stream_kwargs": {"force_http": true}}',
-            "deserialize",
-            "--path-to-tensors",
-            f"{directory}/model.tensors",
-            "--keyfile",
-            str(encrypted_on_s3["keyfile"]),
-        ]
-    )
+    code = main(deserialize_argv(encrypted_on_s3))
     captured = capsys.readouterr()
     assert code == 2, captured
     assert re.fullmatch(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import ENGINE_FLAGS, assert_ok, run_cli, run_engine, serve_and_complete
+from conftest import ENGINE_FLAGS, assert_ok, run_engine, run_serialize, serve_and_complete
 from demo_models import build_lora_adapter
 
 from tensorize_vllm_model import open_tensors
@@ -35,20 +35,15 @@ def lora_reference(tiny_llama, adapter):
 def serialized(tiny_llama, adapter, tmp_path_factory):
     out = tmp_path_factory.mktemp("with-lora")
     key = out / "model.key"
-    proc = run_cli(
-        "--model",
+    proc = run_serialize(
         tiny_llama,
-        *ENGINE_FLAGS,
-        *LORA_FLAGS,
-        "serialize",
-        "--serialized-directory",
         out,
-        "--suffix",
         "v1",
         "--keyfile",
         key,
         "--lora-path",
         adapter,
+        engine_flags=[*ENGINE_FLAGS, *LORA_FLAGS],
     )
     assert_ok(proc)
     return out / "vllm" / "tiny-llama" / "v1", key
@@ -113,20 +108,15 @@ def test_vllm_serve_answers_for_the_adapter_by_name(serialized, lora_reference):
 def test_adapter_that_does_not_fit_refused_and_nothing_written(tiny_llama, adapter, tmp_path):
     wrong = build_lora_adapter(tmp_path / "wrong-rank", tiny_llama, rank=16)
     out = tmp_path / "out"
-    proc = run_cli(
-        "--model",
+    proc = run_serialize(
         tiny_llama,
-        *ENGINE_FLAGS,
-        *LORA_FLAGS,
-        "serialize",
-        "--serialized-directory",
         out,
-        "--suffix",
         "v1",
         "--lora-path",
         adapter,
         "--lora-path",
         wrong,
+        engine_flags=[*ENGINE_FLAGS, *LORA_FLAGS],
     )
     assert proc.returncode == 2
     assert "error: LoRA adapter 'wrong-rank' has rank 16, above --max-lora-rank 8" in proc.stderr

@@ -25,8 +25,8 @@ from conftest import (
     WORKER_EXTENSION,
     assert_ok,
     run_builtin,
-    run_cli,
     run_engine,
+    run_serialize,
     subprocess_env,
 )
 
@@ -52,18 +52,11 @@ def float32_reference(tiny_llama):
 @pytest.fixture(scope="module")
 def tp2_serialized(tiny_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("tp2")
-    proc = run_cli(
-        "--model",
+    proc = run_serialize(
         tiny_llama,
-        *FLAGS,
-        *FLOAT32,
-        "--tensor-parallel-size",
-        "2",
-        "serialize",
-        "--serialized-directory",
         out,
-        "--suffix",
         "tp2",
+        engine_flags=[*FLAGS, *FLOAT32, "--tensor-parallel-size", "2"],
         env=RANKS_ENV,
     )
     assert_ok(proc)
@@ -175,20 +168,14 @@ def pp2_on_s3(tiny_llama, moto, tmp_path_factory):
         "TENSORIZE_VLLM_MODEL_CACHE": str(tmp_path_factory.mktemp("pp2-cache")),
     }
     key = f"s3://{BUCKET}/{prefix}/keys/pp2.key"
-    proc = run_cli(
-        "--model",
+    proc = run_serialize(
         tiny_llama,
-        *FLAGS,
-        "--pipeline-parallel-size",
-        "2",
-        "serialize",
-        "--serialized-directory",
         f"s3://{BUCKET}/{prefix}",
-        "--suffix",
         "pp2",
         "--keyfile",
         key,
         "--allow-http",
+        engine_flags=[*FLAGS, "--pipeline-parallel-size", "2"],
         env=env,
     )
     assert_ok(proc)

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import ENGINE_FLAGS, ROOT, assert_ok, run_cli, run_engine
+from conftest import ENGINE_FLAGS, ROOT, assert_ok, run_engine, run_serialize
 
 pytestmark = pytest.mark.slow
 
@@ -96,18 +96,7 @@ def float32_reference(tiny_llama):
 
 
 def _serialize(model: Path, out: Path, env: dict[str, str], *backend: str) -> Path:
-    proc = run_cli(
-        "--model",
-        model,
-        *FLAGS,
-        *backend,
-        "serialize",
-        "--serialized-directory",
-        out,
-        "--suffix",
-        "tp2",
-        env=env,
-    )
+    proc = run_serialize(model, out, "tp2", engine_flags=[*FLAGS, *backend], env=env)
     assert_ok(proc)
     if "ray" in backend:  # vLLM's Ray executor ran, on this cluster (it logs its placement group)
         assert "placement group" in proc.stdout + proc.stderr

@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import BUCKET, ENGINE_FLAGS, PROMPTS, ROOT, assert_ok, run_cli, run_engine
+from conftest import BUCKET, PROMPTS, ROOT, assert_ok, run_engine, run_serialize
 
 pytestmark = pytest.mark.slow
 
@@ -61,16 +61,7 @@ def reference(smollm2, prompts):
 @pytest.fixture(scope="module")
 def serialized(smollm2, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("real")
-    proc = run_cli(
-        "--model",
-        smollm2,
-        *ENGINE_FLAGS,
-        "serialize",
-        "--serialized-directory",
-        out,
-        "--suffix",
-        "v1",
-    )
+    proc = run_serialize(smollm2, out, "v1")
     assert_ok(proc)
     return out / "vllm" / smollm2.name / "v1"
 

@@ -19,6 +19,7 @@ from conftest import (
     assert_ok,
     run_cli,
     run_engine,
+    run_serialize,
     serve_and_complete,
 )
 
@@ -51,18 +52,7 @@ def s3_objects(moto, prefix: str) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def s3_serialized(tiny_llama, moto, s3_env):
     prefix = f"runs/{uuid.uuid4().hex}"
-    proc = run_cli(
-        "--model",
-        tiny_llama,
-        *ENGINE_FLAGS,
-        "serialize",
-        "--serialized-directory",
-        f"s3://{BUCKET}/{prefix}",
-        "--suffix",
-        "v1",
-        "--allow-http",
-        env=s3_env,
-    )
+    proc = run_serialize(tiny_llama, f"s3://{BUCKET}/{prefix}", "v1", "--allow-http", env=s3_env)
     assert_ok(proc)
     return f"s3://{BUCKET}/{prefix}/vllm/tiny-llama/v1", proc
 
@@ -189,14 +179,9 @@ def test_vllm_serve_s3_directory(s3_serialized, s3_env, llama_reference):
 def test_encrypted_model_with_key_on_s3(tiny_llama, moto, s3_env, llama_reference):
     prefix = f"runs/{uuid.uuid4().hex}"
     key_uri = f"s3://{BUCKET}/{prefix}/keys/tiny-llama.key"
-    proc = run_cli(
-        "--model",
+    proc = run_serialize(
         tiny_llama,
-        *ENGINE_FLAGS,
-        "serialize",
-        "--serialized-directory",
         f"s3://{BUCKET}/{prefix}",
-        "--suffix",
         "enc",
         "--keyfile",
         key_uri,
