@@ -49,6 +49,14 @@ ENGINE_FLAGS = [
 ]
 ENGINE_TIMEOUT = 600
 BUCKET = "models"
+# The files of a serialized (or converted) tiny model's directory, sorted.
+SERIALIZED_FILES = [
+    "config.json",
+    "generation_config.json",
+    "model.tensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+]
 WORKER_EXTENSION = "tensorize_vllm_model.vllm_integration.worker.WorkerExtension"
 
 
@@ -139,22 +147,61 @@ def run_engine(
     return run_runner(spec, env={**processes, **(env or {})}, expect_ok=expect_ok)
 
 
-def run_cli(
-    *args: str,
-    env: dict[str, str] | None = None,
-    script: str | None = None,
-    timeout: int = ENGINE_TIMEOUT,
+def run_python(
+    *args, env: dict[str, str] | None = None, timeout: int = ENGINE_TIMEOUT
 ) -> subprocess.CompletedProcess:
-    """Run ``python -m tensorize_vllm_model ARGS`` (or a script) and capture its output."""
-    command = [sys.executable, script] if script else [sys.executable, "-m", "tensorize_vllm_model"]
+    """Run ``python ARGS`` in the repository's root and capture its output (text)."""
     return subprocess.run(
-        command + [str(a) for a in args],
+        [sys.executable, *map(str, args)],
         capture_output=True,
         text=True,
         env=subprocess_env(env),
         timeout=timeout,
         cwd=ROOT,
     )
+
+
+def run_cli(
+    *args,
+    env: dict[str, str] | None = None,
+    script: str | None = None,
+    timeout: int = ENGINE_TIMEOUT,
+) -> subprocess.CompletedProcess:
+    """Run ``python -m tensorize_vllm_model ARGS`` (or a script) and capture its output."""
+    command = [script] if script else ["-m", "tensorize_vllm_model"]
+    return run_python(*command, *args, env=env, timeout=timeout)
+
+
+def run_deserialize(
+    model, tensors, *flags, engine_flags=ENGINE_FLAGS, **run_cli_kwargs
+) -> subprocess.CompletedProcess:
+    """`run_cli` of ``--model MODEL ENGINE_FLAGS deserialize --path-to-tensors TENSORS
+    FLAGS...``."""
+    return run_cli(
+        "--model",
+        model,
+        *engine_flags,
+        "deserialize",
+        "--path-to-tensors",
+        tensors,
+        *flags,
+        **run_cli_kwargs,
+    )
+
+
+HF_TENSORIZE = (
+    "import sys, torch, transformers\n"
+    "from tensorizer import TensorSerializer\n"
+    "dtype = getattr(torch, sys.argv[3])\n"
+    "m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=dtype)\n"
+    "s = TensorSerializer(sys.argv[2]); s.write_module(m); s.close()\n"
+)
+
+
+def write_hf_tensors(model: Path, path: Path, dtype: str) -> None:
+    """Write the Hugging Face model at `model` (loaded in torch's `dtype`, e.g. "float32")
+    to `path` with plain ``TensorSerializer.write_module`` (not vLLM's layout), in a child."""
+    assert_ok(run_python("-c", HF_TENSORIZE, model, path, dtype, timeout=300))
 
 
 def run_serialize(

@@ -26,6 +26,18 @@ def run_serialize(capsys, model, directory, *extra, command="serialize"):
     return run_main(capsys, "--model", model, command, "--serialized-directory", directory, *extra)
 
 
+def start_python(*args) -> subprocess.Popen:
+    """Start ``python ARGS`` in the repository's root, its output piped (text)."""
+    return subprocess.Popen(
+        [sys.executable, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env({}),
+        cwd=ROOT,
+    )
+
+
 @pytest.fixture
 def moto_credentials(moto, monkeypatch):
     """The moto S3 server's endpoint and credentials in the environment, as a user sets them."""
@@ -256,14 +268,7 @@ def test_ctrl_c_on_a_stalled_read_prints_one_line(command):
     command with one line and exit code 130, no traceback."""
     with socket.create_server(("127.0.0.1", 0)) as server:
         url = f"http://127.0.0.1:{server.getsockname()[1]}/model.tensors"
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tensorize_vllm_model", command, url],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=subprocess_env({}),
-            cwd=ROOT,
-        )
+        proc = start_python("-m", "tensorize_vllm_model", command, url)
         try:
             server.settimeout(60)
             connection, _ = server.accept()  # the command now waits for an answer
@@ -313,14 +318,7 @@ time.sleep(3600)
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_hanging_clean_up_ends_after_the_grace_period(signum):
-    proc = subprocess.Popen(
-        [sys.executable, "-c", HANGING_CLEANUP],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=subprocess_env({}),
-        cwd=ROOT,
-    )
+    proc = start_python("-c", HANGING_CLEANUP)
     try:
         assert proc.stdout.readline() == "ready\n"
         proc.send_signal(signum)

@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT, subprocess_env
+from conftest import SERIALIZED_FILES, run_python
 from safetensors.torch import load_file
 
 from tensorize_vllm_model import open_tensors
@@ -31,14 +30,7 @@ NO_VLLM = (
 
 
 def convert_without_vllm(*args) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", NO_VLLM, *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=subprocess_env(),
-        cwd=ROOT,
-        timeout=300,
-    )
+    return run_python("-c", NO_VLLM, *args, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +45,7 @@ def converted(tiny_llama, tmp_path_factory):
 
 def test_convert_runs_without_vllm_and_lays_out_like_serialize(converted):
     names = sorted(p.name for p in converted.iterdir())
-    assert names == [
-        "config.json",
-        "generation_config.json",
-        "model.tensors",
-        "tokenizer.json",
-        "tokenizer_config.json",
-    ]
+    assert names == SERIALIZED_FILES
 
 
 def test_converted_file_holds_the_checkpoint(converted, tiny_llama):

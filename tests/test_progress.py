@@ -16,7 +16,7 @@ import termios
 
 import pytest
 import torch
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, run_python, subprocess_env
 
 from tensorize_vllm_model import load_into_module, open_tensors
 from tensorize_vllm_model.format.record import FileRecord
@@ -183,18 +183,6 @@ def _python_on_terminal(code: str, *args, timeout: int) -> tuple[int, str, str]:
     return proc.returncode, shown, out
 
 
-def _python(code: str, *args, timeout: int) -> subprocess.CompletedProcess:
-    """Run ``python -c CODE ARGS`` with its output captured (no terminal)."""
-    return subprocess.run(
-        [sys.executable, "-c", code, *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=subprocess_env(),
-        cwd=ROOT,
-        timeout=timeout,
-    )
-
-
 VERIFY = (
     "import sys, tensorize_vllm_model.progress as p; p.MIN_BYTES = 0; p.LOG_EVERY = {every}; "
     "from tensorize_vllm_model.cli import main; sys.exit(main(['verify', sys.argv[1]]))"
@@ -213,7 +201,7 @@ def test_verify_command_draws_a_bar_on_a_terminal(tensors_file):
 
 def test_verify_command_logs_lines_when_not_on_a_terminal(tensors_file):
     _, path = tensors_file
-    proc = _python(VERIFY.format(every=0), path, timeout=120)
+    proc = run_python("-c", VERIFY.format(every=0), path, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "Verifying model.tensors: 0.00 of 0.00 GB (" in proc.stderr
     assert "\r" not in proc.stderr  # no bar
@@ -260,6 +248,6 @@ def test_convert_command_shows_progress(tiny_llama, tmp_path):
     )
     assert returncode == 0, shown
     assert "Converting: 100%" in shown and "B/s]" in shown
-    proc = _python(CONVERT.format(every=0), *args, tmp_path / "b", timeout=300)
+    proc = run_python("-c", CONVERT.format(every=0), *args, tmp_path / "b", timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "Converting: 0.00 of 0.00 GB (" in proc.stderr and "\r" not in proc.stderr

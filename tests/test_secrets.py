@@ -22,7 +22,15 @@ import time
 import uuid
 
 import pytest
-from conftest import BUCKET, ENGINE_FLAGS, ENGINE_TIMEOUT, PROMPTS, ROOT, subprocess_env
+from conftest import (
+    BUCKET,
+    ENGINE_FLAGS,
+    ENGINE_TIMEOUT,
+    PROMPTS,
+    ROOT,
+    SERIALIZED_FILES,
+    subprocess_env,
+)
 
 PREFIX = f"secrets-{uuid.uuid4().hex[:8]}"
 
@@ -205,14 +213,7 @@ def test_serialize_output_holds_no_credentials_or_key(encrypted_on_s3, auth_s3):
     )
     listing = server.client(key_id, secret).list_objects_v2(Bucket=BUCKET, Prefix=f"{PREFIX}/")
     assert sorted(o["Key"] for o in listing["Contents"]) == [
-        f"{PREFIX}/vllm/tiny-llama/enc/{name}"
-        for name in (
-            "config.json",
-            "generation_config.json",
-            "model.tensors",
-            "tokenizer.json",
-            "tokenizer_config.json",
-        )
+        f"{PREFIX}/vllm/tiny-llama/enc/{name}" for name in SERIALIZED_FILES
     ]
     assert_absent(key, proc.stdout, proc.stderr, what="encryption key")
     assert_absent(secret.encode(), proc.stdout, proc.stderr)

@@ -14,8 +14,6 @@ runner), so the shards are checked by what each worker loaded, as reported throu
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import uuid
 
 import pytest
@@ -27,7 +25,7 @@ from conftest import (
     run_builtin,
     run_engine,
     run_serialize,
-    subprocess_env,
+    write_hf_tensors,
 )
 
 from tensorize_vllm_model import TensorizerConfig, open_tensors
@@ -124,21 +122,8 @@ def test_tp2_loads_a_hugging_face_file_from_one_uri(tiny_llama, float32_referenc
     """A file of a Hugging Face model (``TensorSerializer.write_module``, not vLLM-tensorized)
     holds whole weights: at TP=2 both ranks read the one file and vLLM's weight loaders take
     each rank's half. Same tokens as TP=1."""
-    script = (
-        "import sys, torch, transformers\n"
-        "from tensorizer import TensorSerializer\n"
-        "m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)\n"
-        "s = TensorSerializer(sys.argv[2]); s.write_module(m); s.close()\n"
-    )
     hf_file = tmp_path / "hf.tensors"
-    proc = subprocess.run(
-        [sys.executable, "-c", script, str(tiny_llama), str(hf_file)],
-        capture_output=True,
-        text=True,
-        env=subprocess_env(),
-        timeout=300,
-    )
-    assert_ok(proc)
+    write_hf_tensors(tiny_llama, hf_file, "float32")
     result = run_engine(
         {
             "model": str(tiny_llama),

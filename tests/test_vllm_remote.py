@@ -16,8 +16,9 @@ from conftest import (
     ENGINE_FLAGS,
     MAX_TOKENS,
     PROMPTS,
+    SERIALIZED_FILES,
     assert_ok,
-    run_cli,
+    run_deserialize,
     run_engine,
     run_serialize,
     serve_and_complete,
@@ -129,30 +130,24 @@ def test_llm_loads_s3_directory_without_local_copy(s3_serialized, s3_env, llama_
         for p in watcher.seen
         if p.startswith(s3_env["TENSORIZE_VLLM_MODEL_CACHE"])
     }
-    assert cached == {
-        "config.json",
-        "generation_config.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-    }
+    assert cached == set(SERIALIZED_FILES) - {"model.tensors"}
     assert not any(p.endswith(".tensors") for p in watcher.seen)
 
 
 def test_cli_deserialize_from_s3(s3_serialized, s3_env, llama_reference):
     directory, _ = s3_serialized
-    proc = run_cli(
-        "--model",
+    proc = run_deserialize(
         directory,
-        *ENGINE_FLAGS,
-        "--model-loader-extra-config",
-        '{"stream_kwargs": {"force_http": true}}',
-        "deserialize",
-        "--path-to-tensors",
         f"{directory}/model.tensors",
         "--prompt",
         PROMPTS[1],
         "--max-tokens",
         MAX_TOKENS,
+        engine_flags=[
+            *ENGINE_FLAGS,
+            "--model-loader-extra-config",
+            '{"stream_kwargs": {"force_http": true}}',
+        ],
         env=s3_env,
     )
     assert_ok(proc)
@@ -234,12 +229,8 @@ def test_cli_deserialize_over_https_with_private_ca(
 ):
     directory, _ = llama_serialized
     url = f"{web_servers['https'].url}/{served_copy}/model.tensors"
-    proc = run_cli(
-        "--model",
+    proc = run_deserialize(
         directory,
-        *ENGINE_FLAGS,
-        "deserialize",
-        "--path-to-tensors",
         url,
         "--ca-bundle",
         tls.ca,
@@ -251,6 +242,6 @@ def test_cli_deserialize_over_https_with_private_ca(
     assert_ok(proc)
     assert f"Generated: {llama_reference['texts'][0]!r}" in proc.stdout
     # Without the CA the certificate is refused before any engine starts.
-    refused = run_cli("--model", directory, *ENGINE_FLAGS, "deserialize", "--path-to-tensors", url)
+    refused = run_deserialize(directory, url)
     assert refused.returncode == 2
     assert "TLS failed" in refused.stderr and "--ca-bundle" in refused.stderr

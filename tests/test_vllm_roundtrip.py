@@ -7,24 +7,22 @@ serialization are session fixtures (conftest.py) shared with the other end-to-en
 
 import os
 import stat
-import subprocess
-import sys
 import time
 
 import pytest
 from conftest import (
-    ENGINE_FLAGS,
     ENGINE_KWARGS,
     MAX_TOKENS,
     PROMPTS,
     ROOT,
+    SERIALIZED_FILES,
     WORKER_EXTENSION,
     assert_ok,
-    run_cli,
+    run_deserialize,
     run_engine,
     run_runner,
     serve_and_complete,
-    subprocess_env,
+    write_hf_tensors,
 )
 
 pytestmark = pytest.mark.slow
@@ -35,13 +33,7 @@ WRAPPER = str(ROOT / "examples" / "tensorize_vllm_model.py")
 def test_serialize_layout(llama_serialized):
     directory, stdout = llama_serialized
     names = sorted(p.name for p in directory.iterdir())
-    assert names == [
-        "config.json",
-        "generation_config.json",
-        "model.tensors",
-        "tokenizer.json",
-        "tokenizer_config.json",
-    ]
+    assert names == SERIALIZED_FILES
     assert stdout.strip().splitlines()[-1] == str(directory)
     # nothing beside the final names (no temporary files left)
     assert not [p for p in directory.parent.rglob("*") if ".tmp-" in p.name]
@@ -69,12 +61,8 @@ def test_llama_tensorized_matches_original(llama_reference, llama_serialized):
 
 def test_cli_deserialize_through_example_script(llama_reference, llama_serialized):
     directory, _ = llama_serialized
-    proc = run_cli(
-        "--model",
+    proc = run_deserialize(
         directory,
-        *ENGINE_FLAGS,
-        "deserialize",
-        "--path-to-tensors",
         directory / "model.tensors",
         "--num-readers",
         "2",
@@ -121,14 +109,7 @@ def test_encrypted_load_with_key_matches(llama_reference, llama_encrypted):
 def test_encrypted_without_key_cli_refuses_before_engine(llama_encrypted):
     directory, _ = llama_encrypted
     start = time.monotonic()
-    proc = run_cli(
-        "--model",
-        directory,
-        *ENGINE_FLAGS,
-        "deserialize",
-        "--path-to-tensors",
-        directory / "model.tensors",
-    )
+    proc = run_deserialize(directory, directory / "model.tensors")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: {directory / 'model.tensors'} is encrypted: give the key with --keyfile / "
@@ -141,16 +122,7 @@ def test_encrypted_with_wrong_key_cli_refuses(llama_encrypted, tmp_path):
     directory, _ = llama_encrypted
     wrong = tmp_path / "wrong.key"
     wrong.write_bytes(os.urandom(32))
-    proc = run_cli(
-        "--model",
-        directory,
-        *ENGINE_FLAGS,
-        "deserialize",
-        "--path-to-tensors",
-        directory / "model.tensors",
-        "--keyfile",
-        wrong,
-    )
+    proc = run_deserialize(directory, directory / "model.tensors", "--keyfile", wrong)
     assert proc.returncode == 2
     assert (
         f"error: cannot decrypt {directory / 'model.tensors'} with the key in {wrong}"
@@ -172,21 +144,8 @@ def test_encrypted_without_key_llm_fails_clearly(llama_encrypted):
 def test_hugging_face_tensorized_file_loads(llama_reference, tiny_llama, tmp_path):
     """A file written by plain TensorSerializer.write_module(hf_model) (not vLLM's layout,
     with buffers such as rotary_emb.inv_freq) loads through the weights-iterator path."""
-    script = (
-        "import sys, torch, transformers\n"
-        "from tensorizer import TensorSerializer\n"
-        "m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)\n"
-        "s = TensorSerializer(sys.argv[2]); s.write_module(m); s.close()\n"
-    )
     hf_file = tmp_path / "hf.tensors"
-    proc = subprocess.run(
-        [sys.executable, "-c", script, str(tiny_llama), str(hf_file)],
-        capture_output=True,
-        text=True,
-        env=subprocess_env(),
-        timeout=300,
-    )
-    assert_ok(proc)
+    write_hf_tensors(tiny_llama, hf_file, "bfloat16")
     result = run_engine(
         {
             "model": str(tiny_llama),
