@@ -402,6 +402,24 @@ def web_servers(web_root, tls):
         server.stop()
 
 
+@pytest.fixture
+def clean_env(monkeypatch, tmp_path):
+    """No AWS/S3 variables or config files but those a test writes (HOME is `tmp_path`)."""
+    for name in list(os.environ):
+        if name.startswith(("AWS_", "S3_")) or name.lower() in (
+            "http_proxy",
+            "https_proxy",
+            "no_proxy",
+            "all_proxy",
+        ):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    return tmp_path
+
+
 @pytest.fixture(autouse=True)
 def fresh_s3_clients():
     """boto3 clients are cached per options; tests that change the environment need new ones."""

@@ -11,7 +11,6 @@ server records the Host header the client sent.
 from __future__ import annotations
 
 import http.server
-import os
 import threading
 
 import pytest
@@ -26,24 +25,6 @@ KEYS = {
     "s3_secret_access_key": "secret-for-tests",
     "s3_region_name": "us-east-1",
 }
-
-
-@pytest.fixture
-def clean_env(monkeypatch, tmp_path):
-    """No AWS/S3 variables or config files but those a test writes (HOME is `tmp_path`)."""
-    for name in list(os.environ):
-        if name.startswith(("AWS_", "S3_")) or name.lower() in (
-            "http_proxy",
-            "https_proxy",
-            "no_proxy",
-            "all_proxy",
-        ):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "aws-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    return tmp_path
 
 
 class _Sent(Exception):

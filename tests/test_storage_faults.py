@@ -284,18 +284,6 @@ def test_signed_url_query_never_in_messages(web_root):
 # -- credentials order -------------------------------------------------------------------------
 
 
-@pytest.fixture
-def clean_env(monkeypatch, tmp_path):
-    for name in list(os.environ):
-        if name.startswith(("AWS_", "S3_")):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    return tmp_path
-
-
 def resolved(config: TensorizerConfig):
     client, how = s3_backend._client(StreamOptions.from_mapping(config.stream_options()))
     credentials = client._request_signer._credentials  # botocore's; read for the test only
