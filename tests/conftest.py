@@ -204,6 +204,13 @@ def write_hf_tensors(model: Path, path: Path, dtype: str) -> None:
     assert_ok(run_python("-c", HF_TENSORIZE, model, path, dtype, timeout=300))
 
 
+def serialize_argv(model, directory, suffix: str, *flags, engine_flags=ENGINE_FLAGS) -> list[str]:
+    """The command line's ``--model MODEL ENGINE_FLAGS serialize --serialized-directory
+    DIRECTORY --suffix SUFFIX FLAGS...``, as strings."""
+    argv = [*engine_flags, "serialize", "--serialized-directory", directory, "--suffix", suffix]
+    return [str(a) for a in ["--model", model, *argv, *flags]]
+
+
 def run_serialize(
     model,
     directory,
@@ -212,20 +219,9 @@ def run_serialize(
     engine_flags=ENGINE_FLAGS,
     env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
-    """`run_cli` of ``--model MODEL ENGINE_FLAGS serialize --serialized-directory DIRECTORY
-    --suffix SUFFIX FLAGS...`` (the serialize command, which starts a vLLM engine)."""
-    return run_cli(
-        "--model",
-        model,
-        *engine_flags,
-        "serialize",
-        "--serialized-directory",
-        directory,
-        "--suffix",
-        suffix,
-        *flags,
-        env=env,
-    )
+    """`run_cli` of `serialize_argv` (the serialize command, which starts a vLLM engine)."""
+    argv = serialize_argv(model, directory, suffix, *flags, engine_flags=engine_flags)
+    return run_cli(*argv, env=env)
 
 
 def assert_ok(proc: subprocess.CompletedProcess) -> None:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
-from conftest import ENGINE_FLAGS, ROOT, subprocess_env
+from conftest import ROOT, serialize_argv, subprocess_env
 
 from tensorize_vllm_model.vllm_integration.engine import Engine
 from tensorize_vllm_model.vllm_integration.messages import SavedFile, decode
@@ -484,16 +484,7 @@ def test_interrupted_serialize_keeps_the_earlier_model(
             sys.executable,
             "-c",
             DRIVER,
-            "--model",
-            str(tiny_llama),
-            *ENGINE_FLAGS,
-            "serialize",
-            "--serialized-directory",
-            str(root),
-            "--suffix",
-            "v1",
-            "--keyfile",
-            str(keyfile),
+            *serialize_argv(tiny_llama, root, "v1", "--keyfile", keyfile),
         ],
         subprocess_env({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}),  # the patch reaches the save
         tmp_path / "stderr.log",
@@ -571,14 +562,7 @@ def test_sigint_while_the_engine_starts_publishes_nothing(moment, tiny_llama, tm
             sys.executable,
             "-m",
             "tensorize_vllm_model",
-            "--model",
-            str(tiny_llama),
-            *ENGINE_FLAGS,
-            "serialize",
-            "--serialized-directory",
-            str(root),
-            "--suffix",
-            "s",
+            *serialize_argv(tiny_llama, root, "s"),
         ],
         subprocess_env({}),
         tmp_path / "stderr.log",

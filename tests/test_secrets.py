@@ -29,6 +29,7 @@ from conftest import (
     PROMPTS,
     ROOT,
     SERIALIZED_FILES,
+    serialize_argv,
     subprocess_env,
 )
 
@@ -152,17 +153,9 @@ def encrypted_on_s3(tiny_llama, auth_s3, tmp_path_factory):
             sys.executable,
             "-m",
             "tensorize_vllm_model",
-            "--model",
-            str(tiny_llama),
-            *ENGINE_FLAGS,
-            "serialize",
-            "--serialized-directory",
-            f"s3://{BUCKET}/{PREFIX}",
-            "--suffix",
-            "enc",
-            "--keyfile",
-            str(keyfile),
-            "--allow-http",
+            *serialize_argv(
+                tiny_llama, f"s3://{BUCKET}/{PREFIX}", "enc", "--keyfile", keyfile, "--allow-http"
+            ),
         ],
         capture_output=True,
         env=subprocess_env({**env, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}),
