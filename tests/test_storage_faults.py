@@ -290,6 +290,14 @@ def resolved(config: TensorizerConfig):
     return how, credentials
 
 
+def resolved_after_setting(monkeypatch, config: TensorizerConfig, **env: str):
+    """`resolved` once the environment variables `env` are set (and cached clients dropped)."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    s3_backend._clients.clear()
+    return resolved(config)
+
+
 def test_credentials_order(clean_env, monkeypatch):
     home = clean_env
     (home / ".s3cfg").write_text(
@@ -302,19 +310,23 @@ def test_credentials_order(clean_env, monkeypatch):
     assert creds.access_key == "from-s3cfg" and how.credentials == "~/.s3cfg"
     assert how.endpoint == "https://s3cfg.example.com"
 
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "from-aws-env")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-secret")
-    monkeypatch.setenv("AWS_SESSION_TOKEN", "sts-token")
-    s3_backend._clients.clear()
-    how, creds = resolved(TensorizerConfig(**base))
+    how, creds = resolved_after_setting(
+        monkeypatch,
+        TensorizerConfig(**base),
+        AWS_ACCESS_KEY_ID="from-aws-env",
+        AWS_SECRET_ACCESS_KEY="aws-secret",
+        AWS_SESSION_TOKEN="sts-token",
+    )
     assert (creds.access_key, creds.token) == ("from-aws-env", "sts-token")
     assert how.credentials == "the AWS credential chain"
 
-    monkeypatch.setenv("S3_ACCESS_KEY_ID", "from-s3-env")
-    monkeypatch.setenv("S3_SECRET_ACCESS_KEY", "s3-env-secret")
-    monkeypatch.setenv("S3_ENDPOINT_URL", "https://s3-env.example.com")
-    s3_backend._clients.clear()
-    how, creds = resolved(TensorizerConfig(**base))
+    how, creds = resolved_after_setting(
+        monkeypatch,
+        TensorizerConfig(**base),
+        S3_ACCESS_KEY_ID="from-s3-env",
+        S3_SECRET_ACCESS_KEY="s3-env-secret",
+        S3_ENDPOINT_URL="https://s3-env.example.com",
+    )
     assert creds.access_key == "from-s3-env" and how.endpoint == "https://s3-env.example.com"
 
     s3_backend._clients.clear()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 import shutil
 import uuid
+from pathlib import Path
 
 import pytest
 from conftest import (
@@ -264,19 +265,25 @@ def test_pp2_each_stage_reads_its_layers(llama_bf16):
     assert all(".layers.1." in n for n in second - {"model.norm.weight", "lm_head.weight"})
 
 
-def test_a_layout_the_model_does_not_allow_is_refused_before_the_engine(llama_bf16):
+def assert_layout_refused(model: Path, tensor_parallel_size: int, match: str) -> None:
+    """vLLM's EngineArgs for `model` at `tensor_parallel_size` are refused by the plug-in's
+    file check (before any engine starts) with a LayoutError matching `match`."""
     from vllm import EngineArgs
 
     from tensorize_vllm_model.errors import LayoutError
     from tensorize_vllm_model.vllm_integration.registration import check_engine_files
 
-    args = EngineArgs(model=str(llama_bf16), load_format="tensorizer", tensor_parallel_size=3)
-    with pytest.raises(
-        LayoutError,
-        match=r"4 attention heads are not divisible by "
-        r"--tensor-parallel-size 3",
-    ):
+    args = EngineArgs(
+        model=str(model), load_format="tensorizer", tensor_parallel_size=tensor_parallel_size
+    )
+    with pytest.raises(LayoutError, match=match):
         check_engine_files(args)
+
+
+def test_a_layout_the_model_does_not_allow_is_refused_before_the_engine(llama_bf16):
+    assert_layout_refused(
+        llama_bf16, 3, r"4 attention heads are not divisible by --tensor-parallel-size 3"
+    )
 
 
 def test_a_checkpoint_vllm_cannot_load_names_the_tensor(tiny_llama, tmp_path):
@@ -304,25 +311,18 @@ def test_a_checkpoint_vllm_cannot_load_names_the_tensor(tiny_llama, tmp_path):
 
 def test_a_one_rank_serialized_file_is_not_shared_between_ranks(llama_bf16, tmp_path):
     import torch
-    from vllm import EngineArgs
 
-    from tensorize_vllm_model.errors import LayoutError
     from tensorize_vllm_model.format.record import FileRecord
     from tensorize_vllm_model.format.writer import write_tensors
-    from tensorize_vllm_model.vllm_integration.registration import check_engine_files
 
     directory = tmp_path / "serialized-tp1"
     shutil.copytree(llama_bf16, directory)
     write_tensors(
         str(directory / "model.tensors"), [("w", torch.ones(2), False)], record=FileRecord()
     ).commit()  # as `serialize` writes it at TP=1
-    args = EngineArgs(model=str(directory), load_format="tensorizer", tensor_parallel_size=2)
-    with pytest.raises(
-        LayoutError,
-        match=r"serialized for TP=1 x PP=1 but is being loaded "
-        r"with TP=2 x PP=1",
-    ):
-        check_engine_files(args)
+    assert_layout_refused(
+        directory, 2, r"serialized for TP=1 x PP=1 but is being loaded with TP=2 x PP=1"
+    )
 
 
 def test_vllm_serve_loads_a_converted_file(llama_bf16, llama_reference):
