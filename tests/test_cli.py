@@ -21,7 +21,7 @@ def run_main(capsys, *argv):
     return code, captured.err.strip()
 
 
-def run_serialize(capsys, model, directory, *extra, command="serialize"):
+def main_serialize(capsys, model, directory, *extra, command="serialize"):
     """`run_main` of ``--model MODEL COMMAND --serialized-directory DIRECTORY EXTRA...``."""
     return run_main(capsys, "--model", model, command, "--serialized-directory", directory, *extra)
 
@@ -106,7 +106,7 @@ def test_missing_tensors_file(capsys, tiny_llama, tmp_path):
 
 
 def test_missing_model_directory(capsys, tmp_path):
-    code, err = run_serialize(capsys, tmp_path / "no-model", tmp_path / "out")
+    code, err = main_serialize(capsys, tmp_path / "no-model", tmp_path / "out")
     assert code == 2
     assert err.splitlines()[-1] == f"error: --model {tmp_path / 'no-model'}: no such directory"
     assert not (tmp_path / "out").exists()
@@ -155,7 +155,7 @@ def test_tensorizer_uri_is_path_to_tensors(tiny_llama, tensors_file):
     ],
 )
 def test_bad_serialization_kwargs(capsys, tiny_llama, tmp_path, kwargs, expected):
-    code, err = run_serialize(
+    code, err = main_serialize(
         capsys, tiny_llama, tmp_path / "out", "--serialization-kwargs", kwargs
     )
     assert code == 2 and expected in err
@@ -163,7 +163,7 @@ def test_bad_serialization_kwargs(capsys, tiny_llama, tmp_path, kwargs, expected
 
 
 def test_bad_suffix(capsys, tiny_llama, tmp_path):
-    code, err = run_serialize(capsys, tiny_llama, tmp_path / "out", "--suffix", "../../escape")
+    code, err = main_serialize(capsys, tiny_llama, tmp_path / "out", "--suffix", "../../escape")
     assert code == 2 and "--suffix must be a single directory name" in err
 
 
@@ -228,7 +228,7 @@ def test_stream_kwargs_and_transport_flags_reach_serialize(tiny_llama, tmp_path)
 def test_serialize_to_plain_http_endpoint_refused_before_engine(
     capsys, tiny_llama, moto_credentials
 ):
-    code, err = run_serialize(capsys, tiny_llama, "s3://models/refused", "--suffix", "v1")
+    code, err = main_serialize(capsys, tiny_llama, "s3://models/refused", "--suffix", "v1")
     assert code == 2
     assert "plain http://" in err and "--allow-http" in err
     listing = moto_credentials.client().list_objects_v2(Bucket="models", Prefix="refused/")
@@ -236,7 +236,7 @@ def test_serialize_to_plain_http_endpoint_refused_before_engine(
 
 
 def test_serialize_to_missing_bucket_refused_before_engine(capsys, tiny_llama, moto_credentials):
-    code, err = run_serialize(capsys, tiny_llama, "s3://no-such-bucket/x", "--allow-http")
+    code, err = main_serialize(capsys, tiny_llama, "s3://no-such-bucket/x", "--allow-http")
     assert code == 2
     assert err.splitlines()[-1].startswith("error: no such bucket: no-such-bucket")
 
@@ -244,7 +244,7 @@ def test_serialize_to_missing_bucket_refused_before_engine(capsys, tiny_llama, m
 def test_serialize_to_unwritable_directory_refused(capsys, tiny_llama, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    code, err = run_serialize(capsys, tiny_llama, blocker / "out")
+    code, err = main_serialize(capsys, tiny_llama, blocker / "out")
     assert code == 2 and f"{blocker} is not a directory" in err
 
 
@@ -252,7 +252,7 @@ def test_serialize_to_unwritable_directory_refused(capsys, tiny_llama, tmp_path)
 def test_writing_to_an_uncreatable_directory_refused(capsys, tiny_llama, command):
     # /proc lets root pass os.access, but no directory can be made there: refused before
     # any engine starts, with the path named.
-    code, err = run_serialize(capsys, tiny_llama, "/proc/nope", "--suffix", "s", command=command)
+    code, err = main_serialize(capsys, tiny_llama, "/proc/nope", "--suffix", "s", command=command)
     assert code == 2, err
     assert err.splitlines() == [
         (
