@@ -91,3 +91,20 @@ def test_record_round_trip_and_layout_check():
 def test_bad_record_refused(data):
     with pytest.raises(FormatError, match="record"):
         FileRecord.from_bytes(data, source="f")
+
+
+@pytest.mark.parametrize(
+    ("directory", "model", "suffix", "named"),
+    [
+        ("/out", "/models/tiny%dllama", "v1", "--model"),
+        ("/out", "org/m", "v%03d", "--suffix"),
+        ("s3://b/my%20models", "org/m", "v1", "--serialized-directory"),
+    ],
+)
+def test_destination_with_a_percent_sign_refused(directory, model, suffix, named):
+    """A ``%`` in the serialized directory would read as (or break) a rank template when the
+    directory is loaded: ``tiny%dllama/v1/model.tensors`` loads ``tiny0llama/...``, and at
+    several ranks ``my%20models/model-rank-%03d.tensors`` does not format. Refused before
+    anything is written, naming the flag."""
+    with pytest.raises(ConfigError, match=f"{named}.*%"):
+        serialized_dir(directory, model, suffix)

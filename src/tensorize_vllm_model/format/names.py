@@ -66,12 +66,21 @@ def serialized_dir(serialized_directory: str, model: str, suffix: str) -> str:
     """``<serialized_directory>/vllm/<model ref>/<suffix>``.
 
     Raises:
-        ConfigError: a suffix that is empty, holds a ``/`` or is ``.``/``..``.
+        ConfigError: a suffix that is empty, holds a ``/`` or is ``.``/``..``; a ``%`` in
+            any part (a load would read it as a rank template, or fail to format one).
     """
     if not suffix or "/" in suffix or "\\" in suffix or suffix in (".", ".."):
         raise ConfigError(f"--suffix must be a single directory name, got {suffix!r}")
     base = serialized_directory.rstrip("/") or "/"
-    return storage.join(base, "vllm", model_ref_path(model), suffix)
+    ref = model_ref_path(model)
+    for flag, part in (("--serialized-directory", base), ("--model", ref), ("--suffix", suffix)):
+        if "%" in part:
+            raise ConfigError(
+                f"{flag} gives the directory name {part!r}, which holds a '%': loading "
+                "the serialized directory would read it as a rank template (model-rank-"
+                "%03d.tensors); choose a name without '%'"
+            )
+    return storage.join(base, "vllm", ref, suffix)
 
 
 def tensors_uri(directory: str, world_size: int) -> str:
