@@ -32,8 +32,10 @@ __all__ = [
 DEFAULT_TENSORS_NAME = "model.tensors"
 SHARDED_TENSORS_NAME = "model-rank-%03d.tensors"
 
-# A printf-style integer template such as %d, %03d or %05d: where the rank goes.
-RANK_TEMPLATE = re.compile(r"%0?\d*d")
+# A printf-style integer template, %d or zero-padded (%03d, %05d): where the rank goes.
+# Not %<1-9>...d: that is a URL's percent-encoding followed by a "d" ("my%20dogs"). vLLM
+# 0.32 recognises %0<digit>d only.
+RANK_TEMPLATE = re.compile(r"%(?:0\d*)?d")
 
 
 def has_rank_template(uri: str | None) -> bool:
