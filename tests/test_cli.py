@@ -62,7 +62,9 @@ def tensors_file(tmp_path_factory):
 def test_missing_subcommand(capsys, tiny_llama):
     code, err = run_main(capsys, "--model", tiny_llama)
     assert code == 2
-    assert err.endswith("error: a command is required: serialize, deserialize, inspect or verify")
+    assert err.endswith(
+        "error: a command is required: serialize, deserialize, inspect, verify or convert"
+    )
 
 
 @pytest.mark.parametrize(

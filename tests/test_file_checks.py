@@ -24,6 +24,7 @@ from test_storage_backends import Place, place  # noqa: F401 - the backend fixtu
 from tensorize_vllm_model import (
     EncryptionError,
     FormatError,
+    LayoutError,
     ModelMismatchError,
     TensorizeError,
     TensorizerConfig,
@@ -558,6 +559,21 @@ def test_inspect_sharded_template(tmp_path):
         str(tmp_path / f"model-rank-{i:03d}.tensors") for i in range(2)
     ]
     assert [r.record["rank"] for r in reports] == [0, 1]
+
+
+def test_verify_refuses_a_shard_written_for_another_rank(tmp_path, capsys):
+    """Rank 0's file copied over rank 1's: each file is intact, but the set does not load
+    (the loader's `check_shards` refuses it). verify names the file and exits 2, not 0."""
+    for rank in range(2):
+        write_file(
+            tmp_path / f"model-rank-{rank:03d}.tensors",
+            record=FileRecord(architecture="Small", tensor_parallel_size=2, rank=0),
+        )
+    template = str(tmp_path / "model-rank-%03d.tensors")
+    with pytest.raises(LayoutError, match=r"model-rank-001\.tensors holds the shard of rank 0"):
+        verify_tensors(template)
+    assert main(["verify", template]) == 2
+    assert "model-rank-001.tensors holds the shard of rank 0" in capsys.readouterr().err
 
 
 def test_inspect_and_verify_remote(place, tmp_path):  # noqa: F811

@@ -91,3 +91,40 @@ def test_record_round_trip_and_layout_check():
 def test_bad_record_refused(data):
     with pytest.raises(FormatError, match="record"):
         FileRecord.from_bytes(data, source="f")
+
+
+@pytest.mark.parametrize(
+    ("directory", "model", "suffix", "named"),
+    [
+        ("/out", "/models/tiny%dllama", "v1", "--model"),
+        ("/out", "org/m", "v%03d", "--suffix"),
+        ("s3://b/my%20models", "org/m", "v1", "--serialized-directory"),
+    ],
+)
+def test_destination_with_a_percent_sign_refused(directory, model, suffix, named):
+    """A ``%`` in the serialized directory would read as (or break) a rank template when the
+    directory is loaded: ``tiny%dllama/v1/model.tensors`` loads ``tiny0llama/...``, and at
+    several ranks ``my%20models/model-rank-%03d.tensors`` does not format. Refused before
+    anything is written, naming the flag."""
+    with pytest.raises(ConfigError, match=f"{named}.*%"):
+        serialized_dir(directory, model, suffix)
+
+
+@pytest.mark.parametrize(
+    ("uri", "template"),
+    [
+        ("/m/model-rank-%03d.tensors", True),
+        ("s3://b/m/model-rank-%d.tensors", True),
+        ("https://h/my%20dogs/model.tensors", False),  # a space, then "dogs"
+        ("https://h/a%2dz/model.tensors", False),  # "-", percent-encoded
+        ("/m/model.tensors", False),
+    ],
+)
+def test_percent_encoding_is_not_a_rank_template(uri, template):
+    """``%d`` or ``%0Nd`` is a rank template (vLLM 0.32 recognises ``%0\\dd``); a URL's
+    percent-encoding followed by a ``d`` is not, and such a URI is read as given."""
+    from tensorize_vllm_model.format.names import has_rank_template
+
+    assert has_rank_template(uri) is template
+    if not template:
+        assert rank_uri(uri, ParallelLayout()) == uri

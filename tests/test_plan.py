@@ -134,3 +134,11 @@ def test_discovery_of_one_file_reads_nothing():
     assert discover_rank_uris(TensorizerConfig(tensorizer_uri="/m/model.tensors"), never) == [
         "/m/model.tensors"
     ]
+
+
+def test_directory_that_is_not_a_template_gives_a_config_error(tmp_path):
+    """A directory whose name holds ``%`` (not a rank template) at several ranks: a
+    ConfigError naming it, not a TypeError from ``%`` formatting."""
+    config = TensorizerConfig(tensorizer_dir=str(tmp_path / "50%off"))
+    with pytest.raises(ConfigError, match="50%off"):
+        resolve_read(config, TP2_RANK1)

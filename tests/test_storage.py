@@ -235,3 +235,11 @@ def test_directory_that_must_not_replace_leaves_the_one_there(tmp_path):
         with storage.transaction() as tx:
             _fill(tx.stage_directory(str(final), replace=False).path, ["b"])
     assert os.listdir(tmp_path) == ["entry"] and os.listdir(final) == ["a"]
+
+
+@pytest.mark.parametrize("uri", ["s3://models", "s3://models/"])
+def test_s3_uri_without_key_named_before_any_request(uri):
+    """A bucket alone is not an object: a ConfigError naming the URI, raised before any
+    request (no client is made; botocore would answer ParamValidationError)."""
+    with pytest.raises(ConfigError, match=f"'{uri}' names a bucket, not an object"):
+        storage.open_read(uri, storage.StreamOptions())

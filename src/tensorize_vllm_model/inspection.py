@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from .checks import check_shards
 from .config import TensorizerConfig, as_tensorizer_config
 from .errors import CorruptTensorError, EncryptionError
 from .format.record import MARKER_NAME, RECORD_NAME, FileRecord
@@ -133,12 +134,26 @@ def verify_tensors(uri: str, config: TensorizerConfig | None = None) -> list[Ver
     Raises:
         StorageError, FormatError: a file cannot be opened or its index is corrupt.
         EncryptionError: a file is encrypted and no key was given, or the key is wrong.
+        LayoutError: a shard of a rank template was written for another rank or layout
+            than rank 0's record says (the loader's `checks.check_shards` would refuse it).
     """
     config = dataclasses.replace(
         as_tensorizer_config(config) if config else TensorizerConfig(tensorizer_uri=uri),
         verify_hash=True,
     )
-    return [_verify_file(shard, config) for shard in shard_uris(uri, config)]
+    shards = shard_uris(uri, config)
+    if len(shards) > 1:
+        _check_shard_layouts(shards[0], dataclasses.replace(config, tensorizer_uri=uri))
+    return [_verify_file(shard, config) for shard in shards]
+
+
+def _check_shard_layouts(first: str, config: TensorizerConfig) -> None:
+    """Each shard holds its own rank of the layout rank 0's record names, as a load at that
+    layout checks (`checks.check_shards`); nothing to check without a record."""
+    with open_tensors(first, config=config, header_only=True) as reader:
+        record = reader.record
+    if record is not None:
+        check_shards(config, record.tensor_parallel_size, record.pipeline_parallel_size)
 
 
 def _verify_file(uri: str, config: TensorizerConfig) -> VerifyReport:

@@ -246,7 +246,7 @@ def _shared_file(config: TensorizerConfig, world_size: int) -> str | None:
     directory = config.tensorizer_dir or "."
     options = config.stream_options()
     single = tensors_uri(directory, 1)
-    first_rank = tensors_uri(directory, world_size) % 0
+    first_rank = rank_uri(tensors_uri(directory, world_size), ParallelLayout())
     if storage.exists(first_rank, options) or not storage.exists(single, options):
         return None
     return single

@@ -76,7 +76,7 @@ def _run(argv: list[str]) -> int:
         raise _misplaced_flags(args.command, argv)
     args.model_given = any(a == "--model" or a.startswith("--model=") for a in argv)
     if args.command is None:
-        parser.error("a command is required: serialize, deserialize, inspect or verify")
+        parser.error("a command is required: serialize, deserialize, inspect, verify or convert")
     check_model_path(args.model)
     if args.command == "serialize":
         return commands.serialize(args)

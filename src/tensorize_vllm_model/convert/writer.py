@@ -25,8 +25,8 @@ from ..artifacts import resolve_model_files, stage_artifacts
 from ..config import TensorizerConfig
 from ..errors import ConfigError
 from ..format import writer as tensors_writer
-from ..format.names import DEFAULT_TENSORS_NAME, serialized_dir
-from ..format.record import CHECKPOINT_FORM, FileRecord
+from ..format.names import serialized_dir
+from ..format.record import CHECKPOINT_FORM, FileRecord, ParallelLayout
 from ..format.writer import (
     SerializeResult,
     StagedTensors,
@@ -34,6 +34,7 @@ from ..format.writer import (
     write_tensors,
 )
 from ..keys import EncryptionKey, prepare_key
+from ..plan import resolve_write
 from ..progress import progress
 from .checkpoint import Checkpoint, open_checkpoint
 from .placement import stores_transposed
@@ -226,7 +227,7 @@ def _write_checkpoint(
     )
     with progress("Converting", checkpoint.tensor_bytes(target), logger=logger) as advance:
         tensors = write_tensors(
-            storage.join(directory, DEFAULT_TENSORS_NAME),
+            resolve_write(TensorizerConfig(tensorizer_dir=directory), ParallelLayout()).uri,
             _stream(checkpoint, target, transposed),
             record=record,
             key=key,

@@ -32,8 +32,10 @@ __all__ = [
 DEFAULT_TENSORS_NAME = "model.tensors"
 SHARDED_TENSORS_NAME = "model-rank-%03d.tensors"
 
-# A printf-style integer template such as %d, %03d or %05d: where the rank goes.
-RANK_TEMPLATE = re.compile(r"%0?\d*d")
+# A printf-style integer template, %d or zero-padded (%03d, %05d): where the rank goes.
+# Not %<1-9>...d: that is a URL's percent-encoding followed by a "d" ("my%20dogs"). vLLM
+# 0.32 recognises %0<digit>d only.
+RANK_TEMPLATE = re.compile(r"%(?:0\d*)?d")
 
 
 def has_rank_template(uri: str | None) -> bool:
@@ -66,12 +68,21 @@ def serialized_dir(serialized_directory: str, model: str, suffix: str) -> str:
     """``<serialized_directory>/vllm/<model ref>/<suffix>``.
 
     Raises:
-        ConfigError: a suffix that is empty, holds a ``/`` or is ``.``/``..``.
+        ConfigError: a suffix that is empty, holds a ``/`` or is ``.``/``..``; a ``%`` in
+            any part (a load would read it as a rank template, or fail to format one).
     """
     if not suffix or "/" in suffix or "\\" in suffix or suffix in (".", ".."):
         raise ConfigError(f"--suffix must be a single directory name, got {suffix!r}")
     base = serialized_directory.rstrip("/") or "/"
-    return storage.join(base, "vllm", model_ref_path(model), suffix)
+    ref = model_ref_path(model)
+    for flag, part in (("--serialized-directory", base), ("--model", ref), ("--suffix", suffix)):
+        if "%" in part:
+            raise ConfigError(
+                f"{flag} gives the directory name {part!r}, which holds a '%': loading "
+                "the serialized directory would read it as a rank template (model-rank-"
+                "%03d.tensors); choose a name without '%'"
+            )
+    return storage.join(base, "vllm", ref, suffix)
 
 
 def tensors_uri(directory: str, world_size: int) -> str:

@@ -65,6 +65,23 @@ def parse(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
+def parse_object(uri: str) -> tuple[str, str]:
+    """``s3://bucket/key`` -> (bucket, key), for an operation on one object.
+
+    Raises:
+        ConfigError: no bucket, or no key (a bucket alone, or a prefix ending in ``/``).
+    """
+    bucket, key = parse(uri)
+    if not key or key.endswith("/"):
+        raise ConfigError(
+            f"{uri!r} names a bucket, not an object: give the object's key "
+            "(s3://bucket/path/model.tensors)"
+            if not key
+            else f"{uri!r} names a prefix (it ends in '/'), not an object"
+        )
+    return bucket, key
+
+
 def _client(options: StreamOptions):
     """A boto3 client for `options` and its `S3Settings` (cached: clients are thread-safe
     and costly to make)."""
@@ -208,7 +225,7 @@ class S3Source(retry.RetryingSource):
         self.name = uri
         self.timeout = options.timeout
         self.policy = options.retry
-        self.bucket, self.key = parse(uri)
+        self.bucket, self.key = parse_object(uri)
         self._client, self._resolved = _client(options)
         head = self._request(lambda: self._client.head_object(Bucket=self.bucket, Key=self.key))
         self.size = int(head["ContentLength"])
@@ -321,7 +338,7 @@ class S3Backend(Backend):
             raise error from None
 
     def stage(self, uri: str, options: StreamOptions) -> str:
-        parse(uri)  # refuses a URI without a bucket now, not at commit
+        parse_object(uri)  # refuses a URI without a bucket or key now, not at commit
         try:
             fd, temp = tempfile.mkstemp(prefix="tensorize-vllm-model-", suffix=".staged")
             os.close(fd)

@@ -55,7 +55,6 @@ from vllm.logger import init_logger
 from .. import prefetch, storage
 from ..checks import check_shards
 from ..config import TensorizerConfig
-from ..format.names import tensors_uri
 from ..format.record import ParallelLayout
 from ..plan import ReadPlan, resolve_read
 from .engine import parallel_sizes
@@ -191,11 +190,9 @@ def resolve_remote_model(engine_args: Any) -> None:
         engine_args.served_model_name = model
     engine_args.model = local
     if (
-        prefetch.enabled()
-        and parallel_sizes(engine_args) == (1, 1)
-        and not extra.get("tensorizer_uri")
+        prefetch.enabled() and parallel_sizes(engine_args) == (1, 1) and config.given_uri is None
     ):  # the weights stream in while vLLM starts up (prefetch.py)
-        prefetch.start(tensors_uri(model, 1), config.stream_options())
+        prefetch.start(resolve_read(config, ParallelLayout()).uri, config.stream_options())
 
 
 def _register_lora_resolver() -> None:
