@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..storage import local_path
+
 
 def print_written(result: Any) -> None:
     """The files a serialize or convert published, its key, and (last line) its directory."""
@@ -12,7 +14,9 @@ def print_written(result: Any) -> None:
     if result.keyfile and result.key_existing:
         print(f"  encrypted with the existing key in {result.keyfile} (left unchanged)")
     elif result.keyfile:
-        print(f"  key saved to {result.keyfile} (mode 0600): keep it to load the model")
+        # A file mode means something only for a local file (S3 objects have none).
+        mode = " (mode 0600)" if local_path(result.keyfile) is not None else ""
+        print(f"  key saved to {result.keyfile}{mode}: keep it to load the model")
     print(result.directory)
 
 
