@@ -277,3 +277,27 @@ def test_adapter_directory_refuses_a_planted_link(tmp_path, monkeypatch):
     with pytest.raises(StorageError, match="is not a directory of this user"):
         lora._ram_root()
     assert os.listdir(elsewhere) == []
+
+
+@pytest.mark.parametrize(
+    ("keyfile", "line"),
+    [
+        (
+            "/keys/model.key",
+            "  key saved to /keys/model.key (mode 0600): keep it to load the model",
+        ),
+        (
+            "s3://bucket/model.key",
+            "  key saved to s3://bucket/model.key: keep it to load the model",
+        ),
+    ],
+)
+def test_new_key_line_gives_a_file_mode_only_for_local_keys(capsys, keyfile, line):
+    import types
+
+    from tensorize_vllm_model.cli.output import print_written
+
+    print_written(
+        types.SimpleNamespace(files=[], keyfile=keyfile, key_existing=False, directory="/out")
+    )
+    assert capsys.readouterr().out.splitlines() == [line, "/out"]

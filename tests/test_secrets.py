@@ -201,7 +201,9 @@ def test_serialize_output_holds_no_credentials_or_key(encrypted_on_s3, auth_s3):
     out = proc.stdout.decode()
     assert out.strip().splitlines()[-1] == directory
     assert f"  wrote {directory}/model.tensors" in out.splitlines()
-    assert f"  key saved to {encrypted_on_s3['keyfile']}: keep it to load the model" in out
+    assert (
+        f"  key saved to {encrypted_on_s3['keyfile']} (mode 0600): keep it to load the model" in out
+    )
     listing = server.client(key_id, secret).list_objects_v2(Bucket=BUCKET, Prefix=f"{PREFIX}/")
     assert sorted(o["Key"] for o in listing["Contents"]) == [
         f"{PREFIX}/vllm/tiny-llama/enc/{name}" for name in SERIALIZED_FILES
