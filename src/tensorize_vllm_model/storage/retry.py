@@ -53,6 +53,7 @@ __all__ = [
     "RetryPolicy",
     "DEFAULT_POLICY",
     "Attempts",
+    "throttled",
     "Transient",
     "GaveUp",
     "TransferStalled",
@@ -139,11 +140,23 @@ class Attempts:
         """`Throttled` when every attempt was told to slow down, else None."""
         if not self.throttled or None in self.throttled:
             return None
-        return Throttled(
-            f"{what}: {peer} kept answering {self.throttled[-1]} to all {self.used} attempts "
-            "(it is throttling requests); lower the request rate (fewer stream_kwargs "
-            "workers) or try again later"
+        return throttled(what, peer, self.throttled[-1] or "", self.used)
+
+    def unreachable(self, what: str) -> Unreachable:
+        """The error once the attempts ran out without an answer: each attempt's cause."""
+        return Unreachable(
+            f"cannot reach {what}: no usable answer to {self.used} attempts: {self.listing()}"
         )
+
+
+def throttled(what: str, peer: str, answer: str, attempts: int) -> Throttled:
+    """The error for `peer` answering "slow down" (`answer`, e.g. ``HTTP 503 SlowDown``) to
+    every one of `attempts` attempts at `what`."""
+    return Throttled(
+        f"{what}: {peer} kept answering {answer} to all {attempts} attempts (it is "
+        "throttling requests); lower the request rate (fewer stream_kwargs workers) or try "
+        "again later"
+    )
 
 
 class Transient(Exception):
@@ -265,9 +278,7 @@ def request(
             log.failed(e.what, e.throttled)
         after_failure()
         if log.left <= 0:
-            raise log.throttling(f"reading {name}", peer) or Unreachable(
-                f"cannot reach {name}: no usable answer to {log.used} attempts: {log.listing()}"
-            ) from None
+            raise log.throttling(f"reading {name}", peer) or log.unreachable(name) from None
         policy.pause(log.used)
 
 

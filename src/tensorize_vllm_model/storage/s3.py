@@ -197,11 +197,8 @@ def _error(
             return NotFound(f"no such object: {uri} (at {where})")
         if status in (429, 503) or code in _THROTTLING_CODES:
             tries = e.response.get("ResponseMetadata", {}).get("RetryAttempts", 0) + 1
-            return Throttled(
-                f"{action} {uri}: the S3 endpoint {where} kept answering "
-                f"{_answer(status, code)} to all {tries} attempts (it is throttling "
-                "requests); lower the request rate (fewer stream_kwargs workers) or try "
-                "again later"
+            return retry.throttled(
+                f"{action} {uri}", f"the S3 endpoint {where}", _answer(status, code), tries
             )
         return StorageError(f"S3 refused {action} {uri} at {where}: HTTP {status} {code}")
     if isinstance(e, (EndpointConnectionError, ConnectTimeoutError)):
@@ -244,9 +241,8 @@ class S3Source(retry.RetryingSource):
         error = self._not_found_or(e)
         if not _transient(e) or not log.used or isinstance(error, Throttled):
             return error
-        return Unreachable(
-            f"cannot reach the S3 endpoint {self._resolved.endpoint or 'AWS S3'} reading "
-            f"{self.name}: no usable answer to {log.used} attempts: {log.listing()}"
+        return log.unreachable(
+            f"the S3 endpoint {self._resolved.endpoint or 'AWS S3'} reading {self.name}"
         )
 
     def _not_found_or(self, e: Exception) -> StorageError:
