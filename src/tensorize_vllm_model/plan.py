@@ -72,7 +72,7 @@ class ReadPlan:
         """Every rank's file, in global rank order (the one file, for a shared one)."""
         if self.shared or not has_rank_template(self.template):
             return [self.uri]
-        return [rank_uri(self.template, self.rank_layout(r)) for r in range(self.world)]
+        return _rank_files(self.template, self.layout)
 
     def rank_layout(self, rank: int) -> ParallelLayout:
         """The layout of global rank `rank` of this load (the file `rank_uris()[rank]` is
@@ -117,8 +117,7 @@ class WritePlan:
 
     def rank_uris(self) -> list[str]:
         """Every rank's file, in global rank order."""
-        world = self.layout.world_size
-        return [rank_uri(self.template, _rank_layout(self.layout, r)) for r in range(world)]
+        return _rank_files(self.template, self.layout)
 
 
 def resolve_read(config: TensorizerConfig, layout: ParallelLayout) -> ReadPlan:
@@ -250,6 +249,11 @@ def _shared_file(config: TensorizerConfig, world_size: int) -> str | None:
     if storage.exists(first_rank, options) or not storage.exists(single, options):
         return None
     return single
+
+
+def _rank_files(template: str, layout: ParallelLayout) -> list[str]:
+    """Every rank's file of `template` at `layout`, in global rank order."""
+    return [rank_uri(template, _rank_layout(layout, r)) for r in range(layout.world_size)]
 
 
 def _nth_rank_uri(template: str, rank: int) -> str:

@@ -84,7 +84,7 @@ class StagedWrite:
         store = backend(self.uri)
         if not store.exists(self.uri, self.options):
             return None
-        kept = join(parent(self.uri), f".{basename(self.uri)}.kept-{secrets.token_hex(4)}")
+        kept = _kept_name(self.uri)
         store.keep_aside(self.uri, kept, self.options)
         return kept
 
@@ -129,7 +129,7 @@ class StagedDirectory(StagedWrite):
         final = path_of(self.uri)
         if not os.path.exists(final):
             return None
-        kept = join(parent(final), f".{basename(final)}.kept-{secrets.token_hex(4)}")
+        kept = _kept_name(final)
         move_directory(final, kept)  # the name is free until the publish fills it
         return kept
 
@@ -147,6 +147,11 @@ class StagedDirectory(StagedWrite):
     def finished(self) -> None:
         if self.temporary:
             _temporary.add(path_of(self.uri))
+
+
+def _kept_name(uri: str) -> str:
+    """A hidden name beside `uri` for what a publish replaces (``.NAME.kept-XXXX``)."""
+    return join(parent(uri), f".{basename(uri)}.kept-{secrets.token_hex(4)}")
 
 
 class _TemporaryDirectories:

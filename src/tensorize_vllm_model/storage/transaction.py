@@ -88,9 +88,10 @@ class Transaction:
         """
         if self.closed:
             raise RuntimeError("the transaction is closed")
-        if backend(uri).local_path(uri) is None:
+        path = backend(uri).local_path(uri)
+        if path is None:
             raise ConfigError(f"{redact(uri)}: only a local directory can be staged whole")
-        temp = stage_directory(backend(uri).local_path(uri) or uri)
+        temp = stage_directory(path)
         staged = StagedDirectory(uri, temp, self.options, replace=replace, temporary=temporary)
         self._staged.append(staged)
         return staged
