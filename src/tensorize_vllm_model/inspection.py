@@ -83,12 +83,20 @@ def shard_uris(uri: str, config: TensorizerConfig | None = None) -> list[str]:
     rank 0's record says, else as many as exist from rank 0 on: `plan.discover_rank_uris`,
     with rank 0's record read from its header)."""
     config = as_tensorizer_config(config) if config else TensorizerConfig(tensorizer_uri=uri)
+    return _shards(uri, config)[0]
+
+
+def _shards(uri: str, config: TensorizerConfig) -> tuple[list[str], FileRecord | None]:
+    """`shard_uris`, and rank 0's record where discovering them read it (a rank template)."""
+    records: list[FileRecord | None] = []
 
     def read_record(first: str) -> FileRecord | None:
         with open_tensors(first, config=config, header_only=True) as reader:
-            return reader.record
+            records.append(reader.record)
+        return records[-1]
 
-    return discover_rank_uris(dataclasses.replace(config, tensorizer_uri=uri), read_record)
+    shards = discover_rank_uris(dataclasses.replace(config, tensorizer_uri=uri), read_record)
+    return shards, records[0] if records else None
 
 
 def inspect_tensors(uri: str, config: TensorizerConfig | None = None) -> list[FileReport]:
@@ -141,19 +149,16 @@ def verify_tensors(uri: str, config: TensorizerConfig | None = None) -> list[Ver
         as_tensorizer_config(config) if config else TensorizerConfig(tensorizer_uri=uri),
         verify_hash=True,
     )
-    shards = shard_uris(uri, config)
-    if len(shards) > 1:
-        _check_shard_layouts(shards[0], dataclasses.replace(config, tensorizer_uri=uri))
+    shards, record = _shards(uri, config)
+    if len(shards) > 1 and record is not None:
+        # Each shard holds its own rank of the layout rank 0's record names, as a load at
+        # that layout checks.
+        check_shards(
+            dataclasses.replace(config, tensorizer_uri=uri),
+            record.tensor_parallel_size,
+            record.pipeline_parallel_size,
+        )
     return [_verify_file(shard, config) for shard in shards]
-
-
-def _check_shard_layouts(first: str, config: TensorizerConfig) -> None:
-    """Each shard holds its own rank of the layout rank 0's record names, as a load at that
-    layout checks (`checks.check_shards`); nothing to check without a record."""
-    with open_tensors(first, config=config, header_only=True) as reader:
-        record = reader.record
-    if record is not None:
-        check_shards(config, record.tensor_parallel_size, record.pipeline_parallel_size)
 
 
 def _verify_file(uri: str, config: TensorizerConfig) -> VerifyReport:
