@@ -153,18 +153,9 @@ def _status(field: str) -> int:
 
 
 def _stored_shapes(reader) -> list:
-    from tensorize_vllm_model.convert.placement import TensorShape
+    from tensorize_vllm_model.convert.placement import stored_shapes
 
-    t = reader.record.transposed
-    return [
-        TensorShape(
-            e.name,
-            tuple(reversed(e.shape)) if e.name in t else e.shape,
-            e.bytes // max(1, _numel(e.shape)),
-            e.name in t,
-        )
-        for e in reader.entries()
-    ]
+    return stored_shapes(reader.entries(), reader.record.column_tiles)
 
 
 def rank_rss(path: str, config: dict, tp: int, rank: int, mode: str, key: str | None) -> dict:
@@ -184,7 +175,7 @@ def rank_rss(path: str, config: dict, tp: int, rank: int, mode: str, key: str | 
 
     tc = TensorizerConfig(tensorizer_uri=path, encryption_keyfile=key)
     with open_tensors(path, config=tc) as reader:
-        t = reader.record.transposed
+        tiles = reader.record.column_tiles
         index, entries = reader.index, {e.name: e for e in reader.entries()}
         shapes = _stored_shapes(reader)
         ciphers = {}
@@ -195,18 +186,24 @@ def rank_rss(path: str, config: dict, tp: int, rank: int, mode: str, key: str | 
             found = find(path, [index[n] for n in names], reader.header_deserializer)
             ciphers = dict(zip(names, found))
     reads = rank_reads(shapes, config, tp, rank)
+    logical = {s.name: s.shape for s in shapes}
     share = sum(r.stop - r.start for r in reads)
     parts = []
     for r in reads:  # parameters first (the rank's share, made before any read)
         stored = getattr(torch, entries[r.name].dtype)
         dtype = torch.float16 if mode == "cast" and stored.is_floating_point else stored
-        shape = entries[r.name].shape
-        row = shape[-1] if r.name in t else 0
+        count = tiles.get(r.name, 0)
         n = (r.stop - r.start) // stored.itemsize
-        target = torch.zeros(row, n // row, dtype=dtype) if row else torch.zeros(n, dtype=dtype)
+        shape = logical[r.name]
+        target = (
+            torch.zeros(shape[0], n // shape[0], dtype=dtype)
+            if count
+            else torch.zeros(n, dtype=dtype)
+        )
         targets = ((r.start, r.stop, target),)
+        cipher = ciphers.get(r.name)
         parts.append(
-            Part(r.name, index[r.name], r.start, r.stop, ciphers.get(r.name), targets, stored, row)
+            Part(r.name, index[r.name], r.start, r.stop, cipher, targets, stored, count, shape)
         )
     before = _status("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
@@ -276,13 +273,6 @@ def plan_ratios(tensors_path: str, config: dict) -> dict:
         for tp in (1, 2, 4, 8)
         if config["num_attention_heads"] % tp == 0
     }
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def engines(files: dict, converted: str, repeats: int, only: str = "") -> dict:
@@ -379,9 +369,10 @@ def main() -> None:
     converted = str(WORK / "convert-out" / "vllm" / "hf" / "v1")
     if "convert" in sections:
         results["convert"] = convert_vs_copy(files, args.repeats)
-    if not os.path.exists(converted + "/model.tensors"):  # the file the other sections read
+    if _stale(converted + "/model.tensors"):  # the file the other sections read
         from tensorize_vllm_model.convert import convert_checkpoint
 
+        shutil.rmtree(WORK / "convert-out", ignore_errors=True)
         convert_checkpoint(files["model_dir"], str(WORK / "convert-out"), suffix="v1")
     results["file_gb"] = os.path.getsize(converted + "/model.tensors") / 1e9
     if "plan" in sections:
@@ -395,6 +386,17 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n")
     report(results)
+
+
+def _stale(path: str) -> bool:
+    """Whether the converted file at `path` is missing or was written in an earlier layout
+    (row-parallel weights transposed, before column tiles)."""
+    from tensorize_vllm_model import open_tensors
+
+    if not os.path.exists(path):
+        return True
+    with open_tensors(path) as reader:
+        return bool(reader.record.transposed)
 
 
 def report(results: dict) -> None:

@@ -17,7 +17,12 @@ from tensorize_vllm_model.cli import main
 from tensorize_vllm_model.convert import convert_checkpoint
 from tensorize_vllm_model.convert.fit import check_layout_fits
 from tensorize_vllm_model.convert.partial_read import Part, PartsRead, read_parts
-from tensorize_vllm_model.convert.placement import TensorShape, rank_reads, split_dim
+from tensorize_vllm_model.convert.placement import (
+    TensorShape,
+    column_tiles,
+    rank_reads,
+    split_dim,
+)
 from tensorize_vllm_model.convert.regions import CopyWatch, box_byte_range, view_box
 from tensorize_vllm_model.errors import LayoutError, StorageError
 from tensorize_vllm_model.format.record import MARKER_NAME
@@ -57,15 +62,26 @@ def test_converted_file_holds_the_checkpoint(converted, tiny_llama):
         tensors = dict(reader.items())
     assert record.is_checkpoint_form and record.dtype == "bfloat16"
     assert record.architecture == "LlamaForCausalLM"
-    assert record.transposed == {
+    row_parallel = {
         f"model.layers.{i}.{m}.weight"
         for i in (0, 1)
         for m in ("self_attn.o_proj", "mlp.down_proj")
     }
+    assert set(record.column_tiles) == row_parallel
     assert set(tensors) == set(original)
     for name, tensor in original.items():
-        stored = tensors[name].t() if name in record.transposed else tensors[name]
-        assert torch.equal(stored, tensor), name
+        tiles = record.column_tiles.get(name, 0)
+        assert tiles == column_tiles(name, tensor.shape) and (tiles == 8) == (name in row_parallel)
+        assert torch.equal(_untiled(tensors[name], tiles), tensor), name
+
+
+def _untiled(stored: torch.Tensor, tiles: int) -> torch.Tensor:
+    """A tensor stored in `tiles` column tiles ([T, out, in / T]) as the checkpoint's
+    [out, in]: tile j holds columns [j * in / T, (j + 1) * in / T)."""
+    if not tiles:
+        return stored
+    count, out, width = stored.shape
+    return stored.permute(1, 0, 2).reshape(out, count * width)
 
 
 def test_inspect_and_verify_read_a_converted_file(converted, capsys):
@@ -91,8 +107,8 @@ def test_bin_checkpoint_and_dtype(tiny_opt, tmp_path):
     assert set(tensors) == set(state)
     assert all(t.dtype == torch.float32 for t in tensors.values())
     name = "model.decoder.layers.0.fc2.weight"
-    assert name in reader.record.transposed
-    assert torch.equal(tensors[name].t(), state[name].float())
+    tiles = reader.record.column_tiles[name]
+    assert torch.equal(_untiled(tensors[name], tiles), state[name].float())
 
 
 def _copy_checkpoint(source, target, config_changes, tensors=None):
@@ -227,9 +243,7 @@ def llama_shapes(layers=32, hidden=4096, heads=32, kv_heads=8, inter=14336, voca
             (p + "mlp.down_proj.weight", (hidden, inter)),
         ]
     shapes += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
-    from tensorize_vllm_model.convert.placement import stores_transposed
-
-    return [TensorShape(n, s, 2, stores_transposed(n, s)) for n, s in shapes]
+    return [TensorShape(n, s, 2, column_tiles(n, s)) for n, s in shapes]
 
 
 LLAMA_CONFIG = {"num_attention_heads": 32, "num_key_value_heads": 8}
@@ -271,9 +285,11 @@ def test_view_box_and_byte_range():
     assert view_box((8, 6), 24, (4, 6), (6, 1)) == ((4, 8), (0, 6))
     assert view_box((8, 6), 3, (8, 3), (6, 1)) == ((0, 8), (3, 6))
     assert view_box((8, 6), 0, (48,), (1,)) is None  # a flattened view is no box
-    # columns 3..5 of a [8, 6] weight stored transposed: rows 3..5 of the stored [6, 8]
-    assert box_byte_range([((0, 8), (3, 6))], (8, 6), 2, True) == (3 * 8 * 2, 6 * 8 * 2)
-    assert box_byte_range([((4, 8), (0, 6))], (8, 6), 4, False) == (24 * 4, 48 * 4)
+    # columns 3..5 of a [8, 6] weight stored in 2 column tiles ([2, 8, 3]): tile 1
+    assert box_byte_range([((0, 8), (3, 6))], (8, 6), 2, tiles=2) == (8 * 3 * 2, 2 * 8 * 3 * 2)
+    # columns 2..3 straddle both tiles: both are read
+    assert box_byte_range([((0, 8), (2, 4))], (8, 6), 2, tiles=2) == (0, 2 * 8 * 3 * 2)
+    assert box_byte_range([((4, 8), (0, 6))], (8, 6), 4) == (24 * 4, 48 * 4)
 
 
 def test_copy_watch_records_what_a_weight_loader_copies():
@@ -326,19 +342,26 @@ def test_partial_reads_read_only_the_range(tmp_path, encrypted):
     else:
         assert stats.bytes == 500 * row
     # Into the parameters, with no buffer of the part: cast (float32 -> float64, as
-    # copy_ does), and of a tensor stored transposed, its stored rows into columns.
+    # copy_ does), and of a tensor in column tiles, whole tiles into its columns: the
+    # [5120, 1024] stored tensor read as 5 tiles of a [1024, 5120] weight, tiles 1 and 2
+    # (4 MiB each) into columns 1024..3071.
     cast = torch.empty(500, 1024, dtype=torch.float64)
-    columns = torch.empty(1024, 500, dtype=torch.float32)
+    columns = torch.empty(1024, 2048, dtype=torch.float32)
     lo, hi = 1000 * row, 1500 * row
+    tile = 1024 * row
     parts = [
         Part("w", entry, lo, hi, cipher, ((lo, hi, cast),), torch.float32),
-        Part("w", entry, lo, hi, cipher, ((lo, hi, columns),), torch.float32, row=1024),
-    ]
+        Part(
+            "w", entry, tile, 3 * tile, cipher, ((tile, 3 * tile, columns),), torch.float32,
+            tiles=5, shape=(1024, 5120),
+        ),
+    ]  # fmt: skip
     stats = PartsRead()
     assert [b for _, b in read_parts(path, parts, threads=2, stats=stats)] == [None, None]
     assert torch.equal(cast, weight[1000:1500].double())
-    assert torch.equal(columns, weight[1000:1500].t())
-    assert stats.bytes == (8 << 20 if key else 2 * 500 * row)
+    logical = weight.view(5, 1024, 1024).permute(1, 0, 2).reshape(1024, 5120)
+    assert torch.equal(columns, logical[:, 1024:3072])
+    assert stats.bytes == ((4 << 20) + (8 << 20) if key else 500 * row + (8 << 20))
 
 
 def test_layout_the_model_does_not_allow():
@@ -535,9 +558,9 @@ def test_converted_reader_checks_hashes_of_whole_tensors(converted, tmp_path, ve
             assert [n for n, _ in file.tensors(parts, PartsRead())] == [name]
 
 
-def test_a_transposed_weight_goes_into_its_parameter_cast_without_a_buffer(converted, tiny_llama):
+def test_a_tiled_weight_goes_into_its_parameter_cast_without_a_buffer(converted, tiny_llama):
     """As vLLM's row-parallel weight loader at TP=2, rank 1 (narrow the input dimension,
-    copy into a float32 parameter): the stored rows of the transposed weight go into the
+    copy into a float32 parameter): the column tiles of rank 1's half go into the
     parameter's columns, cast piece by piece; nothing is handed back to load_weights."""
     from tensorize_vllm_model import TensorizerConfig
     from tensorize_vllm_model.convert.loading import ConvertedFile
@@ -554,8 +577,63 @@ def test_a_transposed_weight_goes_into_its_parameter_cast_without_a_buffer(conve
             stored = watch.meta_input(name, file.logical_shape(name), torch.bfloat16)
             parameter.copy_(stored.narrow(1, inputs // 2, inputs // 2))
         [part] = file.parts(watch.needs)
-        assert part.row == out and [t for _, _, t in part.targets] == [parameter]
+        assert part.tiles == 8 and part.shape == (out, inputs)
+        assert [t for _, _, t in part.targets] == [parameter]
         read = PartsRead()
         assert list(file.tensors([part], read)) == []  # load_weights gets nothing back
     assert torch.equal(parameter, original[:, inputs // 2 :].float())
     assert read.bytes == original.numel() // 2 * 2  # rank 1's half of the bfloat16 bytes
+
+
+def test_columns_across_tiles_are_handed_to_load_weights_in_checkpoint_shape(converted, tiny_llama):
+    """A copy whose columns do not start and end on tiles (a layout no TP of 1, 2, 4 or 8
+    makes) cannot go straight into the parameter: the tiles holding those columns are read
+    and load_weights gets the checkpoint's [out, in] tensor, those columns put back."""
+    from tensorize_vllm_model import TensorizerConfig
+    from tensorize_vllm_model.convert.loading import ConvertedFile
+
+    name = "model.layers.0.mlp.down_proj.weight"
+    original = load_file(str(tiny_llama / "model.safetensors"))[name]
+    out, inputs = original.shape
+    width = inputs // 8
+    first, count = width + 3, 2 * width  # tiles 1, 2 and 3
+    path = str(converted / "model.tensors")
+    parameter = torch.empty(out, count, dtype=torch.bfloat16)
+    with open_tensors(path) as reader:
+        file = ConvertedFile(reader, path, TensorizerConfig(tensorizer_uri=path), threads=2)
+        watch = CopyWatch()
+        with watch:
+            stored = watch.meta_input(name, file.logical_shape(name), torch.bfloat16)
+            parameter.copy_(stored.narrow(1, first, count))
+        [part] = file.parts(watch.needs)
+        assert not part.targets and (part.start, part.stop) == (
+            width * out * 2,
+            4 * width * out * 2,
+        )
+        read = PartsRead()
+        [(got, tensor)] = list(file.tensors([part], read))
+    assert got == name and tensor.shape == (out, inputs)
+    assert torch.equal(tensor[:, first : first + count], original[:, first : first + count])
+    assert read.bytes == 3 * width * out * 2
+
+
+def test_a_file_converted_with_transposed_weights_is_refused(tmp_path):
+    """Files converted before column tiles (row-parallel weights stored transposed) are
+    refused at load, naming the file and what to do."""
+    from tensorize_vllm_model import TensorizerConfig
+    from tensorize_vllm_model.convert.loading import ConvertedFile
+    from tensorize_vllm_model.errors import FormatError
+    from tensorize_vllm_model.format.record import CHECKPOINT_FORM, FileRecord
+    from tensorize_vllm_model.format.writer import write_tensors
+
+    path = str(tmp_path / "model.tensors")
+    record = FileRecord(extra={"form": CHECKPOINT_FORM, "transposed": ["l.o_proj.weight"]})
+    write_tensors(
+        path, [("l.o_proj.weight", torch.ones(4, 2), False)], record=record, marker=False
+    ).commit()
+    with open_tensors(path) as reader, pytest.raises(FormatError) as raised:
+        ConvertedFile(reader, path, TensorizerConfig(tensorizer_uri=path), threads=1)
+    assert str(raised.value) == (
+        f"{path} was converted by an earlier tensorize_vllm_model, which stored "
+        "row-parallel weights transposed; convert the checkpoint again"
+    )

@@ -33,7 +33,7 @@ from conftest import (
 from test_convert import convert_without_vllm
 
 from tensorize_vllm_model import open_tensors
-from tensorize_vllm_model.convert.placement import TensorShape, rank_reads
+from tensorize_vllm_model.convert.placement import TensorShape, rank_reads, stored_shapes
 
 pytestmark = pytest.mark.slow
 
@@ -123,25 +123,9 @@ def test_opt_tp1_matches_the_default_loader(tiny_opt, tmp_path):
 
 def file_tensors(path) -> tuple[list[TensorShape], dict, int]:
     with open_tensors(str(path)) as reader:
-        transposed = reader.record.transposed
-        shapes = [
-            TensorShape(
-                e.name,
-                tuple(reversed(e.shape)) if e.name in transposed else e.shape,
-                e.bytes // max(1, _numel(e.shape)),
-                e.name in transposed,
-            )
-            for e in reader.entries()
-        ]
+        shapes = stored_shapes(reader.entries(), reader.record.column_tiles)
         offsets = {name: entry.data_offset for name, entry in reader.index.items()}
     return shapes, offsets, sum(s.bytes for s in shapes)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def test_tp2_same_tokens_as_tp1_reading_half(llama_f32, f32_tp1, f32_tp2, tiny_llama):

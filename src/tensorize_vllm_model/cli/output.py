@@ -25,8 +25,8 @@ def _layout(report: Any, record: dict[str, Any]) -> str:
     if extra.get("form") == "checkpoint":
         return (
             f"any (checkpoint form, written by convert; dtype {record.get('dtype')}; "
-            f"{len(extra.get('transposed') or [])} row-parallel weights stored "
-            "transposed)"
+            f"{len(extra.get('column_tiles') or {})} row-parallel weights stored in "
+            "column tiles)"
         )
     if record:
         return (

@@ -2,7 +2,7 @@
 layout, made without vLLM or a GPU.
 
 * `checkpoint`: reads the checkpoint's files tensor by tensor.
-* `placement`: how tensors are laid out (row-parallel weights transposed) and the read plan
+* `placement`: how tensors are laid out (row-parallel weights in column tiles) and the read plan
   of a rank from names and shapes alone.
 * `writer`: `convert_checkpoint`, the staged, all-or-nothing write.
 * `regions` and `partial_read`: the loading side, used by the vLLM loader: which bytes of

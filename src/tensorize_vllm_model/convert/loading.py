@@ -6,12 +6,12 @@
 2. `ConvertedFile.parts` turns that into one byte range per needed tensor (tensors of other
    pipeline stages: none), widened to cipher chunks when encrypted.
 3. `ConvertedFile.tensors` reads only those ranges (`partial_read`) and hands each tensor
-   to ``load_weights`` in its checkpoint shape (a transposed one as a transposed view), so
-   vLLM's weight loaders narrow and copy it into the rank's parameters as from the
-   checkpoint itself. Where every copy of a tensor was one byte range of it into a CPU
-   parameter of that size (a contiguous parameter or rows of one; of a transposed tensor,
-   columns of all its rows), the bytes go into the parameter instead (in place, or piece
-   by piece when decrypted, cast or transposed back: `partial_read`), and
+   to ``load_weights`` in its checkpoint shape (a tiled one with its read tiles' columns
+   put back), so vLLM's weight loaders narrow and copy it into the rank's parameters as
+   from the checkpoint itself. Where every copy of a tensor was one byte range of it into
+   a CPU parameter of that size (a contiguous parameter or rows of one; of a tiled tensor,
+   the columns of whole tiles, all rows), the bytes go into the parameter instead (in
+   place, or piece by piece when decrypted, cast or tiled: `partial_read`), and
    ``load_weights`` does not see that tensor again: everything else its loader did
    (padding filled, ...) was already done in step 1.
 """
@@ -26,6 +26,7 @@ import torch
 from .. import storage
 from ..errors import FormatError
 from .partial_read import Part, PartsRead, read_parts
+from .placement import logical_shape
 from .regions import CopyWatch, Need, box_byte_range
 
 if TYPE_CHECKING:
@@ -43,7 +44,13 @@ class ConvertedFile:
         self.uri = uri  # unredacted: the reads need its query string
         self.config = config
         self.threads = threads
-        self.transposed = reader.record.transposed if reader.record else frozenset()
+        record = reader.record
+        if record is not None and record.transposed:
+            raise FormatError(
+                f"{reader.uri} was converted by an earlier tensorize_vllm_model, which "
+                "stored row-parallel weights transposed; convert the checkpoint again"
+            )
+        self.tiles = record.column_tiles if record is not None else {}
         self.entries = {e.name: e for e in reader.entries()}
         self.index = reader.index
         # verify_hash: tensorizer's hashes cover whole tensors, so each needed tensor is
@@ -60,8 +67,7 @@ class ConvertedFile:
         return dtype
 
     def logical_shape(self, name: str) -> tuple[int, ...]:
-        shape = self.entries[name].shape
-        return tuple(reversed(shape)) if name in self.transposed else shape
+        return logical_shape(self.entries[name].shape, self.tiles.get(name, 0))
 
     def meta_inputs(self, watch: CopyWatch) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, meta tensor of its checkpoint shape) of every tensor, in file order."""
@@ -77,46 +83,49 @@ class ConvertedFile:
         parts = []
         for (name, need), cipher in zip(chosen, ciphers):
             entry = self.index[name]
+            dtype, tiles = self._dtype(name), self.tiles.get(name, 0)
             if need.whole or self.verify:
                 start, stop = 0, entry.data_length
             else:
-                start, stop = box_byte_range(
-                    need.boxes, need.shape, self._dtype(name).itemsize, name in self.transposed
-                )
+                start, stop = box_byte_range(need.boxes, need.shape, dtype.itemsize, tiles)
             targets = () if need.whole or self.verify else self._direct(name, need)
-            row = self.logical_shape(name)[0] if name in self.transposed else 0
-            dtype = self._dtype(name)
-            parts.append(Part(name, entry, start, stop, cipher, targets, dtype, row))
+            shape = self.logical_shape(name)
+            parts.append(Part(name, entry, start, stop, cipher, targets, dtype, tiles, shape))
         return parts
 
     def _direct(self, name: str, need: Need) -> tuple[tuple[int, int, torch.Tensor], ...]:
         """Where every copy of the tensor is one byte range of it -> a CPU tensor of the
-        same size (a contiguous parameter or its rows; of a transposed tensor, columns
-        [c0, c1) of all its rows into a parameter of that shape): those bytes go straight
+        same size (a contiguous parameter or its rows; of a tiled tensor, the columns of
+        whole tiles, all rows, into a parameter of that shape): those bytes go straight
         there (`partial_read`: read in place, or piece by piece through a small buffer when
-        decrypted, cast by ``copy_`` as the weight loader's copy would, or transposed back),
-        with no buffer of the whole part. Empty when any copy is not like that."""
+        decrypted, cast by ``copy_`` as the weight loader's copy would, or tiled), with no
+        buffer of the whole part. Empty when any copy is not like that."""
         dtype = self._dtype(name)
-        transposed = name in self.transposed
+        tiles = self.tiles.get(name, 0)
         targets = []
         for box, destination in need.copies:
             if destination.device.type != "cpu":
                 return ()
-            if transposed:
-                rows = self.logical_shape(name)[0]
-                if (
-                    len(box) != 2
-                    or box[0] != (0, rows)
-                    or tuple(destination.shape) != (rows, box[1][1] - box[1][0])
-                ):
+            if tiles:
+                if not self._whole_tiles(name, box, destination):
                     return ()
             elif not destination.is_contiguous():
                 return ()
-            lo, hi = box_byte_range([box], need.shape, dtype.itemsize, transposed)
+            lo, hi = box_byte_range([box], need.shape, dtype.itemsize, tiles)
             if hi - lo != destination.numel() * dtype.itemsize:
                 return ()
             targets.append((lo, hi, destination))
         return tuple(targets)
+
+    def _whole_tiles(self, name: str, box: tuple, destination: torch.Tensor) -> bool:
+        """Whether `box` of a tiled tensor is all its rows and the columns of whole tiles,
+        copied into a 2-D `destination` of that shape."""
+        out, inputs = self.logical_shape(name)
+        width = inputs // self.tiles[name]
+        if len(box) != 2 or box[0] != (0, out):
+            return False
+        (c0, c1) = box[1]
+        return c0 % width == 0 and c1 % width == 0 and tuple(destination.shape) == (out, c1 - c0)
 
     def _ciphers(self, names: list[str]) -> list[Any]:
         if not self.reader.encrypted:
@@ -160,9 +169,8 @@ class ConvertedFile:
                 continue
             if self.verify:
                 self._check_hash(part, buffer, options)
-            stored = self.entries[part.name].shape
-            tensor = buffer.view(self._dtype(part.name)).reshape(stored)
-            yield part.name, (tensor.t() if part.name in self.transposed else tensor)
+            stored = buffer.view(self._dtype(part.name)).reshape(self.entries[part.name].shape)
+            yield part.name, (_untile(stored, part) if part.tiles else stored)
 
     def _check_hash(self, part: Part, buffer: torch.Tensor, options: Any) -> None:
         """Check a whole tensor's plaintext bytes, `buffer`, against its stored hashes.
@@ -192,3 +200,15 @@ class ConvertedFile:
             else b""
         )
         hashes.check(data, tensor=part.name, uri=self.reader.uri)
+
+
+def _untile(tiles: torch.Tensor, part: Part) -> torch.Tensor:
+    """The checkpoint tensor ``[out, in]`` of a tiled tensor ``[T, out, in / T]``, its
+    columns filled from the tiles `part` read (whole tiles: [start, stop) of its bytes);
+    the other columns, which this rank's weight loaders do not copy, are left unset."""
+    out, inputs = part.shape
+    width = inputs // part.tiles
+    tensor = torch.empty(out, inputs, dtype=tiles.dtype)
+    for tile in range(part.start // part.tile_bytes, -(-part.stop // part.tile_bytes)):
+        tensor[:, tile * width : (tile + 1) * width].copy_(tiles[tile])
+    return tensor

@@ -2,10 +2,10 @@
 (local ``pread``, one HTTP/S3 range request each), in parallel and a bounded window ahead.
 
 A part with targets (the rank's parameters, or rows or columns of them) goes into them:
-read in place when plain, of the stored dtype and not transposed; otherwise piece by piece
-(about `PIECE_BYTES`) through one reused buffer per reading thread, decrypted, then copied
-with ``copy_`` (which casts as vLLM's weight loaders' copy would; a transposed tensor's
-stored rows into the parameter's columns). Memory beyond the parameters is then the
+read in place when plain, of the stored dtype and not in column tiles; otherwise piece by
+piece (about `PIECE_BYTES`) through one reused buffer per reading thread, decrypted, then
+copied with ``copy_`` (which casts as vLLM's weight loaders' copy would; rows of a column
+tile into the parameter's columns). Memory beyond the parameters is then the
 reading threads' piece buffers, whatever the part's size. A part without targets lands in
 a fresh buffer of the tensor's full stored size, filled only over the range read: the
 rest is never touched, so on the CPU its pages are never made resident. In an encrypted
@@ -47,11 +47,24 @@ class Part:
     cipher: Any = None
     # (start, stop, tensor): the stored bytes [start, stop) go into these CPU tensors
     # (parameters' memory) instead of a buffer: read straight there when plain, of the
-    # stored dtype and not transposed; else piece by piece through a small buffer
-    # (decrypted, then copied with ``copy_``, which casts, and transposed back)
+    # stored dtype and not in column tiles; else piece by piece through a small buffer
+    # (decrypted, then copied with ``copy_``, which casts, and tiles into columns: the
+    # bytes of whole tiles into a tensor of the logical rows and the tiles' columns)
     targets: tuple[tuple[int, int, torch.Tensor], ...] = ()
     dtype: torch.dtype = torch.uint8  # the stored dtype
-    row: int = 0  # a transposed tensor's stored row length in elements (0: not transposed)
+    tiles: int = 0  # column tiles of a tiled tensor (`convert.placement`; 0: not tiled)
+    shape: tuple[int, ...] = ()  # the logical shape ([out, in]) of a tiled tensor
+
+    @property
+    def tile_bytes(self) -> int:
+        """Bytes of one column tile (``out * in / T`` elements)."""
+        out, inputs = self.shape
+        return out * (inputs // self.tiles) * self.dtype.itemsize
+
+    @property
+    def tile_row(self) -> int:
+        """Elements of one row of a column tile (``in / T``)."""
+        return self.shape[1] // self.tiles
 
     @property
     def span(self) -> tuple[int, int]:
@@ -68,7 +81,7 @@ class Part:
 
     def through_buffer(self, tensor: torch.Tensor) -> bool:
         """Whether a target's bytes pass through a buffer (not read straight into it)."""
-        return self.cipher is not None or bool(self.row) or tensor.dtype != self.dtype
+        return self.cipher is not None or bool(self.tiles) or tensor.dtype != self.dtype
 
 
 @dataclass
@@ -136,6 +149,7 @@ def _submit_direct(pool: ThreadPoolExecutor, reader: _Reader, part: Part) -> lis
                     pool.submit(_fill, reader, part, flat, at - lo, at, min(hi, at + PIECE_BYTES))
                 )
             continue
+        _make_present(tensor)
         bounds = _piece_bounds(part, lo, hi)
         for a, b in zip(bounds, bounds[1:]):
             futures.append(pool.submit(_fill_through, reader, part, a, b, tensor, lo))
@@ -144,11 +158,11 @@ def _submit_direct(pool: ThreadPoolExecutor, reader: _Reader, part: Part) -> lis
 
 def _piece_bounds(part: Part, lo: int, hi: int) -> list[int]:
     """Where the stored bytes [lo, hi) are cut into pieces of about `PIECE_BYTES`: at
-    whole stored rows of a transposed tensor, else at whole elements; at whole cipher
-    chunks where that allows (no chunk read twice)."""
-    unit = part.dtype.itemsize * (part.row or 1)
-    # chunk multiples are whole units (elements, or stored rows that divide a chunk; `lo`
-    # is a whole unit too): cut there
+    whole elements, or at whole rows of column tiles (a piece may run on into the next
+    tile); at whole cipher chunks where that allows (no chunk read twice)."""
+    unit = part.dtype.itemsize * (part.tile_row if part.tiles else 1)
+    # where a unit divides a chunk, chunk multiples (counted from byte 0, as `lo` is a
+    # whole unit) are whole units: cut there
     if part.cipher is not None and part.cipher.chunk_size % unit == 0:
         size = part.cipher.chunk_size
         step = max(1, PIECE_BYTES // size) * size
@@ -159,19 +173,17 @@ def _piece_bounds(part: Part, lo: int, hi: int) -> list[int]:
 
 
 _scratches = threading.local()
-_TRANSPOSE_BYTES = 1 << 20  # rows transposed at a time (fast: they stay in the CPU's cache)
 
 
-def _scratch(size: int, slot: str = "piece") -> torch.Tensor:
-    """`size` bytes of this thread's buffer `slot`, kept for its next piece (a fresh buffer
+def _scratch(size: int) -> torch.Tensor:
+    """`size` bytes of this thread's piece buffer, kept for its next piece (a fresh buffer
     per piece would leave freed pieces in the allocator's per-thread arenas, resident)."""
-    held = getattr(_scratches, slot, None)
+    held = getattr(_scratches, "piece", None)
     if held is None or held.numel() < size:
-        setattr(_scratches, slot, None)
-        # at the most a piece and the cipher chunks around it, or a transposed block
-        least = PIECE_BYTES + (4 << 20) if slot == "piece" else _TRANSPOSE_BYTES
-        held = torch.empty(max(size, least), dtype=torch.uint8)
-        setattr(_scratches, slot, held)
+        _scratches.piece = None
+        # at the most a piece and the cipher chunks around it
+        held = torch.empty(max(size, PIECE_BYTES + (4 << 20)), dtype=torch.uint8)
+        _scratches.piece = held
     return held[:size]
 
 
@@ -180,27 +192,38 @@ def _fill_through(
 ) -> None:
     """Read (and decrypt) the stored bytes [a, b) of a target whose bytes start at stored
     byte `lo` into a buffer of their own size, and copy them into `tensor` (``copy_``:
-    cast to its dtype; a transposed tensor's stored rows into its columns)."""
+    cast to its dtype; rows of a column tile into its columns)."""
     s0, s1 = part.span_of(a, b)
     scratch = _scratch(s1 - s0)
     _fill(reader, part, scratch, 0, s0, s1)
     piece = scratch[a - s0 : b - s0].view(part.dtype)
-    if not part.row:
+    if not part.tiles:
         first = (a - lo) // part.dtype.itemsize
         tensor.view(-1)[first : first + piece.numel()].copy_(piece)
         return
-    rows = piece.view(-1, part.row)
-    first = (a - lo) // (part.row * part.dtype.itemsize)
-    # Stored rows -> the parameter's columns in blocks: each transposed into a contiguous
-    # block first (a copy_ from a transposed view into columns of a wider tensor runs at
-    # about a tenth of the speed), then copied (and cast) into the columns.
-    step = max(1, _TRANSPOSE_BYTES // (part.row * part.dtype.itemsize))
-    for at in range(0, rows.shape[0], step):
-        block = rows[at : at + step]
-        flipped = _scratch(block.numel() * block.element_size(), "transpose")
-        flipped = flipped.view(part.dtype).view(part.row, block.shape[0])
-        flipped.copy_(block.t())
-        tensor[:, first + at : first + at + block.shape[0]].copy_(flipped)
+    # rows of column tiles, counted from the tile at `lo`: row `at` is row at % out of
+    # tile at // out, which goes into that tile's columns of `tensor`
+    out, width = part.shape[0], part.tile_row
+    rows = piece.view(-1, width)
+    at, done = (a - lo) // (width * part.dtype.itemsize), 0
+    while done < rows.shape[0]:
+        tile, row = divmod(at + done, out)
+        count = min(rows.shape[0] - done, out - row)
+        columns = tensor[row : row + count, tile * width : (tile + 1) * width]
+        columns.copy_(rows[done : done + count])
+        done += count
+
+
+def _make_present(tensor: torch.Tensor) -> None:
+    """Make the pages under `tensor` present in one call (`read.local.populate`), from its
+    first element to its last: faulted in one by one by the pieces' copies, a fresh
+    parameter's pages cost more than the copies themselves."""
+    from ..read.local import populate
+
+    if tensor.numel() == 0:
+        return
+    first, last = tensor[(0,) * tensor.dim()], tensor[(-1,) * tensor.dim()]
+    populate(first.data_ptr(), last.data_ptr() + tensor.element_size() - first.data_ptr())
 
 
 def _target_bytes(part: Part) -> int:

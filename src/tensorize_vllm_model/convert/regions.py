@@ -79,13 +79,18 @@ def box_byte_range(
     boxes: Sequence[tuple[tuple[int, int], ...]],
     shape: Sequence[int],
     itemsize: int,
-    transposed: bool,
+    tiles: int = 0,
 ) -> tuple[int, int]:
-    """The one byte range [start, stop) of a tensor stored row-major (its logical `shape`
-    reversed when `transposed`) that holds every box of `boxes`."""
-    if transposed:
-        shape = tuple(reversed(shape))
-        boxes = [tuple(reversed(b)) for b in boxes]
+    """The one byte range [start, stop) of a tensor of logical `shape` that holds every
+    box of `boxes`: stored row-major, or (`tiles` > 0) a 2-D ``[out, in]`` stored in
+    `tiles` column tiles (``[T, out, in / T]``, `convert.placement`), whose range is the
+    whole tiles holding the boxes' columns."""
+    if tiles:
+        out, inputs = shape
+        width, tile = inputs // tiles, out * (inputs // tiles) * itemsize
+        first = min(box[1][0] for box in boxes) // width
+        last = -(-max(box[1][1] for box in boxes) // width)
+        return first * tile, last * tile
     base = [math.prod(shape[i + 1 :]) for i in range(len(shape))]
     first = min(sum(lo * b for (lo, _), b in zip(box, base)) for box in boxes)
     last = max(sum((hi - 1) * b for (_, hi), b in zip(box, base)) for box in boxes)

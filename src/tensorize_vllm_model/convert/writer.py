@@ -4,7 +4,7 @@ tensor/pipeline-parallel layout, without vLLM, a GPU or an engine.
 The result is laid out exactly as ``serialize`` lays out a one-rank model
 (``DIR/vllm/<model ref>/<suffix>/model.tensors`` beside the config, tokenizer and
 generation files), written all-or-nothing through the same staged writes. The tensors keep
-the checkpoint's names; the weights of row-parallel layers are stored transposed
+the checkpoint's names; the weights of row-parallel layers are stored in column tiles
 (`placement`), and the file record says so, marks the file as checkpoint form, and names
 its dtype. vLLM's marker tensor is left out, so no loader takes the file for one rank's
 vLLM parameters.
@@ -37,7 +37,7 @@ from ..keys import EncryptionKey, prepare_key
 from ..plan import resolve_write
 from ..progress import progress
 from .checkpoint import Checkpoint, open_checkpoint
-from .placement import stores_transposed
+from .placement import column_tiles
 
 __all__ = ["DTYPES", "convert_checkpoint"]
 
@@ -96,16 +96,18 @@ def _recorded_dtype(target: torch.dtype | None, checkpoint: Checkpoint) -> str |
 
 
 def _stream(
-    checkpoint: Checkpoint, target: torch.dtype | None, transposed: list[str]
+    checkpoint: Checkpoint, target: torch.dtype | None, tiled: dict[str, int]
 ) -> Iterator[tuple[str, torch.Tensor, bool]]:
-    """The tensors to write, cast and laid out; `transposed` collects the names of those
-    stored transposed."""
+    """The tensors to write, cast and laid out; `tiled` collects the column tiles of those
+    stored in tiles (``[out, in]`` -> ``[T, out, in / T]``)."""
     for name, tensor in checkpoint.tensors():
         if target is not None and tensor.is_floating_point() and tensor.dtype != target:
             tensor = tensor.to(target)
-        if stores_transposed(name, tensor.shape):
-            tensor = tensor.t().contiguous()
-            transposed.append(name)
+        tiles = column_tiles(name, tensor.shape)
+        if tiles:
+            out, inputs = tensor.shape
+            tensor = tensor.reshape(out, tiles, inputs // tiles).permute(1, 0, 2)
+            tiled[name] = tiles
         yield name, tensor.contiguous(), False
 
 
@@ -215,20 +217,24 @@ def _write_checkpoint(
     key: bytes | None,
     serialization_kwargs: Mapping[str, Any] | None,
 ) -> StagedTensors:
-    """Write the checkpoint's tensors (cast, row-parallel weights transposed) to
+    """Write the checkpoint's tensors (cast, row-parallel weights in column tiles) to
     ``directory/model.tensors``, staged in `tx`, with the record saying what was done."""
-    transposed: list[str] = []
-    names = _transposed_names(checkpoint)
+    tiled: dict[str, int] = {}
+    planned = _tiled(checkpoint)
     record = FileRecord(
         architecture=checkpoint.architecture,
         dtype=_recorded_dtype(target, checkpoint),
         producer=f"tensorize_vllm_model {__version__} (convert)",
-        extra={"form": CHECKPOINT_FORM, "transposed": names, "source_format": checkpoint.kind},
+        extra={
+            "form": CHECKPOINT_FORM,
+            "column_tiles": planned,
+            "source_format": checkpoint.kind,
+        },
     )
     with progress("Converting", checkpoint.tensor_bytes(target), logger=logger) as advance:
         tensors = write_tensors(
             resolve_write(TensorizerConfig(tensorizer_dir=directory), ParallelLayout()).uri,
-            _stream(checkpoint, target, transposed),
+            _stream(checkpoint, target, tiled),
             record=record,
             key=key,
             serialization_kwargs=serialization_kwargs,
@@ -237,8 +243,8 @@ def _write_checkpoint(
             batch_bytes=tensors_writer.BATCH_BYTES,
             tx=tx,
         )
-    if sorted(transposed) != sorted(names):  # the record must say what was done
-        raise RuntimeError("the transposed tensors differ from the planned ones")
+    if tiled != planned:  # the record must say what was done
+        raise RuntimeError("the tiled tensors differ from the planned ones")
     return tensors
 
 
@@ -264,7 +270,8 @@ def _remove_empty(directories: list[str]) -> None:
             return
 
 
-def _transposed_names(checkpoint: Checkpoint) -> list[str]:
-    """The names `_stream` will transpose, known before any tensor is written (the record
-    comes first in the file)."""
-    return [name for name, shape in checkpoint.shapes() if stores_transposed(name, shape)]
+def _tiled(checkpoint: Checkpoint) -> dict[str, int]:
+    """The column tiles `_stream` will write, known before any tensor is written (the
+    record comes first in the file)."""
+    planned = {name: column_tiles(name, shape) for name, shape in checkpoint.shapes()}
+    return {name: tiles for name, tiles in planned.items() if tiles}

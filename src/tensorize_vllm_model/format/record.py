@@ -87,9 +87,15 @@ class FileRecord:
         return self.extra.get("form") == CHECKPOINT_FORM
 
     @property
+    def column_tiles(self) -> dict[str, int]:
+        """Name -> column tiles of each tensor a converted file stores in column tiles
+        (see `convert.placement`)."""
+        return {str(k): int(v) for k, v in (self.extra.get("column_tiles") or {}).items()}
+
+    @property
     def transposed(self) -> frozenset[str]:
-        """Names of the tensors a converted file stores transposed (see
-        `convert.placement`)."""
+        """Names of the tensors a file converted by tensorize_vllm_model 0.1 before column
+        tiles stores transposed: such a file is refused at load (convert it again)."""
         return frozenset(self.extra.get("transposed") or ())
 
     @property
