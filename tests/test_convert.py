@@ -637,3 +637,25 @@ def test_a_file_converted_with_transposed_weights_is_refused(tmp_path):
         f"{path} was converted by an earlier tensorize_vllm_model, which stored "
         "row-parallel weights transposed; convert the checkpoint again"
     )
+
+
+def test_tiles_read_straight_into_columns_stop_at_a_truncated_file(tmp_path):
+    """Rows of column tiles read straight into a parameter's columns (local, plain) from a
+    file cut short: a FormatError naming the file and the tensor, not a short tensor."""
+    from tensorize_vllm_model.errors import FormatError
+    from tensorize_vllm_model.format.record import FileRecord
+    from tensorize_vllm_model.format.writer import write_tensors
+
+    tiles = torch.arange(4 * 64 * 32, dtype=torch.float32).reshape(4, 64, 32)
+    path = tmp_path / "model.tensors"
+    write_tensors(str(path), [("w", tiles, False)], record=FileRecord()).commit()
+    with open_tensors(str(path)) as reader:
+        entry = reader.index["w"]
+    columns = torch.empty(64, 128, dtype=torch.float32)
+    size = entry.data_length
+    part = Part("w", entry, 0, size, None, ((0, size, columns),), torch.float32, 4, (64, 128))
+    [(_, buffer)] = list(read_parts(str(path), [part], threads=2))
+    assert buffer is None and torch.equal(columns, tiles.permute(1, 0, 2).reshape(64, 128))
+    os.truncate(path, entry.data_offset + size - 100)
+    with pytest.raises(FormatError, match=rf"{path} is truncated: it ends within w"):
+        list(read_parts(str(path), [part], threads=2))

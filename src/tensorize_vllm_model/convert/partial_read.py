@@ -55,6 +55,11 @@ class Part:
     tiles: int = 0  # column tiles of a tiled tensor (`convert.placement`; 0: not tiled)
     shape: tuple[int, ...] = ()  # the logical shape ([out, in]) of a tiled tensor
 
+    def only_tiled(self, tensor: torch.Tensor) -> bool:
+        """Whether a target's bytes need only be put into its columns: tiled, plain, of
+        the parameter's dtype (a local file reads them straight there: `_fill_rows`)."""
+        return bool(self.tiles) and self.cipher is None and tensor.dtype == self.dtype
+
     @property
     def tile_bytes(self) -> int:
         """Bytes of one column tile (``out * in / T`` elements)."""
@@ -149,10 +154,11 @@ def _submit_direct(pool: ThreadPoolExecutor, reader: _Reader, part: Part) -> lis
                     pool.submit(_fill, reader, part, flat, at - lo, at, min(hi, at + PIECE_BYTES))
                 )
             continue
-        _make_present(tensor)
+        futures.append(pool.submit(_make_present, tensor))  # not on the submitting thread
         bounds = _piece_bounds(part, lo, hi)
+        fill = _fill_rows if reader.local and part.only_tiled(tensor) else _fill_through
         for a, b in zip(bounds, bounds[1:]):
-            futures.append(pool.submit(_fill_through, reader, part, a, b, tensor, lo))
+            futures.append(pool.submit(fill, reader, part, a, b, tensor, lo))
     return futures
 
 
@@ -201,17 +207,42 @@ def _fill_through(
         first = (a - lo) // part.dtype.itemsize
         tensor.view(-1)[first : first + piece.numel()].copy_(piece)
         return
-    # rows of column tiles, counted from the tile at `lo`: row `at` is row at % out of
-    # tile at // out, which goes into that tile's columns of `tensor`
+    rows = piece.view(-1, part.tile_row)
+    for columns, first, count in _tile_rows(part, a - lo, rows.shape[0], tensor):
+        columns.copy_(rows[first : first + count])
+
+
+def _fill_rows(reader: _Reader, part: Part, a: int, b: int, tensor: torch.Tensor, lo: int) -> None:
+    """Read the stored bytes [a, b) of a plain tiled target (whole rows of column tiles,
+    `lo` its first tile's start) from a local file straight into `tensor`'s columns
+    (`read.local.read_rows`: one ``preadv`` of many rows), or through a buffer where that
+    cannot be called."""
+    from ..read.local import read_rows
+
+    width = part.tile_row * part.dtype.itemsize
+    for columns, first, _ in _tile_rows(part, a - lo, (b - a) // width, tensor):
+        offset = part.entry.data_offset + a + first * width
+        try:
+            if not read_rows(reader.fd, columns.view(torch.uint8), offset):
+                return _fill_through(reader, part, a, b, tensor, lo)
+        except EOFError:
+            raise FormatError(f"{reader.uri} is truncated: it ends within {part.name}") from None
+
+
+def _tile_rows(
+    part: Part, at: int, count: int, tensor: torch.Tensor
+) -> Iterator[tuple[torch.Tensor, int, int]]:
+    """For `count` rows of column tiles from stored byte `at` of a target (from its first
+    tile's start): (the columns of `tensor` they go into, index of the first of those
+    rows, how many), one per tile they touch. Row i of tile j is row i of the tile's
+    columns [j * width, (j + 1) * width) of `tensor`."""
     out, width = part.shape[0], part.tile_row
-    rows = piece.view(-1, width)
-    at, done = (a - lo) // (width * part.dtype.itemsize), 0
-    while done < rows.shape[0]:
-        tile, row = divmod(at + done, out)
-        count = min(rows.shape[0] - done, out - row)
-        columns = tensor[row : row + count, tile * width : (tile + 1) * width]
-        columns.copy_(rows[done : done + count])
-        done += count
+    first_row, done = at // (width * part.dtype.itemsize), 0
+    while done < count:
+        tile, row = divmod(first_row + done, out)
+        n = min(count - done, out - row)
+        yield tensor[row : row + n, tile * width : (tile + 1) * width], done, n
+        done += n
 
 
 def _make_present(tensor: torch.Tensor) -> None:

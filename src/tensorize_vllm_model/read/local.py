@@ -45,6 +45,7 @@ __all__ = [
     "ReadTimes",
     "read_spans",
     "populate",
+    "read_rows",
     "byte_view",
     "STAGING_BYTES",
 ]
@@ -296,6 +297,55 @@ def _find_madvise():
 
 
 _madvise = _find_madvise()
+
+_IOV_MAX = 1024  # iovecs per preadv call (Linux UIO_MAXIOV)
+
+
+def read_rows(fd: int, rows: torch.Tensor, offset: int) -> bool:
+    """Read the file's bytes from `offset` on into the rows of `rows`, a 2-D CPU tensor
+    whose rows are contiguous but need not follow one another (columns of a wider
+    tensor): one ``preadv`` of up to `_IOV_MAX` rows at a time, straight into the rows,
+    with no buffer. False where the C library's ``preadv`` cannot be called (the caller
+    reads through a buffer instead).
+
+    Raises:
+        OSError: the read failed.
+        EOFError: the file ends before the last row.
+    """
+    import numpy as np
+
+    function = _find_preadv()
+    if function is None or rows.numel() == 0:
+        return function is not None
+    count, width = rows.shape[0], rows.shape[1] * rows.element_size()
+    iovecs = np.empty((count, 2), dtype=np.uint64)
+    iovecs[:, 0] = rows.data_ptr() + np.arange(count, dtype=np.uint64) * (
+        rows.stride(0) * rows.element_size()
+    )
+    iovecs[:, 1] = width
+    for first in range(0, count, _IOV_MAX):
+        n = min(_IOV_MAX, count - first)
+        address = iovecs.ctypes.data + first * iovecs.strides[0]
+        got = function(fd, address, n, offset + first * width)
+        if got < 0:
+            error = ctypes.get_errno()
+            raise OSError(error, os.strerror(error))
+        if got != n * width:  # a regular file returns less only at its end
+            raise EOFError(offset + first * width + got)
+    return True
+
+
+@functools.lru_cache(maxsize=1)
+def _find_preadv():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).preadv
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_long]
+    function.restype = ctypes.c_ssize_t
+    return function
 
 
 class LocalEngine:
