@@ -284,19 +284,22 @@ def populate(address: int, length: int) -> None:
         _madvise = False  # not supported here: stop asking
 
 
-def _find_madvise():
+def _libc(name: str, argtypes: list, restype: Any) -> Any:
+    """The C library's function `name` (Linux), typed; None where it cannot be had."""
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     try:
-        function = ctypes.CDLL(None, use_errno=True).madvise
+        function = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
-        return False
-    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    function.restype = ctypes.c_int
+        return None
+    function.argtypes = argtypes
+    function.restype = restype
     return function
 
 
-_madvise = _find_madvise()
+_madvise: Any = (
+    _libc("madvise", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int) or False
+)
 
 _IOV_MAX = 1024  # iovecs per preadv call (Linux UIO_MAXIOV)
 
@@ -314,7 +317,7 @@ def read_rows(fd: int, rows: torch.Tensor, offset: int) -> bool:
     """
     import numpy as np
 
-    function = _find_preadv()
+    function = _preadv
     if function is None or rows.numel() == 0:
         return function is not None
     count, width = rows.shape[0], rows.shape[1] * rows.element_size()
@@ -335,17 +338,9 @@ def read_rows(fd: int, rows: torch.Tensor, offset: int) -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=1)
-def _find_preadv():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        function = ctypes.CDLL(None, use_errno=True).preadv
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_long]
-    function.restype = ctypes.c_ssize_t
-    return function
+_preadv = _libc(
+    "preadv", [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_long], ctypes.c_ssize_t
+)
 
 
 class LocalEngine:
