@@ -154,11 +154,12 @@ def _submit_direct(pool: ThreadPoolExecutor, reader: _Reader, part: Part) -> lis
                     pool.submit(_fill, reader, part, flat, at - lo, at, min(hi, at + PIECE_BYTES))
                 )
             continue
-        futures.append(pool.submit(_make_present, tensor))  # not on the submitting thread
         bounds = _piece_bounds(part, lo, hi)
         fill = _fill_rows if reader.local and part.only_tiled(tensor) else _fill_through
         for a, b in zip(bounds, bounds[1:]):
-            futures.append(pool.submit(fill, reader, part, a, b, tensor, lo))
+            # the first piece makes the whole target's pages present (a reading thread,
+            # not this submitting one, pays for it)
+            futures.append(pool.submit(fill, reader, part, a, b, tensor, lo, a == lo))
     return futures
 
 
@@ -194,11 +195,20 @@ def _scratch(size: int) -> torch.Tensor:
 
 
 def _fill_through(
-    reader: _Reader, part: Part, a: int, b: int, tensor: torch.Tensor, lo: int
+    reader: _Reader,
+    part: Part,
+    a: int,
+    b: int,
+    tensor: torch.Tensor,
+    lo: int,
+    present: bool = False,
 ) -> None:
     """Read (and decrypt) the stored bytes [a, b) of a target whose bytes start at stored
     byte `lo` into a buffer of their own size, and copy them into `tensor` (``copy_``:
-    cast to its dtype; rows of a column tile into its columns)."""
+    cast to its dtype; rows of a column tile into its columns); `present`: first make all
+    of `tensor`'s pages present."""
+    if present:
+        _make_present(tensor)
     s0, s1 = part.span_of(a, b)
     scratch = _scratch(s1 - s0)
     _fill(reader, part, scratch, 0, s0, s1)
@@ -212,19 +222,29 @@ def _fill_through(
         columns.copy_(rows[first : first + count])
 
 
-def _fill_rows(reader: _Reader, part: Part, a: int, b: int, tensor: torch.Tensor, lo: int) -> None:
+def _fill_rows(
+    reader: _Reader,
+    part: Part,
+    a: int,
+    b: int,
+    tensor: torch.Tensor,
+    lo: int,
+    present: bool = False,
+) -> None:
     """Read the stored bytes [a, b) of a plain tiled target (whole rows of column tiles,
     `lo` its first tile's start) from a local file straight into `tensor`'s columns
     (`read.local.read_rows`: one ``preadv`` of many rows), or through a buffer where that
-    cannot be called."""
+    cannot be called; `present`: first make all of `tensor`'s pages present."""
     from ..read.local import read_rows
 
+    if present:
+        _make_present(tensor)
     width = part.tile_row * part.dtype.itemsize
     for columns, first, _ in _tile_rows(part, a - lo, (b - a) // width, tensor):
         offset = part.entry.data_offset + a + first * width
         try:
             if not read_rows(reader.fd, columns.view(torch.uint8), offset):
-                return _fill_through(reader, part, a, b, tensor, lo)
+                return _fill_through(reader, part, a, b, tensor, lo, present=False)
         except EOFError:
             raise FormatError(f"{reader.uri} is truncated: it ends within {part.name}") from None
 
