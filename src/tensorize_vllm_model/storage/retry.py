@@ -380,6 +380,7 @@ class RetryingSource:
     policy): a backend's source sets the attributes below and implements `_open_range`."""
 
     name: str
+    size: int
     timeout: float
     policy: RetryPolicy = DEFAULT_POLICY
     peer = "the server"  # how messages call the other side
@@ -396,6 +397,16 @@ class RetryingSource:
 
     def _after_failure(self) -> None:
         """Called after each failed attempt (e.g. to drop a pooled connection)."""
+
+    def _check_total(self, content_range: str | None) -> None:
+        """Refuse a ranged answer whose ``Content-Range`` (``bytes a-b/total``) gives the
+        object another length than it had when this source was made: it was replaced."""
+        total = (content_range or "").rpartition("/")[2]
+        if total.isdigit() and int(total) != self.size:
+            raise StorageError(
+                f"{self.name} changed while it was read: it is {total} bytes now, "
+                f"{self.size} when it was opened; read it again"
+            )
 
     def read_range(self, start: int, stop: int) -> bytes:
         data = bytearray(stop - start)
