@@ -44,6 +44,7 @@ from .local import byte_view, populate
 
 if TYPE_CHECKING:
     from ..storage.ranged import RangeSource
+    from .decrypt import TensorCipher
     from .remote import RemoteSpan
 
 __all__ = ["Piece", "Request", "plan_requests", "RangedRead"]
@@ -112,11 +113,16 @@ def plan_requests(spans: Sequence[RemoteSpan], *, chunk_size: int, window: int) 
     return requests
 
 
-def _fetch(source: RangeSource, start: int, views: list[memoryview], fresh: list) -> None:
-    """One request, in a fetch thread: the destination pages made present, then filled."""
-    for address, length in fresh:
-        populate(address, length)
-    source.read_range_into(start, views)
+def _gaps(start: int, stop: int, covered: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """[start, stop) less the disjoint ranges `covered`."""
+    gaps, at = [], start
+    for a, b in sorted(covered):
+        if a > at:
+            gaps.append((at, min(a, stop)))
+        at = max(at, b)
+    if at < stop:
+        gaps.append((at, stop))
+    return [(a, b) for a, b in gaps if b > a]
 
 
 class RangedRead:
@@ -159,6 +165,9 @@ class RangedRead:
         self._headers = [bytearray(s.room) for s in self.spans]
         self._memory: list[torch.Tensor | None] = [None] * count
         self._futures: list[Future[None]] = []
+        self._ciphers: dict[int, TensorCipher | None] = {}
+        # per request: the (tensor, start, stop) its fetch thread decrypted
+        self._decrypted: list[list[tuple[int, int, int]]] = [[] for _ in self.requests]
         self._allocated = 0
         self.requests_made = 0
 
@@ -211,7 +220,7 @@ class RangedRead:
             if request.last >= self._allocated:
                 break
             views, fresh = self._destinations(request)
-            self._futures.append(pool.submit(_fetch, self.source, request.start, views, fresh))
+            self._futures.append(pool.submit(self._fetch, len(self._futures), views, fresh))
             self.requests_made += 1
 
     def _destinations(self, request: Request) -> tuple[list[memoryview], list]:
@@ -227,14 +236,49 @@ class RangedRead:
             fresh.append((memory.data_ptr() + piece.lo, piece.hi - piece.lo))
         return views, fresh
 
+    def _fetch(self, number: int, views: list[memoryview], fresh: list) -> None:
+        """Request `number`, in a fetch thread: its tensors' pages made present, filled,
+        and, encrypted, the cipher chunks it holds whole checked and decrypted (the fetch
+        threads decrypt in parallel; the calling thread decrypts the chunks cut by a
+        request's ends)."""
+        for address, length in fresh:
+            populate(address, length)
+        request = self.requests[number]
+        self.source.read_range_into(request.start, views)
+        if not self.encrypted:
+            return
+        for piece, view in zip(request.pieces, views):
+            cipher = None if piece.header else self._cipher(piece.tensor, number)
+            if cipher is None:
+                continue
+            size = cipher.chunk_size
+            a = -(-piece.lo // size) * size
+            length = self.spans[piece.tensor].entry.data_length
+            b = piece.hi if piece.hi == length else piece.hi // size * size
+            if b > a:
+                cipher.decrypt(view[a - piece.lo : b - piece.lo], a)
+                self._decrypted[number].append((piece.tensor, a, b))
+
+    def _cipher(self, tensor: int, number: int | None = None) -> TensorCipher | None:
+        """The cipher of `tensor`, from its header once the request holding it (`number`
+        if it is this one) has arrived; its length field checked first."""
+        if tensor in self._ciphers:
+            return self._ciphers[tensor]
+        first = self._of[tensor][0]
+        if first != number:
+            self._futures[first].result()
+        span = self.spans[tensor]
+        header = bytes(self._headers[tensor])
+        check_header_length(header[: HEADER_LENGTH.size], span.room, span.name, self.uri)
+        return self._ciphers.setdefault(tensor, self._cipher_of(header, span))
+
     def _finish(self, head: int) -> torch.Tensor:
-        """Wait for `head`'s requests, checking its header and decrypting its chunks as
-        they complete; the tensor."""
+        """Wait for `head`'s requests, checking its header and decrypting the chunks its
+        fetch threads left as they complete; the tensor."""
         span = self.spans[head]
         numbers = self._of[head]
         self._futures[numbers[0]].result()  # the header's request
         header = bytes(self._headers[head])
-        self._headers[head] = bytearray()
         check_header_length(header[: HEADER_LENGTH.size], span.room, span.name, self.uri)
         hashes = self._stored_hashes(header, span) if self.verify else None
         memory, self._memory[head] = self._memory[head], None
@@ -242,9 +286,9 @@ class RangedRead:
             if hashes:
                 hashes.check(b"", tensor=span.name, uri=self.uri)
             return torch.zeros(span.shape, dtype=span.dtype)
-        cipher = self._cipher_of(header, span) if self.encrypted else None
+        cipher = self._cipher(head) if self.encrypted else None
         view = byte_view(memory)
-        done = 0
+        done, covered = 0, []
         for number in numbers:
             self._futures[number].result()
             if cipher is None:
@@ -253,9 +297,10 @@ class RangedRead:
             arrived = max((p.hi for p in pieces if p.tensor == head and not p.header), default=0)
             if arrived < len(view):
                 arrived -= arrived % cipher.chunk_size
-            if arrived > done:
-                cipher.decrypt(view[done:arrived], done)
-                done = arrived
+            covered += [(a, b) for t, a, b in self._decrypted[number] if t == head]
+            for a, b in _gaps(done, arrived, covered):
+                cipher.decrypt(view[a:b], a)
+            done = max(done, arrived)
         if hashes:
             hashes.check(view, tensor=span.name, uri=self.uri)
         del view
