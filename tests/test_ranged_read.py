@@ -72,6 +72,15 @@ def test_plan_starts_a_request_at_a_gap_and_before_a_tensor_past_the_window():
     assert [[p.tensor for p in r.pieces] for r in requests] == [[0, 0, 1, 1], [2, 2, 3, 3]]
 
 
+def test_gaps_leave_out_what_the_fetch_threads_decrypted():
+    from tensorize_vllm_model.read.ranges import _gaps
+
+    assert _gaps(0, 10, []) == [(0, 10)]
+    assert _gaps(0, 10, [(2, 4), (6, 8)]) == [(0, 2), (4, 6), (8, 10)]
+    assert _gaps(4, 6, [(0, 5)]) == [(5, 6)]
+    assert _gaps(6, 4, [(0, 2)]) == []
+
+
 def write_model(path, key: bytes | None = None) -> dict[str, torch.Tensor]:
     torch.manual_seed(3)
     tensors = {
@@ -125,10 +134,14 @@ def test_a_load_reads_each_byte_once_in_chunk_sized_ranges(web_servers, web_root
     assert len(ranges) == -(-data // MiB)  # the headers cost no request of their own
 
 
+@pytest.mark.parametrize("chunk_size", [1_300_000, 3_000_000], ids=["small", "large"])
 @pytest.mark.parametrize("verify_hash", [False, True], ids=["load", "verify-hash"])
 def test_encrypted_over_ranges_that_split_cipher_chunks(
-    web_servers, web_root, tmp_path, verify_hash
+    web_servers, web_root, tmp_path, verify_hash, chunk_size
 ):
+    """Requests smaller than a cipher chunk (2 MiB: the calling thread decrypts every
+    chunk) and larger (the fetch threads decrypt the chunks a request holds whole, the
+    calling thread those cut by its ends)."""
     server = web_servers["http-1.1"]
     key = generate_key()
     keyfile, other = tmp_path / "model.key", tmp_path / "other.key"
@@ -137,8 +150,7 @@ def test_encrypted_over_ranges_that_split_cipher_chunks(
     name = f"{uuid.uuid4().hex}.tensors"
     tensors = write_model(web_root / name, key=key)
     url = f"{server.url}/{name}"
-    # 1.3 MB requests: cipher chunks (2 MiB) straddle them
-    options = {"stream_kwargs": {"chunk_size": 1_300_000, "workers": 2}}
+    options = {"stream_kwargs": {"chunk_size": chunk_size, "workers": 2}}
     got = load(url, encryption_keyfile=str(keyfile), verify_hash=verify_hash, **options)
     for key_name, tensor in tensors.items():
         assert torch.equal(got[key_name], tensor), key_name
