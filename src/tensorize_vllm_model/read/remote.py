@@ -1,13 +1,15 @@
 """Reading a remote tensors file (S3, HTTP) onto the CPU, and the checks a remote read gets.
 
-A remote file is one `RangeStream` (parallel byte ranges, or one response) read in file
-order. `read_stream` reads each tensor's header, checks it, then reads the tensor's bytes
-straight into a new CPU tensor allocated by the calling thread (``readinto``: no
-intermediate copy, no buffer from the reader threads' malloc arenas); an encrypted tensor is
-decrypted chunk by chunk as it arrives (`read.decrypt`), and with ``verify_hash`` each
-tensor is checked against its stored hashes (`format.hashes`). Host memory is therefore the
-tensors plus the stream's read-ahead window, and after the tensors are freed the process is
-back where it started (README, Guarantees).
+A file read by byte ranges (the default) is read by `read.ranges.RangedRead`: parallel
+ranged requests straight into the tensors' memory, each byte landing once. A file read as
+one response (``stream_kwargs={"ranges": false}``, or a server without byte ranges) is
+one `RangeStream` read in file order by `read_stream`: it reads each tensor's header,
+checks it, then reads the tensor's bytes straight into a new CPU tensor allocated by the
+calling thread (``readinto``: no intermediate copy, no buffer from the reader threads'
+malloc arenas). Both decrypt an encrypted tensor chunk by chunk as it arrives
+(`read.decrypt`) and, with ``verify_hash``, check each tensor against its stored hashes
+(`format.hashes`). Host memory is therefore the tensors plus a read-ahead window, and
+after the tensors are freed the process is back where it started (README, Guarantees).
 
 Where tensorizer's reader takes a remote file instead (GPU targets, settings only it
 knows), its stream is wrapped in `format.header.HeaderGuard`, which checks each tensor header's length
@@ -29,6 +31,7 @@ import torch
 from ..errors import FormatError
 from ..format.compat import DecryptionFailed, header_parse_errors, wrong_key
 from ..format.header import HEADER_LENGTH, check_header_length, torch_dtype
+from ..storage.ranged import RangeStream
 from .base import OpenFile, ReadTimes
 from .local import byte_view, populate
 
@@ -142,8 +145,9 @@ def _read_into(stream: Any, view: memoryview, span: RemoteSpan, uri: str) -> Non
 
 
 class RemoteEngine:
-    """A remote file read by `read_stream` into CPU memory; a dtype torch lacks sends the
-    file to tensorizer's reader (`read.tensorizer`)."""
+    """A remote file read into CPU memory (`read.ranges`, or `read_stream` for one
+    response); a dtype torch lacks sends the file to tensorizer's reader
+    (`read.tensorizer`)."""
 
     read_times: ReadTimes | None = None
 
@@ -165,14 +169,7 @@ class RemoteEngine:
             spans.append(RemoteSpan(name=name, entry=entry, dtype=dtype, shape=shape))
         stream = file.reopen()
         try:
-            for name, tensor in read_stream(
-                stream,
-                spans,
-                uri=file.name,
-                index=file.header,
-                encrypted=file.facts.encrypted,
-                verify=bool(file.kwargs["verify_hash"]),
-            ):
+            for name, tensor in _tensors(stream, spans, file):
                 if on_bytes is not None:
                     on_bytes(tensor.numel() * tensor.element_size())
                 yield name, tensor
@@ -180,3 +177,24 @@ class RemoteEngine:
             raise wrong_key(file.name, file.request.keyfile) from None
         finally:
             stream.close()
+
+
+def _tensors(stream: Any, spans: list[RemoteSpan], file: OpenFile) -> Iterator[tuple[str, Any]]:
+    """The tensors of `spans`: by parallel ranged requests straight into their memory
+    (`read.ranges`) where the file is read by byte ranges, else from the one response."""
+    uri, index = file.name, file.header
+    encrypted, verify = file.facts.encrypted, bool(file.kwargs["verify_hash"])
+    if isinstance(stream, RangeStream) and not stream.one_response:
+        from .ranges import RangedRead
+
+        return RangedRead(
+            stream.source,
+            spans,
+            uri=uri,
+            index=index,
+            encrypted=encrypted,
+            verify=verify,
+            chunk_size=stream.chunk_size,
+            workers=stream.workers,
+        ).tensors()
+    return read_stream(stream, spans, uri=uri, index=index, encrypted=encrypted, verify=verify)

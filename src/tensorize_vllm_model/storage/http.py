@@ -202,6 +202,11 @@ class HTTPSource(retry.RetryingSource):
         if response.status != 206:
             response.close()
             raise retry.Transient("the server stopped serving byte ranges")
+        try:
+            self._check_total(response.getheader("Content-Range"))
+        except StorageError:
+            response.close()
+            raise
         return _body(response)
 
     def open_sequential(self, start: int) -> retry.Body:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import mmap
 import threading
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
@@ -50,8 +51,9 @@ class RangeSource(Protocol):
     def read_range(self, start: int, stop: int) -> bytes:
         """Exactly the bytes [start, stop), or raise StorageError."""
 
-    def read_range_into(self, start: int, view: memoryview) -> None:
-        """Fill `view` with exactly the bytes from `start` on, or raise StorageError."""
+    def read_range_into(self, start: int, view: memoryview | Sequence[memoryview]) -> None:
+        """Fill `view` with exactly the bytes from `start` on, or raise StorageError; a
+        sequence of views is filled in turn from one request (a scatter read)."""
 
     def open_sequential(self, start: int) -> io.RawIOBase:
         """A stream of the bytes from `start` to the end (for sources without ranges)."""
@@ -95,6 +97,16 @@ class RangeStream(io.RawIOBase):
 
     def tell(self) -> int:
         return self._pos
+
+    @property
+    def chunk_size(self) -> int:
+        """Bytes per ranged request."""
+        return self._chunk
+
+    @property
+    def workers(self) -> int:
+        """Ranged requests in flight at most."""
+        return self._workers
 
     @property
     def one_response(self) -> bool:

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -237,15 +237,23 @@ class Body(io.RawIOBase):
         super().close()
 
 
-def fill(body: io.RawIOBase, view: memoryview) -> int:
-    """Read `body` into `view` until it is full or the body ends; the count."""
+def fill(body: io.RawIOBase, view: memoryview | Sequence[memoryview]) -> int:
+    """Read `body` into `view` until it is full or the body ends; the count. A sequence
+    of views is filled in turn from the one body (a scatter read)."""
     got = 0
-    while got < len(view):
-        count = body.readinto(view[got:])
-        if not count:
-            break
-        got += count
+    for each in [view] if isinstance(view, memoryview) else view:
+        done = 0
+        while done < len(each):
+            count = body.readinto(each[done:])
+            if not count:
+                return got + done
+            done += count
+        got += done
     return got
+
+
+def _length(view: memoryview | Sequence[memoryview]) -> int:
+    return len(view) if isinstance(view, memoryview) else sum(len(v) for v in view)
 
 
 def request(
@@ -285,7 +293,7 @@ def request(
 def read_range_into(
     open_body: Callable[[int, int, Attempts], io.RawIOBase],
     start: int,
-    view: memoryview,
+    view: memoryview | Sequence[memoryview],
     *,
     name: str,
     peer: str,
@@ -296,6 +304,8 @@ def read_range_into(
     policy: RetryPolicy = DEFAULT_POLICY,
 ) -> None:
     """Fill `view` with the bytes of `name` from `start` on, `policy.attempts` tries in all.
+    `view` may be a sequence of views, filled in turn from one response (a scatter read:
+    one request for bytes that go to several places).
 
     Args:
         open_body: asks for bytes [start, stop), returns the response's body; raises
@@ -311,7 +321,7 @@ def read_range_into(
         Unreachable: the attempts ran out (each one's cause listed).
         StorageError: the first error that retrying cannot help (`NotFound`, ...).
     """
-    stop = start + len(view)
+    stop = start + _length(view)
     log = Attempts(policy)
     while log.left > 0:
         try:
@@ -333,7 +343,7 @@ def read_range_into(
 def _try_range(
     open_body: Callable[[int, int, Attempts], io.RawIOBase],
     start: int,
-    view: memoryview,
+    view: memoryview | Sequence[memoryview],
     log: Attempts,
     peer: str,
     timeout: float,
@@ -341,18 +351,19 @@ def _try_range(
 ) -> bool:
     """One attempt at filling `view`: True when it did; otherwise the failure is in `log`
     (`GaveUp` and other `StorageError`s are raised)."""
+    length = _length(view)
     try:
-        body = open_body(start, start + len(view), log)
+        body = open_body(start, start + length, log)
         try:
             got = fill(body, view)
         finally:
             body.close()
-        if got == len(view):
+        if got == length:
             return True
-        log.failed(f"the response ended after {got} of {len(view)} bytes")
+        log.failed(f"the response ended after {got} of {length} bytes")
     except TransferStalled as e:
         log.failed(
-            f"{peer} stalled after sending {e.received} of {len(view)} "
+            f"{peer} stalled after sending {e.received} of {length} "
             f"bytes (no data for {timeout:g} s)"
         )
     except Transient as e:
@@ -369,6 +380,7 @@ class RetryingSource:
     policy): a backend's source sets the attributes below and implements `_open_range`."""
 
     name: str
+    size: int
     timeout: float
     policy: RetryPolicy = DEFAULT_POLICY
     peer = "the server"  # how messages call the other side
@@ -386,12 +398,22 @@ class RetryingSource:
     def _after_failure(self) -> None:
         """Called after each failed attempt (e.g. to drop a pooled connection)."""
 
+    def _check_total(self, content_range: str | None) -> None:
+        """Refuse a ranged answer whose ``Content-Range`` (``bytes a-b/total``) gives the
+        object another length than it had when this source was made: it was replaced."""
+        total = (content_range or "").rpartition("/")[2]
+        if total.isdigit() and int(total) != self.size:
+            raise StorageError(
+                f"{self.name} changed while it was read: it is {total} bytes now, "
+                f"{self.size} when it was opened; read it again"
+            )
+
     def read_range(self, start: int, stop: int) -> bytes:
         data = bytearray(stop - start)
         self.read_range_into(start, memoryview(data))
         return bytes(data)
 
-    def read_range_into(self, start: int, view: memoryview) -> None:
+    def read_range_into(self, start: int, view: memoryview | Sequence[memoryview]) -> None:
         read_range_into(
             self._open_range,
             start,

@@ -271,6 +271,11 @@ class S3Source(retry.RetryingSource):
             if _transient(e):
                 raise retry.GaveUp(error) from None
             raise error from None
+        try:
+            self._check_total(response.get("ContentRange"))
+        except StorageError:
+            response["Body"].close()
+            raise
         return _body(response["Body"])
 
     def open_sequential(self, start: int) -> retry.Body:
