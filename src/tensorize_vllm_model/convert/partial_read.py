@@ -292,9 +292,11 @@ def _target_bytes(part: Part) -> int:
 
 
 def _size(part: Part) -> int:
-    """The bytes a part holds in memory while it waits: its read span in a buffer, nothing
-    extra when read straight into its targets (counted as their bytes)."""
-    return part.stop - part.start if part.targets else part.span[1] - part.span[0]
+    """The bytes a part holds in memory while it waits: its read span in a buffer; nothing
+    when it goes into its targets (memory that exists already; pieces that pass through a
+    buffer use the reading thread's own), so those parts are all read at once, not a
+    window at a time (2 GB at TP=1: 0.46-0.49 s against 0.49-0.54 s windowed)."""
+    return 0 if part.targets else part.span[1] - part.span[0]
 
 
 def _submit(
