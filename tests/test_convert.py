@@ -585,6 +585,33 @@ def test_a_tiled_weight_goes_into_its_parameter_cast_without_a_buffer(converted,
     assert read.bytes == original.numel() // 2 * 2  # rank 1's half of the bfloat16 bytes
 
 
+def test_a_tiled_weight_goes_into_a_column_major_parameter(converted, tiny_llama):
+    """A parameter whose rows are not runs of elements (here a transposed view) cannot take
+    a tile's rows straight from the file: the tiles go through a buffer and ``copy_`` puts
+    them in, instead of failing in the read (found in review: RuntimeError 'self.stride(-1)
+    must be 1 to view BFloat16 as Byte')."""
+    from tensorize_vllm_model import TensorizerConfig
+    from tensorize_vllm_model.convert.loading import ConvertedFile
+
+    name = "model.layers.0.mlp.down_proj.weight"
+    original = load_file(str(tiny_llama / "model.safetensors"))[name]
+    out, inputs = original.shape
+    half = inputs // 2
+    path = str(converted / "model.tensors")
+    parameter = torch.empty(half, out, dtype=torch.bfloat16).t()
+    with open_tensors(path) as reader:
+        file = ConvertedFile(reader, path, TensorizerConfig(tensorizer_uri=path), threads=2)
+        watch = CopyWatch()
+        with watch:
+            stored = watch.meta_input(name, file.logical_shape(name), torch.bfloat16)
+            parameter.copy_(stored.narrow(1, half, half))
+        [part] = file.parts(watch.needs)
+        [(got, tensor)] = list(file.tensors([part], PartsRead()))
+        parameter.copy_(tensor[:, half:])
+    assert got == name
+    assert torch.equal(parameter, original[:, half:])
+
+
 def test_columns_across_tiles_are_handed_to_load_weights_in_checkpoint_shape(converted, tiny_llama):
     """A copy whose columns do not start and end on tiles (a layout no TP of 1, 2, 4 or 8
     makes) cannot go straight into the parameter: the tiles holding those columns are read

@@ -125,7 +125,12 @@ class ConvertedFile:
         if len(box) != 2 or box[0] != (0, out):
             return False
         (c0, c1) = box[1]
-        return c0 % width == 0 and c1 % width == 0 and tuple(destination.shape) == (out, c1 - c0)
+        return (
+            c0 % width == 0
+            and c1 % width == 0
+            and tuple(destination.shape) == (out, c1 - c0)
+            and destination.stride(-1) == 1  # rows of a tile land as runs of elements
+        )
 
     def _ciphers(self, names: list[str]) -> list[Any]:
         if not self.reader.encrypted:
