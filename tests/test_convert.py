@@ -644,7 +644,7 @@ def test_columns_across_tiles_are_handed_to_load_weights_in_checkpoint_shape(con
     assert read.bytes == 3 * width * out * 2
 
 
-def test_a_file_converted_with_transposed_weights_is_refused(tmp_path):
+def test_a_file_converted_with_transposed_weights_is_refused(tmp_path, capsys):
     """Files converted before column tiles (row-parallel weights stored transposed) are
     refused at load, naming the file and what to do."""
     from tensorize_vllm_model import TensorizerConfig
@@ -664,6 +664,8 @@ def test_a_file_converted_with_transposed_weights_is_refused(tmp_path):
         f"{path} was converted by an earlier tensorize_vllm_model, which stored "
         "row-parallel weights transposed; convert the checkpoint again"
     )
+    assert main(["inspect", path]) == 0  # inspect says so too
+    assert "loads refuse it; convert the checkpoint again" in capsys.readouterr().out
 
 
 def test_tiles_read_straight_into_columns_stop_at_a_truncated_file(tmp_path):
@@ -686,3 +688,25 @@ def test_tiles_read_straight_into_columns_stop_at_a_truncated_file(tmp_path):
     os.truncate(path, entry.data_offset + size - 100)
     with pytest.raises(FormatError, match=rf"{path} is truncated: it ends within w"):
         list(read_parts(str(path), [part], threads=2))
+
+
+def test_a_converted_file_on_a_server_without_ranges_is_named(converted, web_root, web_servers):
+    """Each rank reads only its parts of a converted file, by byte ranges: a server that
+    does not serve them gets one clear error naming the file, not retries of a "dropped
+    connection"."""
+    import shutil
+    import uuid
+
+    name = f"converted-{uuid.uuid4().hex}.tensors"
+    shutil.copyfile(converted / "model.tensors", web_root / name)
+    url = f"{web_servers['http-1.0-no-ranges'].url}/{name}"
+    with open_tensors(str(converted / "model.tensors")) as reader:
+        entry = reader.index["model.norm.weight"]
+    part = Part("model.norm.weight", entry, 0, entry.data_length)
+    with pytest.raises(StorageError) as raised:
+        list(read_parts(url, [part], threads=2))
+    assert str(raised.value) == (
+        f"cannot read {url}: the server does not serve byte ranges (HTTP Range requests), "
+        "which loading a converted file needs (each rank reads only its parts); serve it "
+        "from a server that does, or download it and load the local copy"
+    )

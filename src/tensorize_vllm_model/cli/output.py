@@ -22,6 +22,11 @@ def print_written(result: Any) -> None:
 
 def _layout(report: Any, record: dict[str, Any]) -> str:
     extra = record.get("extra") or {}
+    if extra.get("form") == "checkpoint" and extra.get("transposed"):
+        return (
+            "any (checkpoint form, written by an earlier convert that stored row-parallel "
+            "weights transposed: loads refuse it; convert the checkpoint again)"
+        )
     if extra.get("form") == "checkpoint":
         return (
             f"any (checkpoint form, written by convert; dtype {record.get('dtype')}; "

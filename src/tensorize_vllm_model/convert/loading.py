@@ -25,7 +25,7 @@ import torch
 
 from .. import storage
 from ..errors import FormatError
-from .partial_read import Part, PartsRead, read_parts
+from .partial_read import Part, PartsRead, ranged_source, read_parts
 from .placement import logical_shape
 from .regions import CopyWatch, Need, box_byte_range
 
@@ -142,7 +142,7 @@ class ConvertedFile:
         if path is not None:
             found = ciphers(path, entries, self.reader.header_deserializer)
         else:
-            source = storage.range_source(self.uri, self.config.stream_options())
+            source = ranged_source(self.uri, self.config.stream_options())
             raws = [source.read_range(e.offset, e.data_offset) for e in entries]
             try:
                 found = [

@@ -28,7 +28,7 @@ import torch
 from .. import storage
 from ..errors import EncryptionError, FormatError, StorageError
 
-__all__ = ["Part", "PartsRead", "read_parts"]
+__all__ = ["Part", "PartsRead", "read_parts", "ranged_source"]
 
 PIECE_BYTES = 8 << 20  # one read request
 WINDOW_BYTES = 64 << 20  # bytes read ahead of the tensor being handed over (peak memory:
@@ -97,6 +97,22 @@ class PartsRead:
     requests: int = 0
 
 
+def ranged_source(uri: str, options: storage.Options) -> Any:
+    """`storage.range_source` of a remote converted file, which must serve byte ranges.
+
+    Raises:
+        StorageError: the server does not serve byte ranges (naming the file).
+    """
+    source = storage.range_source(uri, options)
+    if not source.supports_ranges:
+        raise StorageError(
+            f"cannot read {source.name}: the server does not serve byte ranges (HTTP Range "
+            "requests), which loading a converted file needs (each rank reads only its "
+            "parts); serve it from a server that does, or download it and load the local copy"
+        )
+    return source
+
+
 class _Reader:
     def __init__(self, uri: str, options: storage.Options):
         self.uri = uri
@@ -105,7 +121,7 @@ class _Reader:
         if path is not None:
             self.fd = os.open(path, os.O_RDONLY)
         else:
-            self.source = storage.range_source(uri, options)
+            self.source = ranged_source(uri, options)
 
     def read_into(self, view: memoryview, offset: int) -> None:
         if not self.local:
