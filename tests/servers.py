@@ -348,6 +348,8 @@ class _FileHandler(http.server.SimpleHTTPRequestHandler):
             self.send_response(200)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(stop - start))
+        stat = os.fstat(f.fileno())  # as nginx: a validator of this version of the file
+        self.send_header("ETag", f'"{stat.st_ino:x}-{stat.st_mtime_ns:x}-{stat.st_size:x}"')
         if self.ranges:
             self.send_header("Accept-Ranges", "bytes")
         self.end_headers()

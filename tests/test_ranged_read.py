@@ -7,6 +7,7 @@ replaced after it was opened, give their clear errors."""
 
 from __future__ import annotations
 
+import os
 import re
 import uuid
 from types import SimpleNamespace
@@ -158,19 +159,25 @@ def test_encrypted_over_ranges_that_split_cipher_chunks(
         load(url, encryption_keyfile=str(other), verify_hash=verify_hash, **options)
 
 
+@pytest.mark.parametrize("same_size", [False, True], ids=["shorter", "same-size"])
 @pytest.mark.parametrize("store", ["http", "s3"])
-def test_an_object_replaced_after_opening_is_refused(web_servers, web_root, moto, store):
+def test_an_object_replaced_after_opening_is_refused(web_servers, web_root, moto, store, same_size):
     """The tensors are read through the source the header was read from (no second probe
-    of the file): a file replaced by a shorter one meanwhile is refused by the ranged
-    answers' Content-Range, naming the file, not read as a mix of two files."""
+    of the file): a file replaced meanwhile is refused by the ranged answers, naming the
+    file, not read as a mix of two files: by their Content-Range when it is shorter, by
+    their ETag when it has the same size (other bytes)."""
     name = f"{uuid.uuid4().hex}.tensors"
     write_model(web_root / name)
     data = (web_root / name).read_bytes()
+    # the replacement: 100 bytes shorter, or the same size with its last 100 bytes changed
+    new = data[:-100] + bytes(b ^ 0xFF for b in data[-100:]) if same_size else data[:-100]
+    changed = "its ETag is" if same_size else "it is"
     if store == "http":
         url, values = f"{web_servers['http-1.1'].url}/{name}", {}
 
         def replace():
-            (web_root / name).write_bytes(data[:-100])
+            (web_root / f"{name}.new").write_bytes(new)  # a new file, as a deploy would
+            os.replace(web_root / f"{name}.new", web_root / name)
     else:
         moto.client().put_object(Bucket=BUCKET, Key=name, Body=data)
         url = f"s3://{BUCKET}/{name}"
@@ -182,9 +189,9 @@ def test_an_object_replaced_after_opening_is_refused(web_servers, web_root, moto
         )
 
         def replace():
-            moto.client().put_object(Bucket=BUCKET, Key=name, Body=data[:-100])
+            moto.client().put_object(Bucket=BUCKET, Key=name, Body=new)
 
     with open_tensors(url, config=TensorizerConfig(tensorizer_uri=url, **values)) as reader:
         replace()
-        with pytest.raises(StorageError, match=rf"{url} changed while it was read: it is"):
+        with pytest.raises(StorageError, match=rf"{url} changed while it was read: {changed}"):
             dict(reader.items())

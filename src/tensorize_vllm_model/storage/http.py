@@ -94,6 +94,7 @@ class HTTPSource(retry.RetryingSource):
                 self.size, self.supports_ranges = 0, True
                 response.read()
             elif response.status == 206:
+                self.etag = response.getheader("ETag")
                 match = _CONTENT_RANGE.match(response.getheader("Content-Range", ""))
                 if not match or match.group(3) == "*":
                     raise StorageError(f"{self.name}: the server gave no usable Content-Range")
@@ -203,7 +204,7 @@ class HTTPSource(retry.RetryingSource):
             response.close()
             raise retry.Transient("the server stopped serving byte ranges")
         try:
-            self._check_total(response.getheader("Content-Range"))
+            self._check_same(response.getheader("Content-Range"), response.getheader("ETag"))
         except StorageError:
             response.close()
             raise

@@ -382,6 +382,7 @@ class RetryingSource:
     name: str
     size: int
     timeout: float
+    etag: str | None = None  # the object's ETag when opened (HTTP ETag; S3 ETag), if given
     policy: RetryPolicy = DEFAULT_POLICY
     peer = "the server"  # how messages call the other side
     transport_errors: tuple[type[BaseException], ...] = (OSError,)
@@ -398,14 +399,25 @@ class RetryingSource:
     def _after_failure(self) -> None:
         """Called after each failed attempt (e.g. to drop a pooled connection)."""
 
-    def _check_total(self, content_range: str | None) -> None:
-        """Refuse a ranged answer whose ``Content-Range`` (``bytes a-b/total``) gives the
-        object another length than it had when this source was made: it was replaced."""
+    def _check_same(self, content_range: str | None, etag: str | None) -> None:
+        """Refuse a ranged answer for an object that was replaced since this source was
+        made: its ``Content-Range`` (``bytes a-b/total``) gives another length, or its
+        ``ETag`` (RFC 9110; S3 GetObject) differs from the one the object had (a
+        replacement of the same size).
+
+        Raises:
+            StorageError: naming the object, and what changed.
+        """
         total = (content_range or "").rpartition("/")[2]
         if total.isdigit() and int(total) != self.size:
             raise StorageError(
                 f"{self.name} changed while it was read: it is {total} bytes now, "
                 f"{self.size} when it was opened; read it again"
+            )
+        if self.etag and etag and etag != self.etag:
+            raise StorageError(
+                f"{self.name} changed while it was read: its ETag is {etag} now, "
+                f"{self.etag} when it was opened; read it again"
             )
 
     def read_range(self, start: int, stop: int) -> bytes:

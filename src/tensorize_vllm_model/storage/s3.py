@@ -226,6 +226,7 @@ class S3Source(retry.RetryingSource):
         self._client, self._resolved = _client(options)
         head = self._request(lambda: self._client.head_object(Bucket=self.bucket, Key=self.key))
         self.size = int(head["ContentLength"])
+        self.etag = head.get("ETag")
 
     def _request(self, send: Callable[[], T]) -> T:
         """One request (botocore retries it as the policy says), its failure mapped."""
@@ -272,7 +273,7 @@ class S3Source(retry.RetryingSource):
                 raise retry.GaveUp(error) from None
             raise error from None
         try:
-            self._check_total(response.get("ContentRange"))
+            self._check_same(response.get("ContentRange"), response.get("ETag"))
         except StorageError:
             response["Body"].close()
             raise
