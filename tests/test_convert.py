@@ -3,6 +3,7 @@ and the partial reads the loader makes (no engine; seconds)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -558,25 +559,34 @@ def test_converted_reader_checks_hashes_of_whole_tensors(converted, tmp_path, ve
             assert [n for n, _ in file.tensors(parts, PartsRead())] == [name]
 
 
-def test_a_tiled_weight_goes_into_its_parameter_cast_without_a_buffer(converted, tiny_llama):
-    """As vLLM's row-parallel weight loader at TP=2, rank 1 (narrow the input dimension,
-    copy into a float32 parameter): the column tiles of rank 1's half go into the
-    parameter's columns, cast piece by piece; nothing is handed back to load_weights."""
+@contextlib.contextmanager
+def _narrowed_part(converted, name, parameter, start, length):
+    """As a row-parallel weight loader: columns [start, start + length) of checkpoint
+    tensor `name` copied into `parameter`, watched on meta; yields (the open
+    `ConvertedFile`, the one `Part` its read plan makes)."""
     from tensorize_vllm_model import TensorizerConfig
     from tensorize_vllm_model.convert.loading import ConvertedFile
 
-    name = "model.layers.1.self_attn.o_proj.weight"
-    original = load_file(str(tiny_llama / "model.safetensors"))[name]
-    out, inputs = original.shape
     path = str(converted / "model.tensors")
-    parameter = torch.empty(out, inputs // 2, dtype=torch.float32)
     with open_tensors(path) as reader:
         file = ConvertedFile(reader, path, TensorizerConfig(tensorizer_uri=path), threads=2)
         watch = CopyWatch()
         with watch:
             stored = watch.meta_input(name, file.logical_shape(name), torch.bfloat16)
-            parameter.copy_(stored.narrow(1, inputs // 2, inputs // 2))
+            parameter.copy_(stored.narrow(1, start, length))
         [part] = file.parts(watch.needs)
+        yield file, part
+
+
+def test_a_tiled_weight_goes_into_its_parameter_cast_without_a_buffer(converted, tiny_llama):
+    """As vLLM's row-parallel weight loader at TP=2, rank 1 (narrow the input dimension,
+    copy into a float32 parameter): the column tiles of rank 1's half go into the
+    parameter's columns, cast piece by piece; nothing is handed back to load_weights."""
+    name = "model.layers.1.self_attn.o_proj.weight"
+    original = load_file(str(tiny_llama / "model.safetensors"))[name]
+    out, inputs = original.shape
+    parameter = torch.empty(out, inputs // 2, dtype=torch.float32)
+    with _narrowed_part(converted, name, parameter, inputs // 2, inputs // 2) as (file, part):
         assert part.tiles == 8 and part.shape == (out, inputs)
         assert [t for _, _, t in part.targets] == [parameter]
         read = PartsRead()
@@ -590,22 +600,12 @@ def test_a_tiled_weight_goes_into_a_column_major_parameter(converted, tiny_llama
     a tile's rows straight from the file: the tiles go through a buffer and ``copy_`` puts
     them in, instead of failing in the read (found in review: RuntimeError 'self.stride(-1)
     must be 1 to view BFloat16 as Byte')."""
-    from tensorize_vllm_model import TensorizerConfig
-    from tensorize_vllm_model.convert.loading import ConvertedFile
-
     name = "model.layers.0.mlp.down_proj.weight"
     original = load_file(str(tiny_llama / "model.safetensors"))[name]
     out, inputs = original.shape
     half = inputs // 2
-    path = str(converted / "model.tensors")
     parameter = torch.empty(half, out, dtype=torch.bfloat16).t()
-    with open_tensors(path) as reader:
-        file = ConvertedFile(reader, path, TensorizerConfig(tensorizer_uri=path), threads=2)
-        watch = CopyWatch()
-        with watch:
-            stored = watch.meta_input(name, file.logical_shape(name), torch.bfloat16)
-            parameter.copy_(stored.narrow(1, half, half))
-        [part] = file.parts(watch.needs)
+    with _narrowed_part(converted, name, parameter, half, half) as (file, part):
         [(got, tensor)] = list(file.tensors([part], PartsRead()))
         parameter.copy_(tensor[:, half:])
     assert got == name
@@ -616,23 +616,13 @@ def test_columns_across_tiles_are_handed_to_load_weights_in_checkpoint_shape(con
     """A copy whose columns do not start and end on tiles (a layout no TP of 1, 2, 4 or 8
     makes) cannot go straight into the parameter: the tiles holding those columns are read
     and load_weights gets the checkpoint's [out, in] tensor, those columns put back."""
-    from tensorize_vllm_model import TensorizerConfig
-    from tensorize_vllm_model.convert.loading import ConvertedFile
-
     name = "model.layers.0.mlp.down_proj.weight"
     original = load_file(str(tiny_llama / "model.safetensors"))[name]
     out, inputs = original.shape
     width = inputs // 8
     first, count = width + 3, 2 * width  # tiles 1, 2 and 3
-    path = str(converted / "model.tensors")
     parameter = torch.empty(out, count, dtype=torch.bfloat16)
-    with open_tensors(path) as reader:
-        file = ConvertedFile(reader, path, TensorizerConfig(tensorizer_uri=path), threads=2)
-        watch = CopyWatch()
-        with watch:
-            stored = watch.meta_input(name, file.logical_shape(name), torch.bfloat16)
-            parameter.copy_(stored.narrow(1, first, count))
-        [part] = file.parts(watch.needs)
+    with _narrowed_part(converted, name, parameter, first, count) as (file, part):
         assert not part.targets and (part.start, part.stop) == (
             width * out * 2,
             4 * width * out * 2,
