@@ -171,12 +171,23 @@ def _submit_direct(pool: ThreadPoolExecutor, reader: _Reader, part: Part) -> lis
                 )
             continue
         bounds = _piece_bounds(part, lo, hi)
-        fill = _fill_rows if reader.local and part.only_tiled(tensor) else _fill_through
+        straight = reader.local and part.only_tiled(tensor)
         for a, b in zip(bounds, bounds[1:]):
-            # the first piece makes the whole target's pages present (a reading thread,
-            # not this submitting one, pays for it)
-            futures.append(pool.submit(fill, reader, part, a, b, tensor, lo, a == lo))
+            futures.append(pool.submit(_fill_piece, reader, part, a, b, tensor, lo, straight))
     return futures
+
+
+def _fill_piece(
+    reader: _Reader, part: Part, a: int, b: int, tensor: torch.Tensor, lo: int, straight: bool
+) -> None:
+    """One piece [a, b) of a target starting at stored byte `lo`: rows of tiles read
+    straight into `tensor`'s columns (`straight`, `_fill_rows`), else through a buffer
+    (`_fill_through`). The first piece first makes the whole target's pages present (a
+    reading thread, not the submitting one, pays for it)."""
+    if a == lo:
+        _make_present(tensor)
+    if not straight or not _fill_rows(reader, part, a, b, tensor, lo):
+        _fill_through(reader, part, a, b, tensor, lo)
 
 
 def _piece_bounds(part: Part, lo: int, hi: int) -> list[int]:
@@ -211,20 +222,11 @@ def _scratch(size: int) -> torch.Tensor:
 
 
 def _fill_through(
-    reader: _Reader,
-    part: Part,
-    a: int,
-    b: int,
-    tensor: torch.Tensor,
-    lo: int,
-    present: bool = False,
+    reader: _Reader, part: Part, a: int, b: int, tensor: torch.Tensor, lo: int
 ) -> None:
     """Read (and decrypt) the stored bytes [a, b) of a target whose bytes start at stored
     byte `lo` into a buffer of their own size, and copy them into `tensor` (``copy_``:
-    cast to its dtype; rows of a column tile into its columns); `present`: first make all
-    of `tensor`'s pages present."""
-    if present:
-        _make_present(tensor)
+    cast to its dtype; rows of a column tile into its columns)."""
     s0, s1 = part.span_of(a, b)
     scratch = _scratch(s1 - s0)
     _fill(reader, part, scratch, 0, s0, s1)
@@ -238,31 +240,22 @@ def _fill_through(
         columns.copy_(rows[first : first + count])
 
 
-def _fill_rows(
-    reader: _Reader,
-    part: Part,
-    a: int,
-    b: int,
-    tensor: torch.Tensor,
-    lo: int,
-    present: bool = False,
-) -> None:
+def _fill_rows(reader: _Reader, part: Part, a: int, b: int, tensor: torch.Tensor, lo: int) -> bool:
     """Read the stored bytes [a, b) of a plain tiled target (whole rows of column tiles,
     `lo` its first tile's start) from a local file straight into `tensor`'s columns
-    (`read.local.read_rows`: one ``preadv`` of many rows), or through a buffer where that
-    cannot be called; `present`: first make all of `tensor`'s pages present."""
+    (`read.local.read_rows`: one ``preadv`` of many rows). False, having read nothing,
+    where that cannot be called (the caller reads through a buffer)."""
     from ..read.local import read_rows
 
-    if present:
-        _make_present(tensor)
     width = part.tile_row * part.dtype.itemsize
     for columns, first, _ in _tile_rows(part, a - lo, (b - a) // width, tensor):
         offset = part.entry.data_offset + a + first * width
         try:
             if not read_rows(reader.fd, columns.view(torch.uint8), offset):
-                return _fill_through(reader, part, a, b, tensor, lo, present=False)
+                return False
         except EOFError:
             raise FormatError(f"{reader.uri} is truncated: it ends within {part.name}") from None
+    return True
 
 
 def _tile_rows(

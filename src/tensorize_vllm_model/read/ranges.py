@@ -267,10 +267,16 @@ class RangedRead:
         first = self._of[tensor][0]
         if first != number:
             self._futures[first].result()
+        return self._ciphers.setdefault(
+            tensor, self._cipher_of(self._header(tensor), self.spans[tensor])
+        )
+
+    def _header(self, tensor: int) -> bytes:
+        """The header of `tensor` (its request has arrived), its length field checked."""
         span = self.spans[tensor]
         header = bytes(self._headers[tensor])
         check_header_length(header[: HEADER_LENGTH.size], span.room, span.name, self.uri)
-        return self._ciphers.setdefault(tensor, self._cipher_of(header, span))
+        return header
 
     def _finish(self, head: int) -> torch.Tensor:
         """Wait for `head`'s requests, checking its header and decrypting the chunks its
@@ -278,8 +284,7 @@ class RangedRead:
         span = self.spans[head]
         numbers = self._of[head]
         self._futures[numbers[0]].result()  # the header's request
-        header = bytes(self._headers[head])
-        check_header_length(header[: HEADER_LENGTH.size], span.room, span.name, self.uri)
+        header = self._header(head)
         hashes = self._stored_hashes(header, span) if self.verify else None
         memory, self._memory[head] = self._memory[head], None
         if memory is None:  # stored without data: reads back as zeros
