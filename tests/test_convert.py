@@ -302,6 +302,9 @@ def test_copy_watch_records_what_a_weight_loader_copies():
         row_parallel.copy_(watch.meta_input("o", (8, 6), torch.float32).narrow(1, 3, 3))
         column_parallel.copy_(watch.meta_input("q", (8, 6), torch.float32).narrow(0, 4, 4))
         cast.copy_((watch.meta_input("c", (8, 6), torch.float32) * 2).narrow(0, 0, 4))
+        # a meta input inside a list argument, with a real tensor (aten.cat's tensors)
+        joined = torch.cat([watch.meta_input("j", (2, 6), torch.float32), torch.ones(2, 6)])
+        column_parallel.copy_(joined)
         watch.meta_input("other_stage", (8, 6), torch.float32)
     needs = watch.needs
     assert needs["o"].boxes == [((0, 8), (3, 6))] and not needs["o"].whole
@@ -310,6 +313,7 @@ def test_copy_watch_records_what_a_weight_loader_copies():
     [(_, written)] = needs["q"].copies
     assert written.data_ptr() == column_parallel.data_ptr()
     assert needs["c"].whole  # not a plain view of the input: read it all
+    assert needs["j"].whole
     assert not needs["other_stage"].needed
 
 

@@ -150,6 +150,29 @@ def test_hash_checks_in_our_reads(path, tmp_path, monkeypatch):
         read_ours(str(bad), verify_hash=True)
 
 
+@pytest.mark.parametrize(
+    "settings",
+    [{"verify_hash": True}, {"tensorizer_config": {"verify_hash": True}}],
+    ids=["flat", "under tensorizer_config"],
+)
+def test_settings_as_a_dict_that_names_no_file(path, tmp_path, settings):
+    """``open_tensors(uri, config={...})`` with settings only: they apply to `uri` (the
+    dict need not name the file again)."""
+    with open_tensors(path, config=settings) as reader:
+        assert_same(dict(reader.items()), tensors())
+    data = bytearray(open(path, "rb").read())
+    with open_tensors(path, header_only=True) as reader:
+        name, entry = [(n, e) for n, e in reader.index.items() if e.data_length > 1][0]
+    data[entry.data_offset] ^= 0x01
+    bad = tmp_path / "bad.tensors"
+    bad.write_bytes(bytes(data))
+    with open_tensors(str(bad)) as reader:  # no hash checks: read as it is
+        dict(reader.items())
+    with pytest.raises(CorruptTensorError, match=rf"{bad}: tensor {name} failed its hash check"):
+        with open_tensors(str(bad), config=settings) as reader:
+            dict(reader.items())
+
+
 CHUNK = 2 << 20  # the cipher chunk tensorizer writes
 
 

@@ -13,6 +13,16 @@ Nothing here imports vLLM.
 
 from __future__ import annotations
 
-from .writer import convert_checkpoint
+from typing import Any
 
 __all__ = ["convert_checkpoint"]
+
+
+def __getattr__(name: str) -> Any:
+    # The writer (and the checkpoint readers, keys, artifacts it needs) is imported on
+    # first use: the vLLM loader imports only the loading side, inside a timed load.
+    if name == "convert_checkpoint":
+        from .writer import convert_checkpoint
+
+        return convert_checkpoint
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_map
 
 __all__ = ["Need", "CopyWatch", "view_box", "box_byte_range"]
 
@@ -122,8 +122,7 @@ class CopyWatch(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        flat, _ = tree_flatten((args, kwargs))
-        tensors = [t for t in flat if isinstance(t, torch.Tensor)]
+        tensors = _tensors(args, kwargs)
         metas = [t for t in tensors if t.is_meta]
         if not metas or len(metas) == len(tensors):
             return func(*args, **kwargs)
@@ -158,3 +157,15 @@ class CopyWatch(TorchDispatchMode):
 
     def results(self) -> Iterator[Need]:
         return iter(self.needs.values())
+
+
+def _tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The tensors among an op's arguments, and in its list or tuple arguments (aten ops
+    nest no deeper): what ``tree_flatten`` finds, without its cost on every op."""
+    found = []
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif isinstance(value, (list, tuple)):
+            found.extend(v for v in value if isinstance(v, torch.Tensor))
+    return found

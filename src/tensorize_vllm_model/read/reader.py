@@ -260,7 +260,9 @@ def request_from_config(
         as `keys.read_decryption_params` (a missing or malformed key file).
     """
     config = (
-        as_tensorizer_config(config) if config is not None else TensorizerConfig(tensorizer_uri=uri)
+        as_tensorizer_config(_naming_file(config, uri))
+        if config is not None
+        else TensorizerConfig(tensorizer_uri=uri)
     )
     if decryption is None and config.encryption_keyfile:
         from ..keys import read_decryption_params
@@ -278,6 +280,20 @@ def request_from_config(
         deserialization_kwargs=dict(config.deserialization_kwargs or {}),
         header_only=header_only,
     )
+
+
+def _naming_file(config: Any, uri: str) -> Any:
+    """`config` as given, or, a dict of settings that names no file (``{"verify_hash":
+    True}``, flat or under ``tensorizer_config``), with ``tensorizer_uri`` set to `uri`:
+    the file opened is `uri` whatever the settings name."""
+    if not isinstance(config, Mapping):
+        return config
+    inner = config.get("tensorizer_config")
+    if isinstance(inner, Mapping):
+        return {**config, "tensorizer_config": _naming_file(inner, uri)}
+    if config.get("tensorizer_uri") or config.get("tensorizer_dir"):
+        return config
+    return {**config, "tensorizer_uri": uri}
 
 
 def open_tensors(

@@ -32,6 +32,9 @@ from vllm.utils.torch_utils import set_default_torch_dtype
 
 from .. import prefetch, storage
 from ..config import TensorizerConfig
+from ..convert.loading import ConvertedFile  # imported with the loader, as the readers are,
+from ..convert.partial_read import PartsRead  # not within a load's timed window
+from ..convert.regions import CopyWatch
 from ..errors import ConfigError, ModelMismatchError
 from ..format.record import ParallelLayout
 from ..modules import load_into_module, meta_parameters
@@ -169,10 +172,6 @@ class TensorizerLoader(BaseModelLoader):
         """A converted file (checkpoint form): vLLM's ``load_weights`` is first run on meta
         tensors to learn which bytes of each tensor this rank copies (`convert.regions`),
         then fed tensors with only those bytes read (`convert.loading`)."""
-        from ..convert.loading import ConvertedFile
-        from ..convert.partial_read import PartsRead
-        from ..convert.regions import CopyWatch
-
         threads = self.tensorizer_config.num_readers or default_num_readers(uri, "cpu")
         converted = ConvertedFile(reader, uri, self.tensorizer_config, threads)
         watch = CopyWatch()
