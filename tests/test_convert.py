@@ -182,6 +182,31 @@ def test_missing_shard_is_named_and_nothing_is_written(tiny_llama, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("batch_bytes", [None, 1000])
+def test_a_tensor_in_two_files_is_named_and_nothing_is_written(
+    tiny_llama, tmp_path, monkeypatch, batch_bytes
+):
+    # A stray file beside the weights (no index) holding a tensor the checkpoint has: one
+    # copy was kept silently when both fell in one write batch, else tensorizer's bare
+    # "Conflicting tensor paths" error came after most of the file was written.
+    from safetensors.torch import save_file
+
+    from tensorize_vllm_model.errors import FormatError
+    from tensorize_vllm_model.format import writer
+
+    if batch_bytes is not None:
+        monkeypatch.setattr(writer, "BATCH_BYTES", batch_bytes)
+    source = tmp_path / "stray"
+    source.mkdir()
+    for name in ("config.json", "tokenizer.json", "model.safetensors"):
+        (source / name).write_bytes((tiny_llama / name).read_bytes())
+    norm = load_file(str(tiny_llama / "model.safetensors"))["model.norm.weight"]
+    save_file({"model.norm.weight": norm * 2}, str(source / "extra.safetensors"))
+    with pytest.raises(FormatError, match=r"model\.norm\.weight .*extra\.safetensors"):
+        convert_checkpoint(str(source), str(tmp_path / "out"), suffix="v1")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_failed_convert_leaves_the_earlier_one(converted, tiny_llama, tmp_path):
     source = tmp_path / "broken"
     source.mkdir()

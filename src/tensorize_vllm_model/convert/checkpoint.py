@@ -4,7 +4,8 @@
 Tensors come out one at a time (safetensors memory-maps each file; ``.bin`` files are
 loaded with ``torch.load(mmap=True)``), so reading never holds more than one tensor's copy.
 A sharded checkpoint is checked against its index before anything is read: a shard the
-index names but the directory lacks is an error naming the file.
+index names but the directory lacks is an error naming the file, and so is a tensor held by
+two of the files read (a stray file beside the shards, say), which would be written twice.
 """
 
 from __future__ import annotations
@@ -150,6 +151,8 @@ def open_checkpoint(directory: str) -> Checkpoint:
         StorageError: no such directory, no ``config.json``, no weight files, or a shard
             named by the index file that is missing (named).
         ConfigError: ``config.json`` names no architecture.
+        FormatError: a weight file cannot be read, or two of them hold the same tensor
+            (both files and the tensor named).
     """
     if not os.path.isdir(directory):
         raise StorageError(f"--model {directory}: no such directory")
@@ -174,10 +177,33 @@ def open_checkpoint(directory: str) -> Checkpoint:
     ):
         files = _files_of(directory, index, pattern)
         if files:
+            _check_unique_names(files, kind)
             return Checkpoint(directory=directory, files=files, kind=kind, config=config)
     raise StorageError(
         f"{directory} holds no weights (no *.safetensors or pytorch_model*.bin files)"
     )
+
+
+def _check_unique_names(files: list[str], kind: str) -> None:
+    """Refuse weight files that hold the same tensor, from the headers (safetensors) or
+    memory-mapped state dicts (``.bin``): which copy a file keeps would depend on the
+    order the files are read in and on how tensors are batched (tensorizer 2.12 refuses a
+    name written twice, except within one ``write_state_dict`` batch, where the last wins)."""
+    seen: dict[str, str] = {}
+    for path in files:
+        if kind == "safetensors":
+            with _safe_open(path) as f:
+                names = list(f.keys())
+        else:
+            names = [name for name, _ in _bin_items(path)]
+        for name in names:
+            if name in seen:
+                raise FormatError(
+                    f"tensor {name} is in two files of the checkpoint: {seen[name]} and "
+                    f"{path}; remove the file that is not part of it (or add the index "
+                    "file that names the checkpoint's shards)"
+                )
+            seen[name] = path
 
 
 def _files_of(directory: str, index: str, suffix: str) -> list[str]:
