@@ -207,6 +207,33 @@ def test_a_tensor_in_two_files_is_named_and_nothing_is_written(
     assert not (tmp_path / "out").exists()
 
 
+def test_a_tensor_vllm_refuses_is_named_with_its_shape_in_the_file(converted):
+    # vLLM's merged q/k/v loader refuses a tensor of another shape with a bare
+    # "AssertionError: "; the loader's message gives the tensor's shape in the file.
+    # vLLM's own weight loader runs here on the meta input, outside an engine.
+    from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+
+    from tensorize_vllm_model.errors import ModelMismatchError
+    from tensorize_vllm_model.vllm_integration.loader import _naming_tensor
+
+    watch = CopyWatch()
+    name = "model.layers.0.self_attn.q_proj.weight"
+    with (
+        open_tensors(str(converted / "model.tensors")) as reader,
+        pytest.raises(ModelMismatchError) as info,
+        _naming_tensor(reader, watch),
+        watch,
+    ):
+        default_weight_loader(
+            torch.empty(256, 256, dtype=torch.bfloat16),
+            watch.meta_input(name, (256, 128), torch.bfloat16),
+        )
+    assert (
+        f"tensor {name} (shape [256, 128] in the file) was refused by vLLM's LlamaForCausalLM"
+        in str(info.value)
+    )
+
+
 def test_a_failed_convert_leaves_the_earlier_one(converted, tiny_llama, tmp_path):
     source = tmp_path / "broken"
     source.mkdir()

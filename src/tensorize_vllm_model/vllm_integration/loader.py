@@ -217,12 +217,14 @@ def _vllm_model(model: nn.Module) -> Any:
 
 @contextlib.contextmanager
 def _naming_tensor(reader: Any, watch: Any) -> Iterator[None]:
-    """vLLM's ``load_weights`` fails with a bare KeyError or ValueError on a tensor its
-    model does not have: name the tensor, the file and the architecture instead."""
+    """vLLM's ``load_weights`` fails with a bare KeyError, ValueError or AssertionError on
+    a tensor its model does not have, or of another shape than its parameter: name the
+    tensor, its shape in the file, the file and the architecture instead."""
     try:
         yield
     except (KeyError, ValueError, AssertionError, AttributeError) as e:
-        tensor = watch.current.name if watch.current else "?"
+        need = watch.current
+        tensor = f"{need.name} (shape {list(need.shape)} in the file)" if need else "?"
         architecture = reader.record.architecture if reader.record else "?"
         raise ModelMismatchError(
             f"vLLM cannot load the checkpoint in {reader.uri} for this model: tensor "
