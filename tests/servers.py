@@ -502,6 +502,12 @@ class CuttingProxy:
                 with contextlib.suppress(OSError):
                     s.close()
 
+    @property
+    def passed(self) -> int:
+        """Bytes passed so far in the chosen direction (with for_good: by all connections,
+        else by the last one counted)."""
+        return self._shared["passed"]
+
     def stop(self) -> None:
         self._stop = True
         self._stopped.set()

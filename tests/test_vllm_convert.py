@@ -41,24 +41,10 @@ RANKS_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
 TWO_RANKS = {"gpu_memory_utilization": 0.15, "worker_extension_cls": WORKER_EXTENSION}
 
 
-def convert(model, out, *flags, env=None):
-    proc = (
-        convert_without_vllm(
-            "--model", model, *flags, "convert", "--serialized-directory", out, "--suffix", "v1"
-        )
-        if env is None
-        else run_cli(
-            "--model",
-            model,
-            *flags,
-            "convert",
-            "--serialized-directory",
-            out,
-            "--suffix",
-            "v1",
-            env=env,
-        )
-    )
+def convert(model, out, *flags, env=None, flags_after=()):
+    argv = ("--model", model, *flags, "convert", "--serialized-directory", out, "--suffix", "v1")
+    argv += tuple(flags_after)
+    proc = convert_without_vllm(*argv) if env is None else run_cli(*argv, env=env)
     assert_ok(proc)
     return proc
 
@@ -189,6 +175,45 @@ def test_encrypted_on_s3_at_tp2(tiny_llama, llama_f32, moto, f32_tp1):
     assert result["tokens"] == f32_tp1["tokens"]
     # The tiny model's tensors are smaller than one 2 MiB cipher chunk: read whole.
     assert all(s["bytes"] > 0 for s in result["stats"])
+
+
+def test_overlap_reads_a_converted_file_from_s3_once(tiny_llama, moto, llama_reference, tmp_path):
+    # With TENSORIZE_VLLM_MODEL_OVERLAP=1 the file is copied while the engine starts; the
+    # loader read the converted file's parts from S3 again instead of from that copy (2.24x
+    # the file through the network). The proxy counts the bytes S3 sent.
+    from servers import CuttingProxy
+
+    prefix = f"convert/{uuid.uuid4().hex}"
+    env = {
+        "S3_ACCESS_KEY_ID": "testing",
+        "S3_SECRET_ACCESS_KEY": "testing",
+        "S3_ENDPOINT_URL": moto.endpoint,
+    }
+    directory = f"s3://{BUCKET}/{prefix}"
+    convert(tiny_llama, directory, env=env, flags_after=("--allow-http",))
+    key = f"{prefix}/vllm/tiny-llama/v1/model.tensors"
+    size = moto.client().head_object(Bucket=BUCKET, Key=key)["ContentLength"]
+    proxy = CuttingProxy(moto.port, cut_after=1 << 40, for_good=True)
+    try:
+        result = run_engine(
+            {
+                "model": f"{directory}/vllm/tiny-llama/v1",
+                "load_format": "tensorizer",
+                "model_loader_extra_config": {"stream_kwargs": {"force_http": True}},
+            },
+            env={
+                **env,
+                "S3_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}",
+                "TENSORIZE_VLLM_MODEL_OVERLAP": "1",
+                "TENSORIZE_VLLM_MODEL_CACHE": str(tmp_path / "cache"),
+            },
+        )
+    finally:
+        proxy.stop()
+    assert result["tokens"] == llama_reference["tokens"]
+    # the copy, the config files and the header reads of the pre-engine check (4.49 MB of
+    # S3 answers for this 3.41 MB file, against 7.65 MB before)
+    assert size <= proxy.passed < 1.6 * size
 
 
 def test_http_tp2_bytes_counted_by_the_server(llama_f32, web_root, web_servers, f32_tp1):

@@ -76,7 +76,9 @@ class TensorizerLoader(BaseModelLoader):
         return self.read_plan(vllm_config).uri
 
     def _open_checked(self, vllm_config: VllmConfig, device: torch.device | str):
-        """Open this worker's file and check that it fits the layout: (uri, reader)."""
+        """Open this worker's file and check that it fits the layout: (uri, source,
+        reader), `source` being what the reader reads: the local copy of `uri` made
+        during the engine's start-up (`prefetch`) if there is one, else `uri`."""
         plan = self.read_plan(vllm_config)
         source = prefetch.local_copy(plan.uri) or plan.uri  # copied during the start-up
         reader = open_tensors(source, device=device, config=self.tensorizer_config)
@@ -93,7 +95,7 @@ class TensorizerLoader(BaseModelLoader):
         except BaseException:
             reader.close()
             raise
-        return plan.uri, reader
+        return plan.uri, source, reader
 
     def download_model(self, model_config: ModelConfig) -> None:
         uri = resolve_read(self.tensorizer_config, ParallelLayout()).uri  # rank 0's file
@@ -105,7 +107,7 @@ class TensorizerLoader(BaseModelLoader):
     ) -> nn.Module:
         device = target_device(vllm_config)
         with _readers_on_every_core(device):
-            uri, reader = self._open_checked(vllm_config, device)
+            uri, source, reader = self._open_checked(vllm_config, device)
             logger.info("Loading tensors from %s onto %s", uri, device)
             with reader, set_default_torch_dtype(model_dtype(model_config)):
                 model = self._build(reader, vllm_config, model_config, prefix, device)
@@ -113,7 +115,7 @@ class TensorizerLoader(BaseModelLoader):
                 with progress(
                     "Deserializing", reader.total_tensor_bytes, logger=logger, enabled=rank0
                 ) as reader.on_bytes:
-                    stats = self._fill(model, reader, uri, device)
+                    stats = self._fill(model, reader, source, device)
         STATE.last_load = stats
         prefetch.release(uri)
         logger.info(
@@ -149,7 +151,9 @@ class TensorizerLoader(BaseModelLoader):
         return model
 
     def _fill(self, model: nn.Module, reader: Any, uri: str, device: torch.device) -> LoadStats:
-        """Fill `model` from `reader`, by the file's kind."""
+        """Fill `model` from `reader`, by the file's kind; a converted file's parts are
+        read from `uri`, the file `reader` opened (a prefetched local copy, not the remote
+        file it copies)."""
         if reader.is_vllm_tensorized:
             return load_into_module(model, reader)
         if reader.checkpoint_form:
@@ -162,9 +166,9 @@ class TensorizerLoader(BaseModelLoader):
 
         vllm_config = get_current_vllm_config()
         device = next(model.parameters()).device
-        uri, reader = self._open_checked(vllm_config, device)
+        _, source, reader = self._open_checked(vllm_config, device)
         with reader:
-            self._fill(model, reader, uri, device)
+            self._fill(model, reader, source, device)
 
     def _load_converted(
         self, model: nn.Module, reader: Any, uri: str, device: torch.device
