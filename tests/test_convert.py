@@ -207,6 +207,26 @@ def test_a_tensor_in_two_files_is_named_and_nothing_is_written(
     assert not (tmp_path / "out").exists()
 
 
+def test_a_checkpoint_without_tensors_is_refused_and_nothing_is_written(tiny_llama, tmp_path):
+    # Both were converted into a model.tensors of 0 tensors, refused only at load time.
+    from safetensors.torch import save_file
+
+    from tensorize_vllm_model.errors import FormatError
+
+    nested, empty = tmp_path / "nested", tmp_path / "empty"
+    for source in (nested, empty):
+        source.mkdir()
+        (source / "config.json").write_bytes((tiny_llama / "config.json").read_bytes())
+    state = load_file(str(tiny_llama / "model.safetensors"))
+    torch.save({"model": state, "step": 10}, nested / "pytorch_model.bin")
+    save_file({}, str(empty / "model.safetensors"))
+    with pytest.raises(FormatError, match=r"pytorch_model.bin holds a nested dict under 'model'"):
+        convert_checkpoint(str(nested), str(tmp_path / "out"), suffix="v1")
+    with pytest.raises(FormatError, match=r"empty holds no tensors \(model.safetensors\)"):
+        convert_checkpoint(str(empty), str(tmp_path / "out"), suffix="v1")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_tensor_vllm_refuses_is_named_with_its_shape_in_the_file(converted):
     # vLLM's merged q/k/v loader refuses a tensor of another shape with a bare
     # "AssertionError: "; the loader's message gives the tensor's shape in the file.

@@ -4,8 +4,9 @@
 Tensors come out one at a time (safetensors memory-maps each file; ``.bin`` files are
 loaded with ``torch.load(mmap=True)``), so reading never holds more than one tensor's copy.
 A sharded checkpoint is checked against its index before anything is read: a shard the
-index names but the directory lacks is an error naming the file, and so is a tensor held by
-two of the files read (a stray file beside the shards, say), which would be written twice.
+index names but the directory lacks is an error naming the file, and so are files that hold
+no tensor (a ``.bin`` of a nested dict, say) or a tensor held by two of the files read (a
+stray file beside the shards), which would be written twice.
 """
 
 from __future__ import annotations
@@ -140,6 +141,11 @@ def _bin_items(path: str) -> Iterator[tuple[str, torch.Tensor]]:
         raise FormatError(f"{path} does not hold a state dict (found {type(state).__name__})")
     for name in list(state):
         tensor = state.pop(name)
+        if isinstance(tensor, dict):  # a training checkpoint's {"model": state_dict, ...}
+            raise FormatError(
+                f"{path} holds a nested dict under {name!r}, not a model's state dict of "
+                "tensors: save the model's state_dict() itself"
+            )
         if isinstance(tensor, torch.Tensor):
             yield name, tensor
 
@@ -151,8 +157,9 @@ def open_checkpoint(directory: str) -> Checkpoint:
         StorageError: no such directory, no ``config.json``, no weight files, or a shard
             named by the index file that is missing (named).
         ConfigError: ``config.json`` names no architecture.
-        FormatError: a weight file cannot be read, or two of them hold the same tensor
-            (both files and the tensor named).
+        FormatError: a weight file cannot be read or holds a nested dict, the files
+            hold no tensor, or two of them hold the same tensor (both files and the
+            tensor named).
     """
     if not os.path.isdir(directory):
         raise StorageError(f"--model {directory}: no such directory")
@@ -177,18 +184,19 @@ def open_checkpoint(directory: str) -> Checkpoint:
     ):
         files = _files_of(directory, index, pattern)
         if files:
-            _check_unique_names(files, kind)
+            _check_names(directory, files, kind)
             return Checkpoint(directory=directory, files=files, kind=kind, config=config)
     raise StorageError(
         f"{directory} holds no weights (no *.safetensors or pytorch_model*.bin files)"
     )
 
 
-def _check_unique_names(files: list[str], kind: str) -> None:
-    """Refuse weight files that hold the same tensor, from the headers (safetensors) or
-    memory-mapped state dicts (``.bin``): which copy a file keeps would depend on the
-    order the files are read in and on how tensors are batched (tensorizer 2.12 refuses a
-    name written twice, except within one ``write_state_dict`` batch, where the last wins)."""
+def _check_names(directory: str, files: list[str], kind: str) -> None:
+    """Refuse weight files that hold no tensor at all, or the same tensor twice, from the
+    headers (safetensors) or memory-mapped state dicts (``.bin``): of a tensor in two
+    files, which copy a file keeps would depend on the order the files are read in and on
+    how tensors are batched (tensorizer 2.12 refuses a name written twice, except within
+    one ``write_state_dict`` batch, where the last wins)."""
     seen: dict[str, str] = {}
     for path in files:
         if kind == "safetensors":
@@ -204,6 +212,11 @@ def _check_unique_names(files: list[str], kind: str) -> None:
                     "file that names the checkpoint's shards)"
                 )
             seen[name] = path
+    if not seen:
+        raise FormatError(
+            f"the checkpoint in {directory} holds no tensors "
+            f"({', '.join(os.path.basename(f) for f in files)})"
+        )
 
 
 def _files_of(directory: str, index: str, suffix: str) -> list[str]:
