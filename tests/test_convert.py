@@ -4,6 +4,7 @@ and the partial reads the loader makes (no engine; seconds)."""
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import os
 import subprocess
@@ -225,6 +226,44 @@ def test_a_checkpoint_without_tensors_is_refused_and_nothing_is_written(tiny_lla
     with pytest.raises(FormatError, match=r"empty holds no tensors \(model.safetensors\)"):
         convert_checkpoint(str(empty), str(tmp_path / "out"), suffix="v1")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_hub_id_downloads_only_the_weights_convert_reads(tiny_llama, tmp_path, monkeypatch):
+    # The whole repository was downloaded (allow_patterns=None): original/*.pth,
+    # consolidated.safetensors and the other format too, twice the bytes or more for
+    # many Hub models. No Hub can be reached here: the three huggingface_hub calls are
+    # stand-ins that answer as the Hub would, the snapshot being a local copy.
+    import huggingface_hub
+
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        (snapshot / name).write_bytes((tiny_llama / name).read_bytes())
+    shard = "model-00001-of-00001.safetensors"
+    (snapshot / shard).write_bytes((tiny_llama / "model.safetensors").read_bytes())
+    index = snapshot / "model.safetensors.index.json"
+    names = load_file(str(tiny_llama / "model.safetensors"))
+    index.write_text(json.dumps({"weight_map": dict.fromkeys(names, shard)}))
+    repo = ["config.json", "tokenizer.json", index.name, shard, "consolidated.safetensors"]
+    repo += ["pytorch_model.bin", "original/consolidated.00.pth", "original/params.json"]
+    asked = {}
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda model, revision: repo)
+    monkeypatch.setattr(
+        huggingface_hub, "hf_hub_download", lambda model, name, **_: str(snapshot / name)
+    )
+
+    def snapshot_download(model, *, revision, cache_dir, allow_patterns):
+        asked.update(model=model, revision=revision, patterns=allow_patterns)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    result = convert_checkpoint("org/tiny", str(tmp_path / "out"), suffix="v1", revision="r1")
+    assert result.tensors == len(names)
+    assert asked["model"] == "org/tiny" and asked["revision"] == "r1"
+    assert {shard, index.name} <= set(asked["patterns"])
+    fetched = [n for n in repo if any(fnmatch.fnmatch(n, p) for p in asked["patterns"])]
+    assert not {"consolidated.safetensors", "pytorch_model.bin"} & set(fetched)
+    assert not [n for n in fetched if n.endswith(".pth")]
 
 
 def test_a_tensor_vllm_refuses_is_named_with_its_shape_in_the_file(converted):

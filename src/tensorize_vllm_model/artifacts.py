@@ -91,15 +91,19 @@ def resolve_model_files(
     *,
     revision: str | None = None,
     download_dir: str | None = None,
-    weights: bool = False,
+    weights: bool | list[str] = False,
 ) -> str:
-    """A local directory holding `model`'s config and tokenizer files.
+    """A local directory holding `model`'s config and tokenizer files, and with `weights`
+    every other file of the repository too (True) or the files named (a list).
 
     `model` is a local directory, or a Hugging Face Hub id resolved through the local
     Hugging Face cache (which the vLLM engine has just filled) or the Hub.
     """
     if os.path.isdir(model):
         return model
+    patterns = [f"*{s}" for s in _ARTIFACT_SUFFIXES]
+    if isinstance(weights, list):
+        patterns += weights
     try:
         from huggingface_hub import snapshot_download
 
@@ -107,7 +111,7 @@ def resolve_model_files(
             model,
             revision=revision,
             cache_dir=download_dir,
-            allow_patterns=None if weights else [f"*{s}" for s in _ARTIFACT_SUFFIXES],
+            allow_patterns=None if weights is True else patterns,
         )
     except Exception as e:  # noqa: BLE001 - the Hub raises many kinds
         raise StorageError(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +22,7 @@ import torch
 
 from ..errors import ConfigError, FormatError, StorageError
 
-__all__ = ["Checkpoint", "open_checkpoint"]
+__all__ = ["Checkpoint", "open_checkpoint", "hub_weight_files"]
 
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
 _BIN_INDEX = "pytorch_model.bin.index.json"
@@ -219,6 +219,42 @@ def _check_names(directory: str, files: list[str], kind: str) -> None:
         )
 
 
+def hub_weight_files(model: str, revision: str | None, cache_dir: str | None) -> list[str] | None:
+    """The files of Hugging Face Hub repository `model` that `open_checkpoint` reads once
+    downloaded: the files its index names (the index downloaded first) and the index, else
+    every weight file of the preferred format, all at the repository's top level; so a
+    repository's other copies of the weights (``original/*.pth``, ``consolidated.*``, the
+    other format) are not downloaded. None when the Hub cannot list the repository
+    (offline: the cached snapshot is taken as it is)."""
+    try:
+        from huggingface_hub import hf_hub_download, list_repo_files
+
+        names = [n for n in list_repo_files(model, revision=revision) if "/" not in n]
+        for index, suffix in ((_SAFETENSORS_INDEX, ".safetensors"), (_BIN_INDEX, ".bin")):
+            if index in names:
+                path = hf_hub_download(model, index, revision=revision, cache_dir=cache_dir)
+                with open(path) as f:
+                    return [*sorted(set(json.load(f)["weight_map"].values())), index]
+            if _weight_names(names, suffix):
+                return _weight_names(names, suffix)
+    except Exception:  # noqa: BLE001 - the Hub raises many kinds; the download then decides
+        return None
+    return None
+
+
+def _weight_names(names: Iterable[str], suffix: str) -> list[str]:
+    """The weight files of one format among the file `names` of a directory, sorted:
+    ``*.safetensors``, or ``pytorch_model*.bin`` (not ``training_args.bin`` and the like);
+    hidden files left out."""
+    return sorted(
+        n
+        for n in names
+        if n.endswith(suffix)
+        and not n.startswith(".")
+        and (suffix != ".bin" or n.startswith("pytorch_model"))
+    )
+
+
 def _files_of(directory: str, index: str, suffix: str) -> list[str]:
     """The weight files of one format: those the index names (each must exist), else every
     file with `suffix` in the directory."""
@@ -237,10 +273,4 @@ def _files_of(directory: str, index: str, suffix: str) -> list[str]:
                 f"(named in {index}) missing"
             )
         return [os.path.join(directory, n) for n in names]
-    return sorted(
-        os.path.join(directory, n)
-        for n in os.listdir(directory)
-        if n.endswith(suffix)
-        and not n.startswith(".")
-        and (suffix != ".bin" or n.startswith("pytorch_model"))
-    )
+    return [os.path.join(directory, n) for n in _weight_names(os.listdir(directory), suffix)]

@@ -36,7 +36,7 @@ from ..format.writer import (
 from ..keys import EncryptionKey, prepare_key
 from ..plan import resolve_write
 from ..progress import progress
-from .checkpoint import Checkpoint, open_checkpoint
+from .checkpoint import Checkpoint, hub_weight_files, open_checkpoint
 from .placement import column_tiles
 
 __all__ = ["DTYPES", "convert_checkpoint"]
@@ -177,11 +177,12 @@ def _source(
     model: str, dtype: str, revision: str | None, download_dir: str | None
 ) -> tuple[str, Checkpoint, torch.dtype | None]:
     """(the checkpoint's local directory, the checkpoint, the dtype to write in)."""
-    local = (
-        model
-        if os.path.isdir(model)
-        else resolve_model_files(model, revision=revision, download_dir=download_dir, weights=True)
-    )
+    local = model
+    if not os.path.isdir(model):  # a Hub id: its config, tokenizer and the weights read
+        files = hub_weight_files(model, revision, download_dir)
+        local = resolve_model_files(
+            model, revision=revision, download_dir=download_dir, weights=files or True
+        )
     checkpoint = open_checkpoint(local)
     return local, checkpoint, _target_dtype(dtype, checkpoint)
 
