@@ -164,6 +164,23 @@ def test_bad_serialization_kwargs(capsys, tiny_llama, tmp_path, kwargs, expected
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("command", ["serialize", "convert"])
+def test_compress_tensors_is_refused_before_anything_is_written(
+    capsys, tiny_llama, tmp_path, command
+):
+    # tensorizer 2.12 ignores it but imports lz4 for it: a ModuleNotFoundError traceback.
+    code, err = main_serialize(
+        capsys,
+        tiny_llama,
+        tmp_path / "out",
+        "--serialization-kwargs",
+        '{"compress_tensors": true}',
+        command=command,
+    )
+    assert code == 2 and "--serialization-kwargs: compress_tensors is not implemented" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_suffix(capsys, tiny_llama, tmp_path):
     code, err = main_serialize(capsys, tiny_llama, tmp_path / "out", "--suffix", "../../escape")
     assert code == 2 and "--suffix must be a single directory name" in err

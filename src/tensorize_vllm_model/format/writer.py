@@ -170,7 +170,10 @@ class StagedTensors:
 
 
 def check_serialization_kwargs(kwargs: Mapping[str, Any]) -> None:
-    """Refuse, by name, keys that tensorizer's `TensorSerializer` does not take."""
+    """Refuse, by name, keys that tensorizer's `TensorSerializer` does not take, and
+    ``compress_tensors: true``: tensorizer 2.12 documents it as "Not implemented.
+    Specifying this option does nothing", yet imports ``lz4`` for it (not a dependency:
+    a ModuleNotFoundError traceback without it)."""
     from tensorizer import TensorSerializer
 
     accepted = set(inspect.signature(TensorSerializer.__init__).parameters) - {"self", "file_obj"}
@@ -180,6 +183,12 @@ def check_serialization_kwargs(kwargs: Mapping[str, Any]) -> None:
         raise ConfigError(
             f"--serialization-kwargs: unknown or reserved key(s) {', '.join(map(repr, unknown))}; "
             f"TensorSerializer takes {', '.join(sorted(accepted - refused))}"
+        )
+    if kwargs.get("compress_tensors"):
+        raise ConfigError(
+            "--serialization-kwargs: compress_tensors is not implemented by tensorizer "
+            "(its TensorSerializer writes the tensors uncompressed whatever it is set to); "
+            "leave it out"
         )
 
 
