@@ -181,6 +181,22 @@ def test_compress_tensors_is_refused_before_anything_is_written(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "kwargs,expected",
+    [
+        ('{"limit_cpu_concurrency": 0}', "limit_cpu_concurrency parameter: must be positive"),
+        ('{"limit_cpu_concurrency": "2"}', "limit_cpu_concurrency parameter: expected int"),
+    ],
+)
+def test_a_value_tensorizer_refuses_names_the_flag(capsys, tiny_llama, tmp_path, kwargs, expected):
+    # tensorizer's TypeError / ValueError was a traceback (exit 1).
+    code, err = main_serialize(
+        capsys, tiny_llama, tmp_path / "out", "--serialization-kwargs", kwargs, command="convert"
+    )
+    assert code == 2 and f"error: --serialization-kwargs: {expected}" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_suffix(capsys, tiny_llama, tmp_path):
     code, err = main_serialize(capsys, tiny_llama, tmp_path / "out", "--suffix", "../../escape")
     assert code == 2 and "--suffix must be a single directory name" in err

@@ -26,7 +26,7 @@ from tensorize_vllm_model.convert.placement import (
     split_dim,
 )
 from tensorize_vllm_model.convert.regions import CopyWatch, box_byte_range, view_box
-from tensorize_vllm_model.errors import LayoutError, StorageError
+from tensorize_vllm_model.errors import ConfigError, LayoutError, StorageError
 from tensorize_vllm_model.format.record import MARKER_NAME
 
 # Runs the command line with vLLM made unimportable in that process.
@@ -634,7 +634,7 @@ def test_convert_refuses_a_file_that_is_not_a_key_before_writing(
 
 
 def test_failed_convert_leaves_no_empty_directories(tiny_llama, tmp_path):
-    with pytest.raises(TypeError, match="limit_cpu_concurrency"):  # tensorizer refuses it
+    with pytest.raises(ConfigError, match="--serialization-kwargs: limit_cpu_concurrency"):
         convert_checkpoint(
             str(tiny_llama),
             str(tmp_path / "out"),

@@ -264,16 +264,11 @@ def _write_staged(
     batch_bytes: int | None,
 ) -> StagedTensors:
     """`write_tensors` into the temporary file of `staged`."""
-    from tensorizer import TensorSerializer
     from tensorizer.serialization import TensorType
 
     try:
         with open(staged.staged.path, "wb+") as f:
-            serializer = TensorSerializer(
-                f,
-                encryption=encryption_params(key) if key is not None else None,
-                **dict(serialization_kwargs or {}),
-            )
+            serializer = _serializer(f, key, serialization_kwargs)
             # The record says whether the file is encrypted: set here, for every writer.
             record = dataclasses.replace(record, encrypted=key is not None)
             record_tensor = torch.frombuffer(bytearray(record.to_bytes()), dtype=torch.uint8)
@@ -300,6 +295,25 @@ def _write_staged(
     except OSError as e:
         raise StorageError(f"cannot write {staged.uri}: {e.strerror or e}") from e
     return staged
+
+
+def _serializer(f: Any, key: bytes | None, serialization_kwargs: Mapping[str, Any] | None) -> Any:
+    """tensorizer's `TensorSerializer` writing to `f`.
+
+    Raises:
+        ConfigError: tensorizer refuses a value of `serialization_kwargs` (its TypeError or
+            ValueError, e.g. ``limit_cpu_concurrency: 0``), naming ``--serialization-kwargs``.
+    """
+    from tensorizer import TensorSerializer
+
+    try:
+        return TensorSerializer(
+            f,
+            encryption=encryption_params(key) if key is not None else None,
+            **dict(serialization_kwargs or {}),
+        )
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"--serialization-kwargs: {e}") from None
 
 
 def _write_batched(
