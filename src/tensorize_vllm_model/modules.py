@@ -132,10 +132,11 @@ class _Fill:
     def check(self, uri: str, model: str, *, strict: bool) -> None:
         """Raises ModelMismatchError naming what did not match (`strict`), or what is
         still on meta (always)."""
+        misshapen = {entry.split(" ", 1)[0] for entry in self.misshapen}
         still_meta = sorted(
             name
             for name, slot in self.slots.items()
-            if slot.current().is_meta and name not in self.loaded
+            if slot.current().is_meta and name not in self.loaded and name not in misshapen
         )
         if strict and (self.unexpected or self.misshapen or still_meta):
             problems = []
