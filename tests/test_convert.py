@@ -266,6 +266,28 @@ def test_a_hub_id_downloads_only_the_weights_convert_reads(tiny_llama, tmp_path,
     assert not [n for n in fetched if n.endswith(".pth")]
 
 
+def test_load_into_module_gives_a_transformers_model_the_checkpoint(converted, tiny_llama):
+    # The tiled weights were refused as "missing from the file" and "wrong shape: file
+    # (8, 256, 64), model (256, 512)": a converted file is the checkpoint, not vLLM's
+    # parameters, and loads into the checkpoint's own model.
+    import transformers
+
+    from tensorize_vllm_model import load_into_module
+    from tensorize_vllm_model.modules import meta_parameters
+
+    config = transformers.AutoConfig.from_pretrained(str(tiny_llama))
+    with meta_parameters("cpu"):
+        model = transformers.LlamaForCausalLM(config)
+    with open_tensors(str(converted / "model.tensors")) as reader:
+        assert reader.record.column_tiles  # row-parallel weights are stored in tiles
+        load_into_module(model, reader)
+    original = load_file(str(tiny_llama / "model.safetensors"))
+    state = model.state_dict()
+    assert set(original) <= set(state)
+    for name, tensor in original.items():
+        assert torch.equal(state[name], tensor), name
+
+
 def test_a_tensor_vllm_refuses_is_named_with_its_shape_in_the_file(converted):
     # vLLM's merged q/k/v loader refuses a tensor of another shape with a bare
     # "AssertionError: "; the loader's message gives the tensor's shape in the file.

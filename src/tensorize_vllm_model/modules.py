@@ -80,11 +80,19 @@ def load_into_module(
     Returns:
         `LoadStats` of the load (`TensorReader.stats`).
 
+    A file made by ``convert`` (checkpoint form) loads into the checkpoint's own model (a
+    transformers one, say): its row-parallel weights, stored in column tiles
+    (``[T, out, in / T]``, `convert.placement`), are put back as ``[out, in]``.
+
     Raises:
         ModelMismatchError: naming every missing, unexpected or misshapen tensor.
     """
     fill = _Fill(_tensor_slots(module))
+    tiled = reader.record.column_tiles if reader.checkpoint_form and reader.record else {}
     for name, tensor in reader.items():
+        if name in tiled:  # tile j holds columns [j * in / T, (j + 1) * in / T)
+            count, out, width = tensor.shape
+            tensor = tensor.permute(1, 0, 2).reshape(out, count * width)
         fill.put(name, tensor)
     stats = reader.stats(tensors=fill.count, nbytes=fill.bytes)
     fill.check(reader.uri, type(module).__name__, strict=strict)
