@@ -312,7 +312,8 @@ def test_a_checkpoint_vllm_cannot_load_names_the_tensor(tiny_llama, tmp_path):
     assert proc.returncode != 0
     assert re.search(
         r"ModelMismatchError: vLLM cannot load the checkpoint in \S+model.tensors "
-        r"for this model: tensor model.layers.0.mlp.extra_proj.weight was refused "
+        r"for this model: tensor model.layers.0.mlp.extra_proj.weight "
+        r"\(shape \[512, 256\] in the file\) was refused "
         r"by vLLM's LlamaForCausalLM",
         proc.stderr,
     ), proc.stderr[-3000:]
