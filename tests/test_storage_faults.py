@@ -208,6 +208,65 @@ def test_failed_upload_leaves_no_object(moto, monkeypatch, size):
         client.abort_multipart_upload(Bucket=BUCKET, Key=key, UploadId=pending[0]["UploadId"])
 
 
+@pytest.mark.parametrize("link", ["down for good", "up"])
+def test_a_failed_upload_publishes_nothing_of_its_transaction(moto, monkeypatch, link):
+    """A model's small files (config) are published before its tensors file, but every
+    file's bytes are sent first (the tensors' multipart parts, not completed): when the
+    tensors' upload fails, nothing of the transaction was published, even with the store
+    unreachable afterwards (no rollback is needed), and the earlier model is intact.
+
+    Stand-in (link "up"): a disk I/O error cannot be made to happen for real, so reading
+    the staged file's second part is made to fail; the S3 server and its requests are real.
+    """
+    monkeypatch.setattr(s3_backend, "_PART_SIZE", 5 * 1024 * 1024)  # moto's minimum part
+    prefix = f"{uuid.uuid4().hex}/vllm/m/v1"
+    client = moto.client()
+    before = {"config.json": b'{"old": true}', "model.tensors": os.urandom(1024)}
+    for name, body in before.items():
+        client.put_object(Bucket=BUCKET, Key=f"{prefix}/{name}", Body=body)
+    size = 12 * 1024 * 1024
+    proxy = CuttingProxy(moto.port, cut_after=size // 2, direction="up", for_good=True)
+    port = proxy.port if link == "down for good" else moto.port
+    tx = storage.transaction(s3_options(f"http://127.0.0.1:{port}", timeout=5.0))
+    try:
+        config = tx.stage(f"s3://{BUCKET}/{prefix}/config.json")
+        with open(config.path, "wb") as f:
+            f.write(b'{"new": true}')
+        tensors = tx.stage(f"s3://{BUCKET}/{prefix}/model.tensors", last=True)
+        with open(tensors.path, "wb") as f:
+            f.write(os.urandom(size))
+        if link == "up":
+            real_open = open
+
+            def failing_open(path, *args, **kwargs):
+                if path == tensors.path and "rb" in args and failing_open.calls >= 1:
+                    raise OSError(5, "Input/output error")
+                failing_open.calls += path == tensors.path
+                return real_open(path, *args, **kwargs)
+
+            failing_open.calls = 0
+            monkeypatch.setattr("builtins.open", failing_open)
+        with pytest.raises(StorageError, match=rf"s3://{BUCKET}/{prefix}/model.tensors"):
+            tx.commit()
+        monkeypatch.undo()
+    finally:
+        proxy.stop()
+    listed = client.list_objects_v2(Bucket=BUCKET, Prefix=prefix)["Contents"]
+    assert sorted(o["Key"] for o in listed) == [f"{prefix}/{n}" for n in sorted(before)]
+    for name, body in before.items():
+        assert client.get_object(Bucket=BUCKET, Key=f"{prefix}/{name}")["Body"].read() == body
+    assert not os.path.exists(config.path) and not os.path.exists(tensors.path)
+    pending = [
+        u
+        for u in client.list_multipart_uploads(Bucket=BUCKET).get("Uploads", [])
+        if u["Key"].startswith(prefix)
+    ]
+    # with the link down the abort cannot reach the store either (the error says so)
+    assert len(pending) == (1 if link == "down for good" else 0)
+    for upload in pending:
+        client.abort_multipart_upload(Bucket=BUCKET, Key=upload["Key"], UploadId=upload["UploadId"])
+
+
 def test_failed_multipart_upload_is_aborted(moto, monkeypatch):
     """A part fails while the server stays reachable: the upload is aborted, nothing is left.
 

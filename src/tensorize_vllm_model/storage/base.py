@@ -21,7 +21,7 @@ from __future__ import annotations
 import importlib
 import os
 import threading
-from typing import TYPE_CHECKING, BinaryIO, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from ..errors import ConfigError, NotFound, StorageError
 
@@ -123,9 +123,23 @@ class Backend:
         where the scheme cannot tell (its temporaries are not beside the final name)."""
         return False
 
-    def publish(self, temp: str, uri: str, options: StreamOptions, *, replace: bool) -> None:
-        """Make the written `temp` appear whole at `uri`. With ``replace=False`` a file at
-        `uri` is never replaced: `AlreadyExists` names it."""
+    def send_ahead(self, temp: str, uri: str, options: StreamOptions, *, replace: bool) -> Any:
+        """Send the written `temp` towards `uri` without publishing it (S3: the parts of a
+        multipart upload), so that a transaction's slow, failure-prone transfers all happen
+        before any of its files is published; the handle `publish` then completes. None
+        (the default): nothing is sent ahead."""
+        return None
+
+    def discard(self, sent: Any, options: StreamOptions) -> None:
+        """Drop what `send_ahead` sent (S3: abort the multipart upload). Raises when that
+        cannot reach the store."""
+
+    def publish(
+        self, temp: str, uri: str, options: StreamOptions, *, replace: bool, sent: Any = None
+    ) -> None:
+        """Make the written `temp` appear whole at `uri` (completing `sent`, what
+        `send_ahead` returned, if anything). With ``replace=False`` a file at `uri` is
+        never replaced: `AlreadyExists` names it."""
         raise self._read_only(uri)
 
     def keep_aside(self, uri: str, backup: str, options: StreamOptions) -> None:

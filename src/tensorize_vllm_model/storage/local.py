@@ -131,7 +131,9 @@ class LocalBackend(Backend):
             return False
         return any(staged.fullmatch(n) for n in names)
 
-    def publish(self, temp: str, uri: str, options: StreamOptions, *, replace: bool) -> None:
+    def publish(
+        self, temp: str, uri: str, options: StreamOptions, *, replace: bool, sent: Any = None
+    ) -> None:
         final = path_of(uri)
         try:
             with open(temp, "rb") as f:

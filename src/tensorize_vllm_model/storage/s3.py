@@ -350,8 +350,19 @@ class S3Backend(Backend):
             ) from e
         return temp
 
-    def publish(self, temp: str, uri: str, options: StreamOptions, *, replace: bool) -> None:
-        upload(temp, uri, options, replace=replace)
+    def send_ahead(self, temp: str, uri: str, options: StreamOptions, *, replace: bool) -> Any:
+        return send_parts(temp, uri, options, replace=replace)
+
+    def discard(self, sent: Any, options: StreamOptions) -> None:
+        sent.abort()
+
+    def publish(
+        self, temp: str, uri: str, options: StreamOptions, *, replace: bool, sent: Any = None
+    ) -> None:
+        if sent is None:
+            upload(temp, uri, options, replace=replace)
+        else:
+            sent.complete()
 
     def keep_aside(self, uri: str, backup: str, options: StreamOptions) -> None:
         """Copy the object at `uri` to `backup` (server-side; boto3's managed copy, which
@@ -388,36 +399,102 @@ def upload(path: str, uri: str, options: StreamOptions, *, replace: bool = True)
     writes): an object already at `uri` is left as it is and `AlreadyExists` names it. A
     server that ignores the condition is caught by a check just before the upload.
     """
+    sent = send_parts(path, uri, options, replace=replace)
+    if sent is not None:
+        sent.complete()
+        return
     bucket, key = parse(uri)
     client, resolved = _client(options)
-    size = os.path.getsize(path)
     condition = {} if replace else {"IfNoneMatch": "*"}
     if not replace and S3Backend().exists(uri, options):
         raise _exists_error(uri)
     try:
-        if size <= _PART_SIZE:
-            with open(path, "rb") as f:
-                client.put_object(Bucket=bucket, Key=key, Body=f.read(), **condition)
-            return
-        part_size = max(_PART_SIZE, math.ceil(size / _MAX_PARTS))
+        with open(path, "rb") as f:
+            client.put_object(Bucket=bucket, Key=key, Body=f.read(), **condition)
+    except Exception as e:  # noqa: BLE001
+        raise _error(e, uri, resolved, "writing") from None
+
+
+class MultipartUpload:
+    """A multipart upload whose parts are all sent (`send_parts`): no object exists at
+    its key until `complete` (S3's CompleteMultipartUpload); `abort` drops the parts."""
+
+    def __init__(
+        self, uri: str, options: StreamOptions, upload_id: str, parts: list, replace: bool
+    ):
+        self.uri, self.options, self.upload_id = uri, options, upload_id
+        self.parts, self.replace = parts, replace
+
+    def complete(self) -> None:
+        """Make the object appear at the key (conditional with ``replace=False``).
+
+        Raises:
+            AlreadyExists: an object appeared at the key meanwhile (``replace=False``).
+            StorageError: the store refused or could not be reached (the upload aborted).
+        """
+        bucket, key = parse(self.uri)
+        client, resolved = _client(self.options)
+        condition = {} if self.replace else {"IfNoneMatch": "*"}
+        try:
+            client.complete_multipart_upload(
+                Bucket=bucket,
+                Key=key,
+                UploadId=self.upload_id,
+                MultipartUpload={"Parts": self.parts},
+                **condition,
+            )
+        except BaseException as e:
+            leftover = _abort_upload(client, bucket, key, self.upload_id)
+            if isinstance(e, Exception):
+                error = _error(e, self.uri, resolved, "writing")
+                raise type(error)(f"{error}{leftover}") from None
+            raise
+
+    def abort(self) -> None:
+        """Drop the sent parts (AbortMultipartUpload).
+
+        Raises:
+            StorageError: the store could not be reached (naming the upload left behind).
+        """
+        bucket, key = parse(self.uri)
+        client, _ = _client(self.options)
+        leftover = _abort_upload(client, bucket, key, self.upload_id)
+        if leftover:
+            raise StorageError(f"{self.uri}: {leftover.lstrip('; ')}")
+
+
+def send_parts(
+    path: str, uri: str, options: StreamOptions, *, replace: bool = True
+) -> MultipartUpload | None:
+    """Send a local file over `_PART_SIZE` bytes as the parts of a multipart upload to
+    `uri`, not completed (`MultipartUpload.complete` publishes it); None for a smaller file
+    (one PutObject, sent when published). A failed part aborts the upload.
+
+    Raises:
+        AlreadyExists: ``replace=False`` and an object is at `uri` already.
+        StorageError: the store refused or could not be reached (named).
+    """
+    size = os.path.getsize(path)
+    if size <= _PART_SIZE:
+        return None
+    bucket, key = parse(uri)
+    client, resolved = _client(options)
+    if not replace and S3Backend().exists(uri, options):
+        raise _exists_error(uri)
+    part_size = max(_PART_SIZE, math.ceil(size / _MAX_PARTS))
+    try:
         upload_id = client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
     except Exception as e:  # noqa: BLE001
         raise _error(e, uri, resolved, "writing") from None
     try:
         parts = _send_parts(client, path, (bucket, key, upload_id), size, part_size, options)
-        client.complete_multipart_upload(
-            Bucket=bucket,
-            Key=key,
-            UploadId=upload_id,
-            MultipartUpload={"Parts": parts},
-            **condition,
-        )
     except BaseException as e:
         leftover = _abort_upload(client, bucket, key, upload_id)
         if isinstance(e, Exception):
             error = _error(e, uri, resolved, "writing")
             raise type(error)(f"{error}{leftover}") from None
         raise
+    return MultipartUpload(uri, options, upload_id, parts, replace)
 
 
 def _send_parts(

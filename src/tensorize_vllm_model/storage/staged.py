@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import os
 import secrets
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import StorageError
 from .base import backend, basename, join, parent
 from .local import move_directory, path_of, publish_directory, remove_directory
 from .options import StreamOptions
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "StagedWrite",
@@ -50,6 +54,16 @@ class StagedWrite:
     replace: bool = True
     last: bool = False
     done: bool = False
+    sent: Any = field(default=None, repr=False)  # what `send_ahead` sent (S3: the parts)
+
+    def send_ahead(self) -> None:
+        """Send the written file towards its final name without publishing it (S3: the
+        parts of its multipart upload; nothing for a local file), once."""
+        if self.done or self.sent is not None:
+            return
+        self.sent = backend(self.uri).send_ahead(
+            self.path, self.uri, self.options, replace=self.replace
+        )
 
     def commit(self) -> None:
         """Publish the written file under its final name (atomically). Called by the
@@ -64,14 +78,25 @@ class StagedWrite:
         self.done = True
 
     def _publish(self) -> None:
-        backend(self.uri).publish(self.path, self.uri, self.options, replace=self.replace)
+        sent, self.sent = self.sent, None  # completed, or aborted by a failed completion
+        backend(self.uri).publish(
+            self.path, self.uri, self.options, replace=self.replace, sent=sent
+        )
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)  # left behind by uploads; gone after a local rename
 
     def abort(self) -> None:
-        """Delete the temporary file; the final name is left as it was."""
+        """Delete the temporary file and drop what was sent ahead; the final name is left
+        as it was. (A send that cannot be dropped, the store being unreachable, is logged
+        with the upload it leaves.)"""
         if self.done:
             return
+        sent, self.sent = self.sent, None
+        if sent is not None:
+            try:
+                backend(self.uri).discard(sent, self.options)
+            except StorageError as e:
+                logger.warning("%s", e)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
         self.done = True

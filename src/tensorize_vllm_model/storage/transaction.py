@@ -6,6 +6,9 @@
     # here every staged file is at its final name; on ANY exception (KeyboardInterrupt and
     # SystemExit included) none is, and every file a publish replaced is back as it was.
 
+Before anything is published, every staged file is sent ahead (`Transaction.send_ahead`: on
+S3 the parts of its multipart upload, not completed), so a transfer that fails or a store
+that goes away leaves every name as it was; publishing is then one short request per file.
 Files are published in the order they were staged, those staged with ``last=True`` after all
 the others (a tensors file is staged last, so a tensors file that exists is complete). A
 file already at a final name is kept aside under a hidden name (``.NAME.kept-XXXX``) before
@@ -112,6 +115,17 @@ class Transaction:
 
     # -- finishing ---------------------------------------------------------------------------
 
+    def send_ahead(self) -> None:
+        """Send every staged file towards its final name without publishing any (S3: the
+        parts of each multipart upload); publishing does this first anyway. Rolls back and
+        raises if any send fails."""
+        try:
+            for staged in self.staged:
+                staged.send_ahead()
+        except BaseException:
+            self.rollback()
+            raise
+
     def publish(self) -> None:
         """Publish every staged file now, keeping what each replaces so that `rollback`
         can still put everything back (for a transaction that must wait on another
@@ -153,6 +167,7 @@ class Transaction:
                 logger.warning("undoing part of a failed write failed", exc_info=True)
 
     def _publish_all(self, *, keep_last: bool) -> None:
+        self.send_ahead()
         pending = [s for s in self.staged if not s.done]
         try:
             for number, staged in enumerate(pending, start=1):

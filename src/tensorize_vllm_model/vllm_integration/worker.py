@@ -99,6 +99,7 @@ class WorkerExtension:
                 on_bytes=advance,
                 tx=tx,
             )
+        tx.send_ahead()  # S3: the parts uploaded now, before the driver publishes anything
         STATE.captured = None
         return SavedFile(rank=layout.rank, uri=uri, tensors=staged.tensors, bytes=staged.bytes)
 
