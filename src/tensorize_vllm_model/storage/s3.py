@@ -435,7 +435,7 @@ class MultipartUpload:
         bucket, key = parse(self.uri)
         client, resolved = _client(self.options)
         condition = {} if self.replace else {"IfNoneMatch": "*"}
-        try:
+        with _aborted_on_failure(client, self.uri, resolved, self.upload_id):
             client.complete_multipart_upload(
                 Bucket=bucket,
                 Key=key,
@@ -443,12 +443,6 @@ class MultipartUpload:
                 MultipartUpload={"Parts": self.parts},
                 **condition,
             )
-        except BaseException as e:
-            leftover = _abort_upload(client, bucket, key, self.upload_id)
-            if isinstance(e, Exception):
-                error = _error(e, self.uri, resolved, "writing")
-                raise type(error)(f"{error}{leftover}") from None
-            raise
 
     def abort(self) -> None:
         """Drop the sent parts (AbortMultipartUpload).
@@ -486,14 +480,8 @@ def send_parts(
         upload_id = client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
     except Exception as e:  # noqa: BLE001
         raise _error(e, uri, resolved, "writing") from None
-    try:
+    with _aborted_on_failure(client, uri, resolved, upload_id):
         parts = _send_parts(client, path, (bucket, key, upload_id), size, part_size, options)
-    except BaseException as e:
-        leftover = _abort_upload(client, bucket, key, upload_id)
-        if isinstance(e, Exception):
-            error = _error(e, uri, resolved, "writing")
-            raise type(error)(f"{error}{leftover}") from None
-        raise
     return MultipartUpload(uri, options, upload_id, parts, replace)
 
 
@@ -521,6 +509,21 @@ def _send_parts(
     count = math.ceil(size / part_size)
     with ThreadPoolExecutor(max(1, min(options.workers, count))) as pool:
         return list(pool.map(send, range(1, count + 1)))
+
+
+@contextlib.contextmanager
+def _aborted_on_failure(client: Any, uri: str, resolved: Any, upload_id: str) -> Iterator[None]:
+    """Abort multipart upload `upload_id` to `uri` if the block fails; an Exception is
+    raised as a StorageError naming `uri` (and an upload the abort could not drop)."""
+    try:
+        yield
+    except BaseException as e:
+        bucket, key = parse(uri)
+        leftover = _abort_upload(client, bucket, key, upload_id)
+        if isinstance(e, Exception):
+            error = _error(e, uri, resolved, "writing")
+            raise type(error)(f"{error}{leftover}") from None
+        raise
 
 
 def _abort_upload(client: Any, bucket: str, key: str, upload_id: str) -> str:
