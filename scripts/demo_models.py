@@ -15,7 +15,7 @@ from pathlib import Path
 
 __all__ = ["ARCHITECTURES", "build_model", "build_tokenizer", "build_lora_adapter"]
 
-ARCHITECTURES = ("llama", "opt")
+ARCHITECTURES = ("llama", "opt", "qwen3_moe")
 
 # A few hundred words of plain English to train the tokenizer on: enough for a vocabulary
 # of a few hundred tokens and for prompts that do not fall back to single bytes.
@@ -78,6 +78,7 @@ def build_model(
     max_position_embeddings: int = 512,
     dtype: str = "bfloat16",
     seed: int = 0,
+    num_experts: int = 8,
 ) -> Path:
     """Write a random-weight model, its config and a tokenizer into directory `path`.
 
@@ -85,7 +86,10 @@ def build_model(
 
     Args:
         path: the directory to create (parents too); existing files are overwritten.
-        architecture: "llama" (LlamaForCausalLM) or "opt" (OPTForCausalLM).
+        architecture: "llama" (LlamaForCausalLM), "opt" (OPTForCausalLM) or "qwen3_moe"
+            (Qwen3MoeForCausalLM: `num_experts` experts of `intermediate_size` each, 8 of
+            them (at most) routed per token, two KV heads; transformers saves each expert
+            as its own tensors).
         hidden_size, num_layers, num_heads, intermediate_size, vocab_size,
         max_position_embeddings: the architecture's sizes; the vocabulary is padded up to
             at least the tokenizer's.
@@ -118,6 +122,8 @@ def build_model(
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
+    if architecture == "qwen3_moe":
+        sizes["num_experts"] = num_experts
     config, model_cls = _hf_config(architecture, sizes, intermediate_size or 2 * hidden_size)
     torch_dtype = getattr(torch, dtype)
     torch.manual_seed(seed)
@@ -146,6 +152,19 @@ def _hf_config(architecture: str, sizes: dict, intermediate_size: int):
             tie_word_embeddings=False,
         )
         return config, transformers.LlamaForCausalLM
+    if architecture == "qwen3_moe":
+        experts = sizes.pop("num_experts")
+        config = transformers.Qwen3MoeConfig(
+            **sizes,
+            head_dim=sizes["hidden_size"] // sizes["num_attention_heads"],
+            num_key_value_heads=min(2, sizes["num_attention_heads"]),
+            intermediate_size=intermediate_size,
+            moe_intermediate_size=intermediate_size,
+            num_experts=experts,
+            num_experts_per_tok=min(8, experts),
+            tie_word_embeddings=False,
+        )
+        return config, transformers.Qwen3MoeForCausalLM
     config = transformers.OPTConfig(
         **sizes, ffn_dim=intermediate_size, word_embed_proj_dim=sizes["hidden_size"]
     )

@@ -26,12 +26,15 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from ..format.record import name_pattern
+
 __all__ = [
     "ROW_PARALLEL",
     "COLUMN_PARALLEL",
     "VOCAB_PADDING",
     "TILES",
     "column_tiles",
+    "recorded_tiles",
     "TensorShape",
     "stored_shapes",
     "Read",
@@ -87,6 +90,25 @@ def column_tiles(name: str, shape: Sequence[int]) -> int:
     if len(shape) != 2 or param != "weight" or layer not in ROW_PARALLEL:
         return 0
     return next((t for t in TILES if shape[1] % t == 0), 0)
+
+
+def recorded_tiles(tiles: dict[str, int], names: Iterable[str]) -> dict[str, int]:
+    """`tiles` (name -> column tiles of the tiled tensors among `names`) as the record
+    keeps it (`format.record.TileMap`): one `name_pattern` for the names that share it when
+    they all have the same tiles and no untiled tensor has it, the other names as they are.
+    A Qwen3-MoE checkpoint of 48 layers x 128 experts has 6,192 tiled weights and 2
+    patterns."""
+    by_pattern: dict[str, set[int]] = {}
+    for name in names:
+        by_pattern.setdefault(name_pattern(name), set()).add(tiles.get(name, 0))
+    kept: dict[str, int] = {}
+    for name, count in tiles.items():
+        pattern = name_pattern(name)
+        if pattern != name and by_pattern.get(pattern) == {count}:
+            kept[pattern] = count
+        else:
+            kept[name] = count
+    return kept
 
 
 @dataclass(frozen=True)

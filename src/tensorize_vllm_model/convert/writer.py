@@ -37,7 +37,7 @@ from ..keys import EncryptionKey, prepare_key
 from ..plan import resolve_write
 from ..progress import progress
 from .checkpoint import Checkpoint, hub_weight_files, open_checkpoint
-from .placement import column_tiles
+from .placement import column_tiles, recorded_tiles
 
 __all__ = ["DTYPES", "convert_checkpoint"]
 
@@ -228,7 +228,7 @@ def _write_checkpoint(
         producer=f"tensorize_vllm_model {__version__} (convert)",
         extra={
             "form": CHECKPOINT_FORM,
-            "column_tiles": planned,
+            "column_tiles": recorded_tiles(planned, (name for name, _ in checkpoint.shapes())),
             "source_format": checkpoint.kind,
         },
     )
@@ -243,10 +243,25 @@ def _write_checkpoint(
             on_bytes=advance,
             batch_bytes=tensors_writer.BATCH_BYTES,
             tx=tx,
+            index=_index(checkpoint, target, planned),
         )
     if tiled != planned:  # the record must say what was done
         raise RuntimeError("the tiled tensors differ from the planned ones")
     return tensors
+
+
+def _index(
+    checkpoint: Checkpoint, target: torch.dtype | None, tiled: dict[str, int]
+) -> list[tensors_writer.IndexEntry]:
+    """(name, dtype, dimensions) of every tensor `_stream` writes, from the headers: sizes
+    tensorizer's index before the first tensor is written (any tensor count)."""
+    dims = {name: len(shape) + (1 if name in tiled else 0) for name, shape in checkpoint.shapes()}
+    index = []
+    for name, dtype, _ in checkpoint.dtypes():
+        if target is not None and dtype.is_floating_point:
+            dtype = target
+        index.append((name, dtype, dims[name]))
+    return index
 
 
 def _missing_dirs(directory: str) -> list[str]:

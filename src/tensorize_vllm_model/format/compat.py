@@ -314,3 +314,77 @@ def decrypt_chunk(key: bytes, buffer: memoryview, nonce: bytes, mac: bytes) -> N
             chunk.decrypt()
     except _crypt.CryptographyError:
         raise DecryptionFailed("a chunk failed its check") from None
+
+
+# ---- the index's reserved room, and zero-element tensors ---------------------------------
+
+# tensorizer 2.12's TensorSerializer reserves a fixed 256 KiB for the index (about 2,600
+# entries, then "Metadata overflow"); the file says how large it is (a uint64 before it), so
+# readers take any size.
+DEFAULT_INDEX_BYTES = 256 * 1024
+# One index entry (tensorizer 2.12, ``_TensorHeaderSerializer.metadata_entry_segment``):
+# name length (2) + name + type (1) + dtype length (1) + dtype + rank (1) + shape (8 per
+# dimension at most) + three offsets (24); and up to 8 bytes of version tag per entry.
+_ENTRY_FIXED_BYTES = 2 + 1 + 1 + 1 + 24 + 8
+MAX_NAME_BYTES = 0xFFFF  # the name length is a uint16
+MAX_DTYPE_BYTES = 0xFF  # the dtype length and the rank are uint8
+MAX_DIMENSIONS = 0xFF
+
+
+def index_entry_bytes(name: str, dtype_name_bytes: int, dimensions: int) -> int:
+    """An upper bound on the bytes tensorizer 2.12's index takes for one tensor named
+    `name` (UTF-8), whose dtype string is `dtype_name_bytes` long, with `dimensions`."""
+    return _ENTRY_FIXED_BYTES + len(name.encode()) + dtype_name_bytes + 8 * dimensions
+
+
+def reserve_index(serializer: Any, size: int) -> None:
+    """Make a new tensorizer 2.12 ``TensorSerializer``'s index room `size` bytes (nothing
+    if 256 KiB, its own reservation, is enough). Must be called before the first tensor is
+    written: the room is the zero bytes its ``__init__`` wrote last, grown in place, and
+    its size field (the uint64 before it) rewritten.
+
+    Raises:
+        RuntimeError: the serializer is not in that state (a tensorizer that lays its
+            header out otherwise: checked here, on upgrade).
+    """
+    metadata_loc = serializer._metadata_loc
+    old_end = serializer._metadata_end
+    if size <= old_end - metadata_loc:
+        return
+    f = serializer._file
+    if f.tell() != old_end or serializer._file_header.tensor_count:
+        raise RuntimeError("reserve_index: the serializer has already written tensors")
+    serializer._pwrite(struct.pack("<Q", size), metadata_loc - 8, 8)
+    remaining = size - (old_end - metadata_loc)
+    zeros = bytes(min(remaining, 1 << 20))
+    while remaining:
+        remaining -= f.write(zeros[: min(remaining, len(zeros))])
+    serializer._flush()
+    serializer._metadata_end = metadata_loc + size
+
+
+def _deserialized_length(entry: Any) -> int:
+    """`TensorEntry.deserialized_length` of tensorizer 2.12, for every dtype: its own calls
+    ``numpy.dtype`` on the whole dtype string of a zero-length entry, which fails for the
+    dtypes numpy lacks (bfloat16, float8: ``'<V2\\x00torch.bfloat16'``), so no reader
+    opened a file holding an empty tensor of those; here numpy gets its own part."""
+    import numpy
+    from tensorizer.serialization import OPAQUE_DTYPE_SEP
+
+    if entry.data_length > 0:
+        return int(entry.data_length)
+    itemsize = numpy.dtype(entry.dtype.split(OPAQUE_DTYPE_SEP)[0]).itemsize
+    return itemsize * math.prod(entry.shape)
+
+
+def _fix_zero_length_entries() -> None:
+    """Install `_deserialized_length` on tensorizer's ``TensorEntry`` (a fix of a
+    tensorizer 2.12.1 bug; the same answer for every entry its own could read)."""
+    try:
+        from tensorizer.serialization import TensorEntry
+    except ImportError:  # pragma: no cover - tensorizer is a dependency
+        return
+    TensorEntry.deserialized_length = property(_deserialized_length)  # type: ignore[assignment,method-assign]
+
+
+_fix_zero_length_entries()

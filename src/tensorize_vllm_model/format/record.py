@@ -16,6 +16,8 @@ tensorizer's ``load_into_module`` (hence vLLM's built-in loader) refuses STATE_D
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -29,6 +31,9 @@ __all__ = [
     "CHECKPOINT_FORM",
     "RECORD_VERSION",
     "FileRecord",
+    "TileMap",
+    "MAX_RECORD_BYTES",
+    "name_pattern",
     "ParallelLayout",
 ]
 
@@ -40,7 +45,7 @@ RECORD_FORMAT = "tensorize_vllm_model"
 # FileRecord.extra["form"] of a file written by `convert`: the checkpoint's own tensors.
 CHECKPOINT_FORM = "checkpoint"
 RECORD_VERSION = 1
-_MAX_RECORD_BYTES = 64 * 1024
+MAX_RECORD_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,39 @@ class ParallelLayout:
         return f"TP={self.tensor_parallel_size} x PP={self.pipeline_parallel_size}"
 
 
+_INDEX = re.compile(r"(?<=\.)\d+(?=\.)")
+
+
+def name_pattern(name: str) -> str:
+    """`name` with each number between dots (a layer's, an expert's) replaced by ``*``:
+    ``model.layers.3.mlp.experts.17.down_proj.weight`` ->
+    ``model.layers.*.mlp.experts.*.down_proj.weight``."""
+    return _INDEX.sub("*", name)
+
+
+class TileMap(Mapping[str, int]):
+    """A converted file's column tiles by tensor name, recorded by name or by
+    `name_pattern` (one entry for a weight of every layer and expert: the record stays
+    small at any tensor count); a name's own entry comes first."""
+
+    def __init__(self, recorded: dict[str, int]):
+        self._recorded = recorded
+
+    def __getitem__(self, name: str) -> int:
+        found = self._recorded.get(name)
+        if found is None:
+            found = self._recorded.get(name_pattern(name))
+        if found is None:
+            raise KeyError(name)
+        return found
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._recorded)
+
+    def __len__(self) -> int:
+        return len(self._recorded)
+
+
 @dataclass
 class FileRecord:
     """What a tensors file written by this package records about itself."""
@@ -87,10 +125,10 @@ class FileRecord:
         return self.extra.get("form") == CHECKPOINT_FORM
 
     @property
-    def column_tiles(self) -> dict[str, int]:
+    def column_tiles(self) -> TileMap:
         """Name -> column tiles of each tensor a converted file stores in column tiles
-        (see `convert.placement`)."""
-        return {str(k): int(v) for k, v in (self.extra.get("column_tiles") or {}).items()}
+        (see `convert.placement`); the record may name them by `name_pattern`."""
+        return TileMap({str(k): int(v) for k, v in (self.extra.get("column_tiles") or {}).items()})
 
     @property
     def transposed(self) -> frozenset[str]:
@@ -107,7 +145,7 @@ class FileRecord:
 
     @classmethod
     def from_bytes(cls, data: bytes, *, source: str) -> FileRecord:
-        if len(data) > _MAX_RECORD_BYTES:
+        if len(data) > MAX_RECORD_BYTES:
             raise FormatError(f"{source}: the file record is {len(data)} bytes, too large")
         try:
             raw = json.loads(data.decode())

@@ -20,7 +20,7 @@ import dataclasses
 import inspect
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +29,14 @@ import torch
 from .. import storage
 from ..errors import ConfigError, StorageError
 from ..keys import encryption_params
-from .record import MARKER_NAME, RECORD_NAME, FileRecord
+from .compat import (
+    DEFAULT_INDEX_BYTES,
+    MAX_DIMENSIONS,
+    MAX_NAME_BYTES,
+    index_entry_bytes,
+    reserve_index,
+)
+from .record import MARKER_NAME, MAX_RECORD_BYTES, RECORD_NAME, FileRecord
 
 __all__ = [
     "BATCH_BYTES",
@@ -37,6 +44,7 @@ __all__ = [
     "StagedTensors",
     "batches",
     "check_serialization_kwargs",
+    "index_room",
     "write_batches",
     "write_tensors",
 ]
@@ -192,6 +200,32 @@ def check_serialization_kwargs(kwargs: Mapping[str, Any]) -> None:
         )
 
 
+IndexEntry = tuple[str, torch.dtype, int]  # (name, dtype, dimensions) of one tensor
+
+
+def index_room(entries: Iterable[IndexEntry], *, uri: str) -> int:
+    """The bytes tensorizer's index needs for the file record and `entries` (an upper
+    bound), at least tensorizer's own 256 KiB: any tensor count fits (`compat.reserve_index`;
+    tensorizer 2.12 alone stops at about 2,600 tensors with "Metadata overflow").
+
+    Raises:
+        ConfigError: a tensor tensorizer's format cannot hold (a name over 65,535 bytes, over
+            255 dimensions), naming it and `uri`; checked before anything is written.
+    """
+    total = index_entry_bytes(RECORD_NAME, 8, 1)
+    for name, dtype, dimensions in entries:
+        if len(name.encode()) > MAX_NAME_BYTES or dimensions > MAX_DIMENSIONS:
+            raise ConfigError(
+                f"{uri}: tensor {name[:80]!r} cannot be written: tensorizer's format holds "
+                f"names of at most {MAX_NAME_BYTES} bytes and at most {MAX_DIMENSIONS} "
+                f"dimensions (it has {len(name.encode())} bytes, {dimensions} dimensions)"
+            )
+        # tensorizer's dtype string: numpy's name ("<f4", "<V2"), then for the dtypes
+        # numpy lacks a separator and torch's name ("torch.bfloat16").
+        total += index_entry_bytes(name, 5 + len(str(dtype)), dimensions)
+    return max(DEFAULT_INDEX_BYTES, total)
+
+
 def write_tensors(
     uri: str,
     tensors: Iterable[tuple[str, torch.Tensor, bool]],
@@ -204,6 +238,7 @@ def write_tensors(
     marker: bool = True,
     batch_bytes: int | None = None,
     tx: storage.Transaction | None = None,
+    index: Iterable[IndexEntry] | None = None,
 ) -> StagedTensors:
     """Write `tensors` to a file staged at `uri` in transaction `tx` (published after the
     transaction's other files), or, without `tx`, in a transaction of its own that the
@@ -225,14 +260,29 @@ def write_tensors(
             parallel and prepared a batch ahead (`write_batches`), with tensorizer's
             ``STATE_DICT`` type; None writes them one by one as ``PARAM``/``BUFFER``.
         tx: the transaction to stage the file in.
+        index: (name, dtype, dimensions) of every tensor of `tensors`, when `tensors` is
+            not a sequence (a stream): sizes tensorizer's index (`index_room`) before the
+            first tensor is written. None: taken from `tensors`, which must then be a
+            sequence, or tensorizer's own 256 KiB for a stream.
 
     Returns:
         The staged file; nothing is at `uri` until its transaction commits.
 
     Raises:
         StorageError: the file cannot be written (named); nothing is left of it.
+        ConfigError: a tensor name or shape tensorizer cannot hold (`index_room`), before
+            anything is written.
     """
+    if index is None and isinstance(tensors, Sequence):
+        index = ((name, t.dtype, t.dim()) for name, t, _ in tensors)
+    room = index_room(index or (), uri=storage.redact(uri))
+    if len(record.to_bytes()) > MAX_RECORD_BYTES:  # readers refuse a larger one
+        raise ConfigError(
+            f"{storage.redact(uri)}: the file record would be {len(record.to_bytes())} bytes; "
+            f"readers take at most {MAX_RECORD_BYTES}"
+        )
     how: dict[str, Any] = dict(
+        room=room,
         record=record,
         key=key,
         serialization_kwargs=serialization_kwargs,
@@ -262,13 +312,15 @@ def _write_staged(
     on_bytes: Callable[[int], None] | None,
     marker: bool,
     batch_bytes: int | None,
+    room: int,
 ) -> StagedTensors:
-    """`write_tensors` into the temporary file of `staged`."""
+    """`write_tensors` into the temporary file of `staged`, with `room` bytes of index."""
     from tensorizer.serialization import TensorType
 
     try:
         with open(staged.staged.path, "wb+") as f:
             serializer = _serializer(f, key, serialization_kwargs)
+            reserve_index(serializer, room)
             # The record says whether the file is encrypted: set here, for every writer.
             record = dataclasses.replace(record, encrypted=key is not None)
             record_tensor = torch.frombuffer(bytearray(record.to_bytes()), dtype=torch.uint8)
