@@ -583,6 +583,8 @@ def parse_vllm_log(text: str) -> dict:
             for gb, s in re.findall(r"Deserialized ([\d.]+) GB in ([\d.]+) s", text)
         ],
     }
+    meta = re.search(r"Meta pass over \d+ tensors took ([\d.]+) s", text)  # converted files
+    result["meta_pass_seconds"] = float(meta.group(1)) if meta else None
     # Ours logs the worker's memory once the tensors are in and after vLLM's post-processing.
     times = re.search(
         r"(\d+) readers: making pages present ([\d.]+) s, reading ([\d.]+) s"

@@ -13,7 +13,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["ARCHITECTURES", "build_model", "build_tokenizer", "build_lora_adapter"]
+__all__ = [
+    "ARCHITECTURES",
+    "build_model",
+    "build_moe_skeleton",
+    "build_tokenizer",
+    "build_lora_adapter",
+]
 
 ARCHITECTURES = ("llama", "opt", "qwen3_moe")
 
@@ -240,4 +246,91 @@ def build_lora_adapter(
             indent=2,
         )
     )
+    return path
+
+
+def build_moe_skeleton(
+    path: str | os.PathLike,
+    *,
+    num_layers: int = 48,
+    num_experts: int = 128,
+    hidden_size: int = 128,
+    num_heads: int = 2,
+    intermediate_size: int = 32,
+    vocab_size: int = 512,
+    dtype: str = "bfloat16",
+    seed: int = 0,
+) -> Path:
+    """Write a Qwen3-MoE checkpoint of random weights, its config (transformers'
+    ``Qwen3MoeConfig``) and a tokenizer into `path`, without building the transformers
+    model: the tensors transformers 5.19 saves for that config (each expert's
+    gate/up/down projections as tensors of their own; 48 layers x 128 experts, the shape of
+    Qwen3-30B-A3B, give 18,867 tensors), written with safetensors in a second or two. The
+    defaults (hidden 128, two heads of 64, experts of 32) run on vLLM's CPU build.
+    """
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(path, vocab_size=vocab_size)
+    head_dim = hidden_size // num_heads
+    config = transformers.Qwen3MoeConfig(
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=min(2, num_heads),
+        head_dim=head_dim,
+        intermediate_size=intermediate_size,
+        moe_intermediate_size=intermediate_size,
+        num_experts=num_experts,
+        num_experts_per_tok=min(8, num_experts),
+        vocab_size=max(vocab_size, len(tokenizer)),
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config.dtype = getattr(torch, dtype)
+    config.architectures = ["Qwen3MoeForCausalLM"]
+    kv = config.num_key_value_heads * head_dim
+    shapes = {
+        "model.embed_tokens.weight": (config.vocab_size, hidden_size),
+        "model.norm.weight": (hidden_size,),
+        "lm_head.weight": (config.vocab_size, hidden_size),
+    }
+    for i in range(num_layers):
+        layer = f"model.layers.{i}"
+        shapes.update(
+            {
+                f"{layer}.input_layernorm.weight": (hidden_size,),
+                f"{layer}.post_attention_layernorm.weight": (hidden_size,),
+                f"{layer}.self_attn.q_proj.weight": (num_heads * head_dim, hidden_size),
+                f"{layer}.self_attn.k_proj.weight": (kv, hidden_size),
+                f"{layer}.self_attn.v_proj.weight": (kv, hidden_size),
+                f"{layer}.self_attn.o_proj.weight": (hidden_size, num_heads * head_dim),
+                f"{layer}.self_attn.q_norm.weight": (head_dim,),
+                f"{layer}.self_attn.k_norm.weight": (head_dim,),
+                f"{layer}.mlp.gate.weight": (num_experts, hidden_size),
+            }
+        )
+        for e in range(num_experts):
+            expert = f"{layer}.mlp.experts.{e}"
+            shapes[f"{expert}.gate_proj.weight"] = (intermediate_size, hidden_size)
+            shapes[f"{expert}.up_proj.weight"] = (intermediate_size, hidden_size)
+            shapes[f"{expert}.down_proj.weight"] = (hidden_size, intermediate_size)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, shape in shapes.items():
+        if len(shape) == 1:  # norms: around 1, as trained ones are
+            tensors[name] = torch.ones(shape).to(config.dtype)
+        else:  # 0.2 as build_model: greedy tokens vary from token to token
+            tensors[name] = (torch.randn(shape, generator=generator) * 0.2).to(config.dtype)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(path)
+    transformers.GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
+    ).save_pretrained(path)
     return path

@@ -23,6 +23,7 @@ these rules: the loader derives each rank's ranges from vLLM's own weight loader
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -39,6 +40,8 @@ __all__ = [
     "stored_shapes",
     "Read",
     "rank_reads",
+    "local_experts",
+    "expert_index",
     "split_dim",
 ]
 
@@ -70,6 +73,7 @@ COLUMN_PARALLEL = (
 VOCAB_PADDING = 64
 _VOCAB = ("embed_tokens", "lm_head", "wte", "word_embeddings")
 _KV = ("k_proj", "v_proj", "wk", "wv")
+_EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
 
 def _layer(name: str) -> tuple[str, str]:
@@ -184,22 +188,59 @@ def _share(name: str, size: int, tp_size: int, tp_rank: int, config: dict) -> tu
     return tp_rank * per, (tp_rank + 1) * per
 
 
+_EXPERT = re.compile(r"\.experts\.(\d+)\.")
+
+
+def expert_index(name: str) -> int | None:
+    """The expert a checkpoint tensor belongs to (``...mlp.experts.17.down_proj.weight``:
+    17), None for every other tensor (shared experts and the router included)."""
+    found = _EXPERT.search(name)
+    return int(found.group(1)) if found else None
+
+
+def local_experts(num_experts: int, ep_size: int, ep_rank: int) -> range:
+    """The experts expert-parallel rank `ep_rank` of `ep_size` holds: vLLM's linear
+    placement (0.32-0.34 ``determine_expert_map``, its default), a contiguous range; the
+    first ``num_experts % ep_size`` ranks hold one more."""
+    base, extra = divmod(num_experts, ep_size)
+    start = ep_rank * base + min(ep_rank, extra)
+    return range(start, start + base + (1 if ep_rank < extra else 0))
+
+
 def rank_reads(
-    tensors: Iterable[TensorShape], config: dict, tp_size: int, tp_rank: int
+    tensors: Iterable[TensorShape],
+    config: dict,
+    tp_size: int,
+    tp_rank: int,
+    *,
+    expert_parallel: bool = False,
 ) -> list[Read]:
     """The byte ranges TP rank `tp_rank` of `tp_size` reads of a converted file (PP=1).
 
     Args:
         tensors: the file's tensors, as `TensorShape`.
-        config: the model's ``config.json`` (head counts).
+        config: the model's ``config.json`` (head counts, expert count).
+        expert_parallel: vLLM's ``enable_expert_parallel`` (DP=1: the expert-parallel
+            size is `tp_size`): a rank holds whole experts, its `local_experts`, and reads
+            nothing of the others'; without it every rank reads its TP share of every
+            expert.
 
     Returns:
-        One `Read` per tensor: a split tensor's share along its split dimension (one
-        contiguous range, as the converter lays them out: rows, or the column tiles that
-        hold the share's columns), a replicated one whole.
+        One `Read` per tensor it reads: a split tensor's share along its split dimension
+        (one contiguous range, as the converter lays them out: rows, or the column tiles
+        that hold the share's columns), a replicated one whole.
     """
     reads = []
+    mine = None
+    if expert_parallel:
+        count = next((int(config[k]) for k in _EXPERT_COUNTS if config.get(k)), 0)
+        mine = local_experts(count, tp_size, tp_rank)
     for t in tensors:
+        expert = expert_index(t.name) if mine is not None else None
+        if expert is not None:
+            if expert in mine:  # whole experts: no TP split inside them
+                reads.append(Read(t.name, 0, t.bytes))
+            continue
         dim = split_dim(t.name, t.shape) if tp_size > 1 else None
         if dim is None or (dim == 1 and not t.tiles):
             reads.append(Read(t.name, 0, t.bytes))
