@@ -25,7 +25,6 @@ import subprocess
 import sys
 import time
 
-import run
 from run import RESULTS, WORK, engine_kwargs, engine_lock, log, vllm_run
 
 TARGETS = {"converted_vs_serialized_weights": 1.2}

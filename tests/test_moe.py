@@ -22,7 +22,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tensorize_vllm_model import open_tensors
-from tensorize_vllm_model.inspection import inspect_tensors, verify_tensors
 from tensorize_vllm_model.convert import convert_checkpoint
 from tensorize_vllm_model.convert.pieces import check_pieces, missing_pieces
 from tensorize_vllm_model.convert.placement import (
@@ -35,6 +34,7 @@ from tensorize_vllm_model.convert.placement import (
 from tensorize_vllm_model.errors import ConfigError, ModelMismatchError
 from tensorize_vllm_model.format.record import FileRecord
 from tensorize_vllm_model.format.writer import write_tensors
+from tensorize_vllm_model.inspection import inspect_tensors, verify_tensors
 
 LAYERS, EXPERTS = 48, 128
 QWEN3_30B_TENSORS = 3 + LAYERS * (9 + 3 * EXPERTS)  # 18,867
@@ -45,9 +45,7 @@ def qwen3_moe(tmp_path_factory):
     from demo_models import build_moe_skeleton
 
     root = tmp_path_factory.mktemp("moe")
-    model = build_moe_skeleton(
-        root / "qwen3-moe", hidden_size=16, num_heads=1, intermediate_size=8
-    )
+    model = build_moe_skeleton(root / "qwen3-moe", hidden_size=16, num_heads=1, intermediate_size=8)
     result = convert_checkpoint(str(model), str(root / "out"), suffix="v1")
     return model, result
 
@@ -120,9 +118,7 @@ def test_recorded_tiles_use_a_pattern_only_where_every_name_shares_it():
 def test_a_tensor_tensorizer_cannot_hold_is_refused_before_writing(tmp_path):
     target = tmp_path / "model.tensors"
     with pytest.raises(ConfigError, match="names of at most 65535 bytes"):
-        write_tensors(
-            str(target), [("x" * 70_000, torch.zeros(2), False)], record=FileRecord()
-        )
+        write_tensors(str(target), [("x" * 70_000, torch.zeros(2), False)], record=FileRecord())
     assert list(tmp_path.iterdir()) == []
 
 
@@ -202,9 +198,12 @@ def test_a_missing_merged_piece_is_named():
     names = _llama_names()
     assert missing_pieces(names) == []
     names.remove("model.layers.1.self_attn.k_proj.weight")
-    with pytest.raises(ModelMismatchError, match=r"^ckpt: checkpoint tensor "
-                       r"model\.layers\.1\.self_attn\.k_proj\.weight is missing; vLLM merges "
-                       r"it into model\.layers\.1\.self_attn\.qkv_proj"):
+    with pytest.raises(
+        ModelMismatchError,
+        match=r"^ckpt: checkpoint tensor "
+        r"model\.layers\.1\.self_attn\.k_proj\.weight is missing; vLLM merges "
+        r"it into model\.layers\.1\.self_attn\.qkv_proj",
+    ):
         check_pieces(names, None, {}, source="ckpt")
     names = [n for n in _llama_names() if "up_proj" not in n]
     assert [m for _, m in missing_pieces(names)] == [
@@ -239,6 +238,8 @@ def test_a_missing_expert_piece_is_named():
         ("model.layers.1.mlp.experts", ["model.layers.1.mlp.experts.2.down_proj.weight"])
     ]
     # the config says 6 experts: the last two are missing whole (Mixtral's names)
-    mixtral = [f"m.layers.0.block_sparse_moe.experts.{e}.w{k}.weight" for e in range(4) for k in (1, 2, 3)]
+    mixtral = [
+        f"m.layers.0.block_sparse_moe.experts.{e}.w{k}.weight" for e in range(4) for k in (1, 2, 3)
+    ]
     (found,) = missing_pieces(mixtral, None, {"num_local_experts": 6})
     assert found[1][0] == "m.layers.0.block_sparse_moe.experts.4.w1.weight" and len(found[1]) == 6

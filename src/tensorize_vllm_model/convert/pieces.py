@@ -37,7 +37,9 @@ DEFAULT_PACKED: dict[str, list[str]] = {
 EXPERT_FAMILIES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w2", "w3"))
 _EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 _CHECKED = ("weight", "bias")
-_EXPERT = re.compile(r"^(?P<layer>.*\.experts)\.(?P<expert>\d+)\.(?P<piece>[^.]+)\.(?P<kind>[^.]+)$")
+_EXPERT = re.compile(
+    r"^(?P<layer>.*\.experts)\.(?P<expert>\d+)\.(?P<piece>[^.]+)\.(?P<kind>[^.]+)$"
+)
 
 
 def _groups(

@@ -237,7 +237,7 @@ def rank_reads(
         mine = local_experts(count, tp_size, tp_rank)
     for t in tensors:
         expert = expert_index(t.name) if mine is not None else None
-        if expert is not None:
+        if mine is not None and expert is not None:
             if expert in mine:  # whole experts: no TP split inside them
                 reads.append(Read(t.name, 0, t.bytes))
             continue

@@ -384,7 +384,7 @@ def _fix_zero_length_entries() -> None:
         from tensorizer.serialization import TensorEntry
     except ImportError:  # pragma: no cover - tensorizer is a dependency
         return
-    TensorEntry.deserialized_length = property(_deserialized_length)  # type: ignore[assignment,method-assign]
+    TensorEntry.deserialized_length = property(_deserialized_length)
 
 
 _fix_zero_length_entries()

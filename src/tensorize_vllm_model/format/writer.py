@@ -259,37 +259,18 @@ def write_tensors(
         batch_bytes: write the tensors in batches of about this many bytes, hashed in
             parallel and prepared a batch ahead (`write_batches`), with tensorizer's
             ``STATE_DICT`` type; None writes them one by one as ``PARAM``/``BUFFER``.
-        tx: the transaction to stage the file in.
-        index: (name, dtype, dimensions) of every tensor of `tensors`, when `tensors` is
-            not a sequence (a stream): sizes tensorizer's index (`index_room`) before the
-            first tensor is written. None: taken from `tensors`, which must then be a
-            sequence, or tensorizer's own 256 KiB for a stream.
+        tx: the transaction to stage the file in. index: (name, dtype, dimensions) of each tensor, to size tensorizer's index
+            (`index_room`); None: from `tensors` when a sequence, else 256 KiB.
 
     Returns:
         The staged file; nothing is at `uri` until its transaction commits.
-
     Raises:
         StorageError: the file cannot be written (named); nothing is left of it.
-        ConfigError: a tensor name or shape tensorizer cannot hold (`index_room`), before
-            anything is written.
+        ConfigError: what tensorizer cannot hold (`index_room`), before any write.
     """
-    if index is None and isinstance(tensors, Sequence):
-        index = ((name, t.dtype, t.dim()) for name, t, _ in tensors)
-    room = index_room(index or (), uri=storage.redact(uri))
-    if len(record.to_bytes()) > MAX_RECORD_BYTES:  # readers refuse a larger one
-        raise ConfigError(
-            f"{storage.redact(uri)}: the file record would be {len(record.to_bytes())} bytes; "
-            f"readers take at most {MAX_RECORD_BYTES}"
-        )
-    how: dict[str, Any] = dict(
-        room=room,
-        record=record,
-        key=key,
-        serialization_kwargs=serialization_kwargs,
-        on_bytes=on_bytes,
-        marker=marker,
-        batch_bytes=batch_bytes,
-    )
+    room = _checked_room(uri, tensors, record, index)
+    how: dict[str, Any] = dict(room=room, record=record, key=key, on_bytes=on_bytes)
+    how.update(serialization_kwargs=serialization_kwargs, marker=marker, batch_bytes=batch_bytes)
     if tx is not None:
         return _write_staged(StagedTensors(tx.stage(uri, last=True)), tensors, **how)
     own = storage.transaction(options)
@@ -300,6 +281,23 @@ def write_tensors(
         raise
     staged.transaction = own
     return staged
+
+
+def _checked_room(
+    uri: str,
+    tensors: Iterable[tuple[str, torch.Tensor, bool]],
+    record: FileRecord,
+    index: Iterable[IndexEntry] | None,
+) -> int:
+    """`index_room` of the file `write_tensors` writes, its limits checked (ConfigError)."""
+    if index is None and isinstance(tensors, Sequence):
+        index = ((name, t.dtype, t.dim()) for name, t, _ in tensors)
+    if len(record.to_bytes()) > MAX_RECORD_BYTES:  # readers refuse a larger one
+        raise ConfigError(
+            f"{storage.redact(uri)}: the file record would be {len(record.to_bytes())} bytes; "
+            f"readers take at most {MAX_RECORD_BYTES}"
+        )
+    return index_room(index or (), uri=storage.redact(uri))
 
 
 def _write_staged(

@@ -250,13 +250,9 @@ def _check_pieces(model: nn.Module, names: Iterable[str], source: str) -> None:
     0.32 would load the rest silently, 0.34 refuses it in its default loader only."""
     from ..convert.pieces import check_pieces
 
-    config = getattr(model, "config", None)
-    check_pieces(
-        names,
-        getattr(model, "packed_modules_mapping", None),
-        config.to_dict() if hasattr(config, "to_dict") else {},
-        source=source,
-    )
+    to_dict = getattr(getattr(model, "config", None), "to_dict", None)
+    packed = getattr(model, "packed_modules_mapping", None)
+    check_pieces(names, packed, to_dict() if to_dict is not None else {}, source=source)
 
 
 def _check_all_loaded(model: nn.Module, loaded: Any, reader: Any) -> None:
