@@ -20,6 +20,15 @@ def print_written(result: Any) -> None:
     print(result.directory)
 
 
+def _tiled_count(report: Any, extra: dict[str, Any]) -> int:
+    """How many of the file's tensors the record says are in column tiles (it may name
+    them by pattern: `format.record.TileMap`)."""
+    from ..format.record import TileMap
+
+    tiles = TileMap({str(k): int(v) for k, v in (extra.get("column_tiles") or {}).items()})
+    return sum(1 for t in report.tensors if t.name in tiles)
+
+
 def _layout(report: Any, record: dict[str, Any]) -> str:
     extra = record.get("extra") or {}
     if extra.get("form") == "checkpoint" and extra.get("transposed"):
@@ -30,7 +39,7 @@ def _layout(report: Any, record: dict[str, Any]) -> str:
     if extra.get("form") == "checkpoint":
         return (
             f"any (checkpoint form, written by convert; dtype {record.get('dtype')}; "
-            f"{len(extra.get('column_tiles') or {})} row-parallel weights stored in "
+            f"{_tiled_count(report, extra)} row-parallel weights stored in "
             "column tiles)"
         )
     if record:
