@@ -20,7 +20,9 @@ s3-demo:
 	.venv/bin/python examples/s3_workflow.py
 
 # The load benchmark (benchmarks/run.py): every scenario, 0.75 GB model, model build included; under 20 minutes on a 2-core machine (docs/performance.md).
+# Then the MoE case (benchmarks/moe.py): a 0.9 GB Qwen3-30B-A3B-shaped checkpoint of 18,867 tensors, converted and loaded (docs/convert.md).
 .PHONY: bench
 bench:
 	scripts/install.sh --test --bench
 	.venv/bin/python benchmarks/run.py $(BENCH_ARGS)
+	.venv/bin/python benchmarks/moe.py $(MOE_ARGS)

@@ -10,8 +10,9 @@ tensors at two tensor counts (seconds per tensor; the same figure at both counts
 grows faster than the tensor count).
 
     .venv/bin/python benchmarks/moe.py [--repeats 2] [--engine-lock /tmp/vllm-engine.lock]
+        [--sections files,tiny,engines] [--out DIR]
 
-Writes ``benchmarks/results/moe-latest.json``.
+Writes ``DIR/moe-latest.json`` (default ``benchmarks/results/``).
 """
 
 from __future__ import annotations
@@ -58,8 +59,18 @@ def convert(model: str, out: str) -> tuple[float, str]:
     return seconds, f"{out}/vllm/{os.path.basename(model)}/v1"
 
 
+def _timed(function, *args, **kwargs) -> float:
+    start = time.perf_counter()
+    function(*args, **kwargs)
+    return time.perf_counter() - start
+
+
 def per_tensor(sizes: list[tuple[int, int]]) -> list[dict]:
-    """convert/inspect/verify seconds per tensor on skeletons of tiny tensors."""
+    """convert/inspect/verify seconds (in this process: no interpreter start counted) on
+    skeletons of tiny tensors, and seconds per tensor."""
+    from tensorize_vllm_model.convert import convert_checkpoint
+    from tensorize_vllm_model.inspection import inspect_tensors, verify_tensors
+
     rows = []
     for layers, experts in sizes:
         model = skeleton(
@@ -70,11 +81,14 @@ def per_tensor(sizes: list[tuple[int, int]]) -> list[dict]:
             num_heads=1,
             intermediate_size=8,
         )
-        seconds, directory = convert(model, str(WORK / "moe-tiny-out"))
+        out = str(WORK / "moe-tiny-out")
+        shutil.rmtree(out, ignore_errors=True)
+        start = time.perf_counter()
+        uri = convert_checkpoint(model, out, suffix="v1").tensors_uri
         tensors = 3 + layers * (9 + 3 * experts)
-        row = {"tensors": tensors, "convert": seconds}
-        row["inspect"] = cli("inspect", f"{directory}/model.tensors")
-        row["verify"] = cli("verify", f"{directory}/model.tensors")
+        row = {"tensors": tensors, "convert": time.perf_counter() - start}
+        row["inspect"] = _timed(inspect_tensors, uri)
+        row["verify"] = _timed(verify_tensors, uri)
         row["per_tensor_ms"] = {k: 1e3 * row[k] / tensors for k in ("convert", "inspect", "verify")}
         log(f"  {tensors} tiny tensors: {row}")
         rows.append(row)
@@ -94,12 +108,18 @@ def serialize(model: str, out: str) -> tuple[float, str]:
     return seconds, directory
 
 
-def loads(converted: str, serialized: str, repeats: int) -> dict:
-    """Weight seconds of each file at TP=1, alternating, and the meta pass."""
-    runs: dict[str, list] = {"converted": [], "serialized": [], "meta_pass": []}
+def loads(converted: str, serialized: str, checkpoint: str, repeats: int) -> dict:
+    """Weight seconds of each file at TP=1 (and of vLLM's default loader on the
+    checkpoint), alternating, and the meta pass."""
+    runs: dict[str, list] = {"converted": [], "serialized": [], "checkpoint": [], "meta_pass": []}
+    cases = (
+        ("converted", converted, "tensorizer"),
+        ("serialized", serialized, "tensorizer"),
+        ("checkpoint", checkpoint, "auto"),  # vLLM's default loader, for reference
+    )
     for repeat in range(repeats):
-        for label, directory in (("converted", converted), ("serialized", serialized)):
-            kwargs = {**engine_kwargs(), "model": directory, "load_format": "tensorizer"}
+        for label, directory, load_format in cases:
+            kwargs = {**engine_kwargs(), "model": directory, "load_format": load_format}
             with_log = vllm_run(kwargs)
             runs[label].append(with_log["weights_seconds"])
             log(f"  {label} #{repeat}: weights {with_log['weights_seconds']} s")
@@ -120,35 +140,38 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--engine-lock", default=None)
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--sections", default="files,tiny,engines")
     args = parser.parse_args()
+    sections = args.sections.split(",")
     WORK.mkdir(exist_ok=True)
     started = time.perf_counter()
     model = skeleton("moe-qwen3-30b-a3b", intermediate_size=INTERMEDIATE)
     size = os.path.getsize(f"{model}/model.safetensors")
-    convert_s, converted = convert(model, str(WORK / "moe-converted"))
-    log(f"  convert {convert_s:.1f} s ({size / 1e9:.2f} GB)")
-    inspect_s = cli("inspect", f"{converted}/model.tensors")
-    verify_s = cli("verify", f"{converted}/model.tensors")
-    tiny = per_tensor([(12, 32), (48, 128)])
-    with engine_lock(args.engine_lock):
-        serialize_s, serialized = serialize(model, str(WORK / "moe-serialized"))
-        runs = loads(converted, serialized, args.repeats)
-    report = {
-        "checkpoint_bytes": size,
-        "tensors": 3 + 48 * (9 + 3 * 128),
-        "convert_seconds": convert_s,
-        "serialize_seconds": serialize_s,
-        "inspect_seconds": inspect_s,
-        "verify_seconds": verify_s,
-        "weights_seconds": {k: spread(v) for k, v in runs.items() if k != "meta_pass"},
-        "meta_pass_seconds": spread(runs["meta_pass"]),
-        "per_tensor": tiny,
-        "targets": TARGETS,
-        "seconds": time.perf_counter() - started,
-    }
-    conv, ser = report["weights_seconds"]["converted"], report["weights_seconds"]["serialized"]
-    if conv and ser:
-        report["converted_vs_serialized_weights"] = conv["median"] / ser["median"]
+    report: dict = {"checkpoint_bytes": size, "tensors": 3 + 48 * (9 + 3 * 128)}
+    converted = str(WORK / "moe-converted" / "vllm" / os.path.basename(model) / "v1")
+    if "files" in sections:
+        report["convert_seconds"], converted = convert(model, str(WORK / "moe-converted"))
+        log(f"  convert {report['convert_seconds']:.1f} s ({size / 1e9:.2f} GB)")
+        report["inspect_seconds"] = cli("inspect", f"{converted}/model.tensors")
+        report["verify_seconds"] = cli("verify", f"{converted}/model.tensors")
+    if "tiny" in sections:
+        report["per_tensor"] = tiny = per_tensor([(12, 32), (48, 128)])
+        (a, b) = tiny  # the added seconds per added tensor between the two files
+        report["marginal_ms_per_tensor"] = {
+            k: 1e3 * (b[k] - a[k]) / (b["tensors"] - a["tensors"])
+            for k in ("convert", "inspect", "verify")
+        }
+    if "engines" in sections:
+        with engine_lock(args.engine_lock):
+            report["serialize_seconds"], serialized = serialize(model, str(WORK / "moe-serialized"))
+            runs = loads(converted, serialized, model, args.repeats)
+        report["weights_seconds"] = {k: spread(v) for k, v in runs.items() if k != "meta_pass"}
+        report["meta_pass_seconds"] = spread(runs["meta_pass"])
+        conv, ser = report["weights_seconds"]["converted"], report["weights_seconds"]["serialized"]
+        if conv and ser:
+            report["converted_vs_serialized_weights"] = conv["median"] / ser["median"]
+    report["targets"] = TARGETS
+    report["seconds"] = time.perf_counter() - started
     out = os.path.join(args.out, "moe-latest.json")
     os.makedirs(args.out, exist_ok=True)
     with open(out, "w") as f:
