@@ -31,7 +31,7 @@ from tensorize_vllm_model.convert.placement import (
     recorded_tiles,
     stored_shapes,
 )
-from tensorize_vllm_model.errors import ConfigError, ModelMismatchError
+from tensorize_vllm_model.errors import ConfigError, LayoutError, ModelMismatchError
 from tensorize_vllm_model.format.record import FileRecord
 from tensorize_vllm_model.format.writer import write_tensors
 from tensorize_vllm_model.inspection import inspect_tensors, verify_tensors
@@ -243,3 +243,15 @@ def test_a_missing_expert_piece_is_named():
     ]
     (found,) = missing_pieces(mixtral, None, {"num_local_experts": 6})
     assert found[1][0] == "m.layers.0.block_sparse_moe.experts.4.w1.weight" and len(found[1]) == 6
+
+
+def test_expert_parallel_rank_files_are_refused_at_the_other_layout():
+    names = ["model.layers.0.mlp.experts.routed_experts.w13_weight"]
+    ep = FileRecord(tensor_parallel_size=2, extra={"expert_parallel": True})
+    ep.check_expert_parallel(True, names, source="f")
+    with pytest.raises(LayoutError, match=r"^f was serialized with expert parallelism but is"):
+        ep.check_expert_parallel(False, names, source="f")
+    with pytest.raises(LayoutError, match="serialized without expert parallelism"):
+        FileRecord(tensor_parallel_size=2).check_expert_parallel(True, names, source="f")
+    # a model without experts: the flag changes nothing
+    FileRecord().check_expert_parallel(True, ["model.layers.0.mlp.gate_up_proj.weight"], source="f")

@@ -6,6 +6,8 @@ one tensor per expert projection) loaded by the real vLLM (CPU build):
   only its own experts' bytes, as the server counts them. vLLM 0.32's CPU build segfaults
   at the first generate with expert parallelism (FIELD-NOTES), so what each worker read is
   checked through ``collective_rpc``, not generated text;
+* ``serialize`` with expert parallelism writes rank files holding each rank's own experts
+  (checked against the checkpoint), which load back with it and are refused without it;
 * a checkpoint missing one expert's piece or a k_proj is refused before the engine serves,
   naming the missing tensor (vLLM 0.32 would load it with uninitialised rows).
 
@@ -19,9 +21,11 @@ import shutil
 import uuid
 
 import pytest
-from conftest import WORKER_EXTENSION, run_engine
+import torch
+from conftest import ENGINE_FLAGS, WORKER_EXTENSION, assert_ok, run_engine, run_serialize
 from safetensors.torch import load_file, save_file
 
+from tensorize_vllm_model import open_tensors
 from tensorize_vllm_model.convert import convert_checkpoint
 from tensorize_vllm_model.convert.placement import expert_index
 
@@ -101,4 +105,44 @@ def test_a_missing_merged_piece_is_refused_before_serving(moe, tmp_path):
     assert (
         "checkpoint tensor model.layers.1.mlp.experts.5.up_proj.weight is missing"
         in proc.stderr + proc.stdout
+    )
+
+
+def test_serialize_with_expert_parallelism_loads_back(moe, tmp_path):
+    flags = [f if f != "0.3" else "0.15" for f in ENGINE_FLAGS]
+    flags += ["--tensor-parallel-size", "2", "--enable-expert-parallel"]
+    assert_ok(run_serialize(moe, tmp_path, "ep", engine_flags=flags, env=RANKS_ENV))
+    directory = tmp_path / "vllm" / moe.name / "ep"
+    checkpoint = load_file(str(moe / "model.safetensors"))
+    for rank in (0, 1):  # each rank file holds its own 4 experts, whole (vLLM's w13: gate; up)
+        with open_tensors(str(directory / f"model-rank-00{rank}.tensors")) as reader:
+            assert reader.record.extra == {"expert_parallel": True}
+            tensors = dict(reader.items())
+        w13 = next(t for n, t in tensors.items() if n.startswith("model.layers.1.") and "w13" in n)
+        assert w13.shape[0] == 4
+        expert = f"model.layers.1.mlp.experts.{4 * rank + 3}"
+        gate, up = checkpoint[f"{expert}.gate_proj.weight"], checkpoint[f"{expert}.up_proj.weight"]
+        assert (w13[3] == torch.cat([gate, up])).all()
+    common = {
+        "model": str(directory),
+        "load_format": "tensorizer",
+        "tensor_parallel_size": 2,
+        "gpu_memory_utilization": 0.15,
+        "worker_extension_cls": WORKER_EXTENSION,
+    }
+    loaded = run_engine(
+        {**common, "enable_expert_parallel": True},
+        prompts=[],
+        stats=True,
+        env=RANKS_ENV,
+        separate_processes=True,
+    )
+    assert [s["tensors"] for s in loaded["stats"]] == [
+        s["tensors"] for s in loaded["stats"][:1]
+    ] * 2
+    refused = run_engine(
+        common, prompts=[], env=RANKS_ENV, separate_processes=True, expect_ok=False
+    )
+    assert "was serialized with expert parallelism but is being loaded without it" in (
+        refused.stdout + refused.stderr
     )

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -155,6 +155,22 @@ class FileRecord:
             raise FormatError(f"{source}: the file record is not a {RECORD_FORMAT} record")
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in raw.items() if k in known})
+
+    def check_expert_parallel(self, enabled: bool, names: Iterable[str], *, source: str) -> None:
+        """Raise LayoutError when a rank file of a mixture-of-experts model (tensors named
+        ``...experts...``) was serialized with vLLM's expert parallelism
+        (``enable_expert_parallel``: each rank holds whole experts, a share of them) and is
+        loaded without it, or the other way round (each rank holds every expert's TP
+        share): the parameters' shapes differ. Recorded as ``extra["expert_parallel"]``."""
+        saved = bool(self.extra.get("expert_parallel"))
+        if saved == enabled or not any(".experts." in name for name in names):
+            return
+        flag = "with" if saved else "without"
+        raise LayoutError(
+            f"{source} was serialized {flag} expert parallelism but is being loaded "
+            f"{'without' if saved else 'with'} it; load it {flag} --enable-expert-parallel, "
+            "or serialize the model again for this layout"
+        )
 
     def check_layout(self, layout: ParallelLayout, *, source: str) -> None:
         """Raise LayoutError when this file was written for another layout or rank."""

@@ -48,6 +48,7 @@ from .runtime import (
     CapturedWeights,
     current_layout,
     dtype_name,
+    expert_parallel,
     model_dtype,
     target_device,
 )
@@ -93,6 +94,11 @@ class TensorizerLoader(BaseModelLoader):
                 )
             if reader.record is not None and not reader.checkpoint_form:
                 reader.record.check_layout(plan.layout, source=plan.uri)
+                reader.record.check_expert_parallel(
+                    expert_parallel(vllm_config),
+                    (e.name for e in reader.entries()),
+                    source=plan.uri,
+                )
         except BaseException:
             reader.close()
             raise

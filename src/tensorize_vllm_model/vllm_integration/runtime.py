@@ -22,6 +22,7 @@ __all__ = [
     "STATE",
     "current_layout",
     "distributed_layout",
+    "expert_parallel",
     "target_device",
     "dtype_name",
     "model_dtype",
@@ -93,6 +94,14 @@ def current_layout(vllm_config: VllmConfig) -> ParallelLayout:
         tp_rank=tp_rank,
         pp_rank=pp_rank,
     )
+
+
+def expert_parallel(vllm_config: VllmConfig) -> bool:
+    """Whether this engine places whole experts on each rank (vLLM's
+    ``enable_expert_parallel`` with more than one rank: 0.32-0.34 use it then only)."""
+    parallel = vllm_config.parallel_config
+    ranks = parallel.tensor_parallel_size * parallel.data_parallel_size
+    return bool(getattr(parallel, "enable_expert_parallel", False)) and ranks > 1
 
 
 def distributed_layout() -> ParallelLayout:

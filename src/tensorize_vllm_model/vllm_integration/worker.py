@@ -31,7 +31,7 @@ from .messages import (
     decode,
     encode,
 )
-from .runtime import STATE, current_layout
+from .runtime import STATE, current_layout, expert_parallel
 
 __all__ = ["WORKER_EXTENSION", "WorkerExtension", "worker_call"]
 
@@ -86,6 +86,7 @@ class WorkerExtension:
             pipeline_parallel_size=layout.pipeline_parallel_size,
             rank=layout.rank,
             producer=request.producer,
+            extra={"expert_parallel": True} if expert_parallel(self.vllm_config) else {},
         )
         total = sum(t.numel() * t.element_size() for _, t, _ in captured.tensors)
         tx = STATE.open_transaction(request.stream_options)
