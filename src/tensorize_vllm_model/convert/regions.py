@@ -16,6 +16,7 @@ Plain torch; the loader in `vllm_integration.loader` drives it.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -91,10 +92,24 @@ def box_byte_range(
         first = min(box[1][0] for box in boxes) // width
         last = -(-max(box[1][1] for box in boxes) // width)
         return first * tile, last * tile
-    base = [math.prod(shape[i + 1 :]) for i in range(len(shape))]
-    first = min(sum(lo * b for (lo, _), b in zip(box, base)) for box in boxes)
-    last = max(sum((hi - 1) * b for (_, hi), b in zip(box, base)) for box in boxes)
+    base = _strides(tuple(shape))
+    first = last = None
+    for box in boxes:  # a plain loop: called for every tensor of a file (18k for an MoE)
+        lo = hi = 0
+        for (start, stop), stride in zip(box, base):
+            lo += start * stride
+            hi += (stop - 1) * stride
+        first = lo if first is None or lo < first else first
+        last = hi if last is None or hi > last else last
+    if first is None or last is None:
+        raise ValueError("box_byte_range of no boxes")
     return first * itemsize, (last + 1) * itemsize
+
+
+@functools.lru_cache(maxsize=1024)
+def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Row-major element strides of `shape`."""
+    return tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
 
 
 class CopyWatch(TorchDispatchMode):
