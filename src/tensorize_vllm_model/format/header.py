@@ -79,11 +79,30 @@ def torch_dtype(stored: str) -> torch.dtype | None:
     return dtype if isinstance(dtype, torch.dtype) else None
 
 
+_SPAN_BYTES = 1 << 20  # places this close together are read in one pread
+
+
 def pread_each(fd: int, places: Sequence[tuple[int, int]]) -> list[bytes]:
     """The bytes at each (offset, length) of the open file `fd`: many small reads across
-    the file, made in parallel so that a cold disk's latencies overlap."""
-    with ThreadPoolExecutor(min(16, max(1, len(places)))) as pool:
-        return list(pool.map(lambda place: os.pread(fd, place[1], place[0]), places))
+    the file, made in parallel so that a cold disk's latencies overlap; places within
+    1 MiB of each other in one read (the headers of a file of many small tensors: 18,867
+    reads of 8 bytes for a Qwen3-MoE-shaped checkpoint)."""
+    spans: list[list] = []  # [start, stop, indices of `places`]
+    for i in sorted(range(len(places)), key=lambda i: places[i][0]):
+        offset, length = places[i]
+        if spans and offset + length - spans[-1][0] <= _SPAN_BYTES:
+            spans[-1][1] = max(spans[-1][1], offset + length)
+            spans[-1][2].append(i)
+        else:
+            spans.append([offset, offset + length, [i]])
+    with ThreadPoolExecutor(min(16, max(1, len(spans)))) as pool:
+        data = list(pool.map(lambda span: os.pread(fd, span[1] - span[0], span[0]), spans))
+    found = [b""] * len(places)
+    for (start, _, indices), raw in zip(spans, data):
+        for i in indices:
+            offset, length = places[i]
+            found[i] = raw[offset - start : offset - start + length]
+    return found
 
 
 def read_preamble(stream: Any, name: str) -> FileFacts:
