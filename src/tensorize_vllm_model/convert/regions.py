@@ -93,7 +93,8 @@ def box_byte_range(
         last = -(-max(box[1][1] for box in boxes) // width)
         return first * tile, last * tile
     base = _strides(tuple(shape))
-    first = last = None
+    first: int | None = None
+    last: int | None = None
     for box in boxes:  # a plain loop: called for every tensor of a file (18k for an MoE)
         lo = hi = 0
         for (start, stop), stride in zip(box, base):
