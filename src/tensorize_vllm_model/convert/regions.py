@@ -93,18 +93,17 @@ def box_byte_range(
         last = -(-max(box[1][1] for box in boxes) // width)
         return first * tile, last * tile
     base = _strides(tuple(shape))
-    first: int | None = None
-    last: int | None = None
+    low, high = -1, -1
     for box in boxes:  # a plain loop: called for every tensor of a file (18k for an MoE)
         lo = hi = 0
         for (start, stop), stride in zip(box, base):
             lo += start * stride
             hi += (stop - 1) * stride
-        first = lo if first is None or lo < first else first
-        last = hi if last is None or hi > last else last
-    if first is None or last is None:
+        low = lo if low < 0 or lo < low else low
+        high = max(high, hi)
+    if low < 0:
         raise ValueError("box_byte_range of no boxes")
-    return first * itemsize, (last + 1) * itemsize
+    return low * itemsize, (high + 1) * itemsize
 
 
 @functools.lru_cache(maxsize=1024)
