@@ -16,7 +16,6 @@ tensorizer's ``load_into_module`` (hence vLLM's built-in loader) refuses STATE_D
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -70,14 +69,15 @@ class ParallelLayout:
         return f"TP={self.tensor_parallel_size} x PP={self.pipeline_parallel_size}"
 
 
-_INDEX = re.compile(r"(?<=\.)\d+(?=\.)")
-
-
 def name_pattern(name: str) -> str:
     """`name` with each number between dots (a layer's, an expert's) replaced by ``*``:
     ``model.layers.3.mlp.experts.17.down_proj.weight`` ->
     ``model.layers.*.mlp.experts.*.down_proj.weight``."""
-    return _INDEX.sub("*", name)
+    parts = name.split(".")
+    for i in range(1, len(parts) - 1):
+        if parts[i].isdigit():
+            parts[i] = "*"
+    return ".".join(parts)
 
 
 class TileMap(Mapping[str, int]):
@@ -87,12 +87,16 @@ class TileMap(Mapping[str, int]):
 
     def __init__(self, recorded: dict[str, int]):
         self._recorded = recorded
+        self._patterns = any("*" in name for name in recorded)
+        self._seen: dict[str, int] = {}  # names resolved through a pattern (0: none)
 
     def __getitem__(self, name: str) -> int:
         found = self._recorded.get(name)
-        if found is None:
-            found = self._recorded.get(name_pattern(name))
-        if found is None:
+        if found is None and self._patterns:  # a load asks for each name several times
+            found = self._seen.get(name)
+            if found is None:
+                found = self._seen[name] = self._recorded.get(name_pattern(name), 0)
+        if not found:
             raise KeyError(name)
         return found
 
