@@ -24,12 +24,21 @@ The plan reads no tensors file itself (only whether files exist): what it needs 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import storage
-from .format.names import has_rank_template, needs_rank_files, rank_uri, tensors_uri
+from .errors import NotFound
+from .format.names import (
+    DEFAULT_TENSORS_NAME,
+    SHARDED_TENSORS_NAME,
+    has_rank_template,
+    needs_rank_files,
+    rank_uri,
+    tensors_uri,
+)
 from .format.record import FileRecord, ParallelLayout
 
 if TYPE_CHECKING:
@@ -43,6 +52,7 @@ __all__ = [
     "check_layout",
     "check_shared_file",
     "discover_rank_uris",
+    "model_directory_tensors",
 ]
 
 
@@ -129,7 +139,7 @@ def resolve_read(config: TensorizerConfig, layout: ParallelLayout) -> ReadPlan:
     """
     given = config.given_uri
     directory = config.tensorizer_dir or "."
-    template = given or tensors_uri(directory, layout.world_size)
+    template = given or _directory_template(directory, layout.world_size, config)
     shared = _shared_file(config, layout.world_size)
     uri = shared or rank_uri(template, layout, shared=True)
     return ReadPlan(
@@ -230,6 +240,51 @@ def check_shared_file(
     if record is not None:
         record.check_layout(layout, source=uri)
     raise needs_rank_files(uri, layout)
+
+
+def model_directory_tensors(uri: str, options: dict[str, Any] | None = None) -> str | None:
+    """The tensors of the model directory `uri`, found as a load finds them: its rank
+    template (``DIR/model-rank-%03d.tensors``) when it has rank files, else its
+    ``DIR/model.tensors``. None when `uri` is not a directory: a file, a rank template, or
+    (remote) a name with a dot in its last part or with no tensors under it.
+
+    Raises:
+        NotFound: a local directory with neither file (both names are given).
+    """
+    if has_rank_template(uri):
+        return None
+    local = storage.local_path(uri)
+    if local is not None and not os.path.isdir(local):
+        return None
+    if local is None and "." in uri.rstrip("/").rsplit("/", 1)[-1]:
+        return None  # a file name (model.tensors), not a directory
+    directory = uri.rstrip("/") or "/"
+    for template in (tensors_uri(directory, 2), tensors_uri(directory, 1)):
+        if storage.exists(rank_uri(template, ParallelLayout()), options):
+            return template
+    if local is None:
+        return None
+    raise NotFound(
+        f"{uri} is a directory without tensors (neither {DEFAULT_TENSORS_NAME} nor "
+        f"{rank_uri(SHARDED_TENSORS_NAME, ParallelLayout())}); give the directory serialize "
+        "or convert printed, or a tensors file"
+    )
+
+
+def _directory_template(directory: str, world_size: int, config: TensorizerConfig) -> str:
+    """The tensors a load at `world_size` ranks reads from `directory`: ``model.tensors``
+    at one rank, rank files at more. At one rank, a directory holding only rank files gives
+    its rank template, so the check of rank 0's record names the layout they were written
+    for (rather than a missing ``model.tensors``)."""
+    template = tensors_uri(directory, world_size)
+    if world_size == 1:
+        options = config.stream_options()
+        sharded = tensors_uri(directory, 2)
+        if not storage.exists(template, options) and storage.exists(
+            rank_uri(sharded, ParallelLayout()), options
+        ):
+            return sharded
+    return template
 
 
 def _shared_file(config: TensorizerConfig, world_size: int) -> str | None:

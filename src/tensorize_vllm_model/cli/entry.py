@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from .. import interrupts
-from ..errors import ConfigError, TensorizeError
+from ..errors import ConfigError, TensorizeError, entry_point
 from . import commands
 from .configs import check_model_path
 from .parsers import (
@@ -37,7 +37,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     returns 130 or 143 (see `interrupts`)."""
     interrupts.install()
     try:
-        return _run(list(sys.argv[1:] if argv is None else argv))
+        with entry_point("cli"):  # messages name this command line's flags
+            return _run(list(sys.argv[1:] if argv is None else argv))
     except SystemExit as e:  # argparse's usage errors (already printed) and --help
         if isinstance(e.code, str):
             print(e.code, file=sys.stderr)

@@ -14,6 +14,7 @@ model alike.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping
@@ -24,10 +25,12 @@ import torch
 
 from .. import storage
 from ..config import TensorizerConfig, as_tensorizer_config
-from ..errors import EncryptionError, ModelMismatchError
+from ..errors import ConfigError, EncryptionError, ModelMismatchError, key_hint
 from ..format.compat import EmptyIndex, index_items, translate_errors
 from ..format.header import FileFacts, check_index, dtype_name, read_preamble
-from ..format.record import MARKER_NAME, RECORD_NAME, RESERVED_NAMES, FileRecord
+from ..format.names import has_rank_template, rank_uri
+from ..format.record import MARKER_NAME, RECORD_NAME, RESERVED_NAMES, FileRecord, ParallelLayout
+from ..plan import model_directory_tensors
 from ..storage.options import StreamOptions
 from ..storage.ranged import DEFAULT_WORKERS, RangeStream
 from .base import LoadStats, OpenFile, ReadEngine, ReadRequest, ReadTimes
@@ -307,7 +310,9 @@ def open_tensors(
     """Open a tensors file for streaming onto `device` (only its header is read now).
 
     Args:
-        uri: a local path or an ``s3://`` / ``http(s)://`` URI (no rank template).
+        uri: a local path or an ``s3://`` / ``http(s)://`` URI (no rank template), or a
+            model directory written by ``serialize`` or ``convert`` with one
+            ``model.tensors`` (a directory of rank files is refused, naming rank 0's file).
         device: where tensors land (``"cpu"``, ``"cuda:0"``...).
         config: read settings (``verify_hash``, ``num_readers``, S3 credentials,
             ``stream_kwargs``, ``deserialization_kwargs``, ``encryption_keyfile``): this
@@ -319,6 +324,7 @@ def open_tensors(
 
     Raises:
         StorageError: the file cannot be opened.
+        ConfigError: `uri` is a directory of rank files.
         FormatError: it is not a tensorizer file, or is truncated.
         EncryptionError: it is encrypted and no key was given, or a key was given for an
             unencrypted file.
@@ -326,6 +332,15 @@ def open_tensors(
     request = request_from_config(
         uri, config, device=device, decryption=decryption, header_only=header_only
     )
+    found = model_directory_tensors(request.uri, request.stream_options)
+    if found is not None and has_rank_template(found):
+        first = rank_uri(found, ParallelLayout())
+        raise ConfigError(
+            f"{uri} holds one file per rank ({first}, ...): open one of them, e.g. "
+            f"open_tensors({first!r})"
+        )
+    if found is not None:
+        request = dataclasses.replace(request, uri=found)
     return open_request(request)
 
 
@@ -364,7 +379,7 @@ def open_request(request: ReadRequest) -> TensorReader:
         if keyless:
             if not request.header_only:
                 raise EncryptionError(
-                    f"{name} is encrypted: give the key with --keyfile / encryption_keyfile"
+                    f"{name} is encrypted: {key_hint()}"
                 )
             # Listing needs no key: the index is not encrypted. A throwaway key gets
             # tensorizer past its check; no tensor is ever decrypted with it.
