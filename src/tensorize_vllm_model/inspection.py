@@ -74,10 +74,28 @@ class VerifyReport:
     bytes: int = 0
     seconds: float = 0.0
     bad: list[tuple[str, str]] = field(default_factory=list)
+    # whether every tensor was decrypted (an encrypted file), and the layout the file's
+    # record names ("TP=2 x PP=1, rank 0"; "" when it has none, "any" when converted)
+    encrypted: bool = False
+    layout: str = ""
 
     @property
     def intact(self) -> bool:
         return not self.bad
+
+    def to_json(self) -> dict[str, Any]:
+        """The report as ``verify --json`` prints it (bytes, seconds as floats)."""
+        return {
+            "uri": self.uri,
+            "intact": self.intact,
+            "tensor_count": self.tensors,
+            "tensor_bytes": self.bytes,
+            "seconds": round(self.seconds, 3),
+            "hashes_checked": True,
+            "decrypted": self.encrypted,
+            "layout": self.layout or None,
+            "bad": [{"tensor": name, "reason": reason} for name, reason in self.bad],
+        }
 
 
 def shard_uris(uri: str, config: TensorizerConfig | None = None) -> list[str]:
@@ -173,7 +191,14 @@ def _verify_file(uri: str, config: TensorizerConfig) -> VerifyReport:
             f"Verifying {_file_name(reader.uri)}", reader.total_tensor_bytes
         ) as reader.on_bytes,
     ):
-        report = VerifyReport(uri=reader.uri)
+        report = VerifyReport(uri=reader.uri, encrypted=reader.encrypted)
+        record = reader.record
+        if record is not None:
+            report.layout = (
+                "any (converted)"
+                if reader.checkpoint_form
+                else f"{record.layout_text}, rank {record.rank}"
+            )
         entries = reader.entries()
         if reader.encrypted and entries:
             _check_key(reader, entries[0].name)

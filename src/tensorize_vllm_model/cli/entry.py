@@ -20,6 +20,7 @@ from ..errors import ConfigError, TensorizeError, entry_point
 from . import commands
 from .configs import check_model_path
 from .parsers import (
+    COMMAND_HELP,
     CONVERT_TOP_FLAGS,
     FILE_COMMANDS,
     LISTED_COMMANDS,
@@ -27,6 +28,8 @@ from .parsers import (
     build_convert_parser,
     build_file_parser,
     build_parser,
+    print_engine_flags,
+    top_help,
 )
 
 
@@ -64,6 +67,13 @@ def _silence_stdout() -> None:
 
 
 def _run(argv: list[str]) -> int:
+    before = argv[: next((i for i, a in enumerate(argv) if a in COMMAND_HELP), len(argv))]
+    if "-h" in before or "--help" in before:
+        print(top_help(), end="")
+        return 0
+    search = next((a for a in before if a.startswith("--help=")), None)
+    if search is not None:  # vLLM's engine flags: all, or those matching a word
+        print_engine_flags(search)
     if argv and argv[0] in FILE_COMMANDS:
         args = build_file_parser(argv[0]).parse_args(argv[1:])
         return commands.inspect_or_verify(argv[0], args)
