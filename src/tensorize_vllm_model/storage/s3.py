@@ -202,7 +202,10 @@ def _error(
             )
         return StorageError(f"S3 refused {action} {uri} at {where}: HTTP {status} {code}")
     if isinstance(e, (EndpointConnectionError, ConnectTimeoutError)):
-        return Unreachable(f"cannot reach the S3 endpoint {where} {action} {uri}: {e}")
+        return Unreachable(
+            f"cannot reach the S3 endpoint {where} {action} {uri}: {e}; is it up? The endpoint "
+            "is --s3-endpoint (s3_endpoint in the config), else S3_ENDPOINT_URL"
+        )
     if isinstance(e, ReadTimeoutError):
         return Unreachable(f"the S3 endpoint {where} timed out {action} {uri}")
     kind = Unreachable if isinstance(e, HTTPClientError) else StorageError
