@@ -43,7 +43,7 @@ CLI = ("python", "-m", "tensorize_vllm_model")
 EXAMPLE_PATH = re.compile(r"(?<![\w./-])/(data|models|keys)(?=/|\s|$|\")")
 # What the README says to add on vLLM's CPU backend ("On vLLM's CPU backend add ..."), and
 # what keeps a tiny model's engine start short here (not needed for it to work).
-CPU_LLM_KWARGS = 'gpu_memory_utilization=0.3, enforce_eager=True, max_model_len=256, '
+CPU_LLM_KWARGS = "gpu_memory_utilization=0.3, enforce_eager=True, max_model_len=256, "
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,9 @@ def run_cli_block(name: str, root: Path) -> list[subprocess.CompletedProcess]:
 def run_python_block(name: str, root: Path) -> subprocess.CompletedProcess:
     """Run block `name` as a script, with the README's CPU setting added to ``LLM(...)``."""
     text = substitute(block_of(name).text, root)
-    text = re.sub(r'load_format="tensorizer",\s*', f'load_format="tensorizer", {CPU_LLM_KWARGS}', text)
+    text = re.sub(
+        r'load_format="tensorizer",\s*', f'load_format="tensorizer", {CPU_LLM_KWARGS}', text
+    )
     script = root / f"{name}.py"
     script.write_text(text)
     proc = subprocess.run(
