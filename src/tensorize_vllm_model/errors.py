@@ -138,11 +138,12 @@ def key_hint() -> str:
     return {
         "cli": "give the key with --keyfile KEYFILE",
         "vllm serve": "give the key as encryption_keyfile in --model-loader-extra-config, "
-        "e.g. --model-loader-extra-config '{\"encryption_keyfile\": \"KEYFILE\"}'",
+        'e.g. --model-loader-extra-config \'{"encryption_keyfile": "KEYFILE"}\'',
         "LLM": "give the key as encryption_keyfile in model_loader_extra_config, e.g. "
         'LLM(..., model_loader_extra_config={"encryption_keyfile": KEYFILE})',
     }.get(
-        _ENTRY.get(), 'give the key in the config= argument, e.g. config={"encryption_keyfile": KEYFILE}'
+        _ENTRY.get(),
+        'give the key in the config= argument, e.g. config={"encryption_keyfile": KEYFILE}',
     )
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import storage
-from .errors import NotFound
+from .errors import ConfigError, NotFound
 from .format.names import (
     DEFAULT_TENSORS_NAME,
     SHARDED_TENSORS_NAME,
@@ -53,6 +53,7 @@ __all__ = [
     "check_shared_file",
     "discover_rank_uris",
     "model_directory_tensors",
+    "one_file_of_directory",
 ]
 
 
@@ -269,6 +270,25 @@ def model_directory_tensors(uri: str, options: dict[str, Any] | None = None) -> 
         f"{rank_uri(SHARDED_TENSORS_NAME, ParallelLayout())}); give the directory serialize "
         "or convert printed, or a tensors file"
     )
+
+
+def one_file_of_directory(uri: str, options: dict[str, Any] | None = None) -> str | None:
+    """The one tensors file of the model directory `uri` (its ``model.tensors``), for a
+    reader that opens one file (`read.reader.open_tensors`); None when `uri` is no
+    directory (`model_directory_tensors`).
+
+    Raises:
+        ConfigError: the directory holds one file per rank (rank 0's file is named).
+        NotFound: a local directory without tensors.
+    """
+    found = model_directory_tensors(uri, options)
+    if found is not None and has_rank_template(found):
+        first = rank_uri(found, ParallelLayout())
+        raise ConfigError(
+            f"{uri} holds one file per rank ({first}, ...): open one of them, e.g. "
+            f"open_tensors({first!r})"
+        )
+    return found
 
 
 def _directory_template(directory: str, world_size: int, config: TensorizerConfig) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import textwrap
 from collections.abc import Sequence
+from typing import NoReturn
 
 from ..config import TensorizerArgs
 from .flags import COMMANDS, CONVERT_MODEL, ENGINE_TOP, TENSORIZER, add_flags
@@ -56,7 +57,7 @@ class CommandParser(argparse.ArgumentParser):
     """A command's own parser: its flags with their descriptions in ``--help``, and a usage
     error on one line (``PROG COMMAND: error: ...``, exit code 2)."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 

@@ -25,12 +25,11 @@ import torch
 
 from .. import storage
 from ..config import TensorizerConfig, as_tensorizer_config
-from ..errors import ConfigError, EncryptionError, ModelMismatchError, key_hint
+from ..errors import EncryptionError, ModelMismatchError, key_hint
 from ..format.compat import EmptyIndex, index_items, translate_errors
 from ..format.header import FileFacts, check_index, dtype_name, read_preamble
-from ..format.names import has_rank_template, rank_uri
-from ..format.record import MARKER_NAME, RECORD_NAME, RESERVED_NAMES, FileRecord, ParallelLayout
-from ..plan import model_directory_tensors
+from ..format.record import MARKER_NAME, RECORD_NAME, RESERVED_NAMES, FileRecord
+from ..plan import one_file_of_directory
 from ..storage.options import StreamOptions
 from ..storage.ranged import DEFAULT_WORKERS, RangeStream
 from .base import LoadStats, OpenFile, ReadEngine, ReadRequest, ReadTimes
@@ -332,13 +331,7 @@ def open_tensors(
     request = request_from_config(
         uri, config, device=device, decryption=decryption, header_only=header_only
     )
-    found = model_directory_tensors(request.uri, request.stream_options)
-    if found is not None and has_rank_template(found):
-        first = rank_uri(found, ParallelLayout())
-        raise ConfigError(
-            f"{uri} holds one file per rank ({first}, ...): open one of them, e.g. "
-            f"open_tensors({first!r})"
-        )
+    found = one_file_of_directory(request.uri, request.stream_options)
     if found is not None:
         request = dataclasses.replace(request, uri=found)
     return open_request(request)
@@ -378,9 +371,7 @@ def open_request(request: ReadRequest) -> TensorReader:
         keyless = facts.encrypted and request.decryption is None
         if keyless:
             if not request.header_only:
-                raise EncryptionError(
-                    f"{name} is encrypted: {key_hint()}"
-                )
+                raise EncryptionError(f"{name} is encrypted: {key_hint()}")
             # Listing needs no key: the index is not encrypted. A throwaway key gets
             # tensorizer past its check; no tensor is ever decrypted with it.
             from tensorizer import DecryptionParams
