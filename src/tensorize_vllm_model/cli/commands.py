@@ -12,6 +12,7 @@ import uuid
 
 from .. import storage
 from ..config import TensorizerConfig
+from ..errors import StorageError
 from ..format.names import serialized_dir
 from ..format.record import ParallelLayout
 from ..keys import read_key
@@ -46,7 +47,10 @@ def holds_a_model(directory: str, config: TensorizerConfig) -> bool:
     a serialize or convert to it replaces (said as ``replaced``)."""
     options = config.stream_options()
     names = ("model.tensors", "model-rank-000.tensors", "config.json")
-    return any(storage.exists(storage.join(directory, name), options) for name in names)
+    try:
+        return any(storage.exists(storage.join(directory, name), options) for name in names)
+    except StorageError:  # the write names the problem (its checks come before any write)
+        return False
 
 
 def announce_existing_key(keyfile: str | None, config: TensorizerConfig) -> None:
