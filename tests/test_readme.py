@@ -25,6 +25,7 @@ block run as pasted.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shlex
@@ -258,12 +259,28 @@ def check_command(argv: list[str]) -> None:
         assert (ROOT / argv[0]).exists() or argv[0].startswith(".venv/bin/"), argv
 
 
+@functools.cache
+def engine_parser():
+    """The command line's parser with vLLM's engine flags (built once: about a second)."""
+    from tensorize_vllm_model.cli.parsers import build_parser
+
+    return build_parser()
+
+
+@functools.cache
+def serve_parser():
+    """``vllm serve``'s own parser."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    return make_arg_parser(FlexibleArgumentParser(prog="vllm serve"))
+
+
 def parse_cli(args: list[str]) -> None:
     from tensorize_vllm_model.cli.parsers import (
         FILE_COMMANDS,
         build_convert_parser,
         build_file_parser,
-        build_parser,
     )
 
     if args[0] in FILE_COMMANDS:
@@ -271,13 +288,10 @@ def parse_cli(args: list[str]) -> None:
     elif "convert" in args:
         build_convert_parser().parse_args(args)
     else:
-        assert build_parser().parse_args(args).command in ("serialize", "deserialize")
+        assert engine_parser().parse_args(args).command in ("serialize", "deserialize")
 
 
 def parse_vllm_serve(args: list[str]) -> None:
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    parsed = make_arg_parser(FlexibleArgumentParser()).parse_args(args)
+    parsed = serve_parser().parse_args(args)
     if parsed.model_loader_extra_config is not None:
         assert isinstance(parsed.model_loader_extra_config, dict), args
