@@ -129,6 +129,18 @@ def test_directory_of_rank_files_at_one_rank_names_their_layout(tp2_dir, entry, 
     )
 
 
+def test_tensorizer_uri_naming_a_directory_reads_its_files(tp2_dir):
+    """``--path-to-tensors DIR`` / ``tensorizer_uri=DIR`` read DIR's files, as
+    ``tensorizer_dir`` does (it said "is a directory, not a file")."""
+    config = TensorizerConfig(tensorizer_uri=str(tp2_dir))
+    plan = resolve_read(config, ParallelLayout(tensor_parallel_size=2))
+    assert plan.rank_uris() == [f"{tp2_dir}/model-rank-00{r}.tensors" for r in (0, 1)]
+    check_shards(plan.file_config(), 2, 1)
+    one = resolve_read(config, ParallelLayout())
+    with pytest.raises(LayoutError, match="was serialized for TP=2 x PP=1"):
+        check_shards(one.file_config(), 1, 1)
+
+
 def test_inspect_and_verify_take_a_directory(capsys, tp2_dir):
     assert main(["inspect", str(tp2_dir)]) == 0
     out = capsys.readouterr().out

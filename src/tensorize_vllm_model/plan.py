@@ -134,10 +134,16 @@ class WritePlan:
 def resolve_read(config: TensorizerConfig, layout: ParallelLayout) -> ReadPlan:
     """The read plan of one rank of `layout` (see the module's rules).
 
+    A ``tensorizer_uri`` that is a model directory (`model_directory_tensors`) is read as
+    ``tensorizer_dir`` is.
+
     Raises:
         ConfigError: an explicit rank template that does not format.
         StorageError: the directory cannot be looked at (a remote one).
     """
+    if config.given_uri and model_directory_tensors(config.given_uri, config.stream_options()):
+        # a model directory given as the tensors: its files, as for tensorizer_dir
+        config = dataclasses.replace(config, tensorizer_uri=None, tensorizer_dir=config.given_uri)
     given = config.given_uri
     directory = config.tensorizer_dir or "."
     template = given or _directory_template(directory, layout.world_size, config)

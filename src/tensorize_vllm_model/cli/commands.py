@@ -16,7 +16,7 @@ from ..errors import StorageError
 from ..format.names import serialized_dir
 from ..format.record import ParallelLayout
 from ..keys import read_key
-from ..plan import ReadPlan, resolve_read
+from ..plan import ReadPlan, model_directory_tensors, resolve_read
 from .configs import credentials_to_environment, deserialize_config, read_config, serialize_config
 from .output import print_report, print_verified, print_written
 
@@ -122,8 +122,13 @@ def deserialize(args: argparse.Namespace) -> int:
     from ..vllm_integration.messages import LOAD_FORMAT, WORKER_EXTENSION
 
     config = deserialize_config(args)
-    if args.serialized_directory and not getattr(args, "model_given", False):
-        args.model = args.serialized_directory  # its config and tokenizer too
+    directory = args.serialized_directory or (
+        config.given_uri
+        if config.given_uri and model_directory_tensors(config.given_uri, config.stream_options())
+        else None
+    )
+    if directory and not getattr(args, "model_given", False):
+        args.model = directory  # its config and tokenizer too
     engine_args = engine_args_from_namespace(args)
     source = resolve_read(config, ParallelLayout(*parallel_sizes(engine_args)))
     start = time.perf_counter()
