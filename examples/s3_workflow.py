@@ -9,10 +9,14 @@ To use a real bucket instead, set the endpoint, credentials and bucket first:
     S3_ENDPOINT_URL=https://s3.us-east-1.amazonaws.com S3_ACCESS_KEY_ID=... \
     S3_SECRET_ACCESS_KEY=... .venv/bin/python examples/s3_workflow.py --bucket my-bucket
 
-Steps: build a small local model; ``python -m tensorize_vllm_model ... serialize
---serialized-directory s3://BUCKET/demo`` (tensors, config and tokenizer to the bucket);
+Steps: build a small local model (random weights: its text is noise, the point is the
+transfer); ``python -m tensorize_vllm_model ... serialize --serialized-directory
+s3://BUCKET/demo`` (tensors, config and tokenizer to the bucket);
 ``LLM("s3://BUCKET/demo/vllm/tiny-llama/v1", load_format="tensorizer")``, which fetches
 only the small files into a local cache and streams the tensors from S3 into memory.
+
+The loopback server lives as long as the script: with ``--keep-serving`` it stays up after
+the run (until Ctrl-C), and the ``vllm serve`` command printed last works in another shell.
 """
 
 import argparse
@@ -66,6 +70,12 @@ def start_loopback_s3(bucket: str):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bucket", default="demo-models")
+    parser.add_argument(
+        "--keep-serving",
+        action="store_true",
+        help="keep the loopback S3 server up after the run (until Ctrl-C), so that the "
+        "printed vllm serve command works",
+    )
     args = parser.parse_args()
 
     from vllm import LLM, SamplingParams
@@ -78,11 +88,15 @@ def main() -> None:
         print(f"using the S3 endpoint {endpoint}, bucket {args.bucket}")
     else:
         server, endpoint = start_loopback_s3(args.bucket)
-        print(f"started an S3 API server on {endpoint} (moto), bucket {args.bucket}")
+        print(
+            f"started an S3 API server on {endpoint} (moto, loopback only, in memory: it "
+            f"stops with this script), bucket {args.bucket}"
+        )
     # A loopback server speaks plain HTTP; real endpoints should be https://.
     allow_http = ["--allow-http"] if endpoint.startswith("http://") else []
     extra = {"stream_kwargs": {"force_http": True}} if allow_http else {}
 
+    print("building a small model with random weights (its text is noise)", flush=True)
     model_dir = build_model(
         WORK / "tiny-llama", hidden_size=512, num_heads=8, num_layers=4, intermediate_size=1536
     )
@@ -127,18 +141,50 @@ def main() -> None:
         f"Streamed {stats['bytes'] / 1e6:.1f} MB from {stats['uri']} in {stats['seconds']:.3f} s "
         f"({stats['bytes'] / stats['seconds'] / 1e9:.2f} GB/s); engine ready in {ready:.1f} s"
     )
-    print(
-        "\nServe it the same way:\n"
-        f"  vllm serve {uri} --load-format tensorizer"
-        + (
-            ' --model-loader-extra-config \'{"stream_kwargs": {"force_http": true}}\''
-            if extra
-            else ""
-        )
-    )
     llm.llm_engine.engine_core.shutdown()
+    print_serve_command(
+        uri, endpoint, flags, extra, loopback=server is not None, kept=args.keep_serving
+    )
     if server is not None:
+        if args.keep_serving:
+            wait_for_ctrl_c(endpoint)
         server.stop()
+
+
+def print_serve_command(
+    uri: str, endpoint: str, flags: list[str], extra: dict, *, loopback: bool, kept: bool
+) -> None:
+    """The ``vllm serve`` command that serves the model from the bucket, when it can work
+    after this script: with a real bucket, or a loopback server kept up (--keep-serving)."""
+    environment = (
+        f"S3_ENDPOINT_URL={endpoint} S3_ACCESS_KEY_ID=demo S3_SECRET_ACCESS_KEY=demo-secret "
+        if loopback
+        else ""
+    )
+    http = ' --model-loader-extra-config \'{"stream_kwargs": {"force_http": true}}\''
+    command = (
+        f"{environment}.venv/bin/vllm serve {uri} --load-format tensorizer "
+        + " ".join(flags)
+        + (http if extra else "")
+    )
+    if loopback and not kept:
+        print(
+            "\nThe loopback S3 server stopped with this script. To serve the model from it "
+            "with vllm serve, run\n  .venv/bin/python examples/s3_workflow.py --keep-serving\n"
+            "and, in another shell while it waits, the vllm serve command it prints."
+        )
+        return
+    print(f"\nServe it from the bucket (in another shell):\n  {command}", flush=True)
+
+
+def wait_for_ctrl_c(endpoint: str) -> None:
+    """Keep the loopback server up until Ctrl-C."""
+    print(f"\nThe S3 server on {endpoint} stays up until Ctrl-C.", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping the S3 server")
 
 
 if __name__ == "__main__":

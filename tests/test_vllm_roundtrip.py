@@ -112,8 +112,7 @@ def test_encrypted_without_key_cli_refuses_before_engine(llama_encrypted):
     proc = run_deserialize(directory, directory / "model.tensors")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"error: {directory / 'model.tensors'} is encrypted: give the key with --keyfile / "
-        "encryption_keyfile"
+        f"error: {directory / 'model.tensors'} is encrypted: give the key with --keyfile KEYFILE"
     )
     assert time.monotonic() - start < 25  # refused before any engine started
 
@@ -138,7 +137,10 @@ def test_encrypted_without_key_llm_fails_clearly(llama_encrypted):
         separate_processes=True,
     )
     assert proc.returncode != 0
-    assert f"{directory / 'model.tensors'} is encrypted: give the key" in proc.stdout + proc.stderr
+    assert (
+        f"{directory / 'model.tensors'} is encrypted: give the key as encryption_keyfile in "
+        "model_loader_extra_config" in proc.stdout + proc.stderr
+    )
 
 
 def test_hugging_face_tensorized_file_loads(llama_reference, tiny_llama, tmp_path):

@@ -8,6 +8,10 @@ the fix.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 __all__ = [
     "TensorizeError",
     "ConfigError",
@@ -24,6 +28,9 @@ __all__ = [
     "ModelMismatchError",
     "LayoutError",
     "WorkerError",
+    "entry_point",
+    "key_hint",
+    "setting_hint",
 ]
 
 
@@ -94,3 +101,56 @@ class LayoutError(TensorizeError):
 
 class WorkerError(TensorizeError):
     """A vLLM worker failed while running this package's code (its message is vLLM's)."""
+
+
+# -- the fix, in the words of the entry point in use --------------------------------------
+# A message that names a fix names it as the user gives it: a flag of this package's command
+# line ("cli"), a field of vLLM's loader extra config with `vllm serve` ("vllm serve") or
+# `LLM(...)` ("LLM"), or a keyword of this package's Python functions ("python", the default).
+ENTRY_POINTS = ("python", "cli", "vllm serve", "LLM")
+_ENTRY: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "tensorize_vllm_model_entry_point", default="python"
+)
+
+
+@contextlib.contextmanager
+def entry_point(name: str) -> Iterator[None]:
+    """Within the block, messages name fixes in the words of entry point `name` (one of
+    `ENTRY_POINTS`); an entry point already set by an outer block (the command line, which
+    starts vLLM in its own process) is kept."""
+    if name not in ENTRY_POINTS:
+        raise ValueError(f"unknown entry point {name!r}; one of {ENTRY_POINTS}")
+    token = _ENTRY.set(name) if _ENTRY.get() == "python" else None
+    try:
+        yield
+    finally:
+        if token is not None:
+            _ENTRY.reset(token)
+
+
+def current_entry_point() -> str:
+    """The entry point in use (see `entry_point`)."""
+    return _ENTRY.get()
+
+
+def key_hint() -> str:
+    """How to give the decryption key, in the words of the entry point in use."""
+    return {
+        "cli": "give the key with --keyfile KEYFILE",
+        "vllm serve": "give the key as encryption_keyfile in --model-loader-extra-config, "
+        'e.g. --model-loader-extra-config \'{"encryption_keyfile": "KEYFILE"}\'',
+        "LLM": "give the key as encryption_keyfile in model_loader_extra_config, e.g. "
+        'LLM(..., model_loader_extra_config={"encryption_keyfile": KEYFILE})',
+    }.get(
+        _ENTRY.get(),
+        'give the key in the config= argument, e.g. config={"encryption_keyfile": KEYFILE}',
+    )
+
+
+def setting_hint(name: str, value: object) -> str:
+    """Engine setting `name` (an ``EngineArgs`` field) = `value`, as the entry point in use
+    spells it: ``--tensor-parallel-size 2`` on a command line, ``tensor_parallel_size=2``
+    in Python."""
+    if _ENTRY.get() in ("cli", "vllm serve"):
+        return f"--{name.replace('_', '-')} {value}"
+    return f"{name}={value}"

@@ -3,8 +3,10 @@
 `inspect_tensors` reads only headers and indexes (no tensor is read or allocated, and an
 encrypted file can be listed without its key); `verify_tensors` reads every tensor, checks
 its stored hashes (and that it decrypts with the key given) and names each bad one. Both
-take a local path, an ``s3://`` or ``http(s)://`` URI, or a rank template such as
-``model-rank-%03d.tensors`` (every shard is then covered).
+take a local path, an ``s3://`` or ``http(s)://`` URI, a rank template such as
+``model-rank-%03d.tensors`` (every shard is then covered), or a model directory written by
+``serialize`` or ``convert`` (its files found as a load finds them,
+`plan.model_directory_tensors`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from .checks import check_shards
 from .config import TensorizerConfig, as_tensorizer_config
 from .errors import CorruptTensorError, EncryptionError
 from .format.record import MARKER_NAME, RECORD_NAME, FileRecord
-from .plan import discover_rank_uris
+from .plan import discover_rank_uris, model_directory_tensors
 from .progress import progress
 from .read.reader import TensorEntry, open_tensors
 
@@ -72,10 +74,28 @@ class VerifyReport:
     bytes: int = 0
     seconds: float = 0.0
     bad: list[tuple[str, str]] = field(default_factory=list)
+    # whether every tensor was decrypted (an encrypted file), and the layout the file's
+    # record names ("TP=2 x PP=1, rank 0"; "" when it has none, "any" when converted)
+    encrypted: bool = False
+    layout: str = ""
 
     @property
     def intact(self) -> bool:
         return not self.bad
+
+    def to_json(self) -> dict[str, Any]:
+        """The report as ``verify --json`` prints it (bytes, seconds as floats)."""
+        return {
+            "uri": self.uri,
+            "intact": self.intact,
+            "tensor_count": self.tensors,
+            "tensor_bytes": self.bytes,
+            "seconds": round(self.seconds, 3),
+            "hashes_checked": True,
+            "decrypted": self.encrypted,
+            "layout": self.layout or None,
+            "bad": [{"tensor": name, "reason": reason} for name, reason in self.bad],
+        }
 
 
 def shard_uris(uri: str, config: TensorizerConfig | None = None) -> list[str]:
@@ -88,6 +108,7 @@ def shard_uris(uri: str, config: TensorizerConfig | None = None) -> list[str]:
 
 def _shards(uri: str, config: TensorizerConfig) -> tuple[list[str], FileRecord | None]:
     """`shard_uris`, and rank 0's record where discovering them read it (a rank template)."""
+    uri = model_directory_tensors(uri, config.stream_options()) or uri
     records: list[FileRecord | None] = []
 
     def read_record(first: str) -> FileRecord | None:
@@ -149,6 +170,7 @@ def verify_tensors(uri: str, config: TensorizerConfig | None = None) -> list[Ver
         as_tensorizer_config(config) if config else TensorizerConfig(tensorizer_uri=uri),
         verify_hash=True,
     )
+    uri = model_directory_tensors(uri, config.stream_options()) or uri
     shards, record = _shards(uri, config)
     if len(shards) > 1 and record is not None:
         # Each shard holds its own rank of the layout rank 0's record names, as a load at
@@ -169,7 +191,14 @@ def _verify_file(uri: str, config: TensorizerConfig) -> VerifyReport:
             f"Verifying {_file_name(reader.uri)}", reader.total_tensor_bytes
         ) as reader.on_bytes,
     ):
-        report = VerifyReport(uri=reader.uri)
+        report = VerifyReport(uri=reader.uri, encrypted=reader.encrypted)
+        record = reader.record
+        if record is not None:
+            report.layout = (
+                "any (converted)"
+                if reader.checkpoint_form
+                else f"{record.layout_text}, rank {record.rank}"
+            )
         entries = reader.entries()
         if reader.encrypted and entries:
             _check_key(reader, entries[0].name)

@@ -95,8 +95,27 @@ def load_into_module(
             tensor = tensor.permute(1, 0, 2).reshape(out, count * width)
         fill.put(name, tensor)
     stats = reader.stats(tensors=fill.count, nbytes=fill.bytes)
-    fill.check(reader.uri, type(module).__name__, strict=strict)
+    hint = ""
+    if reader.is_vllm_tensorized and not reader.checkpoint_form:
+        hint = (
+            f"; {reader.uri} holds vLLM's own parameters (as serialize writes them, e.g. "
+            "fused qkv_proj), which load into vLLM; the file that loads into the "
+            "checkpoint's own (transformers) model is convert's output"
+        )
+    fill.check(reader.uri, type(module).__name__, strict=strict, hint=hint)
     return stats
+
+
+# How many names each part of a mismatch error lists (the rest are counted).
+NAMES_SHOWN = 6
+
+
+def _listed(names: list[str]) -> str:
+    """`names` for a message: the first `NAMES_SHOWN`, then how many more (of how many)."""
+    shown = ", ".join(names[:NAMES_SHOWN])
+    if len(names) > NAMES_SHOWN:
+        return f"{shown} and {len(names) - NAMES_SHOWN} more ({len(names)} in all)"
+    return shown
 
 
 class _Fill:
@@ -137,9 +156,10 @@ class _Fill:
             tensor = tensor.to(current.dtype)
         slot.replace(tensor)
 
-    def check(self, uri: str, model: str, *, strict: bool) -> None:
-        """Raises ModelMismatchError naming what did not match (`strict`), or what is
-        still on meta (always)."""
+    def check(self, uri: str, model: str, *, strict: bool, hint: str = "") -> None:
+        """Raises ModelMismatchError naming what did not match (`strict`; the first few
+        names of each kind, and how many), then `hint`; or what is still on meta
+        (always)."""
         misshapen = {entry.split(" ", 1)[0] for entry in self.misshapen}
         still_meta = sorted(
             name
@@ -149,18 +169,20 @@ class _Fill:
         if strict and (self.unexpected or self.misshapen or still_meta):
             problems = []
             if still_meta:
-                problems.append(f"missing from the file: {', '.join(still_meta)}")
+                problems.append(f"missing from the file: {_listed(still_meta)}")
             if self.unexpected:
-                problems.append(f"not in the model: {', '.join(self.unexpected)}")
+                problems.append(f"not in the model: {_listed(self.unexpected)}")
             if self.misshapen:
-                problems.append(f"wrong shape: {', '.join(self.misshapen)}")
+                problems.append(f"wrong shape: {_listed(self.misshapen)}")
             raise ModelMismatchError(
-                f"{uri} does not match the model being loaded ({model}): " + "; ".join(problems)
+                f"{uri} does not match the model being loaded ({model}): "
+                + "; ".join(problems)
+                + hint
             )
         if still_meta:
             raise ModelMismatchError(
                 f"after loading {uri}, these tensors are still on the meta device (not "
-                f"loaded): {', '.join(still_meta)}"
+                f"loaded): {_listed(still_meta)}{hint}"
             )
 
 

@@ -24,12 +24,21 @@ The plan reads no tensors file itself (only whether files exist): what it needs 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import storage
-from .format.names import has_rank_template, needs_rank_files, rank_uri, tensors_uri
+from .errors import ConfigError, NotFound
+from .format.names import (
+    DEFAULT_TENSORS_NAME,
+    SHARDED_TENSORS_NAME,
+    has_rank_template,
+    needs_rank_files,
+    rank_uri,
+    tensors_uri,
+)
 from .format.record import FileRecord, ParallelLayout
 
 if TYPE_CHECKING:
@@ -43,6 +52,8 @@ __all__ = [
     "check_layout",
     "check_shared_file",
     "discover_rank_uris",
+    "model_directory_tensors",
+    "one_file_of_directory",
 ]
 
 
@@ -123,13 +134,19 @@ class WritePlan:
 def resolve_read(config: TensorizerConfig, layout: ParallelLayout) -> ReadPlan:
     """The read plan of one rank of `layout` (see the module's rules).
 
+    A ``tensorizer_uri`` that is a model directory (`model_directory_tensors`) is read as
+    ``tensorizer_dir`` is.
+
     Raises:
         ConfigError: an explicit rank template that does not format.
         StorageError: the directory cannot be looked at (a remote one).
     """
+    if config.given_uri and model_directory_tensors(config.given_uri, config.stream_options()):
+        # a model directory given as the tensors: its files, as for tensorizer_dir
+        config = dataclasses.replace(config, tensorizer_uri=None, tensorizer_dir=config.given_uri)
     given = config.given_uri
     directory = config.tensorizer_dir or "."
-    template = given or tensors_uri(directory, layout.world_size)
+    template = given or _directory_template(directory, layout.world_size, config)
     shared = _shared_file(config, layout.world_size)
     uri = shared or rank_uri(template, layout, shared=True)
     return ReadPlan(
@@ -230,6 +247,70 @@ def check_shared_file(
     if record is not None:
         record.check_layout(layout, source=uri)
     raise needs_rank_files(uri, layout)
+
+
+def model_directory_tensors(uri: str, options: dict[str, Any] | None = None) -> str | None:
+    """The tensors of the model directory `uri`, found as a load finds them: its rank
+    template (``DIR/model-rank-%03d.tensors``) when it has rank files, else its
+    ``DIR/model.tensors``. None when `uri` is not a directory: a file, a rank template, or
+    (remote) a name with a dot in its last part or with no tensors under it.
+
+    Raises:
+        NotFound: a local directory with neither file (both names are given).
+    """
+    if has_rank_template(uri):
+        return None
+    local = storage.local_path(uri)
+    if local is not None and not os.path.isdir(local):
+        return None
+    if local is None and "." in uri.rstrip("/").rsplit("/", 1)[-1]:
+        return None  # a file name (model.tensors), not a directory
+    directory = uri.rstrip("/") or "/"
+    for template in (tensors_uri(directory, 2), tensors_uri(directory, 1)):
+        if storage.exists(rank_uri(template, ParallelLayout()), options):
+            return template
+    if local is None:
+        return None
+    raise NotFound(
+        f"{uri} is a directory without tensors (neither {DEFAULT_TENSORS_NAME} nor "
+        f"{rank_uri(SHARDED_TENSORS_NAME, ParallelLayout())}); give the directory serialize "
+        "or convert printed, or a tensors file"
+    )
+
+
+def one_file_of_directory(uri: str, options: dict[str, Any] | None = None) -> str | None:
+    """The one tensors file of the model directory `uri` (its ``model.tensors``), for a
+    reader that opens one file (`read.reader.open_tensors`); None when `uri` is no
+    directory (`model_directory_tensors`).
+
+    Raises:
+        ConfigError: the directory holds one file per rank (rank 0's file is named).
+        NotFound: a local directory without tensors.
+    """
+    found = model_directory_tensors(uri, options)
+    if found is not None and has_rank_template(found):
+        first = rank_uri(found, ParallelLayout())
+        raise ConfigError(
+            f"{uri} holds one file per rank ({first}, ...): open one of them, e.g. "
+            f"open_tensors({first!r})"
+        )
+    return found
+
+
+def _directory_template(directory: str, world_size: int, config: TensorizerConfig) -> str:
+    """The tensors a load at `world_size` ranks reads from `directory`: ``model.tensors``
+    at one rank, rank files at more. At one rank, a directory holding only rank files gives
+    its rank template, so the check of rank 0's record names the layout they were written
+    for (rather than a missing ``model.tensors``)."""
+    template = tensors_uri(directory, world_size)
+    if world_size == 1:
+        options = config.stream_options()
+        sharded = tensors_uri(directory, 2)
+        if not storage.exists(template, options) and storage.exists(
+            rank_uri(sharded, ParallelLayout()), options
+        ):
+            return sharded
+    return template
 
 
 def _shared_file(config: TensorizerConfig, world_size: int) -> str | None:

@@ -12,8 +12,11 @@ import uuid
 
 from .. import storage
 from ..config import TensorizerConfig
+from ..errors import StorageError
+from ..format.names import serialized_dir
 from ..format.record import ParallelLayout
 from ..keys import read_key
+from ..plan import ReadPlan, model_directory_tensors, resolve_read
 from .configs import credentials_to_environment, deserialize_config, read_config, serialize_config
 from .output import print_report, print_verified, print_written
 
@@ -32,8 +35,22 @@ def inspect_or_verify(command: str, args: argparse.Namespace) -> int:
                 print_report(report)
         return 0
     results = verify_tensors(args.uri, config)
-    print_verified(results)
+    if args.json:
+        print(json.dumps({"files": [r.to_json() for r in results]}, indent=2))
+    else:
+        print_verified(results)
     return 0 if all(r.intact for r in results) else 1
+
+
+def holds_a_model(directory: str, config: TensorizerConfig) -> bool:
+    """Whether `directory` already holds a serialized model (its tensors or config), which
+    a serialize or convert to it replaces (said as ``replaced``)."""
+    options = config.stream_options()
+    names = ("model.tensors", "model-rank-000.tensors", "config.json")
+    try:
+        return any(storage.exists(storage.join(directory, name), options) for name in names)
+    except StorageError:  # the write names the problem (its checks come before any write)
+        return False
 
 
 def announce_existing_key(keyfile: str | None, config: TensorizerConfig) -> None:
@@ -54,10 +71,12 @@ def convert(args: argparse.Namespace) -> int:
 
     config = read_config(args, {"tensorizer_uri": "model.tensors"}, None)
     announce_existing_key(args.keyfile, config)
+    suffix = args.suffix or uuid.uuid4().hex
+    replaced = holds_a_model(serialized_dir(args.serialized_directory, args.model, suffix), config)
     result = convert_checkpoint(
         args.model,
         args.serialized_directory,
-        suffix=args.suffix or uuid.uuid4().hex,
+        suffix=suffix,
         dtype=args.dtype,
         revision=args.revision,
         keyfile=args.keyfile,
@@ -70,7 +89,7 @@ def convert(args: argparse.Namespace) -> int:
         f"Converted {result.tensors} tensors ({result.bytes / 1e6:.1f} MB) in "
         f"{result.seconds:.1f} s ({rate:.2f} GB/s) to {result.directory}"
     )
-    print_written(result)
+    print_written(result, replaced=replaced)
     return 0
 
 
@@ -84,12 +103,13 @@ def serialize(args: argparse.Namespace) -> int:
     engine_args.model_loader_extra_config = {}
     lora_paths = [*args.lora_paths_before, *args.lora_paths]
     announce_existing_key(config.encryption_keyfile, config)
+    replaced = holds_a_model(config.tensorizer_dir or "", config)
     result = tensorize_vllm_model(engine_args, config, lora_paths=lora_paths)
     print(
         f"Serialized {result.tensors} tensors ({result.bytes / 1e6:.1f} MB) in "
         f"{result.seconds:.1f} s to {result.directory}"
     )
-    print_written(result)
+    print_written(result, replaced=replaced)
     return 0
 
 
@@ -98,13 +118,17 @@ def deserialize(args: argparse.Namespace) -> int:
 
     Every rank's file is checked before any engine work, by the plug-in's engine hook, as
     for any ``LLM(..., load_format="tensorizer")``."""
-    from ..plan import resolve_read
     from ..vllm_integration.engine import Engine, engine_args_from_namespace, parallel_sizes
     from ..vllm_integration.messages import LOAD_FORMAT, WORKER_EXTENSION
 
     config = deserialize_config(args)
-    if args.serialized_directory and not getattr(args, "model_given", False):
-        args.model = args.serialized_directory  # its config and tokenizer too
+    directory = args.serialized_directory or (
+        config.given_uri
+        if config.given_uri and model_directory_tensors(config.given_uri, config.stream_options())
+        else None
+    )
+    if directory and not getattr(args, "model_given", False):
+        args.model = directory  # its config and tokenizer too
     engine_args = engine_args_from_namespace(args)
     source = resolve_read(config, ParallelLayout(*parallel_sizes(engine_args)))
     start = time.perf_counter()
@@ -126,6 +150,29 @@ def deserialize(args: argparse.Namespace) -> int:
             f"{seconds:.2f} s ({rate:.2f} GB/s) on {len(stats)} rank(s); engine ready in "
             f"{ready:.1f} s"
         )
+    print(checked_text(config, source))
     print(f"Prompt: {args.prompt!r}")
     print(f"Generated: {text!r}")
     return 0
+
+
+def checked_text(config: TensorizerConfig, source: ReadPlan) -> str:
+    """What a deserialize checked, on one line: the files' format and layout (always, by
+    the engine hook), the decryption, and the hashes (with --verify-hash)."""
+    files = len(source.rank_uris())
+    checked = [
+        f"{files} file{'s' if files > 1 else ''} checked: tensorizer format, "
+        + (
+            "one file every rank reads (whole weights)"
+            if source.shared
+            else f"written for {source.layout.describe()}"
+        )
+    ]
+    if config.encryption_keyfile:
+        checked.append(f"decrypted with the key in {config.encryption_keyfile}")
+    deserialization = config.deserialization_kwargs or {}
+    if config.verify_hash or deserialization.get("verify_hash"):
+        checked.append("every tensor's hash checked while loading (--verify-hash)")
+    else:
+        checked.append("hashes not checked (add --verify-hash, or run verify)")
+    return "; ".join(checked)

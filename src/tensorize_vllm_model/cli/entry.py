@@ -16,10 +16,11 @@ import sys
 from collections.abc import Sequence
 
 from .. import interrupts
-from ..errors import ConfigError, TensorizeError
+from ..errors import ConfigError, TensorizeError, entry_point
 from . import commands
 from .configs import check_model_path
 from .parsers import (
+    COMMAND_HELP,
     CONVERT_TOP_FLAGS,
     FILE_COMMANDS,
     LISTED_COMMANDS,
@@ -27,6 +28,8 @@ from .parsers import (
     build_convert_parser,
     build_file_parser,
     build_parser,
+    print_engine_flags,
+    top_help,
 )
 
 
@@ -37,7 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     returns 130 or 143 (see `interrupts`)."""
     interrupts.install()
     try:
-        return _run(list(sys.argv[1:] if argv is None else argv))
+        with entry_point("cli"):  # messages name this command line's flags
+            return _run(list(sys.argv[1:] if argv is None else argv))
     except SystemExit as e:  # argparse's usage errors (already printed) and --help
         if isinstance(e.code, str):
             print(e.code, file=sys.stderr)
@@ -63,6 +67,13 @@ def _silence_stdout() -> None:
 
 
 def _run(argv: list[str]) -> int:
+    before = argv[: next((i for i, a in enumerate(argv) if a in COMMAND_HELP), len(argv))]
+    if "-h" in before or "--help" in before:
+        print(top_help(), end="")
+        return 0
+    search = next((a for a in before if a.startswith("--help=")), None)
+    if search is not None:  # vLLM's engine flags: all, or those matching a word
+        print_engine_flags(search)
     if argv and argv[0] in FILE_COMMANDS:
         args = build_file_parser(argv[0]).parse_args(argv[1:])
         return commands.inspect_or_verify(argv[0], args)

@@ -104,17 +104,21 @@ def _file_rows(command: str) -> tuple[Row, ...]:
     keyfile = "The key of an encrypted file" + (
         " (not needed to list it)." if command == "inspect" else "."
     )
-    own = (
-        Row("--json", "Print one JSON document instead of a table.")
+    own: tuple[Row, ...] = (
+        (Row("--json", "Print one JSON document instead of a table."),)
         if command == "inspect"
-        else Row("--num-readers", TENSORIZER_FLAGS["--num-readers"]["help"])
+        else (
+            Row("--json", "Print one JSON document (every file, each bad tensor) instead."),
+            Row("--num-readers", TENSORIZER_FLAGS["--num-readers"]["help"]),
+        )
     )
     uri = Row(
         "uri",
-        "A local path, s3:// or http(s):// URI, or a rank template such as "
-        "model-rank-%%03d.tensors (every shard).",
+        "A tensors file (a local path, s3:// or http(s):// URI), a rank template such as "
+        "model-rank-%%03d.tensors (every shard), or a model directory written by serialize "
+        "or convert (its files found as a load finds them).",
     )
-    return (uri, Row("--keyfile", keyfile), own, *_rows(REMOTE_HELP, REMOTE))
+    return (uri, Row("--keyfile", keyfile), *own, *_rows(REMOTE_HELP, REMOTE))
 
 
 # serialize and convert take --keyfile with the same rules (keys.prepare_key)

@@ -7,10 +7,16 @@ from typing import Any
 from ..storage import local_path
 
 
-def print_written(result: Any) -> None:
-    """The files a serialize or convert published, its key, and (last line) its directory."""
+def print_written(result: Any, *, replaced: bool = False) -> None:
+    """The files a serialize or convert published, its key, whether it replaced an earlier
+    model (the same --suffix), and (last line) its directory."""
     for uri in result.files:
         print(f"  wrote {uri}")
+    if replaced:
+        print(
+            f"  replaced the model that was in {result.directory} (same --suffix; give "
+            "another --suffix to keep both)"
+        )
     if result.keyfile and result.key_existing:
         print(f"  encrypted with the existing key in {result.keyfile} (left unchanged)")
     elif result.keyfile:
@@ -83,7 +89,9 @@ def print_verified(results: list[Any]) -> None:
         if result.intact:
             print(
                 f"OK {result.uri}: {result.tensors} tensors, {result.bytes / 1e6:.1f} MB, "
-                f"hashes checked in {result.seconds:.2f} s"
+                f"hashes checked{', decrypted with the key' if result.encrypted else ''}"
+                f"{', layout ' + result.layout if result.layout else ''} "
+                f"in {result.seconds:.2f} s"
             )
         else:
             print(f"BAD {result.uri}: {len(result.bad)} of {result.tensors} tensors corrupt")

@@ -7,7 +7,9 @@ vLLM side); ``inspect``, ``verify`` and ``convert`` need neither vLLM nor its fl
 from __future__ import annotations
 
 import argparse
+import textwrap
 from collections.abc import Sequence
+from typing import NoReturn
 
 from ..config import TensorizerArgs
 from .flags import COMMANDS, CONVERT_MODEL, ENGINE_TOP, TENSORIZER, add_flags
@@ -38,6 +40,52 @@ LISTED_COMMANDS = {
     **FILE_COMMANDS,
     "convert": "Convert a Hugging Face checkpoint into one tensorizer file (no vLLM)",
 }
+SERIALIZE_HELP = "Serialize a model to --serialized-directory"
+DESERIALIZE_HELP = "Load a serialized model in vLLM, generate from a prompt, print the load time"
+COMMAND_HELP = {"serialize": SERIALIZE_HELP, "deserialize": DESERIALIZE_HELP, **LISTED_COMMANDS}
+
+
+ENGINE_FLAGS_NOTE = (
+    "vLLM's engine flags (--model, --dtype, --tensor-parallel-size, "
+    "--gpu-memory-utilization, ...: the same as vllm serve's) go before the command; "
+    f"`{PROG} --help=all` lists them all, `{PROG} --help=WORD` those whose group or name "
+    "matches WORD (e.g. --help=ParallelConfig, --help=tensor-parallel)."
+)
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A command's own parser: its flags with their descriptions in ``--help``, and a usage
+    error on one line (``PROG COMMAND: error: ...``, exit code 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def top_help() -> str:
+    """The top-level ``--help``: the commands, then where each one's flags are listed."""
+    width = max(len(name) for name in COMMAND_HELP)
+    lines = [
+        f"usage: {PROG} [vLLM engine flags] {{serialize,deserialize}} [flags]",
+        f"       {PROG} {{inspect,verify}} URI [flags]",
+        f"       {PROG} --model SRC [--dtype D] convert [flags]",
+        "",
+        textwrap.fill(DESCRIPTION, 88),
+        "",
+        "commands:",
+        *(f"  {name:<{width}}  {text}" for name, text in COMMAND_HELP.items()),
+        "",
+        f"Each command's own flags: {PROG} COMMAND --help.",
+        textwrap.fill(ENGINE_FLAGS_NOTE, 88),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def print_engine_flags(search: str) -> None:
+    """vLLM's help of its engine flags, searched as ``--help=WORD`` searches them (``all``:
+    every flag); exits 0 after printing, as argparse's help does."""
+    from ..vllm_integration.engine import make_parser
+
+    make_parser(prog=PROG, description="vLLM's engine flags").parse_args([search])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,22 +95,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser = make_parser(prog=PROG, description=DESCRIPTION)
     add_flags(parser, ENGINE_TOP)
     subparsers = parser.add_subparsers(
-        dest="command", metavar="{serialize,deserialize,inspect,verify,convert}"
+        dest="command",
+        metavar="{serialize,deserialize,inspect,verify,convert}",
+        parser_class=CommandParser,
     )
     for name, text in LISTED_COMMANDS.items():  # listed; parsed by their own parsers
         listed = subparsers.add_parser(name, help=text, add_help=False)
         listed.parse_known_args = _takes_the_rest  # type: ignore[method-assign,assignment]
     serialize = subparsers.add_parser(
         "serialize",
-        help="Serialize a model to --serialized-directory",
+        help=SERIALIZE_HELP,
         description="Load --model with vLLM and write its tensors, config and tokenizer to "
         "DIR/vllm/<model>/<suffix>/.",
+        epilog=ENGINE_FLAGS_NOTE,
     )
     add_flags(serialize, COMMANDS["serialize"])
     deserialize = subparsers.add_parser(
         "deserialize",
-        help="Deserialize a model from --path-to-tensors to verify it can be loaded and used",
-        description="Load the tensors into vLLM, generate from a prompt, print the load time.",
+        help=DESERIALIZE_HELP,
+        description="Load the tensors into vLLM, generate from a prompt, print the load time "
+        "and what was checked.",
+        epilog=ENGINE_FLAGS_NOTE,
     )
     rows = COMMANDS["deserialize"]
     add_flags(deserialize, tuple(r for r in rows if r.group != TENSORIZER))
@@ -81,7 +134,7 @@ def _takes_the_rest(
 
 def build_file_parser(command: str) -> argparse.ArgumentParser:
     """The parser of ``inspect`` and ``verify``: they need neither vLLM nor its flags."""
-    parser = argparse.ArgumentParser(prog=f"{PROG} {command}", description=FILE_COMMANDS[command])
+    parser = CommandParser(prog=f"{PROG} {command}", description=FILE_COMMANDS[command])
     add_flags(parser, COMMANDS[command])
     return parser
 
@@ -90,11 +143,15 @@ def build_convert_parser() -> argparse.ArgumentParser:
     """The parser of ``convert``: a few model flags before the command, no vLLM."""
     from ..convert.writer import DTYPES
 
-    parser = argparse.ArgumentParser(prog=PROG, description=CONVERT_DESCRIPTION)
+    parser = CommandParser(prog=PROG, description=CONVERT_DESCRIPTION)
     add_flags(parser, CONVERT_MODEL, overrides={"--dtype": {"choices": DTYPES}})
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="{convert}")
     convert = subparsers.add_parser(
-        "convert", help=CONVERT_DESCRIPTION, description=CONVERT_DESCRIPTION
+        "convert",
+        help=CONVERT_DESCRIPTION,
+        description=CONVERT_DESCRIPTION,
+        epilog=f"convert takes only {', '.join(CONVERT_TOP_FLAGS)} before the command (no "
+        "other engine flag: it starts no engine).",
     )
     add_flags(convert, COMMANDS["convert"])
     return parser

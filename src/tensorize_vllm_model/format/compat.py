@@ -31,6 +31,7 @@ from ..errors import (
     FormatError,
     StorageError,
     TensorizeError,
+    key_hint,
 )
 
 __all__ = [
@@ -84,7 +85,7 @@ class ErrorRule:
 
 
 def _needs_key(uri: str, keyfile: str | None, e: BaseException) -> Exception:
-    return EncryptionError(f"{uri} is encrypted: give the key with --keyfile / encryption_keyfile")
+    return EncryptionError(f"{uri} is encrypted: {key_hint()}")
 
 
 def _key_not_needed(uri: str, keyfile: str | None, e: BaseException) -> Exception:

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..errors import FormatError, LayoutError
+from ..errors import FormatError, LayoutError, setting_hint
 
 __all__ = [
     "RECORD_NAME",
@@ -184,9 +184,10 @@ class FileRecord:
         ):
             raise LayoutError(
                 f"{source} was serialized for {self.layout_text} but is being loaded with "
-                f"{layout.describe()}; load it with --tensor-parallel-size "
-                f"{self.tensor_parallel_size} --pipeline-parallel-size "
-                f"{self.pipeline_parallel_size}, or serialize the model again for this layout"
+                f"{layout.describe()}; load it with "
+                f"{setting_hint('tensor_parallel_size', self.tensor_parallel_size)} "
+                f"{setting_hint('pipeline_parallel_size', self.pipeline_parallel_size)}, or "
+                "serialize the model again for this layout"
             )
         if self.rank != layout.rank:
             raise LayoutError(

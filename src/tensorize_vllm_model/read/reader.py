@@ -14,6 +14,7 @@ model alike.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping
@@ -24,10 +25,11 @@ import torch
 
 from .. import storage
 from ..config import TensorizerConfig, as_tensorizer_config
-from ..errors import EncryptionError, ModelMismatchError
+from ..errors import EncryptionError, ModelMismatchError, key_hint
 from ..format.compat import EmptyIndex, index_items, translate_errors
 from ..format.header import FileFacts, check_index, dtype_name, read_preamble
 from ..format.record import MARKER_NAME, RECORD_NAME, RESERVED_NAMES, FileRecord
+from ..plan import one_file_of_directory
 from ..storage.options import StreamOptions
 from ..storage.ranged import DEFAULT_WORKERS, RangeStream
 from .base import LoadStats, OpenFile, ReadEngine, ReadRequest, ReadTimes
@@ -307,7 +309,9 @@ def open_tensors(
     """Open a tensors file for streaming onto `device` (only its header is read now).
 
     Args:
-        uri: a local path or an ``s3://`` / ``http(s)://`` URI (no rank template).
+        uri: a local path or an ``s3://`` / ``http(s)://`` URI (no rank template), or a
+            model directory written by ``serialize`` or ``convert`` with one
+            ``model.tensors`` (a directory of rank files is refused, naming rank 0's file).
         device: where tensors land (``"cpu"``, ``"cuda:0"``...).
         config: read settings (``verify_hash``, ``num_readers``, S3 credentials,
             ``stream_kwargs``, ``deserialization_kwargs``, ``encryption_keyfile``): this
@@ -319,6 +323,7 @@ def open_tensors(
 
     Raises:
         StorageError: the file cannot be opened.
+        ConfigError: `uri` is a directory of rank files.
         FormatError: it is not a tensorizer file, or is truncated.
         EncryptionError: it is encrypted and no key was given, or a key was given for an
             unencrypted file.
@@ -326,6 +331,9 @@ def open_tensors(
     request = request_from_config(
         uri, config, device=device, decryption=decryption, header_only=header_only
     )
+    found = one_file_of_directory(request.uri, request.stream_options)
+    if found is not None:
+        request = dataclasses.replace(request, uri=found)
     return open_request(request)
 
 
@@ -363,9 +371,7 @@ def open_request(request: ReadRequest) -> TensorReader:
         keyless = facts.encrypted and request.decryption is None
         if keyless:
             if not request.header_only:
-                raise EncryptionError(
-                    f"{name} is encrypted: give the key with --keyfile / encryption_keyfile"
-                )
+                raise EncryptionError(f"{name} is encrypted: {key_hint()}")
             # Listing needs no key: the index is not encrypted. A throwaway key gets
             # tensorizer past its check; no tensor is ever decrypted with it.
             from tensorizer import DecryptionParams

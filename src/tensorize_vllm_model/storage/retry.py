@@ -142,10 +142,12 @@ class Attempts:
             return None
         return throttled(what, peer, self.throttled[-1] or "", self.used)
 
-    def unreachable(self, what: str) -> Unreachable:
-        """The error once the attempts ran out without an answer: each attempt's cause."""
+    def unreachable(self, what: str, hint: str = "") -> Unreachable:
+        """The error once the attempts ran out without an answer: each attempt's cause, then
+        `hint` (what to check)."""
         return Unreachable(
             f"cannot reach {what}: no usable answer to {self.used} attempts: {self.listing()}"
+            + (f"; {hint}" if hint else "")
         )
 
 

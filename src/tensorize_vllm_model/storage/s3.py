@@ -202,11 +202,19 @@ def _error(
             )
         return StorageError(f"S3 refused {action} {uri} at {where}: HTTP {status} {code}")
     if isinstance(e, (EndpointConnectionError, ConnectTimeoutError)):
-        return Unreachable(f"cannot reach the S3 endpoint {where} {action} {uri}: {e}")
+        return Unreachable(
+            f"cannot reach the S3 endpoint {where} {action} {uri}: {e}; {ENDPOINT_HINT}"
+        )
     if isinstance(e, ReadTimeoutError):
         return Unreachable(f"the S3 endpoint {where} timed out {action} {uri}")
     kind = Unreachable if isinstance(e, HTTPClientError) else StorageError
     return kind(f"S3 error {action} {uri} at {where}: {type(e).__name__}: {e}")
+
+
+# What an unreachable endpoint's error asks the user to check.
+ENDPOINT_HINT = (
+    "is it up? The endpoint is --s3-endpoint (s3_endpoint in the config), else S3_ENDPOINT_URL"
+)
 
 
 class S3Source(retry.RetryingSource):
@@ -243,7 +251,8 @@ class S3Source(retry.RetryingSource):
         if not _transient(e) or not log.used or isinstance(error, Throttled):
             return error
         return log.unreachable(
-            f"the S3 endpoint {self._resolved.endpoint or 'AWS S3'} reading {self.name}"
+            f"the S3 endpoint {self._resolved.endpoint or 'AWS S3'} reading {self.name}",
+            ENDPOINT_HINT,
         )
 
     def _not_found_or(self, e: Exception) -> StorageError:

@@ -46,14 +46,25 @@ logger = logging.getLogger(f"vllm.{__name__}")
 
 
 class Engine:
-    """A vLLM engine (`vllm.LLM`) started for one job, shut down by `close()`."""
+    """A vLLM engine (`vllm.LLM`) started for one job, shut down by `close()`.
+
+    Raises (on start):
+        ConfigError: vLLM refused the engine settings (its ``ValueError``, e.g. a
+            tensor-parallel size that does not divide the model's attention heads), with
+            vLLM's reason on one line.
+    """
 
     def __init__(self, engine_args: Any, **overrides: Any):
         from vllm import LLM
 
         values = dict(vars(engine_args))
         values.update(overrides)
-        self.llm: Any = LLM(**values)
+        try:
+            self.llm: Any = LLM(**values)
+        except TensorizeError:
+            raise
+        except ValueError as e:  # vLLM's config validation (pydantic's ValidationError is one)
+            raise errors.ConfigError(f"vLLM refused the engine flags: {refusal_text(e)}") from e
 
     @classmethod
     def for_capture(cls, engine_args: Any, source_load_format: str) -> Engine:
@@ -168,6 +179,21 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def refusal_text(error: ValueError) -> str:
+    """vLLM's reason for refusing its settings, on one line: each reason of a pydantic
+    ``ValidationError`` (vLLM 0.32's configs are pydantic dataclasses) without pydantic's
+    prefix and links, else the error's first line."""
+    reasons = getattr(error, "errors", None)
+    if callable(reasons):
+        try:
+            texts = [str(r.get("msg", "")).removeprefix("Value error, ") for r in reasons()]
+        except Exception:  # noqa: BLE001 - any other ValueError with an errors attribute
+            texts = []
+        if any(texts):
+            return "; ".join(t for t in texts if t)
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def raise_worker_errors(answers: list[Any]) -> list[Any]:

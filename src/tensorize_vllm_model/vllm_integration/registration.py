@@ -44,10 +44,13 @@ docs/design.md ("The vLLM touchpoints") lists the same; change both together.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 from vllm.logger import init_logger
@@ -55,9 +58,10 @@ from vllm.logger import init_logger
 from .. import prefetch, storage
 from ..checks import check_shards
 from ..config import TensorizerConfig
+from ..errors import TensorizeError, entry_point
 from ..format.record import ParallelLayout
 from ..plan import ReadPlan, resolve_read
-from .engine import parallel_sizes
+from .engine import parallel_sizes, refusal_text
 from .messages import CAPTURE_LOAD_FORMAT, LOAD_FORMAT
 
 __all__ = ["register", "check_engine_files", "resolve_remote_model", "served"]
@@ -117,13 +121,42 @@ def _install_engine_hook() -> None:
 
     @functools.wraps(original)
     def create_engine_config(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if self.load_format == LOAD_FORMAT:
+        if self.load_format != LOAD_FORMAT:
+            return original(self, *args, **kwargs)
+        serving = _serving()
+        with entry_point("vllm serve" if serving else "LLM"), _one_line_if(serving):
             resolve_remote_model(self)
             check_engine_files(self)
-        return original(self, *args, **kwargs)
+            return original(self, *args, **kwargs)
 
     create_engine_config._tensorize_vllm_model = True  # type: ignore[attr-defined]
     EngineArgs.create_engine_config = create_engine_config  # type: ignore[method-assign]
+
+
+def _serving() -> bool:
+    """Whether this process is vLLM's command line (``vllm serve``), not a user's script."""
+    return "vllm.entrypoints.cli.main" in sys.modules
+
+
+@contextlib.contextmanager
+def _one_line_if(serving: bool) -> Iterator[None]:
+    """Under ``vllm serve``, this package's refusal of the model's files (bad input, not a
+    bug) is one ``error: ...`` line and exit code 2, as on this package's command line,
+    rather than a traceback through vLLM's server start-up; so is vLLM's own refusal of
+    the engine flags (a ``ValueError``) when it serves with ``--load-format tensorizer``.
+    A script's ``LLM(...)`` gets the exception."""
+    try:
+        yield
+    except TensorizeError as e:
+        if not serving:
+            raise
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    except ValueError as e:  # vLLM's own validation of the engine flags (pydantic's)
+        if not serving:
+            raise
+        print(f"error: vLLM refused the engine flags: {refusal_text(e)}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _extra_config(engine_args: Any) -> dict[str, Any]:
