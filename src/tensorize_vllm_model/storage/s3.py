@@ -34,6 +34,7 @@ from ..errors import (
     Throttled,
     Unreachable,
 )
+from ..settings import parse_bool
 from . import retry, s3_settings
 from .base import Backend
 from .options import StreamOptions
@@ -103,7 +104,7 @@ def _client(options: StreamOptions):
         client = boto3.session.Session().client(
             "s3",
             endpoint_url=settings.endpoint,
-            region_name=options.s3_region_name,
+            region_name=options.get("s3_region_name"),
             config=config,
             verify=options.ca_bundle if options.ca_bundle else None,
             **settings.client_kwargs,
@@ -309,6 +310,30 @@ class S3Backend(Backend):
     an upload that completes (or leaves nothing)."""
 
     writable = True
+    # tensorizer's open_stream keywords (docs/s3.md says what each does).
+    option_keys = (
+        "s3_access_key_id",
+        "s3_secret_access_key",
+        "s3_endpoint",
+        "s3_config_path",
+        "s3_region_name",
+        "s3_signature_version",
+        "addressing_style",
+        "force_http",
+    )
+
+    @classmethod
+    def check_options(cls, values: dict[str, Any]) -> dict[str, Any]:
+        values = dict(values)
+        if "force_http" in values:  # "true"/"false" strings too, as older vLLM docs give them
+            values["force_http"] = parse_bool(values["force_http"], "stream_kwargs force_http")
+        style = values.get("addressing_style")
+        if style is not None and style not in s3_settings.ADDRESSING_STYLES:
+            raise ConfigError(
+                f"stream_kwargs addressing_style must be one of "
+                f"{', '.join(s3_settings.ADDRESSING_STYLES)}, got {style!r}"
+            )
+        return values
 
     def range_source(self, uri: str, options: StreamOptions) -> S3Source:
         return S3Source(uri, options)

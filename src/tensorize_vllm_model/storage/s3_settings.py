@@ -39,10 +39,11 @@ from urllib.parse import urlsplit
 
 from ..errors import ConfigError
 from ..settings import environment
-from .options import ADDRESSING_STYLES, StreamOptions
+from .options import StreamOptions
 
 __all__ = ["ADDRESSING_STYLES", "VIRTUAL_HOSTED_ENDPOINTS", "S3Settings", "resolve"]
 
+ADDRESSING_STYLES = ("auto", "virtual", "path")
 # Hosts that refuse path-style requests (tensorizer 2.12, stream_io._is_caios).
 VIRTUAL_HOSTED_ENDPOINTS = frozenset({"cwobject.com", "cwlota.com"})
 
@@ -110,18 +111,18 @@ def _resolve(options: StreamOptions) -> S3Settings:
     import boto3
     import botocore
 
-    s3cfg = _S3cfg(options.s3_config_path)
-    key, secret = options.s3_access_key_id, options.s3_secret_access_key
+    s3cfg = _S3cfg(options.get("s3_config_path"))
+    key, secret = options.get("s3_access_key_id"), options.get("s3_secret_access_key")
     kwargs: dict[str, str] = {}
-    signature = options.s3_signature_version
+    signature = options.get("s3_signature_version")
     if key == "" and secret == "":
         signature, how = botocore.UNSIGNED, "anonymous (empty keys given)"
     elif key and secret:
         kwargs.update(aws_access_key_id=key, aws_secret_access_key=secret)
         how = "the configured access key"
-    elif options.s3_config_path and s3cfg.has_keys():
+    elif options.get("s3_config_path") and s3cfg.has_keys():
         kwargs.update(s3cfg.keys())
-        how = options.s3_config_path
+        how = options.get("s3_config_path")
     elif boto3.session.Session().get_credentials() is not None:
         how = "the AWS credential chain"
     elif s3cfg.has_keys():
@@ -173,22 +174,22 @@ class _S3cfg:
 
 def _endpoint(options: StreamOptions, s3cfg: _S3cfg) -> tuple[str | None, str, bool]:
     """(endpoint, where it came from, whether plain HTTP is allowed)."""
-    if options.s3_endpoint:
-        return options.s3_endpoint, "s3_endpoint", options.force_http
+    if options.get("s3_endpoint"):
+        return options.get("s3_endpoint"), "s3_endpoint", bool(options.get("force_http"))
     env = environment()
     if env.aws_endpoint_url:
-        return env.aws_endpoint_url, "AWS_ENDPOINT_URL", options.force_http
+        return env.aws_endpoint_url, "AWS_ENDPOINT_URL", bool(options.get("force_http"))
     if s3cfg.values.get("host_base"):
         use_https = s3cfg.values.get("use_https", "").strip().lower()
         return (
             s3cfg.values["host_base"],
             "host_base of ~/.s3cfg",
-            options.force_http or use_https == "false",
+            bool(options.get("force_http")) or use_https == "false",
         )
     configured = _aws_config_endpoint()
     if configured:
-        return configured, "the AWS config file", options.force_http
-    return None, "AWS", options.force_http
+        return configured, "the AWS config file", bool(options.get("force_http"))
+    return None, "AWS", bool(options.get("force_http"))
 
 
 def _aws_config_endpoint() -> str | None:
@@ -214,8 +215,8 @@ def _addressing(
     options: StreamOptions, endpoint: str | None, endpoint_source: str, s3cfg: _S3cfg
 ) -> tuple[str, str]:
     """(addressing style, where it came from)."""
-    if options.addressing_style:
-        return options.addressing_style, "stream_kwargs addressing_style"
+    if options.get("addressing_style"):
+        return options.get("addressing_style"), "stream_kwargs addressing_style"
     import botocore.session
 
     configured = (botocore.session.Session().get_config_variable("s3") or {}).get(
