@@ -328,9 +328,21 @@ class FakeGCSServer:
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.log = open(directory / "fake-gcs-server.log", "wb")
         self.process = subprocess.Popen(
-            [str(binary), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
-             "-data", str(data), "-log-level", "error"],
-            stdout=self.log, stderr=subprocess.STDOUT,
+            [
+                str(binary),
+                "-scheme",
+                "http",
+                "-host",
+                "127.0.0.1",
+                "-port",
+                str(self.port),
+                "-data",
+                str(data),
+                "-log-level",
+                "error",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
         )
         wait_for_port(self.port)
 
@@ -339,7 +351,8 @@ class FakeGCSServer:
         from google.cloud import storage as gcs
 
         return gcs.Client(
-            project="test", credentials=AnonymousCredentials(),
+            project="test",
+            credentials=AnonymousCredentials(),
             client_options={"api_endpoint": self.endpoint},
         )
 
@@ -380,9 +393,20 @@ class AzuriteServer:
         self.endpoint = f"http://127.0.0.1:{self.port}/{AZURITE_ACCOUNT}"
         self.log = open(directory / "azurite.log", "wb")
         self.process = subprocess.Popen(
-            [str(program), "--blobHost", "127.0.0.1", "--blobPort", str(self.port),
-             "--location", str(directory), "--silent", "--skipApiVersionCheck"],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                str(program),
+                "--blobHost",
+                "127.0.0.1",
+                "--blobPort",
+                str(self.port),
+                "--location",
+                str(directory),
+                "--silent",
+                "--skipApiVersionCheck",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         wait_for_port(self.port, timeout=60)
 
@@ -647,6 +671,10 @@ class _ScriptedHandler(http.server.BaseHTTPRequestHandler):
         self._forward()
 
     def do_GET(self):
+        ranged = self.headers.get("Range") or self.headers.get("x-ms-range")
+        if self.proxy.ranged_only and not ranged:
+            self._forward()
+            return
         action = self.proxy.next_action()
         if action == "close":  # hang up without an answer
             self.close_connection = True
@@ -704,7 +732,11 @@ class ScriptedProxy:
         *,
         s3: bool,
         tls: TLSFiles | None = None,
+        ranged_only: bool = False,
     ):
+        """With `ranged_only`, the script applies to ranged GETs only (``Range`` or Azure's
+        ``x-ms-range``; metadata GETs, as GCS makes, pass and are not counted)."""
+        self.ranged_only = ranged_only
         self.target_port = target_port
         self.script = list(script)
         self.s3 = s3

@@ -115,3 +115,28 @@ def set_prefetch_map(mapping: dict[str, str]) -> None:
     """Record `prefetch`'s map in this process's environment, which the processes vLLM
     spawns next inherit."""
     os.environ[PREFETCH_ENV] = json.dumps(mapping)
+
+
+# The variables the gs:// and az:// backends read (storage/gcs.py, storage/azure.py;
+# docs/gcs-azure.md). google-auth and azure-identity read their own credential variables.
+STORAGE_VARIABLES = (
+    "STORAGE_EMULATOR_HOST",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+    "AZURE_STORAGE_CONNECTION_STRING",
+    "AZURE_STORAGE_ACCOUNT_NAME",
+    "AZURE_STORAGE_ACCOUNT_KEY",
+    "AZURE_STORAGE_SAS_TOKEN",
+    "AZURE_STORAGE_BLOB_ENDPOINT",
+    "AZURE_STORAGE_ENDPOINT_SUFFIX",
+)
+
+
+def storage_variable(name: str) -> str | None:
+    """One of `STORAGE_VARIABLES`, read now; unset or empty is None.
+
+    Raises:
+        ValueError: `name` is not one of them (a programming error).
+    """
+    if name not in STORAGE_VARIABLES:
+        raise ValueError(f"{name} is not a storage variable")
+    return os.environ.get(name) or None

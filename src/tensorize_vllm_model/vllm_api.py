@@ -48,6 +48,7 @@ TENSORIZER_NAMES = {
     "no_init_or_tensor": "tensorizer.utils",
 }
 
+
 def is_valid_deserialization_uri(uri: str | None) -> bool:
     """Whether `uri` can be deserialized from: a URI of a registered remote scheme (any
     case: ``s3://``, ``gs://``, ``az://``, ``http(s)://``, or one another package registers;

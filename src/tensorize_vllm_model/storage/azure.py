@@ -9,7 +9,8 @@ The account, credentials and endpoint, first found wins (docs/gcs-azure.md; the 
      ``azure_sas_token`` / ``AZURE_STORAGE_SAS_TOKEN``, or alone with azure-identity's
      ``DefaultAzureCredential`` (environment, workload or managed identity, Azure CLI).
 The endpoint is ``azure_endpoint`` / ``AZURE_STORAGE_BLOB_ENDPOINT``, else
-``https://ACCOUNT.blob.core.windows.net``. A key or SAS without an account, or no account at
+``https://ACCOUNT.SUFFIX`` (``AZURE_STORAGE_ENDPOINT_SUFFIX``, run:ai's name, else
+``blob.core.windows.net``). A key or SAS without an account, or no account at
 all, is a `CredentialsError` naming what is missing.
 
 Reads: the blob's properties once (size, ETag), then each byte range is one Get Blob with a
@@ -45,6 +46,7 @@ from ..errors import (
     NotFound,
     StorageError,
 )
+from ..settings import storage_variable
 from . import retry
 from .base import Backend, local_temporary
 from .options import StreamOptions
@@ -85,7 +87,7 @@ class _Client:
 
 
 def _setting(options: StreamOptions, key: str, variable: str) -> str | None:
-    return options.get(key) or os.environ.get(variable) or None
+    return options.get(key) or storage_variable(variable) or None
 
 
 def _service(options: StreamOptions) -> tuple[Any, str]:
@@ -126,9 +128,9 @@ def _service(options: StreamOptions) -> tuple[Any, str]:
             "(with AZURE_STORAGE_ACCOUNT_KEY, AZURE_STORAGE_SAS_TOKEN or an identity "
             "DefaultAzureCredential finds), or AZURE_STORAGE_CONNECTION_STRING"
         )
-    url = (
-        _setting(options, "azure_endpoint", "AZURE_STORAGE_BLOB_ENDPOINT")
-        or f"https://{account}.blob.core.windows.net"
+    suffix = storage_variable("AZURE_STORAGE_ENDPOINT_SUFFIX") or "blob.core.windows.net"
+    url = _setting(options, "azure_endpoint", "AZURE_STORAGE_BLOB_ENDPOINT") or (
+        f"https://{account}.{suffix}"
     )
     if key:
         credential: Any = {"account_name": account, "account_key": key}
@@ -171,14 +173,18 @@ def _error(e: BaseException, uri: str, found: _Client, action: str) -> StorageEr
         return NotFound(f"no such blob: {uri} (at {found.where})")
     if isinstance(e, az.HttpResponseError) and e.status_code in (401, 403):
         return AccessDenied(
-            f"access denied {action} {uri} (HTTP {e.status_code} {e.error_code or ''}) at "
+            f"access denied {action} {uri} (HTTP {e.status_code} {_code(e)}) at "
             f"{found.where}; credentials: {found.credentials}"
         )
-    if isinstance(e, az.HttpResponseError) and e.status_code not in _TRANSIENT_STATUSES:
+    if isinstance(e, az.HttpResponseError) and e.status_code not in (None, *_TRANSIENT_STATUSES):
         return StorageError(
-            f"Azure refused {action} {uri} at {found.where}: HTTP {e.status_code} {e.error_code or ''}"
+            f"Azure refused {action} {uri} at {found.where}: HTTP {e.status_code} {_code(e)}"
         )
     return None
+
+
+def _code(e: BaseException) -> str:
+    return str(getattr(e, "error_code", "") or "")
 
 
 def _attempt(found: _Client, uri: str, action: str, send: Callable[[], T]) -> T:

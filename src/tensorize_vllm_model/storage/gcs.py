@@ -43,6 +43,7 @@ from ..errors import (
     NotFound,
     StorageError,
 )
+from ..settings import storage_variable
 from . import retry
 from .base import Backend, basename, join, local_temporary, parent
 from .options import StreamOptions
@@ -54,6 +55,7 @@ T = TypeVar("T")
 # Files up to this size are published by one upload; larger ones are sent ahead.
 _SINGLE = 16 * 1024 * 1024
 _PIECE = 1 << 20  # bytes per read from a response body
+_GOOGLE = "https://storage.googleapis.com"
 _SCOPES = ("https://www.googleapis.com/auth/devstorage.read_write",)
 _TRANSIENT_STATUSES = (408, 429, 500, 502, 503, 504)
 _clients: dict[StreamOptions, _Client] = {}
@@ -85,10 +87,11 @@ class _Client:
     session: Any  # google.auth.transport.requests.AuthorizedSession
     where: str  # the endpoint, for messages
     credentials: str  # how the credentials were found (never the credentials)
+    base: str  # the endpoint URL requests go to
 
 
 def _endpoint(options: StreamOptions) -> str | None:
-    return options.get("gcs_endpoint") or os.environ.get("STORAGE_EMULATOR_HOST") or None
+    return options.get("gcs_endpoint") or storage_variable("STORAGE_EMULATOR_HOST")
 
 
 def _credentials(options: StreamOptions) -> tuple[Any, str | None, str]:
@@ -111,7 +114,11 @@ def _credentials(options: StreamOptions) -> tuple[Any, str | None, str]:
 
     try:
         found, project = google.auth.default(scopes=_SCOPES)
-    except gauth.DefaultCredentialsError:
+    except gauth.DefaultCredentialsError as e:
+        if storage_variable("GOOGLE_APPLICATION_CREDENTIALS"):
+            raise CredentialsError(
+                f"GOOGLE_APPLICATION_CREDENTIALS is not a usable credentials file: {e}"
+            ) from None
         raise CredentialsError(
             "no Google Cloud credentials for gs:// URIs: set GOOGLE_APPLICATION_CREDENTIALS "
             "to a service account's key file, run `gcloud auth application-default login`, "
@@ -144,7 +151,9 @@ def _client(options: StreamOptions) -> _Client:
             _http=session,
             client_options={"api_endpoint": endpoint} if endpoint else None,
         )
-        _clients[options] = _Client(client, session, endpoint or "Google Cloud Storage", how)
+        _clients[options] = _Client(
+            client, session, endpoint or "Google Cloud Storage", how, endpoint or _GOOGLE
+        )
         return _clients[options]
 
 
@@ -208,7 +217,10 @@ def _call(
             raise _transient(e) from None
 
     return retry.request(
-        attempt, policy=options.retry, name=f"{uri} at {found.where}", peer=f"the GCS endpoint {found.where}"
+        attempt,
+        policy=options.retry,
+        name=f"{uri} at {found.where}",
+        peer=f"the GCS endpoint {found.where}",
     )
 
 
@@ -256,7 +268,11 @@ class GCSSource(retry.RetryingSource):
         self.size = int(blob.size or 0)
         self.generation = str(blob.generation)
         self.etag = None  # the generation is the version checked (x-goog-generation)
-        self._url = _media_url(blob.media_link, self.generation)
+        self._url = (
+            f"{self._found.base.rstrip('/')}/download/storage/v1/b/"
+            f"{urllib.parse.quote(self.bucket, safe='')}/o/"
+            f"{urllib.parse.quote(self.object, safe='')}?alt=media&generation={self.generation}"
+        )
 
     @property
     def connection(self) -> str:
@@ -319,14 +335,6 @@ class GCSSource(retry.RetryingSource):
             peer=self.peer,
         )
         return _body(response)
-
-
-def _media_url(media_link: str, generation: str) -> str:
-    """The object's download URL, pinned to `generation`."""
-    parts = urllib.parse.urlsplit(media_link)
-    query = [(k, v) for k, v in urllib.parse.parse_qsl(parts.query) if k != "generation"]
-    query.append(("generation", generation))
-    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
 
 
 def _body(response: Any) -> retry.Body:
@@ -469,17 +477,13 @@ class GCSBackend(Backend):
         GCS asks for)."""
         source, found = self._blob(uri, options)
         target, _ = self._blob(backup, options)
-        token = None
+        token: str | None = None
+
+        def step() -> tuple[str | None, int, int]:
+            return target.rewrite(source, token=token, retry=None, timeout=options.timeout)
+
         while True:
-            token, _, _ = _call(
-                found,
-                options,
-                uri,
-                "keeping a copy of",
-                lambda t=token: target.rewrite(
-                    source, token=t, retry=None, timeout=options.timeout
-                ),
-            )
+            token, _, _ = _call(found, options, uri, "keeping a copy of", step)
             if token is None:
                 return
 

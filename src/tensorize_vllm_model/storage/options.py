@@ -54,6 +54,13 @@ class StreamOptions:
     """
 
     __slots__ = ("ca_bundle", "workers", "chunk_size", "timeout", "ranges", "retry", "_backend")
+    ca_bundle: str | None
+    workers: int
+    chunk_size: int
+    timeout: float
+    ranges: bool
+    retry: RetryPolicy
+    _backend: tuple[tuple[str, Any], ...]
 
     def __init__(
         self,

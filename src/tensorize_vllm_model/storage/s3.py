@@ -215,11 +215,12 @@ class S3Source(retry.RetryingSource):
 
     supports_ranges = True
     peer = "the endpoint"
-    # Any failure while reading a body (botocore's and urllib3's many kinds) is a dropped
-    # body: retried by retry.py. A failed request is retried by botocore (`_open_range`).
-    transport_errors = (Exception,)
 
     def __init__(self, uri: str, options: StreamOptions):
+        # What a body that drops raises (botocore's and urllib3's transport errors, and
+        # OSError): retried by retry.py; anything else (a bug) is raised, not retried. A
+        # failed request is retried by botocore (`_open_range`).
+        self.transport_errors = _transport_errors()
         self.name = uri
         self.timeout = options.timeout
         self.policy = options.retry
@@ -288,6 +289,21 @@ class S3Source(retry.RetryingSource):
             )
         )
         return _body(response["Body"])
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    import http.client
+
+    import urllib3.exceptions
+    from botocore.exceptions import HTTPClientError, IncompleteReadError
+
+    return (
+        OSError,
+        http.client.HTTPException,
+        urllib3.exceptions.HTTPError,
+        HTTPClientError,  # ResponseStreamingError, ReadTimeoutError, ...
+        IncompleteReadError,
+    )
 
 
 def _body(body: Any) -> retry.Body:

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..errors import ConfigError
+from ..errors import ConfigError, CredentialsError
 from ..settings import environment
 from .options import StreamOptions
 
@@ -97,14 +97,39 @@ def resolve(options: StreamOptions) -> S3Settings:
     Raises:
         ConfigError: a setting is invalid or names something missing (named).
     """
-    from botocore.exceptions import ProfileNotFound
+    from botocore.exceptions import PartialCredentialsError, ProfileNotFound
 
+    _check_pairs(options)
     try:
         return _resolve(options)
     except ProfileNotFound as e:
         raise ConfigError(
             f"{e} (AWS_PROFILE names a profile that is not in the AWS config files)"
         ) from None
+    except PartialCredentialsError as e:  # e.g. AWS_ACCESS_KEY_ID set, its secret not
+        missing = {"secret_key": "AWS_SECRET_ACCESS_KEY", "access_key": "AWS_ACCESS_KEY_ID"}
+        needed = missing.get(str(e.kwargs.get("cred_var")), e.kwargs.get("cred_var"))
+        raise CredentialsError(
+            f"incomplete S3 credentials from the {e.kwargs.get('provider')} provider: "
+            f"{needed} is missing (set both, or neither)"
+        ) from None
+
+
+def _check_pairs(options: StreamOptions) -> None:
+    """An access key without its secret (or the reverse) is refused, naming the missing."""
+    key, secret = options.get("s3_access_key_id"), options.get("s3_secret_access_key")
+    if bool(key) != bool(secret):
+        given, missing = (
+            ("s3_access_key_id / S3_ACCESS_KEY_ID", "s3_secret_access_key / S3_SECRET_ACCESS_KEY")
+            if key
+            else (
+                "s3_secret_access_key / S3_SECRET_ACCESS_KEY",
+                "s3_access_key_id / S3_ACCESS_KEY_ID",
+            )
+        )
+        raise CredentialsError(
+            f"incomplete S3 credentials: {given} is set but {missing} is not (set both, or neither)"
+        )
 
 
 def _resolve(options: StreamOptions) -> S3Settings:
