@@ -3,8 +3,8 @@
 `StreamOptions` is built from a `TensorizerConfig` (its credential fields and
 ``stream_kwargs``, whose keys follow tensorizer's ``open_stream``). The generic layer knows
 only the keys every backend shares (`GENERIC_KEYS`: TLS bundle, read-ahead, timeout); any
-other key belongs to the backend that declares it (`base.Backend.option_keys`, e.g. S3's
-``s3_endpoint``), which validates its own values (`base.Backend.check_options`). A key no
+other key belongs to the backend that declares it (`base.Backend.option_keys`: S3's
+endpoint and keys, ...), which validates its own values (`base.Backend.check_options`). A key no
 registered backend declares is refused by name, listing the known ones.
 """
 
@@ -46,8 +46,8 @@ class StreamOptions:
             byte ranges (for servers that serve ranges slowly).
         retry: how often a request or byte range is tried (`retry.RetryPolicy`; set in
             Python, not a ``stream_kwargs`` key).
-        **backend: the options of a backend (``s3_endpoint``, ``gcs_project``, ...), each
-            validated by the backend that declares it.
+        **backend: the options of the backends (each declares its keys in
+            `base.Backend.option_keys` and validates their values).
 
     Raises:
         ConfigError: a key no backend declares, or a value out of range (naming the key).
