@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -639,6 +640,72 @@ class CuttingProxy:
         self.listener.close()
         for client in self._held:
             client.close()
+
+
+# -- a forward proxy (what HTTP_PROXY / HTTPS_PROXY name) ------------------------------------
+
+
+class _ForwardHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    proxy: ForwardProxy
+
+    def log_message(self, *args):
+        pass
+
+    def do_CONNECT(self):  # HTTPS: a tunnel; TLS stays between the client and the server
+        self.proxy.seen.append(f"CONNECT {self.path}")
+        host, _, port = self.path.rpartition(":")
+        upstream = socket.create_connection((host, int(port)))
+        self.send_response(200, "Connection established")
+        self.end_headers()
+        sockets = [self.connection, upstream]
+
+        def pump(source, sink):
+            with contextlib.suppress(OSError):
+                while data := source.recv(65536):
+                    sink.sendall(data)
+            for s in sockets:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+        other = threading.Thread(target=pump, args=(upstream, self.connection), daemon=True)
+        other.start()
+        pump(self.connection, upstream)
+        other.join()
+        self.close_connection = True
+
+    def do_GET(self):  # plain HTTP: the absolute URI of the request line
+        self.proxy.seen.append(f"GET {self.path}")
+        parts = urllib.parse.urlsplit(self.path)
+        upstream = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+        upstream.request(
+            "GET", parts.path + (f"?{parts.query}" if parts.query else ""), headers=headers
+        )
+        response = upstream.getresponse()
+        body = response.read()
+        upstream.close()
+        self.send_response_only(response.status, response.reason)
+        for name, value in response.getheaders():
+            if name.lower() not in _HOP_BY_HOP and name.lower() != "content-length":
+                self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+class ForwardProxy:
+    """A forward HTTP proxy on loopback: GETs of absolute URIs (``http://`` through a proxy)
+    and CONNECT tunnels (``https://``); `seen` lists what it was asked, in order."""
+
+    def __init__(self):
+        self.seen: list[str] = []
+        handler = type("Handler", (_ForwardHandler,), {"proxy": self})
+        self.server, self.port, self.url = _serve(handler, None)
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 # -- an HTTP proxy that answers GETs as a script says (throttling, hang-ups, cut bodies) ------

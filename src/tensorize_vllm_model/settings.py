@@ -140,3 +140,20 @@ def storage_variable(name: str) -> str | None:
     if name not in STORAGE_VARIABLES:
         raise ValueError(f"{name} is not a storage variable")
     return os.environ.get(name) or None
+
+
+# The CA bundle variables, in the order they are honoured after --ca-bundle / ca_bundle
+# (docs/gcs-azure.md, "TLS trust"): the AWS SDK's, requests', OpenSSL's.
+CA_BUNDLE_VARIABLES = ("AWS_CA_BUNDLE", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE")
+
+
+def ca_bundle(given: str | None) -> tuple[str | None, str]:
+    """The CA bundle to trust for TLS and where it came from: `given` (``--ca-bundle`` /
+    ``ca_bundle``), else the first of `CA_BUNDLE_VARIABLES` set, else (None, "the system
+    store")."""
+    if given:
+        return given, "ca_bundle"
+    for name in CA_BUNDLE_VARIABLES:
+        if os.environ.get(name):
+            return os.environ[name], name
+    return None, "the system store"

@@ -46,7 +46,7 @@ from ..errors import (
     NotFound,
     StorageError,
 )
-from ..settings import storage_variable
+from ..settings import ca_bundle, storage_variable
 from . import retry
 from .base import Backend, local_temporary
 from .options import StreamOptions
@@ -100,8 +100,9 @@ def _service(options: StreamOptions) -> tuple[Any, str]:
         "read_timeout": options.timeout,
         "max_single_get_size": max(options.chunk_size, 4 << 20),
     }
-    if options.ca_bundle:
-        kwargs["connection_verify"] = options.ca_bundle
+    cafile = ca_bundle(options.ca_bundle)[0]
+    if cafile:
+        kwargs["connection_verify"] = cafile
     connection = _setting(options, "azure_connection_string", "AZURE_STORAGE_CONNECTION_STRING")
     if connection:
         try:

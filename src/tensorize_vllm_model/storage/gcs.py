@@ -43,7 +43,7 @@ from ..errors import (
     NotFound,
     StorageError,
 )
-from ..settings import storage_variable
+from ..settings import ca_bundle, storage_variable
 from . import retry
 from .base import Backend, basename, join, local_temporary, parent
 from .options import StreamOptions
@@ -142,8 +142,9 @@ def _client(options: StreamOptions) -> _Client:
         adapter = requests.adapters.HTTPAdapter(pool_maxsize=max(10, options.workers * 2))
         session.mount("https://", adapter)
         session.mount("http://", adapter)
-        if options.ca_bundle:
-            session.verify = options.ca_bundle
+        cafile = ca_bundle(options.ca_bundle)[0]
+        if cafile:
+            session.verify = cafile
         endpoint = _endpoint(options)
         client = gcs.Client(
             project=options.get("gcs_project") or project or "-",

@@ -34,7 +34,7 @@ from ..errors import (
     Throttled,
     Unreachable,
 )
-from ..settings import parse_bool
+from ..settings import ca_bundle, parse_bool
 from . import retry, s3_settings
 from .base import Backend
 from .options import StreamOptions
@@ -106,7 +106,8 @@ def _client(options: StreamOptions):
             endpoint_url=settings.endpoint,
             region_name=options.get("s3_region_name"),
             config=config,
-            verify=options.ca_bundle if options.ca_bundle else None,
+            # None: botocore's own (the AWS config profile's ca_bundle, else certifi's)
+            verify=ca_bundle(options.ca_bundle)[0],
             **settings.client_kwargs,
         )
         # First, so that its False (the budget is spent) stops botocore's standard handler.
