@@ -20,7 +20,13 @@ s3-demo:
 	.venv/bin/python examples/s3_workflow.py
 
 # The load benchmark (benchmarks/run.py): every scenario, 0.75 GB model, model build included; under 20 minutes on a 2-core machine (docs/performance.md).
-.PHONY: bench
+.PHONY: bench bench-cloud
 bench:
 	scripts/install.sh --test --bench
 	.venv/bin/python benchmarks/run.py $(BENCH_ARGS)
+	.venv/bin/python benchmarks/cloud_reads.py
+
+# gs:// and az:// ranged reads vs run:ai's GCS / Azure backends and one response, on the emulators
+bench-cloud:
+	scripts/install.sh --test --bench
+	.venv/bin/python benchmarks/cloud_reads.py $(BENCH_ARGS)
