@@ -276,7 +276,10 @@ def _ram_root(need: int = 0) -> str:
             logger.warning(
                 "The LoRA adapter (%.1f MB) does not fit in %s (%.1f MB free): it is written "
                 "to a private (0700) directory on disk under %s instead, removed at exit",
-                need / 1e6, RAM_DIR, free / 1e6, base,
+                need / 1e6,
+                RAM_DIR,
+                free / 1e6,
+                base,
             )
     return _private_directory(base)
 
