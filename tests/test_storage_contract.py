@@ -179,7 +179,7 @@ def test_a_stall_gives_up_after_the_timeout(request, remote):
     request.addfinalizer(proxy.stop)
     uri, options = _via(remote, proxy.port, "blob.bin")
     options = storage.StreamOptions.from_mapping(
-        {**remote.options_via(f"http://127.0.0.1:{proxy.port}"), "timeout": 1.0}
+        {**remote.options_via(f"http://127.0.0.1:{proxy.port}"), "timeout": 0.5}
     )
     with pytest.raises(Unreachable):
         storage.read_bytes(uri, options)
