@@ -20,12 +20,19 @@ s3-demo:
 	.venv/bin/python examples/s3_workflow.py
 
 # The load benchmark (benchmarks/run.py): every scenario, 0.75 GB model, model build included; under 20 minutes on a 2-core machine (docs/performance.md).
-# Then the MoE case (benchmarks/moe.py): a 0.9 GB Qwen3-30B-A3B-shaped checkpoint of 18,867 tensors, converted and loaded (docs/convert.md).
-.PHONY: bench
+# Then the MoE case (benchmarks/moe.py): a 0.9 GB Qwen3-30B-A3B-shaped checkpoint of 18,867 tensors, converted and loaded (docs/convert.md),
+# and gs:// / az:// ranged reads (benchmarks/cloud_reads.py).
+.PHONY: bench bench-cloud
 bench:
 	scripts/install.sh --test --bench
 	.venv/bin/python benchmarks/run.py $(BENCH_ARGS)
 	.venv/bin/python benchmarks/moe.py $(MOE_ARGS)
+	.venv/bin/python benchmarks/cloud_reads.py
+
+# gs:// and az:// ranged reads vs run:ai's GCS / Azure backends and one response, on the emulators
+bench-cloud:
+	scripts/install.sh --test --bench
+	.venv/bin/python benchmarks/cloud_reads.py $(BENCH_ARGS)
 
 # The MoE matrix beyond the suite's time budget (TP=2 tokens against vLLM's default loader,
 # serialize with expert parallelism and load back): about 5 engine starts; results kept in

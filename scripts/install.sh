@@ -39,6 +39,17 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq "${missing[@]}"
 fi
 
+# The tests' Azure Blob emulator, Azurite (npm; Node.js 20+), into the ignored .tools/.
+if [ $want_test = 1 ] && [ ! -x .tools/azurite/node_modules/.bin/azurite-blob ]; then
+    if command -v npm >/dev/null 2>&1; then
+        log "installing Azurite 3.37.0 (npm) into .tools/azurite"
+        npm install --silent --no-audit --no-fund --prefix .tools/azurite azurite@3.37.0 \
+            || log "warning: could not install Azurite; the az:// tests will be skipped"
+    else
+        log "warning: npm not found; the az:// tests (Azurite) will be skipped"
+    fi
+fi
+
 python=${PYTHON:-python3}
 "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
     echo "error: Python >= 3.11 is needed; set PYTHON to its path" >&2; exit 1; }

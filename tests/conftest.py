@@ -379,6 +379,30 @@ def seaweed(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def fake_gcs(tmp_path_factory):
+    """fake-gcs-server (Google Cloud Storage's JSON API) on loopback with bucket BUCKET."""
+    from servers import FakeGCSServer
+
+    server = FakeGCSServer(tmp_path_factory.mktemp("fake-gcs"), buckets=(BUCKET,))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def azurite(tmp_path_factory):
+    """Azurite (Azure Blob) on loopback with container BUCKET; skipped where Azurite is not
+    installed (scripts/install.sh --test installs it with npm)."""
+    from servers import AzuriteServer, azurite_program
+
+    if azurite_program() is None:
+        pytest.skip("Azurite is not installed (scripts/install.sh --test; needs npm)")
+    server = AzuriteServer(tmp_path_factory.mktemp("azurite"))
+    server.client().create_container(BUCKET)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def web_root(tmp_path_factory):
     return tmp_path_factory.mktemp("www")
 

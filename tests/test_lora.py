@@ -60,6 +60,28 @@ def test_round_trip_through_ram_backed_directory(adapter, tmp_path):
         assert torch.equal(tensors[name], value), name
 
 
+def test_adapter_larger_than_dev_shm_goes_to_a_private_directory_on_disk(
+    adapter, tmp_path, monkeypatch, caplog
+):
+    """A /dev/shm too small for the adapter (Docker's 64 MB): written to a private (0700)
+    directory in the cache on disk instead, saying so. The small /dev/shm is a stand-in
+    (its free space reported as 1 MB): a tmpfs of that size cannot be mounted here."""
+    import logging
+
+    from tensorize_vllm_model import lora
+
+    monkeypatch.setenv("TENSORIZE_VLLM_MODEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(lora, "_free_bytes", lambda path: 1 << 20)
+    uri = serialized(adapter, tmp_path / "model")
+    with caplog.at_level(logging.WARNING, logger="tensorize_vllm_model.lora"):
+        path = materialize_adapter(uri)
+    assert path.startswith(str(tmp_path / "cache"))
+    private = os.path.dirname(os.path.dirname(path))
+    assert stat.S_IMODE(os.stat(private).st_mode) == 0o700
+    assert "does not fit in /dev/shm" in caplog.text and "private (0700)" in caplog.text
+    assert read_adapter(path)[1].keys() == read_adapter(str(adapter))[1].keys()
+
+
 def test_encrypted_adapter(adapter, tmp_path):
     key = generate_key()
     key_path = tmp_path / "k.key"

@@ -9,8 +9,8 @@ from tensorize_vllm_model import ConfigError, EncryptionError, StorageError, key
 
 
 def test_unknown_scheme_lists_supported():
-    with pytest.raises(ConfigError, match=r"'gs'.*s3://.*http://.*https://"):
-        storage.scheme_of("gs://bucket/model.tensors")
+    with pytest.raises(ConfigError, match=r"'hdfs'.*s3://.*gs://.*az://.*http://.*https://"):
+        storage.scheme_of("hdfs://bucket/model.tensors")
 
 
 @pytest.mark.parametrize(
@@ -19,6 +19,8 @@ def test_unknown_scheme_lists_supported():
         ("/a/b", "file"),
         ("rel/b", "file"),
         ("s3://b/k", "s3"),
+        ("gs://b/k", "gs"),
+        ("az://c/b", "az"),
         ("HTTPS://h/x", "https"),
         ("http://h/x", "http"),
     ],

@@ -47,7 +47,17 @@ class Place:
         return storage.join(self.base, name)
 
 
-BACKENDS = ["local", "s3", "s3-https", "s3-seaweedfs", "http-1.1", "http-1.0-no-ranges", "https"]
+BACKENDS = [
+    "local",
+    "s3",
+    "s3-https",
+    "s3-seaweedfs",
+    "gcs",
+    "azure",
+    "http-1.1",
+    "http-1.0-no-ranges",
+    "https",
+]
 _S3_SERVERS = {"s3": "moto", "s3-https": "moto_tls", "s3-seaweedfs": "seaweed"}
 
 
@@ -77,6 +87,26 @@ def place(request, tmp_path, web_root, tls) -> Place:
             f"s3://{BUCKET}/{prefix}",
             options,
             lambda rel, data: client.put_object(Bucket=BUCKET, Key=f"{prefix}/{rel}", Body=data),
+            True,
+        )
+    if name == "gcs":
+        gcs = request.getfixturevalue("fake_gcs")
+        bucket = gcs.client().bucket(BUCKET)
+        return Place(
+            name,
+            f"gs://{BUCKET}/{prefix}",
+            {"gcs_endpoint": gcs.endpoint},
+            lambda rel, data: bucket.blob(f"{prefix}/{rel}").upload_from_string(data),
+            True,
+        )
+    if name == "azure":
+        azurite = request.getfixturevalue("azurite")
+        container = azurite.client().get_container_client(BUCKET)
+        return Place(
+            name,
+            f"az://{BUCKET}/{prefix}",
+            {"azure_connection_string": azurite.connection_string()},
+            lambda rel, data: container.upload_blob(f"{prefix}/{rel}", data, overwrite=True),
             True,
         )
     server = request.getfixturevalue("web_servers")[name]
@@ -340,13 +370,15 @@ def test_missing_file_is_not_found(place):
 
 
 def test_missing_bucket_is_not_found(place):
-    if not place.name.startswith("s3"):
-        pytest.skip("buckets are S3's")
-    uri = "s3://no-such-bucket-here/model.tensors"
-    with pytest.raises(NotFound, match="no such bucket: no-such-bucket-here"):
+    scheme = {"gcs": "gs", "azure": "az"}.get(place.name, "s3")
+    if place.name == "local" or place.name.startswith("http"):
+        pytest.skip("buckets (containers) are object stores'")
+    what = "container" if scheme == "az" else "bucket"
+    uri = f"{scheme}://no-such-bucket-here/model.tensors"
+    with pytest.raises(NotFound, match=f"no such {what}: no-such-bucket-here"):
         storage.read_bytes(uri, place.options)
-    with pytest.raises(NotFound, match="no such bucket: no-such-bucket-here"):
-        storage.check_writable("s3://no-such-bucket-here/dir", place.options)
+    with pytest.raises(NotFound, match=f"no such {what}: no-such-bucket-here"):
+        storage.check_writable(f"{scheme}://no-such-bucket-here/dir", place.options)
 
 
 def test_refused_access_is_access_denied(place, request):
@@ -363,6 +395,14 @@ def test_refused_access_is_access_denied(place, request):
             AccessDenied, match=re.escape(f"access denied to {storage.redact(uri)}")
         ):
             storage.read_bytes(uri, place.options)
+        return
+    if place.name == "gcs":
+        pytest.skip("fake-gcs-server checks no credentials: it cannot answer 403")
+    if place.name == "azure":  # Azurite checks shared-key signatures: a wrong key is refused
+        place.put("model.tensors", b"x")
+        wrong = request.getfixturevalue("azurite").connection_string(key="d3Jvbmcta2V5" * 8)
+        with pytest.raises(AccessDenied, match=r"access denied reading az://.*HTTP 403"):
+            storage.read_bytes(place.uri("model.tensors"), {"azure_connection_string": wrong})
         return
     # moto accepts any signature (its shared server runs without auth): the S3 API's 403 is
     # taken from SeaweedFS, which checks every signature, whatever the place's server is.
@@ -390,6 +430,14 @@ def test_no_server_is_unreachable(place):
         options = {**place.options, "s3_endpoint": f"http://127.0.0.1:{port}", "timeout": 2.0}
         options.pop("ca_bundle", None)
         options["force_http"] = True
+        uri = place.uri("model.tensors")
+    elif place.name == "gcs":
+        options = {"gcs_endpoint": f"http://127.0.0.1:{port}", "timeout": 2.0}
+        uri = place.uri("model.tensors")
+    elif place.name == "azure":
+        endpoint = place.options["azure_connection_string"]
+        endpoint = re.sub(r"127\.0\.0\.1:\d+", f"127.0.0.1:{port}", endpoint)
+        options = {"azure_connection_string": endpoint, "timeout": 2.0}
         uri = place.uri("model.tensors")
     else:
         options = {"timeout": 2.0}

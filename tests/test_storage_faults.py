@@ -310,7 +310,7 @@ def test_plain_http_endpoint_refused_unless_allowed(moto):
     config = TensorizerConfig(
         tensorizer_uri=uri, s3_endpoint=moto.endpoint, stream_kwargs={"force_http": True}
     )
-    assert StreamOptions.from_mapping(config.stream_options()).force_http
+    assert StreamOptions.from_mapping(config.stream_options()).get("force_http") is True
 
 
 def test_tls_without_the_private_ca(tls, web_root):

@@ -18,6 +18,7 @@ __all__ = [
     "StorageError",
     "NotFound",
     "AccessDenied",
+    "CredentialsError",
     "Unreachable",
     "Stalled",
     "Throttled",
@@ -55,6 +56,12 @@ class AccessDenied(StorageError):
     """The store refused the credentials or the permission (local ``EACCES``/``EPERM``,
     S3 403 / ``AccessDenied`` / ``InvalidAccessKeyId`` / ``SignatureDoesNotMatch``,
     HTTP 401/403)."""
+
+
+class CredentialsError(AccessDenied, ConfigError):
+    """No usable credentials for a store: one that is half given (``AWS_ACCESS_KEY_ID``
+    without its secret), or none found where the store needs some. The message names what
+    is missing and where each backend looks (docs/s3.md, docs/gcs-azure.md)."""
 
 
 class Unreachable(StorageError):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import stat
@@ -27,6 +28,8 @@ from . import storage
 from .config import TensorizerConfig
 from .errors import ConfigError, NotFound, StorageError, TensorizeError
 from .settings import environment
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "AdapterSource",
@@ -251,15 +254,43 @@ def stage_adapter(
     )
 
 
-def _ram_root() -> str:
-    """A private directory in RAM-backed storage (else in the cache directory).
+RAM_DIR = "/dev/shm"
+
+
+def _ram_root(need: int = 0) -> str:
+    """A private (0700) directory for an adapter of `need` bytes: in RAM-backed storage
+    (`RAM_DIR`) when it is writable and has room for it, else in the cache directory on disk
+    (Docker gives ``/dev/shm`` 64 MB), saying so.
 
     Raises:
         StorageError: the directory's name is taken by a link, a file, or a directory of
             another user (in a shared ``/dev/shm`` anyone may create it first); nothing is
             written into it then.
     """
-    base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else environment().cache_dir
+    base = environment().cache_dir
+    if os.access(RAM_DIR, os.W_OK):
+        free = _free_bytes(RAM_DIR)
+        if need * 1.05 + (1 << 20) <= free:
+            base = RAM_DIR
+        else:
+            logger.warning(
+                "The LoRA adapter (%.1f MB) does not fit in %s (%.1f MB free): it is written "
+                "to a private (0700) directory on disk under %s instead, removed at exit",
+                need / 1e6,
+                RAM_DIR,
+                free / 1e6,
+                base,
+            )
+    return _private_directory(base)
+
+
+def _free_bytes(path: str) -> int:
+    """Bytes free for this user on the filesystem of `path`."""
+    fs = os.statvfs(path)
+    return fs.f_bavail * fs.f_frsize
+
+
+def _private_directory(base: str) -> str:
     private = os.path.join(base, f"tensorize_vllm_model-{os.getuid()}")
     try:
         os.makedirs(private, mode=0o700, exist_ok=True)
@@ -337,7 +368,8 @@ def _write_peft_directory(uri: str, name: str, adapter_config: Any, tensors: dic
     from safetensors.torch import save_file
 
     digest = hashlib.sha256(uri.encode()).hexdigest()[:12]
-    final = os.path.join(_ram_root(), f"{name}-{digest}-{os.getpid()}")
+    need = sum(t.numel() * t.element_size() for t in tensors.values())
+    final = os.path.join(_ram_root(need), f"{name}-{digest}-{os.getpid()}")
     with storage.transaction() as tx:
         staged = tx.stage_directory(final, temporary=True)
         with open(os.path.join(staged.path, ADAPTER_CONFIG), "w") as f:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import stat
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,13 +84,17 @@ def environment() -> Environment:
     ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` (the AWS SDKs' endpoint variables; the
     AWS credential variables are read by boto3 itself); ``TENSORIZE_VLLM_MODEL_CACHE``, else
     ``$XDG_CACHE_HOME/tensorize_vllm_model``, else ``~/.cache/tensorize_vllm_model``: where
-    the config and tokenizer files of remote models are kept.
+    the config and tokenizer files of remote models are kept. A cache directory shared by
+    several users (world-writable with the sticky bit, mode 1777, as /tmp) is used in shared
+    mode: each user keeps their files in a private (0700) sub-directory ``user-<uid>``
+    (`user_cache`), so no user sees or replaces another's files.
     """
     env = os.environ
     cache = env.get("TENSORIZE_VLLM_MODEL_CACHE") or os.path.join(
         env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
         "tensorize_vllm_model",
     )
+    cache = user_cache(cache)
     return Environment(
         s3_access_key_id=env.get("S3_ACCESS_KEY_ID"),
         s3_secret_access_key=env.get("S3_SECRET_ACCESS_KEY"),
@@ -99,6 +104,36 @@ def environment() -> Environment:
         overlap=parse_switch(env.get(OVERLAP_ENV), OVERLAP_ENV),
         prefetch_map=_prefetch_map(env.get(PREFETCH_ENV)),
     )
+
+
+def user_cache(cache: str) -> str:
+    """`cache`, or in shared mode (a 1777 directory) this user's private 0700
+    ``cache/user-<uid>`` (made if missing).
+
+    Raises:
+        ConfigError: ``user-<uid>`` is not a directory of this user (another user made it
+            first, or a link): nothing is cached there.
+    """
+    try:
+        mode = os.stat(cache).st_mode
+    except OSError:
+        return cache
+    if mode & 0o1002 != 0o1002:  # not world-writable with the sticky bit: one user's
+        return cache
+    private = os.path.join(cache, f"user-{os.getuid()}")
+    try:
+        os.makedirs(private, mode=0o700, exist_ok=True)
+        info = os.lstat(private)
+    except OSError as e:
+        raise ConfigError(f"cannot create the private cache directory {private}: {e}") from None
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise ConfigError(
+            f"{private} in the shared cache {cache} is not a directory of this user; remove "
+            "it (or set TENSORIZE_VLLM_MODEL_CACHE to a directory of your own)"
+        )
+    if stat.S_IMODE(info.st_mode) != 0o700:
+        os.chmod(private, 0o700)
+    return private
 
 
 def _prefetch_map(text: str | None) -> dict[str, str]:
@@ -115,3 +150,45 @@ def set_prefetch_map(mapping: dict[str, str]) -> None:
     """Record `prefetch`'s map in this process's environment, which the processes vLLM
     spawns next inherit."""
     os.environ[PREFETCH_ENV] = json.dumps(mapping)
+
+
+# The variables the gs:// and az:// backends read (storage/gcs.py, storage/azure.py;
+# docs/gcs-azure.md). google-auth and azure-identity read their own credential variables.
+STORAGE_VARIABLES = (
+    "STORAGE_EMULATOR_HOST",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+    "AZURE_STORAGE_CONNECTION_STRING",
+    "AZURE_STORAGE_ACCOUNT_NAME",
+    "AZURE_STORAGE_ACCOUNT_KEY",
+    "AZURE_STORAGE_SAS_TOKEN",
+    "AZURE_STORAGE_BLOB_ENDPOINT",
+    "AZURE_STORAGE_ENDPOINT_SUFFIX",
+)
+
+
+def storage_variable(name: str) -> str | None:
+    """One of `STORAGE_VARIABLES`, read now; unset or empty is None.
+
+    Raises:
+        ValueError: `name` is not one of them (a programming error).
+    """
+    if name not in STORAGE_VARIABLES:
+        raise ValueError(f"{name} is not a storage variable")
+    return os.environ.get(name) or None
+
+
+# The CA bundle variables, in the order they are honoured after --ca-bundle / ca_bundle
+# (docs/gcs-azure.md, "TLS trust"): the AWS SDK's, requests', OpenSSL's.
+CA_BUNDLE_VARIABLES = ("AWS_CA_BUNDLE", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE")
+
+
+def ca_bundle(given: str | None) -> tuple[str | None, str]:
+    """The CA bundle to trust for TLS and where it came from: `given` (``--ca-bundle`` /
+    ``ca_bundle``), else the first of `CA_BUNDLE_VARIABLES` set, else (None, "the system
+    store")."""
+    if given:
+        return given, "ca_bundle"
+    for name in CA_BUNDLE_VARIABLES:
+        if os.environ.get(name):
+            return os.environ[name], name
+    return None, "the system store"

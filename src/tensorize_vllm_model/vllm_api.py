@@ -48,12 +48,12 @@ TENSORIZER_NAMES = {
     "no_init_or_tensor": "tensorizer.utils",
 }
 
-_REMOTE_SCHEMES = ("s3", "http", "https")
-
 
 def is_valid_deserialization_uri(uri: str | None) -> bool:
-    """Whether `uri` can be deserialized from: an ``s3://``, ``http://`` or ``https://``
-    URI (any case), or a local path that exists. As vLLM 0.32's function.
+    """Whether `uri` can be deserialized from: a URI of a registered remote scheme (any
+    case: ``s3://``, ``gs://``, ``az://``, ``http(s)://``, or one another package registers;
+    `storage.supported_schemes`), or a local path that exists. As vLLM 0.32's function,
+    whose list is ``s3``, ``http``, ``https``.
 
     Example:
         >>> is_valid_deserialization_uri("s3://bucket/model.tensors")
@@ -61,8 +61,11 @@ def is_valid_deserialization_uri(uri: str | None) -> bool:
     """
     if not uri:
         return False
+    from . import storage
+
     scheme = uri.lower().split("://", 1)[0] if "://" in uri else ""
-    return scheme in _REMOTE_SCHEMES or os.path.exists(uri)
+    remote = scheme not in ("", "file") and scheme in storage.supported_schemes()
+    return remote or os.path.exists(uri)
 
 
 def tensorizer_kwargs_arg(value: str) -> dict[str, Any]:

@@ -1,9 +1,11 @@
-"""Where files live: local paths, ``s3://`` and ``http(s)://`` URIs, behind one contract.
+"""Where files live: local paths, ``s3://``, ``gs://``, ``az://`` and ``http(s)://`` URIs,
+behind one contract.
 
-Each scheme is served by a `base.Backend` subclass (`local`, `s3`, `http`), found through
-the registry in `base` and imported only when a URI of its scheme is used; an unknown scheme
-is an error listing the supported ones. A new backend (GCS, Azure) is one new module and one
-registry line in `base._REGISTRY`: nothing here changes. Remote files are read through
+Each scheme is served by a `base.Backend` subclass (`local`, `s3`, `gcs`, `azure`, `http`),
+found through the open registry in `base` (another package adds a scheme through the
+``tensorize_vllm_model.storage_backends`` entry-point group) and imported only when a URI of
+its scheme is used; an unknown scheme is an error listing the supported ones. A new backend
+is one module and its registration: nothing here changes. Remote files are read through
 `ranged.RangeStream` (parallel byte ranges into memory, never onto local disk), with one
 retry policy (`retry.RetryPolicy`, carried by `StreamOptions.retry`; its module docstring
 says which layer retries which failure).
@@ -32,14 +34,27 @@ from ..errors import (
     Throttled,
     Unreachable,
 )
-from .base import SUPPORTED_SCHEMES, Backend, backend, basename, join, parent, scheme_of
-from .options import STREAM_KWARGS, Options, StreamOptions
+from .base import (
+    SUPPORTED_SCHEMES,
+    Backend,
+    backend,
+    basename,
+    join,
+    parent,
+    register_backend,
+    scheme_of,
+    supported_schemes,
+)
+from .options import GENERIC_KEYS, Options, StreamOptions, stream_kwargs_keys
 from .staged import StagedDirectory, StagedWrite, temporary_directories
 from .transaction import Transaction, transaction
 
 __all__ = [
     "SUPPORTED_SCHEMES",
-    "STREAM_KWARGS",
+    "supported_schemes",
+    "register_backend",
+    "GENERIC_KEYS",
+    "stream_kwargs_keys",
     "StreamOptions",
     "Options",
     "Backend",

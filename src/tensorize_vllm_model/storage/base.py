@@ -1,19 +1,43 @@
-"""The storage backend contract and the registry of URI schemes.
+"""The storage backend contract and the open registry of URI schemes.
 
 Every scheme is served by one `Backend` subclass with the same methods and signatures;
 `storage/__init__.py`, the transaction and every caller reach it only through `backend()`.
-Backends are imported lazily, the first time a URI of their scheme is used, so a user pays
-only for the backend used (boto3 is never imported for local files).
+Backends are imported lazily, the first time a URI of their scheme is used (or a
+``stream_kwargs`` key has to be checked), so a user pays only for the backend used: a
+backend module imports its client library (boto3, google-cloud-storage, azure-storage-blob)
+inside its functions, never at module level.
 
-Adding a backend (GCS, Azure, ...) is one new module with a `Backend` subclass and one line
-in `_REGISTRY` below, ``"scheme": "module:ClassName"``. The subclass maps its library's
-errors to the typed errors of `errors` (`NotFound`, `AccessDenied`, `Unreachable`, `Stalled`,
-`AlreadyExists`, else `StorageError`) in ONE place, with messages naming the URI.
+A backend is ONE module: a `Backend` subclass, registered under its scheme(s) by
+`register_backend` (this package's own, `_BUILTIN`) or by another package through the
+entry-point group ``tensorize_vllm_model.storage_backends`` (``scheme = "module:Class"``),
+found the first time an unknown scheme is asked for (fsspec's registry is the model). The
+subclass declares its own options (`Backend.option_keys`, validated by
+`Backend.check_options`; the generic `options.StreamOptions` names none of them), and maps
+its library's errors to the typed errors of `errors` (`NotFound`, `AccessDenied`,
+`Unreachable`, `Stalled`, `Throttled`, `AlreadyExists`, `CredentialsError`, else
+`StorageError`) in ONE place, with messages naming the URI (never a secret).
 
-The contract, for a backend that can write (``writable = True``): `stage` gives a private
-temporary file to write; `publish` makes it appear whole at its final name (atomic: a
-rename, a completed upload); `keep_aside` / `restore` / `delete` let a transaction put back
-what a publish replaced (`transaction.Transaction`).
+The read contract: `range_source` returns a `ranged.RangeSource`, most simply a
+`retry.RetryingSource` subclass that implements ``_open_range(start, stop, log)`` (one ranged
+request; the body as a `retry.Body`) and names its transport's errors in
+``transport_errors`` (retried; nothing broader than the transport's own exception types,
+so a bug is raised, not retried). It records the object's version (``etag``; GCS
+generation, Azure ETag) when opened and refuses a range answered from another version.
+
+The write contract (``writable = True``), which `transaction.Transaction` drives:
+  1. `stage` gives a private (0600) temporary local file to write;
+  2. `send_ahead` sends ALL of its bytes towards the final name without publishing
+     anything (S3: the parts of a multipart upload; GCS: a hidden temporary object; Azure:
+     uncommitted blocks), returning a handle; a transaction sends every file ahead before
+     it publishes any, so a failed transfer leaves every name as it was;
+  3. `publish` makes the object appear whole at once (completing the handle: S3
+     CompleteMultipartUpload, GCS compose, Azure Put Block List), conditionally when
+     ``replace=False`` (S3 ``If-None-Match: *``, GCS ``ifGenerationMatch=0``, Azure
+     ``If-None-Match: *``): an object already there is never overwritten, `AlreadyExists`;
+  4. `discard` drops a handle that will not be published;
+  5. `keep_aside` / `restore` / `delete` let a transaction put back what a publish replaced.
+A backend that returns None from `send_ahead` sends everything in `publish`, which then must
+still be all-or-nothing for its object.
 """
 
 from __future__ import annotations
@@ -21,6 +45,7 @@ from __future__ import annotations
 import importlib
 import os
 import threading
+from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from ..errors import ConfigError, NotFound, StorageError
@@ -29,18 +54,39 @@ if TYPE_CHECKING:
     from .options import StreamOptions
     from .ranged import RangeSource
 
-__all__ = ["Backend", "SUPPORTED_SCHEMES", "scheme_of", "backend", "join", "parent", "basename"]
+__all__ = [
+    "Backend",
+    "SUPPORTED_SCHEMES",
+    "ENTRY_POINT_GROUP",
+    "register_backend",
+    "supported_schemes",
+    "backend_classes",
+    "backend_option_keys",
+    "scheme_of",
+    "backend",
+    "local_temporary",
+    "join",
+    "parent",
+    "basename",
+]
 
-# scheme -> "module:class" in this package, imported on first use.
-_REGISTRY = {
-    "file": "local:LocalBackend",
-    "s3": "s3:S3Backend",
-    "http": "http:HTTPBackend",
-    "https": "http:HTTPBackend",
+ENTRY_POINT_GROUP = "tensorize_vllm_model.storage_backends"
+# This package's own backends: scheme -> "module:Class" (relative modules are in this
+# package). Other packages register theirs through ENTRY_POINT_GROUP.
+_BUILTIN = {
+    "file": f"{__package__}.local:LocalBackend",
+    "s3": f"{__package__}.s3:S3Backend",
+    "gs": f"{__package__}.gcs:GCSBackend",
+    "az": f"{__package__}.azure:AzureBackend",
+    "http": f"{__package__}.http:HTTPBackend",
+    "https": f"{__package__}.http:HTTPBackend",
 }
-SUPPORTED_SCHEMES = tuple(_REGISTRY)
+SUPPORTED_SCHEMES = tuple(_BUILTIN)  # this package's own; `supported_schemes()` has all
+_registry: dict[str, str] = dict(_BUILTIN)
+_entry_points_read = False
+_classes: dict[str, type[Backend]] = {}
 _instances: dict[str, Backend] = {}
-_lock = threading.Lock()
+_lock = threading.RLock()
 
 
 class Backend:
@@ -53,6 +99,14 @@ class Backend:
     """
 
     writable = False
+    # The ``stream_kwargs`` keys this backend takes (validated by `check_options`).
+    option_keys: tuple[str, ...] = ()
+
+    @classmethod
+    def check_options(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """Validate (and normalise) this backend's options; `values` holds only keys of
+        `option_keys`. Raises `ConfigError` naming the key at fault."""
+        return values
 
     # -- names -----------------------------------------------------------------------------
 
@@ -155,6 +209,64 @@ class Backend:
         raise self._read_only(uri)
 
 
+def register_backend(scheme: str, target: str | type[Backend]) -> None:
+    """Serve ``scheme://`` URIs with `target`: a `Backend` subclass or ``"module:Class"``
+    (imported on first use). Replaces an earlier registration of `scheme`."""
+    with _lock:
+        _registry[scheme.lower()] = (
+            target if isinstance(target, str) else f"{target.__module__}:{target.__qualname__}"
+        )
+        _classes.pop(scheme.lower(), None)
+        _instances.pop(scheme.lower(), None)
+        if not isinstance(target, str):
+            _classes[scheme.lower()] = target
+
+
+def _read_entry_points() -> None:
+    """Register the backends other packages declare (once; ours stay where both name one)."""
+    global _entry_points_read
+    with _lock:
+        if _entry_points_read:
+            return
+        _entry_points_read = True
+        for point in entry_points(group=ENTRY_POINT_GROUP):
+            if point.name.lower() not in _BUILTIN:
+                _registry.setdefault(point.name.lower(), point.value)
+
+
+def supported_schemes() -> tuple[str, ...]:
+    """Every scheme served: this package's and those registered by other packages."""
+    _read_entry_points()
+    return tuple(_registry)
+
+
+def _class(scheme: str) -> type[Backend]:
+    with _lock:
+        found = _classes.get(scheme)
+        if found is None:
+            module, _, name = _registry[scheme].partition(":")
+            found = _classes[scheme] = getattr(importlib.import_module(module), name)
+        return found
+
+
+def backend_classes() -> list[type[Backend]]:
+    """Every registered backend class (each imported once; light: no client library)."""
+    seen: list[type[Backend]] = []
+    for scheme in supported_schemes():
+        cls = _class(scheme)
+        if cls not in seen:
+            seen.append(cls)
+    return seen
+
+
+def backend_option_keys() -> tuple[str, ...]:
+    """The option keys of every registered backend, in registration order."""
+    keys: list[str] = []
+    for cls in backend_classes():
+        keys.extend(k for k in cls.option_keys if k not in keys)
+    return tuple(keys)
+
+
 def scheme_of(uri: str | os.PathLike) -> str:
     """The scheme of `uri`: ``file`` for plain paths, else the part before ``://``.
 
@@ -165,11 +277,13 @@ def scheme_of(uri: str | os.PathLike) -> str:
     if "://" not in uri:
         return "file"
     scheme = uri.split("://", 1)[0].lower()
-    if scheme not in _REGISTRY:
+    if scheme not in _registry:
+        _read_entry_points()
+    if scheme not in _registry:
         shown = uri.split("?", 1)[0].split("#", 1)[0]
         raise ConfigError(
             f"unsupported URI scheme {scheme!r} in {shown!r}; supported: local paths, "
-            + ", ".join(f"{s}://" for s in SUPPORTED_SCHEMES)
+            + ", ".join(f"{s}://" for s in supported_schemes())
         )
     return scheme
 
@@ -180,10 +294,21 @@ def backend(uri: str | os.PathLike) -> Backend:
     with _lock:
         found = _instances.get(scheme)
         if found is None:
-            module, _, name = _REGISTRY[scheme].partition(":")
-            cls = getattr(importlib.import_module(f".{module}", __package__), name)
-            found = _instances[scheme] = cls()
+            found = _instances[scheme] = _class(scheme)()
         return found
+
+
+def local_temporary(uri: str) -> str:
+    """A private (0600) local file in the temporary directory, to write what a backend
+    will upload to `uri` (`Backend.stage` of an object store)."""
+    import tempfile
+
+    try:
+        fd, temp = tempfile.mkstemp(prefix="tensorize-vllm-model-", suffix=".staged")
+        os.close(fd)
+    except OSError as e:
+        raise StorageError(f"cannot create a temporary file for {uri}: {e.strerror or e}") from e
+    return temp
 
 
 def join(base: str, *parts: str) -> str:

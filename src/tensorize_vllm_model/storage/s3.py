@@ -34,6 +34,7 @@ from ..errors import (
     Throttled,
     Unreachable,
 )
+from ..settings import ca_bundle, parse_bool
 from . import retry, s3_settings
 from .base import Backend
 from .options import StreamOptions
@@ -103,9 +104,10 @@ def _client(options: StreamOptions):
         client = boto3.session.Session().client(
             "s3",
             endpoint_url=settings.endpoint,
-            region_name=options.s3_region_name,
+            region_name=options.get("s3_region_name"),
             config=config,
-            verify=options.ca_bundle if options.ca_bundle else None,
+            # None: botocore's own (the AWS config profile's ca_bundle, else certifi's)
+            verify=ca_bundle(options.ca_bundle)[0],
             **settings.client_kwargs,
         )
         # First, so that its False (the budget is spent) stops botocore's standard handler.
@@ -222,11 +224,12 @@ class S3Source(retry.RetryingSource):
 
     supports_ranges = True
     peer = "the endpoint"
-    # Any failure while reading a body (botocore's and urllib3's many kinds) is a dropped
-    # body: retried by retry.py. A failed request is retried by botocore (`_open_range`).
-    transport_errors = (Exception,)
 
     def __init__(self, uri: str, options: StreamOptions):
+        # What a body that drops raises (botocore's and urllib3's transport errors, and
+        # OSError): retried by retry.py; anything else (a bug) is raised, not retried. A
+        # failed request is retried by botocore (`_open_range`).
+        self.transport_errors = _transport_errors()
         self.name = uri
         self.timeout = options.timeout
         self.policy = options.retry
@@ -298,6 +301,21 @@ class S3Source(retry.RetryingSource):
         return _body(response["Body"])
 
 
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    import http.client
+
+    import urllib3.exceptions
+    from botocore.exceptions import HTTPClientError, IncompleteReadError
+
+    return (
+        OSError,
+        http.client.HTTPException,
+        urllib3.exceptions.HTTPError,
+        HTTPClientError,  # ResponseStreamingError, ReadTimeoutError, ...
+        IncompleteReadError,
+    )
+
+
 def _body(body: Any) -> retry.Body:
     """A botocore response body as a raw stream; a stall (no data for the read timeout) is
     reported as `TransferStalled` with the bytes received so far."""
@@ -318,6 +336,30 @@ class S3Backend(Backend):
     an upload that completes (or leaves nothing)."""
 
     writable = True
+    # tensorizer's open_stream keywords (docs/s3.md says what each does).
+    option_keys = (
+        "s3_access_key_id",
+        "s3_secret_access_key",
+        "s3_endpoint",
+        "s3_config_path",
+        "s3_region_name",
+        "s3_signature_version",
+        "addressing_style",
+        "force_http",
+    )
+
+    @classmethod
+    def check_options(cls, values: dict[str, Any]) -> dict[str, Any]:
+        values = dict(values)
+        if "force_http" in values:  # "true"/"false" strings too, as older vLLM docs give them
+            values["force_http"] = parse_bool(values["force_http"], "stream_kwargs force_http")
+        style = values.get("addressing_style")
+        if style is not None and style not in s3_settings.ADDRESSING_STYLES:
+            raise ConfigError(
+                f"stream_kwargs addressing_style must be one of "
+                f"{', '.join(s3_settings.ADDRESSING_STYLES)}, got {style!r}"
+            )
+        return values
 
     def range_source(self, uri: str, options: StreamOptions) -> S3Source:
         return S3Source(uri, options)

@@ -37,12 +37,13 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..errors import ConfigError
+from ..errors import ConfigError, CredentialsError
 from ..settings import environment
-from .options import ADDRESSING_STYLES, StreamOptions
+from .options import StreamOptions
 
 __all__ = ["ADDRESSING_STYLES", "VIRTUAL_HOSTED_ENDPOINTS", "S3Settings", "resolve"]
 
+ADDRESSING_STYLES = ("auto", "virtual", "path")
 # Hosts that refuse path-style requests (tensorizer 2.12, stream_io._is_caios).
 VIRTUAL_HOSTED_ENDPOINTS = frozenset({"cwobject.com", "cwlota.com"})
 
@@ -96,32 +97,57 @@ def resolve(options: StreamOptions) -> S3Settings:
     Raises:
         ConfigError: a setting is invalid or names something missing (named).
     """
-    from botocore.exceptions import ProfileNotFound
+    from botocore.exceptions import PartialCredentialsError, ProfileNotFound
 
+    _check_pairs(options)
     try:
         return _resolve(options)
     except ProfileNotFound as e:
         raise ConfigError(
             f"{e} (AWS_PROFILE names a profile that is not in the AWS config files)"
         ) from None
+    except PartialCredentialsError as e:  # e.g. AWS_ACCESS_KEY_ID set, its secret not
+        missing = {"secret_key": "AWS_SECRET_ACCESS_KEY", "access_key": "AWS_ACCESS_KEY_ID"}
+        needed = missing.get(str(e.kwargs.get("cred_var")), e.kwargs.get("cred_var"))
+        raise CredentialsError(
+            f"incomplete S3 credentials from the {e.kwargs.get('provider')} provider: "
+            f"{needed} is missing (set both, or neither)"
+        ) from None
+
+
+def _check_pairs(options: StreamOptions) -> None:
+    """An access key without its secret (or the reverse) is refused, naming the missing."""
+    key, secret = options.get("s3_access_key_id"), options.get("s3_secret_access_key")
+    if bool(key) != bool(secret):
+        given, missing = (
+            ("s3_access_key_id / S3_ACCESS_KEY_ID", "s3_secret_access_key / S3_SECRET_ACCESS_KEY")
+            if key
+            else (
+                "s3_secret_access_key / S3_SECRET_ACCESS_KEY",
+                "s3_access_key_id / S3_ACCESS_KEY_ID",
+            )
+        )
+        raise CredentialsError(
+            f"incomplete S3 credentials: {given} is set but {missing} is not (set both, or neither)"
+        )
 
 
 def _resolve(options: StreamOptions) -> S3Settings:
     import boto3
     import botocore
 
-    s3cfg = _S3cfg(options.s3_config_path)
-    key, secret = options.s3_access_key_id, options.s3_secret_access_key
+    s3cfg = _S3cfg(options.get("s3_config_path"))
+    key, secret = options.get("s3_access_key_id"), options.get("s3_secret_access_key")
     kwargs: dict[str, str] = {}
-    signature = options.s3_signature_version
+    signature = options.get("s3_signature_version")
     if key == "" and secret == "":
         signature, how = botocore.UNSIGNED, "anonymous (empty keys given)"
     elif key and secret:
         kwargs.update(aws_access_key_id=key, aws_secret_access_key=secret)
         how = "the configured access key"
-    elif options.s3_config_path and s3cfg.has_keys():
+    elif options.get("s3_config_path") and s3cfg.has_keys():
         kwargs.update(s3cfg.keys())
-        how = options.s3_config_path
+        how = options.get("s3_config_path")
     elif boto3.session.Session().get_credentials() is not None:
         how = "the AWS credential chain"
     elif s3cfg.has_keys():
@@ -173,22 +199,22 @@ class _S3cfg:
 
 def _endpoint(options: StreamOptions, s3cfg: _S3cfg) -> tuple[str | None, str, bool]:
     """(endpoint, where it came from, whether plain HTTP is allowed)."""
-    if options.s3_endpoint:
-        return options.s3_endpoint, "s3_endpoint", options.force_http
+    if options.get("s3_endpoint"):
+        return options.get("s3_endpoint"), "s3_endpoint", bool(options.get("force_http"))
     env = environment()
     if env.aws_endpoint_url:
-        return env.aws_endpoint_url, "AWS_ENDPOINT_URL", options.force_http
+        return env.aws_endpoint_url, "AWS_ENDPOINT_URL", bool(options.get("force_http"))
     if s3cfg.values.get("host_base"):
         use_https = s3cfg.values.get("use_https", "").strip().lower()
         return (
             s3cfg.values["host_base"],
             "host_base of ~/.s3cfg",
-            options.force_http or use_https == "false",
+            bool(options.get("force_http")) or use_https == "false",
         )
     configured = _aws_config_endpoint()
     if configured:
-        return configured, "the AWS config file", options.force_http
-    return None, "AWS", options.force_http
+        return configured, "the AWS config file", bool(options.get("force_http"))
+    return None, "AWS", bool(options.get("force_http"))
 
 
 def _aws_config_endpoint() -> str | None:
@@ -214,8 +240,8 @@ def _addressing(
     options: StreamOptions, endpoint: str | None, endpoint_source: str, s3cfg: _S3cfg
 ) -> tuple[str, str]:
     """(addressing style, where it came from)."""
-    if options.addressing_style:
-        return options.addressing_style, "stream_kwargs addressing_style"
+    if options.get("addressing_style"):
+        return options.get("addressing_style"), "stream_kwargs addressing_style"
     import botocore.session
 
     configured = (botocore.session.Session().get_config_variable("s3") or {}).get(

@@ -82,7 +82,9 @@ def deserialize_tensorizer_model(model: nn.Module, tensorizer_config: Any) -> No
     if not is_valid_deserialization_uri(uri):
         raise ConfigError(
             f"{uri} is not a valid tensorizer URI: it must be an existing "
-            "local file, or have an s3, http or https scheme"
+            "local file, or have a remote scheme ("
+            + ", ".join(s for s in storage.supported_schemes() if s != "file")
+            + ")"
         )
     device = torch.device(current_platform.device_type)
     if device.type != "cpu":

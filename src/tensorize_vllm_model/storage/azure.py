@@ -1,0 +1,395 @@
+"""Azure Blob Storage (``az://container/blob``) through azure-storage-blob and azure-identity.
+
+The account, credentials and endpoint, first found wins (docs/gcs-azure.md; the options are
+``stream_kwargs`` keys, the variables Azure's CLI and SDK names):
+  1. ``azure_connection_string`` / ``AZURE_STORAGE_CONNECTION_STRING`` (account, key or
+     SAS, and endpoint in one; Azurite's names its ``BlobEndpoint``);
+  2. ``azure_account_name`` / ``AZURE_STORAGE_ACCOUNT_NAME`` with
+     ``azure_account_key`` / ``AZURE_STORAGE_ACCOUNT_KEY`` (shared key), or with
+     ``azure_sas_token`` / ``AZURE_STORAGE_SAS_TOKEN``, or alone with azure-identity's
+     ``DefaultAzureCredential`` (environment, workload or managed identity, Azure CLI).
+The endpoint is ``azure_endpoint`` / ``AZURE_STORAGE_BLOB_ENDPOINT``, else
+``https://ACCOUNT.SUFFIX`` (``AZURE_STORAGE_ENDPOINT_SUFFIX``, run:ai's name, else
+``blob.core.windows.net``). A key or SAS without an account, or no account at
+all, is a `CredentialsError` naming what is missing.
+
+Reads: the blob's properties once (size, ETag), then each byte range is one Get Blob with a
+``Range`` and ``If-Match: ETAG``: a blob replaced while it is read answers 412, reported as
+"changed while it was read".
+
+Writes (the contract of `base`): the staged file is sent ahead as uncommitted blocks (Put
+Block; nothing is visible), published by one Put Block List (with ``If-None-Match: *`` when
+``replace=False``: a blob already there is never replaced). Uncommitted blocks that are
+never committed are dropped by the service (after a week); nothing else is left.
+
+Retries: azure-core's own retries are off (``retry_total=0``); every request is tried as
+the one policy of `retry` says.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from ..errors import (
+    AccessDenied,
+    AlreadyExists,
+    ConfigError,
+    CredentialsError,
+    NotFound,
+    StorageError,
+)
+from ..settings import ca_bundle, storage_variable
+from . import retry
+from .base import Backend, local_temporary
+from .options import StreamOptions
+
+__all__ = ["parse", "AzureSource", "AzureBackend"]
+
+T = TypeVar("T")
+_BLOCK = 32 * 1024 * 1024
+_PIECE = 1 << 20
+_TRANSIENT_STATUSES = (408, 429, 500, 502, 503, 504)
+_clients: dict[StreamOptions, _Client] = {}
+_clients_lock = threading.Lock()
+
+
+def parse(uri: str) -> tuple[str, str]:
+    """``az://container/blob`` -> (container, blob)."""
+    container, _, name = uri.split("://", 1)[1].partition("/")
+    if not container:
+        raise ConfigError(f"{uri!r} names no container")
+    return container, name
+
+
+def parse_object(uri: str) -> tuple[str, str]:
+    container, name = parse(uri)
+    if not name or name.endswith("/"):
+        raise ConfigError(
+            f"{uri!r} names a container or a prefix, not a blob: give the blob's name "
+            "(az://container/path/model.tensors)"
+        )
+    return container, name
+
+
+@dataclass(frozen=True)
+class _Client:
+    service: Any  # azure.storage.blob.BlobServiceClient
+    where: str  # the endpoint, for messages
+    credentials: str  # how the credentials were found (never the credentials)
+
+
+def _setting(options: StreamOptions, key: str, variable: str) -> str | None:
+    return options.get(key) or storage_variable(variable) or None
+
+
+def _service(options: StreamOptions) -> tuple[Any, str]:
+    """(BlobServiceClient, how its credentials were found)."""
+    from azure.storage.blob import BlobServiceClient
+
+    kwargs: dict[str, Any] = {
+        "retry_total": 0,
+        "connection_timeout": min(options.timeout, 10.0),
+        "read_timeout": options.timeout,
+        "max_single_get_size": max(options.chunk_size, 4 << 20),
+    }
+    cafile = ca_bundle(options.ca_bundle)[0]
+    if cafile:
+        kwargs["connection_verify"] = cafile
+    connection = _setting(options, "azure_connection_string", "AZURE_STORAGE_CONNECTION_STRING")
+    if connection:
+        try:
+            return BlobServiceClient.from_connection_string(
+                connection, **kwargs
+            ), "a connection string"
+        except ValueError as e:
+            raise CredentialsError(
+                f"the Azure storage connection string is not usable: {e}"
+            ) from None
+    account = _setting(options, "azure_account_name", "AZURE_STORAGE_ACCOUNT_NAME")
+    key = _setting(options, "azure_account_key", "AZURE_STORAGE_ACCOUNT_KEY")
+    sas = _setting(options, "azure_sas_token", "AZURE_STORAGE_SAS_TOKEN")
+    if not account:
+        given = (
+            " (AZURE_STORAGE_ACCOUNT_KEY is set)"
+            if key
+            else " (AZURE_STORAGE_SAS_TOKEN is set)"
+            if sas
+            else ""
+        )
+        raise CredentialsError(
+            f"no Azure storage account for az:// URIs{given}: set AZURE_STORAGE_ACCOUNT_NAME "
+            "(with AZURE_STORAGE_ACCOUNT_KEY, AZURE_STORAGE_SAS_TOKEN or an identity "
+            "DefaultAzureCredential finds), or AZURE_STORAGE_CONNECTION_STRING"
+        )
+    suffix = storage_variable("AZURE_STORAGE_ENDPOINT_SUFFIX") or "blob.core.windows.net"
+    url = _setting(options, "azure_endpoint", "AZURE_STORAGE_BLOB_ENDPOINT") or (
+        f"https://{account}.{suffix}"
+    )
+    if key:
+        credential: Any = {"account_name": account, "account_key": key}
+        how = "the account key"
+    elif sas:
+        credential, how = sas.lstrip("?"), "a SAS token"
+    else:
+        from azure.identity import DefaultAzureCredential
+
+        credential, how = DefaultAzureCredential(), "DefaultAzureCredential"
+    return BlobServiceClient(url, credential=credential, **kwargs), how
+
+
+def _client(options: StreamOptions) -> _Client:
+    with _clients_lock:
+        if options not in _clients:
+            service, how = _service(options)
+            _clients[options] = _Client(service, service.url.split("?", 1)[0], how)
+        return _clients[options]
+
+
+def _error(e: BaseException, uri: str, found: _Client, action: str) -> StorageError | None:
+    """The typed error of a failed request; None where another attempt may help (the one
+    place Azure failures are mapped)."""
+    from azure.core import exceptions as az
+
+    if isinstance(e, StorageError):
+        return e
+    if isinstance(e, az.ClientAuthenticationError) and getattr(e, "status_code", None) is None:
+        return CredentialsError(
+            f"no usable Azure credentials ({found.credentials}) {action} {uri}: {e.message}"
+        )
+    if isinstance(e, az.ResourceExistsError):
+        return AlreadyExists(f"{uri} already exists; it was left as it is (not replaced)")
+    if isinstance(e, az.ResourceModifiedError):
+        return StorageError(f"{uri} changed while it was read (its ETag changed); read it again")
+    if isinstance(e, az.ResourceNotFoundError):
+        if "ContainerNotFound" in str(getattr(e, "error_code", "")):
+            return NotFound(f"no such container: {parse(uri)[0]} (for {uri})")
+        return NotFound(f"no such blob: {uri} (at {found.where})")
+    if isinstance(e, az.HttpResponseError) and e.status_code in (401, 403):
+        return AccessDenied(
+            f"access denied {action} {uri} (HTTP {e.status_code} {_code(e)}) at "
+            f"{found.where}; credentials: {found.credentials}"
+        )
+    if isinstance(e, az.HttpResponseError) and e.status_code not in (None, *_TRANSIENT_STATUSES):
+        return StorageError(
+            f"Azure refused {action} {uri} at {found.where}: HTTP {e.status_code} {_code(e)}"
+        )
+    return None
+
+
+def _code(e: BaseException) -> str:
+    return str(getattr(e, "error_code", "") or "")
+
+
+def _attempt(found: _Client, uri: str, action: str, send: Callable[[], T]) -> T:
+    """`send()` once; its failure as a typed error or `retry.Transient`."""
+    from azure.core import exceptions as az
+
+    try:
+        return send()
+    except Exception as e:  # noqa: BLE001 - mapped here, the one place
+        error = _error(e, uri, found, action)
+        if error is not None:
+            raise error from None
+        if isinstance(e, az.HttpResponseError) and e.status_code is not None:
+            answer = f"HTTP {e.status_code}"
+            raise retry.Transient(answer, answer if e.status_code in (429, 503) else None) from None
+        if isinstance(e, (az.AzureError, OSError)):
+            raise retry.Transient(f"{type(e).__name__}: {getattr(e, 'message', e)}") from None
+        raise
+
+
+def _call(
+    found: _Client, options: StreamOptions, uri: str, action: str, send: Callable[[], T]
+) -> T:
+    return retry.request(
+        lambda: _attempt(found, uri, action, send),
+        policy=options.retry,
+        name=f"{uri} at {found.where}",
+        peer=f"the Azure endpoint {found.where}",
+    )
+
+
+class AzureSource(retry.RetryingSource):
+    """A blob (as it was when opened: its ETag) as a `ranged.RangeSource`."""
+
+    supports_ranges = True
+    peer = "the endpoint"
+
+    def __init__(self, uri: str, options: StreamOptions):
+        self.name = uri
+        self.timeout = options.timeout
+        self.policy = options.retry
+        self._options = options
+        self._found = _client(options)
+        container, name = parse_object(uri)
+        self._blob = self._found.service.get_blob_client(container, name)
+        props = _call(
+            self._found, options, uri, "reading", lambda: self._blob.get_blob_properties()
+        )
+        self.size = int(props.size)
+        self.etag = props.etag
+
+    @property
+    def connection(self) -> str:
+        return f"the connection to {self._found.where}"
+
+    def _download(self, start: int, length: int | None) -> bytes:
+        from azure.core import MatchConditions
+
+        return self._blob.download_blob(
+            offset=start,
+            length=length,
+            etag=self.etag,
+            match_condition=MatchConditions.IfNotModified,
+            max_concurrency=1,
+        ).readall()
+
+    def _open_range(self, start: int, stop: int, log: retry.Attempts) -> retry.Body:
+        data = _attempt(
+            self._found, self.name, "reading", lambda: self._download(start, stop - start)
+        )
+        return _bytes_body(data)
+
+    def open_sequential(self, start: int) -> retry.Body:
+        data = _call(
+            self._found, self._options, self.name, "reading", lambda: self._download(start, None)
+        )
+        return _bytes_body(data)
+
+
+def _bytes_body(data: bytes) -> retry.Body:
+    stream = io.BytesIO(data)
+    return retry.Body(stream.readinto, stream.close, piece=_PIECE, stall_errors=())
+
+
+@dataclass
+class _Blocks:
+    """A file sent ahead as uncommitted blocks of `uri`."""
+
+    uri: str
+    ids: list[str]
+
+
+def _block_id(number: int) -> str:
+    return base64.b64encode(f"tvm-{number:08d}".encode()).decode()
+
+
+class AzureBackend(Backend):
+    """``az://container/blob``: ranged reads pinned to an ETag; writes staged locally, sent
+    ahead as uncommitted blocks, published by Put Block List."""
+
+    writable = True
+    option_keys = (
+        "azure_connection_string",
+        "azure_account_name",
+        "azure_account_key",
+        "azure_sas_token",
+        "azure_endpoint",
+    )
+
+    @classmethod
+    def check_options(cls, values: dict[str, Any]) -> dict[str, Any]:
+        for key, value in values.items():
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"stream_kwargs {key} must be a non-empty string")
+        return values
+
+    def range_source(self, uri: str, options: StreamOptions) -> AzureSource:
+        return AzureSource(uri, options)
+
+    def _blob(self, uri: str, options: StreamOptions) -> tuple[Any, _Client]:
+        container, name = parse_object(uri)
+        found = _client(options)
+        return found.service.get_blob_client(container, name), found
+
+    def list_names(self, uri: str, options: StreamOptions) -> list[str]:
+        container, prefix = parse(uri.rstrip("/") + "/")
+        found = _client(options)
+        client = found.service.get_container_client(container)
+
+        def names() -> list[str]:
+            items = client.walk_blobs(name_starts_with=prefix, delimiter="/")
+            return [i.name[len(prefix) :] for i in items if not i.name.endswith("/")]
+
+        return sorted(n for n in _call(found, options, uri, "listing", names) if n)
+
+    def check_writable(self, directory: str, options: StreamOptions) -> None:
+        container, _ = parse(directory)
+        found = _client(options)
+        client = found.service.get_container_client(container)
+        _call(found, options, directory, "writing", client.get_container_properties)
+
+    def stage(self, uri: str, options: StreamOptions) -> str:
+        parse_object(uri)
+        return local_temporary(uri)
+
+    def send_ahead(self, temp: str, uri: str, options: StreamOptions, *, replace: bool) -> Any:
+        if not replace and self.exists(uri, options):
+            raise AlreadyExists(f"{uri} already exists; it was left as it is (not replaced)")
+        blob, found = self._blob(uri, options)
+        size = os.path.getsize(temp)
+        count = math.ceil(size / _BLOCK)
+
+        def send(number: int) -> str:
+            with open(temp, "rb") as f:
+                f.seek(number * _BLOCK)
+                data = f.read(_BLOCK)
+            _call(found, options, uri, "writing", lambda: blob.stage_block(_block_id(number), data))
+            return _block_id(number)
+
+        with ThreadPoolExecutor(max(1, min(options.workers, count or 1))) as pool:
+            return _Blocks(uri, list(pool.map(send, range(count))))
+
+    def discard(self, sent: Any, options: StreamOptions) -> None:
+        """Nothing to send: uncommitted blocks are never visible, and the service drops
+        them (a week later, or when another block list is committed)."""
+
+    def publish(
+        self, temp: str, uri: str, options: StreamOptions, *, replace: bool, sent: Any = None
+    ) -> None:
+        from azure.core import MatchConditions
+        from azure.storage.blob import BlobBlock
+
+        if sent is None:
+            sent = self.send_ahead(temp, uri, options, replace=replace)
+        blob, found = self._blob(uri, options)
+        condition = {} if replace else {"match_condition": MatchConditions.IfMissing}
+        blocks = [BlobBlock(block_id=i) for i in sent.ids]
+        _call(
+            found, options, uri, "publishing", lambda: blob.commit_block_list(blocks, **condition)
+        )
+
+    def keep_aside(self, uri: str, backup: str, options: StreamOptions) -> None:
+        """Copy the blob at `uri` to `backup` (server-side Copy Blob, waited for)."""
+        source, found = self._blob(uri, options)
+        target, _ = self._blob(backup, options)
+        _call(
+            found, options, uri, "keeping a copy of", lambda: target.start_copy_from_url(source.url)
+        )
+        while True:
+            props = _call(found, options, backup, "keeping a copy of", target.get_blob_properties)
+            status = props.copy.status
+            if status in (None, "success"):
+                return
+            if status != "pending":
+                raise StorageError(f"copying {uri} to {backup} ended with {status}")
+            retry.DEFAULT_POLICY.pause(1)
+
+    def restore(self, backup: str, uri: str, options: StreamOptions) -> None:
+        self.keep_aside(backup, uri, options)
+        self.delete(backup, options)
+
+    def delete(self, uri: str, options: StreamOptions) -> None:
+        blob, found = self._blob(uri, options)
+        try:
+            _call(found, options, uri, "deleting", blob.delete_blob)
+        except NotFound:
+            pass
