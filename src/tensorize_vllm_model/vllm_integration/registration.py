@@ -57,6 +57,7 @@ from ..checks import check_shards
 from ..config import TensorizerConfig
 from ..format.record import ParallelLayout
 from ..plan import ReadPlan, resolve_read
+from . import aot_load
 from .engine import parallel_sizes
 from .messages import CAPTURE_LOAD_FORMAT, LOAD_FORMAT
 
@@ -75,6 +76,7 @@ def register() -> None:
     _register_loaders()
     _install_engine_hook()
     _register_lora_resolver()
+    aot_load.install()
     logger.debug("load_format=%r is served by tensorize_vllm_model", LOAD_FORMAT)
 
 

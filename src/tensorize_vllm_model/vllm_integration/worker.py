@@ -20,6 +20,7 @@ from ..errors import TensorizeError
 from ..format.record import FileRecord
 from ..format.writer import write_tensors
 from ..progress import progress
+from .compiled import pack_for_save
 from .messages import (
     CAPTURE_LOAD_FORMAT,
     WORKER_EXTENSION,
@@ -99,6 +100,13 @@ class WorkerExtension:
                 on_bytes=advance,
                 tx=tx,
             )
+        pack_for_save(
+            self.vllm_config,
+            self.get_model(),  # type: ignore[attr-defined]
+            ((name, tensor) for name, tensor, _ in captured.tensors),
+            uri,
+            tx,
+        )
         tx.send_ahead()  # S3: the parts uploaded now, before the driver publishes anything
         STATE.captured = None
         return SavedFile(rank=layout.rank, uri=uri, tensors=staged.tensors, bytes=staged.bytes)
