@@ -155,10 +155,15 @@ def test_aot_fix_gives_plain_inductor_functions_a_finalize_loading(monkeypatch):
         seen.append(fn)
         return fn
 
+    from tensorize_vllm_model.vllm_integration import compiled
+
+    told = []
+    monkeypatch.setattr(compiled, "before_aot_load", lambda module, path: told.append(path))
     monkeypatch.setattr(torch.compiler, "load_compiled_function", lambda f: loaded)
     monkeypatch.setattr(decorators, "_try_load_aot_compiled_fn", vllm_load)
     aot_load.install()
-    assert decorators._try_load_aot_compiled_fn(None, "p") is loaded
+    assert decorators._try_load_aot_compiled_fn(None, "p/rank_0_0/model") is loaded
+    assert told == ["p/rank_0_0/model"]  # the shipped cache is put there first
     assert seen == [loaded]
     assert torch.compiler.load_compiled_function(None) is loaded  # unwrapped again after
     aot_load.install()  # idempotent

@@ -15,6 +15,9 @@ unpickled), so giving it a ``finalize_loading`` that does nothing lets vLLM's lo
 during the load only, the function torch unpickles gets that no-op when it lacks the
 method. Everything else (vLLM's source check, its guards, its fallback to compiling) is
 vLLM's own. Off with ``TENSORIZE_VLLM_MODEL_AOT_FIX=0``.
+
+The same wrapper is where the shipped compile cache (`compiled`) learns the exact AOT path
+vLLM computed for a compiled module, as vLLM is about to read it.
 """
 
 from __future__ import annotations
@@ -57,9 +60,9 @@ def _plain_functions_finalizable() -> Iterator[None]:
 
 def install() -> None:
     """Wrap vLLM's AOT load once per process (idempotent; a no-op where vLLM has no such
-    function, or with ``TENSORIZE_VLLM_MODEL_AOT_FIX=0``)."""
-    if not environment().aot_fix:
-        return
+    function). The wrapper first hands the module and path to
+    `compiled.before_aot_load` (the shipped compile cache), then runs vLLM's load, with the
+    fix above unless ``TENSORIZE_VLLM_MODEL_AOT_FIX=0``."""
     try:
         from vllm.compilation import decorators
     except ImportError:  # pragma: no cover - another vLLM layout
@@ -69,9 +72,13 @@ def install() -> None:
         return
 
     @functools.wraps(original)
-    def try_load(*args: Any, **kwargs: Any) -> Any:
-        with _plain_functions_finalizable():
-            return original(*args, **kwargs)
+    def try_load(model: Any, aot_compilation_path: str, *args: Any, **kwargs: Any) -> Any:
+        from .compiled import before_aot_load
+
+        before_aot_load(model, aot_compilation_path)
+        fix = environment().aot_fix
+        with _plain_functions_finalizable() if fix else contextlib.nullcontext():
+            return original(model, aot_compilation_path, *args, **kwargs)
 
     try_load._tensorize_vllm_model = True  # type: ignore[attr-defined]
     decorators._try_load_aot_compiled_fn = try_load

@@ -8,10 +8,12 @@ and vLLM points ``TORCHINDUCTOR_CACHE_DIR`` at ``<hash>/inductor_cache/`` (read 
 ``vllm/compilation/decorators.py``). ``<hash>`` covers vLLM's compile-environment factors,
 ``VllmConfig.compute_hash()`` (which includes the model's *path*) and the module's forward
 (its qualified name and line). A serialize's engine loads the checkpoint's directory and a
-load the tensorized one, so the two hashes differ by the path alone: the capture side packs
-its own directory and the load side writes into the one its engine is about to use, both
-computed here as vLLM computes them, after checking that the `compile_cache.CacheKey`
-(every factor but the path) is equal.
+load the tensorized one, so the two hashes differ by the path alone. Neither side computes
+vLLM's path: `aot_load` hands `before_aot_load` the path vLLM itself computed, as vLLM is
+about to read it (at the first forward, after the weights are loaded). The capture side
+remembers it and packs that directory at save; the load side (the loader read the archive,
+`stage_for_load`) writes the archive's files there, after checking that the
+`compile_cache.CacheKey` (every factor but the path, computed at the same moment) is equal.
 
 Nothing is shipped or restored when the engine does not compile (``enforce_eager``, LoRA on
 CPU), when ``VLLM_DISABLE_COMPILE_CACHE=1`` or ``VLLM_USE_AOT_COMPILE=0``.
@@ -25,14 +27,13 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch import nn
 from vllm.logger import init_logger
 
 from .. import compile_cache, storage
 from ..compile_cache import CacheKey
 from .runtime import current_layout, dtype_name
 
-__all__ = ["cache_key", "entries", "pack_for_save", "restore_for_load"]
+__all__ = ["before_aot_load", "cache_key", "pack_for_save", "stage_for_load"]
 
 logger = init_logger(f"vllm.{__name__}")
 
@@ -79,15 +80,11 @@ def cache_key(vllm_config: Any) -> CacheKey:
     )
 
 
-def _compiled_modules(model: nn.Module) -> list[tuple[str, Any]]:
-    from vllm.compilation.wrapper import TorchCompileWithNoGuardsWrapper
-
-    return [
-        (name or "root", module)
-        for name, module in model.named_modules()
-        if isinstance(module, TorchCompileWithNoGuardsWrapper)
-        and not getattr(module, "do_not_compile", False)
-    ]
+# What this process's compiled modules use, as vLLM computed it at its AOT load: entry
+# name -> (vLLM's ``rank_<i>_<j>/model`` path, the key); and the archive read by the
+# loader, waiting for vLLM's compile (`before_aot_load`).
+_compiled: dict[str, tuple[str, CacheKey]] = {}
+_shipped: list[tuple[str, tuple[CacheKey, dict[str, bytes]]]] = []
 
 
 def _uses_aot_cache() -> bool:
@@ -96,44 +93,57 @@ def _uses_aot_cache() -> bool:
     return bool(envs.VLLM_USE_AOT_COMPILE) and not envs.VLLM_DISABLE_COMPILE_CACHE
 
 
-def entries(vllm_config: Any, model: nn.Module) -> dict[str, str]:
-    """Entry name -> local directory, for every compiled module of `model`: its
-    ``inductor_cache`` and its ``rank_<i>_<j>`` directory (vLLM's AOT layout, above); empty
-    when nothing is compiled or cached."""
-    if not _uses_aot_cache() or vllm_config.compilation_config.mode in (None, 0):
-        return {}
-    from vllm import envs
-    from vllm.compilation.caching import aot_compile_hash_factors
-    from vllm.compilation.decorators import _model_hash_key
+def _entry_name(module: Any) -> str:
+    return str(getattr(module, "_compile_tag", "") or type(module).__name__)
 
-    parallel = vllm_config.parallel_config
-    rank_dir = f"rank_{parallel.rank}_{parallel.data_parallel_index}"
-    found: dict[str, str] = {}
-    for name, module in _compiled_modules(model):
-        factors = [*aot_compile_hash_factors(vllm_config), _model_hash_key(module.forward)]
-        digest = hashlib.sha256(str(factors).encode()).hexdigest()
-        root = os.path.join(
-            envs.VLLM_CACHE_ROOT, "torch_compile_cache", "torch_aot_compile", digest
-        )
-        found[f"{name}.inductor_cache"] = os.path.join(root, "inductor_cache")
-        found[f"{name}.rank"] = os.path.join(root, rank_dir)
-    return found
+
+def _targets(name: str, aot_path: str) -> dict[str, str]:
+    """Entry name -> local directory, for one compiled module whose AOT artifact vLLM keeps
+    at `aot_path` (``.../torch_aot_compile/<hash>/rank_<i>_<j>/model``)."""
+    rank_dir = os.path.dirname(aot_path)
+    return {
+        f"{name}.rank": rank_dir,
+        f"{name}.inductor_cache": os.path.join(os.path.dirname(rank_dir), "inductor_cache"),
+    }
+
+
+def before_aot_load(module: Any, aot_path: str) -> None:
+    """Called (through `aot_load`) as vLLM is about to load `module`'s AOT artifact from
+    `aot_path`, the path vLLM computed for this engine: remembers it (for `pack_for_save`)
+    and, when the loader read a shipped cache whose key matches, writes its files there
+    first. Never raises: a problem is logged and vLLM compiles as it would have."""
+    try:
+        name = _entry_name(module)
+        key = cache_key(module.vllm_config)
+        _compiled[name] = (aot_path, key)
+        for uri, archive in _shipped:  # kept: another compiled module may need its entries
+            written = compile_cache.restore(key, archive, _targets(name, aot_path))
+            if written is not None:
+                logger.info(
+                    "Put the shipped compile cache of %s into %s (%d files new)",
+                    storage.redact(uri),
+                    os.path.dirname(os.path.dirname(aot_path)),
+                    written,
+                )
+    except Exception as e:  # noqa: BLE001 - a cache must never stop a start-up
+        logger.warning("The shipped compile cache was not used: %s", e)
 
 
 def pack_for_save(
-    vllm_config: Any,
-    model: nn.Module,
-    tensors: Iterable[tuple[str, Any]],
-    tensors_uri: str,
-    tx: storage.Transaction,
+    tensors: Iterable[tuple[str, Any]], tensors_uri: str, tx: storage.Transaction
 ) -> str | None:
     """Stage this rank's compile cache in `tx` beside `tensors_uri`: the archive's URI, or
     None when there is nothing to ship (or it would hold weight bytes: then said, and not
     shipped)."""
     if not compile_cache.enabled():
         return None
-    found = {k: v for k, v in entries(vllm_config, model).items() if os.path.isdir(v)}
-    if not any(k.endswith(".rank") for k in found):
+    found = {
+        entry: directory
+        for name, (aot_path, _) in _compiled.items()
+        for entry, directory in _targets(name, aot_path).items()
+        if os.path.isfile(aot_path) and os.path.isdir(directory)
+    }
+    if not found:
         logger.info("No compile cache to keep with the model (the engine compiled nothing)")
         return None
     files = compile_cache.collect(found)
@@ -144,7 +154,7 @@ def pack_for_save(
             *leak,
         )
         return None
-    key = cache_key(vllm_config)
+    key = next(iter(_compiled.values()))[1]
     uri = compile_cache.archive_uri(tensors_uri, key.rank)
     data = compile_cache.pack(key, files)
     with open(tx.stage(uri).path, "wb") as f:
@@ -159,31 +169,19 @@ def pack_for_save(
     return uri
 
 
-def restore_for_load(
-    vllm_config: Any, model: nn.Module, tensors_uri: str, options: storage.Options
-) -> int | None:
-    """Put this rank's shipped compile cache (if any, and if its key matches) into the local
-    directories this engine's compile is about to read: the number of files written, None
-    when none was used. Never fails the load: a problem is logged and vLLM compiles."""
-    if not compile_cache.enabled():
-        return None
-    targets = entries(vllm_config, model)
-    if not targets:
-        return None
-    key = cache_key(vllm_config)
-    uri = compile_cache.archive_uri(tensors_uri, key.rank)
+def stage_for_load(vllm_config: Any, tensors_uri: str, options: storage.Options) -> bool:
+    """Read this rank's shipped compile cache (if any), for `before_aot_load` to put into
+    the directories vLLM's compile is about to read: whether one was found. Never fails
+    the load: a problem is logged and vLLM compiles."""
+    if not compile_cache.enabled() or not _uses_aot_cache():
+        return False
+    uri = compile_cache.archive_uri(tensors_uri, current_layout(vllm_config).rank)
     try:
         if not storage.exists(uri, options):
-            return None
+            return False
         data = storage.read_bytes(uri, options, limit=compile_cache.ARCHIVE_LIMIT)
-        written = compile_cache.restore(key, compile_cache.read_archive(data, uri), targets)
+        _shipped[:] = [(uri, compile_cache.read_archive(data, uri))]
     except Exception as e:  # noqa: BLE001 - a cache must never stop a load
         logger.warning("The shipped compile cache %s was not used: %s", storage.redact(uri), e)
-        return None
-    if written is not None:
-        logger.info(
-            "Put the shipped compile cache of %s into the local cache (%d files new)",
-            storage.redact(uri),
-            written,
-        )
-    return written
+        return False
+    return True

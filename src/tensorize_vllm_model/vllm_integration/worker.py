@@ -100,13 +100,7 @@ class WorkerExtension:
                 on_bytes=advance,
                 tx=tx,
             )
-        pack_for_save(
-            self.vllm_config,
-            self.get_model(),  # type: ignore[attr-defined]
-            ((name, tensor) for name, tensor, _ in captured.tensors),
-            uri,
-            tx,
-        )
+        pack_for_save(((name, t) for name, t, _ in captured.tensors), uri, tx)
         tx.send_ahead()  # S3: the parts uploaded now, before the driver publishes anything
         STATE.captured = None
         return SavedFile(rank=layout.rank, uri=uri, tensors=staged.tensors, bytes=staged.bytes)
