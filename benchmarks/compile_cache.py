@@ -11,7 +11,8 @@ with its own ``VLLM_CACHE_ROOT`` and ``TORCHINDUCTOR_CACHE_DIR``: empty for a fr
 (``TENSORIZE_VLLM_MODEL_COMPILE_CACHE=0`` for "without"), the one a shipped start filled for
 a warm node. "Ready" is from the process's first line (imports included) to ``LLM(...)``
 returning. The modes alternate within each repeat; each engine start takes the machine's
-engine lock (``flock /tmp/vllm-engine.lock``) when ``flock`` is present.
+engine lock (``flock /tmp/vllm-engine.lock``) when ``flock`` is present, unless
+``--no-lock`` (run the whole benchmark under the lock instead).
 """
 
 from __future__ import annotations
@@ -48,8 +49,11 @@ if __name__ == "__main__":
 """
 
 
+_LOCKING = True  # off with --no-lock (the caller holds the machine's engine lock already)
+
+
 def _locked(argv: list[str]) -> list[str]:
-    return ["flock", LOCK, *argv] if shutil.which("flock") else argv
+    return ["flock", LOCK, *argv] if _LOCKING and shutil.which("flock") else argv
 
 
 def _env(cache: Path, switch: bool) -> dict[str, str]:
@@ -114,7 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", default=str(ROOT / "benchmarks" / "results" / "compile-cache.json")
     )
+    parser.add_argument("--no-lock", action="store_true", help="the caller holds the lock")
     args = parser.parse_args(argv)
+    global _LOCKING
+    _LOCKING = not args.no_lock
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     target = serialize(args.model, work)
