@@ -97,7 +97,7 @@ def start(target: Path, cache: Path, *, switch: bool, eager: bool = False) -> di
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"engine failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
     result = json.loads(lines[-1][len("RESULT ") :])
-    log = proc.stderr
+    log = proc.stdout + proc.stderr  # vLLM logs to stdout by default
     result["aot_loaded"] = "Directly load AOT compilation" in log
     result["restored"] = "Put the shipped compile cache" in log
     result["compiled_again"] = "Compiling model again" in log
