@@ -173,7 +173,8 @@ def stage_for_load(vllm_config: Any, tensors_uri: str, options: storage.Options)
     """Read this rank's shipped compile cache (if any), for `before_aot_load` to put into
     the directories vLLM's compile is about to read: whether one was found. Never fails
     the load: a problem is logged and vLLM compiles."""
-    if not compile_cache.enabled() or not _uses_aot_cache():
+    compiles = int(vllm_config.compilation_config.mode or 0) != 0  # not CompilationMode.NONE
+    if not compiles or not compile_cache.enabled() or not _uses_aot_cache():
         return False
     uri = compile_cache.archive_uri(tensors_uri, current_layout(vllm_config).rank)
     try:
