@@ -100,10 +100,16 @@ class WorkerExtension:
                 on_bytes=advance,
                 tx=tx,
             )
-        pack_for_save(((name, t) for name, t, _ in captured.tensors), uri, tx)
+        archive = pack_for_save(((name, t) for name, t, _ in captured.tensors), uri, tx)
         tx.send_ahead()  # S3: the parts uploaded now, before the driver publishes anything
         STATE.captured = None
-        return SavedFile(rank=layout.rank, uri=uri, tensors=staged.tensors, bytes=staged.bytes)
+        return SavedFile(
+            rank=layout.rank,
+            uri=uri,
+            tensors=staged.tensors,
+            bytes=staged.bytes,
+            compile_cache=archive,
+        )
 
     @worker_call
     def tensorize_vllm_model_publish(self) -> list[str]:
