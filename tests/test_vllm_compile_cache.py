@@ -57,4 +57,5 @@ def test_a_fresh_node_loads_the_shipped_compile_cache(tiny_llama, tmp_path):
     assert "Put the shipped compile cache of" in log, log[-4000:]
     assert "Directly load AOT compilation" in log, log[-4000:]
     assert "Compiling model again" not in log
-    assert len(result["tokens"]) == 4 and all(len(t) == 16 for t in result["tokens"])
+    # It generates (greedy; a prompt may end early at the end-of-sequence token).
+    assert len(result["tokens"]) == 4 and all(0 < len(t) <= 16 for t in result["tokens"])
