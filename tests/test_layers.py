@@ -45,6 +45,7 @@ RANKS = {
     "lora": 6,
     "inspection": 6,
     "prefetch": 6,
+    "compile_cache": 6,
     "convert": 7,
     "serialization": 8,
     "vllm_integration": 8,

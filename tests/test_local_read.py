@@ -347,6 +347,59 @@ def test_staged_reads_through_reused_buffers(path, readers, staging, monkeypatch
         assert len(buffers) <= 2 * readers < len(filled)
 
 
+@pytest.mark.parametrize("readers", [1, 3])
+@pytest.mark.parametrize("count, streams", [(3, 1), (4, 2)])
+def test_staged_reads_through_a_ring_of_buffers(path, readers, count, streams, monkeypatch):
+    """More staging buffers per reader (and, on CUDA, streams): the same bytes, each
+    reader's `count` buffers reused in turn."""
+    monkeypatch.setattr(local_read, "STAGING_BYTES", 4096)
+    monkeypatch.setattr(local_read, "STAGING_BUFFERS", count)
+    monkeypatch.setattr(local_read, "STAGING_STREAMS", streams)
+    filled = []
+    real = local_read._read_exactly
+    monkeypatch.setattr(
+        local_read,
+        "_read_exactly",
+        lambda fd, view, *a: filled.append(view.obj) or real(fd, view, *a),
+    )
+    assert_same(read_staged(path, readers), tensorizer_reads(path))
+    buffers = {id(buffer) for buffer in filled}
+    assert readers * count >= len(buffers) > readers * 2 - 1 and len(filled) > len(buffers)
+
+
+@pytest.mark.parametrize("window", [0, 4096, 20000, 1 << 30])
+def test_read_ahead_asks_for_each_piece_once_within_its_window(path, window, monkeypatch):
+    """Cold reads: before reading a piece, a reader asks the kernel for the pieces that
+    follow, up to READ_AHEAD_BYTES past it (posix_fadvise WILLNEED); the bytes are the same."""
+    monkeypatch.setattr(local_read, "READ_AHEAD_BYTES", window)
+    monkeypatch.setattr(local_read, "PIECE_BYTES", 4096)
+    asked: list[tuple[int, int]] = []
+    read_at: list[int] = []
+    real_advise, real_read = os.posix_fadvise, local_read._read_exactly
+
+    def advise(fd, offset, length, advice):
+        assert advice == os.POSIX_FADV_WILLNEED
+        asked.append((offset, length))
+        real_advise(fd, offset, length, advice)
+
+    def read(fd, view, offset, *a):
+        ahead = sum(n for o, n in asked if o > offset)  # asked for, beyond this piece
+        assert ahead <= window, (offset, ahead)
+        read_at.append(offset)
+        real_read(fd, view, offset, *a)
+
+    monkeypatch.setattr(local_read.os, "posix_fadvise", advise)
+    monkeypatch.setattr(local_read, "_read_exactly", read)
+    with open_tensors(path) as reader:
+        spans = local_read.LocalEngine(path).spans(reader.file)
+    got = local_read.read_spans(path, spans, 1)
+    assert_same({s.name: t for s, t in zip(spans, got)}, tensorizer_reads(path))
+    if window == 0:
+        assert asked == []
+    else:
+        assert sorted(o for o, _ in asked) == sorted(read_at)  # each piece once
+
+
 def test_staged_read_of_a_file_cut_short(path, monkeypatch):
     monkeypatch.setattr(local_read, "STAGING_BYTES", 8192)
     with open_tensors(path) as reader:

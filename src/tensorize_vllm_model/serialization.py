@@ -81,7 +81,9 @@ def tensorize_vllm_model(
     return SerializeResult(
         directory=job.plan.directory,
         tensors_uri=job.plan.template,
-        files=[w.uri for w in written] + published,
+        files=[w.uri for w in written]
+        + [w.compile_cache for w in written if w.compile_cache]
+        + published,
         tensors=sum(w.tensors for w in written),
         bytes=sum(w.bytes for w in written),
         seconds=time.perf_counter() - start,

@@ -25,12 +25,18 @@ __all__ = [
     "set_prefetch_map",
     "OVERLAP_ENV",
     "PREFETCH_ENV",
+    "COMPILE_CACHE_ENV",
+    "AOT_FIX_ENV",
 ]
 
 # The opt-in switch of `prefetch`'s overlap of a remote download with vLLM's start-up.
 OVERLAP_ENV = "TENSORIZE_VLLM_MODEL_OVERLAP"
 # `prefetch`'s map of remote URI -> local copy (JSON), inherited by vLLM's processes.
 PREFETCH_ENV = "TENSORIZE_VLLM_MODEL_PREFETCH"
+# The switch of `compile_cache` (ship vLLM's compile cache with the model; on by default).
+COMPILE_CACHE_ENV = "TENSORIZE_VLLM_MODEL_COMPILE_CACHE"
+# The switch of `vllm_integration.aot_load` (let vLLM load its AOT cache on CPU; on by default).
+AOT_FIX_ENV = "TENSORIZE_VLLM_MODEL_AOT_FIX"
 _ON = ("1", "true", "yes", "on")
 _OFF = ("", "0", "false", "no", "off")
 
@@ -75,6 +81,11 @@ class Environment:
     overlap: bool = False
     # `prefetch`'s remote URI -> local copy path (``TENSORIZE_VLLM_MODEL_PREFETCH``).
     prefetch_map: dict[str, str] = dataclasses.field(default_factory=dict)
+    # `compile_cache`: keep vLLM's compile cache with the model and put it back at load
+    # (``TENSORIZE_VLLM_MODEL_COMPILE_CACHE``, on unless set to 0).
+    compile_cache: bool = True
+    # `vllm_integration.aot_load` (``TENSORIZE_VLLM_MODEL_AOT_FIX``, on unless set to 0).
+    aot_fix: bool = True
 
 
 def environment() -> Environment:
@@ -87,7 +98,9 @@ def environment() -> Environment:
     the config and tokenizer files of remote models are kept. A cache directory shared by
     several users (world-writable with the sticky bit, mode 1777, as /tmp) is used in shared
     mode: each user keeps their files in a private (0700) sub-directory ``user-<uid>``
-    (`user_cache`), so no user sees or replaces another's files.
+    (`user_cache`), so no user sees or replaces another's files;
+    ``TENSORIZE_VLLM_MODEL_COMPILE_CACHE`` and ``TENSORIZE_VLLM_MODEL_AOT_FIX`` (on unless
+    0): the compile cache shipped with a model, and vLLM's AOT load on CPU.
     """
     env = os.environ
     cache = env.get("TENSORIZE_VLLM_MODEL_CACHE") or os.path.join(
@@ -103,6 +116,8 @@ def environment() -> Environment:
         cache_dir=cache,
         overlap=parse_switch(env.get(OVERLAP_ENV), OVERLAP_ENV),
         prefetch_map=_prefetch_map(env.get(PREFETCH_ENV)),
+        compile_cache=_default_on(env.get(COMPILE_CACHE_ENV), COMPILE_CACHE_ENV),
+        aot_fix=_default_on(env.get(AOT_FIX_ENV), AOT_FIX_ENV),
     )
 
 
@@ -134,6 +149,11 @@ def user_cache(cache: str) -> str:
     if stat.S_IMODE(info.st_mode) != 0o700:
         os.chmod(private, 0o700)
     return private
+
+
+def _default_on(value: str | None, key: str) -> bool:
+    """A switch that is on unless set to an off value."""
+    return True if value is None or not value.strip() else parse_switch(value, key)
 
 
 def _prefetch_map(text: str | None) -> dict[str, str]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import itertools
 import math
 import os
 import sys
@@ -48,10 +49,15 @@ __all__ = [
     "read_rows",
     "byte_view",
     "STAGING_BYTES",
+    "STAGING_BUFFERS",
+    "STAGING_STREAMS",
+    "READ_AHEAD_BYTES",
 ]
 
 PIECE_BYTES = 16 << 20  # pages made present per call; 16 to 128 MiB measured alike
-STAGING_BYTES = 8 << 20  # one pinned staging buffer (two per reader thread)
+STAGING_BYTES = 8 << 20  # one pinned staging buffer
+STAGING_BUFFERS = 2  # staging buffers per reader thread (2 or more: one fills, one copies)
+STAGING_STREAMS = 1  # CUDA streams per reader thread (buffer k copies on stream k mod this)
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _MADV_POPULATE_WRITE = 23  # Linux 5.14+
 
@@ -168,7 +174,9 @@ class _Direct:
         spent = ReadTimes()
         clock = time.perf_counter
         with open(self.path, "rb", buffering=0) as f:
-            for span, memory, start, end in run:
+            ahead = _ReadAhead(f.fileno(), run)
+            for index, (span, memory, start, end) in enumerate(run):
+                ahead.past(index)
                 began = clock()
                 populate(memory.data_ptr() + start, end - start)
                 populated = clock()
@@ -185,11 +193,41 @@ class _Direct:
         return spent
 
 
+# Bytes of a run asked of the disk ahead of the piece being read (``POSIX_FADV_WILLNEED``).
+READ_AHEAD_BYTES = 32 << 20
+
+
+class _ReadAhead:
+    """Keeps the disk busy while a reader makes its next piece's pages present: the bytes
+    of the pieces that follow the one it reads, up to `READ_AHEAD_BYTES`, are asked of the
+    kernel (``posix_fadvise(WILLNEED)``: the reads are queued, not waited for). A warm file
+    costs one cheap call per piece; where the call is missing, nothing is asked."""
+
+    def __init__(self, fd: int, run: list[_Piece]):
+        self.fd, self.run, self.asked = fd, run, 0  # pieces asked for so far
+        self.ends = list(itertools.accumulate(end - start for _, _, start, end in run))
+        self.enabled = READ_AHEAD_BYTES > 0 and hasattr(os, "posix_fadvise")
+
+    def past(self, index: int) -> None:
+        """Piece `index` is about to be read: ask for it and for what follows it."""
+        if not self.enabled:
+            return
+        limit = self.ends[index] + READ_AHEAD_BYTES
+        while self.asked < len(self.run) and (
+            self.asked <= index or self.ends[self.asked] <= limit
+        ):
+            span, _, start, end = self.run[self.asked]
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(self.fd, span.offset + start, end - start, os.POSIX_FADV_WILLNEED)
+            self.asked += 1
+
+
 class _Staged:
-    """Reads into two reused staging buffers per run and copies them onto the device: on
-    CUDA, page-locked buffers and asynchronous copies on the run's own stream, a buffer
-    refilled only once its copies are done. On the CPU (where tests check the bookkeeping),
-    plain buffers and copies."""
+    """Reads into a ring of `STAGING_BUFFERS` reused staging buffers per run and copies each
+    filled buffer onto the device: on CUDA, page-locked buffers and asynchronous copies on
+    `STAGING_STREAMS` CUDA streams of the run's own (buffer k on stream k mod streams), a
+    buffer refilled only once its copies are done. On the CPU (where tests check the
+    bookkeeping), plain buffers and copies."""
 
     def __init__(self, path: str, name: str, device: torch.device):
         self.path, self.name, self.device = path, name, device
@@ -201,35 +239,17 @@ class _Staged:
             min(STAGING_BYTES, sum(end - start for _, _, start, end in run)),
             max((end - start for _, _, start, end in run), default=0),
         )
-        buffers = [torch.empty(size, dtype=torch.uint8) for _ in range(2)]
-        pinned = [_pin(b) for b in buffers] if self.cuda else []
-        views = [byte_view(b) for b in buffers]
-        stream = None
-        done: list[Any] = [None, None]  # each buffer's copies, as a CUDA event
-        which, used = 0, 0
-        pending: list[tuple[torch.Tensor, int, int]] = []
+        count = max(2, STAGING_BUFFERS)
+        ring = _Ring(
+            [torch.empty(size, dtype=torch.uint8) for _ in range(count)], self.device, self.cuda
+        )
         spent = ReadTimes()
         clock = time.perf_counter
-
-        def send() -> None:
-            with torch.cuda.stream(stream) if stream else contextlib.nullcontext():
-                for target, at, length in pending:
-                    target.copy_(buffers[which][at : at + length], non_blocking=self.cuda)
-            done[which] = stream.record_event() if stream else None
-            pending.clear()
-
         try:
-            if self.cuda:
-                stream = torch.cuda.Stream(self.device)
             with open(self.path, "rb", buffering=0) as f:
                 for span, memory, start, end in run:
                     length = end - start
-                    if used + length > size:
-                        send()
-                        which, used = 1 - which, 0
-                        if done[which] is not None:
-                            done[which].synchronize()
-                    view = views[which][used : used + length]
+                    view = ring.room(length)
                     began = clock()
                     _read_exactly(f.fileno(), view, span.offset + start, span, self.name)
                     read = clock()
@@ -237,18 +257,61 @@ class _Staged:
                     if span.cipher:
                         span.cipher.decrypt(view, start)
                         spent.decrypting += clock() - read
-                    pending.append((memory[start:end], used, length))
-                    used += length
+                    ring.filled(memory[start:end], length)
                     if on_bytes is not None:
                         on_bytes(length)
-                send()
+                ring.send()
             return spent
         finally:
-            if stream is not None:
-                stream.synchronize()  # the buffers go back only once nothing reads them
-            for buffer, registered in zip(buffers, pinned):
-                if registered:
-                    torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
+            ring.close()
+
+
+class _Ring:
+    """A reader's staging buffers, filled in turn: `room` gives the next bytes to read
+    into (sending the current buffer when it is full, and waiting for the copies of the one
+    it moves to), `filled` records where those bytes go, `send` copies a buffer's pieces
+    onto the device (asynchronously on CUDA)."""
+
+    def __init__(self, buffers: list[torch.Tensor], device: torch.device, cuda: bool):
+        self.buffers, self.cuda = buffers, cuda
+        self.pinned = [_pin(b) for b in buffers] if cuda else []
+        self.views = [byte_view(b) for b in buffers]
+        self.streams = (
+            [torch.cuda.Stream(device) for _ in range(max(1, min(STAGING_STREAMS, len(buffers))))]
+            if cuda
+            else []
+        )
+        self.done: list[Any] = [None] * len(buffers)  # each buffer's copies, as a CUDA event
+        self.which, self.used = 0, 0
+        self.pending: list[tuple[torch.Tensor, int, int]] = []
+
+    def room(self, length: int) -> memoryview:
+        if self.used + length > self.buffers[0].numel():
+            self.send()
+            self.which, self.used = (self.which + 1) % len(self.buffers), 0
+            if self.done[self.which] is not None:
+                self.done[self.which].synchronize()
+        return self.views[self.which][self.used : self.used + length]
+
+    def filled(self, target: torch.Tensor, length: int) -> None:
+        self.pending.append((target, self.used, length))
+        self.used += length
+
+    def send(self) -> None:
+        stream = self.streams[self.which % len(self.streams)] if self.streams else None
+        buffer = self.buffers[self.which]
+        with torch.cuda.stream(stream) if stream else contextlib.nullcontext():
+            for target, at, length in self.pending:
+                target.copy_(buffer[at : at + length], non_blocking=self.cuda)
+        self.done[self.which] = stream.record_event() if stream else None
+        self.pending.clear()
+
+    def close(self) -> None:
+        for stream in self.streams:
+            stream.synchronize()  # the buffers go back only once nothing reads them
+        for buffer, registered in zip(self.buffers, self.pinned):
+            if registered:
+                torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
 
 
 def _pin(buffer: torch.Tensor) -> bool:

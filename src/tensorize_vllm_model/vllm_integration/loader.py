@@ -43,6 +43,7 @@ from ..plan import ReadPlan, check_shared_file, resolve_read
 from ..progress import progress
 from ..read.base import LoadStats
 from ..read.reader import default_num_readers, open_tensors
+from .compiled import stage_for_load
 from .runtime import (
     STATE,
     CapturedWeights,
@@ -125,6 +126,8 @@ class TensorizerLoader(BaseModelLoader):
                     stats = self._fill(model, reader, source, device)
         STATE.last_load = stats
         prefetch.release(uri)
+        # Read now, put in place as vLLM compiles: the compile cache shipped with the model.
+        stage_for_load(vllm_config, uri, self.tensorizer_config.stream_options())
         logger.info(
             "Deserialized %.3f GB in %.2f s (%.2f GB/s) from %s (%sworker memory: %s)",
             stats.bytes / 1e9,

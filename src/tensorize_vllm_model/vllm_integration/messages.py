@@ -65,12 +65,14 @@ class SaveRequest:
 
 @dataclass(frozen=True)
 class SavedFile:
-    """What one rank staged: its global rank, its file, how many tensors and bytes."""
+    """What one rank staged: its global rank, its file, how many tensors and bytes, and
+    its compile-cache archive (`compile_cache`), if one was kept."""
 
     rank: int
     uri: str
     tensors: int
     bytes: int
+    compile_cache: str | None = None
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ Every place this package touches vLLM, in one list (vLLM 0.32 CPU / 0.33 CUDA):
    checks every rank's file (`check_engine_files`; within `resolve_remote_model`, with
    ``TENSORIZE_VLLM_MODEL_OVERLAP=1`` only, `prefetch.start` copies a one-rank remote
    model's tensors while vLLM starts), then calls vLLM's method unchanged.
-   This is the one patch of vLLM's code; every other load format goes straight to vLLM.
+   Every other load format goes straight to vLLM.
 3. LoRA resolver registry: ``LoRAResolverRegistry.register_resolver`` adds a resolver that
    serves ``lora/<name>`` of the served tensorized model (vLLM asks resolvers only with
    ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``).
@@ -31,7 +31,10 @@ Every place this package touches vLLM, in one list (vLLM 0.32 CPU / 0.33 CUDA):
    ``process_weights_after_loading``), ``vllm.distributed`` (``parallel_state``,
    ``get_tensor_model_parallel_rank``, ``get_pp_group``), ``vllm.platforms.current_platform``, ``vllm.lora.utils.get_supported_lora_modules``,
    ``vllm.utils.torch_utils.set_default_torch_dtype`` and ``vllm.logger.init_logger``.
-6. vLLM's public API the command line and a serialize drive (`engine`): ``vllm.LLM``,
+6. A wrapper around ``vllm.compilation.decorators._try_load_aot_compiled_fn``
+   (`aot_load.install`): the shipped compile cache is put where vLLM is about to read its AOT
+   artifact (`compiled.before_aot_load`), and vLLM's CPU build can load its own AOT cache.
+7. vLLM's public API the command line and a serialize drive (`engine`): ``vllm.LLM``,
    ``LLM.collective_rpc``, ``LLM.generate`` with ``SamplingParams``, ``EngineArgs`` (its
    fields and ``add_cli_args``), ``FlexibleArgumentParser``, ``vllm.lora.request.LoRARequest``,
    and, to shut an engine down, ``llm.llm_engine.engine_core.shutdown()`` (an internal:
@@ -61,6 +64,7 @@ from ..config import TensorizerConfig
 from ..errors import TensorizeError, entry_point
 from ..format.record import ParallelLayout
 from ..plan import ReadPlan, resolve_read
+from . import aot_load
 from .engine import parallel_sizes, refusal_text
 from .messages import CAPTURE_LOAD_FORMAT, LOAD_FORMAT
 
@@ -79,6 +83,7 @@ def register() -> None:
     _register_loaders()
     _install_engine_hook()
     _register_lora_resolver()
+    aot_load.install()
     logger.debug("load_format=%r is served by tensorize_vllm_model", LOAD_FORMAT)
 
 

@@ -20,6 +20,7 @@ from ..errors import TensorizeError
 from ..format.record import FileRecord
 from ..format.writer import write_tensors
 from ..progress import progress
+from .compiled import pack_for_save
 from .messages import (
     CAPTURE_LOAD_FORMAT,
     WORKER_EXTENSION,
@@ -100,9 +101,16 @@ class WorkerExtension:
                 on_bytes=advance,
                 tx=tx,
             )
+        archive = pack_for_save(((name, t) for name, t, _ in captured.tensors), uri, tx)
         tx.send_ahead()  # S3: the parts uploaded now, before the driver publishes anything
         STATE.captured = None
-        return SavedFile(rank=layout.rank, uri=uri, tensors=staged.tensors, bytes=staged.bytes)
+        return SavedFile(
+            rank=layout.rank,
+            uri=uri,
+            tensors=staged.tensors,
+            bytes=staged.bytes,
+            compile_cache=archive,
+        )
 
     @worker_call
     def tensorize_vllm_model_publish(self) -> list[str]:

@@ -1,0 +1,188 @@
+"""vLLM's side of the shipped compile cache (`compile_cache`): which local directories hold
+a worker's compiled artifacts, and the key they depend on.
+
+vLLM 0.32-0.34 with torch >= 2.10 compile "AOT" by default (``VLLM_USE_AOT_COMPILE``): each
+compiled module (``@support_torch_compile``, e.g. Llama's backbone) is saved under
+``$VLLM_CACHE_ROOT/torch_compile_cache/torch_aot_compile/<hash>/`` as ``rank_<i>_<j>/model``,
+and vLLM points ``TORCHINDUCTOR_CACHE_DIR`` at ``<hash>/inductor_cache/`` (read in
+``vllm/compilation/decorators.py``). ``<hash>`` covers vLLM's compile-environment factors,
+``VllmConfig.compute_hash()`` (which includes the model's *path*) and the module's forward
+(its qualified name and line). A serialize's engine loads the checkpoint's directory and a
+load the tensorized one, so the two hashes differ by the path alone. Neither side computes
+vLLM's path: `aot_load` hands `before_aot_load` the path vLLM itself computed, as vLLM is
+about to read it (at the first forward, after the weights are loaded). The capture side
+remembers it and packs that directory at save; the load side (the loader read the archive,
+`stage_for_load`) writes the archive's files there, after checking that the
+`compile_cache.CacheKey` (every factor but the path, computed at the same moment) is equal.
+
+Nothing is shipped or restored when the engine does not compile (``enforce_eager``, LoRA on
+CPU), when ``VLLM_DISABLE_COMPILE_CACHE=1`` or ``VLLM_USE_AOT_COMPILE=0``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from vllm.logger import init_logger
+
+from .. import compile_cache, storage
+from ..compile_cache import CacheKey
+from .runtime import current_layout, dtype_name
+
+__all__ = ["before_aot_load", "cache_key", "pack_for_save", "stage_for_load"]
+
+logger = init_logger(f"vllm.{__name__}")
+
+
+def _device() -> str:
+    if torch.cuda.is_available():
+        index = torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(index)
+        return f"cuda {torch.cuda.get_device_name(index)} sm_{major}{minor}"
+    return f"cpu {torch.backends.cpu.get_cpu_capability()}"
+
+
+def config_hash(vllm_config: Any) -> str:
+    """vLLM's compile-environment and configuration hashes, with the model's path replaced
+    by a constant (the only factor a serialize's engine and a load's differ by)."""
+    from vllm import envs
+    from vllm.config.utils import hash_factors
+
+    model_config = vllm_config.model_config
+    path = model_config.model
+    object.__setattr__(model_config, "model", "<model>")
+    try:
+        config = vllm_config.compute_hash()
+    finally:
+        object.__setattr__(model_config, "model", path)
+    environment = hash_factors(envs.compile_factors())
+    return hashlib.sha256(f"{config} {environment}".encode()).hexdigest()[:32]
+
+
+def cache_key(vllm_config: Any) -> CacheKey:
+    """This worker's `CacheKey`."""
+    import vllm
+
+    layout = current_layout(vllm_config)
+    return CacheKey(
+        vllm=vllm.__version__,
+        torch=torch.__version__,
+        device=_device(),
+        dtype=dtype_name(vllm_config.model_config.dtype),
+        tensor_parallel_size=layout.tensor_parallel_size,
+        pipeline_parallel_size=layout.pipeline_parallel_size,
+        rank=layout.rank,
+        config_hash=config_hash(vllm_config),
+    )
+
+
+# What this process's compiled modules use, as vLLM computed it at its AOT load: entry
+# name -> (vLLM's ``rank_<i>_<j>/model`` path, the key); and the archive read by the
+# loader, waiting for vLLM's compile (`before_aot_load`).
+_compiled: dict[str, tuple[str, CacheKey]] = {}
+_shipped: list[tuple[str, tuple[CacheKey, dict[str, bytes]]]] = []
+
+
+def _uses_aot_cache() -> bool:
+    from vllm import envs
+
+    return bool(envs.VLLM_USE_AOT_COMPILE) and not envs.VLLM_DISABLE_COMPILE_CACHE
+
+
+def _entry_name(module: Any) -> str:
+    return str(getattr(module, "_compile_tag", "") or type(module).__name__)
+
+
+def _targets(name: str, aot_path: str) -> dict[str, str]:
+    """Entry name -> local directory, for one compiled module whose AOT artifact vLLM keeps
+    at `aot_path` (``.../torch_aot_compile/<hash>/rank_<i>_<j>/model``)."""
+    rank_dir = os.path.dirname(aot_path)
+    return {
+        f"{name}.rank": rank_dir,
+        f"{name}.inductor_cache": os.path.join(os.path.dirname(rank_dir), "inductor_cache"),
+    }
+
+
+def before_aot_load(module: Any, aot_path: str) -> None:
+    """Called (through `aot_load`) as vLLM is about to load `module`'s AOT artifact from
+    `aot_path`, the path vLLM computed for this engine: remembers it (for `pack_for_save`)
+    and, when the loader read a shipped cache whose key matches, writes its files there
+    first. Never raises: a problem is logged and vLLM compiles as it would have."""
+    try:
+        name = _entry_name(module)
+        key = cache_key(module.vllm_config)
+        _compiled[name] = (aot_path, key)
+        for uri, archive in _shipped:  # kept: another compiled module may need its entries
+            written = compile_cache.restore(key, archive, _targets(name, aot_path))
+            if written is not None:
+                logger.info(
+                    "Put the shipped compile cache of %s into %s (%d files new)",
+                    storage.redact(uri),
+                    os.path.dirname(os.path.dirname(aot_path)),
+                    written,
+                )
+    except Exception as e:  # noqa: BLE001 - a cache must never stop a start-up
+        logger.warning("The shipped compile cache was not used: %s", e)
+
+
+def pack_for_save(
+    tensors: Iterable[tuple[str, Any]], tensors_uri: str, tx: storage.Transaction
+) -> str | None:
+    """Stage this rank's compile cache in `tx` beside `tensors_uri`: the archive's URI, or
+    None when there is nothing to ship (or it would hold weight bytes: then said, and not
+    shipped)."""
+    if not compile_cache.enabled():
+        return None
+    found = {
+        entry: directory
+        for name, (aot_path, _) in _compiled.items()
+        for entry, directory in _targets(name, aot_path).items()
+        if os.path.isfile(aot_path) and os.path.isdir(directory)
+    }
+    if not found:
+        logger.info("No compile cache to keep with the model (the engine compiled nothing)")
+        return None
+    files = compile_cache.collect(found)
+    leak = compile_cache.find_weight_bytes(files, tensors)
+    if leak is not None:
+        logger.warning(
+            "The compile cache holds bytes of weight %s (in %s): not kept with the model",
+            *leak,
+        )
+        return None
+    key = next(iter(_compiled.values()))[1]
+    uri = compile_cache.archive_uri(tensors_uri, key.rank)
+    data = compile_cache.pack(key, files)
+    with open(tx.stage(uri).path, "wb") as f:
+        f.write(data)
+    logger.info(
+        "Keeping the compile cache with the model: %d files, %.1f MB, no weight bytes in "
+        "them, at %s",
+        len(files),
+        len(data) / 1e6,
+        storage.redact(uri),
+    )
+    return uri
+
+
+def stage_for_load(vllm_config: Any, tensors_uri: str, options: storage.Options) -> bool:
+    """Read this rank's shipped compile cache (if any), for `before_aot_load` to put into
+    the directories vLLM's compile is about to read: whether one was found. Never fails
+    the load: a problem is logged and vLLM compiles."""
+    compiles = int(vllm_config.compilation_config.mode or 0) != 0  # not CompilationMode.NONE
+    if not compiles or not compile_cache.enabled() or not _uses_aot_cache():
+        return False
+    uri = compile_cache.archive_uri(tensors_uri, current_layout(vllm_config).rank)
+    try:
+        if not storage.exists(uri, options):
+            return False
+        data = storage.read_bytes(uri, options, limit=compile_cache.ARCHIVE_LIMIT)
+        _shipped[:] = [(uri, compile_cache.read_archive(data, uri))]
+    except Exception as e:  # noqa: BLE001 - a cache must never stop a load
+        logger.warning("The shipped compile cache %s was not used: %s", storage.redact(uri), e)
+        return False
+    return True
