@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import __version__, interrupts, storage
-from .artifacts import resolve_model_files, stage_artifacts
+from .artifacts import artifact_files, resolve_model_files, stage_artifacts
 from .config import TensorizerConfig, as_tensorizer_config
 from .errors import ConfigError
 from .format.record import ParallelLayout
@@ -87,6 +87,9 @@ def tensorize_vllm_model(
         seconds=time.perf_counter() - start,
         keyfile=job.plan.keyfile,
         key_existing=bool(job.encryption and job.encryption.existing),
+        left_out=[
+            str(item) for s in _artifact_sources(engine_args) for item in artifact_files(s)[1]
+        ],
     )
 
 

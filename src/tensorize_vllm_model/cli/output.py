@@ -11,6 +11,8 @@ def print_written(result: Any) -> None:
     """The files a serialize or convert published, its key, and (last line) its directory."""
     for uri in result.files:
         print(f"  wrote {uri}")
+    for item in getattr(result, "left_out", []):
+        print(f"  not carried: {item}")
     if result.keyfile and result.key_existing:
         print(f"  encrypted with the existing key in {result.keyfile} (left unchanged)")
     elif result.keyfile:

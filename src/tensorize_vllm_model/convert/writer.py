@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .. import __version__, storage
-from ..artifacts import resolve_model_files, stage_artifacts
+from ..artifacts import artifact_files, resolve_model_files, stage_artifacts
 from ..config import TensorizerConfig
 from ..errors import ConfigError
 from ..format import writer as tensors_writer
@@ -170,6 +170,7 @@ def convert_checkpoint(
         seconds=time.perf_counter() - start,
         keyfile=keyfile,
         key_existing=bool(encryption and encryption.existing),
+        left_out=[str(item) for item in artifact_files(local)[1]],
     )
 
 
