@@ -24,3 +24,17 @@ s3-demo:
 bench:
 	scripts/install.sh --test --bench
 	.venv/bin/python benchmarks/run.py $(BENCH_ARGS)
+
+# The family matrix (benchmarks/families.py): every common model family through serialize and
+# convert at TP=1 and TP=2 against vLLM's default loader; writes docs/families.md. About an
+# hour on a 2-core machine (five engines per family).
+.PHONY: families
+families:
+	scripts/install.sh --test
+	flock /tmp/vllm-families.lock .venv/bin/python benchmarks/families.py $(FAMILIES_ARGS)
+
+# The engine-free tests against another vLLM release, in a venv of its own (about 9 GB):
+#   make other-vllm VLLM_VERSION=0.34.0 VLLM_VENV=/work/venv-034
+.PHONY: other-vllm
+other-vllm:
+	scripts/other_vllm.sh $(VLLM_VERSION) $(VLLM_VENV)

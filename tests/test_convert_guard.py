@@ -23,8 +23,8 @@ from tensorize_vllm_model.convert.partial_read import PartsRead
 from tensorize_vllm_model.convert.regions import CopyWatch, View
 from tensorize_vllm_model.errors import ModelMismatchError
 
-Q = "model.layers.0.self_attn.q_proj.weight"  # [256, 256], stored as in the checkpoint
-O = "model.layers.1.self_attn.o_proj.weight"  # [256, 256], stored in 8 column tiles
+UNTILED = "model.layers.0.self_attn.q_proj.weight"  # [256, 256], stored as in the checkpoint
+TILED = "model.layers.1.self_attn.o_proj.weight"  # [256, 256], stored in 8 column tiles
 
 
 def load(converted, name, parameter, view_of):  # noqa: F811
@@ -61,7 +61,7 @@ VIEWS = {
 }
 
 
-@pytest.mark.parametrize("name", [Q, O], ids=["untiled", "tiled"])
+@pytest.mark.parametrize("name", [UNTILED, TILED], ids=["untiled", "tiled"])
 @pytest.mark.parametrize("view", list(VIEWS), ids=list(VIEWS))
 def test_every_view_a_loader_copies_gives_the_default_loaders_values(converted, name, view):  # noqa: F811
     original = open_original(converted, name)
@@ -72,7 +72,7 @@ def test_every_view_a_loader_copies_gives_the_default_loaders_values(converted, 
     # sampled against the file, but for a view that is no box of the tensor: that tensor is
     # read whole and put in by the loader's own code
     assert compared > 0 or view == "flattened"
-    assert bool(part.targets) == direct[name == O]  # straight in only in the file's order
+    assert bool(part.targets) == direct[name == TILED]  # straight in only in the file's order
 
 
 def open_original(converted, name):  # noqa: F811
@@ -91,8 +91,8 @@ def test_a_parameter_that_misses_its_values_is_refused_by_name(converted, monkey
     refused naming the parameter and the tensor."""
     monkeypatch.setattr(loading, "direct_copy_ok", lambda *args: True)
     parameter = torch.empty(256, 256, dtype=torch.bfloat16)
-    with pytest.raises(ModelMismatchError, match=rf"parameter proj .*from tensor {Q}"):
-        load(converted, Q, parameter, lambda w: w.t())
+    with pytest.raises(ModelMismatchError, match=rf"parameter proj .*from tensor {UNTILED}"):
+        load(converted, UNTILED, parameter, lambda w: w.t())
 
 
 def test_direct_copy_ok_and_stored_index():

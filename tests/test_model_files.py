@@ -22,17 +22,22 @@ from tensorize_vllm_model import storage
 from tensorize_vllm_model.artifacts import fetch_model_files, stage_artifacts
 from tensorize_vllm_model.cli import main
 
-REMOTE_CODE = '''from transformers import LlamaConfig
+REMOTE_CODE = """from transformers import LlamaConfig
 
 
 class TinyConfig(LlamaConfig):
     model_type = "tiny"
-'''
+"""
 POOLING = {
     "modules.json": json.dumps(
         [
             {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            {
+                "idx": 1,
+                "name": "1",
+                "path": "1_Pooling",
+                "type": "sentence_transformers.models.Pooling",
+            },
         ]
     ),
     "1_Pooling/config.json": json.dumps(

@@ -164,14 +164,18 @@ def resolve_model_files(
     try:
         from huggingface_hub import snapshot_download
 
-        fetch = {"revision": revision, "cache_dir": download_dir}
         if weights is True:
-            return snapshot_download(model, **fetch)
+            return snapshot_download(model, revision=revision, cache_dir=download_dir)
         local = snapshot_download(
-            model, ignore_patterns=[f"*{s}" for s in WEIGHT_SUFFIXES], **fetch
+            model,
+            revision=revision,
+            cache_dir=download_dir,
+            ignore_patterns=[f"*{s}" for s in WEIGHT_SUFFIXES],
         )
         if isinstance(weights, list) and weights:
-            local = snapshot_download(model, allow_patterns=weights, **fetch)
+            local = snapshot_download(
+                model, revision=revision, cache_dir=download_dir, allow_patterns=weights
+            )
         return local
     except Exception as e:  # noqa: BLE001 - the Hub raises many kinds
         raise StorageError(

@@ -87,9 +87,7 @@ def tensorize_vllm_model(
         seconds=time.perf_counter() - start,
         keyfile=job.plan.keyfile,
         key_existing=bool(job.encryption and job.encryption.existing),
-        left_out=[
-            str(item) for s in _artifact_sources(engine_args) for item in artifact_files(s)[1]
-        ],
+        left_out=_left_out(engine_args),
     )
 
 
@@ -192,6 +190,12 @@ def _artifact_sources(engine_args: Any) -> list[str]:
             )
         )
     return sources
+
+
+def _left_out(engine_args: Any) -> list[str]:
+    """The files of the model's directories not carried beside the tensors (the weights,
+    hidden files; `artifacts.artifact_files`), as "path (why)"."""
+    return [str(item) for s in _artifact_sources(engine_args) for item in artifact_files(s)[1]]
 
 
 def _aborter(engine: Any) -> Callable[[], None]:

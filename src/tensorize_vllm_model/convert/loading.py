@@ -58,6 +58,7 @@ class ConvertedFile:
         # verify_hash: tensorizer's hashes cover whole tensors, so each needed tensor is
         # read whole (not only this rank's rows or columns) and checked (`format.hashes`).
         self.verify = bool(getattr(config, "verify_hash", False))
+        self._element_fd: int | None = None  # `element_reader`'s file
 
     def _dtype(self, name: str) -> torch.dtype:
         dtype = getattr(torch, self.entries[name].dtype, None)
@@ -158,9 +159,8 @@ class ConvertedFile:
         return read
 
     def close_element_reader(self) -> None:
-        fd = getattr(self, "_element_fd", None)
-        if fd is not None:
-            os.close(fd)
+        if self._element_fd is not None:
+            os.close(self._element_fd)
             self._element_fd = None
 
     def _ciphers(self, names: list[str]) -> list[Any]:

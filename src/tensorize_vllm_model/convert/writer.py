@@ -139,8 +139,7 @@ def convert_checkpoint(
         serialization_kwargs: extra arguments for tensorizer's ``TensorSerializer``.
         config: S3 credentials and transport settings for an ``s3://`` destination.
 
-    Returns:
-        A `SerializeResult`; its `bytes` are the tensor bytes written.
+    Returns: a `SerializeResult` (`bytes`: the tensor bytes; `left_out`: files not carried).
 
     Raises:
         StorageError: the checkpoint is missing, incomplete (a shard named) or the
