@@ -45,17 +45,34 @@ PROMPTS = [
 MAX_TOKENS = 16
 LOCK = "/tmp/vllm-engine.lock"
 PATHS = [("default", 1), ("default", 2), ("serialize", 1), ("convert", 1), ("convert", 2)]
+# Every family's TP=1 cells first, then every family's TP=2 cells: each family holds the
+# engine lock for one phase only (a minute or two), so the machine's other work interleaves.
+PHASES = {
+    1: [("default", 1), ("convert", 1), ("serialize", 1)],
+    2: [("default", 2), ("convert", 2)],
+}
 ENGINE_FLAGS = ["--dtype", "bfloat16", "--max-model-len", "256", "--enforce-eager"]
 
 
 @contextlib.contextmanager
 def engine_lock():
+    """The machine's one-engine lock, taken once for a whole family (its engines run one
+    after another): re-entrant within this process."""
+    global _held
+    if _held:
+        yield
+        return
     with open(LOCK, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
+        _held = True
         try:
             yield
         finally:
+            _held = False
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+_held = False
 
 
 @contextlib.contextmanager
@@ -139,29 +156,42 @@ def compare(got: list, want: list, pooling: bool) -> str:
     return "same" if same == len(want) else f"DIFFERENT ({same}/{len(want)} prompts same)"
 
 
-def one_family(family: str, work: Path) -> dict:
-    """Every path of one family: {"<path> TP=<n>": result text}."""
+def one_family(family: str, work: Path, phase: int) -> dict:
+    """The paths of one family in one phase: {"<path> TP=<n>": result text}."""
     from family_models import build_family
 
     pooling = family == "embedding"
     checkpoint = build_family(work / family, family)
     results: dict[str, str] = {}
     reference: dict[int, list] = {}
-    for path, tp in PATHS:
-        key = f"{path} TP={tp}"
-        started = time.time()
-        try:
-            results[key] = one_path(
-                checkpoint, work / f"{family}-{path}", path, tp, pooling, reference
-            )
-        except Exception as e:  # noqa: BLE001 - the row records whatever vLLM raised
-            results[key] = "ERROR: " + " ".join(f"{type(e).__name__}: {e}".split())[:300]
-        print(
-            f"[families] {family} {key}: {results[key]} ({time.time() - started:.0f} s)",
-            file=sys.stderr,
-            flush=True,
-        )
+    with engine_lock():
+        for path, tp in PHASES[phase]:
+            _cell(family, checkpoint, work, path, tp, pooling, reference, results)
     return results
+
+
+def _cell(
+    family: str,
+    checkpoint: Path,
+    work: Path,
+    path: str,
+    tp: int,
+    pooling: bool,
+    reference: dict,
+    results: dict,
+) -> None:
+    """Run one path of one family into `results` (whatever it raised, as its text)."""
+    key = f"{path} TP={tp}"
+    started = time.time()
+    try:
+        results[key] = one_path(checkpoint, work / f"{family}-{path}", path, tp, pooling, reference)
+    except Exception as e:  # noqa: BLE001 - the row records whatever vLLM raised
+        results[key] = "ERROR: " + " ".join(f"{type(e).__name__}: {e}".split())[:300]
+    print(
+        f"[families] {family} {key}: {results[key]} ({time.time() - started:.0f} s)",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def one_path(
@@ -216,6 +246,21 @@ def table(rows: dict[str, dict], version: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_family(family: str, work: str, phase: int, timeout: int) -> dict:
+    """One family's phase in a process of its own: its cells, or the failure of that
+    process in its first cell."""
+    first = f"{PHASES[phase][0][0]} TP={PHASES[phase][0][1]}"
+    argv = [sys.executable, __file__, "--one", family, "--work", work, "--phase", str(phase)]
+    try:
+        proc = subprocess.run(argv, stdout=subprocess.PIPE, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {first: f"ERROR: over {timeout} s"}
+    found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if not found:
+        return {first: f"ERROR: process exited {proc.returncode}"}
+    return json.loads(found[-1][7:])
+
+
 def main(argv: list[str] | None = None) -> int:
     from family_models import FAMILIES
 
@@ -224,32 +269,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "docs" / "families.md"))
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
+    parser.add_argument("--phase", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--timeout", type=int, default=1200, help="seconds per family")
     args = parser.parse_args(argv)
     if args.one:
-        print("RESULT " + json.dumps(one_family(args.one, Path(args.work))), flush=True)
+        result = one_family(args.one, Path(args.work) / f"tp{args.phase}", args.phase)
+        print("RESULT " + json.dumps(result), flush=True)
         return 0
     import vllm
 
-    rows: dict[str, dict] = {}
+    rows: dict[str, dict] = {family: {} for family in args.families.split(",")}
     with tempfile.TemporaryDirectory(prefix="families-") as work:
-        for family in args.families.split(","):
-            try:
-                proc = subprocess.run(
-                    [sys.executable, __file__, "--one", family, "--work", work],
-                    stdout=subprocess.PIPE,
-                    text=True,
-                    timeout=args.timeout,
-                )
-                found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-                rows[family] = (
-                    json.loads(found[-1][7:])
-                    if found
-                    else {"default TP=1": f"ERROR: process exited {proc.returncode}"}
-                )
-            except subprocess.TimeoutExpired:
-                rows[family] = {"default TP=1": f"ERROR: over {args.timeout} s"}
-            Path(args.out).write_text(table(rows, vllm.__version__))
+        for phase in PHASES:
+            for family in rows:
+                rows[family].update(run_family(family, work, phase, args.timeout))
+                Path(args.out).write_text(table(rows, vllm.__version__))
     print(Path(args.out).read_text())
     return 0
 
