@@ -40,7 +40,8 @@ def load(converted, name, parameter, view_of):  # noqa: F811
         with watch:
             meta = watch.meta_input(name, file.logical_shape(name), torch.bfloat16)
             module.proj.data.copy_(view_of(meta))
-        [part] = file.parts(watch.needs)
+        owners = {p.untyped_storage().data_ptr() for p in module.parameters()}
+        [part] = file.parts(watch.needs, owners)
         for _, tensor in file.tensors([part], PartsRead()):
             module.proj.data.copy_(view_of(tensor))
         try:
@@ -83,6 +84,22 @@ def open_original(converted, name):  # noqa: F811
     if stored.dim() == 3:  # column tiles [T, out, in / T] -> [out, in]
         return torch.cat(list(stored), dim=1)
     return stored
+
+
+def test_a_copy_into_a_loaders_scratch_tensor_is_left_to_the_loader(converted):  # noqa: F811
+    """A loader that copies into a scratch tensor and then works on it (here: doubles it
+    into the parameter) gets the real tensor: the bytes never go straight into the scratch,
+    whose work the meta pass already ran on its old contents."""
+    original = open_original(converted, UNTILED)
+
+    def loader(w):
+        scratch = torch.empty(w.shape, dtype=w.dtype)
+        scratch.copy_(w)
+        return scratch * 2
+
+    module, part, _ = load(converted, UNTILED, torch.empty_like(original), loader)
+    assert not part.targets
+    assert torch.equal(module.proj, original * 2)
 
 
 def test_a_parameter_that_misses_its_values_is_refused_by_name(converted, monkeypatch):  # noqa: F811

@@ -22,7 +22,8 @@ written. Two checks stand on that record:
    check 1 applies.
 
 Tensors whose loaders did more than view and copy (`regions.Need.whole`) are loaded by vLLM's
-own code on the whole tensor and are not sampled.
+own code on the whole tensor and are not sampled; so are copies into a loader's scratch tensor
+(not a parameter or buffer of the model), which never go straight in either.
 """
 
 from __future__ import annotations
@@ -133,12 +134,15 @@ def check_loaded(
     if read_element is None:
         return 0
     names = {p.untyped_storage().data_ptr(): n for n, p in model.named_parameters()}
+    names.update({b.untyped_storage().data_ptr(): n for n, b in model.named_buffers()})
     compared = 0
     for need in needs:
         if need.whole:
             continue
         written = list(zip(need.copies, need.views))
         for i, ((_, destination), view) in enumerate(written):
+            if destination.untyped_storage().data_ptr() not in names:
+                continue  # a loader's scratch tensor: its later work is the loader's own
             later = [d for (_, d), _ in written[i + 1 :]]
             compared += _check_copy(need, view, destination, later, names, read_element, tiles)
     return compared

@@ -59,6 +59,7 @@ class ConvertedFile:
         # read whole (not only this rank's rows or columns) and checked (`format.hashes`).
         self.verify = bool(getattr(config, "verify_hash", False))
         self._element_fd: int | None = None  # `element_reader`'s file
+        self._owners: set[int] | None = None  # `parts`' owners
 
     def _dtype(self, name: str) -> torch.dtype:
         dtype = getattr(torch, self.entries[name].dtype, None)
@@ -77,8 +78,12 @@ class ConvertedFile:
         for name in self.entries:
             yield name, watch.meta_input(name, self.logical_shape(name), self._dtype(name))
 
-    def parts(self, needs: dict[str, Need]) -> list[Part]:
-        """One `Part` per tensor this rank needs, in file order."""
+    def parts(self, needs: dict[str, Need], owners: set[int] | None = None) -> list[Part]:
+        """One `Part` per tensor this rank needs, in file order. With `owners` (the storage
+        addresses of the model's parameters and buffers), bytes go straight only into those:
+        a copy into a loader's scratch tensor, which the loader then works on, is left to
+        the loader (the meta pass already ran that work, on the scratch's old contents)."""
+        self._owners = owners
         chosen = [
             (name, needs[name]) for name in self.entries if name in needs and needs[name].needed
         ]
@@ -105,9 +110,12 @@ class ConvertedFile:
         buffer of the whole part. Empty when any copy is not like that."""
         dtype = self._dtype(name)
         tiles = self.tiles.get(name, 0)
+        owners = self._owners
         targets = []
         for (box, destination), view in zip(need.copies, need.views):
             if destination.device.type != "cpu":
+                return ()
+            if owners is not None and destination.untyped_storage().data_ptr() not in owners:
                 return ()
             if tiles:
                 if not self._whole_tiles(name, box, destination):

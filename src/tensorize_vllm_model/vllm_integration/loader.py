@@ -211,7 +211,8 @@ class TensorizerLoader(BaseModelLoader):
         with _naming_tensor(reader, watch), watch:
             loaded = _vllm_model(model).load_weights(converted.meta_inputs(watch))
         _check_all_loaded(model, loaded, reader)
-        parts = converted.parts(watch.needs)
+        owners = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+        parts = converted.parts(watch.needs, owners)
         STATE.last_parts[:] = [
             (p.name, p.entry.data_offset + p.span[0], p.entry.data_offset + p.span[1])
             for p in parts
