@@ -11,23 +11,32 @@ line vLLM's model code would run, on the tiny Llama's converted file.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
-from test_convert import converted  # noqa: F401 - the module-scoped converted tiny Llama
 from torch import nn
 
 from tensorize_vllm_model import TensorizerConfig, open_tensors
-from tensorize_vllm_model.convert import loading
+from tensorize_vllm_model.convert import convert_checkpoint, loading
 from tensorize_vllm_model.convert.guard import check_loaded, direct_copy_ok, stored_index
 from tensorize_vllm_model.convert.partial_read import PartsRead
 from tensorize_vllm_model.convert.regions import CopyWatch, View
 from tensorize_vllm_model.errors import ModelMismatchError
 
+
+@pytest.fixture(scope="module")
+def converted(tiny_llama, tmp_path_factory):
+    """The tiny Llama converted (in this process: under a second)."""
+    out = tmp_path_factory.mktemp("converted")
+    return Path(convert_checkpoint(str(tiny_llama), str(out), suffix="v1").directory)
+
+
 UNTILED = "model.layers.0.self_attn.q_proj.weight"  # [256, 256], stored as in the checkpoint
 TILED = "model.layers.1.self_attn.o_proj.weight"  # [256, 256], stored in 8 column tiles
 
 
-def load(converted, name, parameter, view_of):  # noqa: F811
+def load(converted, name, parameter, view_of):
     """The loader's three steps for one tensor copied as ``parameter.copy_(view_of(w))``
     into the parameter ``proj`` of a module; returns (module, the read plan's part, how
     many elements the guard compared with the file)."""
@@ -64,7 +73,7 @@ VIEWS = {
 
 @pytest.mark.parametrize("name", [UNTILED, TILED], ids=["untiled", "tiled"])
 @pytest.mark.parametrize("view", list(VIEWS), ids=list(VIEWS))
-def test_every_view_a_loader_copies_gives_the_default_loaders_values(converted, name, view):  # noqa: F811
+def test_every_view_a_loader_copies_gives_the_default_loaders_values(converted, name, view):
     original = open_original(converted, name)
     view_of, direct = VIEWS[view]
     parameter = torch.empty_like(view_of(original).contiguous())
@@ -76,7 +85,7 @@ def test_every_view_a_loader_copies_gives_the_default_loaders_values(converted, 
     assert bool(part.targets) == direct[name == TILED]  # straight in only in the file's order
 
 
-def open_original(converted, name):  # noqa: F811
+def open_original(converted, name):
     """The checkpoint tensor, read back from the converted file as the checkpoint had it."""
     with open_tensors(str(converted / "model.tensors")) as reader:
         tensors = dict(reader.items())
@@ -86,7 +95,7 @@ def open_original(converted, name):  # noqa: F811
     return stored
 
 
-def test_a_copy_into_a_loaders_scratch_tensor_is_left_to_the_loader(converted):  # noqa: F811
+def test_a_copy_into_a_loaders_scratch_tensor_is_left_to_the_loader(converted):
     """A loader that copies into a scratch tensor and then works on it (here: doubles it
     into the parameter) gets the real tensor: the bytes never go straight into the scratch,
     whose work the meta pass already ran on its old contents."""
@@ -102,7 +111,7 @@ def test_a_copy_into_a_loaders_scratch_tensor_is_left_to_the_loader(converted): 
     assert torch.equal(module.proj, original * 2)
 
 
-def test_a_parameter_that_misses_its_values_is_refused_by_name(converted, monkeypatch):  # noqa: F811
+def test_a_parameter_that_misses_its_values_is_refused_by_name(converted, monkeypatch):
     """The guard's last line: with the order check switched off (the behaviour before it:
     a transposed view's bytes put straight into the parameter in file order), the load is
     refused naming the parameter and the tensor."""

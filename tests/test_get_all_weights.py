@@ -5,13 +5,22 @@ file gives its tensors, its buffers left out."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import torch
-from conftest import write_hf_tensors
 from safetensors.torch import load_file
-from test_convert import converted  # noqa: F401 - the module-scoped converted tiny Llama
 from vllm.config.load import LoadConfig
 
+from tensorize_vllm_model.convert import convert_checkpoint
 from tensorize_vllm_model.vllm_integration.loader import TensorizerLoader
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_llama, tmp_path_factory):
+    """The tiny Llama converted (in this process: under a second)."""
+    out = tmp_path_factory.mktemp("converted")
+    return Path(convert_checkpoint(str(tiny_llama), str(out), suffix="v1").directory)
 
 
 def all_weights(uri: str) -> dict[str, torch.Tensor]:
@@ -21,7 +30,7 @@ def all_weights(uri: str) -> dict[str, torch.Tensor]:
     return dict(loader.get_all_weights(None, None))  # type: ignore[arg-type]
 
 
-def test_a_converted_file_gives_the_checkpoint(converted, tiny_llama):  # noqa: F811
+def test_a_converted_file_gives_the_checkpoint(converted, tiny_llama):
     want = load_file(str(tiny_llama / "model.safetensors"))
     got = all_weights(str(converted / "model.tensors"))
     assert sorted(got) == sorted(want)
@@ -33,8 +42,14 @@ def test_a_converted_file_gives_the_checkpoint(converted, tiny_llama):  # noqa: 
 
 
 def test_a_hugging_face_models_file_leaves_out_buffers(tiny_llama, tmp_path):
-    path = tmp_path / "hf.tensors"
-    write_hf_tensors(tiny_llama, path, "bfloat16")
+    import transformers
+    from tensorizer import TensorSerializer
+
+    path = tmp_path / "hf.tensors"  # as a user writes a transformers model with tensorizer
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16)
+    serializer = TensorSerializer(str(path))
+    serializer.write_module(model)
+    serializer.close()
     want = load_file(str(tiny_llama / "model.safetensors"))
     got = all_weights(str(path))
     assert not [n for n in got if "inv_freq" in n]
