@@ -57,6 +57,8 @@ WEIGHT_SUFFIXES = (
     ".index.json",
 )
 _SKIPPED_SUFFIXES = (*WEIGHT_SUFFIXES, ".lock", ".key")
+# asked of an offline Hub cache, which cannot list a repository
+_OFFLINE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken", ".vocab", ".py")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 # What an HTTP server (which cannot list a directory) is asked for; remote code named by
@@ -166,22 +168,27 @@ def resolve_model_files(
 
         if weights is True:
             return snapshot_download(model, revision=revision, cache_dir=download_dir)
-        local = snapshot_download(
-            model,
-            revision=revision,
-            cache_dir=download_dir,
-            ignore_patterns=[f"*{s}" for s in WEIGHT_SUFFIXES],
+        patterns = _hub_files(model, revision) + (weights if isinstance(weights, list) else [])
+        return snapshot_download(
+            model, revision=revision, cache_dir=download_dir, allow_patterns=patterns
         )
-        if isinstance(weights, list) and weights:
-            local = snapshot_download(
-                model, revision=revision, cache_dir=download_dir, allow_patterns=weights
-            )
-        return local
     except Exception as e:  # noqa: BLE001 - the Hub raises many kinds
         raise StorageError(
             f"cannot find the config and tokenizer files of --model {model!r}: it is not a "
             f"local directory and the Hugging Face Hub did not give them ({e})"
         ) from None
+
+
+def _hub_files(model: str, revision: str | None) -> list[str]:
+    """The files of Hub repository `model` but its weights; offline (the Hub cache that vLLM
+    has just filled), patterns of the usual such files."""
+    from huggingface_hub import list_repo_files
+
+    try:
+        files = list_repo_files(model, revision=revision)
+    except Exception:  # noqa: BLE001 - offline, or a Hub that does not answer
+        return [f"*{s}" for s in _OFFLINE_SUFFIXES] + ["*/*.json"]
+    return [f for f in files if is_artifact_name(f)]
 
 
 def stage_artifacts(

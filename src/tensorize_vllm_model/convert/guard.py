@@ -192,4 +192,4 @@ def _covers(tensor: torch.Tensor, place: torch.Tensor) -> bool:
         return False
     start = tensor.storage_offset()
     span = sum((s - 1) * st for s, st in zip(tensor.shape, tensor.stride()) if s)
-    return start <= place.storage_offset() <= start + span
+    return bool(start <= place.storage_offset() <= start + span)
