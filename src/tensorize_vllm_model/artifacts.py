@@ -269,6 +269,10 @@ def fetch_model_files(uri: str, options: storage.Options = None) -> str:
             _fetch_all(uri, [name], staged.path, options, required=listed)
         if not os.path.exists(os.path.join(staged.path, "config.json")):
             raise StorageError(f"{storage.redact(uri)}/config.json was not found")
+    if names:
+        left = [str(LeftOut(n, _reason(n))) for n in names if not is_artifact_name(n)]
+        if left:
+            logger.info("Not fetched from %s: %s", storage.redact(uri), ", ".join(left))
     return final
 
 
