@@ -59,7 +59,7 @@ def engine_lock():
     """The machine's one-engine lock, taken once for a whole family (its engines run one
     after another): re-entrant within this process."""
     global _held
-    if _held:
+    if _held or os.environ.get("FAMILIES_LOCK_HELD"):  # this process, or the parent, has it
         yield
         return
     with open(LOCK, "a") as f:
@@ -279,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--phase", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--timeout", type=int, default=1200, help="seconds per family")
+    parser.add_argument(
+        "--hold", type=int, default=480, help="seconds to hold the engine lock at a time"
+    )
     args = parser.parse_args(argv)
     if args.one:
         result = one_family(args.one, Path(args.work) / f"tp{args.phase}", args.phase)
@@ -287,10 +290,20 @@ def main(argv: list[str] | None = None) -> int:
     import vllm
 
     rows: dict[str, dict] = {family: {} for family in args.families.split(",")}
+    todo = jobs(list(rows))
     with tempfile.TemporaryDirectory(prefix="families-") as work:
-        for family, phase in jobs(list(rows)):
-            rows[family].update(run_family(family, work, phase, args.timeout))
-            Path(args.out).write_text(table(rows, vllm.__version__))
+        while todo:
+            # hold the machine's engine lock for a few families at a time (about as long as
+            # one test module's engines), then let the other work in
+            with engine_lock():
+                os.environ["FAMILIES_LOCK_HELD"] = "1"
+                began = time.time()
+                while todo and time.time() - began < args.hold:
+                    family, phase = todo.pop(0)
+                    rows[family].update(run_family(family, work, phase, args.timeout))
+                    Path(args.out).write_text(table(rows, vllm.__version__))
+                del os.environ["FAMILIES_LOCK_HELD"]
+            time.sleep(2)
     print(Path(args.out).read_text())
     return 0
 
