@@ -15,7 +15,7 @@ import contextlib
 import dataclasses
 import gc
 import os
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 import torch
@@ -179,7 +179,7 @@ class TensorizerLoader(BaseModelLoader):
 
     def get_all_weights(
         self, model_config: ModelConfig, model: nn.Module
-    ) -> Iterator[tuple[str, torch.Tensor]]:
+    ) -> Generator[tuple[str, torch.Tensor], None, None]:
         """Every tensor of this worker's file, for vLLM 0.34's in-place reload and expert
         (EPLB) reload, which feed them to ``model.load_weights``.
 
