@@ -33,6 +33,13 @@ families:
 	scripts/install.sh --test
 	flock /tmp/vllm-families.lock .venv/bin/python benchmarks/families.py $(FAMILIES_ARGS)
 
+# The family matrix's weight check without engines (benchmarks/families_weights.py): every
+# parameter a converted load gives against vLLM's default loader, TP=1 and TP=2; minutes.
+.PHONY: families-weights
+families-weights:
+	scripts/install.sh --test
+	.venv/bin/python benchmarks/families_weights.py
+
 # The engine-free tests against another vLLM release, in a venv of its own (about 9 GB):
 #   make other-vllm VLLM_VERSION=0.34.0 VLLM_VENV=/work/venv-034
 .PHONY: other-vllm
