@@ -111,6 +111,21 @@ def test_a_copy_into_a_loaders_scratch_tensor_is_left_to_the_loader(converted):
     assert torch.equal(module.proj, original * 2)
 
 
+def test_a_tensor_changed_in_place_before_its_copy_is_left_to_the_loader(converted):
+    """vLLM's gpt-oss zeroes ``w2_bias`` in place on every TP rank but 0, then copies it:
+    the file's bytes must not go straight in (found by benchmarks/families_weights.py: TP=2
+    rank 1 held the bias, the default loader zeros)."""
+    original = open_original(converted, UNTILED)
+
+    def loader(w):
+        w.zero_()
+        return w
+
+    module, part, _ = load(converted, UNTILED, torch.empty_like(original), loader)
+    assert not part.targets
+    assert not module.proj.any()
+
+
 def test_a_parameter_that_misses_its_values_is_refused_by_name(converted, monkeypatch):
     """The guard's last line: with the order check switched off (the behaviour before it:
     a transposed view's bytes put straight into the parameter in file order), the load is

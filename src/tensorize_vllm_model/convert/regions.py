@@ -137,6 +137,13 @@ class CopyWatch(TorchDispatchMode):
         kwargs = kwargs or {}
         tensors = _tensors(args, kwargs)
         metas = [t for t in tensors if t.is_meta]
+        if func._schema.is_mutable and args and isinstance(args[0], torch.Tensor):
+            # a loader that changes the checkpoint tensor in place before copying it
+            # (gpt-oss zeroes ``w2_bias`` on TP ranks but 0): its copies are not the file's
+            # bytes, so vLLM's code gets the real tensor
+            owner = self._owner(args[0]) if args[0].is_meta else None
+            if owner is not None:
+                owner.whole = True
         if not metas or len(metas) == len(tensors):
             return func(*args, **kwargs)
         if func is torch.ops.aten.copy_.default and args[1].is_meta and not args[0].is_meta:
