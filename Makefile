@@ -41,3 +41,24 @@ bench-cloud:
 test-moe:
 	scripts/install.sh --test
 	TENSORIZE_MOE_MATRIX=1 .venv/bin/python -m pytest tests/test_vllm_moe.py -v
+
+# The family matrix (benchmarks/families.py): every common model family through serialize and
+# convert at TP=1 and TP=2 against vLLM's default loader; writes docs/families.md. About an
+# hour on a 2-core machine (five engines per family).
+.PHONY: families
+families:
+	scripts/install.sh --test
+	flock /tmp/vllm-families.lock .venv/bin/python benchmarks/families.py $(FAMILIES_ARGS)
+
+# The family matrix's weight check without engines (benchmarks/families_weights.py): every
+# parameter a converted load gives against vLLM's default loader, TP=1 and TP=2; minutes.
+.PHONY: families-weights
+families-weights:
+	scripts/install.sh --test
+	.venv/bin/python benchmarks/families_weights.py
+
+# The engine-free tests against another vLLM release, in a venv of its own (about 9 GB):
+#   make other-vllm VLLM_VERSION=0.34.0 VLLM_VENV=/work/venv-034
+.PHONY: other-vllm
+other-vllm:
+	scripts/other_vllm.sh $(VLLM_VERSION) $(VLLM_VENV)

@@ -193,6 +193,7 @@ def deserialize_argv(encrypted_on_s3: dict) -> list[str]:
     ]
 
 
+@pytest.mark.slow  # its fixture serializes with a vLLM engine
 def test_serialize_output_holds_no_credentials_or_key(encrypted_on_s3, auth_s3):
     server, key_id, secret = auth_s3
     proc, key = encrypted_on_s3["serialize"], encrypted_on_s3["key"]
@@ -365,6 +366,7 @@ def test_wrong_secret_serialize_error_names_the_bucket_not_the_secret(
     assert_absent(secret.encode(), captured.out, captured.err, caplog.text)
 
 
+@pytest.mark.slow  # its fixture serializes with a vLLM engine
 def test_wrong_secret_deserialize_error_names_the_object_not_the_secret(
     auth_s3, encrypted_on_s3, monkeypatch, capsys, caplog
 ):
@@ -404,6 +406,7 @@ def exception_chain_text(error: BaseException) -> str:
     return "\n".join(texts)
 
 
+@pytest.mark.slow  # its fixture serializes with a vLLM engine
 @pytest.mark.parametrize("api", ["open_read", "open_tensors"])
 def test_wrong_secret_in_process_error_and_debug_logs(api, auth_s3, encrypted_on_s3, caplog):
     from tensorize_vllm_model import (

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import __version__, interrupts, storage
-from .artifacts import resolve_model_files, stage_artifacts
+from .artifacts import artifact_files, resolve_model_files, stage_artifacts
 from .config import TensorizerConfig, as_tensorizer_config
 from .errors import ConfigError
 from .format.record import ParallelLayout
@@ -89,6 +89,7 @@ def tensorize_vllm_model(
         seconds=time.perf_counter() - start,
         keyfile=job.plan.keyfile,
         key_existing=bool(job.encryption and job.encryption.existing),
+        left_out=_left_out(engine_args),
     )
 
 
@@ -191,6 +192,12 @@ def _artifact_sources(engine_args: Any) -> list[str]:
             )
         )
     return sources
+
+
+def _left_out(engine_args: Any) -> list[str]:
+    """The files of the model's directories not carried beside the tensors (the weights,
+    hidden files; `artifacts.artifact_files`), as "path (why)"."""
+    return [str(item) for s in _artifact_sources(engine_args) for item in artifact_files(s)[1]]
 
 
 def _aborter(engine: Any) -> Callable[[], None]:

@@ -17,6 +17,8 @@ def print_written(result: Any, *, replaced: bool = False) -> None:
             f"  replaced the model that was in {result.directory} (same --suffix; give "
             "another --suffix to keep both)"
         )
+    for item in getattr(result, "left_out", []):
+        print(f"  not carried: {item}")
     if result.keyfile and result.key_existing:
         print(f"  encrypted with the existing key in {result.keyfile} (left unchanged)")
     elif result.keyfile:

@@ -18,13 +18,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .. import storage
 from ..errors import FormatError
+from .guard import direct_copy_ok
 from .partial_read import Part, PartsRead, ranged_source, read_parts
 from .placement import logical_shape
 from .regions import CopyWatch, Need, box_byte_range
@@ -33,7 +35,7 @@ if TYPE_CHECKING:
     from ..config import TensorizerConfig
     from ..read.reader import TensorReader
 
-__all__ = ["ConvertedFile"]
+__all__ = ["ConvertedFile", "checkpoint_tensors"]
 
 
 class ConvertedFile:
@@ -56,6 +58,8 @@ class ConvertedFile:
         # verify_hash: tensorizer's hashes cover whole tensors, so each needed tensor is
         # read whole (not only this rank's rows or columns) and checked (`format.hashes`).
         self.verify = bool(getattr(config, "verify_hash", False))
+        self._element_fd: int | None = None  # `element_reader`'s file
+        self._owners: set[int] | None = None  # `parts`' owners
 
     def _dtype(self, name: str) -> torch.dtype:
         dtype = getattr(torch, self.entries[name].dtype, None)
@@ -74,8 +78,12 @@ class ConvertedFile:
         for name in self.entries:
             yield name, watch.meta_input(name, self.logical_shape(name), self._dtype(name))
 
-    def parts(self, needs: dict[str, Need]) -> list[Part]:
-        """One `Part` per tensor this rank needs, in file order."""
+    def parts(self, needs: dict[str, Need], owners: set[int] | None = None) -> list[Part]:
+        """One `Part` per tensor this rank needs, in file order. With `owners` (the storage
+        addresses of the model's parameters and buffers), bytes go straight only into those:
+        a copy into a loader's scratch tensor, which the loader then works on, is left to
+        the loader (the meta pass already ran that work, on the scratch's old contents)."""
+        self._owners = owners
         chosen = [
             (name, needs[name]) for name in self.entries if name in needs and needs[name].needed
         ]
@@ -102,9 +110,12 @@ class ConvertedFile:
         buffer of the whole part. Empty when any copy is not like that."""
         dtype = self._dtype(name)
         tiles = self.tiles.get(name, 0)
+        owners = self._owners
         targets = []
-        for box, destination in need.copies:
+        for (box, destination), view in zip(need.copies, need.views):
             if destination.device.type != "cpu":
+                return ()
+            if owners is not None and destination.untyped_storage().data_ptr() not in owners:
                 return ()
             if tiles:
                 if not self._whole_tiles(name, box, destination):
@@ -113,6 +124,11 @@ class ConvertedFile:
                 return ()
             lo, hi = box_byte_range([box], need.shape, dtype.itemsize, tiles)
             if hi - lo != destination.numel() * dtype.itemsize:
+                return ()
+            # the view the loader copied must walk those bytes in their stored order
+            # (not GPT-2's transposed Conv1D weights, ...): `guard`
+            start = box[1][0] if tiles else lo // dtype.itemsize
+            if not direct_copy_ok(view, need.shape, destination, start, tiles):
                 return ()
             targets.append((lo, hi, destination))
         return tuple(targets)
@@ -131,6 +147,29 @@ class ConvertedFile:
             and tuple(destination.shape) == (out, c1 - c0)
             and destination.stride(-1) == 1  # rows of a tile land as runs of elements
         )
+
+    def element_reader(self) -> Callable[[str, int], torch.Tensor] | None:
+        """``(tensor name, stored element index) -> 0-d tensor`` read from the file, for
+        `guard.check_loaded`; None where single elements cannot be re-read cheaply (an
+        encrypted or remote file)."""
+        path = storage.local_path(self.uri)
+        if path is None or self.reader.encrypted:
+            return None
+
+        def read(name: str, index: int) -> torch.Tensor:
+            dtype = self._dtype(name)
+            offset = self.index[name].data_offset + index * dtype.itemsize
+            data = os.pread(fd, dtype.itemsize, offset)
+            return torch.frombuffer(bytearray(data), dtype=dtype)[0]
+
+        fd = os.open(path, os.O_RDONLY)
+        self._element_fd = fd
+        return read
+
+    def close_element_reader(self) -> None:
+        if self._element_fd is not None:
+            os.close(self._element_fd)
+            self._element_fd = None
 
     def _ciphers(self, names: list[str]) -> list[Any]:
         if not self.reader.encrypted:
@@ -217,3 +256,15 @@ def _untile(tiles: torch.Tensor, part: Part) -> torch.Tensor:
     for tile in range(part.start // part.tile_bytes, -(-part.stop // part.tile_bytes)):
         tensor[:, tile * width : (tile + 1) * width].copy_(tiles[tile])
     return tensor
+
+
+def checkpoint_tensors(reader: TensorReader) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of a converted file, whole, in its checkpoint shape (column tiles put
+    back), in file order: what a reload by checkpoint name needs (vLLM 0.34's
+    ``BaseModelLoader.get_all_weights``). Each tensor is freshly allocated."""
+    record = reader.record
+    tiles = record.column_tiles if record is not None else {}
+    for name, tensor in reader.items():
+        if tiles.get(name):
+            tensor = torch.cat(list(tensor), dim=1)  # [T, out, in / T] -> [out, in]
+        yield name, tensor

@@ -25,7 +25,17 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
-__all__ = ["Need", "CopyWatch", "view_box", "box_byte_range"]
+__all__ = ["View", "Need", "CopyWatch", "view_box", "box_byte_range"]
+
+
+@dataclass(frozen=True)
+class View:
+    """A strided view of a contiguous tensor, in elements: ``as_strided(sizes, strides,
+    offset)`` of its flat data, as a weight loader's ``narrow``/``t()``/``view`` made it."""
+
+    offset: int
+    sizes: tuple[int, ...]
+    strides: tuple[int, ...]
 
 
 @dataclass
@@ -39,6 +49,9 @@ class Need:
     whole: bool = False
     # each recorded copy: the box read and the real tensor (a parameter's view) written
     copies: list[tuple[tuple[tuple[int, int], ...], torch.Tensor]] = field(default_factory=list)
+    # the view of the checkpoint tensor each copy read (in `copies`' order): which element
+    # of the tensor lands in each element of the written tensor (`convert.guard`)
+    views: list[View] = field(default_factory=list)
 
     @property
     def needed(self) -> bool:
@@ -139,6 +152,13 @@ class CopyWatch(TorchDispatchMode):
         kwargs = kwargs or {}
         tensors = _tensors(args, kwargs)
         metas = [t for t in tensors if t.is_meta]
+        if func._schema.is_mutable and args and isinstance(args[0], torch.Tensor):
+            # a loader that changes the checkpoint tensor in place before copying it
+            # (gpt-oss zeroes ``w2_bias`` on TP ranks but 0): its copies are not the file's
+            # bytes, so vLLM's code gets the real tensor
+            owner = self._owner(args[0]) if args[0].is_meta else None
+            if owner is not None:
+                owner.whole = True
         if not metas or len(metas) == len(tensors):
             return func(*args, **kwargs)
         if func is torch.ops.aten.copy_.default and args[1].is_meta and not args[0].is_meta:
@@ -154,6 +174,7 @@ class CopyWatch(TorchDispatchMode):
             else:
                 need.boxes.append(box)
                 need.copies.append((box, args[0]))
+                need.views.append(View(src.storage_offset(), tuple(src.shape), src.stride()))
             return args[0]
         for t in metas:
             self._whole(self._owner(t))

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .. import __version__, storage
-from ..artifacts import resolve_model_files, stage_artifacts
+from ..artifacts import artifact_files, resolve_model_files, stage_artifacts
 from ..config import TensorizerConfig
 from ..errors import ConfigError
 from ..format import writer as tensors_writer
@@ -139,8 +139,7 @@ def convert_checkpoint(
         serialization_kwargs: extra arguments for tensorizer's ``TensorSerializer``.
         config: S3 credentials and transport settings for an ``s3://`` destination.
 
-    Returns:
-        A `SerializeResult`; its `bytes` are the tensor bytes written.
+    Returns: a `SerializeResult` (`bytes`: the tensor bytes; `left_out`: files not carried).
 
     Raises:
         StorageError: the checkpoint is missing, incomplete (a shard named) or the
@@ -170,6 +169,7 @@ def convert_checkpoint(
         seconds=time.perf_counter() - start,
         keyfile=keyfile,
         key_existing=bool(encryption and encryption.existing),
+        left_out=[str(item) for item in artifact_files(local)[1]],
     )
 
 

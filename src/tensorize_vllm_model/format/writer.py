@@ -63,6 +63,9 @@ class SerializeResult:
     keyfile: str | None = None
     # True when the key was already in `keyfile` (left unchanged); False for a new key.
     key_existing: bool = False
+    # files of the model directory not carried beside the tensors ("path (why)":
+    # the weights, hidden files; `artifacts.stage_artifacts`)
+    left_out: list[str] = field(default_factory=list)
 
 
 BATCH_BYTES = 256 << 20  # one write_state_dict call: enough tensors to keep both cores busy

@@ -16,7 +16,7 @@ import dataclasses
 import gc
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -33,7 +33,11 @@ from vllm.utils.torch_utils import set_default_torch_dtype
 
 from .. import prefetch, storage
 from ..config import TensorizerConfig
-from ..convert.loading import ConvertedFile  # imported with the loader, as the readers are,
+from ..convert.guard import check_loaded
+from ..convert.loading import (  # imported with the loader, as the readers are,
+    ConvertedFile,
+    checkpoint_tensors,
+)
 from ..convert.partial_read import PartsRead  # not within a load's timed window
 from ..convert.regions import CopyWatch
 from ..errors import ConfigError, ModelMismatchError
@@ -48,6 +52,7 @@ from .runtime import (
     STATE,
     CapturedWeights,
     current_layout,
+    distributed_layout,
     dtype_name,
     expert_parallel,
     model_dtype,
@@ -69,16 +74,18 @@ class TensorizerLoader(BaseModelLoader):
             load_config.model_loader_extra_config
         )
 
-    def read_plan(self, vllm_config: VllmConfig) -> ReadPlan:
-        """Which file this worker reads, and how (`plan.resolve_read`)."""
-        return resolve_read(self.tensorizer_config, current_layout(vllm_config))
+    def read_plan(self, vllm_config: VllmConfig | None) -> ReadPlan:
+        """Which file this worker reads, and how (`plan.resolve_read`); without a config,
+        by this process's place in vLLM's parallel groups."""
+        layout = current_layout(vllm_config) if vllm_config else distributed_layout()
+        return resolve_read(self.tensorizer_config, layout)
 
     def rank_uri(self, vllm_config: VllmConfig) -> str:
         """The file this worker reads: its rank's file, or the one file every rank shares
         (`_open_checked` checks that it may be shared)."""
         return self.read_plan(vllm_config).uri
 
-    def _open_checked(self, vllm_config: VllmConfig, device: torch.device | str):
+    def _open_checked(self, vllm_config: VllmConfig | None, device: torch.device | str):
         """Open this worker's file and check that it fits the layout: (uri, source,
         reader), `source` being what the reader reads: the local copy of `uri` made
         during the engine's start-up (`prefetch`) if there is one, else `uri`."""
@@ -180,6 +187,28 @@ class TensorizerLoader(BaseModelLoader):
         with reader:
             self._fill(model, reader, source, device)
 
+    def get_all_weights(
+        self, model_config: ModelConfig, model: nn.Module
+    ) -> Generator[tuple[str, torch.Tensor], None, None]:
+        """Every tensor of this worker's file, for vLLM 0.34's in-place reload and expert
+        (EPLB) reload, which feed them to ``model.load_weights``.
+
+        A converted file or a Hugging Face model's file gives checkpoint names and shapes
+        (column tiles put back; buffers such as ``rotary_emb.inv_freq`` left out), every
+        tensor whole. A vLLM-tensorized file (``serialize``) gives vLLM's parameter names
+        and this rank's shards: what vLLM's reload with ``is_checkpoint_format=False``
+        copies straight into the parameters. The tensors are on the CPU, freshly allocated.
+        """
+        _, _, reader = self._open_checked(None, "cpu")
+        with reader:
+            if reader.checkpoint_form:
+                yield from checkpoint_tensors(reader)
+                return
+            kinds = reader.tensor_types()
+            for name, tensor in reader.items():
+                if reader.is_vllm_tensorized or kinds.get(name) != "BUFFER":
+                    yield name, tensor
+
     def _load_converted(
         self, model: nn.Module, reader: Any, uri: str, device: torch.device
     ) -> LoadStats:
@@ -199,7 +228,8 @@ class TensorizerLoader(BaseModelLoader):
             time.perf_counter() - started,
         )
         _check_all_loaded(model, loaded, reader)
-        parts = converted.parts(watch.needs)
+        owners = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+        parts = converted.parts(watch.needs, owners)
         STATE.last_parts[:] = [
             (p.name, p.entry.data_offset + p.span[0], p.entry.data_offset + p.span[1])
             for p in parts
@@ -207,6 +237,7 @@ class TensorizerLoader(BaseModelLoader):
         read = PartsRead()
         with _naming_tensor(reader, watch):
             _vllm_model(model).load_weights(converted.tensors(parts, read))
+        _check_against_file(model, watch, converted)
         return reader.stats(tensors=len(parts), nbytes=read.bytes)
 
     @staticmethod
@@ -262,6 +293,17 @@ def _check_pieces(model: nn.Module, names: Iterable[str], source: str) -> None:
     to_dict = getattr(getattr(model, "config", None), "to_dict", None)
     packed = getattr(model, "packed_modules_mapping", None)
     check_pieces(names, packed, to_dict() if to_dict is not None else {}, source=source)
+
+
+def _check_against_file(model: nn.Module, watch: CopyWatch, converted: ConvertedFile) -> None:
+    """Sampled elements of every parameter against the file's (`convert.guard`); refuses
+    the load naming a parameter that does not hold what vLLM's default loader puts there."""
+    read_element = converted.element_reader()
+    try:
+        compared = check_loaded(watch.results(), model, read_element, converted.tiles)
+    finally:
+        converted.close_element_reader()
+    logger.debug("guard: %d sampled elements match the file", compared)
 
 
 def _check_all_loaded(model: nn.Module, loaded: Any, reader: Any) -> None:

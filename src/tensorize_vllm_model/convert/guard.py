@@ -1,0 +1,195 @@
+"""The guard of a converted load: every parameter gets what vLLM's default loader would have
+put there, or the load is refused naming the parameter.
+
+vLLM's ``load_weights`` does not always copy a checkpoint tensor as it is stored: GPT-2's
+``Conv1D`` weights are transposed (``loaded_weight.t()``) before the weight loader narrows
+them, other loaders narrow along a dimension other than the first, reshape, or broadcast.
+`regions.CopyWatch` records, for each copy the loaders make in the meta pass, the exact view
+of the checkpoint tensor read (`regions.View`: offset, sizes, strides) and the tensor
+written. Two checks stand on that record:
+
+1. `direct_copy_ok`, before the read: a tensor's bytes may go straight into a parameter
+   (`loading.ConvertedFile._direct`, no ``load_weights`` on it) only when that puts in every
+   element of the parameter the element the recorded view gives it, i.e. the view walks the
+   stored bytes in their stored order (row-major, or a column tile's rows) with the
+   parameter's shape. Any other view (transposed, permuted, strided, broadcast) is left to
+   vLLM's own weight loader, on the checkpoint tensor.
+2. `check_loaded`, after the read: for every recorded copy, sampled elements of the written
+   parameter are compared with the file's elements the view names (read again from the file,
+   cast to the parameter's dtype as ``copy_`` would). A difference raises
+   `ModelMismatchError` naming the parameter, the tensor and the element. This runs where
+   single elements can be re-read cheaply: plain (not encrypted) local files; elsewhere only
+   check 1 applies.
+
+Tensors whose loaders did more than view and copy (`regions.Need.whole`) are loaded by vLLM's
+own code on the whole tensor and are not sampled; so are copies into a loader's scratch tensor
+(not a parameter or buffer of the model), which never go straight in either.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import ModelMismatchError
+from .regions import Need, View
+
+__all__ = ["direct_copy_ok", "check_loaded", "stored_index", "SAMPLES"]
+
+SAMPLES = 5  # elements compared per recorded copy: first, last, middle and two more
+
+
+def _contiguous_strides(sizes: Sequence[int]) -> list[int]:
+    return [math.prod(sizes[i + 1 :]) for i in range(len(sizes))]
+
+
+def _same_walk(view: View, shape: Sequence[int], strides: Sequence[int]) -> bool:
+    """Whether `view` has `shape` (size-1 dimensions aside) and, on every dimension longer
+    than 1, the given `strides`."""
+    sizes = [s for s in view.sizes if s != 1]
+    if sizes != [s for s in shape if s != 1]:
+        return False
+    got = [st for s, st in zip(view.sizes, view.strides) if s != 1]
+    want = [st for s, st in zip(shape, strides) if s != 1]
+    return got == want
+
+
+def direct_copy_ok(
+    view: View, logical: Sequence[int], destination: torch.Tensor, start: int, tiles: int
+) -> bool:
+    """Whether reading the stored elements from `start` (logical element index of the
+    checkpoint tensor of shape `logical`) into `destination` puts in it what vLLM's
+    ``destination.copy_(view)`` would.
+
+    Untiled: the bytes land in `destination`'s row-major order, so the view must walk them
+    in that order with `destination`'s shape. Tiled (``[out, in]`` stored as ``[T, out,
+    in / T]``): row ``r`` of the read tiles' columns lands in row ``r`` of `destination`, so
+    the view must be ``[out, c1 - c0]`` with strides ``(in, 1)`` starting at column ``c0``.
+    """
+    shape = tuple(destination.shape)
+    if math.prod(view.sizes) != destination.numel() or view.offset != start:
+        return False
+    if tiles:
+        return len(logical) == 2 and _same_walk(view, shape, (logical[1], 1))
+    return _same_walk(view, shape, _contiguous_strides(shape))
+
+
+def stored_index(logical_index: int, logical: Sequence[int], tiles: int) -> int:
+    """The stored element index of logical element `logical_index` of a tensor of checkpoint
+    shape `logical` (``[out, in]`` in `tiles` column tiles when `tiles` > 0)."""
+    if not tiles:
+        return logical_index
+    out, inputs = logical
+    width = inputs // tiles
+    row, column = divmod(logical_index, inputs)
+    return (column // width) * out * width + row * width + column % width
+
+
+def _sample_positions(count: int) -> list[int]:
+    if count <= 0:
+        return []
+    return sorted({0, count - 1, count // 2, count // 3, (7 * count) // 11})
+
+
+def _view_element(view: View, shape: Sequence[int], flat: int) -> int:
+    """The logical element of the checkpoint tensor that ``copy_`` of `view` (broadcast to
+    `shape`, the destination's) puts at row-major position `flat` of the destination."""
+    index = []
+    for size in reversed(shape):
+        flat, rest = divmod(flat, size) if size else (flat, 0)
+        index.append(rest)
+    index.reverse()
+    element = view.offset
+    pad = len(shape) - len(view.sizes)
+    for dim, (size, stride) in enumerate(zip(view.sizes, view.strides)):
+        if size != 1:
+            element += index[pad + dim] * stride
+    return element
+
+
+def check_loaded(
+    needs: Iterable[Need],
+    model: nn.Module,
+    read_element: Callable[[str, int], torch.Tensor] | None,
+    tiles: dict[str, int],
+) -> int:
+    """Compare sampled elements of every parameter a recorded copy wrote with the file's.
+
+    Args:
+        needs: the meta pass's record (`regions.CopyWatch.needs`).
+        model: the loaded model (its parameters name the written tensors).
+        read_element: ``(tensor name, stored element index) -> 0-d tensor`` of the file's
+            dtype; None: nothing can be re-read cheaply here, nothing is sampled.
+        tiles: the file's column-tiled tensors (`FileRecord.column_tiles`).
+
+    Returns:
+        How many elements were compared.
+
+    Raises:
+        ModelMismatchError: an element differs, naming the parameter, tensor and element.
+    """
+    if read_element is None:
+        return 0
+    names = {p.untyped_storage().data_ptr(): n for n, p in model.named_parameters()}
+    names.update({b.untyped_storage().data_ptr(): n for n, b in model.named_buffers()})
+    compared = 0
+    for need in needs:
+        if need.whole:
+            continue
+        written = list(zip(need.copies, need.views))
+        for i, ((_, destination), view) in enumerate(written):
+            if destination.untyped_storage().data_ptr() not in names:
+                continue  # a loader's scratch tensor: its later work is the loader's own
+            later = [d for (_, d), _ in written[i + 1 :]]
+            compared += _check_copy(need, view, destination, later, names, read_element, tiles)
+    return compared
+
+
+def _check_copy(
+    need: Need,
+    view: View,
+    destination: torch.Tensor,
+    later: list[torch.Tensor],
+    names: dict[int, str],
+    read_element: Callable[[str, int], torch.Tensor],
+    tiles: dict[str, int],
+) -> int:
+    shape = tuple(destination.shape)
+    compared = 0
+    for flat in _sample_positions(destination.numel()):
+        index = torch.unravel_index(torch.tensor(flat), shape) if shape else ()
+        place = destination[tuple(int(i) for i in index)]
+        if any(_covers(d, place) for d in later):  # overwritten by a later copy
+            continue
+        element = _view_element(view, shape, flat)
+        expected = place.new_empty(()).copy_(
+            read_element(need.name, stored_index(element, need.shape, tiles.get(need.name, 0)))
+        )
+        got = place.detach().cpu()
+        same = torch.equal(got, expected.cpu()) or bool(
+            got.is_floating_point() and torch.isnan(got) and torch.isnan(expected.cpu())
+        )
+        if not same:
+            parameter = names.get(destination.untyped_storage().data_ptr(), "?")
+            raise ModelMismatchError(
+                f"parameter {parameter} does not hold what vLLM's default loader puts there: "
+                f"element {list(int(i) for i in index)} of the copy from tensor {need.name} "
+                f"is {got.item()!r}, the file's element {element} is {expected.item()!r}; "
+                "this converted load is refused (report it with the model's architecture)"
+            )
+        compared += 1
+    return compared
+
+
+def _covers(tensor: torch.Tensor, place: torch.Tensor) -> bool:
+    """Whether `place` (a 0-d view) lies within the span of `tensor`'s elements (a bound:
+    may say yes for a strided `tensor` that skips it, so a sample is dropped, never a
+    difference invented)."""
+    if tensor.untyped_storage().data_ptr() != place.untyped_storage().data_ptr():
+        return False
+    start = tensor.storage_offset()
+    span = sum((s - 1) * st for s, st in zip(tensor.shape, tensor.stride()) if s)
+    return bool(start <= place.storage_offset() <= start + span)
