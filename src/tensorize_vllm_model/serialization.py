@@ -78,12 +78,11 @@ def tensorize_vllm_model(
     if job.plan.keyfile:
         job.encryption = prepare_key(job.plan.keyfile, config, generate=generate_keyfile)
     written, published = _run_engine(job, engine_args, adapters)
+    caches = [w.compile_cache for w in written if w.compile_cache]
     return SerializeResult(
         directory=job.plan.directory,
         tensors_uri=job.plan.template,
-        files=[w.uri for w in written]
-        + [w.compile_cache for w in written if w.compile_cache]
-        + published,
+        files=[w.uri for w in written] + caches + published,
         tensors=sum(w.tensors for w in written),
         bytes=sum(w.bytes for w in written),
         seconds=time.perf_counter() - start,

@@ -29,7 +29,7 @@ own code on the whole tensor and are not sampled; so are copies into a loader's 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -114,7 +114,7 @@ def check_loaded(
     needs: Iterable[Need],
     model: nn.Module,
     read_element: Callable[[str, int], torch.Tensor] | None,
-    tiles: dict[str, int],
+    tiles: Mapping[str, int],
 ) -> int:
     """Compare sampled elements of every parameter a recorded copy wrote with the file's.
 
@@ -155,7 +155,7 @@ def _check_copy(
     later: list[torch.Tensor],
     names: dict[int, str],
     read_element: Callable[[str, int], torch.Tensor],
-    tiles: dict[str, int],
+    tiles: Mapping[str, int],
 ) -> int:
     shape = tuple(destination.shape)
     compared = 0

@@ -102,11 +102,12 @@ class TensorizerLoader(BaseModelLoader):
                 )
             if reader.record is not None and not reader.checkpoint_form:
                 reader.record.check_layout(plan.layout, source=plan.uri)
-                reader.record.check_expert_parallel(
-                    expert_parallel(vllm_config),
-                    (e.name for e in reader.entries()),
-                    source=plan.uri,
-                )
+                if vllm_config is not None:  # get_all_weights reads every expert
+                    reader.record.check_expert_parallel(
+                        expert_parallel(vllm_config),
+                        (e.name for e in reader.entries()),
+                        source=plan.uri,
+                    )
         except BaseException:
             reader.close()
             raise
