@@ -340,7 +340,7 @@ def test_other_strings_for_booleans_name_the_key(fields, key):
 def test_stream_options_take_string_booleans_too():
     from tensorize_vllm_model.storage.options import StreamOptions
 
-    assert StreamOptions.from_mapping({"force_http": "True"}).force_http is True
+    assert StreamOptions.from_mapping({"force_http": "True"}).get("force_http") is True
     with pytest.raises(ConfigError, match="stream_kwargs ranges must be true or false"):
         StreamOptions.from_mapping({"ranges": "maybe"})
 
