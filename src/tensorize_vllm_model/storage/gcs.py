@@ -26,6 +26,7 @@ by `retry.request` / `retry.read_range_into`, anything else is raised at once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -426,15 +427,20 @@ class GCSBackend(Backend):
             uri, join(parent(uri), f".{basename(uri)}.sending-{secrets.token_hex(4)}"), options
         )
         blob, found = self._blob(sent.temporary, options)
-        _call(
-            found,
-            options,
-            uri,
-            "writing",
-            lambda: blob.upload_from_filename(
-                temp, if_generation_match=0, retry=None, timeout=max(options.timeout, 600.0)
-            ),
-        )
+        try:
+            _call(
+                found,
+                options,
+                uri,
+                "writing",
+                lambda: blob.upload_from_filename(
+                    temp, if_generation_match=0, retry=None, timeout=max(options.timeout, 600.0)
+                ),
+            )
+        except BaseException:  # Ctrl-C as the upload ends: the caller never gets the handle
+            with contextlib.suppress(Exception):
+                self.discard(sent, options)
+            raise
         return sent
 
     def discard(self, sent: Any, options: StreamOptions) -> None:
