@@ -69,6 +69,14 @@ CASES = {
         "AZURE_STORAGE_SAS_TOKEN or an identity DefaultAzureCredential finds), or "
         "AZURE_STORAGE_CONNECTION_STRING",
     ),
+    # google-cloud-storage's variable includes the scheme; without one, every request was
+    # retried and reported as "cannot reach ...: InvalidSchema" (3 times).
+    "gcs-emulator-host-without-scheme": (
+        {"STORAGE_EMULATOR_HOST": "localhost:4443"},
+        "gs://bucket/model.tensors",
+        "error: STORAGE_EMULATOR_HOST must be a URL with its scheme, e.g. "
+        "http://127.0.0.1:4443 (got 'localhost:4443')",
+    ),
     # An account and an http:// endpoint (Azurite's kind) but neither key nor SAS:
     # DefaultAzureCredential's token is refused over http by azure-storage-blob (a
     # ValueError that was a traceback, exit 1). Nothing is sent: port 1 is never reached.

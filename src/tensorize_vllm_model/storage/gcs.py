@@ -92,7 +92,21 @@ class _Client:
 
 
 def _endpoint(options: StreamOptions) -> str | None:
-    return options.get("gcs_endpoint") or storage_variable("STORAGE_EMULATOR_HOST")
+    """The endpoint URL, with its scheme (google-cloud-storage's STORAGE_EMULATOR_HOST
+    includes it: without one every request failed, was retried and was reported as
+    "cannot reach").
+
+    Raises:
+        ConfigError: naming the setting, for an endpoint without http:// or https://.
+    """
+    given = options.get("gcs_endpoint")
+    found = given or storage_variable("STORAGE_EMULATOR_HOST")
+    if found and urllib.parse.urlsplit(found).scheme not in ("http", "https"):
+        where = "stream_kwargs gcs_endpoint" if given else "STORAGE_EMULATOR_HOST"
+        raise ConfigError(
+            f"{where} must be a URL with its scheme, e.g. http://127.0.0.1:4443 (got {found!r})"
+        )
+    return found
 
 
 def _credentials(options: StreamOptions) -> tuple[Any, str | None, str]:
