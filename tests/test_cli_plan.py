@@ -204,7 +204,9 @@ def test_convert_keyfile_help_says_an_existing_key_is_used():
         a for a in build_convert_parser()._actions if a.dest == "command"
     ]  # the subparsers action
     text = " ".join(convert.choices["convert"].format_help().split())
-    assert "A path (or s3:// URI) that holds a key: encrypt with that key" in text
+    assert "A path (or s3://, gs://, az:// URI) that holds a key: encrypt with that key" in text
+    # the destination's help once named s3:// only, though gs:// and az:// are written too
+    assert "gs://bucket[/prefix] or az://container[/prefix]" in text
     assert "randomly generated key saved here" not in text
 
 

@@ -20,10 +20,13 @@ def test_a_private_cache_is_used_as_it_is(tmp_path, monkeypatch):
     assert environment().cache_dir == str(tmp_path)
 
 
-def test_a_1777_cache_gives_each_user_a_private_directory(tmp_path, monkeypatch):
+# 3775: a team's directory (setgid, group-writable, sticky), once used as one user's, so
+# the second user of the group got "Permission denied" writing into it.
+@pytest.mark.parametrize("mode", [0o1777, 0o3775])
+def test_a_shared_cache_gives_each_user_a_private_directory(tmp_path, monkeypatch, mode):
     shared = tmp_path / "shared"
     shared.mkdir()
-    os.chmod(shared, 0o1777)
+    os.chmod(shared, mode)
     monkeypatch.setenv("TENSORIZE_VLLM_MODEL_CACHE", str(shared))
     cache = environment().cache_dir
     assert cache == str(shared / f"user-{os.getuid()}")

@@ -113,6 +113,41 @@ def test_commit_keeps_no_copy_of_what_the_last_file_replaces(tmp_path, monkeypat
     assert (tmp_path / "model.tensors").read_bytes() == b"new"
 
 
+@pytest.mark.parametrize("existing", [False, True])
+def test_an_interrupt_inside_a_publish_puts_every_name_back(tmp_path, monkeypatch, existing):
+    """Ctrl-C as a file's publish completes (the store made it visible; the transaction
+    never heard back): that file once stayed, alone, while the rollback put back every
+    other name (`convert` to gs:// interrupted after 5 s: exit 130, yet a lone
+    model.tensors at the destination); and a kept copy of a replaced file was dropped, not
+    restored. The interrupt is raised by a wrapper around the real publish (a signal
+    cannot be timed to that instant)."""
+    from tensorize_vllm_model.interrupts import Interrupted
+    from tensorize_vllm_model.storage.local import LocalBackend
+
+    real = LocalBackend.publish
+    victim = "model.tensors" if not existing else "config.json"
+
+    def publish(self, temp, uri, options, **kwargs):
+        real(self, temp, uri, options, **kwargs)
+        if uri.endswith(victim):
+            raise Interrupted(2)
+
+    monkeypatch.setattr(LocalBackend, "publish", publish)
+    if existing:
+        for name in ("config.json", "model.tensors"):
+            (tmp_path / name).write_bytes(b"old")
+    with pytest.raises(Interrupted), storage.transaction() as tx:
+        for name, last in (("model.tensors", True), ("config.json", False)):
+            staged = tx.stage(str(tmp_path / name), last=last)
+            with open(staged.path, "wb") as f:
+                f.write(b"new")
+    if existing:  # config.json (kept aside) interrupted: both old files are back
+        assert sorted(os.listdir(tmp_path)) == ["config.json", "model.tensors"]
+        assert {p.read_bytes() for p in tmp_path.iterdir()} == {b"old"}
+    else:  # model.tensors (last, new) interrupted: nothing is left
+        assert os.listdir(tmp_path) == []
+
+
 # -- whole directories (the fetch cache, LoRA adapters written for vLLM) ------------------------
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from tensorize_vllm_model.cli import main
 from tensorize_vllm_model.errors import CredentialsError
+from tensorize_vllm_model.storage import azure as azure_backend
 from tensorize_vllm_model.storage import s3 as s3_backend
 
 CLEARED = (
@@ -23,6 +24,10 @@ CLEARED = (
     "AZURE_STORAGE_ACCOUNT_NAME",
     "AZURE_STORAGE_ACCOUNT_KEY",
     "AZURE_STORAGE_SAS_TOKEN",
+    "AZURE_STORAGE_BLOB_ENDPOINT",
+    "AZURE_CLIENT_ID",
+    "AZURE_TENANT_ID",
+    "AZURE_CLIENT_SECRET",
 )
 
 
@@ -34,6 +39,7 @@ def clean_env(monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     s3_backend._clients.clear()
+    azure_backend._clients.clear()
 
 
 CASES = {
@@ -62,6 +68,28 @@ CASES = {
         "set AZURE_STORAGE_ACCOUNT_NAME (with AZURE_STORAGE_ACCOUNT_KEY, "
         "AZURE_STORAGE_SAS_TOKEN or an identity DefaultAzureCredential finds), or "
         "AZURE_STORAGE_CONNECTION_STRING",
+    ),
+    # google-cloud-storage's variable includes the scheme; without one, every request was
+    # retried and reported as "cannot reach ...: InvalidSchema" (3 times).
+    "gcs-emulator-host-without-scheme": (
+        {"STORAGE_EMULATOR_HOST": "localhost:4443"},
+        "gs://bucket/model.tensors",
+        "error: STORAGE_EMULATOR_HOST must be a URL with its scheme, e.g. "
+        "http://127.0.0.1:4443 (got 'localhost:4443')",
+    ),
+    # An account and an http:// endpoint (Azurite's kind) but neither key nor SAS:
+    # DefaultAzureCredential's token is refused over http by azure-storage-blob (a
+    # ValueError that was a traceback, exit 1). Nothing is sent: port 1 is never reached.
+    "azure-identity-over-http": (
+        {
+            "AZURE_STORAGE_ACCOUNT_NAME": "devstoreaccount1",
+            "AZURE_STORAGE_BLOB_ENDPOINT": "http://127.0.0.1:1/devstoreaccount1",
+        },
+        "az://container/model.tensors",
+        "error: Azure credentials (DefaultAzureCredential) cannot be used with the endpoint "
+        "http://127.0.0.1:1/devstoreaccount1: Token credential is only supported with HTTPS. "
+        "(set AZURE_STORAGE_ACCOUNT_KEY or AZURE_STORAGE_SAS_TOKEN, or an https:// "
+        "AZURE_STORAGE_BLOB_ENDPOINT)",
     ),
 }
 

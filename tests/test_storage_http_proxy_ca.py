@@ -58,10 +58,13 @@ def test_https_goes_through_a_connect_tunnel(clean, served, tls):
     assert proxy.seen and set(proxy.seen) == {f"CONNECT 127.0.0.1:{secure.port}"}
 
 
-def test_no_proxy_hosts_are_reached_directly(clean, served):
+@pytest.mark.parametrize("entry", ["127.0.0.1", "host:port"])
+def test_no_proxy_hosts_are_reached_directly(clean, served, entry):
+    # host:port (as botocore and the standard library match it) once went to the proxy
     name, plain, _, proxy = served
     clean.setenv("HTTP_PROXY", proxy.url)
-    clean.setenv("NO_PROXY", "localhost,127.0.0.1")
+    host = f"127.0.0.1:{plain.port}" if entry == "host:port" else entry
+    clean.setenv("NO_PROXY", f"localhost,{host}")
     assert storage.read_bytes(f"{plain.url}/{name}") == DATA
     assert proxy.seen == []
 

@@ -110,3 +110,35 @@ def test_each_backend_validates_its_own_options():
     options = storage.StreamOptions.from_mapping({"force_http": "true", "gcs_project": "p"})
     assert options.get("force_http") is True and options.get("gcs_project") == "p"
     assert "hunter2" not in repr(storage.StreamOptions(s3_secret_access_key="hunter2"))
+
+
+def test_a_backend_written_from_the_guide_reads(monkeypatch):
+    """docs/development.md's guide asks a source for `retry.RetryingSource` and
+    `_open_range` only; such a source (no `supports_ranges`, no `open_sequential`) once
+    failed every read with AttributeError. Read with ranges and without."""
+    import io
+
+    from tensorize_vllm_model.storage import base, retry
+
+    data = bytes(range(256)) * 4096
+
+    class GuideSource(retry.RetryingSource):
+        def __init__(self, uri, options):
+            self.name, self.timeout, self.size = uri, options.timeout, len(data)
+
+        def _open_range(self, start, stop, log):
+            return io.BytesIO(data[start:stop])
+
+    class GuideBackend(storage.Backend):
+        def range_source(self, uri, options):
+            return GuideSource(uri, options)
+
+    for table in (base._registry, base._classes, base._instances):  # removed afterwards
+        monkeypatch.setitem(table, "guide", None)
+    storage.register_backend("guide", GuideBackend)
+    for ranges in (True, False):
+        options = {"ranges": ranges, "chunk_size": 100_000}
+        with storage.open_read("guide://x/model.tensors", options) as stream:
+            stream.seek(1000)
+            assert stream.read(5000) == data[1000:6000]
+    assert storage.read_bytes("guide://x/model.tensors") == data

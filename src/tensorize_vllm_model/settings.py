@@ -96,7 +96,8 @@ def environment() -> Environment:
     AWS credential variables are read by boto3 itself); ``TENSORIZE_VLLM_MODEL_CACHE``, else
     ``$XDG_CACHE_HOME/tensorize_vllm_model``, else ``~/.cache/tensorize_vllm_model``: where
     the config and tokenizer files of remote models are kept. A cache directory shared by
-    several users (world-writable with the sticky bit, mode 1777, as /tmp) is used in shared
+    several users (writable by its group or all, with the sticky bit: 1777 as /tmp, a
+    team's 3775) is used in shared
     mode: each user keeps their files in a private (0700) sub-directory ``user-<uid>``
     (`user_cache`), so no user sees or replaces another's files;
     ``TENSORIZE_VLLM_MODEL_COMPILE_CACHE`` and ``TENSORIZE_VLLM_MODEL_AOT_FIX`` (on unless
@@ -122,7 +123,8 @@ def environment() -> Environment:
 
 
 def user_cache(cache: str) -> str:
-    """`cache`, or in shared mode (a 1777 directory) this user's private 0700
+    """`cache`, or in shared mode (a directory with the sticky bit that its group or all
+    may write: 1777 as /tmp, a team's 3775) this user's private 0700
     ``cache/user-<uid>`` (made if missing).
 
     Raises:
@@ -133,8 +135,8 @@ def user_cache(cache: str) -> str:
         mode = os.stat(cache).st_mode
     except OSError:
         return cache
-    if mode & 0o1002 != 0o1002:  # not world-writable with the sticky bit: one user's
-        return cache
+    if not (mode & 0o1000 and mode & 0o022):  # sticky and writable by its group or all
+        return cache  # (1777 as /tmp, or a team's 3775): else one user's own
     private = os.path.join(cache, f"user-{os.getuid()}")
     try:
         os.makedirs(private, mode=0o700, exist_ok=True)

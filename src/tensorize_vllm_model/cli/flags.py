@@ -124,7 +124,8 @@ def _file_rows(command: str) -> tuple[Row, ...]:
 # serialize and convert take --keyfile with the same rules (keys.prepare_key)
 KEYFILE = Row(
     "--keyfile",
-    "Encrypt the weights. A path (or s3:// URI) that holds a key: encrypt with that "
+    "Encrypt the weights. A path (or s3://, gs://, az:// URI) that holds a key: encrypt "
+    "with that "
     "key (the file is never overwritten). A path with no file: generate a random key and "
     "save it there (mode 0600).",
 )
@@ -138,7 +139,8 @@ SERIALIZE = (
     ),
     Row(
         "--serialized-directory",
-        "Where to serialize to: a local directory or s3://bucket[/prefix]. Files go to "
+        "Where to serialize to: a local directory, s3://bucket[/prefix], "
+        "gs://bucket[/prefix] or az://container[/prefix]. Files go to "
         "DIR/vllm/<model>/<suffix>/: <model> is --model for a Hub id or relative path, and "
         "the last path component for an absolute local path.",
         extra={"required": True},
@@ -209,7 +211,7 @@ CONVERT_MODEL = (
 CONVERT = (
     Row(
         "--serialized-directory",
-        "A local directory or s3://bucket[/prefix].",
+        "A local directory, s3://bucket[/prefix], gs://bucket[/prefix] or az://container[/prefix].",
         extra={"required": True},
     ),
     Row("--suffix", "The last directory of the destination (default: a random UUID)."),

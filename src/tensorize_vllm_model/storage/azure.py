@@ -133,16 +133,26 @@ def _service(options: StreamOptions) -> tuple[Any, str]:
     url = _setting(options, "azure_endpoint", "AZURE_STORAGE_BLOB_ENDPOINT") or (
         f"https://{account}.{suffix}"
     )
-    if key:
-        credential: Any = {"account_name": account, "account_key": key}
-        how = "the account key"
-    elif sas:
-        credential, how = sas.lstrip("?"), "a SAS token"
-    else:
-        from azure.identity import DefaultAzureCredential
+    credential, how = _credential(account, key, sas)
+    try:
+        return BlobServiceClient(url, credential=credential, **kwargs), how
+    except ValueError as e:  # azure-storage-blob: a token credential over http://, a bad URL
+        raise CredentialsError(
+            f"Azure credentials ({how}) cannot be used with the endpoint {url}: {e} "
+            "(set AZURE_STORAGE_ACCOUNT_KEY or AZURE_STORAGE_SAS_TOKEN, or an https:// "
+            "AZURE_STORAGE_BLOB_ENDPOINT)"
+        ) from None
 
-        credential, how = DefaultAzureCredential(), "DefaultAzureCredential"
-    return BlobServiceClient(url, credential=credential, **kwargs), how
+
+def _credential(account: str, key: str | None, sas: str | None) -> tuple[Any, str]:
+    """(the credential azure-storage-blob takes, how it was found)."""
+    if key:
+        return {"account_name": account, "account_key": key}, "the account key"
+    if sas:
+        return sas.lstrip("?"), "a SAS token"
+    from azure.identity import DefaultAzureCredential
+
+    return DefaultAzureCredential(), "DefaultAzureCredential"
 
 
 def _client(options: StreamOptions) -> _Client:

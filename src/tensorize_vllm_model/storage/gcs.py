@@ -26,6 +26,7 @@ by `retry.request` / `retry.read_range_into`, anything else is raised at once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -91,7 +92,21 @@ class _Client:
 
 
 def _endpoint(options: StreamOptions) -> str | None:
-    return options.get("gcs_endpoint") or storage_variable("STORAGE_EMULATOR_HOST")
+    """The endpoint URL, with its scheme (google-cloud-storage's STORAGE_EMULATOR_HOST
+    includes it: without one every request failed, was retried and was reported as
+    "cannot reach").
+
+    Raises:
+        ConfigError: naming the setting, for an endpoint without http:// or https://.
+    """
+    given = options.get("gcs_endpoint")
+    found = given or storage_variable("STORAGE_EMULATOR_HOST")
+    if found and urllib.parse.urlsplit(found).scheme not in ("http", "https"):
+        where = "stream_kwargs gcs_endpoint" if given else "STORAGE_EMULATOR_HOST"
+        raise ConfigError(
+            f"{where} must be a URL with its scheme, e.g. http://127.0.0.1:4443 (got {found!r})"
+        )
+    return found
 
 
 def _credentials(options: StreamOptions) -> tuple[Any, str | None, str]:
@@ -426,15 +441,20 @@ class GCSBackend(Backend):
             uri, join(parent(uri), f".{basename(uri)}.sending-{secrets.token_hex(4)}"), options
         )
         blob, found = self._blob(sent.temporary, options)
-        _call(
-            found,
-            options,
-            uri,
-            "writing",
-            lambda: blob.upload_from_filename(
-                temp, if_generation_match=0, retry=None, timeout=max(options.timeout, 600.0)
-            ),
-        )
+        try:
+            _call(
+                found,
+                options,
+                uri,
+                "writing",
+                lambda: blob.upload_from_filename(
+                    temp, if_generation_match=0, retry=None, timeout=max(options.timeout, 600.0)
+                ),
+            )
+        except BaseException:  # Ctrl-C as the upload ends: the caller never gets the handle
+            with contextlib.suppress(Exception):
+                self.discard(sent, options)
+            raise
         return sent
 
     def discard(self, sent: Any, options: StreamOptions) -> None:

@@ -87,12 +87,15 @@ def redact(url: str) -> str:
 
 def proxy_for(url: str) -> str | None:
     """The proxy URL for `url` from ``HTTP_PROXY`` / ``HTTPS_PROXY`` (any case), or None
-    (none set, or the host is in ``NO_PROXY``), as the standard library reads them."""
+    (none set, or the host, or host:port, is in ``NO_PROXY``), as the standard library and
+    botocore read them."""
     parts = urllib.parse.urlsplit(url)
     proxies = urllib.request.getproxies_environment()
     proxy = proxies.get(parts.scheme)
     bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
-    if not proxy or bypass(parts.hostname or "", proxies):
+    # host:port, as botocore passes it: a NO_PROXY entry may name the host or host:port
+    host = parts.netloc.rpartition("@")[2]
+    if not proxy or bypass(host, proxies):
         return None
     return proxy if "://" in proxy else f"http://{proxy}"
 

@@ -388,6 +388,7 @@ class RetryingSource:
     policy: RetryPolicy = DEFAULT_POLICY
     peer = "the server"  # how messages call the other side
     transport_errors: tuple[type[BaseException], ...] = (OSError,)
+    supports_ranges = True  # `_open_range` answers byte ranges (HTTP sets it per server)
 
     @property
     def connection(self) -> str:
@@ -400,6 +401,11 @@ class RetryingSource:
 
     def _after_failure(self) -> None:
         """Called after each failed attempt (e.g. to drop a pooled connection)."""
+
+    def open_sequential(self, start: int) -> io.RawIOBase:
+        """The bytes from `start` to the end as one stream (``stream_kwargs`` ``ranges``
+        false): by default one `_open_range` to the end, without retries."""
+        return self._open_range(start, self.size, Attempts(self.policy))
 
     def _check_same(self, content_range: str | None, etag: str | None) -> None:
         """Refuse a ranged answer for an object that was replaced since this source was

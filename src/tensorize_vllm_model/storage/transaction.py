@@ -177,14 +177,25 @@ class Transaction:
             raise
 
     def _publish(self, staged: StagedWrite, *, keep: bool) -> None:
-        """Publish `staged`; with `keep`, first keep aside what it replaces."""
+        """Publish `staged`; with `keep`, first keep aside what it replaces.
+
+        An interrupt (Ctrl-C, SIGTERM: not an `Exception`) inside the publish leaves it
+        unknown whether the store made the file visible: the name is then put back by the
+        rollback (the kept copy restored, or a name that was free deleted) rather than
+        left holding a file of a write that failed. A name not known to be free with
+        nothing kept (the last file of a replacing write) is left as it is."""
         kept = staged.keep_aside() if keep and staged.replace else None
+        free = staged.replace and (kept is None if keep else _free(staged))
         try:
             staged.commit()
-        except BaseException:
+        except Exception:
             if kept is not None:
                 with contextlib.suppress(Exception):
                     staged.unkeep(kept)
+            raise
+        except BaseException:
+            if kept is not None or free:
+                self._published.append((staged, kept))  # the rollback puts the name back
             raise
         self._published.append((staged, kept))
 
@@ -242,3 +253,11 @@ class _OpenTransactions:
 
 _open = _OpenTransactions()
 atexit.register(_open.roll_back_all)
+
+
+def _free(staged: StagedWrite) -> bool:
+    """Whether nothing is at `staged`'s name now (False where that cannot be told)."""
+    try:
+        return not backend(staged.uri).exists(staged.uri, staged.options)
+    except Exception:  # noqa: BLE001
+        return False
