@@ -354,3 +354,38 @@ def test_model_vllm_cannot_find_is_one_line(capsys, tmp_path, monkeypatch, encry
         "give it before the command, python -m tensorize_vllm_model --model DIR deserialize "
         "--path-to-tensors URI, or give --serialized-directory DIR instead)"
     )
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (
+            [
+                "--model",
+                "M",
+                "serialize",
+                "--serialized-directory",
+                "D",
+                "--tensor-parallel-size",
+                "2",
+            ],
+            "--tensor-parallel-size",
+        ),  # noqa: E501
+        (["deserialize", "--serialized-directory", "D", "--dtype=bfloat16"], "--dtype"),
+        (["deserialize", "--model", "M", "--path-to-tensors", "F"], "--model"),
+        (
+            ["--model", "M", "convert", "--serialized-directory", "D", "--dtype", "float16"],
+            "--dtype",
+        ),  # noqa: E501
+    ],
+)
+def test_flag_of_before_the_command_given_after_it(capsys, argv, flag):
+    """An engine flag (or convert's --dtype) after the command said only "unrecognized
+    arguments: --tensor-parallel-size 2"; now where it goes."""
+    command = next(a for a in argv if a in ("serialize", "deserialize", "convert"))
+    code, err = run_main(capsys, *argv)
+    assert (code, err) == (
+        2,
+        f"error: {flag} goes before the command, not after it: python -m tensorize_vllm_model "
+        f"... {flag} VALUE {command} ...",
+    )
