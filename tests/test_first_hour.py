@@ -389,3 +389,20 @@ def test_flag_of_before_the_command_given_after_it(capsys, argv, flag):
         f"error: {flag} goes before the command, not after it: python -m tensorize_vllm_model "
         f"... {flag} VALUE {command} ...",
     )
+
+
+@pytest.mark.parametrize(
+    ("entry", "where"),
+    [
+        ("python", "the config= argument"),
+        ("LLM", "model_loader_extra_config"),
+        ("vllm serve", "--model-loader-extra-config"),
+        ("cli", "--model-loader-extra-config"),
+    ],
+)
+def test_unknown_config_key_named_where_it_was_given(encrypted_dir, entry, where):
+    """``open_tensors(path, config={"encryption_key": ...})`` said "unknown key(s) in
+    model_loader_extra_config", which open_tensors does not take."""
+    with errors.entry_point(entry), pytest.raises(ConfigError) as caught:
+        open_tensors(str(encrypted_dir), config={"encryption_key": "k"})
+    assert str(caught.value).startswith(f"unknown key(s) in {where}: 'encryption_key'; known keys")
