@@ -406,3 +406,23 @@ def test_unknown_config_key_named_where_it_was_given(encrypted_dir, entry, where
     with errors.entry_point(entry), pytest.raises(ConfigError) as caught:
         open_tensors(str(encrypted_dir), config={"encryption_key": "k"})
     assert str(caught.value).startswith(f"unknown key(s) in {where}: 'encryption_key'; known keys")
+
+
+def test_refused_http_connection_is_not_called_a_timeout():
+    """urllib3 2 makes a refused connection a ConnectTimeoutError: it read "no answer
+    within 30 s (timed out)" though the refusal came at once."""
+    import socket
+
+    from tensorize_vllm_model import StorageError, storage
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/model.tensors"  # nothing listens there
+    with pytest.raises(StorageError) as caught:
+        storage.read_bytes(url, {"timeout": 2.0})
+    message = str(caught.value)
+    assert "timed out" not in message
+    assert (
+        "cannot connect ([Errno 111] Connection refused); is the server up at that host and "
+        "port?" in message
+    )
