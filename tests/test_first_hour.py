@@ -372,6 +372,7 @@ def test_model_vllm_cannot_find_is_one_line(capsys, tmp_path, monkeypatch, encry
             "--tensor-parallel-size",
         ),  # noqa: E501
         (["deserialize", "--serialized-directory", "D", "--dtype=bfloat16"], "--dtype"),
+        (["--model", "M", "serialize", "--serialized-directory", "D", "-tp", "2"], "-tp"),
         (["deserialize", "--model", "M", "--path-to-tensors", "F"], "--model"),
         (
             ["--model", "M", "convert", "--serialized-directory", "D", "--dtype", "float16"],

@@ -119,7 +119,7 @@ def _check_flags_after(
     own = _subparser(parser, command)._option_string_actions
     for arg in argv[argv.index(command) + 1 :]:
         flag = arg.partition("=")[0]
-        if flag.startswith("--") and flag in before and flag not in own:
+        if flag.startswith("-") and flag in before and flag not in own:
             raise ConfigError(
                 f"{flag} goes before the command, not after it: "
                 f"{PROG} ... {flag} VALUE {command} ..."
