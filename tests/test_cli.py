@@ -72,7 +72,7 @@ def test_missing_subcommand(capsys, tiny_llama):
     [
         ("{bad", "--model-loader-extra-config is not valid JSON"),
         ("[1, 2]", "--model-loader-extra-config must be a JSON object, got list"),
-        ('{"num_reader": 2}', "unknown key(s) in model_loader_extra_config: 'num_reader'"),
+        ('{"num_reader": 2}', "unknown key(s) in --model-loader-extra-config: 'num_reader'"),
         (
             '{"deserialization_kwargs": {"dtype": "float16"}}',
             "deserialization_kwargs key(s) 'dtype' are not allowed",

@@ -287,3 +287,143 @@ def test_unreachable_s3_endpoint_names_the_setting():
         "is it up? The endpoint is --s3-endpoint (s3_endpoint in the config), else S3_ENDPOINT_URL"
     )
     assert time.monotonic() - start < 30
+
+
+# -- review-33: a directory or model that is not what deserialize needs -------------------
+
+
+def test_serialized_directory_that_is_no_model_directory(capsys, tiny_llama, tmp_path):
+    """``deserialize --serialized-directory`` given a checkpoint without tensors, a missing
+    directory or a file said "no such file: DIR/model.tensors" (after starting vLLM)."""
+    code, err = run_main(capsys, "deserialize", "--serialized-directory", tiny_llama)
+    assert (code, err) == (
+        2,
+        f"error: {tiny_llama} is a directory without tensors (neither model.tensors nor "
+        "model-rank-000.tensors); give the directory serialize or convert printed, or a "
+        "tensors file",
+    )
+    for path, what in (
+        (tmp_path / "nothere", "no such directory"),
+        (tiny_llama / "config.json", "not a directory"),
+    ):
+        code, err = run_main(capsys, "deserialize", "--serialized-directory", path)
+        assert (code, err) == (
+            2,
+            f"error: --serialized-directory {path}: {what}; give the directory serialize or "
+            "convert printed (or --path-to-tensors for a tensors file)",
+        )
+
+
+def test_engine_files_check_names_a_directory_without_tensors(tiny_llama):
+    """What ``vllm serve DIR --load-format tensorizer`` / ``LLM(DIR, ...)`` check before an
+    engine starts, for a model directory with no tensors in it."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from tensorize_vllm_model.vllm_integration.registration import check_engine_files
+
+    with pytest.raises(NotFound, match=f"^{tiny_llama} is a directory without tensors "):
+        check_engine_files(EngineArgs(model=str(tiny_llama), load_format="tensorizer"))
+
+
+def test_model_vllm_cannot_find_is_one_line(capsys, tmp_path, monkeypatch, encrypted_dir):
+    """A --model that is neither a local directory nor a Hub id reachable from here (and
+    deserialize --path-to-tensors without --model, which tries vLLM's default model): it
+    was huggingface_hub's traceback, exit code 1."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network here: fail at once, not after retries
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    code, err = run_main(
+        capsys, "--model", "no-such-org/no-such-model", *ENGINE_FLAGS,
+        "serialize", "--serialized-directory", tmp_path,
+    )  # fmt: skip
+    err = err.splitlines()[-1]  # after vLLM's own warnings, if any
+    assert code == 2, err
+    assert err.startswith("error: vLLM cannot find the model --model no-such-org/no-such-model: ")
+    assert err.endswith(
+        "Give a local model directory (config.json, tokenizer) or a Hub id this "
+        "machine can download"
+    )
+    assert not list(tmp_path.iterdir())
+    code, err = run_main(
+        capsys, *ENGINE_FLAGS, "deserialize", "--path-to-tensors", encrypted_dir / "model.tensors"
+    )
+    assert code == 2, err
+    assert err.splitlines()[-1].endswith(
+        "(--path-to-tensors loads the model's config and tokenizer from --model, not given: "
+        "give it before the command, python -m tensorize_vllm_model --model DIR deserialize "
+        "--path-to-tensors URI, or give --serialized-directory DIR instead)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (
+            [
+                "--model",
+                "M",
+                "serialize",
+                "--serialized-directory",
+                "D",
+                "--tensor-parallel-size",
+                "2",
+            ],
+            "--tensor-parallel-size",
+        ),  # noqa: E501
+        (["deserialize", "--serialized-directory", "D", "--dtype=bfloat16"], "--dtype"),
+        (["--model", "M", "serialize", "--serialized-directory", "D", "-tp", "2"], "-tp"),
+        (["deserialize", "--model", "M", "--path-to-tensors", "F"], "--model"),
+        (
+            ["--model", "M", "convert", "--serialized-directory", "D", "--dtype", "float16"],
+            "--dtype",
+        ),  # noqa: E501
+    ],
+)
+def test_flag_of_before_the_command_given_after_it(capsys, argv, flag):
+    """An engine flag (or convert's --dtype) after the command said only "unrecognized
+    arguments: --tensor-parallel-size 2"; now where it goes."""
+    command = next(a for a in argv if a in ("serialize", "deserialize", "convert"))
+    code, err = run_main(capsys, *argv)
+    assert (code, err) == (
+        2,
+        f"error: {flag} goes before the command, not after it: python -m tensorize_vllm_model "
+        f"... {flag} VALUE {command} ...",
+    )
+
+
+@pytest.mark.parametrize(
+    ("entry", "where"),
+    [
+        ("python", "the config= argument"),
+        ("LLM", "model_loader_extra_config"),
+        ("vllm serve", "--model-loader-extra-config"),
+        ("cli", "--model-loader-extra-config"),
+    ],
+)
+def test_unknown_config_key_named_where_it_was_given(encrypted_dir, entry, where):
+    """``open_tensors(path, config={"encryption_key": ...})`` said "unknown key(s) in
+    model_loader_extra_config", which open_tensors does not take."""
+    with errors.entry_point(entry), pytest.raises(ConfigError) as caught:
+        open_tensors(str(encrypted_dir), config={"encryption_key": "k"})
+    assert str(caught.value).startswith(f"unknown key(s) in {where}: 'encryption_key'; known keys")
+
+
+def test_refused_http_connection_is_not_called_a_timeout():
+    """urllib3 2 makes a refused connection a ConnectTimeoutError: it read "no answer
+    within 30 s (timed out)" though the refusal came at once."""
+    import socket
+
+    from tensorize_vllm_model import StorageError, storage
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/model.tensors"  # nothing listens there
+    with pytest.raises(StorageError) as caught:
+        storage.read_bytes(url, {"timeout": 2.0})
+    message = str(caught.value)
+    assert "timed out" not in message
+    assert (
+        "cannot connect ([Errno 111] Connection refused); is the server up at that host and "
+        "port?" in message
+    )

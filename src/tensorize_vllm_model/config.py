@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, fields
 from typing import Any, BinaryIO, ClassVar
 
-from .errors import ConfigError
+from .errors import ConfigError, extra_config_name
 from .format.names import (
     DEFAULT_TENSORS_NAME,
     SHARDED_TENSORS_NAME,
@@ -196,7 +196,7 @@ class TensorizerConfig(MutableMapping):
         unknown = sorted(set(extra) - cls._keys) + sorted(set(nested) - cls._keys)
         if unknown:
             raise ConfigError(
-                "unknown key(s) in model_loader_extra_config: "
+                f"unknown key(s) in {extra_config_name()}: "
                 f"{', '.join(map(repr, unknown))}; known keys: {', '.join(cls._fields)}"
             )
         merged = {**nested, **extra}

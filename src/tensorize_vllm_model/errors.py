@@ -30,6 +30,7 @@ __all__ = [
     "LayoutError",
     "WorkerError",
     "entry_point",
+    "extra_config_name",
     "key_hint",
     "setting_hint",
 ]
@@ -152,6 +153,15 @@ def key_hint() -> str:
         _ENTRY.get(),
         'give the key in the config= argument, e.g. config={"encryption_keyfile": KEYFILE}',
     )
+
+
+def extra_config_name() -> str:
+    """Where the loader's options were given, in the words of the entry point in use."""
+    return {
+        "cli": "--model-loader-extra-config",
+        "vllm serve": "--model-loader-extra-config",
+        "LLM": "model_loader_extra_config",
+    }.get(_ENTRY.get(), "the config= argument")
 
 
 def setting_hint(name: str, value: object) -> str:

@@ -278,6 +278,21 @@ def model_directory_tensors(uri: str, options: dict[str, Any] | None = None) -> 
     )
 
 
+def check_model_directory(config: TensorizerConfig) -> None:
+    """Refuse a local ``tensorizer_dir`` (read without a ``tensorizer_uri``) that holds no
+    tensors, before a load looks for ``DIR/model.tensors`` and reports that file missing.
+
+    Raises:
+        NotFound: the directory has neither ``model.tensors`` nor ``model-rank-000.tensors``
+            (`model_directory_tensors`'s message, which says what to give instead).
+    """
+    if config.given_uri or not config.tensorizer_dir:
+        return
+    local = storage.local_path(config.tensorizer_dir)
+    if local is not None and os.path.isdir(local):
+        model_directory_tensors(config.tensorizer_dir, config.stream_options())
+
+
 def one_file_of_directory(uri: str, options: dict[str, Any] | None = None) -> str | None:
     """The one tensors file of the model directory `uri` (its ``model.tensors``), for a
     reader that opens one file (`read.reader.open_tensors`); None when `uri` is no

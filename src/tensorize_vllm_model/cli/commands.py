@@ -9,16 +9,18 @@ import argparse
 import json
 import time
 import uuid
+from typing import Any
 
 from .. import storage
 from ..config import TensorizerConfig
-from ..errors import StorageError
+from ..errors import ConfigError, StorageError
 from ..format.names import serialized_dir
 from ..format.record import ParallelLayout
 from ..keys import read_key
-from ..plan import ReadPlan, model_directory_tensors, resolve_read
+from ..plan import ReadPlan, check_model_directory, model_directory_tensors, resolve_read
 from .configs import credentials_to_environment, deserialize_config, read_config, serialize_config
 from .output import print_report, print_verified, print_written
+from .parsers import PROG
 
 
 def inspect_or_verify(command: str, args: argparse.Namespace) -> int:
@@ -118,10 +120,8 @@ def deserialize(args: argparse.Namespace) -> int:
 
     Every rank's file is checked before any engine work, by the plug-in's engine hook, as
     for any ``LLM(..., load_format="tensorizer")``."""
-    from ..vllm_integration.engine import Engine, engine_args_from_namespace, parallel_sizes
-    from ..vllm_integration.messages import LOAD_FORMAT, WORKER_EXTENSION
-
     config = deserialize_config(args)
+    check_model_directory(config)
     directory = args.serialized_directory or (
         config.given_uri
         if config.given_uri and model_directory_tensors(config.given_uri, config.stream_options())
@@ -129,16 +129,9 @@ def deserialize(args: argparse.Namespace) -> int:
     )
     if directory and not getattr(args, "model_given", False):
         args.model = directory  # its config and tokenizer too
-    engine_args = engine_args_from_namespace(args)
-    source = resolve_read(config, ParallelLayout(*parallel_sizes(engine_args)))
-    start = time.perf_counter()
-    with Engine(
-        engine_args,
-        load_format=LOAD_FORMAT,
-        model_loader_extra_config=credentials_to_environment(config),
-        worker_extension_cls=WORKER_EXTENSION,
-    ) as engine:
-        ready = time.perf_counter() - start
+    known = bool(directory or getattr(args, "model_given", False))
+    source, engine, ready = _start_engine(args, config, model_known=known)
+    with engine:
         stats = engine.load_stats()
         [(text, _)] = engine.generate([args.prompt], max_tokens=args.max_tokens)
     if stats:
@@ -154,6 +147,43 @@ def deserialize(args: argparse.Namespace) -> int:
     print(f"Prompt: {args.prompt!r}")
     print(f"Generated: {text!r}")
     return 0
+
+
+def _start_engine(
+    args: argparse.Namespace, config: TensorizerConfig, *, model_known: bool
+) -> tuple[ReadPlan, Any, float]:
+    """The read plan, the started `Engine` and the seconds it took to be ready. A model
+    vLLM cannot find, when --model was not given (`model_known` false), says that
+    --path-to-tensors takes its config and tokenizer from --model."""
+    from ..vllm_integration.engine import Engine, engine_args_from_namespace, parallel_sizes
+    from ..vllm_integration.messages import LOAD_FORMAT, WORKER_EXTENSION
+
+    try:
+        engine_args = engine_args_from_namespace(args)
+    except ConfigError as e:
+        raise (e if model_known else _without_model(e)) from None
+    source = resolve_read(config, ParallelLayout(*parallel_sizes(engine_args)))
+    start = time.perf_counter()
+    try:
+        engine = Engine(
+            engine_args,
+            load_format=LOAD_FORMAT,
+            model_loader_extra_config=credentials_to_environment(config),
+            worker_extension_cls=WORKER_EXTENSION,
+        )
+    except ConfigError as e:
+        raise (e if model_known else _without_model(e)) from None
+    return source, engine, time.perf_counter() - start
+
+
+def _without_model(error: ConfigError) -> ConfigError:
+    """`error`, when no --model was given with --path-to-tensors: vLLM's default model was
+    tried; say where the config and tokenizer come from."""
+    return ConfigError(
+        f"{error} (--path-to-tensors loads the model's config and tokenizer from --model, "
+        f"not given: give it before the command, {PROG} --model DIR deserialize "
+        "--path-to-tensors URI, or give --serialized-directory DIR instead)"
+    )
 
 
 def checked_text(config: TensorizerConfig, source: ReadPlan) -> str:

@@ -12,6 +12,7 @@ import os
 import uuid
 from typing import Any
 
+from .. import storage
 from ..config import TensorizerConfig
 from ..errors import ConfigError
 from ..format.names import serialized_dir
@@ -88,6 +89,13 @@ def _check_deserialize_flags(args: argparse.Namespace, uri: str | None) -> None:
     if not directory and not uri:
         raise ConfigError(
             "deserialize needs --serialized-directory or --path-to-tensors (or --tensorizer-uri)"
+        )
+    local = storage.local_path(directory) if directory else None
+    if local is not None and not os.path.isdir(local):
+        what = "not a directory" if os.path.exists(local) else "no such directory"
+        raise ConfigError(
+            f"--serialized-directory {directory}: {what}; give the directory serialize or "
+            "convert printed (or --path-to-tensors for a tensors file)"
         )
     if args.path_to_tensors and args.tensorizer_uri and args.path_to_tensors != args.tensorizer_uri:
         raise ConfigError("--path-to-tensors and --tensorizer-uri name different files; give one")

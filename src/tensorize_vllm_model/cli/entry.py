@@ -11,6 +11,7 @@ The one place that decides what the user sees when a command fails:
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Sequence
@@ -78,10 +79,14 @@ def _run(argv: list[str]) -> int:
         args = build_file_parser(argv[0]).parse_args(argv[1:])
         return commands.inspect_or_verify(argv[0], args)
     if _convert_command(argv):
+        _check_flags_after(argv, "convert", set(CONVERT_TOP_FLAGS), build_convert_parser())
         args = build_convert_parser().parse_args(argv)
         check_model_path(args.model)
         return commands.convert(args)
     parser = build_parser()
+    command = next((a for a in argv if a in ("serialize", "deserialize")), None)
+    if command is not None:
+        _check_flags_after(argv, command, set(parser._option_string_actions), parser)
     args = parser.parse_args(argv)  # argparse finds the command word, past flags' values
     if args.command in LISTED_COMMANDS:  # engine flags before a command that takes none
         raise _misplaced_flags(args.command, argv)
@@ -103,6 +108,30 @@ def _convert_command(argv: list[str]) -> bool:
             return False
         i += 1 if has_value else 2
     return i < len(argv)
+
+
+def _check_flags_after(
+    argv: list[str], command: str, before: set[str], parser: argparse.ArgumentParser
+) -> None:
+    """Refuse a flag of `before` (vLLM's engine flags; convert's model flags) given after
+    `command` when the command does not take it: argparse would say only "unrecognized
+    arguments". `parser`'s sub-parser `command` has the command's own flags."""
+    own = _subparser(parser, command)._option_string_actions
+    for arg in argv[argv.index(command) + 1 :]:
+        flag = arg.partition("=")[0]
+        if flag.startswith("-") and flag in before and flag not in own:
+            raise ConfigError(
+                f"{flag} goes before the command, not after it: "
+                f"{PROG} ... {flag} VALUE {command} ..."
+            )
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The parser of `command` among `parser`'s sub-commands."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            return action.choices[command]
+    raise KeyError(command)
 
 
 def _misplaced_flags(command: str, argv: list[str]) -> ConfigError:

@@ -69,6 +69,11 @@ def _transport_error(e: BaseException, name: str, timeout: float) -> Exception:
         )
     if isinstance(e, (u3.SSLError, ssl.SSLError)):
         return retry.Transient(f"TLS failed: {cause}")
+    if isinstance(e, u3.NewConnectionError) or isinstance(cause, u3.NewConnectionError):
+        # before TimeoutError: urllib3 2 makes NewConnectionError a ConnectTimeoutError,
+        # so a refused connection read "no answer within 30 s (timed out)"
+        text = str(cause).rpartition("Failed to establish a new connection: ")[2]
+        return retry.Transient(f"cannot connect ({text}); is the server up at that host and port?")
     if isinstance(e, (u3.TimeoutError, TimeoutError)):
         return retry.Transient(f"no answer within {timeout:g} s (timed out)")
     if isinstance(e, u3.ProxyError):

@@ -65,6 +65,8 @@ class Engine:
             raise
         except ValueError as e:  # vLLM's config validation (pydantic's ValidationError is one)
             raise errors.ConfigError(f"vLLM refused the engine flags: {refusal_text(e)}") from e
+        except OSError as e:  # transformers' "not a local folder nor a Hub id it can reach"
+            raise model_not_found(values.get("model"), e) from e
 
     @classmethod
     def for_capture(cls, engine_args: Any, source_load_format: str) -> Engine:
@@ -181,7 +183,7 @@ class Engine:
         self.close()
 
 
-def refusal_text(error: ValueError) -> str:
+def refusal_text(error: Exception) -> str:
     """vLLM's reason for refusing its settings, on one line: each reason of a pydantic
     ``ValidationError`` (vLLM 0.32's configs are pydantic dataclasses) without pydantic's
     prefix and links, else the error's first line."""
@@ -242,7 +244,21 @@ def engine_args_from_namespace(args: argparse.Namespace) -> Any:
         for f in dataclasses.fields(EngineArgs)
         if hasattr(args, f.name)
     }
-    return EngineArgs(**values)
+    try:
+        return EngineArgs(**values)
+    except OSError as e:  # vLLM looks a Hub id up (huggingface_hub's errors are OSErrors)
+        raise model_not_found(values.get("model"), e) from e
+
+
+def model_not_found(model: object, error: OSError) -> errors.ConfigError:
+    """The error for a model whose config vLLM cannot find (`error`: transformers' or
+    huggingface_hub's, an ``OSError``): neither a local directory nor a Hub id reachable
+    from here; the model named as the entry point in use takes it."""
+    return errors.ConfigError(
+        f"vLLM cannot find the model {errors.setting_hint('model', model)}: "
+        f"{refusal_text(error)} Give a local model directory (config.json, tokenizer) or a "
+        "Hub id this machine can download"
+    )
 
 
 def parallel_sizes(engine_args: Any) -> tuple[int, int]:

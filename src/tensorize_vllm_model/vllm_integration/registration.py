@@ -63,7 +63,7 @@ from ..checks import check_shards
 from ..config import TensorizerConfig
 from ..errors import TensorizeError, entry_point
 from ..format.record import ParallelLayout
-from ..plan import ReadPlan, resolve_read
+from ..plan import ReadPlan, check_model_directory, resolve_read
 from . import aot_load
 from .engine import parallel_sizes, refusal_text
 from .messages import CAPTURE_LOAD_FORMAT, LOAD_FORMAT
@@ -176,6 +176,7 @@ def check_engine_files(engine_args: Any) -> None:
     of its layout names them."""
     extra = _extra_config(engine_args)
     config = TensorizerConfig.from_extra_config({"tensorizer_dir": str(engine_args.model), **extra})
+    check_model_directory(config)
     tp, pp = parallel_sizes(engine_args)
     plan = resolve_read(config, ParallelLayout(tp, pp))
     if plan.shared:
