@@ -453,7 +453,7 @@ def deserialize_args(tiny_llama, *flags):
     return build_parser().parse_args(["--model", str(tiny_llama), *flags])
 
 
-def test_serialized_directory_gives_the_tensors(tiny_llama):
+def test_serialized_directory_gives_the_tensors(tiny_llama, tmp_path):
     from tensorize_vllm_model.cli import deserialize_config
 
     config = deserialize_config(
@@ -462,17 +462,22 @@ def test_serialized_directory_gives_the_tensors(tiny_llama):
     assert config.tensorizer_uri == "s3://b/vllm/m/v1/model.tensors"
     config = deserialize_config(
         deserialize_args(
-            tiny_llama, "--tensor-parallel-size", "2", "deserialize", "--serialized-directory", "/d"
+            tiny_llama,
+            "--tensor-parallel-size",
+            "2",
+            "deserialize",
+            "--serialized-directory",
+            str(tmp_path),
         )
     )
-    assert (config.given_uri, config.tensorizer_dir) == (None, "/d")  # the plan decides
+    assert (config.given_uri, config.tensorizer_dir) == (None, str(tmp_path))  # the plan decides
     with pytest.raises(ConfigError, match="--serialized-directory and --path-to-tensors"):
         deserialize_config(
             deserialize_args(
                 tiny_llama,
                 "deserialize",
                 "--serialized-directory",
-                "/d",
+                str(tmp_path),
                 "--path-to-tensors",
                 "/d/model.tensors",
             )
