@@ -113,14 +113,19 @@ def test_commit_keeps_no_copy_of_what_the_last_file_replaces(tmp_path, monkeypat
     assert (tmp_path / "model.tensors").read_bytes() == b"new"
 
 
+@pytest.mark.parametrize("moment", ["before", "after"])
 @pytest.mark.parametrize("existing", [False, True])
-def test_an_interrupt_inside_a_publish_puts_every_name_back(tmp_path, monkeypatch, existing):
+def test_an_interrupt_inside_a_publish_puts_every_name_back(
+    tmp_path, monkeypatch, existing, moment
+):
     """Ctrl-C as a file's publish completes (the store made it visible; the transaction
     never heard back): that file once stayed, alone, while the rollback put back every
     other name (`convert` to gs:// interrupted after 5 s: exit 130, yet a lone
     model.tensors at the destination); and a kept copy of a replaced file was dropped, not
-    restored. The interrupt is raised by a wrapper around the real publish (a signal
-    cannot be timed to that instant)."""
+    restored. Ctrl-C just before the publish (the name still the kept file, a hard link to
+    it) once left the kept copy (``.config.json.kept-XXXX``) behind: renaming a link onto
+    another link of the same file does nothing. The interrupt is raised by a wrapper
+    around the real publish (a signal cannot be timed to that instant)."""
     from tensorize_vllm_model.interrupts import Interrupted
     from tensorize_vllm_model.storage.local import LocalBackend
 
@@ -128,6 +133,8 @@ def test_an_interrupt_inside_a_publish_puts_every_name_back(tmp_path, monkeypatc
     victim = "model.tensors" if not existing else "config.json"
 
     def publish(self, temp, uri, options, **kwargs):
+        if moment == "before" and uri.endswith(victim):
+            raise Interrupted(2)
         real(self, temp, uri, options, **kwargs)
         if uri.endswith(victim):
             raise Interrupted(2)
@@ -144,7 +151,7 @@ def test_an_interrupt_inside_a_publish_puts_every_name_back(tmp_path, monkeypatc
     if existing:  # config.json (kept aside) interrupted: both old files are back
         assert sorted(os.listdir(tmp_path)) == ["config.json", "model.tensors"]
         assert {p.read_bytes() for p in tmp_path.iterdir()} == {b"old"}
-    else:  # model.tensors (last, new) interrupted: nothing is left
+    else:  # model.tensors (last, new) interrupted: nothing is left, config.json included
         assert os.listdir(tmp_path) == []
 
 

@@ -158,8 +158,15 @@ class LocalBackend(Backend):
             raise _error(e, final, "keep a copy of") from e
 
     def restore(self, backup: str, uri: str, options: StreamOptions) -> None:
+        """Put `backup` back at `uri`. When `uri` still is the kept file (the publish never
+        reached it), rename(2) of one hard link onto another of the same file does nothing
+        (POSIX): the backup name is then dropped instead."""
+        spare, final = path_of(backup), path_of(uri)
         try:
-            os.replace(path_of(backup), path_of(uri))
+            if _same_file(spare, final):
+                os.unlink(spare)
+                return
+            os.replace(spare, final)
         except OSError as e:
             raise _error(e, path_of(uri), "restore") from e
 
@@ -170,6 +177,13 @@ class LocalBackend(Backend):
             pass
         except OSError as e:
             raise _error(e, path_of(uri), "delete") from e
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 _STAGED_TAG = ".tmp-"
