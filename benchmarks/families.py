@@ -36,13 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
-PROMPTS = [
-    "Hello, my name is",
-    "The capital of France is",
-    "Once upon a time there was",
-    "The future of computing is",
-]
-MAX_TOKENS = 16
+from demo_models import MAX_TOKENS, PROMPTS  # noqa: E402
+
 LOCK = "/tmp/vllm-engine.lock"
 PATHS = [("default", 1), ("default", 2), ("serialize", 1), ("convert", 1), ("convert", 2)]
 # Every family's TP=1 cells first, then every family's TP=2 cells: each family holds the
