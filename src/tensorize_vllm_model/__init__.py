@@ -6,7 +6,8 @@
     llm = LLM("/out", load_format="tensorizer")
 
 Every public name of vLLM 0.32's ``vllm.model_executor.model_loader.tensorizer`` is here
-too, with vLLM's signature and meaning (README: "vLLM's tensorizer module, name by name"),
+too, with vLLM's signature and meaning (docs/compatibility.md, "vLLM's tensorizer module,
+name by name"),
 so code written against vLLM's module works by changing the import. Heavy modules (torch,
 vLLM, tensorizer) load only when a name that needs them is used.
 """
