@@ -48,7 +48,7 @@ from ..errors import (
 )
 from ..settings import ca_bundle, storage_variable
 from . import retry
-from .base import Backend, local_temporary
+from .base import Backend, local_temporary, split_object, split_uri
 from .options import StreamOptions
 
 __all__ = ["parse", "AzureSource", "AzureBackend"]
@@ -62,21 +62,14 @@ _clients_lock = threading.Lock()
 
 
 def parse(uri: str) -> tuple[str, str]:
-    """``az://container/blob`` -> (container, blob)."""
-    container, _, name = uri.split("://", 1)[1].partition("/")
-    if not container:
-        raise ConfigError(f"{uri!r} names no container")
-    return container, name
+    """``az://container/blob`` -> (container, blob) (`base.split_uri`: a SAS pasted onto
+    the URI is refused; give it as ``azure_sas_token`` / ``AZURE_STORAGE_SAS_TOKEN``, or
+    read the https:// blob URL with its SAS)."""
+    return split_uri(uri, top="container")
 
 
 def parse_object(uri: str) -> tuple[str, str]:
-    container, name = parse(uri)
-    if not name or name.endswith("/"):
-        raise ConfigError(
-            f"{uri!r} names a container or a prefix, not a blob: give the blob's name "
-            "(az://container/path/model.tensors)"
-        )
-    return container, name
+    return split_object(uri, top="container", example="az://container/path/model.tensors")
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,6 @@ by `retry.request` / `retry.read_range_into`, anything else is raised at once.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import secrets
 import threading
@@ -44,14 +43,15 @@ from ..errors import (
     NotFound,
     StorageError,
 )
+from ..redaction import scrubbing
 from ..settings import ca_bundle, storage_variable
 from . import retry
-from .base import Backend, basename, join, local_temporary, parent
+from .base import Backend, basename, join, local_temporary, parent, split_object, split_uri
 from .options import StreamOptions
 
 __all__ = ["parse", "GCSSource", "GCSBackend"]
 
-logger = logging.getLogger(__name__)
+logger = scrubbing(__name__)
 T = TypeVar("T")
 # Files up to this size are published by one upload; larger ones are sent ahead.
 _SINGLE = 16 * 1024 * 1024
@@ -64,22 +64,13 @@ _clients_lock = threading.Lock()
 
 
 def parse(uri: str) -> tuple[str, str]:
-    """``gs://bucket/name`` -> (bucket, name)."""
-    bucket, _, name = uri.split("://", 1)[1].partition("/")
-    if not bucket:
-        raise ConfigError(f"{uri!r} names no bucket")
-    return bucket, name
+    """``gs://bucket/name`` -> (bucket, name) (`base.split_uri`)."""
+    return split_uri(uri)
 
 
 def parse_object(uri: str) -> tuple[str, str]:
     """(bucket, name) of one object. Raises `ConfigError` for a bucket or a prefix."""
-    bucket, name = parse(uri)
-    if not name or name.endswith("/"):
-        raise ConfigError(
-            f"{uri!r} names a bucket or a prefix, not an object: give the object's name "
-            "(gs://bucket/path/model.tensors)"
-        )
-    return bucket, name
+    return split_object(uri, example="gs://bucket/path/model.tensors")
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ import urllib.request
 from typing import Any
 
 from ..errors import AccessDenied, NotFound, Stalled, StorageError, Unreachable
+from ..redaction import redact_uri
 from ..settings import ca_bundle
 from . import retry
 from .base import Backend
@@ -81,13 +82,7 @@ def _transport_error(e: BaseException, name: str, timeout: float) -> Exception:
     return retry.Transient(str(cause) or type(cause).__name__)
 
 
-def redact(url: str) -> str:
-    """The URL without its query string and user info."""
-    parts = urllib.parse.urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
+redact = redact_uri  # the URL without its query string and user info
 
 
 def proxy_for(url: str) -> str | None:
@@ -284,9 +279,6 @@ def _body(response: Any) -> retry.Body:
 
 class HTTPBackend(Backend):
     """``http://`` and ``https://`` URLs: read-only, no listing."""
-
-    def redact(self, uri: str) -> str:
-        return redact(uri)
 
     def range_source(self, uri: str, options: StreamOptions) -> HTTPSource:
         return HTTPSource(uri, options)

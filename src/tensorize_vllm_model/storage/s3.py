@@ -36,7 +36,7 @@ from ..errors import (
 )
 from ..settings import ca_bundle, parse_bool
 from . import retry, s3_settings
-from .base import Backend
+from .base import Backend, split_object, split_uri
 from .options import StreamOptions
 
 __all__ = ["parse", "S3Source", "S3Backend", "upload"]
@@ -58,12 +58,8 @@ T = TypeVar("T")
 
 
 def parse(uri: str) -> tuple[str, str]:
-    """``s3://bucket/key`` -> (bucket, key)."""
-    rest = uri.split("://", 1)[1]
-    bucket, _, key = rest.partition("/")
-    if not bucket:
-        raise ConfigError(f"{uri!r} names no bucket")
-    return bucket, key
+    """``s3://bucket/key`` -> (bucket, key) (`base.split_uri`)."""
+    return split_uri(uri)
 
 
 def parse_object(uri: str) -> tuple[str, str]:
@@ -72,15 +68,7 @@ def parse_object(uri: str) -> tuple[str, str]:
     Raises:
         ConfigError: no bucket, or no key (a bucket alone, or a prefix ending in ``/``).
     """
-    bucket, key = parse(uri)
-    if not key or key.endswith("/"):
-        raise ConfigError(
-            f"{uri!r} names a bucket, not an object: give the object's key "
-            "(s3://bucket/path/model.tensors)"
-            if not key
-            else f"{uri!r} names a prefix (it ends in '/'), not an object"
-        )
-    return bucket, key
+    return split_object(uri, example="s3://bucket/path/model.tensors")
 
 
 def _client(options: StreamOptions):
