@@ -319,3 +319,21 @@ def test_an_error_made_with_a_signed_url_shows_none_of_it():
     error = StorageError("cannot read https://h/b?X-Goog-Signature=ERRSECRET: HTTP 500")
     assert "ERRSECRET" not in str(error) and "ERRSECRET" not in repr(error)
     assert str(error) == "cannot read https://h/b HTTP 500"  # the query runs to the space
+
+
+def test_vllm_log_lines_are_redacted_once_the_plugin_is_registered(caplog, capfd):
+    """vLLM's own lines (its engine config names the model URI) go to the ``vllm`` logger's
+    handler where vLLM configures its logging, else to the root's: the plug-in redacts
+    every ``vllm.*`` record as it is made, for both."""
+    from vllm.logger import init_logger
+
+    from tensorize_vllm_model.vllm_integration import registration
+
+    registration.register()
+    init_logger("vllm.engine.redaction_test").warning(
+        "config: model='https://h/m?sv=2024&sig=VLLMSECRET', tokenizer='x'"
+    )
+    out, err = capfd.readouterr()
+    shown = out + err + caplog.text
+    assert "VLLMSECRET" not in shown
+    assert "config: model='https://h/m', tokenizer='x'" in shown

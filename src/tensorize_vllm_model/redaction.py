@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 
 __all__ = [
     "redact_uri",
@@ -110,3 +111,28 @@ def scrubbing(logger: logging.Logger | str) -> logging.Logger:
         if _FILTER not in target.filters:
             target.addFilter(_FILTER)
     return logger
+
+
+_prefixes: set[str] = set()
+_prefixes_lock = threading.Lock()
+
+
+def scrub_records(prefix: str) -> None:
+    """Redact every record of the logger `prefix` and the loggers below it as the record is
+    made, whatever handler it reaches: a logger's filter sees only its own records, and
+    vLLM's loggers (``vllm.*``) log through the ``vllm`` logger's handler, or the root's
+    where vLLM's logging is not configured. One record factory, chained to the one in place,
+    installed once."""
+    with _prefixes_lock:
+        if not _prefixes:
+            previous = logging.getLogRecordFactory()
+
+            def factory(*args: object, **kwargs: object) -> logging.LogRecord:
+                record = previous(*args, **kwargs)
+                name = record.name
+                if any(name == p or name.startswith(p + ".") for p in _prefixes):
+                    _FILTER.filter(record)
+                return record
+
+            logging.setLogRecordFactory(factory)
+        _prefixes.add(prefix)

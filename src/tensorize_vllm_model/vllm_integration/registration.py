@@ -64,7 +64,7 @@ from ..config import TensorizerConfig
 from ..errors import TensorizeError, entry_point
 from ..format.record import ParallelLayout
 from ..plan import ReadPlan, check_model_directory, resolve_read
-from ..redaction import scrubbing
+from ..redaction import scrub_records, scrubbing
 from . import aot_load
 from .engine import parallel_sizes, refusal_text
 from .messages import CAPTURE_LOAD_FORMAT, LOAD_FORMAT
@@ -81,7 +81,7 @@ served: dict[str, TensorizerConfig] = {}
 def register() -> None:
     """Install this package's loaders, engine hook and LoRA resolver in vLLM (idempotent,
     cheap)."""
-    scrubbing("vllm")  # vLLM's own lines (its config: model='https://...?sig=...') redacted too
+    scrub_records("vllm")  # vLLM's own lines (its config: model='https://...?sig=...') too
     _register_loaders()
     _install_engine_hook()
     _register_lora_resolver()
