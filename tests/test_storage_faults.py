@@ -22,6 +22,7 @@ from tensorize_vllm_model import (
 )
 from tensorize_vllm_model.artifacts import fetch_model_files
 from tensorize_vllm_model.storage import s3 as s3_backend
+from tensorize_vllm_model.storage import s3_upload
 from tensorize_vllm_model.storage.options import StreamOptions
 
 S3_OPTIONS = {"s3_access_key_id": "testing", "s3_secret_access_key": "testing", "force_http": True}
@@ -178,7 +179,7 @@ def test_s3_connection_dropped_mid_object(moto):
 
 @pytest.mark.parametrize("size", [3 * 1024 * 1024, 12 * 1024 * 1024], ids=["single", "multipart"])
 def test_failed_upload_leaves_no_object(moto, monkeypatch, size):
-    monkeypatch.setattr(s3_backend, "_PART_SIZE", 5 * 1024 * 1024)  # moto's minimum part size
+    monkeypatch.setattr(s3_upload, "_PART_SIZE", 5 * 1024 * 1024)  # moto's minimum part size
     key = f"{uuid.uuid4().hex}/model.tensors"
     proxy = CuttingProxy(moto.port, cut_after=size // 2, direction="up", for_good=True)
     options = s3_options(f"http://127.0.0.1:{proxy.port}", timeout=5.0)
@@ -218,7 +219,7 @@ def test_a_failed_upload_publishes_nothing_of_its_transaction(moto, monkeypatch,
     Stand-in (link "up"): a disk I/O error cannot be made to happen for real, so reading
     the staged file's second part is made to fail; the S3 server and its requests are real.
     """
-    monkeypatch.setattr(s3_backend, "_PART_SIZE", 5 * 1024 * 1024)  # moto's minimum part
+    monkeypatch.setattr(s3_upload, "_PART_SIZE", 5 * 1024 * 1024)  # moto's minimum part
     prefix = f"{uuid.uuid4().hex}/vllm/m/v1"
     client = moto.client()
     before = {"config.json": b'{"old": true}', "model.tensors": os.urandom(1024)}
@@ -273,7 +274,7 @@ def test_failed_multipart_upload_is_aborted(moto, monkeypatch):
     Stand-in: a disk I/O error cannot be made to happen here for real, so reading the staged
     file's third part is made to fail; the S3 server and every request to it are real.
     """
-    monkeypatch.setattr(s3_backend, "_PART_SIZE", 5 * 1024 * 1024)
+    monkeypatch.setattr(s3_upload, "_PART_SIZE", 5 * 1024 * 1024)
     key = f"{uuid.uuid4().hex}/model.tensors"
     tx = storage.transaction(s3_options(moto.endpoint))
     staged = tx.stage(f"s3://{BUCKET}/{key}")

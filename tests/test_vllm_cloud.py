@@ -13,7 +13,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from conftest import BUCKET, SERIALIZED_FILES, assert_ok, run_cli, run_engine
+from conftest import BUCKET, SERIALIZED_FILES, assert_ok, run_cli, run_engine, run_serialize
 
 
 @pytest.fixture(scope="module")
@@ -78,4 +78,29 @@ def test_llm_loads_gs_directory_with_key_on_az(cloud_models, cloud_env, llama_re
         env=cloud_env,
         separate_processes=True,  # the credentials reach vLLM's worker through its env
     )
+    assert result["tokens"] == llama_reference["tokens"]
+
+
+@pytest.fixture(scope="module")
+def serialized_to_gs(tiny_llama, cloud_env):
+    """The tiny Llama serialized straight to gs:// by the command line (its capture engine;
+    the emulator from STORAGE_EMULATOR_HOST): the model directory's URI."""
+    directory = f"gs://{BUCKET}/runs/{uuid.uuid4().hex}"
+    assert_ok(run_serialize(tiny_llama, directory, "v1", env=cloud_env))
+    return f"{directory}/vllm/tiny-llama/v1"
+
+
+@pytest.mark.slow
+def test_serialize_to_gs_then_llm_loads_it_from_gs(
+    serialized_to_gs, cloud_env, fake_gcs, llama_reference
+):
+    """``serialize`` to gs:// publishes the whole directory; ``LLM(gs://...,
+    load_format="tensorizer")`` loads it from there and generates the default loader's
+    tokens."""
+    prefix = serialized_to_gs.split("/", 3)[3] + "/"
+    names = sorted(
+        b.name[len(prefix) :] for b in fake_gcs.client().list_blobs(BUCKET, prefix=prefix)
+    )
+    assert names == SERIALIZED_FILES
+    result = run_engine({"model": serialized_to_gs, "load_format": "tensorizer"}, env=cloud_env)
     assert result["tokens"] == llama_reference["tokens"]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import re
 import shutil
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 
 from . import storage
 from .errors import NotFound, StorageError
+from .redaction import scrubbing
 from .settings import environment
 
 __all__ = [
@@ -37,7 +37,7 @@ __all__ = [
     "fetch_model_files",
 ]
 
-logger = logging.getLogger("tensorize_vllm_model")
+logger = scrubbing("tensorize_vllm_model")
 
 MAX_ARTIFACT_BYTES = 64 * 1024 * 1024
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import logging
 import os
 import tarfile
 import tempfile
@@ -37,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import storage
+from .redaction import scrubbing
 from .settings import environment
 
 __all__ = [
@@ -50,7 +50,7 @@ __all__ = [
     "restore",
 ]
 
-logger = logging.getLogger(f"vllm.{__name__}")
+logger = scrubbing(f"vllm.{__name__}")
 
 # An archive larger than this is not read back (a cache is MBs; this bounds a bad file).
 ARCHIVE_LIMIT = 4 << 30

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, fields
 from typing import Any, BinaryIO, ClassVar
@@ -21,6 +20,7 @@ from .format.names import (
     SHARDED_TENSORS_NAME,
     has_rank_template,
 )
+from .redaction import scrubbing
 from .settings import environment, parse_bool
 
 __all__ = [
@@ -252,7 +252,7 @@ class TensorizerConfig(MutableMapping):
         """Warn, as vLLM does, that loading a quantized model (``model_config.quantization``
         set) with tensorizer is unstable. Never raises."""
         if getattr(model_config, "quantization", None) is not None and self.tensorizer_uri:
-            logging.getLogger(__name__).warning(
+            scrubbing(__name__).warning(
                 "Loading a model using Tensorizer with quantization on vLLM is unstable and "
                 "may lead to errors."
             )

@@ -12,6 +12,8 @@ import contextlib
 import contextvars
 from collections.abc import Iterator
 
+from .redaction import redact_text
+
 __all__ = [
     "TensorizeError",
     "ConfigError",
@@ -37,7 +39,14 @@ __all__ = [
 
 
 class TensorizeError(Exception):
-    """Base class of every error this package raises on bad input or a failed transfer."""
+    """Base class of every error this package raises on bad input or a failed transfer.
+
+    Its message is redacted (`redaction.redact_text`): a signed URL's query string, user
+    info or account key given to it never shows in ``str(error)`` or ``error.args``."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        self.args = tuple(redact_text(a) if isinstance(a, str) else a for a in self.args)
 
 
 class ConfigError(TensorizeError, ValueError):

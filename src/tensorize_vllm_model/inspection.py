@@ -24,6 +24,7 @@ from .format.record import MARKER_NAME, RECORD_NAME, FileRecord
 from .plan import discover_rank_uris, model_directory_tensors
 from .progress import progress
 from .read.reader import TensorEntry, open_tensors
+from .storage import redact
 
 __all__ = ["FileReport", "VerifyReport", "inspect_tensors", "verify_tensors", "shard_uris"]
 
@@ -133,7 +134,7 @@ def inspect_tensors(uri: str, config: TensorizerConfig | None = None) -> list[Fi
         with open_tensors(shard, config=config, header_only=True) as reader:
             reports.append(
                 FileReport(
-                    uri=reader.uri,
+                    uri=redact(reader.uri),
                     size=reader.facts.size,
                     format_version=reader.facts.version,
                     encrypted=reader.facts.encrypted,
@@ -191,7 +192,7 @@ def _verify_file(uri: str, config: TensorizerConfig) -> VerifyReport:
             f"Verifying {_file_name(reader.uri)}", reader.total_tensor_bytes
         ) as reader.on_bytes,
     ):
-        report = VerifyReport(uri=reader.uri, encrypted=reader.encrypted)
+        report = VerifyReport(uri=redact(reader.uri), encrypted=reader.encrypted)
         record = reader.record
         if record is not None:
             report.layout = (

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import re
 import stat
@@ -27,9 +26,10 @@ from typing import Any
 from . import storage
 from .config import TensorizerConfig
 from .errors import ConfigError, NotFound, StorageError, TensorizeError
+from .redaction import scrubbing
 from .settings import environment
 
-logger = logging.getLogger(__name__)
+logger = scrubbing(__name__)
 
 __all__ = [
     "AdapterSource",

@@ -27,18 +27,18 @@ Both variables are read (and the map written) through `settings`.
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import shutil
 import threading
 import time
 
 from . import storage
+from .redaction import scrubbing
 from .settings import OVERLAP_ENV, PREFETCH_ENV, environment, set_prefetch_map
 
 __all__ = ["enabled", "start", "local_copy", "release", "ENV_MAP", "ENV_SWITCH"]
 
-logger = logging.getLogger(__name__)
+logger = scrubbing(__name__)
 
 ENV_MAP = PREFETCH_ENV
 ENV_SWITCH = OVERLAP_ENV

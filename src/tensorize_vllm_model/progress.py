@@ -27,12 +27,14 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TextIO
 
+from .redaction import scrubbing
+
 __all__ = ["LOG_EVERY", "MIN_BYTES", "Advance", "progress", "resize"]
 
 MIN_BYTES = 1_000_000_000  # work under 1 GB takes about a second here: no progress shown
 LOG_EVERY = 10.0  # seconds between log lines when not on a terminal
 
-_default_logger = logging.getLogger("tensorize_vllm_model")
+_default_logger = scrubbing("tensorize_vllm_model")
 
 
 class _Progress:

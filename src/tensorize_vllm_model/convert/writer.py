@@ -12,7 +12,6 @@ vLLM parameters.
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from collections.abc import Iterator, Mapping
@@ -36,12 +35,13 @@ from ..format.writer import (
 from ..keys import EncryptionKey, prepare_key
 from ..plan import resolve_write
 from ..progress import progress
+from ..redaction import scrubbing
 from .checkpoint import Checkpoint, hub_weight_files, open_checkpoint
 from .placement import column_tiles, recorded_tiles
 
 __all__ = ["DTYPES", "convert_checkpoint"]
 
-logger = logging.getLogger("tensorize_vllm_model")
+logger = scrubbing("tensorize_vllm_model")
 
 DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 _ALIASES = {"half": "float16", "float": "float32"}

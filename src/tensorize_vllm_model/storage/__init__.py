@@ -34,6 +34,7 @@ from ..errors import (
     Throttled,
     Unreachable,
 )
+from ..redaction import redact_uri
 from .base import (
     SUPPORTED_SCHEMES,
     Backend,
@@ -103,7 +104,7 @@ def redact(uri: str) -> str:
     try:
         return backend(uri).redact(uri)
     except ConfigError:  # an unsupported scheme: still never show a query string
-        return uri.split("?", 1)[0]
+        return redact_uri(uri)
 
 
 def exists(uri: str, options: Options = None) -> bool:

@@ -14,8 +14,9 @@ The endpoint is ``azure_endpoint`` / ``AZURE_STORAGE_BLOB_ENDPOINT``, else
 all, is a `CredentialsError` naming what is missing.
 
 Reads: the blob's properties once (size, ETag), then each byte range is one Get Blob with a
-``Range`` and ``If-Match: ETAG``: a blob replaced while it is read answers 412, reported as
-"changed while it was read".
+``Range`` and ``If-Match: ETAG``, made over urllib3 straight into the caller's buffer and
+signed by the client's credential objects (`azure_ranges`): a blob replaced while it is read
+answers 412, reported as "changed while it was read".
 
 Writes (the contract of `base`): the staged file is sent ahead as uncommitted blocks (Put
 Block; nothing is visible), published by one Put Block List (with ``If-None-Match: *`` when
@@ -29,10 +30,8 @@ the one policy of `retry` says.
 from __future__ import annotations
 
 import base64
-import io
 import math
 import os
-import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -47,47 +46,28 @@ from ..errors import (
     StorageError,
 )
 from ..settings import ca_bundle, storage_variable
-from . import retry
-from .base import Backend, local_temporary
+from . import clients, retry
+from .azure_ranges import AzureRanges
+from .base import Backend, local_temporary, split_object, split_uri
+from .clients import Client, ClientCache, setting
 from .options import StreamOptions
 
 __all__ = ["parse", "AzureSource", "AzureBackend"]
 
 T = TypeVar("T")
 _BLOCK = 32 * 1024 * 1024
-_PIECE = 1 << 20
 _TRANSIENT_STATUSES = (408, 429, 500, 502, 503, 504)
-_clients: dict[StreamOptions, _Client] = {}
-_clients_lock = threading.Lock()
 
 
 def parse(uri: str) -> tuple[str, str]:
-    """``az://container/blob`` -> (container, blob)."""
-    container, _, name = uri.split("://", 1)[1].partition("/")
-    if not container:
-        raise ConfigError(f"{uri!r} names no container")
-    return container, name
+    """``az://container/blob`` -> (container, blob) (`base.split_uri`: a SAS pasted onto
+    the URI is refused; give it as ``azure_sas_token`` / ``AZURE_STORAGE_SAS_TOKEN``, or
+    read the https:// blob URL with its SAS)."""
+    return split_uri(uri, top="container")
 
 
 def parse_object(uri: str) -> tuple[str, str]:
-    container, name = parse(uri)
-    if not name or name.endswith("/"):
-        raise ConfigError(
-            f"{uri!r} names a container or a prefix, not a blob: give the blob's name "
-            "(az://container/path/model.tensors)"
-        )
-    return container, name
-
-
-@dataclass(frozen=True)
-class _Client:
-    service: Any  # azure.storage.blob.BlobServiceClient
-    where: str  # the endpoint, for messages
-    credentials: str  # how the credentials were found (never the credentials)
-
-
-def _setting(options: StreamOptions, key: str, variable: str) -> str | None:
-    return options.get(key) or storage_variable(variable) or None
+    return split_object(uri, top="container", example="az://container/path/model.tensors")
 
 
 def _service(options: StreamOptions) -> tuple[Any, str]:
@@ -103,7 +83,7 @@ def _service(options: StreamOptions) -> tuple[Any, str]:
     cafile = ca_bundle(options.ca_bundle)[0]
     if cafile:
         kwargs["connection_verify"] = cafile
-    connection = _setting(options, "azure_connection_string", "AZURE_STORAGE_CONNECTION_STRING")
+    connection = setting(options, "azure_connection_string", "AZURE_STORAGE_CONNECTION_STRING")
     if connection:
         try:
             return BlobServiceClient.from_connection_string(
@@ -113,9 +93,9 @@ def _service(options: StreamOptions) -> tuple[Any, str]:
             raise CredentialsError(
                 f"the Azure storage connection string is not usable: {e}"
             ) from None
-    account = _setting(options, "azure_account_name", "AZURE_STORAGE_ACCOUNT_NAME")
-    key = _setting(options, "azure_account_key", "AZURE_STORAGE_ACCOUNT_KEY")
-    sas = _setting(options, "azure_sas_token", "AZURE_STORAGE_SAS_TOKEN")
+    account = setting(options, "azure_account_name", "AZURE_STORAGE_ACCOUNT_NAME")
+    key = setting(options, "azure_account_key", "AZURE_STORAGE_ACCOUNT_KEY")
+    sas = setting(options, "azure_sas_token", "AZURE_STORAGE_SAS_TOKEN")
     if not account:
         given = (
             " (AZURE_STORAGE_ACCOUNT_KEY is set)"
@@ -130,7 +110,7 @@ def _service(options: StreamOptions) -> tuple[Any, str]:
             "DefaultAzureCredential finds), or AZURE_STORAGE_CONNECTION_STRING"
         )
     suffix = storage_variable("AZURE_STORAGE_ENDPOINT_SUFFIX") or "blob.core.windows.net"
-    url = _setting(options, "azure_endpoint", "AZURE_STORAGE_BLOB_ENDPOINT") or (
+    url = setting(options, "azure_endpoint", "AZURE_STORAGE_BLOB_ENDPOINT") or (
         f"https://{account}.{suffix}"
     )
     credential, how = _credential(account, key, sas)
@@ -155,15 +135,15 @@ def _credential(account: str, key: str | None, sas: str | None) -> tuple[Any, st
     return DefaultAzureCredential(), "DefaultAzureCredential"
 
 
-def _client(options: StreamOptions) -> _Client:
-    with _clients_lock:
-        if options not in _clients:
-            service, how = _service(options)
-            _clients[options] = _Client(service, service.url.split("?", 1)[0], how)
-        return _clients[options]
+def _make_client(options: StreamOptions) -> Client:
+    service, how = _service(options)
+    return Client(service, service.url.split("?", 1)[0], how)
 
 
-def _error(e: BaseException, uri: str, found: _Client, action: str) -> StorageError | None:
+_client = ClientCache(_make_client)  # the client of each set of options
+
+
+def _error(e: BaseException, uri: str, found: Client, action: str) -> StorageError | None:
     """The typed error of a failed request; None where another attempt may help (the one
     place Azure failures are mapped)."""
     from azure.core import exceptions as az
@@ -198,37 +178,33 @@ def _code(e: BaseException) -> str:
     return str(getattr(e, "error_code", "") or "")
 
 
-def _attempt(found: _Client, uri: str, action: str, send: Callable[[], T]) -> T:
-    """`send()` once; its failure as a typed error or `retry.Transient`."""
+def _transient(e: BaseException) -> retry.Transient | None:
+    """A failure another attempt may help (an HTTP 429/5xx, a transport error), else None."""
     from azure.core import exceptions as az
 
-    try:
-        return send()
-    except Exception as e:  # noqa: BLE001 - mapped here, the one place
-        error = _error(e, uri, found, action)
-        if error is not None:
-            raise error from None
-        if isinstance(e, az.HttpResponseError) and e.status_code is not None:
-            answer = f"HTTP {e.status_code}"
-            raise retry.Transient(answer, answer if e.status_code in (429, 503) else None) from None
-        if isinstance(e, (az.AzureError, OSError)):
-            raise retry.Transient(f"{type(e).__name__}: {getattr(e, 'message', e)}") from None
-        raise
+    if isinstance(e, az.HttpResponseError) and e.status_code is not None:
+        answer = f"HTTP {e.status_code}"
+        return retry.Transient(answer, answer if e.status_code in (429, 503) else None)
+    if isinstance(e, (az.AzureError, OSError)):
+        return retry.Transient(f"{type(e).__name__}: {getattr(e, 'message', e)}")
+    return None
 
 
-def _call(
-    found: _Client, options: StreamOptions, uri: str, action: str, send: Callable[[], T]
-) -> T:
-    return retry.request(
-        lambda: _attempt(found, uri, action, send),
-        policy=options.retry,
-        name=f"{uri} at {found.where}",
+def _call(found: Client, options: StreamOptions, uri: str, action: str, send: Callable[[], T]) -> T:
+    """`send()` (azure-storage-blob with ``retry_total=0``), tried as the policy says, its
+    failure mapped (`_error`, `_transient`)."""
+    return clients.call(
+        send,
+        lambda e: _error(e, uri, found, action) or _transient(e),
+        options=options,
+        uri=uri,
         peer=f"the Azure endpoint {found.where}",
     )
 
 
 class AzureSource(retry.RetryingSource):
-    """A blob (as it was when opened: its ETag) as a `ranged.RangeSource`."""
+    """A blob (as it was when opened: its ETag) as a `ranged.RangeSource`: its properties
+    through azure-storage-blob, its byte ranges as GETs over urllib3 (`azure_ranges`)."""
 
     supports_ranges = True
     peer = "the endpoint"
@@ -237,47 +213,37 @@ class AzureSource(retry.RetryingSource):
         self.name = uri
         self.timeout = options.timeout
         self.policy = options.retry
-        self._options = options
-        self._found = _client(options)
+        found = _client(options)
         container, name = parse_object(uri)
-        self._blob = self._found.service.get_blob_client(container, name)
-        props = _call(
-            self._found, options, uri, "reading", lambda: self._blob.get_blob_properties()
-        )
+        blob = found.client.get_blob_client(container, name)
+        props = _call(found, options, uri, "reading", lambda: blob.get_blob_properties())
         self.size = int(props.size)
         self.etag = props.etag
+        self._where = found.where
+        self._ranges = AzureRanges(blob, found.client, options, uri, found.where)
+        self.transport_errors = self._ranges.transport_errors
 
     @property
     def connection(self) -> str:
-        return f"the connection to {self._found.where}"
-
-    def _download(self, start: int, length: int | None) -> bytes:
-        from azure.core import MatchConditions
-
-        return self._blob.download_blob(
-            offset=start,
-            length=length,
-            etag=self.etag,
-            match_condition=MatchConditions.IfNotModified,
-            max_concurrency=1,
-        ).readall()
+        return f"the connection to {self._where}"
 
     def _open_range(self, start: int, stop: int, log: retry.Attempts) -> retry.Body:
-        data = _attempt(
-            self._found, self.name, "reading", lambda: self._download(start, stop - start)
-        )
-        return _bytes_body(data)
+        response = self._ranges.get(start, stop, self.etag or "*")
+        try:
+            self._check_same(response.headers.get("Content-Range"), None)
+        except StorageError:
+            response.release_conn()
+            raise
+        return self._ranges.body(response)
 
     def open_sequential(self, start: int) -> retry.Body:
-        data = _call(
-            self._found, self._options, self.name, "reading", lambda: self._download(start, None)
+        response = retry.request(
+            lambda: self._ranges.get(start, None, self.etag or "*"),
+            policy=self.policy,
+            name=self.name,
+            peer=self.peer,
         )
-        return _bytes_body(data)
-
-
-def _bytes_body(data: bytes) -> retry.Body:
-    stream = io.BytesIO(data)
-    return retry.Body(stream.readinto, stream.close, piece=_PIECE, stall_errors=())
+        return self._ranges.body(response)
 
 
 @dataclass
@@ -315,15 +281,15 @@ class AzureBackend(Backend):
     def range_source(self, uri: str, options: StreamOptions) -> AzureSource:
         return AzureSource(uri, options)
 
-    def _blob(self, uri: str, options: StreamOptions) -> tuple[Any, _Client]:
+    def _blob(self, uri: str, options: StreamOptions) -> tuple[Any, Client]:
         container, name = parse_object(uri)
         found = _client(options)
-        return found.service.get_blob_client(container, name), found
+        return found.client.get_blob_client(container, name), found
 
     def list_names(self, uri: str, options: StreamOptions) -> list[str]:
         container, prefix = parse(uri.rstrip("/") + "/")
         found = _client(options)
-        client = found.service.get_container_client(container)
+        client = found.client.get_container_client(container)
 
         def names() -> list[str]:
             items = client.walk_blobs(name_starts_with=prefix, delimiter="/")
@@ -334,7 +300,7 @@ class AzureBackend(Backend):
     def check_writable(self, directory: str, options: StreamOptions) -> None:
         container, _ = parse(directory)
         found = _client(options)
-        client = found.service.get_container_client(container)
+        client = found.client.get_container_client(container)
         _call(found, options, directory, "writing", client.get_container_properties)
 
     def stage(self, uri: str, options: StreamOptions) -> str:

@@ -49,6 +49,7 @@ from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from ..errors import ConfigError, NotFound, StorageError
+from ..redaction import has_signed_query, redact_uri, scrubbing
 
 if TYPE_CHECKING:
     from .options import StreamOptions
@@ -65,6 +66,8 @@ __all__ = [
     "scheme_of",
     "backend",
     "local_temporary",
+    "split_uri",
+    "split_object",
     "join",
     "parent",
     "basename",
@@ -87,6 +90,9 @@ _entry_points_read = False
 _classes: dict[str, type[Backend]] = {}
 _instances: dict[str, Backend] = {}
 _lock = threading.RLock()
+# Every backend's HTTP goes through urllib3 (ours, botocore's, requests' for google-cloud and
+# azure-core), which logs each request's URL, query string included, at DEBUG.
+scrubbing("urllib3.connectionpool")
 
 
 class Backend:
@@ -111,8 +117,9 @@ class Backend:
     # -- names -----------------------------------------------------------------------------
 
     def redact(self, uri: str) -> str:
-        """`uri` as it may appear in messages (no signatures, no user info)."""
-        return uri
+        """`uri` as it may appear in messages: no query string (signatures: a SAS, an S3 or
+        GCS signed URL), no user info (`redaction.redact_uri`, the one redaction)."""
+        return redact_uri(uri)
 
     def local_path(self, uri: str) -> str | None:
         """The filesystem path of `uri`, or None where it is not a local file."""
@@ -328,3 +335,41 @@ def parent(uri: str) -> str:
 def basename(uri: str) -> str:
     """The last segment of `uri`."""
     return uri.rstrip("/").rpartition("/")[2]
+
+
+def split_uri(uri: str, *, top: str = "bucket") -> tuple[str, str]:
+    """``SCHEME://TOP/NAME`` -> (TOP, NAME) for the object stores (s3://, gs://, az://; TOP
+    is the bucket or container, `top` names it in messages).
+
+    Raises:
+        ConfigError: no bucket; or a signed query string pasted onto the URI (a SAS, an S3
+            or GCS signature: it is a credential, not part of a name), shown without it.
+    """
+    if has_signed_query(uri):
+        scheme = uri.split("://", 1)[0]
+        raise ConfigError(
+            f"{redact_uri(uri)}: {scheme}:// URIs take no signed query string; read "
+            "the signed https:// URL as it is, or give the credential as the backend's "
+            "setting (docs/s3.md, docs/gcs-azure.md)"
+        )
+    first, _, name = uri.split("://", 1)[1].partition("/")
+    if not first:
+        raise ConfigError(f"{uri!r} names no {top}")
+    return first, name
+
+
+def split_object(uri: str, *, top: str = "bucket", example: str) -> tuple[str, str]:
+    """`split_uri` for an operation on one object: (TOP, NAME).
+
+    Raises:
+        ConfigError: as `split_uri`; or no name (a bucket alone), or a prefix (ending in
+            ``/``), the message showing `example` (``s3://bucket/path/model.tensors``).
+    """
+    first, name = split_uri(uri, top=top)
+    if not name:
+        raise ConfigError(
+            f"{uri!r} names a {top}, not an object: give the object's name ({example})"
+        )
+    if name.endswith("/"):
+        raise ConfigError(f"{uri!r} names a prefix (it ends in '/'), not an object ({example})")
+    return first, name

@@ -27,14 +27,11 @@ by `retry.request` / `retry.read_range_into`, anything else is raised at once.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import secrets
-import threading
 import urllib.parse
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from ..errors import (
     AccessDenied,
@@ -44,208 +41,26 @@ from ..errors import (
     NotFound,
     StorageError,
 )
-from ..settings import ca_bundle, storage_variable
+from ..redaction import scrubbing
 from . import retry
 from .base import Backend, basename, join, local_temporary, parent
+from .clients import Client
+from .gcs_client import (
+    _TRANSIENT_STATUSES,
+    _call,
+    _client,
+    _short,
+    parse,
+    parse_object,
+)
 from .options import StreamOptions
 
 __all__ = ["parse", "GCSSource", "GCSBackend"]
 
-logger = logging.getLogger(__name__)
-T = TypeVar("T")
+logger = scrubbing(__name__)
 # Files up to this size are published by one upload; larger ones are sent ahead.
 _SINGLE = 16 * 1024 * 1024
 _PIECE = 1 << 20  # bytes per read from a response body
-_GOOGLE = "https://storage.googleapis.com"
-_SCOPES = ("https://www.googleapis.com/auth/devstorage.read_write",)
-_TRANSIENT_STATUSES = (408, 429, 500, 502, 503, 504)
-_clients: dict[StreamOptions, _Client] = {}
-_clients_lock = threading.Lock()
-
-
-def parse(uri: str) -> tuple[str, str]:
-    """``gs://bucket/name`` -> (bucket, name)."""
-    bucket, _, name = uri.split("://", 1)[1].partition("/")
-    if not bucket:
-        raise ConfigError(f"{uri!r} names no bucket")
-    return bucket, name
-
-
-def parse_object(uri: str) -> tuple[str, str]:
-    """(bucket, name) of one object. Raises `ConfigError` for a bucket or a prefix."""
-    bucket, name = parse(uri)
-    if not name or name.endswith("/"):
-        raise ConfigError(
-            f"{uri!r} names a bucket or a prefix, not an object: give the object's name "
-            "(gs://bucket/path/model.tensors)"
-        )
-    return bucket, name
-
-
-@dataclass(frozen=True)
-class _Client:
-    client: Any  # google.cloud.storage.Client
-    session: Any  # google.auth.transport.requests.AuthorizedSession
-    where: str  # the endpoint, for messages
-    credentials: str  # how the credentials were found (never the credentials)
-    base: str  # the endpoint URL requests go to
-
-
-def _endpoint(options: StreamOptions) -> str | None:
-    """The endpoint URL, with its scheme (google-cloud-storage's STORAGE_EMULATOR_HOST
-    includes it: without one every request failed, was retried and was reported as
-    "cannot reach").
-
-    Raises:
-        ConfigError: naming the setting, for an endpoint without http:// or https://.
-    """
-    given = options.get("gcs_endpoint")
-    found = given or storage_variable("STORAGE_EMULATOR_HOST")
-    if found and urllib.parse.urlsplit(found).scheme not in ("http", "https"):
-        where = "stream_kwargs gcs_endpoint" if given else "STORAGE_EMULATOR_HOST"
-        raise ConfigError(
-            f"{where} must be a URL with its scheme, e.g. http://127.0.0.1:4443 (got {found!r})"
-        )
-    return found
-
-
-def _credentials(options: StreamOptions) -> tuple[Any, str | None, str]:
-    """(credentials, project, how they were found)."""
-    from google.auth import credentials as gcreds
-    from google.auth import exceptions as gauth
-
-    path = options.get("gcs_credentials_file")
-    if path:
-        from google.oauth2 import service_account
-
-        try:
-            found = service_account.Credentials.from_service_account_file(path, scopes=_SCOPES)
-        except (OSError, ValueError) as e:
-            raise CredentialsError(f"cannot use gcs_credentials_file {path}: {e}") from None
-        return found, found.project_id, path
-    if _endpoint(options):
-        return gcreds.AnonymousCredentials(), None, "anonymous (an emulator endpoint)"
-    import google.auth
-
-    try:
-        found, project = google.auth.default(scopes=_SCOPES)
-    except gauth.DefaultCredentialsError as e:
-        if storage_variable("GOOGLE_APPLICATION_CREDENTIALS"):
-            raise CredentialsError(
-                f"GOOGLE_APPLICATION_CREDENTIALS is not a usable credentials file: {e}"
-            ) from None
-        raise CredentialsError(
-            "no Google Cloud credentials for gs:// URIs: set GOOGLE_APPLICATION_CREDENTIALS "
-            "to a service account's key file, run `gcloud auth application-default login`, "
-            "or run on Google Cloud (metadata server); for an emulator set "
-            "STORAGE_EMULATOR_HOST"
-        ) from None
-    return found, project, "Application Default Credentials"
-
-
-def _client(options: StreamOptions) -> _Client:
-    """The client of `options` (cached: made once, thread-safe)."""
-    with _clients_lock:
-        if options in _clients:
-            return _clients[options]
-        import requests.adapters
-        from google.auth.transport.requests import AuthorizedSession
-        from google.cloud import storage as gcs
-
-        credentials, project, how = _credentials(options)
-        session = AuthorizedSession(credentials)
-        adapter = requests.adapters.HTTPAdapter(pool_maxsize=max(10, options.workers * 2))
-        session.mount("https://", adapter)
-        session.mount("http://", adapter)
-        cafile = ca_bundle(options.ca_bundle)[0]
-        if cafile:
-            session.verify = cafile
-        endpoint = _endpoint(options)
-        client = gcs.Client(
-            project=options.get("gcs_project") or project or "-",
-            credentials=credentials,
-            _http=session,
-            client_options={"api_endpoint": endpoint} if endpoint else None,
-        )
-        _clients[options] = _Client(
-            client, session, endpoint or "Google Cloud Storage", how, endpoint or _GOOGLE
-        )
-        return _clients[options]
-
-
-def _error(e: BaseException, uri: str, found: _Client, action: str) -> StorageError | None:
-    """The typed error of a failed request; None where another attempt may help (the one
-    place GCS failures are mapped)."""
-    from google.api_core import exceptions as api
-    from google.auth import exceptions as gauth
-
-    if isinstance(e, StorageError):
-        return e
-    if isinstance(e, gauth.RefreshError):
-        return CredentialsError(
-            f"the Google Cloud credentials ({found.credentials}) were refused {action} {uri}: {e}"
-        )
-    if isinstance(e, api.PreconditionFailed):
-        return AlreadyExists(f"{uri} already exists; it was left as it is (not replaced)")
-    if isinstance(e, (api.Forbidden, api.Unauthorized)):
-        return AccessDenied(
-            f"access denied {action} {uri} (HTTP {e.code}) at {found.where}; credentials: "
-            f"{found.credentials}"
-        )
-    if isinstance(e, api.NotFound):
-        return NotFound(f"no such object: {uri} (at {found.where})")
-    if isinstance(e, api.GoogleAPICallError) and e.code not in _TRANSIENT_STATUSES:
-        return StorageError(f"GCS refused {action} {uri} at {found.where}: {e}")
-    return None
-
-
-def _transient(e: BaseException) -> retry.Transient:
-    from google.api_core import exceptions as api
-
-    if isinstance(e, api.GoogleAPICallError):
-        answer = f"HTTP {e.code}"
-        return retry.Transient(answer, answer if e.code in (429, 503) else None)
-    return retry.Transient(_short(e))
-
-
-def _short(e: BaseException) -> str:
-    """A transport failure in a few words: requests' wrapper names urllib3's reason."""
-    inner = e.args[0] if e.args else None
-    reason = getattr(inner, "reason", None) or inner or e
-    return f"{type(e).__name__}: {reason}"
-
-
-def _call(
-    found: _Client, options: StreamOptions, uri: str, action: str, send: Callable[[], T]
-) -> T:
-    """`send()` (a library call with ``retry=None``), tried as the policy says, its failure
-    mapped."""
-
-    def attempt() -> T:
-        try:
-            return send()
-        except Exception as e:  # noqa: BLE001 - mapped here, the one place
-            error = _error(e, uri, found, action)
-            if error is not None:
-                raise error from None
-            if not isinstance(e, _transport_errors()):
-                raise
-            raise _transient(e) from None
-
-    return retry.request(
-        attempt,
-        policy=options.retry,
-        name=f"{uri} at {found.where}",
-        peer=f"the GCS endpoint {found.where}",
-    )
-
-
-def _transport_errors() -> tuple[type[BaseException], ...]:
-    """What a request or a body read raises when the connection fails (retried)."""
-    import urllib3.exceptions
-    from google.api_core import exceptions as api
-
-    return (OSError, urllib3.exceptions.HTTPError, api.GoogleAPICallError)
 
 
 class GCSSource(retry.RetryingSource):
@@ -395,7 +210,7 @@ class GCSBackend(Backend):
     def range_source(self, uri: str, options: StreamOptions) -> GCSSource:
         return GCSSource(uri, options)
 
-    def _blob(self, uri: str, options: StreamOptions) -> tuple[Any, _Client]:
+    def _blob(self, uri: str, options: StreamOptions) -> tuple[Any, Client]:
         bucket, name = parse_object(uri)
         found = _client(options)
         return found.client.bucket(bucket).blob(name), found

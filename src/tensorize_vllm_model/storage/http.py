@@ -22,13 +22,14 @@ import urllib.request
 from typing import Any
 
 from ..errors import AccessDenied, NotFound, Stalled, StorageError, Unreachable
+from ..redaction import redact_uri
 from ..settings import ca_bundle
 from . import retry
 from .base import Backend
 from .options import StreamOptions
 from .retry import TransferStalled
 
-__all__ = ["redact", "HTTPSource", "HTTPBackend", "proxy_for"]
+__all__ = ["redact", "HTTPSource", "HTTPBackend", "proxy_for", "send_get"]
 
 # Bytes per read from a response: what arrived before a stall is counted to within this.
 _PIECE = 256 * 1024
@@ -81,13 +82,7 @@ def _transport_error(e: BaseException, name: str, timeout: float) -> Exception:
     return retry.Transient(str(cause) or type(cause).__name__)
 
 
-def redact(url: str) -> str:
-    """The URL without its query string and user info."""
-    parts = urllib.parse.urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
+redact = redact_uri  # the URL without its query string and user info
 
 
 def proxy_for(url: str) -> str | None:
@@ -121,6 +116,34 @@ def _pool(url: str, cafile: str | None, workers: int) -> Any:
                 urllib3.ProxyManager(proxy, **kwargs) if proxy else urllib3.PoolManager(**kwargs)
             )
         return _pools[key]
+
+
+def send_get(
+    url: str, headers: dict[str, str], *, cafile: str | None, workers: int, timeout: Any, name: str
+) -> Any:
+    """One GET of `url` (no redirects followed, no retries) through the pool for its proxy
+    and CA bundle: the streaming response, whatever its status (urllib3's, its body not
+    read). `timeout` is a ``urllib3.Timeout``; `name` names the resource in messages.
+
+    Raises:
+        retry.Transient: no connection, a timeout, a dropped connection (tried again).
+        Unreachable: TLS verification failed (the CA bundle is named).
+    """
+    import urllib3
+
+    try:
+        return _pool(url, cafile, workers).request(
+            "GET",
+            url,
+            headers={"Accept-Encoding": "identity", **headers},
+            preload_content=False,
+            decode_content=False,
+            redirect=False,
+            retries=False,
+            timeout=timeout,
+        )
+    except (OSError, urllib3.exceptions.HTTPError) as e:
+        raise _transport_error(e, name, timeout.read_timeout) from None
 
 
 class HTTPSource(retry.RetryingSource):
@@ -188,24 +211,17 @@ class HTTPSource(retry.RetryingSource):
     def _get(self, headers: dict[str, str], accept: tuple[int, ...] = (200, 206)) -> Any:
         """GET the URL (following redirects); a streaming response with a status in
         `accept`."""
-        import urllib3
 
         url = self.url
         for _ in range(_MAX_REDIRECTS + 1):
-            pool = _pool(url, self._cafile, self._workers)
-            try:
-                response = pool.request(
-                    "GET",
-                    url,
-                    headers={"Accept-Encoding": "identity", **headers},
-                    preload_content=False,
-                    decode_content=False,
-                    redirect=False,
-                    retries=False,
-                    timeout=self._timeout,
-                )
-            except (OSError, urllib3.exceptions.HTTPError) as e:
-                raise _transport_error(e, self.name, self.timeout) from None
+            response = send_get(
+                url,
+                headers,
+                cafile=self._cafile,
+                workers=self._workers,
+                timeout=self._timeout,
+                name=self.name,
+            )
             location = response.headers.get("Location")
             if response.status in (301, 302, 303, 307, 308) and location:
                 response.drain_conn()
@@ -284,9 +300,6 @@ def _body(response: Any) -> retry.Body:
 
 class HTTPBackend(Backend):
     """``http://`` and ``https://`` URLs: read-only, no listing."""
-
-    def redact(self, uri: str) -> str:
-        return redact(uri)
 
     def range_source(self, uri: str, options: StreamOptions) -> HTTPSource:
         return HTTPSource(uri, options)

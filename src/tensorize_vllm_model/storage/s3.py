@@ -16,207 +16,39 @@ every attempt.
 
 from __future__ import annotations
 
-import contextlib
-import math
 import os
 import tempfile
-import threading
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
 from ..errors import (
-    AccessDenied,
-    AlreadyExists,
     ConfigError,
     NotFound,
     StorageError,
     Throttled,
-    Unreachable,
 )
-from ..settings import ca_bundle, parse_bool
+from ..settings import parse_bool
 from . import retry, s3_settings
 from .base import Backend
 from .options import StreamOptions
+from .s3_client import (  # _clients: the client cache, cleared by tests and settings
+    ENDPOINT_HINT,
+    T,
+    _client,
+    _clients,  # noqa: F401
+    _counting,
+    _error,
+    _transient,
+    parse,
+    parse_object,
+)
+from .s3_upload import send_parts, upload
 
 __all__ = ["parse", "S3Source", "S3Backend", "upload"]
 
-_PART_SIZE = 64 * 1024 * 1024
-_MAX_PARTS = 9_000
 # Bytes per read from a body: botocore assembles a large read from many small pieces (a
 # 1 MiB cap measured 1.8x faster than 100 MiB reads against a loopback server).
 _BODY_READ = 1 << 20
-_clients: dict[StreamOptions, tuple] = {}
-_clients_lock = threading.Lock()
-# The `retry.Attempts` log of the request or range this thread is making (see _counting).
-_current = threading.local()
-# S3's "slow down" answers (botocore's standard mode retries them as throttling).
-_THROTTLING_CODES = frozenset(
-    {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded"}
-)
-T = TypeVar("T")
-
-
-def parse(uri: str) -> tuple[str, str]:
-    """``s3://bucket/key`` -> (bucket, key)."""
-    rest = uri.split("://", 1)[1]
-    bucket, _, key = rest.partition("/")
-    if not bucket:
-        raise ConfigError(f"{uri!r} names no bucket")
-    return bucket, key
-
-
-def parse_object(uri: str) -> tuple[str, str]:
-    """``s3://bucket/key`` -> (bucket, key), for an operation on one object.
-
-    Raises:
-        ConfigError: no bucket, or no key (a bucket alone, or a prefix ending in ``/``).
-    """
-    bucket, key = parse(uri)
-    if not key or key.endswith("/"):
-        raise ConfigError(
-            f"{uri!r} names a bucket, not an object: give the object's key "
-            "(s3://bucket/path/model.tensors)"
-            if not key
-            else f"{uri!r} names a prefix (it ends in '/'), not an object"
-        )
-    return bucket, key
-
-
-def _client(options: StreamOptions):
-    """A boto3 client for `options` and its `S3Settings` (cached: clients are thread-safe
-    and costly to make)."""
-    with _clients_lock:
-        if options in _clients:
-            return _clients[options]
-        import boto3
-        from botocore.config import Config
-
-        settings = s3_settings.resolve(options)
-        config = Config(
-            signature_version=settings.signature_version,
-            connect_timeout=min(options.timeout, 10.0),
-            read_timeout=options.timeout,
-            retries=options.retry.botocore_retries(),
-            max_pool_connections=max(10, options.workers * 2),
-            s3={"addressing_style": settings.addressing_style},
-        )
-        client = boto3.session.Session().client(
-            "s3",
-            endpoint_url=settings.endpoint,
-            region_name=options.get("s3_region_name"),
-            config=config,
-            # None: botocore's own (the AWS config profile's ca_bundle, else certifi's)
-            verify=ca_bundle(options.ca_bundle)[0],
-            **settings.client_kwargs,
-        )
-        # First, so that its False (the budget is spent) stops botocore's standard handler.
-        client.meta.events.register_first("needs-retry.s3", _on_attempt)
-        _clients[options] = (client, settings)
-        return _clients[options]
-
-
-@contextlib.contextmanager
-def _counting(log: retry.Attempts) -> Iterator[None]:
-    """Record the requests this thread makes meanwhile (botocore's retries included) in
-    `log`, and let botocore retry them only while `log` has attempts left."""
-    _current.log = log
-    try:
-        yield
-    finally:
-        _current.log = None
-
-
-def _on_attempt(
-    response: Any = None, caught_exception: BaseException | None = None, **_: Any
-) -> bool | None:
-    """botocore's ``needs-retry`` event, after every request it sends: record a failed one
-    in the thread's `retry.Attempts` log; False (no retry) once the log's budget is spent,
-    else None (botocore's standard mode decides, and waits as it says)."""
-    log = getattr(_current, "log", None)
-    if log is None:
-        return None
-    if caught_exception is not None:
-        log.failed(f"{type(caught_exception).__name__}: {caught_exception}")
-    else:
-        http, parsed = response
-        if http.status_code < 300:
-            return None
-        code = str((parsed or {}).get("Error", {}).get("Code", "") or "")
-        answer = _answer(http.status_code, code)
-        slow_down = http.status_code in (429, 503) or code in _THROTTLING_CODES
-        log.failed(answer, answer if slow_down else None)
-    return False if log.left <= 0 else None
-
-
-def _answer(status: int, code: str) -> str:
-    """An S3 error answer for messages: ``HTTP 503 SlowDown``; ``HTTP 503`` where it had
-    no body (a HEAD)."""
-    return f"HTTP {status}" + ("" if code in ("", str(status)) else f" {code}")
-
-
-def _transient(e: BaseException) -> bool:
-    """Whether botocore's standard mode retries this failure (a connection failure, a
-    timeout, a 5xx or 429 answer, throttling, ``RequestTimeout``)."""
-    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
-
-    if isinstance(e, ClientError):
-        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
-        code = str(e.response.get("Error", {}).get("Code", ""))
-        return status >= 500 or status == 429 or code in _THROTTLING_CODES | {"RequestTimeout"}
-    return isinstance(e, (ConnectionError, HTTPClientError))
-
-
-def _error(
-    e: BaseException, uri: str, resolved: s3_settings.S3Settings, action: str
-) -> StorageError:
-    """The typed error for a boto3/botocore failure, saying what failed, for which object,
-    and what to check: the one place S3 failures are mapped."""
-    from botocore.exceptions import (
-        ClientError,
-        ConnectTimeoutError,
-        EndpointConnectionError,
-        HTTPClientError,
-        ReadTimeoutError,
-    )
-
-    where = resolved.endpoint or "AWS S3"
-    if isinstance(e, ClientError):
-        error = e.response.get("Error", {})
-        code = str(error.get("Code", ""))
-        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        if code == "PreconditionFailed" or status == 412:
-            return AlreadyExists(f"{uri} already exists; it was left as it is (not replaced)")
-        if status == 403 or code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-            return AccessDenied(
-                f"access denied {action} {uri} (HTTP 403{'' if code in ('', '403') else ' ' + code})"
-                f" at {where}; credentials: "
-                f"{resolved.credentials}. Check the S3 access key and secret"
-            )
-        if status == 404 or code in ("NoSuchKey", "NoSuchBucket", "NotFound", "404"):
-            if code == "NoSuchBucket":
-                return NotFound(f"no such bucket: {parse(uri)[0]} (for {uri})")
-            return NotFound(f"no such object: {uri} (at {where})")
-        if status in (429, 503) or code in _THROTTLING_CODES:
-            tries = e.response.get("ResponseMetadata", {}).get("RetryAttempts", 0) + 1
-            return retry.throttled(
-                f"{action} {uri}", f"the S3 endpoint {where}", _answer(status, code), tries
-            )
-        return StorageError(f"S3 refused {action} {uri} at {where}: HTTP {status} {code}")
-    if isinstance(e, (EndpointConnectionError, ConnectTimeoutError)):
-        return Unreachable(
-            f"cannot reach the S3 endpoint {where} {action} {uri}: {e}; {ENDPOINT_HINT}"
-        )
-    if isinstance(e, ReadTimeoutError):
-        return Unreachable(f"the S3 endpoint {where} timed out {action} {uri}")
-    kind = Unreachable if isinstance(e, HTTPClientError) else StorageError
-    return kind(f"S3 error {action} {uri} at {where}: {type(e).__name__}: {e}")
-
-
-# What an unreachable endpoint's error asks the user to check.
-ENDPOINT_HINT = (
-    "is it up? The endpoint is --s3-endpoint (s3_endpoint in the config), else S3_ENDPOINT_URL"
-)
 
 
 class S3Source(retry.RetryingSource):
@@ -437,154 +269,3 @@ class S3Backend(Backend):
             client.delete_object(Bucket=bucket, Key=key)
         except Exception as e:  # noqa: BLE001
             raise _error(e, uri, resolved, "deleting") from None
-
-
-def _exists_error(uri: str) -> AlreadyExists:
-    return AlreadyExists(f"{uri} already exists; it was left as it is (not replaced)")
-
-
-def upload(path: str, uri: str, options: StreamOptions, *, replace: bool = True) -> None:
-    """Upload a local file to `uri`; the object appears only when the upload completes.
-
-    With ``replace=False`` the write is conditional (``If-None-Match: *``, S3's conditional
-    writes): an object already at `uri` is left as it is and `AlreadyExists` names it. A
-    server that ignores the condition is caught by a check just before the upload.
-    """
-    sent = send_parts(path, uri, options, replace=replace)
-    if sent is not None:
-        sent.complete()
-        return
-    bucket, key = parse(uri)
-    client, resolved = _client(options)
-    condition = {} if replace else {"IfNoneMatch": "*"}
-    if not replace and S3Backend().exists(uri, options):
-        raise _exists_error(uri)
-    try:
-        with open(path, "rb") as f:
-            client.put_object(Bucket=bucket, Key=key, Body=f.read(), **condition)
-    except Exception as e:  # noqa: BLE001
-        raise _error(e, uri, resolved, "writing") from None
-
-
-class MultipartUpload:
-    """A multipart upload whose parts are all sent (`send_parts`): no object exists at
-    its key until `complete` (S3's CompleteMultipartUpload); `abort` drops the parts."""
-
-    def __init__(
-        self, uri: str, options: StreamOptions, upload_id: str, parts: list, replace: bool
-    ):
-        self.uri, self.options, self.upload_id = uri, options, upload_id
-        self.parts, self.replace = parts, replace
-
-    def complete(self) -> None:
-        """Make the object appear at the key (conditional with ``replace=False``).
-
-        Raises:
-            AlreadyExists: an object appeared at the key meanwhile (``replace=False``).
-            StorageError: the store refused or could not be reached (the upload aborted).
-        """
-        bucket, key = parse(self.uri)
-        client, resolved = _client(self.options)
-        condition = {} if self.replace else {"IfNoneMatch": "*"}
-        with _aborted_on_failure(client, self.uri, resolved, self.upload_id):
-            client.complete_multipart_upload(
-                Bucket=bucket,
-                Key=key,
-                UploadId=self.upload_id,
-                MultipartUpload={"Parts": self.parts},
-                **condition,
-            )
-
-    def abort(self) -> None:
-        """Drop the sent parts (AbortMultipartUpload).
-
-        Raises:
-            StorageError: the store could not be reached (naming the upload left behind).
-        """
-        bucket, key = parse(self.uri)
-        client, _ = _client(self.options)
-        leftover = _abort_upload(client, bucket, key, self.upload_id)
-        if leftover:
-            raise StorageError(f"{self.uri}: {leftover.lstrip('; ')}")
-
-
-def send_parts(
-    path: str, uri: str, options: StreamOptions, *, replace: bool = True
-) -> MultipartUpload | None:
-    """Send a local file over `_PART_SIZE` bytes as the parts of a multipart upload to
-    `uri`, not completed (`MultipartUpload.complete` publishes it); None for a smaller file
-    (one PutObject, sent when published). A failed part aborts the upload.
-
-    Raises:
-        AlreadyExists: ``replace=False`` and an object is at `uri` already.
-        StorageError: the store refused or could not be reached (named).
-    """
-    size = os.path.getsize(path)
-    if size <= _PART_SIZE:
-        return None
-    bucket, key = parse(uri)
-    client, resolved = _client(options)
-    if not replace and S3Backend().exists(uri, options):
-        raise _exists_error(uri)
-    part_size = max(_PART_SIZE, math.ceil(size / _MAX_PARTS))
-    try:
-        upload_id = client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
-    except Exception as e:  # noqa: BLE001
-        raise _error(e, uri, resolved, "writing") from None
-    with _aborted_on_failure(client, uri, resolved, upload_id):
-        parts = _send_parts(client, path, (bucket, key, upload_id), size, part_size, options)
-    return MultipartUpload(uri, options, upload_id, parts, replace)
-
-
-def _send_parts(
-    client: Any,
-    path: str,
-    target: tuple[str, str, str],
-    size: int,
-    part_size: int,
-    options: StreamOptions,
-) -> list[dict[str, Any]]:
-    """Upload `path` as the parts of multipart upload `target` (bucket, key, upload id),
-    in parallel; the parts' numbers and ETags."""
-    bucket, key, upload_id = target
-
-    def send(number: int) -> dict[str, Any]:
-        with open(path, "rb") as f:
-            f.seek((number - 1) * part_size)
-            body = f.read(part_size)
-        etag = client.upload_part(
-            Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body
-        )["ETag"]
-        return {"PartNumber": number, "ETag": etag}
-
-    count = math.ceil(size / part_size)
-    with ThreadPoolExecutor(max(1, min(options.workers, count))) as pool:
-        return list(pool.map(send, range(1, count + 1)))
-
-
-@contextlib.contextmanager
-def _aborted_on_failure(client: Any, uri: str, resolved: Any, upload_id: str) -> Iterator[None]:
-    """Abort multipart upload `upload_id` to `uri` if the block fails; an Exception is
-    raised as a StorageError naming `uri` (and an upload the abort could not drop)."""
-    try:
-        yield
-    except BaseException as e:
-        bucket, key = parse(uri)
-        leftover = _abort_upload(client, bucket, key, upload_id)
-        if isinstance(e, Exception):
-            error = _error(e, uri, resolved, "writing")
-            raise type(error)(f"{error}{leftover}") from None
-        raise
-
-
-def _abort_upload(client: Any, bucket: str, key: str, upload_id: str) -> str:
-    """Abort an incomplete multipart upload; what to add to the error when that fails."""
-    try:
-        client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
-        return ""
-    except Exception:  # noqa: BLE001 - the upload's own error is the one to report
-        return (
-            f"; aborting the incomplete multipart upload {upload_id} failed too: no object "
-            "was created, but its parts hold storage until it is aborted (e.g. by a "
-            "bucket lifecycle rule)"
-        )

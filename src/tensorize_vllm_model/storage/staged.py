@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import logging
 import os
 import secrets
 import threading
@@ -20,11 +19,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import StorageError
+from ..redaction import scrubbing
 from .base import backend, basename, join, parent
 from .local import move_directory, path_of, publish_directory, remove_directory
 from .options import StreamOptions
 
-logger = logging.getLogger(__name__)
+logger = scrubbing(__name__)
 
 __all__ = [
     "StagedWrite",

@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import logging
 import threading
 from collections.abc import Callable
 from types import TracebackType
 
 from ..errors import ConfigError
+from ..redaction import scrubbing
 from .base import backend
 from .local import stage_directory
 from .options import Options, StreamOptions
@@ -40,7 +40,7 @@ from .staged import StagedDirectory, StagedWrite
 
 __all__ = ["StagedWrite", "StagedDirectory", "Transaction", "transaction"]
 
-logger = logging.getLogger(__name__)
+logger = scrubbing(__name__)
 
 
 class Transaction:

@@ -31,11 +31,12 @@ from vllm.logger import init_logger
 
 from .. import compile_cache, storage
 from ..compile_cache import CacheKey
+from ..redaction import scrubbing
 from .runtime import current_layout, dtype_name
 
 __all__ = ["before_aot_load", "cache_key", "pack_for_save", "stage_for_load"]
 
-logger = init_logger(f"vllm.{__name__}")
+logger = scrubbing(init_logger(f"vllm.{__name__}"))
 
 
 def _device() -> str:

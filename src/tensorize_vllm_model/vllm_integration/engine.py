@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import logging
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 from .. import errors
 from ..errors import TensorizeError
 from ..read.base import LoadStats
+from ..redaction import scrubbing
 from .messages import (
     CAPTURE_LOAD_FORMAT,
     WORKER_EXTENSION,
@@ -42,7 +42,7 @@ __all__ = [
     "raise_worker_errors",
 ]
 
-logger = logging.getLogger(f"vllm.{__name__}")
+logger = scrubbing(f"vllm.{__name__}")
 
 
 class Engine:

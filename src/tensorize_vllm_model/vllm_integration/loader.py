@@ -47,6 +47,7 @@ from ..plan import ReadPlan, check_shared_file, resolve_read
 from ..progress import progress
 from ..read.base import LoadStats
 from ..read.reader import default_num_readers, open_tensors
+from ..redaction import scrubbing
 from .compiled import stage_for_load
 from .runtime import (
     STATE,
@@ -62,7 +63,7 @@ from .runtime import (
 __all__ = ["TensorizerLoader", "CaptureLoader", "memory_text"]
 
 # Under vLLM's namespace, so that vLLM's logging configuration shows these lines.
-logger = init_logger(f"vllm.{__name__}")
+logger = scrubbing(init_logger(f"vllm.{__name__}"))
 
 
 class TensorizerLoader(BaseModelLoader):

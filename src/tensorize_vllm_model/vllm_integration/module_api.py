@@ -23,6 +23,7 @@ from ..format.writer import write_tensors
 from ..modules import load_into_module, meta_parameters
 from ..plan import resolve_write
 from ..read.reader import open_tensors
+from ..redaction import scrubbing
 from .engine import vllm_version
 from .runtime import distributed_layout, dtype_name, model_dtype, target_device
 
@@ -33,7 +34,7 @@ __all__ = [
     "tensorized_lora_request",
 ]
 
-logger = init_logger(f"vllm.{__name__}")
+logger = scrubbing(init_logger(f"vllm.{__name__}"))
 
 
 def init_tensorizer_model(tensorizer_config: Any, vllm_config: VllmConfig) -> nn.Module:

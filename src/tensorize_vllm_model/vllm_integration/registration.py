@@ -64,13 +64,14 @@ from ..config import TensorizerConfig
 from ..errors import TensorizeError, entry_point
 from ..format.record import ParallelLayout
 from ..plan import ReadPlan, check_model_directory, resolve_read
+from ..redaction import scrub_records, scrubbing
 from . import aot_load
 from .engine import parallel_sizes, refusal_text
 from .messages import CAPTURE_LOAD_FORMAT, LOAD_FORMAT
 
 __all__ = ["register", "check_engine_files", "resolve_remote_model", "served"]
 
-logger = init_logger(f"vllm.{__name__}")
+logger = scrubbing(init_logger(f"vllm.{__name__}"))
 
 # Per process that configures engines: the tensorizer config of each served model name
 # (for the LoRA resolver in an API server process).
@@ -80,6 +81,7 @@ served: dict[str, TensorizerConfig] = {}
 def register() -> None:
     """Install this package's loaders, engine hook and LoRA resolver in vLLM (idempotent,
     cheap)."""
+    scrub_records("vllm")  # vLLM's own lines (its config: model='https://...?sig=...') too
     _register_loaders()
     _install_engine_hook()
     _register_lora_resolver()

@@ -20,6 +20,7 @@ from ..errors import TensorizeError
 from ..format.record import FileRecord
 from ..format.writer import write_tensors
 from ..progress import progress
+from ..redaction import scrubbing
 from .compiled import pack_for_save
 from .messages import (
     CAPTURE_LOAD_FORMAT,
@@ -36,7 +37,7 @@ from .runtime import STATE, current_layout, expert_parallel
 
 __all__ = ["WORKER_EXTENSION", "WorkerExtension", "worker_call"]
 
-logger = init_logger(f"vllm.{__name__}")
+logger = scrubbing(init_logger(f"vllm.{__name__}"))
 
 _Method = TypeVar("_Method", bound=Callable[..., Any])
 
