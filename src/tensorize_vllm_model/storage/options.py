@@ -96,6 +96,18 @@ class StreamOptions:
         values.pop("buffer_size", None)
         return cls(**values)
 
+    def replace(self, **changes: Any) -> StreamOptions:
+        """These options with `changes` (generic keys or backend options) applied."""
+        values: dict[str, Any] = {name: getattr(self, name) for name in _GENERIC_SLOTS}
+        return StreamOptions(**{**values, **dict(self._backend), **changes})
+
+    def value(self, key: str) -> Any:
+        """The value of any key, generic or a backend's (None where not given)."""
+        return getattr(self, key) if key in _GENERIC_SLOTS else self.get(key)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled to vLLM's workers
+        return _rebuild, (self._key(),)
+
     def get(self, key: str, default: Any = None) -> Any:
         """A backend option's value (`default` where not given)."""
         for name, value in self._backend:
@@ -138,6 +150,15 @@ class StreamOptions:
             + "".join(f", {s}" for s in shown)
             + ")"
         )
+
+
+_GENERIC_SLOTS = ("ca_bundle", "workers", "chunk_size", "timeout", "ranges", "retry")
+
+
+def _rebuild(key: tuple) -> StreamOptions:
+    """`StreamOptions` from its `_key` (unpickling)."""
+    values = dict(zip(_GENERIC_SLOTS, key[:6], strict=True))
+    return StreamOptions(**values, **dict(key[6]))
 
 
 def _checked(values: dict[str, Any]) -> dict[str, Any]:

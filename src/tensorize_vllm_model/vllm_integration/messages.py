@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..read.base import LoadStats, ReadTimes
+from ..storage.options import StreamOptions
 
 __all__ = [
     "LOAD_FORMAT",
@@ -52,14 +53,14 @@ class SaveRequest:
             the workers write where the plan says, they choose no file).
         key: the 32-byte key to encrypt with, or None.
         serialization_kwargs: extra keyword arguments for tensorizer's ``TensorSerializer``.
-        stream_options: how to reach remote storage.
+        stream_options: how to reach remote storage (`TensorizerConfig.options`).
         producer: the record's producer text (package and vLLM versions).
     """
 
     rank_uris: list[str]
     key: bytes | None = field(default=None, repr=False)
     serialization_kwargs: dict[str, Any] = field(default_factory=dict)
-    stream_options: dict[str, Any] = field(default_factory=dict, repr=False)
+    stream_options: StreamOptions = field(default_factory=StreamOptions, repr=False)
     producer: str = ""
 
 
