@@ -105,8 +105,11 @@ class StreamOptions:
         """The value of any key, generic or a backend's (None where not given)."""
         return getattr(self, key) if key in _GENERIC_SLOTS else self.get(key)
 
-    def __reduce__(self) -> tuple[Any, ...]:  # pickled to vLLM's workers
-        return _rebuild, (self._key(),)
+    def as_mapping(self) -> dict[str, Any]:
+        """The plain form (``stream_kwargs`` keys; `from_mapping` gives these options back,
+        `retry` aside): what crosses to vLLM's workers, whose RPC carries plain data only."""
+        values = {name: getattr(self, name) for name in _GENERIC_SLOTS if name != "retry"}
+        return {**values, **dict(self._backend)}
 
     def get(self, key: str, default: Any = None) -> Any:
         """A backend option's value (`default` where not given)."""
@@ -153,12 +156,6 @@ class StreamOptions:
 
 
 _GENERIC_SLOTS = ("ca_bundle", "workers", "chunk_size", "timeout", "ranges", "retry")
-
-
-def _rebuild(key: tuple) -> StreamOptions:
-    """`StreamOptions` from its `_key` (unpickling)."""
-    values = dict(zip(_GENERIC_SLOTS, key[:6], strict=True))
-    return StreamOptions(**values, **dict(key[6]))
 
 
 def _checked(values: dict[str, Any]) -> dict[str, Any]:

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..read.base import LoadStats, ReadTimes
-from ..storage.options import StreamOptions
 
 __all__ = [
     "LOAD_FORMAT",
@@ -53,14 +52,15 @@ class SaveRequest:
             the workers write where the plan says, they choose no file).
         key: the 32-byte key to encrypt with, or None.
         serialization_kwargs: extra keyword arguments for tensorizer's ``TensorSerializer``.
-        stream_options: how to reach remote storage (`TensorizerConfig.options`).
+        stream_options: how to reach remote storage: the plain form of the write plan's
+            options (`StreamOptions.as_mapping`; vLLM's RPC carries plain data only).
         producer: the record's producer text (package and vLLM versions).
     """
 
     rank_uris: list[str]
     key: bytes | None = field(default=None, repr=False)
     serialization_kwargs: dict[str, Any] = field(default_factory=dict)
-    stream_options: StreamOptions = field(default_factory=StreamOptions, repr=False)
+    stream_options: dict[str, Any] = field(default_factory=dict, repr=False)
     producer: str = ""
 
 
