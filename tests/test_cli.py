@@ -248,15 +248,15 @@ def test_stream_kwargs_and_transport_flags_reach_serialize(tiny_llama, tmp_path)
     )
     config = serialize_config(args)
     assert config.tensorizer_uri == "s3://bucket/models/vllm/tiny-llama/v2/model.tensors"
-    options = config.stream_options()
-    assert options["force_http"] is True and options["workers"] == 3
-    assert options["s3_endpoint"] == "http://127.0.0.1:9" and options["ca_bundle"] == "/etc/ca.pem"
+    options = config.options
+    assert options.get("force_http") is True and options.workers == 3
+    assert options.get("s3_endpoint") == "http://127.0.0.1:9" and options.ca_bundle == "/etc/ca.pem"
     flagged = serialize_config(
         _serialize_args(
             "--model", tiny_llama, "serialize", "--serialized-directory", "s3://b", "--allow-http"
         ),
     )
-    assert flagged.stream_options()["force_http"] is True
+    assert flagged.options.get("force_http") is True
     assert flagged.given_uri is None  # rank files: the write plan's (tests/test_cli_plan.py)
 
 

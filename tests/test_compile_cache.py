@@ -17,7 +17,6 @@ import torch
 from tensorize_vllm_model import compile_cache
 from tensorize_vllm_model.compile_cache import CacheKey
 from tensorize_vllm_model.errors import ConfigError
-from tensorize_vllm_model.settings import environment
 
 KEY = CacheKey(
     vllm="0.32.0",
@@ -125,7 +124,7 @@ def test_the_switch(monkeypatch):
     assert not compile_cache.enabled()
     monkeypatch.setenv("TENSORIZE_VLLM_MODEL_COMPILE_CACHE", "maybe")
     with pytest.raises(ConfigError, match="TENSORIZE_VLLM_MODEL_COMPILE_CACHE must be 1 or 0"):
-        environment()
+        compile_cache.enabled()
 
 
 def test_archive_sits_beside_the_tensors():

@@ -176,3 +176,59 @@ def test_cli_group_missing_keyfile_is_named(tmp_path):
 
     with pytest.raises(EncryptionError, match=str(missing)):
         TensorizerArgs.from_cli_args(ns)
+
+
+# -- the typed options: built at the edge, once per distinct settings ----------------------
+
+
+def test_options_are_built_once_and_again_when_a_setting_changes(monkeypatch):
+    monkeypatch.delenv("S3_ENDPOINT_URL", raising=False)
+    cfg = TensorizerConfig(tensorizer_uri="s3://b/m/model.tensors", stream_kwargs={"workers": 3})
+    options = cfg.options
+    assert cfg.options is options and options.workers == 3
+    cfg["stream_kwargs"] = {"workers": 5}  # vLLM's dict-style access
+    assert cfg.options.workers == 5
+    monkeypatch.setenv("S3_ENDPOINT_URL", "https://s3-env.example")  # the field is unset
+    assert cfg.options.get("s3_endpoint") == "https://s3-env.example"
+    cfg.s3_endpoint = "https://field.example"
+    assert cfg.options.get("s3_endpoint") == "https://field.example"
+
+
+def test_string_booleans_of_stream_kwargs_are_parsed_once_into_booleans():
+    cfg = TensorizerConfig(
+        tensorizer_uri="s3://b/m/model.tensors",
+        stream_kwargs={"force_http": "True", "ranges": "false"},
+    )
+    assert cfg.stream_kwargs == {"force_http": True, "ranges": False}
+    assert cfg.options.get("force_http") is True and cfg.options.ranges is False
+    assert TensorizerArgs(cfg).stream_kwargs["force_http"] is True
+
+
+def test_options_cross_to_vllms_workers_as_plain_data():
+    """vLLM's RPC to its workers carries plain data only (msgpack, no pickle): the save
+    request holds the options' plain form, which gives the same options back."""
+    from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
+
+    from tensorize_vllm_model.storage.options import StreamOptions
+    from tensorize_vllm_model.vllm_integration.messages import SaveRequest
+
+    cfg = TensorizerConfig(
+        tensorizer_uri="s3://b/m/model.tensors",
+        s3_access_key_id="id",
+        s3_secret_access_key="SECRET",
+        stream_kwargs={"workers": 2, "addressing_style": "path", "force_http": "true"},
+    )
+    request = SaveRequest(
+        rank_uris=["s3://b/m/model.tensors"], stream_options=cfg.options.as_mapping()
+    )
+    sent = MsgpackDecoder(SaveRequest).decode(MsgpackEncoder().encode(request))
+    assert StreamOptions.from_mapping(sent.stream_options) == cfg.options
+    assert "SECRET" not in repr(sent) and "SECRET" not in repr(cfg.options)
+
+
+def test_a_read_request_carries_the_configs_options(tmp_path):
+    from tensorize_vllm_model.read.reader import request_from_config
+
+    cfg = TensorizerConfig(tensorizer_uri=str(tmp_path / "model.tensors"))
+    request = request_from_config(cfg.tensorizer_uri or "", cfg)
+    assert request.stream_options is cfg.options

@@ -144,7 +144,7 @@ def test_s3_key_never_replaced(moto):
     client.put_object(Bucket=BUCKET, Key=f"{prefix}/model.key", Body=existing)
     prepared = prepare_key(uri, config)
     assert prepared.existing and prepared.key == existing
-    with storage.transaction(config.stream_options()) as tx:
+    with storage.transaction(config.options) as tx:
         assert prepared.stage(tx) is None  # an existing key: nothing to write
 
     fresh = f"s3://{BUCKET}/{prefix}/fresh.key"
@@ -154,13 +154,13 @@ def test_s3_key_never_replaced(moto):
     # write (If-None-Match) keeps it.
     client.put_object(Bucket=BUCKET, Key=f"{prefix}/fresh.key", Body=b"theirs")
     with pytest.raises(StorageError, match=f"{fresh} already exists; it was left as it is"):
-        with storage.transaction(config.stream_options()) as tx:
+        with storage.transaction(config.options) as tx:
             prepared.stage(tx)
     assert client.get_object(Bucket=BUCKET, Key=f"{prefix}/fresh.key")["Body"].read() == b"theirs"
 
     other = f"s3://{BUCKET}/{prefix}/other.key"
     prepared = prepare_key(other, config)
-    with storage.transaction(config.stream_options()) as tx:
+    with storage.transaction(config.options) as tx:
         prepared.stage(tx)
     assert (
         client.get_object(Bucket=BUCKET, Key=f"{prefix}/other.key")["Body"].read() == prepared.key

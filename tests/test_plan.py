@@ -63,8 +63,9 @@ def test_plan_carries_key_and_stream_options():
     )
     plan = resolve_read(config, ParallelLayout())
     assert plan.keyfile == "s3://b/m/model.key"
-    assert plan.options["s3_endpoint"] == "http://127.0.0.1:9"
-    assert plan.options["force_http"] is True
+    assert plan.options.get("s3_endpoint") == "http://127.0.0.1:9"
+    assert plan.options.get("force_http") is True
+    assert plan.options is config.options  # built once, at the edge
 
 
 def test_write_needs_a_rank_template_at_several_ranks():

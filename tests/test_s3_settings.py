@@ -94,8 +94,8 @@ def test_stream_kwargs_addressing_style_wins(clean_env, endpoint, style, url):
         s3_endpoint=endpoint,
         stream_kwargs={**KEYS, "addressing_style": style},
     )
-    assert request_url(config.stream_options()) == url
-    assert settings(config.stream_options()).addressing_source == "stream_kwargs addressing_style"
+    assert request_url(config.options) == url
+    assert settings(config.options).addressing_source == "stream_kwargs addressing_style"
 
 
 def test_unknown_addressing_style_is_named():
@@ -194,12 +194,12 @@ def test_endpoint_order(clean_env, monkeypatch):
     monkeypatch.setenv("S3_ENDPOINT_URL", "https://s3-env.example")
     s3_backend._clients.clear()
     config = TensorizerConfig(tensorizer_uri="s3://b/k", stream_kwargs=KEYS)
-    assert settings(config.stream_options()).endpoint == "https://s3-env.example"
+    assert settings(config.options).endpoint == "https://s3-env.example"
     s3_backend._clients.clear()
     config = TensorizerConfig(
         tensorizer_uri="s3://b/k", s3_endpoint="https://flag.example", stream_kwargs=KEYS
     )
-    assert settings(config.stream_options()).endpoint == "https://flag.example"
+    assert settings(config.options).endpoint == "https://flag.example"
 
 
 # -- ~/.s3cfg, as s3cmd writes it --------------------------------------------------------------

@@ -428,7 +428,7 @@ def test_wrong_secret_in_process_error_and_debug_logs(api, auth_s3, encrypted_on
     caplog.set_level(logging.DEBUG)  # botocore logs every request at DEBUG
     with pytest.raises(StorageError) as info:
         if api == "open_read":
-            storage.open_read(uri, config.stream_options())
+            storage.open_read(uri, config.options)
         else:
             open_tensors(uri, config=config)
     message = str(info.value)

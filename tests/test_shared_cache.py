@@ -43,4 +43,4 @@ def test_another_users_directory_at_our_name_is_refused(tmp_path, monkeypatch):
     os.chmod(shared, 0o1777)
     monkeypatch.setenv("TENSORIZE_VLLM_MODEL_CACHE", str(shared))
     with pytest.raises(ConfigError, match="is not a directory of this user"):
-        environment()
+        assert environment().cache_dir

@@ -23,7 +23,6 @@ from tensorize_vllm_model import (
 from tensorize_vllm_model.artifacts import fetch_model_files
 from tensorize_vllm_model.storage import s3 as s3_backend
 from tensorize_vllm_model.storage import s3_upload
-from tensorize_vllm_model.storage.options import StreamOptions
 
 S3_OPTIONS = {"s3_access_key_id": "testing", "s3_secret_access_key": "testing", "force_http": True}
 
@@ -311,7 +310,7 @@ def test_plain_http_endpoint_refused_unless_allowed(moto):
     config = TensorizerConfig(
         tensorizer_uri=uri, s3_endpoint=moto.endpoint, stream_kwargs={"force_http": True}
     )
-    assert StreamOptions.from_mapping(config.stream_options()).get("force_http") is True
+    assert config.options.get("force_http") is True
 
 
 def test_tls_without_the_private_ca(tls, web_root):
@@ -345,7 +344,7 @@ def test_signed_url_query_never_in_messages(web_root):
 
 
 def resolved(config: TensorizerConfig):
-    client, how = s3_backend._client(StreamOptions.from_mapping(config.stream_options()))
+    client, how = s3_backend._client(config.options)
     credentials = client._request_signer._credentials  # botocore's; read for the test only
     return how, credentials
 

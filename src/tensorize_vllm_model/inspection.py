@@ -109,7 +109,7 @@ def shard_uris(uri: str, config: TensorizerConfig | None = None) -> list[str]:
 
 def _shards(uri: str, config: TensorizerConfig) -> tuple[list[str], FileRecord | None]:
     """`shard_uris`, and rank 0's record where discovering them read it (a rank template)."""
-    uri = model_directory_tensors(uri, config.stream_options()) or uri
+    uri = model_directory_tensors(uri, config.options) or uri
     records: list[FileRecord | None] = []
 
     def read_record(first: str) -> FileRecord | None:
@@ -171,7 +171,7 @@ def verify_tensors(uri: str, config: TensorizerConfig | None = None) -> list[Ver
         as_tensorizer_config(config) if config else TensorizerConfig(tensorizer_uri=uri),
         verify_hash=True,
     )
-    uri = model_directory_tensors(uri, config.stream_options()) or uri
+    uri = model_directory_tensors(uri, config.options) or uri
     shards, record = _shards(uri, config)
     if len(shards) > 1 and record is not None:
         # Each shard holds its own rank of the layout rank 0's record names, as a load at

@@ -66,7 +66,7 @@ def read_key(uri: str, config: TensorizerConfig | None = None) -> bytes:
     Raises:
         EncryptionError: the file is missing, unreadable or not a 32-byte key.
     """
-    options = config.stream_options() if config is not None else None
+    options = config.options if config is not None else None
     try:
         key = storage.read_bytes(uri, options, limit=KEY_BYTES)
     except TensorizeError as e:
@@ -123,7 +123,7 @@ def prepare_key(uri: str, config: TensorizerConfig, *, generate: bool = True) ->
 
     Args:
         uri: the key file (a local path or ``s3://`` URI).
-        config: S3 credentials and transport settings (`stream_options()`).
+        config: S3 credentials and transport settings (`TensorizerConfig.options`).
         generate: whether a missing file may get a new key; when False it must exist.
 
     Returns:
@@ -136,7 +136,7 @@ def prepare_key(uri: str, config: TensorizerConfig, *, generate: bool = True) ->
             `generate` is False.
         StorageError: a new key cannot be written where `uri` points.
     """
-    options = config.stream_options()
+    options = config.options
     if storage.exists(uri, options):
         return EncryptionKey(read_key(uri, config), uri, existing=True)
     if not generate:

@@ -344,9 +344,7 @@ def _read_tensorized_adapter(
     )
     try:
         adapter_config = json.loads(
-            storage.read_bytes(
-                storage.join(uri, ADAPTER_CONFIG), config.stream_options(), limit=1 << 20
-            )
+            storage.read_bytes(storage.join(uri, ADAPTER_CONFIG), config.options, limit=1 << 20)
         )
         with open_tensors(tensors_uri, device="cpu", config=config) as reader:
             tensors = dict(reader.items())  # each in its own memory: no copy needed

@@ -43,6 +43,7 @@ from .format.record import FileRecord, ParallelLayout
 
 if TYPE_CHECKING:
     from .config import TensorizerConfig
+    from .storage.options import StreamOptions
 
 __all__ = [
     "ReadPlan",
@@ -68,7 +69,7 @@ class ReadPlan:
         uri: the file this rank reads (`template` formatted with its rank, or the shared file).
         shared: True when every rank reads the one file `uri` (see `check_shared_file`).
         keyfile: the key file that decrypts the tensors, or None.
-        options: how to reach remote storage (`TensorizerConfig.stream_options`).
+        options: how to reach remote storage (`TensorizerConfig.options`).
     """
 
     config: TensorizerConfig
@@ -77,7 +78,7 @@ class ReadPlan:
     uri: str
     shared: bool
     keyfile: str | None
-    options: dict[str, Any]
+    options: StreamOptions
 
     def rank_uris(self) -> list[str]:
         """Every rank's file, in global rank order (the one file, for a shared one)."""
@@ -123,7 +124,7 @@ class WritePlan:
     uri: str
     directory: str
     keyfile: str | None
-    options: dict[str, Any]
+    options: StreamOptions
     serialization_kwargs: dict[str, Any]
 
     def rank_uris(self) -> list[str]:
@@ -141,7 +142,7 @@ def resolve_read(config: TensorizerConfig, layout: ParallelLayout) -> ReadPlan:
         ConfigError: an explicit rank template that does not format.
         StorageError: the directory cannot be looked at (a remote one).
     """
-    if config.given_uri and model_directory_tensors(config.given_uri, config.stream_options()):
+    if config.given_uri and model_directory_tensors(config.given_uri, config.options):
         # a model directory given as the tensors: its files, as for tensorizer_dir
         config = dataclasses.replace(config, tensorizer_uri=None, tensorizer_dir=config.given_uri)
     given = config.given_uri
@@ -156,7 +157,7 @@ def resolve_read(config: TensorizerConfig, layout: ParallelLayout) -> ReadPlan:
         uri=uri,
         shared=shared is not None,
         keyfile=config.encryption_keyfile,
-        options=config.stream_options(),
+        options=config.options,
     )
 
 
@@ -177,7 +178,7 @@ def resolve_write(config: TensorizerConfig, layout: ParallelLayout) -> WritePlan
         uri=rank_uri(template, layout),
         directory=config.tensorizer_dir or storage.parent(template),
         keyfile=config.encryption_keyfile,
-        options=config.stream_options(),
+        options=config.options,
         serialization_kwargs=dict(config.serialization_kwargs or {}),
     )
 
@@ -220,7 +221,7 @@ def discover_rank_uris(
             dataclasses.replace(config, tensorizer_uri=template), layout
         ).rank_uris()
     found = [first]
-    options = config.stream_options()
+    options = config.options
     while storage.exists(nth := _nth_rank_uri(template, len(found)), options):
         found.append(nth)
     return found
@@ -249,7 +250,7 @@ def check_shared_file(
     raise needs_rank_files(uri, layout)
 
 
-def model_directory_tensors(uri: str, options: dict[str, Any] | None = None) -> str | None:
+def model_directory_tensors(uri: str, options: storage.Options = None) -> str | None:
     """The tensors of the model directory `uri`, found as a load finds them: its rank
     template (``DIR/model-rank-%03d.tensors``) when it has rank files, else its
     ``DIR/model.tensors``. None when `uri` is not a directory: a file, a rank template, or
@@ -290,10 +291,10 @@ def check_model_directory(config: TensorizerConfig) -> None:
         return
     local = storage.local_path(config.tensorizer_dir)
     if local is not None and os.path.isdir(local):
-        model_directory_tensors(config.tensorizer_dir, config.stream_options())
+        model_directory_tensors(config.tensorizer_dir, config.options)
 
 
-def one_file_of_directory(uri: str, options: dict[str, Any] | None = None) -> str | None:
+def one_file_of_directory(uri: str, options: storage.Options = None) -> str | None:
     """The one tensors file of the model directory `uri` (its ``model.tensors``), for a
     reader that opens one file (`read.reader.open_tensors`); None when `uri` is no
     directory (`model_directory_tensors`).
@@ -319,7 +320,7 @@ def _directory_template(directory: str, world_size: int, config: TensorizerConfi
     for (rather than a missing ``model.tensors``)."""
     template = tensors_uri(directory, world_size)
     if world_size == 1:
-        options = config.stream_options()
+        options = config.options
         sharded = tensors_uri(directory, 2)
         if not storage.exists(template, options) and storage.exists(
             rank_uri(sharded, ParallelLayout()), options
@@ -339,7 +340,7 @@ def _shared_file(config: TensorizerConfig, world_size: int) -> str | None:
     if given:
         return None if has_rank_template(given) else given
     directory = config.tensorizer_dir or "."
-    options = config.stream_options()
+    options = config.options
     single = tensors_uri(directory, 1)
     first_rank = rank_uri(tensors_uri(directory, world_size), ParallelLayout())
     if storage.exists(first_rank, options) or not storage.exists(single, options):

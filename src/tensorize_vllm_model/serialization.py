@@ -168,7 +168,7 @@ def _save_request(job: _Job) -> Any:
         rank_uris=job.plan.rank_uris(),
         key=job.key,
         serialization_kwargs=job.plan.serialization_kwargs,
-        stream_options=job.plan.options,
+        stream_options=job.plan.options.as_mapping(),
         producer=f"tensorize_vllm_model {__version__}, vllm {vllm_version()}",
     )
 

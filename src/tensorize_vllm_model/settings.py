@@ -1,18 +1,17 @@
 """Settings from the environment, and value parsing shared by every layer (the bottom layer).
 
-`environment()` is the only place that reads this package's environment variables
-(`set_prefetch_map` the only place that writes one); `parse_bool` reads the booleans of
+`environment()` is the only place that reads this package's environment variables, each
+one lazily, when the code that uses it asks (`set_prefetch_map` the only place that writes
+one); `parse_bool` reads the booleans of
 configs and ``stream_kwargs``, `parse_switch` an on/off environment variable. This module imports
 nothing from the package but `errors`, so `storage` and `config` can both use it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import stat
-from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigError
@@ -68,58 +67,107 @@ def parse_switch(value: str | None, key: str) -> bool:
     raise ConfigError(f"{key} must be 1 or 0 (on or off), got {value!r}")
 
 
-@dataclass(frozen=True)
 class Environment:
-    """The environment variables this package honours, read in one place."""
-
-    s3_access_key_id: str | None
-    s3_secret_access_key: str | None = dataclasses.field(repr=False)
-    s3_endpoint_url: str | None
-    aws_endpoint_url: str | None
-    cache_dir: str
-    # `prefetch`'s opt-in overlap (``TENSORIZE_VLLM_MODEL_OVERLAP``).
-    overlap: bool = False
-    # `prefetch`'s remote URI -> local copy path (``TENSORIZE_VLLM_MODEL_PREFETCH``).
-    prefetch_map: dict[str, str] = dataclasses.field(default_factory=dict)
-    # `compile_cache`: keep vLLM's compile cache with the model and put it back at load
-    # (``TENSORIZE_VLLM_MODEL_COMPILE_CACHE``, on unless set to 0).
-    compile_cache: bool = True
-    # `vllm_integration.aot_load` (``TENSORIZE_VLLM_MODEL_AOT_FIX``, on unless set to 0).
-    aot_fix: bool = True
-
-
-def environment() -> Environment:
-    """Read the environment now.
+    """The environment variables this package honours, each read when its attribute is read
+    (as vLLM's ``envs.py``): a bad value is refused, naming the variable, only by the code
+    that uses it, and reading one variable never parses another.
 
     ``S3_ACCESS_KEY_ID``, ``S3_SECRET_ACCESS_KEY``, ``S3_ENDPOINT_URL`` (as in vLLM);
     ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` (the AWS SDKs' endpoint variables; the
-    AWS credential variables are read by boto3 itself); ``TENSORIZE_VLLM_MODEL_CACHE``, else
-    ``$XDG_CACHE_HOME/tensorize_vllm_model``, else ``~/.cache/tensorize_vllm_model``: where
-    the config and tokenizer files of remote models are kept. A cache directory shared by
-    several users (writable by its group or all, with the sticky bit: 1777 as /tmp, a
-    team's 3775) is used in shared
-    mode: each user keeps their files in a private (0700) sub-directory ``user-<uid>``
-    (`user_cache`), so no user sees or replaces another's files;
+    AWS credential variables are read by boto3 itself); ``TENSORIZE_VLLM_MODEL_CACHE`` (where
+    the config and tokenizer files of remote models are kept, `cache_dir`);
+    ``TENSORIZE_VLLM_MODEL_OVERLAP`` and ``TENSORIZE_VLLM_MODEL_PREFETCH`` (`prefetch`);
     ``TENSORIZE_VLLM_MODEL_COMPILE_CACHE`` and ``TENSORIZE_VLLM_MODEL_AOT_FIX`` (on unless
     0): the compile cache shipped with a model, and vLLM's AOT load on CPU.
     """
-    env = os.environ
-    cache = env.get("TENSORIZE_VLLM_MODEL_CACHE") or os.path.join(
-        env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-        "tensorize_vllm_model",
-    )
-    cache = user_cache(cache)
-    return Environment(
-        s3_access_key_id=env.get("S3_ACCESS_KEY_ID"),
-        s3_secret_access_key=env.get("S3_SECRET_ACCESS_KEY"),
-        s3_endpoint_url=env.get("S3_ENDPOINT_URL"),
-        aws_endpoint_url=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"),
-        cache_dir=cache,
-        overlap=parse_switch(env.get(OVERLAP_ENV), OVERLAP_ENV),
-        prefetch_map=_prefetch_map(env.get(PREFETCH_ENV)),
-        compile_cache=_default_on(env.get(COMPILE_CACHE_ENV), COMPILE_CACHE_ENV),
-        aot_fix=_default_on(env.get(AOT_FIX_ENV), AOT_FIX_ENV),
-    )
+
+    __slots__ = ()
+
+    @property
+    def s3_access_key_id(self) -> str | None:
+        return os.environ.get("S3_ACCESS_KEY_ID")
+
+    @property
+    def s3_secret_access_key(self) -> str | None:
+        return os.environ.get("S3_SECRET_ACCESS_KEY")
+
+    @property
+    def s3_endpoint_url(self) -> str | None:
+        return os.environ.get("S3_ENDPOINT_URL")
+
+    @property
+    def aws_endpoint_url(self) -> str | None:
+        return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+    @property
+    def cache_root(self) -> str:
+        """``TENSORIZE_VLLM_MODEL_CACHE``, else ``$XDG_CACHE_HOME/tensorize_vllm_model``, else
+        ``~/.cache/tensorize_vllm_model``; nothing is made or checked (see `cache_dir`)."""
+        env = os.environ
+        return env.get("TENSORIZE_VLLM_MODEL_CACHE") or os.path.join(
+            env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+            "tensorize_vllm_model",
+        )
+
+    @property
+    def cache_dir(self) -> str:
+        """The cache directory to use now: `cache_root`, or in shared mode (a directory with
+        the sticky bit that its group or all may write: 1777 as /tmp, a team's 3775) this
+        user's private 0700 ``user-<uid>`` in it, made if missing (`user_cache`), so no user
+        sees or replaces another's files. Read only where the cache is used.
+
+        Raises:
+            ConfigError: see `user_cache`.
+        """
+        return user_cache(self.cache_root)
+
+    @property
+    def overlap(self) -> bool:
+        """`prefetch`'s opt-in overlap (``TENSORIZE_VLLM_MODEL_OVERLAP``, off unless set).
+
+        Raises:
+            ConfigError: a value other than 1/0, true/false, yes/no, on/off.
+        """
+        return parse_switch(os.environ.get(OVERLAP_ENV), OVERLAP_ENV)
+
+    @property
+    def prefetch_map(self) -> dict[str, str]:
+        """`prefetch`'s remote URI -> local copy path (``TENSORIZE_VLLM_MODEL_PREFETCH``).
+
+        Raises:
+            ConfigError: the value is not a JSON object.
+        """
+        return _prefetch_map(os.environ.get(PREFETCH_ENV))
+
+    @property
+    def compile_cache(self) -> bool:
+        """`compile_cache`: keep vLLM's compile cache with the model and put it back at
+        load (``TENSORIZE_VLLM_MODEL_COMPILE_CACHE``, on unless set to 0).
+
+        Raises:
+            ConfigError: a value that is not a switch.
+        """
+        return _default_on(os.environ.get(COMPILE_CACHE_ENV), COMPILE_CACHE_ENV)
+
+    @property
+    def aot_fix(self) -> bool:
+        """`vllm_integration.aot_load` (``TENSORIZE_VLLM_MODEL_AOT_FIX``, on unless 0).
+
+        Raises:
+            ConfigError: a value that is not a switch.
+        """
+        return _default_on(os.environ.get(AOT_FIX_ENV), AOT_FIX_ENV)
+
+    def __repr__(self) -> str:
+        return "Environment()"
+
+
+_ENVIRONMENT = Environment()
+
+
+def environment() -> Environment:
+    """The environment: each attribute read (and checked) when it is read, never before."""
+    return _ENVIRONMENT
 
 
 def user_cache(cache: str) -> str:

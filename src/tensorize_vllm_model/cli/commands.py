@@ -47,7 +47,7 @@ def inspect_or_verify(command: str, args: argparse.Namespace) -> int:
 def holds_a_model(directory: str, config: TensorizerConfig) -> bool:
     """Whether `directory` already holds a serialized model (its tensors or config), which
     a serialize or convert to it replaces (said as ``replaced``)."""
-    options = config.stream_options()
+    options = config.options
     names = ("model.tensors", "model-rank-000.tensors", "config.json")
     try:
         return any(storage.exists(storage.join(directory, name), options) for name in names)
@@ -62,7 +62,7 @@ def announce_existing_key(keyfile: str | None, config: TensorizerConfig) -> None
     Raises:
         EncryptionError: the path exists but is not a readable 32-byte key (a directory, say).
     """
-    if keyfile and storage.exists(keyfile, config.stream_options()):
+    if keyfile and storage.exists(keyfile, config.options):
         read_key(keyfile, config)
         print(f"encrypting with the existing key in {keyfile}", flush=True)
 
@@ -124,7 +124,7 @@ def deserialize(args: argparse.Namespace) -> int:
     check_model_directory(config)
     directory = args.serialized_directory or (
         config.given_uri
-        if config.given_uri and model_directory_tensors(config.given_uri, config.stream_options())
+        if config.given_uri and model_directory_tensors(config.given_uri, config.options)
         else None
     )
     if directory and not getattr(args, "model_given", False):

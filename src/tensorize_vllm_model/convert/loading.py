@@ -181,7 +181,7 @@ class ConvertedFile:
         if path is not None:
             found = ciphers(path, entries, self.reader.header_deserializer)
         else:
-            source = ranged_source(self.uri, self.config.stream_options())
+            source = ranged_source(self.uri, self.config.options)
             raws = [source.read_range(e.offset, e.data_offset) for e in entries]
             try:
                 found = [
@@ -201,7 +201,7 @@ class ConvertedFile:
         """(name, tensor in its checkpoint shape) of every part, its needed bytes read."""
         from ..progress import resize
 
-        options = self.config.stream_options()
+        options = self.config.options
         on_bytes = self.reader.on_bytes  # the load's progress: this rank's share of the file
         resize(on_bytes, sum(part.span[1] - part.span[0] for part in parts))
         for part, buffer in read_parts(

@@ -148,7 +148,7 @@ def convert_checkpoint(
         EncryptionError: `keyfile` exists but is not a 32-byte key (nothing written).
     """
     start = time.perf_counter()
-    options = config.stream_options() if config is not None else None
+    options = config.options if config is not None else None
     local, checkpoint, target = _source(model, dtype, revision, download_dir)
     check_serialization_kwargs(serialization_kwargs or {})
     directory = serialized_dir(serialized_directory, model, suffix)

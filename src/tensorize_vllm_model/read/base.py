@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ..format.compat import index_items, module_name
 from ..format.record import RESERVED_NAMES
+from ..storage.options import StreamOptions
 
 if TYPE_CHECKING:
     import torch
@@ -38,7 +39,8 @@ class ReadRequest:
         device: where tensors land (``"cpu"``, ``"cuda:0"``...).
         decryption: tensorizer's ``DecryptionParams`` for an encrypted file, or None.
         keyfile: where the key came from, named in errors (never the key itself).
-        stream_options: `storage.open_read` options (S3 credentials, endpoint, ranges...).
+        stream_options: how to reach remote storage (`TensorizerConfig.options`: S3
+            credentials, endpoint, ranges...).
         verify_hash: check every tensor against the hashes stored in the file.
         num_readers: reader threads (local) or range workers (remote); None: the measured
             default (`read.reader.default_num_readers`).
@@ -51,7 +53,7 @@ class ReadRequest:
     device: str | torch.device = "cpu"
     decryption: Any = field(default=None, repr=False)
     keyfile: str | None = None
-    stream_options: dict[str, Any] = field(default_factory=dict, repr=False)
+    stream_options: StreamOptions = field(default_factory=StreamOptions, repr=False)
     verify_hash: bool = False
     num_readers: int | None = None
     deserialization_kwargs: dict[str, Any] = field(default_factory=dict)

@@ -276,7 +276,7 @@ def request_from_config(
         device=device,
         decryption=decryption,
         keyfile=config.encryption_keyfile,
-        stream_options=config.stream_options(),
+        stream_options=config.options,
         verify_hash=bool(extra.pop("verify_hash", config.verify_hash)),
         num_readers=extra.pop("num_readers", config.num_readers),
         deserialization_kwargs=dict(config.deserialization_kwargs or {}),
@@ -359,13 +359,13 @@ def _tensorizer_kwargs(request: ReadRequest) -> dict[str, Any]:
 def open_request(request: ReadRequest) -> TensorReader:
     """Open the file of `request` (see `open_tensors` for what is read now and the errors)."""
     kwargs = _tensorizer_kwargs(request)
-    options = dict(request.stream_options)
+    options = request.stream_options
     if not (storage.local_path(request.uri) is not None) and request.num_readers:
-        options["workers"] = request.num_readers
+        options = options.replace(workers=request.num_readers)
     name = storage.redact(request.uri)
     started = time.perf_counter()
     # The header needs no read-ahead: a small window, one worker.
-    stream = storage.open_read(request.uri, {**options, "chunk_size": 1 << 20, "workers": 1})
+    stream = storage.open_read(request.uri, options.replace(chunk_size=1 << 20, workers=1))
     try:
         facts = read_preamble(stream, name)
         keyless = facts.encrypted and request.decryption is None
@@ -408,7 +408,7 @@ def _read_index(
         )
 
 
-def _reopener(uri: str, options: dict[str, Any], header_stream: Any) -> Callable[[], Any]:
+def _reopener(uri: str, options: StreamOptions, header_stream: Any) -> Callable[[], Any]:
     """Opens `uri` again for the tensors. A remote file read as one response hands over
     the stream its header came from, once: its first bytes are kept and the response goes
     on from there, so a load makes one request, not two (against the loopback S3 server
@@ -422,9 +422,8 @@ def _reopener(uri: str, options: dict[str, Any], header_stream: Any) -> Callable
     def reopen() -> Any:
         nonlocal handed
         if ranged:
-            settings = StreamOptions.from_mapping(options)
             return RangeStream(
-                header_stream.source, chunk_size=settings.chunk_size, workers=settings.workers
+                header_stream.source, chunk_size=options.chunk_size, workers=options.workers
             )
         stream, handed = handed, None
         if stream is None or stream.closed:

@@ -96,6 +96,21 @@ class StreamOptions:
         values.pop("buffer_size", None)
         return cls(**values)
 
+    def replace(self, **changes: Any) -> StreamOptions:
+        """These options with `changes` (generic keys or backend options) applied."""
+        values: dict[str, Any] = {name: getattr(self, name) for name in _GENERIC_SLOTS}
+        return StreamOptions(**{**values, **dict(self._backend), **changes})
+
+    def value(self, key: str) -> Any:
+        """The value of any key, generic or a backend's (None where not given)."""
+        return getattr(self, key) if key in _GENERIC_SLOTS else self.get(key)
+
+    def as_mapping(self) -> dict[str, Any]:
+        """The plain form (``stream_kwargs`` keys; `from_mapping` gives these options back,
+        `retry` aside): what crosses to vLLM's workers, whose RPC carries plain data only."""
+        values = {name: getattr(self, name) for name in _GENERIC_SLOTS if name != "retry"}
+        return {**values, **dict(self._backend)}
+
     def get(self, key: str, default: Any = None) -> Any:
         """A backend option's value (`default` where not given)."""
         for name, value in self._backend:
@@ -138,6 +153,9 @@ class StreamOptions:
             + "".join(f", {s}" for s in shown)
             + ")"
         )
+
+
+_GENERIC_SLOTS = ("ca_bundle", "workers", "chunk_size", "timeout", "ranges", "retry")
 
 
 def _checked(values: dict[str, Any]) -> dict[str, Any]:

@@ -136,7 +136,7 @@ class TensorizerLoader(BaseModelLoader):
         STATE.last_load = stats
         prefetch.release(uri)
         # Read now, put in place as vLLM compiles: the compile cache shipped with the model.
-        stage_for_load(vllm_config, uri, self.tensorizer_config.stream_options())
+        stage_for_load(vllm_config, uri, self.tensorizer_config.options)
         logger.info(
             "Deserialized %.3f GB in %.2f s (%.2f GB/s) from %s (%sworker memory: %s)",
             stats.bytes / 1e9,

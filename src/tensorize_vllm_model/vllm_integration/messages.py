@@ -52,7 +52,8 @@ class SaveRequest:
             the workers write where the plan says, they choose no file).
         key: the 32-byte key to encrypt with, or None.
         serialization_kwargs: extra keyword arguments for tensorizer's ``TensorSerializer``.
-        stream_options: how to reach remote storage.
+        stream_options: how to reach remote storage: the plain form of the write plan's
+            options (`StreamOptions.as_mapping`; vLLM's RPC carries plain data only).
         producer: the record's producer text (package and vLLM versions).
     """
 

@@ -220,7 +220,7 @@ def resolve_remote_model(engine_args: Any) -> None:
 
     extra = _extra_config(engine_args)
     config = TensorizerConfig.from_extra_config({**extra, "tensorizer_dir": model})
-    local = fetch_model_files(model, config.stream_options())
+    local = fetch_model_files(model, config.options)
     logger.info("Fetched the config and tokenizer of %s into %s", storage.redact(model), local)
     if not extra.get("tensorizer_uri"):
         extra["tensorizer_dir"] = model
@@ -233,7 +233,7 @@ def resolve_remote_model(engine_args: Any) -> None:
     if (
         prefetch.enabled() and parallel_sizes(engine_args) == (1, 1) and config.given_uri is None
     ):  # the weights stream in while vLLM starts up (prefetch.py)
-        prefetch.start(resolve_read(config, ParallelLayout()).uri, config.stream_options())
+        prefetch.start(resolve_read(config, ParallelLayout()).uri, config.options)
 
 
 def _register_lora_resolver() -> None:
@@ -254,7 +254,7 @@ def _register_lora_resolver() -> None:
 
             config = served.get(base_model_name)
             model = (config.tensorizer_dir if config else None) or base_model_name
-            options = config.stream_options() if config else None
+            options = config.options if config else None
             try:
                 uri = adapter_uri(model, lora_name)
                 if not storage.exists(storage.join(uri, "adapter_config.json"), options):

@@ -1,9 +1,10 @@
-"""`TensorizerConfig` and `TensorizerArgs`: the settings of a serialize or a load.
+"""`TensorizerConfig`: the settings of a serialize or a load, their data and validation.
 
 Same names, fields and meanings as `vllm.model_executor.model_loader.tensorizer`, so code
-written against vLLM's module works by changing the import. The one config object flows
-from the command line or the caller down to the workers (as the plain dict of
-`to_serializable()`), and `settings.environment` is the only place that reads environment variables.
+written against vLLM's module works by changing the import. The config is the edge: what
+the layers below take is its typed `options` (a `storage.StreamOptions`, built once per
+distinct settings), the read or write plan made from it, and the plain dict of
+`to_serializable()` (to vLLM's workers). `settings.environment` reads the variables.
 """
 
 from __future__ import annotations
@@ -12,21 +13,32 @@ import argparse
 import dataclasses
 from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, fields
-from typing import Any, BinaryIO, ClassVar
+from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
 
-from .errors import ConfigError, extra_config_name
-from .format.names import (
+from ..errors import ConfigError
+from ..format.names import (
     DEFAULT_TENSORS_NAME,
     SHARDED_TENSORS_NAME,
     has_rank_template,
 )
-from .redaction import scrubbing
-from .settings import environment, parse_bool
+from ..redaction import scrubbing
+from ..settings import environment
+from .extra import extra_config_fields
+from .flags import TENSORIZER_CLI_FLAGS
+from .validation import (
+    DESERIALIZATION_KWARGS,
+    FORBIDDEN_DESERIALIZATION_KWARGS,
+    checked_fields,
+)
+
+if TYPE_CHECKING:
+    from ..storage.options import StreamOptions
 
 __all__ = [
     "TensorizerConfig",
     "TensorizerArgs",
     "as_tensorizer_config",
+    "stream_kwargs_of",
     "DEFAULT_TENSORS_NAME",
     "SHARDED_TENSORS_NAME",
     "FORBIDDEN_DESERIALIZATION_KWARGS",
@@ -34,24 +46,7 @@ __all__ = [
 ]
 
 
-# vLLM decides the device and dtype; the mode is not for users to set.
-FORBIDDEN_DESERIALIZATION_KWARGS = ("device", "dtype", "mode")
-# What deserialization_kwargs may hold: tensorizer 2.12's TensorDeserializer arguments that
-# the loader does not set itself (it sets lazy_load, filter_func and encryption).
-DESERIALIZATION_KWARGS = ("verify_hash", "num_readers", "plaid_mode", "plaid_mode_buffers")
-
 _MASK = "***"
-
-# Keys whose values are booleans, in each kwargs dict (tensorizer 2.12's ``open_stream``,
-# ``TensorDeserializer`` and ``TensorSerializer`` signatures, and this package's ``ranges``).
-_BOOLEAN_KWARGS = {
-    "stream_kwargs": ("force_http", "ranges"),
-    "deserialization_kwargs": ("plaid_mode", "verify_hash"),
-    "serialization_kwargs": ("compress_tensors",),
-}
-# Fields of vLLM's TensorizerConfig that vLLM's loader fills at load time (init=False); they
-# are not settings, and are dropped when a vLLM config object is taken in.
-_VLLM_RUNTIME_FIELDS = ("model_class", "hf_config", "dtype")
 
 
 @dataclass
@@ -128,55 +123,9 @@ class TensorizerConfig(MutableMapping):
             super().__setattr__("_given_uri", value or None)
 
     def _validate(self) -> None:
-        for name, booleans in _BOOLEAN_KWARGS.items():
-            value = getattr(self, name)
-            if value is None:
-                value = {}
-            if not isinstance(value, Mapping):
-                raise ConfigError(f"{name} must be a JSON object (a dict), got {value!r}")
-            value = dict(value)
-            for key in booleans:
-                if key in value:
-                    value[key] = parse_bool(value[key], f"{name} {key}")
+        values = {name: getattr(self, name) for name in self._fields}
+        for name, value in checked_fields(values).items():
             setattr(self, name, value)
-        given = set(self.deserialization_kwargs or {})
-        refused = sorted(given & set(FORBIDDEN_DESERIALIZATION_KWARGS))
-        if refused:
-            raise ConfigError(
-                f"deserialization_kwargs key(s) {', '.join(map(repr, refused))} are not "
-                "allowed: vLLM decides the device and dtype of the weights, and the mode is "
-                "fixed."
-            )
-        unknown = sorted(given - set(DESERIALIZATION_KWARGS))
-        if unknown:
-            raise ConfigError(
-                f"unknown deserialization_kwargs key(s) {', '.join(map(repr, unknown))}; "
-                f"TensorDeserializer takes {', '.join(DESERIALIZATION_KWARGS)} here (the "
-                "loader sets lazy_load, filter_func and encryption itself)"
-            )
-        if self.num_readers is not None and (
-            isinstance(self.num_readers, bool)
-            or not isinstance(self.num_readers, int)
-            or self.num_readers < 1
-        ):
-            raise ConfigError(f"num_readers must be a positive integer, got {self.num_readers!r}")
-        for name in ("verify_hash", "vllm_tensorized"):
-            setattr(self, name, parse_bool(getattr(self, name), name))
-        from .storage.options import StreamOptions
-
-        StreamOptions.from_mapping(self.stream_kwargs)  # names unknown keys now
-        for name in (
-            "tensorizer_uri",
-            "tensorizer_dir",
-            "encryption_keyfile",
-            "s3_access_key_id",
-            "s3_secret_access_key",
-            "s3_endpoint",
-            "ca_bundle",
-        ):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, str):
-                raise ConfigError(f"{name} must be a string, got {type(value).__name__}")
 
     # -- construction from vLLM's load config -------------------------------------------
 
@@ -189,19 +138,7 @@ class TensorizerConfig(MutableMapping):
         ``tensorizer_dir`` set to ``--model``. Keys that are not config fields are refused
         by name. `extra` may also be a `TensorizerConfig`, this package's or vLLM's.
         """
-        extra = _plain_values(extra)
-        nested = extra.pop("tensorizer_config", None) or {}
-        if not isinstance(nested, Mapping):
-            raise ConfigError("model_loader_extra_config['tensorizer_config'] must be an object")
-        unknown = sorted(set(extra) - cls._keys) + sorted(set(nested) - cls._keys)
-        if unknown:
-            raise ConfigError(
-                f"unknown key(s) in {extra_config_name()}: "
-                f"{', '.join(map(repr, unknown))}; known keys: {', '.join(cls._fields)}"
-            )
-        merged = {**nested, **extra}
-        if merged.get("tensorizer_uri"):
-            merged.pop("tensorizer_dir", None)
+        merged = extra_config_fields(extra, cls._fields)
         return cls(**merged)
 
     def to_serializable(self) -> dict[str, Any]:
@@ -221,6 +158,7 @@ class TensorizerConfig(MutableMapping):
         return out
 
     def _construct_tensorizer_args(self) -> TensorizerArgs:
+
         return TensorizerArgs(self)
 
     # -- vLLM's checks and stream, same signatures (vLLM 0.32's TensorizerConfig) ---------
@@ -239,8 +177,8 @@ class TensorizerConfig(MutableMapping):
         Raises:
             ConfigError: (a ValueError, as vLLM raises) naming the URI and the layout.
         """
-        from .format.record import ParallelLayout
-        from .plan import check_layout
+        from ..format.record import ParallelLayout
+        from ..plan import check_layout
 
         layout = ParallelLayout(
             int(getattr(parallel_config, "tensor_parallel_size", 1) or 1),
@@ -265,9 +203,9 @@ class TensorizerConfig(MutableMapping):
         Raises:
             StorageError: naming the URI when it cannot be opened.
         """
-        from . import storage
+        from .. import storage
 
-        options = tensorizer_args.stream_kwargs if tensorizer_args else self.stream_options()
+        options = tensorizer_args.stream_kwargs if tensorizer_args else self.options
         return storage.open_read(self.tensorizer_uri or "", options)
 
     # -- derived facts -------------------------------------------------------------------
@@ -287,22 +225,25 @@ class TensorizerConfig(MutableMapping):
     def _is_sharded(self) -> bool:  # vLLM's name
         return self.is_sharded
 
-    def s3_credentials(self) -> dict[str, str | None]:
-        """Access key, secret and endpoint: the config's values, else the S3_* variables."""
-        env = environment()
-        return {
-            "s3_access_key_id": _first(self.s3_access_key_id, env.s3_access_key_id),
-            "s3_secret_access_key": _first(self.s3_secret_access_key, env.s3_secret_access_key),
-            "s3_endpoint": _first(self.s3_endpoint, env.s3_endpoint_url),
-        }
+    @property
+    def options(self) -> StreamOptions:
+        """How to reach remote storage, typed: what every layer below takes. From the
+        credential fields (each, when unset, from its variable: ``S3_ACCESS_KEY_ID``,
+        ``S3_SECRET_ACCESS_KEY``, ``S3_ENDPOINT_URL``), `ca_bundle`, then `stream_kwargs`
+        (which win; same keys as tensorizer's ``open_stream``). Built once, and again only
+        when those settings change.
 
-    def stream_options(self) -> dict[str, Any]:
-        """How to reach remote storage: credentials, `ca_bundle`, then `stream_kwargs`
-        (which win; same keys as tensorizer's ``open_stream``)."""
-        options: dict[str, Any] = dict(self.s3_credentials())
-        if self.ca_bundle:
-            options["ca_bundle"] = self.ca_bundle
-        return {**options, **(self.stream_kwargs or {})}
+        Raises:
+            ConfigError: an invalid ``stream_kwargs`` value (named).
+        """
+        from ..storage.options import StreamOptions
+
+        given = stream_kwargs_of(self)
+        cached = self.__dict__.get("_options")
+        if cached is None or cached[0] != given:
+            cached = (given, StreamOptions.from_mapping(given))
+            object.__setattr__(self, "_options", cached)
+        return cached[1]
 
     def __repr__(self) -> str:
         shown = []
@@ -346,51 +287,6 @@ TensorizerConfig._fields = tuple(f.name for f in fields(TensorizerConfig))
 TensorizerConfig._keys = frozenset(TensorizerConfig._fields)
 
 
-# The tensorizer flags of vLLM's example script: argparse keywords, help included.
-# `TensorizerArgs.add_cli_args` adds them all; the command line (cli/flags.py) takes the
-# S3 flags and --num-readers from here too, so each is defined once.
-TENSORIZER_CLI_FLAGS: dict[str, dict[str, Any]] = {
-    "--tensorizer-uri": {
-        "type": str,
-        "help": "Path to serialized model tensors: a local path, or an HTTP(S) or S3 URI. "
-        "The same as --path-to-tensors.",
-    },
-    "--verify-hash": {
-        "action": "store_true",
-        "default": None,
-        "help": "Check every tensor's stored hash while loading; a mismatch is an error "
-        "naming the tensor.",
-    },
-    "--encryption-keyfile": {
-        "type": str,
-        "default": None,
-        "help": "The file (path or S3 URI) holding the binary key that decrypts the "
-        "tensors. The same as --keyfile.",
-    },
-    "--num-readers": {
-        "type": int,
-        "default": None,
-        "help": "How many threads read the tensors concurrently (default: chosen for the source).",
-    },
-    "--s3-access-key-id": {
-        "type": str,
-        "default": None,
-        "help": "The S3 access key (else S3_ACCESS_KEY_ID, the AWS credential chain, ~/.s3cfg).",
-    },
-    "--s3-secret-access-key": {
-        "type": str,
-        "default": None,
-        "help": "The S3 secret key. Prefer the S3_SECRET_ACCESS_KEY environment variable: "
-        "command lines are visible to other users of the machine.",
-    },
-    "--s3-endpoint": {
-        "type": str,
-        "default": None,
-        "help": "The S3 endpoint URL (else S3_ENDPOINT_URL).",
-    },
-}
-
-
 class TensorizerArgs:
     """A config resolved for tensorizer: stream and deserializer keyword arguments.
 
@@ -408,11 +304,12 @@ class TensorizerArgs:
         self.tensorizer_dir = tensorizer_config.tensorizer_dir
         self.encryption_keyfile = tensorizer_config.encryption_keyfile
         self.file_obj = tensorizer_config.tensorizer_uri
-        credentials = tensorizer_config.s3_credentials()
-        self.s3_access_key_id = credentials["s3_access_key_id"]
-        self.s3_secret_access_key = credentials["s3_secret_access_key"]
-        self.s3_endpoint = credentials["s3_endpoint"]
-        self.stream_kwargs: dict[str, Any] = tensorizer_config.stream_options()
+        # vLLM's attributes: the credentials (else the S3_* variables) and open_stream's
+        # keyword arguments, as plain values of the config's options.
+        self.stream_kwargs: dict[str, Any] = stream_kwargs_of(tensorizer_config)
+        self.s3_access_key_id = self.stream_kwargs.get("s3_access_key_id")
+        self.s3_secret_access_key = self.stream_kwargs.get("s3_secret_access_key")
+        self.s3_endpoint = self.stream_kwargs.get("s3_endpoint")
         self.serialization_kwargs = dict(tensorizer_config.serialization_kwargs or {})
         self.deserialization_kwargs: dict[str, Any] = {
             "verify_hash": bool(tensorizer_config.verify_hash),
@@ -420,7 +317,7 @@ class TensorizerArgs:
             **(tensorizer_config.deserialization_kwargs or {}),
         }
         if self.encryption_keyfile:
-            from .keys import read_decryption_params
+            from ..keys import read_decryption_params
 
             self.deserialization_kwargs["encryption"] = read_decryption_params(
                 self.encryption_keyfile, tensorizer_config
@@ -472,32 +369,18 @@ def as_tensorizer_config(config: Any) -> TensorizerConfig:
     return TensorizerConfig.from_extra_config(config)
 
 
-def _plain_values(config: Any) -> dict[str, Any]:
-    """The fields of a config given as a dict, this package's config or vLLM's."""
-    if config is None:
-        return {}
-    if isinstance(config, TensorizerConfig):
-        return config.to_serializable()
-    if hasattr(config, "to_serializable"):  # vLLM's TensorizerConfig
-        values = dict(config.to_serializable())
-        for name in _VLLM_RUNTIME_FIELDS:
-            values.pop(name, None)
-        return values
-    if isinstance(config, Mapping):
-        values = dict(config)
-        if "_is_sharded" in values:
-            # Every field of vLLM's config, as vLLM's LoadConfig (pydantic) turns the object
-            # into a dict: its private and load-time fields are not settings.
-            values = {
-                k: v
-                for k, v in values.items()
-                if not k.startswith("_") and k not in _VLLM_RUNTIME_FIELDS
-            }
-        return values
-    raise ConfigError(
-        "a tensorizer config must be a TensorizerConfig (this package's or "
-        f"vLLM's) or a dict of its fields, got {type(config).__name__}"
-    )
+def stream_kwargs_of(config: TensorizerConfig) -> dict[str, Any]:
+    """The plain form of `TensorizerConfig.options` (``open_stream``'s keyword arguments, as
+    vLLM's `TensorizerArgs.stream_kwargs` holds them); the environment is read now."""
+    env = environment()
+    options: dict[str, Any] = {
+        "s3_access_key_id": _first(config.s3_access_key_id, env.s3_access_key_id),
+        "s3_secret_access_key": _first(config.s3_secret_access_key, env.s3_secret_access_key),
+        "s3_endpoint": _first(config.s3_endpoint, env.s3_endpoint_url),
+    }
+    if config.ca_bundle:
+        options["ca_bundle"] = config.ca_bundle
+    return {**options, **(config.stream_kwargs or {})}
 
 
 def _parent(uri: str) -> str:
