@@ -31,6 +31,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / PACKAGE
 RANKS = {
     "errors": 0,
     "settings": 0,
+    "redaction": 0,
     "storage": 1,
     "keys": 2,
     "format": 3,
