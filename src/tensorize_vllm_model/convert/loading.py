@@ -19,7 +19,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -73,9 +73,12 @@ class ConvertedFile:
     def logical_shape(self, name: str) -> tuple[int, ...]:
         return logical_shape(self.entries[name].shape, self.tiles.get(name, 0))
 
-    def meta_inputs(self, watch: CopyWatch) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, meta tensor of its checkpoint shape) of every tensor, in file order."""
-        for name in self.entries:
+    def meta_inputs(
+        self, watch: CopyWatch, names: Iterable[str] | None = None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, meta tensor of its checkpoint shape) of every tensor (or of `names`), in
+        file order (in `names`' order)."""
+        for name in self.entries if names is None else names:
             yield name, watch.meta_input(name, self.logical_shape(name), self._dtype(name))
 
     def parts(self, needs: dict[str, Need], owners: set[int] | None = None) -> list[Part]:
