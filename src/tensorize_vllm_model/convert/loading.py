@@ -159,9 +159,13 @@ class ConvertedFile:
         if path is None or self.reader.encrypted or not os.path.getsize(path):
             return None
 
+        tensors: dict[str, tuple[torch.dtype, int]] = {}  # name -> (dtype, data offset)
+
         def place(name: str, index: int) -> tuple[torch.dtype, int]:
-            dtype = self._dtype(name)
-            return dtype, self.index[name].data_offset + index * dtype.itemsize
+            found = tensors.get(name)
+            if found is None:
+                found = tensors[name] = (self._dtype(name), self.index[name].data_offset)
+            return found[0], found[1] + index * found[0].itemsize
 
         self._elements = FileElements(path, place)
         return self._elements

@@ -27,6 +27,7 @@ import torch
 
 from .. import storage
 from ..errors import EncryptionError, FormatError, StorageError
+from .scatter import read_scattered
 
 __all__ = ["Part", "PartsRead", "read_parts", "ranged_source"]
 
@@ -190,11 +191,16 @@ class _Batches:
 
 
 def _run_batch(future: Future, calls: list[tuple[Any, ...]]) -> None:
+    """Run a batch of `_fill` calls (plain reads of one local file): few ``preadv``
+    calls for all of them (`scatter`), each alone where that reads short."""
     if not future.set_running_or_notify_cancel():
         return
     try:
-        for function, *args in calls:
-            function(*args)
+        reads = [
+            (part.entry.data_offset + lo, hi - lo, memory, place)
+            for _, _, part, memory, place, lo, hi in calls
+        ]
+        read_scattered(calls[0][1].fd, reads, lambda i: calls[i][0](*calls[i][1:]))
     except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the batch
         future.set_exception(e)
     else:
