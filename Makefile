@@ -19,9 +19,10 @@ s3-demo:
 	scripts/install.sh --test
 	.venv/bin/python examples/s3_workflow.py
 
-# The load benchmark (benchmarks/run.py): every scenario, 0.75 GB model, model build included; under 20 minutes on a 2-core machine (docs/performance.md).
-# Then the MoE case (benchmarks/moe.py): a 0.9 GB Qwen3-30B-A3B-shaped checkpoint of 18,867 tensors, converted and loaded (docs/convert.md),
-# and gs:// / az:// ranged reads (benchmarks/cloud_reads.py).
+# The load benchmark (benchmarks/run.py): every scenario, 0.75 GB model, model build included (about 6 minutes);
+# then the MoE case (benchmarks/moe.py): a 0.9 GB Qwen3-30B-A3B-shaped checkpoint of 18,867 tensors, converted and loaded
+# (docs/convert.md; about 14 minutes), and gs:// / az:// ranged reads (benchmarks/cloud_reads.py): about 20 minutes in all
+# on a 2-core machine (docs/performance.md).
 .PHONY: bench bench-cloud
 bench:
 	scripts/install.sh --test --bench

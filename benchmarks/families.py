@@ -36,13 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
-PROMPTS = [
-    "Hello, my name is",
-    "The capital of France is",
-    "Once upon a time there was",
-    "The future of computing is",
-]
-MAX_TOKENS = 16
+from demo_models import MAX_TOKENS, PROMPTS  # noqa: E402
+
 LOCK = "/tmp/vllm-engine.lock"
 PATHS = [("default", 1), ("default", 2), ("serialize", 1), ("convert", 1), ("convert", 2)]
 # Every family's TP=1 cells first, then every family's TP=2 cells: each family holds the
@@ -246,12 +241,12 @@ def table(rows: dict[str, dict], version: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def jobs(families: list[str]) -> list[tuple[str, int]]:
-    """(family, phase) in run order: the first family's both phases, then every other
-    family's TP=1 cells, then their TP=2 cells (so a short run still has whole rows for
-    the first family and the TP=1 column for all)."""
+def jobs(families: list[str], phases: list[int]) -> list[tuple[str, int]]:
+    """(family, phase) in run order: the first family's phases, then every other family's
+    TP=1 cells, then their TP=2 cells (so a short run still has whole rows for the first
+    family and the TP=1 column for all)."""
     first, rest = families[:1], families[1:]
-    return [(f, p) for f in first for p in PHASES] + [(f, p) for p in PHASES for f in rest]
+    return [(f, p) for f in first for p in phases] + [(f, p) for p in phases for f in rest]
 
 
 def run_family(family: str, work: str, phase: int, timeout: int) -> dict:
@@ -278,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--phase", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--phases", default="1,2", help="1: the TP=1 cells, 2: the TP=2 cells (default both)"
+    )
     parser.add_argument("--timeout", type=int, default=1200, help="seconds per family")
     parser.add_argument(
         "--hold", type=int, default=480, help="seconds to hold the engine lock at a time"
@@ -290,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     import vllm
 
     rows: dict[str, dict] = {family: {} for family in args.families.split(",")}
-    todo = jobs(list(rows))
+    todo = jobs(list(rows), [int(p) for p in args.phases.split(",")])
     with tempfile.TemporaryDirectory(prefix="families-") as work:
         while todo:
             # hold the machine's engine lock for a few families at a time (about as long as

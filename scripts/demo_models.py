@@ -15,6 +15,8 @@ from pathlib import Path
 
 __all__ = [
     "ARCHITECTURES",
+    "MAX_TOKENS",
+    "PROMPTS",
     "build_model",
     "build_moe_skeleton",
     "build_tokenizer",
@@ -22,6 +24,15 @@ __all__ = [
 ]
 
 ARCHITECTURES = ("llama", "opt", "qwen3_moe")
+
+# The prompts (and greedy tokens per prompt) that the tests and benchmarks compare outputs on.
+PROMPTS = [
+    "Hello, my name is",
+    "The capital of France is",
+    "Once upon a time there was",
+    "The future of computing is",
+]
+MAX_TOKENS = 16
 
 # A few hundred words of plain English to train the tokenizer on: enough for a vocabulary
 # of a few hundred tokens and for prompts that do not fall back to single bytes.

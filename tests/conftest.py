@@ -22,13 +22,7 @@ sys.path.append(str(ROOT / "scripts"))
 RUNNER = Path(__file__).resolve().parent / "engine_runner.py"
 BUILTIN_RUNNER = Path(__file__).resolve().parent / "builtin_runner.py"
 
-PROMPTS = [
-    "Hello, my name is",
-    "The capital of France is",
-    "Once upon a time there was",
-    "The future of computing is",
-]
-MAX_TOKENS = 16
+from demo_models import MAX_TOKENS, PROMPTS  # noqa: E402
 
 # Engine settings that fit vLLM's CPU backend on a small machine: on the CPU the "GPU"
 # memory fraction is the share of host memory kept for the KV cache.

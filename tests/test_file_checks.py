@@ -502,6 +502,56 @@ def test_model_mismatch_names_the_tensor(tmp_path):
     assert "wrong shape: proj.weight (file (16, 16), model (8, 16))" in text
 
 
+class _Backend:
+    """Stands for vLLM's attention backend: a plain object that keeps a tensor its layer
+    handed it at construction (gpt-oss's attention gives the backend its ``sinks``)."""
+
+    def __init__(self, sinks):
+        self.sinks = sinks
+
+
+def test_load_keeps_the_parameter_objects_other_parts_hold(tmp_path):
+    """gpt-oss serialized and loaded gave other tokens, no error: its attention backend
+    kept the meta ``sinks`` parameter while the load put a new parameter in the module.
+    The parameter object itself now takes the file's tensor."""
+    path = tmp_path / "m.tensors"
+    write_file(path)
+
+    class Holding(Small):
+        def __init__(self):
+            super().__init__()
+            self.impl = _Backend(self.norm.weight)
+
+    with meta_parameters("cpu"):
+        model = Holding()
+    with open_tensors(str(path)) as reader:
+        load_into_module(model, reader)
+    assert model.impl.sinks is model.norm.weight
+    torch.manual_seed(0)
+    assert torch.equal(model.impl.sinks, Small().norm.weight)
+
+
+def test_load_refuses_a_model_left_holding_a_meta_tensor(tmp_path):
+    """A holder torch cannot update in place (a view of the parameter) is named, not left
+    on meta for the model to compute with."""
+    path = tmp_path / "m.tensors"
+    write_file(path)
+
+    class HoldingAView(Small):
+        def __init__(self):
+            super().__init__()
+            self.impl = _Backend(self.proj.weight.view(-1))
+
+    with meta_parameters("cpu"):
+        model = HoldingAView()
+    with open_tensors(str(path)) as reader, pytest.raises(TensorizeError) as failure:
+        load_into_module(model, reader)
+    assert str(failure.value) == (
+        f"after loading {path}, HoldingAView still holds tensors on the meta device outside "
+        "its parameters (it would compute with them): impl.sinks"
+    )
+
+
 # ---------------------------------------------------------------- inspect and verify
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from tensorize_vllm_model.cli import main
 from tensorize_vllm_model.errors import CredentialsError
+from tensorize_vllm_model.settings import STORAGE_VARIABLES
 from tensorize_vllm_model.storage import azure as azure_backend
 from tensorize_vllm_model.storage import s3 as s3_backend
 
@@ -18,14 +19,8 @@ CLEARED = (
     "AWS_PROFILE",
     "S3_ACCESS_KEY_ID",
     "S3_SECRET_ACCESS_KEY",
-    "STORAGE_EMULATOR_HOST",
-    "GOOGLE_APPLICATION_CREDENTIALS",
-    "AZURE_STORAGE_CONNECTION_STRING",
-    "AZURE_STORAGE_ACCOUNT_NAME",
-    "AZURE_STORAGE_ACCOUNT_KEY",
-    "AZURE_STORAGE_SAS_TOKEN",
-    "AZURE_STORAGE_BLOB_ENDPOINT",
-    "AZURE_CLIENT_ID",
+    *STORAGE_VARIABLES,  # the gs:// and az:// backends' own
+    "AZURE_CLIENT_ID",  # azure-identity's
     "AZURE_TENANT_ID",
     "AZURE_CLIENT_SECRET",
 )

@@ -9,6 +9,7 @@ package (the record as its own STATE_DICT tensor) still load.
 from __future__ import annotations
 
 import argparse
+import importlib
 import inspect
 import json
 import logging
@@ -72,6 +73,30 @@ RE_EXPORTS = [
     "get_mem_usage",
     "no_init_or_tensor",
 ]
+
+
+def test_one_table_gives_the_lazy_names_and_type_checkers_see_each():
+    """`__init__.py`'s `_LAZY` table drives `__all__` and `__getattr__`; each name in it
+    resolves to its module's object, and is imported under TYPE_CHECKING (tensorizer's
+    own objects aside: vLLM re-exports them untyped)."""
+    import ast
+
+    tree = ast.parse(inspect.getsource(ours))
+    [guarded] = [
+        n for n in tree.body if isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test)
+    ]
+    typed = {
+        alias.name
+        for node in ast.walk(guarded)
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+    }
+    assert typed == set(ours._LAZY) - set(RE_EXPORTS)
+    assert set(ours._LAZY) <= set(ours.__all__)
+    for name, module in ours._LAZY.items():
+        assert getattr(ours, name) is getattr(
+            importlib.import_module(f"tensorize_vllm_model.{module}"), name
+        )
 
 
 def assert_vllm_signature(theirs, mine) -> None:

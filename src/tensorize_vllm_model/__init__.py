@@ -6,7 +6,8 @@
     llm = LLM("/out", load_format="tensorizer")
 
 Every public name of vLLM 0.32's ``vllm.model_executor.model_loader.tensorizer`` is here
-too, with vLLM's signature and meaning (README: "vLLM's tensorizer module, name by name"),
+too, with vLLM's signature and meaning (docs/compatibility.md, "vLLM's tensorizer module,
+name by name"),
 so code written against vLLM's module works by changing the import. Heavy modules (torch,
 vLLM, tensorizer) load only when a name that needs them is used.
 """
@@ -54,8 +55,29 @@ if TYPE_CHECKING:  # the lazy names below, for type checkers
         tensorized_lora_request,
     )
 
-# vLLM 0.32's tensorizer module: its own names, then those it re-exports from tensorizer.
-_VLLM_NAMES = {
+# tensorizer's own objects, as vLLM's tensorizer module re-exports them
+_TENSORIZER_NAMES = (
+    "EncryptionParams",
+    "DecryptionParams",
+    "TensorDeserializer",
+    "TensorSerializer",
+    "open_stream",
+    "convert_bytes",
+    "get_mem_usage",
+    "no_init_or_tensor",
+)
+# The names imported on first use (`__getattr__`), each with the module it comes from: one
+# table, read by `__getattr__` and `__all__`, so importing the package loads no torch, vLLM
+# or tensorizer. A lazy name is also imported under TYPE_CHECKING above, for type checkers
+# (tests/test_vllm_names.py checks the two agree); the config and the errors are imported at
+# once and listed in `__all__` by hand (ruff checks those two agree).
+_LAZY = {
+    "tensorize_vllm_model": "serialization",
+    "is_vllm_tensorized": "checks",
+    "tensorized_lora_request": "vllm_integration.module_api",
+    "open_tensors": "read.reader",
+    "load_into_module": "modules",
+    # vLLM 0.32's tensorizer module: its own names, then tensorizer's
     "is_valid_deserialization_uri": "vllm_api",
     "tensorizer_kwargs_arg": "vllm_api",
     "MetaTensorMode": "vllm_api",
@@ -65,30 +87,13 @@ _VLLM_NAMES = {
     "init_tensorizer_model": "vllm_integration.module_api",
     "deserialize_tensorizer_model": "vllm_integration.module_api",
     "serialize_vllm_model": "vllm_integration.module_api",
-    **dict.fromkeys(
-        (
-            "EncryptionParams",
-            "DecryptionParams",
-            "TensorDeserializer",
-            "TensorSerializer",
-            "open_stream",
-            "convert_bytes",
-            "get_mem_usage",
-            "no_init_or_tensor",
-        ),
-        "vllm_api",
-    ),
+    **dict.fromkeys(_TENSORIZER_NAMES, "vllm_api"),
 }
 
 __all__ = [
     "__version__",
     "TensorizerConfig",
     "TensorizerArgs",
-    "tensorize_vllm_model",
-    "is_vllm_tensorized",
-    "tensorized_lora_request",
-    "open_tensors",
-    "load_into_module",
     "TensorizeError",
     "ConfigError",
     "StorageError",
@@ -102,17 +107,8 @@ __all__ = [
     "FormatError",
     "ModelMismatchError",
     "LayoutError",
-    *_VLLM_NAMES,
+    *_LAZY,
 ]
-
-_LAZY = {
-    "tensorize_vllm_model": "serialization",
-    "is_vllm_tensorized": "checks",
-    "tensorized_lora_request": "vllm_integration.module_api",
-    "open_tensors": "read.reader",
-    "load_into_module": "modules",
-    **_VLLM_NAMES,
-}
 
 
 def __getattr__(name: str) -> Any:

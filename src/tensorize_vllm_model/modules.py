@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from .read.base import LoadStats
     from .read.reader import TensorReader
 
-__all__ = ["meta_parameters", "load_into_module"]
+__all__ = ["meta_parameters", "load_into_module", "meta_references"]
 
 
 class _EmptyOnMeta(TorchDispatchMode):
@@ -85,7 +85,8 @@ def load_into_module(
     (``[T, out, in / T]``, `convert.placement`), are put back as ``[out, in]``.
 
     Raises:
-        ModelMismatchError: naming every missing, unexpected or misshapen tensor.
+        ModelMismatchError: naming every missing, unexpected or misshapen tensor, or an
+            attribute still holding a meta tensor (`meta_references`).
     """
     fill = _Fill(_tensor_slots(module))
     tiled = reader.record.column_tiles if reader.checkpoint_form and reader.record else {}
@@ -103,6 +104,12 @@ def load_into_module(
             "checkpoint's own (transformers) model is convert's output"
         )
     fill.check(reader.uri, type(module).__name__, strict=strict, hint=hint)
+    held = meta_references(module)
+    if held:
+        raise ModelMismatchError(
+            f"after loading {reader.uri}, {type(module).__name__} still holds tensors on the "
+            f"meta device outside its parameters (it would compute with them): {_listed(held)}"
+        )
     return stats
 
 
@@ -201,6 +208,15 @@ class _Slot:
         return tensor
 
     def replace(self, tensor: torch.Tensor) -> None:
+        """Put `tensor` in the slot, in the same tensor object where torch allows it.
+
+        vLLM's layers hand their parameters to other objects as they are built (gpt-oss's
+        attention gives its ``sinks`` to the attention backend, which keeps it): a new
+        object in the module's table would leave those holding the meta tensor, and the
+        model computing with it, silently (gpt-oss serialized: other tokens). The slot's
+        object takes the new contents (`torch.utils.swap_tensors`); where torch refuses
+        (the object has views or weak references), a new object goes in its places and
+        `meta_references` finds a holder left on meta."""
         old = self.current()
         if self.is_buffer:
             new: torch.Tensor = tensor
@@ -210,6 +226,11 @@ class _Slot:
             for key, value in vars(old).items():
                 if key not in vars(new):
                     setattr(new, key, value)
+        try:
+            torch.utils.swap_tensors(old, new)  # `old` now holds `tensor` (and attributes)
+            return
+        except RuntimeError:
+            pass
         for owner, attr in self.places:
             if self.is_buffer:
                 owner._buffers[attr] = new
@@ -234,3 +255,36 @@ def _tensor_slots(module: torch.nn.Module) -> dict[str, _Slot]:
                     slot.aliases.append(name)
                     slots[name] = slot
     return slots
+
+
+def meta_references(module: torch.nn.Module) -> list[str]:
+    """Where a tensor still on the meta device is held outside the module's parameter and
+    buffer tables, after a load into a module built with `meta_parameters`: an attribute of
+    a submodule (``layers.0.attn.cache``) or of an object a submodule holds
+    (``layers.0.attn.impl.sinks``: vLLM's attention backend keeps its layer's sinks).
+    A model computing with one gives wrong outputs without an error; the loader refuses it.
+    """
+    found = []
+    for prefix, owner in module.named_modules():
+        tables = (owner._parameters, owner._buffers, owner._modules)
+        for attr, value in vars(owner).items():
+            if attr.startswith("__") or any(attr in table for table in tables):
+                continue
+            where = f"{prefix}.{attr}" if prefix else attr
+            found += _meta_in(value, where, depth=1)
+    return found
+
+
+def _meta_in(value: object, where: str, *, depth: int) -> list[str]:
+    if isinstance(value, torch.Tensor):
+        return [where] if value.is_meta else []
+    if isinstance(value, (list, tuple)):
+        return [w for i, v in enumerate(value) for w in _meta_in(v, f"{where}[{i}]", depth=0)]
+    if depth and not isinstance(value, (torch.nn.Module, type)) and hasattr(value, "__dict__"):
+        return [
+            w
+            for attr, v in vars(value).items()
+            if not attr.startswith("__")
+            for w in _meta_in(v, f"{where}.{attr}", depth=depth - 1)
+        ]
+    return []

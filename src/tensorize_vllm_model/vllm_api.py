@@ -2,8 +2,8 @@
 vLLM's signatures and meanings, that need no vLLM internals (those that do live in
 `vllm_integration.module_api`: `init_tensorizer_model`, `deserialize_tensorizer_model`,
 `serialize_vllm_model`). Code written against vLLM's module works by changing the import;
-where a name behaves differently here, README ("vLLM's tensorizer module, name by name")
-says how and why.
+where a name behaves differently here, docs/compatibility.md ("vLLM's tensorizer module,
+name by name") says how and why.
 
 tensorizer's own names that vLLM's module re-exports (``TensorSerializer``,
 ``TensorDeserializer``, ``EncryptionParams``, ``DecryptionParams``, ``open_stream``,

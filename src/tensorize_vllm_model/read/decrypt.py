@@ -6,7 +6,8 @@ Tensorizer encrypts each tensor with XSalsa20-Poly1305 (libsodium) in chunks of 
 and its own MAC, all kept in the tensor's header. A chunk can therefore be checked and
 decrypted alone, as soon as its bytes are in: the reading thread does it right after the read,
 while the other threads read on. Through tensorizer's reader, which decrypts in a pool after
-its own reads, an encrypted load ran at 42% of a plain one (README, Performance).
+its own reads, an encrypted load ran at 42% of a plain one (round 1:
+docs/archive/performance-rounds.md).
 
 The cipher is tensorizer's own (its libsodium bindings); only the chunk bookkeeping is here.
 Tensorizer's per-tensor headers and crypt info are not public API: they are read through

@@ -5,7 +5,7 @@ A fresh tensor's pages are not yet in memory; a ``read()`` into it takes each pa
 first-touch fault inside the kernel's copy, which is slow on virtual machines. Asking the
 kernel to make a piece's pages present in one call (``MADV_POPULATE_WRITE``), then reading
 into it, beat a bare ``readinto`` of the same file (warm) and tensorizer's reader (cold) in
-alternating measurements (README, Performance). Onto a GPU, each reader thread reads into
+alternating measurements (docs/performance.md and its archive). Onto a GPU, each reader thread reads into
 its own two pinned staging buffers in turn and copies each filled buffer to the tensors on its
 own CUDA stream while it reads the next: no page is faulted in after the first buffer, and
 host memory stays at readers x 2 x STAGING_BYTES. An encrypted tensor is read one cipher
@@ -317,7 +317,7 @@ class _Ring:
 def _pin(buffer: torch.Tensor) -> bool:
     """Page-lock `buffer` for asynchronous copies to the GPU: its pages made present, then
     registered with CUDA (half the time of a pinned allocation of the same size, measured
-    on an H100: README, Performance). False where CUDA refuses: the copies then wait for
+    on an H100: docs/performance.md). False where CUDA refuses: the copies then wait for
     each piece, and the bytes are the same."""
     populate(buffer.data_ptr(), buffer.numel())
     try:

@@ -6,7 +6,7 @@ memory of the tensors it holds (`RangeSource.read_range_into` with a list of vie
 request, several destinations), so every byte is written once. Read through
 `storage.ranged.RangeStream` instead, every byte landed twice (socket -> a read-ahead
 buffer -> the tensor): 63% of one response's throughput against SeaweedFS on loopback
-(docs/performance.md, Round 2).
+(round 2's first run: docs/archive/performance-rounds.md).
 
 `plan_requests` cuts the file's bytes, from the first chosen tensor's header to the last
 one's end, into requests of at most ``chunk_size`` bytes of tensor data (as many requests

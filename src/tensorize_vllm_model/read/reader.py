@@ -60,7 +60,7 @@ class TensorEntry:
 
 
 def default_num_readers(uri: str, device: str | torch.device = "cpu") -> int:
-    """Reader threads when the user sets none, as measured fastest (README, Performance):
+    """Reader threads when the user sets none, as measured fastest (docs/performance.md):
     for a local file, four onto a GPU (each reader holds two 8 MiB page-locked staging
     buffers; on an H100 four beat two, and eight were no faster fresh and pin twice the host
     memory) and eight into CPU memory

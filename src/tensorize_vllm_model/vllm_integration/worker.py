@@ -4,7 +4,7 @@
 Their arguments and answers are the small dataclasses of `messages`; what a worker keeps
 between calls is `runtime.STATE`. The load figures (``tensorize_vllm_model_load_stats``) are
 a `LoadStats` message, whose wire form is a plain dict that users read through
-``llm.collective_rpc`` (README, examples); ``tensorize_vllm_model_read_plan`` stays plain
+``llm.collective_rpc`` (examples/quickstart.py); ``tensorize_vllm_model_read_plan`` stays plain
 tuples.
 """
 
