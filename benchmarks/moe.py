@@ -125,6 +125,11 @@ def loads(converted: str, serialized: str, checkpoint: str, repeats: int) -> dic
             log(f"  {label} #{repeat}: weights {with_log['weights_seconds']} s")
             if with_log.get("meta_pass_seconds") is not None:
                 runs["meta_pass"].append(with_log["meta_pass_seconds"])
+            if with_log.get("converted_phases"):
+                runs.setdefault("phases", []).append(with_log["converted_phases"])
+                log(
+                    f"    meta pass {with_log['meta_pass_seconds']} s, {with_log['converted_phases']}"
+                )
     return runs
 
 
@@ -165,7 +170,10 @@ def main() -> None:
         with engine_lock(args.engine_lock):
             report["serialize_seconds"], serialized = serialize(model, str(WORK / "moe-serialized"))
             runs = loads(converted, serialized, model, args.repeats)
-        report["weights_seconds"] = {k: spread(v) for k, v in runs.items() if k != "meta_pass"}
+        report["weights_seconds"] = {
+            k: spread(v) for k, v in runs.items() if k not in ("meta_pass", "phases")
+        }
+        report["converted_phases"] = runs.get("phases", [])  # each converted load's breakdown
         report["meta_pass_seconds"] = spread(runs["meta_pass"])
         conv, ser = report["weights_seconds"]["converted"], report["weights_seconds"]["serialized"]
         if conv and ser:

@@ -585,6 +585,14 @@ def parse_vllm_log(text: str) -> dict:
     }
     meta = re.search(r"Meta pass over \d+ tensors took ([\d.]+) s", text)  # converted files
     result["meta_pass_seconds"] = float(meta.group(1)) if meta else None
+    phases = re.search(  # the rest of a converted load (`TensorizerLoader._load_converted`)
+        r"names and pieces ([\d.]+) s; after: read plan ([\d.]+) s, reads ([\d.]+) s, "
+        r"guard ([\d.]+) s",
+        text,
+    )
+    if phases:
+        keys = ("names_and_pieces", "read_plan", "reads", "guard")
+        result["converted_phases"] = dict(zip(keys, map(float, phases.groups())))
     # Ours logs the worker's memory once the tensors are in and after vLLM's post-processing.
     times = re.search(
         r"(\d+) readers: making pages present ([\d.]+) s, reading ([\d.]+) s"

@@ -255,3 +255,29 @@ def test_expert_parallel_rank_files_are_refused_at_the_other_layout():
         FileRecord(tensor_parallel_size=2).check_expert_parallel(True, names, source="f")
     # a model without experts: the flag changes nothing
     FileRecord().check_expert_parallel(True, ["model.layers.0.mlp.gate_up_proj.weight"], source="f")
+
+
+@pytest.mark.parametrize(
+    "missing",
+    ["model.layers.1.self_attn.k_proj.weight", "model.layers.0.mlp.experts.2.up_proj.weight"],
+)
+def test_serialize_refuses_a_missing_merged_piece_in_one_line(tmp_path, capsys, missing):
+    """``serialize`` of a checkpoint missing one piece of a merged weight: one ``error:``
+    line naming the missing checkpoint tensor, exit code 2, before vLLM's engine starts
+    (inside it, the refusal reached the user as "Engine core initialization failed")."""
+    from demo_models import build_moe_skeleton
+
+    from tensorize_vllm_model.cli import main
+    from tensorize_vllm_model.vllm_integration.engine import check_checkpoint_pieces
+
+    model = build_moe_skeleton(tmp_path / "partial", num_layers=2, num_experts=4)
+    check_checkpoint_pieces(str(model))  # the whole checkpoint passes
+    tensors = load_file(str(model / "model.safetensors"))
+    del tensors[missing]
+    save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    code = main(["--model", str(model), "serialize", "--serialized-directory", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("error: ") and f"checkpoint tensor {missing} is missing" in err[-1]
+    assert not out.exists()  # nothing written

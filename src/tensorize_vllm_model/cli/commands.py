@@ -98,9 +98,10 @@ def convert(args: argparse.Namespace) -> int:
 def serialize(args: argparse.Namespace) -> int:
     """``serialize``: load --model with vLLM and publish its tensors and artifacts."""
     from ..serialization import tensorize_vllm_model
-    from ..vllm_integration.engine import engine_args_from_namespace
+    from ..vllm_integration.engine import check_checkpoint_pieces, engine_args_from_namespace
 
     engine_args = engine_args_from_namespace(args)
+    check_checkpoint_pieces(engine_args.model)  # before vLLM starts: one line, not vLLM's
     config = serialize_config(args)
     engine_args.model_loader_extra_config = {}
     lora_paths = [*args.lora_paths_before, *args.lora_paths]

@@ -19,14 +19,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .. import storage
 from ..errors import FormatError
-from .guard import direct_copy_ok
+from .guard import FileElements, direct_copy_ok
 from .partial_read import Part, PartsRead, ranged_source, read_parts
 from .placement import logical_shape
 from .regions import CopyWatch, Need, box_byte_range
@@ -58,7 +58,7 @@ class ConvertedFile:
         # verify_hash: tensorizer's hashes cover whole tensors, so each needed tensor is
         # read whole (not only this rank's rows or columns) and checked (`format.hashes`).
         self.verify = bool(getattr(config, "verify_hash", False))
-        self._element_fd: int | None = None  # `element_reader`'s file
+        self._elements: FileElements | None = None  # `element_reader`'s
         self._owners: set[int] | None = None  # `parts`' owners
 
     def _dtype(self, name: str) -> torch.dtype:
@@ -73,9 +73,12 @@ class ConvertedFile:
     def logical_shape(self, name: str) -> tuple[int, ...]:
         return logical_shape(self.entries[name].shape, self.tiles.get(name, 0))
 
-    def meta_inputs(self, watch: CopyWatch) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, meta tensor of its checkpoint shape) of every tensor, in file order."""
-        for name in self.entries:
+    def meta_inputs(
+        self, watch: CopyWatch, names: Iterable[str] | None = None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, meta tensor of its checkpoint shape) of every tensor (or of `names`), in
+        file order (in `names`' order)."""
+        for name in self.entries if names is None else names:
             yield name, watch.meta_input(name, self.logical_shape(name), self._dtype(name))
 
     def parts(self, needs: dict[str, Need], owners: set[int] | None = None) -> list[Part]:
@@ -148,28 +151,29 @@ class ConvertedFile:
             and destination.stride(-1) == 1  # rows of a tile land as runs of elements
         )
 
-    def element_reader(self) -> Callable[[str, int], torch.Tensor] | None:
-        """``(tensor name, stored element index) -> 0-d tensor`` read from the file, for
-        `guard.check_loaded`; None where single elements cannot be re-read cheaply (an
-        encrypted or remote file)."""
+    def element_reader(self) -> FileElements | None:
+        """The file's single elements (`guard.FileElements`, by tensor name and stored
+        element index), for `guard.check_loaded`; None where they cannot be re-read
+        cheaply (an encrypted or remote file). `close_element_reader` releases it."""
         path = storage.local_path(self.uri)
-        if path is None or self.reader.encrypted:
+        if path is None or self.reader.encrypted or not os.path.getsize(path):
             return None
 
-        def read(name: str, index: int) -> torch.Tensor:
-            dtype = self._dtype(name)
-            offset = self.index[name].data_offset + index * dtype.itemsize
-            data = os.pread(fd, dtype.itemsize, offset)
-            return torch.frombuffer(bytearray(data), dtype=dtype)[0]
+        tensors: dict[str, tuple[torch.dtype, int]] = {}  # name -> (dtype, data offset)
 
-        fd = os.open(path, os.O_RDONLY)
-        self._element_fd = fd
-        return read
+        def place(name: str, index: int) -> tuple[torch.dtype, int]:
+            found = tensors.get(name)
+            if found is None:
+                found = tensors[name] = (self._dtype(name), self.index[name].data_offset)
+            return found[0], found[1] + index * found[0].itemsize
+
+        self._elements = FileElements(path, place)
+        return self._elements
 
     def close_element_reader(self) -> None:
-        if self._element_fd is not None:
-            os.close(self._element_fd)
-            self._element_fd = None
+        if self._elements is not None:
+            self._elements.close()
+            self._elements = None
 
     def _ciphers(self, names: list[str]) -> list[Any]:
         if not self.reader.encrypted:

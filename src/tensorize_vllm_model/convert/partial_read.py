@@ -27,6 +27,7 @@ import torch
 
 from .. import storage
 from ..errors import EncryptionError, FormatError, StorageError
+from .scatter import read_scattered
 
 __all__ = ["Part", "PartsRead", "read_parts", "ranged_source"]
 
@@ -190,11 +191,22 @@ class _Batches:
 
 
 def _run_batch(future: Future, calls: list[tuple[Any, ...]]) -> None:
+    """Run a batch of small reads of one local file: the plain ones (`_fill`) by few
+    ``preadv`` calls for all of them (`scatter`; each alone where that reads short), the
+    others (`_fill_piece` of column tiles) one by one."""
     if not future.set_running_or_notify_cancel():
         return
     try:
+        plain = [call for call in calls if call[0] is _fill]
+        reads = [
+            (part.entry.data_offset + lo, hi - lo, memory, place)
+            for _, _, part, memory, place, lo, hi in plain
+        ]
+        if plain:
+            read_scattered(plain[0][1].fd, reads, lambda i: plain[i][0](*plain[i][1:]))
         for function, *args in calls:
-            function(*args)
+            if function is not _fill:
+                function(*args)
     except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the batch
         future.set_exception(e)
     else:
@@ -221,6 +233,11 @@ def _submit_direct(
             continue
         bounds = _piece_bounds(part, lo, hi)
         straight = reader.local and part.only_tiled(tensor)
+        if straight and len(bounds) == 2 and hi - lo < SMALL_BYTES:  # an expert's down_proj
+            futures.append(
+                batches.add(_fill_piece, reader, part, lo, hi, tensor, lo, True, nbytes=hi - lo)
+            )
+            continue
         for a, b in zip(bounds, bounds[1:]):
             futures.append(pool.submit(_fill_piece, reader, part, a, b, tensor, lo, straight))
     return futures

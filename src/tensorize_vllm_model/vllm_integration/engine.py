@@ -40,6 +40,7 @@ __all__ = [
     "parallel_sizes",
     "vllm_version",
     "raise_worker_errors",
+    "check_checkpoint_pieces",
 ]
 
 logger = scrubbing(f"vllm.{__name__}")
@@ -271,3 +272,39 @@ def vllm_version() -> str:
     import vllm
 
     return getattr(vllm, "__version__", "unknown")
+
+
+def check_checkpoint_pieces(model: str) -> None:
+    """Refuse a local checkpoint directory `model` missing part of a weight vLLM merges
+    (`convert.pieces`: q/k/v, gate/up, an expert's projections) before vLLM starts: inside
+    vLLM's engine (`loader.CaptureLoader`) the same refusal reaches the user only as
+    vLLM's "Engine core initialization failed". The merged groups are those the
+    architecture's vLLM class declares (its class-level ``packed_modules_mapping``, from
+    vLLM's model registry); an architecture vLLM does not know is left to the engine.
+
+    Raises:
+        ModelMismatchError: one line naming `model` and the missing checkpoint tensor.
+    """
+    import json
+    import os
+
+    config_path = os.path.join(model, "config.json")
+    if not os.path.isfile(config_path):
+        return
+    from vllm.model_executor.models import ModelRegistry
+
+    from ..convert.checkpoint import open_checkpoint
+    from ..convert.pieces import check_pieces
+
+    with open(config_path) as f:
+        config = json.load(f)
+    packed = None
+    for architecture in config.get("architectures") or []:
+        registered = ModelRegistry.models.get(architecture)
+        if registered is not None:
+            packed = getattr(registered.load_model_cls(), "packed_modules_mapping", None)
+            break
+    if not isinstance(packed, dict):
+        return
+    names = (name for name, _ in open_checkpoint(model).shapes())
+    check_pieces(names, packed, config, source=model)

@@ -49,6 +49,7 @@ from ..read.base import LoadStats
 from ..read.reader import default_num_readers, open_tensors
 from ..redaction import scrubbing
 from .compiled import stage_for_load
+from .meta_pass import run_meta_pass
 from .runtime import (
     STATE,
     CapturedWeights,
@@ -218,17 +219,14 @@ class TensorizerLoader(BaseModelLoader):
         tensors to learn which bytes of each tensor this rank copies (`convert.regions`),
         then fed tensors with only those bytes read (`convert.loading`)."""
         threads = self.tensorizer_config.num_readers or default_num_readers(uri, "cpu")
+        clock = [time.perf_counter()]  # the phases' ends: the breakdown logged below
         converted = ConvertedFile(reader, uri, self.tensorizer_config, threads)
         _check_pieces(model, converted.entries, reader.uri)
         watch = CopyWatch()
-        started = time.perf_counter()
+        clock.append(time.perf_counter())
         with _naming_tensor(reader, watch), watch:
-            loaded = _vllm_model(model).load_weights(converted.meta_inputs(watch))
-        logger.info(  # the per-tensor cost of a converted load (benchmarks/moe.py)
-            "Meta pass over %d tensors took %.2f s",
-            len(converted.entries),
-            time.perf_counter() - started,
-        )
+            loaded = run_meta_pass(_vllm_model(model), converted, watch)
+        clock.append(time.perf_counter())
         _check_all_loaded(model, loaded, reader)
         owners = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
         parts = converted.parts(watch.needs, owners)
@@ -237,9 +235,18 @@ class TensorizerLoader(BaseModelLoader):
             for p in parts
         ]
         read = PartsRead()
+        clock.append(time.perf_counter())
         with _naming_tensor(reader, watch):
             _vllm_model(model).load_weights(converted.tensors(parts, read))
+        clock.append(time.perf_counter())
         _check_against_file(model, watch, converted)
+        clock.append(time.perf_counter())
+        index, meta, plan, reads, guard = (b - a for a, b in zip(clock, clock[1:]))
+        logger.info(  # where a converted load's time goes (benchmarks/moe.py reads it)
+            "Meta pass over %d tensors took %.2f s (before it: names and pieces %.2f s; "
+            "after: read plan %.2f s, reads %.2f s, guard %.2f s)",
+            *(len(converted.entries), meta, index, plan, reads, guard),
+        )
         return reader.stats(tensors=len(parts), nbytes=read.bytes)
 
     @staticmethod

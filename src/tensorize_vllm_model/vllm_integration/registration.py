@@ -30,7 +30,11 @@ Every place this package touches vLLM, in one list (vLLM 0.32 CPU / 0.33 CUDA):
    ``vllm.model_executor.model_loader.utils`` (``initialize_model``,
    ``process_weights_after_loading``), ``vllm.distributed`` (``parallel_state``,
    ``get_tensor_model_parallel_rank``, ``get_pp_group``), ``vllm.platforms.current_platform``, ``vllm.lora.utils.get_supported_lora_modules``,
-   ``vllm.utils.torch_utils.set_default_torch_dtype`` and ``vllm.logger.init_logger``.
+   ``vllm.utils.torch_utils.set_default_torch_dtype`` and ``vllm.logger.init_logger``;
+   of a fused-MoE layer, ``_map_global_expert_id_to_local_expert_id``,
+   ``global_num_experts`` and ``local_num_experts`` (`meta_pass`; a layer without them is
+   loaded the slower way); ``vllm.model_executor.models.ModelRegistry.models[arch]
+   .load_model_cls()`` (the class's ``packed_modules_mapping``, `engine`).
 6. A wrapper around ``vllm.compilation.decorators._try_load_aot_compiled_fn``
    (`aot_load.install`): the shipped compile cache is put where vLLM is about to read its AOT
    artifact (`compiled.before_aot_load`), and vLLM's CPU build can load its own AOT cache.

@@ -1,0 +1,64 @@
+"""The meta pass of a converted load (`convert.regions`): vLLM's ``load_weights`` run on meta
+tensors to learn which bytes of each checkpoint tensor this rank copies where; for a
+mixture-of-experts file on two experts per layer only (`convert.experts`), the other
+experts' copies derived from theirs.
+
+Which experts are this rank's comes from vLLM's fused-MoE layer (its global -> local expert
+map, expert parallelism); a layer that does not have it goes through the whole meta pass.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ..convert.experts import plan_experts
+from ..convert.loading import ConvertedFile
+from ..convert.regions import CopyWatch
+
+__all__ = ["run_meta_pass", "expert_slots"]
+
+
+def expert_slots(model: nn.Module, prefix: str) -> list[int] | None:
+    """The local slot of each global expert of vLLM's fused-MoE layer `prefix` (-1: another
+    rank's), or None where `prefix` is no such layer, or its map is not one slot per local
+    expert (redundant experts of EPLB)."""
+    try:
+        layer = model.get_submodule(prefix)
+    except AttributeError:
+        return None
+    for module in layer.modules():
+        to_local = getattr(module, "_map_global_expert_id_to_local_expert_id", None)
+        total = getattr(module, "global_num_experts", None)
+        count = getattr(module, "local_num_experts", None)
+        if to_local is None or not isinstance(total, int) or not isinstance(count, int):
+            continue
+        slots = []
+        for expert in range(total):
+            try:
+                slots.append(int(to_local(expert)))
+            except (ValueError, IndexError):
+                slots.append(-1)
+        local = [s for s in slots if s >= 0]
+        if len(local) != count or len(set(local)) != count:
+            return None
+        return slots
+    return None
+
+
+def run_meta_pass(model: Any, converted: ConvertedFile, watch: CopyWatch) -> set[str] | None:
+    """Run ``model.load_weights`` on meta inputs under `watch` (already entered) and return
+    what it says it loaded (None where it says nothing): every tensor but the experts
+    `convert.experts` derives, whose copies are then recorded from the derived ones; those
+    that cannot be derived go through ``load_weights`` after."""
+    layout = plan_experts(converted.entries, lambda prefix: expert_slots(model, prefix))
+    skipped = layout.derived | layout.elsewhere
+    first = [name for name in converted.entries if name not in skipped]
+    loaded = model.load_weights(converted.meta_inputs(watch, first))
+    fallback = layout.derive(watch, converted.logical_shape)
+    if fallback:
+        more = model.load_weights(converted.meta_inputs(watch, fallback))
+        if loaded is not None and more is not None:
+            loaded = set(loaded) | set(more)
+    return None if loaded is None else set(loaded)
