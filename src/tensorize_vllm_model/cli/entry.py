@@ -20,6 +20,7 @@ from .. import interrupts
 from ..errors import ConfigError, TensorizeError, entry_point
 from . import commands
 from .configs import check_model_path
+from .flags import flag_names
 from .parsers import (
     COMMAND_HELP,
     CONVERT_TOP_FLAGS,
@@ -79,14 +80,14 @@ def _run(argv: list[str]) -> int:
         args = build_file_parser(argv[0]).parse_args(argv[1:])
         return commands.inspect_or_verify(argv[0], args)
     if _convert_command(argv):
-        _check_flags_after(argv, "convert", set(CONVERT_TOP_FLAGS), build_convert_parser())
+        _check_flags_after(argv, "convert", set(CONVERT_TOP_FLAGS))
         args = build_convert_parser().parse_args(argv)
         check_model_path(args.model)
         return commands.convert(args)
     parser = build_parser()
     command = next((a for a in argv if a in ("serialize", "deserialize")), None)
     if command is not None:
-        _check_flags_after(argv, command, set(parser._option_string_actions), parser)
+        _check_flags_after(argv, command, _option_strings(parser))
     args = parser.parse_args(argv)  # argparse finds the command word, past flags' values
     if args.command in LISTED_COMMANDS:  # engine flags before a command that takes none
         raise _misplaced_flags(args.command, argv)
@@ -110,13 +111,11 @@ def _convert_command(argv: list[str]) -> bool:
     return i < len(argv)
 
 
-def _check_flags_after(
-    argv: list[str], command: str, before: set[str], parser: argparse.ArgumentParser
-) -> None:
+def _check_flags_after(argv: list[str], command: str, before: set[str]) -> None:
     """Refuse a flag of `before` (vLLM's engine flags; convert's model flags) given after
-    `command` when the command does not take it: argparse would say only "unrecognized
-    arguments". `parser`'s sub-parser `command` has the command's own flags."""
-    own = _subparser(parser, command)._option_string_actions
+    `command` when the command does not take it (its flags: the table in `flags`): argparse
+    would say only "unrecognized arguments"."""
+    own = {"-h", "--help", *flag_names(command)}
     for arg in argv[argv.index(command) + 1 :]:
         flag = arg.partition("=")[0]
         if flag.startswith("-") and flag in before and flag not in own:
@@ -126,12 +125,12 @@ def _check_flags_after(
             )
 
 
-def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
-    """The parser of `command` among `parser`'s sub-commands."""
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
-            return action.choices[command]
-    raise KeyError(command)
+def _option_strings(parser: argparse.ArgumentParser) -> set[str]:
+    """Every flag `parser` takes (vLLM's engine flags, aliases such as ``-tp`` included).
+
+    argparse has no public listing of a parser's flags; its ``_option_string_actions``
+    (there since Python 3.2) is the one that holds every alias vLLM registers."""
+    return set(parser._option_string_actions)
 
 
 def _misplaced_flags(command: str, argv: list[str]) -> ConfigError:

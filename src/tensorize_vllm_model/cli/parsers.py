@@ -9,10 +9,9 @@ from __future__ import annotations
 import argparse
 import textwrap
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
-from ..config import TensorizerArgs
-from .flags import COMMANDS, CONVERT_MODEL, ENGINE_TOP, TENSORIZER, add_flags
+from .flags import ENGINE, MODEL, add_flags, flag_names
 
 PROG = "python -m tensorize_vllm_model"
 
@@ -27,7 +26,7 @@ FILE_COMMANDS = {
     "verify": "Read every tensor, check its hash and key; exit 0 only if all are intact",
 }
 
-CONVERT_TOP_FLAGS = tuple(row.flag for row in CONVERT_MODEL)
+CONVERT_TOP_FLAGS = flag_names(MODEL)
 
 CONVERT_DESCRIPTION = (
     "Convert a Hugging Face checkpoint (safetensors or .bin) into one tensorizer file that "
@@ -57,8 +56,23 @@ class CommandParser(argparse.ArgumentParser):
     """A command's own parser: its flags with their descriptions in ``--help``, and a usage
     error on one line (``PROG COMMAND: error: ...``, exit code 2)."""
 
+    def __init__(self, *args: Any, listed_only: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.listed_only = listed_only
+
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        """A listed command (`listed_only`) takes every argument after it unparsed: the
+        engine parser then reports which command was given, and `entry` refuses the engine
+        flags before it. (An ``argparse.REMAINDER`` positional would not do: it leaves a
+        first argument that starts with ``-`` to the parser.)"""
+        if self.listed_only:
+            return namespace or argparse.Namespace(), []
+        return super().parse_known_args(args, namespace)
 
 
 def top_help() -> str:
@@ -89,19 +103,20 @@ def print_engine_flags(search: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The parser: every vLLM engine flag, then the serialize/deserialize subcommands."""
+    """The parser: every vLLM engine flag, then the serialize/deserialize subcommands
+    (``inspect``, ``verify`` and ``convert`` are listed, each taking every argument after
+    it: `entry` parses them with their own parsers and refuses engine flags before them)."""
     from ..vllm_integration.engine import make_parser
 
     parser = make_parser(prog=PROG, description=DESCRIPTION)
-    add_flags(parser, ENGINE_TOP)
+    add_flags(parser, ENGINE)
     subparsers = parser.add_subparsers(
         dest="command",
         metavar="{serialize,deserialize,inspect,verify,convert}",
         parser_class=CommandParser,
     )
-    for name, text in LISTED_COMMANDS.items():  # listed; parsed by their own parsers
-        listed = subparsers.add_parser(name, help=text, add_help=False)
-        listed.parse_known_args = _takes_the_rest  # type: ignore[method-assign,assignment]
+    for name, text in LISTED_COMMANDS.items():
+        subparsers.add_parser(name, help=text, add_help=False, listed_only=True)
     serialize = subparsers.add_parser(
         "serialize",
         help=SERIALIZE_HELP,
@@ -109,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         "DIR/vllm/<model>/<suffix>/.",
         epilog=ENGINE_FLAGS_NOTE,
     )
-    add_flags(serialize, COMMANDS["serialize"])
+    add_flags(serialize, "serialize")
     deserialize = subparsers.add_parser(
         "deserialize",
         help=DESERIALIZE_HELP,
@@ -117,25 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
         "and what was checked.",
         epilog=ENGINE_FLAGS_NOTE,
     )
-    rows = COMMANDS["deserialize"]
-    add_flags(deserialize, tuple(r for r in rows if r.group != TENSORIZER))
-    group = TensorizerArgs.add_cli_args(deserialize)._action_groups[-1]
-    add_flags(deserialize, tuple(r for r in rows if r.group == TENSORIZER), {TENSORIZER: group})
+    add_flags(deserialize, "deserialize")
     return parser
-
-
-def _takes_the_rest(
-    args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
-) -> tuple[argparse.Namespace, list[str]]:
-    """A listed command's parse here: it takes every argument after it, so the engine
-    parser reports which command was given (`entry` then refuses the flags before it)."""
-    return namespace or argparse.Namespace(), []
 
 
 def build_file_parser(command: str) -> argparse.ArgumentParser:
     """The parser of ``inspect`` and ``verify``: they need neither vLLM nor its flags."""
     parser = CommandParser(prog=f"{PROG} {command}", description=FILE_COMMANDS[command])
-    add_flags(parser, COMMANDS[command])
+    add_flags(parser, command)
     return parser
 
 
@@ -144,7 +148,7 @@ def build_convert_parser() -> argparse.ArgumentParser:
     from ..convert.writer import DTYPES
 
     parser = CommandParser(prog=PROG, description=CONVERT_DESCRIPTION)
-    add_flags(parser, CONVERT_MODEL, overrides={"--dtype": {"choices": DTYPES}})
+    add_flags(parser, MODEL, overrides={"--dtype": {"choices": DTYPES}})
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="{convert}")
     convert = subparsers.add_parser(
         "convert",
@@ -153,5 +157,5 @@ def build_convert_parser() -> argparse.ArgumentParser:
         epilog=f"convert takes only {', '.join(CONVERT_TOP_FLAGS)} before the command (no "
         "other engine flag: it starts no engine).",
     )
-    add_flags(convert, COMMANDS["convert"])
+    add_flags(convert, "convert")
     return parser
