@@ -132,12 +132,8 @@ FLAGS: tuple[Flag, ...] = (
         "--lora-path",
         {"dest": "lora_paths", "action": "append", "default": [], "metavar": "PATH"},
         {
-            # vLLM's example script takes it before the command; its own list there, since
-            # a sub-command's defaults replace the engine parser's values of the same dest
-            ENGINE: Use(
-                "A LoRA adapter to serialize with the model (see serialize --lora-path).",
-                extra={"dest": "lora_paths_before"},
-            ),
+            # vLLM's example script takes it before the command (one list: before, then after)
+            ENGINE: Use("A LoRA adapter to serialize with the model (see serialize --lora-path)."),
             "serialize": Use(LORA_PATH),
         },
     ),
