@@ -223,9 +223,9 @@ def test_refusal_in_a_real_process_has_no_traceback(tiny_llama, tmp_path):
 
 
 def _serialize_args(*argv):
-    from tensorize_vllm_model.cli import build_parser
+    from tensorize_vllm_model.cli import parse_command_line
 
-    return build_parser().parse_args([str(a) for a in argv])
+    return parse_command_line([str(a) for a in argv])
 
 
 def test_stream_kwargs_and_transport_flags_reach_serialize(tiny_llama, tmp_path):

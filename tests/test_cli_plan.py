@@ -12,9 +12,9 @@ TP2_RANK1 = ParallelLayout(tensor_parallel_size=2, tp_rank=1)
 
 
 def _parse(*argv):
-    from tensorize_vllm_model.cli import build_parser
+    from tensorize_vllm_model.cli import parse_command_line
 
-    return build_parser().parse_args([str(a) for a in argv])
+    return parse_command_line([str(a) for a in argv])
 
 
 def _deserialize_config(model, directory, tp):
@@ -198,12 +198,9 @@ def test_convert_keyfile_directory_refused_before_any_notice(capsys, tiny_llama,
 
 
 def test_convert_keyfile_help_says_an_existing_key_is_used():
-    from tensorize_vllm_model.cli.parsers import build_convert_parser
+    from tensorize_vllm_model.cli import build_parser
 
-    (convert,) = [
-        a for a in build_convert_parser()._actions if a.dest == "command"
-    ]  # the subparsers action
-    text = " ".join(convert.choices["convert"].format_help().split())
+    text = " ".join(build_parser("convert").format_help().split())
     assert "A path (or s3://, gs://, az:// URI) that holds a key: encrypt with that key" in text
     # the destination's help once named s3:// only, though gs:// and az:// are written too
     assert "gs://bucket[/prefix] or az://container[/prefix]" in text
@@ -242,19 +239,14 @@ def test_shared_tensorizer_flags_have_one_definition():
     import argparse
 
     from tensorize_vllm_model.cli import build_parser
-    from tensorize_vllm_model.cli.parsers import build_file_parser
     from tensorize_vllm_model.config import TENSORIZER_CLI_FLAGS, TensorizerArgs
 
     def helps(parser):
         return {a.option_strings[0]: a.help for a in parser._actions if a.option_strings}
 
-    top = build_parser()
-    (commands,) = [a for a in top._actions if a.dest == "command"]
     parsers = [
         TensorizerArgs.add_cli_args(argparse.ArgumentParser()),
-        commands.choices["serialize"],
-        commands.choices["deserialize"],
-        build_file_parser("verify"),
+        *(build_parser(command) for command in ("serialize", "deserialize", "verify")),
     ]
     for flag in ("--s3-access-key-id", "--s3-secret-access-key", "--s3-endpoint"):
         assert {helps(p)[flag] for p in parsers} == {TENSORIZER_CLI_FLAGS[flag]["help"]}

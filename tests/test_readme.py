@@ -260,14 +260,6 @@ def check_command(argv: list[str]) -> None:
 
 
 @functools.cache
-def engine_parser():
-    """The command line's parser with vLLM's engine flags (built once: about a second)."""
-    from tensorize_vllm_model.cli.parsers import build_parser
-
-    return build_parser()
-
-
-@functools.cache
 def serve_parser():
     """``vllm serve``'s own parser."""
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
@@ -277,18 +269,9 @@ def serve_parser():
 
 
 def parse_cli(args: list[str]) -> None:
-    from tensorize_vllm_model.cli.parsers import (
-        FILE_COMMANDS,
-        build_convert_parser,
-        build_file_parser,
-    )
+    from tensorize_vllm_model.cli import parse_command_line
 
-    if args[0] in FILE_COMMANDS:
-        build_file_parser(args[0]).parse_args(args[1:])
-    elif "convert" in args:
-        build_convert_parser().parse_args(args)
-    else:
-        assert engine_parser().parse_args(args).command in ("serialize", "deserialize")
+    parse_command_line(args)  # a usage error exits
 
 
 def parse_vllm_serve(args: list[str]) -> None:

@@ -473,9 +473,9 @@ def test_config_verify_with_model_config(caplog):
 
 
 def deserialize_args(tiny_llama, *flags):
-    from tensorize_vllm_model.cli import build_parser
+    from tensorize_vllm_model.cli import parse_command_line
 
-    return build_parser().parse_args(["--model", str(tiny_llama), *flags])
+    return parse_command_line(["--model", str(tiny_llama), *flags])
 
 
 def test_serialized_directory_gives_the_tensors(tiny_llama, tmp_path):

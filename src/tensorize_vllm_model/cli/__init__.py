@@ -12,13 +12,13 @@
 `main(argv)` returns the exit code: 0 on success, 2 for bad input (a one-line
 ``error: ...`` on stderr naming the flag, file or key at fault, no traceback).
 
-Modules: `flags` (every flag of every command, one table), `parsers` (argparse parsers built
-from it), `configs` (flags -> TensorizerConfig), `commands` (the work), `output` (what is
+Modules: `flags` (every flag of every command, one table), `parsers` (one argparse parser per
+command, built from it, and `parse_command_line`), `configs` (flags -> TensorizerConfig), `commands` (the work), `output` (what is
 printed), `entry` (`main`, and the one place errors become exit codes).
 """
 
 from .configs import deserialize_config, serialize_config
 from .entry import main
-from .parsers import build_parser
+from .parsers import build_parser, parse_command_line
 
-__all__ = ["build_parser", "deserialize_config", "main", "serialize_config"]
+__all__ = ["build_parser", "deserialize_config", "main", "parse_command_line", "serialize_config"]

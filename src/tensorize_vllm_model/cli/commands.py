@@ -104,7 +104,7 @@ def serialize(args: argparse.Namespace) -> int:
     check_checkpoint_pieces(engine_args.model)  # before vLLM starts: one line, not vLLM's
     config = serialize_config(args)
     engine_args.model_loader_extra_config = {}
-    lora_paths = [*args.lora_paths_before, *args.lora_paths]
+    lora_paths = list(args.lora_paths)  # given before the command, then after it
     announce_existing_key(config.encryption_keyfile, config)
     replaced = holds_a_model(config.tensorizer_dir or "", config)
     result = tensorize_vllm_model(engine_args, config, lora_paths=lora_paths)

@@ -11,24 +11,18 @@ The one place that decides what the user sees when a command fails:
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Sequence
 
 from .. import interrupts
-from ..errors import ConfigError, TensorizeError, entry_point
+from ..errors import TensorizeError, entry_point
 from . import commands
 from .configs import check_model_path
 from .parsers import (
     COMMAND_HELP,
-    CONVERT_TOP_FLAGS,
     FILE_COMMANDS,
-    LISTED_COMMANDS,
-    PROG,
-    build_convert_parser,
-    build_file_parser,
-    build_parser,
+    parse_command_line,
     print_engine_flags,
     top_help,
 )
@@ -68,82 +62,31 @@ def _silence_stdout() -> None:
 
 
 def _run(argv: list[str]) -> int:
-    before = argv[: next((i for i, a in enumerate(argv) if a in COMMAND_HELP), len(argv))]
-    if "-h" in before or "--help" in before:
-        print(top_help(), end="")
-        return 0
-    search = next((a for a in before if a.startswith("--help=")), None)
-    if search is not None:  # vLLM's engine flags: all, or those matching a word
-        print_engine_flags(search)
-    if argv and argv[0] in FILE_COMMANDS:
-        args = build_file_parser(argv[0]).parse_args(argv[1:])
-        return commands.inspect_or_verify(argv[0], args)
-    if _convert_command(argv):
-        _check_flags_after(argv, "convert", set(CONVERT_TOP_FLAGS), build_convert_parser())
-        args = build_convert_parser().parse_args(argv)
-        check_model_path(args.model)
-        return commands.convert(args)
-    parser = build_parser()
-    command = next((a for a in argv if a in ("serialize", "deserialize")), None)
-    if command is not None:
-        _check_flags_after(argv, command, set(parser._option_string_actions), parser)
-    args = parser.parse_args(argv)  # argparse finds the command word, past flags' values
-    if args.command in LISTED_COMMANDS:  # engine flags before a command that takes none
-        raise _misplaced_flags(args.command, argv)
-    args.model_given = any(a == "--model" or a.startswith("--model=") for a in argv)
-    if args.command is None:
-        parser.error("a command is required: serialize, deserialize, inspect, verify or convert")
+    _answer_help_before_the_command(argv)
+    args = parse_command_line(argv)
+    if args.command in FILE_COMMANDS:
+        return commands.inspect_or_verify(args.command, args)
     check_model_path(args.model)
+    if args.command == "convert":
+        return commands.convert(args)
     if args.command == "serialize":
         return commands.serialize(args)
     return commands.deserialize(args)
 
 
-def _convert_command(argv: list[str]) -> bool:
-    """Whether `argv` is convert's model flags (each with its value), then ``convert``."""
-    i = 0
-    while i < len(argv) and argv[i] != "convert":
-        flag, has_value, _ = argv[i].partition("=")
-        if flag not in CONVERT_TOP_FLAGS:
-            return False
-        i += 1 if has_value else 2
-    return i < len(argv)
+def _answer_help_before_the_command(argv: list[str]) -> None:
+    """``--help`` before the command: the short top-level help; ``--help=WORD``: vLLM's
+    engine flags matching WORD (``all``: every one). Exits 0 (`SystemExit`).
 
-
-def _check_flags_after(
-    argv: list[str], command: str, before: set[str], parser: argparse.ArgumentParser
-) -> None:
-    """Refuse a flag of `before` (vLLM's engine flags; convert's model flags) given after
-    `command` when the command does not take it: argparse would say only "unrecognized
-    arguments". `parser`'s sub-parser `command` has the command's own flags."""
-    own = _subparser(parser, command)._option_string_actions
-    for arg in argv[argv.index(command) + 1 :]:
-        flag = arg.partition("=")[0]
-        if flag.startswith("-") and flag in before and flag not in own:
-            raise ConfigError(
-                f"{flag} goes before the command, not after it: "
-                f"{PROG} ... {flag} VALUE {command} ..."
-            )
-
-
-def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
-    """The parser of `command` among `parser`'s sub-commands."""
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
-            return action.choices[command]
-    raise KeyError(command)
-
-
-def _misplaced_flags(command: str, argv: list[str]) -> ConfigError:
-    """The error for engine flags before ``inspect``, ``verify`` or ``convert``."""
-    allowed = CONVERT_TOP_FLAGS if command == "convert" else ()
-    flags = (a.partition("=")[0] for a in argv if a.startswith("-"))
-    flag = next((f for f in flags if f not in allowed), argv[0])
-    if command == "convert":
-        return ConfigError(
-            f"convert takes only {', '.join(CONVERT_TOP_FLAGS)} before it, not {flag}"
-        )
-    return ConfigError(
-        f"{command} takes no flags before it (got {flag}); give its own flags after it: "
-        f"{PROG} {command} URI [--keyfile KEYFILE] ..."
-    )
+    Answered here, before any parser, because of vLLM's parser (vLLM 0.32,
+    ``FlexibleArgumentParser``): its ``parse_args`` turns ``--help=WORD`` into ``--help``
+    (keeping WORD in a class attribute), and its ``--help`` prints a summary of its config
+    groups, not this command line's."""
+    end = next((i for i, a in enumerate(argv) if a in COMMAND_HELP), len(argv))
+    before = argv[:end]
+    if "-h" in before or "--help" in before:
+        print(top_help(), end="")
+        raise SystemExit(0)
+    search = next((a for a in before if a.startswith("--help=")), None)
+    if search is not None:
+        print_engine_flags(search)

@@ -1,18 +1,24 @@
-"""The argparse parsers of the commands, built from the flag table in `flags`.
+"""The argparse parsers, built from the flag table in `flags`, and `parse_command_line`.
 
-``serialize`` and ``deserialize`` take every vLLM engine flag (vLLM's own parser, from the
-vLLM side); ``inspect``, ``verify`` and ``convert`` need neither vLLM nor its flags.
+A command line is ``[flags before the command] COMMAND [the command's flags]``. The flags
+before it are parsed by a front parser that finds the command word (argparse skips flags'
+values: ``--suffix convert`` is no command), and leaves the rest to the command's own parser
+(`build_parser`). ``serialize`` and ``deserialize`` take every vLLM engine flag before
+them (vLLM's own parser, `vllm_integration.engine.make_parser`); ``convert`` takes its model
+flags there; ``inspect`` and ``verify`` take none. Only a command line with engine flags
+imports vLLM.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import textwrap
 from collections.abc import Sequence
 from typing import NoReturn
 
-from ..config import TensorizerArgs
-from .flags import COMMANDS, CONVERT_MODEL, ENGINE_TOP, TENSORIZER, add_flags
+from ..errors import ConfigError
+from .flags import ENGINE, MODEL, add_flags, flag_names
 
 PROG = "python -m tensorize_vllm_model"
 
@@ -27,7 +33,7 @@ FILE_COMMANDS = {
     "verify": "Read every tensor, check its hash and key; exit 0 only if all are intact",
 }
 
-CONVERT_TOP_FLAGS = tuple(row.flag for row in CONVERT_MODEL)
+CONVERT_TOP_FLAGS = flag_names(MODEL)
 
 CONVERT_DESCRIPTION = (
     "Convert a Hugging Face checkpoint (safetensors or .bin) into one tensorizer file that "
@@ -35,7 +41,7 @@ CONVERT_DESCRIPTION = (
     "neither vLLM nor a GPU. Writes DIR/vllm/<model>/<suffix>/ as serialize does."
 )
 
-# commands the engine parser lists in its help but leaves to their own parsers
+# the commands that start no engine
 LISTED_COMMANDS = {
     **FILE_COMMANDS,
     "convert": "Convert a Hugging Face checkpoint into one tensorizer file (no vLLM)",
@@ -59,6 +65,18 @@ class CommandParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _NotThisParser(Exception):
+    """The vLLM-free front parser cannot parse the flags before the command."""
+
+
+class _ModelFrontParser(CommandParser):
+    """The front parser without vLLM: convert's model flags; its errors are raised, so the
+    engine front parser can try."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _NotThisParser(message)
 
 
 def top_help() -> str:
@@ -88,70 +106,144 @@ def print_engine_flags(search: str) -> None:
     make_parser(prog=PROG, description="vLLM's engine flags").parse_args([search])
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The parser: every vLLM engine flag, then the serialize/deserialize subcommands."""
+def _add_command(parser: argparse.ArgumentParser) -> None:
+    """A front parser's command word and, unparsed, every argument after it."""
+    parser.add_argument("command", nargs="?", choices=COMMAND_HELP, metavar="COMMAND")
+    parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+
+
+@functools.cache
+def engine_front_parser() -> argparse.ArgumentParser:
+    """The front parser of serialize and deserialize: every vLLM engine flag, and the table's
+    `ENGINE` flags (built once: about a second)."""
     from ..vllm_integration.engine import make_parser
 
-    parser = make_parser(prog=PROG, description=DESCRIPTION)
-    add_flags(parser, ENGINE_TOP)
-    subparsers = parser.add_subparsers(
-        dest="command",
-        metavar="{serialize,deserialize,inspect,verify,convert}",
-        parser_class=CommandParser,
-    )
-    for name, text in LISTED_COMMANDS.items():  # listed; parsed by their own parsers
-        listed = subparsers.add_parser(name, help=text, add_help=False)
-        listed.parse_known_args = _takes_the_rest  # type: ignore[method-assign,assignment]
-    serialize = subparsers.add_parser(
-        "serialize",
-        help=SERIALIZE_HELP,
-        description="Load --model with vLLM and write its tensors, config and tokenizer to "
-        "DIR/vllm/<model>/<suffix>/.",
-        epilog=ENGINE_FLAGS_NOTE,
-    )
-    add_flags(serialize, COMMANDS["serialize"])
-    deserialize = subparsers.add_parser(
-        "deserialize",
-        help=DESERIALIZE_HELP,
-        description="Load the tensors into vLLM, generate from a prompt, print the load time "
-        "and what was checked.",
-        epilog=ENGINE_FLAGS_NOTE,
-    )
-    rows = COMMANDS["deserialize"]
-    add_flags(deserialize, tuple(r for r in rows if r.group != TENSORIZER))
-    group = TensorizerArgs.add_cli_args(deserialize)._action_groups[-1]
-    add_flags(deserialize, tuple(r for r in rows if r.group == TENSORIZER), {TENSORIZER: group})
+    parser = make_parser(prog=PROG, description=DESCRIPTION, add_help=False)
+    add_flags(parser, ENGINE)
+    _add_command(parser)
     return parser
 
 
-def _takes_the_rest(
-    args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
-) -> tuple[argparse.Namespace, list[str]]:
-    """A listed command's parse here: it takes every argument after it, so the engine
-    parser reports which command was given (`entry` then refuses the flags before it)."""
-    return namespace or argparse.Namespace(), []
-
-
-def build_file_parser(command: str) -> argparse.ArgumentParser:
-    """The parser of ``inspect`` and ``verify``: they need neither vLLM nor its flags."""
-    parser = CommandParser(prog=f"{PROG} {command}", description=FILE_COMMANDS[command])
-    add_flags(parser, COMMANDS[command])
-    return parser
-
-
-def build_convert_parser() -> argparse.ArgumentParser:
-    """The parser of ``convert``: a few model flags before the command, no vLLM."""
+def model_front_parser(*, probe: bool = False) -> argparse.ArgumentParser:
+    """The front parser of convert, without vLLM: its model flags (`MODEL`). As a `probe`
+    (it raises its errors; no flag required, any value taken) it finds the command of a
+    command line whose flags before the command are all model flags."""
     from ..convert.writer import DTYPES
 
-    parser = CommandParser(prog=PROG, description=CONVERT_DESCRIPTION)
-    add_flags(parser, CONVERT_MODEL, overrides={"--dtype": {"choices": DTYPES}})
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="{convert}")
-    convert = subparsers.add_parser(
-        "convert",
-        help=CONVERT_DESCRIPTION,
-        description=CONVERT_DESCRIPTION,
-        epilog=f"convert takes only {', '.join(CONVERT_TOP_FLAGS)} before the command (no "
-        "other engine flag: it starts no engine).",
-    )
-    add_flags(convert, COMMANDS["convert"])
+    if probe:
+        parser: argparse.ArgumentParser = _ModelFrontParser(prog=PROG, add_help=False)
+        add_flags(parser, MODEL, overrides={"--model": {"required": False}})
+    else:
+        parser = CommandParser(prog=PROG, add_help=False)
+        add_flags(parser, MODEL, overrides={"--dtype": {"choices": DTYPES}})
+    _add_command(parser)
     return parser
+
+
+def build_parser(command: str) -> argparse.ArgumentParser:
+    """The parser of `command`'s own flags (those after it), from the table in `flags`."""
+    parser = CommandParser(
+        prog=f"{PROG} {command}",
+        description=COMMAND_DESCRIPTIONS.get(command, COMMAND_HELP[command]),
+        epilog=COMMAND_EPILOGS.get(command),
+    )
+    add_flags(parser, command)
+    return parser
+
+
+def parse_command_line(argv: Sequence[str]) -> argparse.Namespace:
+    """`argv` parsed: the flags before the command, ``command``, and the command's own flags,
+    in one namespace (``model_given``: whether --model was given).
+
+    Raises:
+        ConfigError: a flag before a command that does not take it there, or after the
+            command when it goes before it (both named).
+        SystemExit: argparse's usage errors (one line, code 2), a command's --help (0).
+    """
+    argv = list(argv)
+    front, engine = _parse_front(argv)
+    command = front.command
+    if command is None:
+        _usage_error("a command is required: serialize, deserialize, inspect, verify or convert")
+    if command in LISTED_COMMANDS and (engine or (command != "convert" and argv[0] != command)):
+        raise _misplaced_flags(command, argv)
+    if command in LISTED_COMMANDS:
+        before = set(CONVERT_TOP_FLAGS) if command == "convert" else set()
+    else:
+        before = _option_strings(engine_front_parser())
+    _check_flags_after(front.rest, command, before)
+    args = build_parser(command).parse_args(front.rest, namespace=front)
+    if command == "convert":  # its model flags again, checked: --model required, --dtype's
+        model_front_parser().parse_args(argv, namespace=args)
+    args.model_given = any(a == "--model" or a.startswith("--model=") for a in argv)
+    return args
+
+
+def _parse_front(argv: list[str]) -> tuple[argparse.Namespace, bool]:
+    """The flags before the command, the command and the rest: parsed without vLLM when
+    they can be (convert, inspect, verify), else by vLLM's engine parser; and whether it
+    was vLLM's."""
+    try:
+        front = model_front_parser(probe=True).parse_args(argv)
+        if front.command not in ("serialize", "deserialize"):
+            return front, False
+    except _NotThisParser:
+        pass
+    return engine_front_parser().parse_args(argv), True
+
+
+def _usage_error(message: str) -> NoReturn:
+    """A usage error of the whole command line: one line, exit code 2."""
+    argparse.ArgumentParser(prog=PROG).exit(2, f"{PROG}: error: {message}\n")
+
+
+def _check_flags_after(rest: list[str], command: str, before: set[str]) -> None:
+    """Refuse a flag of `before` (vLLM's engine flags; convert's model flags) given after
+    `command` (in `rest`) when the command does not take it (its flags: the table in
+    `flags`): argparse would say only "unrecognized arguments"."""
+    own = {"-h", "--help", *flag_names(command)}
+    for arg in rest:
+        flag = arg.partition("=")[0]
+        if flag.startswith("-") and flag in before and flag not in own:
+            raise ConfigError(
+                f"{flag} goes before the command, not after it: "
+                f"{PROG} ... {flag} VALUE {command} ..."
+            )
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> set[str]:
+    """Every flag `parser` takes (vLLM's engine flags, aliases such as ``-tp`` included).
+
+    argparse has no public listing of a parser's flags; its ``_option_string_actions``
+    (there since Python 3.2) holds every alias vLLM registers."""
+    return set(parser._option_string_actions)
+
+
+def _misplaced_flags(command: str, argv: list[str]) -> ConfigError:
+    """The error for engine flags before ``inspect``, ``verify`` or ``convert``."""
+    allowed = CONVERT_TOP_FLAGS if command == "convert" else ()
+    flags = (a.partition("=")[0] for a in argv if a.startswith("-"))
+    flag = next((f for f in flags if f not in allowed), argv[0])
+    if command == "convert":
+        return ConfigError(
+            f"convert takes only {', '.join(CONVERT_TOP_FLAGS)} before it, not {flag}"
+        )
+    return ConfigError(
+        f"{command} takes no flags before it (got {flag}); give its own flags after it: "
+        f"{PROG} {command} URI [--keyfile KEYFILE] ..."
+    )
+
+
+COMMAND_DESCRIPTIONS = {
+    "serialize": "Load --model with vLLM and write its tensors, config and tokenizer to "
+    "DIR/vllm/<model>/<suffix>/.",
+    "deserialize": "Load the tensors into vLLM, generate from a prompt, print the load time "
+    "and what was checked.",
+    "convert": CONVERT_DESCRIPTION,
+}
+COMMAND_EPILOGS = {
+    "serialize": ENGINE_FLAGS_NOTE,
+    "deserialize": ENGINE_FLAGS_NOTE,
+    "convert": f"convert takes only {', '.join(CONVERT_TOP_FLAGS)} before the command (no "
+    "other engine flag: it starts no engine).",
+}
