@@ -262,7 +262,10 @@ def check_command(argv: list[str]) -> None:
 @functools.cache
 def serve_parser():
     """``vllm serve``'s own parser."""
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    try:  # vLLM 0.32
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    except ImportError:  # vLLM 0.34 moved it
+        from vllm.entrypoints.common.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     return make_arg_parser(FlexibleArgumentParser(prog="vllm serve"))

@@ -46,6 +46,7 @@ def cloud_models(llama_encrypted, fake_gcs, azurite):
 
 
 @pytest.mark.parametrize("scheme", ["gs", "az"])
+@pytest.mark.slow  # cloud_models serializes with a vLLM engine
 def test_cli_verify_and_inspect_a_cloud_model(cloud_models, cloud_env, scheme):
     tensors = f"{cloud_models[scheme]}/model.tensors"
     proc = run_cli("verify", tensors, "--keyfile", cloud_models["key"], env=cloud_env)
@@ -56,6 +57,7 @@ def test_cli_verify_and_inspect_a_cloud_model(cloud_models, cloud_env, scheme):
     assert "24 tensors" in proc.stdout and "encrypted" in proc.stdout
 
 
+@pytest.mark.slow  # cloud_models serializes with a vLLM engine
 def test_cli_names_missing_azure_credentials(cloud_models):
     """No account anywhere: one line naming what to set, exit 2 (no traceback)."""
     proc = run_cli("inspect", f"{cloud_models['az']}/model.tensors", env={})

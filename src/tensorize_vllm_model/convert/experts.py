@@ -130,7 +130,7 @@ def _steps(a: Need | None, b: Need | None, slots: int) -> list[int] | None:
             and x.stride() == y.stride()
             and x.dtype == y.dtype
         )
-        delta = y.storage_offset() - x.storage_offset()
+        delta = int(y.storage_offset()) - int(x.storage_offset())  # SymInt in torch's stubs
         if not same or delta <= 0 or delta % slots:
             return None
         steps.append(delta // slots)
