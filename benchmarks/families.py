@@ -23,14 +23,15 @@ import argparse
 import contextlib
 import datetime
 import fcntl
-import gc
 import glob
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,9 +91,10 @@ def tp_env(tp: int):
 
 
 def run_engine(model: str, tp: int, pooling: bool, **extra) -> list:
-    """Greedy tokens (or embeddings) of one engine; the engine is shut down after."""
-    from vllm import LLM, SamplingParams
-
+    """Greedy tokens (or embeddings) of one engine, started in a process of its own: a
+    second vLLM engine in one process does not always repeat the first's tokens
+    (deepseek_v2 at TP=2: vLLM's default loader twice in one process gave two token sets,
+    so the reference was not stable)."""
     kwargs = {
         "model": model,
         "dtype": "bfloat16",
@@ -105,17 +107,23 @@ def run_engine(model: str, tp: int, pooling: bool, **extra) -> list:
     }
     if pooling:
         kwargs["runner"] = "pooling"
-    with engine_lock(), tp_env(tp):
-        llm = LLM(**kwargs)
-        try:
-            if pooling:
-                return [o.outputs.embedding for o in llm.embed(PROMPTS)]
-            params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
-            return [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, params)]
-        finally:
-            llm.llm_engine.engine_core.shutdown()
-            del llm
-            gc.collect()
+    spawn = multiprocessing.get_context("spawn")
+    with engine_lock(), tp_env(tp), ProcessPoolExecutor(1, mp_context=spawn) as pool:
+        return pool.submit(_engine_outputs, kwargs, pooling).result()
+
+
+def _engine_outputs(kwargs: dict, pooling: bool) -> list:
+    """`run_engine`'s child process: start the engine, generate (or embed), shut it down."""
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(**kwargs)
+    try:
+        if pooling:
+            return [list(o.outputs.embedding) for o in llm.embed(PROMPTS)]
+        params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
+        return [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, params)]
+    finally:
+        llm.llm_engine.engine_core.shutdown()
 
 
 def cli(*argv: str) -> None:
