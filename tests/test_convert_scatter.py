@@ -1,6 +1,7 @@
 """`convert.scatter.read_scattered`: many small reads of one local file in few ``preadv``
 calls put each range's bytes, and only those, where it was asked; a call that reads short
-(a file that ends early) hands its reads to the fallback, one by one."""
+(a file that ends early) hands its reads to the fallback, one by one.
+`read_tiles_scattered`: whole column tiles land in the columns they came from."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import pytest
 import torch
 
 from tensorize_vllm_model.convert import scatter
-from tensorize_vllm_model.convert.scatter import read_scattered
+from tensorize_vllm_model.convert.partial_read import Part
+from tensorize_vllm_model.convert.scatter import read_scattered, read_tiles_scattered
 
 
 @pytest.fixture
@@ -51,3 +53,38 @@ def test_a_short_read_goes_to_the_fallback(data_file):
     read_scattered(fd, reads, calls.append)
     assert calls == [1, 2]  # read together (100 bytes apart), short: each alone
     assert bytes(target[:16].tolist()) == data[:16]
+
+
+def test_tiles_land_in_their_columns(tmp_path, monkeypatch):
+    # two [6, 8] bfloat16 weights stored in 4 column tiles ([4, 6, 2]) with a header-like
+    # gap before each; the first read whole into a [6, 8] tensor, the second's tiles 1..2
+    # into columns of a wider parameter (a TP rank's share), the third reaches past the end
+    monkeypatch.setattr(scatter, "GAP_BYTES", 16)  # each read a preadv of its own
+    weights = [torch.randn(6, 8).to(torch.bfloat16) for _ in range(2)]
+    stored = [w.reshape(6, 4, 2).transpose(0, 1).contiguous() for w in weights]
+    raw, offsets = b"", []
+    for tiles in stored:
+        raw += os.urandom(37)
+        offsets.append(len(raw))
+        raw += tiles.view(torch.uint8).numpy().tobytes()
+    path = tmp_path / "tiles"
+    path.write_bytes(raw)
+    part = Part("w", None, 0, 0, dtype=torch.bfloat16, tiles=4, shape=(6, 8))
+    whole = torch.zeros(6, 8, dtype=torch.bfloat16)
+    wide = torch.zeros(6, 10, dtype=torch.bfloat16)
+    tile = 6 * 2 * 2  # bytes of one tile
+    reads = [
+        (offsets[0], 4 * tile, whole, part),
+        (offsets[1] + tile, 2 * tile, wide[:, 3:7], part),
+        (len(raw) + 10, 2 * tile, torch.zeros(6, 4, dtype=torch.bfloat16), part),
+    ]
+    calls = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        read_tiles_scattered(fd, reads, calls.append)
+    finally:
+        os.close(fd)
+    assert calls == [2]  # read short: left to the fallback
+    assert torch.equal(whole, weights[0])
+    assert torch.equal(wide[:, 3:7], weights[1][:, 2:6])
+    assert not wide[:, :3].any() and not wide[:, 7:].any()  # nothing else written

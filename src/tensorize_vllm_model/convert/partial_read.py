@@ -27,7 +27,7 @@ import torch
 
 from .. import storage
 from ..errors import EncryptionError, FormatError, StorageError
-from .scatter import read_scattered
+from .scatter import read_scattered, read_tiles_scattered
 
 __all__ = ["Part", "PartsRead", "read_parts", "ranged_source"]
 
@@ -193,7 +193,8 @@ class _Batches:
 def _run_batch(future: Future, calls: list[tuple[Any, ...]]) -> None:
     """Run a batch of small reads of one local file: the plain ones (`_fill`) by few
     ``preadv`` calls for all of them (`scatter`; each alone where that reads short), the
-    others (`_fill_piece` of column tiles) one by one."""
+    others (`_fill_piece` of whole column tiles) read together too, then copied into
+    their columns (`scatter.read_tiles_scattered`)."""
     if not future.set_running_or_notify_cancel():
         return
     try:
@@ -204,9 +205,10 @@ def _run_batch(future: Future, calls: list[tuple[Any, ...]]) -> None:
         ]
         if plain:
             read_scattered(plain[0][1].fd, reads, lambda i: plain[i][0](*plain[i][1:]))
-        for function, *args in calls:
-            if function is not _fill:
-                function(*args)
+        tiled = [call for call in calls if call[0] is not _fill]  # whole column tiles
+        if tiled:
+            tiles = [(p.entry.data_offset + lo, hi - lo, t, p) for _, _, p, lo, hi, t, *_ in tiled]
+            read_tiles_scattered(tiled[0][1].fd, tiles, lambda i: tiled[i][0](*tiled[i][1:]))
     except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the batch
         future.set_exception(e)
     else:

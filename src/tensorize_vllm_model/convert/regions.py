@@ -99,13 +99,25 @@ def box_byte_range(
     box of `boxes`: stored row-major, or (`tiles` > 0) a 2-D ``[out, in]`` stored in
     `tiles` column tiles (``[T, out, in / T]``, `convert.placement`), whose range is the
     whole tiles holding the boxes' columns."""
+    # the same boxes recur for every expert of a layer: 37,734 calls for a Qwen3-MoE-shaped
+    # file's read plan, 0.6 s of a converted load before they were remembered
+    return _box_byte_range(tuple(boxes), tuple(shape), itemsize, tiles)
+
+
+@functools.lru_cache(maxsize=4096)
+def _box_byte_range(
+    boxes: tuple[tuple[tuple[int, int], ...], ...],
+    shape: tuple[int, ...],
+    itemsize: int,
+    tiles: int,
+) -> tuple[int, int]:
     if tiles:
         out, inputs = shape
         width, tile = inputs // tiles, out * (inputs // tiles) * itemsize
         first = min(box[1][0] for box in boxes) // width
         last = -(-max(box[1][1] for box in boxes) // width)
         return first * tile, last * tile
-    base = _strides(tuple(shape))
+    base = _strides(shape)
     low, high = -1, -1
     for box in boxes:  # a plain loop: called for every tensor of a file (18k for an MoE)
         lo = hi = 0

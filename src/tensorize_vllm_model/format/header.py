@@ -211,7 +211,7 @@ def _header_fields(
     cheap; None where they are checked as the stream passes them."""
     places = [(entry.offset, HEADER_LENGTH.size) for entry in entries]
     if local:
-        return pread_each(stream.fileno(), places)
+        return _mapped_fields(stream.fileno(), [offset for offset, _ in places])
     if not up_front or getattr(stream, "one_response", True) or not places:
         return None
     source = stream.source
@@ -219,6 +219,29 @@ def _header_fields(
         return list(
             pool.map(lambda place: source.read_range(place[0], place[0] + place[1]), places)
         )
+
+
+def _mapped_fields(fd: int, offsets: list[int]) -> list[bytes]:
+    """The 8 bytes at each of `offsets` of the open local file `fd` (fewer where the file
+    ends first), gathered through a memory map: only the pages holding them are read.
+    `pread_each` here read every byte of a file of small tensors (its 1 MiB spans cover
+    the data between the headers): 0.35 s of opening a Qwen3-MoE-shaped 0.9 GB file."""
+    import mmap
+
+    import numpy
+
+    size = os.fstat(fd).st_size
+    if not offsets or not size:
+        return [b""] * len(offsets)
+    at = numpy.asarray(offsets, dtype=numpy.int64)
+    inside = (at >= 0) & (at + HEADER_LENGTH.size <= size)
+    with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mapped:
+        data = numpy.frombuffer(mapped, dtype=numpy.uint8)
+        rows = data[at[inside][:, None] + numpy.arange(HEADER_LENGTH.size)]
+        del data  # the map's one export, before it closes
+    raw, width = rows.tobytes(), HEADER_LENGTH.size
+    found = iter(raw[i : i + width] for i in range(0, len(raw), width))
+    return [next(found) if ok else b"" for ok in inside.tolist()]
 
 
 def check_header_length(raw: bytes, room: int, tensor: str, uri: str) -> None:

@@ -91,14 +91,20 @@ class TileMap(Mapping[str, int]):
         self._seen: dict[str, int] = {}  # names resolved through a pattern (0: none)
 
     def __getitem__(self, name: str) -> int:
+        found = self.get(name, 0)
+        if not found:
+            raise KeyError(name)
+        return found
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """The tiles of `name`, else `default`; without `Mapping.get`'s KeyError for each
+        untiled name (a converted MoE load asks about 100,000 times)."""
         found = self._recorded.get(name)
         if found is None and self._patterns:  # a load asks for each name several times
             found = self._seen.get(name)
             if found is None:
                 found = self._seen[name] = self._recorded.get(name_pattern(name), 0)
-        if not found:
-            raise KeyError(name)
-        return found
+        return found if found else default
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._recorded)

@@ -74,10 +74,18 @@ class OpenFile:
     facts: FileFacts
     reopen: Callable[[], Any]
     kwargs: dict[str, Any]
+    _every: list[tuple[str, Any]] | None = field(default=None, repr=False, compare=False)
 
     def entries(self, only: Collection[str] | None = None) -> list[tuple[str, Any]]:
         """(module name, tensorizer's index entry) of every tensor in file order, or of
         those named in `only`; the reserved record and marker left out."""
+        if only is None:  # made once: asked for several times a load (18,867 for an MoE)
+            if self._every is None:
+                self._every = self._entries(None)
+            return list(self._every)
+        return self._entries(only)
+
+    def _entries(self, only: Collection[str] | None) -> list[tuple[str, Any]]:
         return [
             (module_name(name), entry)
             for name, entry in index_items(self.header)
