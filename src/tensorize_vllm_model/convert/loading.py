@@ -18,6 +18,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -35,7 +37,7 @@ if TYPE_CHECKING:
     from ..config import TensorizerConfig
     from ..read.reader import TensorReader
 
-__all__ = ["ConvertedFile", "checkpoint_tensors"]
+__all__ = ["ConvertedFile", "checkpoint_tensors", "collections_paused"]
 
 
 class ConvertedFile:
@@ -272,3 +274,20 @@ def checkpoint_tensors(reader: TensorReader) -> Iterator[tuple[str, torch.Tensor
         if tiles.get(name):
             tensor = torch.cat(list(tensor), dim=1)  # [T, out, in / T] -> [out, in]
         yield name, tensor
+
+
+@contextlib.contextmanager
+def collections_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for the block (as it was after it): a
+    converted load makes a few objects per checkpoint tensor (its need, part, samples),
+    and each full collection meanwhile walks every object of the process (vLLM's, torch's);
+    where those fell moved 0.2-0.5 s between the load's phases (benchmarks/moe.py). What
+    the load leaves for the collector is collected at its next run (the loader's
+    ``gc.collect`` after the load)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()

@@ -37,6 +37,7 @@ from ..convert.guard import check_loaded
 from ..convert.loading import (  # imported with the loader, as the readers are,
     ConvertedFile,
     checkpoint_tensors,
+    collections_paused,
 )
 from ..convert.partial_read import PartsRead  # not within a load's timed window
 from ..convert.regions import CopyWatch
@@ -177,7 +178,8 @@ class TensorizerLoader(BaseModelLoader):
         if reader.is_vllm_tensorized:
             return load_into_module(model, reader)
         if reader.checkpoint_form:
-            return self._load_converted(model, reader, uri, device)
+            with collections_paused():
+                return self._load_converted(model, reader, uri, device)
         return self._load_hf_weights(model, reader)
 
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
