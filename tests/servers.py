@@ -387,31 +387,43 @@ class AzuriteServer(LoopbackProcess):
     """Azurite's Blob service on loopback (plain HTTP, path-style URLs
     ``/devstoreaccount1/CONTAINER/BLOB``), keeping its data under `directory`. It checks
     shared-key signatures (and SAS signatures) against its well-known account key. Starts in
-    about 2 s; stopped at once (its data is scratch)."""
+    about 2 s; stopped at once (its data is scratch).
+
+    With `tls` it serves HTTPS with that certificate; with `oauth` too (``--oauth basic``) it
+    also accepts OAuth bearer tokens, checking their issuer, audience and lifetime but not
+    their signature (Azurite's README, "OAuth Configuration")."""
 
     graceful = False
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, *, tls: TLSFiles | None = None, oauth: bool = False):
         program = azurite_program()
         if program is None:
             raise RuntimeError("Azurite is missing: scripts/install.sh --test installs it")
         directory.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}/{AZURITE_ACCOUNT}"
+        self.tls = tls
+        scheme = "https" if tls else "http"
+        self.endpoint = f"{scheme}://127.0.0.1:{self.port}/{AZURITE_ACCOUNT}"
         argv = [str(program), "--blobHost", "127.0.0.1", "--blobPort", str(self.port)]
         argv += ["--location", str(directory), "--silent", "--skipApiVersionCheck"]
+        if tls:
+            argv += ["--cert", str(tls.cert), "--key", str(tls.key)]
+        if oauth:
+            argv += ["--oauth", "basic"]
         self.start(argv, directory / "azurite.log", self.port, timeout=60)
 
     def connection_string(self, key: str = AZURITE_KEY) -> str:
+        scheme = "https" if self.tls else "http"
         return (
-            f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={key};"
+            f"DefaultEndpointsProtocol={scheme};AccountName={AZURITE_ACCOUNT};AccountKey={key};"
             f"BlobEndpoint={self.endpoint};"
         )
 
     def client(self):
         from azure.storage.blob import BlobServiceClient
 
-        return BlobServiceClient.from_connection_string(self.connection_string())
+        verify = {"connection_verify": str(self.tls.ca)} if self.tls else {}
+        return BlobServiceClient.from_connection_string(self.connection_string(), **verify)
 
 
 # -- HTTP(S): a file server with byte ranges, HTTP/1.1 or HTTP/1.0 ---------------------------

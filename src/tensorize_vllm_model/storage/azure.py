@@ -175,7 +175,9 @@ def _error(e: BaseException, uri: str, found: Client, action: str) -> StorageErr
 
 
 def _code(e: BaseException) -> str:
-    return str(getattr(e, "error_code", "") or "")
+    """The service's error code ("AuthenticationFailed"; azure-storage-blob gives an enum)."""
+    code = getattr(e, "error_code", "") or ""
+    return str(getattr(code, "value", code))
 
 
 def _transient(e: BaseException) -> retry.Transient | None:
