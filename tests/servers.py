@@ -53,9 +53,9 @@ class TLSFiles:
     key: Path  # the server's private key
 
 
-def make_tls_files(directory: Path) -> TLSFiles:
-    """A self-made CA and a server certificate it signed (nothing a client trusts by
-    default)."""
+def make_tls_files(directory: Path, names: tuple[str, ...] = ()) -> TLSFiles:
+    """A self-made CA and a server certificate it signed for 127.0.0.1, localhost and
+    `names` (nothing a client trusts by default)."""
     import ipaddress
 
     from cryptography import x509
@@ -89,7 +89,10 @@ def make_tls_files(directory: Path) -> TLSFiles:
         .not_valid_after(now + datetime.timedelta(days=30))
         .add_extension(
             x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                [
+                    *(x509.DNSName(name) for name in ("localhost", *names)),
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                ]
             ),
             critical=False,
         )
