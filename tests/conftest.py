@@ -273,10 +273,16 @@ def llama_encrypted(tiny_llama, tmp_path_factory):
 
 
 def serve_and_complete(
-    serve_args: list[str], model_name: str, *, prompts=PROMPTS, env: dict[str, str] | None = None
+    serve_args: list[str],
+    model_name: str,
+    *,
+    prompts=PROMPTS,
+    env: dict[str, str] | None = None,
+    output: list[str] | None = None,
 ) -> list[str]:
     """Start ``vllm serve SERVE_ARGS`` on a loopback port, send each prompt to
-    /v1/completions (greedy), stop the server, and return the completions."""
+    /v1/completions (greedy), stop the server, and return the completions (the server's
+    output, stdout and stderr, appended to `output` where given)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -327,6 +333,8 @@ def serve_and_complete(
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             server.kill()
+        if output is not None:
+            output.append(server.stdout.read())
 
 
 @pytest.fixture(scope="session")

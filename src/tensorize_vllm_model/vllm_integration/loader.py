@@ -126,7 +126,8 @@ class TensorizerLoader(BaseModelLoader):
         device = target_device(vllm_config)
         with _readers_on_every_core(device):
             uri, source, reader = self._open_checked(vllm_config, device)
-            logger.info("Loading tensors from %s onto %s", uri, device)
+            copied = " (its local copy, made during the start-up)" if source != uri else ""
+            logger.info("Loading tensors from %s%s onto %s", uri, copied, device)
             with reader, set_default_torch_dtype(model_dtype(model_config)):
                 model = self._build(reader, vllm_config, model_config, prefix, device)
                 rank0 = current_layout(vllm_config).rank == 0

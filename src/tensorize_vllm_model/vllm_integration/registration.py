@@ -190,8 +190,11 @@ def check_engine_files(engine_args: Any) -> None:
     else:
         check_shards(plan.file_config(), tp, pp)
     names = engine_args.served_model_name or [str(engine_args.model)]
-    for name in [names] if isinstance(names, str) else names:
-        served[name] = config  # for the LoRA resolver in this (API server) process
+    names = [names] if isinstance(names, str) else list(names)
+    # For the LoRA resolver in this (API server) process, which vLLM asks with the engine's
+    # model path: a remote model's is the local copy of its config (resolve_remote_model).
+    for name in {*names, str(engine_args.model)}:
+        served[name] = config
 
 
 def _check_shared_file(plan: ReadPlan, model: str) -> None:
