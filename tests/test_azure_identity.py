@@ -34,8 +34,8 @@ import pytest
 from conftest import BUCKET
 
 from tensorize_vllm_model import storage
-from tensorize_vllm_model.errors import AccessDenied, StorageError
-from tensorize_vllm_model.settings import STORAGE_VARIABLES
+from tensorize_vllm_model.core.errors import AccessDenied, StorageError
+from tensorize_vllm_model.core.settings import STORAGE_VARIABLES
 from tensorize_vllm_model.storage import azure as azure_backend
 
 IDENTITY_HEADER = "loopback-identity-header"  # App Service's per-process secret, simulated

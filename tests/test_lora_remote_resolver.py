@@ -22,9 +22,9 @@ def test_resolver_finds_the_adapter_of_a_remote_served_model(
     from vllm.lora.resolver import LoRAResolverRegistry
 
     from tensorize_vllm_model import storage
+    from tensorize_vllm_model.artifacts.lora import stage_adapter
     from tensorize_vllm_model.convert import convert_checkpoint
-    from tensorize_vllm_model.lora import stage_adapter
-    from tensorize_vllm_model.vllm_integration import registration
+    from tensorize_vllm_model.integrations.vllm import registration
 
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", fake_gcs.endpoint)
     monkeypatch.setenv("TENSORIZE_VLLM_MODEL_CACHE", str(tmp_path / "cache"))

@@ -76,7 +76,7 @@ def converted(tiny_llama, adapter, env, fake_gcs, azurite):
     directory's ``lora/`` as ``serialize --lora-path`` writes it (`lora.stage_adapter` in a
     transaction on that store; ``convert`` takes no adapter): the two directories."""
     from tensorize_vllm_model import storage
-    from tensorize_vllm_model.lora import stage_adapter
+    from tensorize_vllm_model.artifacts.lora import stage_adapter
 
     uris = {scheme: convert_to(tiny_llama, scheme, env) for scheme in ("gs", "az")}
     options = {
@@ -102,7 +102,7 @@ def test_adapter_read_back_from_az(converted, adapter, azurite, monkeypatch):
     hands vLLM) holds the original adapter's tensors, bit for bit."""
     from safetensors.torch import load_file
 
-    from tensorize_vllm_model.lora import adapter_uri, materialize_adapter
+    from tensorize_vllm_model.artifacts.lora import adapter_uri, materialize_adapter
     from tensorize_vllm_model.storage import azure as azure_backend
 
     monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", azurite.connection_string())
