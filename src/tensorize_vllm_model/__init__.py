@@ -69,7 +69,7 @@ _TENSORIZER_NAMES = (
 # The names imported on first use (`__getattr__`), each with the module it comes from: one
 # table, read by `__getattr__` and `__all__`, so importing the package loads no torch, vLLM
 # or tensorizer. A lazy name is also imported under TYPE_CHECKING above, for type checkers
-# (tests/test_vllm_names.py checks the two agree); the config and the errors are imported at
+# (tests/contract/test_vllm_names.py checks the two agree); the config and the errors are imported at
 # once and listed in `__all__` by hand (ruff checks those two agree).
 _LAZY = {
     "tensorize_vllm_model": "serialization",

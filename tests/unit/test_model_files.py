@@ -1,0 +1,145 @@
+"""The output directory is the whole model (`artifacts`), without an engine: convert and
+serialize's staging carry every file of the model directory but the weights (remote code,
+chat templates, sentence-transformers modules in sub-directories) and list what they leave
+out; the remote cache fetches the same from S3 (moto) and HTTP. What is carried is what
+transformers (remote code, ``trust_remote_code=True``) and vLLM (the sentence-transformers
+pooling config) read from the directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+
+import pytest
+
+from tensorize_vllm_model import storage
+from tensorize_vllm_model.artifacts import fetch_model_files, stage_artifacts
+from tensorize_vllm_model.cli import main
+from tests.support import BUCKET
+from tests.support.places import s3_options
+from tests.support.servers import HTTPFileServer
+
+REMOTE_CODE = """from transformers import LlamaConfig
+
+
+class TinyConfig(LlamaConfig):
+    model_type = "tiny"
+"""
+POOLING = {
+    "modules.json": json.dumps(
+        [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {
+                "idx": 1,
+                "name": "1",
+                "path": "1_Pooling",
+                "type": "sentence_transformers.models.Pooling",
+            },
+        ]
+    ),
+    "1_Pooling/config.json": json.dumps(
+        {"word_embedding_dimension": 256, "pooling_mode_mean_tokens": True}
+    ),
+}
+# carried beside the tensors, besides the tiny Llama's own config and tokenizer files
+EXTRA = {
+    "configuration_tiny.py": REMOTE_CODE,
+    "chat_template.jinja": "{% for m in messages %}{{ m.content }}{% endfor %}",
+    "README.md": "# tiny\n",
+    **POOLING,
+}
+NOT_CARRIED = {
+    ".git/HEAD": "ref: refs/heads/main\n",
+    "original/consolidated.pth": "weights",
+}
+
+
+@pytest.fixture(scope="module")
+def whole_model(tiny_llama, tmp_path_factory):
+    """The tiny Llama with remote code (``auto_map``), a chat template, a README, a
+    sentence-transformers pooling module, a .git directory and a second copy of weights."""
+    model = tmp_path_factory.mktemp("whole") / "tiny-whole"
+    shutil.copytree(tiny_llama, model)
+    config = json.loads((model / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_tiny.TinyConfig"}
+    (model / "config.json").write_text(json.dumps(config))
+    for name, text in {**EXTRA, **NOT_CARRIED}.items():
+        (model / name).parent.mkdir(parents=True, exist_ok=True)
+        (model / name).write_text(text)
+    return model
+
+
+def files_under(directory) -> list[str]:
+    return sorted(
+        os.path.relpath(os.path.join(root, f), directory).replace(os.sep, "/")
+        for root, _, files in os.walk(directory)
+        for f in files
+    )
+
+
+def test_convert_carries_everything_but_the_weights(whole_model, tmp_path, capsys):
+    assert main(["--model", str(whole_model), "convert", "--serialized-directory",
+                 str(tmp_path), "--suffix", "v1"]) == 0  # fmt: skip
+    out = tmp_path / "vllm" / "tiny-whole" / "v1"
+    source = set(files_under(whole_model)) - {"model.safetensors", *NOT_CARRIED}
+    assert files_under(out) == sorted(source | {"model.tensors"})
+    assert (out / "1_Pooling" / "config.json").read_text() == POOLING["1_Pooling/config.json"]
+    printed = capsys.readouterr().out
+    for left in ("model.safetensors (weights)", ".git/ (hidden)",
+                 "original/consolidated.pth (weights)"):  # fmt: skip
+        assert f"not carried: {left}" in printed
+
+    # what transformers and vLLM read from the converted directory
+    from transformers import AutoConfig
+    from vllm.transformers_utils.config import get_pooling_config
+
+    config = AutoConfig.from_pretrained(out, trust_remote_code=True)
+    assert type(config).__name__ == "TinyConfig"
+    pooling = get_pooling_config(str(out), revision=None)
+    assert pooling is not None and "MEAN" in {str(v).upper() for v in pooling.values()}
+
+
+def test_staging_into_the_models_own_directory_skips_the_output(whole_model, tmp_path):
+    """A serialize whose output is inside the model directory does not copy earlier
+    outputs into the new one."""
+    model = tmp_path / "model"
+    shutil.copytree(whole_model, model)
+    earlier = model / "vllm" / "tiny" / "v1"
+    earlier.mkdir(parents=True)
+    (earlier / "config.json").write_text("{}")
+    with storage.transaction() as tx:
+        left = stage_artifacts(tx, [str(model)], str(model / "vllm" / "tiny" / "v2"))
+    assert "vllm/ (holds the output directory)" in [str(x) for x in left]
+    assert files_under(model / "vllm" / "tiny" / "v2") == sorted(
+        set(files_under(whole_model)) - {"model.safetensors", *NOT_CARRIED}
+    )
+
+
+def test_s3_cache_fetches_remote_code_and_pooling_modules(whole_model, moto, tmp_path, monkeypatch):
+    monkeypatch.setenv("TENSORIZE_VLLM_MODEL_CACHE", str(tmp_path / "cache"))
+    prefix = uuid.uuid4().hex
+    client = moto.client()
+    for name in files_under(whole_model):
+        client.upload_file(str(whole_model / name), BUCKET, f"{prefix}/{name}")
+    local = fetch_model_files(f"s3://{BUCKET}/{prefix}", s3_options(moto.endpoint))
+    assert files_under(local) == sorted(
+        set(files_under(whole_model)) - {"model.safetensors", *NOT_CARRIED}
+    )
+
+
+def test_http_cache_asks_for_auto_map_code_and_modules(whole_model, tmp_path, monkeypatch):
+    """An HTTP server cannot list: the cache asks for the usual names, the ``*.py`` files
+    ``auto_map`` names and the files of ``modules.json``'s module directories."""
+    monkeypatch.setenv("TENSORIZE_VLLM_MODEL_CACHE", str(tmp_path / "cache"))
+    server = HTTPFileServer(whole_model)
+    try:
+        local = fetch_model_files(server.url)
+    finally:
+        server.stop()
+    got = set(files_under(local))
+    assert {"configuration_tiny.py", "modules.json", "1_Pooling/config.json",
+            "chat_template.jinja", "config.json", "tokenizer.json"} <= got  # fmt: skip
+    assert not got & {"model.safetensors", *NOT_CARRIED}
