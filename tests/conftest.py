@@ -35,9 +35,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Mark each test `unit`, `contract` or `e2e` by its directory, `cloud` when it needs
     an emulator, and `slow` when it uses an engine-starting fixture."""
     for item in items:
-        parts = Path(item.path).resolve().relative_to(TESTS).parts
-        if parts[0] in GROUPS:
-            item.add_marker(parts[0])
+        path = Path(item.path).resolve()
+        group = path.relative_to(TESTS).parts[0] if path.is_relative_to(TESTS) else None
+        if group in GROUPS:
+            item.add_marker(group)
         names = set(getattr(item, "fixturenames", ()))
         callspec = getattr(item, "callspec", None)
         params = callspec.params.values() if callspec is not None else ()

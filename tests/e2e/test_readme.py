@@ -257,8 +257,27 @@ def check_command(argv: list[str]) -> None:
         assert all(flag in source for flag in flags), argv
     elif argv[0].endswith("python") and argv[1] == "-m":
         assert argv[2] == "pytest", argv
+        check_pytest(argv[3:])
     else:
         assert (ROOT / argv[0]).exists() or argv[0].startswith(".venv/bin/"), argv
+
+
+def check_pytest(args: list[str]) -> None:
+    """A pytest command's test paths exist and its ``-m`` expression names registered
+    markers only (pyproject.toml), so a documented command selects what it says."""
+    import tomllib
+
+    ini = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    markers = {line.split(":")[0] for line in ini["markers"]}
+    args = iter(args)
+    for arg in args:
+        if arg == "-m":
+            words = set(re.findall(r"[A-Za-z_]+", next(args))) - {"and", "or", "not"}
+            assert words <= markers, f"unregistered markers {sorted(words - markers)}"
+        elif arg in ("-k", "-p"):
+            next(args)
+        elif not arg.startswith("-"):
+            assert (ROOT / arg.split("::")[0]).exists(), f"pytest path {arg} does not exist"
 
 
 @functools.cache
