@@ -4,7 +4,8 @@ package writes outside the serialized directory.
 A serialize given a key file that exists encrypts with the key it holds (the command line
 says so); a new key is written only where no file is, and not even over one that appears
 while the serialize runs. The serializes here are the real `tensorize_vllm_model` (and the
-real command line) with the stand-in engine of tests/support/fake_engine.py (no vLLM engine start).
+real command line) with the stand-in engine of tests/support/fake_engine.py (no vLLM engine
+start).
 """
 
 from __future__ import annotations
