@@ -100,7 +100,7 @@ def llama_encrypted(tiny_llama, tmp_path_factory):
 @pytest.fixture
 def fake_engine(monkeypatch):
     """Replace the vLLM side of a serialize (no vLLM import, no engine start)."""
-    from tensorize_vllm_model.vllm_integration import engine
+    from tensorize_vllm_model.integrations.vllm import engine
 
     monkeypatch.setattr(engine, "Engine", FakeEngine)
     monkeypatch.setattr(engine, "parallel_sizes", lambda args: (FakeEngine.world, 1))

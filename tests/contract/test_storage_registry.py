@@ -17,7 +17,7 @@ from tests.support.commands import subprocess_env
 
 PLUGIN = '''
 """A tiny third-party backend: mem://NAME serves bytes kept in this process."""
-from tensorize_vllm_model.errors import ConfigError, NotFound
+from tensorize_vllm_model.core.errors import ConfigError, NotFound
 from tensorize_vllm_model.storage import Backend, retry
 
 FILES = {}

@@ -12,7 +12,7 @@ import uuid
 import pytest
 
 from tensorize_vllm_model import NotFound, StorageError, Unreachable, storage
-from tensorize_vllm_model.errors import Throttled
+from tensorize_vllm_model.core.errors import Throttled
 from tensorize_vllm_model.storage.options import StreamOptions
 from tensorize_vllm_model.storage.retry import RetryPolicy
 from tests.support import BUCKET

@@ -85,7 +85,7 @@ def serialize_in_process(
     tiny_llama: Path, directory: Path, key: Path, tensorizer_uri: str | None = None
 ):
     from tensorize_vllm_model import TensorizerConfig
-    from tensorize_vllm_model.serialization import tensorize_vllm_model
+    from tensorize_vllm_model.integrations.vllm.serialize import tensorize_vllm_model
 
     return tensorize_vllm_model(
         engine_args(tiny_llama),

@@ -11,9 +11,9 @@ import uuid
 import pytest
 import torch
 
+from tensorize_vllm_model.format.keys import generate_key
 from tensorize_vllm_model.format.record import FileRecord
 from tensorize_vllm_model.format.writer import write_tensors
-from tensorize_vllm_model.keys import generate_key
 from tensorize_vllm_model.storage.ranged import DEFAULT_CHUNK_SIZE, DEFAULT_WORKERS
 from tests.support import BUCKET
 from tests.support.memory import probe

@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from tensorize_vllm_model import compile_cache
+from tensorize_vllm_model.artifacts import compile_cache
 from tests.support.commands import ENGINE_FLAGS, run_serialize
 from tests.support.engines import result_of, run_engine
 

@@ -30,7 +30,7 @@ ENGINE_KWARGS = {
     "enforce_eager": True,
     "gpu_memory_utilization": 0.3,
 }
-WORKER_EXTENSION = "tensorize_vllm_model.vllm_integration.worker.WorkerExtension"
+WORKER_EXTENSION = "tensorize_vllm_model.integrations.vllm.worker.WorkerExtension"
 
 
 def run_runner(

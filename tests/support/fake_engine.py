@@ -10,12 +10,12 @@ import types
 from pathlib import Path
 from typing import ClassVar
 
-from tensorize_vllm_model.vllm_integration.engine import Engine
-from tensorize_vllm_model.vllm_integration.messages import SavedFile, decode
+from tensorize_vllm_model.integrations.vllm.engine import Engine
+from tensorize_vllm_model.integrations.vllm.messages import SavedFile, decode
 
 
 class FakeEngine(Engine):
-    """What `tensorize_vllm_model` needs of `vllm_integration.engine.Engine` (its typed calls
+    """What `tensorize_vllm_model` needs of `integrations.vllm.engine.Engine` (its typed calls
     are the real ones, over this `rpc`), with the workers' side done as the real
     WorkerExtension does it, for `world` ranks: each rank's `write_tensors` to a file staged
     in that rank's own transaction, published, committed or rolled back by the publish,

@@ -14,7 +14,7 @@ def cli_with_fake_engine(monkeypatch):
     The real vLLM side is imported for good (one module for the whole session: vLLM's
     registries hold its loaders and resolver) and only its `Engine` is replaced."""
     from tensorize_vllm_model.cli import main
-    from tensorize_vllm_model.vllm_integration import engine, loader
+    from tensorize_vllm_model.integrations.vllm import engine, loader
 
     assert hasattr(loader, "TensorizerLoader")  # the real module, not a stand-in
     monkeypatch.setattr(engine, "Engine", FakeEngine)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tensorize_vllm_model import EncryptionError, StorageError, TensorizerConfig, storage
-from tensorize_vllm_model.keys import generate_key, prepare_key, stage_key, write_key
+from tensorize_vllm_model.format.keys import generate_key, prepare_key, stage_key, write_key
 from tensorize_vllm_model.read.reader import open_tensors
 from tests.support import BUCKET
 from tests.support.fake_engine import FakeEngine, engine_args
@@ -26,7 +26,7 @@ S3 = {"s3_access_key_id": "testing", "s3_secret_access_key": "testing", "force_h
 
 
 def serialize(tiny_llama: Path, directory: Path, key: Path, **kwargs):
-    from tensorize_vllm_model.serialization import tensorize_vllm_model
+    from tensorize_vllm_model.integrations.vllm.serialize import tensorize_vllm_model
 
     return tensorize_vllm_model(
         engine_args(tiny_llama),
@@ -248,7 +248,7 @@ def test_cli_new_key(cli_with_fake_engine, tiny_llama, tmp_path, capsys):
 def test_adapter_directory_refuses_a_planted_link(tmp_path, monkeypatch):
     """Materialized adapters go to a private per-user directory in a shared place; if its
     name is taken by a link (anyone can create names in /dev/shm), nothing is written."""
-    from tensorize_vllm_model import lora
+    from tensorize_vllm_model.artifacts import lora
 
     monkeypatch.setenv("TENSORIZE_VLLM_MODEL_CACHE", str(tmp_path / "cache"))
     real_access = os.access

@@ -16,7 +16,7 @@ import uuid
 import pytest
 
 from tensorize_vllm_model import storage
-from tensorize_vllm_model.artifacts import fetch_model_files, stage_artifacts
+from tensorize_vllm_model.artifacts.model_files import fetch_model_files, stage_artifacts
 from tensorize_vllm_model.cli import main
 from tests.support import BUCKET
 from tests.support.places import s3_options
