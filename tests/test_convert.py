@@ -18,7 +18,6 @@ from tensorize_vllm_model import open_tensors
 from tensorize_vllm_model.cli import main
 from tensorize_vllm_model.convert import convert_checkpoint
 from tensorize_vllm_model.convert.fit import check_layout_fits
-from tensorize_vllm_model.convert.partial_read import Part, PartsRead, read_parts
 from tensorize_vllm_model.convert.placement import (
     TensorShape,
     column_tiles,
@@ -28,6 +27,7 @@ from tensorize_vllm_model.convert.placement import (
 from tensorize_vllm_model.convert.regions import CopyWatch, box_byte_range, view_box
 from tensorize_vllm_model.errors import ConfigError, LayoutError, StorageError
 from tensorize_vllm_model.format.record import MARKER_NAME
+from tensorize_vllm_model.read.partial import Part, PartsRead, read_parts
 
 # Runs the command line with vLLM made unimportable in that process.
 NO_VLLM = (

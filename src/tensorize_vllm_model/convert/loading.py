@@ -5,13 +5,13 @@
    tensor's shape under `regions.CopyWatch`, which records what this rank copies of each.
 2. `ConvertedFile.parts` turns that into one byte range per needed tensor (tensors of other
    pipeline stages: none), widened to cipher chunks when encrypted.
-3. `ConvertedFile.tensors` reads only those ranges (`partial_read`) and hands each tensor
+3. `ConvertedFile.tensors` reads only those ranges (`read.partial`) and hands each tensor
    to ``load_weights`` in its checkpoint shape (a tiled one with its read tiles' columns
    put back), so vLLM's weight loaders narrow and copy it into the rank's parameters as
    from the checkpoint itself. Where every copy of a tensor was one byte range of it into
    a CPU parameter of that size (a contiguous parameter or rows of one; of a tiled tensor,
    the columns of whole tiles, all rows), the bytes go into the parameter instead (in
-   place, or piece by piece when decrypted, cast or tiled: `partial_read`), and
+   place, or piece by piece when decrypted, cast or tiled: `read.partial`), and
    ``load_weights`` does not see that tensor again: everything else its loader did
    (padding filled, ...) was already done in step 1.
 """
@@ -26,8 +26,8 @@ import torch
 
 from .. import storage
 from ..errors import FormatError
+from ..read.partial import Part, PartsRead, ranged_source, read_parts
 from .guard import FileElements, direct_copy_ok
-from .partial_read import Part, PartsRead, ranged_source, read_parts
 from .placement import logical_shape
 from .regions import CopyWatch, Need, box_byte_range
 
@@ -108,7 +108,7 @@ class ConvertedFile:
         """Where every copy of the tensor is one byte range of it -> a CPU tensor of the
         same size (a contiguous parameter or its rows; of a tiled tensor, the columns of
         whole tiles, all rows, into a parameter of that shape): those bytes go straight
-        there (`partial_read`: read in place, or piece by piece through a small buffer when
+        there (`read.partial`: read in place, or piece by piece through a small buffer when
         decrypted, cast by ``copy_`` as the weight loader's copy would, or tiled), with no
         buffer of the whole part. Empty when any copy is not like that."""
         dtype = self._dtype(name)

@@ -38,7 +38,6 @@ from ..convert.loading import (  # imported with the loader, as the readers are,
     ConvertedFile,
     checkpoint_tensors,
 )
-from ..convert.partial_read import PartsRead  # not within a load's timed window
 from ..convert.regions import CopyWatch
 from ..errors import ConfigError, ModelMismatchError
 from ..format.record import ParallelLayout
@@ -46,6 +45,7 @@ from ..modules import load_into_module, meta_parameters
 from ..plan import ReadPlan, check_shared_file, resolve_read
 from ..progress import progress
 from ..read.base import LoadStats
+from ..read.partial import PartsRead  # not within a load's timed window
 from ..read.reader import default_num_readers, open_tensors
 from ..redaction import scrubbing
 from .compiled import stage_for_load

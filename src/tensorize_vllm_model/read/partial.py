@@ -150,7 +150,7 @@ class _Reader:
 def _fill(reader: _Reader, part: Part, memory: torch.Tensor, place: int, lo: int, hi: int) -> None:
     """Read the tensor's bytes [lo, hi) into the uint8 CPU tensor `memory` at byte `place`
     (and decrypt them in place when the part is encrypted)."""
-    from ..read.local import populate
+    from .local import populate
 
     populate(memory.data_ptr() + place, hi - lo)  # its pages made present in one call
     view = memoryview(memory.numpy())[place : place + hi - lo]  # type: ignore[arg-type]
@@ -311,7 +311,7 @@ def _fill_rows(reader: _Reader, part: Part, a: int, b: int, tensor: torch.Tensor
     `lo` its first tile's start) from a local file straight into `tensor`'s columns
     (`read.local.read_rows`: one ``preadv`` of many rows). False, having read nothing,
     where that cannot be called (the caller reads through a buffer)."""
-    from ..read.local import read_rows
+    from .local import read_rows
 
     width = part.tile_row * part.dtype.itemsize
     for columns, first, _ in _tile_rows(part, a - lo, (b - a) // width, tensor):
@@ -344,7 +344,7 @@ def _make_present(tensor: torch.Tensor) -> None:
     """Make the pages under `tensor` present in one call (`read.local.populate`), from its
     first element to its last: faulted in one by one by the pieces' copies, a fresh
     parameter's pages cost more than the copies themselves."""
-    from ..read.local import populate
+    from .local import populate
 
     if tensor.numel() == 0:
         return
