@@ -818,7 +818,9 @@ def test_tiles_read_straight_into_columns_stop_at_a_truncated_file(tmp_path):
     [(_, buffer)] = list(read_parts(str(path), [part], threads=2))
     assert buffer is None and torch.equal(columns, tiles.permute(1, 0, 2).reshape(64, 128))
     os.truncate(path, entry.data_offset + size - 100)
-    with pytest.raises(FormatError, match=rf"{path} is truncated: it ends within w"):
+    with pytest.raises(
+        FormatError, match=rf"{path} is truncated: tensor w ends past the end of the file"
+    ):
         list(read_parts(str(path), [part], threads=2))
 
 
