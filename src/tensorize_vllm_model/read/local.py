@@ -284,14 +284,8 @@ class LocalEngine:
         Raises:
             CorruptTensorError: naming the first tensor that fails.
         """
-        from ..format.header import pread_each
-
-        places = [(e.offset, e.data_offset - e.offset) for _, e in chosen]
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            raws = pread_each(fd, places)
-        finally:
-            os.close(fd)
+        with LocalSource(self.path, file.name) as source:
+            raws = source.headers(e for _, e in chosen)
         for span, tensor, raw in zip(spans, tensors, raws):
             hashes = stored_hashes(raw, file.header, file.name, span.name)
             data = byte_view(tensor.reshape(-1).view(torch.uint8)) if span.length else b""

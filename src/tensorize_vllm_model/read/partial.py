@@ -31,7 +31,7 @@ from .parts import Part, PartsRead
 from .scatter import read_scattered
 from .source import ByteSource, LocalSource, RemoteSource
 
-__all__ = ["Part", "PartsRead", "read_parts", "ranged_source"]
+__all__ = ["Part", "PartsRead", "read_parts", "ranged_source", "open_source"]
 
 PIECE_BYTES = 8 << 20  # one read request
 # Reads of a local file smaller than this go to the reading threads in batches of about
@@ -61,8 +61,9 @@ def ranged_source(uri: str, options: storage.Options) -> Any:
     return source
 
 
-def _open(uri: str, options: storage.Options) -> ByteSource:
-    """The file at `uri`: a local one by ``preadv``, a remote one by byte ranges."""
+def open_source(uri: str, options: storage.Options) -> LocalSource | RemoteSource:
+    """The converted file at `uri`: a local one read by ``preadv``, a remote one by byte
+    ranges (`ranged_source`: refused where its server does not serve them)."""
     path = storage.local_path(uri)
     if path is not None:
         return LocalSource(path, uri)
@@ -315,7 +316,7 @@ def read_parts(
         EncryptionError: a chunk fails its check.
     """
     stats = stats if stats is not None else PartsRead()
-    reader = _open(uri, options)
+    reader = open_source(uri, options)
     pool = ThreadPoolExecutor(max(1, threads))
     batches = _Batches(pool)
     pending: collections.deque[tuple[Part, torch.Tensor | None, list[Future]]] = collections.deque()

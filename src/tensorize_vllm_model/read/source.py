@@ -15,9 +15,10 @@ A file that ends before a view is full is refused by the one loop of `read.check
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ..format.header import pread_each
 from .checks import fill
 
 if TYPE_CHECKING:
@@ -59,6 +60,12 @@ class LocalSource:
     def _pread(self, view: memoryview, offset: int) -> int:
         return os.preadv(self.fd, [view], offset)
 
+    def headers(self, entries: Iterable[Any]) -> list[bytes]:
+        """The tensor header of each of tensorizer's index `entries` (the file's bytes from
+        ``entry.offset`` to ``entry.data_offset``), read in parallel
+        (`format.header.pread_each`)."""
+        return pread_each(self.fd, [(e.offset, e.data_offset - e.offset) for e in entries])
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
@@ -92,8 +99,19 @@ class RemoteSource:
         """`ByteSource.read_into`; a sequence of views is filled in turn from one request."""
         self.source.read_range_into(offset, view)
 
+    def headers(self, entries: Iterable[Any]) -> list[bytes]:
+        """The tensor header of each of tensorizer's index `entries`: one ranged request
+        each."""
+        return [self.source.read_range(e.offset, e.data_offset) for e in entries]
+
     def close(self) -> None:
         pass
+
+    def __enter__(self) -> RemoteSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class StreamSource:
