@@ -3,9 +3,9 @@
 
 - the file ends before a tensor does (it changed after its index was checked): `truncated`,
   and the one loop that reads a view whole or says so (`fill`);
-- a tensor header tensorizer's parser rejects: `stored_hashes` and `cipher_of` parse a
-  header's hashes and cipher under `format.compat.header_parse_errors` (its length field is
-  checked first, by `format.header.check_header_length`);
+- a tensor header whose length field claims more than the index leaves for it
+  (`header_length`), and one tensorizer's parser rejects: `stored_hashes` and `cipher_of`
+  parse a header's hashes and cipher under `format.compat.header_parse_errors`;
 - a cipher chunk that fails its MAC: `wrong_key_errors` turns it into the one wrong-key
   error of `format.compat.wrong_key`.
 
@@ -20,12 +20,20 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import FormatError
 from ..format.compat import DecryptionFailed, header_parse_errors, wrong_key
+from ..format.header import HEADER_LENGTH, check_header_length
 
 if TYPE_CHECKING:
     from ..format.hashes import StoredHashes
     from .decrypt import TensorCipher
 
-__all__ = ["truncated", "fill", "stored_hashes", "cipher_of", "wrong_key_errors"]
+__all__ = [
+    "truncated",
+    "fill",
+    "header_length",
+    "stored_hashes",
+    "cipher_of",
+    "wrong_key_errors",
+]
 
 
 def truncated(uri: str, tensor: str, size: int | None = None) -> FormatError:
@@ -50,6 +58,17 @@ def fill(
         if not count:
             raise truncated(uri, tensor)
         got += count
+
+
+def header_length(raw: bytes, room: int, uri: str, tensor: str) -> None:
+    """Refuse `tensor`'s header `raw` (at least its first 8 bytes) when its length field
+    claims more than the `room` the index leaves for it (`format.header.check_header_length`:
+    checked before anything is sized by it).
+
+    Raises:
+        FormatError: naming `uri` and `tensor`.
+    """
+    check_header_length(raw[: HEADER_LENGTH.size], room, tensor, uri)
 
 
 def stored_hashes(raw: bytes, index: Any, uri: str, tensor: str) -> StoredHashes:

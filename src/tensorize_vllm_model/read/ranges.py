@@ -21,7 +21,7 @@ malloc arenas) as it enters the window, starts the requests whose tensors all ex
 hands the tensors over in file order. Memory: the tensor handed over next, at most
 ``window`` bytes of tensors after it (``workers`` x ``chunk_size``, the read-ahead of
 `RangeStream`), and the headers. Every tensor gets the checks of `read.remote.read_stream`:
-its header's length field (`format.header.check_header_length`); an encrypted tensor's
+its header's length field (`read.checks.header_length`); an encrypted tensor's
 header parsed by tensorizer and its chunks checked and decrypted in the calling thread as
 each request holding them completes (`read.decrypt`); with ``verify`` its stored hashes
 (`format.hashes`). Failed or stalled requests are retried per request as
@@ -38,8 +38,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from ..format.header import HEADER_LENGTH, check_header_length
-from .checks import cipher_of, stored_hashes, truncated
+from .checks import cipher_of, header_length, stored_hashes, truncated
 from .memory import byte_view, populate
 
 if TYPE_CHECKING:
@@ -272,7 +271,7 @@ class RangedRead:
         """The header of `tensor` (its request has arrived), its length field checked."""
         span = self.spans[tensor]
         header = bytes(self._headers[tensor])
-        check_header_length(header[: HEADER_LENGTH.size], span.room, span.name, self.uri)
+        header_length(header, span.room, self.uri, span.name)
         return header
 
     def _finish(self, head: int) -> torch.Tensor:

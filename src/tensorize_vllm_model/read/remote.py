@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 
-from ..format.header import HEADER_LENGTH, check_header_length, torch_dtype
+from ..format.header import HEADER_LENGTH, torch_dtype
 from ..storage.ranged import RangeStream
 from .base import OpenFile, ReadTimes
-from .checks import cipher_of, stored_hashes, wrong_key_errors
+from .checks import cipher_of, header_length, stored_hashes, wrong_key_errors
 from .memory import byte_view, fresh_bytes
 from .source import ByteSource, RemoteSource, StreamSource
 
@@ -88,7 +88,7 @@ def read_stream(
     for span in sorted(spans, key=lambda s: s.entry.offset):
         entry = span.entry
         header = _read(source, span, span.room if whole_header else HEADER_LENGTH.size)
-        check_header_length(header[: HEADER_LENGTH.size], span.room, span.name, uri)
+        header_length(header, span.room, uri, span.name)
         hashes = stored_hashes(header, index, uri, span.name) if verify else None
         size = math.prod(span.shape) * span.dtype.itemsize
         if entry.data_length == 0:  # stored without data: reads back as zeros
