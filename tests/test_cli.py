@@ -320,10 +320,10 @@ def test_ctrl_c_on_a_stalled_read_prints_one_line(command):
 def test_worker_errors_come_back_as_the_package_errors():
     """A worker method's error comes back as an answer (vLLM would log its traceback and
     raise a bare RuntimeError) and is raised again in the command as the error it was."""
-    from tensorize_vllm_model.errors import StorageError, TensorizeError
-    from tensorize_vllm_model.vllm_integration.engine import raise_worker_errors
-    from tensorize_vllm_model.vllm_integration.messages import WorkerFailure
-    from tensorize_vllm_model.vllm_integration.worker import worker_call
+    from tensorize_vllm_model.core.errors import StorageError, TensorizeError
+    from tensorize_vllm_model.integrations.vllm.engine import raise_worker_errors
+    from tensorize_vllm_model.integrations.vllm.messages import WorkerFailure
+    from tensorize_vllm_model.integrations.vllm.worker import worker_call
 
     class Worker:
         @worker_call
@@ -340,7 +340,7 @@ def test_worker_errors_come_back_as_the_package_errors():
 
 HANGING_CLEANUP = """
 import sys, threading, time
-from tensorize_vllm_model import interrupts
+from tensorize_vllm_model.core import interrupts
 interrupts.GRACE_SECONDS = 1.0
 interrupts.install()
 # A thread that never ends, as an engine that does not shut down: it would hold the

@@ -1,7 +1,7 @@
 """The package's import layers, as docs/design.md states them: every module of
 src/tensorize_vllm_model has a rank, and no module imports one of a higher rank (module-level
 and function-level imports count; ``if TYPE_CHECKING:`` ones do not). Also: vLLM is imported
-only in ``vllm_integration/``, and tensorizer's private names only in ``format/compat.py``.
+only in ``integrations/vllm/``, and tensorizer's private names only in ``format/compat.py``.
 
 The ranks, bottom to top (a module may import its own rank and those below):
 
@@ -160,7 +160,7 @@ def test_tensorizer_private_names_only_in_compat():
 
 
 def test_only_settings_reads_the_environment():
-    """``os.environ``/``os.getenv`` only in settings.py (cli/configs.py sets vLLM's and the
+    """``os.environ``/``os.getenv`` only in core/settings.py (cli/configs.py sets vLLM's and the
     AWS SDK's variables from flags, which it may)."""
     offenders = [
         f"{path.relative_to(SRC)}:{number}"
@@ -177,7 +177,7 @@ FILE_NAMING = {"tensors_uri", "rank_uri", "DEFAULT_TENSORS_NAME", "SHARDED_TENSO
 
 
 def test_only_plan_names_tensors_files():
-    """Which file a load or serialize reads or writes is decided in plan.py only (issue 18):
+    """Which file a load or serialize reads or writes is decided in config/plan.py only (issue 18):
     no other module imports the names that build a tensors file's URI. config/ may (it
     fills in ``tensorizer_uri`` from ``tensorizer_dir`` as vLLM's config does)."""
     offenders = [

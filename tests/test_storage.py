@@ -5,7 +5,8 @@ import stat
 
 import pytest
 
-from tensorize_vllm_model import ConfigError, EncryptionError, StorageError, keys, storage
+from tensorize_vllm_model import ConfigError, EncryptionError, StorageError, storage
+from tensorize_vllm_model.format import keys
 
 
 def test_unknown_scheme_lists_supported():
@@ -126,13 +127,13 @@ def test_an_interrupt_inside_a_publish_puts_every_name_back(
     it) once left the kept copy (``.config.json.kept-XXXX``) behind: renaming a link onto
     another link of the same file does nothing. The interrupt is raised by a wrapper
     around the real publish (a signal cannot be timed to that instant)."""
-    from tensorize_vllm_model.interrupts import Interrupted
+    from tensorize_vllm_model.core.interrupts import Interrupted
     from tensorize_vllm_model.storage.local import LocalBackend
 
-    real = LocalBackend.publish
+    real = LocalBackend.publish_object
     victim = "model.tensors" if not existing else "config.json"
 
-    def publish(self, temp, uri, options, **kwargs):
+    def publish_object(self, temp, uri, options, **kwargs):
         if moment == "before" and uri.endswith(victim):
             raise Interrupted(2)
         real(self, temp, uri, options, **kwargs)

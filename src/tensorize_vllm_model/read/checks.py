@@ -18,7 +18,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from ..errors import FormatError
+from ..core.errors import FormatError
 from ..format.compat import DecryptionFailed, header_parse_errors, wrong_key
 from ..format.header import HEADER_LENGTH, check_header_length
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import FormatError, StorageError
+from ..core.errors import FormatError, StorageError
 from . import staged as staging
 from .base import OpenFile, ReadTimes
 from .checks import stored_hashes, wrong_key_errors

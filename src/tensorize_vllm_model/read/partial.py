@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from .. import storage
-from ..errors import StorageError
+from ..core.errors import StorageError
 from .checks import truncated, wrong_key_errors
 from .memory import byte_view, make_present, populate, read_rows
 from .parts import Part, PartsRead

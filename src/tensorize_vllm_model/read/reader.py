@@ -4,7 +4,7 @@ the file's length (`format.header`), pick the read engine for the request (`choo
 the one place that decides) and return a `TensorReader`:
 
     with open_tensors("/models/opt/v1/model.tensors", device="cpu") as reader:
-        stats = load_into_module(model, reader)        # modules.py
+        stats = load_into_module(model, reader)        # read/modules.py
 
 The reader yields tensors on demand and makes the load's `LoadStats` (`TensorReader.stats`).
 Plain Python and torch (no vLLM): it serves vLLM's workers, the command line and any torch
@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .. import storage
-from ..errors import EncryptionError, ModelMismatchError, key_hint
+from ..config.plan import one_file_of_directory
+from ..core.errors import EncryptionError, ModelMismatchError, key_hint
 from ..format.compat import EmptyIndex, index_items, translate_errors
-from ..format.header import FileFacts, check_index, dtype_name, read_preamble
+from ..format.header import FileFacts, check_index, read_preamble, stored_dtype_name
 from ..format.record import MARKER_NAME, RECORD_NAME, RESERVED_NAMES, FileRecord
-from ..plan import one_file_of_directory
 from ..storage.options import StreamOptions
 from ..storage.ranged import DEFAULT_WORKERS, RangeStream
 from .base import LoadStats, OpenFile, ReadEngine, ReadRequest, ReadTimes
@@ -109,13 +109,13 @@ class TensorReader:
         self.facts = file.facts
         self._started = started  # when opening began: load figures count the index reads too
         self._untimed = 0.0
-        # Called with the bytes of each piece or tensor items() finishes (see progress.py).
+        # Called with the bytes of each piece or tensor items() finishes (see core/progress.py).
         self.on_bytes: Callable[[int], None] | None = None
         # Encrypted like every tensor: without the key, a file's record stays unknown.
         self.record = None if engine is None else _read_record(file)
 
     @property
-    def is_vllm_tensorized(self) -> bool:
+    def vllm_tensorized(self) -> bool:
         """Whether the file holds a vLLM model's own parameters (vs. a Hugging Face one)."""
         if self.checkpoint_form:
             return False
@@ -154,7 +154,7 @@ class TensorReader:
         return [
             TensorEntry(
                 name=name,
-                dtype=dtype_name(entry.dtype),
+                dtype=stored_dtype_name(entry.dtype),
                 shape=tuple(int(d) for d in entry.shape),
                 bytes=int(entry.deserialized_length),
                 kind=entry.type.name,
@@ -238,7 +238,7 @@ def _read_record(file: OpenFile) -> FileRecord | None:
     found = {name: entry for name, entry in index_items(file.header) if name in RESERVED_NAMES}
     if RECORD_NAME in found:
         name = RECORD_NAME
-    elif MARKER_NAME in found and dtype_name(found[MARKER_NAME].dtype) == "uint8":
+    elif MARKER_NAME in found and stored_dtype_name(found[MARKER_NAME].dtype) == "uint8":
         name = MARKER_NAME
     else:
         return None

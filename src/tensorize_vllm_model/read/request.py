@@ -37,7 +37,7 @@ def request_from_config(
         else TensorizerConfig(tensorizer_uri=uri)
     )
     if decryption is None and config.encryption_keyfile:
-        from ..keys import read_decryption_params
+        from ..format.keys import read_decryption_params
 
         decryption = read_decryption_params(config.encryption_keyfile, config)
     extra = dict(config.deserialization_kwargs or {})

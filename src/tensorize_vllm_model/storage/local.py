@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from typing import Any, BinaryIO
 
-from ..errors import AccessDenied, AlreadyExists, NotFound, StorageError
+from ..core.errors import AccessDenied, AlreadyExists, NotFound, StorageError
 from .base import Backend
 from .options import StreamOptions
 
@@ -131,7 +131,7 @@ class LocalBackend(Backend):
             return False
         return any(staged.fullmatch(n) for n in names)
 
-    def publish(
+    def publish_object(
         self, temp: str, uri: str, options: StreamOptions, *, replace: bool, sent: Any = None
     ) -> None:
         final = path_of(uri)

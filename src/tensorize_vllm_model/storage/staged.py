@@ -18,8 +18,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import StorageError
-from ..redaction import scrubbing
+from ..core.errors import StorageError
+from ..core.redaction import scrubbing
 from .base import backend, basename, join, parent
 from .local import move_directory, path_of, publish_directory, remove_directory
 from .options import StreamOptions
@@ -79,7 +79,7 @@ class StagedWrite:
 
     def _publish(self) -> None:
         sent, self.sent = self.sent, None  # completed, or aborted by a failed completion
-        backend(self.uri).publish(
+        backend(self.uri).publish_object(
             self.path, self.uri, self.options, replace=self.replace, sent=sent
         )
         with contextlib.suppress(FileNotFoundError):

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .errors import ModelMismatchError
+from ..core.errors import ModelMismatchError
 
 if TYPE_CHECKING:
-    from .read.base import LoadStats
-    from .read.reader import TensorReader
+    from .base import LoadStats
+    from .reader import TensorReader
 
 __all__ = ["meta_parameters", "load_into_module", "meta_references"]
 
@@ -97,7 +97,7 @@ def load_into_module(
         fill.put(name, tensor)
     stats = reader.stats(tensors=fill.count, nbytes=fill.bytes)
     hint = ""
-    if reader.is_vllm_tensorized and not reader.checkpoint_form:
+    if reader.vllm_tensorized and not reader.checkpoint_form:
         hint = (
             f"; {reader.uri} holds vLLM's own parameters (as serialize writes them, e.g. "
             "fused qkv_proj), which load into vLLM; the file that loads into the "

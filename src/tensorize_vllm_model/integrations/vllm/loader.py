@@ -31,23 +31,24 @@ from vllm.model_executor.model_loader.utils import (
 )
 from vllm.utils.torch_utils import set_default_torch_dtype
 
-from .. import prefetch, storage
-from ..config import TensorizerConfig
-from ..convert.guard import check_loaded
-from ..convert.loading import (  # imported with the loader, as the readers are,
+from ... import storage
+from ...config import TensorizerConfig
+from ...config.plan import ReadPlan, check_shared_file, resolve_read
+from ...convert.guard import check_loaded
+from ...convert.loading import (  # imported with the loader, as the readers are,
     ConvertedFile,
     checkpoint_tensors,
 )
-from ..convert.regions import CopyWatch
-from ..errors import ConfigError, ModelMismatchError
-from ..format.record import ParallelLayout
-from ..modules import load_into_module, meta_parameters
-from ..plan import ReadPlan, check_shared_file, resolve_read
-from ..progress import progress
-from ..read.base import LoadStats
-from ..read.partial import PartsRead  # not within a load's timed window
-from ..read.reader import default_num_readers, open_tensors
-from ..redaction import scrubbing
+from ...convert.regions import CopyWatch
+from ...core.errors import ConfigError, ModelMismatchError
+from ...core.progress import progress
+from ...core.redaction import scrubbing
+from ...format.record import ParallelLayout
+from ...read import prefetch
+from ...read.base import LoadStats
+from ...read.modules import load_into_module, meta_parameters
+from ...read.partial import PartsRead  # not within a load's timed window
+from ...read.reader import default_num_readers, open_tensors
 from .compiled import stage_for_load
 from .meta_pass import run_meta_pass
 from .runtime import (
@@ -55,10 +56,10 @@ from .runtime import (
     CapturedWeights,
     current_layout,
     distributed_layout,
-    dtype_name,
     expert_parallel,
     model_dtype,
     target_device,
+    torch_dtype_name,
 )
 
 __all__ = ["TensorizerLoader", "CaptureLoader", "memory_text"]
@@ -99,11 +100,11 @@ class TensorizerLoader(BaseModelLoader):
                 check_shared_file(
                     plan.uri,
                     plan.layout,
-                    vllm_tensorized=reader.is_vllm_tensorized,
+                    vllm_tensorized=reader.vllm_tensorized,
                     record=reader.record,
                 )
             if reader.record is not None and not reader.checkpoint_form:
-                reader.record.check_layout(plan.layout, source=plan.uri)
+                reader.record.check_written_for(plan.layout, source=plan.uri)
                 if vllm_config is not None:  # get_all_weights reads every expert
                     reader.record.check_expert_parallel(
                         expert_parallel(vllm_config),
@@ -163,7 +164,7 @@ class TensorizerLoader(BaseModelLoader):
         """vLLM's model, its parameters on meta for a vLLM-tensorized file; the building
         time is left out of the reader's figures."""
         with reader.untimed(), torch.device(device), contextlib.ExitStack() as stack:
-            if reader.is_vllm_tensorized:
+            if reader.vllm_tensorized:
                 stack.enter_context(meta_parameters(device))
             model = initialize_model(
                 vllm_config=vllm_config, model_config=model_config, prefix=prefix
@@ -174,7 +175,7 @@ class TensorizerLoader(BaseModelLoader):
         """Fill `model` from `reader`, by the file's kind; a converted file's parts are
         read from `uri`, the file `reader` opened (a prefetched local copy, not the remote
         file it copies)."""
-        if reader.is_vllm_tensorized:
+        if reader.vllm_tensorized:
             return load_into_module(model, reader)
         if reader.checkpoint_form:
             return self._load_converted(model, reader, uri, device)
@@ -209,7 +210,7 @@ class TensorizerLoader(BaseModelLoader):
                 return
             kinds = reader.tensor_types()
             for name, tensor in reader.items():
-                if reader.is_vllm_tensorized or kinds.get(name) != "BUFFER":
+                if reader.vllm_tensorized or kinds.get(name) != "BUFFER":
                     yield name, tensor
 
     def _load_converted(
@@ -297,7 +298,7 @@ def _check_pieces(model: nn.Module, names: Iterable[str], source: str) -> None:
     """Refuse checkpoint tensors `names` that hold only part of a weight `model` merges
     (`convert.pieces`: q/k/v, gate/up, a layer's experts), naming the missing one; vLLM
     0.32 would load the rest silently, 0.34 refuses it in its default loader only."""
-    from ..convert.pieces import check_pieces
+    from ...convert.pieces import check_pieces
 
     to_dict = getattr(getattr(model, "config", None), "to_dict", None)
     packed = getattr(model, "packed_modules_mapping", None)
@@ -346,7 +347,7 @@ class CaptureLoader(DefaultModelLoader):
 
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
         if os.path.isdir(model_config.model):  # a Hub id's files: vLLM 0.34 checks them
-            from ..convert.checkpoint import open_checkpoint
+            from ...convert.checkpoint import open_checkpoint
 
             names = (name for name, _ in open_checkpoint(model_config.model).shapes())
             _check_pieces(model, names, model_config.model)
@@ -356,7 +357,7 @@ class CaptureLoader(DefaultModelLoader):
         STATE.captured = CapturedWeights(
             tensors=tensors,
             architecture=type(model).__name__,
-            dtype=dtype_name(model_config.dtype),
+            dtype=torch_dtype_name(model_config.dtype),
         )
 
 
