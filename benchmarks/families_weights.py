@@ -38,7 +38,7 @@ def rank_main(spec: dict) -> dict:
     from vllm.model_executor.model_loader.utils import initialize_model
     from vllm.utils.torch_utils import set_default_torch_dtype
 
-    from tensorize_vllm_model.vllm_integration.loader import TensorizerLoader
+    from tensorize_vllm_model.integrations.vllm.loader import TensorizerLoader
 
     def config(model: str, load_format: str):
         extra = {"runner": "pooling"} if spec["pooling"] else {}

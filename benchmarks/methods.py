@@ -50,7 +50,7 @@ def peak_rss() -> int:
 def _meta_model(model_dir: str, device: str = "cpu"):
     import transformers
 
-    from tensorize_vllm_model.modules import meta_parameters
+    from tensorize_vllm_model.read.modules import meta_parameters
 
     config = transformers.AutoConfig.from_pretrained(model_dir)
     with torch.device(device), meta_parameters(device):
@@ -369,9 +369,9 @@ def _preload() -> None:
     import safetensors.torch  # noqa: F401
     import tensorizer  # noqa: F401
 
-    import tensorize_vllm_model.modules  # noqa: F401
     import tensorize_vllm_model.read.decrypt  # noqa: F401
     import tensorize_vllm_model.read.local  # noqa: F401
+    import tensorize_vllm_model.read.modules  # noqa: F401
     import tensorize_vllm_model.read.reader  # noqa: F401
     import tensorize_vllm_model.storage.http  # noqa: F401
     import tensorize_vllm_model.storage.s3  # noqa: F401

@@ -69,7 +69,7 @@ def per_tensor(sizes: list[tuple[int, int]]) -> list[dict]:
     """convert/inspect/verify seconds (in this process: no interpreter start counted) on
     skeletons of tiny tensors, and seconds per tensor."""
     from tensorize_vllm_model.convert import convert_checkpoint
-    from tensorize_vllm_model.inspection import inspect_tensors, verify_tensors
+    from tensorize_vllm_model.inspection.reports import inspect_tensors, verify_tensors
 
     rows = []
     for layers, experts in sizes:

@@ -72,9 +72,9 @@ def prepare(size_gb: float) -> dict[str, str]:
     import torch
     from demo_models import build_model
 
+    from tensorize_vllm_model.format.keys import generate_key, write_key
     from tensorize_vllm_model.format.record import FileRecord
     from tensorize_vllm_model.format.writer import write_tensors
-    from tensorize_vllm_model.keys import generate_key, write_key
 
     work = WORK / f"model-{size_gb:g}gb"
     files = {

@@ -131,7 +131,7 @@ def main() -> None:
         max_model_len=256,
         enforce_eager=True,
         gpu_memory_utilization=0.9 if gpu else 0.3,
-        worker_extension_cls="tensorize_vllm_model.vllm_integration.worker.WorkerExtension",
+        worker_extension_cls="tensorize_vllm_model.integrations.vllm.worker.WorkerExtension",
     )
     ready = time.perf_counter() - start
     [stats] = llm.collective_rpc("tensorize_vllm_model_load_stats")

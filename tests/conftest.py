@@ -51,7 +51,7 @@ SERIALIZED_FILES = [
     "tokenizer.json",
     "tokenizer_config.json",
 ]
-WORKER_EXTENSION = "tensorize_vllm_model.vllm_integration.worker.WorkerExtension"
+WORKER_EXTENSION = "tensorize_vllm_model.integrations.vllm.worker.WorkerExtension"
 
 
 def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -16,7 +16,7 @@ converted file (``"read_plan"``). ``"config_object": true`` passes ``model_loade
 ``{"serialize": {"engine": {<EngineArgs>}, "config": {<TensorizerConfig>}}}`` serializes
 through the Python API (`tensorize_vllm_model`) instead and prints what was written.
 ``"progress": {"MIN_BYTES": 0, "LOG_EVERY": 0}`` sets those figures of
-`tensorize_vllm_model.progress` first (with the engine in this process, the worker's too).
+`tensorize_vllm_model.core.progress` first (with the engine in this process, the worker's too).
 """
 
 import json

@@ -32,8 +32,8 @@ from typing import ClassVar
 import pytest
 from conftest import ROOT, serialize_argv, subprocess_env
 
-from tensorize_vllm_model.vllm_integration.engine import Engine
-from tensorize_vllm_model.vllm_integration.messages import SavedFile, decode
+from tensorize_vllm_model.integrations.vllm.engine import Engine
+from tensorize_vllm_model.integrations.vllm.messages import SavedFile, decode
 
 MODEL_FILES = [
     "config.json",
@@ -66,7 +66,7 @@ def snapshot(directory: Path) -> dict[str, tuple[int, int, str]]:
 
 
 class FakeEngine(Engine):
-    """What `tensorize_vllm_model` needs of `vllm_integration.engine.Engine` (its typed calls
+    """What `tensorize_vllm_model` needs of `integrations.vllm.engine.Engine` (its typed calls
     are the real ones, over this `rpc`), with the workers' side done as the real
     WorkerExtension does it, for `world` ranks: each rank's `write_tensors` to a file staged
     in that rank's own transaction, published, committed or rolled back by the publish,
@@ -154,7 +154,7 @@ class FakeEngine(Engine):
 @pytest.fixture
 def fake_engine(monkeypatch):
     """Replace the vLLM side of a serialize (no vLLM import, no engine start)."""
-    from tensorize_vllm_model.vllm_integration import engine
+    from tensorize_vllm_model.integrations.vllm import engine
 
     monkeypatch.setattr(engine, "Engine", FakeEngine)
     monkeypatch.setattr(engine, "parallel_sizes", lambda args: (FakeEngine.world, 1))
@@ -203,7 +203,7 @@ def serialize_in_process(
     tiny_llama: Path, directory: Path, key: Path, tensorizer_uri: str | None = None
 ):
     from tensorize_vllm_model import TensorizerConfig
-    from tensorize_vllm_model.serialization import tensorize_vllm_model
+    from tensorize_vllm_model.integrations.vllm.serialize import tensorize_vllm_model
 
     return tensorize_vllm_model(
         engine_args(tiny_llama),

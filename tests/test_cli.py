@@ -320,10 +320,10 @@ def test_ctrl_c_on_a_stalled_read_prints_one_line(command):
 def test_worker_errors_come_back_as_the_package_errors():
     """A worker method's error comes back as an answer (vLLM would log its traceback and
     raise a bare RuntimeError) and is raised again in the command as the error it was."""
-    from tensorize_vllm_model.errors import StorageError, TensorizeError
-    from tensorize_vllm_model.vllm_integration.engine import raise_worker_errors
-    from tensorize_vllm_model.vllm_integration.messages import WorkerFailure
-    from tensorize_vllm_model.vllm_integration.worker import worker_call
+    from tensorize_vllm_model.core.errors import StorageError, TensorizeError
+    from tensorize_vllm_model.integrations.vllm.engine import raise_worker_errors
+    from tensorize_vllm_model.integrations.vllm.messages import WorkerFailure
+    from tensorize_vllm_model.integrations.vllm.worker import worker_call
 
     class Worker:
         @worker_call

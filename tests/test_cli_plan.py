@@ -5,8 +5,8 @@ the format writer)."""
 
 import pytest
 
+from tensorize_vllm_model.config.plan import resolve_read, resolve_write
 from tensorize_vllm_model.format.record import ParallelLayout
-from tensorize_vllm_model.plan import resolve_read, resolve_write
 
 TP2_RANK1 = ParallelLayout(tensor_parallel_size=2, tp_rank=1)
 

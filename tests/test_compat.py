@@ -8,7 +8,7 @@ import struct
 import pytest
 from tensorizer.serialization import CryptographyError, HashMismatchError
 
-from tensorize_vllm_model.errors import (
+from tensorize_vllm_model.core.errors import (
     CorruptTensorError,
     EncryptionError,
     FormatError,

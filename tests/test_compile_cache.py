@@ -1,6 +1,6 @@
-"""The compile cache shipped with a model (compile_cache.py), engine-free: the archive, its
+"""The compile cache shipped with a model (artifacts/compile_cache.py), engine-free: the archive, its
 key, restoring into local directories, the no-weights check, the switch; and the AOT-load
-fix's wrapping (vllm_integration/aot_load.py). The end-to-end check (a serialize that
+fix's wrapping (integrations/vllm/aot_load.py). The end-to-end check (a serialize that
 compiles, a load on empty caches that loads vLLM's AOT artifact instead of compiling) is
 tests/test_vllm_compile_cache.py."""
 
@@ -13,10 +13,10 @@ import types
 
 import pytest
 import torch
+from tensorize_vllm_model.artifacts.model_files.compile_cache import CacheKey
 
 from tensorize_vllm_model import compile_cache
-from tensorize_vllm_model.compile_cache import CacheKey
-from tensorize_vllm_model.errors import ConfigError
+from tensorize_vllm_model.core.errors import ConfigError
 
 KEY = CacheKey(
     vllm="0.32.0",
@@ -140,7 +140,7 @@ def test_aot_fix_gives_plain_inductor_functions_a_finalize_loading(monkeypatch):
     pytest.importorskip("vllm")
     from vllm.compilation import decorators
 
-    from tensorize_vllm_model.vllm_integration import aot_load
+    from tensorize_vllm_model.integrations.vllm import aot_load
 
     def compiled_fn(*args):
         return args
@@ -154,7 +154,7 @@ def test_aot_fix_gives_plain_inductor_functions_a_finalize_loading(monkeypatch):
         seen.append(fn)
         return fn
 
-    from tensorize_vllm_model.vllm_integration import compiled
+    from tensorize_vllm_model.integrations.vllm import compiled
 
     told = []
     monkeypatch.setattr(compiled, "before_aot_load", lambda module, path: told.append(path))

@@ -209,8 +209,8 @@ def test_options_cross_to_vllms_workers_as_plain_data():
     request holds the options' plain form, which gives the same options back."""
     from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
 
+    from tensorize_vllm_model.integrations.vllm.messages import SaveRequest
     from tensorize_vllm_model.storage.options import StreamOptions
-    from tensorize_vllm_model.vllm_integration.messages import SaveRequest
 
     cfg = TensorizerConfig(
         tensorizer_uri="s3://b/m/model.tensors",

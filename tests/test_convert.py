@@ -26,7 +26,7 @@ from tensorize_vllm_model.convert.placement import (
     split_dim,
 )
 from tensorize_vllm_model.convert.regions import CopyWatch, box_byte_range, view_box
-from tensorize_vllm_model.errors import ConfigError, LayoutError, StorageError
+from tensorize_vllm_model.core.errors import ConfigError, LayoutError, StorageError
 from tensorize_vllm_model.format.record import MARKER_NAME
 
 # Runs the command line with vLLM made unimportable in that process.
@@ -144,7 +144,7 @@ def test_dtype_auto_records_the_tensors_dtype_not_the_configs(tiny_llama, tmp_pa
 
 
 def test_fp8_weights_without_a_quantization_config_are_refused(tiny_llama, tmp_path):
-    from tensorize_vllm_model.errors import ConfigError
+    from tensorize_vllm_model.core.errors import ConfigError
 
     state = load_file(str(tiny_llama / "model.safetensors"))
     name = "model.layers.0.mlp.down_proj.weight"
@@ -197,7 +197,7 @@ def test_a_tensor_in_two_files_is_named_and_nothing_is_written(
     # "Conflicting tensor paths" error came after most of the file was written.
     from safetensors.torch import save_file
 
-    from tensorize_vllm_model.errors import FormatError
+    from tensorize_vllm_model.core.errors import FormatError
     from tensorize_vllm_model.format import writer
 
     if batch_bytes is not None:
@@ -217,7 +217,7 @@ def test_a_checkpoint_without_tensors_is_refused_and_nothing_is_written(tiny_lla
     # Both were converted into a model.tensors of 0 tensors, refused only at load time.
     from safetensors.torch import save_file
 
-    from tensorize_vllm_model.errors import FormatError
+    from tensorize_vllm_model.core.errors import FormatError
 
     nested, empty = tmp_path / "nested", tmp_path / "empty"
     for source in (nested, empty):
@@ -278,7 +278,7 @@ def test_load_into_module_gives_a_transformers_model_the_checkpoint(converted, t
     import transformers
 
     from tensorize_vllm_model import load_into_module
-    from tensorize_vllm_model.modules import meta_parameters
+    from tensorize_vllm_model.read.modules import meta_parameters
 
     config = transformers.AutoConfig.from_pretrained(str(tiny_llama))
     with meta_parameters("cpu"):
@@ -299,8 +299,8 @@ def test_a_tensor_vllm_refuses_is_named_with_its_shape_in_the_file(converted):
     # vLLM's own weight loader runs here on the meta input, outside an engine.
     from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 
-    from tensorize_vllm_model.errors import ModelMismatchError
-    from tensorize_vllm_model.vllm_integration.loader import _naming_tensor
+    from tensorize_vllm_model.core.errors import ModelMismatchError
+    from tensorize_vllm_model.integrations.vllm.loader import _naming_tensor
 
     watch = CopyWatch()
     name = "model.layers.0.self_attn.q_proj.weight"
@@ -458,9 +458,9 @@ def test_copy_watch_records_what_a_weight_loader_copies():
 @pytest.mark.parametrize("encrypted", [False, True])
 def test_partial_reads_read_only_the_range(tmp_path, encrypted):
     from tensorize_vllm_model import TensorizerConfig
+    from tensorize_vllm_model.format.keys import generate_key, write_key
     from tensorize_vllm_model.format.record import FileRecord
     from tensorize_vllm_model.format.writer import write_tensors
-    from tensorize_vllm_model.keys import generate_key, write_key
     from tensorize_vllm_model.read.decrypt import ciphers
 
     weight = torch.arange(5 * 2**20 // 4 * 4, dtype=torch.float32).reshape(-1, 1024)  # 20 MiB
@@ -525,7 +525,7 @@ def test_a_converted_load_reports_the_bytes_of_its_share(converted):
 
     from tensorize_vllm_model import TensorizerConfig
     from tensorize_vllm_model.convert.loading import ConvertedFile
-    from tensorize_vllm_model.progress import progress
+    from tensorize_vllm_model.core.progress import progress
 
     path = str(converted / "model.tensors")
     lines = io.StringIO()
@@ -613,7 +613,7 @@ def _decrypted(tensors, key) -> dict:
 def test_convert_encrypts_with_an_existing_key_and_leaves_it(
     capsys, restore_signal_handlers, tiny_llama, tmp_path
 ):
-    from tensorize_vllm_model.keys import generate_key, write_key
+    from tensorize_vllm_model.format.keys import generate_key, write_key
 
     key = tmp_path / "key"
     write_key(str(key), generate_key())
@@ -678,7 +678,7 @@ def test_converted_reader_checks_hashes_of_whole_tensors(converted, tmp_path, ve
     from tensorize_vllm_model import TensorizerConfig
     from tensorize_vllm_model.convert.loading import ConvertedFile
     from tensorize_vllm_model.convert.regions import Need
-    from tensorize_vllm_model.errors import CorruptTensorError
+    from tensorize_vllm_model.core.errors import CorruptTensorError
 
     path = tmp_path / "model.tensors"
     path.write_bytes((converted / "model.tensors").read_bytes())
@@ -781,7 +781,7 @@ def test_a_file_converted_with_transposed_weights_is_refused(tmp_path, capsys):
     refused at load, naming the file and what to do."""
     from tensorize_vllm_model import TensorizerConfig
     from tensorize_vllm_model.convert.loading import ConvertedFile
-    from tensorize_vllm_model.errors import FormatError
+    from tensorize_vllm_model.core.errors import FormatError
     from tensorize_vllm_model.format.record import CHECKPOINT_FORM, FileRecord
     from tensorize_vllm_model.format.writer import write_tensors
 
@@ -803,7 +803,7 @@ def test_a_file_converted_with_transposed_weights_is_refused(tmp_path, capsys):
 def test_tiles_read_straight_into_columns_stop_at_a_truncated_file(tmp_path):
     """Rows of column tiles read straight into a parameter's columns (local, plain) from a
     file cut short: a FormatError naming the file and the tensor, not a short tensor."""
-    from tensorize_vllm_model.errors import FormatError
+    from tensorize_vllm_model.core.errors import FormatError
     from tensorize_vllm_model.format.record import FileRecord
     from tensorize_vllm_model.format.writer import write_tensors
 

@@ -3,7 +3,7 @@ copy a checkpoint tensor through a view other than its stored order (GPT-2's tra
 ``Conv1D`` weights, strided or permuted views) get what vLLM's default loader would give,
 and a parameter that does not is refused by name.
 
-Each test runs what the vLLM loader runs (`vllm_integration.loader._load_converted`): the
+Each test runs what the vLLM loader runs (`integrations.vllm.loader._load_converted`): the
 loader's copy on meta tensors under `CopyWatch`, the read plan, the read with the real
 tensors handed back to the same copy, then `check_loaded`; the "weight loader" is the one
 line vLLM's model code would run, on the tiny Llama's converted file.
@@ -22,7 +22,7 @@ from tensorize_vllm_model.convert import convert_checkpoint, loading
 from tensorize_vllm_model.convert.guard import check_loaded, direct_copy_ok, stored_index
 from tensorize_vllm_model.convert.partial_read import PartsRead
 from tensorize_vllm_model.convert.regions import CopyWatch, View
-from tensorize_vllm_model.errors import ModelMismatchError
+from tensorize_vllm_model.core.errors import ModelMismatchError
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import torch
 
 from tensorize_vllm_model import compile_cache, open_tensors, prefetch, settings
 from tensorize_vllm_model.cli import main
-from tensorize_vllm_model.errors import ConfigError
+from tensorize_vllm_model.core.errors import ConfigError
 from tensorize_vllm_model.format.record import FileRecord
 from tensorize_vllm_model.format.writer import write_tensors
 

@@ -33,12 +33,12 @@ from tensorize_vllm_model import (
     storage,
 )
 from tensorize_vllm_model.cli import main
-from tensorize_vllm_model.errors import CorruptTensorError
+from tensorize_vllm_model.core.errors import CorruptTensorError
+from tensorize_vllm_model.format.keys import generate_key, write_key
 from tensorize_vllm_model.format.record import FileRecord
 from tensorize_vllm_model.format.writer import write_tensors
-from tensorize_vllm_model.inspection import inspect_tensors, verify_tensors
-from tensorize_vllm_model.keys import generate_key, write_key
-from tensorize_vllm_model.modules import meta_parameters
+from tensorize_vllm_model.inspection.reports import inspect_tensors, verify_tensors
+from tensorize_vllm_model.read.modules import meta_parameters
 
 
 class Small(torch.nn.Module):

@@ -19,13 +19,13 @@ from conftest import ENGINE_FLAGS, subprocess_env
 from test_cli import run_main
 
 from tensorize_vllm_model import ConfigError, EncryptionError, LayoutError, NotFound, errors
-from tensorize_vllm_model.checks import check_shards
 from tensorize_vllm_model.cli import main
 from tensorize_vllm_model.config import TensorizerConfig
+from tensorize_vllm_model.config.plan import resolve_read
 from tensorize_vllm_model.format.record import FileRecord, ParallelLayout
 from tensorize_vllm_model.format.writer import write_tensors
-from tensorize_vllm_model.modules import load_into_module
-from tensorize_vllm_model.plan import resolve_read
+from tensorize_vllm_model.inspection.checks import check_shards
+from tensorize_vllm_model.read.modules import load_into_module
 from tensorize_vllm_model.read.reader import open_tensors
 
 KEY = bytes(range(32))
@@ -319,7 +319,7 @@ def test_engine_files_check_names_a_directory_without_tensors(tiny_llama):
     engine starts, for a model directory with no tensors in it."""
     from vllm.engine.arg_utils import EngineArgs
 
-    from tensorize_vllm_model.vllm_integration.registration import check_engine_files
+    from tensorize_vllm_model.integrations.vllm.registration import check_engine_files
 
     with pytest.raises(NotFound, match=f"^{tiny_llama} is a directory without tensors "):
         check_engine_files(EngineArgs(model=str(tiny_llama), load_format="tensorizer"))

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from vllm.config.load import LoadConfig
 
 from tensorize_vllm_model.convert import convert_checkpoint
-from tensorize_vllm_model.vllm_integration.loader import TensorizerLoader
+from tensorize_vllm_model.integrations.vllm.loader import TensorizerLoader
 
 
 @pytest.fixture(scope="module")

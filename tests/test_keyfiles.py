@@ -18,14 +18,14 @@ from conftest import BUCKET
 from test_atomic_writes import FakeEngine, engine_args, fake_engine  # noqa: F401 - a fixture
 
 from tensorize_vllm_model import EncryptionError, StorageError, TensorizerConfig, storage
-from tensorize_vllm_model.keys import generate_key, prepare_key, stage_key, write_key
+from tensorize_vllm_model.format.keys import generate_key, prepare_key, stage_key, write_key
 from tensorize_vllm_model.read.reader import open_tensors
 
 S3 = {"s3_access_key_id": "testing", "s3_secret_access_key": "testing", "force_http": True}
 
 
 def serialize(tiny_llama: Path, directory: Path, key: Path, **kwargs):
-    from tensorize_vllm_model.serialization import tensorize_vllm_model
+    from tensorize_vllm_model.integrations.vllm.serialize import tensorize_vllm_model
 
     return tensorize_vllm_model(
         engine_args(tiny_llama),
@@ -218,7 +218,7 @@ def cli_with_fake_engine(monkeypatch):
     The real vLLM side is imported for good (one module for the whole session: vLLM's
     registries hold its loaders and resolver) and only its `Engine` is replaced."""
     from tensorize_vllm_model.cli import main
-    from tensorize_vllm_model.vllm_integration import engine, loader
+    from tensorize_vllm_model.integrations.vllm import engine, loader
 
     assert hasattr(loader, "TensorizerLoader")  # the real module, not a stand-in
     monkeypatch.setattr(engine, "Engine", FakeEngine)

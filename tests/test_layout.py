@@ -56,7 +56,7 @@ def test_rank_uri_without_template_refused_for_many_ranks():
 
 
 def test_check_shared_file():
-    from tensorize_vllm_model.plan import check_shared_file
+    from tensorize_vllm_model.config.plan import check_shared_file
 
     tp2 = ParallelLayout(tensor_parallel_size=2)
     check_shared_file("/d/hf.tensors", tp2, vllm_tensorized=False, record=None)

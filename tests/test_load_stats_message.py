@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 
+from tensorize_vllm_model.integrations.vllm.engine import raise_worker_errors
+from tensorize_vllm_model.integrations.vllm.messages import decode, encode
+from tensorize_vllm_model.integrations.vllm.runtime import STATE
+from tensorize_vllm_model.integrations.vllm.worker import WorkerExtension
 from tensorize_vllm_model.read.base import LoadStats, ReadTimes
-from tensorize_vllm_model.vllm_integration.engine import raise_worker_errors
-from tensorize_vllm_model.vllm_integration.messages import decode, encode
-from tensorize_vllm_model.vllm_integration.runtime import STATE
-from tensorize_vllm_model.vllm_integration.worker import WorkerExtension
 
 STATS = LoadStats(
     uri="/models/opt/model.tensors",

@@ -16,7 +16,7 @@ from tensorize_vllm_model import (
     load_into_module,
     open_tensors,
 )
-from tensorize_vllm_model.errors import CorruptTensorError
+from tensorize_vllm_model.core.errors import CorruptTensorError
 from tensorize_vllm_model.read import local as local_read
 
 
@@ -189,9 +189,9 @@ def encrypted_tensors() -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def encrypted(tmp_path_factory):
+    from tensorize_vllm_model.format.keys import generate_key, write_key
     from tensorize_vllm_model.format.record import FileRecord
     from tensorize_vllm_model.format.writer import write_tensors
-    from tensorize_vllm_model.keys import generate_key, write_key
 
     folder = tmp_path_factory.mktemp("encrypted")
     keyfile, other = str(folder / "k.key"), str(folder / "other.key")

@@ -24,13 +24,13 @@ from tensorize_vllm_model import (
     TensorizerConfig,
     storage,
 )
-from tensorize_vllm_model.keys import generate_key, write_key
-from tensorize_vllm_model.lora import (
+from tensorize_vllm_model.artifacts.lora import (
     check_adapter_fits,
     materialize_adapter,
     read_adapter,
     stage_adapter,
 )
+from tensorize_vllm_model.format.keys import generate_key, write_key
 
 LLAMA_MODULES = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 
@@ -73,7 +73,7 @@ def test_adapter_larger_than_dev_shm_goes_to_a_private_directory_on_disk(
     monkeypatch.setenv("TENSORIZE_VLLM_MODEL_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(lora, "_free_bytes", lambda path: 1 << 20)
     uri = serialized(adapter, tmp_path / "model")
-    with caplog.at_level(logging.WARNING, logger="tensorize_vllm_model.lora"):
+    with caplog.at_level(logging.WARNING, logger="tensorize_vllm_model.artifacts.lora"):
         path = materialize_adapter(uri)
     assert path.startswith(str(tmp_path / "cache"))
     private = os.path.dirname(os.path.dirname(path))
@@ -119,7 +119,7 @@ def test_encrypted_adapter(adapter, tmp_path):
 
 def test_materialized_directory_is_the_storage_layers_temporary(adapter, tmp_path):
     """The RAM-backed directory is published whole by a transaction and listed by the
-    storage layer for removal at exit; lora.py keeps no list of its own."""
+    storage layer for removal at exit; artifacts/lora.py keeps no list of its own."""
     from tensorize_vllm_model import lora
 
     path = materialize_adapter(serialized(adapter, tmp_path / "model"))
@@ -211,7 +211,7 @@ def test_adapter_over_http(adapter, web_root, web_servers):
 def test_resolver_serves_adapters_of_the_served_model(adapter, tmp_path):
     from vllm.lora.resolver import LoRAResolverRegistry
 
-    from tensorize_vllm_model.vllm_integration import registration
+    from tensorize_vllm_model.integrations.vllm import registration
 
     registration.register()
     serialized(adapter, tmp_path / "served")
@@ -295,7 +295,7 @@ def test_serialize_refuses_an_adapter_without_usable_weights_before_any_engine(
 def test_other_adapter_inputs_checked_before_any_engine(
     fake_engine, tiny_llama, adapter, tmp_path, case, message
 ):
-    from tensorize_vllm_model.serialization import tensorize_vllm_model
+    from tensorize_vllm_model.integrations.vllm.serialize import tensorize_vllm_model
 
     if case == "duplicate":
         other = tmp_path / "x" / "adapter-a"
@@ -321,7 +321,7 @@ def test_other_adapter_inputs_checked_before_any_engine(
 def test_adapter_rank_checked_before_any_engine_when_lora_is_enabled(
     fake_engine, tiny_llama, adapter, tmp_path
 ):
-    from tensorize_vllm_model.serialization import tensorize_vllm_model
+    from tensorize_vllm_model.integrations.vllm.serialize import tensorize_vllm_model
 
     args = engine_args(tiny_llama)
     args.enable_lora, args.max_lora_rank = True, 4
@@ -339,7 +339,7 @@ def test_adapter_rank_checked_before_any_engine_when_lora_is_enabled(
 
 
 def test_adapter_weights_in_torch_files_are_accepted(adapter, tmp_path):
-    from tensorize_vllm_model.lora import check_adapter_weights, prepare_adapters
+    from tensorize_vllm_model.artifacts.lora import check_adapter_weights, prepare_adapters
 
     copy = _adapter_without(tmp_path, adapter, name="as-bin")
     torch.save(load_file(str(adapter / "adapter_model.safetensors")), copy / "adapter_model.bin")

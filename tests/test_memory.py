@@ -16,9 +16,9 @@ import pytest
 import torch
 from conftest import BUCKET, subprocess_env
 
+from tensorize_vllm_model.format.keys import generate_key
 from tensorize_vllm_model.format.record import FileRecord
 from tensorize_vllm_model.format.writer import write_tensors
-from tensorize_vllm_model.keys import generate_key
 from tensorize_vllm_model.storage.ranged import DEFAULT_CHUNK_SIZE, DEFAULT_WORKERS
 
 PROBE = Path(__file__).resolve().parent / "memory_probe.py"

@@ -19,7 +19,7 @@ from servers import HTTPFileServer
 from test_storage_faults import s3_options
 
 from tensorize_vllm_model import storage
-from tensorize_vllm_model.artifacts import fetch_model_files, stage_artifacts
+from tensorize_vllm_model.artifacts.model_files import fetch_model_files, stage_artifacts
 from tensorize_vllm_model.cli import main
 
 REMOTE_CODE = """from transformers import LlamaConfig

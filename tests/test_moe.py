@@ -31,10 +31,10 @@ from tensorize_vllm_model.convert.placement import (
     recorded_tiles,
     stored_shapes,
 )
-from tensorize_vllm_model.errors import ConfigError, LayoutError, ModelMismatchError
+from tensorize_vllm_model.core.errors import ConfigError, LayoutError, ModelMismatchError
 from tensorize_vllm_model.format.record import FileRecord
 from tensorize_vllm_model.format.writer import write_tensors
-from tensorize_vllm_model.inspection import inspect_tensors, verify_tensors
+from tensorize_vllm_model.inspection.reports import inspect_tensors, verify_tensors
 
 LAYERS, EXPERTS = 48, 128
 QWEN3_30B_TENSORS = 3 + LAYERS * (9 + 3 * EXPERTS)  # 18,867
@@ -268,7 +268,7 @@ def test_serialize_refuses_a_missing_merged_piece_in_one_line(tmp_path, capsys, 
     from demo_models import build_moe_skeleton
 
     from tensorize_vllm_model.cli import main
-    from tensorize_vllm_model.vllm_integration.engine import check_checkpoint_pieces
+    from tensorize_vllm_model.integrations.vllm.engine import check_checkpoint_pieces
 
     model = build_moe_skeleton(tmp_path / "partial", num_layers=2, num_experts=4)
     check_checkpoint_pieces(str(model))  # the whole checkpoint passes

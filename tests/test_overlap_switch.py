@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tensorize_vllm_model import prefetch, settings
-from tensorize_vllm_model.errors import ConfigError
+from tensorize_vllm_model.core.errors import ConfigError
 
 
 @pytest.mark.parametrize("value", ["1", "true", "ON", " yes "])

@@ -4,8 +4,13 @@
 import pytest
 
 from tensorize_vllm_model import ConfigError, TensorizerConfig
+from tensorize_vllm_model.config.plan import (
+    check_layout,
+    discover_rank_uris,
+    resolve_read,
+    resolve_write,
+)
 from tensorize_vllm_model.format.record import FileRecord, ParallelLayout
-from tensorize_vllm_model.plan import check_layout, discover_rank_uris, resolve_read, resolve_write
 
 TP2_RANK1 = ParallelLayout(tensor_parallel_size=2, tp_rank=1)
 PP2 = ParallelLayout(pipeline_parallel_size=2)

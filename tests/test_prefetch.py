@@ -1,4 +1,4 @@
-"""The overlap of a remote model's download with vLLM's start-up (prefetch.py), without an
+"""The overlap of a remote model's download with vLLM's start-up (read/prefetch.py), without an
 engine: a real HTTP server on loopback, the copy made by the background thread, the worker's
 side finding it, and a failed copy falling back to the remote file."""
 

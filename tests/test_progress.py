@@ -19,10 +19,10 @@ import torch
 from conftest import ROOT, run_python, subprocess_env
 
 from tensorize_vllm_model import load_into_module, open_tensors
+from tensorize_vllm_model.core.progress import progress
 from tensorize_vllm_model.format.record import FileRecord
 from tensorize_vllm_model.format.writer import write_tensors
-from tensorize_vllm_model.modules import meta_parameters
-from tensorize_vllm_model.progress import progress
+from tensorize_vllm_model.read.modules import meta_parameters
 
 GB = 1_000_000_000
 
@@ -184,7 +184,7 @@ def _python_on_terminal(code: str, *args, timeout: int) -> tuple[int, str, str]:
 
 
 VERIFY = (
-    "import sys, tensorize_vllm_model.progress as p; p.MIN_BYTES = 0; p.LOG_EVERY = {every}; "
+    "import sys, tensorize_vllm_model.core.progress as p; p.MIN_BYTES = 0; p.LOG_EVERY = {every}; "
     "from tensorize_vllm_model.cli import main; sys.exit(main(['verify', sys.argv[1]]))"
 )
 
@@ -231,7 +231,7 @@ def test_resize_sets_the_total_the_bar_and_lines_count_to(caplog):
 
 
 CONVERT = (
-    "import sys, tensorize_vllm_model.progress as p; "
+    "import sys, tensorize_vllm_model.core.progress as p; "
     "p.MIN_BYTES = 0; p.LOG_EVERY = {every}; "
     "import tensorize_vllm_model.format.writer as b; b.BATCH_BYTES = 1 << 20; "
     "sys.modules['vllm'] = None; "

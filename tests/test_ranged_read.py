@@ -17,9 +17,9 @@ import torch
 from conftest import BUCKET
 
 from tensorize_vllm_model import EncryptionError, StorageError, TensorizerConfig, open_tensors
+from tensorize_vllm_model.format.keys import generate_key, write_key
 from tensorize_vllm_model.format.record import FileRecord
 from tensorize_vllm_model.format.writer import write_tensors
-from tensorize_vllm_model.keys import generate_key, write_key
 from tensorize_vllm_model.read.ranges import plan_requests
 from tensorize_vllm_model.read.remote import RemoteSpan
 

@@ -27,7 +27,7 @@ from servers import AZURITE_ACCOUNT, AZURITE_KEY, CuttingProxy
 
 from tensorize_vllm_model import StorageError, TensorizeError, storage
 from tensorize_vllm_model.cli.entry import main
-from tensorize_vllm_model.redaction import redact_text, redact_uri
+from tensorize_vllm_model.core.redaction import redact_text, redact_uri
 from tensorize_vllm_model.storage.retry import RetryPolicy
 
 POLICY = RetryPolicy(attempts=2, backoff=0.01)
@@ -327,7 +327,7 @@ def test_vllm_log_lines_are_redacted_once_the_plugin_is_registered(caplog, capfd
     every ``vllm.*`` record as it is made, for both."""
     from vllm.logger import init_logger
 
-    from tensorize_vllm_model.vllm_integration import registration
+    from tensorize_vllm_model.integrations.vllm import registration
 
     registration.register()
     init_logger("vllm.engine.redaction_test").warning(

@@ -11,10 +11,10 @@ import torch
 from conftest import run_engine
 
 from tensorize_vllm_model import ConfigError, LayoutError, StorageError, TensorizerConfig
-from tensorize_vllm_model.checks import check_shards
 from tensorize_vllm_model.format.names import rank_uri
 from tensorize_vllm_model.format.record import FileRecord, ParallelLayout
 from tensorize_vllm_model.format.writer import write_tensors
+from tensorize_vllm_model.inspection.checks import check_shards
 
 
 def fake_shards(directory, tp: int, pp: int, *, skip: int | None = None) -> str:
@@ -117,7 +117,7 @@ def test_engine_check_uses_the_directory_file(tmp_path, tiny_llama):
 
     from vllm.engine.arg_utils import EngineArgs
 
-    from tensorize_vllm_model.vllm_integration.registration import check_engine_files
+    from tensorize_vllm_model.integrations.vllm.registration import check_engine_files
 
     model = tmp_path / "model"
     shutil.copytree(tiny_llama, model)

@@ -11,8 +11,8 @@ import stat
 
 import pytest
 
-from tensorize_vllm_model.errors import ConfigError
-from tensorize_vllm_model.settings import environment
+from tensorize_vllm_model.core.errors import ConfigError
+from tensorize_vllm_model.core.settings import environment
 
 
 def test_a_private_cache_is_used_as_it_is(tmp_path, monkeypatch):

@@ -126,7 +126,7 @@ def test_an_interrupt_inside_a_publish_puts_every_name_back(
     it) once left the kept copy (``.config.json.kept-XXXX``) behind: renaming a link onto
     another link of the same file does nothing. The interrupt is raised by a wrapper
     around the real publish (a signal cannot be timed to that instant)."""
-    from tensorize_vllm_model.interrupts import Interrupted
+    from tensorize_vllm_model.core.interrupts import Interrupted
     from tensorize_vllm_model.storage.local import LocalBackend
 
     real = LocalBackend.publish

@@ -20,7 +20,7 @@ from places import Store, make_store
 from servers import ScriptedProxy
 
 from tensorize_vllm_model import AlreadyExists, StorageError, Unreachable, storage
-from tensorize_vllm_model.errors import Throttled
+from tensorize_vllm_model.core.errors import Throttled
 from tensorize_vllm_model.storage.retry import RetryPolicy
 
 ATTEMPTS = 3
@@ -167,7 +167,7 @@ def test_an_interrupt_as_a_gcs_send_ends_leaves_no_hidden_object(fake_gcs, monke
     (a signal cannot be timed to that instant)."""
     from google.cloud.storage import Blob
 
-    from tensorize_vllm_model.interrupts import Interrupted
+    from tensorize_vllm_model.core.interrupts import Interrupted
     from tensorize_vllm_model.storage import gcs
 
     monkeypatch.setattr(gcs, "_SINGLE", 1024)  # send ahead from 1 KiB on (16 MiB in use)

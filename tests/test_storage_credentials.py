@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from tensorize_vllm_model.cli import main
-from tensorize_vllm_model.errors import CredentialsError
-from tensorize_vllm_model.settings import STORAGE_VARIABLES
+from tensorize_vllm_model.core.errors import CredentialsError
+from tensorize_vllm_model.core.settings import STORAGE_VARIABLES
 from tensorize_vllm_model.storage import azure as azure_backend
 from tensorize_vllm_model.storage import s3 as s3_backend
 
@@ -101,6 +101,6 @@ def test_credential_fault_is_one_line_exit_2(case, monkeypatch, capsys):
 
 
 def test_credentials_error_is_access_denied_and_config_error():
-    from tensorize_vllm_model.errors import AccessDenied, ConfigError
+    from tensorize_vllm_model.core.errors import AccessDenied, ConfigError
 
     assert issubclass(CredentialsError, AccessDenied) and issubclass(CredentialsError, ConfigError)

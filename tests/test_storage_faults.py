@@ -20,7 +20,7 @@ from tensorize_vllm_model import (
     Unreachable,
     storage,
 )
-from tensorize_vllm_model.artifacts import fetch_model_files
+from tensorize_vllm_model.artifacts.model_files import fetch_model_files
 from tensorize_vllm_model.storage import s3 as s3_backend
 from tensorize_vllm_model.storage import s3_upload
 
@@ -117,7 +117,7 @@ def test_connection_dropped_in_the_middle_of_the_tensors(web_root):
     from tensorize_vllm_model import load_into_module, open_tensors
     from tensorize_vllm_model.format.record import FileRecord
     from tensorize_vllm_model.format.writer import write_tensors
-    from tensorize_vllm_model.modules import meta_parameters
+    from tensorize_vllm_model.read.modules import meta_parameters
 
     model = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(4)])
     path = web_root / "cut.tensors"

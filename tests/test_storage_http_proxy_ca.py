@@ -13,7 +13,7 @@ from conftest import BUCKET
 from servers import ForwardProxy, HTTPFileServer
 
 from tensorize_vllm_model import Unreachable, storage
-from tensorize_vllm_model.settings import CA_BUNDLE_VARIABLES
+from tensorize_vllm_model.core.settings import CA_BUNDLE_VARIABLES
 from tensorize_vllm_model.storage import http as http_backend
 from tensorize_vllm_model.storage import s3 as s3_backend
 

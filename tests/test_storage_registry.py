@@ -17,7 +17,7 @@ from tensorize_vllm_model.storage import options as generic_options
 
 PLUGIN = '''
 """A tiny third-party backend: mem://NAME serves bytes kept in this process."""
-from tensorize_vllm_model.errors import ConfigError, NotFound
+from tensorize_vllm_model.core.errors import ConfigError, NotFound
 from tensorize_vllm_model.storage import Backend, retry
 
 FILES = {}

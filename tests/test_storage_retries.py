@@ -14,7 +14,7 @@ from conftest import BUCKET
 from servers import HangingUpListener, HTTPFileServer, ScriptedProxy
 
 from tensorize_vllm_model import NotFound, StorageError, Unreachable, storage
-from tensorize_vllm_model.errors import Throttled
+from tensorize_vllm_model.core.errors import Throttled
 from tensorize_vllm_model.storage.options import StreamOptions
 from tensorize_vllm_model.storage.retry import RetryPolicy
 

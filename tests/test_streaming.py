@@ -13,10 +13,10 @@ from tensorize_vllm_model import (
     load_into_module,
     open_tensors,
 )
+from tensorize_vllm_model.format.keys import generate_key, write_key
 from tensorize_vllm_model.format.record import FileRecord
 from tensorize_vllm_model.format.writer import write_tensors
-from tensorize_vllm_model.keys import generate_key, write_key
-from tensorize_vllm_model.modules import meta_parameters
+from tensorize_vllm_model.read.modules import meta_parameters
 
 
 class Tiny(torch.nn.Module):

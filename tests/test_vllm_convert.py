@@ -279,8 +279,8 @@ def assert_layout_refused(model: Path, tensor_parallel_size: int, match: str) ->
     file check (before any engine starts) with a LayoutError matching `match`."""
     from vllm import EngineArgs
 
-    from tensorize_vllm_model.errors import LayoutError
-    from tensorize_vllm_model.vllm_integration.registration import check_engine_files
+    from tensorize_vllm_model.core.errors import LayoutError
+    from tensorize_vllm_model.integrations.vllm.registration import check_engine_files
 
     args = EngineArgs(
         model=str(model), load_format="tensorizer", tensor_parallel_size=tensor_parallel_size

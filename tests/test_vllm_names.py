@@ -23,10 +23,10 @@ from tensorizer.serialization import TensorType
 
 import tensorize_vllm_model as ours
 from tensorize_vllm_model import ConfigError, TensorizerArgs, TensorizerConfig
-from tensorize_vllm_model.checks import check_shards
+from tensorize_vllm_model.format.keys import generate_key, write_key
 from tensorize_vllm_model.format.record import FileRecord, ParallelLayout
 from tensorize_vllm_model.format.writer import write_tensors
-from tensorize_vllm_model.keys import generate_key, write_key
+from tensorize_vllm_model.inspection.checks import check_shards
 
 VLLM_CONFIG = vllm_tensorizer.TensorizerConfig
 
@@ -229,13 +229,13 @@ ENTRY_POINTS = {
     "check_shards": lambda cfg, uri: check_shards(cfg) > 0,
     "TensorizerArgs": lambda cfg, uri: "encryption" in TensorizerArgs(cfg).deserialization_kwargs,
     "inspect_tensors": lambda cfg, uri: (
-        __import__("tensorize_vllm_model.inspection", fromlist=["x"])
+        __import__("tensorize_vllm_model.inspection.reports", fromlist=["x"])
         .inspect_tensors(uri, cfg)[0]
         .record["architecture"]
         == "Small"
     ),
     "verify_tensors": lambda cfg, uri: (
-        __import__("tensorize_vllm_model.inspection", fromlist=["x"])
+        __import__("tensorize_vllm_model.inspection.reports", fromlist=["x"])
         .verify_tensors(uri, cfg)[0]
         .intact
     ),
@@ -257,7 +257,7 @@ def _deserialized(cfg) -> bool:
 def _loader(cfg):
     from vllm.config.load import LoadConfig
 
-    from tensorize_vllm_model.vllm_integration.loader import TensorizerLoader
+    from tensorize_vllm_model.integrations.vllm.loader import TensorizerLoader
 
     return TensorizerLoader(LoadConfig(load_format="tensorizer", model_loader_extra_config=cfg))
 
@@ -295,7 +295,7 @@ def test_vllm_config_in_tensorized_lora_request(tiny_llama, tmp_path):
     from demo_models import build_lora_adapter
 
     from tensorize_vllm_model import storage
-    from tensorize_vllm_model.lora import stage_adapter
+    from tensorize_vllm_model.artifacts.lora import stage_adapter
 
     adapter = build_lora_adapter(tmp_path / "a", tiny_llama)
     with storage.transaction() as tx:

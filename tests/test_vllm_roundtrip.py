@@ -190,7 +190,7 @@ def test_opt_serialized_with_python_api_matches(opt_reference, tiny_opt, tmp_pat
 def test_the_load_log_reports_the_worker_memory():
     import re
 
-    from tensorize_vllm_model.vllm_integration.loader import memory_text
+    from tensorize_vllm_model.integrations.vllm.loader import memory_text
 
     before = memory_text()
     kept = b"\x01" * (300 << 20)  # every page written: resident

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 from .config import TensorizerArgs, TensorizerConfig  # noqa: E402
-from .errors import (  # noqa: E402
+from .core.errors import (  # noqa: E402
     AccessDenied,
     AlreadyExists,
     ConfigError,
@@ -36,11 +36,8 @@ from .errors import (  # noqa: E402
 )
 
 if TYPE_CHECKING:  # the lazy names below, for type checkers
-    from .checks import is_vllm_tensorized
-    from .modules import load_into_module
-    from .read.reader import open_tensors
-    from .serialization import tensorize_vllm_model
-    from .vllm_api import (
+    from .inspection.checks import is_vllm_tensorized
+    from .integrations.vllm.api import (
         MetaTensorMode,
         is_valid_deserialization_uri,
         meta_tensor_mode,
@@ -48,12 +45,16 @@ if TYPE_CHECKING:  # the lazy names below, for type checkers
         tensorizer_kwargs_arg,
         tensorizer_weights_iterator,
     )
-    from .vllm_integration.module_api import (
+    from .integrations.vllm.messages import WORKER_EXTENSION
+    from .integrations.vllm.module_api import (
         deserialize_tensorizer_model,
         init_tensorizer_model,
         serialize_vllm_model,
         tensorized_lora_request,
     )
+    from .integrations.vllm.serialize import tensorize_vllm_model
+    from .read.modules import load_into_module
+    from .read.reader import open_tensors
 
 # tensorizer's own objects, as vLLM's tensorizer module re-exports them
 _TENSORIZER_NAMES = (
@@ -72,22 +73,23 @@ _TENSORIZER_NAMES = (
 # (tests/test_vllm_names.py checks the two agree); the config and the errors are imported at
 # once and listed in `__all__` by hand (ruff checks those two agree).
 _LAZY = {
-    "tensorize_vllm_model": "serialization",
-    "is_vllm_tensorized": "checks",
-    "tensorized_lora_request": "vllm_integration.module_api",
+    "tensorize_vllm_model": "integrations.vllm.serialize",
+    "is_vllm_tensorized": "inspection.checks",
+    "tensorized_lora_request": "integrations.vllm.module_api",
     "open_tensors": "read.reader",
-    "load_into_module": "modules",
+    "load_into_module": "read.modules",
+    "WORKER_EXTENSION": "integrations.vllm.messages",
     # vLLM 0.32's tensorizer module: its own names, then tensorizer's
-    "is_valid_deserialization_uri": "vllm_api",
-    "tensorizer_kwargs_arg": "vllm_api",
-    "MetaTensorMode": "vllm_api",
-    "meta_tensor_mode": "vllm_api",
-    "tensorizer_weights_iterator": "vllm_api",
-    "serialize_extra_artifacts": "vllm_api",
-    "init_tensorizer_model": "vllm_integration.module_api",
-    "deserialize_tensorizer_model": "vllm_integration.module_api",
-    "serialize_vllm_model": "vllm_integration.module_api",
-    **dict.fromkeys(_TENSORIZER_NAMES, "vllm_api"),
+    "is_valid_deserialization_uri": "integrations.vllm.api",
+    "tensorizer_kwargs_arg": "integrations.vllm.api",
+    "MetaTensorMode": "integrations.vllm.api",
+    "meta_tensor_mode": "integrations.vllm.api",
+    "tensorizer_weights_iterator": "integrations.vllm.api",
+    "serialize_extra_artifacts": "integrations.vllm.api",
+    "init_tensorizer_model": "integrations.vllm.module_api",
+    "deserialize_tensorizer_model": "integrations.vllm.module_api",
+    "serialize_vllm_model": "integrations.vllm.module_api",
+    **dict.fromkeys(_TENSORIZER_NAMES, "integrations.vllm.api"),
 }
 
 __all__ = [

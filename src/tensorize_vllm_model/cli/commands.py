@@ -13,11 +13,11 @@ from typing import Any
 
 from .. import storage
 from ..config import TensorizerConfig
-from ..errors import ConfigError, StorageError
+from ..config.plan import ReadPlan, check_model_directory, model_directory_tensors, resolve_read
+from ..core.errors import ConfigError, StorageError
+from ..format.keys import read_key
 from ..format.names import serialized_dir
 from ..format.record import ParallelLayout
-from ..keys import read_key
-from ..plan import ReadPlan, check_model_directory, model_directory_tensors, resolve_read
 from .configs import credentials_to_environment, deserialize_config, read_config, serialize_config
 from .output import print_report, print_verified, print_written
 from .parsers import PROG
@@ -25,7 +25,7 @@ from .parsers import PROG
 
 def inspect_or_verify(command: str, args: argparse.Namespace) -> int:
     """``inspect`` (0) or ``verify`` (0 if every file is intact, else 1)."""
-    from ..inspection import inspect_tensors, verify_tensors
+    from ..inspection.reports import inspect_tensors, verify_tensors
 
     config = read_config(args, {"tensorizer_uri": args.uri}, args.keyfile)
     if command == "inspect":
@@ -97,8 +97,8 @@ def convert(args: argparse.Namespace) -> int:
 
 def serialize(args: argparse.Namespace) -> int:
     """``serialize``: load --model with vLLM and publish its tensors and artifacts."""
-    from ..serialization import tensorize_vllm_model
-    from ..vllm_integration.engine import check_checkpoint_pieces, engine_args_from_namespace
+    from ..integrations.vllm.engine import check_checkpoint_pieces, engine_args_from_namespace
+    from ..integrations.vllm.serialize import tensorize_vllm_model
 
     engine_args = engine_args_from_namespace(args)
     check_checkpoint_pieces(engine_args.model)  # before vLLM starts: one line, not vLLM's
@@ -156,8 +156,8 @@ def _start_engine(
     """The read plan, the started `Engine` and the seconds it took to be ready. A model
     vLLM cannot find, when --model was not given (`model_known` false), says that
     --path-to-tensors takes its config and tokenizer from --model."""
-    from ..vllm_integration.engine import Engine, engine_args_from_namespace, parallel_sizes
-    from ..vllm_integration.messages import LOAD_FORMAT, WORKER_EXTENSION
+    from ..integrations.vllm.engine import Engine, engine_args_from_namespace, parallel_sizes
+    from ..integrations.vllm.messages import LOAD_FORMAT, WORKER_EXTENSION
 
     try:
         engine_args = engine_args_from_namespace(args)

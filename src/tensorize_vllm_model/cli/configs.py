@@ -14,7 +14,7 @@ from typing import Any
 
 from .. import storage
 from ..config import TensorizerConfig
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from ..format.names import serialized_dir
 
 S3_FIELDS = ("s3_access_key_id", "s3_secret_access_key", "s3_endpoint")

@@ -15,8 +15,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .. import interrupts
-from ..errors import TensorizeError, entry_point
+from ..core import interrupts
+from ..core.errors import TensorizeError, entry_point
 from . import commands
 from .configs import check_model_path
 from .parsers import (

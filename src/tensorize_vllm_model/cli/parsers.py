@@ -4,7 +4,7 @@ A command line is ``[flags before the command] COMMAND [the command's flags]``. 
 before it are parsed by a front parser that finds the command word (argparse skips flags'
 values: ``--suffix convert`` is no command), and leaves the rest to the command's own parser
 (`build_parser`). ``serialize`` and ``deserialize`` take every vLLM engine flag before
-them (vLLM's own parser, `vllm_integration.engine.make_parser`); ``convert`` takes its model
+them (vLLM's own parser, `integrations.vllm.engine.make_parser`); ``convert`` takes its model
 flags there; ``inspect`` and ``verify`` take none. Only a command line with engine flags
 imports vLLM.
 """
@@ -17,7 +17,7 @@ import textwrap
 from collections.abc import Sequence
 from typing import NoReturn
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from .flags import ENGINE, MODEL, add_flags, flag_names
 
 PROG = "python -m tensorize_vllm_model"
@@ -101,7 +101,7 @@ def top_help() -> str:
 def print_engine_flags(search: str) -> None:
     """vLLM's help of its engine flags, searched as ``--help=WORD`` searches them (``all``:
     every flag); exits 0 after printing, as argparse's help does."""
-    from ..vllm_integration.engine import make_parser
+    from ..integrations.vllm.engine import make_parser
 
     make_parser(prog=PROG, description="vLLM's engine flags").parse_args([search])
 
@@ -116,7 +116,7 @@ def _add_command(parser: argparse.ArgumentParser) -> None:
 def engine_front_parser() -> argparse.ArgumentParser:
     """The front parser of serialize and deserialize: every vLLM engine flag, and the table's
     `ENGINE` flags (built once: about a second)."""
-    from ..vllm_integration.engine import make_parser
+    from ..integrations.vllm.engine import make_parser
 
     parser = make_parser(prog=PROG, description=DESCRIPTION, add_help=False)
     add_flags(parser, ENGINE)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..errors import ConfigError, extra_config_name
+from ..core.errors import ConfigError, extra_config_name
 
 __all__ = ["extra_config_fields"]
 

@@ -15,14 +15,14 @@ from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
+from ..core.redaction import scrubbing
+from ..core.settings import environment
 from ..format.names import (
     DEFAULT_TENSORS_NAME,
     SHARDED_TENSORS_NAME,
     has_rank_template,
 )
-from ..redaction import scrubbing
-from ..settings import environment
 from .extra import extra_config_fields
 from .flags import TENSORIZER_CLI_FLAGS
 from .validation import (
@@ -178,7 +178,7 @@ class TensorizerConfig(MutableMapping):
             ConfigError: (a ValueError, as vLLM raises) naming the URI and the layout.
         """
         from ..format.record import ParallelLayout
-        from ..plan import check_layout
+        from .plan import check_layout
 
         layout = ParallelLayout(
             int(getattr(parallel_config, "tensor_parallel_size", 1) or 1),
@@ -317,7 +317,7 @@ class TensorizerArgs:
             **(tensorizer_config.deserialization_kwargs or {}),
         }
         if self.encryption_keyfile:
-            from ..keys import read_decryption_params
+            from ..format.keys import read_decryption_params
 
             self.deserialization_kwargs["encryption"] = read_decryption_params(
                 self.encryption_keyfile, tensorizer_config

@@ -7,8 +7,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..errors import ConfigError
-from ..settings import parse_bool
+from ..core.errors import ConfigError
+from ..core.settings import parse_bool
 
 __all__ = ["FORBIDDEN_DESERIALIZATION_KWARGS", "DESERIALIZATION_KWARGS", "checked_fields"]
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError, FormatError, StorageError
+from ..core.errors import ConfigError, FormatError, StorageError
 
 __all__ = ["Checkpoint", "open_checkpoint", "hub_weight_files"]
 

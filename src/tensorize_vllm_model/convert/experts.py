@@ -15,7 +15,7 @@ guard (`guard.check_loaded`) then samples every derived copy against the file, a
 other.
 
 Plain torch: which experts are this rank's (expert parallelism) comes from the caller
-(`vllm_integration.loader`), as a table global expert -> local slot (-1: not this rank's).
+(`integrations.vllm.loader`), as a table global expert -> local slot (-1: not this rank's).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ the model does not allow is refused before an engine starts, naming the numbers.
 
 from __future__ import annotations
 
-from ..errors import LayoutError
+from ..core.errors import LayoutError
 
 __all__ = ["check_layout_fits"]
 

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ModelMismatchError
+from ..core.errors import ModelMismatchError
 from .regions import Need, View
 
 __all__ = ["direct_copy_ok", "check_loaded", "stored_index", "FileElements", "SAMPLES"]

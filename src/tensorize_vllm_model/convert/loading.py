@@ -1,5 +1,5 @@
 """Loading a converted (checkpoint-form) file at any layout: the pieces the vLLM loader
-(`vllm_integration.loader`) puts around vLLM's own ``model.load_weights``.
+(`integrations.vllm.loader`) puts around vLLM's own ``model.load_weights``.
 
 1. `ConvertedFile.meta_inputs` hands ``load_weights`` a meta tensor of each checkpoint
    tensor's shape under `regions.CopyWatch`, which records what this rank copies of each.
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .. import storage
-from ..errors import FormatError
+from ..core.errors import FormatError
 from .guard import FileElements, direct_copy_ok
 from .partial_read import Part, PartsRead, ranged_source, read_parts
 from .placement import logical_shape
@@ -203,7 +203,7 @@ class ConvertedFile:
 
     def tensors(self, parts: list[Part], read: PartsRead) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor in its checkpoint shape) of every part, its needed bytes read."""
-        from ..progress import resize
+        from ..core.progress import resize
 
         options = self.config.options
         on_bytes = self.reader.on_bytes  # the load's progress: this rank's share of the file

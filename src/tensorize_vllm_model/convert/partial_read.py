@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from .. import storage
-from ..errors import EncryptionError, FormatError, StorageError
+from ..core.errors import EncryptionError, FormatError, StorageError
 from .scatter import read_scattered
 
 __all__ = ["Part", "PartsRead", "read_parts", "ranged_source"]

@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
-from ..errors import ModelMismatchError
+from ..core.errors import ModelMismatchError
 
 __all__ = ["DEFAULT_PACKED", "EXPERT_FAMILIES", "missing_pieces", "check_pieces"]
 

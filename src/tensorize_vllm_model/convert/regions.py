@@ -11,7 +11,7 @@ one range of the file's tensor. When a loader does more than view and copy (a ca
 arithmetic op), that tensor is marked as needed whole, so the result is always right and
 only the bytes read can grow.
 
-Plain torch; the loader in `vllm_integration.loader` drives it.
+Plain torch; the loader in `integrations.vllm.loader` drives it.
 """
 
 from __future__ import annotations

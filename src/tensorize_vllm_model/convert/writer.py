@@ -20,10 +20,14 @@ from typing import Any
 import torch
 
 from .. import __version__, storage
-from ..artifacts import artifact_files, resolve_model_files, stage_artifacts
+from ..artifacts.model_files import artifact_files, resolve_model_files, stage_artifacts
 from ..config import TensorizerConfig
-from ..errors import ConfigError
+from ..config.plan import resolve_write
+from ..core.errors import ConfigError
+from ..core.progress import progress
+from ..core.redaction import scrubbing
 from ..format import writer as tensors_writer
+from ..format.keys import EncryptionKey, prepare_key
 from ..format.names import serialized_dir
 from ..format.record import CHECKPOINT_FORM, FileRecord, ParallelLayout
 from ..format.writer import (
@@ -32,10 +36,6 @@ from ..format.writer import (
     check_serialization_kwargs,
     write_tensors,
 )
-from ..keys import EncryptionKey, prepare_key
-from ..plan import resolve_write
-from ..progress import progress
-from ..redaction import scrubbing
 from .checkpoint import Checkpoint, hub_weight_files, open_checkpoint
 from .placement import column_tiles, recorded_tiles
 

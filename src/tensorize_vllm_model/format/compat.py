@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import (
+from ..core.errors import (
     CorruptTensorError,
     EncryptionError,
     FormatError,

@@ -21,7 +21,7 @@ from typing import Any
 
 from tensorizer.serialization import HashType
 
-from ..errors import CorruptTensorError
+from ..core.errors import CorruptTensorError
 from .compat import parse_tensor_header
 
 __all__ = ["StoredHashes", "stored_hashes"]

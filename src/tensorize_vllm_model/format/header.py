@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..errors import FormatError
+from ..core.errors import FormatError
 from .compat import index_items, module_name
 
 __all__ = [

@@ -14,7 +14,7 @@ import os
 import re
 
 from .. import storage
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from .record import ParallelLayout
 
 __all__ = [

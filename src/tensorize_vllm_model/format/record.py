@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..errors import FormatError, LayoutError, setting_hint
+from ..core.errors import FormatError, LayoutError, setting_hint
 
 __all__ = [
     "RECORD_NAME",

@@ -27,8 +27,7 @@ from typing import Any
 import torch
 
 from .. import storage
-from ..errors import ConfigError, StorageError
-from ..keys import encryption_params
+from ..core.errors import ConfigError, StorageError
 from .compat import (
     DEFAULT_INDEX_BYTES,
     MAX_DIMENSIONS,
@@ -36,6 +35,7 @@ from .compat import (
     index_entry_bytes,
     reserve_index,
 )
+from .keys import encryption_params
 from .record import MARKER_NAME, MAX_RECORD_BYTES, RECORD_NAME, FileRecord
 
 __all__ = [
@@ -256,7 +256,7 @@ def write_tensors(
         key: a 32-byte key to encrypt with, or None.
         serialization_kwargs: extra keyword arguments for `TensorSerializer`.
         options: how to reach remote storage (for an ``s3://`` URI), when no `tx` is given.
-        on_bytes: called with each tensor's size in bytes once it is written (progress.py).
+        on_bytes: called with each tensor's size in bytes once it is written (core/progress.py).
         marker: write vLLM's ``.vllm_tensorized_marker`` (files of vLLM's own parameters);
             False for a checkpoint-form file (``convert``), which vLLM must not take for one.
         batch_bytes: write the tensors in batches of about this many bytes, hashed in

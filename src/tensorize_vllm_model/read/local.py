@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import FormatError, StorageError
+from ..core.errors import FormatError, StorageError
 from .base import OpenFile, ReadTimes
 
 if TYPE_CHECKING:

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from ..errors import FormatError
+from ..core.errors import FormatError
 from ..format.header import HEADER_LENGTH, check_header_length
 from .local import byte_view, populate
 

@@ -4,7 +4,7 @@ the file's length (`format.header`), pick the read engine for the request (`choo
 the one place that decides) and return a `TensorReader`:
 
     with open_tensors("/models/opt/v1/model.tensors", device="cpu") as reader:
-        stats = load_into_module(model, reader)        # modules.py
+        stats = load_into_module(model, reader)        # read/modules.py
 
 The reader yields tensors on demand and makes the load's `LoadStats` (`TensorReader.stats`).
 Plain Python and torch (no vLLM): it serves vLLM's workers, the command line and any torch
@@ -25,11 +25,11 @@ import torch
 
 from .. import storage
 from ..config import TensorizerConfig, as_tensorizer_config
-from ..errors import EncryptionError, ModelMismatchError, key_hint
+from ..config.plan import one_file_of_directory
+from ..core.errors import EncryptionError, ModelMismatchError, key_hint
 from ..format.compat import EmptyIndex, index_items, translate_errors
 from ..format.header import FileFacts, check_index, dtype_name, read_preamble
 from ..format.record import MARKER_NAME, RECORD_NAME, RESERVED_NAMES, FileRecord
-from ..plan import one_file_of_directory
 from ..storage.options import StreamOptions
 from ..storage.ranged import DEFAULT_WORKERS, RangeStream
 from .base import LoadStats, OpenFile, ReadEngine, ReadRequest, ReadTimes
@@ -107,7 +107,7 @@ class TensorReader:
         self.facts = file.facts
         self._started = started  # when opening began: load figures count the index reads too
         self._untimed = 0.0
-        # Called with the bytes of each piece or tensor items() finishes (see progress.py).
+        # Called with the bytes of each piece or tensor items() finishes (see core/progress.py).
         self.on_bytes: Callable[[int], None] | None = None
         # Encrypted like every tensor: without the key, a file's record stays unknown.
         self.record = None if engine is None else _read_record(file)
@@ -267,7 +267,7 @@ def request_from_config(
         else TensorizerConfig(tensorizer_uri=uri)
     )
     if decryption is None and config.encryption_keyfile:
-        from ..keys import read_decryption_params
+        from ..format.keys import read_decryption_params
 
         decryption = read_decryption_params(config.encryption_keyfile, config)
     extra = dict(config.deserialization_kwargs or {})

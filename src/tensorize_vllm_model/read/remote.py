@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ..errors import FormatError
+from ..core.errors import FormatError
 from ..format.compat import DecryptionFailed, header_parse_errors, wrong_key
 from ..format.header import HEADER_LENGTH, check_header_length, torch_dtype
 from ..storage.ranged import RangeStream

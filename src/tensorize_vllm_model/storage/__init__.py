@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 from typing import Any, BinaryIO
 
-from ..errors import (
+from ..core.errors import (
     AccessDenied,
     AlreadyExists,
     ConfigError,
@@ -34,7 +34,7 @@ from ..errors import (
     Throttled,
     Unreachable,
 )
-from ..redaction import redact_uri
+from ..core.redaction import redact_uri
 from .base import (
     SUPPORTED_SCHEMES,
     Backend,

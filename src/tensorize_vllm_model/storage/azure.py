@@ -37,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ..errors import (
+from ..core.errors import (
     AccessDenied,
     AlreadyExists,
     ConfigError,
@@ -45,7 +45,7 @@ from ..errors import (
     NotFound,
     StorageError,
 )
-from ..settings import ca_bundle, storage_variable
+from ..core.settings import ca_bundle, storage_variable
 from . import clients, retry
 from .azure_ranges import AzureRanges
 from .base import Backend, local_temporary, split_object, split_uri

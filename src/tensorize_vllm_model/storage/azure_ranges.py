@@ -18,8 +18,8 @@ import email.utils
 import threading
 from typing import Any
 
-from ..errors import AccessDenied, StorageError
-from ..settings import ca_bundle
+from ..core.errors import AccessDenied, StorageError
+from ..core.settings import ca_bundle
 from . import retry
 from .http import _body, send_get
 from .options import StreamOptions

@@ -48,8 +48,8 @@ import threading
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
-from ..errors import ConfigError, NotFound, StorageError
-from ..redaction import has_signed_query, redact_uri, scrubbing
+from ..core.errors import ConfigError, NotFound, StorageError
+from ..core.redaction import has_signed_query, redact_uri, scrubbing
 
 if TYPE_CHECKING:
     from .options import StreamOptions

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from ..settings import storage_variable
+from ..core.settings import storage_variable
 from . import retry
 from .options import StreamOptions
 

@@ -33,7 +33,7 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import (
+from ..core.errors import (
     AccessDenied,
     AlreadyExists,
     ConfigError,
@@ -41,7 +41,7 @@ from ..errors import (
     NotFound,
     StorageError,
 )
-from ..redaction import scrubbing
+from ..core.redaction import scrubbing
 from . import retry
 from .base import Backend, basename, join, local_temporary, parent
 from .clients import Client

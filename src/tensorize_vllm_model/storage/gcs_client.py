@@ -7,7 +7,7 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ..errors import (
+from ..core.errors import (
     AccessDenied,
     AlreadyExists,
     ConfigError,
@@ -15,7 +15,7 @@ from ..errors import (
     NotFound,
     StorageError,
 )
-from ..settings import ca_bundle, storage_variable
+from ..core.settings import ca_bundle, storage_variable
 from . import clients, retry
 from .base import split_object, split_uri
 from .clients import Client, ClientCache

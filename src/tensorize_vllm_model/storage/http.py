@@ -21,9 +21,9 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from ..errors import AccessDenied, NotFound, Stalled, StorageError, Unreachable
-from ..redaction import redact_uri
-from ..settings import ca_bundle
+from ..core.errors import AccessDenied, NotFound, Stalled, StorageError, Unreachable
+from ..core.redaction import redact_uri
+from ..core.settings import ca_bundle
 from . import retry
 from .base import Backend
 from .options import StreamOptions

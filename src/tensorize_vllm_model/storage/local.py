@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from typing import Any, BinaryIO
 
-from ..errors import AccessDenied, AlreadyExists, NotFound, StorageError
+from ..core.errors import AccessDenied, AlreadyExists, NotFound, StorageError
 from .base import Backend
 from .options import StreamOptions
 

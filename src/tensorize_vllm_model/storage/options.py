@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..errors import ConfigError
-from ..settings import parse_bool
+from ..core.errors import ConfigError
+from ..core.settings import parse_bool
 from .ranged import DEFAULT_CHUNK_SIZE, DEFAULT_WORKERS
 from .retry import DEFAULT_POLICY, RetryPolicy
 

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
-from ..errors import Stalled, StorageError, Unreachable
+from ..core.errors import Stalled, StorageError, Unreachable
 from .retry import TransferStalled
 
 __all__ = [

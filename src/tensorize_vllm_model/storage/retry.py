@@ -47,7 +47,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from ..errors import ConfigError, StorageError, Throttled, Unreachable
+from ..core.errors import ConfigError, StorageError, Throttled, Unreachable
 
 __all__ = [
     "RetryPolicy",

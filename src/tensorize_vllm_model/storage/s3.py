@@ -21,13 +21,13 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import (
+from ..core.errors import (
     ConfigError,
     NotFound,
     StorageError,
     Throttled,
 )
-from ..settings import parse_bool
+from ..core.settings import parse_bool
 from . import retry, s3_settings
 from .base import Backend
 from .options import StreamOptions

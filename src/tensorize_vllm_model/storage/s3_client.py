@@ -9,14 +9,14 @@ import threading
 from collections.abc import Iterator
 from typing import Any, TypeVar
 
-from ..errors import (
+from ..core.errors import (
     AccessDenied,
     AlreadyExists,
     NotFound,
     StorageError,
     Unreachable,
 )
-from ..settings import ca_bundle
+from ..core.settings import ca_bundle
 from . import retry, s3_settings
 from .base import split_object, split_uri
 from .options import StreamOptions

@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..errors import ConfigError, CredentialsError
-from ..settings import environment
+from ..core.errors import ConfigError, CredentialsError
+from ..core.settings import environment
 from .options import StreamOptions
 
 __all__ = ["ADDRESSING_STYLES", "VIRTUAL_HOSTED_ENDPOINTS", "S3Settings", "resolve"]

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ..errors import (
+from ..core.errors import (
     AlreadyExists,
     StorageError,
 )

@@ -18,8 +18,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import StorageError
-from ..redaction import scrubbing
+from ..core.errors import StorageError
+from ..core.redaction import scrubbing
 from .base import backend, basename, join, parent
 from .local import move_directory, path_of, publish_directory, remove_directory
 from .options import StreamOptions

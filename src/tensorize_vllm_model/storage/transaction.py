@@ -31,8 +31,8 @@ import threading
 from collections.abc import Callable
 from types import TracebackType
 
-from ..errors import ConfigError
-from ..redaction import scrubbing
+from ..core.errors import ConfigError
+from ..core.redaction import scrubbing
 from .base import backend
 from .local import stage_directory
 from .options import Options, StreamOptions

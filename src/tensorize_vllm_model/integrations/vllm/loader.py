@@ -31,23 +31,24 @@ from vllm.model_executor.model_loader.utils import (
 )
 from vllm.utils.torch_utils import set_default_torch_dtype
 
-from .. import prefetch, storage
-from ..config import TensorizerConfig
-from ..convert.guard import check_loaded
-from ..convert.loading import (  # imported with the loader, as the readers are,
+from ... import storage
+from ...config import TensorizerConfig
+from ...config.plan import ReadPlan, check_shared_file, resolve_read
+from ...convert.guard import check_loaded
+from ...convert.loading import (  # imported with the loader, as the readers are,
     ConvertedFile,
     checkpoint_tensors,
 )
-from ..convert.partial_read import PartsRead  # not within a load's timed window
-from ..convert.regions import CopyWatch
-from ..errors import ConfigError, ModelMismatchError
-from ..format.record import ParallelLayout
-from ..modules import load_into_module, meta_parameters
-from ..plan import ReadPlan, check_shared_file, resolve_read
-from ..progress import progress
-from ..read.base import LoadStats
-from ..read.reader import default_num_readers, open_tensors
-from ..redaction import scrubbing
+from ...convert.partial_read import PartsRead  # not within a load's timed window
+from ...convert.regions import CopyWatch
+from ...core.errors import ConfigError, ModelMismatchError
+from ...core.progress import progress
+from ...core.redaction import scrubbing
+from ...format.record import ParallelLayout
+from ...read import prefetch
+from ...read.base import LoadStats
+from ...read.modules import load_into_module, meta_parameters
+from ...read.reader import default_num_readers, open_tensors
 from .compiled import stage_for_load
 from .meta_pass import run_meta_pass
 from .runtime import (
@@ -297,7 +298,7 @@ def _check_pieces(model: nn.Module, names: Iterable[str], source: str) -> None:
     """Refuse checkpoint tensors `names` that hold only part of a weight `model` merges
     (`convert.pieces`: q/k/v, gate/up, a layer's experts), naming the missing one; vLLM
     0.32 would load the rest silently, 0.34 refuses it in its default loader only."""
-    from ..convert.pieces import check_pieces
+    from ...convert.pieces import check_pieces
 
     to_dict = getattr(getattr(model, "config", None), "to_dict", None)
     packed = getattr(model, "packed_modules_mapping", None)
@@ -346,7 +347,7 @@ class CaptureLoader(DefaultModelLoader):
 
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
         if os.path.isdir(model_config.model):  # a Hub id's files: vLLM 0.34 checks them
-            from ..convert.checkpoint import open_checkpoint
+            from ...convert.checkpoint import open_checkpoint
 
             names = (name for name, _ in open_checkpoint(model_config.model).shapes())
             _check_pieces(model, names, model_config.model)

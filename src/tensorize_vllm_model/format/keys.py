@@ -11,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from . import storage
-from .errors import EncryptionError, TensorizeError
+from .. import storage
+from ..core.errors import EncryptionError, TensorizeError
 
 if TYPE_CHECKING:
-    from .config import TensorizerConfig
+    from ..config import TensorizerConfig
 
 __all__ = [
     "KEY_BYTES",

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .errors import ModelMismatchError
+from ..core.errors import ModelMismatchError
 
 if TYPE_CHECKING:
-    from .read.base import LoadStats
-    from .read.reader import TensorReader
+    from .base import LoadStats
+    from .reader import TensorReader
 
 __all__ = ["meta_parameters", "load_into_module", "meta_references"]
 

@@ -16,11 +16,11 @@ from typing import Any, TypeVar
 
 from vllm.logger import init_logger
 
-from ..errors import TensorizeError
-from ..format.record import FileRecord
-from ..format.writer import write_tensors
-from ..progress import progress
-from ..redaction import scrubbing
+from ...core.errors import TensorizeError
+from ...core.progress import progress
+from ...core.redaction import scrubbing
+from ...format.record import FileRecord
+from ...format.writer import write_tensors
 from .compiled import pack_for_save
 from .messages import (
     CAPTURE_LOAD_FORMAT,

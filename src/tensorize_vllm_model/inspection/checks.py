@@ -7,11 +7,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .config import TensorizerConfig, as_tensorizer_config
-from .format.names import has_rank_template
-from .format.record import ParallelLayout
-from .plan import check_shared_file, resolve_read
-from .read.reader import open_tensors
+from ..config import TensorizerConfig, as_tensorizer_config
+from ..config.plan import check_shared_file, resolve_read
+from ..format.names import has_rank_template
+from ..format.record import ParallelLayout
+from ..read.reader import open_tensors
 
 __all__ = ["is_vllm_tensorized", "check_shards"]
 

@@ -34,7 +34,7 @@ OVERLAP_ENV = "TENSORIZE_VLLM_MODEL_OVERLAP"
 PREFETCH_ENV = "TENSORIZE_VLLM_MODEL_PREFETCH"
 # The switch of `compile_cache` (ship vLLM's compile cache with the model; on by default).
 COMPILE_CACHE_ENV = "TENSORIZE_VLLM_MODEL_COMPILE_CACHE"
-# The switch of `vllm_integration.aot_load` (let vLLM load its AOT cache on CPU; on by default).
+# The switch of `integrations.vllm.aot_load` (let vLLM load its AOT cache on CPU; on by default).
 AOT_FIX_ENV = "TENSORIZE_VLLM_MODEL_AOT_FIX"
 _ON = ("1", "true", "yes", "on")
 _OFF = ("", "0", "false", "no", "off")
@@ -151,7 +151,7 @@ class Environment:
 
     @property
     def aot_fix(self) -> bool:
-        """`vllm_integration.aot_load` (``TENSORIZE_VLLM_MODEL_AOT_FIX``, on unless 0).
+        """`integrations.vllm.aot_load` (``TENSORIZE_VLLM_MODEL_AOT_FIX``, on unless 0).
 
         Raises:
             ConfigError: a value that is not a switch.

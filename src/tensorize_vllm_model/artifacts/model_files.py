@@ -21,10 +21,10 @@ import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from . import storage
-from .errors import NotFound, StorageError
-from .redaction import scrubbing
-from .settings import environment
+from .. import storage
+from ..core.errors import NotFound, StorageError
+from ..core.redaction import scrubbing
+from ..core.settings import environment
 
 __all__ = [
     "MAX_ARTIFACT_BYTES",

@@ -23,11 +23,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import storage
-from .config import TensorizerConfig
-from .errors import ConfigError, NotFound, StorageError, TensorizeError
-from .redaction import scrubbing
-from .settings import environment
+from .. import storage
+from ..config import TensorizerConfig
+from ..core.errors import ConfigError, NotFound, StorageError, TensorizeError
+from ..core.redaction import scrubbing
+from ..core.settings import environment
 
 logger = scrubbing(__name__)
 
@@ -171,7 +171,7 @@ def prepare_adapters(
     Raises:
         ConfigError, StorageError: naming the adapter and what is wrong.
     """
-    from .artifacts import resolve_model_files
+    from .model_files import resolve_model_files
 
     adapters: list[AdapterSource] = []
     for path in lora_paths:
@@ -237,8 +237,8 @@ def stage_adapter(
     """Stage adapter `name` (a local PEFT directory `source`) into ``destination/lora/name``
     in transaction `tx`: its config and its weights as a tensorizer file (encrypted with
     `key`)."""
-    from .format.record import FileRecord
-    from .format.writer import write_tensors
+    from ..format.record import FileRecord
+    from ..format.writer import write_tensors
 
     config, tensors = read_adapter(source)
     target = adapter_uri(destination, name)
@@ -336,7 +336,7 @@ def _read_tensorized_adapter(
     uri: str, config: TensorizerConfig | None, name: str
 ) -> tuple[Any, dict[str, Any]]:
     """The adapter's config and its tensors (in CPU memory), errors naming the adapter."""
-    from .read.reader import open_tensors
+    from ..read.reader import open_tensors
 
     tensors_uri = storage.join(uri, ADAPTER_TENSORS)
     config = TensorizerConfig(

@@ -14,15 +14,16 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import __version__, interrupts, storage
-from .artifacts import artifact_files, resolve_model_files, stage_artifacts
-from .config import TensorizerConfig, as_tensorizer_config
-from .errors import ConfigError
-from .format.record import ParallelLayout
-from .format.writer import SerializeResult, check_serialization_kwargs
-from .keys import EncryptionKey, prepare_key
-from .lora import prepare_adapters
-from .plan import WritePlan, resolve_write
+from ... import __version__, storage
+from ...artifacts.lora import prepare_adapters
+from ...artifacts.model_files import artifact_files, resolve_model_files, stage_artifacts
+from ...config import TensorizerConfig, as_tensorizer_config
+from ...config.plan import WritePlan, resolve_write
+from ...core import interrupts
+from ...core.errors import ConfigError
+from ...format.keys import EncryptionKey, prepare_key
+from ...format.record import ParallelLayout
+from ...format.writer import SerializeResult, check_serialization_kwargs
 
 # How long a failed serialize waits for the workers to delete their temporary files.
 ABORT_SECONDS = 15.0
@@ -108,8 +109,8 @@ class _Job:
 def _prepare(engine_args: Any, config: TensorizerConfig) -> _Job:
     """Every check that needs no engine: the rank template, the serialization kwargs, the
     source format, a writable destination."""
-    from .vllm_integration.engine import parallel_sizes
-    from .vllm_integration.messages import CAPTURE_LOAD_FORMAT
+    from .engine import parallel_sizes
+    from .messages import CAPTURE_LOAD_FORMAT
 
     tp, pp = parallel_sizes(engine_args)
     plan = resolve_write(config, ParallelLayout(tp, pp))  # refuses a missing rank template now
@@ -129,7 +130,7 @@ def _run_engine(job: _Job, engine_args: Any, adapters: list[Any]) -> tuple[list[
     artifacts, key and adapters in one transaction, then publish everything (each rank's
     tensors last), or put every name back on failure: (what each rank wrote, the other
     files published)."""
-    from .vllm_integration.engine import Engine
+    from .engine import Engine
 
     engine = None
     try:
@@ -161,8 +162,8 @@ def _run_engine(job: _Job, engine_args: Any, adapters: list[Any]) -> tuple[list[
 
 
 def _save_request(job: _Job) -> Any:
-    from .vllm_integration.engine import vllm_version
-    from .vllm_integration.messages import SaveRequest
+    from .engine import vllm_version
+    from .messages import SaveRequest
 
     return SaveRequest(
         rank_uris=job.plan.rank_uris(),
@@ -217,7 +218,7 @@ def _stage_adapters(
     key: bytes | None,
 ) -> None:
     """Check every adapter against the loaded model, then stage them all in `tx`."""
-    from .lora import check_adapter_fits, stage_adapter
+    from ...artifacts.lora import check_adapter_fits, stage_adapter
 
     fit = engine.lora_modules()
     for adapter in adapters:

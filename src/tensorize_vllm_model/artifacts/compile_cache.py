@@ -14,7 +14,7 @@ At load, each rank reads its archive (any storage backend, through `storage.read
 compares the key with its own engine's and, only when every field is equal, writes the files
 into its local cache directories, leaving files already there as they are. A mismatch
 is logged once per process, naming the field, and nothing is written. The vLLM side (which
-directories, which key) is `vllm_integration.compiled`; this module reads no vLLM.
+directories, which key) is `integrations.vllm.compiled`; this module reads no vLLM.
 
 The artifacts hold no weights: `find_weight_bytes` looks for samples of every tensor's bytes
 in every file before an archive is written, and the cache is not shipped if one is found.
@@ -35,9 +35,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from . import storage
-from .redaction import scrubbing
-from .settings import environment
+from .. import storage
+from ..core.redaction import scrubbing
+from ..core.settings import environment
 
 __all__ = [
     "ARCHIVE_LIMIT",

@@ -11,7 +11,7 @@ errors (`errors.TensorizeError`) and its loggers (`scrubbing`) pass their text t
 `redact_text`, so a URI reaching a message, a log line or an exception shows no secret,
 whoever formatted it.
 
-This module imports nothing of the package (errors.py imports it).
+This module imports nothing of the package (core/errors.py imports it).
 """
 
 from __future__ import annotations

@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from vllm.config import ModelConfig, VllmConfig
 
-from .. import storage
-from ..format.record import ParallelLayout
-from ..read.base import LoadStats
+from ... import storage
+from ...format.record import ParallelLayout
+from ...read.base import LoadStats
 
 if TYPE_CHECKING:
-    from ..storage import Transaction
+    from ...storage import Transaction
 
 __all__ = [
     "CapturedWeights",

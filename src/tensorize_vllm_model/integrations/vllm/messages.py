@@ -19,7 +19,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..read.base import LoadStats, ReadTimes
+from ...read.base import LoadStats, ReadTimes
 
 __all__ = [
     "LOAD_FORMAT",
@@ -40,7 +40,7 @@ LOAD_FORMAT = "tensorizer"
 CAPTURE_LOAD_FORMAT = "tensorize_vllm_model_capture"
 # The class vLLM mixes into its workers (``worker_extension_cls``), as vLLM takes it: a
 # dotted path (vLLM imports it in each worker).
-WORKER_EXTENSION = "tensorize_vllm_model.vllm_integration.worker.WorkerExtension"
+WORKER_EXTENSION = "tensorize_vllm_model.integrations.vllm.worker.WorkerExtension"
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The public names of vLLM 0.32's ``vllm.model_executor.model_loader.tensorizer``, with
 vLLM's signatures and meanings, that need no vLLM internals (those that do live in
-`vllm_integration.module_api`: `init_tensorizer_model`, `deserialize_tensorizer_model`,
+`integrations.vllm.module_api`: `init_tensorizer_model`, `deserialize_tensorizer_model`,
 `serialize_vllm_model`). Code written against vLLM's module works by changing the import;
 where a name behaves differently here, docs/compatibility.md ("vLLM's tensorizer module,
 name by name") says how and why.
@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .config import TensorizerArgs, as_tensorizer_config
-from .errors import ConfigError
+from ...config import TensorizerArgs, as_tensorizer_config
+from ...core.errors import ConfigError
 
 __all__ = [
     "is_valid_deserialization_uri",
@@ -61,7 +61,7 @@ def is_valid_deserialization_uri(uri: str | None) -> bool:
     """
     if not uri:
         return False
-    from . import storage
+    from ... import storage
 
     scheme = uri.lower().split("://", 1)[0] if "://" in uri else ""
     remote = scheme not in ("", "file") and scheme in storage.supported_schemes()
@@ -133,9 +133,9 @@ def tensorizer_weights_iterator(
     Raises:
         StorageError, FormatError, EncryptionError: as `read.reader.open_tensors`.
     """
-    from .format.record import ParallelLayout
-    from .plan import resolve_read
-    from .read.reader import open_tensors
+    from ...config.plan import resolve_read
+    from ...format.record import ParallelLayout
+    from ...read.reader import open_tensors
 
     args = _as_args(tensorizer_args)
     plan = resolve_read(args.config, ParallelLayout())
@@ -157,16 +157,16 @@ def serialize_extra_artifacts(
         ValueError: `served_model_name` is not a string (as vLLM raises).
         StorageError: a file cannot be read or written.
     """
-    from . import storage
-    from .artifacts import resolve_model_files, stage_artifacts
+    from ... import storage
+    from ...artifacts.model_files import resolve_model_files, stage_artifacts
 
     if not isinstance(served_model_name, str):
         raise ValueError(
             "served_model_name must be a str for serialize_extra_artifacts, "
             f"not {type(served_model_name)}."
         )
-    from .format.record import ParallelLayout
-    from .plan import resolve_write
+    from ...config.plan import resolve_write
+    from ...format.record import ParallelLayout
 
     args = _as_args(tensorizer_args)
     plan = resolve_write(args.config, ParallelLayout())
@@ -180,7 +180,7 @@ def _as_args(tensorizer_args: Any) -> TensorizerArgs:
     fields as attributes, and merged kwargs)."""
     if isinstance(tensorizer_args, TensorizerArgs):
         return tensorizer_args
-    from .config import TensorizerConfig
+    from ...config import TensorizerConfig
 
     if not hasattr(tensorizer_args, "tensorizer_uri"):
         raise ConfigError(

@@ -17,14 +17,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..config import TensorizerConfig, as_tensorizer_config
+from ..config.plan import discover_rank_uris, model_directory_tensors
+from ..core.errors import CorruptTensorError, EncryptionError
+from ..core.progress import progress
+from ..format.record import MARKER_NAME, RECORD_NAME, FileRecord
+from ..read.reader import TensorEntry, open_tensors
+from ..storage import redact
 from .checks import check_shards
-from .config import TensorizerConfig, as_tensorizer_config
-from .errors import CorruptTensorError, EncryptionError
-from .format.record import MARKER_NAME, RECORD_NAME, FileRecord
-from .plan import discover_rank_uris, model_directory_tensors
-from .progress import progress
-from .read.reader import TensorEntry, open_tensors
-from .storage import redact
 
 __all__ = ["FileReport", "VerifyReport", "inspect_tensors", "verify_tensors", "shard_uris"]
 

@@ -32,9 +32,9 @@ import shutil
 import threading
 import time
 
-from . import storage
-from .redaction import scrubbing
-from .settings import OVERLAP_ENV, PREFETCH_ENV, environment, set_prefetch_map
+from .. import storage
+from ..core.redaction import scrubbing
+from ..core.settings import OVERLAP_ENV, PREFETCH_ENV, environment, set_prefetch_map
 
 __all__ = ["enabled", "start", "local_copy", "release", "ENV_MAP", "ENV_SWITCH"]
 

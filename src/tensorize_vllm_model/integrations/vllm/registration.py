@@ -62,13 +62,14 @@ from typing import Any
 
 from vllm.logger import init_logger
 
-from .. import prefetch, storage
-from ..checks import check_shards
-from ..config import TensorizerConfig
-from ..errors import TensorizeError, entry_point
-from ..format.record import ParallelLayout
-from ..plan import ReadPlan, check_model_directory, resolve_read
-from ..redaction import scrub_records, scrubbing
+from ... import storage
+from ...config import TensorizerConfig
+from ...config.plan import ReadPlan, check_model_directory, resolve_read
+from ...core.errors import TensorizeError, entry_point
+from ...core.redaction import scrub_records, scrubbing
+from ...format.record import ParallelLayout
+from ...inspection.checks import check_shards
+from ...read import prefetch
 from . import aot_load
 from .engine import parallel_sizes, refusal_text
 from .messages import CAPTURE_LOAD_FORMAT, LOAD_FORMAT
@@ -198,7 +199,7 @@ def _check_shared_file(plan: ReadPlan, model: str) -> None:
     """One file for every rank: it must hold whole weights (a converted file, or a file that
     is not vLLM-tensorized such as a Hugging Face model's; see `plan.check_shared_file`),
     and the model must split at this layout."""
-    from ..convert.fit import check_layout_fits
+    from ...convert.fit import check_layout_fits
 
     tp, pp = plan.layout.tensor_parallel_size, plan.layout.pipeline_parallel_size
     check_shards(plan.file_config(), tp, pp)
@@ -220,7 +221,7 @@ def resolve_remote_model(engine_args: Any) -> None:
     model = str(engine_args.model or "")
     if engine_args.load_format != LOAD_FORMAT or storage.local_path(model) is not None:
         return
-    from ..artifacts import fetch_model_files
+    from ...artifacts.model_files import fetch_model_files
 
     extra = _extra_config(engine_args)
     config = TensorizerConfig.from_extra_config({**extra, "tensorizer_dir": model})
@@ -236,7 +237,7 @@ def resolve_remote_model(engine_args: Any) -> None:
     engine_args.model = local
     if (
         prefetch.enabled() and parallel_sizes(engine_args) == (1, 1) and config.given_uri is None
-    ):  # the weights stream in while vLLM starts up (prefetch.py)
+    ):  # the weights stream in while vLLM starts up (read/prefetch.py)
         prefetch.start(resolve_read(config, ParallelLayout()).uri, config.options)
 
 
@@ -253,7 +254,7 @@ def _register_lora_resolver() -> None:
         """
 
         async def resolve_lora(self, base_model_name: str, lora_name: str) -> Any:
-            from ..lora import adapter_uri
+            from ...artifacts.lora import adapter_uri
             from .module_api import tensorized_lora_request
 
             config = served.get(base_model_name)

@@ -29,9 +29,10 @@ from typing import Any
 import torch
 from vllm.logger import init_logger
 
-from .. import compile_cache, storage
-from ..compile_cache import CacheKey
-from ..redaction import scrubbing
+from ... import storage
+from ...artifacts import compile_cache
+from ...artifacts.compile_cache import CacheKey
+from ...core.redaction import scrubbing
 from .runtime import current_layout, dtype_name
 
 __all__ = ["before_aot_load", "cache_key", "pack_for_save", "stage_for_load"]

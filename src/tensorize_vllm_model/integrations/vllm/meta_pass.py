@@ -13,9 +13,9 @@ from typing import Any
 
 from torch import nn
 
-from ..convert.experts import plan_experts
-from ..convert.loading import ConvertedFile
-from ..convert.regions import CopyWatch
+from ...convert.experts import plan_experts
+from ...convert.loading import ConvertedFile
+from ...convert.regions import CopyWatch
 
 __all__ = ["run_meta_pass", "expert_slots"]
 

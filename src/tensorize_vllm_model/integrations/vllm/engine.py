@@ -18,10 +18,10 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from .. import errors
-from ..errors import TensorizeError
-from ..read.base import LoadStats
-from ..redaction import scrubbing
+from ...core import errors
+from ...core.errors import TensorizeError
+from ...core.redaction import scrubbing
+from ...read.base import LoadStats
 from .messages import (
     CAPTURE_LOAD_FORMAT,
     WORKER_EXTENSION,
@@ -293,8 +293,8 @@ def check_checkpoint_pieces(model: str) -> None:
         return
     from vllm.model_executor.models import ModelRegistry
 
-    from ..convert.checkpoint import open_checkpoint
-    from ..convert.pieces import check_pieces
+    from ...convert.checkpoint import open_checkpoint
+    from ...convert.pieces import check_pieces
 
     with open(config_path) as f:
         config = json.load(f)

@@ -27,7 +27,7 @@ import functools
 from collections.abc import Iterator
 from typing import Any
 
-from ..settings import environment
+from ...core.settings import environment
 
 __all__ = ["install"]
 

@@ -15,15 +15,15 @@ from vllm.config import ModelConfig, VllmConfig
 from vllm.logger import init_logger
 from vllm.utils.torch_utils import set_default_torch_dtype
 
-from .. import storage
-from ..config import TensorizerConfig, as_tensorizer_config
-from ..errors import ConfigError
-from ..format.record import FileRecord
-from ..format.writer import write_tensors
-from ..modules import load_into_module, meta_parameters
-from ..plan import resolve_write
-from ..read.reader import open_tensors
-from ..redaction import scrubbing
+from ... import storage
+from ...config import TensorizerConfig, as_tensorizer_config
+from ...config.plan import resolve_write
+from ...core.errors import ConfigError
+from ...core.redaction import scrubbing
+from ...format.record import FileRecord
+from ...format.writer import write_tensors
+from ...read.modules import load_into_module, meta_parameters
+from ...read.reader import open_tensors
 from .engine import vllm_version
 from .runtime import distributed_layout, dtype_name, model_dtype, target_device
 
@@ -76,7 +76,7 @@ def deserialize_tensorizer_model(model: nn.Module, tensorizer_config: Any) -> No
     """
     from vllm.platforms import current_platform
 
-    from ..vllm_api import is_valid_deserialization_uri
+    from .api import is_valid_deserialization_uri
 
     config = as_tensorizer_config(tensorizer_config)
     uri = config.tensorizer_uri  # one rank's file, as vLLM's function takes it
@@ -119,9 +119,9 @@ def serialize_vllm_model(
         EncryptionError: the key file is missing or not a 32-byte key.
         StorageError: the file cannot be written (nothing is left at its name).
     """
-    from .. import __version__
-    from ..keys import read_key
-    from ..vllm_api import serialize_extra_artifacts
+    from ... import __version__
+    from ...format.keys import read_key
+    from .api import serialize_extra_artifacts
 
     config = as_tensorizer_config(tensorizer_config)
     plan = resolve_write(config, distributed_layout())
@@ -180,7 +180,7 @@ def tensorized_lora_request(
     """
     from vllm.lora.request import LoRARequest
 
-    from ..lora import adapter_uri, materialize_adapter
+    from ...artifacts.lora import adapter_uri, materialize_adapter
 
     if isinstance(tensorizer_config, dict):
         tensorizer_config = TensorizerConfig.from_extra_config(

@@ -29,9 +29,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import storage
-from .errors import ConfigError, NotFound
-from .format.names import (
+from .. import storage
+from ..core.errors import ConfigError, NotFound
+from ..format.names import (
     DEFAULT_TENSORS_NAME,
     SHARDED_TENSORS_NAME,
     has_rank_template,
@@ -39,11 +39,11 @@ from .format.names import (
     rank_uri,
     tensors_uri,
 )
-from .format.record import FileRecord, ParallelLayout
+from ..format.record import FileRecord, ParallelLayout
 
 if TYPE_CHECKING:
-    from .config import TensorizerConfig
-    from .storage.options import StreamOptions
+    from ..storage.options import StreamOptions
+    from . import TensorizerConfig
 
 __all__ = [
     "ReadPlan",

@@ -1,0 +1,1 @@
+"""The integrations with serving engines; vLLM is the one there is."""
