@@ -26,7 +26,7 @@ import sys
 def main() -> None:
     spec = json.load(sys.stdin)
     if "progress" in spec:
-        from tensorize_vllm_model import progress
+        from tensorize_vllm_model.core import progress
 
         for name, value in spec["progress"].items():
             setattr(progress, name, value)

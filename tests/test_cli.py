@@ -340,7 +340,7 @@ def test_worker_errors_come_back_as_the_package_errors():
 
 HANGING_CLEANUP = """
 import sys, threading, time
-from tensorize_vllm_model import interrupts
+from tensorize_vllm_model.core import interrupts
 interrupts.GRACE_SECONDS = 1.0
 interrupts.install()
 # A thread that never ends, as an engine that does not shut down: it would hold the

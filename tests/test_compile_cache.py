@@ -13,9 +13,9 @@ import types
 
 import pytest
 import torch
-from tensorize_vllm_model.artifacts.model_files.compile_cache import CacheKey
 
-from tensorize_vllm_model import compile_cache
+from tensorize_vllm_model.artifacts import compile_cache
+from tensorize_vllm_model.artifacts.compile_cache import CacheKey
 from tensorize_vllm_model.core.errors import ConfigError
 
 KEY = CacheKey(

@@ -59,7 +59,7 @@ def test_converted_file_holds_the_checkpoint(converted, tiny_llama):
     original = load_file(str(tiny_llama / "model.safetensors"))
     with open_tensors(str(converted / "model.tensors")) as reader:
         record = reader.record
-        assert reader.checkpoint_form and not reader.is_vllm_tensorized
+        assert reader.checkpoint_form and not reader.vllm_tensorized
         assert MARKER_NAME not in reader.header_deserializer  # vLLM must not take it for its own
         tensors = dict(reader.items())
     assert record.is_checkpoint_form and record.dtype == "bfloat16"

@@ -13,11 +13,14 @@ import os
 import pytest
 import torch
 
-from tensorize_vllm_model import compile_cache, open_tensors, prefetch, settings
+from tensorize_vllm_model import open_tensors
+from tensorize_vllm_model.artifacts import compile_cache
 from tensorize_vllm_model.cli import main
+from tensorize_vllm_model.core import settings
 from tensorize_vllm_model.core.errors import ConfigError
 from tensorize_vllm_model.format.record import FileRecord
 from tensorize_vllm_model.format.writer import write_tensors
+from tensorize_vllm_model.read import prefetch
 
 # variable -> (a bad value, the code that uses it, the one line it is refused with)
 BAD = {

@@ -18,10 +18,11 @@ import torch
 from conftest import ENGINE_FLAGS, subprocess_env
 from test_cli import run_main
 
-from tensorize_vllm_model import ConfigError, EncryptionError, LayoutError, NotFound, errors
+from tensorize_vllm_model import ConfigError, EncryptionError, LayoutError, NotFound
 from tensorize_vllm_model.cli import main
 from tensorize_vllm_model.config import TensorizerConfig
 from tensorize_vllm_model.config.plan import resolve_read
+from tensorize_vllm_model.core import errors
 from tensorize_vllm_model.format.record import FileRecord, ParallelLayout
 from tensorize_vllm_model.format.writer import write_tensors
 from tensorize_vllm_model.inspection.checks import check_shards

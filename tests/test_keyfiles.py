@@ -263,7 +263,7 @@ def test_cli_new_key(cli_with_fake_engine, tiny_llama, tmp_path, capsys):
 def test_adapter_directory_refuses_a_planted_link(tmp_path, monkeypatch):
     """Materialized adapters go to a private per-user directory in a shared place; if its
     name is taken by a link (anyone can create names in /dev/shm), nothing is written."""
-    from tensorize_vllm_model import lora
+    from tensorize_vllm_model.artifacts import lora
 
     monkeypatch.setenv("TENSORIZE_VLLM_MODEL_CACHE", str(tmp_path / "cache"))
     real_access = os.access

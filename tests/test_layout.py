@@ -76,15 +76,15 @@ def test_record_round_trip_and_layout_check():
     )
     again = FileRecord.from_bytes(record.to_bytes(), source="f")
     assert again == record
-    again.check_layout(ParallelLayout(tensor_parallel_size=2, tp_rank=1), source="f")
+    again.check_written_for(ParallelLayout(tensor_parallel_size=2, tp_rank=1), source="f")
     with pytest.raises(
         LayoutError,
         match=r"f was serialized for TP=2 x PP=1 but is being loaded "
         r"with TP=1 x PP=1",
     ):
-        again.check_layout(ParallelLayout(), source="f")
+        again.check_written_for(ParallelLayout(), source="f")
     with pytest.raises(LayoutError, match="rank 1.*rank 0"):
-        again.check_layout(ParallelLayout(tensor_parallel_size=2, tp_rank=0), source="f")
+        again.check_written_for(ParallelLayout(tensor_parallel_size=2, tp_rank=0), source="f")
 
 
 @pytest.mark.parametrize("data", [b"\xff\xfe", b"[1, 2]", b'{"format": "other"}'])

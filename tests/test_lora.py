@@ -68,7 +68,7 @@ def test_adapter_larger_than_dev_shm_goes_to_a_private_directory_on_disk(
     (its free space reported as 1 MB): a tmpfs of that size cannot be mounted here."""
     import logging
 
-    from tensorize_vllm_model import lora
+    from tensorize_vllm_model.artifacts import lora
 
     monkeypatch.setenv("TENSORIZE_VLLM_MODEL_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(lora, "_free_bytes", lambda path: 1 << 20)
@@ -120,7 +120,7 @@ def test_encrypted_adapter(adapter, tmp_path):
 def test_materialized_directory_is_the_storage_layers_temporary(adapter, tmp_path):
     """The RAM-backed directory is published whole by a transaction and listed by the
     storage layer for removal at exit; artifacts/lora.py keeps no list of its own."""
-    from tensorize_vllm_model import lora
+    from tensorize_vllm_model.artifacts import lora
 
     path = materialize_adapter(serialized(adapter, tmp_path / "model"))
     assert path in storage.temporary_directories()
@@ -136,7 +136,7 @@ def test_materialized_directory_is_the_storage_layers_temporary(adapter, tmp_pat
 def test_failed_materialize_leaves_no_directory(tmp_path):
     """A write that fails after the config is written (safetensors refuses tensors that
     share memory) leaves nothing in the RAM-backed root and nothing listed for exit."""
-    from tensorize_vllm_model import lora
+    from tensorize_vllm_model.artifacts import lora
 
     root = lora._ram_root()
     before = set(os.listdir(root))

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tensorize_vllm_model import prefetch, settings
+from tensorize_vllm_model.core import settings
 from tensorize_vllm_model.core.errors import ConfigError
+from tensorize_vllm_model.read import prefetch
 
 
 @pytest.mark.parametrize("value", ["1", "true", "ON", " yes "])

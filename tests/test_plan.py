@@ -5,7 +5,7 @@ import pytest
 
 from tensorize_vllm_model import ConfigError, TensorizerConfig
 from tensorize_vllm_model.config.plan import (
-    check_layout,
+    check_rank_files,
     discover_rank_uris,
     resolve_read,
     resolve_write,
@@ -91,11 +91,11 @@ def test_check_layout_is_the_write_rule():
     """vLLM's verify_with_parallel_config asks the plan: a given URI needs a rank template
     at more than one rank; a directory's ranks get model-rank-%03d.tensors."""
     with pytest.raises(ConfigError, match=r"TP=1 x PP=2 .*'/m/model.tensors' has no rank"):
-        check_layout(TensorizerConfig(tensorizer_uri="/m/model.tensors"), PP2)
-    check_layout(TensorizerConfig(tensorizer_uri="/m/model-rank-%03d.tensors"), PP2)
-    check_layout(TensorizerConfig(tensorizer_dir="/m"), PP2)
+        check_rank_files(TensorizerConfig(tensorizer_uri="/m/model.tensors"), PP2)
+    check_rank_files(TensorizerConfig(tensorizer_uri="/m/model-rank-%03d.tensors"), PP2)
+    check_rank_files(TensorizerConfig(tensorizer_dir="/m"), PP2)
     with pytest.raises(ConfigError, match="not a valid rank template"):
-        check_layout(TensorizerConfig(tensorizer_uri="/m/model-%s-%d.tensors"), PP2)
+        check_rank_files(TensorizerConfig(tensorizer_uri="/m/model-%s-%d.tensors"), PP2)
 
 
 def test_rank_layouts_follow_vllms_numbering():

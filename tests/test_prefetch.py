@@ -9,7 +9,8 @@ import os
 import pytest
 from servers import CuttingProxy, HTTPFileServer
 
-from tensorize_vllm_model import prefetch, storage
+from tensorize_vllm_model import storage
+from tensorize_vllm_model.read import prefetch
 
 
 @pytest.fixture

@@ -5,7 +5,8 @@ import stat
 
 import pytest
 
-from tensorize_vllm_model import ConfigError, EncryptionError, StorageError, keys, storage
+from tensorize_vllm_model import ConfigError, EncryptionError, StorageError, storage
+from tensorize_vllm_model.format import keys
 
 
 def test_unknown_scheme_lists_supported():
@@ -129,17 +130,17 @@ def test_an_interrupt_inside_a_publish_puts_every_name_back(
     from tensorize_vllm_model.core.interrupts import Interrupted
     from tensorize_vllm_model.storage.local import LocalBackend
 
-    real = LocalBackend.publish
+    real = LocalBackend.publish_object
     victim = "model.tensors" if not existing else "config.json"
 
-    def publish(self, temp, uri, options, **kwargs):
+    def publish_object(self, temp, uri, options, **kwargs):
         if moment == "before" and uri.endswith(victim):
             raise Interrupted(2)
         real(self, temp, uri, options, **kwargs)
         if uri.endswith(victim):
             raise Interrupted(2)
 
-    monkeypatch.setattr(LocalBackend, "publish", publish)
+    monkeypatch.setattr(LocalBackend, "publish_object", publish_object)
     if existing:
         for name in ("config.json", "model.tensors"):
             (tmp_path / name).write_bytes(b"old")

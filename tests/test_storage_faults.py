@@ -442,7 +442,7 @@ def test_fetch_failure_leaves_no_partial_cache(moto, tmp_path, monkeypatch):
 def test_fetch_failing_mid_way_leaves_the_cache_as_it_was(tmp_path, monkeypatch):
     """A fetch that fails after some files were written (a file over the size limit, over
     real HTTP) leaves no partial directory, and an earlier whole copy stays as it was."""
-    from tensorize_vllm_model import artifacts
+    from tensorize_vllm_model.artifacts import model_files as artifacts
 
     monkeypatch.setenv("TENSORIZE_VLLM_MODEL_CACHE", str(tmp_path / "cache"))
     served = tmp_path / "served"

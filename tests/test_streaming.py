@@ -59,7 +59,7 @@ def test_round_trip_onto_meta_module(tmp_path, source):
     assert target.proj.weight.is_meta
     with open_tensors(path) as reader:
         assert reader.record.architecture == "Tiny"
-        assert reader.is_vllm_tensorized
+        assert reader.vllm_tensorized
         stats = load_into_module(target, reader)
     for name, tensor in source.state_dict().items():
         assert torch.equal(target.state_dict()[name], tensor), name

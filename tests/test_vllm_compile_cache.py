@@ -12,7 +12,7 @@ import subprocess
 import pytest
 from conftest import ENGINE_FLAGS, result_of, run_engine, run_serialize
 
-from tensorize_vllm_model import compile_cache
+from tensorize_vllm_model.artifacts import compile_cache
 
 pytestmark = pytest.mark.slow
 

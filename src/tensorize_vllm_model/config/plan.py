@@ -12,7 +12,7 @@ the rules live in one place:
   (a converted checkpoint, a Hugging Face file), that one file is shared.
 * A write never shares: a directory gets ``model.tensors`` at one rank,
   ``model-rank-%03d.tensors`` at more; a given URI needs a rank template at more than one
-  (`check_layout`, which vLLM's ``verify_with_parallel_config`` asks too).
+  (`check_rank_files`, which vLLM's ``verify_with_parallel_config`` asks too).
 * A load whose layout is not known beforehand (inspect, verify) covers every rank file of a
   template: as many as rank 0's record says, else as many as exist (`discover_rank_uris`).
 
@@ -50,7 +50,7 @@ __all__ = [
     "WritePlan",
     "resolve_read",
     "resolve_write",
-    "check_layout",
+    "check_rank_files",
     "check_shared_file",
     "discover_rank_uris",
     "model_directory_tensors",
@@ -183,7 +183,7 @@ def resolve_write(config: TensorizerConfig, layout: ParallelLayout) -> WritePlan
     )
 
 
-def check_layout(config: TensorizerConfig, layout: ParallelLayout) -> None:
+def check_rank_files(config: TensorizerConfig, layout: ParallelLayout) -> None:
     """Whether every rank of `layout` can have its own file: `resolve_write`'s rule (a
     given ``tensorizer_uri`` needs a rank template at more than one rank; a directory gets
     ``model-rank-%03d.tensors``). The check of vLLM's ``verify_with_parallel_config``.
@@ -246,7 +246,7 @@ def check_shared_file(
     if layout.world_size == 1 or has_rank_template(uri) or not vllm_tensorized:
         return
     if record is not None:
-        record.check_layout(layout, source=uri)
+        record.check_written_for(layout, source=uri)
     raise needs_rank_files(uri, layout)
 
 

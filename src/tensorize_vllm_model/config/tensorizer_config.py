@@ -168,7 +168,7 @@ class TensorizerConfig(MutableMapping):
         template (``%03d``), as vLLM's method does for tensor parallelism. Here pipeline
         parallel ranks count too (one file per rank), and a config given only
         ``tensorizer_dir`` passes: its ranks write and read ``model-rank-%03d.tensors``.
-        The rule is the write plan's (`plan.check_layout`).
+        The rule is the write plan's (`plan.check_rank_files`).
 
         Args:
             parallel_config: vLLM's `ParallelConfig` (``tensor_parallel_size``,
@@ -178,13 +178,13 @@ class TensorizerConfig(MutableMapping):
             ConfigError: (a ValueError, as vLLM raises) naming the URI and the layout.
         """
         from ..format.record import ParallelLayout
-        from .plan import check_layout
+        from .plan import check_rank_files
 
         layout = ParallelLayout(
             int(getattr(parallel_config, "tensor_parallel_size", 1) or 1),
             int(getattr(parallel_config, "pipeline_parallel_size", 1) or 1),
         )
-        check_layout(self, layout)
+        check_rank_files(self, layout)
 
     def verify_with_model_config(self, model_config: Any) -> None:
         """Warn, as vLLM does, that loading a quantized model (``model_config.quantization``

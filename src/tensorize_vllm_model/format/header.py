@@ -30,7 +30,7 @@ __all__ = [
     "HeaderGuard",
     "check_header_length",
     "check_index",
-    "dtype_name",
+    "stored_dtype_name",
     "pread_each",
     "read_preamble",
 ]
@@ -59,7 +59,7 @@ _ENCRYPTION_VERSION = 3
 _FLAGGED_VERSION = 4
 
 
-def dtype_name(stored: str) -> str:
+def stored_dtype_name(stored: str) -> str:
     """The torch name of a stored dtype: numpy's name, or the torch name tensorizer keeps
     after its separator for dtypes numpy lacks (bfloat16...)."""
     numpy_name, _, torch_name = stored.partition("\0")
@@ -75,7 +75,7 @@ def dtype_name(stored: str) -> str:
 
 def torch_dtype(stored: str) -> torch.dtype | None:
     """The torch dtype of a stored dtype; None for one torch lacks (numpy-only)."""
-    dtype = getattr(torch, dtype_name(stored), None)
+    dtype = getattr(torch, stored_dtype_name(stored), None)
     return dtype if isinstance(dtype, torch.dtype) else None
 
 
@@ -185,7 +185,7 @@ def check_index(
 def _check_size(entry: Any, tensor: str, name: str) -> None:
     """The entry's byte counts against its shape and dtype (a dtype unknown to torch and
     numpy is left to tensorizer)."""
-    dtype = getattr(torch, dtype_name(entry.dtype), None)
+    dtype = getattr(torch, stored_dtype_name(entry.dtype), None)
     if isinstance(dtype, torch.dtype):
         itemsize = dtype.itemsize
     else:
@@ -200,7 +200,7 @@ def _check_size(entry: Any, tensor: str, name: str) -> None:
     if entry.deserialized_length != need or entry.data_length not in (0, need):
         raise FormatError(
             f"{name} is corrupt: tensor {tensor} holds {entry.data_length} bytes where its "
-            f"shape {shape} and dtype {dtype_name(entry.dtype)} need {need}"
+            f"shape {shape} and dtype {stored_dtype_name(entry.dtype)} need {need}"
         )
 
 

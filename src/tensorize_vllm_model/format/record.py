@@ -176,7 +176,7 @@ class FileRecord:
             "or serialize the model again for this layout"
         )
 
-    def check_layout(self, layout: ParallelLayout, *, source: str) -> None:
+    def check_written_for(self, layout: ParallelLayout, *, source: str) -> None:
         """Raise LayoutError when this file was written for another layout or rank."""
         if (self.tensor_parallel_size, self.pipeline_parallel_size) != (
             layout.tensor_parallel_size,

@@ -29,7 +29,7 @@ def is_vllm_tensorized(tensorizer_config: TensorizerConfig | Mapping[str, Any]) 
         return True
     uri = resolve_read(tensorizer_config, ParallelLayout()).uri  # rank 0's file
     with open_tensors(uri, device="cpu", config=tensorizer_config) as reader:
-        return reader.is_vllm_tensorized
+        return reader.vllm_tensorized
 
 
 def check_shards(
@@ -63,17 +63,17 @@ def check_shards(
             check_shared_file(
                 uri,
                 ParallelLayout(tp, pp),
-                vllm_tensorized=reader.is_vllm_tensorized,
+                vllm_tensorized=reader.vllm_tensorized,
                 record=reader.record,
             )
             if reader.record is not None and not reader.checkpoint_form:
-                reader.record.check_layout(ParallelLayout(tp, pp), source=reader.uri)
+                reader.record.check_written_for(ParallelLayout(tp, pp), source=reader.uri)
             return reader.total_tensor_bytes
     plan = resolve_read(config, ParallelLayout(tp, pp))
     total = 0
     for rank, rank_file in enumerate(plan.rank_uris()):
         with open_tensors(rank_file, device="cpu", config=config) as reader:
             if reader.record is not None:
-                reader.record.check_layout(plan.rank_layout(rank), source=reader.uri)
+                reader.record.check_written_for(plan.rank_layout(rank), source=reader.uri)
             total += reader.total_tensor_bytes
     return total

@@ -97,7 +97,7 @@ def load_into_module(
         fill.put(name, tensor)
     stats = reader.stats(tensors=fill.count, nbytes=fill.bytes)
     hint = ""
-    if reader.is_vllm_tensorized and not reader.checkpoint_form:
+    if reader.vllm_tensorized and not reader.checkpoint_form:
         hint = (
             f"; {reader.uri} holds vLLM's own parameters (as serialize writes them, e.g. "
             "fused qkv_proj), which load into vLLM; the file that loads into the "

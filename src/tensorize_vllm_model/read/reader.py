@@ -28,7 +28,7 @@ from ..config import TensorizerConfig, as_tensorizer_config
 from ..config.plan import one_file_of_directory
 from ..core.errors import EncryptionError, ModelMismatchError, key_hint
 from ..format.compat import EmptyIndex, index_items, translate_errors
-from ..format.header import FileFacts, check_index, dtype_name, read_preamble
+from ..format.header import FileFacts, check_index, read_preamble, stored_dtype_name
 from ..format.record import MARKER_NAME, RECORD_NAME, RESERVED_NAMES, FileRecord
 from ..storage.options import StreamOptions
 from ..storage.ranged import DEFAULT_WORKERS, RangeStream
@@ -113,7 +113,7 @@ class TensorReader:
         self.record = None if engine is None else _read_record(file)
 
     @property
-    def is_vllm_tensorized(self) -> bool:
+    def vllm_tensorized(self) -> bool:
         """Whether the file holds a vLLM model's own parameters (vs. a Hugging Face one)."""
         if self.checkpoint_form:
             return False
@@ -152,7 +152,7 @@ class TensorReader:
         return [
             TensorEntry(
                 name=name,
-                dtype=dtype_name(entry.dtype),
+                dtype=stored_dtype_name(entry.dtype),
                 shape=tuple(int(d) for d in entry.shape),
                 bytes=int(entry.deserialized_length),
                 kind=entry.type.name,
@@ -236,7 +236,7 @@ def _read_record(file: OpenFile) -> FileRecord | None:
     found = {name: entry for name, entry in index_items(file.header) if name in RESERVED_NAMES}
     if RECORD_NAME in found:
         name = RECORD_NAME
-    elif MARKER_NAME in found and dtype_name(found[MARKER_NAME].dtype) == "uint8":
+    elif MARKER_NAME in found and stored_dtype_name(found[MARKER_NAME].dtype) == "uint8":
         name = MARKER_NAME
     else:
         return None

@@ -328,7 +328,7 @@ class AzureBackend(Backend):
         """Nothing to send: uncommitted blocks are never visible, and the service drops
         them (a week later, or when another block list is committed)."""
 
-    def publish(
+    def publish_object(
         self, temp: str, uri: str, options: StreamOptions, *, replace: bool, sent: Any = None
     ) -> None:
         from azure.core import MatchConditions

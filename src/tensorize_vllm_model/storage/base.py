@@ -30,13 +30,13 @@ The write contract (``writable = True``), which `transaction.Transaction` drives
      anything (S3: the parts of a multipart upload; GCS: a hidden temporary object; Azure:
      uncommitted blocks), returning a handle; a transaction sends every file ahead before
      it publishes any, so a failed transfer leaves every name as it was;
-  3. `publish` makes the object appear whole at once (completing the handle: S3
+  3. `publish_object` makes the object appear whole at once (completing the handle: S3
      CompleteMultipartUpload, GCS compose, Azure Put Block List), conditionally when
      ``replace=False`` (S3 ``If-None-Match: *``, GCS ``ifGenerationMatch=0``, Azure
      ``If-None-Match: *``): an object already there is never overwritten, `AlreadyExists`;
   4. `discard` drops a handle that will not be published;
   5. `keep_aside` / `restore` / `delete` let a transaction put back what a publish replaced.
-A backend that returns None from `send_ahead` sends everything in `publish`, which then must
+A backend that returns None from `send_ahead` sends everything in `publish_object`, which then must
 still be all-or-nothing for its object.
 """
 
@@ -100,7 +100,7 @@ class Backend:
     and the `StreamOptions` of the transfer (ignored where they do not apply).
 
     Read side: `exists`, `open_read`, `range_source`, `read_bytes`, `list_names`.
-    Write side (``writable``): `check_writable`, `stage`, `publish`, `keep_aside`,
+    Write side (``writable``): `check_writable`, `stage`, `publish_object`, `keep_aside`,
     `restore`, `delete`. The defaults of a read-only backend raise `ConfigError`.
     """
 
@@ -176,7 +176,7 @@ class Backend:
         raise self._read_only(directory)
 
     def stage(self, uri: str, options: StreamOptions) -> str:
-        """A private (0600) temporary file to write what `publish` puts at `uri`."""
+        """A private (0600) temporary file to write what `publish_object` puts at `uri`."""
         raise self._read_only(uri)
 
     def being_written(self, uri: str, options: StreamOptions) -> bool:
@@ -187,7 +187,7 @@ class Backend:
     def send_ahead(self, temp: str, uri: str, options: StreamOptions, *, replace: bool) -> Any:
         """Send the written `temp` towards `uri` without publishing it (S3: the parts of a
         multipart upload), so that a transaction's slow, failure-prone transfers all happen
-        before any of its files is published; the handle `publish` then completes. None
+        before any of its files is published; the handle `publish_object` then completes. None
         (the default): nothing is sent ahead."""
         return None
 
@@ -195,7 +195,7 @@ class Backend:
         """Drop what `send_ahead` sent (S3: abort the multipart upload). Raises when that
         cannot reach the store."""
 
-    def publish(
+    def publish_object(
         self, temp: str, uri: str, options: StreamOptions, *, replace: bool, sent: Any = None
     ) -> None:
         """Make the written `temp` appear whole at `uri` (completing `sent`, what

@@ -275,7 +275,7 @@ class GCSBackend(Backend):
     def discard(self, sent: Any, options: StreamOptions) -> None:
         self.delete(sent.temporary, options)
 
-    def publish(
+    def publish_object(
         self, temp: str, uri: str, options: StreamOptions, *, replace: bool, sent: Any = None
     ) -> None:
         blob, found = self._blob(uri, options)

@@ -131,7 +131,7 @@ class LocalBackend(Backend):
             return False
         return any(staged.fullmatch(n) for n in names)
 
-    def publish(
+    def publish_object(
         self, temp: str, uri: str, options: StreamOptions, *, replace: bool, sent: Any = None
     ) -> None:
         final = path_of(uri)

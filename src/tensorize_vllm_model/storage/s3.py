@@ -239,7 +239,7 @@ class S3Backend(Backend):
     def discard(self, sent: Any, options: StreamOptions) -> None:
         sent.abort()
 
-    def publish(
+    def publish_object(
         self, temp: str, uri: str, options: StreamOptions, *, replace: bool, sent: Any = None
     ) -> None:
         if sent is None:

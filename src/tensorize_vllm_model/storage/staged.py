@@ -79,7 +79,7 @@ class StagedWrite:
 
     def _publish(self) -> None:
         sent, self.sent = self.sent, None  # completed, or aborted by a failed completion
-        backend(self.uri).publish(
+        backend(self.uri).publish_object(
             self.path, self.uri, self.options, replace=self.replace, sent=sent
         )
         with contextlib.suppress(FileNotFoundError):

@@ -33,7 +33,7 @@ from ... import storage
 from ...artifacts import compile_cache
 from ...artifacts.compile_cache import CacheKey
 from ...core.redaction import scrubbing
-from .runtime import current_layout, dtype_name
+from .runtime import current_layout, torch_dtype_name
 
 __all__ = ["before_aot_load", "cache_key", "pack_for_save", "stage_for_load"]
 
@@ -74,7 +74,7 @@ def cache_key(vllm_config: Any) -> CacheKey:
         vllm=vllm.__version__,
         torch=torch.__version__,
         device=_device(),
-        dtype=dtype_name(vllm_config.model_config.dtype),
+        dtype=torch_dtype_name(vllm_config.model_config.dtype),
         tensor_parallel_size=layout.tensor_parallel_size,
         pipeline_parallel_size=layout.pipeline_parallel_size,
         rank=layout.rank,

@@ -56,10 +56,10 @@ from .runtime import (
     CapturedWeights,
     current_layout,
     distributed_layout,
-    dtype_name,
     expert_parallel,
     model_dtype,
     target_device,
+    torch_dtype_name,
 )
 
 __all__ = ["TensorizerLoader", "CaptureLoader", "memory_text"]
@@ -100,11 +100,11 @@ class TensorizerLoader(BaseModelLoader):
                 check_shared_file(
                     plan.uri,
                     plan.layout,
-                    vllm_tensorized=reader.is_vllm_tensorized,
+                    vllm_tensorized=reader.vllm_tensorized,
                     record=reader.record,
                 )
             if reader.record is not None and not reader.checkpoint_form:
-                reader.record.check_layout(plan.layout, source=plan.uri)
+                reader.record.check_written_for(plan.layout, source=plan.uri)
                 if vllm_config is not None:  # get_all_weights reads every expert
                     reader.record.check_expert_parallel(
                         expert_parallel(vllm_config),
@@ -164,7 +164,7 @@ class TensorizerLoader(BaseModelLoader):
         """vLLM's model, its parameters on meta for a vLLM-tensorized file; the building
         time is left out of the reader's figures."""
         with reader.untimed(), torch.device(device), contextlib.ExitStack() as stack:
-            if reader.is_vllm_tensorized:
+            if reader.vllm_tensorized:
                 stack.enter_context(meta_parameters(device))
             model = initialize_model(
                 vllm_config=vllm_config, model_config=model_config, prefix=prefix
@@ -175,7 +175,7 @@ class TensorizerLoader(BaseModelLoader):
         """Fill `model` from `reader`, by the file's kind; a converted file's parts are
         read from `uri`, the file `reader` opened (a prefetched local copy, not the remote
         file it copies)."""
-        if reader.is_vllm_tensorized:
+        if reader.vllm_tensorized:
             return load_into_module(model, reader)
         if reader.checkpoint_form:
             return self._load_converted(model, reader, uri, device)
@@ -210,7 +210,7 @@ class TensorizerLoader(BaseModelLoader):
                 return
             kinds = reader.tensor_types()
             for name, tensor in reader.items():
-                if reader.is_vllm_tensorized or kinds.get(name) != "BUFFER":
+                if reader.vllm_tensorized or kinds.get(name) != "BUFFER":
                     yield name, tensor
 
     def _load_converted(
@@ -357,7 +357,7 @@ class CaptureLoader(DefaultModelLoader):
         STATE.captured = CapturedWeights(
             tensors=tensors,
             architecture=type(model).__name__,
-            dtype=dtype_name(model_config.dtype),
+            dtype=torch_dtype_name(model_config.dtype),
         )
 
 

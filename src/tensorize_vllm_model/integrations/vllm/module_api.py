@@ -25,7 +25,7 @@ from ...format.writer import write_tensors
 from ...read.modules import load_into_module, meta_parameters
 from ...read.reader import open_tensors
 from .engine import vllm_version
-from .runtime import distributed_layout, dtype_name, model_dtype, target_device
+from .runtime import distributed_layout, model_dtype, target_device, torch_dtype_name
 
 __all__ = [
     "init_tensorizer_model",
@@ -131,7 +131,7 @@ def serialize_vllm_model(
     tensors += [(name, b.detach(), True) for name, b in model.named_buffers()]
     record = FileRecord(
         architecture=type(model).__name__,
-        dtype=dtype_name(model_config.dtype),
+        dtype=torch_dtype_name(model_config.dtype),
         tensor_parallel_size=layout.tensor_parallel_size,
         pipeline_parallel_size=layout.pipeline_parallel_size,
         rank=layout.rank,

@@ -24,7 +24,7 @@ __all__ = [
     "distributed_layout",
     "expert_parallel",
     "target_device",
-    "dtype_name",
+    "torch_dtype_name",
     "model_dtype",
 ]
 
@@ -131,7 +131,7 @@ def target_device(vllm_config: VllmConfig) -> torch.device:
     return device
 
 
-def dtype_name(dtype: torch.dtype | str) -> str:
+def torch_dtype_name(dtype: torch.dtype | str) -> str:
     """``torch.bfloat16`` -> ``bfloat16``."""
     return str(dtype).removeprefix("torch.")
 
