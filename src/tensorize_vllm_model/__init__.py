@@ -45,6 +45,7 @@ if TYPE_CHECKING:  # the lazy names below, for type checkers
         tensorizer_kwargs_arg,
         tensorizer_weights_iterator,
     )
+    from .integrations.vllm.messages import WORKER_EXTENSION
     from .integrations.vllm.module_api import (
         deserialize_tensorizer_model,
         init_tensorizer_model,
@@ -77,6 +78,7 @@ _LAZY = {
     "tensorized_lora_request": "integrations.vllm.module_api",
     "open_tensors": "read.reader",
     "load_into_module": "read.modules",
+    "WORKER_EXTENSION": "integrations.vllm.messages",
     # vLLM 0.32's tensorizer module: its own names, then tensorizer's
     "is_valid_deserialization_uri": "integrations.vllm.api",
     "tensorizer_kwargs_arg": "integrations.vllm.api",

@@ -3,21 +3,21 @@ src/tensorize_vllm_model has a rank, and no module imports one of a higher rank 
 and function-level imports count; ``if TYPE_CHECKING:`` ones do not). Also: vLLM is imported
 only in ``integrations/vllm/``, and tensorizer's private names only in ``format/compat.py``.
 
-The ranks, bottom to top (a module may import its own rank and those below):
+The ranks, bottom to top (a module may import its own rank and those below); each folder of
+the package is one layer, so a module's rank is its top folder's:
 
-0 errors, settings        1 storage          2 keys            3 format
-4 config, plan            5 read, modules, progress, interrupts
-6 checks, artifacts, lora, inspection, prefetch
-7 convert                 8 serialization, vllm_integration, vllm_api
-9 cli, plugin, __main__
+0 core                    1 storage          2 format           3 config
+4 read                    5 artifacts, inspection               6 convert
+7 integrations            8 cli, plugin, __main__
 
-``plan`` sits with ``config``: it takes a config (imported for type checking only) and
-reads no tensors file itself, so ``config``'s vLLM-compatible check can ask it, and every
-module above asks it which files to read or write.
+``config/plan.py`` sits with the config: it takes a config (imported for type checking only)
+and reads no tensors file itself, so the config's vLLM-compatible check can ask it, and
+every module above asks it which files to read or write.
 
-``serialization`` sits with ``vllm_integration``: it drives a vLLM engine (it starts one
-and calls its workers), so it is the top of the library, under the command line only. The
-package root (``__init__.py``) is the facade: it re-exports names lazily and is left out.
+``integrations/vllm/serialize.py`` sits with the rest of the vLLM integration: it drives a
+vLLM engine (it starts one and calls its workers), so it is the top of the library, under
+the command line only. The package root (``__init__.py``) is the facade: it re-exports names
+lazily and is left out.
 """
 
 from __future__ import annotations
@@ -32,31 +32,18 @@ PACKAGE = "tensorize_vllm_model"
 SRC = ROOT / "src" / PACKAGE
 
 RANKS = {
-    "errors": 0,
-    "settings": 0,
-    "redaction": 0,
+    "core": 0,
     "storage": 1,
-    "keys": 2,
-    "format": 3,
-    "config": 4,
-    "read": 5,
-    "modules": 5,
-    "progress": 5,
-    "interrupts": 5,
-    "plan": 4,
-    "checks": 6,
-    "artifacts": 6,
-    "lora": 6,
-    "inspection": 6,
-    "prefetch": 6,
-    "compile_cache": 6,
-    "convert": 7,
-    "serialization": 8,
-    "vllm_integration": 8,
-    "vllm_api": 8,
-    "cli": 9,
-    "plugin": 9,
-    "__main__": 9,
+    "format": 2,
+    "config": 3,
+    "read": 4,
+    "artifacts": 5,
+    "inspection": 5,
+    "convert": 6,
+    "integrations": 7,
+    "cli": 8,
+    "plugin": 8,
+    "__main__": 8,
 }
 
 # tensorizer's private names: only format/compat.py may use them.
@@ -137,11 +124,11 @@ def test_imports_go_downwards_only():
     assert offenders == []
 
 
-def test_vllm_is_imported_only_by_vllm_integration():
+def test_vllm_is_imported_only_by_the_vllm_integration():
     offenders = [
         f"{path.relative_to(SRC)}:{line} imports {target}"
         for module, path in _modules().items()
-        if not module.startswith("vllm_integration")
+        if not module.startswith("integrations.vllm")
         for target, _, line in _imports(module, path)
         if target == "vllm" or target.startswith("vllm.")
     ]
@@ -168,7 +155,7 @@ def test_only_settings_reads_the_environment():
     offenders = [
         f"{path.relative_to(SRC)}:{number}"
         for module, path in _modules().items()
-        if module not in ("settings", "cli.configs")
+        if module not in ("core.settings", "cli.configs")
         for number, line in enumerate(path.read_text().splitlines(), 1)
         if "os.environ" in line or "os.getenv" in line
     ]
@@ -186,7 +173,8 @@ def test_only_plan_names_tensors_files():
     offenders = [
         f"{path.relative_to(SRC)}:{line} imports {sorted(FILE_NAMING & set(names))}"
         for module, path in _modules().items()
-        if module not in ("plan", "format.names", "format", "config", "config.tensorizer_config")
+        if module
+        not in ("config.plan", "format.names", "format", "config", "config.tensorizer_config")
         for target, names, line in _imports(module, path)
         if target.endswith("format.names") and FILE_NAMING & set(names)
     ]

@@ -18,6 +18,9 @@ from tensorize_vllm_model import (
 )
 from tensorize_vllm_model.core.errors import CorruptTensorError
 from tensorize_vllm_model.read import local as local_read
+from tensorize_vllm_model.read import memory as read_memory
+from tensorize_vllm_model.read import staged as staged_read
+from tensorize_vllm_model.read.source import LocalSource
 
 
 def tensors() -> dict[str, torch.Tensor]:
@@ -92,7 +95,7 @@ def test_only_the_tensors_asked_for(path):
 
 
 def test_without_populate_the_bytes_are_the_same(path, monkeypatch):
-    monkeypatch.setattr(local_read, "_madvise", False)
+    monkeypatch.setattr(read_memory, "_madvise", False)
     assert_same(read_ours(path), tensors())
 
 
@@ -100,9 +103,9 @@ def test_populate_is_available_on_linux():
     if os.uname().sysname != "Linux":
         pytest.skip("MADV_POPULATE_WRITE is Linux-only")
     memory = torch.empty(1 << 20, dtype=torch.uint8)
-    local_read.populate(memory.data_ptr(), memory.numel())
+    read_memory.populate(memory.data_ptr(), memory.numel())
     # Either the call worked, or this kernel refused it and the loader stopped asking.
-    assert local_read._madvise is False or callable(local_read._madvise)
+    assert read_memory._madvise is False or callable(read_memory._madvise)
 
 
 def test_a_file_cut_short_after_its_index_was_checked(path):
@@ -215,11 +218,11 @@ def open_encrypted(path: str, keyfile: str):
 def record_reads(monkeypatch) -> list[int]:
     """The length of every read our readers make."""
     lengths: list[int] = []
-    real = local_read._read_exactly
+    real = LocalSource.read_into
     monkeypatch.setattr(
-        local_read,
-        "_read_exactly",
-        lambda fd, view, *a: lengths.append(len(view)) or real(fd, view, *a),
+        LocalSource,
+        "read_into",
+        lambda self, offset, view, *a: lengths.append(len(view)) or real(self, offset, view, *a),
     )
     return lengths
 
@@ -249,7 +252,7 @@ def test_encrypted_reads_match_tensorizers_reader(encrypted, monkeypatch):
 
 def test_encrypted_staged_reads(encrypted, monkeypatch):
     path, keyfile, _ = encrypted
-    monkeypatch.setattr(local_read, "STAGING_BYTES", 4096)  # smaller than a chunk
+    monkeypatch.setattr(staged_read, "STAGING_BYTES", 4096)  # smaller than a chunk
     with open_encrypted(path, keyfile) as reader:
         spans = local_read.LocalEngine(path).spans(reader.file)
     got = local_read.read_spans(path, spans, 2, staged=True)
@@ -332,13 +335,13 @@ def read_staged(path, readers, device="cpu", **kwargs) -> dict[str, torch.Tensor
 @pytest.mark.parametrize("readers", [1, 3])
 @pytest.mark.parametrize("staging", [4096, 4096 + 512, 1 << 20])
 def test_staged_reads_through_reused_buffers(path, readers, staging, monkeypatch):
-    monkeypatch.setattr(local_read, "STAGING_BYTES", staging)
+    monkeypatch.setattr(staged_read, "STAGING_BYTES", staging)
     filled = []
-    real = local_read._read_exactly
+    real = LocalSource.read_into
     monkeypatch.setattr(
-        local_read,
-        "_read_exactly",
-        lambda fd, view, *a: filled.append(view.obj) or real(fd, view, *a),
+        LocalSource,
+        "read_into",
+        lambda self, offset, view, *a: filled.append(view.obj) or real(self, offset, view, *a),
     )
     assert_same(read_staged(path, readers), tensorizer_reads(path))
     assert all(len(buffer) <= staging for buffer in filled)
@@ -352,15 +355,15 @@ def test_staged_reads_through_reused_buffers(path, readers, staging, monkeypatch
 def test_staged_reads_through_a_ring_of_buffers(path, readers, count, streams, monkeypatch):
     """More staging buffers per reader (and, on CUDA, streams): the same bytes, each
     reader's `count` buffers reused in turn."""
-    monkeypatch.setattr(local_read, "STAGING_BYTES", 4096)
-    monkeypatch.setattr(local_read, "STAGING_BUFFERS", count)
-    monkeypatch.setattr(local_read, "STAGING_STREAMS", streams)
+    monkeypatch.setattr(staged_read, "STAGING_BYTES", 4096)
+    monkeypatch.setattr(staged_read, "STAGING_BUFFERS", count)
+    monkeypatch.setattr(staged_read, "STAGING_STREAMS", streams)
     filled = []
-    real = local_read._read_exactly
+    real = LocalSource.read_into
     monkeypatch.setattr(
-        local_read,
-        "_read_exactly",
-        lambda fd, view, *a: filled.append(view.obj) or real(fd, view, *a),
+        LocalSource,
+        "read_into",
+        lambda self, offset, view, *a: filled.append(view.obj) or real(self, offset, view, *a),
     )
     assert_same(read_staged(path, readers), tensorizer_reads(path))
     buffers = {id(buffer) for buffer in filled}
@@ -375,21 +378,21 @@ def test_read_ahead_asks_for_each_piece_once_within_its_window(path, window, mon
     monkeypatch.setattr(local_read, "PIECE_BYTES", 4096)
     asked: list[tuple[int, int]] = []
     read_at: list[int] = []
-    real_advise, real_read = os.posix_fadvise, local_read._read_exactly
+    real_advise, real_read = os.posix_fadvise, LocalSource.read_into
 
     def advise(fd, offset, length, advice):
         assert advice == os.POSIX_FADV_WILLNEED
         asked.append((offset, length))
         real_advise(fd, offset, length, advice)
 
-    def read(fd, view, offset, *a):
+    def read(self, offset, view, *a):
         ahead = sum(n for o, n in asked if o > offset)  # asked for, beyond this piece
         assert ahead <= window, (offset, ahead)
         read_at.append(offset)
-        real_read(fd, view, offset, *a)
+        real_read(self, offset, view, *a)
 
     monkeypatch.setattr(local_read.os, "posix_fadvise", advise)
-    monkeypatch.setattr(local_read, "_read_exactly", read)
+    monkeypatch.setattr(LocalSource, "read_into", read)
     with open_tensors(path) as reader:
         spans = local_read.LocalEngine(path).spans(reader.file)
     got = local_read.read_spans(path, spans, 1)
@@ -401,7 +404,7 @@ def test_read_ahead_asks_for_each_piece_once_within_its_window(path, window, mon
 
 
 def test_staged_read_of_a_file_cut_short(path, monkeypatch):
-    monkeypatch.setattr(local_read, "STAGING_BYTES", 8192)
+    monkeypatch.setattr(staged_read, "STAGING_BYTES", 8192)
     with open_tensors(path) as reader:
         spans = local_read.LocalEngine(path).spans(reader.file)
     with open(path, "r+b") as f:
@@ -413,7 +416,7 @@ def test_staged_read_of_a_file_cut_short(path, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 @pytest.mark.parametrize("readers", [1, 2])
 def test_onto_a_gpu_through_pinned_buffers(path, readers, monkeypatch):
-    monkeypatch.setattr(local_read, "STAGING_BYTES", 8192)
+    monkeypatch.setattr(staged_read, "STAGING_BYTES", 8192)
     config = TensorizerConfig(tensorizer_uri=path, num_readers=readers)
     with open_tensors(path, config=config, device="cuda:0") as reader:
         got = dict(reader.items())

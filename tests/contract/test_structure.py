@@ -3,6 +3,9 @@
 - no import cycles between the modules of src/tensorize_vllm_model, counting imports inside
   functions too and skipping ``if TYPE_CHECKING:`` blocks;
 - no function or method longer than 60 lines;
+- no module longer than 400 lines;
+- at most 6 modules loose at the package root (the rest live in the layer folders that
+  tests/contract/test_layers.py ranks);
 - ``ruff check``, ``ruff format --check`` and ``mypy`` (configured in pyproject.toml) pass.
 
 Each test reports every offender in one failure message.
@@ -22,6 +25,8 @@ from tests.support import ROOT
 SRC = ROOT / "src"
 PACKAGE = "tensorize_vllm_model"
 MAX_FUNCTION_LINES = 60
+MAX_MODULE_LINES = 400
+MAX_LOOSE_MODULES = 6
 LINTED = ["src", "tests", "benchmarks", "examples", "scripts"]
 
 
@@ -193,6 +198,20 @@ def long_functions(limit: int = MAX_FUNCTION_LINES) -> list[str]:
 def test_no_long_functions():
     offenders = long_functions()
     assert not offenders, f"functions over {MAX_FUNCTION_LINES} lines:\n  " + "\n  ".join(offenders)
+
+
+def test_no_long_modules():
+    offenders = [
+        f"{path.relative_to(ROOT)} ({count} lines)"
+        for path in sorted((SRC / PACKAGE).rglob("*.py"))
+        if (count := len(path.read_text().splitlines())) > MAX_MODULE_LINES
+    ]
+    assert not offenders, f"modules over {MAX_MODULE_LINES} lines:\n  " + "\n  ".join(offenders)
+
+
+def test_few_modules_loose_at_the_package_root():
+    loose = sorted(path.name for path in (SRC / PACKAGE).glob("*.py"))
+    assert len(loose) <= MAX_LOOSE_MODULES, f"{len(loose)} modules at the package root: {loose}"
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

@@ -16,7 +16,6 @@ from tensorize_vllm_model import open_tensors
 from tensorize_vllm_model.cli import main
 from tensorize_vllm_model.convert import convert_checkpoint
 from tensorize_vllm_model.convert.fit import check_layout_fits
-from tensorize_vllm_model.convert.partial_read import Part, PartsRead, read_parts
 from tensorize_vllm_model.convert.placement import (
     TensorShape,
     column_tiles,
@@ -26,6 +25,7 @@ from tensorize_vllm_model.convert.placement import (
 from tensorize_vllm_model.convert.regions import CopyWatch, box_byte_range, view_box
 from tensorize_vllm_model.core.errors import ConfigError, LayoutError, StorageError
 from tensorize_vllm_model.format.record import MARKER_NAME
+from tensorize_vllm_model.read.partial import Part, PartsRead, read_parts
 from tests.support import SERIALIZED_FILES
 from tests.support.commands import convert_without_vllm
 
@@ -808,7 +808,9 @@ def test_tiles_read_straight_into_columns_stop_at_a_truncated_file(tmp_path):
     [(_, buffer)] = list(read_parts(str(path), [part], threads=2))
     assert buffer is None and torch.equal(columns, tiles.permute(1, 0, 2).reshape(64, 128))
     os.truncate(path, entry.data_offset + size - 100)
-    with pytest.raises(FormatError, match=rf"{path} is truncated: it ends within w"):
+    with pytest.raises(
+        FormatError, match=rf"{path} is truncated: tensor w ends past the end of the file"
+    ):
         list(read_parts(str(path), [part], threads=2))
 
 

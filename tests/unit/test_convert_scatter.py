@@ -1,4 +1,4 @@
-"""`convert.scatter.read_scattered`: many small reads of one local file in few ``preadv``
+"""`read.scatter.read_scattered`: many small reads of one local file in few ``preadv``
 calls put each range's bytes, and only those, where it was asked; a call that reads short
 (a file that ends early) hands its reads to the fallback, one by one."""
 
@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
-from tensorize_vllm_model.convert import scatter
-from tensorize_vllm_model.convert.scatter import read_scattered
+from tensorize_vllm_model.read import scatter
+from tensorize_vllm_model.read.scatter import read_scattered
 
 
 @pytest.fixture

@@ -140,7 +140,7 @@ def test_an_interrupt_inside_a_publish_puts_every_name_back(
         if uri.endswith(victim):
             raise Interrupted(2)
 
-    monkeypatch.setattr(LocalBackend, "publish", publish)
+    monkeypatch.setattr(LocalBackend, "publish_object", publish_object)
     if existing:
         for name in ("config.json", "model.tensors"):
             (tmp_path / name).write_bytes(b"old")

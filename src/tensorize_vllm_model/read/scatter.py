@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .memory import byte_view
+
 __all__ = ["read_scattered", "GAP_BYTES"]
 
 GAP_BYTES = 64 << 10  # bytes between two ranges read (and dropped) rather than skipped
@@ -46,7 +48,7 @@ def read_scattered(
             start = end = offset
         elif gap:
             buffers.append(scratch[:gap])
-        view = memoryview(tensor.numpy())[place : place + length]  # type: ignore[arg-type]
+        view = byte_view(tensor)[place : place + length]
         buffers.append(view)
         group.append(i)
         end = offset + length

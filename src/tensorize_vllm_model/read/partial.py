@@ -16,20 +16,22 @@ its own (`read.decrypt`).
 from __future__ import annotations
 
 import collections
-import os
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .. import storage
-from ..core.errors import EncryptionError, FormatError, StorageError
+from ..core.errors import StorageError
+from .checks import truncated, wrong_key_errors
+from .memory import byte_view, make_present, populate, read_rows
+from .parts import Part, PartsRead
 from .scatter import read_scattered
+from .source import ByteSource, LocalSource, RemoteSource
 
-__all__ = ["Part", "PartsRead", "read_parts", "ranged_source"]
+__all__ = ["Part", "PartsRead", "read_parts", "ranged_source", "open_source"]
 
 PIECE_BYTES = 8 << 20  # one read request
 # Reads of a local file smaller than this go to the reading threads in batches of about
@@ -41,68 +43,6 @@ BATCH_BYTES = 8 << 20
 BATCH_READS = 512
 WINDOW_BYTES = 64 << 20  # bytes read ahead of the tensor being handed over (peak memory:
 # a part larger than this is read alone, so buffers hold at most max(this, one part))
-
-
-@dataclass(frozen=True)
-class Part:
-    """Bytes [start, stop) of one tensor's stored data; `entry` is tensorizer's index entry
-    (its ``data_offset`` and ``data_length``), `cipher` its chunk cipher when encrypted."""
-
-    name: str
-    entry: Any
-    start: int
-    stop: int
-    cipher: Any = None
-    # (start, stop, tensor): the stored bytes [start, stop) go into these CPU tensors
-    # (parameters' memory) instead of a buffer: read straight there when plain, of the
-    # stored dtype and not in column tiles; else piece by piece through a small buffer
-    # (decrypted, then copied with ``copy_``, which casts, and tiles into columns: the
-    # bytes of whole tiles into a tensor of the logical rows and the tiles' columns)
-    targets: tuple[tuple[int, int, torch.Tensor], ...] = ()
-    dtype: torch.dtype = torch.uint8  # the stored dtype
-    tiles: int = 0  # column tiles of a tiled tensor (`convert.placement`; 0: not tiled)
-    shape: tuple[int, ...] = ()  # the logical shape ([out, in]) of a tiled tensor
-
-    def only_tiled(self, tensor: torch.Tensor) -> bool:
-        """Whether a target's bytes need only be put into its columns: tiled, plain, of
-        the parameter's dtype (a local file reads them straight there: `_fill_rows`)."""
-        return bool(self.tiles) and self.cipher is None and tensor.dtype == self.dtype
-
-    @property
-    def tile_bytes(self) -> int:
-        """Bytes of one column tile (``out * in / T`` elements)."""
-        out, inputs = self.shape
-        return out * (inputs // self.tiles) * self.dtype.itemsize
-
-    @property
-    def tile_row(self) -> int:
-        """Elements of one row of a column tile (``in / T``)."""
-        return self.shape[1] // self.tiles
-
-    @property
-    def span(self) -> tuple[int, int]:
-        """The range actually read: whole cipher chunks when encrypted."""
-        return self.span_of(self.start, self.stop)
-
-    def span_of(self, start: int, stop: int) -> tuple[int, int]:
-        """The bytes read for stored bytes [start, stop): whole cipher chunks when
-        encrypted."""
-        if self.cipher is None:
-            return start, stop
-        size = self.cipher.chunk_size
-        return start // size * size, min(self.entry.data_length, -(-stop // size) * size)
-
-    def through_buffer(self, tensor: torch.Tensor) -> bool:
-        """Whether a target's bytes pass through a buffer (not read straight into it)."""
-        return self.cipher is not None or bool(self.tiles) or tensor.dtype != self.dtype
-
-
-@dataclass
-class PartsRead:
-    """What `read_parts` read: bytes and requests."""
-
-    bytes: int = 0
-    requests: int = 0
 
 
 def ranged_source(uri: str, options: storage.Options) -> Any:
@@ -121,49 +61,26 @@ def ranged_source(uri: str, options: storage.Options) -> Any:
     return source
 
 
-class _Reader:
-    def __init__(self, uri: str, options: storage.Options):
-        self.uri = uri
-        path = storage.local_path(uri)
-        self.local = path is not None
-        if path is not None:
-            self.fd = os.open(path, os.O_RDONLY)
-        else:
-            self.source = ranged_source(uri, options)
-
-    def read_into(self, view: memoryview, offset: int) -> None:
-        if not self.local:
-            self.source.read_range_into(offset, view)
-            return
-        got = 0
-        while got < len(view):
-            count = os.preadv(self.fd, [view[got:]], offset + got)
-            if count == 0:
-                raise FormatError(f"{self.uri} is truncated: it ends before byte {offset + got}")
-            got += count
-
-    def close(self) -> None:
-        if self.local:
-            os.close(self.fd)
+def open_source(uri: str, options: storage.Options) -> LocalSource | RemoteSource:
+    """The converted file at `uri`: a local one read by ``preadv``, a remote one by byte
+    ranges (`ranged_source`: refused where its server does not serve them)."""
+    path = storage.local_path(uri)
+    if path is not None:
+        return LocalSource(path, uri)
+    return RemoteSource(ranged_source(uri, options))
 
 
-def _fill(reader: _Reader, part: Part, memory: torch.Tensor, place: int, lo: int, hi: int) -> None:
+def _fill(
+    reader: ByteSource, part: Part, memory: torch.Tensor, place: int, lo: int, hi: int
+) -> None:
     """Read the tensor's bytes [lo, hi) into the uint8 CPU tensor `memory` at byte `place`
     (and decrypt them in place when the part is encrypted)."""
-    from ..read.local import populate
-
     populate(memory.data_ptr() + place, hi - lo)  # its pages made present in one call
-    view = memoryview(memory.numpy())[place : place + hi - lo]  # type: ignore[arg-type]
-    reader.read_into(view, part.entry.data_offset + lo)
+    view = byte_view(memory)[place : place + hi - lo]
+    reader.read_into(part.entry.data_offset + lo, view, part.name)
     if part.cipher is not None:
-        from ..format.compat import DecryptionFailed
-
-        try:
+        with wrong_key_errors(reader.name, tensor=part.name):
             part.cipher.decrypt(view, lo)
-        except DecryptionFailed:
-            raise EncryptionError(
-                f"cannot decrypt {reader.uri}: wrong key (or corrupted data) in tensor {part.name}"
-            ) from None
 
 
 class _Batches:
@@ -214,7 +131,7 @@ def _run_batch(future: Future, calls: list[tuple[Any, ...]]) -> None:
 
 
 def _submit_direct(
-    pool: ThreadPoolExecutor, reader: _Reader, part: Part, batches: _Batches
+    pool: ThreadPoolExecutor, reader: ByteSource, part: Part, batches: _Batches
 ) -> list[Future]:
     """Read each target's bytes into its tensor, in pieces: straight there, or each piece
     through a buffer of its own size (`_fill_through`); a small read of a local file in a
@@ -244,14 +161,14 @@ def _submit_direct(
 
 
 def _fill_piece(
-    reader: _Reader, part: Part, a: int, b: int, tensor: torch.Tensor, lo: int, straight: bool
+    reader: ByteSource, part: Part, a: int, b: int, tensor: torch.Tensor, lo: int, straight: bool
 ) -> None:
     """One piece [a, b) of a target starting at stored byte `lo`: rows of tiles read
     straight into `tensor`'s columns (`straight`, `_fill_rows`), else through a buffer
     (`_fill_through`). The first piece first makes the whole target's pages present (a
     reading thread, not the submitting one, pays for it)."""
     if a == lo:
-        _make_present(tensor)
+        make_present(tensor)
     if not straight or not _fill_rows(reader, part, a, b, tensor, lo):
         _fill_through(reader, part, a, b, tensor, lo)
 
@@ -288,7 +205,7 @@ def _scratch(size: int) -> torch.Tensor:
 
 
 def _fill_through(
-    reader: _Reader, part: Part, a: int, b: int, tensor: torch.Tensor, lo: int
+    reader: ByteSource, part: Part, a: int, b: int, tensor: torch.Tensor, lo: int
 ) -> None:
     """Read (and decrypt) the stored bytes [a, b) of a target whose bytes start at stored
     byte `lo` into a buffer of their own size, and copy them into `tensor` (``copy_``:
@@ -306,13 +223,14 @@ def _fill_through(
         columns.copy_(rows[first : first + count])
 
 
-def _fill_rows(reader: _Reader, part: Part, a: int, b: int, tensor: torch.Tensor, lo: int) -> bool:
+def _fill_rows(
+    reader: ByteSource, part: Part, a: int, b: int, tensor: torch.Tensor, lo: int
+) -> bool:
     """Read the stored bytes [a, b) of a plain tiled target (whole rows of column tiles,
     `lo` its first tile's start) from a local file straight into `tensor`'s columns
-    (`read.local.read_rows`: one ``preadv`` of many rows). False, having read nothing,
+    (`read.memory.read_rows`: one ``preadv`` of many rows). False, having read nothing,
     where that cannot be called (the caller reads through a buffer)."""
-    from ..read.local import read_rows
-
+    assert isinstance(reader, LocalSource)  # `straight` reads are of local files only
     width = part.tile_row * part.dtype.itemsize
     for columns, first, _ in _tile_rows(part, a - lo, (b - a) // width, tensor):
         offset = part.entry.data_offset + a + first * width
@@ -320,7 +238,7 @@ def _fill_rows(reader: _Reader, part: Part, a: int, b: int, tensor: torch.Tensor
             if not read_rows(reader.fd, columns.view(torch.uint8), offset):
                 return False
         except EOFError:
-            raise FormatError(f"{reader.uri} is truncated: it ends within {part.name}") from None
+            raise truncated(reader.name, part.name) from None
     return True
 
 
@@ -338,18 +256,6 @@ def _tile_rows(
         n = min(count - done, out - row)
         yield tensor[row : row + n, tile * width : (tile + 1) * width], done, n
         done += n
-
-
-def _make_present(tensor: torch.Tensor) -> None:
-    """Make the pages under `tensor` present in one call (`read.local.populate`), from its
-    first element to its last: faulted in one by one by the pieces' copies, a fresh
-    parameter's pages cost more than the copies themselves."""
-    from ..read.local import populate
-
-    if tensor.numel() == 0:
-        return
-    first, last = tensor[(0,) * tensor.dim()], tensor[(-1,) * tensor.dim()]
-    populate(first.data_ptr(), last.data_ptr() + tensor.element_size() - first.data_ptr())
 
 
 def _target_bytes(part: Part) -> int:
@@ -375,7 +281,7 @@ def _size(part: Part) -> int:
 
 
 def _submit(
-    pool: ThreadPoolExecutor, reader: _Reader, part: Part, batches: _Batches
+    pool: ThreadPoolExecutor, reader: ByteSource, part: Part, batches: _Batches
 ) -> tuple[torch.Tensor | None, list[Future], int]:
     """Start reading `part`: (its buffer, None with targets; the reads; bytes read)."""
     if part.targets:
@@ -410,7 +316,7 @@ def read_parts(
         EncryptionError: a chunk fails its check.
     """
     stats = stats if stats is not None else PartsRead()
-    reader = _Reader(uri, options)
+    reader = open_source(uri, options)
     pool = ThreadPoolExecutor(max(1, threads))
     batches = _Batches(pool)
     pending: collections.deque[tuple[Part, torch.Tensor | None, list[Future]]] = collections.deque()
