@@ -60,7 +60,7 @@ def test_module_map_lists_exactly_the_packages_modules():
 def test_module_map_reader_follows_the_nesting():
     text = """```
 src/tensorize_vllm_model/
-  core/errors.py        the exception hierarchy
+  errors.py        the exception hierarchy
   read/            read engines
     local.py       parallel preads, described at length
                    local.py continued here is no entry
@@ -69,7 +69,7 @@ src/tensorize_vllm_model/
   plugin.py        the entry point
 ```"""
     assert module_map(text) == {
-        "core/errors.py",
+        "errors.py",
         "read/__init__.py",
         "read/local.py",
         "cli/__init__.py",
