@@ -216,12 +216,12 @@ def resolve_remote_model(engine_args: Any) -> None:
 
     vLLM 0.32 hands an object-storage model path to Run:ai's streamer to pull its config,
     then refuses every load format but Run:ai's own; this runs before vLLM builds its
-    config (see `artifacts.fetch_model_files`).
+    config (see `artifacts.remote_files.fetch_model_files`).
     """
     model = str(engine_args.model or "")
     if engine_args.load_format != LOAD_FORMAT or storage.local_path(model) is not None:
         return
-    from ...artifacts.model_files import fetch_model_files
+    from ...artifacts.remote_files import fetch_model_files
 
     extra = _extra_config(engine_args)
     config = TensorizerConfig.from_extra_config({**extra, "tensorizer_dir": model})
