@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .. import storage
-from ..core.errors import StorageError
+from ..core.errors import ConfigError, StorageError
 from ..core.redaction import scrubbing
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "too_large",
     "left_out",
     "artifact_files",
+    "check_model_ref",
     "resolve_model_files",
     "stage_artifacts",
 ]
@@ -164,6 +165,20 @@ def _rel(root: str, name: str) -> str:
     return name if root == "." else f"{root.replace(os.sep, '/')}/{name}"
 
 
+def check_model_ref(model: str) -> None:
+    """Refuse a `model` that is a file (``--model DIR/model.safetensors``): --model names
+    the checkpoint directory or a Hub id.
+
+    Raises:
+        ConfigError: naming the file and the directory to give instead.
+    """
+    if os.path.isfile(model):
+        raise ConfigError(
+            f"--model {model!r} is a file; --model takes the checkpoint DIRECTORY (the one "
+            f"holding config.json and the weights), here --model {os.path.dirname(model) or '.'!r}"
+        )
+
+
 def resolve_model_files(
     model: str,
     *,
@@ -176,9 +191,14 @@ def resolve_model_files(
 
     `model` is a local directory, or a Hugging Face Hub id resolved through the local
     Hugging Face cache (which the vLLM engine has just filled) or the Hub.
+
+    Raises:
+        ConfigError: `model` is a file (`check_model_ref`).
+        StorageError: `model` is neither a local directory nor a Hub id the Hub gives.
     """
     if os.path.isdir(model):
         return model
+    check_model_ref(model)
     try:
         from huggingface_hub import snapshot_download
 
@@ -191,7 +211,8 @@ def resolve_model_files(
     except Exception as e:  # noqa: BLE001 - the Hub raises many kinds
         raise StorageError(
             f"cannot find the config and tokenizer files of --model {model!r}: it is not a "
-            f"local directory and the Hugging Face Hub did not give them ({e})"
+            f"local directory and the Hugging Face Hub did not give them ({e}); give the "
+            "checkpoint DIRECTORY (config.json beside the weights) or a Hub id (org/name)"
         ) from None
 
 
