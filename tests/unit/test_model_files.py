@@ -218,3 +218,37 @@ def test_s3_cache_leaves_out_files_over_the_cap(whole_model, moto, tmp_path, mon
     local = fetch_model_files(f"s3://{BUCKET}/{prefix}", s3_options(moto.endpoint))
     assert files_under(local) == ["config.json"]
     assert "2_Dense/model.safetensors (larger than" in caplog.text
+
+
+def test_vllm_finds_the_dense_projection_of_a_converted_model(tiny_llama, tmp_path):
+    """A sentence-transformers ``2_Dense`` module's weights are carried, and vLLM's own
+    projector loader (``_load_st_projector``, which reads ``2_Dense/model.safetensors`` from
+    the model directory) builds the projection from the converted directory: without them
+    it would silently skip it (embeddings of the model's width, not the module's)."""
+    import torch
+    from safetensors.torch import save_file
+    from vllm.model_executor.models.adapters import _load_st_projector
+
+    model = tmp_path / "embed"
+    shutil.copytree(tiny_llama, model)
+    hidden = json.loads((model / "config.json").read_text())["hidden_size"]
+    (model / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "2_Dense", "type": "sentence_transformers.models.Dense"},
+    ]))  # fmt: skip
+    (model / "2_Dense").mkdir()
+    (model / "2_Dense" / "config.json").write_text(
+        json.dumps({"in_features": hidden, "out_features": 8, "bias": False})
+    )
+    weight = torch.randn(8, hidden)
+    save_file({"linear.weight": weight}, str(model / "2_Dense" / "model.safetensors"))
+    assert main(["--model", str(model), "convert", "--serialized-directory", str(tmp_path),
+                 "--suffix", "v1"]) == 0  # fmt: skip
+    out = tmp_path / "vllm" / "embed" / "v1"
+
+    class ModelConfig:  # the three fields _load_st_projector reads
+        model, revision, head_dtype = str(out), None, torch.float32
+
+    projector = _load_st_projector(ModelConfig())  # type: ignore[arg-type]
+    assert projector is not None and len(projector) == 1
+    assert torch.equal(projector[0].weight, weight)
