@@ -20,6 +20,7 @@ from tensorize_vllm_model.artifacts import model_files
 from tensorize_vllm_model.artifacts.model_files import MANIFEST, stage_artifacts
 from tensorize_vllm_model.artifacts.remote_files import fetch_model_files
 from tensorize_vllm_model.cli import main
+from tensorize_vllm_model.core.errors import StorageError
 from tests.support import BUCKET
 from tests.support.places import s3_options
 from tests.support.servers import HTTPFileServer
@@ -252,3 +253,19 @@ def test_vllm_finds_the_dense_projection_of_a_converted_model(tiny_llama, tmp_pa
     projector = _load_st_projector(ModelConfig())  # type: ignore[arg-type]
     assert projector is not None and len(projector) == 1
     assert torch.equal(projector[0].weight, weight)
+
+
+def test_a_malformed_list_of_files_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("TENSORIZE_VLLM_MODEL_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "served").mkdir()
+    (tmp_path / "served" / "config.json").write_text("{}")
+    (tmp_path / "served" / MANIFEST).write_text('{"files": "config.json"}')
+    server = HTTPFileServer(tmp_path / "served")
+    try:
+        with pytest.raises(StorageError, match=rf"{MANIFEST} is not a JSON object"):
+            fetch_model_files(server.url)
+    finally:
+        server.stop()
+    assert not (tmp_path / "cache" / "models").exists() or not os.listdir(
+        tmp_path / "cache" / "models"
+    )
