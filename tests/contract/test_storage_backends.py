@@ -137,6 +137,20 @@ def test_listing(place):
         assert names == ["config.json", "model.tensors"]
 
 
+def test_recursive_listing(place):
+    """Every file below a directory, as relative paths: what the remote model-files cache
+    fetches (``additional_chat_templates/``, sentence-transformers module directories)."""
+    place.put("rdir/config.json", b"{}")
+    place.put("rdir/deeper/inner.json", b"{}")
+    place.put("rdir/deeper/still/tool_use.jinja", b"x")
+    place.put("rdir-sibling/other.json", b"{}")
+    names = storage.list_names(place.uri("rdir"), place.options, recursive=True)
+    if place.name.startswith("http"):
+        assert names is None
+    else:
+        assert names == ["config.json", "deeper/inner.json", "deeper/still/tool_use.jinja"]
+
+
 def test_sequential_reads_when_ranges_are_off(place):
     place.put("blob.bin", PAYLOAD)
     options = {**place.options, "ranges": False}

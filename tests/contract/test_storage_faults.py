@@ -18,7 +18,7 @@ from tensorize_vllm_model import (
     Unreachable,
     storage,
 )
-from tensorize_vllm_model.artifacts.model_files import fetch_model_files
+from tensorize_vllm_model.artifacts.remote_files import fetch_model_files
 from tensorize_vllm_model.storage import s3 as s3_backend
 from tensorize_vllm_model.storage import s3_upload
 from tests.support import BUCKET
@@ -415,11 +415,11 @@ def test_fetch_takes_only_artifacts_and_stays_in_the_cache(moto, tmp_path, monke
     }.items():
         client.put_object(Bucket=BUCKET, Key=f"{prefix}/{key}", Body=body)
     local = fetch_model_files(f"s3://{BUCKET}/{prefix}", s3_options(moto.endpoint))
-    assert sorted(os.listdir(local)) == ["config.json", "tokenizer.json"]
+    assert sorted(os.listdir(local)) == ["config.json", "sub", "tokenizer.json"]
     assert os.path.dirname(local) == str(tmp_path / "cache" / "models")
     everything = [os.path.join(d, f) for d, _, files in os.walk(tmp_path) for f in files]
     assert sorted(everything) == sorted(
-        os.path.join(local, n) for n in ("config.json", "tokenizer.json")
+        os.path.join(local, n) for n in ("config.json", "sub/inner.json", "tokenizer.json")
     )
 
 
@@ -435,23 +435,24 @@ def test_fetch_failure_leaves_no_partial_cache(moto, tmp_path, monkeypatch):
 
 
 def test_fetch_failing_mid_way_leaves_the_cache_as_it_was(tmp_path, monkeypatch):
-    """A fetch that fails after some files were written (a file over the size limit, over
-    real HTTP) leaves no partial directory, and an earlier whole copy stays as it was."""
-    from tensorize_vllm_model.artifacts import model_files as artifacts
+    """A fetch that fails after some files were written (a file the writer's list names is
+    gone, over real HTTP) leaves no partial directory, and an earlier whole copy stays as it
+    was."""
+    from tensorize_vllm_model.artifacts.model_files import MANIFEST
 
     monkeypatch.setenv("TENSORIZE_VLLM_MODEL_CACHE", str(tmp_path / "cache"))
     served = tmp_path / "served"
     served.mkdir()
     (served / "config.json").write_bytes(b'{"model_type": "llama"}')
     (served / "tokenizer.json").write_bytes(b"{}")
+    (served / MANIFEST).write_text('{"files": ["config.json", "tokenizer.json"]}')
     server = HTTPFileServer(served)
     try:
         local = fetch_model_files(server.url)
         assert sorted(os.listdir(local)) == ["config.json", "tokenizer.json"]
         (served / "config.json").write_bytes(b'{"model_type": "changed"}')
-        (served / "tokenizer.json").write_bytes(b"x" * 2000)  # fetched after config.json
-        monkeypatch.setattr(artifacts, "MAX_ARTIFACT_BYTES", 1000)
-        with pytest.raises(StorageError, match=r"tokenizer.json is 2000 bytes"):
+        (served / "tokenizer.json").unlink()  # fetched after config.json
+        with pytest.raises(StorageError, match=r"tokenizer.json"):
             fetch_model_files(server.url)
     finally:
         server.stop()

@@ -23,6 +23,7 @@ SERIALIZED_FILES = [
     "config.json",
     "generation_config.json",
     "model.tensors",
+    "tensorize_model_files.json",  # the list of the files carried (artifacts.MANIFEST)
     "tokenizer.json",
     "tokenizer_config.json",
 ]
