@@ -32,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))  # the emulators, as the tests run them
+sys.path.insert(0, str(HERE.parent / "tests" / "support"))  # the emulators, as the tests run them
 sys.path.insert(0, str(HERE.parent / "src"))
 
 from servers import AZURITE_KEY, TLSFiles  # noqa: E402

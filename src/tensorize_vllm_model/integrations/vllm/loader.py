@@ -39,7 +39,6 @@ from ...convert.loading import (  # imported with the loader, as the readers are
     ConvertedFile,
     checkpoint_tensors,
 )
-from ...convert.partial_read import PartsRead  # not within a load's timed window
 from ...convert.regions import CopyWatch
 from ...core.errors import ConfigError, ModelMismatchError
 from ...core.progress import progress
@@ -48,6 +47,7 @@ from ...format.record import ParallelLayout
 from ...read import prefetch
 from ...read.base import LoadStats
 from ...read.modules import load_into_module, meta_parameters
+from ...read.partial import PartsRead  # not within a load's timed window
 from ...read.reader import default_num_readers, open_tensors
 from .compiled import stage_for_load
 from .meta_pass import run_meta_pass
