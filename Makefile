@@ -41,7 +41,7 @@ bench-cloud:
 .PHONY: test-moe
 test-moe:
 	scripts/install.sh --test
-	TENSORIZE_MOE_MATRIX=1 .venv/bin/python -m pytest tests/test_vllm_moe.py -v
+	TENSORIZE_MOE_MATRIX=1 .venv/bin/python -m pytest tests/e2e/test_vllm_moe.py -v
 
 # The family matrix (benchmarks/families.py): every common model family through serialize and
 # convert at TP=1 and TP=2 against vLLM's default loader; writes docs/families.md. About an

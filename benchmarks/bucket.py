@@ -1,4 +1,4 @@
-"""The benchmark's S3 bucket: SeaweedFS's ``weed mini`` on loopback (tests/servers.py's
+"""The benchmark's S3 bucket: SeaweedFS's ``weed mini`` on loopback (tests/support/servers.py's
 `SeaweedServer`), holding every file the S3 and vLLM scenarios read, and the environment
 that points every client at it: this package and tensorizer (``S3_*``), boto3 and
 runai-model-streamer (``AWS_*``, ``RUNAI_STREAMER_S3_*``).
@@ -21,7 +21,7 @@ class Bucket:
     """A started SeaweedFS with the bucket `BUCKET` filled from `files` (see run.prepare)."""
 
     def __init__(self, directory: Path, files: dict[str, str]):
-        sys.path.insert(0, str(HERE.parent / "tests"))
+        sys.path.insert(0, str(HERE.parent / "tests" / "support"))
         from servers import SeaweedServer
 
         self.server = SeaweedServer(directory)

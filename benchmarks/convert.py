@@ -170,8 +170,8 @@ def rank_rss(path: str, config: dict, tp: int, rank: int, mode: str, key: str | 
     import torch
 
     from tensorize_vllm_model import TensorizerConfig, open_tensors
-    from tensorize_vllm_model.convert.partial_read import Part, read_parts
     from tensorize_vllm_model.convert.placement import rank_reads
+    from tensorize_vllm_model.read.partial import Part, read_parts
 
     tc = TensorizerConfig(tensorizer_uri=path, encryption_keyfile=key)
     with open_tensors(path, config=tc) as reader:

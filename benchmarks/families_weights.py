@@ -3,7 +3,7 @@ file puts in every parameter of vLLM's model, against what vLLM's default loader
 from the checkpoint, at TP=1 and TP=2 (``make families-weights``; docs/families.md).
 
 Each rank is a process of its own that builds vLLM's model (no engine: no scheduler, no KV
-cache, no worker processes; gloo between the ranks, as tests/builtin_runner.py does), fills
+cache, no worker processes; gloo between the ranks, as tests/support/builtin_runner.py does), fills
 it with this package's loader from the converted file (the same `_fill` the engine runs,
 before vLLM's weight post-processing), builds it again with vLLM's `DefaultModelLoader` on
 the checkpoint, and compares every parameter bit for bit. Seconds per family: it runs where
@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "support"))
 
 
 def rank_main(spec: dict) -> dict:

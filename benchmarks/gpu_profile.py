@@ -20,6 +20,8 @@ import run  # noqa: E402
 
 from tensorize_vllm_model import open_tensors  # noqa: E402
 from tensorize_vllm_model.read import local as local_read  # noqa: E402
+from tensorize_vllm_model.read.memory import populate  # noqa: E402
+from tensorize_vllm_model.read.source import LocalSource  # noqa: E402
 
 files = run.prepare(float(sys.argv[1]) if len(sys.argv) > 1 else 1.5)
 path = files["tensors"]
@@ -77,7 +79,7 @@ for mib in (8, 64):
     del pinned
     plain = torch.empty(mib << 20, dtype=torch.uint8)
     start = time.perf_counter()
-    local_read.populate(plain.data_ptr(), plain.numel())
+    populate(plain.data_ptr(), plain.numel())
     populated = time.perf_counter()
     status = cudart.cudaHostRegister(plain.data_ptr(), plain.numel(), 0)
     registered = time.perf_counter()
@@ -92,7 +94,7 @@ for mib in (8, 64):
 with open_tensors(path, device="cuda:0") as reader:
     spans = local_read.LocalEngine(path).spans(reader.file)
 
-# The pipeline, instrumented: the same steps as local_read._Staged.read.
+# The pipeline, instrumented: the same steps as read.staged.Staged.read.
 timers = {}
 lock = threading.Lock()
 
@@ -117,7 +119,7 @@ def staged_read(run_, nbuffers, staging):
         t["send"] += time.perf_counter() - start
 
     t["alloc"] = time.perf_counter() - begin
-    with open(path, "rb", buffering=0) as f:
+    with LocalSource(path) as source:
         for span, memory, start, end in run_:
             length = end - start
             if used + length > size_:
@@ -128,9 +130,7 @@ def staged_read(run_, nbuffers, staging):
                     done[which].synchronize()
                     t["wait"] += time.perf_counter() - w
             r = time.perf_counter()
-            local_read._read_exactly(
-                f.fileno(), views[which][used : used + length], span.offset + start, span, path
-            )
+            source.read_into(span.offset + start, views[which][used : used + length], span.name)
             t["read"] += time.perf_counter() - r
             pending.append((memory[start:end], used, length))
             used += length
@@ -201,13 +201,13 @@ def block_read(run_, staging, nbuffers, out):
     views = [memoryview(b.numpy()) for b in buffers]
     stream = torch.cuda.Stream("cuda:0")
     done = [None] * nbuffers
-    with open(path, "rb", buffering=0) as f:
+    with LocalSource(path) as source:
         for i, at in enumerate(range(first, last, staging)):
             which = i % nbuffers
             if done[which] is not None:
                 done[which].synchronize()
             length = min(staging, last - at)
-            local_read._read_exactly(f.fileno(), views[which][:length], at, run_[0][0], path)
+            source.read_into(at, views[which][:length], run_[0][0].name)
             with torch.cuda.stream(stream):
                 block[at - first : at - first + length].copy_(
                     buffers[which][:length], non_blocking=True

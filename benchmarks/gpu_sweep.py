@@ -35,7 +35,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-from tensorize_vllm_model.read import local  # noqa: E402  (torch only)
+from tensorize_vllm_model.read import (
+    local,  # noqa: E402  (torch only)
+    staged,  # noqa: E402
+)
 
 MIB = 1 << 20
 
@@ -168,7 +171,11 @@ def cold_ceiling(path: Path, size: int) -> float:
 
 def ours(path: Path, spans, device, readers, staging, buffers, streams) -> tuple[float, str]:
     """GB/s of `read.local.read_spans` onto `device` with these settings, and the digest."""
-    local.STAGING_BYTES, local.STAGING_BUFFERS, local.STAGING_STREAMS = staging, buffers, streams
+    staged.STAGING_BYTES, staged.STAGING_BUFFERS, staged.STAGING_STREAMS = (
+        staging,
+        buffers,
+        streams,
+    )
     total = sum(s.length for s in spans)
     sync(device)
     start = time.perf_counter()

@@ -170,10 +170,10 @@ def ours(
     **_,
 ):
     from tensorize_vllm_model import TensorizerConfig, load_into_module, open_tensors
-    from tensorize_vllm_model.read import local as local_read
+    from tensorize_vllm_model.read import staged
 
     if staging_mb:
-        local_read.STAGING_BYTES = staging_mb << 20
+        staged.STAGING_BYTES = staging_mb << 20
 
     import tensorizer  # noqa: F401 - imported before the clock, as for tensorizer_default
 

@@ -1,7 +1,7 @@
 """Small random-weight Hugging Face models with a locally trained tokenizer, built offline.
 
 Not part of the installed package: examples/quickstart.py (its fallback when the real demo
-model cannot be fetched), examples/s3_workflow.py, the tests (tests/conftest.py puts
+model cannot be fetched), examples/s3_workflow.py, the tests (tests/support/__init__.py puts
 scripts/ on sys.path) and the benchmarks import it from scripts/, next to smollm2.py. They
 need real model directories (config, safetensors weights, tokenizer) that vLLM can start on,
 without downloading anything from a model hub. `build_model` writes one: a Llama-like or OPT-like architecture with random

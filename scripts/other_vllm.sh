@@ -12,7 +12,7 @@
 #   with --no-deps and 0.7.2.post1 put in that pin's place;
 # - VLLM_TARGET_DEVICE=cpu, so vLLM's engine argument parser picks a platform;
 # - vllm.triton_utils.HAS_TRITON = True (0.34 builds an engine config only with Triton present):
-#   a test-only stand-in set by tests/other_vllm_plugin.py, never by the package.
+#   a test-only stand-in set by tests/support/other_vllm_plugin.py, never by the package.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -56,5 +56,5 @@ fi
 installed=$("$venv/bin/python" -c 'import vllm; print(vllm.__version__)')
 log "vllm $installed in $venv"
 export VLLM_TARGET_DEVICE=cpu
-export PYTHONPATH="$PWD/src:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}"
-exec "$venv/bin/python" -m pytest -m "not slow" -p other_vllm_plugin -q "$@"
+export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+exec "$venv/bin/python" -m pytest -m "not slow" -p tests.support.other_vllm_plugin -q "$@"

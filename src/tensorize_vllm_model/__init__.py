@@ -45,6 +45,7 @@ if TYPE_CHECKING:  # the lazy names below, for type checkers
         tensorizer_kwargs_arg,
         tensorizer_weights_iterator,
     )
+    from .integrations.vllm.messages import WORKER_EXTENSION
     from .integrations.vllm.module_api import (
         deserialize_tensorizer_model,
         init_tensorizer_model,
@@ -69,7 +70,7 @@ _TENSORIZER_NAMES = (
 # The names imported on first use (`__getattr__`), each with the module it comes from: one
 # table, read by `__getattr__` and `__all__`, so importing the package loads no torch, vLLM
 # or tensorizer. A lazy name is also imported under TYPE_CHECKING above, for type checkers
-# (tests/test_vllm_names.py checks the two agree); the config and the errors are imported at
+# (tests/contract/test_vllm_names.py checks the two agree); the config and the errors are imported at
 # once and listed in `__all__` by hand (ruff checks those two agree).
 _LAZY = {
     "tensorize_vllm_model": "integrations.vllm.serialize",
@@ -77,6 +78,7 @@ _LAZY = {
     "tensorized_lora_request": "integrations.vllm.module_api",
     "open_tensors": "read.reader",
     "load_into_module": "read.modules",
+    "WORKER_EXTENSION": "integrations.vllm.messages",
     # vLLM 0.32's tensorizer module: its own names, then tensorizer's
     "is_valid_deserialization_uri": "integrations.vllm.api",
     "tensorizer_kwargs_arg": "integrations.vllm.api",

@@ -5,8 +5,8 @@ layout, made without vLLM or a GPU.
 * `placement`: how tensors are laid out (row-parallel weights in column tiles) and the read plan
   of a rank from names and shapes alone.
 * `writer`: `convert_checkpoint`, the staged, all-or-nothing write.
-* `regions` and `partial_read`: the loading side, used by the vLLM loader: which bytes of
-  each tensor a rank needs, and reading only those.
+* `regions` and `loading`: the loading side, used by the vLLM loader: which bytes of
+  each tensor a rank needs (reading only those is `read.partial`).
 
 Nothing here imports vLLM.
 """

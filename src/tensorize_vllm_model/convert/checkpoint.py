@@ -186,8 +186,14 @@ def open_checkpoint(directory: str) -> Checkpoint:
         if files:
             _check_names(directory, files, kind)
             return Checkpoint(directory=directory, files=files, kind=kind, config=config)
+    if any(name.endswith(".tensors") for name in os.listdir(directory)):
+        raise StorageError(
+            f"{directory} holds no weights to convert: it looks already converted (it holds "
+            "model.tensors); load it with --load-format tensorizer (load_format='tensorizer')"
+        )
     raise StorageError(
-        f"{directory} holds no weights (no *.safetensors or pytorch_model*.bin files)"
+        f"{directory} holds no weights (no *.safetensors or pytorch_model*.bin files); "
+        "--model takes the checkpoint directory (config.json beside its weights)"
     )
 
 

@@ -5,13 +5,13 @@
    tensor's shape under `regions.CopyWatch`, which records what this rank copies of each.
 2. `ConvertedFile.parts` turns that into one byte range per needed tensor (tensors of other
    pipeline stages: none), widened to cipher chunks when encrypted.
-3. `ConvertedFile.tensors` reads only those ranges (`partial_read`) and hands each tensor
+3. `ConvertedFile.tensors` reads only those ranges (`read.partial`) and hands each tensor
    to ``load_weights`` in its checkpoint shape (a tiled one with its read tiles' columns
    put back), so vLLM's weight loaders narrow and copy it into the rank's parameters as
    from the checkpoint itself. Where every copy of a tensor was one byte range of it into
    a CPU parameter of that size (a contiguous parameter or rows of one; of a tiled tensor,
    the columns of whole tiles, all rows), the bytes go into the parameter instead (in
-   place, or piece by piece when decrypted, cast or tiled: `partial_read`), and
+   place, or piece by piece when decrypted, cast or tiled: `read.partial`), and
    ``load_weights`` does not see that tensor again: everything else its loader did
    (padding filled, ...) was already done in step 1.
 """
@@ -28,8 +28,8 @@ import torch
 
 from .. import storage
 from ..core.errors import FormatError
+from ..read.partial import Part, PartsRead, open_source, read_parts
 from .guard import FileElements, direct_copy_ok
-from .partial_read import Part, PartsRead, ranged_source, read_parts
 from .placement import logical_shape
 from .regions import CopyWatch, Need, box_byte_range
 
@@ -110,7 +110,7 @@ class ConvertedFile:
         """Where every copy of the tensor is one byte range of it -> a CPU tensor of the
         same size (a contiguous parameter or its rows; of a tiled tensor, the columns of
         whole tiles, all rows, into a parameter of that shape): those bytes go straight
-        there (`partial_read`: read in place, or piece by piece through a small buffer when
+        there (`read.partial`: read in place, or piece by piece through a small buffer when
         decrypted, cast by ``copy_`` as the weight loader's copy would, or tiled), with no
         buffer of the whole part. Empty when any copy is not like that."""
         dtype = self._dtype(name)
@@ -180,22 +180,18 @@ class ConvertedFile:
     def _ciphers(self, names: list[str]) -> list[Any]:
         if not self.reader.encrypted:
             return [None] * len(names)
-        from ..read.decrypt import cipher_from_header, ciphers
+        from ..read.decrypt import cipher_from_header
 
         entries = [self.index[n] for n in names]
-        path = storage.local_path(self.uri)
-        if path is not None:
-            found = ciphers(path, entries, self.reader.header_deserializer)
-        else:
-            source = ranged_source(self.uri, self.config.options)
-            raws = [source.read_range(e.offset, e.data_offset) for e in entries]
-            try:
-                found = [
-                    cipher_from_header(e, raw, self.reader.header_deserializer)
-                    for e, raw in zip(entries, raws)
-                ]
-            except Exception:  # noqa: BLE001 - tensorizer's header parser decides which
-                found = None
+        with open_source(self.uri, self.config.options) as source:
+            raws = source.headers(entries)
+        try:
+            found = [
+                cipher_from_header(e, raw, self.reader.header_deserializer)
+                for e, raw in zip(entries, raws)
+            ]
+        except Exception:  # noqa: BLE001 - tensorizer's header parser decides which
+            found = None
         if found is None:
             raise FormatError(
                 f"{self.reader.uri}: an encrypted tensor's header is not in "
@@ -229,26 +225,14 @@ class ConvertedFile:
             CorruptTensorError: a hash does not match (naming the file and tensor).
             FormatError: the tensor's header cannot be parsed.
         """
-        from ..format.compat import header_parse_errors
-        from ..format.hashes import stored_hashes
+        from ..read.checks import stored_hashes
+        from ..read.memory import byte_view
 
         entry = self.index[part.name]
-        path = storage.local_path(self.uri)
-        if path is not None:
-            with open(path, "rb") as f:
-                f.seek(entry.offset)
-                raw = f.read(entry.data_offset - entry.offset)
-        else:
-            raw = storage.range_source(self.uri, options).read_range(
-                entry.offset, entry.data_offset
-            )
-        with header_parse_errors(self.reader.uri, part.name):
-            hashes = stored_hashes(raw, self.reader.header_deserializer)
-        data = (
-            memoryview(buffer.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
-            if entry.data_length
-            else b""
-        )
+        with open_source(self.uri, options) as source:
+            [raw] = source.headers([entry])
+        hashes = stored_hashes(raw, self.reader.header_deserializer, self.reader.uri, part.name)
+        data = byte_view(buffer.reshape(-1).view(torch.uint8)) if entry.data_length else b""
         hashes.check(data, tensor=part.name, uri=self.reader.uri)
 
 

@@ -20,7 +20,12 @@ from typing import Any
 import torch
 
 from .. import __version__, storage
-from ..artifacts.model_files import artifact_files, resolve_model_files, stage_artifacts
+from ..artifacts.model_files import (
+    artifact_files,
+    check_model_ref,
+    resolve_model_files,
+    stage_artifacts,
+)
 from ..config import TensorizerConfig
 from ..config.plan import resolve_write
 from ..core.errors import ConfigError
@@ -178,6 +183,7 @@ def _source(
 ) -> tuple[str, Checkpoint, torch.dtype | None]:
     """(the checkpoint's local directory, the checkpoint, the dtype to write in)."""
     local = model
+    check_model_ref(model)
     if not os.path.isdir(model):  # a Hub id: its config, tokenizer and the weights read
         files = hub_weight_files(model, revision, download_dir)
         local = resolve_model_files(

@@ -25,6 +25,7 @@ __all__ = [
     "Stalled",
     "Throttled",
     "AlreadyExists",
+    "TooLarge",
     "EncryptionError",
     "FormatError",
     "CorruptTensorError",
@@ -60,6 +61,11 @@ class StorageError(TensorizeError, OSError):
 class NotFound(StorageError):
     """No file, object or bucket at the URI (local ``ENOENT``, S3 ``NoSuchKey`` /
     ``NoSuchBucket`` / 404, HTTP 404)."""
+
+
+class TooLarge(StorageError):
+    """A whole-file read (`storage.read_bytes` with a limit) refused a file larger than the
+    limit."""
 
 
 class AccessDenied(StorageError):

@@ -53,12 +53,14 @@ class DecryptionFailed(Exception):
     """A cipher chunk failed its MAC check: a wrong key, or corrupted data."""
 
 
-def wrong_key(uri: str, keyfile: str | None) -> EncryptionError:
-    """The error of a key that does not decrypt `uri` (or of corrupted encrypted data)."""
+def wrong_key(uri: str, keyfile: str | None, tensor: str | None = None) -> EncryptionError:
+    """The error of a key that does not decrypt `uri` (or of corrupted encrypted data), in
+    `tensor` where it is known."""
     return EncryptionError(
         f"cannot decrypt {uri}"
         + (f" with the key in {keyfile}" if keyfile else "")
         + ": wrong key (or corrupted data)"
+        + (f" in tensor {tensor}" if tensor else "")
     )
 
 

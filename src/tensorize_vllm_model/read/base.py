@@ -6,7 +6,10 @@ The engines (each in its own module): `read.local` (a local file, parallel reads
 memory or through staging buffers onto a GPU), `read.remote` (an S3/HTTP file streamed
 into CPU memory), `read.tensorizer` (tensorizer's own `TensorDeserializer`: other devices,
 settings only it knows); `read.decrypt` decrypts for the first two. `read.reader` opens a
-file and picks the engine from the request, in one place (`choose_engine`).
+file and picks the engine from the request, in one place (`choose_engine`). A converted
+load's partial reads are `read.partial`. Our own engines share one read core: the memory
+they read into (`read.memory`), where the bytes come from (`read.source`) and the checks
+each tensor gets (`read.checks`).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ __all__ = ["ReadRequest", "OpenFile", "ReadEngine", "LoadStats", "ReadTimes"]
 class ReadRequest:
     """One tensors file to read, and how.
 
-    Built by `read.reader.request_from_config` from a `TensorizerConfig` (or by the read
+    Built by `read.request.request_from_config` from a `TensorizerConfig` (or by the read
     plan); `read.reader.open_request` opens it.
 
     Attributes:

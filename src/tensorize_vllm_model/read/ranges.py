@@ -21,7 +21,7 @@ malloc arenas) as it enters the window, starts the requests whose tensors all ex
 hands the tensors over in file order. Memory: the tensor handed over next, at most
 ``window`` bytes of tensors after it (``workers`` x ``chunk_size``, the read-ahead of
 `RangeStream`), and the headers. Every tensor gets the checks of `read.remote.read_stream`:
-its header's length field (`format.header.check_header_length`); an encrypted tensor's
+its header's length field (`read.checks.header_length`); an encrypted tensor's
 header parsed by tensorizer and its chunks checked and decrypted in the calling thread as
 each request holding them completes (`read.decrypt`); with ``verify`` its stored hashes
 (`format.hashes`). Failed or stalled requests are retried per request as
@@ -38,14 +38,13 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from ..core.errors import FormatError
-from ..format.header import HEADER_LENGTH, check_header_length
-from .local import byte_view, populate
+from .checks import cipher_of, header_length, stored_hashes, truncated
+from .memory import byte_view, populate
 
 if TYPE_CHECKING:
-    from ..storage.ranged import RangeSource
     from .decrypt import TensorCipher
     from .remote import RemoteSpan
+    from .source import RemoteSource
 
 __all__ = ["Piece", "Request", "plan_requests", "RangedRead"]
 
@@ -130,7 +129,7 @@ class RangedRead:
     module docstring); `tensors()` yields (name, CPU tensor) in file order.
 
     Args:
-        source: the remote file (`storage.range_source`).
+        source: the remote file (`read.source.RemoteSource`).
         spans: the tensors, their sizes checked against the file (`format.header`).
         uri: the file's name in messages.
         index: the `TensorDeserializer` that read the index (with the key, if any).
@@ -140,7 +139,7 @@ class RangedRead:
 
     def __init__(
         self,
-        source: RangeSource,
+        source: RemoteSource,
         spans: Sequence[RemoteSpan],
         *,
         uri: str,
@@ -198,10 +197,7 @@ class RangedRead:
             return
         last = max(self.spans, key=lambda s: s.entry.data_offset + s.entry.data_length)
         if last.entry.data_offset + last.entry.data_length > self.source.size:
-            raise FormatError(
-                f"{self.uri} is truncated: tensor {last.name} ends past the end of the file "
-                f"({self.source.size} bytes now)"
-            )
+            raise truncated(self.uri, last.name, self.source.size)
 
     def _advance(self, pool: ThreadPoolExecutor, head: int) -> None:
         """Allocate the tensors the window holds after `head` (and those `head`'s requests
@@ -244,7 +240,7 @@ class RangedRead:
         for address, length in fresh:
             populate(address, length)
         request = self.requests[number]
-        self.source.read_range_into(request.start, views)
+        self.source.read_into(request.start, views)
         if not self.encrypted:
             return
         for piece, view in zip(request.pieces, views):
@@ -267,15 +263,15 @@ class RangedRead:
         first = self._of[tensor][0]
         if first != number:
             self._futures[first].result()
-        return self._ciphers.setdefault(
-            tensor, self._cipher_of(self._header(tensor), self.spans[tensor])
-        )
+        span = self.spans[tensor]
+        cipher = cipher_of(span.entry, self._header(tensor), self.index, self.uri, span.name)
+        return self._ciphers.setdefault(tensor, cipher)
 
     def _header(self, tensor: int) -> bytes:
         """The header of `tensor` (its request has arrived), its length field checked."""
         span = self.spans[tensor]
         header = bytes(self._headers[tensor])
-        check_header_length(header[: HEADER_LENGTH.size], span.room, span.name, self.uri)
+        header_length(header, span.room, self.uri, span.name)
         return header
 
     def _finish(self, head: int) -> torch.Tensor:
@@ -285,7 +281,7 @@ class RangedRead:
         numbers = self._of[head]
         self._futures[numbers[0]].result()  # the header's request
         header = self._header(head)
-        hashes = self._stored_hashes(header, span) if self.verify else None
+        hashes = stored_hashes(header, self.index, self.uri, span.name) if self.verify else None
         memory, self._memory[head] = self._memory[head], None
         if memory is None:  # stored without data: reads back as zeros
             if hashes:
@@ -310,17 +306,3 @@ class RangedRead:
             hashes.check(view, tensor=span.name, uri=self.uri)
         del view
         return memory.view(span.dtype).reshape(span.shape)
-
-    def _stored_hashes(self, header: bytes, span: RemoteSpan) -> Any:
-        from ..format.compat import header_parse_errors
-        from ..format.hashes import stored_hashes
-
-        with header_parse_errors(self.uri, span.name):
-            return stored_hashes(header, self.index)
-
-    def _cipher_of(self, header: bytes, span: RemoteSpan) -> Any:
-        from ..format.compat import header_parse_errors
-        from .decrypt import cipher_from_header
-
-        with header_parse_errors(self.uri, span.name):
-            return cipher_from_header(span.entry, header, self.index)

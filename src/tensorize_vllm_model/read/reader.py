@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .. import storage
-from ..config import TensorizerConfig, as_tensorizer_config
 from ..config.plan import one_file_of_directory
 from ..core.errors import EncryptionError, ModelMismatchError, key_hint
 from ..format.compat import EmptyIndex, index_items, translate_errors
@@ -33,9 +32,12 @@ from ..format.record import MARKER_NAME, RECORD_NAME, RESERVED_NAMES, FileRecord
 from ..storage.options import StreamOptions
 from ..storage.ranged import DEFAULT_WORKERS, RangeStream
 from .base import LoadStats, OpenFile, ReadEngine, ReadRequest, ReadTimes
+from .request import request_from_config
 
 if TYPE_CHECKING:
     from tensorizer import TensorDeserializer
+
+    from ..config import TensorizerConfig
 
 __all__ = [
     "TensorReader",
@@ -251,57 +253,6 @@ def _read_record(file: OpenFile) -> FileRecord | None:
     if name == MARKER_NAME and not data.startswith(b"{"):
         return None  # another writer's uint8 marker: no record
     return FileRecord.from_bytes(data, source=file.name)
-
-
-def request_from_config(
-    uri: str,
-    config: TensorizerConfig | Mapping[str, Any] | None = None,
-    *,
-    device: str | torch.device = "cpu",
-    decryption: Any = None,
-    header_only: bool = False,
-) -> ReadRequest:
-    """The `ReadRequest` for `uri` under `config` (see `open_tensors`); the key is read from
-    ``config.encryption_keyfile`` when `decryption` is not given.
-
-    Raises:
-        as `keys.read_decryption_params` (a missing or malformed key file).
-    """
-    config = (
-        as_tensorizer_config(_naming_file(config, uri))
-        if config is not None
-        else TensorizerConfig(tensorizer_uri=uri)
-    )
-    if decryption is None and config.encryption_keyfile:
-        from ..format.keys import read_decryption_params
-
-        decryption = read_decryption_params(config.encryption_keyfile, config)
-    extra = dict(config.deserialization_kwargs or {})
-    return ReadRequest(
-        uri=uri,
-        device=device,
-        decryption=decryption,
-        keyfile=config.encryption_keyfile,
-        stream_options=config.options,
-        verify_hash=bool(extra.pop("verify_hash", config.verify_hash)),
-        num_readers=extra.pop("num_readers", config.num_readers),
-        deserialization_kwargs=dict(config.deserialization_kwargs or {}),
-        header_only=header_only,
-    )
-
-
-def _naming_file(config: Any, uri: str) -> Any:
-    """`config` as given, or, a dict of settings that names no file (``{"verify_hash":
-    True}``, flat or under ``tensorizer_config``), with ``tensorizer_uri`` set to `uri`:
-    the file opened is `uri` whatever the settings name."""
-    if not isinstance(config, Mapping):
-        return config
-    inner = config.get("tensorizer_config")
-    if isinstance(inner, Mapping):
-        return {**config, "tensorizer_config": _naming_file(inner, uri)}
-    if config.get("tensorizer_uri") or config.get("tensorizer_dir"):
-        return config
-    return {**config, "tensorizer_uri": uri}
 
 
 def open_tensors(

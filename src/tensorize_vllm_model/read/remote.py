@@ -28,12 +28,12 @@ from typing import Any
 
 import torch
 
-from ..core.errors import FormatError
-from ..format.compat import DecryptionFailed, header_parse_errors, wrong_key
-from ..format.header import HEADER_LENGTH, check_header_length, torch_dtype
+from ..format.header import HEADER_LENGTH, torch_dtype
 from ..storage.ranged import RangeStream
 from .base import OpenFile, ReadTimes
-from .local import byte_view, populate
+from .checks import cipher_of, header_length, stored_hashes, wrong_key_errors
+from .memory import byte_view, fresh_bytes
+from .source import ByteSource, RemoteSource, StreamSource
 
 __all__ = ["RemoteEngine", "RemoteSpan", "read_stream"]
 
@@ -84,27 +84,25 @@ def read_stream(
         format.compat.DecryptionFailed: an encrypted tensor fails its check.
     """
     whole_header = encrypted or verify
+    source = StreamSource(stream, uri)
     for span in sorted(spans, key=lambda s: s.entry.offset):
         entry = span.entry
-        stream.seek(entry.offset)
-        header = _read(stream, span.room if whole_header else HEADER_LENGTH.size, span, uri)
-        check_header_length(header[: HEADER_LENGTH.size], span.room, span.name, uri)
-        hashes = _stored_hashes(header, index, span, uri) if verify else None
+        header = _read(source, span, span.room if whole_header else HEADER_LENGTH.size)
+        header_length(header, span.room, uri, span.name)
+        hashes = stored_hashes(header, index, uri, span.name) if verify else None
         size = math.prod(span.shape) * span.dtype.itemsize
         if entry.data_length == 0:  # stored without data: reads back as zeros
             if hashes:
                 hashes.check(b"", tensor=span.name, uri=uri)
             yield span.name, torch.zeros(span.shape, dtype=span.dtype)
             continue
-        cipher = _cipher_of(header, index, span, uri) if encrypted else None
-        memory = torch.empty(size, dtype=torch.uint8)
-        populate(memory.data_ptr(), size)
+        cipher = cipher_of(entry, header, index, uri, span.name) if encrypted else None
+        memory = fresh_bytes(size)
         view = byte_view(memory)
-        stream.seek(entry.data_offset)
         step = cipher.chunk_size if cipher else _PIECE
         for start in range(0, size, step):
             piece = view[start : start + step]
-            _read_into(stream, piece, span, uri)
+            source.read_into(entry.data_offset + start, piece, span.name)
             if cipher:
                 cipher.decrypt(piece, start)
         if hashes:
@@ -113,35 +111,11 @@ def read_stream(
         yield span.name, memory.view(span.dtype).reshape(span.shape)
 
 
-def _stored_hashes(header: bytes, index: Any, span: RemoteSpan, uri: str) -> Any:
-    from ..format.hashes import stored_hashes
-
-    with header_parse_errors(uri, span.name):
-        return stored_hashes(header, index)
-
-
-def _cipher_of(header: bytes, index: Any, span: RemoteSpan, uri: str) -> Any:
-    from .decrypt import cipher_from_header
-
-    with header_parse_errors(uri, span.name):
-        return cipher_from_header(span.entry, header, index)
-
-
-def _read(stream: Any, count: int, span: RemoteSpan, uri: str) -> bytes:
+def _read(source: ByteSource, span: RemoteSpan, count: int) -> bytes:
+    """The first `count` bytes of `span`'s header."""
     data = bytearray(count)
-    _read_into(stream, memoryview(data), span, uri)
+    source.read_into(span.entry.offset, memoryview(data), span.name)
     return bytes(data)
-
-
-def _read_into(stream: Any, view: memoryview, span: RemoteSpan, uri: str) -> None:
-    got = 0
-    while got < len(view):
-        count = stream.readinto(view[got:])
-        if not count:
-            raise FormatError(
-                f"{uri} is truncated: tensor {span.name} ends past the end of the file"
-            )
-        got += count
 
 
 class RemoteEngine:
@@ -169,12 +143,11 @@ class RemoteEngine:
             spans.append(RemoteSpan(name=name, entry=entry, dtype=dtype, shape=shape))
         stream = file.reopen()
         try:
-            for name, tensor in _tensors(stream, spans, file):
-                if on_bytes is not None:
-                    on_bytes(tensor.numel() * tensor.element_size())
-                yield name, tensor
-        except DecryptionFailed:
-            raise wrong_key(file.name, file.request.keyfile) from None
+            with wrong_key_errors(file.name, file.request.keyfile):
+                for name, tensor in _tensors(stream, spans, file):
+                    if on_bytes is not None:
+                        on_bytes(tensor.numel() * tensor.element_size())
+                    yield name, tensor
         finally:
             stream.close()
 
@@ -188,7 +161,7 @@ def _tensors(stream: Any, spans: list[RemoteSpan], file: OpenFile) -> Iterator[t
         from .ranges import RangedRead
 
         return RangedRead(
-            stream.source,
+            RemoteSource(stream.source),
             spans,
             uri=uri,
             index=index,

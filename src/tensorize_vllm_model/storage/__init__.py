@@ -137,10 +137,11 @@ def read_bytes(uri: str, options: Options = None, *, limit: int | None = None) -
     return backend(uri).read_bytes(uri, _options(options), limit)
 
 
-def list_names(uri: str, options: Options = None) -> list[str] | None:
-    """Names of the files directly in directory `uri`; None where the scheme cannot list
+def list_names(uri: str, options: Options = None, *, recursive: bool = False) -> list[str] | None:
+    """Names of the files directly in directory `uri` (sorted); with `recursive`, the
+    "/"-separated relative paths of every file below it. None where the scheme cannot list
     (HTTP)."""
-    return backend(uri).list_names(uri, _options(options))
+    return backend(uri).list_names(uri, _options(options), recursive)
 
 
 def being_written(uri: str, options: Options = None) -> bool:

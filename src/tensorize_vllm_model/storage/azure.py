@@ -175,7 +175,9 @@ def _error(e: BaseException, uri: str, found: Client, action: str) -> StorageErr
 
 
 def _code(e: BaseException) -> str:
-    return str(getattr(e, "error_code", "") or "")
+    """The service's error code ("AuthenticationFailed"; azure-storage-blob gives an enum)."""
+    code = getattr(e, "error_code", "") or ""
+    return str(getattr(code, "value", code))
 
 
 def _transient(e: BaseException) -> retry.Transient | None:
@@ -286,13 +288,18 @@ class AzureBackend(Backend):
         found = _client(options)
         return found.client.get_blob_client(container, name), found
 
-    def list_names(self, uri: str, options: StreamOptions) -> list[str]:
+    def list_names(self, uri: str, options: StreamOptions, recursive: bool = False) -> list[str]:
+        """Names of the blobs directly under the prefix ``uri/`` (with `recursive`, the
+        deeper ones too, as "/"-separated relative paths)."""
         container, prefix = parse(uri.rstrip("/") + "/")
         found = _client(options)
         client = found.client.get_container_client(container)
 
         def names() -> list[str]:
-            items = client.walk_blobs(name_starts_with=prefix, delimiter="/")
+            if recursive:
+                items = client.list_blobs(name_starts_with=prefix)
+            else:
+                items = client.walk_blobs(name_starts_with=prefix, delimiter="/")
             return [i.name[len(prefix) :] for i in items if not i.name.endswith("/")]
 
         return sorted(n for n in _call(found, options, uri, "listing", names) if n)

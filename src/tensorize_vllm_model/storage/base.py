@@ -48,7 +48,7 @@ import threading
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
-from ..core.errors import ConfigError, NotFound, StorageError
+from ..core.errors import ConfigError, NotFound, StorageError, TooLarge
 from ..core.redaction import has_signed_query, redact_uri, scrubbing
 
 if TYPE_CHECKING:
@@ -155,13 +155,16 @@ class Backend:
         """The whole (small) file; with `limit`, refuse one larger than that."""
         source = self.range_source(uri, options)
         if limit is not None and source.size > limit:
-            raise StorageError(
+            raise TooLarge(
                 f"{source.name} is {source.size} bytes, larger than the {limit} expected"
             )
         return source.read_range(0, source.size) if source.size else b""
 
-    def list_names(self, uri: str, options: StreamOptions) -> list[str] | None:
-        """Names of the files directly in directory `uri`; None where the scheme cannot
+    def list_names(
+        self, uri: str, options: StreamOptions, recursive: bool = False
+    ) -> list[str] | None:
+        """Names of the files directly in directory `uri` (sorted), with `recursive` the
+        "/"-separated relative paths of every file below it; None where the scheme cannot
         list (HTTP)."""
         return None
 

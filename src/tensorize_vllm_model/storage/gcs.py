@@ -215,14 +215,19 @@ class GCSBackend(Backend):
         found = _client(options)
         return found.client.bucket(bucket).blob(name), found
 
-    def list_names(self, uri: str, options: StreamOptions) -> list[str]:
-        """Names of the objects directly under the prefix ``uri/``."""
+    def list_names(self, uri: str, options: StreamOptions, recursive: bool = False) -> list[str]:
+        """Names of the objects directly under the prefix ``uri/`` (with `recursive`, the
+        deeper ones too, as "/"-separated relative paths)."""
         bucket, prefix = parse(uri.rstrip("/") + "/")
         found = _client(options)
 
         def names() -> list[str]:
             blobs = found.client.list_blobs(
-                bucket, prefix=prefix, delimiter="/", retry=None, timeout=options.timeout
+                bucket,
+                prefix=prefix,
+                delimiter=None if recursive else "/",
+                retry=None,
+                timeout=options.timeout,
             )
             return [b.name[len(prefix) :] for b in blobs]
 

@@ -21,7 +21,7 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from ..core.errors import AccessDenied, NotFound, Stalled, StorageError, Unreachable
+from ..core.errors import AccessDenied, NotFound, Stalled, StorageError, TooLarge, Unreachable
 from ..core.redaction import redact_uri
 from ..core.settings import ca_bundle
 from . import retry
@@ -307,7 +307,7 @@ class HTTPBackend(Backend):
     def read_bytes(self, uri: str, options: StreamOptions, limit: int | None) -> bytes:
         src = HTTPSource(uri, options)
         if limit is not None and src.size > limit:
-            raise StorageError(f"{src.name} is {src.size} bytes, larger than the {limit} expected")
+            raise TooLarge(f"{src.name} is {src.size} bytes, larger than the {limit} expected")
         if src.supports_ranges:
             return src.read_range(0, src.size) if src.size else b""
         response = src.open_sequential(0)

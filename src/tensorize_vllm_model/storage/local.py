@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from typing import Any, BinaryIO
 
-from ..core.errors import AccessDenied, AlreadyExists, NotFound, StorageError
+from ..core.errors import AccessDenied, AlreadyExists, NotFound, StorageError, TooLarge
 from .base import Backend
 from .options import StreamOptions
 
@@ -82,13 +82,23 @@ class LocalBackend(Backend):
         with self.open_read(uri, options) as f:
             data = f.read() if limit is None else f.read(limit + 1)
         if limit is not None and len(data) > limit:
-            raise StorageError(f"{uri} is larger than the {limit} bytes expected")
+            raise TooLarge(f"{uri} is larger than the {limit} bytes expected")
         return data
 
-    def list_names(self, uri: str, options: StreamOptions) -> list[str]:
-        """Names of the regular files directly in a directory."""
+    def list_names(self, uri: str, options: StreamOptions, recursive: bool = False) -> list[str]:
+        """Names of the regular files directly in a directory (with `recursive`, the
+        "/"-separated relative paths of those below it too; linked directories are not
+        followed)."""
         path = path_of(uri)
         try:
+            if recursive:
+                os.scandir(path).close()  # a missing directory fails as below
+                return sorted(
+                    os.path.relpath(os.path.join(root, f), path).replace(os.sep, "/")
+                    for root, _, files in os.walk(path)
+                    for f in files
+                    if os.path.isfile(os.path.join(root, f))
+                )
             return sorted(e.name for e in os.scandir(path) if e.is_file())
         except OSError as e:
             raise _error(e, path, "list", missing="directory") from None

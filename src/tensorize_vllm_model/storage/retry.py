@@ -35,8 +35,8 @@ redacted) and listing what each attempt ran into; `Throttled` (an `Unreachable`)
 attempt was answered "slow down" (HTTP 503 / 429, S3 ``SlowDown``), saying what the server
 kept answering. `NotFound`, `AccessDenied` and every other refusal are raised at once.
 
-`Body` turns a response (``http.client`` or botocore) into a raw stream read in bounded
-pieces, reporting a read timeout as `TransferStalled` with the bytes received so far.
+`Body`, `fill` and `TransferStalled` (storage/body.py) are the response side every backend
+hands to this module.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from ..core.errors import ConfigError, StorageError, Throttled, Unreachable
+from .body import Body, TransferStalled, fill
 
 __all__ = [
     "RetryPolicy",
@@ -183,75 +184,6 @@ class GaveUp(Exception):
     def __init__(self, error: StorageError):
         super().__init__(str(error))
         self.error = error
-
-
-class TransferStalled(Exception):
-    """No data arrived for the read timeout in the middle of a response; `received` is how
-    many bytes of it had arrived. Internal: backends turn it into `errors.Stalled` or a
-    retry."""
-
-    def __init__(self, received: int):
-        super().__init__(f"stalled after {received} bytes")
-        self.received = received
-
-
-class Body(io.RawIOBase):
-    """A response body as a raw stream, read at most `piece` bytes at a time.
-
-    Args:
-        readinto: fills a buffer from the response, returns the count (0 at the end).
-        close: releases the response.
-        piece: the most bytes one read asks for (what arrived before a stall is counted to
-            within this).
-        stall_errors: what the transport raises when no data came for its read timeout.
-    """
-
-    def __init__(
-        self,
-        readinto: Callable[[memoryview], int],
-        close: Callable[[], None],
-        *,
-        piece: int,
-        stall_errors: tuple[type[BaseException], ...],
-    ):
-        super().__init__()
-        self._readinto = readinto
-        self._close = close
-        self._piece = piece
-        self._stall_errors = stall_errors
-        self.received = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")[: self._piece]
-        try:
-            count = self._readinto(view)
-        except self._stall_errors:
-            raise TransferStalled(self.received) from None
-        self.received += count
-        return count
-
-    def close(self) -> None:
-        if not self.closed:
-            self._close()
-        super().close()
-
-
-def fill(body: io.RawIOBase, view: memoryview | Sequence[memoryview]) -> int:
-    """Read `body` into `view` until it is full or the body ends; the count. A sequence
-    of views is filled in turn from the one body (a scatter read)."""
-    got = 0
-    for each in [view] if isinstance(view, memoryview) else view:
-        done = 0
-        while done < len(each):
-            count = body.readinto(each[done:])
-            if not count:
-                return got + done
-            done += count
-        got += done
-    return got
 
 
 def _length(view: memoryview | Sequence[memoryview]) -> int:

@@ -196,14 +196,16 @@ class S3Backend(Backend):
     def range_source(self, uri: str, options: StreamOptions) -> S3Source:
         return S3Source(uri, options)
 
-    def list_names(self, uri: str, options: StreamOptions) -> list[str]:
-        """Names of the objects directly under the prefix ``uri/`` (no deeper levels)."""
+    def list_names(self, uri: str, options: StreamOptions, recursive: bool = False) -> list[str]:
+        """Names of the objects directly under the prefix ``uri/`` (with `recursive`, the
+        deeper ones too, as "/"-separated relative paths)."""
         bucket, prefix = parse(uri.rstrip("/") + "/")
         client, resolved = _client(options)
         names: list[str] = []
         try:
             paginator = client.get_paginator("list_objects_v2")
-            for page in paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
+            deeper = {} if recursive else {"Delimiter": "/"}
+            for page in paginator.paginate(Bucket=bucket, Prefix=prefix, **deeper):
                 for item in page.get("Contents", []):
                     names.append(item["Key"][len(prefix) :])
         except Exception as e:  # noqa: BLE001

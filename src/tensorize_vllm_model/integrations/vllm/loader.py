@@ -40,7 +40,6 @@ from ...convert.loading import (  # imported with the loader, as the readers are
     checkpoint_tensors,
     collections_paused,
 )
-from ...convert.partial_read import PartsRead  # not within a load's timed window
 from ...convert.regions import CopyWatch
 from ...core.errors import ConfigError, ModelMismatchError
 from ...core.progress import progress
@@ -49,6 +48,7 @@ from ...format.record import ParallelLayout
 from ...read import prefetch
 from ...read.base import LoadStats
 from ...read.modules import load_into_module, meta_parameters
+from ...read.partial import PartsRead  # not within a load's timed window
 from ...read.reader import default_num_readers, open_tensors
 from .compiled import stage_for_load
 from .meta_pass import run_meta_pass
@@ -128,7 +128,8 @@ class TensorizerLoader(BaseModelLoader):
         device = target_device(vllm_config)
         with _readers_on_every_core(device):
             uri, source, reader = self._open_checked(vllm_config, device)
-            logger.info("Loading tensors from %s onto %s", uri, device)
+            copied = " (its local copy, made during the start-up)" if source != uri else ""
+            logger.info("Loading tensors from %s%s onto %s", uri, copied, device)
             with reader, set_default_torch_dtype(model_dtype(model_config)):
                 model = self._build(reader, vllm_config, model_config, prefix, device)
                 rank0 = current_layout(vllm_config).rank == 0

@@ -15,7 +15,9 @@ Every place this package touches vLLM, in one list (vLLM 0.32 CPU / 0.33 CUDA):
    checks every rank's file (`check_engine_files`; within `resolve_remote_model`, with
    ``TENSORIZE_VLLM_MODEL_OVERLAP=1`` only, `prefetch.start` copies a one-rank remote
    model's tensors while vLLM starts), then calls vLLM's method unchanged.
-   Every other load format goes straight to vLLM.
+   Every other load format goes straight to vLLM, after one check (`check_not_converted`):
+   a local directory holding only tensorized weights, given to vLLM's default loader, is
+   refused with the flag to give.
 3. LoRA resolver registry: ``LoRAResolverRegistry.register_resolver`` adds a resolver that
    serves ``lora/<name>`` of the served tensorized model (vLLM asks resolvers only with
    ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``).
@@ -65,7 +67,7 @@ from vllm.logger import init_logger
 from ... import storage
 from ...config import TensorizerConfig
 from ...config.plan import ReadPlan, check_model_directory, resolve_read
-from ...core.errors import TensorizeError, entry_point
+from ...core.errors import ConfigError, TensorizeError, entry_point
 from ...core.redaction import scrub_records, scrubbing
 from ...format.record import ParallelLayout
 from ...inspection.checks import check_shards
@@ -74,7 +76,13 @@ from . import aot_load
 from .engine import parallel_sizes, refusal_text
 from .messages import CAPTURE_LOAD_FORMAT, LOAD_FORMAT
 
-__all__ = ["register", "check_engine_files", "resolve_remote_model", "served"]
+__all__ = [
+    "register",
+    "check_engine_files",
+    "check_not_converted",
+    "resolve_remote_model",
+    "served",
+]
 
 logger = scrubbing(init_logger(f"vllm.{__name__}"))
 
@@ -134,6 +142,8 @@ def _install_engine_hook() -> None:
     @functools.wraps(original)
     def create_engine_config(self: Any, *args: Any, **kwargs: Any) -> Any:
         if self.load_format != LOAD_FORMAT:
+            with entry_point("LLM"), _one_line_if(_serving()):
+                check_not_converted(self)
             return original(self, *args, **kwargs)
         serving = _serving()
         with entry_point("vllm serve" if serving else "LLM"), _one_line_if(serving):
@@ -143,6 +153,32 @@ def _install_engine_hook() -> None:
 
     create_engine_config._tensorize_vllm_model = True  # type: ignore[attr-defined]
     EngineArgs.create_engine_config = create_engine_config  # type: ignore[method-assign]
+
+
+# vLLM's loaders that read the Hugging Face weight files of the model directory
+_WEIGHT_FORMATS = ("auto", "safetensors", "pt")
+
+
+def check_not_converted(engine_args: Any) -> None:
+    """Refuse, with the flag to give, a local model directory that holds this package's
+    tensors (``model.tensors``, ``model-rank-*.tensors``) and no Hugging Face weights when
+    vLLM's default loader is asked to load it (it would fail with "Cannot find any model
+    weights").
+
+    Raises:
+        ConfigError: naming the directory and ``load_format="tensorizer"``.
+    """
+    model = str(engine_args.model)
+    if str(engine_args.load_format) not in _WEIGHT_FORMATS or not os.path.isdir(model):
+        return
+    names = os.listdir(model)
+    if any(n.endswith(".tensors") for n in names) and not any(
+        n.endswith((".safetensors", ".bin", ".pt")) for n in names
+    ):
+        raise ConfigError(
+            f"{model} holds tensorized weights (model.tensors) and no Hugging Face weights: "
+            f'load it with load_format="{LOAD_FORMAT}" (vllm serve: --load-format {LOAD_FORMAT})'
+        )
 
 
 def _serving() -> bool:
@@ -191,8 +227,11 @@ def check_engine_files(engine_args: Any) -> None:
     else:
         check_shards(plan.file_config(), tp, pp)
     names = engine_args.served_model_name or [str(engine_args.model)]
-    for name in [names] if isinstance(names, str) else names:
-        served[name] = config  # for the LoRA resolver in this (API server) process
+    names = [names] if isinstance(names, str) else list(names)
+    # For the LoRA resolver in this (API server) process, which vLLM asks with the engine's
+    # model path: a remote model's is the local copy of its config (resolve_remote_model).
+    for name in {*names, str(engine_args.model)}:
+        served[name] = config
 
 
 def _check_shared_file(plan: ReadPlan, model: str) -> None:
@@ -216,12 +255,12 @@ def resolve_remote_model(engine_args: Any) -> None:
 
     vLLM 0.32 hands an object-storage model path to Run:ai's streamer to pull its config,
     then refuses every load format but Run:ai's own; this runs before vLLM builds its
-    config (see `artifacts.fetch_model_files`).
+    config (see `artifacts.remote_files.fetch_model_files`).
     """
     model = str(engine_args.model or "")
     if engine_args.load_format != LOAD_FORMAT or storage.local_path(model) is not None:
         return
-    from ...artifacts.model_files import fetch_model_files
+    from ...artifacts.remote_files import fetch_model_files
 
     extra = _extra_config(engine_args)
     config = TensorizerConfig.from_extra_config({**extra, "tensorizer_dir": model})

@@ -1,0 +1,62 @@
+"""The compile cache travels with the model, end to end (two engine starts, compilation on):
+a serialize whose engine compiles keeps vLLM's AOT compile cache beside the tensors, with no
+weight bytes in it; a load on a fresh node (empty VLLM_CACHE_ROOT and inductor cache) puts
+it back and vLLM loads its AOT artifact instead of compiling. Engine-free cases (keys,
+mismatches, the switch, the archive) are in test_compile_cache.py; ready times in
+benchmarks/compile_cache.py (docs/performance.md)."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from tensorize_vllm_model.artifacts import compile_cache
+from tests.support.commands import ENGINE_FLAGS, run_serialize
+from tests.support.engines import result_of, run_engine
+
+pytestmark = pytest.mark.slow
+
+COMPILED_FLAGS = [f for f in ENGINE_FLAGS if f != "--enforce-eager"]
+
+
+def _caches(root) -> dict[str, str]:
+    return {
+        "VLLM_CACHE_ROOT": str(root / "vllm"),
+        "TORCHINDUCTOR_CACHE_DIR": str(root / "inductor"),
+    }
+
+
+def test_a_fresh_node_loads_the_shipped_compile_cache(tiny_llama, tmp_path):
+    proc = run_serialize(
+        tiny_llama,
+        tmp_path / "out",
+        "v1",
+        engine_flags=COMPILED_FLAGS,
+        env=_caches(tmp_path / "serialize-node"),
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    directory = tmp_path / "out" / "vllm" / tiny_llama.name / "v1"
+    archive = directory / "compile-cache-rank-000.tar"
+    key, files = compile_cache.read_archive(archive.read_bytes(), str(archive))
+    assert (key.dtype, key.tensor_parallel_size, key.rank) == ("bfloat16", 1, 0)
+    assert "backbone.rank/model" in files
+    assert any(n.startswith("backbone.inductor_cache/") for n in files)
+    # No weight bytes: checked here against the checkpoint itself, not only by serialize.
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tiny_llama / "model.safetensors"))
+    assert compile_cache.find_weight_bytes(files, weights.items()) is None
+    assert "no weight bytes in them" in proc.stdout + proc.stderr  # vLLM logs to stdout
+
+    fresh = tmp_path / "fresh-node"
+    spec = {"model": str(directory), "load_format": "tensorizer", "enforce_eager": False}
+    loaded = run_engine(spec, env=_caches(fresh), expect_ok=False)
+    assert isinstance(loaded, subprocess.CompletedProcess)
+    result = result_of(loaded)
+    log = loaded.stdout + loaded.stderr
+    assert "Put the shipped compile cache of" in log, log[-4000:]
+    assert "Directly load AOT compilation" in log, log[-4000:]
+    assert "Compiling model again" not in log
+    # It generates (greedy; a prompt may end early at the end-of-sequence token).
+    assert len(result["tokens"]) == 4 and all(0 < len(t) <= 16 for t in result["tokens"])
