@@ -1,12 +1,11 @@
 """The model loaders vLLM is given.
 
-* `TensorizerLoader`: the loader of ``load_format="tensorizer"``. It builds the model with
-  its parameters on the meta device (no memory, no initialisation), streams the tensors onto
-  the worker's device (``cuda:N`` or ``cpu``), then runs vLLM's weight post-processing. Which
-  file a rank reads is `plan.resolve_read`'s answer.
-* `CaptureLoader`: used only while serializing. It loads the checkpoint with vLLM's default
-  loader and keeps the weights as they are *before* post-processing (vLLM's CPU backend
-  repacks linear weights and drops the originals), for the worker extension to write.
+* `TensorizerLoader` (``load_format="tensorizer"``): builds the model on the meta device,
+  streams the tensors onto the worker's device (``cuda:N``, ``cpu``; the file a rank reads
+  is `plan.resolve_read`'s answer), then runs vLLM's weight post-processing.
+* `CaptureLoader` (serializing only): vLLM's default loader, keeping the weights as they are
+  *before* post-processing (the CPU backend repacks linear weights and drops the
+  originals), for the worker extension to write.
 """
 
 from __future__ import annotations
@@ -35,11 +34,9 @@ from ... import storage
 from ...config import TensorizerConfig
 from ...config.plan import ReadPlan, check_shared_file, resolve_read
 from ...convert.guard import check_loaded
-from ...convert.loading import (  # imported with the loader, as the readers are,
-    ConvertedFile,
-    checkpoint_tensors,
-    collections_paused,
-)
+
+# imported with the loader, as the readers are, not within a load's timed window
+from ...convert.loading import ConvertedFile, checkpoint_tensors, collections_paused
 from ...convert.regions import CopyWatch
 from ...core.errors import ConfigError, ModelMismatchError
 from ...core.progress import progress
@@ -48,7 +45,7 @@ from ...format.record import ParallelLayout
 from ...read import prefetch
 from ...read.base import LoadStats
 from ...read.modules import load_into_module, meta_parameters
-from ...read.partial import PartsRead  # not within a load's timed window
+from ...read.partial import PartsRead
 from ...read.reader import default_num_readers, open_tensors
 from .compiled import stage_for_load
 from .meta_pass import run_meta_pass
