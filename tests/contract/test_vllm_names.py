@@ -433,6 +433,7 @@ def test_serialize_extra_artifacts_from_a_local_model(tiny_llama, tmp_path):
     assert sorted(os.listdir(tmp_path / "out")) == [
         "config.json",
         "generation_config.json",
+        "tensorize_model_files.json",  # the list of the files carried
         "tokenizer.json",
         "tokenizer_config.json",
     ]

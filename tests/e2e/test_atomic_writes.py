@@ -37,10 +37,13 @@ MODEL_FILES = [
     "config.json",
     "generation_config.json",
     "model.tensors",
+    "tensorize_model_files.json",
     "tokenizer.json",
     "tokenizer_config.json",
 ]
+# The model's files, copied; then the list of them the writer adds (artifacts.MANIFEST).
 ARTIFACTS = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
+MANIFEST = "tensorize_model_files.json"
 
 
 def temp_name_pattern(final: str) -> re.Pattern:
@@ -123,7 +126,7 @@ def test_the_stand_in_serialize_succeeds(fake_engine, tiny_llama, tmp_path, monk
     assert sorted(os.listdir(directory)) == MODEL_FILES
     assert os.listdir(key.parent) == ["model.key"]
     assert len(key.read_bytes()) == 32 and (key.stat().st_mode & 0o777) == 0o600
-    assert seen == [str(directory / n) for n in ARTIFACTS] + [
+    assert seen == [str(directory / n) for n in [*ARTIFACTS, MANIFEST]] + [
         str(key),
         str(directory / "model.tensors"),
     ]
@@ -178,8 +181,8 @@ def test_failed_serialize_leaves_nothing(
         monkeypatch.setattr(shutil, "copyfile", copyfile)
         expected: type[BaseException] = OSError
     elif failure == "committing model.tensors":  # the worker's publish (phase one)
-        # after the artifacts and the new key (an earlier key is used as it is)
-        fail_commit_number(monkeypatch, len(ARTIFACTS) + (1 if earlier else 2), seen)
+        # after the artifacts, their list and the new key (an earlier key is used as it is)
+        fail_commit_number(monkeypatch, len(ARTIFACTS) + (2 if earlier else 3), seen)
         expected = StorageError
     elif failure == "finalizing model.tensors":  # the workers' commit call (phase two)
         fail_commit_number(monkeypatch, None, seen)
@@ -254,7 +257,7 @@ def test_two_ranks_publish_both_files(fake_engine, tiny_llama, tmp_path):
     directory, key = make_destination(tmp_path, earlier=False)
     template = str(directory / "model-rank-%03d.tensors")
     result = serialize_in_process(tiny_llama, directory, key, tensorizer_uri=template)
-    assert sorted(os.listdir(directory)) == sorted(ARTIFACTS + RANK_FILES)
+    assert sorted(os.listdir(directory)) == sorted([*ARTIFACTS, MANIFEST, *RANK_FILES])
     assert result.files[:2] == [str(directory / name) for name in RANK_FILES]
     first, second = ((directory / name).read_bytes() for name in RANK_FILES)
     assert first != second

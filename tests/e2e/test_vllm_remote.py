@@ -54,13 +54,7 @@ def test_serialize_to_s3_writes_the_model_directory(s3_serialized, moto, s3_env)
     directory, proc = s3_serialized
     prefix = directory[len(f"s3://{BUCKET}/") :] + "/"
     objects = s3_objects(moto, prefix)
-    assert sorted(objects) == [
-        "config.json",
-        "generation_config.json",
-        "model.tensors",
-        "tokenizer.json",
-        "tokenizer_config.json",
-    ]
+    assert sorted(objects) == SERIALIZED_FILES
     assert objects["model.tensors"] > 3_000_000
     assert proc.stdout.strip().splitlines()[-1] == directory
     assert os.listdir(s3_env["TMPDIR"]) == [] or all(
