@@ -9,13 +9,18 @@ under `CopyWatch`, which records the view each copy reads from instead of copyin
 of a contiguous tensor is a box (a start and extent per dimension); its stored bytes are
 one range of the file's tensor. When a loader does more than view and copy (a cast, an
 arithmetic op), that tensor is marked as needed whole, so the result is always right and
-only the bytes read can grow.
+only the bytes read can grow. So is a tensor whose copy is written again afterwards: a
+loader that rewrites the parameter in place after copying (Mamba2's ``A``: vLLM's
+``composed_weight_loader`` copies ``A_log``, then ``param.data.copy_(-exp(param))``), or a
+copy that lands on bytes an earlier copy wrote; the watch keeps the byte spans every
+recorded copy wrote, per storage, to see it.
 
 Plain torch; the loader in `integrations.vllm.loader` drives it.
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 from collections.abc import Iterator, Sequence
@@ -135,6 +140,8 @@ class CopyWatch(TorchDispatchMode):
         self.needs: dict[str, Need] = {}
         self._by_storage: dict[int, tuple[Need, torch.Tensor]] = {}
         self.current: Need | None = None
+        # the byte spans recorded copies wrote, per real storage: sorted [start, stop, need]
+        self._written: dict[int, list[tuple[int, int, Need]]] = {}
 
     def meta_input(self, name: str, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         """A meta tensor standing for checkpoint tensor `name`."""
@@ -159,6 +166,11 @@ class CopyWatch(TorchDispatchMode):
             owner = self._owner(args[0]) if args[0].is_meta else None
             if owner is not None:
                 owner.whole = True
+            if not (func is torch.ops.aten.copy_.default and args[1].is_meta):
+                # a real tensor written after a recorded copy into it (Mamba2's ``A``):
+                # the parameter does not end up holding the file's bytes
+                for written in _written_tensors(func, args, kwargs):
+                    self._overlapping(written, mark=True)
         if not metas or len(metas) == len(tensors):
             return func(*args, **kwargs)
         if func is torch.ops.aten.copy_.default and args[1].is_meta and not args[0].is_meta:
@@ -175,6 +187,7 @@ class CopyWatch(TorchDispatchMode):
                 need.boxes.append(box)
                 need.copies.append((box, args[0]))
                 need.views.append(View(src.storage_offset(), tuple(src.shape), src.stride()))
+                self._record_write(args[0], need)
             return args[0]
         for t in metas:
             self._whole(self._owner(t))
@@ -185,6 +198,41 @@ class CopyWatch(TorchDispatchMode):
         )
         return func(*meta[0], **meta[1])
 
+    def _record_write(self, destination: torch.Tensor, need: Need) -> None:
+        """Keep the bytes a recorded copy wrote; a copy onto bytes an earlier one wrote
+        (of this tensor or another) leaves both to vLLM's loader, in its own order."""
+        span = _byte_span(destination)
+        if span is None:
+            return
+        if self._overlapping(destination, mark=True):
+            need.whole = True
+        spans = self._written.setdefault(destination.untyped_storage().data_ptr(), [])
+        bisect.insort(spans, (*span, need), key=lambda s: s[:2])
+
+    def _overlapping(self, tensor: torch.Tensor, *, mark: bool) -> bool:
+        """Whether real `tensor`'s bytes overlap those of a recorded copy (marking the
+        copies' tensors needed whole when `mark`)."""
+        if tensor.is_meta:
+            return False
+        spans = self._written.get(tensor.untyped_storage().data_ptr())
+        span = _byte_span(tensor) if spans else None
+        if spans is None or span is None:
+            return False
+        start, stop = span
+        found = False
+        # spans are disjoint but for those already marked: look from the last starting
+        # before `stop` back while they may reach `start`
+        for _lo, hi, need in reversed(
+            spans[: bisect.bisect_left(spans, (stop,), key=lambda s: s[:1])]
+        ):
+            if hi > start:
+                found = True
+                if mark:
+                    need.whole = True
+            elif not need.whole:
+                break
+        return found
+
     def _whole(self, need: Need | None) -> None:
         # A tensor the watch cannot trace back: the one being loaded now is read whole.
         need = need or self.current
@@ -193,6 +241,37 @@ class CopyWatch(TorchDispatchMode):
 
     def results(self) -> Iterator[Need]:
         return iter(self.needs.values())
+
+
+def _byte_span(tensor: torch.Tensor) -> tuple[int, int] | None:
+    """The bytes [start, stop) of its storage that `tensor` spans (a bound for a strided
+    one); None when it has no elements."""
+    if not tensor.numel():
+        return None
+    size = tensor.element_size()
+    last = sum((int(n) - 1) * int(st) for n, st in zip(tensor.shape, tensor.stride()))
+    start = int(tensor.storage_offset()) * size
+    return start, start + (last + 1) * size
+
+
+@functools.lru_cache(maxsize=512)
+def _write_positions(func) -> tuple[tuple[int, str], ...]:
+    """(position, name) of the arguments op `func` writes, by its schema."""
+    return tuple(
+        (i, a.name)
+        for i, a in enumerate(func._schema.arguments)
+        if a.alias_info is not None and a.alias_info.is_write
+    )
+
+
+def _written_tensors(func, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The tensors op `func` writes, among `args` and `kwargs`."""
+    found: list[torch.Tensor] = []
+    for i, name in _write_positions(func):
+        value = args[i] if i < len(args) else kwargs.get(name)
+        values = value if isinstance(value, (list, tuple)) else (value,)
+        found.extend(v for v in values if isinstance(v, torch.Tensor))
+    return found
 
 
 def _tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
