@@ -224,3 +224,21 @@ def test_check_loaded_names_the_parameter_without_a_file():
     with pytest.raises(ModelMismatchError, match=r"parameter w .* tensor ckpt\.w"):
         check_loaded(watch.results(), module, lambda name, i: torch.tensor(float(i)), {})
     assert check_loaded(watch.results(), module, None, {}) == 0  # nothing to re-read
+
+
+def test_interleaved_copies_into_one_parameter_are_told_apart():
+    """Fused experts' gate and up halves (``w13[:, :I]`` and ``w13[:, I:]``: strided views
+    whose byte spans interleave) do not meet: each may still go straight in; a copy onto
+    some of the same elements does."""
+    watch = CopyWatch()
+    w13 = torch.zeros(4, 6, 8)
+    with watch:
+        gate = watch.meta_input("gate", (4, 3, 8), torch.float32)
+        up = watch.meta_input("up", (4, 3, 8), torch.float32)
+        w13[:, :3].copy_(gate)
+        w13[:, 3:].copy_(up)
+    assert not watch.needs["gate"].whole and not watch.needs["up"].whole
+    with watch:
+        again = watch.meta_input("again", (4, 2, 8), torch.float32)
+        w13[:, 2:4].copy_(again)
+    assert all(watch.needs[n].whole for n in ("gate", "up", "again"))
