@@ -242,3 +242,14 @@ def test_interleaved_copies_into_one_parameter_are_told_apart():
         again = watch.meta_input("again", (4, 2, 8), torch.float32)
         w13[:, 2:4].copy_(again)
     assert all(watch.needs[n].whole for n in ("gate", "up", "again"))
+
+
+def test_a_computed_copy_onto_another_tensors_copy_leaves_both_to_the_loader():
+    watch = CopyWatch()
+    parameter = torch.zeros(4, 8)
+    with watch:
+        first = watch.meta_input("first", (4, 8), torch.float32)
+        parameter.copy_(first)
+        second = watch.meta_input("second", (4, 8), torch.float32)
+        parameter[2:].copy_(second[2:] * 2)
+    assert watch.needs["first"].whole and watch.needs["second"].whole

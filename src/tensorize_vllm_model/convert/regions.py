@@ -183,6 +183,7 @@ class CopyWatch(TorchDispatchMode):
             )
             if need is None or box is None:
                 self._whole(need)
+                self._overlapping(args[0])  # not the file's bytes, onto a recorded copy
             else:
                 need.boxes.append(box)
                 need.copies.append((box, args[0]))
