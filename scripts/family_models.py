@@ -143,6 +143,37 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
             "no_rope_layers": [1, 1],
         },
     ),
+    # state-space layers: vLLM's mixer loads ``A`` as ``-exp(A_log)``, in place after the copy
+    "mamba2": (
+        "Mamba2Config",
+        "Mamba2ForCausalLM",
+        {
+            "hidden_size": 256,
+            "num_hidden_layers": 2,
+            "num_heads": 8,
+            "head_dim": 64,
+            "expand": 2,
+            "n_groups": 1,
+            "state_size": 16,
+            "tie_word_embeddings": False,
+        },
+    ),
+    "granitemoehybrid": (
+        "GraniteMoeHybridConfig",
+        "GraniteMoeHybridForCausalLM",
+        {
+            **_LLAMA_LIKE,
+            **_MOE,
+            "num_local_experts": 4,
+            "shared_intermediate_size": 256,
+            "layer_types": ["mamba", "attention"],
+            "mamba_n_heads": 8,
+            "mamba_d_head": 64,
+            "mamba_expand": 2,
+            "mamba_n_groups": 1,
+            "mamba_d_state": 16,
+        },
+    ),
     # an embedding model: a Qwen3 decoder with a sentence-transformers mean-pooling config
     "embedding": ("Qwen3Config", "Qwen3ForCausalLM", {**_LLAMA_LIKE, "head_dim": 64}),
 }

@@ -6,6 +6,7 @@ file gives its tensors, its buffers left out."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -55,3 +56,36 @@ def test_a_hugging_face_models_file_leaves_out_buffers(tiny_llama, tmp_path):
     assert not [n for n in got if "inv_freq" in n]
     assert set(want) <= set(got)
     assert all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_a_model_config_naming_another_model_reads_that_models_tensors(
+    converted, tiny_llama, tiny_opt, tmp_path
+):
+    """vLLM 0.34's ``reload_weights(weights_path=NEW)`` sets ``model_config.model = NEW``
+    and calls ``get_all_weights``: NEW's tensors come back, as from vLLM's default loader
+    (before: those of the directory the engine started with). The engine's own model, or a
+    directory without tensors (the local copy of a remote model's config), keeps the
+    loader's file."""
+    other = Path(convert_checkpoint(str(tiny_opt), str(tmp_path), suffix="v1").directory)
+    loader = TensorizerLoader(
+        LoadConfig(
+            load_format="tensorizer",
+            model_loader_extra_config={"tensorizer_dir": str(converted)},
+        )
+    )
+
+    def names(model: str | None) -> set[str]:
+        config = None if model is None else SimpleNamespace(model=model, revision=None)
+        return {name for name, _ in loader.get_all_weights(config, None)}  # type: ignore[arg-type]
+
+    llama, opt = (
+        set(load_file(str(tiny_llama / "model.safetensors"))),
+        set(load_file(str(tiny_opt / "model.safetensors"))),
+    )
+    assert names(str(other)) == opt
+    assert names(str(other) + "/") == opt
+    assert names(None) == llama
+    assert names(str(converted)) == llama
+    assert names(str(tiny_llama.parent / "no-such-model")) == llama
+    (tmp_path / "config-only").mkdir()
+    assert names(str(tmp_path / "config-only")) == llama

@@ -36,10 +36,16 @@ UNTILED = "model.layers.0.self_attn.q_proj.weight"  # [256, 256], stored as in t
 TILED = "model.layers.1.self_attn.o_proj.weight"  # [256, 256], stored in 8 column tiles
 
 
-def load(converted, name, parameter, view_of):
+def load(converted, name, parameter, view_of, weight_loader=None):
     """The loader's three steps for one tensor copied as ``parameter.copy_(view_of(w))``
-    into the parameter ``proj`` of a module; returns (module, the read plan's part, how
-    many elements the guard compared with the file)."""
+    (or by ``weight_loader(parameter, w)``) into the parameter ``proj`` of a module;
+    returns (module, the read plan's part, how many elements the guard compared with the
+    file)."""
+    if weight_loader is None:
+
+        def weight_loader(param, w):
+            param.data.copy_(view_of(w))
+
     module = nn.Module()
     module.register_parameter("proj", nn.Parameter(parameter, requires_grad=False))
     path = str(converted / "model.tensors")
@@ -48,11 +54,11 @@ def load(converted, name, parameter, view_of):
         watch = CopyWatch()
         with watch:
             meta = watch.meta_input(name, file.logical_shape(name), torch.bfloat16)
-            module.proj.data.copy_(view_of(meta))
+            weight_loader(module.proj, meta)
         owners = {p.untyped_storage().data_ptr() for p in module.parameters()}
         [part] = file.parts(watch.needs, owners)
         for _, tensor in file.tensors([part], PartsRead()):
-            module.proj.data.copy_(view_of(tensor))
+            weight_loader(module.proj, tensor)
         try:
             compared = check_loaded(watch.results(), module, file.element_reader(), file.tiles)
         finally:
@@ -126,6 +132,63 @@ def test_a_tensor_changed_in_place_before_its_copy_is_left_to_the_loader(convert
     assert not module.proj.any()
 
 
+def composed(fn):
+    """vLLM's ``composed_weight_loader(default_weight_loader, fn)`` (weight_utils), its two
+    lines: copy the checkpoint tensor, then rewrite the parameter in place from itself."""
+
+    def loader(param, w):
+        param.data.copy_(w)
+        param.data.copy_(fn(param))
+
+    return loader
+
+
+REWRITES = {  # the kind of Mamba2's ``A`` (``-exp(A_log)``): written again after the copy
+    "copy from a computed tensor (Mamba2's A)": composed(lambda x: -torch.exp(x.float())),
+    "in-place op after the copy": lambda p, w: (p.data.copy_(w), p.data.mul_(3)),
+    "out= op into the parameter": lambda p, w: (
+        p.data.copy_(w),
+        torch.neg(p.data.clone(), out=p.data),
+    ),
+    "second copy onto the first's bytes": lambda p, w: (
+        p.data[:128].copy_(w[:128]),
+        p.data[64:].copy_(w[128:]),
+    ),
+}
+
+
+@pytest.mark.parametrize("rewrite", list(REWRITES), ids=list(REWRITES))
+def test_a_parameter_written_again_after_its_copy_is_left_to_the_loader(converted, rewrite):
+    """A weight loader that writes the parameter again after copying the file's bytes into
+    it: vLLM's own loader runs on the real tensor (no bytes straight in), and the parameter
+    holds what it gives. Before: the bytes went straight in, the rewrite never ran, and the
+    guard compared the parameter with that first copy and agreed (a converted Mamba2 loaded
+    ``A_log`` as ``A`` silently)."""
+    name = "model.norm.weight"  # [256]
+    weight_loader = REWRITES[rewrite]
+    original = open_original(converted, name)
+    expected = torch.empty(192 if rewrite.startswith("second") else 256, dtype=original.dtype)
+    weight_loader(expected, original)
+    module, part, _ = load(converted, name, torch.empty_like(expected), None, weight_loader)
+    assert not part.targets
+    assert torch.equal(module.proj, expected)
+
+
+def test_writes_beside_a_copy_keep_the_direct_path(converted):
+    """vLLM's padded vocabulary: the rows past the checkpoint's are zeroed after the copy,
+    on bytes the copy did not write; the copy still goes straight in."""
+    original = open_original(converted, UNTILED)
+    parameter = torch.empty(384, 256, dtype=torch.bfloat16)
+
+    def padded(param, w):
+        param[: w.shape[0]].data.copy_(w)
+        param[w.shape[0] :].data.fill_(0)
+
+    module, part, compared = load(converted, UNTILED, parameter, None, padded)
+    assert part.targets and compared > 0
+    assert torch.equal(module.proj[:256], original) and not module.proj[256:].any()
+
+
 def test_a_parameter_that_misses_its_values_is_refused_by_name(converted, monkeypatch):
     """The guard's last line: with the order check switched off (the behaviour before it:
     a transposed view's bytes put straight into the parameter in file order), the load is
@@ -161,3 +224,32 @@ def test_check_loaded_names_the_parameter_without_a_file():
     with pytest.raises(ModelMismatchError, match=r"parameter w .* tensor ckpt\.w"):
         check_loaded(watch.results(), module, lambda name, i: torch.tensor(float(i)), {})
     assert check_loaded(watch.results(), module, None, {}) == 0  # nothing to re-read
+
+
+def test_interleaved_copies_into_one_parameter_are_told_apart():
+    """Fused experts' gate and up halves (``w13[:, :I]`` and ``w13[:, I:]``: strided views
+    whose byte spans interleave) do not meet: each may still go straight in; a copy onto
+    some of the same elements does."""
+    watch = CopyWatch()
+    w13 = torch.zeros(4, 6, 8)
+    with watch:
+        gate = watch.meta_input("gate", (4, 3, 8), torch.float32)
+        up = watch.meta_input("up", (4, 3, 8), torch.float32)
+        w13[:, :3].copy_(gate)
+        w13[:, 3:].copy_(up)
+    assert not watch.needs["gate"].whole and not watch.needs["up"].whole
+    with watch:
+        again = watch.meta_input("again", (4, 2, 8), torch.float32)
+        w13[:, 2:4].copy_(again)
+    assert all(watch.needs[n].whole for n in ("gate", "up", "again"))
+
+
+def test_a_computed_copy_onto_another_tensors_copy_leaves_both_to_the_loader():
+    watch = CopyWatch()
+    parameter = torch.zeros(4, 8)
+    with watch:
+        first = watch.meta_input("first", (4, 8), torch.float32)
+        parameter.copy_(first)
+        second = watch.meta_input("second", (4, 8), torch.float32)
+        parameter[2:].copy_(second[2:] * 2)
+    assert watch.needs["first"].whole and watch.needs["second"].whole

@@ -23,7 +23,14 @@ written. Two checks stand on that record:
 
 Tensors whose loaders did more than view and copy (`regions.Need.whole`) are loaded by vLLM's
 own code on the whole tensor and are not sampled; so are copies into a loader's scratch tensor
-(not a parameter or buffer of the model), which never go straight in either.
+(not a parameter or buffer of the model), which never go straight in either. "More than view
+and copy" includes every later write onto a copy's elements, which `regions.CopyWatch` sees
+in the meta pass: a loader that rewrites the parameter in place after its copy (Mamba2's
+``A = -exp(A_log)``, vLLM's ``composed_weight_loader``), an in-place or ``out=`` op on it, a
+second copy onto the same elements. So a recorded copy that is sampled is the parameter's
+last write in vLLM's default loader, and the file's element is what that loader leaves
+there; before, the first copy alone was recorded, the bytes went straight in, the rewrite
+never ran, and the check compared the parameter with that first copy and agreed.
 """
 
 from __future__ import annotations

@@ -9,13 +9,18 @@ under `CopyWatch`, which records the view each copy reads from instead of copyin
 of a contiguous tensor is a box (a start and extent per dimension); its stored bytes are
 one range of the file's tensor. When a loader does more than view and copy (a cast, an
 arithmetic op), that tensor is marked as needed whole, so the result is always right and
-only the bytes read can grow.
+only the bytes read can grow. So is a tensor whose copy is written again afterwards: a
+loader that rewrites the parameter in place after copying (Mamba2's ``A``: vLLM's
+``composed_weight_loader`` copies ``A_log``, then ``param.data.copy_(-exp(param))``), or a
+copy that lands on bytes an earlier copy wrote; the watch keeps the byte spans every
+recorded copy wrote, per storage, to see it.
 
 Plain torch; the loader in `integrations.vllm.loader` drives it.
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 from collections.abc import Iterator, Sequence
@@ -147,6 +152,8 @@ class CopyWatch(TorchDispatchMode):
         self.needs: dict[str, Need] = {}
         self._by_storage: dict[int, tuple[Need, torch.Tensor]] = {}
         self.current: Need | None = None
+        # what recorded copies wrote, per real storage: `_entry`s, sorted by their span
+        self._written: dict[int, list[list]] = {}
 
     def meta_input(self, name: str, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         """A meta tensor standing for checkpoint tensor `name`."""
@@ -171,6 +178,11 @@ class CopyWatch(TorchDispatchMode):
             owner = self._owner(args[0]) if args[0].is_meta else None
             if owner is not None:
                 owner.whole = True
+            if not (func is torch.ops.aten.copy_.default and args[1].is_meta):
+                # a real tensor written after a recorded copy into it (Mamba2's ``A``):
+                # the parameter does not end up holding the file's bytes
+                for written in _written_tensors(func, args, kwargs):
+                    self._overlapping(written)
         if not metas or len(metas) == len(tensors):
             return func(*args, **kwargs)
         if func is torch.ops.aten.copy_.default and args[1].is_meta and not args[0].is_meta:
@@ -183,10 +195,12 @@ class CopyWatch(TorchDispatchMode):
             )
             if need is None or box is None:
                 self._whole(need)
+                self._overlapping(args[0])  # not the file's bytes, onto a recorded copy
             else:
                 need.boxes.append(box)
                 need.copies.append((box, args[0]))
                 need.views.append(View(src.storage_offset(), tuple(src.shape), src.stride()))
+                self._record_write(args[0], need)
             return args[0]
         for t in metas:
             self._whole(self._owner(t))
@@ -197,6 +211,39 @@ class CopyWatch(TorchDispatchMode):
         )
         return func(*meta[0], **meta[1])
 
+    def _record_write(self, destination: torch.Tensor, need: Need) -> None:
+        """Keep the elements a recorded copy wrote; a copy onto elements an earlier one
+        wrote (of this tensor or another) leaves both to vLLM's loader, in its order."""
+        entry = _entry(destination, need)
+        if entry is None:
+            return
+        if self._overlapping(destination, entry):
+            need.whole = True
+        spans = self._written.setdefault(destination.untyped_storage().data_ptr(), [])
+        bisect.insort(spans, entry, key=lambda e: (e[0], e[1]))
+
+    def _overlapping(self, tensor: torch.Tensor, entry: list | None = None) -> bool:
+        """Whether real `tensor` (recorded as `entry`, or a tensor being written) meets the
+        elements of a recorded copy; the copies it meets are marked needed whole."""
+        if tensor.is_meta:
+            return False
+        spans = self._written.get(tensor.untyped_storage().data_ptr())
+        mine = entry or (_entry(tensor, None) if spans else None)
+        if spans is None or mine is None:
+            return False
+        start, stop, found = mine[0], mine[1], False
+        # look from the last span starting before `stop` back while one may reach `start`:
+        # past a span that meets no other span (`clean`) and ends before it, none can
+        for other in reversed(spans[: bisect.bisect_left(spans, stop, key=lambda e: e[0])]):
+            if other[1] > start:
+                if entry is not None:  # bounds that meet: earlier spans may reach past
+                    entry[4] = other[4] = False
+                if _meet(mine[3], other[3]):
+                    found = other[2].whole = True
+            elif other[4]:
+                break
+        return found
+
     def _whole(self, need: Need | None) -> None:
         # A tensor the watch cannot trace back: the one being loaded now is read whole.
         need = need or self.current
@@ -205,6 +252,74 @@ class CopyWatch(TorchDispatchMode):
 
     def results(self) -> Iterator[Need]:
         return iter(self.needs.values())
+
+
+def _entry(tensor: torch.Tensor, need: Need | None) -> list | None:
+    """[start, stop, need, layout, clean] of real `tensor`: the bytes of its storage it
+    spans (a bound for a strided one), its layout for `_meet` (element size, offset, sizes,
+    strides) and whether its span meets no other (`CopyWatch._overlapping` keeps it); None
+    when it has no elements."""
+    if not tensor.numel():
+        return None
+    size = tensor.element_size()
+    sizes = tuple(int(n) for n in tensor.shape)
+    strides = tuple(int(st) for st in tensor.stride())
+    last = sum((n - 1) * st for n, st in zip(sizes, strides))
+    start = int(tensor.storage_offset()) * size
+    layout = (size, int(tensor.storage_offset()), sizes, strides)
+    return [start, start + (last + 1) * size, need, layout, True]
+
+
+def _meet(a: tuple, b: tuple) -> bool:
+    """Whether two views of one storage (`_entry`'s layouts) may share an element: True
+    unless shown apart. Shown for views with the same element size and strides that nest
+    (each a multiple of the next, the last 1): both are boxes of one row-major array
+    (fused experts' gate and up halves, ``w13[:, :I]`` and ``w13[:, I:]``), apart when
+    their boxes are, on some dimension."""
+    (size, offset_a, sizes_a, strides), (size_b, offset_b, sizes_b, strides_b) = a, b
+    if size != size_b or strides != strides_b or len(sizes_a) != len(sizes_b):
+        return True
+    kept = [d for d in range(len(strides)) if sizes_a[d] > 1 or sizes_b[d] > 1]
+    steps = [strides[d] for d in kept]
+    if (
+        not steps
+        or steps[-1] != 1
+        or any(s <= 0 or s % t or s == t for s, t in zip(steps, steps[1:]))
+    ):
+        return True
+    radix = [0] + [s // t for s, t in zip(steps, steps[1:])]
+    boxes = []
+    for offset, sizes in ((offset_a, sizes_a), (offset_b, sizes_b)):
+        box = []
+        for j, d in enumerate(kept):
+            at = offset // steps[j] if j == 0 else offset // steps[j] % radix[j]
+            if j and at + sizes[d] > radix[j]:
+                return True  # wraps into the next row: no box
+            box.append((at, at + sizes[d]))
+        if sum(lo * st for (lo, _), st in zip(box, steps)) != offset:
+            return True
+        boxes.append(box)
+    return all(lo1 < hi2 and lo2 < hi1 for (lo1, hi1), (lo2, hi2) in zip(*boxes))
+
+
+@functools.lru_cache(maxsize=512)
+def _write_positions(func) -> tuple[tuple[int, str], ...]:
+    """(position, name) of the arguments op `func` writes, by its schema."""
+    return tuple(
+        (i, a.name)
+        for i, a in enumerate(func._schema.arguments)
+        if a.alias_info is not None and a.alias_info.is_write
+    )
+
+
+def _written_tensors(func, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The tensors op `func` writes, among `args` and `kwargs`."""
+    found: list[torch.Tensor] = []
+    for i, name in _write_positions(func):
+        value = args[i] if i < len(args) else kwargs.get(name)
+        values = value if isinstance(value, (list, tuple)) else (value,)
+        found.extend(v for v in values if isinstance(v, torch.Tensor))
+    return found
 
 
 def _tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:

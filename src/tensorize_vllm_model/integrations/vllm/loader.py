@@ -56,6 +56,8 @@ from .runtime import (
     distributed_layout,
     expert_parallel,
     model_dtype,
+    readers_on_every_core,
+    reload_config,
     target_device,
     torch_dtype_name,
 )
@@ -74,25 +76,33 @@ class TensorizerLoader(BaseModelLoader):
         self.tensorizer_config = TensorizerConfig.from_extra_config(
             load_config.model_loader_extra_config
         )
+        self._started: str | None = None  # the model path `load_model` was given
 
-    def read_plan(self, vllm_config: VllmConfig | None) -> ReadPlan:
-        """Which file this worker reads, and how (`plan.resolve_read`); without a config,
-        by this process's place in vLLM's parallel groups."""
+    def read_plan(
+        self, vllm_config: VllmConfig | None, config: TensorizerConfig | None = None
+    ) -> ReadPlan:
+        """Which file this worker reads, and how (`plan.resolve_read`), by `config` (this
+        loader's settings when None); without a vLLM config, by this process's place in
+        vLLM's parallel groups."""
         layout = current_layout(vllm_config) if vllm_config else distributed_layout()
-        return resolve_read(self.tensorizer_config, layout)
+        return resolve_read(config or self.tensorizer_config, layout)
 
     def rank_uri(self, vllm_config: VllmConfig) -> str:
         """The file this worker reads: its rank's file, or the one file every rank shares
         (`_open_checked` checks that it may be shared)."""
         return self.read_plan(vllm_config).uri
 
-    def _open_checked(self, vllm_config: VllmConfig | None, device: torch.device | str):
-        """Open this worker's file and check that it fits the layout: (uri, source,
-        reader), `source` being what the reader reads: the local copy of `uri` made
-        during the engine's start-up (`prefetch`) if there is one, else `uri`."""
-        plan = self.read_plan(vllm_config)
+    def _open_checked(
+        self, vllm_config: VllmConfig | None, device: torch.device | str, config=None
+    ):
+        """Open this worker's file (by `config`, this loader's settings when None) and
+        check that it fits the layout: (uri, source, reader), `source` being what the
+        reader reads: the local copy of `uri` made during the engine's start-up
+        (`prefetch`) if there is one, else `uri`."""
+        config = config or self.tensorizer_config
+        plan = self.read_plan(vllm_config, config)
         source = prefetch.local_copy(plan.uri) or plan.uri  # copied during the start-up
-        reader = open_tensors(source, device=device, config=self.tensorizer_config)
+        reader = open_tensors(source, device=device, config=config)
         try:
             if plan.shared:
                 check_shared_file(
@@ -122,8 +132,8 @@ class TensorizerLoader(BaseModelLoader):
     def load_model(
         self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = ""
     ) -> nn.Module:
-        device = target_device(vllm_config)
-        with _readers_on_every_core(device):
+        device, self._started = target_device(vllm_config), model_config.model
+        with readers_on_every_core(device):
             uri, source, reader = self._open_checked(vllm_config, device)
             copied = " (its local copy, made during the start-up)" if source != uri else ""
             logger.info("Loading tensors from %s%s onto %s", uri, copied, device)
@@ -187,7 +197,8 @@ class TensorizerLoader(BaseModelLoader):
 
         vllm_config = get_current_vllm_config()
         device = next(model.parameters()).device
-        _, source, reader = self._open_checked(vllm_config, device)
+        config = reload_config(self.tensorizer_config, model_config, self._started)
+        _, source, reader = self._open_checked(vllm_config, device, config)
         with reader:
             self._fill(model, reader, source, device)
 
@@ -202,8 +213,10 @@ class TensorizerLoader(BaseModelLoader):
         tensor whole. A vLLM-tensorized file (``serialize``) gives vLLM's parameter names
         and this rank's shards: what vLLM's reload with ``is_checkpoint_format=False``
         copies straight into the parameters. The tensors are on the CPU, freshly allocated.
+        Read from `model_config`'s model when it names another (`runtime.reload_config`).
         """
-        _, _, reader = self._open_checked(None, "cpu")
+        config = reload_config(self.tensorizer_config, model_config, self._started)
+        _, _, reader = self._open_checked(None, "cpu", config)
         with reader:
             if reader.checkpoint_form:
                 yield from checkpoint_tensors(reader)
@@ -359,31 +372,6 @@ class CaptureLoader(DefaultModelLoader):
             architecture=type(model).__name__,
             dtype=torch_dtype_name(model_config.dtype),
         )
-
-
-@contextlib.contextmanager
-def _readers_on_every_core(device: torch.device | str) -> Iterator[None]:
-    """Let the loader's reader threads run on every core while the weights load.
-
-    vLLM's CPU backend binds each worker to its OpenMP cores and reserves the others for its
-    engine processes, which wait idle during the load; on a small machine that leaves the
-    readers one core. Threads inherit the mask of the thread that starts them, so widening
-    this thread's mask for the load (and restoring it after) reaches the readers and nothing
-    else: vLLM's OpenMP threads keep their binding.
-    """
-    if torch.device(device).type != "cpu" or not hasattr(os, "sched_setaffinity"):
-        yield
-        return
-    try:
-        bound = os.sched_getaffinity(0)
-        os.sched_setaffinity(0, range(os.cpu_count() or 1))
-    except OSError:  # a cpuset that forbids it: keep vLLM's binding
-        yield
-        return
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, bound)
 
 
 def memory_text() -> str:

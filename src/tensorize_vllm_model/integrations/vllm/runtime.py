@@ -3,6 +3,9 @@ between calls (`WorkerState`): one object per worker process instead of module g
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -10,6 +13,7 @@ import torch
 from vllm.config import ModelConfig, VllmConfig
 
 from ... import storage
+from ...config import TensorizerConfig
 from ...format.record import ParallelLayout
 from ...read.base import LoadStats
 
@@ -26,6 +30,8 @@ __all__ = [
     "target_device",
     "torch_dtype_name",
     "model_dtype",
+    "reload_config",
+    "readers_on_every_core",
 ]
 
 
@@ -140,3 +146,56 @@ def model_dtype(model_config: ModelConfig) -> torch.dtype:
     """The model's dtype: vLLM resolves ``ModelConfig.dtype`` to a `torch.dtype` (its
     annotation also allows the names a user may give)."""
     return cast(torch.dtype, model_config.dtype)
+
+
+def reload_config(
+    config: TensorizerConfig, model_config: ModelConfig | None, started: str | None
+) -> TensorizerConfig:
+    """The tensorizer settings for ``get_all_weights(model_config, ...)``: those the engine
+    started with, unless `model_config` names another model than `started` (the engine's
+    model at load time; before any load, the settings' directory): vLLM 0.34's
+    ``reload_weights(weights_path=NEW)`` sets ``model_config.model = NEW`` and its default
+    loader then reads NEW, so this reads NEW's tensors too (``tensorizer_dir=NEW``, its
+    ``model.tensors`` or rank files; keys and other settings kept). A `model_config` model
+    that holds no tensors (the local copy of a remote model's config, a directory given
+    beside a ``tensorizer_uri``) is the engine's own: the settings stay."""
+    import dataclasses
+
+    from ...config.plan import model_directory_tensors
+    from ...core.errors import NotFound
+
+    model = str(getattr(model_config, "model", None) or "")
+    known = started if started is not None else (config.tensorizer_dir or "")
+    if not model or model.rstrip("/") == known.rstrip("/"):
+        return config
+    try:
+        if model_directory_tensors(model, config.options) is None:
+            return config
+    except NotFound:
+        return config
+    return dataclasses.replace(config, tensorizer_uri=None, tensorizer_dir=model)
+
+
+@contextlib.contextmanager
+def readers_on_every_core(device: torch.device | str) -> Iterator[None]:
+    """Let the loader's reader threads run on every core while the weights load.
+
+    vLLM's CPU backend binds each worker to its OpenMP cores and reserves the others for its
+    engine processes, which wait idle during the load; on a small machine that leaves the
+    readers one core. Threads inherit the mask of the thread that starts them, so widening
+    this thread's mask for the load (and restoring it after) reaches the readers and nothing
+    else: vLLM's OpenMP threads keep their binding.
+    """
+    if torch.device(device).type != "cpu" or not hasattr(os, "sched_setaffinity"):
+        yield
+        return
+    try:
+        bound = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))
+    except OSError:  # a cpuset that forbids it: keep vLLM's binding
+        yield
+        return
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, bound)
