@@ -44,7 +44,8 @@ test-moe:
 	TENSORIZE_MOE_MATRIX=1 .venv/bin/python -m pytest tests/e2e/test_vllm_moe.py -v
 
 # The family matrix (benchmarks/families.py): every common model family through serialize and
-# convert at TP=1 and TP=2 against vLLM's default loader; writes docs/families.md. About an
+# convert at TP=1 and TP=2 against vLLM's default loader; writes benchmarks/results/
+# families-tokens.md (docs/families.md keeps the dated tables, copied from such runs). About an
 # hour on a 2-core machine (five engines per family).
 .PHONY: families
 families:
@@ -56,7 +57,7 @@ families:
 .PHONY: families-weights
 families-weights:
 	scripts/install.sh --test
-	.venv/bin/python benchmarks/families_weights.py
+	.venv/bin/python benchmarks/families_weights.py $(FAMILIES_ARGS)
 
 # The engine-free tests against another vLLM release, in a venv of its own (about 9 GB):
 #   make other-vllm VLLM_VERSION=0.34.0 VLLM_VENV=/work/venv-034

@@ -1,5 +1,6 @@
 """The family matrix: every common model family through serialize and convert, against
-vLLM's default loader (``make families``; docs/families.md holds the last run's table).
+vLLM's default loader (``make families``; it writes benchmarks/results/families-tokens.md,
+and docs/families.md holds the tables of the runs the project took, with their dates).
 
 For each family (`scripts/family_models.FAMILIES`: a tiny random checkpoint from
 transformers' own config class) one process runs, one engine at a time:
@@ -14,7 +15,7 @@ compared with the default loader's at the same TP. A family the CPU build cannot
 vLLM's error in its row. Every engine takes /tmp/vllm-engine.lock (the project's one-engine-
 at-a-time rule on a shared machine); the table is rewritten after each family.
 
-    .venv/bin/python benchmarks/families.py [--families gpt2,qwen2] [--out docs/families.md]
+    .venv/bin/python benchmarks/families.py [--families gpt2,qwen2] [--out benchmarks/results/families-tokens.md]
 """
 
 from __future__ import annotations
@@ -277,7 +278,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", default=",".join(FAMILIES))
-    parser.add_argument("--out", default=str(ROOT / "docs" / "families.md"))
+    parser.add_argument(
+        "--out", default=str(ROOT / "benchmarks" / "results" / "families-tokens.md")
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--phase", type=int, default=1, help=argparse.SUPPRESS)
