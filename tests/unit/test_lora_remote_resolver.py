@@ -1,7 +1,7 @@
 """The LoRA resolver of ``vllm serve gs://...`` (no engine): vLLM asks resolvers with its
 engine's model path, which for a remote model is the local copy of the model's config
 (`registration.resolve_remote_model`), not the served name; the adapter must still be found
-in the remote directory's ``lora/``. Found by tests/test_vllm_cloud_uris.py's ``vllm
+in the remote directory's ``lora/``. Found by tests/e2e/test_vllm_cloud_uris.py's ``vllm
 serve`` (HTTP 404 "LoRA adapter ... does not exist" before the fix). Real fake-gcs-server,
 real `convert` and `lora.stage_adapter`, vLLM's own `EngineArgs` and resolver registry."""
 

@@ -177,48 +177,64 @@ def test_http_cache_fetches_what_the_writer_listed(whole_model, tmp_path, monkey
 
 def test_sub_directory_weights_over_the_cap_are_listed(whole_model, tmp_path, monkeypatch):
     """Weights of a sub-directory are carried up to the cap; over it they are listed with
-    a reason that says vLLM will miss them (carrying and the S3 cache alike)."""
+    a reason that says vLLM will miss them; a module of ``modules.json`` (a ``2_Dense``
+    projection, which vLLM reads) is carried whatever its size."""
+    model = tmp_path / "model"
+    shutil.copytree(whole_model, model)
+    (model / "onnx").mkdir()
+    (model / "onnx" / "model.safetensors").write_bytes(b"x" * 9)
     monkeypatch.setattr(model_files, "MAX_ARTIFACT_BYTES", 8)
-    monkeypatch.setenv("TENSORIZE_VLLM_MODEL_CACHE", str(tmp_path / "cache"))
     with storage.transaction() as tx:
-        left = {
-            x.path: x.reason for x in stage_artifacts(tx, [str(whole_model)], str(tmp_path / "o"))
-        }
-    assert (
-        "vLLM" in left["2_Dense/model.safetensors"] and "miss" in left["2_Dense/model.safetensors"]
-    )
-    assert not (tmp_path / "o" / "2_Dense" / "model.safetensors").exists()
+        left = {x.path: x.reason for x in stage_artifacts(tx, [str(model)], str(tmp_path / "o"))}
+    assert "vLLM" in left["onnx/model.safetensors"] and "miss" in left["onnx/model.safetensors"]
+    assert not (tmp_path / "o" / "onnx" / "model.safetensors").exists()
+    dense = "2_Dense/model.safetensors"
+    assert dense not in left
+    assert (tmp_path / "o" / dense).read_bytes() == (model / dense).read_bytes()
 
 
 def test_linked_sub_directories_are_followed_once(whole_model, tmp_path):
-    """A sub-directory that is a link (``1_Pooling -> elsewhere``) is carried; a link
-    back to a directory already walked (a loop) is listed, not followed."""
-    model = tmp_path / "model"
+    """A sub-directory that is a link (``1_Pooling -> elsewhere``) is carried, and so is a
+    second name for it (``2_Pool -> 1_Pooling``); a link to a directory that holds the model
+    or the directory being walked (a loop, a parent, ``/``: files from outside the model) is
+    listed, not followed."""
+    model = tmp_path / "models" / "model"
     shutil.copytree(whole_model, model)
+    (tmp_path / "models" / "other").mkdir()
+    (tmp_path / "models" / "other" / "secret.json").write_text("{}")
     real = tmp_path / "pooling"
     shutil.move(str(model / "1_Pooling"), real)
     (model / "1_Pooling").symlink_to(real, target_is_directory=True)
+    (model / "2_Pool").symlink_to(model / "1_Pooling", target_is_directory=True)
     (real / "loop").symlink_to(model, target_is_directory=True)
+    (model / "up").symlink_to("..", target_is_directory=True)
+    (model / "root").symlink_to("/", target_is_directory=True)
     with storage.transaction() as tx:
         left = stage_artifacts(tx, [str(model)], str(tmp_path / "out"))
-    got = tmp_path / "out" / "1_Pooling" / "config.json"
-    assert got.read_text() == POOLING["1_Pooling/config.json"]
-    assert "1_Pooling/loop/" in [x.path for x in left]
-    assert not (tmp_path / "out" / "1_Pooling" / "loop").exists()
+    out = tmp_path / "out"
+    for name in ("1_Pooling", "2_Pool"):
+        assert (out / name / "config.json").read_text() == POOLING["1_Pooling/config.json"]
+    assert {"1_Pooling/loop/", "2_Pool/loop/", "up/", "root/"} <= {x.path for x in left}
+    for name in ("1_Pooling/loop", "up", "root"):
+        assert not (out / name).exists()
 
 
 def test_s3_cache_leaves_out_files_over_the_cap(whole_model, moto, tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(model_files, "MAX_ARTIFACT_BYTES", 8)
-    monkeypatch.setattr("tensorize_vllm_model.artifacts.remote_files.MAX_ARTIFACT_BYTES", 8)
+    monkeypatch.setattr(model_files, "MAX_ARTIFACT_BYTES", 2048)
+    monkeypatch.setattr("tensorize_vllm_model.artifacts.remote_files.MAX_ARTIFACT_BYTES", 2048)
     monkeypatch.setenv("TENSORIZE_VLLM_MODEL_CACHE", str(tmp_path / "cache"))
     prefix = uuid.uuid4().hex
     client = moto.client()
     client.put_object(Bucket=BUCKET, Key=f"{prefix}/config.json", Body=b"{}")
-    client.put_object(Bucket=BUCKET, Key=f"{prefix}/2_Dense/model.safetensors", Body=b"x" * 9)
+    client.put_object(Bucket=BUCKET, Key=f"{prefix}/2_Dense/model.safetensors", Body=b"x" * 4096)
     caplog.set_level("INFO", logger="tensorize_vllm_model")
     local = fetch_model_files(f"s3://{BUCKET}/{prefix}", s3_options(moto.endpoint))
     assert files_under(local) == ["config.json"]
     assert "2_Dense/model.safetensors (larger than" in caplog.text
+    # named by modules.json: vLLM reads the module's weights, so they come whatever the size
+    client.put_object(Bucket=BUCKET, Key=f"{prefix}/modules.json", Body=POOLING["modules.json"])
+    local = fetch_model_files(f"s3://{BUCKET}/{prefix}", s3_options(moto.endpoint))
+    assert files_under(local) == ["2_Dense/model.safetensors", "config.json", "modules.json"]
 
 
 def test_vllm_finds_the_dense_projection_of_a_converted_model(tiny_llama, tmp_path):

@@ -32,6 +32,8 @@ from ..core.redaction import scrubbing
 __all__ = [
     "MANIFEST",
     "MAX_ARTIFACT_BYTES",
+    "module_directories",
+    "in_module",
     "WEIGHT_SUFFIXES",
     "LeftOut",
     "is_artifact_name",
@@ -95,6 +97,31 @@ def is_artifact_name(name: str) -> bool:
     return len(parts) > 1 or not name.endswith(WEIGHT_SUFFIXES)
 
 
+def module_directories(modules: object) -> set[str]:
+    """The sub-directories a sentence-transformers ``modules.json`` (parsed) names: vLLM
+    reads their weights (a ``2_Dense`` projection) from the model directory, so their files
+    are carried whatever their size."""
+    found = set()
+    for module in modules if isinstance(modules, list) else []:
+        sub = str(module.get("path") or "").strip("/") if isinstance(module, dict) else ""
+        if sub and is_artifact_name(sub):
+            found.add(sub)
+    return found
+
+
+def in_module(name: str, modules: set[str]) -> bool:
+    """Whether relative path `name` lies in one of `modules` (`module_directories`)."""
+    return any(name.startswith(m + "/") for m in modules)
+
+
+def _modules_of(directory: str) -> set[str]:
+    try:
+        with open(os.path.join(directory, "modules.json")) as f:
+            return module_directories(json.load(f))
+    except (OSError, ValueError):
+        return set()
+
+
 def too_large(name: str) -> LeftOut:
     """`name` left out for being larger than `MAX_ARTIFACT_BYTES`."""
     return LeftOut(
@@ -125,15 +152,19 @@ def _reason(name: str) -> str:
 def artifact_files(directory: str, output: str | None = None) -> tuple[list[str], list[LeftOut]]:
     """(relative paths of the files of local `directory` to carry, sorted; what is left out).
 
-    Walks sub-directories, linked ones too (each real directory once: a link back to one
-    already walked is listed as left out), but not hidden ones or one that holds the local
-    `output` directory (a serialize into the model's own directory)."""
+    Walks sub-directories, linked ones too (a second name for a directory is walked again),
+    but not hidden ones, one that holds the model directory or the directory being walked (a
+    link to a parent, ``/`` or home: a loop, or files from outside the model), or one that
+    holds the local `output` directory (a serialize into the model's own directory). Files of
+    the module directories of ``modules.json`` are carried whatever their size."""
     carried: list[str] = []
     left: list[LeftOut] = []
     inside = os.path.realpath(output) + os.sep if output else None
-    walked = {os.path.realpath(directory)}
+    modules = _modules_of(directory)
+    model = os.path.realpath(directory) + os.sep
     for root, dirs, files in os.walk(directory, followlinks=True):
         rel_root = os.path.relpath(root, directory)
+        here = os.path.realpath(root) + os.sep
         keep = []
         for d in sorted(dirs):
             real = os.path.realpath(os.path.join(root, d))
@@ -141,10 +172,11 @@ def artifact_files(directory: str, output: str | None = None) -> tuple[list[str]
                 left.append(LeftOut(_rel(rel_root, d) + "/", "hidden"))
             elif inside is not None and inside.startswith(real + os.sep):
                 left.append(LeftOut(_rel(rel_root, d) + "/", "holds the output directory"))
-            elif real in walked:
-                left.append(LeftOut(_rel(rel_root, d) + "/", "a link to a directory walked"))
+            elif here.startswith(holder := real.rstrip(os.sep) + os.sep) or model.startswith(
+                holder
+            ):
+                left.append(LeftOut(_rel(rel_root, d) + "/", "a link to a directory holding it"))
             else:
-                walked.add(real)
                 keep.append(d)
         dirs[:] = keep
         for name in sorted(files):
@@ -154,7 +186,7 @@ def artifact_files(directory: str, output: str | None = None) -> tuple[list[str]
                 left.append(LeftOut(rel, _reason(rel)))
             elif not os.path.isfile(path):
                 left.append(LeftOut(rel, "not a regular file (a broken link?)"))
-            elif os.path.getsize(path) > MAX_ARTIFACT_BYTES:
+            elif os.path.getsize(path) > MAX_ARTIFACT_BYTES and not in_module(rel, modules):
                 left.append(too_large(rel))
             elif rel != MANIFEST:  # `stage_artifacts` writes its own
                 carried.append(rel)

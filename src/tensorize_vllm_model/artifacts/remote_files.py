@@ -19,8 +19,10 @@ from .model_files import (
     MANIFEST,
     MAX_ARTIFACT_BYTES,
     LeftOut,
+    in_module,
     is_artifact_name,
     left_out,
+    module_directories,
     too_large,
 )
 
@@ -54,7 +56,12 @@ _WELL_KNOWN = (
     "config_sentence_transformers.json",
 )
 # the files of a sentence-transformers module directory (``1_Pooling``, ``2_Dense``, ...)
-_MODULE_FILES = ("config.json", "sentence_bert_config.json", "model.safetensors")
+_MODULE_FILES = (
+    "config.json",
+    "sentence_bert_config.json",
+    "model.safetensors",
+    "pytorch_model.bin",
+)
 
 
 def fetch_model_files(uri: str, options: storage.Options = None) -> str:
@@ -142,21 +149,31 @@ def _fetch_all(
     """Fetch files `names` (relative paths) of `uri` into local directory `into`: the
     names fetched (a missing one is skipped unless `required`; one too large is added to
     `left`)."""
-    fetched = []
+    fetched, large = [], []
     for name in names:
         try:
             data = _fetch(uri, name, options, required=required)
         except TooLarge:
+            large.append(name)
+            continue
+        if data is not None:
+            _write(into, name, data)
+            fetched.append(name)
+    modules = module_directories(_json(os.path.join(into, "modules.json")))
+    for name in large:  # a module's weights (vLLM reads them) whatever their size
+        if not in_module(name, modules):
             left.append(too_large(name))
             continue
-        if data is None:
-            continue
-        path = os.path.join(into, *name.split("/"))
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb") as f:
-            f.write(data)
+        _write(into, name, storage.read_bytes(storage.join(uri, name), options))
         fetched.append(name)
     return fetched
+
+
+def _write(into: str, name: str, data: bytes) -> None:
+    path = os.path.join(into, *name.split("/"))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 def _named_by(local: str, fetched: list[str]) -> list[str]:
@@ -164,11 +181,8 @@ def _named_by(local: str, fetched: list[str]) -> list[str]:
     directories of ``modules.json`` (sentence-transformers) and the remote code of
     ``auto_map``."""
     wanted: list[str] = []
-    modules = _json(os.path.join(local, "modules.json"))
-    for module in modules if isinstance(modules, list) else []:
-        sub = str(module.get("path") or "").strip("/") if isinstance(module, dict) else ""
-        if sub and is_artifact_name(sub):
-            wanted += [f"{sub}/{n}" for n in _MODULE_FILES]
+    for sub in sorted(module_directories(_json(os.path.join(local, "modules.json")))):
+        wanted += [f"{sub}/{n}" for n in _MODULE_FILES]
     for config in ("config.json", "tokenizer_config.json"):
         wanted += _remote_code(_json(os.path.join(local, config)))
     return [n for n in dict.fromkeys(wanted) if n not in fetched]

@@ -1,3 +1,4 @@
-"""Reading tensors files: one protocol (`base`), one module per read engine (`local`,
-`remote`, `tensorizer`; `decrypt` for the first two), and the reader that opens a file and
-picks the engine (`reader`). See `read.base` for the request type."""
+"""Reading tensors files: one protocol (`base`), one read core (`memory`, `checks`,
+`source`), one module per read engine (`local` with `staged`, `remote`, `ranges`,
+`tensorizer`; `decrypt` for encrypted files), a converted load's partial reads (`parts`,
+`partial`, `scatter`), and the reader that opens a file and picks the engine (`reader`)."""
