@@ -171,7 +171,8 @@ def rank_rss(path: str, config: dict, tp: int, rank: int, mode: str, key: str | 
 
     from tensorize_vllm_model import TensorizerConfig, open_tensors
     from tensorize_vllm_model.convert.placement import rank_reads
-    from tensorize_vllm_model.read.partial import Part, read_parts
+    from tensorize_vllm_model.read.partial import read_parts
+    from tensorize_vllm_model.read.parts import Part
 
     tc = TensorizerConfig(tensorizer_uri=path, encryption_keyfile=key)
     with open_tensors(path, config=tc) as reader:

@@ -227,7 +227,7 @@ def test_options_cross_to_vllms_workers_as_plain_data():
 
 
 def test_a_read_request_carries_the_configs_options(tmp_path):
-    from tensorize_vllm_model.read.reader import request_from_config
+    from tensorize_vllm_model.read.request import request_from_config
 
     cfg = TensorizerConfig(tensorizer_uri=str(tmp_path / "model.tensors"))
     request = request_from_config(cfg.tensorizer_uri or "", cfg)

@@ -25,7 +25,8 @@ from tensorize_vllm_model.convert.placement import (
 from tensorize_vllm_model.convert.regions import CopyWatch, box_byte_range, view_box
 from tensorize_vllm_model.core.errors import ConfigError, LayoutError, StorageError
 from tensorize_vllm_model.format.record import MARKER_NAME
-from tensorize_vllm_model.read.partial import Part, PartsRead, read_parts
+from tensorize_vllm_model.read.partial import read_parts
+from tensorize_vllm_model.read.parts import Part, PartsRead
 from tests.support import SERIALIZED_FILES
 from tests.support.commands import convert_without_vllm
 

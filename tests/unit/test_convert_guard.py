@@ -22,7 +22,7 @@ from tensorize_vllm_model.convert import convert_checkpoint, loading
 from tensorize_vllm_model.convert.guard import check_loaded, direct_copy_ok, stored_index
 from tensorize_vllm_model.convert.regions import CopyWatch, View
 from tensorize_vllm_model.core.errors import ModelMismatchError
-from tensorize_vllm_model.read.partial import PartsRead
+from tensorize_vllm_model.read.parts import PartsRead
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,8 @@ import torch
 
 from .. import storage
 from ..core.errors import FormatError
-from ..read.partial import Part, PartsRead, open_source, read_parts
+from ..read.partial import open_source, read_parts
+from ..read.parts import Part, PartsRead
 from .guard import FileElements, direct_copy_ok
 from .placement import logical_shape
 from .regions import CopyWatch, Need, box_byte_range

@@ -31,7 +31,7 @@ from .parts import Part, PartsRead
 from .scatter import read_scattered, read_tiles_scattered
 from .source import ByteSource, LocalSource, RemoteSource
 
-__all__ = ["Part", "PartsRead", "read_parts", "ranged_source", "open_source"]
+__all__ = ["read_parts", "ranged_source", "open_source"]
 
 PIECE_BYTES = 8 << 20  # one read request
 # Reads of a local file smaller than this go to the reading threads in batches of about

@@ -44,7 +44,6 @@ __all__ = [
     "TensorEntry",
     "open_tensors",
     "open_request",
-    "request_from_config",
     "choose_engine",
     "default_num_readers",
 ]

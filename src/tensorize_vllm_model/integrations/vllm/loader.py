@@ -45,7 +45,7 @@ from ...format.record import ParallelLayout
 from ...read import prefetch
 from ...read.base import LoadStats
 from ...read.modules import load_into_module, meta_parameters
-from ...read.partial import PartsRead
+from ...read.parts import PartsRead
 from ...read.reader import default_num_readers, open_tensors
 from .compiled import stage_for_load
 from .meta_pass import run_meta_pass
