@@ -90,6 +90,8 @@ def test_derived_copies_are_the_whole_meta_pass(slots, tp, tps):
     assert {int(n.split(".")[5]) for n in layout.elsewhere} == set(range(EXPERTS)) - set(local)
     watch = meta_pass(layers, [n for n in names() if n not in layout.derived | layout.elsewhere])
     assert layout.derive(watch, shape_of) == []
+    assert all(n not in watch.needs for n in layout.derived)  # runs, not a Need each
+    layout.spread(watch.needs)
     for name in names():
         if name in layout.elsewhere:
             assert name not in watch.needs or not watch.needs[name].needed
@@ -113,6 +115,7 @@ def test_derived_copies_write_what_the_loader_writes():
     layout = plan_experts(names(), lambda prefix: layers[prefix].slots)
     watch = meta_pass(layers, [n for n in names() if n not in layout.derived])
     layout.derive(watch, shape_of)
+    layout.spread(watch.needs)
     for name, need in watch.needs.items():
         for (_, destination), view in zip(need.copies, need.views):
             source = tensors[name].reshape(-1).as_strided(view.sizes, view.strides, view.offset)

@@ -28,7 +28,7 @@ import torch
 
 from .regions import CopyWatch, Need
 
-__all__ = ["ExpertLayout", "plan_experts"]
+__all__ = ["ExpertLayout", "ExpertRun", "plan_experts"]
 
 _EXPERT = re.compile(r"^(.+\.experts)\.(\d+)\.(.+)$")
 
@@ -44,19 +44,40 @@ class _Layer:
 
 
 @dataclass
+class ExpertRun:
+    """A layer's derived experts for one checkpoint piece (``gate_proj.weight``, ...): each
+    is copied as `template` (the layer's first local expert's `Need`, which the meta pass
+    recorded), into its own slot: `shifts[k]` slots past the template's for `names[k]`,
+    `steps[i]` storage elements per slot for the template's copy i. Kept as one run, not a
+    `Need` per expert, so that a plain local file reads and checks the run as a whole
+    (`convert.runs`); `needs` spells it out per expert for every other read."""
+
+    template: Need
+    names: list[str] = field(default_factory=list)
+    shifts: list[int] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+
+    def needs(self) -> list[Need]:
+        """One `Need` per derived tensor: the template's copies moved by its slots."""
+        pairs = zip(self.names, self.shifts)
+        return [_moved(self.template, name, shift, self.steps) for name, shift in pairs]
+
+
+@dataclass
 class ExpertLayout:
     """Which expert tensors skip the meta pass (`derived`: their copies come from the
     layer's first two experts') and which need no read at all (`elsewhere`: experts of
-    other expert-parallel ranks)."""
+    other expert-parallel ranks); once derived, the `runs` that hold their copies."""
 
     layers: dict[str, _Layer] = field(default_factory=dict)
     derived: set[str] = field(default_factory=set)
     elsewhere: set[str] = field(default_factory=set)
+    runs: list[ExpertRun] = field(default_factory=list)
 
     def derive(self, watch: CopyWatch, shape_of: Callable[[str], Sequence[int]]) -> list[str]:
-        """Record in `watch` the copies of every derived tensor, from its layer's first two
-        local experts' copies (which the meta pass recorded). Returns the derived tensors
-        that could not be derived so: they need the meta pass themselves."""
+        """Record in `runs` the copies of every derived tensor, from its layer's first two
+        local experts' copies (which the meta pass recorded in `watch`). Returns the derived
+        tensors that could not be derived so: they need the meta pass themselves."""
         fallback: list[str] = []
         for layer in self.layers.values():
             local = layer.local()
@@ -67,19 +88,27 @@ class ExpertLayout:
                 template = watch.needs.get(name)
                 other = watch.needs.get(layer.names[second].get(rest, ""))
                 steps = _steps(template, other, layer.slots[second] - layer.slots[first])
+                run = None
+                if steps is not None and template is not None:
+                    run = ExpertRun(template, steps=steps)
                 for expert in local[2:]:
                     target = layer.names[expert].get(rest)
                     if target is None:
                         continue
-                    need = None
-                    if steps is not None and template is not None:
-                        shift = layer.slots[expert] - layer.slots[first]
-                        need = _moved(template, target, shape_of(target), steps, shift)
-                    if need is None:
+                    shift = layer.slots[expert] - layer.slots[first]
+                    if run is None or not _fits(run, tuple(shape_of(target)), shift):
                         fallback.append(target)
                     else:
-                        watch.needs[target] = need
+                        run.names.append(target)
+                        run.shifts.append(shift)
+                if run is not None and run.names:
+                    self.runs.append(run)
         return fallback
+
+    def spread(self, needs: dict[str, Need]) -> None:
+        """Put every run's tensors into `needs`, a `Need` each (`ExpertRun.needs`)."""
+        for run in self.runs:
+            needs.update((need.name, need) for need in run.needs())
 
 
 def plan_experts(names: Iterable[str], slots_of: Callable[[str], list[int] | None]) -> ExpertLayout:
@@ -137,20 +166,26 @@ def _steps(a: Need | None, b: Need | None, slots: int) -> list[int] | None:
     return steps
 
 
-def _moved(
-    template: Need, name: str, shape: Sequence[int], steps: list[int], shift: int
-) -> Need | None:
-    """`template`'s copies, each written `shift` slots further on, for tensor `name`; None
-    where its shape differs or a moved copy would leave its storage."""
-    if tuple(shape) != template.shape:
-        return None
-    copies = []
-    for (box, x), step in zip(template.copies, steps):
+def _fits(run: ExpertRun, shape: tuple[int, ...], shift: int) -> bool:
+    """Whether a tensor of `shape`, `shift` slots past the template, can take the template's
+    copies moved there: the same shape, every moved copy inside its storage."""
+    if shape != run.template.shape:
+        return False
+    for (_, x), step in zip(run.template.copies, run.steps):
         offset = x.storage_offset() + shift * step
         end = offset + sum((s - 1) * st for s, st in zip(x.shape, x.stride()) if s)
         if offset < 0 or end >= x.untyped_storage().nbytes() // x.element_size():
-            return None
-        copies.append((box, torch.as_strided(x, x.shape, x.stride(), offset)))
+            return False
+    return True
+
+
+def _moved(template: Need, name: str, shift: int, steps: list[int]) -> Need:
+    """`template`'s copies, each written `shift` slots further on, for tensor `name` (of the
+    template's shape, the moved copies inside their storages: `_fits`)."""
+    copies = [
+        (box, torch.as_strided(x, x.shape, x.stride(), x.storage_offset() + shift * step))
+        for (box, x), step in zip(template.copies, steps)
+    ]
     return Need(
         name,
         template.shape,

@@ -46,7 +46,15 @@ from torch import nn
 from ..core.errors import ModelMismatchError
 from .regions import Need, View
 
-__all__ = ["direct_copy_ok", "check_loaded", "stored_index", "FileElements", "SAMPLES"]
+__all__ = [
+    "direct_copy_ok",
+    "check_loaded",
+    "stored_index",
+    "samples_of",
+    "Samples",
+    "FileElements",
+    "SAMPLES",
+]
 
 SAMPLES = 5  # elements compared per recorded copy: first, last, middle and two more
 # Copies of one view into one storage (a layer's experts into its stacked weight) past the
@@ -155,7 +163,7 @@ def check_loaded(
     source = read_element if isinstance(read_element, FileElements) else _ByCall(read_element)
     names = {p.untyped_storage().data_ptr(): n for n, p in model.named_parameters()}
     names.update({b.untyped_storage().data_ptr(): n for n, b in model.named_buffers()})
-    samples: dict[tuple[int, Any], _Samples] = {}
+    samples: dict[tuple[int, Any], Samples] = {}
     seen: dict[tuple[int, View], int] = {}  # copies sampled by storage and view
     for need in needs:
         if need.whole:
@@ -171,7 +179,7 @@ def check_loaded(
     return sum(len(group.offsets) for group in samples.values())
 
 
-class _Samples:
+class Samples:
     """Sampled elements written into one storage (`flat`: all of it, the destination's
     dtype) from tensors of one stored dtype: where they are and what the file holds."""
 
@@ -210,7 +218,7 @@ def _sample_copy(
     later: list[torch.Tensor],
     source: FileElements | _ByCall,
     tiles: Mapping[str, int],
-    into: tuple[dict[tuple[int, Any], _Samples], dict[tuple[int, View], int]],
+    into: tuple[dict[tuple[int, Any], Samples], dict[tuple[int, View], int]],
 ) -> None:
     """Add the sampled elements of one recorded copy into `destination` to `into`'s
     samples (all `SAMPLES`, or the middle one past `FULL_COPIES` copies of its view)."""
@@ -220,7 +228,7 @@ def _sample_copy(
     spans = [_span(d) for d in later if d.untyped_storage().data_ptr() == ptr]
     group = None
     tiled = tiles.get(need.name, 0)
-    chosen = _samples_of(shape, strides, view, need.shape, tiled)
+    chosen = samples_of(shape, strides, view, need.shape, tiled)
     copies = seen[ptr, view] = seen.get((ptr, view), 0) + 1
     if copies > FULL_COPIES:
         chosen = chosen[len(chosen) // 2 :][:1]
@@ -233,7 +241,7 @@ def _sample_copy(
             key = (ptr, kind)
             if key not in samples:
                 size = destination.untyped_storage().nbytes() // destination.element_size()
-                samples[key] = _Samples(destination.detach().as_strided((size,), (1,), 0))
+                samples[key] = Samples(destination.detach().as_strided((size,), (1,), 0))
             group = samples[key]
         group.offsets.append(place)
         group.places.append(where)
@@ -241,7 +249,7 @@ def _sample_copy(
 
 
 @functools.lru_cache(maxsize=4096)
-def _samples_of(
+def samples_of(
     shape: tuple[int, ...], strides: tuple[int, ...], view: View, logical: tuple, tiles: int
 ) -> tuple[tuple[list[int], int, int], ...]:
     """(index in the destination, its storage offset from the destination's, the

@@ -27,12 +27,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .. import storage
-from ..core.errors import FormatError
+from ..core.errors import FormatError, StorageError
 from ..read.partial import open_source, read_parts
 from ..read.parts import Part, PartsRead
 from .guard import FileElements, direct_copy_ok
 from .placement import logical_shape
 from .regions import CopyWatch, Need, box_byte_range
+from .runs import RunReads, read_runs
 
 if TYPE_CHECKING:
     from ..config import TensorizerConfig
@@ -62,9 +63,11 @@ class ConvertedFile:
         # read whole (not only this rank's rows or columns) and checked (`format.hashes`).
         self.verify = bool(getattr(config, "verify_hash", False))
         self._elements: FileElements | None = None  # `element_reader`'s
-        self._owners: set[int] | None = None  # `parts`' owners
+        # the storage addresses of the model's parameters and buffers: bytes go straight
+        # only into those (`parts`, `direct_targets`)
+        self.owners: set[int] | None = None
 
-    def _dtype(self, name: str) -> torch.dtype:
+    def stored_dtype(self, name: str) -> torch.dtype:
         dtype = getattr(torch, self.entries[name].dtype, None)
         if not isinstance(dtype, torch.dtype):
             raise FormatError(
@@ -72,6 +75,12 @@ class ConvertedFile:
                 f"{self.entries[name].dtype}, which torch does not have"
             )
         return dtype
+
+    @property
+    def plain_local(self) -> bool:
+        """Whether the file is local and not encrypted (its bytes can go straight in, and
+        single elements be re-read cheaply)."""
+        return storage.local_path(self.uri) is not None and not self.reader.encrypted
 
     def logical_shape(self, name: str) -> tuple[int, ...]:
         return logical_shape(self.entries[name].shape, self.tiles.get(name, 0))
@@ -82,14 +91,14 @@ class ConvertedFile:
         """(name, meta tensor of its checkpoint shape) of every tensor (or of `names`), in
         file order (in `names`' order)."""
         for name in self.entries if names is None else names:
-            yield name, watch.meta_input(name, self.logical_shape(name), self._dtype(name))
+            yield name, watch.meta_input(name, self.logical_shape(name), self.stored_dtype(name))
 
     def parts(self, needs: dict[str, Need], owners: set[int] | None = None) -> list[Part]:
         """One `Part` per tensor this rank needs, in file order. With `owners` (the storage
         addresses of the model's parameters and buffers), bytes go straight only into those:
         a copy into a loader's scratch tensor, which the loader then works on, is left to
         the loader (the meta pass already ran that work, on the scratch's old contents)."""
-        self._owners = owners
+        self.owners = owners if owners is not None else self.owners
         chosen = [
             (name, needs[name]) for name in self.entries if name in needs and needs[name].needed
         ]
@@ -97,26 +106,26 @@ class ConvertedFile:
         parts = []
         for (name, need), cipher in zip(chosen, ciphers):
             entry = self.index[name]
-            dtype, tiles = self._dtype(name), self.tiles.get(name, 0)
+            dtype, tiles = self.stored_dtype(name), self.tiles.get(name, 0)
             if need.whole or self.verify:
                 start, stop = 0, entry.data_length
             else:
                 start, stop = box_byte_range(need.boxes, need.shape, dtype.itemsize, tiles)
-            targets = () if need.whole or self.verify else self._direct(name, need)
+            targets = () if need.whole or self.verify else self.direct_targets(name, need)
             shape = self.logical_shape(name)
             parts.append(Part(name, entry, start, stop, cipher, targets, dtype, tiles, shape))
         return parts
 
-    def _direct(self, name: str, need: Need) -> tuple[tuple[int, int, torch.Tensor], ...]:
+    def direct_targets(self, name: str, need: Need) -> tuple[tuple[int, int, torch.Tensor], ...]:
         """Where every copy of the tensor is one byte range of it -> a CPU tensor of the
         same size (a contiguous parameter or its rows; of a tiled tensor, the columns of
         whole tiles, all rows, into a parameter of that shape): those bytes go straight
         there (`read.partial`: read in place, or piece by piece through a small buffer when
         decrypted, cast by ``copy_`` as the weight loader's copy would, or tiled), with no
         buffer of the whole part. Empty when any copy is not like that."""
-        dtype = self._dtype(name)
+        dtype = self.stored_dtype(name)
         tiles = self.tiles.get(name, 0)
-        owners = self._owners
+        owners = self.owners
         targets = []
         for (box, destination), view in zip(need.copies, need.views):
             if destination.device.type != "cpu":
@@ -167,7 +176,7 @@ class ConvertedFile:
         def place(name: str, index: int) -> tuple[torch.dtype, int]:
             found = tensors.get(name)
             if found is None:
-                found = tensors[name] = (self._dtype(name), self.index[name].data_offset)
+                found = tensors[name] = (self.stored_dtype(name), self.index[name].data_offset)
             return found[0], found[1] + index * found[0].itemsize
 
         self._elements = FileElements(path, place)
@@ -200,13 +209,27 @@ class ConvertedFile:
             )
         return found
 
-    def tensors(self, parts: list[Part], read: PartsRead) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, tensor in its checkpoint shape) of every part, its needed bytes read."""
+    def tensors(
+        self, parts: list[Part], read: PartsRead, runs: RunReads | None = None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor in its checkpoint shape) of every part, its needed bytes read;
+        first, `runs` (`convert.runs`) are read straight into their parameters."""
         from ..core.progress import resize
 
         options = self.config.options
         on_bytes = self.reader.on_bytes  # the load's progress: this rank's share of the file
-        resize(on_bytes, sum(part.span[1] - part.span[0] for part in parts))
+        ahead = runs.bytes if runs is not None else 0
+        resize(on_bytes, ahead + sum(part.span[1] - part.span[0] for part in parts))
+        if runs is not None and ahead:
+            path = storage.local_path(self.uri)
+            assert path is not None  # runs are planned for plain local files only
+            try:
+                read.requests += read_runs(path, runs, self.threads, uri=self.reader.uri)
+            except OSError as e:
+                raise StorageError(f"cannot read {self.reader.uri}: {e}") from None
+            read.bytes += ahead
+            if on_bytes is not None:
+                on_bytes(ahead)
         for part, buffer in read_parts(
             self.uri, parts, threads=self.threads, options=options, stats=read
         ):
@@ -216,7 +239,9 @@ class ConvertedFile:
                 continue
             if self.verify:
                 self._check_hash(part, buffer, options)
-            stored = buffer.view(self._dtype(part.name)).reshape(self.entries[part.name].shape)
+            stored = buffer.view(self.stored_dtype(part.name)).reshape(
+                self.entries[part.name].shape
+            )
             yield part.name, (_untile(stored, part) if part.tiles else stored)
 
     def _check_hash(self, part: Part, buffer: torch.Tensor, options: Any) -> None:

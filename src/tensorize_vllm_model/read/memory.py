@@ -18,7 +18,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["byte_view", "populate", "make_present", "fresh_bytes", "read_rows"]
+__all__ = [
+    "byte_view",
+    "populate",
+    "make_present",
+    "fresh_bytes",
+    "read_rows",
+    "preadv_iovecs",
+    "has_preadv",
+]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _MADV_POPULATE_WRITE = 23  # Linux 5.14+
@@ -101,14 +109,31 @@ def read_rows(fd: int, rows: torch.Tensor, offset: int) -> bool:
     iovecs[:, 1] = width
     for first in range(0, count, _IOV_MAX):
         n = min(_IOV_MAX, count - first)
-        address = iovecs.ctypes.data + first * iovecs.strides[0]
-        got = function(fd, address, n, offset + first * width)
-        if got < 0:
-            error = ctypes.get_errno()
-            raise OSError(error, os.strerror(error))
+        got = preadv_iovecs(fd, iovecs[first : first + n], offset + first * width)
         if got != n * width:  # a regular file returns less only at its end
             raise EOFError(offset + first * width + got)
     return True
+
+
+def preadv_iovecs(fd: int, iovecs: Any, offset: int) -> int:
+    """The C library's ``preadv`` of `iovecs` (a C-contiguous numpy uint64 array of
+    ``(address, length)`` rows, at most `_IOV_MAX`) from file `offset`: the bytes read.
+
+    Raises:
+        OSError: the read failed, or ``preadv`` cannot be called here (`has_preadv`).
+    """
+    if _preadv is None:
+        raise OSError("the C library's preadv cannot be called on this system")
+    got = _preadv(fd, iovecs.ctypes.data, len(iovecs), offset)
+    if got < 0:
+        error = ctypes.get_errno()
+        raise OSError(error, os.strerror(error))
+    return int(got)
+
+
+def has_preadv() -> bool:
+    """Whether `preadv_iovecs` can be called here (Linux's C library)."""
+    return _preadv is not None
 
 
 _preadv = _libc(

@@ -20,7 +20,7 @@ import torch
 
 from .memory import byte_view
 
-__all__ = ["read_scattered", "read_tiles_scattered", "GAP_BYTES"]
+__all__ = ["read_scattered", "read_tiles_scattered", "read_at", "GAP_BYTES"]
 
 GAP_BYTES = 64 << 10  # bytes between two ranges read (and dropped) rather than skipped
 IOV_MAX = 1024  # buffers per preadv call (Linux UIO_MAXIOV)
@@ -106,3 +106,44 @@ def read_tiles_scattered(
             populate(tensor.data_ptr(), end.data_ptr() + tensor.element_size() - tensor.data_ptr())
         stored = buffer[at : at + length].view(tensor.dtype).view(-1, part.shape[0], part.tile_row)
         tensor.unflatten(1, (-1, part.tile_row)).transpose(0, 1).copy_(stored)
+
+
+def read_at(fd: int, offsets: Any, addresses: Any, lengths: Any) -> int:
+    """Read ``lengths[i]`` bytes of the file at ``offsets[i]`` into memory at
+    ``addresses[i]``, for every i (numpy int64 arrays; `offsets` ascending, the ranges apart),
+    in few ``preadv`` calls made through the C library (no Python object per read): reads at
+    most `GAP_BYTES` apart share a call, the bytes between them read into a scratch buffer.
+    The memory must be writable and stay alive for the call. Returns the calls made.
+
+    Raises:
+        OSError: a read failed (or the C library's ``preadv`` cannot be called here:
+            `read.memory.has_preadv`).
+        EOFError: the file ends before a read does.
+    """
+    import numpy as np
+
+    from .memory import preadv_iovecs
+
+    count = len(offsets)
+    if not count:
+        return 0
+    ends = offsets + lengths
+    gaps = np.zeros(count, dtype=np.int64)
+    gaps[1:] = offsets[1:] - ends[:-1]
+    cuts = np.flatnonzero((gaps < 0) | (gaps > GAP_BYTES)).tolist()
+    scratch = np.empty(GAP_BYTES, dtype=np.uint8)
+    calls = 0
+    for lo, hi in zip([0, *cuts], [*cuts, count]):
+        for first in range(lo, hi, IOV_MAX // 2):
+            last = min(hi, first + IOV_MAX // 2)
+            iovecs = np.empty((2 * (last - first) - 1, 2), dtype=np.uint64)
+            iovecs[0::2, 0] = addresses[first:last]
+            iovecs[0::2, 1] = lengths[first:last]
+            iovecs[1::2, 0] = scratch.ctypes.data
+            iovecs[1::2, 1] = gaps[first + 1 : last]
+            want = int(ends[last - 1] - offsets[first])
+            got = preadv_iovecs(fd, iovecs, int(offsets[first]))
+            calls += 1
+            if got != want:  # a regular file returns less only at its end
+                raise EOFError(int(offsets[first]) + got)
+    return calls

@@ -38,6 +38,7 @@ from ...convert.guard import check_loaded
 # imported with the loader, as the readers are, not within a load's timed window
 from ...convert.loading import ConvertedFile, checkpoint_tensors, collections_paused
 from ...convert.regions import CopyWatch
+from ...convert.runs import RunReads, check_runs, plan_runs
 from ...core.errors import ConfigError, ModelMismatchError
 from ...core.progress import progress
 from ...core.redaction import scrubbing
@@ -239,29 +240,33 @@ class TensorizerLoader(BaseModelLoader):
         watch = CopyWatch()
         clock.append(time.perf_counter())
         with _naming_tensor(reader, watch), watch:
-            loaded = run_meta_pass(_vllm_model(model), converted, watch)
+            loaded, runs = run_meta_pass(_vllm_model(model), converted, watch)
         clock.append(time.perf_counter())
         _check_all_loaded(model, loaded, reader)
-        owners = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-        parts = converted.parts(watch.needs, owners)
+        converted.owners = {
+            t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())
+        }
+        reads = plan_runs(converted, runs, watch.needs)  # the rest spelled out into needs
+        parts = converted.parts(watch.needs)
         STATE.last_parts[:] = [
             (p.name, p.entry.data_offset + p.span[0], p.entry.data_offset + p.span[1])
             for p in parts
-        ]
+        ] + reads.ranges()
         read = PartsRead()
         clock.append(time.perf_counter())
         with _naming_tensor(reader, watch):
-            _vllm_model(model).load_weights(converted.tensors(parts, read))
+            _vllm_model(model).load_weights(converted.tensors(parts, read, reads))
         clock.append(time.perf_counter())
-        _check_against_file(model, watch, converted)
+        _check_against_file(model, watch, converted, reads)
         clock.append(time.perf_counter())
-        index, meta, plan, reads, guard = (b - a for a, b in zip(clock, clock[1:]))
+        index, meta, plan, reading, guard = (b - a for a, b in zip(clock, clock[1:]))
         logger.info(  # where a converted load's time goes (benchmarks/moe.py reads it)
             "Meta pass over %d tensors took %.2f s (before it: names and pieces %.2f s; "
-            "after: read plan %.2f s, reads %.2f s, guard %.2f s)",
-            *(len(converted.entries), meta, index, plan, reads, guard),
+            "after: read plan %.2f s, reads %.2f s, guard %.2f s; %d derived experts' "
+            "tensors read in runs)",
+            *(len(converted.entries), meta, index, plan, reading, guard, len(reads.names)),
         )
-        return reader.stats(tensors=len(parts), nbytes=read.bytes)
+        return reader.stats(tensors=len(parts) + len(reads.names), nbytes=read.bytes)
 
     @staticmethod
     def _load_hf_weights(model: nn.Module, reader: Any) -> LoadStats:
@@ -318,12 +323,18 @@ def _check_pieces(model: nn.Module, names: Iterable[str], source: str) -> None:
     check_pieces(names, packed, to_dict() if to_dict is not None else {}, source=source)
 
 
-def _check_against_file(model: nn.Module, watch: CopyWatch, converted: ConvertedFile) -> None:
-    """Sampled elements of every parameter against the file's (`convert.guard`); refuses
-    the load naming a parameter that does not hold what vLLM's default loader puts there."""
+def _check_against_file(
+    model: nn.Module, watch: CopyWatch, converted: ConvertedFile, runs: RunReads
+) -> None:
+    """Sampled elements of every parameter against the file's (`convert.guard`, and
+    `convert.runs` for runs of derived experts); refuses the load naming a parameter that
+    does not hold what vLLM's default loader puts there."""
     read_element = converted.element_reader()
     try:
         compared = check_loaded(watch.results(), model, read_element, converted.tiles)
+        if read_element is not None and runs.checks:
+            names = {p.untyped_storage().data_ptr(): n for n, p in model.named_parameters()}
+            compared += check_runs(runs, names, read_element)
     finally:
         converted.close_element_reader()
     logger.debug("guard: %d sampled elements match the file", compared)

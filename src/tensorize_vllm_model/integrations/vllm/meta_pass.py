@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from ...convert.experts import plan_experts
+from ...convert.experts import ExpertRun, plan_experts
 from ...convert.loading import ConvertedFile
 from ...convert.regions import CopyWatch
 
@@ -47,11 +47,14 @@ def expert_slots(model: nn.Module, prefix: str) -> list[int] | None:
     return None
 
 
-def run_meta_pass(model: Any, converted: ConvertedFile, watch: CopyWatch) -> set[str] | None:
+def run_meta_pass(
+    model: Any, converted: ConvertedFile, watch: CopyWatch
+) -> tuple[set[str] | None, list[ExpertRun]]:
     """Run ``model.load_weights`` on meta inputs under `watch` (already entered) and return
-    what it says it loaded (None where it says nothing): every tensor but the experts
-    `convert.experts` derives, whose copies are then recorded from the derived ones; those
-    that cannot be derived go through ``load_weights`` after."""
+    what it says it loaded (None where it says nothing) and the runs of derived experts:
+    every tensor but the experts `convert.experts` derives goes through ``load_weights``;
+    the derived ones' copies are the runs' (`convert.experts.ExpertRun`, not in
+    `watch.needs`); those that cannot be derived go through ``load_weights`` after."""
     layout = plan_experts(converted.entries, lambda prefix: expert_slots(model, prefix))
     skipped = layout.derived | layout.elsewhere
     first = [name for name in converted.entries if name not in skipped]
@@ -61,4 +64,4 @@ def run_meta_pass(model: Any, converted: ConvertedFile, watch: CopyWatch) -> set
         more = model.load_weights(converted.meta_inputs(watch, fallback))
         if loaded is not None and more is not None:
             loaded = set(loaded) | set(more)
-    return None if loaded is None else set(loaded)
+    return (None if loaded is None else set(loaded)), layout.runs
