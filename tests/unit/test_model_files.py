@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -233,8 +234,18 @@ def test_s3_cache_leaves_out_files_over_the_cap(whole_model, moto, tmp_path, mon
     assert "2_Dense/model.safetensors (larger than" in caplog.text
     # named by modules.json: vLLM reads the module's weights, so they come whatever the size
     client.put_object(Bucket=BUCKET, Key=f"{prefix}/modules.json", Body=POOLING["modules.json"])
+    # copied to disk in pieces, never read into memory whole
+    monkeypatch.setattr("tensorize_vllm_model.artifacts.remote_files.COPY_BYTES", 1000)
+    whole = storage.read_bytes
+
+    def read_bytes(uri, options=None, *, limit=None):
+        assert limit is not None, f"{uri} read into memory whole"
+        return whole(uri, options, limit=limit)
+
+    monkeypatch.setattr(storage, "read_bytes", read_bytes)
     local = fetch_model_files(f"s3://{BUCKET}/{prefix}", s3_options(moto.endpoint))
     assert files_under(local) == ["2_Dense/model.safetensors", "config.json", "modules.json"]
+    assert (Path(local) / "2_Dense" / "model.safetensors").read_bytes() == b"x" * 4096
 
 
 def test_vllm_finds_the_dense_projection_of_a_converted_model(tiny_llama, tmp_path):

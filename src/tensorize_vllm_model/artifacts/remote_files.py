@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 
 from .. import storage
 from ..core.errors import NotFound, StorageError, TooLarge
@@ -33,6 +34,7 @@ logger = scrubbing("tensorize_vllm_model")
 # What an HTTP server (which cannot list a directory) is asked for when the directory has no
 # `MANIFEST` (not written by this package); remote code named by ``auto_map`` and
 # sentence-transformers modules named by ``modules.json`` are asked too.
+COPY_BYTES = 8 << 20  # a large module weight is copied to the cache in pieces of this
 _WELL_KNOWN = (
     "config.json",
     "generation_config.json",
@@ -164,9 +166,18 @@ def _fetch_all(
         if not in_module(name, modules):
             left.append(too_large(name))
             continue
-        _write(into, name, storage.read_bytes(storage.join(uri, name), options))
+        _copy(storage.join(uri, name), into, name, options)
         fetched.append(name)
     return fetched
+
+
+def _copy(source: str, into: str, name: str, options: storage.Options) -> None:
+    """Copy remote file `source` to `name` under `into` in pieces of `COPY_BYTES`: a module
+    weight larger than `MAX_ARTIFACT_BYTES` never sits in memory whole."""
+    path = os.path.join(into, *name.split("/"))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with storage.open_read(source, options) as stream, open(path, "wb") as f:
+        shutil.copyfileobj(stream, f, COPY_BYTES)
 
 
 def _write(into: str, name: str, data: bytes) -> None:
