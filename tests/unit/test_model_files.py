@@ -65,7 +65,10 @@ EXTRA = {
     "additional_chat_templates/tool_use.jinja": "{{ tools }}",
     **POOLING,
 }
-NOT_CARRIED = {".git/HEAD": "ref: refs/heads/main\n"}
+NOT_CARRIED = {
+    ".git/HEAD": "ref: refs/heads/main\n",
+    "compile-cache-rank-000.tar": "a rank's compile cache, read from beside its tensors",
+}
 TOP_WEIGHTS = {"model.safetensors"}
 
 

@@ -74,6 +74,9 @@ _OWN_SUFFIXES = (".tensors", ".lock", ".key")
 # asked of an offline Hub cache, which cannot list a repository
 _OFFLINE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken", ".vocab", ".py")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# each rank's compile cache (`compile_cache.archive_uri`): read by that rank from beside its
+# tensors, never carried or fetched with the model's files
+_COMPILE_ARCHIVE = re.compile(r"^compile-cache-rank-\d+\.tar$")
 
 
 @dataclass(frozen=True)
@@ -90,9 +93,12 @@ class LeftOut:
 def is_artifact_name(name: str) -> bool:
     """Whether the file at relative path `name` ("/"-separated) is one to carry: plain
     names (no hidden part, no ``..``), not the model's top-level weights, not this
-    package's tensors, key or lock files. Its size is checked apart (`too_large`)."""
+    package's tensors, key, lock or compile-cache files. Its size is checked apart
+    (`too_large`)."""
     parts = name.split("/")
     if not all(_SAFE_NAME.match(p) for p in parts) or name.endswith(_OWN_SUFFIXES):
+        return False
+    if _COMPILE_ARCHIVE.match(name):
         return False
     return len(parts) > 1 or not name.endswith(WEIGHT_SUFFIXES)
 
