@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..read.checks import truncated
-from ..read.memory import fresh_bytes, has_preadv, populate
+from ..read.memory import has_preadv, make_present, populate
 from ..read.scatter import read_at
 from .guard import Samples, samples_of, stored_index
 
@@ -57,7 +57,6 @@ class RunReads:
     addresses: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     lengths: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     names: list[str] = field(default_factory=list)  # the tensor of each read
-    spans: list[tuple[int, int]] = field(default_factory=list)  # (address, bytes) to populate
     copies: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # tiled
     checks: list[_Check] = field(default_factory=list)
     keep: list[torch.Tensor] = field(default_factory=list)  # buffers the reads go into
@@ -112,8 +111,6 @@ class _Plan:
             addresses = self._tiled(destination, lo, hi, shifts, step, tiles, template)
         else:
             addresses = destination.data_ptr() + shifts * (step * destination.element_size())
-            first, last = int(addresses.min()), int(addresses.max()) + hi - lo
-            self.reads.spans.append((first, last - first))
         lengths = np.full(len(starts), hi - lo, dtype=np.int64)
         self.parts.append((starts + lo, addresses, lengths, run.names))
         self._check(run, destination, step, shifts, starts, stored, tiles)
@@ -134,7 +131,7 @@ class _Plan:
         into ``[experts, out, tiles read, width]`` of the experts' slots."""
         out, inputs = template.shape
         width, count, size = inputs // tiles, len(shifts), hi - lo
-        buffer = fresh_bytes(count * size)
+        buffer = torch.empty(count * size, dtype=torch.uint8)  # populated by its reader
         stored = buffer.view(destination.dtype).view(count, -1, out, width)
         read_tiles = stored.shape[1]
         delta = int(shifts[1] - shifts[0]) if count > 1 else 1
@@ -146,9 +143,6 @@ class _Plan:
         )
         self.reads.copies.append((written, stored.permute(0, 2, 1, 3)))
         self.reads.keep.append(buffer)
-        first = written[0, 0, 0, :1].data_ptr()
-        last = written[-1, -1, -1, -1:].data_ptr() + destination.element_size()
-        self.reads.spans.append((first, last - first))
         return buffer.data_ptr() + np.arange(count, dtype=np.int64) * size
 
     def _check(
@@ -210,27 +204,45 @@ def read_runs(path: str, reads: RunReads, threads: int, *, uri: str) -> int:
     count = len(reads.offsets)
     if not count:
         return 0
-    for address, length in reads.spans:
-        populate(address, length)
     cuts = np.linspace(0, count, min(max(1, threads), count) + 1).astype(int).tolist()
     fd = os.open(path, os.O_RDONLY)
+
+    def read(share: tuple[int, int]) -> int:
+        a, b = share
+        addresses, lengths = reads.addresses[a:b], reads.lengths[a:b]
+        _populate(addresses, lengths)  # by each reader: the pages it is about to fill
+        return read_at(fd, reads.offsets[a:b], addresses, lengths)
+
+    def put(copy: tuple[torch.Tensor, torch.Tensor]) -> None:
+        written, stored = copy
+        make_present(written)
+        written.copy_(stored)
+
     try:
-
-        def read(share: tuple[int, int]) -> int:
-            a, b = share
-            return read_at(fd, reads.offsets[a:b], reads.addresses[a:b], reads.lengths[a:b])
-
         with ThreadPoolExecutor(len(cuts) - 1) as pool:
             calls = sum(pool.map(read, zip(cuts, cuts[1:])))
+            list(pool.map(put, reads.copies))
     except EOFError as e:
         at = int(np.searchsorted(reads.offsets, int(e.args[0]), side="right")) - 1
         raise truncated(uri, reads.names[max(at, 0)]) from None
     finally:
         os.close(fd)
-    for written, stored in reads.copies:
-        written.copy_(stored)
     reads.keep.clear()
     return calls
+
+
+def _populate(addresses: np.ndarray, lengths: np.ndarray) -> None:
+    """Make the pages under every ``[address, address + length)`` present, the ranges that
+    meet merged first (a layer's experts lie one after another: a few calls per layer)."""
+    if not len(addresses):
+        return
+    order = np.argsort(addresses, kind="stable")
+    starts = addresses[order]
+    ends = np.maximum.accumulate(starts + lengths[order])
+    first = np.flatnonzero(np.concatenate(([True], starts[1:] > ends[:-1])))
+    last = np.concatenate((first[1:] - 1, [len(starts) - 1]))
+    for start, end in zip(starts[first].tolist(), ends[last].tolist()):
+        populate(start, end - start)
 
 
 def check_runs(reads: RunReads, names: dict[int, str], source: Any) -> int:
