@@ -593,6 +593,9 @@ def parse_vllm_log(text: str) -> dict:
     if phases:
         keys = ("names_and_pieces", "read_plan", "reads", "guard")
         result["converted_phases"] = dict(zip(keys, map(float, phases.groups())))
+        opened = re.search(r"the file's index opened in ([\d.]+) s", text)
+        if opened:
+            result["converted_phases"]["index_opened"] = float(opened.group(1))
     # Ours logs the worker's memory once the tensors are in and after vLLM's post-processing.
     times = re.search(
         r"(\d+) readers: making pages present ([\d.]+) s, reading ([\d.]+) s"
