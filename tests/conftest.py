@@ -28,7 +28,13 @@ EMULATORS = {"moto", "moto_tls", "seaweed", "fake_gcs", "azurite"}
 EMULATED_STORES = {"s3", "s3-https", "s3-seaweedfs", "gcs", "azure"}
 # Session fixtures that start a vLLM engine: a test using one is marked `slow` too, so that
 # `-m "not slow"` starts no engine even where a test forgot its marker.
-ENGINE_FIXTURES = {"llama_reference", "llama_serialized", "llama_encrypted"}
+ENGINE_FIXTURES = {
+    "llama_reference",
+    "float32_reference",
+    "opt_reference",
+    "llama_serialized",
+    "llama_encrypted",
+}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -76,6 +82,19 @@ def tiny_opt(tmp_path_factory) -> Path:
 def llama_reference(tiny_llama):
     """Greedy tokens of the original tiny Llama, loaded by vLLM's default loader."""
     return run_engine({"model": str(tiny_llama)})
+
+
+@pytest.fixture(scope="session")
+def float32_reference(tiny_llama):
+    """Greedy tokens of the original tiny Llama at TP=1 in float32 (vLLM's default loader):
+    what TP=2 loads are compared with (vLLM's own TP=1 and TP=2 agree in float32)."""
+    return run_engine({"model": str(tiny_llama), "dtype": "float32"})
+
+
+@pytest.fixture(scope="session")
+def opt_reference(tiny_opt):
+    """Greedy tokens of the original tiny OPT (tied embeddings), vLLM's default loader."""
+    return run_engine({"model": str(tiny_opt)})
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ import shutil
 
 import pytest
 
-from tests.support.commands import ENGINE_FLAGS, assert_ok, run_cli
+from tests.support.commands import ENGINE_FLAGS, IN_PROCESS, assert_ok, run_cli
 from tests.support.engines import MAX_TOKENS, PROMPTS, run_builtin, run_engine
 
 pytestmark = pytest.mark.slow
@@ -125,6 +125,7 @@ def test_deserialize_serialized_directory_and_kwargs(llama_serialized, llama_ref
         PROMPTS[0],
         "--max-tokens",
         MAX_TOKENS,
+        env=IN_PROCESS,
     )
     assert_ok(proc)
     assert f"Generated: {llama_reference['texts'][0]!r}" in proc.stdout

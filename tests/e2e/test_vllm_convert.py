@@ -2,10 +2,12 @@
 build) at several layouts, each rank reading only its share.
 
 * TP=1: the same greedy tokens as vLLM's default loader on the original checkpoint
-  (Llama-like and OPT-like models), through ``LLM(...)`` and ``vllm serve``.
+  (Llama-like and OPT-like models), through ``LLM(...)`` and ``vllm serve``; every byte of
+  every tensor read once.
 * TP=2 (float32, where vLLM's own TP=1 and TP=2 agree: see test_vllm_parallel): the same
-  tokens as TP=1 from the same file; each rank reads about half the file, exactly the
-  ranges the name-based read plan (`convert.placement`) predicts.
+  tokens as vLLM's default loader at TP=1 on the checkpoint (`float32_reference`, shared
+  with test_vllm_parallel and test_vllm_ray); each rank reads about half the file, exactly
+  the ranges the name-based read plan (`convert.placement`) predicts.
 * Encrypted, on S3 (moto), at TP=2: the same tokens; each rank reads whole cipher chunks.
 * From HTTP at TP=2: the bytes the server sent for the tensors file are counted by the
   server and match what the ranks planned to read.
@@ -50,19 +52,6 @@ def llama_f32(tiny_llama, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def f32_tp1(llama_f32):
-    return run_engine(
-        {
-            "model": str(llama_f32),
-            "load_format": "tensorizer",
-            "dtype": "float32",
-            "worker_extension_cls": WORKER_EXTENSION,
-        },
-        stats=True,
-    )
-
-
-@pytest.fixture(scope="module")
 def f32_tp2(llama_f32):
     return run_engine(
         {
@@ -79,18 +68,26 @@ def f32_tp2(llama_f32):
 
 
 def test_tp1_matches_the_default_loader_on_the_checkpoint(llama_bf16, llama_reference):
-    result = run_engine({"model": str(llama_bf16), "load_format": "tensorizer"})
-    assert result["tokens"] == llama_reference["tokens"]
-
-
-def test_opt_tp1_matches_the_default_loader(tiny_opt, tmp_path):
-    convert(tiny_opt, tmp_path)
-    reference = run_engine({"model": str(tiny_opt)}, prompts=PROMPTS[:2])
     result = run_engine(
-        {"model": str(tmp_path / "vllm" / "tiny-opt" / "v1"), "load_format": "tensorizer"},
-        prompts=PROMPTS[:2],
+        {
+            "model": str(llama_bf16),
+            "load_format": "tensorizer",
+            "worker_extension_cls": WORKER_EXTENSION,
+        },
+        stats=True,
     )
-    assert result["tokens"] == reference["tokens"]
+    assert result["tokens"] == llama_reference["tokens"]
+    # TP=1 reads every byte of every tensor, once
+    _, _, total = file_tensors(llama_bf16 / "model.tensors")
+    assert result["stats"][0]["bytes"] == total
+
+
+def test_opt_tp1_matches_the_default_loader(tiny_opt, opt_reference, tmp_path):
+    convert(tiny_opt, tmp_path)
+    result = run_engine(
+        {"model": str(tmp_path / "vllm" / "tiny-opt" / "v1"), "load_format": "tensorizer"}
+    )
+    assert result["tokens"] == opt_reference["tokens"]
 
 
 def file_tensors(path) -> tuple[list[TensorShape], dict, int]:
@@ -100,13 +97,11 @@ def file_tensors(path) -> tuple[list[TensorShape], dict, int]:
     return shapes, offsets, sum(s.bytes for s in shapes)
 
 
-def test_tp2_same_tokens_as_tp1_reading_half(llama_f32, f32_tp1, f32_tp2, tiny_llama):
+def test_tp2_same_tokens_as_tp1_reading_half(llama_f32, float32_reference, f32_tp2, tiny_llama):
     import json
 
-    assert f32_tp2["tokens"] == f32_tp1["tokens"]
+    assert f32_tp2["tokens"] == float32_reference["tokens"]
     shapes, offsets, total = file_tensors(llama_f32 / "model.tensors")
-    # TP=1 reads every byte of every tensor, once
-    assert f32_tp1["stats"][0]["bytes"] == total
     config = json.loads((tiny_llama / "config.json").read_text())
     for rank, (stats, plan) in enumerate(zip(f32_tp2["stats"], f32_tp2["read_plan"])):
         assert stats["bytes"] <= 0.6 * total
@@ -117,7 +112,7 @@ def test_tp2_same_tokens_as_tp1_reading_half(llama_f32, f32_tp1, f32_tp2, tiny_l
         assert {tuple(p) for p in plan} == expected
 
 
-def test_encrypted_on_s3_at_tp2(tiny_llama, llama_f32, moto, f32_tp1):
+def test_encrypted_on_s3_at_tp2(tiny_llama, llama_f32, moto, float32_reference):
     prefix = f"convert/{uuid.uuid4().hex}"
     env = {
         **RANKS_ENV,
@@ -158,7 +153,7 @@ def test_encrypted_on_s3_at_tp2(tiny_llama, llama_f32, moto, f32_tp1):
         env=env,
         separate_processes=True,
     )
-    assert result["tokens"] == f32_tp1["tokens"]
+    assert result["tokens"] == float32_reference["tokens"]
     # The tiny model's tensors are smaller than one 2 MiB cipher chunk: read whole.
     assert all(s["bytes"] > 0 for s in result["stats"])
 
@@ -202,7 +197,7 @@ def test_overlap_reads_a_converted_file_from_s3_once(tiny_llama, moto, llama_ref
     assert size <= proxy.passed < 1.6 * size
 
 
-def test_http_tp2_bytes_counted_by_the_server(llama_f32, web_root, web_servers, f32_tp1):
+def test_http_tp2_bytes_counted_by_the_server(llama_f32, web_root, web_servers, float32_reference):
     target = web_root / "converted" / uuid.uuid4().hex
     shutil.copytree(llama_f32, target)
     server = web_servers["http-1.1"]
@@ -223,7 +218,7 @@ def test_http_tp2_bytes_counted_by_the_server(llama_f32, web_root, web_servers, 
         env=RANKS_ENV,
         separate_processes=True,
     )
-    assert result["tokens"] == f32_tp1["tokens"]
+    assert result["tokens"] == float32_reference["tokens"]
     size = (target / "model.tensors").stat().st_size
     served = []
     for method, path, ranged in server.requests:

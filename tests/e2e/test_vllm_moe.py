@@ -132,7 +132,11 @@ def test_tp2_matches_the_default_loader_at_tp2(moe, moe_converted):
 def test_serialize_with_expert_parallelism_loads_back(moe, tmp_path):
     flags = [f if f != "0.3" else "0.15" for f in ENGINE_FLAGS]
     flags += ["--tensor-parallel-size", "2", "--enable-expert-parallel"]
-    assert_ok(run_serialize(moe, tmp_path, "ep", engine_flags=flags, env=RANKS_ENV))
+    assert_ok(
+        run_serialize(
+            moe, tmp_path, "ep", engine_flags=flags, env=RANKS_ENV, separate_processes=True
+        )
+    )
     directory = tmp_path / "vllm" / moe.name / "ep"
     checkpoint = load_file(str(moe / "model.safetensors"))
     for rank in (0, 1):  # each rank file holds its own 4 experts, whole (vLLM's w13: gate; up)

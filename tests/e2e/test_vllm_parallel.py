@@ -35,12 +35,6 @@ FLOAT32 = ["--dtype", "float32"]  # after FLAGS: the last --dtype wins
 
 
 @pytest.fixture(scope="module")
-def float32_reference(tiny_llama):
-    """Greedy tokens of the original model at TP=1 in float32 (vLLM's default loader)."""
-    return run_engine({"model": str(tiny_llama), "dtype": "float32"})
-
-
-@pytest.fixture(scope="module")
 def tp2_serialized(tiny_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("tp2")
     proc = run_serialize(
@@ -49,6 +43,7 @@ def tp2_serialized(tiny_llama, tmp_path_factory):
         "tp2",
         engine_flags=[*FLAGS, *FLOAT32, "--tensor-parallel-size", "2"],
         env=RANKS_ENV,
+        separate_processes=True,
     )
     assert_ok(proc)
     return out / "vllm" / "tiny-llama" / "tp2"
@@ -155,6 +150,7 @@ def pp2_on_s3(tiny_llama, moto, tmp_path_factory):
         "--allow-http",
         engine_flags=[*FLAGS, "--pipeline-parallel-size", "2"],
         env=env,
+        separate_processes=True,
     )
     assert_ok(proc)
     return f"s3://{BUCKET}/{prefix}/vllm/tiny-llama/pp2", key, env

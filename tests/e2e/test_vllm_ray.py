@@ -92,14 +92,10 @@ def ray_env():
     assert _processes_under(temp) == []
 
 
-@pytest.fixture(scope="module")
-def float32_reference(tiny_llama):
-    """Greedy tokens of the original model at TP=1 in float32 (vLLM's default loader)."""
-    return run_engine({"model": str(tiny_llama), "dtype": "float32"})
-
-
 def _serialize(model: Path, out: Path, env: dict[str, str], *backend: str) -> Path:
-    proc = run_serialize(model, out, "tp2", engine_flags=[*FLAGS, *backend], env=env)
+    proc = run_serialize(
+        model, out, "tp2", engine_flags=[*FLAGS, *backend], env=env, separate_processes=True
+    )
     assert_ok(proc)
     if "ray" in backend:  # vLLM's Ray executor ran, on this cluster (it logs its placement group)
         assert "placement group" in proc.stdout + proc.stderr

@@ -45,7 +45,14 @@ def s3_objects(moto, prefix: str) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def s3_serialized(tiny_llama, moto, s3_env):
     prefix = f"runs/{uuid.uuid4().hex}"
-    proc = run_serialize(tiny_llama, f"s3://{BUCKET}/{prefix}", "v1", "--allow-http", env=s3_env)
+    proc = run_serialize(
+        tiny_llama,
+        f"s3://{BUCKET}/{prefix}",
+        "v1",
+        "--allow-http",
+        env=s3_env,
+        separate_processes=True,  # credentials reach the worker that writes
+    )
     assert_ok(proc)
     return f"s3://{BUCKET}/{prefix}/vllm/tiny-llama/v1", proc
 

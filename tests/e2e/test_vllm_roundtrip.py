@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tests.support import ROOT, SERIALIZED_FILES
-from tests.support.commands import assert_ok, run_deserialize, write_hf_tensors
+from tests.support.commands import IN_PROCESS, assert_ok, run_deserialize, write_hf_tensors
 from tests.support.engines import (
     ENGINE_KWARGS,
     MAX_TOKENS,
@@ -162,11 +162,6 @@ def test_vllm_serve_answers_completions(llama_reference, llama_serialized):
     assert texts == llama_reference["texts"]
 
 
-@pytest.fixture(scope="module")
-def opt_reference(tiny_opt):
-    return run_engine({"model": str(tiny_opt)})
-
-
 def test_opt_serialized_with_python_api_matches(opt_reference, tiny_opt, tmp_path):
     """OPT (tied embeddings), serialized with `tensorize_vllm_model(engine_args, config)`
     and loaded with `tensorizer_dir` left to default to --model."""
@@ -177,7 +172,7 @@ def test_opt_serialized_with_python_api_matches(opt_reference, tiny_opt, tmp_pat
             "config": {"tensorizer_uri": str(target / "model.tensors")},
         }
     }
-    written = run_runner(spec)
+    written = run_runner(spec, env=IN_PROCESS)
     assert written["files"][0] == str(target / "model.tensors")
     assert (target / "config.json").exists() and (target / "tokenizer.json").exists()
     result = run_engine({"model": str(target), "load_format": "tensorizer"})

@@ -17,7 +17,7 @@ from pathlib import Path
 from demo_models import MAX_TOKENS, PROMPTS
 
 from tests.support import ROOT, SUPPORT
-from tests.support.commands import ENGINE_FLAGS, ENGINE_TIMEOUT, subprocess_env
+from tests.support.commands import ENGINE_FLAGS, ENGINE_TIMEOUT, engine_env, subprocess_env
 
 RUNNER = SUPPORT / "engine_runner.py"
 BUILTIN_RUNNER = SUPPORT / "builtin_runner.py"
@@ -97,7 +97,7 @@ def run_engine(
     (``lora=...`` or ``tensorized_lora=...``: see engine_runner.py).
 
     By default vLLM runs its engine and worker inside that subprocess
-    (VLLM_ENABLE_V1_MULTIPROCESSING=0): about 20 s instead of 45 s here. Tests about what
+    (`commands.IN_PROCESS`): about 15 s instead of 40 s here. Tests about what
     happens across vLLM's processes (the plug-in loading in a separate worker, credentials
     reaching it, several ranks) pass separate_processes=True, vLLM's default.
     """
@@ -109,8 +109,7 @@ def run_engine(
         "config_object": config_object,
         **lora,
     }
-    processes = {} if separate_processes else {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    return run_runner(spec, env={**processes, **(env or {})}, expect_ok=expect_ok)
+    return run_runner(spec, env=engine_env(env, separate_processes), expect_ok=expect_ok)
 
 
 def serve_and_complete(
