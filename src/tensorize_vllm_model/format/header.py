@@ -211,7 +211,7 @@ def _header_fields(
     cheap; None where they are checked as the stream passes them."""
     places = [(entry.offset, HEADER_LENGTH.size) for entry in entries]
     if local:
-        return _mapped_fields(stream.fileno(), [offset for offset, _ in places])
+        return _local_fields(stream.fileno(), [offset for offset, _ in places])
     if not up_front or getattr(stream, "one_response", True) or not places:
         return None
     source = stream.source
@@ -221,11 +221,15 @@ def _header_fields(
         )
 
 
-def _mapped_fields(fd: int, offsets: list[int]) -> list[bytes]:
+def _local_fields(fd: int, offsets: list[int]) -> list[bytes]:
     """The 8 bytes at each of `offsets` of the open local file `fd` (fewer where the file
-    ends first), gathered through a memory map: only the pages holding them are read.
-    `pread_each` here read every byte of a file of small tensors (its 1 MiB spans cover
-    the data between the headers): 0.35 s of opening a Qwen3-MoE-shaped 0.9 GB file."""
+    ends first), gathered through a memory map after the kernel was asked for each one's
+    page (``posix_fadvise(WILLNEED)``: queued, so a cold file's fields are read many at
+    once; each map fault alone was served one at a time with the kernel's read-around).
+    Cold, for the 48 headers of `make bench`'s 0.75 GB file: 0.003 s against 0.30 s (half
+    its cold load); for the 18,867 of a Qwen3-MoE-shaped file: 0.25-0.28 s against 0.85 s
+    (warm: 0.04 s against 0.08 s). One ``pread`` per field in 16 threads: 0.38 s cold, 0.13
+    s warm. (`pread_each`'s 1 MiB spans before read every byte of a file of small tensors.)"""
     import mmap
 
     import numpy
@@ -235,6 +239,9 @@ def _mapped_fields(fd: int, offsets: list[int]) -> list[bytes]:
         return [b""] * len(offsets)
     at = numpy.asarray(offsets, dtype=numpy.int64)
     inside = (at >= 0) & (at + HEADER_LENGTH.size <= size)
+    if hasattr(os, "posix_fadvise"):
+        for offset in at[inside].tolist():
+            os.posix_fadvise(fd, offset, HEADER_LENGTH.size, os.POSIX_FADV_WILLNEED)
     with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mapped:
         data = numpy.frombuffer(mapped, dtype=numpy.uint8)
         rows = data[at[inside][:, None] + numpy.arange(HEADER_LENGTH.size)]
