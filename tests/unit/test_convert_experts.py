@@ -17,6 +17,7 @@ import torch
 
 from tensorize_vllm_model.convert.experts import plan_experts
 from tensorize_vllm_model.convert.regions import CopyWatch
+from tests.support.experts import load_expert
 
 EXPERTS, HIDDEN, INTER = 6, 8, 4
 LAYERS = ("model.layers.0.mlp.experts", "model.layers.1.mlp.experts")
@@ -43,16 +44,7 @@ class Layer:
         self.w2 = torch.zeros(local, HIDDEN, self.share)
 
     def load(self, name: str, tensor: torch.Tensor) -> None:
-        expert, rest = int(name.split(".")[5]), name.split(".", 6)[6]
-        slot = self.slots[expert]
-        if slot < 0:
-            return
-        lo = self.tp * self.share
-        if rest == "down_proj.weight":
-            self.w2[slot].copy_(tensor.narrow(1, lo, self.share))
-            return
-        half = 0 if rest == "gate_proj.weight" else self.share
-        self.w13[slot].narrow(0, half, self.share).copy_(tensor.narrow(0, lo, self.share))
+        load_expert(self.w13, self.w2, self.slots, self.tp, name, tensor)
 
 
 def copies(watch: CopyWatch, name: str) -> list:

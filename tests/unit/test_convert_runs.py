@@ -28,6 +28,7 @@ from tensorize_vllm_model.convert.regions import CopyWatch
 from tensorize_vllm_model.convert.runs import check_runs, plan_runs
 from tensorize_vllm_model.core.errors import FormatError, ModelMismatchError
 from tensorize_vllm_model.read.parts import PartsRead
+from tests.support.experts import load_expert
 
 pytestmark = pytest.mark.unit
 
@@ -65,16 +66,7 @@ class Experts(nn.Module):
         )
 
     def load(self, name: str, tensor: torch.Tensor) -> None:
-        expert, rest = int(name.split(".")[5]), name.split(".", 6)[6]
-        slot = self.slots[expert]
-        if slot < 0:
-            return
-        lo = self.tp * self.share
-        if rest == "down_proj.weight":
-            self.w2_weight[slot].copy_(tensor.narrow(1, lo, self.share))
-            return
-        half = 0 if rest == "gate_proj.weight" else self.share
-        self.w13_weight[slot].narrow(0, half, self.share).copy_(tensor.narrow(0, lo, self.share))
+        load_expert(self.w13_weight, self.w2_weight, self.slots, self.tp, name, tensor)
 
 
 def model_of(slots, tp, tps) -> nn.Module:
