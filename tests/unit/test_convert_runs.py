@@ -136,12 +136,13 @@ LAYOUTS = {
 # slots out of order past the first two experts: gate/up still go as runs (in any slot
 # order), the tiled down_proj (one copy per run, slots one stride apart) is spelled out
 SHUFFLED = ([0, 1, 3, 2, 5, 4], 0, 1)
+DESCENDING = ([0, 1, 5, 4, 3, 2], 0, 1)  # one stride apart, but descending
 
 
 @pytest.mark.parametrize(
     "layout, pieces",
-    [*((layout, 3) for layout in LAYOUTS.values()), (SHUFFLED, 2)],
-    ids=[*LAYOUTS, "slots out of order"],
+    [*((layout, 3) for layout in LAYOUTS.values()), (SHUFFLED, 2), (DESCENDING, 2)],
+    ids=[*LAYOUTS, "slots out of order", "slots descending"],
 )
 def test_runs_fill_the_experts_as_the_weight_loader_does(converted, layout, pieces):
     slots, tp, tps = layout

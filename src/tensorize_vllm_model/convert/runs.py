@@ -102,8 +102,12 @@ class _Plan:
         (lo, hi, destination), [step] = targets[0], run.steps
         tiles = self.converted.tiles.get(template.name, 0)
         shifts = np.asarray(run.shifts, dtype=np.int64)
-        if tiles and len(shifts) > 1 and len(set(np.diff(shifts).tolist())) != 1:
-            return False  # a tiled run's one copy needs its slots one stride apart
+        if (
+            tiles
+            and len(shifts) > 1
+            and (len(set(np.diff(shifts).tolist())) != 1 or shifts[1] <= shifts[0])
+        ):
+            return False  # a tiled run's one copy needs its slots one stride apart, ascending
         starts = np.asarray(
             [self.converted.index[name].data_offset for name in run.names], dtype=np.int64
         )
