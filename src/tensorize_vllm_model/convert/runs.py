@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..read.checks import truncated
 from ..read.memory import has_preadv, make_present, populate
@@ -249,14 +250,17 @@ def _populate(addresses: np.ndarray, lengths: np.ndarray) -> None:
         populate(start, end - start)
 
 
-def check_runs(reads: RunReads, names: dict[int, str], source: Any) -> int:
-    """Compare the middle element of every run copy with the file's (`guard.Samples`).
-    `names`: storage address -> parameter name; `source`: the file's elements
-    (`guard.FileElements`). Returns the elements compared.
+def check_runs(reads: RunReads, model: nn.Module, source: Any) -> int:
+    """Compare the middle element of every run copy into `model`'s parameters with the
+    file's (`guard.Samples`); `source`: the file's elements (`guard.FileElements`), None
+    where they cannot be re-read cheaply (nothing compared). Returns the elements compared.
 
     Raises:
         ModelMismatchError: an element differs, naming the parameter, tensor and element.
     """
+    if source is None or not reads.checks:
+        return 0
+    names = {p.untyped_storage().data_ptr(): n for n, p in model.named_parameters()}
     compared = 0
     for check in reads.checks:
         samples = Samples(check.flat)
