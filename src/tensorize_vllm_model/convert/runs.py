@@ -16,6 +16,7 @@ remote, ``verify_hash``, a cast) is spelled out (`ExpertRun.needs`) and read as 
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -204,8 +205,6 @@ def read_runs(path: str, reads: RunReads, threads: int, *, uri: str) -> int:
         OSError: the file cannot be read.
         FormatError: it ends before a read does (naming `uri` and the tensor).
     """
-    import os
-
     count = len(reads.offsets)
     if not count:
         return 0

@@ -98,9 +98,8 @@ def read_rows(fd: int, rows: torch.Tensor, offset: int) -> bool:
     """
     import numpy as np
 
-    function = _preadv
-    if function is None or rows.numel() == 0:
-        return function is not None
+    if _preadv is None or rows.numel() == 0:
+        return _preadv is not None
     count, width = rows.shape[0], rows.shape[1] * rows.element_size()
     iovecs = np.empty((count, 2), dtype=np.uint64)
     iovecs[:, 0] = rows.data_ptr() + np.arange(count, dtype=np.uint64) * (
