@@ -99,9 +99,29 @@ if [ -f "$stamp" ] && [ "$(cut -d' ' -f1 "$stamp")" = "$hash" ]; then
     done
 fi
 
+# vLLM, torch and the rest take about 5 GB in .venv, and pip unpacks each wheel in $TMPDIR
+# first; the test suite writes up to 4 GB more under $TMPDIR. On a full disk pip stops with
+# "No space left on device" halfway through, so say so before it starts, and keep pip's
+# download cache out of the way when space is short.
+free_gb() { df -Pk "$1" 2>/dev/null | awk 'NR == 2 { printf "%d", $4 / 1048576 }'; }
+need_gb=6
+[ $want_test = 1 ] && need_gb=10
+cache_args=()
+for place in . "${TMPDIR:-/tmp}"; do
+    free=$(free_gb "$place")
+    if [ -n "$free" ] && [ "$free" -lt 15 ]; then
+        cache_args=(--no-cache-dir)
+        if [ "$free" -lt "$need_gb" ]; then
+            log "warning: $free GB free on $(cd "$place" && pwd) (df); this install needs about $need_gb GB there:" \
+                "free some space (or point TMPDIR at a larger disk) if pip stops with 'No space left on device'"
+        fi
+    fi
+done
+
 log "installing the package with extras [$extras] (vLLM build: $build)"
 pip_install() {
-    .venv/bin/python -m pip install -q "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+    .venv/bin/python -m pip install -q "${cache_args[@]}" "$@" \
+        2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 }
 pip_install --upgrade pip
 pip_install -e ".[$extras]"
