@@ -88,3 +88,12 @@ def test_tiles_land_in_their_columns(tmp_path, monkeypatch):
     assert torch.equal(whole, weights[0])
     assert torch.equal(wide[:, 3:7], weights[1][:, 2:6])
     assert not wide[:, :3].any() and not wide[:, 7:].any()  # nothing else written
+
+
+def test_a_read_outside_its_tensor_is_refused_before_any_read(data_file):
+    fd, _ = data_file
+    target = torch.zeros(32, dtype=torch.uint8)
+    for read in [(0, 16, target, 20), (0, 4, target, -1), (0, 4, torch.zeros(4, 8)[:, 0], 0)]:
+        with pytest.raises(ValueError, match="does not fit its tensor"):
+            read_scattered(fd, [(0, 8, target, 0), read], lambda i: None)
+    assert not target.any()  # nothing was read

@@ -12,13 +12,10 @@ a few dozen calls read them all.
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-
-from .memory import byte_view
 
 __all__ = ["read_scattered", "read_tiles_scattered", "read_at", "GAP_BYTES"]
 
@@ -32,43 +29,41 @@ def read_scattered(
     fallback: Callable[[int], None],
 ) -> None:
     """Read each ``(file offset, length, uint8 CPU tensor, byte offset in it)`` of
-    `reads`, in as few ``preadv`` calls as the gaps between them allow. A call that reads
-    short (a file that ends early) hands each of its reads to ``fallback(index)``, which
-    reads it alone (and names the file if it is truncated)."""
-    order = sorted(range(len(reads)), key=lambda i: reads[i][0])
-    scratch = memoryview(bytearray(GAP_BYTES))
-    group: list[int] = []
-    buffers: list[memoryview] = []
-    end = start = 0
-    for i in order:
-        offset, length, tensor, place = reads[i]
-        gap = offset - end
-        if group and (gap < 0 or gap > GAP_BYTES or len(buffers) + 2 > IOV_MAX):
-            _flush(fd, start, buffers, group, fallback)
-            group, buffers = [], []
-        if not group:
-            start = end = offset
-        elif gap:
-            buffers.append(scratch[:gap])
-        view = byte_view(tensor)[place : place + length]
-        buffers.append(view)
-        group.append(i)
-        end = offset + length
-    if group:
-        _flush(fd, start, buffers, group, fallback)
+    `reads` by `read_at` (few ``preadv`` calls, the reads sorted by offset). Where a call
+    reads short (a file that ends early), each read not yet complete is handed to
+    ``fallback(index)``, which reads it alone (and names the file if it is truncated); so is
+    every read where the C library's ``preadv`` cannot be called (`memory.has_preadv`).
 
+    Raises:
+        ValueError: a read does not fit in its tensor, or the tensor is not contiguous
+            (nothing is read).
+    """
+    import numpy as np
 
-def _flush(
-    fd: int,
-    start: int,
-    buffers: list[memoryview],
-    group: list[int],
-    fallback: Callable[[int], None],
-) -> None:
-    total = sum(len(b) for b in buffers)
-    if os.preadv(fd, buffers, start) != total:
-        for i in group:
+    from .memory import has_preadv
+
+    if not reads:
+        return
+    if not has_preadv():
+        for i in range(len(reads)):
             fallback(i)
+        return
+    for _, length, tensor, place in reads:  # raw addresses below: bounds checked here
+        room = tensor.numel() * tensor.element_size()
+        if not tensor.is_contiguous() or place < 0 or length < 0 or place + length > room:
+            raise ValueError(f"a read of {length} bytes at {place} does not fit its tensor")
+    order = np.argsort(np.fromiter((r[0] for r in reads), np.int64, len(reads)), kind="stable")
+    offsets = np.fromiter((reads[i][0] for i in order), np.int64, len(reads))
+    lengths = np.fromiter((reads[i][1] for i in order), np.int64, len(reads))
+    addresses = np.fromiter(
+        (reads[i][2].data_ptr() + reads[i][3] for i in order), np.int64, len(reads)
+    )
+    try:
+        read_at(fd, offsets, addresses, lengths)
+    except EOFError as e:  # reads ending at or before where the file ended are complete
+        reached = e.args[0]
+        for k in np.flatnonzero(offsets + lengths > reached).tolist():
+            fallback(int(order[k]))
 
 
 def read_tiles_scattered(
