@@ -127,3 +127,32 @@ def test_experts_not_one_slot_apart_go_through_the_meta_pass():
     watch = meta_pass(layers, [n for n in names() if n not in layout.derived])
     fallback = layout.derive(watch, shape_of)
     assert sorted(fallback) == sorted(layout.derived)
+
+
+@pytest.mark.parametrize("first", [0, 1, 3])  # the template's slot in a stack of 6
+def test_a_run_takes_exactly_the_shifts_that_stay_inside_the_stacked_weight(first):
+    """`_shifts`' one range per run equals a check of every shift on its own: each of the
+    template's copies, moved by the shift, starts and ends inside its storage."""
+    from tensorize_vllm_model.convert.experts import ExpertRun, _shifts
+    from tensorize_vllm_model.convert.regions import Need
+
+    w13 = torch.zeros(6, 2 * INTER, HIDDEN)
+    w2 = torch.zeros(6, HIDDEN, INTER)
+    gate = w13[first, :INTER]  # rows of the slot
+    down = w2[first, :, 1:3]  # columns of the slot (a TP rank's share)
+    template = Need("t", (INTER, HIDDEN), boxes=[None, None], copies=[(None, gate), (None, down)])
+    run = ExpertRun(template, steps=[w13[0].numel(), w2[0].numel()])
+
+    def inside(shift: int) -> bool:
+        for (_, x), step in zip(template.copies, run.steps):
+            start = x.storage_offset() + shift * step
+            end = start + sum((s - 1) * st for s, st in zip(x.shape, x.stride()))
+            if start < 0 or end >= x.untyped_storage().nbytes() // x.element_size():
+                return False
+        return True
+
+    low, high = _shifts(run)
+    assert [s for s in range(-10, 11) if low <= s <= high] == [
+        s for s in range(-10, 11) if inside(s)
+    ]
+    assert (low, high) == (-first, 5 - first)

@@ -88,15 +88,20 @@ class ExpertLayout:
                 template = watch.needs.get(name)
                 other = watch.needs.get(layer.names[second].get(rest, ""))
                 steps = _steps(template, other, layer.slots[second] - layer.slots[first])
-                run = None
+                run, low, high = None, 0, -1
                 if steps is not None and template is not None:
                     run = ExpertRun(template, steps=steps)
+                    low, high = _shifts(run)
                 for expert in local[2:]:
                     target = layer.names[expert].get(rest)
                     if target is None:
                         continue
                     shift = layer.slots[expert] - layer.slots[first]
-                    if run is None or not _fits(run, tuple(shape_of(target)), shift):
+                    if (
+                        run is None
+                        or not low <= shift <= high
+                        or tuple(shape_of(target)) != run.template.shape
+                    ):
                         fallback.append(target)
                     else:
                         run.names.append(target)
@@ -166,22 +171,25 @@ def _steps(a: Need | None, b: Need | None, slots: int) -> list[int] | None:
     return steps
 
 
-def _fits(run: ExpertRun, shape: tuple[int, ...], shift: int) -> bool:
-    """Whether a tensor of `shape`, `shift` slots past the template, can take the template's
-    copies moved there: the same shape, every moved copy inside its storage."""
-    if shape != run.template.shape:
-        return False
+def _shifts(run: ExpertRun) -> tuple[int, int]:
+    """The slots past the template (fewest, most) to which every one of the template's
+    copies can be moved and stay inside its storage: a tensor of the template's shape
+    there can take them. Each copy moves by its step (> 0) per slot, so the bounds are
+    linear in the shift: one range per run, not a check per expert (18,144 of them in a
+    Qwen3-MoE-shaped file)."""
+    low, high = -(1 << 62), 1 << 62
     for (_, x), step in zip(run.template.copies, run.steps):
-        offset = x.storage_offset() + shift * step
-        end = offset + sum((s - 1) * st for s, st in zip(x.shape, x.stride()) if s)
-        if offset < 0 or end >= x.untyped_storage().nbytes() // x.element_size():
-            return False
-    return True
+        first = int(x.storage_offset())
+        last = first + sum((s - 1) * st for s, st in zip(x.shape, x.stride()) if s)
+        size = x.untyped_storage().nbytes() // x.element_size()
+        low = max(low, -(first // step))  # first + shift * step >= 0
+        high = min(high, (size - 1 - last) // step)  # last + shift * step < size
+    return low, high
 
 
 def _moved(template: Need, name: str, shift: int, steps: list[int]) -> Need:
     """`template`'s copies, each written `shift` slots further on, for tensor `name` (of the
-    template's shape, the moved copies inside their storages: `_fits`)."""
+    template's shape, the moved copies inside their storages: `_shifts`)."""
     copies = [
         (box, torch.as_strided(x, x.shape, x.stride(), x.storage_offset() + shift * step))
         for (box, x), step in zip(template.copies, steps)

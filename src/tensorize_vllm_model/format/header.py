@@ -10,6 +10,7 @@ its index (through tensorizer's reader, `format.compat`) and 8 bytes per tensor.
 from __future__ import annotations
 
 import bisect
+import functools
 import io
 import math
 import os
@@ -59,6 +60,7 @@ _ENCRYPTION_VERSION = 3
 _FLAGGED_VERSION = 4
 
 
+@functools.lru_cache(maxsize=256)  # a file holds a few dtypes, asked for per tensor
 def stored_dtype_name(stored: str) -> str:
     """The torch name of a stored dtype: numpy's name, or the torch name tensorizer keeps
     after its separator for dtypes numpy lacks (bfloat16...)."""
@@ -185,16 +187,9 @@ def check_index(
 def _check_size(entry: Any, tensor: str, name: str) -> None:
     """The entry's byte counts against its shape and dtype (a dtype unknown to torch and
     numpy is left to tensorizer)."""
-    dtype = getattr(torch, stored_dtype_name(entry.dtype), None)
-    if isinstance(dtype, torch.dtype):
-        itemsize = dtype.itemsize
-    else:
-        try:
-            import numpy
-
-            itemsize = numpy.dtype(entry.dtype.partition("\0")[0]).itemsize
-        except TypeError:
-            return
+    itemsize = _itemsize(entry.dtype)
+    if itemsize is None:
+        return
     shape = tuple(int(d) for d in entry.shape)
     need = math.prod(shape) * itemsize
     if entry.deserialized_length != need or entry.data_length not in (0, need):
@@ -202,6 +197,20 @@ def _check_size(entry: Any, tensor: str, name: str) -> None:
             f"{name} is corrupt: tensor {tensor} holds {entry.data_length} bytes where its "
             f"shape {shape} and dtype {stored_dtype_name(entry.dtype)} need {need}"
         )
+
+
+@functools.lru_cache(maxsize=256)
+def _itemsize(stored: str) -> int | None:
+    """Bytes per element of a stored dtype (torch's, else numpy's); None if neither knows it."""
+    dtype = getattr(torch, stored_dtype_name(stored), None)
+    if isinstance(dtype, torch.dtype):
+        return dtype.itemsize
+    try:
+        import numpy
+
+        return int(numpy.dtype(stored.partition("\0")[0]).itemsize)
+    except TypeError:
+        return None
 
 
 def _header_fields(
