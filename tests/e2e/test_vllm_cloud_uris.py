@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from demo_models import build_lora_adapter
 
-from tests.support import BUCKET, SERIALIZED_FILES
+from tests.support import BUCKET, CONVERTED_FILES
 from tests.support.commands import assert_ok, run_cli
 from tests.support.engines import WORKER_EXTENSION, result_of, run_engine, serve_and_complete
 
@@ -88,7 +88,7 @@ def test_convert_to_the_cloud_publishes_the_directory(converted, fake_gcs, azuri
     names = (gs_names if scheme == "gs" else az_names)(
         fake_gcs if scheme == "gs" else azurite, converted[scheme]
     )
-    assert names == sorted(SERIALIZED_FILES + [f"lora/{ADAPTER}/{n}" for n in ADAPTER_FILES])
+    assert names == sorted(CONVERTED_FILES + [f"lora/{ADAPTER}/{n}" for n in ADAPTER_FILES])
 
 
 def test_adapter_read_back_from_az(converted, adapter, azurite, monkeypatch):

@@ -1,7 +1,9 @@
 """The compile cache travels with the model, end to end (two engine starts, compilation on):
 a serialize whose engine compiles keeps vLLM's AOT compile cache beside the tensors, with no
-weight bytes in it; a load on a fresh node (empty VLLM_CACHE_ROOT and inductor cache) puts
-it back and vLLM loads its AOT artifact instead of compiling. Engine-free cases (keys,
+weight bytes in it, and vLLM's model-info entry of the model's class; a load on a fresh node
+(empty VLLM_CACHE_ROOT and inductor cache) puts both back, vLLM loads its AOT artifact
+instead of compiling and reads the model info instead of inspecting the class in a process
+of its own. Engine-free cases (keys,
 mismatches, the switch, the archive) are in test_compile_cache.py; ready times in
 benchmarks/compile_cache.py (docs/performance.md). The model is the tiny Llama with one
 layer: vLLM's CPU build compiles the whole forward as one graph, so a second layer only
@@ -9,11 +11,13 @@ makes inductor's work longer (93 s against 64 s for the two starts here)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import pytest
 
 from tensorize_vllm_model.artifacts import compile_cache
+from tensorize_vllm_model.artifacts.model_files import MANIFEST
 from tests.support.commands import ENGINE_FLAGS, run_serialize
 from tests.support.engines import result_of, run_engine
 
@@ -60,6 +64,11 @@ def test_a_fresh_node_loads_the_shipped_compile_cache(one_layer_llama, tmp_path)
     assert compile_cache.find_weight_bytes(files, weights.items()) is None
     assert "no weight bytes in them" in proc.stdout + proc.stderr  # vLLM logs to stdout
 
+    shipped = json.loads((directory / compile_cache.MODEL_INFO).read_text())
+    name = "vllm-model_executor-models-llama-LlamaForCausalLM.json"
+    assert shipped[name]["modelinfo"]["architecture"] == "LlamaForCausalLM"
+    assert compile_cache.MODEL_INFO in json.loads((directory / MANIFEST).read_text())["files"]
+
     fresh = tmp_path / "fresh-node"
     spec = {"model": str(directory), "load_format": "tensorizer", "enforce_eager": False}
     loaded = run_engine(spec, env=_caches(fresh), expect_ok=False)
@@ -69,5 +78,7 @@ def test_a_fresh_node_loads_the_shipped_compile_cache(one_layer_llama, tmp_path)
     assert "Put the shipped compile cache of" in log, log[-4000:]
     assert "Directly load AOT compilation" in log, log[-4000:]
     assert "Compiling model again" not in log
+    assert "Put the shipped model info of vllm-model_executor-models-llama-LlamaForCausalLM" in log
+    assert json.loads((fresh / "vllm" / "modelinfos" / name).read_text()) == shipped[name]
     # It generates (greedy; a prompt may end early at the end-of-sequence token).
     assert len(result["tokens"]) == 4 and all(0 < len(t) <= 16 for t in result["tokens"])

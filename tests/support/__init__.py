@@ -18,8 +18,8 @@ if str(ROOT / "scripts") not in sys.path:
 
 # The bucket (or container) the session's S3, GCS and Azure servers are started with.
 BUCKET = "models"
-# The files of a serialized (or converted) tiny model's directory, sorted.
-SERIALIZED_FILES = [
+# The files of a converted tiny model's directory, sorted.
+CONVERTED_FILES = [
     "config.json",
     "generation_config.json",
     "model.tensors",
@@ -27,3 +27,6 @@ SERIALIZED_FILES = [
     "tokenizer.json",
     "tokenizer_config.json",
 ]
+# A serialized one's: the same, and vLLM's model info of the model's class, which the
+# serialize's engine cached (artifacts.compile_cache.MODEL_INFO).
+SERIALIZED_FILES = sorted([*CONVERTED_FILES, "vllm_modelinfos.json"])

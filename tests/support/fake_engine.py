@@ -38,6 +38,9 @@ class FakeEngine(Engine):
     def for_capture(cls, engine_args, source_load_format):
         return cls()
 
+    def keep_model_info(self, sources, into):
+        return False  # no vLLM ran: its model-info cache says nothing of this engine
+
     def rpc(self, method, **kwargs):
         self.calls.append(method)
         if method == "tensorize_vllm_model_save":

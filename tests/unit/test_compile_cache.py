@@ -7,6 +7,7 @@ tests/e2e/test_vllm_compile_cache.py."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import types
@@ -167,3 +168,78 @@ def test_aot_fix_gives_plain_inductor_functions_a_finalize_loading(monkeypatch):
     assert torch.compiler.load_compiled_function(None) is loaded  # unwrapped again after
     aot_load.install()  # idempotent
     assert decorators._try_load_aot_compiled_fn.__wrapped__ is vllm_load
+
+
+INFO = {"hash": "d032877f", "modelinfo": {"architecture": "LlamaForCausalLM", "supports_pp": True}}
+INFO_NAME = "vllm-model_executor-models-llama-LlamaForCausalLM.json"
+
+
+def test_model_info_travels_and_never_replaces_a_local_entry(tmp_path):
+    cache = tmp_path / "modelinfos"
+    cache.mkdir()
+    (cache / INFO_NAME).write_text(json.dumps(INFO))
+    (cache / "broken.json").write_text("{not json")
+    (cache / "other.json").write_text(json.dumps({"hash": 1}))  # not vLLM's form
+    found = compile_cache.collect_model_info(
+        str(cache), [INFO_NAME, "broken.json", "other.json", "absent.json"]
+    )
+    assert found == {INFO_NAME: INFO}
+
+    shipped = tmp_path / compile_cache.MODEL_INFO
+    local = {"hash": "local", "modelinfo": {"architecture": "OPTForCausalLM"}}
+    shipped.write_text(json.dumps({**found, "opt.json": local}))
+    node = tmp_path / "node" / "modelinfos"
+    node.mkdir(parents=True)
+    (node / "opt.json").write_text(json.dumps({"hash": "mine", "modelinfo": {}}))
+    assert compile_cache.restore_model_info(str(shipped), str(node)) == [INFO_NAME]
+    assert json.loads((node / INFO_NAME).read_text()) == INFO
+    assert json.loads((node / "opt.json").read_text())["hash"] == "mine"  # kept
+    assert sorted(os.listdir(node)) == sorted([INFO_NAME, "opt.json"])  # no temporary left
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        [INFO],
+        {"../escape.json": INFO},
+        {"sub/dir.json": INFO},
+        {INFO_NAME: {"hash": "x"}},
+        {INFO_NAME: INFO, "bad.txt": INFO},
+    ],
+    ids=["a list", "a path outside", "a sub-directory", "no modelinfo", "not a .json name"],
+)
+def test_a_bad_model_info_file_writes_nothing(tmp_path, content):
+    shipped = tmp_path / compile_cache.MODEL_INFO
+    shipped.write_text(json.dumps(content))
+    node = tmp_path / "node"
+    node.mkdir()
+    with pytest.raises(ValueError, match="is not a map of vLLM model-info entries"):
+        compile_cache.restore_model_info(str(shipped), str(node))
+    assert list(node.iterdir()) == []
+    assert not (tmp_path / "escape.json").exists()
+
+
+def test_model_info_names_are_vllms_own(tmp_path, monkeypatch):
+    """The vLLM side: the file names vLLM's registry gives the model's architectures, read
+    from the engine's cache and put back on a node whose cache lacks them; off with the
+    switch."""
+    from tensorize_vllm_model.integrations.vllm import compiled
+
+    serialize_node, model, out = tmp_path / "a", tmp_path / "model", tmp_path / "out"
+    model.mkdir()
+    out.mkdir()
+    (model / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    (serialize_node / "modelinfos").mkdir(parents=True)
+    (serialize_node / "modelinfos" / INFO_NAME).write_text(json.dumps(INFO))
+    monkeypatch.setattr("vllm.envs.VLLM_CACHE_ROOT", str(serialize_node), raising=False)
+    assert compiled.write_model_info([str(model)], str(out))
+    assert json.loads((out / compile_cache.MODEL_INFO).read_text()) == {INFO_NAME: INFO}
+
+    fresh = tmp_path / "fresh"
+    monkeypatch.setattr("vllm.envs.VLLM_CACHE_ROOT", str(fresh), raising=False)
+    monkeypatch.setenv("TENSORIZE_VLLM_MODEL_COMPILE_CACHE", "0")
+    compiled.put_back_model_info(str(out))
+    assert not fresh.exists()
+    monkeypatch.delenv("TENSORIZE_VLLM_MODEL_COMPILE_CACHE")
+    compiled.put_back_model_info(str(out))
+    assert json.loads((fresh / "modelinfos" / INFO_NAME).read_text()) == INFO

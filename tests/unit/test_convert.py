@@ -27,7 +27,7 @@ from tensorize_vllm_model.core.errors import ConfigError, LayoutError, StorageEr
 from tensorize_vllm_model.format.record import MARKER_NAME
 from tensorize_vllm_model.read.partial import read_parts
 from tensorize_vllm_model.read.parts import Part, PartsRead
-from tests.support import SERIALIZED_FILES
+from tests.support import CONVERTED_FILES
 from tests.support.commands import convert_without_vllm
 
 
@@ -43,7 +43,7 @@ def converted(tiny_llama, tmp_path_factory):
 
 def test_convert_runs_without_vllm_and_lays_out_like_serialize(converted):
     names = sorted(p.name for p in converted.iterdir())
-    assert names == SERIALIZED_FILES
+    assert names == CONVERTED_FILES
 
 
 def test_converted_file_holds_the_checkpoint(converted, tiny_llama):

@@ -21,6 +21,11 @@ in every file before an archive is written, and the cache is not shipped if one 
 Compiled code depends on the config (shapes, dtypes), which ``config.json`` holds in the
 clear, not on weight values, so archives are written unencrypted even for an encrypted
 model. Off with ``TENSORIZE_VLLM_MODEL_COMPILE_CACHE=0`` (`settings.environment`).
+
+vLLM's model-info cache (``$VLLM_CACHE_ROOT/modelinfos/<module>-<class>.json``, what vLLM
+0.32-0.34 otherwise learns by inspecting the model's class in a process of its own) travels
+the same way: a serialize keeps its engine's entries in `MODEL_INFO` beside ``config.json``
+(`collect_model_info`), and a load writes them where vLLM reads them (`restore_model_info`).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import tarfile
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -41,6 +47,7 @@ from ..core.settings import environment
 
 __all__ = [
     "ARCHIVE_LIMIT",
+    "MODEL_INFO",
     "CacheKey",
     "archive_uri",
     "enabled",
@@ -48,6 +55,8 @@ __all__ = [
     "pack",
     "read_archive",
     "restore",
+    "collect_model_info",
+    "restore_model_info",
 ]
 
 logger = scrubbing(f"vllm.{__name__}")
@@ -55,6 +64,9 @@ logger = scrubbing(f"vllm.{__name__}")
 # An archive larger than this is not read back (a cache is MBs; this bounds a bad file).
 ARCHIVE_LIMIT = 4 << 30
 MANIFEST = "manifest.json"
+# vLLM's model-info cache entries of the model's architectures, beside config.json
+MODEL_INFO = "vllm_modelinfos.json"
+_INFO_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*\.json$")
 FORMAT = 1
 _SAMPLE = 32  # bytes per weight sample
 _said: set[str] = set()
@@ -252,3 +264,57 @@ def _say_once(message: str) -> None:
     if message not in _said:
         _said.add(message)
         logger.warning(message)
+
+
+# -- vLLM's model-info cache ---------------------------------------------------------------
+
+
+def collect_model_info(directory: str, names: Iterable[str]) -> dict[str, Any]:
+    """The entries `names` of vLLM's model-info cache `directory`
+    (``$VLLM_CACHE_ROOT/modelinfos``: ``{"hash": <the model class file's hash>,
+    "modelinfo": {...}}`` per model class) that exist and have that form, by file name."""
+    found: dict[str, Any] = {}
+    for name in names:
+        try:
+            with open(os.path.join(directory, name), encoding="utf-8") as f:
+                entry = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if _INFO_NAME.match(name) and _is_model_info(entry):
+            found[name] = entry
+    return found
+
+
+def _is_model_info(entry: Any) -> bool:
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("hash"), str)
+        and isinstance(entry.get("modelinfo"), dict)
+    )
+
+
+def restore_model_info(path: str, directory: str) -> list[str]:
+    """Write the entries of a shipped `MODEL_INFO` file (`path`; ``{file name: entry}``)
+    into vLLM's model-info cache `directory`, each only where the cache has no file of that
+    name (a local entry is kept), under a temporary name then renamed: the names written.
+    vLLM checks each entry's hash against its own model class file before using it, so an
+    entry of another vLLM is recomputed, as without it.
+
+    Raises:
+        ValueError: the file is not such a mapping (nothing is written).
+        OSError: the file cannot be read or the cache written.
+    """
+    with open(path, encoding="utf-8") as f:
+        entries = json.load(f)
+    if not isinstance(entries, dict) or not all(
+        isinstance(name, str) and _INFO_NAME.match(name) and _is_model_info(entry)
+        for name, entry in entries.items()
+    ):
+        raise ValueError(f"{path} is not a map of vLLM model-info entries")
+    written = []
+    for name, entry in entries.items():
+        target = os.path.join(directory, name)
+        if not os.path.exists(target):
+            _write_whole(target, json.dumps(entry, indent=2).encode())
+            written.append(name)
+    return written

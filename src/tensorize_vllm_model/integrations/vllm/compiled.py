@@ -22,6 +22,7 @@ CPU), when ``VLLM_DISABLE_COMPILE_CACHE=1`` or ``VLLM_USE_AOT_COMPILE=0``.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterable
 from typing import Any
@@ -35,7 +36,14 @@ from ...artifacts.compile_cache import CacheKey
 from ...core.redaction import scrubbing
 from .runtime import current_layout, torch_dtype_name
 
-__all__ = ["before_aot_load", "cache_key", "pack_for_save", "stage_for_load"]
+__all__ = [
+    "before_aot_load",
+    "cache_key",
+    "pack_for_save",
+    "stage_for_load",
+    "write_model_info",
+    "put_back_model_info",
+]
 
 logger = scrubbing(init_logger(f"vllm.{__name__}"))
 
@@ -188,3 +196,82 @@ def stage_for_load(vllm_config: Any, tensors_uri: str, options: storage.Options)
         logger.warning("The shipped compile cache %s was not used: %s", storage.redact(uri), e)
         return False
     return True
+
+
+# -- vLLM's model-info cache -----------------------------------------------------------------
+#
+# Before it builds its config, vLLM inspects the model's class in a fresh Python process
+# (`_run_in_subprocess` in vllm/model_executor/models/registry.py, vLLM 0.32-0.34) unless
+# ``$VLLM_CACHE_ROOT/modelinfos/<module>-<class>.json`` holds the answer for the class file's
+# hash: 8.8 s of every start on a fresh node here (SmolLM2's LlamaForCausalLM, 2 vCPUs).
+# A serialize keeps its engine's entries with the model (`compile_cache.MODEL_INFO`) and a
+# load puts them back before vLLM looks.
+
+
+def _model_info_dir() -> str:
+    from vllm import envs
+
+    return os.path.join(envs.VLLM_CACHE_ROOT, "modelinfos")
+
+
+def _model_info_names(architectures: Iterable[str]) -> list[str]:
+    """vLLM's file names of the model-info entries of `architectures` (its registry's
+    ``_LazyRegisteredModel._get_cache_filename``; others have none)."""
+    from vllm.model_executor.models import ModelRegistry
+
+    names = []
+    for arch in architectures:
+        filename = getattr(ModelRegistry.models.get(arch), "_get_cache_filename", None)
+        if callable(filename):
+            names.append(str(filename()))
+    return names
+
+
+def write_model_info(sources: Iterable[str], into: str) -> bool:
+    """Write `compile_cache.MODEL_INFO` into directory `into` with vLLM's model-info
+    entries of the architectures that the first ``config.json`` of `sources` (local model
+    directories) names, as this process's vLLM cached them: whether there were any. Never
+    raises: a problem is logged and the model is written without them."""
+    if not compile_cache.enabled():
+        return False
+    try:
+        for source in sources:
+            config = os.path.join(source, "config.json")
+            if os.path.isfile(config):
+                with open(config, encoding="utf-8") as f:
+                    architectures = json.load(f).get("architectures") or []
+                break
+        else:
+            return False
+        found = compile_cache.collect_model_info(
+            _model_info_dir(), _model_info_names(architectures)
+        )
+        if not found:
+            return False
+        with open(os.path.join(into, compile_cache.MODEL_INFO), "w", encoding="utf-8") as f:
+            json.dump(found, f, indent=1)
+        return True
+    except Exception as e:  # noqa: BLE001 - a cache must never stop a serialize
+        logger.warning("vLLM's model info was not kept with the model: %s", e)
+        return False
+
+
+def put_back_model_info(model: str) -> None:
+    """Put the model-info entries shipped in local model directory `model` into vLLM's
+    cache, before vLLM inspects the model's class. Never raises: a problem is logged and
+    vLLM inspects the class as it would have."""
+    path = os.path.join(model, compile_cache.MODEL_INFO)
+    if not compile_cache.enabled() or not os.path.isfile(path):
+        return
+    try:
+        written = compile_cache.restore_model_info(path, _model_info_dir())
+    except (OSError, ValueError) as e:
+        logger.warning("The shipped model info %s was not used: %s", path, e)
+        return
+    if written:
+        logger.info(
+            "Put the shipped model info of %s into %s (vLLM need not inspect the model's "
+            "class in a process of its own)",
+            ", ".join(name.removesuffix(".json") for name in written),
+            _model_info_dir(),
+        )

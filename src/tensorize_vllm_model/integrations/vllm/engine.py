@@ -80,6 +80,14 @@ class Engine:
             worker_extension_cls=WORKER_EXTENSION,
         )
 
+    def keep_model_info(self, sources: list[str], into: str) -> bool:
+        """Write vLLM's model-info entries of the model's architectures, as this engine's
+        vLLM cached them, into directory `into` (`compiled.write_model_info`; `sources`:
+        the model's local directories): whether there were any."""
+        from .compiled import write_model_info
+
+        return write_model_info(sources, into)
+
     # -- the worker extension's calls, typed ----------------------------------------------
 
     def save(self, request: SaveRequest) -> list[SavedFile]:

@@ -12,7 +12,8 @@ Every place this package touches vLLM, in one list (vLLM 0.32 CPU / 0.33 CUDA):
 2. **A wrapper around** ``vllm.engine.arg_utils.EngineArgs.create_engine_config``: vLLM's
    method is replaced, once per process, by one that, for ``load_format="tensorizer"``
    only, first fetches a remote model's config and tokenizer (`resolve_remote_model`) and
-   checks every rank's file (`check_engine_files`; within `resolve_remote_model`, with
+   checks every rank's file (`check_engine_files`), puts back the model-info entries a
+   serialize kept (`compiled.put_back_model_info`; within `resolve_remote_model`, with
    ``TENSORIZE_VLLM_MODEL_OVERLAP=1`` only, `prefetch.start` copies a one-rank remote
    model's tensors while vLLM starts), then calls vLLM's method unchanged.
    Every other load format goes straight to vLLM, after one check (`check_not_converted`):
@@ -36,7 +37,9 @@ Every place this package touches vLLM, in one list (vLLM 0.32 CPU / 0.33 CUDA):
    of a fused-MoE layer, ``_map_global_expert_id_to_local_expert_id``,
    ``global_num_experts`` and ``local_num_experts`` (`meta_pass`; a layer without them is
    loaded the slower way); ``vllm.model_executor.models.ModelRegistry.models[arch]
-   .load_model_cls()`` (the class's ``packed_modules_mapping``, `engine`).
+   .load_model_cls()`` (the class's ``packed_modules_mapping``, `engine`) and
+   ``._get_cache_filename()`` with ``vllm.envs.VLLM_CACHE_ROOT`` (`compiled`: vLLM's
+   model-info cache).
 6. A wrapper around ``vllm.compilation.decorators._try_load_aot_compiled_fn``
    (`aot_load.install`): the shipped compile cache is put where vLLM is about to read its AOT
    artifact (`compiled.before_aot_load`), and vLLM's CPU build can load its own AOT cache.
@@ -73,6 +76,7 @@ from ...format.record import ParallelLayout
 from ...inspection.checks import check_shards
 from ...read import prefetch
 from . import aot_load
+from .compiled import put_back_model_info
 from .engine import parallel_sizes, refusal_text
 from .messages import CAPTURE_LOAD_FORMAT, LOAD_FORMAT
 
@@ -149,6 +153,7 @@ def _install_engine_hook() -> None:
         with entry_point("vllm serve" if serving else "LLM"), _one_line_if(serving):
             resolve_remote_model(self)
             check_engine_files(self)
+            put_back_model_info(str(self.model))
             return original(self, *args, **kwargs)
 
     create_engine_config._tensorize_vllm_model = True  # type: ignore[attr-defined]

@@ -9,6 +9,7 @@ only when all of it has been written.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -140,7 +141,7 @@ def _run_engine(job: _Job, engine_args: Any, adapters: list[Any]) -> tuple[list[
             # gone (Ctrl-C reaches its processes too): do not wait long.
             tx.on_rollback(_aborter(engine))
             written = engine.save(_save_request(job))
-            stage_artifacts(tx, _artifact_sources(engine_args), job.plan.directory)
+            _stage_model_files(tx, engine, engine_args, job.plan.directory)
             if job.encryption is not None:
                 job.encryption.stage(tx)
             if adapters:
@@ -159,6 +160,18 @@ def _run_engine(job: _Job, engine_args: Any, adapters: list[Any]) -> tuple[list[
         if engine is not None:
             engine.close()
     return written, tx.uris
+
+
+def _stage_model_files(
+    tx: storage.Transaction, engine: Any, engine_args: Any, directory: str
+) -> None:
+    """The model's config/tokenizer files, and vLLM's model info of its class as `engine`'s
+    vLLM cached it (`Engine.keep_model_info`), staged in `tx`."""
+    sources = _artifact_sources(engine_args)
+    with tempfile.TemporaryDirectory(prefix="tensorize-vllm-model-info-") as extra:
+        if engine.keep_model_info(sources, extra):
+            sources.append(extra)  # last: a file of the model's own comes first
+        stage_artifacts(tx, sources, directory)
 
 
 def _save_request(job: _Job) -> Any:
