@@ -101,6 +101,7 @@ def start(target: Path, cache: Path, *, switch: bool, eager: bool = False) -> di
     result["aot_loaded"] = "Directly load AOT compilation" in log
     result["restored"] = "Put the shipped compile cache" in log
     result["compiled_again"] = "Compiling model again" in log
+    result["model_info_restored"] = "Put the shipped model info" in log
     return result
 
 
@@ -143,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             runs[mode].append(result)
             print(
                 f"repeat {repeat}: {mode}: ready {result['ready_s']:.1f} s "
-                f"(AOT loaded: {result['aot_loaded']}, restored: {result['restored']})",
+                f"(AOT loaded: {result['aot_loaded']}, restored: {result['restored']}, "
+                f"model info put back: {result['model_info_restored']})",
                 flush=True,
             )
     eager = start(target, work / "eager", switch=False, eager=True)
