@@ -63,7 +63,6 @@ def f32_tp2(llama_f32):
         },
         stats=True,
         env=RANKS_ENV,
-        separate_processes=True,
     )
 
 
@@ -151,7 +150,6 @@ def test_encrypted_on_s3_at_tp2(tiny_llama, llama_f32, moto, float32_reference):
         },
         stats=True,
         env=env,
-        separate_processes=True,
     )
     assert result["tokens"] == float32_reference["tokens"]
     # The tiny model's tensors are smaller than one 2 MiB cipher chunk: read whole.
@@ -216,7 +214,6 @@ def test_http_tp2_bytes_counted_by_the_server(llama_f32, web_root, web_servers, 
         },
         stats=True,
         env=RANKS_ENV,
-        separate_processes=True,
     )
     assert result["tokens"] == float32_reference["tokens"]
     size = (target / "model.tensors").stat().st_size
@@ -246,7 +243,6 @@ def test_pp2_each_stage_reads_its_layers(llama_bf16):
         prompts=[],
         stats=True,
         env=RANKS_ENV,
-        separate_processes=True,
     )
     first, second = ({name for name, _, _ in plan} for plan in result["read_plan"])
     assert not first & second

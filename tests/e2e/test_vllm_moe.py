@@ -82,7 +82,6 @@ def test_expert_parallel_ranks_read_only_their_experts(moe_converted, web_root, 
         prompts=[],
         stats=True,
         env=RANKS_ENV,
-        separate_processes=True,
     )
     served = set()
     for method, path, ranged in server.requests:

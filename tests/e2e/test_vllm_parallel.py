@@ -43,7 +43,6 @@ def tp2_serialized(tiny_llama, tmp_path_factory):
         "tp2",
         engine_flags=[*FLAGS, *FLOAT32, "--tensor-parallel-size", "2"],
         env=RANKS_ENV,
-        separate_processes=True,
     )
     assert_ok(proc)
     return out / "vllm" / "tiny-llama" / "tp2"
@@ -97,7 +96,6 @@ def test_tp2_load_matches_unsharded_model(tp2_serialized, float32_reference):
         },
         stats=True,
         env=RANKS_ENV,
-        separate_processes=True,
     )
     assert result["tokens"] == float32_reference["tokens"]
     assert sorted(s["uri"] for s in result["stats"]) == [
@@ -124,7 +122,6 @@ def test_tp2_loads_a_hugging_face_file_from_one_uri(tiny_llama, float32_referenc
         },
         stats=True,
         env=RANKS_ENV,
-        separate_processes=True,
     )
     assert result["tokens"] == float32_reference["tokens"]
     assert [s["uri"] for s in result["stats"]] == [str(hf_file), str(hf_file)]
@@ -150,7 +147,6 @@ def pp2_on_s3(tiny_llama, moto, tmp_path_factory):
         "--allow-http",
         engine_flags=[*FLAGS, "--pipeline-parallel-size", "2"],
         env=env,
-        separate_processes=True,
     )
     assert_ok(proc)
     return f"s3://{BUCKET}/{prefix}/vllm/tiny-llama/pp2", key, env
@@ -201,7 +197,6 @@ def test_pp2_each_rank_loads_its_own_shard(pp2_on_s3, moto):
         prompts=[],
         stats=True,
         env=env,
-        separate_processes=True,
     )
     by_uri = {s["uri"]: s for s in result["stats"]}
     assert sorted(by_uri) == [

@@ -97,9 +97,10 @@ def run_engine(
     (``lora=...`` or ``tensorized_lora=...``: see engine_runner.py).
 
     By default vLLM runs its engine and worker inside that subprocess
-    (`commands.IN_PROCESS`): about 15 s instead of 40 s here. Tests about what
-    happens across vLLM's processes (the plug-in loading in a separate worker, credentials
-    reaching it, several ranks) pass separate_processes=True, vLLM's default.
+    (`commands.IN_PROCESS`): about 15 s instead of 40 s here; with several ranks, the
+    workers are still processes of their own. Tests about what happens across vLLM's
+    engine-core process (the plug-in loading in a separate worker at one rank, credentials
+    reaching it) pass separate_processes=True, vLLM's default.
     """
     spec = {
         "llm": {**ENGINE_KWARGS, **llm_kwargs},

@@ -157,7 +157,7 @@ def _install_engine_hook() -> None:
             return original(self, *args, **kwargs)
 
     create_engine_config._tensorize_vllm_model = True  # type: ignore[attr-defined]
-    EngineArgs.create_engine_config = create_engine_config  # type: ignore[method-assign]
+    EngineArgs.create_engine_config = create_engine_config
 
 
 # vLLM's loaders that read the Hugging Face weight files of the model directory
