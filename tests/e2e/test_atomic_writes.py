@@ -29,10 +29,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT
+from tests.support import ROOT, SERIALIZED_FILES
 from tests.support.commands import serialize_argv, subprocess_env
 from tests.support.fake_engine import engine_args
 
+# A serialize's files with the stand-in engine (a real engine's add vLLM's model info:
+# tests.support.SERIALIZED_FILES).
 MODEL_FILES = [
     "config.json",
     "generation_config.json",
@@ -362,7 +364,7 @@ def test_interrupted_serialize_keeps_the_earlier_model(
     keys.mkdir()
     keyfile = keys / "model.key"
     before = snapshot(directory)
-    assert sorted(before) == MODEL_FILES
+    assert sorted(before) == SERIALIZED_FILES
 
     child = Child(
         [
@@ -380,20 +382,20 @@ def test_interrupted_serialize_keeps_the_earlier_model(
 
         # Everything is written, under temporary names only; nothing renamed yet. The file
         # about to be replaced is kept aside first (a hidden hard link to the earlier one).
-        hidden = sorted(set(os.listdir(directory)) - set(MODEL_FILES))
+        hidden = sorted(set(os.listdir(directory)) - set(SERIALIZED_FILES))
         [kept] = [n for n in hidden if re.fullmatch(r"\.config\.json\.kept-[0-9a-f]{8}", n)]
         assert os.path.samefile(directory / kept, directory / "config.json")
         staged = [n for n in hidden if n != kept]
-        assert len(staged) == len(MODEL_FILES), staged
-        for name, temp in zip(MODEL_FILES, staged):
+        assert len(staged) == len(SERIALIZED_FILES), staged
+        for name, temp in zip(SERIALIZED_FILES, staged):
             assert temp_name_pattern(name).match(temp), (name, temp)
         [tensors_temp] = [t for t in staged if t.startswith(".model.tensors.")]
         assert (directory / tensors_temp).stat().st_size > 3_000_000
         [key_temp] = os.listdir(keys)
         assert temp_name_pattern("model.key").match(key_temp)
         assert (keys / key_temp).stat().st_size == 32
-        assert {n: before[n] for n in MODEL_FILES} == {
-            n: snapshot(directory)[n] for n in MODEL_FILES
+        assert {n: before[n] for n in SERIALIZED_FILES} == {
+            n: snapshot(directory)[n] for n in SERIALIZED_FILES
         }
 
         if signum == signal.SIGINT:
@@ -414,10 +416,10 @@ def test_interrupted_serialize_keeps_the_earlier_model(
 
     after = snapshot(directory)
     # The earlier model is untouched: same names, bytes and inodes (nothing renamed over it).
-    assert {n: after[n] for n in MODEL_FILES if n in after} == before
-    for name in MODEL_FILES:
+    assert {n: after[n] for n in SERIALIZED_FILES if n in after} == before
+    for name in SERIALIZED_FILES:
         assert (directory / name).read_bytes() == (good / name).read_bytes()
-    leftovers = sorted(set(after) - set(MODEL_FILES))
+    leftovers = sorted(set(after) - set(SERIALIZED_FILES))
     key_leftovers = sorted(os.listdir(keys))
     assert not keyfile.exists()  # no key was published
     if signum == signal.SIGKILL:
