@@ -166,8 +166,11 @@ class _Direct:
         return spent
 
 
-# Bytes of a run asked of the disk ahead of the piece being read (``POSIX_FADV_WILLNEED``).
-READ_AHEAD_BYTES = 32 << 20
+# Bytes of a run asked of the disk ahead of the piece being read (``POSIX_FADV_WILLNEED``);
+# 0: off. Off by default: on a quiet machine, cold reads of `make bench`'s 0.75 GB file were
+# faster without it in 14 of 15 alternating pairs (32 MiB: 1.27 GB/s, off: 1.73, median of
+# 7; docs/performance.md, "Cold local reads"); it led only on a machine loaded by others.
+READ_AHEAD_BYTES = 0
 
 
 class _ReadAhead:
