@@ -174,17 +174,21 @@ def _fetch_all(
 def _copy(source: str, into: str, name: str, options: storage.Options) -> None:
     """Copy remote file `source` to `name` under `into` in pieces of `COPY_BYTES`: a module
     weight larger than `MAX_ARTIFACT_BYTES` never sits in memory whole."""
-    path = os.path.join(into, *name.split("/"))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with storage.open_read(source, options) as stream, open(path, "wb") as f:
+    with storage.open_read(source, options) as stream, open(_local(into, name), "wb") as f:
         shutil.copyfileobj(stream, f, COPY_BYTES)
 
 
 def _write(into: str, name: str, data: bytes) -> None:
+    with open(_local(into, name), "wb") as f:
+        f.write(data)
+
+
+def _local(into: str, name: str) -> str:
+    """The local path of relative name `name` ("/"-separated) under `into`, its directory
+    made."""
     path = os.path.join(into, *name.split("/"))
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(data)
+    return path
 
 
 def _named_by(local: str, fetched: list[str]) -> list[str]:

@@ -202,8 +202,8 @@ def _check_size(entry: Any, tensor: str, name: str) -> None:
 @functools.lru_cache(maxsize=256)
 def _itemsize(stored: str) -> int | None:
     """Bytes per element of a stored dtype (torch's, else numpy's); None if neither knows it."""
-    dtype = getattr(torch, stored_dtype_name(stored), None)
-    if isinstance(dtype, torch.dtype):
+    dtype = torch_dtype(stored)
+    if dtype is not None:
         return dtype.itemsize
     try:
         import numpy

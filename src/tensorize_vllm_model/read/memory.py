@@ -26,11 +26,12 @@ __all__ = [
     "read_rows",
     "preadv_iovecs",
     "has_preadv",
+    "IOV_MAX",
 ]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _MADV_POPULATE_WRITE = 23  # Linux 5.14+
-_IOV_MAX = 1024  # iovecs per preadv call (Linux UIO_MAXIOV)
+IOV_MAX = 1024  # iovecs per preadv call (Linux UIO_MAXIOV)
 
 
 def byte_view(tensor: torch.Tensor) -> memoryview:
@@ -88,7 +89,7 @@ _madvise: Any = (
 def read_rows(fd: int, rows: torch.Tensor, offset: int) -> bool:
     """Read the file's bytes from `offset` on into the rows of `rows`, a 2-D CPU tensor
     whose rows are contiguous but need not follow one another (columns of a wider
-    tensor): one ``preadv`` of up to `_IOV_MAX` rows at a time, straight into the rows,
+    tensor): one ``preadv`` of up to `IOV_MAX` rows at a time, straight into the rows,
     with no buffer. False where the C library's ``preadv`` cannot be called (the caller
     reads through a buffer instead).
 
@@ -106,8 +107,8 @@ def read_rows(fd: int, rows: torch.Tensor, offset: int) -> bool:
         rows.stride(0) * rows.element_size()
     )
     iovecs[:, 1] = width
-    for first in range(0, count, _IOV_MAX):
-        n = min(_IOV_MAX, count - first)
+    for first in range(0, count, IOV_MAX):
+        n = min(IOV_MAX, count - first)
         got = preadv_iovecs(fd, iovecs[first : first + n], offset + first * width)
         if got != n * width:  # a regular file returns less only at its end
             raise EOFError(offset + first * width + got)
@@ -116,7 +117,7 @@ def read_rows(fd: int, rows: torch.Tensor, offset: int) -> bool:
 
 def preadv_iovecs(fd: int, iovecs: Any, offset: int) -> int:
     """The C library's ``preadv`` of `iovecs` (a C-contiguous numpy uint64 array of
-    ``(address, length)`` rows, at most `_IOV_MAX`) from file `offset`: the bytes read.
+    ``(address, length)`` rows, at most `IOV_MAX`) from file `offset`: the bytes read.
 
     Raises:
         OSError: the read failed, or ``preadv`` cannot be called here (`has_preadv`).

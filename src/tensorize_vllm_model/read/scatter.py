@@ -17,10 +17,11 @@ from typing import Any
 
 import torch
 
+from .memory import IOV_MAX, has_preadv, preadv_iovecs  # IOV_MAX: buffers per preadv call
+
 __all__ = ["read_scattered", "read_tiles_scattered", "read_at", "GAP_BYTES"]
 
 GAP_BYTES = 64 << 10  # bytes between two ranges read (and dropped) rather than skipped
-IOV_MAX = 1024  # buffers per preadv call (Linux UIO_MAXIOV)
 
 
 def read_scattered(
@@ -39,8 +40,6 @@ def read_scattered(
             (nothing is read).
     """
     import numpy as np
-
-    from .memory import has_preadv
 
     if not reads:
         return
@@ -116,8 +115,6 @@ def read_at(fd: int, offsets: Any, addresses: Any, lengths: Any) -> int:
         EOFError: the file ends before a read does.
     """
     import numpy as np
-
-    from .memory import preadv_iovecs
 
     count = len(offsets)
     if not count:
