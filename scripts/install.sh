@@ -103,7 +103,8 @@ fi
 # first; the test suite writes up to 4 GB more under $TMPDIR. On a full disk pip stops with
 # "No space left on device" halfway through, so say so before it starts, and keep pip's
 # download cache out of the way when space is short.
-free_gb() { df -Pk "$1" 2>/dev/null | awk 'NR == 2 { printf "%d", $4 / 1048576 }'; }
+# GB available where `$1` lives; nothing where df cannot tell (a missing $TMPDIR, a "-")
+free_gb() { df -Pk "$1" 2>/dev/null | awk 'NR == 2 && $4 ~ /^[0-9]+$/ { printf "%d", $4 / 1048576 }' || true; }
 need_gb=6
 [ $want_test = 1 ] && need_gb=10
 cache_args=()

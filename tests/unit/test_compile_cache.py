@@ -234,6 +234,7 @@ def test_model_info_names_are_vllms_own(tmp_path, monkeypatch):
     monkeypatch.setattr("vllm.envs.VLLM_CACHE_ROOT", str(serialize_node), raising=False)
     assert compiled.write_model_info([str(model)], str(out))
     assert json.loads((out / compile_cache.MODEL_INFO).read_text()) == {INFO_NAME: INFO}
+    (out / "config.json").write_text((model / "config.json").read_text())  # as serialized
 
     fresh = tmp_path / "fresh"
     monkeypatch.setattr("vllm.envs.VLLM_CACHE_ROOT", str(fresh), raising=False)
@@ -243,3 +244,38 @@ def test_model_info_names_are_vllms_own(tmp_path, monkeypatch):
     monkeypatch.delenv("TENSORIZE_VLLM_MODEL_COMPILE_CACHE")
     compiled.put_back_model_info(str(out))
     assert json.loads((fresh / "modelinfos" / INFO_NAME).read_text()) == INFO
+
+
+def test_a_hostile_model_info_file_never_stops_a_load_and_writes_only_its_own_classes(
+    tmp_path, monkeypatch, caplog
+):
+    """Put back through the load's own call: entries of classes the model's config.json
+    does not name are not written; a file nested past Python's recursion limit, one over
+    the size limit, or a name ending in a newline write nothing and are one warning."""
+    from tensorize_vllm_model.integrations.vllm import compiled
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    cache = tmp_path / "cache"
+    monkeypatch.setattr("vllm.envs.VLLM_CACHE_ROOT", str(cache), raising=False)
+    shipped = model / compile_cache.MODEL_INFO
+    other = "vllm-model_executor-models-qwen2-Qwen2ForCausalLM.json"
+    shipped.write_text(json.dumps({INFO_NAME: INFO, other: INFO}))
+    compiled.put_back_model_info(str(model))
+    assert sorted(os.listdir(cache / "modelinfos")) == [INFO_NAME]
+
+    for content in (
+        "[" * 100_000 + "]" * 100_000,
+        json.dumps({"x": "y" * compile_cache.MODEL_INFO_LIMIT}),
+        json.dumps({INFO_NAME + "\n": INFO}),
+    ):
+        (cache / "modelinfos" / INFO_NAME).unlink()
+        shipped.write_text(content)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            compiled.put_back_model_info(str(model))  # no exception
+        assert os.listdir(cache / "modelinfos") == []
+        [record] = [r for r in caplog.records if "was not used" in r.getMessage()]
+        assert "vLLM inspects the model's class itself" in record.getMessage()
+        (cache / "modelinfos" / INFO_NAME).write_text(json.dumps(INFO))

@@ -57,6 +57,7 @@ __all__ = [
     "restore",
     "collect_model_info",
     "restore_model_info",
+    "MODEL_INFO_LIMIT",
 ]
 
 logger = scrubbing(f"vllm.{__name__}")
@@ -66,7 +67,8 @@ ARCHIVE_LIMIT = 4 << 30
 MANIFEST = "manifest.json"
 # vLLM's model-info cache entries of the model's architectures, beside config.json
 MODEL_INFO = "vllm_modelinfos.json"
-_INFO_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*\.json$")
+_INFO_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\.json")  # fullmatch
+MODEL_INFO_LIMIT = 1 << 20  # bytes: a few entries of about 1 KB each
 FORMAT = 1
 _SAMPLE = 32  # bytes per weight sample
 _said: set[str] = set()
@@ -280,7 +282,7 @@ def collect_model_info(directory: str, names: Iterable[str]) -> dict[str, Any]:
                 entry = json.load(f)
         except (OSError, ValueError):
             continue
-        if _INFO_NAME.match(name) and _is_model_info(entry):
+        if _INFO_NAME.fullmatch(name) and _is_model_info(entry):
             found[name] = entry
     return found
 
@@ -293,26 +295,33 @@ def _is_model_info(entry: Any) -> bool:
     )
 
 
-def restore_model_info(path: str, directory: str) -> list[str]:
+def restore_model_info(path: str, directory: str, names: Iterable[str] | None = None) -> list[str]:
     """Write the entries of a shipped `MODEL_INFO` file (`path`; ``{file name: entry}``)
     into vLLM's model-info cache `directory`, each only where the cache has no file of that
     name (a local entry is kept), under a temporary name then renamed: the names written.
+    Only the entries named in `names` (the model's own classes), when given, are written.
     vLLM checks each entry's hash against its own model class file before using it, so an
     entry of another vLLM is recomputed, as without it.
 
     Raises:
-        ValueError: the file is not such a mapping (nothing is written).
+        ValueError: the file is larger than `MODEL_INFO_LIMIT` or not such a mapping
+            (nothing is written).
         OSError: the file cannot be read or the cache written.
     """
+    if os.path.getsize(path) > MODEL_INFO_LIMIT:
+        raise ValueError(f"it is larger than {MODEL_INFO_LIMIT} bytes")
     with open(path, encoding="utf-8") as f:
         entries = json.load(f)
     if not isinstance(entries, dict) or not all(
-        isinstance(name, str) and _INFO_NAME.match(name) and _is_model_info(entry)
+        isinstance(name, str) and _INFO_NAME.fullmatch(name) and _is_model_info(entry)
         for name, entry in entries.items()
     ):
-        raise ValueError(f"{path} is not a map of vLLM model-info entries")
+        raise ValueError("it is not a map of vLLM model-info entries")
+    wanted = None if names is None else set(names)
     written = []
     for name, entry in entries.items():
+        if wanted is not None and name not in wanted:
+            continue
         target = os.path.join(directory, name)
         if not os.path.exists(target):
             _write_whole(target, json.dumps(entry, indent=2).encode())

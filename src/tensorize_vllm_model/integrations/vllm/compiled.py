@@ -227,6 +227,16 @@ def _model_info_names(architectures: Iterable[str]) -> list[str]:
     return names
 
 
+def _architectures(sources: Iterable[str]) -> list[str] | None:
+    """The architectures the first ``config.json`` of local directories `sources` names."""
+    for source in sources:
+        config = os.path.join(source, "config.json")
+        if os.path.isfile(config):
+            with open(config, encoding="utf-8") as f:
+                return list(json.load(f).get("architectures") or [])
+    return None
+
+
 def write_model_info(sources: Iterable[str], into: str) -> bool:
     """Write `compile_cache.MODEL_INFO` into directory `into` with vLLM's model-info
     entries of the architectures that the first ``config.json`` of `sources` (local model
@@ -235,13 +245,8 @@ def write_model_info(sources: Iterable[str], into: str) -> bool:
     if not compile_cache.enabled():
         return False
     try:
-        for source in sources:
-            config = os.path.join(source, "config.json")
-            if os.path.isfile(config):
-                with open(config, encoding="utf-8") as f:
-                    architectures = json.load(f).get("architectures") or []
-                break
-        else:
+        architectures = _architectures(sources)
+        if architectures is None:
             return False
         found = compile_cache.collect_model_info(
             _model_info_dir(), _model_info_names(architectures)
@@ -258,15 +263,22 @@ def write_model_info(sources: Iterable[str], into: str) -> bool:
 
 def put_back_model_info(model: str) -> None:
     """Put the model-info entries shipped in local model directory `model` into vLLM's
-    cache, before vLLM inspects the model's class. Never raises: a problem is logged and
-    vLLM inspects the class as it would have."""
+    cache, before vLLM inspects the model's class: only those of the architectures its
+    ``config.json`` names. Never raises: a problem is logged and vLLM inspects the class as
+    it would have."""
     path = os.path.join(model, compile_cache.MODEL_INFO)
     if not compile_cache.enabled() or not os.path.isfile(path):
         return
     try:
-        written = compile_cache.restore_model_info(path, _model_info_dir())
-    except (OSError, ValueError) as e:
-        logger.warning("The shipped model info %s was not used: %s", path, e)
+        names = _model_info_names(_architectures([model]) or [])
+        written = compile_cache.restore_model_info(path, _model_info_dir(), names)
+    except Exception as e:  # noqa: BLE001 - a cache must never stop a load
+        logger.warning(
+            "The shipped model info %s was not used (%s): vLLM inspects the model's class "
+            "itself; serialize the model again to replace the file",
+            path,
+            e,
+        )
         return
     if written:
         logger.info(
