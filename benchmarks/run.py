@@ -182,10 +182,15 @@ def run_cases(
     files_to_warm: list[str],
     results: list[dict],
 ) -> None:
-    """Run every case `repeats` times, alternating cases run by run."""
+    """Run every case `repeats` times, alternating cases run by run, each round in an order
+    rotated by one: on a virtual disk a cold read runs faster or slower by what was read
+    just before it (the host's own cache; a cold 2-thread read of the local file ran at 2.08
+    GB/s after the 1-thread read of the same file and at 1.17 after other loads, 2026-12-07),
+    so no case always follows the same neighbour."""
     runs: dict[str, list[dict]] = {label: [] for label, _, _ in cases}
     for repeat in range(repeats):
-        for label, method, args in cases:
+        turn = repeat % max(1, len(cases))
+        for label, method, args in cases[turn:] + cases[:turn]:
             # Warm only what this case reads (when it names its file).
             set_cache(cache, [args["path"]] if "path" in args else files_to_warm)
             result = measure(method, **args)
@@ -243,6 +248,43 @@ def summarize(scenario: str, cache: str, label: str, runs: list[dict]) -> dict:
             entry[key] = statistics.median(values)
             entry[key + "_min"], entry[key + "_max"] = min(values), max(values)
     return entry
+
+
+def round_ratios(results: list[dict], scenario: str, ours: str, against: str) -> list[dict]:
+    """Ours against another method, round by round (the cases alternate within a round, so
+    each pair ran under the same disk and machine load): the median, min and max of
+    `against`'s seconds over ours, per cache state. On a disk whose cold speed moves up to
+    2x from one run to the next, this pairs each load with its neighbour instead of
+    comparing two medians taken at different moments."""
+    found = []
+    for cache in sorted({r["cache"] for r in results if r["scenario"] == scenario}):
+        by = {
+            r["method"]: r["runs"]
+            for r in results
+            if (r["scenario"], r["cache"]) == (scenario, cache)
+        }
+        if ours not in by or against not in by:
+            continue
+        ratios = [a["seconds"] / o["seconds"] for o, a in zip(by[ours], by[against])]
+        found.append(
+            {
+                "scenario": scenario,
+                "cache": cache,
+                "ours": ours,
+                "against": against,
+                "ratio_median": statistics.median(ratios),
+                "ratio_min": min(ratios),
+                "ratio_max": max(ratios),
+                "ratios": ratios,
+            }
+        )
+    return found
+
+
+LOCAL_PAIRS = [
+    ("ours", "ceiling: readinto fresh memory, 2 threads"),
+    ("ours", "tensorizer TensorDeserializer defaults"),
+]
 
 
 # -- scenarios -------------------------------------------------------------------------------
@@ -982,6 +1024,9 @@ def main() -> None:
             bucket.stop()
     if "gpu" in scenarios:
         scenario_gpu(files, args.repeats, caches, results)
+    pairs = [
+        p for ours, against in LOCAL_PAIRS for p in round_ratios(results, "local", ours, against)
+    ]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {
@@ -996,10 +1041,17 @@ def main() -> None:
         "caches": caches,
         "seconds": time.perf_counter() - started,
         "results": results,
+        "round_ratios": pairs,
     }
     (out / "latest.json").write_text(json.dumps(report, indent=1))
     chart(results, out / "latest.png")
     print(table(results))
+    for pair in pairs:
+        print(
+            f"{pair['scenario']} {pair['cache']}: {pair['ours']} at {pair['ratio_median']:.2f}x "
+            f"the speed of {pair['against']}, median of {len(pair['ratios'])} rounds "
+            f"({pair['ratio_min']:.2f}-{pair['ratio_max']:.2f})"
+        )
     print(
         f"\n{time.perf_counter() - started:.0f} s in all; {out / 'latest.json'}, {out / 'latest.png'}"
     )
