@@ -124,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", default=str(ROOT / "benchmarks" / "results" / "families-weights.json")
     )
+    parser.add_argument(
+        "--layers", type=int, help="decoder layers per checkpoint (the families' own: 2)"
+    )
     parser.add_argument("--rank-spec", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.rank_spec:
@@ -134,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, dict[str, str]] = {}
     with tempfile.TemporaryDirectory(prefix="families-weights-") as work:
         for family in args.families.split(","):
-            checkpoint = build_family(Path(work) / family, family)
+            checkpoint = build_family(Path(work) / family, family, layers=args.layers)
             converted = convert_checkpoint(str(checkpoint), f"{work}/out-{family}", suffix="v1")
             rows[family] = {}
             for tp in (1, 2):

@@ -638,6 +638,9 @@ def parse_vllm_log(text: str) -> dict:
         opened = re.search(r"the file's index opened in ([\d.]+) s", text)
         if opened:
             result["converted_phases"]["index_opened"] = float(opened.group(1))
+        through = re.search(r"\((\d+) through vLLM's loaders", text)
+        if through:
+            result["converted_phases"]["meta_inputs"] = int(through.group(1))
     # Ours logs the worker's memory once the tensors are in and after vLLM's post-processing.
     times = re.search(
         r"(\d+) readers: making pages present ([\d.]+) s, reading ([\d.]+) s"

@@ -199,13 +199,18 @@ POOLING = {
 }
 
 
-def build_family(path: str | os.PathLike, family: str, *, seed: int = 0) -> Path:
-    """Write a tiny random `family` checkpoint (bfloat16 safetensors) to `path`."""
+def build_family(
+    path: str | os.PathLike, family: str, *, seed: int = 0, layers: int | None = None
+) -> Path:
+    """Write a tiny random `family` checkpoint (bfloat16 safetensors) to `path`; with
+    `layers`, of that many decoder layers (per-layer lists repeated to that length)."""
     import torch
     import transformers
     from demo_models import build_tokenizer
 
     config_class, model_class, kwargs = FAMILIES[family]
+    if layers is not None:
+        kwargs = _with_layers(kwargs, layers)
     path = Path(path)
     tokenizer = build_tokenizer(path)
     config = getattr(transformers, config_class)(
@@ -226,3 +231,16 @@ def build_family(path: str | os.PathLike, family: str, *, seed: int = 0) -> Path
             (path / name).parent.mkdir(parents=True, exist_ok=True)
             (path / name).write_text(json.dumps(content, indent=2))
     return path
+
+
+def _with_layers(kwargs: dict, layers: int) -> dict:
+    """`kwargs` of a family for `layers` decoder layers."""
+    changed = dict(kwargs)
+    for key in ("num_hidden_layers", "n_layer"):
+        if key in changed:
+            changed[key] = layers
+    for key in ("layer_types", "no_rope_layers"):
+        if key in changed:
+            cycle = changed[key]
+            changed[key] = [cycle[i % len(cycle)] for i in range(layers)]
+    return changed

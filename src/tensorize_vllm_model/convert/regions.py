@@ -154,10 +154,14 @@ class CopyWatch(TorchDispatchMode):
         self.current: Need | None = None
         # what recorded copies wrote, per real storage: `_entry`s, sorted by their span
         self._written: dict[int, list[list]] = {}
+        # real storages written by anything but a recorded copy (`convert.layers`)
+        self.touched: set[int] = set()
+        self.inputs = 0  # meta inputs made: the tensors vLLM's loaders saw
 
     def meta_input(self, name: str, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         """A meta tensor standing for checkpoint tensor `name`."""
         tensor = torch.empty(tuple(shape), dtype=dtype, device="meta")
+        self.inputs += 1
         need = self.needs.setdefault(name, Need(name, tuple(shape)))
         self._by_storage[tensor.untyped_storage()._cdata] = (need, tensor)
         self.current = need
@@ -182,6 +186,8 @@ class CopyWatch(TorchDispatchMode):
                 # a real tensor written after a recorded copy into it (Mamba2's ``A``):
                 # the parameter does not end up holding the file's bytes
                 for written in _written_tensors(func, args, kwargs):
+                    if not written.is_meta:
+                        self.touched.add(written.untyped_storage().data_ptr())
                     self._overlapping(written)
         if not metas or len(metas) == len(tensors):
             return func(*args, **kwargs)
@@ -195,6 +201,7 @@ class CopyWatch(TorchDispatchMode):
             )
             if need is None or box is None:
                 self._whole(need)
+                self.touched.add(args[0].untyped_storage().data_ptr())
                 self._overlapping(args[0])  # not the file's bytes, onto a recorded copy
             else:
                 need.boxes.append(box)

@@ -264,11 +264,11 @@ class TensorizerLoader(BaseModelLoader):
         clock.append(time.perf_counter())
         index, meta, plan, reading, guard = (b - a for a, b in zip(clock, clock[1:]))
         logger.info(  # where a converted load's time goes (benchmarks/moe.py reads it)
-            "Meta pass over %d tensors took %.2f s (before it: names and pieces %.2f s; "
-            "after: read plan %.2f s, reads %.2f s, guard %.2f s; %d derived experts' "
-            "tensors read in runs; the file's index opened in %.2f s)",
-            *(len(converted.entries), meta, index, plan, reading, guard, len(reads.names)),
-            opened,
+            "Meta pass over %d tensors took %.2f s (%d through vLLM's loaders; before it: "
+            "names and pieces %.2f s; after: read plan %.2f s, reads %.2f s, guard %.2f s; %d "
+            "derived experts' tensors read in runs; the file's index opened in %.2f s)",
+            *(len(converted.entries), meta, watch.inputs, index, plan, reading, guard),
+            *(len(reads.names), opened),
         )
         return reader.stats(tensors=len(parts) + len(reads.names), nbytes=read.bytes)
 

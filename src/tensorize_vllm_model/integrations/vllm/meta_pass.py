@@ -9,11 +9,13 @@ map, expert parallelism); a layer that does not have it goes through the whole m
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from torch import nn
 
-from ...convert.experts import ExpertRun, plan_experts
+from ...convert.experts import _EXPERT, ExpertRun, plan_experts
+from ...convert.layers import plan_layers
 from ...convert.loading import ConvertedFile
 from ...convert.regions import CopyWatch
 
@@ -57,11 +59,27 @@ def run_meta_pass(
     `watch.needs`); those that cannot be derived go through ``load_weights`` after."""
     layout = plan_experts(converted.entries, lambda prefix: expert_slots(model, prefix))
     skipped = layout.derived | layout.elsewhere
-    first = [name for name in converted.entries if name not in skipped]
-    loaded = model.load_weights(converted.meta_inputs(watch, first))
-    fallback = layout.derive(watch, converted.logical_shape)
-    if fallback:
-        more = model.load_weights(converted.meta_inputs(watch, fallback))
-        if loaded is not None and more is not None:
-            loaded = set(loaded) | set(more)
-    return (None if loaded is None else set(loaded)), layout.runs
+    params = dict(model.named_parameters())
+    present = {int(n) for name in params for n in _LAYER_NUMBER.findall(name)}
+
+    def alike(name: str) -> tuple:  # what two layers' tensors of one kind share
+        expert = _EXPERT.match(name)
+        layer = layout.layers.get(expert[1]) if expert else None
+        slots = tuple(layer.slots) if layer else None
+        return tuple(converted.logical_shape(name)), str(converted.stored_dtype(name)), slots
+
+    plan = plan_layers((n for n in converted.entries if n not in skipped), alike, present)
+    loaded = _as_set(model.load_weights(converted.meta_inputs(watch, plan.first)))
+    again = plan.derive(watch, params, loaded)  # later layers: from the first of their kind
+    for names in (again, layout.derive(watch, converted.logical_shape)):
+        if names:
+            more = _as_set(model.load_weights(converted.meta_inputs(watch, names)))
+            loaded = None if loaded is None or more is None else loaded | more
+    return loaded, layout.runs
+
+
+_LAYER_NUMBER = re.compile(r"\b(?:layers|h|blocks)\.(\d+)\.")
+
+
+def _as_set(loaded: Any) -> set[str] | None:
+    return None if loaded is None else set(loaded)
