@@ -185,3 +185,14 @@ def test_same_needs_compares_places_not_values():
 )
 def test_layer_of(name, found):
     assert layer_of(name) == found
+
+
+def test_a_write_into_the_second_layers_parameters_stops_the_derivation():
+    shapes = checkpoint()
+    model = Model(shapes)
+    plan = plan_layers(list(shapes), lambda n: shapes[n])
+    watch = meta_pass(model, shapes, plan.first)
+    # as if a loader had filled layer 1's norm after its copy (not a recorded copy)
+    watch.touched.add(model.params["model.layers.1.input_layernorm.weight"].data_ptr())
+    fallback = plan.derive(watch, model.params, None)
+    assert {layer_of(n)[1] for n in fallback} == {2, 3, 4}

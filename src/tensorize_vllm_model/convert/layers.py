@@ -151,24 +151,29 @@ def _owners(params: dict[str, torch.Tensor]) -> dict[int, str | None]:
 class _Mover:
     """The first layer of a kind's recorded needs, moved onto another layer's parameters."""
 
-    def __init__(self, watch, params, owners, kind: _Kind, first: int):
-        self.watch, self.params, self.owners, self.kind, self.first = (
-            watch,
-            params,
-            owners,
-            kind,
-            first,
-        )
+    def __init__(
+        self,
+        watch: CopyWatch,
+        params: dict[str, torch.Tensor],
+        owners: dict[int, str | None],
+        kind: _Kind,
+        first: int,
+    ):
+        self.watch, self.params, self.owners = watch, params, owners
+        self.kind, self.first = kind, first
 
     def templates_ok(self) -> bool:
-        """Whether the first layer's needs were all recorded, copied at least once, and
-        written by nothing but their copies."""
+        """Whether the first layer's needs were all recorded and copied at least once, and
+        no parameter of the kind's first two layers was written by anything but a
+        recorded copy (a loader that fills or rescales one)."""
         needs = [self.watch.needs.get(n) for n in self.kind.names[self.first].values()]
-        if any(need is None for need in needs) or not any(n.copies for n in needs):
+        if not all(needs) or not any(n.copies for n in needs if n is not None):
             return False
-        touched = self.watch.touched
+        templates = set(self.kind.layers[:2])
         return not any(
-            x.untyped_storage().data_ptr() in touched for n in needs for _, x in n.copies
+            tensor.untyped_storage().data_ptr() in self.watch.touched
+            for name, tensor in self.params.items()
+            if {int(n) for n in _NUMBER.findall(name)} & templates
         )
 
     def layer(self, layer: int) -> list[Need] | None:
@@ -197,7 +202,9 @@ class _Mover:
 
     def _moved(self, x: torch.Tensor, layer: int) -> torch.Tensor | None:
         name = self.owners.get(x.untyped_storage().data_ptr())
-        other = _renumbered(name, self.first, layer) if name else None
+        if name is None:  # not a parameter, or one of several on this storage
+            return None
+        other = _renumbered(name, self.first, layer)
         if other is None or other not in self.params:
             return None
         a, b = self.params[name], self.params[other]
