@@ -48,16 +48,14 @@ def fake_repo(tmp_path: Path) -> Path:
     return repo
 
 
-def _install(repo: Path, tmp_path: Path, free_kb: int) -> tuple[str, str]:
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir(exist_ok=True)
-    _executable(bin_dir / "df", FAKE_DF.format(free_kb=free_kb))
+def _run_install(repo: Path, **environ: str) -> tuple[str, str]:
+    """scripts/install.sh run in `repo` with `environ` added; (its stderr, the pip calls
+    the stand-in venv python recorded)."""
     env = {
         **os.environ,
-        "PATH": f"{bin_dir}:{os.environ['PATH']}",
         "PYTHON": str(repo / ".venv" / "bin" / "python"),
         "VLLM_BUILD": "cpu",
-        "TMPDIR": str(tmp_path),
+        **environ,
     }
     done = subprocess.run(
         ["bash", "scripts/install.sh"],
@@ -68,8 +66,14 @@ def _install(repo: Path, tmp_path: Path, free_kb: int) -> tuple[str, str]:
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
-    calls = (repo / ".venv" / "bin" / "pip-calls").read_text()
-    return done.stderr, calls
+    return done.stderr, (repo / ".venv" / "bin" / "pip-calls").read_text()
+
+
+def _install(repo: Path, tmp_path: Path, free_kb: int) -> tuple[str, str]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    _executable(bin_dir / "df", FAKE_DF.format(free_kb=free_kb))
+    return _run_install(repo, PATH=f"{bin_dir}:{os.environ['PATH']}", TMPDIR=str(tmp_path))
 
 
 def test_a_nearly_full_disk_is_named_before_pip_starts(fake_repo: Path, tmp_path: Path) -> None:
@@ -92,20 +96,6 @@ def test_plenty_of_space_says_nothing_and_keeps_the_cache(fake_repo: Path, tmp_p
 def test_a_tmpdir_df_cannot_read_is_no_reason_to_stop(fake_repo: Path, tmp_path: Path) -> None:
     """A $TMPDIR that does not exist (Python falls back to /tmp, so pip works): the real df
     fails there, and the script goes on without a word about it."""
-    env = {
-        **os.environ,
-        "PYTHON": str(fake_repo / ".venv" / "bin" / "python"),
-        "VLLM_BUILD": "cpu",
-        "TMPDIR": str(tmp_path / "missing" / "dir"),
-    }
-    done = subprocess.run(
-        ["bash", "scripts/install.sh"],
-        cwd=fake_repo,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    assert "missing" not in done.stderr
-    assert (fake_repo / ".venv" / "bin" / "pip-calls").read_text()
+    stderr, calls = _run_install(fake_repo, TMPDIR=str(tmp_path / "missing" / "dir"))
+    assert "missing" not in stderr
+    assert calls

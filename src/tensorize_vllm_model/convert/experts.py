@@ -110,6 +110,13 @@ class ExpertLayout:
                     self.runs.append(run)
         return fallback
 
+    def slots_of(self, name: str) -> tuple[int, ...] | None:
+        """The slot table of the layer whose expert tensor `name` is (None: not an expert
+        tensor, or of a layer without one)."""
+        match = _EXPERT.match(name)
+        layer = self.layers.get(match[1]) if match else None
+        return tuple(layer.slots) if layer else None
+
     def spread(self, needs: dict[str, Need]) -> None:
         """Put every run's tensors into `needs`, a `Need` each (`ExpertRun.needs`)."""
         for run in self.runs:

@@ -27,7 +27,7 @@ import torch
 
 from .regions import CopyWatch, Need
 
-__all__ = ["LayerPlan", "plan_layers", "layer_of", "same_needs"]
+__all__ = ["LayerPlan", "plan_layers", "layer_of", "layer_numbers", "same_needs"]
 
 _LAYER = re.compile(r"^(.*?\b(?:layers|h|blocks)\.)(\d+)\.(.+)$")
 _NUMBER = re.compile(r"\b(?:layers|h|blocks)\.(\d+)\.")
@@ -38,6 +38,11 @@ def layer_of(name: str) -> tuple[str, int, str] | None:
     ``("model.layers.", 3, "mlp.x")``); None for a tensor of no layer."""
     match = _LAYER.match(name)
     return None if match is None else (match[1], int(match[2]), match[3])
+
+
+def layer_numbers(name: str) -> set[int]:
+    """The layer numbers in a parameter's or tensor's name (``model.layers.3.x`` -> {3})."""
+    return {int(n) for n in _NUMBER.findall(name)}
 
 
 def _renumbered(name: str, old: int, new: int) -> str | None:
@@ -59,20 +64,11 @@ class _Kind:
 @dataclass
 class LayerPlan:
     """Which tensors go through the meta pass first (`first`: those of no layer, of the
-    first two layers of each kind and of kinds with fewer than three layers) and which
-    are derived from those (`later`, by kind)."""
+    first two layers of each kind and of kinds with fewer than three layers) and the kinds
+    whose other layers are derived from those (`derive`)."""
 
     first: list[str] = field(default_factory=list)
     kinds: list[_Kind] = field(default_factory=list)
-
-    @property
-    def later(self) -> list[str]:
-        return [
-            name
-            for kind in self.kinds
-            for layer in kind.layers[2:]
-            for name in kind.names[layer].values()
-        ]
 
     def derive(
         self, watch: CopyWatch, params: dict[str, torch.Tensor], loaded: set[str] | None
@@ -82,15 +78,25 @@ class LayerPlan:
         loaded into `loaded`. Returns the later tensors that could not be derived so: they
         need the meta pass themselves."""
         owners = _owners(params)
+        # layers a parameter of which was written by anything but a recorded copy
+        touched = {
+            n
+            for name, tensor in params.items()
+            if tensor.untyped_storage().data_ptr() in watch.touched
+            for n in layer_numbers(name)
+        }
         fallback: list[str] = []
         for kind in self.kinds:
             first, second, *others = kind.layers
             moved = _Mover(watch, params, owners, kind, first)
-            if not moved.templates_ok() or not same_needs(
-                moved.layer(second), _recorded(watch, kind, second)
+            if (
+                {first, second} & touched
+                or not moved.templates_ok()
+                or not same_needs(moved.layer(second), _recorded(watch, kind, second))
             ):
                 fallback.extend(n for k in others for n in kind.names[k].values())
                 continue
+            templates = [n for n in loaded or () if first in layer_numbers(n)]
             for layer in others:
                 needs = moved.layer(layer)
                 if needs is None:
@@ -98,7 +104,7 @@ class LayerPlan:
                     continue
                 watch.needs.update((need.name, need) for need in needs)
                 if loaded is not None:
-                    loaded.update(moved.loaded_names(loaded, layer))
+                    loaded.update(moved.renamed(templates, layer))
         return fallback
 
 
@@ -163,18 +169,9 @@ class _Mover:
         self.kind, self.first = kind, first
 
     def templates_ok(self) -> bool:
-        """Whether the first layer's needs were all recorded and copied at least once, and
-        no parameter of the kind's first two layers was written by anything but a
-        recorded copy (a loader that fills or rescales one)."""
+        """Whether the first layer's needs were all recorded and copied at least once."""
         needs = [self.watch.needs.get(n) for n in self.kind.names[self.first].values()]
-        if not all(needs) or not any(n.copies for n in needs if n is not None):
-            return False
-        templates = set(self.kind.layers[:2])
-        return not any(
-            tensor.untyped_storage().data_ptr() in self.watch.touched
-            for name, tensor in self.params.items()
-            if {int(n) for n in _NUMBER.findall(name)} & templates
-        )
+        return all(needs) and any(n.copies for n in needs if n is not None)
 
     def layer(self, layer: int) -> list[Need] | None:
         """The first layer's needs moved onto `layer`'s parameters; None where one of its
@@ -212,9 +209,9 @@ class _Mover:
             return None
         return torch.as_strided(b, x.shape, x.stride(), x.storage_offset())
 
-    def loaded_names(self, loaded: set[str], layer: int) -> list[str]:
-        """The parameters of `layer` that stand where the first layer's `loaded` ones do."""
-        moved = (_renumbered(name, self.first, layer) for name in loaded)
+    def renamed(self, names: Iterable[str], layer: int) -> list[str]:
+        """The parameters of `layer` that stand where the first layer's `names` do."""
+        moved = (_renumbered(name, self.first, layer) for name in names)
         return [name for name in moved if name is not None and name in self.params]
 
 

@@ -9,13 +9,12 @@ map, expert parallelism); a layer that does not have it goes through the whole m
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from torch import nn
 
-from ...convert.experts import _EXPERT, ExpertRun, plan_experts
-from ...convert.layers import plan_layers
+from ...convert.experts import ExpertRun, plan_experts
+from ...convert.layers import layer_numbers, plan_layers
 from ...convert.loading import ConvertedFile
 from ...convert.regions import CopyWatch
 
@@ -60,13 +59,11 @@ def run_meta_pass(
     layout = plan_experts(converted.entries, lambda prefix: expert_slots(model, prefix))
     skipped = layout.derived | layout.elsewhere
     params = dict(model.named_parameters())
-    present = {int(n) for name in params for n in _LAYER_NUMBER.findall(name)}
+    present = {n for name in params for n in layer_numbers(name)}
 
     def alike(name: str) -> tuple:  # what two layers' tensors of one kind share
-        expert = _EXPERT.match(name)
-        layer = layout.layers.get(expert[1]) if expert else None
-        slots = tuple(layer.slots) if layer else None
-        return tuple(converted.logical_shape(name)), str(converted.stored_dtype(name)), slots
+        shape, dtype = converted.logical_shape(name), converted.stored_dtype(name)
+        return tuple(shape), str(dtype), layout.slots_of(name)
 
     plan = plan_layers((n for n in converted.entries if n not in skipped), alike, present)
     loaded = _as_set(model.load_weights(converted.meta_inputs(watch, plan.first)))
@@ -76,9 +73,6 @@ def run_meta_pass(
             more = _as_set(model.load_weights(converted.meta_inputs(watch, names)))
             loaded = None if loaded is None or more is None else loaded | more
     return loaded, layout.runs
-
-
-_LAYER_NUMBER = re.compile(r"\b(?:layers|h|blocks)\.(\d+)\.")
 
 
 def _as_set(loaded: Any) -> set[str] | None:
