@@ -1,7 +1,8 @@
 """The meta pass of a converted load (`convert.regions`): vLLM's ``load_weights`` run on meta
-tensors to learn which bytes of each checkpoint tensor this rank copies where; for a
-mixture-of-experts file on two experts per layer only (`convert.experts`), the other
-experts' copies derived from theirs.
+tensors to learn which bytes of each checkpoint tensor this rank copies where, on the first
+two layers of each kind only (`convert.layers`) and, for a mixture-of-experts file, on two
+experts per layer (`convert.experts`): the other layers' and experts' copies are derived
+from theirs.
 
 Which experts are this rank's comes from vLLM's fused-MoE layer (its global -> local expert
 map, expert parallelism); a layer that does not have it goes through the whole meta pass.
@@ -67,12 +68,22 @@ def run_meta_pass(
 
     plan = plan_layers((n for n in converted.entries if n not in skipped), alike, present)
     loaded = _as_set(model.load_weights(converted.meta_inputs(watch, plan.first)))
-    again = plan.derive(watch, params, loaded)  # later layers: from the first of their kind
-    for names in (again, layout.derive(watch, converted.logical_shape)):
-        if names:
-            more = _as_set(model.load_weights(converted.meta_inputs(watch, names)))
-            loaded = None if loaded is None or more is None else loaded | more
-    return loaded, layout.runs
+    # later layers from the first of their kind, then (every layer's first two experts
+    # recorded by now) each layer's other experts from its first two
+    loaded = _meta_pass(model, converted, watch, plan.derive(watch, params, loaded), loaded)
+    fallback = layout.derive(watch, converted.logical_shape)
+    return _meta_pass(model, converted, watch, fallback, loaded), layout.runs
+
+
+def _meta_pass(
+    model: Any, converted: ConvertedFile, watch: CopyWatch, names: list[str], loaded: Any
+) -> set[str] | None:
+    """``load_weights`` on meta inputs of `names` (none: nothing run); what it says it
+    loaded added to `loaded` (None where either says nothing)."""
+    if not names:
+        return loaded
+    more = _as_set(model.load_weights(converted.meta_inputs(watch, names)))
+    return None if loaded is None or more is None else loaded | more
 
 
 def _as_set(loaded: Any) -> set[str] | None:
